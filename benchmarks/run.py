@@ -1,0 +1,188 @@
+"""Benchmarks behind docs/RESULTS.md. Each suite writes benchmarks/results/<suite>.json.
+
+    python benchmarks/run.py foundation      # FP, RepQ-ViT W4/A4 + W3/A3 on the shared DeiT-Tiny and Swin-Tiny
+    python benchmarks/run.py ablation        # repq, +TanQ, +MOSF rules, dopq at W3/A3, W4/A4, W6/A6
+    python benchmarks/run.py softmax-error   # post-Softmax quantizer errors on real and power-law attention
+    python benchmarks/run.py stress          # outlier-stressed DeiT-Tiny: repq vs dopq vs each MOSF rule
+    python benchmarks/run.py timing          # calibration wall time, repq vs dopq (median of repeats)
+    python benchmarks/run.py recon --recon-calib-size 256 --recon-iters 100   # reconstruction, reduced CPU settings
+    python benchmarks/run.py render          # docs/RESULTS.md tables from the JSON files
+
+Protocol everywhere: 32 calibration images from CIFAR-10 train (seed 0), the strided 1000 CIFAR-10 test
+images, shared reference checkpoints from ../shared (override with --shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import TensorDataset
+
+from dopq.config import QuantConfig, ReconstructConfig, get_preset
+from dopq.data import load_batch
+from dopq.experiment import RunSettings, Workload, command_line, load_workload, run_recipe
+from dopq.stress import rescale_layernorm_channels
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+MODELS = {
+    "deit_tiny_patch16_224": "deit_tiny_patch16_224.cifar10.safetensors",
+    "swin_tiny_patch4_window7_224": "swin_tiny_patch4_window7_224.cifar10.safetensors",
+}
+
+
+def workload(args: argparse.Namespace, arch: str, progress: bool = False) -> Workload:
+    shared = Path(args.shared)
+    settings = RunSettings(
+        model=arch,
+        checkpoint=str(shared / "models" / MODELS[arch]),
+        data=str(shared / "data" / "cifar10-jpeg.tar.gz"),
+        calib_size=32,
+        seed=0,
+        eval_subset=args.eval_subset,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+    work = load_workload(settings)
+    # decode the evaluation images once for all recipes of this run
+    x, y = load_batch(work.eval_dataset, work.eval_indices)
+    work.eval_dataset, work.eval_indices = TensorDataset(x, y), list(range(len(y)))
+    return work
+
+
+def one(work: Workload, config: QuantConfig, label: str, **kw: Any) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    result, _ = run_recipe(work, config, method=label, progress=False, **kw)
+    keep = ("model", "method", "w_bits", "a_bits", "fp_top1", "quant_top1", "fp_top5", "quant_top5",
+            "calib_seconds", "eval_images", "timings", "reconstruction")  # fmt: skip
+    row = {k: result[k] for k in keep}
+    row["recipe"] = config.to_dict()
+    row["wall_seconds"] = time.perf_counter() - t0
+    print(f"  {work.settings.model} {label:24s} W{config.w_bits}A{config.a_bits} top1 {row['quant_top1']:.4f} "
+          f"(fp {row['fp_top1']:.4f}) calib {row['calib_seconds']:.1f}s", flush=True)  # fmt: skip
+    return row
+
+
+def save(name: str, payload: dict[str, Any]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    payload = {"command": command_line(), "threads": torch.get_num_threads(), **payload}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def ablation_recipes(bits: int) -> dict[str, QuantConfig]:
+    repq = get_preset("repq", w_bits=bits, a_bits=bits)
+    return {
+        "repq": repq,
+        "repq+tanq": repq.replace(softmax_quantizer="tanq"),
+        "repq+mosf-median": repq.replace(ln_scale="median"),
+        "repq+mosf-mad": repq.replace(ln_scale="mad"),
+        "repq+mosf-search": repq.replace(ln_scale="search"),
+        "repq+int-zp": repq.replace(integer_zero_point=True),
+        "dopq": get_preset("dopq", w_bits=bits, a_bits=bits),
+    }
+
+
+def suite_foundation(args: argparse.Namespace) -> None:
+    rows = []
+    for arch in args.models:
+        work = workload(args, arch)
+        for bits in (4, 3):
+            rows.append(one(work, get_preset("repq", w_bits=bits, a_bits=bits), "repq"))
+    save("foundation", {"rows": rows})
+
+
+def suite_ablation(args: argparse.Namespace) -> None:
+    rows = []
+    for arch in args.models:
+        work = workload(args, arch)
+        for bits in args.bits:
+            for label, cfg in ablation_recipes(bits).items():
+                rows.append(one(work, cfg, label))
+    save("ablation", {"rows": rows})
+
+
+def suite_stress(args: argparse.Namespace) -> None:
+    rows = []
+    arch = "deit_tiny_patch16_224"
+    work = workload(args, arch)
+    info = rescale_layernorm_channels(work.model, n_channels=4, factor_range=(10.0, 40.0), seed=0)
+    work.fp_result = None  # the rescale keeps the function; FP is re-measured to show it
+    for bits in args.bits:
+        for label, cfg in ablation_recipes(bits).items():
+            rows.append(one(work, cfg, label))
+    save("stress", {"rows": rows, "rescale": {"channels_per_layernorm": 4, "factors": [10, 40], "layernorms": len(info)}})
+
+
+def suite_timing(args: argparse.Namespace) -> None:
+    work = workload(args, "deit_tiny_patch16_224")
+    work.settings.fp_eval = False
+    out: dict[str, Any] = {}
+    for method in ("repq", "dopq"):
+        times = []
+        for _ in range(args.repeats):
+            model = copy.deepcopy(work.model)
+            from dopq.api import quantize_with_report
+
+            _, report = quantize_with_report(model, work.calib_images, get_preset(method), progress=False)
+            times.append(report.calib_seconds)
+        out[method] = {"calib_seconds": times, "median": statistics.median(times)}
+        print(f"  {method}: calib {times}", flush=True)
+    out["dopq_over_repq"] = out["dopq"]["median"] / out["repq"]["median"]
+    save(f"timing_{torch.get_num_threads()}threads", out)
+
+
+def suite_recon(args: argparse.Namespace) -> None:
+    rows = []
+    for arch in args.models:
+        work = workload(args, arch)
+        for bits in args.bits:
+            base = get_preset("dopq", w_bits=bits, a_bits=bits)
+            rows.append(one(work, base, "dopq"))
+            rcfg = ReconstructConfig(
+                calib_size=args.recon_calib_size, iters=args.recon_iters, batch_size=args.recon_batch_size
+            )
+            rows.append(one(work, base.replace(reconstruct=rcfg), "dopq+recon", recon_size=args.recon_calib_size))
+    save(args.recon_name, {"rows": rows, "settings": vars(args) | {"func": None}})
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("suite", choices=["foundation", "ablation", "softmax-error", "stress", "timing", "recon", "render"])
+    p.add_argument("--shared", default=str(ROOT.parent.parent / "shared"))
+    p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--bits", nargs="+", type=int, default=[3, 4, 6])
+    p.add_argument("--eval-subset", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--recon-calib-size", type=int, default=1024)
+    p.add_argument("--recon-iters", type=int)
+    p.add_argument("--recon-batch-size", type=int, default=64)
+    p.add_argument("--recon-name", default="recon_cpu")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.suite == "softmax-error":
+        from softmax_error import suite_softmax_error
+
+        suite_softmax_error(args, workload, save)
+    elif args.suite == "render":
+        from render import render
+
+        render(RESULTS, ROOT.parent / "docs" / "RESULTS.md")
+    else:
+        globals()[f"suite_{args.suite}"](args)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv with dopq installed against the pinned constraints. Idempotent: a stamp
+# of the set-up files' hash skips the install when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+stamp=.venv/.dopq-setup-stamp
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    .venv/bin/python -m pip install --quiet --upgrade pip
+    .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+    echo "$want" > "$stamp"
+fi

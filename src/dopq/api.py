@@ -1,0 +1,145 @@
+"""The Python API: ``quantize(model, calib_data, config) -> model``, in torchao's style."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from dopq.calibrate import calibrate, capture_inputs
+from dopq.config import QuantConfig, get_preset
+from dopq.errors import ConfigError
+from dopq.models import QuantPlan, prepare_model
+from dopq.reparam import ReparamReport, reparameterize
+
+__all__ = ["QuantizationReport", "as_image_tensor", "quantize", "quantize_with_report"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizationReport:
+    """What :func:`quantize_with_report` did and how long each stage took (seconds)."""
+
+    config: QuantConfig
+    family: str
+    timings: dict[str, float] = field(default_factory=dict)
+    reparam: ReparamReport | None = None
+    reconstruction: dict[str, Any] | None = None
+
+    @property
+    def calib_seconds(self) -> float:
+        """Calibration + re-parameterization + weight re-calibration (no data loading, no eval)."""
+        return self.timings.get("calibration", 0.0) + self.timings.get("reparameterization", 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "timings": dict(self.timings),
+            "calib_seconds": self.calib_seconds,
+            "reparam_max_logit_change": None if self.reparam is None else self.reparam.max_logit_change,
+            "reconstruction": self.reconstruction,
+        }
+
+
+def as_image_tensor(data: torch.Tensor | Iterable[Any], device: torch.device | str) -> torch.Tensor:
+    """Stack calibration data given as a tensor, or as batches of images or (images, labels)."""
+    if isinstance(data, torch.Tensor):
+        images = data
+    else:
+        batches = [b[0] if isinstance(b, (tuple, list)) else b for b in data]
+        if not batches:
+            raise ConfigError("calibration data is empty")
+        images = torch.cat(batches)
+    if images.ndim != 4:
+        raise ConfigError(f"calibration images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    return images.to(device)
+
+
+def _timed(timings: dict[str, float], stage: str):
+    class _Timer:
+        def __enter__(self) -> None:
+            self.t0 = time.perf_counter()
+
+        def __exit__(self, *exc: object) -> None:
+            timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - self.t0
+
+    return _Timer()
+
+
+def quantize_with_report(
+    model: nn.Module,
+    calib_data: torch.Tensor | Iterable[Any],
+    config: QuantConfig | str | None = None,
+    recon_data: torch.Tensor | Iterable[Any] | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, QuantizationReport]:
+    """Quantize ``model`` in place and report per-stage timings.
+
+    Args:
+        model: a float timm ViT/DeiT/Swin.
+        calib_data: calibration images (RepQ-ViT protocol: 32 images in one batch).
+        config: a :class:`QuantConfig`, a preset name (``"dopq"``, ``"repq"``) or None for dopq.
+        recon_data: images for block reconstruction (defaults to ``calib_data``); only used when
+            ``config.reconstruct`` is set.
+        progress: show progress bars.
+
+    Returns:
+        The quantized model (same object) and the report.
+    """
+    if config is None or isinstance(config, str):
+        config = get_preset(config or "dopq")
+    device = next(model.parameters()).device
+    images = as_image_tensor(calib_data, device)
+    timings: dict[str, float] = {}
+    fp_model = copy.deepcopy(model) if config.reconstruct is not None else None
+    with _timed(timings, "prepare"):
+        plan: QuantPlan = prepare_model(model, config)
+    report = QuantizationReport(config=config, family=plan.adapter.family, timings=timings)
+    capture = plan.paired_linears if config.ln_scale == "search" else ()
+    with _timed(timings, "calibration"), capture_inputs(model, capture) as captured:
+        calibrate(model, images)
+    with _timed(timings, "reparameterization"):
+        report.reparam = reparameterize(
+            model,
+            plan,
+            rule=config.ln_scale,
+            integer_zero_point=config.integer_zero_point,
+            check_images=images[:4],
+            captured=captured,
+        )
+    if config.reconstruct is not None:
+        from dopq.reconstruct import reconstruct
+
+        recon_images = images if recon_data is None else as_image_tensor(recon_data, "cpu")
+        with _timed(timings, "reconstruction"):
+            report.reconstruction = reconstruct(
+                model, fp_model, plan, recon_images, config, progress=progress
+            )
+    log.info("quantized %s: %s", plan.adapter.family, {k: round(v, 2) for k, v in timings.items()})
+    return model, report
+
+
+def quantize(
+    model: nn.Module,
+    calib_data: torch.Tensor | Iterable[Any],
+    config: QuantConfig | str | None = None,
+    recon_data: torch.Tensor | Iterable[Any] | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Quantize a timm ViT/DeiT/Swin in place and return it.
+
+    Example:
+        >>> import timm, torch, dopq
+        >>> model = timm.create_model("test_vit", num_classes=10).eval()
+        >>> qmodel = dopq.quantize(model, torch.randn(4, 3, 160, 160), dopq.get_preset("repq", w_bits=8, a_bits=8))
+        >>> qmodel(torch.randn(1, 3, 160, 160)).shape
+        torch.Size([1, 10])
+    """
+    return quantize_with_report(model, calib_data, config, recon_data, progress)[0]

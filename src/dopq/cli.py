@@ -1,0 +1,219 @@
+"""Command line: ``dopq quantize``, ``dopq evaluate``, ``dopq plot``. Thin: parse, call, print."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from dopq.config import (
+    LN_SCALE_RULES,
+    SOFTMAX_QUANTIZERS,
+    QuantConfig,
+    ReconstructConfig,
+    get_preset,
+    list_presets,
+)
+from dopq.errors import DopqError
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("dopq")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="timm architecture, e.g. deit_tiny_patch16_224")
+    g.add_argument(
+        "--checkpoint", help="local .safetensors/.pth weights (a JSON card beside it sets preprocessing)"
+    )
+    g.add_argument("--num-classes", type=int, help="classifier size (default: from the checkpoint)")
+    g.add_argument("--pretrained", action="store_true", help="use timm's hub weights (needs network once)")
+
+
+def _add_data_args(p: argparse.ArgumentParser, calib: bool = True) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data", required=True, help="ImageFolder root or .tar/.tar.gz with <split>/<class>/<img>"
+    )
+    if calib:
+        g.add_argument("--calib-split", default="train")
+        g.add_argument("--calib-size", type=int, default=32)
+        g.add_argument("--seed", type=int, default=0, help="seed of the calibration subset (randperm)")
+    g.add_argument("--eval-split", help="default: val if present, else test")
+    g.add_argument("--eval-subset", type=int, help="evaluate N evenly strided images")
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--mean", type=float, nargs=3)
+    g.add_argument("--std", type=float, nargs=3)
+    g.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"])
+    g.add_argument("--crop-pct", type=float)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--output", type=Path, help="write the result as JSON here (and .md beside it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("recipe")
+    g.add_argument("--method", choices=list_presets(), default="dopq", help="preset recipe")
+    g.add_argument("--w-bits", type=int, default=4)
+    g.add_argument("--a-bits", type=int, default=4)
+    g.add_argument("--softmax-quantizer", choices=SOFTMAX_QUANTIZERS, help="override the preset's")
+    g.add_argument("--ln-scale", choices=LN_SCALE_RULES, help="override the preset's MOSF rule")
+    g.add_argument("--integer-zero-point", choices=["on", "off"], help="override the preset's")
+    g.add_argument("--tanq-objective", choices=["output", "mse"])
+    r = p.add_argument_group("reconstruction")
+    r.add_argument("--reconstruct", action="store_true", help="block-wise reconstruction after calibration")
+    r.add_argument("--recon-calib-size", type=int, default=1024)
+    r.add_argument("--recon-iters", type=int, help="default 1000 at <=4 bits, 200 above")
+    r.add_argument("--recon-batch-size", type=int, default=64)
+    r.add_argument("--save", type=Path, help="save the quantized model for `dopq evaluate --quantized`")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dopq", description="Post-training quantization of ViTs (DopQ-ViT, RepQ-ViT)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="quantize a model and evaluate FP vs quantized")
+    _add_model_args(q)
+    _add_data_args(q)
+    _add_recipe_args(q)
+    e = sub.add_parser("evaluate", help="evaluate a model saved with `dopq quantize --save`")
+    e.add_argument("--quantized", type=Path, required=True)
+    e.add_argument("--model", help="refuse the file unless it was made for this architecture")
+    _add_data_args(e, calib=False)
+    pl = sub.add_parser("plot", help="plot attention histograms with quantizer levels, or post-LN scales")
+    _add_model_args(pl)
+    pl.add_argument("--data", required=True)
+    pl.add_argument("--calib-split", default="train")
+    pl.add_argument("--calib-size", type=int, default=32)
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--bits", type=int, default=4)
+    pl.add_argument("--block", type=int, default=0, help="index of the attention / LayerNorm pair")
+    pl.add_argument("--kind", choices=["attention", "ln-scales", "all"], default="all")
+    pl.add_argument("--out-dir", type=Path, default=Path("plots"))
+    pl.add_argument("--device", default="cpu")
+    return parser
+
+
+def _config_from(args: argparse.Namespace) -> QuantConfig:
+    overrides: dict[str, Any] = {
+        "w_bits": args.w_bits,
+        "a_bits": args.a_bits,
+        "softmax_quantizer": args.softmax_quantizer,
+        "ln_scale": args.ln_scale,
+        "tanq_objective": args.tanq_objective,
+    }
+    if args.integer_zero_point:
+        overrides["integer_zero_point"] = args.integer_zero_point == "on"
+    if args.reconstruct:
+        overrides["reconstruct"] = ReconstructConfig(
+            calib_size=args.recon_calib_size,
+            iters=args.recon_iters,
+            batch_size=args.recon_batch_size,
+            seed=args.seed,
+        )
+    return get_preset(args.method, **overrides)
+
+
+def _settings_from(args: argparse.Namespace):
+    from dopq.experiment import RunSettings
+
+    return RunSettings(
+        model=args.model,
+        data=args.data,
+        checkpoint=args.checkpoint,
+        num_classes=args.num_classes,
+        pretrained=args.pretrained,
+        calib_split=getattr(args, "calib_split", "train"),
+        eval_split=getattr(args, "eval_split", None),
+        calib_size=args.calib_size,
+        seed=args.seed,
+        eval_subset=getattr(args, "eval_subset", None),
+        batch_size=getattr(args, "batch_size", 64),
+        workers=getattr(args, "workers", 0),
+        device=args.device,
+        mean=tuple(args.mean) if getattr(args, "mean", None) else None,
+        std=tuple(args.std) if getattr(args, "std", None) else None,
+        interpolation=getattr(args, "interpolation", None),
+        crop_pct=getattr(args, "crop_pct", None),
+    )
+
+
+def _write_outputs(result: dict[str, Any], output: Path | None) -> None:
+    from dopq.report import result_table, write_result
+
+    print(result_table(result))
+    if output is not None:
+        json_path, md_path = write_result(result, output)
+        print(f"wrote {json_path} and {md_path}")
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from dopq.experiment import load_workload, run_recipe
+    from dopq.serialize import save_quantized
+
+    config = _config_from(args)
+    settings = _settings_from(args)
+    work = load_workload(settings)
+    result, model = run_recipe(
+        work, config, method=args.method, progress=not args.quiet, recon_size=args.recon_calib_size
+    )
+    if args.save is not None:
+        meta = {
+            "preprocess": work.preprocess.to_dict(),
+            "command": result["command"],
+            "quant_top1": result["quant_top1"],
+        }
+        result["saved_to"] = str(save_quantized(model, args.save, config, meta))
+    _write_outputs(result, args.output)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from dopq.experiment import evaluate_saved
+
+    result = evaluate_saved(
+        args.quantized,
+        args.data,
+        arch=args.model,
+        eval_split=args.eval_split,
+        eval_subset=args.eval_subset,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    _write_outputs(result, args.output)
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from dopq.plots import plot_from_args
+
+    for path in plot_from_args(args):
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dopq`` command; user errors print one line and exit with 2."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    commands = {"quantize": _cmd_quantize, "evaluate": _cmd_evaluate, "plot": _cmd_plot}
+    try:
+        return commands[args.command](args)
+    except DopqError as exc:
+        message = " ".join(str(exc).split())  # always one line
+        print(f"dopq: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dopq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

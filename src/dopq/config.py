@@ -1,0 +1,160 @@
+"""The quantization recipe: one typed, serializable config; presets are plain instances."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from dopq.errors import ConfigError
+
+__all__ = [
+    "LN_SCALE_RULES",
+    "SOFTMAX_QUANTIZERS",
+    "QuantConfig",
+    "ReconstructConfig",
+    "get_preset",
+    "list_presets",
+]
+
+SOFTMAX_QUANTIZERS = ("uniform", "log2", "logsqrt2", "tanq")
+LN_SCALE_RULES = ("mean", "median", "mad", "search")
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def _check_bits(name: str, value: int) -> None:
+    if not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
+        raise ConfigError(f"{name} must be an integer in {MIN_BITS}..{MAX_BITS}, got {value!r}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclass
+class ReconstructConfig:
+    """Block reconstruction settings (the optimisation stage after calibration).
+
+    Args:
+        calib_size: images whose block inputs are cached for the optimisation.
+        iters: optimisation steps per block; None picks 1000 at <= 4 bits and 200 above.
+        batch_size: images per step.
+        lr_weight: learning rate of the AdaRound rounding variables.
+        lr_act: learning rate of the activation step sizes (LSQ) and TanQ parameters.
+        drop_prob: QDrop probability of keeping an activation in float during optimisation.
+        learn_softmax: also learn the post-Softmax quantizer's parameters (TanQ).
+        seed: seed of the image order, QDrop masks and the calibration subset.
+    """
+
+    calib_size: int = 1024
+    iters: int | None = None
+    batch_size: int = 64
+    lr_weight: float = 1e-3
+    lr_act: float = 4e-5
+    drop_prob: float = 0.5
+    learn_softmax: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("calib_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"recon {name} must be >= 1, got {getattr(self, name)}")
+        if self.iters is not None and self.iters < 0:
+            raise ConfigError(f"recon iters must be >= 0, got {self.iters}")
+        if not 0.0 <= self.drop_prob <= 1.0:
+            raise ConfigError(f"recon drop_prob must be in [0, 1], got {self.drop_prob}")
+
+    def iters_for(self, bits: int) -> int:
+        """The paper family's default: 1000 iterations at 3-4 bits, 200 at 6 bits and above."""
+        if self.iters is not None:
+            return self.iters
+        return 1000 if bits <= 4 else 200
+
+
+@dataclass
+class QuantConfig:
+    """A PTQ recipe for a timm ViT/DeiT/Swin.
+
+    Args:
+        w_bits: weight bits (per output channel), 2..8.
+        a_bits: activation bits, 2..8 (also the post-Softmax quantizer's bits).
+        softmax_quantizer: post-Softmax quantizer: uniform, log2, logsqrt2 (RepQ-ViT) or tanq.
+        ln_scale: target-scale rule of the post-LayerNorm re-parameterization: mean (RepQ-ViT),
+            median, mad or search (DopQ-ViT's MOSF variants).
+        integer_zero_point: round the re-parameterized zero point to an integer (deployable);
+            RepQ-ViT leaves it fractional.
+        patch_embed_input_bits: bits of the image fed to the patch embedding.
+        percentiles: candidate upper quantiles of the uniform range search.
+        tanq_objective: "output" (error of attn @ v) or "mse" (error of the attention values).
+        reconstruct: block reconstruction settings, or None for calibration only.
+
+    Example:
+        >>> QuantConfig(w_bits=4, a_bits=4).softmax_quantizer
+        'tanq'
+    """
+
+    w_bits: int = 4
+    a_bits: int = 4
+    softmax_quantizer: str = "tanq"
+    ln_scale: str = "median"
+    integer_zero_point: bool = True
+    patch_embed_input_bits: int = 8
+    percentiles: tuple[float, ...] = (0.999, 0.9999, 0.99999)
+    tanq_objective: str = "output"
+    reconstruct: ReconstructConfig | None = None
+
+    def __post_init__(self) -> None:
+        _check_bits("w_bits", self.w_bits)
+        _check_bits("a_bits", self.a_bits)
+        _check_bits("patch_embed_input_bits", self.patch_embed_input_bits)
+        _check_choice("softmax_quantizer", self.softmax_quantizer, SOFTMAX_QUANTIZERS)
+        _check_choice("ln_scale", self.ln_scale, LN_SCALE_RULES)
+        _check_choice("tanq_objective", self.tanq_objective, ("output", "mse"))
+        self.percentiles = tuple(float(p) for p in self.percentiles)
+        if not self.percentiles or not all(0.5 < p <= 1.0 for p in self.percentiles):
+            raise ConfigError(f"percentiles must be in (0.5, 1], got {self.percentiles}")
+        if isinstance(self.reconstruct, dict):
+            self.reconstruct = ReconstructConfig(**self.reconstruct)
+
+    def replace(self, **changes: Any) -> QuantConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; :meth:`from_dict` inverts it."""
+        data = dataclasses.asdict(self)
+        data["percentiles"] = list(self.percentiles)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown config fields: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "repq": dict(softmax_quantizer="logsqrt2", ln_scale="mean", integer_zero_point=False),
+    "dopq": dict(softmax_quantizer="tanq", ln_scale="median", integer_zero_point=True),
+}
+
+
+def list_presets() -> list[str]:
+    """Names accepted by :func:`get_preset`."""
+    return sorted(_PRESETS)
+
+
+def get_preset(name: str, **overrides: Any) -> QuantConfig:
+    """The named recipe with optional field overrides.
+
+    Example:
+        >>> get_preset("repq", w_bits=3, a_bits=3).softmax_quantizer
+        'logsqrt2'
+    """
+    if name not in _PRESETS:
+        raise ConfigError(f"unknown method {name!r}; choose from {', '.join(list_presets())}")
+    fields = {**_PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    return QuantConfig(**fields)

@@ -1,0 +1,25 @@
+"""User-facing errors: each carries one actionable line that the CLI prints without a traceback."""
+
+from __future__ import annotations
+
+__all__ = ["CheckpointError", "ConfigError", "DataError", "DopqError", "ModelError"]
+
+
+class DopqError(Exception):
+    """Base class of errors caused by user input (paths, names, options)."""
+
+
+class ConfigError(DopqError, ValueError):
+    """An invalid quantization recipe or option."""
+
+
+class ModelError(DopqError):
+    """Unknown architecture or unsupported model family."""
+
+
+class CheckpointError(DopqError):
+    """Missing, corrupt or mismatched checkpoint or saved quantized model."""
+
+
+class DataError(DopqError):
+    """Missing data path or split, empty split, unreadable image."""

@@ -1,0 +1,130 @@
+"""Top-1/top-5 evaluation of a classifier over a DataLoader, with a tqdm bar and throughput.
+
+Example:
+    >>> logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.15, 0.05]])
+    >>> accuracy_counts(logits, torch.tensor([1, 1]), ks=(1, 2))
+    (1, 2)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from dopq.data import single_line_errors
+from dopq.errors import DataError
+
+__all__ = ["EvalResult", "accuracy_counts", "evaluate"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    """Accuracy and throughput of one evaluation.
+
+    Args:
+        top1: fraction of images whose highest logit is the label, in [0, 1].
+        top5: fraction whose label is among the ``min(5, num_classes)`` highest logits, in [0, 1].
+        images: number of images evaluated.
+        seconds: wall-clock time of the loop, data loading included.
+    """
+
+    top1: float
+    top5: float
+    images: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        """Throughput of the evaluation loop (0.0 when no time was measured)."""
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fields and ``images_per_second`` as a JSON-ready dict."""
+        return {**asdict(self), "images_per_second": self.images_per_second}
+
+
+def accuracy_counts(logits: Tensor, targets: Tensor, ks: Sequence[int] = (1, 5)) -> tuple[int, ...]:
+    """Count the rows whose target is among the top-k logits, for each k.
+
+    k is capped at the number of classes, so top-5 of a 3-class problem counts every row.
+
+    Args:
+        logits: scores of shape ``(N, num_classes)``.
+        targets: labels of shape ``(N,)``.
+        ks: the k values.
+
+    Returns:
+        One count per k.
+
+    Raises:
+        ValueError: the shapes do not match.
+    """
+    if logits.ndim != 2 or targets.shape != logits.shape[:1]:
+        shapes = f"{tuple(logits.shape)} and {tuple(targets.shape)}"
+        raise ValueError(f"expected logits (N, C) and targets (N,), got {shapes}")
+    num_classes = logits.shape[1]
+    top = logits.topk(min(max(ks), num_classes), dim=1).indices
+    hits = top == targets.to(top.device).view(-1, 1)
+    return tuple(int(hits[:, : min(k, num_classes)].any(dim=1).sum()) for k in ks)
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    desc: str = "eval",
+) -> EvalResult:
+    """Measure top-1 and top-5 accuracy of ``model`` on every batch of ``loader``.
+
+    The model is put in eval mode and run under ``torch.inference_mode()``; it must already be on
+    ``device`` (batches are moved there).
+
+    Args:
+        model: a classifier returning logits ``(N, num_classes)``.
+        loader: yields ``(images, labels)`` batches, e.g. from :func:`dopq.data.make_loader`.
+        device: where the batches go.
+        progress: show a tqdm bar with running top-1 and images per second.
+        desc: the bar's label.
+
+    Returns:
+        Accuracies as fractions, image count and seconds.
+
+    Raises:
+        DataError: the loader yields no images or an image cannot be read.
+    """
+    device = torch.device(device)
+    total = len(loader.dataset) if hasattr(loader, "dataset") else None
+    model.eval()
+    correct1 = correct5 = seen = 0
+    start = time.perf_counter()
+    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress)
+    with torch.inference_mode(), single_line_errors(), bar:
+        for images, targets in loader:
+            logits = model(images.to(device, non_blocking=True))
+            c1, c5 = accuracy_counts(logits, targets.to(device, non_blocking=True))
+            correct1, correct5, seen = correct1 + c1, correct5 + c5, seen + len(targets)
+            bar.update(len(targets))
+            bar.set_postfix(top1=f"{100 * correct1 / seen:.2f}%", refresh=False)
+    seconds = time.perf_counter() - start
+    if seen == 0:
+        raise DataError("evaluation got no images; check the split and subset size")
+    result = EvalResult(top1=correct1 / seen, top5=correct5 / seen, images=seen, seconds=seconds)
+    logger.info(
+        "%s: top-1 %.2f%%, top-5 %.2f%% on %d images (%.1f img/s)",
+        desc,
+        100 * result.top1,
+        100 * result.top5,
+        seen,
+        result.images_per_second,
+    )
+    return result

@@ -1,0 +1,24 @@
+"""Model adapters: find quantization sites of timm ViT/DeiT/Swin structurally and wrap them."""
+
+from dopq.models.adapters import ModelAdapter, get_adapter, list_families, register_adapter
+from dopq.models.attention import QuantAttention, QuantWindowAttention
+from dopq.models.loading import build_model, card_for, load_state_dict
+from dopq.models.prepare import QuantPlan, example_input, prepare_model
+from dopq.models.structure import LayerNormPair, find_layernorm_pairs
+
+__all__ = [
+    "LayerNormPair",
+    "ModelAdapter",
+    "QuantAttention",
+    "QuantPlan",
+    "QuantWindowAttention",
+    "build_model",
+    "card_for",
+    "example_input",
+    "find_layernorm_pairs",
+    "get_adapter",
+    "list_families",
+    "load_state_dict",
+    "prepare_model",
+    "register_adapter",
+]

@@ -1,0 +1,108 @@
+"""Explicit quantized attention modules built from timm's public attributes.
+
+The adapter swaps a whole timm attention module for one of these: no patched ``forward`` and no
+reliance on ``fused_attn``. ``q @ k^T`` and ``attn @ v`` are ``QuantMatMul`` children, so their
+quantizers are ordinary named slots. With quantizers disabled the result equals timm's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dopq.modules import QuantMatMul
+from dopq.quantizers import Quantizer
+
+__all__ = ["QuantAttention", "QuantWindowAttention"]
+
+
+def _additive_mask(attn_mask: torch.Tensor | None, n: int, like: torch.Tensor, is_causal: bool):
+    if is_causal:
+        return like.new_full((n, n), float("-inf")).triu_(1)
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool:
+        return torch.zeros_like(attn_mask, dtype=like.dtype).masked_fill_(~attn_mask, float("-inf"))
+    return attn_mask
+
+
+class _MatMulSlots(nn.Module):
+    def _init_matmuls(
+        self,
+        qk: tuple[Quantizer | None, Quantizer | None],
+        av: tuple[Quantizer | None, Quantizer | None],
+    ) -> None:
+        self.matmul_qk = QuantMatMul(*qk)
+        self.matmul_av = QuantMatMul(*av)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None):
+        # the scale is applied after the product, as RepQ-ViT does; the quantized q is unscaled
+        attn = self.matmul_qk(q, k.transpose(-2, -1)) * self.scale
+        if bias is not None:
+            attn = attn + bias
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        return self.matmul_av(attn, v)
+
+
+class QuantAttention(_MatMulSlots):
+    """Quantized version of ``timm.layers.Attention`` (ViT, DeiT).
+
+    Args:
+        attn: the timm module; its ``qkv``, ``proj``, norms, dropouts and gate are reused.
+        qk: quantizers for the two operands of ``q @ k^T``.
+        av: quantizers for the attention map (post-Softmax) and ``v``.
+    """
+
+    def __init__(self, attn: nn.Module, qk: tuple, av: tuple) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
+        self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
+        for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"):
+            setattr(self, name, getattr(attn, name, None) or nn.Identity())
+        self.gate = getattr(attn, "gate", None)
+        self._init_matmuls(qk, av)
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        b, n, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = self._attend(q, k, v, _additive_mask(attn_mask, n, q, is_causal))
+        x = self.norm(x.transpose(1, 2).reshape(b, n, self.attn_dim))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+class QuantWindowAttention(_MatMulSlots):
+    """Quantized version of timm's Swin ``WindowAttention``; the relative position bias and the
+    shift mask are added in float, as in RepQ-ViT."""
+
+    def __init__(self, attn: nn.Module, qk: tuple, av: tuple) -> None:
+        super().__init__()
+        self.num_heads, self.scale, self.window_area = attn.num_heads, attn.scale, attn.window_area
+        self.relative_position_bias_table = attn.relative_position_bias_table
+        self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
+        for name in ("qkv", "attn_drop", "proj", "proj_drop"):
+            setattr(self, name, getattr(attn, name))
+        self._init_matmuls(qk, av)
+
+    def relative_position_bias(self) -> torch.Tensor:
+        n = self.window_area
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+        return bias.permute(2, 0, 1).unsqueeze(0)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        bias = self.relative_position_bias()
+        if mask is not None:
+            num_win = mask.shape[0]
+            bias = (bias.unsqueeze(1) + mask.unsqueeze(1).unsqueeze(0)).expand(b // num_win, -1, -1, -1, -1)
+            bias = bias.reshape(b, self.num_heads, n, n)
+        x = self._attend(q, k, v, bias)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, -1)))

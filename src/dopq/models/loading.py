@@ -1,0 +1,122 @@
+"""Build timm models by name, with weights from a local checkpoint or the timm hub."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from dopq.errors import CheckpointError, ModelError
+
+__all__ = ["build_model", "card_for", "load_state_dict"]
+
+log = logging.getLogger(__name__)
+_HEAD_KEYS = ("head.weight", "head.fc.weight")
+
+
+def card_for(checkpoint: str | Path) -> dict[str, Any] | None:
+    """The JSON model card beside a checkpoint (same stem, ``.json``), if any."""
+    path = Path(checkpoint).with_suffix(".json")
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"model card {path} is not valid JSON: {exc}") from None
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` or ``.pth``/``.pt`` state dict safely (no pickled code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any decoder failure means the file is unusable
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        raise CheckpointError(
+            f"checkpoint {path} could not be read as a state dict ({type(exc).__name__}: {first})"
+        ) from None
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _classes_in(state: dict[str, torch.Tensor]) -> int | None:
+    for key in _HEAD_KEYS:
+        if key in state:
+            return int(state[key].shape[0])
+    return None
+
+
+def _check_arch(arch: str) -> None:
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise ModelError(f"unknown timm model {arch!r}{hint}")
+
+
+def build_model(
+    arch: str,
+    checkpoint: str | Path | None = None,
+    num_classes: int | None = None,
+    pretrained: bool = False,
+) -> nn.Module:
+    """Create ``arch`` with timm and load weights.
+
+    Args:
+        arch: timm model name, e.g. ``"deit_tiny_patch16_224"``.
+        checkpoint: local ``.safetensors``/``.pth`` state dict; takes precedence over ``pretrained``.
+        num_classes: classifier size; by default taken from the checkpoint's head.
+        pretrained: download timm's weights when no checkpoint is given (needs the network once).
+
+    Returns:
+        The float32 model in eval mode.
+    """
+    _check_arch(arch)
+    if checkpoint is None:
+        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        try:
+            model = timm.create_model(arch, pretrained=pretrained, **kwargs)
+        except Exception as exc:
+            raise ModelError(
+                f"could not create {arch} with pretrained weights ({type(exc).__name__}); "
+                "without network access pass --checkpoint PATH"
+            ) from None
+        return model.eval()
+    state = load_state_dict(checkpoint)
+    found = _classes_in(state)
+    if num_classes is not None and found is not None and num_classes != found:
+        raise CheckpointError(
+            f"--num-classes {num_classes} does not match checkpoint {checkpoint}, whose head has {found} classes"
+        )
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes or found or 1000)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches: a checkpoint of another size or variant
+        detail = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc))
+        raise CheckpointError(f"checkpoint {checkpoint} does not fit {arch}: {detail}") from None
+    missing = [k for k in result.missing_keys if "relative_position_index" not in k]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"checkpoint {checkpoint} does not fit {arch}: "
+            f"{len(missing)} missing keys (e.g. {missing[:2]}), "
+            f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:2]})"
+        )
+    log.info("loaded %s from %s", arch, checkpoint)
+    return model.float().eval()

@@ -1,0 +1,104 @@
+"""Turn a float timm model into a quantized one, in place, following the recipe's placement.
+
+Placement (RepQ-ViT): every Linear and Conv2d gets a per-output-channel weight quantizer; the
+patch embedding's input is quantized at ``patch_embed_input_bits``; Linear layers fed by a
+LayerNorm get a per-channel input quantizer (re-parameterized to per tensor later), all others per
+tensor; both attention matmuls quantize their operands, the attention map with the recipe's
+post-Softmax quantizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dopq.config import QuantConfig
+from dopq.models.adapters import ModelAdapter, get_adapter
+from dopq.models.structure import LayerNormPair, find_layernorm_pairs
+from dopq.modules import QuantConv2d, QuantLinear
+from dopq.quantizers import PerChannel, PerTensor, Quantizer, UniformQuantizer, build_quantizer
+
+__all__ = ["QuantPlan", "example_input", "prepare_model"]
+
+
+@dataclass
+class QuantPlan:
+    """What ``prepare_model`` found: the family and the LayerNorm -> Linear pairs."""
+
+    adapter: ModelAdapter
+    pairs: list[LayerNormPair]
+
+    @property
+    def paired_linears(self) -> set[str]:
+        return {name for p in self.pairs for name in p.linears}
+
+
+def example_input(model: nn.Module, batch: int = 1) -> torch.Tensor:
+    """A zero image batch of the model's input size."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size")
+    img = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img is not None:
+        size = (3, *img)
+    size = size or (3, 224, 224)
+    device = next(model.parameters()).device
+    return torch.zeros(batch, *size, device=device)
+
+
+class _Factory:
+    def __init__(self, config: QuantConfig) -> None:
+        self.c = config
+
+    def weight(self) -> Quantizer:
+        return UniformQuantizer(self.c.w_bits, PerChannel(0), self.c.percentiles)
+
+    def act(self, per_channel: bool = False, bits: int | None = None) -> Quantizer:
+        gran = PerChannel(-1) if per_channel else PerTensor()
+        return UniformQuantizer(bits or self.c.a_bits, gran, self.c.percentiles)
+
+    def softmax(self) -> Quantizer:
+        name = self.c.softmax_quantizer
+        if name == "tanq":
+            return build_quantizer(name, self.c.a_bits, objective=self.c.tanq_objective)
+        if name == "uniform":
+            return self.act()
+        return build_quantizer(name, self.c.a_bits, percentiles=self.c.percentiles)
+
+
+def _set_child(root: nn.Module, qualified: str, new: nn.Module) -> None:
+    parent, _, leaf = qualified.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def prepare_model(model: nn.Module, config: QuantConfig) -> QuantPlan:
+    """Insert quantizers into ``model`` in place (all start uncalibrated).
+
+    Args:
+        model: a timm VisionTransformer/SwinTransformer in eval mode.
+        config: the recipe.
+
+    Returns:
+        The plan (family, LayerNorm -> Linear pairs) that calibration and re-parameterization use.
+    """
+    adapter = get_adapter(model)
+    model.eval()
+    pairs = find_layernorm_pairs(model, example_input(model))
+    paired = {name for p in pairs for name in p.linears}
+    make = _Factory(config)
+    for name, module in list(model.named_modules()):
+        quant_cls = adapter.attention.get(type(module))
+        if quant_cls is not None:
+            qk = (make.act(), make.act())
+            av = (make.softmax(), make.act())
+            _set_child(model, name, quant_cls(module, qk, av))
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear:
+            new = QuantLinear(module, make.act(per_channel=name in paired), make.weight())
+        elif type(module) is nn.Conv2d:
+            new = QuantConv2d(module, make.act(bits=config.patch_embed_input_bits), make.weight())
+        else:
+            continue
+        _set_child(model, name, new)
+    return QuantPlan(adapter, pairs)

@@ -1,0 +1,110 @@
+"""Quantized layers: torch layers with named quantizer slots and a fixed forward pipeline.
+
+``QuantLinear``/``QuantConv2d`` subclass the torch layers, so ``weight``/``bias`` keys (and float
+checkpoints) are unchanged. Pipeline: quantize input, quantize weight, run the op.
+``QuantMatMul`` quantizes both operands of an activation-activation product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dopq.quantizers import PerChannel, Quantizer
+
+__all__ = ["QuantConv2d", "QuantLinear", "QuantMatMul", "quantizers_of", "set_quantization"]
+
+
+def _identity_or(q: Quantizer | None) -> nn.Module:
+    return q if q is not None else nn.Identity()
+
+
+class _WeightQuantMixin:
+    weight: torch.Tensor
+    weight_quantizer: Quantizer | nn.Identity
+    input_quantizer: Quantizer | nn.Identity
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.weight)
+
+
+class QuantLinear(nn.Linear, _WeightQuantMixin):
+    """``nn.Linear`` whose input and weight pass through quantizers.
+
+    Args:
+        linear: the float layer to wrap (weights are shared, not copied).
+        input_quantizer: activation quantizer or None.
+        weight_quantizer: weight quantizer (normally per output channel) or None.
+    """
+
+    def __init__(
+        self, linear: nn.Linear, input_quantizer: Quantizer | None, weight_quantizer: Quantizer | None
+    ) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.input_quantizer = _identity_or(input_quantizer)
+        self.weight_quantizer = _identity_or(weight_quantizer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+
+
+class QuantConv2d(nn.Conv2d, _WeightQuantMixin):
+    """``nn.Conv2d`` whose input and weight pass through quantizers (patch embedding)."""
+
+    def __init__(
+        self, conv: nn.Conv2d, input_quantizer: Quantizer | None, weight_quantizer: Quantizer | None
+    ) -> None:
+        nn.Module.__init__(self)
+        for attr in (
+            "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+            "transposed", "output_padding", "groups", "padding_mode",
+        ):  # fmt: skip
+            setattr(self, attr, getattr(conv, attr))
+        self._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.input_quantizer = _identity_or(input_quantizer)
+        self.weight_quantizer = _identity_or(weight_quantizer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
+
+
+class QuantMatMul(nn.Module):
+    """``a @ b`` with both operands quantized. The ``a`` quantizer sees ``b`` as context, which
+    TanQ uses to score its candidates by the error of the product."""
+
+    def __init__(self, quantizer_a: Quantizer | None, quantizer_b: Quantizer | None) -> None:
+        super().__init__()
+        self.quantizer_a = _identity_or(quantizer_a)
+        self.quantizer_b = _identity_or(quantizer_b)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        b = self.quantizer_b(b)
+        if isinstance(self.quantizer_a, Quantizer):
+            a = self.quantizer_a(a, b)
+        return a @ b
+
+
+def quantizers_of(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
+    """All quantizers in ``model`` with their qualified names."""
+    for name, module in model.named_modules():
+        if isinstance(module, Quantizer):
+            yield name, module
+
+
+def set_quantization(model: nn.Module, weights: bool = True, activations: bool = True) -> nn.Module:
+    """Switch weight and activation quantization on or off; returns ``model``."""
+    for name, q in quantizers_of(model):
+        q.enabled = weights if name.endswith("weight_quantizer") else activations
+    return model
+
+
+def is_per_channel(q: nn.Module) -> bool:
+    return isinstance(getattr(q, "granularity", None), PerChannel)

@@ -1,0 +1,36 @@
+"""Quantizers: pure tensor math plus thin modules holding their parameters. No model knowledge."""
+
+from dopq.quantizers.base import (
+    PerChannel,
+    PerTensor,
+    Quantizer,
+    build_quantizer,
+    list_quantizers,
+    register_quantizer,
+)
+from dopq.quantizers.levels import LevelQuantizer, Log2Quantizer, LogSqrt2Quantizer
+from dopq.quantizers.tanq import TanQQuantizer, tan_levels
+from dopq.quantizers.uniform import (
+    UniformQuantizer,
+    fake_quantize_uniform,
+    quantize_uniform,
+    search_uniform_range,
+)
+
+__all__ = [
+    "LevelQuantizer",
+    "Log2Quantizer",
+    "LogSqrt2Quantizer",
+    "PerChannel",
+    "PerTensor",
+    "Quantizer",
+    "TanQQuantizer",
+    "UniformQuantizer",
+    "build_quantizer",
+    "fake_quantize_uniform",
+    "list_quantizers",
+    "quantize_uniform",
+    "register_quantizer",
+    "search_uniform_range",
+    "tan_levels",
+]

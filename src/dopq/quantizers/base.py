@@ -1,0 +1,118 @@
+"""Quantizer base module, granularities and the quantizer registry.
+
+A quantizer is a small ``nn.Module`` around pure tensor math: it holds its parameters as buffers,
+initialises them from the first tensor it sees while ``observing`` (calibration), and then
+fake-quantizes. It knows nothing about models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "PerChannel",
+    "PerTensor",
+    "Quantizer",
+    "build_quantizer",
+    "list_quantizers",
+    "register_quantizer",
+]
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    """One scale and zero point for the whole tensor, e.g. ``(B, N, C) -> scale (1,)``."""
+
+
+@dataclass(frozen=True)
+class PerChannel:
+    """One scale and zero point per index of ``axis``.
+
+    Example: weights ``(out, in)`` with ``axis=0`` get ``(out,)`` scales; activations
+    ``(B, N, C)`` with ``axis=-1`` get ``(C,)`` scales.
+    """
+
+    axis: int
+
+
+Granularity = PerTensor | PerChannel
+
+
+class Quantizer(nn.Module):
+    """Base class: lazy initialisation while observing, then fake quantization.
+
+    Subclasses implement ``initialize(x, context)`` and ``fake_quantize(x)``. ``context`` is an
+    optional second tensor that some searches use (TanQ scores candidates by ``attn @ v`` error).
+    """
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        if not 2 <= bits <= 8:
+            raise ValueError(f"bits must be in 2..8, got {bits}")
+        self.bits = bits
+        self.enabled = True
+        self.observing = False
+        self.drop_prob = 0.0  # QDrop: probability of passing an element through unquantized
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @property
+    def levels(self) -> int:
+        return 2**self.bits
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if not bool(self.initialized):
+            if not self.observing:
+                raise RuntimeError(f"{type(self).__name__} has no parameters yet: calibrate the model first")
+            with torch.no_grad():
+                self.initialize(x.detach(), None if context is None else context.detach())
+            self.initialized.fill_(True)
+        out = self.fake_quantize(x)
+        if self.drop_prob > 0:
+            out = torch.where(torch.rand_like(x) < self.drop_prob, x, out)
+        return out
+
+    def reset(self) -> None:
+        """Forget the parameters so the next observed tensor re-initialises them."""
+        self.initialized.fill_(False)
+
+    def initialize(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
+        raise NotImplementedError
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, enabled={self.enabled}"
+
+
+_QUANTIZERS: dict[str, Callable[..., Quantizer]] = {}
+
+
+def register_quantizer(name: str) -> Callable[[type[Quantizer]], type[Quantizer]]:
+    """Class decorator adding a quantizer under ``name``; duplicate names raise."""
+
+    def add(cls: type[Quantizer]) -> type[Quantizer]:
+        if name in _QUANTIZERS:
+            raise ValueError(f"quantizer {name!r} is already registered")
+        _QUANTIZERS[name] = cls
+        return cls
+
+    return add
+
+
+def list_quantizers() -> list[str]:
+    """Names accepted by :func:`build_quantizer`."""
+    return sorted(_QUANTIZERS)
+
+
+def build_quantizer(name: str, bits: int, **kwargs: object) -> Quantizer:
+    """Instantiate a registered quantizer, e.g. ``build_quantizer("tanq", 4)``."""
+    if name not in _QUANTIZERS:
+        raise ValueError(f"unknown quantizer {name!r}; choose from {list_quantizers()}")
+    return _QUANTIZERS[name](bits, **kwargs)

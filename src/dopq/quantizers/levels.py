@@ -1,0 +1,143 @@
+"""Non-uniform quantizers defined by a table of levels (post-Softmax quantizers).
+
+Every quantizer here maps ``x`` to an integer code by comparing it with ascending thresholds and
+dequantizes by a lookup table, ``x_hat = levels[code]``: the integer-friendly form and the
+simulated quantizer are the same computation, so they agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dopq.quantizers.base import Quantizer, register_quantizer
+from dopq.quantizers.ranges import row_quantiles
+from dopq.quantizers.uniform import DEFAULT_PERCENTILES
+
+__all__ = [
+    "LevelQuantizer",
+    "Log2Quantizer",
+    "LogSqrt2Quantizer",
+    "attention_error",
+    "codes_from_thresholds",
+    "log_levels",
+]
+
+
+def codes_from_thresholds(x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Integer code of each element: the number of thresholds strictly below it."""
+    return torch.bucketize(x, thresholds)
+
+
+def log_levels(
+    delta: torch.Tensor, bits: int, step: float, extra_zero: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Levels ``delta * 2^(-k*step)`` plus an exact zero, rounded in the log domain.
+
+    Args:
+        delta: the largest level.
+        bits: bit width; ``2^bits`` non-zero levels when ``extra_zero`` (RepQ-ViT's log-sqrt2,
+            where codes past the last level become an extra exact 0), else ``2^bits - 1`` non-zero
+            levels and zero, which fits in ``bits``.
+        step: 1 for log2, 0.5 for log-sqrt2.
+
+    Returns:
+        ``(levels, thresholds)`` ascending; thresholds sit where ``round(-log2(x/delta)/step)``
+        changes, so the table reproduces the usual log-domain rounding.
+    """
+    n_nonzero = 2**bits if extra_zero else 2**bits - 1
+    k = torch.arange(n_nonzero - 1, -1, -1, dtype=delta.dtype, device=delta.device)
+    nonzero = delta * torch.pow(2.0, -k * step)
+    zero = torch.zeros(1, dtype=delta.dtype, device=delta.device)
+    levels = torch.cat([zero, nonzero])
+    # boundary between codes k and k-1 is at exponent k - 1/2, the zero boundary past the last code
+    kb = torch.arange(n_nonzero - 1, -1, -1, dtype=delta.dtype, device=delta.device) + 0.5
+    thresholds = delta * torch.pow(2.0, -kb * step)
+    return levels, thresholds
+
+
+def attention_error(x: torch.Tensor, x_hat: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor:
+    """Squared error of ``x_hat`` (mean), or of ``x_hat @ values`` when values are given.
+
+    Shapes: ``x``/``x_hat`` ``(..., R, N)`` and ``values`` ``(R, N, D)`` pair each row with its V.
+    """
+    diff = x_hat - x
+    if values is None:
+        return diff.pow(2).mean(dim=(-2, -1))
+    return torch.einsum("...rn,rnd->...rd", diff, values).pow(2).mean(dim=(-2, -1))
+
+
+class LevelQuantizer(Quantizer):
+    """Quantizer given by ascending ``levels`` and ``thresholds`` (``len(levels) - 1`` of them)."""
+
+    def level_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes (int64) indexing :meth:`lookup_table`."""
+        _, thresholds = self.level_table()
+        return codes_from_thresholds(x.detach(), thresholds.detach())
+
+    def lookup_table(self) -> torch.Tensor:
+        """Dequantized value of every code."""
+        return self.level_table()[0].detach()
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        levels, thresholds = self.level_table()
+        code = codes_from_thresholds(x.detach(), thresholds.detach())
+        return levels.detach()[code] + (x - x.detach())  # straight-through estimator for x
+
+
+class _LogQuantizer(LevelQuantizer):
+    step: float
+    extra_zero: bool
+
+    def _codes(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        # elementwise log-domain rounding: the same codes as the thresholds, several times faster
+        n_nonzero = 2**self.bits if self.extra_zero else 2**self.bits - 1
+        e = torch.round(-torch.log2(x / delta) / self.step).clamp_min(0)
+        return torch.where(e >= n_nonzero, 0, n_nonzero - e).long()
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        return self._codes(x.detach(), self.delta)
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        levels, _ = self.level_table()
+        return levels.detach()[self.codes(x)] + (x - x.detach())
+
+    def __init__(self, bits: int, percentiles: tuple[float, ...] = DEFAULT_PERCENTILES) -> None:
+        super().__init__(bits)
+        self.percentiles = tuple(percentiles)
+        self.register_buffer("delta", torch.ones(()))
+
+    def level_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return log_levels(self.delta, self.bits, self.step, self.extra_zero)
+
+    def initialize(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
+        rows = x.float().reshape(1, -1)
+        best = None
+        for delta in row_quantiles(rows, self.percentiles)[:, 0]:
+            levels, _ = log_levels(delta, self.bits, self.step, self.extra_zero)
+            err = (levels[self._codes(rows, delta)] - rows).pow(2).mean()
+            if best is None or err < best[0]:
+                best = (err, delta)
+        self.delta = best[1].clamp_min(1e-8).to(self.delta)
+
+
+@register_quantizer("logsqrt2")
+class LogSqrt2Quantizer(_LogQuantizer):
+    """RepQ-ViT's log-sqrt2 quantizer: ``d * 2^(-q/2)`` for codes ``0..2^b-1`` plus an exact 0.
+
+    Faithful to RepQ-ViT, including its extra zero code (``2^b + 1`` values in all), so that the
+    baseline reproduces the published recipe.
+    """
+
+    step = 0.5
+    extra_zero = True
+
+
+@register_quantizer("log2")
+class Log2Quantizer(_LogQuantizer):
+    """Power-of-two levels ``d * 2^(-q)``, ``2^b - 1`` of them plus 0 (fits in b bits)."""
+
+    step = 1.0
+    extra_zero = False

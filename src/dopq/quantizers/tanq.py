@@ -1,0 +1,200 @@
+"""TanQ: tangent-warped levels for post-Softmax activations (DopQ-ViT).
+
+Levels, for codes ``k = 0..L-1`` with ``L = 2^b`` and ``u_k = k / (L - 1)``::
+
+    t_k = (atan(c * (u_k - m)) + atan(c * m)) / (atan(c * (1 - m)) + atan(c * m))
+    level_k = d * t_k
+
+``t_0 = 0`` and ``t_{L-1} = 1`` exactly, so 0 and the clip ``d`` are always levels. ``atan`` is
+flat far from ``m``, so the levels crowd at both ends (near 0 and near ``d``) and thin out around
+``m * d``; ``c -> 0`` gives the uniform grid. ``m = 1/2`` is the symmetric form in method.md.
+Codes are the nearest level (thresholds at level midpoints); dequantization is a table lookup.
+``(c, m, d)`` are searched on calibration data (``docs/tanq.md``).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+from dopq.quantizers.base import register_quantizer
+from dopq.quantizers.levels import LevelQuantizer, attention_error
+from dopq.quantizers.ranges import row_quantiles
+
+__all__ = ["TanQQuantizer", "sample_attention", "tan_codes", "tan_levels"]
+
+DEFAULT_SHARPNESS = (0.01, 1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0)
+DEFAULT_CENTERS = (0.35, 0.5)
+DEFAULT_CLIP_QUANTILES = (1.0, 0.9999, 0.999)
+
+
+def tan_levels(
+    sharpness: torch.Tensor, center: torch.Tensor, clip: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TanQ levels and nearest-level thresholds; broadcasts over leading candidate dims.
+
+    Args:
+        sharpness: ``c > 0``; scalar or ``(K,)``.
+        center: ``m`` in (0, 1); same shape as ``sharpness``.
+        clip: ``d``, the largest level; same shape.
+        bits: bit width.
+
+    Returns:
+        ``(levels, thresholds)`` of shapes ``(..., 2^b)`` and ``(..., 2^b - 1)``.
+    """
+    c, m, d = (t.unsqueeze(-1) for t in (sharpness, center, clip))
+    u = torch.linspace(0, 1, 2**bits, dtype=c.dtype, device=c.device)
+    lo = torch.atan(c * m)
+    t = (torch.atan(c * (u - m)) + lo) / (torch.atan(c * (1 - m)) + lo)
+    t = torch.cat([torch.zeros_like(t[..., :1]), t[..., 1:-1], torch.ones_like(t[..., :1])], -1)
+    levels = d * t
+    return levels, (levels[..., 1:] + levels[..., :-1]) / 2
+
+
+def tan_codes(
+    x: torch.Tensor,
+    sharpness: torch.Tensor,
+    center: torch.Tensor,
+    clip: torch.Tensor,
+    bits: int,
+    thresholds: torch.Tensor,
+) -> torch.Tensor:
+    """Nearest-level codes, computed elementwise instead of by a binary search.
+
+    The inverse warp gives the level interval ``j`` of ``x`` (up to rounding at a level, where
+    ``j`` may be one too low or too high); one comparison with the midpoint ``thresholds[j]`` then
+    picks the nearest of ``j, j+1``, which is right in every one of those cases. Parameters may
+    carry a leading candidate dim ``(K,)`` against ``x`` of shape ``(S,)``, giving ``(K, S)``.
+    """
+    n = 2**bits - 1
+    c, m, d = sharpness, center, clip
+    if c.ndim:
+        c, m, d = c[:, None], m[:, None], d[:, None]
+    lo = torch.atan(c * m)
+    t = (x / d).clamp(0, 1)
+    u = m + torch.tan(t * (torch.atan(c * (1 - m)) + lo) - lo) / c
+    j = (u * n).floor().clamp(0, n - 1).long()
+    if thresholds.ndim == 1:
+        return j + (x > thresholds[j]).long()
+    return j + (x > torch.gather(thresholds, 1, j)).long()
+
+
+def sample_attention(
+    attn: torch.Tensor, values: torch.Tensor | None, max_rows: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A fixed random subset of attention rows ``(R, N)`` and their value matrices ``(R, N, D)``.
+
+    ``attn`` is ``(..., N_q, N)`` and ``values`` ``(..., N, D)`` with the same leading dims.
+    """
+    n = attn.shape[-1]
+    rows = attn.reshape(-1, n)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    idx = torch.randperm(rows.shape[0], generator=gen)[:max_rows].to(attn.device)
+    if values is None:
+        return rows[idx], None
+    per_matrix = attn.shape[-2]
+    v = values.reshape(-1, n, values.shape[-1])
+    return rows[idx], v[idx // per_matrix]
+
+
+@register_quantizer("tanq")
+class TanQQuantizer(LevelQuantizer):
+    """Tangent-warped non-uniform quantizer with searched (sharpness, center, clip).
+
+    Args:
+        bits: bit width, 2..8 (``2^bits`` levels including exact 0).
+        objective: ``"output"`` scores candidates by the error of ``attn @ v`` (needs the
+            ``v`` operand as context), ``"mse"`` by the error of the attention values.
+        sharpness, centers, clip_quantiles: the search grid.
+        max_rows: attention rows sampled for the search (keeps it cheap and deterministic).
+
+    Example:
+        >>> q = TanQQuantizer(3, objective="mse"); q.observing = True
+        >>> a = torch.softmax(torch.randn(2, 4, 16, 16) * 3, -1); _ = q(a)
+        >>> torch.equal(q.lookup_table()[q.codes(a)], q(a))
+        True
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        objective: str = "output",
+        sharpness: tuple[float, ...] = DEFAULT_SHARPNESS,
+        centers: tuple[float, ...] = DEFAULT_CENTERS,
+        clip_quantiles: tuple[float, ...] = DEFAULT_CLIP_QUANTILES,
+        max_rows: int = 512,
+    ) -> None:
+        super().__init__(bits)
+        if objective not in ("output", "mse"):
+            raise ValueError(f"TanQ objective must be 'output' or 'mse', got {objective!r}")
+        self.objective = objective
+        self.grid = (tuple(sharpness), tuple(centers), tuple(clip_quantiles))
+        self.max_rows = max_rows
+        self.register_buffer("sharpness", torch.tensor(4.0))
+        self.register_buffer("center", torch.tensor(0.5))
+        self.register_buffer("clip", torch.tensor(1.0))
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        params = [p.detach() for p in self._params()]
+        thresholds = self.level_table()[1].detach()
+        return tan_codes(x.detach(), *params, self.bits, thresholds)
+
+    def _params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # learned parameters are kept in their valid ranges
+        return self.sharpness.clamp_min(1e-3), self.center.clamp(0.05, 0.95), self.clip.clamp_min(1e-6)
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        levels, _ = self.level_table()
+        codes = self.codes(x)
+        out = levels.detach()[codes] + (x - x.detach())  # the table value, STE for x
+        if levels.requires_grad:
+            # gradients to (c, m, d) through the level formula evaluated per element: a sum
+            # reduction, deterministic, unlike the scatter-add behind levels[codes]'s backward
+            c, m, d = self._params()
+            u = codes.to(x.dtype) / (2**self.bits - 1)
+            lo = torch.atan(c * m)
+            value = d * (torch.atan(c * (u - m)) + lo) / (torch.atan(c * (1 - m)) + lo)
+            out = out + (value - value.detach())
+        return out
+
+    def initialize(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
+        values = context if self.objective == "output" else None
+        if values is not None and values.shape[:-2] != x.shape[:-2]:
+            raise ValueError("TanQ 'output' objective needs v with the attention's leading dims")
+        rows, v = sample_attention(x.float(), None if values is None else values.float(), self.max_rows)
+        flat = x.float().reshape(1, -1)
+        clips = list(row_quantiles(flat, self.grid[2])[:, 0])
+        cands = list(itertools.product(self.grid[0], self.grid[1], clips))
+        c = torch.tensor([k[0] for k in cands], device=x.device)
+        m = torch.tensor([k[1] for k in cands], device=x.device)
+        d = torch.stack([k[2] for k in cands]).clamp_min(1e-6)
+        levels, thresholds = tan_levels(c, m, d, self.bits)
+        codes = tan_codes(rows.reshape(-1), c, m, d, self.bits, thresholds)
+        x_hat = torch.gather(levels, 1, codes).reshape(len(cands), *rows.shape)
+        errors = attention_error(rows, x_hat, v)
+        best = int(errors.argmin())
+        self.sharpness = c[best].to(self.sharpness)
+        self.center = m[best].to(self.center)
+        self.clip = d[best].to(self.clip)
+
+    def make_learnable(self) -> list[nn.Parameter]:
+        """Turn (sharpness, center, clip) into trainable parameters (block reconstruction)."""
+        params = []
+        for name in ("sharpness", "center", "clip"):
+            value = getattr(self, name)
+            if not isinstance(value, nn.Parameter):
+                delattr(self, name)
+                setattr(self, name, nn.Parameter(value.detach().clone()))
+            params.append(getattr(self, name))
+        return params
+
+    def level_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return tan_levels(*self._params(), self.bits)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, objective={self.objective}, c={float(self.sharpness):.3g}, "
+            f"m={float(self.center):.3g}, d={float(self.clip):.3g}"
+        )

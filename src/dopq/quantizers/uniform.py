@@ -1,0 +1,168 @@
+"""Asymmetric uniform quantization: pure tensor math.
+
+``q = clamp(round(x / d) + z, 0, 2^b - 1)`` and ``x_hat = (q - z) * d``. The range search follows
+RepQ-ViT: candidate clipping ranges from the (p, 1-p) quantiles, kept by the smallest mean squared
+error, done for all channels at once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dopq.quantizers.base import PerChannel, PerTensor, Quantizer, register_quantizer
+from dopq.quantizers.ranges import row_quantiles, to_rows
+
+__all__ = [
+    "DEFAULT_PERCENTILES",
+    "UniformQuantizer",
+    "fake_quantize_uniform",
+    "quantize_uniform",
+    "round_ste",
+    "search_uniform_range",
+]
+
+DEFAULT_PERCENTILES = (0.999, 0.9999, 0.99999)
+_MIN_SCALE = 1e-8
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round with a straight-through gradient."""
+    return (x.round() - x).detach() + x
+
+
+def quantize_uniform(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """Integer codes in ``[0, 2^bits - 1]`` (as a float tensor)."""
+    return torch.clamp(round_ste(x / scale) + zero_point, 0, 2**bits - 1)
+
+
+def fake_quantize_uniform(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """Quantize and dequantize; differentiable in ``x`` (STE) and ``scale`` (LSQ-style)."""
+    return (quantize_uniform(x, scale, zero_point, bits) - zero_point) * scale
+
+
+def _range_to_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = ((hi - lo) / (2**bits - 1)).clamp_min(_MIN_SCALE)
+    zero_point = (-lo / scale).round()
+    return scale, zero_point
+
+
+def search_uniform_range(
+    x: torch.Tensor,
+    bits: int,
+    channel_axis: int | None = None,
+    percentiles: tuple[float, ...] = DEFAULT_PERCENTILES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point minimising the squared error over percentile candidates.
+
+    Args:
+        x: calibration tensor.
+        bits: bit width.
+        channel_axis: axis with one (scale, zero point) per index; None for per tensor.
+        percentiles: upper quantiles tried; the lower bound is the mirrored quantile.
+
+    Returns:
+        ``(scale, zero_point)`` of shape ``(C,)`` (``(1,)`` per tensor).
+
+    Example:
+        >>> s, z = search_uniform_range(torch.linspace(-1, 3, 1001), bits=4)
+        >>> round(float(s), 3), float(z)
+        (0.267, 4.0)
+    """
+    rows = to_rows(x.detach().float(), channel_axis)
+    best_err = torch.full((rows.shape[0],), float("inf"), device=rows.device)
+    best_scale = torch.ones_like(best_err)
+    best_zp = torch.zeros_like(best_err)
+    bounds = row_quantiles(rows, tuple(percentiles) + tuple(1.0 - p for p in percentiles))
+    n = len(percentiles)
+    for i in range(n):
+        scale, zp = _range_to_qparams(bounds[n + i], bounds[i], bits)
+        err = (fake_quantize_uniform(rows, scale[:, None], zp[:, None], bits) - rows).pow(2).mean(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zp = torch.where(better, zp, best_zp)
+    return best_scale, best_zp
+
+
+_PER_TENSOR = PerTensor()
+
+
+def _broadcast(param: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tensor:
+    if axis is None or param.numel() == 1:
+        return param.reshape(())
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return param.reshape(shape)
+
+
+@register_quantizer("uniform")
+class UniformQuantizer(Quantizer):
+    """Asymmetric uniform quantizer, per tensor or per channel.
+
+    Args:
+        bits: bit width, 2..8.
+        granularity: ``PerTensor()`` or ``PerChannel(axis)``.
+        percentiles: candidate upper quantiles for the range search.
+
+    Example:
+        >>> q = UniformQuantizer(4, PerChannel(0)); q.observing = True
+        >>> w = torch.randn(8, 16); w_hat = q(w)
+        >>> q.scale.shape, len(torch.unique(w_hat[0])) <= 16
+        (torch.Size([8]), True)
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        granularity: PerTensor | PerChannel = _PER_TENSOR,
+        percentiles: tuple[float, ...] = DEFAULT_PERCENTILES,
+    ) -> None:
+        super().__init__(bits)
+        self.granularity = granularity
+        self.percentiles = tuple(percentiles)
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("zero_point", torch.zeros(1))
+
+    @property
+    def channel_axis(self) -> int | None:
+        return self.granularity.axis if isinstance(self.granularity, PerChannel) else None
+
+    def initialize(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
+        scale, zero_point = search_uniform_range(x, self.bits, self.channel_axis, self.percentiles)
+        self.set_qparams(scale, zero_point)
+
+    def set_qparams(
+        self, scale: torch.Tensor, zero_point: torch.Tensor, granularity: PerTensor | PerChannel | None = None
+    ) -> None:
+        """Install parameters directly (used by re-parameterization and loading)."""
+        if granularity is not None:
+            self.granularity = granularity
+        scale = scale.detach().reshape(-1).to(self.scale)
+        if isinstance(self.scale, nn.Parameter):
+            self.scale = nn.Parameter(scale)
+        else:
+            self.scale = scale
+        self.zero_point = zero_point.detach().reshape(-1).to(self.zero_point)
+        self.initialized.fill_(True)
+
+    def make_scale_learnable(self) -> nn.Parameter:
+        """Turn the step size into a trainable parameter (LSQ-style reconstruction)."""
+        if not isinstance(self.scale, nn.Parameter):
+            value = self.scale
+            del self.scale
+            self.scale = nn.Parameter(value.clone())
+        return self.scale
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        axis = self.channel_axis
+        scale = _broadcast(self.scale, x, axis)
+        zero_point = _broadcast(self.zero_point, x, axis)
+        return fake_quantize_uniform(x, scale, zero_point, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, granularity={self.granularity}"

@@ -1,0 +1,213 @@
+"""Block reconstruction (BRECQ / QDrop / I&S-ViT family) over a calibrated quantized model.
+
+Units (patch embedding, every transformer block, Swin patch merging, the head) are optimised one
+after another so that the quantized unit, fed the quantized model's own input to it, reproduces
+the float unit's output on the float input (MSE). Learned: weight rounding (AdaRound), activation
+step sizes (LSQ-style), optionally TanQ's parameters; QDrop randomly keeps activations in float
+during optimisation. Unit inputs are cached on the CPU, so only one batch at a time sits on the
+accelerator.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dopq.config import QuantConfig, ReconstructConfig
+from dopq.models import QuantPlan
+from dopq.modules import QuantConv2d, QuantLinear
+from dopq.quantizers import Quantizer, TanQQuantizer, UniformQuantizer
+from dopq.quantizers.adaround import AdaRoundQuantizer
+
+__all__ = ["cache_unit_io", "reconstruct", "reconstruct_unit"]
+
+log = logging.getLogger(__name__)
+
+ROUNDING_REG_WEIGHT = 0.01
+WARMUP_FRACTION = 0.2
+BETA_START, BETA_END = 20.0, 2.0
+TANQ_LR = 1e-3
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the wanted tensor is captured."""
+
+
+@torch.no_grad()
+def cache_unit_io(
+    model: nn.Module, unit: nn.Module, images: torch.Tensor, batch_size: int, output: bool
+) -> torch.Tensor:
+    """Run ``model`` on ``images`` up to ``unit`` and return the unit's input (or output) on CPU.
+
+    The forward stops at ``unit``, so later blocks cost nothing.
+    """
+    device = next(model.parameters()).device
+    chunks: list[torch.Tensor] = []
+
+    def take(tensor: torch.Tensor) -> None:
+        chunks.append(tensor.detach().cpu())
+        raise _Stop
+
+    if output:
+        handle = unit.register_forward_hook(lambda m, a, out: take(out))
+    else:
+        handle = unit.register_forward_pre_hook(lambda m, a: take(a[0]))
+    try:
+        for i in range(0, images.shape[0], batch_size):
+            with suppress(_Stop):
+                model(images[i : i + batch_size].to(device))
+    finally:
+        handle.remove()
+    return torch.cat(chunks)
+
+
+@contextmanager
+def _trainable(unit: nn.Module, rcfg: ReconstructConfig) -> Iterator[tuple[list, list, list]]:
+    """Swap in AdaRound, make step sizes (and TanQ) learnable, turn QDrop on; undo on exit."""
+    frozen = {p: p.requires_grad for p in unit.parameters()}
+    for p in frozen:
+        p.requires_grad_(False)
+    rounders, act_params, level_params = [], [], []
+    layers = [m for m in unit.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+    for layer in layers:
+        if isinstance(layer.weight_quantizer, UniformQuantizer) and layer.weight_quantizer.enabled:
+            layer.weight_quantizer = AdaRoundQuantizer(layer.weight_quantizer, layer.weight)
+            rounders.append(layer.weight_quantizer)
+    weight_bases = {id(r.base) for r in rounders}
+    acts = [q for q in unit.modules() if isinstance(q, Quantizer) and id(q) not in weight_bases and q.enabled]
+    for q in acts:
+        q.drop_prob = rcfg.drop_prob
+        if isinstance(q, UniformQuantizer):
+            act_params.append(q.make_scale_learnable())
+        elif isinstance(q, TanQQuantizer) and rcfg.learn_softmax:
+            level_params += q.make_learnable()
+    try:
+        yield rounders, act_params, level_params
+    finally:
+        for layer in layers:
+            if isinstance(layer.weight_quantizer, AdaRoundQuantizer):
+                ada = layer.weight_quantizer
+                layer.weight.data.copy_(ada.baked_weight())
+                layer.weight_quantizer = ada.base
+        for q in acts:
+            q.drop_prob = 0.0
+        for p in act_params + level_params:
+            p.requires_grad_(False)
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+
+
+def _block_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # squared error summed over features, averaged over images (BRECQ's reconstruction loss)
+    return (out - target).pow(2).flatten(1).sum(1).mean()
+
+
+def reconstruct_unit(
+    unit: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    rcfg: ReconstructConfig,
+    iters: int,
+    generator: torch.Generator,
+    desc: str = "unit",
+    progress: bool = True,
+) -> dict[str, float]:
+    """Optimise one unit; returns its loss before and after (on a fixed probe batch)."""
+    device = next(unit.parameters()).device
+    probe = torch.arange(min(inputs.shape[0], rcfg.batch_size))
+    with torch.no_grad():
+        before = float(_block_loss(unit(inputs[probe].to(device)), targets[probe].to(device)))
+    if iters == 0:
+        return {"loss_before": before, "loss_after": before}
+    with _trainable(unit, rcfg) as (rounders, act_params, level_params):
+        groups = []
+        if rounders:
+            groups.append({"params": [r.alpha for r in rounders], "lr": rcfg.lr_weight})
+        if act_params:
+            groups.append({"params": act_params, "lr": rcfg.lr_act})
+        if level_params:
+            groups.append({"params": level_params, "lr": TANQ_LR})
+        if groups:
+            opt = torch.optim.Adam(groups)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=0.0)
+            warmup = int(WARMUP_FRACTION * iters)
+            bar = tqdm(range(iters), desc=desc, disable=not progress, leave=False, mininterval=1.0)
+            for step in bar:
+                idx = torch.randint(inputs.shape[0], (rcfg.batch_size,), generator=generator)
+                out = unit(inputs[idx].to(device, non_blocking=True))
+                rec = _block_loss(out, targets[idx].to(device, non_blocking=True))
+                loss = rec
+                if rounders and step >= warmup:
+                    t = (step - warmup) / max(1, iters - warmup)
+                    beta = BETA_END + 0.5 * (BETA_START - BETA_END) * (1 + math.cos(math.pi * t))
+                    loss = rec + ROUNDING_REG_WEIGHT * sum(r.regularizer(beta) for r in rounders)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                if step % 20 == 0:
+                    bar.set_postfix(rec=f"{rec.item():.4g}")
+    with torch.no_grad():
+        after = float(_block_loss(unit(inputs[probe].to(device)), targets[probe].to(device)))
+    return {"loss_before": before, "loss_after": after}
+
+
+def reconstruct(
+    model: nn.Module,
+    fp_model: nn.Module,
+    plan: QuantPlan,
+    images: torch.Tensor,
+    config: QuantConfig,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Reconstruct every unit of ``model`` in forward order against ``fp_model``.
+
+    Args:
+        model: calibrated and re-parameterized quantized model (changed in place).
+        fp_model: the float model before quantization (same architecture).
+        plan: from ``prepare_model``; gives the units.
+        images: reconstruction images ``(N, 3, H, W)``, kept on CPU.
+        config: the recipe; ``config.reconstruct`` holds the settings.
+
+    Returns:
+        Per-unit losses and times plus totals, JSON-ready.
+    """
+    rcfg = config.reconstruct
+    assert rcfg is not None  # guarded by the caller
+    iters = rcfg.iters_for(min(config.w_bits, config.a_bits))
+    device = next(model.parameters()).device
+    fp_model = fp_model.to(device).eval()
+    torch.manual_seed(rcfg.seed)  # QDrop masks
+    generator = torch.Generator().manual_seed(rcfg.seed)
+    q_units = plan.adapter.units(model)
+    fp_units = dict(plan.adapter.units(fp_model))
+    cache_bs = max(rcfg.batch_size, 64)
+    stats: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    outer = tqdm(q_units, desc="reconstruct", disable=not progress, unit="block")
+    for name, unit in outer:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            inputs = cache_unit_io(model, unit, images, cache_bs, output=False)
+            targets = cache_unit_io(fp_model, fp_units[name], images, cache_bs, output=True)
+        t_cache = time.perf_counter() - t0
+        res = reconstruct_unit(unit, inputs, targets, rcfg, iters, generator, desc=name, progress=progress)
+        res.update(unit=name, seconds=time.perf_counter() - t0, cache_seconds=t_cache)
+        stats.append(res)
+        outer.set_postfix(unit=name, loss=f"{res['loss_after']:.4g}")
+        del inputs, targets
+    return {
+        "iters_per_unit": iters,
+        "images": int(images.shape[0]),
+        "batch_size": rcfg.batch_size,
+        "seconds": time.perf_counter() - t_start,
+        "units": stats,
+    }

@@ -1,0 +1,189 @@
+"""Post-LayerNorm scale re-parameterization (RepQ-ViT) with pluggable target-scale rules (MOSF).
+
+A Linear fed by a LayerNorm first gets a per-channel input quantizer ``(d_c, z_c)``. With a
+layer-wise target ``(d*, z*)``, ``r_c = d_c / d*`` and ``b_c = d* (z* - z_c)``; folding
+``gamma_c /= r_c``, ``beta_c = beta_c / r_c - b_c``, ``W[:, c] *= r_c`` and ``bias += W b`` keeps
+the float function while one per-tensor quantizer ``(d*, z*)`` now gives every channel the grid it
+had channel-wise (exactly so when ``z*`` is an integer). The rule that picks ``d*`` is what
+DopQ-ViT's MOSF changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dopq.errors import ConfigError
+from dopq.models.prepare import QuantPlan
+from dopq.modules import QuantLinear, set_quantization
+from dopq.quantizers import PerTensor, UniformQuantizer, fake_quantize_uniform, search_uniform_range
+
+__all__ = [
+    "TARGET_RULES",
+    "ReparamReport",
+    "fold_layernorm",
+    "reparameterize",
+    "target_scale",
+]
+
+TargetRule = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+MAD_THRESHOLD = 3.0  # inliers: |d_c - median| <= 3 * 1.4826 * MAD (a normal-consistent 3 sigma)
+
+
+def _mean(d: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return d.mean(), z.mean()
+
+
+def _median(d: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # the channel whose scale is the median, so (d*, z*) is a range one channel really has
+    idx = d.argsort()[(d.numel() - 1) // 2]
+    return d[idx], z[idx]
+
+
+def _mad(d: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    med = d.median()
+    mad = (d - med).abs().median()
+    inlier = (d - med).abs() <= MAD_THRESHOLD * 1.4826 * mad.clamp_min(1e-12)
+    return d[inlier].mean(), z[inlier].mean()
+
+
+TARGET_RULES: dict[str, TargetRule] = {"mean": _mean, "median": _median, "mad": _mad}
+
+
+def target_scale(rule: str, d: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer-wise ``(d*, z*)`` from per-channel scales and zero points by a closed-form rule."""
+    if rule not in TARGET_RULES:
+        raise ConfigError(f"unknown ln_scale rule {rule!r}; choose from {sorted(TARGET_RULES)} or 'search'")
+    return TARGET_RULES[rule](d, z)
+
+
+def fold_layernorm(
+    norm: nn.LayerNorm,
+    linears: list[nn.Linear],
+    d: torch.Tensor,
+    z: torch.Tensor,
+    d_t: torch.Tensor,
+    z_t: torch.Tensor,
+) -> None:
+    """Fold the channel-wise -> layer-wise change into ``norm`` and ``linears`` (in float64)."""
+    d64, z64, dt, zt = (t.double() for t in (d, z, d_t, z_t))
+    r = d64 / dt
+    b = dt * (zt - z64)
+    with torch.no_grad():
+        norm.weight.copy_(norm.weight.double() / r)
+        norm.bias.copy_(norm.bias.double() / r - b)
+        for lin in linears:
+            w = lin.weight.double() * r
+            shift = w @ b
+            lin.weight.copy_(w)
+            if lin.bias is None:
+                lin.bias = nn.Parameter(shift.to(lin.weight.dtype))
+            else:
+                lin.bias.copy_(lin.bias.double() + shift)
+
+
+def _search_target(
+    lin: QuantLinear, x: torch.Tensor, d: torch.Tensor, z: torch.Tensor, integer_zp: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MOSF v1: the candidate target with the smallest output error of the re-parameterized,
+    quantized layer on captured inputs ``x`` (float LayerNorm outputs)."""
+    wq: UniformQuantizer = lin.weight_quantizer
+    w = lin.weight.detach().double()
+    y_ref = x.double() @ w.T
+    candidates = [target_scale(rule, d, z) for rule in TARGET_RULES]
+    order = d.argsort()
+    for q in (0.1, 0.25, 0.75, 0.9):
+        i = order[int(q * (d.numel() - 1))]
+        candidates.append((d[i], z[i]))
+    best, best_err = candidates[0], float("inf")
+    for d_t, z_t in candidates:
+        z_t = z_t.round() if integer_zp else z_t
+        r = d.double() / d_t.double()
+        b = d_t.double() * (z_t.double() - z.double())
+        x_t = fake_quantize_uniform(x.double() / r - b, d_t.double(), z_t.double(), lin.input_quantizer.bits)
+        w_t = w * r
+        s, zp = search_uniform_range(w_t, wq.bits, 0, wq.percentiles)
+        w_hat = fake_quantize_uniform(w_t, s.double()[:, None], zp.double()[:, None], wq.bits)
+        err = float((x_t @ w_hat.T + w_t @ b - y_ref).pow(2).mean())
+        if err < best_err:
+            best, best_err = (d_t, z_t), err
+    return best
+
+
+@dataclass
+class ReparamReport:
+    """What the re-parameterization did: target scales per LayerNorm and the float check."""
+
+    targets: dict[str, tuple[float, float]] = field(default_factory=dict)
+    max_logit_change: float = 0.0
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    set_quantization(model, weights=False, activations=False)
+    try:
+        return model(images)
+    finally:
+        set_quantization(model, weights=True, activations=True)
+
+
+@torch.no_grad()
+def reparameterize(
+    model: nn.Module,
+    plan: QuantPlan,
+    rule: str = "mean",
+    integer_zero_point: bool = False,
+    check_images: torch.Tensor | None = None,
+    captured: dict[str, torch.Tensor] | None = None,
+    tolerance: float = 1e-3,
+) -> ReparamReport:
+    """Re-parameterize every LayerNorm -> Linear pair, then re-calibrate those weight quantizers.
+
+    Args:
+        model: a calibrated model prepared with ``plan``.
+        plan: from :func:`dopq.models.prepare_model`.
+        rule: ``mean``, ``median``, ``mad`` or ``search`` (needs ``captured`` inputs).
+        integer_zero_point: round ``z*`` to an integer.
+        check_images: images on which the float logits must not change (relative ``tolerance``).
+        captured: per-Linear input rows for the ``search`` rule.
+
+    Returns:
+        A report with the chosen targets and the measured float logit change.
+
+    Raises:
+        RuntimeError: if the float function changed beyond ``tolerance``.
+    """
+    before = _logits(model, check_images) if check_images is not None else None
+    report = ReparamReport()
+    for pair in plan.pairs:
+        norm = model.get_submodule(pair.norm)
+        linears: list[QuantLinear] = [model.get_submodule(n) for n in pair.linears]
+        iq: UniformQuantizer = linears[0].input_quantizer
+        d, z = iq.scale.detach().clone(), iq.zero_point.detach().clone()
+        if rule == "search":
+            if captured is None or pair.linears[0] not in captured:
+                raise ConfigError("ln_scale 'search' needs captured layer inputs from calibration")
+            d_t, z_t = _search_target(linears[0], captured[pair.linears[0]], d, z, integer_zero_point)
+        else:
+            d_t, z_t = target_scale(rule, d, z)
+        if integer_zero_point:
+            z_t = z_t.round()
+        fold_layernorm(norm, linears, d, z, d_t, z_t)
+        for lin in linears:
+            lin.input_quantizer.set_qparams(d_t.reshape(1), z_t.reshape(1), PerTensor())
+            lin.weight_quantizer.initialize(lin.weight.detach(), None)
+        report.targets[pair.norm] = (float(d_t), float(z_t))
+    if before is not None:
+        after = _logits(model, check_images)
+        change = float((after - before).abs().max())
+        report.max_logit_change = change
+        limit = tolerance * max(1.0, float(before.abs().max()))
+        if change > limit:
+            raise RuntimeError(
+                f"re-parameterization changed the float logits by {change:.3g} (> {limit:.3g}); "
+                "a LayerNorm output is used by something other than its paired Linear layers"
+            )
+    return report

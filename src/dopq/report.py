@@ -1,0 +1,77 @@
+"""Result formatting: the CLI's short table, JSON and Markdown files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["markdown_report", "result_table", "write_result"]
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def result_table(result: dict[str, Any]) -> str:
+    """A few aligned lines: FP vs quantized accuracy and the stage timings."""
+    label = f"{result.get('method', 'quantized')} W{result['w_bits']}/A{result['a_bits']}"
+    rows = [
+        ("", "top-1", "top-5", "images/s"),
+        (
+            "fp32",
+            _pct(result.get("fp_top1")),
+            _pct(result.get("fp_top5")),
+            _rate(result.get("fp_eval_images_per_second")),
+        ),
+        (
+            label,
+            _pct(result["quant_top1"]),
+            _pct(result["quant_top5"]),
+            _rate(result.get("eval_images_per_second")),
+        ),
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    timings = ", ".join(f"{k} {v:.2f}s" for k, v in result.get("timings", {}).items())
+    summary = f"{result['model']} on {result['eval_images']} images"
+    if result.get("calib_seconds") is not None:
+        summary += f"; calib_seconds {result['calib_seconds']:.2f}"
+    lines.append(summary)
+    if timings:
+        lines.append(f"timings: {timings}")
+    return "\n".join(lines)
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def markdown_report(result: dict[str, Any]) -> str:
+    """The result as a Markdown section with the exact command that produced it."""
+    lines = [
+        f"## {result['model']}: {result.get('method')} W{result['w_bits']}/A{result['a_bits']}",
+        "",
+        f"Command: `{result.get('command', '')}`",
+        "",
+        "| | top-1 | top-5 |",
+        "|---|---|---|",
+        f"| FP32 | {_pct(result.get('fp_top1'))} | {_pct(result.get('fp_top5'))} |",
+        f"| quantized | {_pct(result['quant_top1'])} | {_pct(result['quant_top5'])} |",
+        "",
+        f"Evaluated on {result['eval_images']} images; calibration {result.get('calib_seconds', 0):.2f} s.",
+        "",
+        "Stage timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.get("timings", {}).items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_result(result: dict[str, Any], path: Path) -> tuple[Path, Path]:
+    """Write ``path`` (JSON) and the same stem with ``.md``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    md = path.with_suffix(".md")
+    md.write_text(markdown_report(result))
+    return path, md

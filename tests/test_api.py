@@ -1,0 +1,100 @@
+"""The Python API end to end: quantize, save, load, reconstruct; accuracy floors on shared models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+
+import dopq
+from conftest import CIFAR, DEIT, require
+from dopq.config import ReconstructConfig
+from dopq.errors import CheckpointError
+from dopq.modules import quantizers_of
+from dopq.serialize import load_quantized, save_quantized
+
+
+def _tiny():
+    torch.manual_seed(0)  # the same random weights every time
+    return timm.create_model("test_vit", num_classes=10).eval()
+
+
+def test_quantize_accepts_tensors_and_loaders():
+    images = torch.randn(6, 3, 160, 160)
+    a = dopq.quantize(_tiny(), images, "repq")
+    loader = [(images[:3], torch.zeros(3)), (images[3:], torch.zeros(3))]
+    b = dopq.quantize(_tiny(), loader, dopq.get_preset("repq"))
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+    assert all(bool(q.initialized) for _, q in quantizers_of(a))
+
+
+def test_w8a8_is_close_to_float():
+    model = _tiny()
+    images = torch.randn(16, 3, 160, 160)
+    ref = copy.deepcopy(model)
+    q = dopq.quantize(model, images, dopq.get_preset("dopq", w_bits=8, a_bits=8))
+    with torch.no_grad():
+        y, y_ref = q(images), ref(images)
+    err = float((y - y_ref).pow(2).mean() / y_ref.pow(2).mean())
+    assert err < 0.02
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    model = _tiny()
+    images = torch.randn(8, 3, 160, 160)
+    cfg = dopq.get_preset("dopq", w_bits=4, a_bits=4)
+    q = dopq.quantize(model, images, cfg)
+    path = save_quantized(q, tmp_path / "q.pt", cfg, {"note": "x"})
+    loaded, cfg2, meta = load_quantized(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), q(images))
+    assert cfg2 == cfg and meta == {"note": "x"}
+    with pytest.raises(CheckpointError, match="made for test_vit, not deit_tiny_patch16_224"):
+        load_quantized(path, arch="deit_tiny_patch16_224")
+    junk = tmp_path / "junk.pt"
+    torch.save({"x": torch.zeros(1)}, junk)
+    with pytest.raises(CheckpointError, match="not a dopq quantized model"):
+        load_quantized(junk)
+
+
+def test_reconstruction_lowers_block_error_and_is_deterministic(tmp_path):
+    images = torch.randn(24, 3, 160, 160)
+    cfg = dopq.get_preset("dopq", w_bits=3, a_bits=3, reconstruct=ReconstructConfig(iters=30, batch_size=8))
+    outs, reports = [], []
+    for _ in range(2):
+        model, report = dopq.quantize_with_report(_tiny(), images[:8], cfg, recon_data=images, progress=False)
+        with torch.no_grad():
+            outs.append(model(images[:4]))
+        reports.append(report)
+    assert torch.equal(outs[0], outs[1])
+    units = reports[0].reconstruction["units"]
+    assert [u["unit"] for u in units][:2] == ["patch_embed", "blocks.0"] and units[-1]["unit"] == "head"
+    improved = sum(u["loss_after"] < u["loss_before"] for u in units)
+    assert improved >= len(units) - 1
+    assert reports[0].timings["reconstruction"] > 0
+    path = save_quantized(model, tmp_path / "r.pt", cfg)
+    loaded, _, _ = load_quantized(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(images[:4]), outs[1])
+
+
+@pytest.mark.slow
+def test_accuracy_floor_on_shared_deit():
+    """DeiT-Tiny W4/A4 dopq on 100 strided CIFAR-10 test images keeps most of FP's accuracy."""
+    from dopq.experiment import RunSettings, load_workload, run_recipe
+
+    settings = RunSettings(
+        model="deit_tiny_patch16_224",
+        checkpoint=str(require(DEIT)),
+        data=str(require(CIFAR)),
+        eval_subset=100,
+        calib_size=16,
+    )
+    work = load_workload(settings)
+    result, _ = run_recipe(work, dopq.get_preset("dopq", w_bits=4, a_bits=4), "dopq", progress=False)
+    assert result["fp_top1"] >= 0.70
+    assert result["quant_top1"] >= result["fp_top1"] - 0.06

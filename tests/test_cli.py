@@ -1,0 +1,227 @@
+"""Tests of the ``dopq`` command: one-line errors with exit code 2, and an end-to-end run on DeiT-Tiny.
+
+Every user error must end in exactly one ``dopq: error: ...`` line on stderr (no traceback) and exit
+code 2; the end-to-end run quantizes the shared CIFAR-10 DeiT-Tiny at W8/A8 and reloads the result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dopq.cli import main
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+DEIT = SHARED / "models" / "deit_tiny_patch16_224.cifar10.safetensors"
+CIFAR = SHARED / "data" / "cifar10-jpeg.tar.gz"
+DOPQ = Path(sys.executable).parent / "dopq"
+SMALL_RUN = ("--calib-size", "2", "--eval-subset", "2", "--quiet")
+
+needs_deit = pytest.mark.skipif(not DEIT.is_file(), reason=f"shared checkpoint {DEIT} is not present")
+needs_cifar = pytest.mark.skipif(
+    not (DEIT.is_file() and CIFAR.is_file()), reason=f"shared files under {SHARED} are not present"
+)
+
+
+def _write_images(folder: Path, n: int, seed: int = 0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny ImageFolder trees: ``good`` (train and test), ``empty_class`` (test holds one empty class
+    folder) and ``no_classes`` (test is an empty folder)."""
+    base = tmp_path_factory.mktemp("cli")
+    out = {}
+    for name in ("good", "empty_class", "no_classes"):
+        root = out.setdefault(name, base / name)
+        for cls in ("a", "b"):
+            _write_images(root / "train" / cls, 2)
+        (root / "test").mkdir()
+    for cls in ("a", "b"):
+        _write_images(out["good"] / "test" / cls, 2, seed=1)
+    (out["empty_class"] / "test" / "a").mkdir()
+    return out
+
+
+def _assert_one_error(code: int, err: str, match: str) -> str:
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("dopq: error: ")
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+def _quantize_argv(data: Path, *extra: str) -> list[str]:
+    """A small ``dopq quantize`` command line; the model is timm's tiny ``test_vit`` unless ``extra``
+    names one."""
+    model = [] if "--model" in extra else ["--model", "test_vit"]
+    return ["quantize", *model, "--data", str(data), *SMALL_RUN, *extra]
+
+
+def _garbage(
+    name: str, data: bytes = b"\x00\x01 this is not a checkpoint \xff\xfe"
+) -> Callable[[Path], Path]:
+    def write(tmp: Path) -> Path:
+        path = tmp / name
+        path.write_bytes(data)
+        return path
+
+    return write
+
+
+# (argv after the data root, given a tmp folder; text the error line must contain)
+MODEL_ERRORS = [
+    pytest.param(lambda t: ["--model", "deit_tiny_patch16_2244"], "did you mean deit_tiny_patch16_224",
+                 id="unknown-arch"),
+    pytest.param(lambda t: ["--checkpoint", str(t / "nope.safetensors")], "does not exist", id="missing-checkpoint"),
+    pytest.param(lambda t: ["--checkpoint", str(_garbage("x.safetensors")(t))], "could not be read",
+                 id="corrupt-safetensors"),
+    pytest.param(lambda t: ["--checkpoint", str(_garbage("x.pth")(t))], "could not be read", id="corrupt-pth"),
+    pytest.param(lambda t: ["--checkpoint", str(_garbage("x.pth", b"PK\x03\x04" + bytes(60))(t))],
+                 "could not be read", id="truncated-zip-pth"),
+    pytest.param(lambda t: ["--w-bits", "9"], "w_bits must be an integer in 2..8, got 9", id="w-bits-9"),
+    pytest.param(lambda t: ["--a-bits", "1"], "a_bits must be an integer in 2..8, got 1", id="a-bits-1"),
+    pytest.param(lambda t: ["--model", "resnet18"], "unsupported model family ResNet", id="unsupported-family"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("extra", "match"), MODEL_ERRORS)
+def test_model_and_recipe_errors(
+    extra: Callable[[Path], list[str]],
+    match: str,
+    roots: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = _quantize_argv(roots["good"], *extra(tmp_path))
+    _assert_one_error(main(argv), capsys.readouterr().err, match)
+
+
+@needs_deit
+def test_num_classes_mismatch(roots: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    extra = ["--model", "deit_tiny_patch16_224", "--checkpoint", str(DEIT), "--num-classes", "100"]
+    argv = _quantize_argv(roots["good"], *extra)
+    _assert_one_error(main(argv), capsys.readouterr().err, "--num-classes 100 does not match")
+
+
+@pytest.mark.parametrize(
+    ("root", "extra", "match"),
+    [
+        ("missing", [], "does not exist"),
+        ("good", ["--eval-split", "nope"], "split 'nope' not found"),
+        ("good", ["--calib-split", "nope"], "split 'nope' not found"),
+        ("empty_class", [], "split 'test'"),
+        ("no_classes", [], "split 'test'"),
+        ("good", ["--calib-size", "5"], "calibration size 5 exceeds the 4 images"),
+    ],
+    ids=[
+        "missing-path",
+        "missing-eval-split",
+        "missing-calib-split",
+        "empty-class",
+        "no-classes",
+        "calib-too-big",
+    ],
+)
+def test_data_errors(
+    root: str,
+    extra: list[str],
+    match: str,
+    roots: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data = roots.get(root, tmp_path / "nope")
+    line = _assert_one_error(main(_quantize_argv(data, *extra)), capsys.readouterr().err, match)
+    if root in ("empty_class", "no_classes"):
+        assert "has no images" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_refused_without_cuda(roots: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    argv = _quantize_argv(roots["good"], "--device", "cuda")
+    _assert_one_error(main(argv), capsys.readouterr().err, "CUDA is not available")
+
+
+def test_evaluate_refuses_missing_and_corrupt_files(
+    roots: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = ["evaluate", "--data", str(roots["good"]), "--quiet", "--quantized"]
+    _assert_one_error(main([*base, str(tmp_path / "q.pt")]), capsys.readouterr().err, "does not exist")
+    bad = _garbage("q_bad.pt")(tmp_path)
+    _assert_one_error(main([*base, str(bad)]), capsys.readouterr().err, "is not a readable dopq file")
+
+
+def test_entry_point_exit_code_and_single_line(roots: dict[str, Path]) -> None:
+    assert DOPQ.is_file(), f"the dopq entry point is not installed at {DOPQ}"
+    proc = subprocess.run(
+        [str(DOPQ), *_quantize_argv(roots["good"], "--w-bits", "9")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == ["dopq: error: w_bits must be an integer in 2..8, got 9"]
+
+
+@pytest.mark.slow
+@needs_cifar
+def test_quantize_then_evaluate_deit_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = ["--data", str(CIFAR), "--eval-subset", "40", "--quiet"]
+    argv = ["quantize", "--model", "deit_tiny_patch16_224", "--checkpoint", str(DEIT), *data,
+            "--method", "repq", "--w-bits", "8", "--a-bits", "8", "--calib-size", "8",
+            "--output", str(tmp_path / "res.json"), "--save", str(tmp_path / "q.pt")]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "res.json").read_text())
+    fields = ["model", "method", "w_bits", "a_bits", "fp_top1", "quant_top1", "fp_top5", "quant_top5",
+              "calib_seconds", "eval_images", "config", "command"]  # fmt: skip
+    assert not [f for f in fields if f not in result]
+    expected = {
+        "model": "deit_tiny_patch16_224",
+        "method": "repq",
+        "w_bits": 8,
+        "a_bits": 8,
+        "eval_images": 40,
+    }
+    assert {k: result[k] for k in expected} == expected
+    assert result["config"]["recipe"]["softmax_quantizer"] == "logsqrt2"
+    for key in ("fp_top1", "quant_top1", "fp_top5", "quant_top5"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["fp_top1"] >= 0.6
+    assert abs(result["quant_top1"] - result["fp_top1"]) <= 0.05
+    assert result["calib_seconds"] > 0
+
+    capsys.readouterr()
+    argv = ["evaluate", "--quantized", str(tmp_path / "q.pt"), *data, "--output", str(tmp_path / "ev.json")]
+    assert main(argv) == 0, capsys.readouterr().err
+    again = json.loads((tmp_path / "ev.json").read_text())
+    assert again["quant_top1"] == result["quant_top1"]
+    assert again["eval_images"] == 40
+
+    capsys.readouterr()
+    argv = [
+        "evaluate",
+        "--quantized",
+        str(tmp_path / "q.pt"),
+        "--model",
+        "swin_tiny_patch4_window7_224",
+        *data,
+    ]
+    _assert_one_error(main(argv), capsys.readouterr().err, "was made for deit_tiny_patch16_224")

@@ -1,0 +1,55 @@
+"""Recipes: validation, presets, JSON round trips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dopq.config import QuantConfig, ReconstructConfig, get_preset, list_presets
+from dopq.errors import ConfigError
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_presets_round_trip_through_json(name):
+    cfg = get_preset(name, reconstruct=ReconstructConfig(calib_size=16, iters=3))
+    again = QuantConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+
+
+def test_presets_differ_only_in_components():
+    repq, dopq = get_preset("repq"), get_preset("dopq")
+    assert (repq.softmax_quantizer, repq.ln_scale, repq.integer_zero_point) == ("logsqrt2", "mean", False)
+    assert (dopq.softmax_quantizer, dopq.ln_scale, dopq.integer_zero_point) == ("tanq", "median", True)
+    assert repq.replace(softmax_quantizer="tanq", ln_scale="median", integer_zero_point=True) == dopq
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("w_bits", 9, "w_bits must be an integer in 2..8"),
+        ("a_bits", 1, "a_bits must be an integer in 2..8"),
+        ("softmax_quantizer", "log10", "softmax_quantizer must be one of"),
+        ("ln_scale", "max", "ln_scale must be one of"),
+        ("percentiles", (0.2,), "percentiles"),
+    ],
+)
+def test_invalid_fields_raise_actionable_errors(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        QuantConfig(**{field: value})
+
+
+def test_unknown_preset_and_fields():
+    with pytest.raises(ConfigError, match="unknown method 'gptq'"):
+        get_preset("gptq")
+    with pytest.raises(ConfigError, match="unknown config fields: colour"):
+        QuantConfig.from_dict({"colour": 1})
+
+
+def test_reconstruct_defaults_follow_the_paper_family():
+    r = ReconstructConfig()
+    assert (r.calib_size, r.batch_size) == (1024, 64)
+    assert (r.iters_for(3), r.iters_for(4), r.iters_for(6)) == (1000, 1000, 200)
+    assert ReconstructConfig(iters=7).iters_for(3) == 7
+    with pytest.raises(ConfigError):
+        ReconstructConfig(drop_prob=2.0)

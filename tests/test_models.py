@@ -1,0 +1,142 @@
+"""Model adapters: structural discovery of quantization sites and FP equivalence with timm."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from conftest import DEIT, SWIN, require
+from dopq.config import get_preset
+from dopq.errors import CheckpointError, ModelError
+from dopq.models import (
+    QuantAttention,
+    QuantWindowAttention,
+    build_model,
+    find_layernorm_pairs,
+    get_adapter,
+    prepare_model,
+)
+from dopq.modules import QuantConv2d, QuantLinear, QuantMatMul, quantizers_of, set_quantization
+from dopq.quantizers import PerChannel
+
+
+def _max_fp_diff(model: nn.Module, x: torch.Tensor) -> float:
+    ref = copy.deepcopy(model)
+    prepare_model(model, get_preset("dopq"))
+    set_quantization(model, weights=False, activations=False)
+    with torch.no_grad():
+        return float((model(x) - ref(x)).abs().max())
+
+
+@pytest.mark.parametrize(
+    ("arch", "ckpt"),
+    [("deit_tiny_patch16_224", DEIT), ("swin_tiny_patch4_window7_224", SWIN)],
+)
+def test_wrapped_shared_models_reproduce_timm(arch, ckpt):
+    model = build_model(arch, require(ckpt))
+    x = torch.randn(2, 3, 224, 224)
+    assert _max_fp_diff(model, x) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "size"),
+    [
+        ("test_vit", {}, 160),
+        ("vit_tiny_patch16_224", {"qk_norm": True, "depth": 2}, 224),  # q_norm/k_norm are LayerNorms too
+        ("deit_tiny_distilled_patch16_224", {"depth": 2}, 224),
+        (
+            "swin_tiny_patch4_window7_224",
+            {"depths": (1, 1, 1, 1), "embed_dim": 32, "num_heads": (1, 2, 2, 2)},
+            224,
+        ),
+    ],
+)
+def test_wrapped_small_models_reproduce_timm(name, kwargs, size):
+    model = timm.create_model(name, num_classes=7, **kwargs).eval()
+    assert _max_fp_diff(model, torch.randn(2, 3, size, size)) <= 1e-5
+
+
+def test_layernorm_pairs_found_from_the_graph():
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224", depths=(2, 2, 2, 2), embed_dim=32, num_heads=(1, 2, 2, 2)
+    )
+    pairs = {p.norm: p.linears for p in find_layernorm_pairs(model.eval(), torch.zeros(1, 3, 224, 224))}
+    assert pairs["layers.0.blocks.1.norm1"] == [
+        "layers.0.blocks.1.attn.qkv"
+    ]  # through roll + window partition
+    assert pairs["layers.1.downsample.norm"] == ["layers.1.downsample.reduction"]
+    assert "norm" not in pairs  # the head reads pooled features, not a LayerNorm output
+    assert len(pairs) == 8 * 2 + 3
+
+
+class _OddNames(nn.Module):
+    """Roles are not spelled in names: a LayerNorm called 'alpha' feeding a Linear called 'beta'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alpha = nn.LayerNorm(8)
+        self.beta = nn.Linear(8, 8)
+        self.qkv = nn.Linear(8, 8)  # named like a consumer but fed by beta, not by a LayerNorm
+
+    def forward(self, x):
+        return self.qkv(self.beta(self.alpha(x).permute(1, 0, 2)))
+
+
+def test_pairs_do_not_depend_on_names():
+    pairs = find_layernorm_pairs(_OddNames(), torch.zeros(3, 4, 8))
+    assert [(p.norm, p.linears) for p in pairs] == [("alpha", ["beta"])]
+
+
+def test_placement_follows_repq():
+    model = timm.create_model("test_vit", num_classes=5).eval()
+    plan = prepare_model(model, get_preset("repq", w_bits=3, a_bits=5))
+    paired = plan.paired_linears
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert linears and all(m.weight_quantizer.granularity == PerChannel(0) for m in linears.values())
+    for name, m in linears.items():
+        per_channel = isinstance(m.input_quantizer.granularity, PerChannel)
+        assert per_channel == (name in paired)
+        assert m.input_quantizer.bits == 5 and m.weight_quantizer.bits == 3
+    conv = model.patch_embed.proj
+    assert isinstance(conv, QuantConv2d) and conv.input_quantizer.bits == 8
+    attn = model.blocks[0].attn
+    assert isinstance(attn, QuantAttention) and isinstance(attn.matmul_av, QuantMatMul)
+    assert type(attn.matmul_av.quantizer_a).__name__ == "LogSqrt2Quantizer"
+    assert "head" in linears and "head" not in paired
+    n_quantizers = len(list(quantizers_of(model)))
+    blocks = len(model.blocks)
+    # per block: 4 Linear x 2 + 2 matmuls x 2; plus patch embed conv x 2 and head x 2
+    assert n_quantizers == blocks * 12 + 4
+
+
+def test_swin_attention_is_swapped():
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224", depths=(1, 1, 1, 1), embed_dim=32, num_heads=(1, 2, 2, 2)
+    )
+    prepare_model(model.eval(), get_preset("dopq"))
+    assert isinstance(model.layers[0].blocks[0].attn, QuantWindowAttention)
+    assert type(model.layers[0].blocks[0].attn.matmul_av.quantizer_a).__name__ == "TanQQuantizer"
+
+
+def test_unsupported_family_is_refused():
+    with pytest.raises(ModelError, match="unsupported model family ResNet"):
+        get_adapter(timm.create_model("resnet18"))
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(ModelError, match="unknown timm model"):
+        build_model("deit_tiny_patch16_2244")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        build_model("deit_tiny_patch16_224", tmp_path / "none.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="could not be read"):
+        build_model("deit_tiny_patch16_224", bad)
+    with pytest.raises(CheckpointError, match="does not match"):
+        build_model("deit_tiny_patch16_224", require(DEIT), num_classes=100)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        build_model("deit_small_patch16_224", require(DEIT))

@@ -1,0 +1,235 @@
+"""Quantizer math: levels, codes, range searches, lookup tables, and their errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from dopq.quantizers import (
+    Log2Quantizer,
+    LogSqrt2Quantizer,
+    PerChannel,
+    PerTensor,
+    TanQQuantizer,
+    UniformQuantizer,
+    build_quantizer,
+    fake_quantize_uniform,
+    list_quantizers,
+    register_quantizer,
+    search_uniform_range,
+    tan_levels,
+)
+from dopq.quantizers.adaround import AdaRoundQuantizer
+from dopq.quantizers.levels import codes_from_thresholds
+from dopq.quantizers.ranges import row_quantiles
+from dopq.quantizers.tanq import tan_codes
+
+
+def _attention(shape=(2, 3, 40, 40), temp=4.0) -> torch.Tensor:
+    return torch.softmax(torch.randn(shape) * temp, dim=-1)
+
+
+def _observe(q, x, context=None):
+    q.observing = True
+    out = q(x, context) if context is not None else q(x)
+    q.observing = False
+    return out
+
+
+@pytest.mark.parametrize("length", [1001, 300_000])  # the second takes the chunked top-k path
+def test_row_quantiles_match_numpy(length):
+    x = torch.randn(2, length)
+    qs = (0.999, 0.9999, 0.99999, 0.001, 0.5)
+    got = row_quantiles(x, qs)
+    ref = np.quantile(x.double().numpy(), qs, axis=1)
+    assert np.allclose(got.numpy(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_uniform_levels_and_zero(bits):
+    x = torch.randn(10_000) * 2 + 0.5
+    scale, zp = search_uniform_range(x, bits)
+    y = fake_quantize_uniform(x, scale, zp, bits)
+    levels = torch.unique(y)
+    assert len(levels) <= 2**bits
+    assert float(zp) == round(float(zp))  # integer zero point: 0 is exactly representable
+    assert float(fake_quantize_uniform(torch.zeros(1), scale, zp, bits)) == 0.0
+    codes = levels / scale + zp  # every level sits on the integer grid
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
+    assert codes.min() >= -1e-3 and codes.max() <= 2**bits - 1 + 1e-3
+    inside = (x >= levels.min()) & (x <= levels.max())
+    assert (y - x)[inside].abs().max() <= scale * 0.5 * (1 + 1e-4)
+
+
+def test_uniform_error_falls_with_bits():
+    x = torch.randn(50_000)
+    errs = []
+    for bits in (2, 3, 4, 6, 8):
+        s, z = search_uniform_range(x, bits)
+        errs.append(float((fake_quantize_uniform(x, s, z, bits) - x).pow(2).mean()))
+    assert all(a > b for a, b in itertools.pairwise(errs))
+    assert errs[-1] < 1e-4
+
+
+def test_range_search_is_the_best_candidate():
+    x = torch.cat([torch.randn(20_000), torch.tensor([40.0, -35.0])])  # two outliers
+    s, z = search_uniform_range(x, 4)
+    best = float((fake_quantize_uniform(x, s, z, 4) - x).pow(2).mean())
+    for p in (0.999, 0.9999, 0.99999):
+        lo, hi = torch.quantile(x, 1 - p), torch.quantile(x, p)
+        sc = (hi - lo) / 15
+        err = float((fake_quantize_uniform(x, sc, (-lo / sc).round(), 4) - x).pow(2).mean())
+        assert best <= err + 1e-7
+
+
+def test_per_channel_search_equals_channel_loop():
+    x = torch.randn(6, 50, 16) * torch.linspace(0.1, 20, 16)
+    s, z = search_uniform_range(x, 4, channel_axis=-1)
+    for c in range(16):
+        sc, zc = search_uniform_range(x[..., c], 4)
+        assert torch.allclose(s[c], sc[0], rtol=1e-5) and z[c] == zc[0]
+
+
+def test_uniform_module_per_channel_weights():
+    w = torch.randn(8, 32) * torch.arange(1, 9)[:, None]
+    q = UniformQuantizer(3, PerChannel(0))
+    w_hat = _observe(q, w)
+    assert q.scale.shape == (8,)
+    for row in w_hat:
+        assert len(torch.unique(row)) <= 8
+    assert torch.allclose(q(w), w_hat)  # frozen after calibration
+
+
+def test_uncalibrated_quantizer_refuses():
+    with pytest.raises(RuntimeError, match="calibrate"):
+        UniformQuantizer(4)(torch.randn(4))
+
+
+@pytest.mark.parametrize("bits", [1, 9])
+def test_bits_out_of_range(bits):
+    with pytest.raises(ValueError, match=r"2\.\.8"):
+        UniformQuantizer(bits)
+
+
+def test_registry():
+    assert {"uniform", "log2", "logsqrt2", "tanq"} <= set(list_quantizers())
+    with pytest.raises(ValueError, match="already registered"):
+        register_quantizer("tanq")(TanQQuantizer)
+    with pytest.raises(ValueError, match="unknown quantizer"):
+        build_quantizer("nope", 4)
+
+
+def _repq_logsqrt2(x, delta, bits):
+    """RepQ-ViT's log-sqrt2 formula, written out as the reference."""
+    x_int = torch.round(-1 * (x / delta).log2() * 2)
+    mask = x_int >= 2**bits
+    x_quant = torch.clamp(x_int, 0, 2**bits - 1)
+    odd = (x_quant % 2) * (2**0.5 - 1) + 1
+    out = 2 ** (-1 * torch.ceil(x_quant / 2)) * odd * delta
+    out[mask] = 0
+    return out
+
+
+@pytest.mark.parametrize("bits", [3, 4, 6])
+def test_logsqrt2_matches_repq_formula(bits):
+    a = _attention()
+    q = LogSqrt2Quantizer(bits)
+    y = _observe(q, a)
+    ref = _repq_logsqrt2(a, q.delta, bits)
+    assert torch.allclose(y, ref, rtol=1e-6, atol=0)
+    lut, thresholds = q.level_table()
+    assert len(lut) == 2**bits + 1  # RepQ's extra exact zero
+    assert torch.equal(q.codes(a), codes_from_thresholds(a, thresholds))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_log2_levels_fit_in_bits(bits):
+    a = _attention()
+    q = Log2Quantizer(bits)
+    y = _observe(q, a)
+    assert len(q.lookup_table()) == 2**bits
+    assert set(torch.unique(y).tolist()) <= set(q.lookup_table().tolist())
+
+
+def test_tan_levels_shape_and_ends():
+    c, m, d = torch.tensor(8.0), torch.tensor(0.5), torch.tensor(0.9)
+    levels, thresholds = tan_levels(c, m, d, 4)
+    assert levels[0] == 0 and torch.isclose(levels[-1], d)
+    assert (levels.diff() > 0).all()
+    gaps = levels.diff()
+    assert gaps[0] < gaps[7] and gaps[-1] < gaps[7]  # crowded at both ends
+    assert torch.allclose(thresholds, (levels[1:] + levels[:-1]) / 2)
+    near_uniform, _ = tan_levels(torch.tensor(1e-3), m, torch.tensor(1.0), 3)
+    assert torch.allclose(near_uniform, torch.linspace(0, 1, 8), atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6])
+def test_tanq_codes_are_nearest_levels_and_lut_is_exact(bits):
+    a = _attention((2, 2, 30, 30))
+    q = TanQQuantizer(bits, objective="mse")
+    y = _observe(q, a)
+    levels, thresholds = q.level_table()
+    edge = torch.cat([levels, thresholds, thresholds + 1e-7, thresholds - 1e-7, torch.tensor([0.0, 1.0])])
+    for x in (a.flatten(), edge):
+        nearest = (x[:, None] - levels[None]).abs().argmin(1)
+        codes = q.codes(x)
+        # ties at a threshold may go either way; otherwise the code is the nearest level
+        assert torch.allclose((x - levels[codes]).abs(), (x - levels[nearest]).abs(), rtol=0, atol=1e-6)
+    # the integer path: codes in [0, 2^b) and a lookup table give the simulated output bit for bit
+    codes = q.codes(a)
+    assert codes.min() >= 0 and codes.max() < 2**bits
+    assert torch.equal(q.lookup_table()[codes], y)
+
+
+def test_tan_codes_vectorized_over_candidates():
+    x = torch.rand(1000)
+    c, m, d = torch.tensor([1.0, 8.0]), torch.tensor([0.5, 0.35]), torch.tensor([1.0, 0.7])
+    _levels, th = tan_levels(c, m, d, 3)
+    codes = tan_codes(x, c, m, d, 3, th)
+    for k in range(2):
+        assert torch.equal(codes[k], codes_from_thresholds(x, th[k]))
+
+
+def test_tanq_beats_log_quantizers_near_one():
+    # attention with a heavy tail near 1: TanQ must place levels there
+    a = _attention((4, 2, 50, 50), temp=9.0)
+    errs = {}
+    for name in ("log2", "logsqrt2", "tanq"):
+        q = build_quantizer(name, 3, **({"objective": "mse"} if name == "tanq" else {}))
+        y = _observe(q, a)
+        high = a > 0.5
+        errs[name] = float((y - a)[high].pow(2).mean())
+    assert errs["tanq"] < errs["log2"] and errs["tanq"] < errs["logsqrt2"]
+
+
+def test_tanq_output_objective_targets_attn_v():
+    a = _attention((2, 2, 24, 24), temp=5.0)
+    v = torch.randn(2, 2, 24, 8) * torch.linspace(0.1, 5, 24)[:, None]
+    out_err = {}
+    for objective in ("output", "mse"):
+        q = TanQQuantizer(3, objective=objective, max_rows=10_000)  # all rows: exact objective
+        y = _observe(q, a, v)
+        out_err[objective] = float(((y - a) @ v).pow(2).mean())
+    assert out_err["output"] <= out_err["mse"] + 1e-9
+
+
+def test_adaround_starts_at_float_and_bakes_onto_grid():
+    w = torch.randn(16, 32)
+    base = UniformQuantizer(4, PerChannel(0))
+    _observe(base, w)
+    ada = AdaRoundQuantizer(base, w)
+    lo = (-base.zero_point * base.scale)[:, None]
+    hi = ((15 - base.zero_point) * base.scale)[:, None]
+    inside = (w >= lo) & (w <= hi)  # clipped weights start at the clip, not at w
+    assert ((ada(w) - w).abs()[inside] <= 0.01 * base.scale.max() + 1e-6).all()
+    baked = ada.baked_weight()
+    assert torch.allclose(base(baked), baked, atol=1e-6)  # a grid point quantizes to itself
+    assert ((baked - w).abs() <= base.scale[:, None] * 1.0001).all()  # floor or ceil only
+
+
+def test_per_tensor_default_granularity():
+    q = UniformQuantizer(4)
+    assert q.granularity == PerTensor() and q.channel_axis is None

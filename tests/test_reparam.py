@@ -1,0 +1,123 @@
+"""Post-LayerNorm re-parameterization: exact FP preservation, the per-channel grid, MOSF rules."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+
+from dopq.calibrate import calibrate
+from dopq.config import get_preset
+from dopq.models import prepare_model
+from dopq.modules import set_quantization
+from dopq.reparam import fold_layernorm, reparameterize, target_scale
+from dopq.stress import rescale_layernorm_channels
+
+
+def _tiny_vit():
+    return timm.create_model("test_vit", num_classes=10).eval()
+
+
+def test_fold_preserves_the_float_function_exactly():
+    model = _tiny_vit()
+    block = model.blocks[0]
+    x = torch.randn(4, 17, block.norm1.normalized_shape[0])
+    ref = block.attn.qkv(block.norm1(x))
+    d = torch.rand(x.shape[-1]) * 3 + 0.01
+    z = torch.randint(0, 16, (x.shape[-1],)).float()
+    fold_layernorm(block.norm1, [block.attn.qkv], d, z, d.median(), torch.tensor(7.0))
+    assert torch.allclose(block.attn.qkv(block.norm1(x)), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["mean", "median", "mad", "search"])
+def test_model_function_preserved_and_reported(rule):
+    model = _tiny_vit()
+    images = torch.randn(8, 3, 160, 160)
+    with torch.no_grad():
+        ref = model(images)
+    plan = prepare_model(model, get_preset("repq", ln_scale=rule))
+    from dopq.calibrate import capture_inputs
+
+    with capture_inputs(model, plan.paired_linears) as captured:
+        calibrate(model, images)
+    report = reparameterize(model, plan, rule=rule, check_images=images, captured=captured)
+    assert report.max_logit_change < 1e-4
+    set_quantization(model, False, False)
+    with torch.no_grad():
+        assert torch.allclose(model(images), ref, atol=1e-4)
+    assert len(report.targets) == len(plan.pairs)
+
+
+def test_integer_target_keeps_every_channel_grid():
+    """With an integer z*, the per-tensor quantizer after folding reproduces per-channel quantization."""
+    model = _tiny_vit()
+    images = torch.randn(6, 3, 160, 160)
+    plan = prepare_model(model, get_preset("dopq"))
+    calibrate(model, images)
+    lin = model.blocks[0].attn.qkv
+    x = torch.randn(3, 5, lin.in_features) * 2
+    norm = model.blocks[0].norm1
+    before = lin.input_quantizer(norm(x)) @ lin.weight.T + lin.bias
+    for rule in ("mean", "median"):
+        m = copy.deepcopy(model)
+        reparameterize(m, plan, rule=rule, integer_zero_point=True)
+        lq = m.blocks[0].attn.qkv
+        after = lq.input_quantizer(m.blocks[0].norm1(x)) @ lq.weight.T + lq.bias
+        assert torch.allclose(after, before, atol=2e-4, rtol=1e-4), rule
+
+
+def test_rules_on_known_scales():
+    d = torch.tensor([1.0, 1.1, 0.9, 1.2, 0.8, 40.0])  # one outlier channel
+    z = torch.tensor([3.0, 4.0, 5.0, 6.0, 7.0, 0.0])
+    assert torch.isclose(target_scale("mean", d, z)[0], d.mean())
+    med_d, med_z = target_scale("median", d, z)
+    assert med_d in d and med_z == z[d == med_d]
+    mad_d, _ = target_scale("mad", d, z)
+    assert torch.isclose(mad_d, d[:5].mean())  # the outlier is excluded
+    with pytest.raises(ValueError, match="unknown ln_scale"):
+        target_scale("max", d, z)
+
+
+def test_reparam_refuses_when_layernorm_output_is_shared():
+    """A post-norm block also adds the LayerNorm output to the residual: folding would change it."""
+
+    class PostNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(8)
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.norm(x)
+            return h + self.fc(h)
+
+    from dopq.models.adapters import get_adapter
+    from dopq.models.prepare import QuantPlan
+    from dopq.models.structure import find_layernorm_pairs
+
+    net = PostNorm()
+    with torch.no_grad():
+        net.norm.weight.uniform_(0.5, 2)
+    pairs = find_layernorm_pairs(net, torch.zeros(2, 3, 8))
+    from dopq.modules import QuantLinear
+    from dopq.quantizers import PerChannel, UniformQuantizer
+
+    net.fc = QuantLinear(net.fc, UniformQuantizer(4, PerChannel(-1)), UniformQuantizer(4, PerChannel(0)))
+    x = torch.randn(4, 3, 8) * torch.linspace(0.1, 5, 8)
+    calibrate(net, x)
+    plan = QuantPlan(get_adapter(_tiny_vit()), pairs)
+    with pytest.raises(RuntimeError, match="changed the float logits"):
+        reparameterize(net, plan, check_images=x)
+
+
+def test_outlier_rescale_is_function_preserving():
+    model = _tiny_vit()
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        ref = model(x)
+    info = rescale_layernorm_channels(model, n_channels=3, factor_range=(10.0, 40.0), seed=0)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref, atol=1e-4)
+    assert info and all(10.0 <= f <= 40.0 for r in info.values() for f in r["factors"])
