@@ -26,7 +26,11 @@ def _accuracy_table(data: dict[str, Any], title: str) -> list[str]:
         sub = [r for r in rows if r["model"] == model]
         bits = sorted({r["w_bits"] for r in sub})
         fp = sub[0]["fp_top1"]
-        lines += [f"**{model}** (FP32 top-1 {_pct(fp)}%)", "", "| method | " + " | ".join(f"W{b}/A{b}" for b in bits) + " |"]
+        lines += [
+            f"**{model}** (FP32 top-1 {_pct(fp)}%)",
+            "",
+            "| method | " + " | ".join(f"W{b}/A{b}" for b in bits) + " |",
+        ]
         lines.append("|---" * (len(bits) + 1) + "|")
         for m in methods:
             cells = []

@@ -44,7 +44,7 @@ def workload(args: argparse.Namespace, arch: str, progress: bool = False) -> Wor
     settings = RunSettings(
         model=arch,
         checkpoint=str(shared / "models" / MODELS[arch]),
-        data=str(shared / "data" / "cifar10-jpeg.tar.gz"),
+        data=str(shared / "data" / args.data_file),
         calib_size=32,
         seed=0,
         eval_subset=args.eval_subset,
@@ -118,7 +118,13 @@ def suite_stress(args: argparse.Namespace) -> None:
     for bits in args.bits:
         for label, cfg in ablation_recipes(bits).items():
             rows.append(one(work, cfg, label))
-    save("stress", {"rows": rows, "rescale": {"channels_per_layernorm": 4, "factors": [10, 40], "layernorms": len(info)}})
+    save(
+        "stress",
+        {
+            "rows": rows,
+            "rescale": {"channels_per_layernorm": 4, "factors": [10, 40], "layernorms": len(info)},
+        },
+    )
 
 
 def suite_timing(args: argparse.Namespace) -> None:
@@ -149,14 +155,21 @@ def suite_recon(args: argparse.Namespace) -> None:
             rcfg = ReconstructConfig(
                 calib_size=args.recon_calib_size, iters=args.recon_iters, batch_size=args.recon_batch_size
             )
-            rows.append(one(work, base.replace(reconstruct=rcfg), "dopq+recon", recon_size=args.recon_calib_size))
-    save(args.recon_name, {"rows": rows, "settings": vars(args) | {"func": None}})
+            rows.append(
+                one(work, base.replace(reconstruct=rcfg), "dopq+recon", recon_size=args.recon_calib_size)
+            )
+            save(
+                args.recon_name, {"rows": rows, "settings": vars(args)}
+            )  # after each row: partial runs count
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suite", choices=["foundation", "ablation", "softmax-error", "stress", "timing", "recon", "render"])
+    p.add_argument(
+        "suite", choices=["foundation", "ablation", "softmax-error", "stress", "timing", "recon", "render"]
+    )
     p.add_argument("--shared", default=str(ROOT.parent.parent / "shared"))
+    p.add_argument("--data-file", default="cifar10-jpeg.tar.gz", help="archive under <shared>/data")
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--bits", nargs="+", type=int, default=[3, 4, 6])
     p.add_argument("--eval-subset", type=int, default=1000)

@@ -23,14 +23,18 @@ QUANTIZERS = {
 
 
 @torch.no_grad()
-def attention_and_values(model: torch.nn.Module, images: torch.Tensor) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+def attention_and_values(
+    model: torch.nn.Module, images: torch.Tensor
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """(name, attention map, v) at every ``attn @ v`` of a float model, on ``images``."""
     model = copy.deepcopy(model)
     prepare_model(model, get_preset("repq"))
     set_quantization(model, False, False)
     found: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     hooks = [
-        m.register_forward_pre_hook(lambda mod, a, name=name: found.append((name, a[0].clone(), a[1].clone())))
+        m.register_forward_pre_hook(
+            lambda mod, a, name=name: found.append((name, a[0].clone(), a[1].clone()))
+        )
         for name, m in model.named_modules()
         if isinstance(m, QuantMatMul) and name.endswith("matmul_av")
     ]
@@ -50,7 +54,7 @@ def errors(attn: torch.Tensor, v: torch.Tensor, bits: int) -> dict[str, dict[str
         a_hat = q(attn, v) if name == "tanq" else q(attn)
         out[label] = {
             "mse": float((a_hat - attn).pow(2).mean()),
-            "attn_v_rel_err": float(((a_hat @ v - ref).pow(2).sum() / ref.pow(2).sum())),
+            "attn_v_rel_err": float((a_hat @ v - ref).pow(2).sum() / ref.pow(2).sum()),
             "levels_above_0.5": int((torch.unique(a_hat) > 0.5).sum()),
         }
     return out
@@ -66,10 +70,25 @@ def suite_softmax_error(args: Any, workload: Any, save: Any) -> None:
             for bits in args.bits:
                 rows.append({"source": f"{arch}:{name}", "bits": bits, "max_attn": float(attn.max()),
                              "errors": errors(attn, v, bits)})  # fmt: skip
-                print(f"  {arch}:{name} W{bits}", {k: round(e['attn_v_rel_err'], 5) for k, e in rows[-1]['errors'].items()}, flush=True)
+                print(
+                    f"  {arch}:{name} W{bits}",
+                    {k: round(e["attn_v_rel_err"], 5) for k, e in rows[-1]["errors"].items()},
+                    flush=True,
+                )
     attn = powerlaw_attention((8, 3, 64, 64), seed=0)
     v = torch.randn(8, 3, 64, 32, generator=torch.Generator().manual_seed(1))
     for bits in args.bits:
-        rows.append({"source": "powerlaw-stress", "bits": bits, "max_attn": float(attn.max()), "errors": errors(attn, v, bits)})
-        print(f"  powerlaw W{bits}", {k: round(e['attn_v_rel_err'], 5) for k, e in rows[-1]['errors'].items()}, flush=True)
+        rows.append(
+            {
+                "source": "powerlaw-stress",
+                "bits": bits,
+                "max_attn": float(attn.max()),
+                "errors": errors(attn, v, bits),
+            }
+        )
+        print(
+            f"  powerlaw W{bits}",
+            {k: round(e["attn_v_rel_err"], 5) for k, e in rows[-1]["errors"].items()},
+            flush=True,
+        )
     save("softmax_error", {"rows": rows})

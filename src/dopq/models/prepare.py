@@ -83,6 +83,7 @@ def prepare_model(model: nn.Module, config: QuantConfig) -> QuantPlan:
         The plan (family, LayerNorm -> Linear pairs) that calibration and re-parameterization use.
     """
     adapter = get_adapter(model)
+    device = next(model.parameters()).device
     model.eval()
     pairs = find_layernorm_pairs(model, example_input(model))
     paired = {name for p in pairs for name in p.linears}
@@ -101,4 +102,5 @@ def prepare_model(model: nn.Module, config: QuantConfig) -> QuantPlan:
         else:
             continue
         _set_child(model, name, new)
+    model.to(device)  # the new quantizer buffers follow the model
     return QuantPlan(adapter, pairs)

@@ -71,7 +71,7 @@ def search_uniform_range(
     Example:
         >>> s, z = search_uniform_range(torch.linspace(-1, 3, 1001), bits=4)
         >>> round(float(s), 3), float(z)
-        (0.267, 4.0)
+        (0.266, 4.0)
     """
     rows = to_rows(x.detach().float(), channel_axis)
     best_err = torch.full((rows.shape[0],), float("inf"), device=rows.device)
