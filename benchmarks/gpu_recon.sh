@@ -3,12 +3,11 @@
 # settings (1024 images, batch 64, 1000 iterations per unit at 3-4 bits) on one shared model.
 # The payload folder gpu_payload/ (git-ignored) holds the model and a CIFAR-10 subset archive: the
 # 1024 reconstruction images of the seeded train permutation and the whole test split.
-# Usage there: bash benchmarks/gpu_recon.sh MODEL BITS...   (results land in $OUT)
+# Usage there: bash benchmarks/gpu_recon.sh MODEL [benchmarks/run.py options]   (results land in $OUT)
 set -uo pipefail
 export PYTHONPATH=$PWD/src:$PWD/benchmarks PYTHONUNBUFFERED=1
 model=$1; shift
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, torch.cuda.get_device_name())"
 python3 benchmarks/run.py recon --shared gpu_payload --data-file cifar10-subset.tar.gz --device cuda \
-    --models "$model" --bits "$@" --recon-name "recon_gpu_$model" 2>&1 | tee "$OUT/log_$model.txt"
-cp benchmarks/results/recon_gpu_*.json "$OUT/" 2>/dev/null
+    --models "$model" --recon-name "recon_gpu_$model" --results-dir "$OUT" "$@" 2>&1 | tee "$OUT/log_$model.txt"
 nvidia-smi --query-gpu=name,memory.used --format=csv

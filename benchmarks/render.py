@@ -78,7 +78,8 @@ def _recon(data: dict[str, Any], title: str) -> list[str]:
 
 def render(results: Path, target: Path) -> None:
     parts: list[str] = []
-    for name, title in (("foundation", "RepQ-ViT baseline"), ("ablation", "Ablation (calibration only)"),
+    for name, title in (("foundation", "RepQ-ViT baseline"), ("ablation_deit", "Ablation, DeiT-Tiny (calibration only)"),
+                        ("ablation_swin", "Ablation, Swin-Tiny (calibration only)"),
                         ("stress", "Outlier-stressed DeiT-Tiny (4 channels per LayerNorm x10-40)")):  # fmt: skip
         data = _load(results, name)
         if data:

@@ -71,10 +71,14 @@ def one(work: Workload, config: QuantConfig, label: str, **kw: Any) -> dict[str,
     return row
 
 
+_RESULTS_DIR = [RESULTS]
+
+
 def save(name: str, payload: dict[str, Any]) -> None:
-    RESULTS.mkdir(exist_ok=True)
+    out = _RESULTS_DIR[0]
+    out.mkdir(parents=True, exist_ok=True)
     payload = {"command": command_line(), "threads": torch.get_num_threads(), **payload}
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def ablation_recipes(bits: int) -> dict[str, QuantConfig]:
@@ -96,17 +100,19 @@ def suite_foundation(args: argparse.Namespace) -> None:
         work = workload(args, arch)
         for bits in (4, 3):
             rows.append(one(work, get_preset("repq", w_bits=bits, a_bits=bits), "repq"))
-    save("foundation", {"rows": rows})
+            save("foundation", {"rows": rows})
 
 
 def suite_ablation(args: argparse.Namespace) -> None:
-    rows = []
     for arch in args.models:
+        rows = []
         work = workload(args, arch)
         for bits in args.bits:
             for label, cfg in ablation_recipes(bits).items():
+                if args.recipes and label not in args.recipes:
+                    continue
                 rows.append(one(work, cfg, label))
-    save("ablation", {"rows": rows})
+                save(f"ablation_{arch.split('_')[0]}", {"rows": rows})  # after each row: partial runs count
 
 
 def suite_stress(args: argparse.Namespace) -> None:
@@ -177,11 +183,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--recipes", nargs="+", help="only these ablation recipes (default: all)")
     p.add_argument("--recon-calib-size", type=int, default=1024)
     p.add_argument("--recon-iters", type=int)
     p.add_argument("--recon-batch-size", type=int, default=64)
     p.add_argument("--recon-name", default="recon_cpu")
+    p.add_argument("--results-dir", type=Path, help="where the JSON goes (default benchmarks/results)")
     args = p.parse_args(argv)
+    if args.results_dir:
+        _RESULTS_DIR[0] = args.results_dir
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.suite == "softmax-error":

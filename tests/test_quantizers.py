@@ -39,9 +39,17 @@ def _observe(q, x, context=None):
     return out
 
 
-@pytest.mark.parametrize("length", [1001, 300_000])  # the second takes the chunked top-k path
-def test_row_quantiles_match_numpy(length):
-    x = torch.randn(2, length)
+@pytest.mark.parametrize(
+    ("rows", "length", "make"),
+    [
+        (2, 1001, torch.randn),
+        (1, 1_200_000, torch.randn),  # long rows take the sampled-threshold top-k path
+        (1, 1_200_000, lambda *s: torch.rand(*s).pow(8)),  # skewed, like attention
+        (1, 1_200_000, lambda *s: torch.randint(0, 3, s).float()),  # heavy ties
+    ],
+)
+def test_row_quantiles_match_numpy(rows, length, make):
+    x = make(rows, length)
     qs = (0.999, 0.9999, 0.99999, 0.001, 0.5)
     got = row_quantiles(x, qs)
     ref = np.quantile(x.double().numpy(), qs, axis=1)

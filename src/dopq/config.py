@@ -43,7 +43,8 @@ class ReconstructConfig:
         lr_weight: learning rate of the AdaRound rounding variables.
         lr_act: learning rate of the activation step sizes (LSQ) and TanQ parameters.
         drop_prob: QDrop probability of keeping an activation in float during optimisation.
-        learn_softmax: also learn the post-Softmax quantizer's parameters (TanQ).
+        learn_softmax: also learn the post-Softmax quantizer's parameters (TanQ). Off by default:
+            measured on the shared DeiT-Tiny it made block losses worse (docs/reconstruction.md).
         seed: seed of the image order, QDrop masks and the calibration subset.
     """
 
@@ -53,7 +54,7 @@ class ReconstructConfig:
     lr_weight: float = 1e-3
     lr_act: float = 4e-5
     drop_prob: float = 0.5
-    learn_softmax: bool = True
+    learn_softmax: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -110,6 +110,26 @@ def _block_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (out - target).pow(2).flatten(1).sum(1).mean()
 
 
+@torch.no_grad()
+def _probe_loss(
+    unit: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    probe: torch.Tensor,
+    without_drop: bool = False,
+) -> float:
+    device = next(unit.parameters()).device
+    quantizers = [q for q in unit.modules() if isinstance(q, Quantizer)] if without_drop else []
+    saved = [q.drop_prob for q in quantizers]
+    for q in quantizers:
+        q.drop_prob = 0.0
+    try:
+        return float(_block_loss(unit(inputs[probe].to(device)), targets[probe].to(device)))
+    finally:
+        for q, p in zip(quantizers, saved, strict=True):
+            q.drop_prob = p
+
+
 def reconstruct_unit(
     unit: nn.Module,
     inputs: torch.Tensor,
@@ -123,10 +143,10 @@ def reconstruct_unit(
     """Optimise one unit; returns its loss before and after (on a fixed probe batch)."""
     device = next(unit.parameters()).device
     probe = torch.arange(min(inputs.shape[0], rcfg.batch_size))
-    with torch.no_grad():
-        before = float(_block_loss(unit(inputs[probe].to(device)), targets[probe].to(device)))
+    before = _probe_loss(unit, inputs, targets, probe)
+    soft = before
     if iters == 0:
-        return {"loss_before": before, "loss_after": before}
+        return {"loss_before": before, "loss_soft": before, "loss_after": before}
     with _trainable(unit, rcfg) as (rounders, act_params, level_params):
         groups = []
         if rounders:
@@ -155,9 +175,9 @@ def reconstruct_unit(
                 sched.step()
                 if step % 20 == 0:
                     bar.set_postfix(rec=f"{rec.item():.4g}")
-    with torch.no_grad():
-        after = float(_block_loss(unit(inputs[probe].to(device)), targets[probe].to(device)))
-    return {"loss_before": before, "loss_after": after}
+        soft = _probe_loss(unit, inputs, targets, probe, without_drop=True)
+    after = _probe_loss(unit, inputs, targets, probe)
+    return {"loss_before": before, "loss_soft": soft, "loss_after": after}
 
 
 def reconstruct(

@@ -114,13 +114,17 @@ class _LogQuantizer(LevelQuantizer):
 
     def initialize(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
         rows = x.float().reshape(1, -1)
+        n_nonzero = 2**self.bits if self.extra_zero else 2**self.bits - 1
+        log_x = torch.log2(rows)  # once for all candidates; -inf at exact zeros
         best = None
         for delta in row_quantiles(rows, self.percentiles)[:, 0]:
-            levels, _ = log_levels(delta, self.bits, self.step, self.extra_zero)
-            err = (levels[self._codes(rows, delta)] - rows).pow(2).mean()
+            delta = delta.clamp_min(1e-8)
+            e = ((torch.log2(delta) - log_x) / self.step).round_().clamp_min_(0)
+            x_hat = torch.exp2(e * -self.step).mul_(delta).masked_fill_(e >= n_nonzero, 0.0)
+            err = x_hat.sub_(rows).pow_(2).mean()
             if best is None or err < best[0]:
                 best = (err, delta)
-        self.delta = best[1].clamp_min(1e-8).to(self.delta)
+        self.delta = best[1].to(self.delta)
 
 
 @register_quantizer("logsqrt2")

@@ -23,20 +23,28 @@ def to_rows(x: torch.Tensor, channel_axis: int | None) -> torch.Tensor:
     return x.movedim(channel_axis, 0).reshape(x.shape[channel_axis], -1)
 
 
-_CHUNK = 1 << 16
+_LONG_ROW = 1 << 20
+_STRIDE = 64
 
 
 def _topk_sorted(rows: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
-    """``topk`` along rows; long single rows are split into chunks first, whose own top-k hold
-    the row's top-k, so the work runs on all threads instead of one."""
+    """``topk`` along rows, sorted (descending for ``largest``, else ascending).
+
+    For one long row a strided sample gives a threshold that about ``2k`` elements pass; the top-k of
+    those are the row's top-k whenever at least ``k`` pass (checked; else the plain ``topk``). This
+    halves the cost of the tail quantiles of large activations.
+    """
     r, m = rows.shape
-    if r > 1 or m < 4 * _CHUNK or k > _CHUNK // 4:
-        return torch.topk(rows, k, dim=1, largest=largest, sorted=True).values
-    n_full = m // _CHUNK * _CHUNK
-    chunks = rows[0, :n_full].reshape(-1, _CHUNK)
-    cand = torch.topk(chunks, k, dim=1, largest=largest, sorted=False).values.reshape(1, -1)
-    cand = torch.cat([cand, rows[:, n_full:]], dim=1)
-    return torch.topk(cand, k, dim=1, largest=largest, sorted=True).values
+    if r == 1 and m >= _LONG_ROW and k <= m // (4 * _STRIDE):
+        v = rows[0] if largest else -rows[0]
+        sample = v[::_STRIDE]
+        rank = sample.numel() - (2 * k) // _STRIDE - 8  # 1-based rank of the threshold, ascending
+        threshold = torch.kthvalue(sample, max(rank, 1)).values
+        candidates = v[v >= threshold]
+        if candidates.numel() >= k:
+            top = torch.topk(candidates, k, sorted=True).values
+            return (top if largest else -top).unsqueeze(0)
+    return torch.topk(rows, k, dim=1, largest=largest, sorted=True).values
 
 
 def row_quantiles(rows: torch.Tensor, qs: tuple[float, ...]) -> torch.Tensor:

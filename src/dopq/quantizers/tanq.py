@@ -73,12 +73,10 @@ def tan_codes(
     if c.ndim:
         c, m, d = c[:, None], m[:, None], d[:, None]
     lo = torch.atan(c * m)
-    t = (x / d).clamp(0, 1)
-    u = m + torch.tan(t * (torch.atan(c * (1 - m)) + lo) - lo) / c
-    j = (u * n).floor().clamp(0, n - 1).long()
-    if thresholds.ndim == 1:
-        return j + (x > thresholds[j]).long()
-    return j + (x > torch.gather(thresholds, 1, j)).long()
+    u = (x / d).clamp_(0, 1).mul_(torch.atan(c * (1 - m)) + lo).sub_(lo).tan_().div_(c).add_(m)
+    j = u.mul_(n).floor_().clamp_(0, n - 1).long()
+    th = thresholds[j] if thresholds.ndim == 1 else torch.gather(thresholds, 1, j)
+    return j.add_(x > th)
 
 
 def sample_attention(
@@ -124,7 +122,7 @@ class TanQQuantizer(LevelQuantizer):
         sharpness: tuple[float, ...] = DEFAULT_SHARPNESS,
         centers: tuple[float, ...] = DEFAULT_CENTERS,
         clip_quantiles: tuple[float, ...] = DEFAULT_CLIP_QUANTILES,
-        max_rows: int = 512,
+        max_rows: int = 256,
     ) -> None:
         super().__init__(bits)
         if objective not in ("output", "mse"):

@@ -45,6 +45,14 @@ def fake_quantize_uniform(
     return (quantize_uniform(x, scale, zero_point, bits) - zero_point) * scale
 
 
+@torch.no_grad()
+def _row_mse(rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-row mean squared error of :func:`fake_quantize_uniform`, computed in place (search only)."""
+    err = rows / scale
+    err.round_().add_(zero_point).clamp_(0, 2**bits - 1).sub_(zero_point).mul_(scale).sub_(rows)
+    return err.pow_(2).mean(1)
+
+
 def _range_to_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     scale = ((hi - lo) / (2**bits - 1)).clamp_min(_MIN_SCALE)
     zero_point = (-lo / scale).round()
@@ -81,7 +89,7 @@ def search_uniform_range(
     n = len(percentiles)
     for i in range(n):
         scale, zp = _range_to_qparams(bounds[n + i], bounds[i], bits)
-        err = (fake_quantize_uniform(rows, scale[:, None], zp[:, None], bits) - rows).pow(2).mean(1)
+        err = _row_mse(rows, scale[:, None], zp[:, None], bits)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
