@@ -12,6 +12,7 @@ from dopq.calibrate import calibrate
 from dopq.config import get_preset
 from dopq.models import prepare_model
 from dopq.modules import set_quantization
+from dopq.quantizers import PerTensor
 from dopq.reparam import fold_layernorm, reparameterize, target_scale
 from dopq.stress import rescale_layernorm_channels
 
@@ -121,3 +122,53 @@ def test_outlier_rescale_is_function_preserving():
     with torch.no_grad():
         assert torch.allclose(model(x), ref, atol=1e-4)
     assert info and all(10.0 <= f <= 40.0 for r in info.values() for f in r["factors"])
+
+
+def _quantized_logits(rule: str, integer_zero_point: bool, images: torch.Tensor) -> torch.Tensor:
+    import dopq
+
+    torch.manual_seed(0)
+    model = _tiny_vit()
+    rescale_layernorm_channels(model, n_channels=3, factor_range=(10.0, 40.0), seed=0)  # outlier channels
+    cfg = dopq.get_preset("repq", ln_scale=rule, integer_zero_point=integer_zero_point)
+    q = dopq.quantize(model, images, cfg, progress=False)
+    with torch.no_grad():
+        return q(images)
+
+
+def test_target_scale_has_no_effect_but_target_zero_point_does():
+    """method.md's invariance, measured with weight quantization on: with an integer z*, the target
+    scale d* changes nothing; the target zero point z* does, because the folded bias uses the float
+    weights while the layer multiplies by the quantized ones: a shift of z* by 1 adds (Q(W') - W') d."""
+    from dopq.modules import QuantLinear
+    from dopq.quantizers import PerChannel, UniformQuantizer
+
+    torch.manual_seed(0)
+    norm, fc = torch.nn.LayerNorm(16), torch.nn.Linear(16, 8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 3)
+        norm.bias.uniform_(-1, 1)
+    x = torch.randn(64, 16)
+
+    def output(d_t: float, z_t: float) -> torch.Tensor:
+        n, f = copy.deepcopy(norm), copy.deepcopy(fc)
+        lin = QuantLinear(f, UniformQuantizer(3, PerChannel(-1)), UniformQuantizer(3, PerChannel(0)))
+        calibrate(lin, n(x))
+        d, z = lin.input_quantizer.scale.clone(), lin.input_quantizer.zero_point.clone()
+        fold_layernorm(n, [lin], d, z, torch.tensor(d_t), torch.tensor(z_t))
+        lin.input_quantizer.set_qparams(torch.tensor([d_t]), torch.tensor([z_t]), PerTensor())
+        lin.weight_quantizer.initialize(lin.weight.detach(), None)
+        with torch.no_grad():
+            return lin(n(x))
+
+    base = output(0.5, 3.0)
+    assert torch.allclose(output(0.05, 3.0), base, atol=1e-4)  # d* 10x smaller: same outputs
+    assert torch.allclose(output(2.0, 3.0), base, atol=1e-4)
+    assert not torch.allclose(output(0.5, 4.0), base, atol=1e-3)  # z* moved by one code
+
+
+def test_mosf_rule_matters_with_fractional_zero_point():
+    images = torch.randn(8, 3, 160, 160)
+    a = _quantized_logits("mean", False, images)
+    b = _quantized_logits("median", False, images)
+    assert not torch.allclose(a, b, atol=1e-3 * float(a.abs().max()))
