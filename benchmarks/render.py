@@ -14,8 +14,14 @@ def _pct(x: float | None) -> str:
 
 
 def _load(results: Path, name: str) -> dict[str, Any] | None:
-    path = results / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    """Rows of ``name.json`` in the results folder and its subfolders (runs split across processes)."""
+    parts = [json.loads(p.read_text()) for p in sorted(results.rglob(f"{name}.json"))]
+    if not parts:
+        return None
+    merged = dict(parts[0])
+    merged["rows"] = [row for part in parts for row in part.get("rows", [])]
+    merged["command"] = "`; `".join(dict.fromkeys(part["command"] for part in parts))
+    return merged
 
 
 def _accuracy_table(data: dict[str, Any], title: str) -> list[str]:

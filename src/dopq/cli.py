@@ -51,6 +51,7 @@ def _add_data_args(p: argparse.ArgumentParser, calib: bool = True) -> None:
     g.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"])
     g.add_argument("--crop-pct", type=float)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's choice)")
     p.add_argument("--output", type=Path, help="write the result as JSON here (and .md beside it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -117,6 +118,16 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
             seed=args.seed,
         )
     return get_preset(args.method, **overrides)
+
+
+def _preprocess_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    values = {
+        "mean": tuple(args.mean) if args.mean else None,
+        "std": tuple(args.std) if args.std else None,
+        "interpolation": args.interpolation,
+        "crop_pct": args.crop_pct,
+    }
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _settings_from(args: argparse.Namespace):
@@ -186,6 +197,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         workers=args.workers,
         device=args.device,
         progress=not args.quiet,
+        overrides=_preprocess_overrides(args),
     )
     _write_outputs(result, args.output)
     return 0
@@ -204,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {"quantize": _cmd_quantize, "evaluate": _cmd_evaluate, "plot": _cmd_plot}
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return commands[args.command](args)
     except DopqError as exc:

@@ -236,13 +236,15 @@ def evaluate_saved(
     workers: int = 0,
     device: str = "cpu",
     progress: bool = True,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a model saved by ``dopq quantize --save`` with its recorded preprocessing."""
+    """Evaluate a model saved by ``dopq quantize --save`` with its recorded preprocessing
+    (``overrides`` replaces fields of it, e.g. ``{"crop_pct": 1.0}``)."""
     from dopq.serialize import load_quantized
 
     resolve_device(device)
     model, config, meta = load_quantized(path, arch=arch, device=device)
-    pre = Preprocess(**meta["preprocess"])
+    pre = replace(Preprocess(**meta["preprocess"]), **(overrides or {}))
     dataset = open_split(data, resolve_eval_split(data, eval_split), build_transform(pre))
     loader = make_loader(dataset, strided_indices(len(dataset), eval_subset), batch_size, workers)
     with single_line_errors():
