@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,15 +63,14 @@ def as_image_tensor(data: torch.Tensor | Iterable[Any], device: torch.device | s
     return images.to(device)
 
 
-def _timed(timings: dict[str, float], stage: str):
-    class _Timer:
-        def __enter__(self) -> None:
-            self.t0 = time.perf_counter()
-
-        def __exit__(self, *exc: object) -> None:
-            timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - self.t0
-
-    return _Timer()
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the wall time of the block to ``timings[stage]``."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
 
 
 def quantize_with_report(

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dopq.quantizers import PerChannel, Quantizer
+from dopq.quantizers import Quantizer
 
 __all__ = ["QuantConv2d", "QuantLinear", "QuantMatMul", "quantizers_of", "set_quantization"]
 
@@ -104,7 +104,3 @@ def set_quantization(model: nn.Module, weights: bool = True, activations: bool =
     for name, q in quantizers_of(model):
         q.enabled = weights if name.endswith("weight_quantizer") else activations
     return model
-
-
-def is_per_channel(q: nn.Module) -> bool:
-    return isinstance(getattr(q, "granularity", None), PerChannel)
