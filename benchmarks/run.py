@@ -62,7 +62,8 @@ def one(work: Workload, config: QuantConfig, label: str, **kw: Any) -> dict[str,
     t0 = time.perf_counter()
     result, _ = run_recipe(work, config, method=label, progress=False, **kw)
     keep = ("model", "method", "w_bits", "a_bits", "fp_top1", "quant_top1", "fp_top5", "quant_top5",
-            "calib_seconds", "eval_images", "timings", "reconstruction")  # fmt: skip
+            "calib_seconds", "eval_images", "timings", "reconstruction",
+            "fp_top1_correct", "quant_top1_correct")  # fmt: skip
     row = {k: result[k] for k in keep}
     row["recipe"] = config.to_dict()
     row["wall_seconds"] = time.perf_counter() - t0
@@ -90,6 +91,7 @@ def ablation_recipes(bits: int) -> dict[str, QuantConfig]:
         "repq+mosf-mad": repq.replace(ln_scale="mad"),
         "repq+mosf-search": repq.replace(ln_scale="search"),
         "repq+int-zp": repq.replace(integer_zero_point=True),
+        "repq+exact-zp": repq.replace(integer_zero_point=True, ln_shift="input"),
         "dopq": get_preset("dopq", w_bits=bits, a_bits=bits),
     }
 
@@ -121,16 +123,13 @@ def suite_stress(args: argparse.Namespace) -> None:
     work = workload(args, arch)
     info = rescale_layernorm_channels(work.model, n_channels=4, factor_range=(10.0, 40.0), seed=0)
     work.fp_result = None  # the rescale keeps the function; FP is re-measured to show it
+    rescale = {"channels_per_layernorm": 4, "factors": [10, 40], "layernorms": len(info)}
     for bits in args.bits:
         for label, cfg in ablation_recipes(bits).items():
+            if args.recipes and label not in args.recipes:
+                continue
             rows.append(one(work, cfg, label))
-    save(
-        "stress",
-        {
-            "rows": rows,
-            "rescale": {"channels_per_layernorm": 4, "factors": [10, 40], "layernorms": len(info)},
-        },
-    )
+            save("stress", {"rows": rows, "rescale": rescale})  # after each row: partial runs count
 
 
 def suite_timing(args: argparse.Namespace) -> None:

@@ -225,3 +225,17 @@ def test_quantize_then_evaluate_deit_tiny(tmp_path: Path, capsys: pytest.Capture
         *data,
     ]
     _assert_one_error(main(argv), capsys.readouterr().err, "was made for deit_tiny_patch16_224")
+
+
+def test_preprocess_overrides_reach_the_run_settings() -> None:
+    from dopq.cli import _settings_from, build_parser
+    from dopq.experiment import preprocess_overrides
+
+    argv = ["quantize", "--model", "deit_tiny_patch16_224", "--data", "x",
+            "--mean", "0.5", "0.5", "0.5", "--crop-pct", "1.0"]  # fmt: skip
+    args = build_parser().parse_args(argv)
+    expected = {"mean": (0.5, 0.5, 0.5), "crop_pct": 1.0}
+    assert preprocess_overrides(args) == expected
+    settings = _settings_from(args)
+    assert (settings.mean, settings.std, settings.crop_pct) == ((0.5, 0.5, 0.5), None, 1.0)
+    assert preprocess_overrides(settings) == expected

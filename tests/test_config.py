@@ -19,9 +19,11 @@ def test_presets_round_trip_through_json(name):
 
 def test_presets_differ_only_in_components():
     repq, dopq = get_preset("repq"), get_preset("dopq")
-    assert (repq.softmax_quantizer, repq.ln_scale, repq.integer_zero_point) == ("logsqrt2", "mean", False)
-    assert (dopq.softmax_quantizer, dopq.ln_scale, dopq.integer_zero_point) == ("tanq", "median", True)
-    assert repq.replace(softmax_quantizer="tanq", ln_scale="median", integer_zero_point=True) == dopq
+    components = ("softmax_quantizer", "ln_scale", "integer_zero_point", "ln_shift")
+    assert [getattr(repq, c) for c in components] == ["logsqrt2", "mean", False, "bias"]
+    assert [getattr(dopq, c) for c in components] == ["tanq", "median", True, "input"]
+    changes = {c: getattr(dopq, c) for c in components}
+    assert repq.replace(**changes) == dopq
 
 
 @pytest.mark.parametrize(

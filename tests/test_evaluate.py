@@ -52,6 +52,7 @@ def test_evaluate_exact_accuracies() -> None:
     model.train()
     result = evaluate(model, loader, progress=False)
     assert (result.top1, result.top5, result.images) == (2 / 6, 4 / 6, 6)
+    assert result.top1_correct == "100001"  # per image, in loader order, across both batches
     assert result.seconds > 0 and result.images_per_second == pytest.approx(6 / result.seconds)
     assert model.inference_mode_seen == [True, True]  # two batches, eval mode, inference mode
 
@@ -71,7 +72,8 @@ def test_accuracy_counts() -> None:
 
 def test_eval_result_dict() -> None:
     result = EvalResult(top1=0.5, top5=0.75, images=100, seconds=4.0)
-    expected = {"top1": 0.5, "top5": 0.75, "images": 100, "seconds": 4.0, "images_per_second": 25.0}
+    expected = {"top1": 0.5, "top5": 0.75, "images": 100, "seconds": 4.0, "top1_correct": "",
+                "images_per_second": 25.0}  # fmt: skip
     assert result.to_dict() == expected
     assert EvalResult(0.0, 0.0, 0, 0.0).images_per_second == 0.0
 

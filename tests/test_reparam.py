@@ -32,8 +32,9 @@ def test_fold_preserves_the_float_function_exactly():
     assert torch.allclose(block.attn.qkv(block.norm1(x)), ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shift", ["bias", "input"])
 @pytest.mark.parametrize("rule", ["mean", "median", "mad", "search"])
-def test_model_function_preserved_and_reported(rule):
+def test_model_function_preserved_and_reported(rule, shift):
     model = _tiny_vit()
     images = torch.randn(8, 3, 160, 160)
     with torch.no_grad():
@@ -43,7 +44,7 @@ def test_model_function_preserved_and_reported(rule):
 
     with capture_inputs(model, plan.paired_linears) as captured:
         calibrate(model, images)
-    report = reparameterize(model, plan, rule=rule, check_images=images, captured=captured)
+    report = reparameterize(model, plan, rule=rule, shift=shift, check_images=images, captured=captured)
     assert report.max_logit_change < 1e-4
     set_quantization(model, False, False)
     with torch.no_grad():
@@ -150,12 +151,12 @@ def test_target_scale_has_no_effect_but_target_zero_point_does():
         norm.bias.uniform_(-1, 1)
     x = torch.randn(64, 16)
 
-    def output(d_t: float, z_t: float) -> torch.Tensor:
+    def output(d_t: float, z_t: float, shift: str = "bias") -> torch.Tensor:
         n, f = copy.deepcopy(norm), copy.deepcopy(fc)
         lin = QuantLinear(f, UniformQuantizer(3, PerChannel(-1)), UniformQuantizer(3, PerChannel(0)))
         calibrate(lin, n(x))
         d, z = lin.input_quantizer.scale.clone(), lin.input_quantizer.zero_point.clone()
-        fold_layernorm(n, [lin], d, z, torch.tensor(d_t), torch.tensor(z_t))
+        fold_layernorm(n, [lin], d, z, torch.tensor(d_t), torch.tensor(z_t), shift)
         lin.input_quantizer.set_qparams(torch.tensor([d_t]), torch.tensor([z_t]), PerTensor())
         lin.weight_quantizer.initialize(lin.weight.detach(), None)
         with torch.no_grad():
@@ -165,6 +166,42 @@ def test_target_scale_has_no_effect_but_target_zero_point_does():
     assert torch.allclose(output(0.05, 3.0), base, atol=1e-4)  # d* 10x smaller: same outputs
     assert torch.allclose(output(2.0, 3.0), base, atol=1e-4)
     assert not torch.allclose(output(0.5, 4.0), base, atol=1e-3)  # z* moved by one code
+
+    # with the shift as an input offset the quantized weights multiply it: z* stops mattering too
+    exact = output(0.5, 3.0, "input")
+    for d_t, z_t in ((0.05, 3.0), (0.5, 4.0), (2.0, 0.0)):
+        assert torch.allclose(output(d_t, z_t, "input"), exact, atol=1e-4), (d_t, z_t)
+
+
+def test_input_shift_is_exact_per_channel_quantization():
+    """ln_shift='input' with an integer z*: the re-parameterized per-tensor layer computes exactly
+    per-channel asymmetric input quantization followed by the (column-scaled) quantized weights."""
+    from dopq.modules import QuantLinear
+    from dopq.quantizers import PerChannel, UniformQuantizer
+
+    torch.manual_seed(1)
+    norm, fc = torch.nn.LayerNorm(16), torch.nn.Linear(16, 8)
+    with torch.no_grad():
+        norm.weight.uniform_(0.2, 4)
+        norm.bias.uniform_(-1, 1)
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        float_ref = fc(norm(x))
+    lin = QuantLinear(fc, UniformQuantizer(3, PerChannel(-1)), UniformQuantizer(3, PerChannel(0)))
+    calibrate(lin, norm(x))
+    with torch.no_grad():
+        per_channel_x = lin.input_quantizer(norm(x))
+    d, z = lin.input_quantizer.scale.clone(), lin.input_quantizer.zero_point.clone()
+    d_t, z_t = target_scale("median", d, z)
+    fold_layernorm(norm, [lin], d, z, d_t, z_t.round(), "input")
+    lin.input_quantizer.set_qparams(d_t.reshape(1), z_t.round().reshape(1), PerTensor())
+    lin.weight_quantizer.initialize(lin.weight.detach(), None)
+    r = d / d_t
+    with torch.no_grad():
+        expected = (per_channel_x / r) @ lin.quantized_weight().T + lin.bias
+        assert torch.allclose(lin(norm(x)), expected, atol=1e-4)
+        set_quantization(lin, False, False)
+        assert torch.allclose(lin(norm(x)), float_ref, atol=1e-5)
 
 
 def test_mosf_rule_matters_with_fractional_zero_point():

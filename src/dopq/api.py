@@ -111,6 +111,7 @@ def quantize_with_report(
             plan,
             rule=config.ln_scale,
             integer_zero_point=config.integer_zero_point,
+            shift=config.ln_shift,
             check_images=images[:4],
             captured=captured,
         )

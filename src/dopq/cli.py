@@ -10,6 +10,7 @@ from typing import Any
 
 from dopq.config import (
     LN_SCALE_RULES,
+    LN_SHIFTS,
     SOFTMAX_QUANTIZERS,
     QuantConfig,
     ReconstructConfig,
@@ -64,6 +65,11 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--softmax-quantizer", choices=SOFTMAX_QUANTIZERS, help="override the preset's")
     g.add_argument("--ln-scale", choices=LN_SCALE_RULES, help="override the preset's MOSF rule")
     g.add_argument("--integer-zero-point", choices=["on", "off"], help="override the preset's")
+    g.add_argument(
+        "--ln-shift",
+        choices=LN_SHIFTS,
+        help="where the post-LN re-parameterization's shift goes: bias (RepQ-ViT) or input (exact)",
+    )
     g.add_argument("--tanq-objective", choices=["output", "mse"])
     r = p.add_argument_group("reconstruction")
     r.add_argument("--reconstruct", action="store_true", help="block-wise reconstruction after calibration")
@@ -106,6 +112,7 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
         "a_bits": args.a_bits,
         "softmax_quantizer": args.softmax_quantizer,
         "ln_scale": args.ln_scale,
+        "ln_shift": args.ln_shift,
         "tanq_objective": args.tanq_objective,
     }
     if args.integer_zero_point:
@@ -120,18 +127,8 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
     return get_preset(args.method, **overrides)
 
 
-def _preprocess_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    values = {
-        "mean": tuple(args.mean) if args.mean else None,
-        "std": tuple(args.std) if args.std else None,
-        "interpolation": args.interpolation,
-        "crop_pct": args.crop_pct,
-    }
-    return {k: v for k, v in values.items() if v is not None}
-
-
 def _settings_from(args: argparse.Namespace):
-    from dopq.experiment import RunSettings
+    from dopq.experiment import RunSettings, preprocess_overrides
 
     return RunSettings(
         model=args.model,
@@ -147,10 +144,7 @@ def _settings_from(args: argparse.Namespace):
         batch_size=getattr(args, "batch_size", 64),
         workers=getattr(args, "workers", 0),
         device=args.device,
-        mean=tuple(args.mean) if getattr(args, "mean", None) else None,
-        std=tuple(args.std) if getattr(args, "std", None) else None,
-        interpolation=getattr(args, "interpolation", None),
-        crop_pct=getattr(args, "crop_pct", None),
+        **preprocess_overrides(args),
     )
 
 
@@ -185,7 +179,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from dopq.experiment import evaluate_saved
+    from dopq.experiment import evaluate_saved, preprocess_overrides
 
     result = evaluate_saved(
         args.quantized,
@@ -197,7 +191,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         workers=args.workers,
         device=args.device,
         progress=not args.quiet,
-        overrides=_preprocess_overrides(args),
+        overrides=preprocess_overrides(args),
     )
     _write_outputs(result, args.output)
     return 0

@@ -10,6 +10,7 @@ from dopq.errors import ConfigError
 
 __all__ = [
     "LN_SCALE_RULES",
+    "LN_SHIFTS",
     "SOFTMAX_QUANTIZERS",
     "QuantConfig",
     "ReconstructConfig",
@@ -19,6 +20,7 @@ __all__ = [
 
 SOFTMAX_QUANTIZERS = ("uniform", "log2", "logsqrt2", "tanq")
 LN_SCALE_RULES = ("mean", "median", "mad", "search")
+LN_SHIFTS = ("bias", "input")
 MIN_BITS, MAX_BITS = 2, 8
 
 
@@ -85,6 +87,9 @@ class QuantConfig:
             median, mad or search (DopQ-ViT's MOSF variants).
         integer_zero_point: round the re-parameterized zero point to an integer (deployable);
             RepQ-ViT leaves it fractional.
+        ln_shift: where the re-parameterization's per-channel shift goes: "bias" (folded with the
+            float weights, RepQ-ViT) or "input" (an input offset the quantized weights multiply:
+            the quantized layer is then exactly per-channel asymmetric, see docs/mosf.md).
         patch_embed_input_bits: bits of the image fed to the patch embedding.
         percentiles: candidate upper quantiles of the uniform range search.
         tanq_objective: "output" (error of attn @ v) or "mse" (error of the attention values).
@@ -100,6 +105,7 @@ class QuantConfig:
     softmax_quantizer: str = "tanq"
     ln_scale: str = "median"
     integer_zero_point: bool = True
+    ln_shift: str = "input"
     patch_embed_input_bits: int = 8
     percentiles: tuple[float, ...] = (0.999, 0.9999, 0.99999)
     tanq_objective: str = "output"
@@ -111,6 +117,7 @@ class QuantConfig:
         _check_bits("patch_embed_input_bits", self.patch_embed_input_bits)
         _check_choice("softmax_quantizer", self.softmax_quantizer, SOFTMAX_QUANTIZERS)
         _check_choice("ln_scale", self.ln_scale, LN_SCALE_RULES)
+        _check_choice("ln_shift", self.ln_shift, LN_SHIFTS)
         _check_choice("tanq_objective", self.tanq_objective, ("output", "mse"))
         self.percentiles = tuple(float(p) for p in self.percentiles)
         if not self.percentiles or not all(0.5 < p <= 1.0 for p in self.percentiles):
@@ -138,8 +145,8 @@ class QuantConfig:
 
 
 _PRESETS: dict[str, dict[str, Any]] = {
-    "repq": dict(softmax_quantizer="logsqrt2", ln_scale="mean", integer_zero_point=False),
-    "dopq": dict(softmax_quantizer="tanq", ln_scale="median", integer_zero_point=True),
+    "repq": dict(softmax_quantizer="logsqrt2", ln_scale="mean", integer_zero_point=False, ln_shift="bias"),
+    "dopq": dict(softmax_quantizer="tanq", ln_scale="median", integer_zero_point=True, ln_shift="input"),
 }
 
 

@@ -35,12 +35,15 @@ class EvalResult:
         top5: fraction whose label is among the ``min(5, num_classes)`` highest logits, in [0, 1].
         images: number of images evaluated.
         seconds: wall-clock time of the loop, data loading included.
+        top1_correct: per image, in loader order, ``"1"`` if its top-1 prediction is right else
+            ``"0"``: what paired comparisons of two models on the same images need.
     """
 
     top1: float
     top5: float
     images: int
     seconds: float
+    top1_correct: str = ""
 
     @property
     def images_per_second(self) -> float:
@@ -77,6 +80,11 @@ def accuracy_counts(logits: Tensor, targets: Tensor, ks: Sequence[int] = (1, 5))
     return tuple(int(hits[:, : min(k, num_classes)].any(dim=1).sum()) for k in ks)
 
 
+def _top1_hits(logits: Tensor, targets: Tensor) -> list[bool]:
+    # topk, as in accuracy_counts, so ties resolve the same way and the string sums to the count
+    return (logits.topk(1, dim=1).indices[:, 0] == targets).tolist()
+
+
 def evaluate(
     model: nn.Module,
     loader: Iterable[tuple[Tensor, Tensor]],
@@ -106,19 +114,22 @@ def evaluate(
     total = len(loader.dataset) if hasattr(loader, "dataset") else None
     model.eval()
     correct1 = correct5 = seen = 0
+    per_image: list[str] = []
     start = time.perf_counter()
     bar = tqdm(total=total, desc=desc, unit="img", disable=not progress)
     with torch.inference_mode(), single_line_errors(), bar:
         for images, targets in loader:
             logits = model(images.to(device, non_blocking=True))
-            c1, c5 = accuracy_counts(logits, targets.to(device, non_blocking=True))
+            targets = targets.to(device, non_blocking=True)
+            c1, c5 = accuracy_counts(logits, targets)
+            per_image.extend("1" if hit else "0" for hit in _top1_hits(logits, targets))
             correct1, correct5, seen = correct1 + c1, correct5 + c5, seen + len(targets)
             bar.update(len(targets))
             bar.set_postfix(top1=f"{100 * correct1 / seen:.2f}%", refresh=False)
     seconds = time.perf_counter() - start
     if seen == 0:
         raise DataError("evaluation got no images; check the split and subset size")
-    result = EvalResult(top1=correct1 / seen, top5=correct5 / seen, images=seen, seconds=seconds)
+    result = EvalResult(correct1 / seen, correct5 / seen, seen, seconds, "".join(per_image))
     logger.info(
         "%s: top-1 %.2f%%, top-5 %.2f%% on %d images (%.1f img/s)",
         desc,

@@ -99,14 +99,19 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+PREPROCESS_OVERRIDES = ("mean", "std", "interpolation", "crop_pct")
+
+
+def preprocess_overrides(source: Any) -> dict[str, Any]:
+    """The preprocessing fields set on ``source`` (run settings or parsed CLI arguments)."""
+    values = {k: getattr(source, k, None) for k in PREPROCESS_OVERRIDES}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None}
+
+
 def _preprocess(settings: RunSettings, model: nn.Module) -> Preprocess:
     card = card_path_for(settings.checkpoint) if settings.checkpoint else None
     pre = preprocess_from_card(card) if card else preprocess_from_model(model)
-    overrides = {
-        k: getattr(settings, k)
-        for k in ("mean", "std", "interpolation", "crop_pct")
-        if getattr(settings, k) is not None
-    }
+    overrides = preprocess_overrides(settings)
     return replace(pre, **overrides) if overrides else pre
 
 
@@ -213,6 +218,8 @@ def run_recipe(
         "quant_top1": quant.top1,
         "fp_top5": fp.top5 if fp else None,
         "quant_top5": quant.top5,
+        "fp_top1_correct": fp.top1_correct if fp else None,
+        "quant_top1_correct": quant.top1_correct,
         "calib_seconds": report.calib_seconds,
         "eval_images": quant.images,
         "eval_images_per_second": quant.images_per_second,

@@ -3,6 +3,10 @@
 ``QuantLinear``/``QuantConv2d`` subclass the torch layers, so ``weight``/``bias`` keys (and float
 checkpoints) are unchanged. Pipeline: quantize input, quantize weight, run the op.
 ``QuantMatMul`` quantizes both operands of an activation-activation product.
+
+``QuantLinear`` may carry an ``input_offset`` (set by the post-LayerNorm re-parameterization):
+a per-input-channel shift added after the input quantizer, so the quantized weights multiply it.
+An integer kernel runs it as per-channel zero points (see docs/mosf.md).
 """
 
 from __future__ import annotations
@@ -49,9 +53,13 @@ class QuantLinear(nn.Linear, _WeightQuantMixin):
         self.bias = linear.bias
         self.input_quantizer = _identity_or(input_quantizer)
         self.weight_quantizer = _identity_or(weight_quantizer)
+        self.register_buffer("input_offset", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.quantized_weight(), self.bias)
+        x = self.input_quantizer(x)
+        if self.input_offset is not None:
+            x = x + self.input_offset
+        return F.linear(x, self.quantized_weight(), self.bias)
 
 
 class QuantConv2d(nn.Conv2d, _WeightQuantMixin):

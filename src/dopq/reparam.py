@@ -2,10 +2,12 @@
 
 A Linear fed by a LayerNorm first gets a per-channel input quantizer ``(d_c, z_c)``. With a
 layer-wise target ``(d*, z*)``, ``r_c = d_c / d*`` and ``b_c = d* (z* - z_c)``; folding
-``gamma_c /= r_c``, ``beta_c = beta_c / r_c - b_c``, ``W[:, c] *= r_c`` and ``bias += W b`` keeps
-the float function while one per-tensor quantizer ``(d*, z*)`` now gives every channel the grid it
-had channel-wise (exactly so when ``z*`` is an integer). The rule that picks ``d*`` is what
-DopQ-ViT's MOSF changes.
+``gamma_c /= r_c``, ``beta_c = beta_c / r_c - b_c`` and ``W[:, c] *= r_c`` keeps the float function
+once the shift ``b`` is given back, while one per-tensor quantizer ``(d*, z*)`` now gives every
+channel the grid it had channel-wise (exactly so when ``z*`` is an integer). The shift goes back
+either into the bias with the float weights (``bias += W b``, RepQ-ViT; the quantized layer then
+misses ``(Q(W) - W) b``) or as the Linear's ``input_offset``, multiplied by the quantized weights
+(exact: per-channel integer zero points). The rule that picks ``d*`` is what DopQ-ViT's MOSF changes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dopq.modules import QuantLinear, set_quantization
 from dopq.quantizers import PerTensor, UniformQuantizer, fake_quantize_uniform, search_uniform_range
 
 __all__ = [
+    "LN_SHIFTS",
     "TARGET_RULES",
     "ReparamReport",
     "fold_layernorm",
@@ -29,6 +32,7 @@ __all__ = [
     "target_scale",
 ]
 
+LN_SHIFTS = ("bias", "input")
 TargetRule = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 MAD_THRESHOLD = 3.0  # inliers: |d_c - median| <= 3 * 1.4826 * MAD (a normal-consistent 3 sigma)
 
@@ -67,8 +71,17 @@ def fold_layernorm(
     z: torch.Tensor,
     d_t: torch.Tensor,
     z_t: torch.Tensor,
+    shift: str = "bias",
 ) -> None:
-    """Fold the channel-wise -> layer-wise change into ``norm`` and ``linears`` (in float64)."""
+    """Fold the channel-wise -> layer-wise change into ``norm`` and ``linears`` (in float64).
+
+    ``shift`` says where the per-channel shift ``b`` goes back: ``"bias"`` (``bias += W b``) or
+    ``"input"`` (each Linear's ``input_offset``; the Linears must be :class:`QuantLinear`).
+    """
+    if shift not in LN_SHIFTS:
+        raise ConfigError(f"ln_shift must be one of {', '.join(LN_SHIFTS)}; got {shift!r}")
+    if shift == "input" and not all(isinstance(lin, QuantLinear) for lin in linears):
+        raise ConfigError("ln_shift 'input' needs QuantLinear layers (an input_offset slot)")
     d64, z64, dt, zt = (t.double() for t in (d, z, d_t, z_t))
     r = d64 / dt
     b = dt * (zt - z64)
@@ -77,16 +90,19 @@ def fold_layernorm(
         norm.bias.copy_(norm.bias.double() / r - b)
         for lin in linears:
             w = lin.weight.double() * r
-            shift = w @ b
             lin.weight.copy_(w)
+            if shift == "input":
+                lin.input_offset = b.to(lin.weight.dtype)
+                continue
+            shift_out = w @ b
             if lin.bias is None:
-                lin.bias = nn.Parameter(shift.to(lin.weight.dtype))
+                lin.bias = nn.Parameter(shift_out.to(lin.weight.dtype))
             else:
-                lin.bias.copy_(lin.bias.double() + shift)
+                lin.bias.copy_(lin.bias.double() + shift_out)
 
 
 def _search_target(
-    lin: QuantLinear, x: torch.Tensor, d: torch.Tensor, z: torch.Tensor, integer_zp: bool
+    lin: QuantLinear, x: torch.Tensor, d: torch.Tensor, z: torch.Tensor, integer_zp: bool, shift: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MOSF v1: the candidate target with the smallest output error of the re-parameterized,
     quantized layer on captured inputs ``x`` (float LayerNorm outputs)."""
@@ -107,7 +123,8 @@ def _search_target(
         w_t = w * r
         s, zp = search_uniform_range(w_t, wq.bits, 0, wq.percentiles)
         w_hat = fake_quantize_uniform(w_t, s.double()[:, None], zp.double()[:, None], wq.bits)
-        err = float((x_t @ w_hat.T + w_t @ b - y_ref).pow(2).mean())
+        y = (x_t + b) @ w_hat.T if shift == "input" else x_t @ w_hat.T + w_t @ b
+        err = float((y - y_ref).pow(2).mean())
         if err < best_err:
             best, best_err = (d_t, z_t), err
     return best
@@ -136,6 +153,7 @@ def reparameterize(
     plan: QuantPlan,
     rule: str = "mean",
     integer_zero_point: bool = False,
+    shift: str = "bias",
     check_images: torch.Tensor | None = None,
     captured: dict[str, torch.Tensor] | None = None,
     tolerance: float = 1e-3,
@@ -147,6 +165,7 @@ def reparameterize(
         plan: from :func:`dopq.models.prepare_model`.
         rule: ``mean``, ``median``, ``mad`` or ``search`` (needs ``captured`` inputs).
         integer_zero_point: round ``z*`` to an integer.
+        shift: where the per-channel shift goes, ``"bias"`` or ``"input"`` (:func:`fold_layernorm`).
         check_images: images on which the float logits must not change (relative ``tolerance``).
         captured: per-Linear input rows for the ``search`` rule.
 
@@ -166,12 +185,12 @@ def reparameterize(
         if rule == "search":
             if captured is None or pair.linears[0] not in captured:
                 raise ConfigError("ln_scale 'search' needs captured layer inputs from calibration")
-            d_t, z_t = _search_target(linears[0], captured[pair.linears[0]], d, z, integer_zero_point)
+            d_t, z_t = _search_target(linears[0], captured[pair.linears[0]], d, z, integer_zero_point, shift)
         else:
             d_t, z_t = target_scale(rule, d, z)
         if integer_zero_point:
             z_t = z_t.round()
-        fold_layernorm(norm, linears, d, z, d_t, z_t)
+        fold_layernorm(norm, linears, d, z, d_t, z_t, shift)
         for lin in linears:
             lin.input_quantizer.set_qparams(d_t.reshape(1), z_t.reshape(1), PerTensor())
             lin.weight_quantizer.initialize(lin.weight.detach(), None)

@@ -18,7 +18,7 @@ from torch import nn
 from dopq.config import QuantConfig
 from dopq.errors import CheckpointError
 from dopq.models import prepare_model
-from dopq.modules import quantizers_of
+from dopq.modules import QuantLinear, quantizers_of
 from dopq.quantizers import PerChannel, PerTensor, UniformQuantizer
 
 __all__ = ["FORMAT", "SCHEMA_VERSION", "load_quantized", "save_quantized"]
@@ -94,6 +94,8 @@ def _match_state(model: nn.Module, payload: dict[str, Any]) -> None:
         prefix = f"{name}." if name else ""
         if isinstance(module, nn.Linear) and module.bias is None and f"{prefix}bias" in state:
             module.bias = nn.Parameter(torch.zeros(module.out_features))
+        if isinstance(module, QuantLinear) and f"{prefix}input_offset" in state:
+            module.input_offset = torch.empty_like(state[f"{prefix}input_offset"])
         for key, buf in list(module.named_buffers(recurse=False)):
             saved = state.get(prefix + key)
             if saved is not None and saved.shape != buf.shape:

@@ -23,6 +23,19 @@ __all__ = [
 ]
 
 
+def lookup(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``table[codes]`` for a 1-D table; ``index_select`` is ~5x faster than advanced indexing
+    on CPU for the millions of codes of an attention map."""
+    return table.index_select(0, codes.reshape(-1)).view(codes.shape)
+
+
+def _with_ste(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``values`` in the forward pass, the identity's gradient to ``x`` (skipped without autograd)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return values + (x - x.detach())
+    return values
+
+
 def codes_from_thresholds(x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Integer code of each element: the number of thresholds strictly below it."""
     return torch.bucketize(x, thresholds)
@@ -84,25 +97,33 @@ class LevelQuantizer(Quantizer):
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         levels, thresholds = self.level_table()
         code = codes_from_thresholds(x.detach(), thresholds.detach())
-        return levels.detach()[code] + (x - x.detach())  # straight-through estimator for x
+        return _with_ste(lookup(levels.detach(), code), x)
 
 
 class _LogQuantizer(LevelQuantizer):
     step: float
     extra_zero: bool
 
+    @property
+    def _n_nonzero(self) -> int:
+        return 2**self.bits if self.extra_zero else 2**self.bits - 1
+
+    def _exponents(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Rounded level exponents ``e`` (level ``delta * 2^(-e*step)``); ``e >= n_nonzero`` is 0.
+        The one formula of both the forward codes and the range search."""
+        return torch.round(-torch.log2(x / delta) / self.step).clamp_min_(0)
+
     def _codes(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         # elementwise log-domain rounding: the same codes as the thresholds, several times faster
-        n_nonzero = 2**self.bits if self.extra_zero else 2**self.bits - 1
-        e = torch.round(-torch.log2(x / delta) / self.step).clamp_min(0)
-        return torch.where(e >= n_nonzero, 0, n_nonzero - e).long()
+        e = self._exponents(x, delta)
+        return torch.where(e >= self._n_nonzero, 0, self._n_nonzero - e).long()
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         return self._codes(x.detach(), self.delta)
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         levels, _ = self.level_table()
-        return levels.detach()[self.codes(x)] + (x - x.detach())
+        return _with_ste(lookup(levels.detach(), self.codes(x)), x)
 
     def __init__(self, bits: int, percentiles: tuple[float, ...] = DEFAULT_PERCENTILES) -> None:
         super().__init__(bits)
@@ -114,13 +135,11 @@ class _LogQuantizer(LevelQuantizer):
 
     def initialize(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
         rows = x.float().reshape(1, -1)
-        n_nonzero = 2**self.bits if self.extra_zero else 2**self.bits - 1
-        log_x = torch.log2(rows)  # once for all candidates; -inf at exact zeros
         best = None
         for delta in row_quantiles(rows, self.percentiles)[:, 0]:
             delta = delta.clamp_min(1e-8)
-            e = ((torch.log2(delta) - log_x) / self.step).round_().clamp_min_(0)
-            x_hat = torch.exp2(e * -self.step).mul_(delta).masked_fill_(e >= n_nonzero, 0.0)
+            e = self._exponents(rows, delta)
+            x_hat = torch.exp2(e * -self.step).mul_(delta).masked_fill_(e >= self._n_nonzero, 0.0)
             err = x_hat.sub_(rows).pow_(2).mean()
             if best is None or err < best[0]:
                 best = (err, delta)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dopq.quantizers.base import register_quantizer
-from dopq.quantizers.levels import LevelQuantizer, attention_error
+from dopq.quantizers.levels import LevelQuantizer, _with_ste, attention_error, lookup
 from dopq.quantizers.ranges import row_quantiles
 
 __all__ = ["TanQQuantizer", "sample_attention", "tan_codes", "tan_levels"]
@@ -75,7 +75,7 @@ def tan_codes(
     lo = torch.atan(c * m)
     u = (x / d).clamp_(0, 1).mul_(torch.atan(c * (1 - m)) + lo).sub_(lo).tan_().div_(c).add_(m)
     j = u.mul_(n).floor_().clamp_(0, n - 1).long()
-    th = thresholds[j] if thresholds.ndim == 1 else torch.gather(thresholds, 1, j)
+    th = lookup(thresholds, j) if thresholds.ndim == 1 else torch.gather(thresholds, 1, j)
     return j.add_(x > th)
 
 
@@ -146,7 +146,7 @@ class TanQQuantizer(LevelQuantizer):
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         levels, _ = self.level_table()
         codes = self.codes(x)
-        out = levels.detach()[codes] + (x - x.detach())  # the table value, STE for x
+        out = _with_ste(lookup(levels.detach(), codes), x)  # the table value, STE for x
         if levels.requires_grad:
             # gradients to (c, m, d) through the level formula evaluated per element: a sum
             # reduction, deterministic, unlike the scatter-add behind levels[codes]'s backward

@@ -42,7 +42,12 @@ def fake_quantize_uniform(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
 ) -> torch.Tensor:
     """Quantize and dequantize; differentiable in ``x`` (STE) and ``scale`` (LSQ-style)."""
-    return (quantize_uniform(x, scale, zero_point, bits) - zero_point) * scale
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+        return (quantize_uniform(x, scale, zero_point, bits) - zero_point) * scale
+    # no autograd: the same values (the STE's ``(r - a) + a`` is exactly ``r``) in place,
+    # one allocation instead of seven: quantized evaluation is bound by these passes
+    out = x / scale
+    return out.round_().add_(zero_point).clamp_(0, 2**bits - 1).sub_(zero_point).mul_(scale)
 
 
 @torch.no_grad()
