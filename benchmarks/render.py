@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,39 @@ def _load(results: Path, name: str) -> dict[str, Any] | None:
     return merged
 
 
-def _accuracy_table(data: dict[str, Any], title: str) -> list[str]:
+def sign_test_p(gained: int, lost: int) -> float:
+    """Two-sided exact sign (McNemar) test of ``gained`` vs ``lost`` discordant images."""
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def _paired_rows(sub: list[dict[str, Any]], bits: list[int], methods: list[str], base: str) -> list[str]:
+    """Per method and bit setting: images it gets right that ``base`` gets wrong, and the reverse."""
+    lines = []
+    for m in methods:
+        cells = []
+        for b in bits:
+            ref = [r for r in sub if r["method"] == base and r["w_bits"] == b and r.get("quant_top1_correct")]
+            hit = [r for r in sub if r["method"] == m and r["w_bits"] == b and r.get("quant_top1_correct")]
+            if not ref or not hit or len(ref[0]["quant_top1_correct"]) != len(hit[0]["quant_top1_correct"]):
+                cells.append("")
+                continue
+            pairs = list(zip(hit[0]["quant_top1_correct"], ref[0]["quant_top1_correct"], strict=True))
+            gained, lost = pairs.count(("1", "0")), pairs.count(("0", "1"))
+            cells.append(f"+{gained} / -{lost} (p={sign_test_p(gained, lost):.2g})")
+        if m != base and any(cells):
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    head = ["", f"Paired with {base} on the same images: images fixed / broken (two-sided exact sign-test p)", "",
+            "| method | " + " | ".join(f"W{b}/A{b}" for b in bits) + " |", "|---" * (len(bits) + 1) + "|"]  # fmt: skip
+    return [*head, *lines]
+
+
+def _accuracy_table(data: dict[str, Any], title: str, base: str = "repq") -> list[str]:
     rows = data["rows"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lines = [f"### {title}", "", f"Command: `{data['command']}` ({data['threads']} torch threads)", ""]
@@ -45,6 +78,7 @@ def _accuracy_table(data: dict[str, Any], title: str) -> list[str]:
                 cells.append(_pct(hit[0]["quant_top1"]) if hit else "")
             if any(cells):
                 lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines += _paired_rows(sub, bits, methods, base)
         lines.append("")
     return lines
 
@@ -60,6 +94,17 @@ def _softmax_table(data: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _tanq_grid_table(data: dict[str, Any]) -> list[str]:
+    names = list(data["rows"][0]["mean_attn_v_rel_err"])
+    lines = ["### TanQ search grid", "", f"Command: `{data['command']}`", "",
+             "Mean relative `attn @ v` error over every attention module (modules where it is the best in brackets).", "",
+             "| model | bits | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]  # fmt: skip
+    for r in data["rows"]:
+        cells = [f"{r['mean_attn_v_rel_err'][n]:.5f} ({r['modules_best'][n]}/{r['modules']})" for n in names]
+        lines.append(f"| {r['model']} | {r['bits']} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def _timing(results: Path) -> list[str]:
     lines = []
     for path in sorted(results.glob("timing_*threads.json")):
@@ -71,7 +116,7 @@ def _timing(results: Path) -> list[str]:
 
 
 def _recon(data: dict[str, Any], title: str) -> list[str]:
-    lines = _accuracy_table(data, title)
+    lines = _accuracy_table(data, title, base="dopq")
     for r in data["rows"]:
         rec = r.get("reconstruction")
         if rec:
@@ -93,6 +138,9 @@ def render(results: Path, target: Path) -> None:
     data = _load(results, "softmax_error")
     if data:
         parts += _softmax_table(data)
+    data = _load(results, "tanq_grid")
+    if data:
+        parts += _tanq_grid_table(data)
     parts += _timing(results)
     for path in sorted(results.glob("recon_*.json")):
         parts += _recon(json.loads(path.read_text()), f"Reconstruction ({path.stem})")

@@ -3,6 +3,7 @@
     python benchmarks/run.py foundation      # FP, RepQ-ViT W4/A4 + W3/A3 on the shared DeiT-Tiny and Swin-Tiny
     python benchmarks/run.py ablation        # repq, +TanQ, +MOSF rules, dopq at W3/A3, W4/A4, W6/A6
     python benchmarks/run.py softmax-error   # post-Softmax quantizer errors on real and power-law attention
+    python benchmarks/run.py tanq-grid --bits 3 4   # does a wider TanQ search grid help? (mean over modules)
     python benchmarks/run.py stress          # outlier-stressed DeiT-Tiny: repq vs dopq vs each MOSF rule
     python benchmarks/run.py timing          # calibration wall time, repq vs dopq (median of repeats)
     python benchmarks/run.py recon --recon-calib-size 256 --recon-iters 100   # reconstruction, reduced CPU settings
@@ -84,6 +85,7 @@ def save(name: str, payload: dict[str, Any]) -> None:
 
 def ablation_recipes(bits: int) -> dict[str, QuantConfig]:
     repq = get_preset("repq", w_bits=bits, a_bits=bits)
+    dopq = get_preset("dopq", w_bits=bits, a_bits=bits)
     return {
         "repq": repq,
         "repq+tanq": repq.replace(softmax_quantizer="tanq"),
@@ -92,7 +94,9 @@ def ablation_recipes(bits: int) -> dict[str, QuantConfig]:
         "repq+mosf-search": repq.replace(ln_scale="search"),
         "repq+int-zp": repq.replace(integer_zero_point=True),
         "repq+exact-zp": repq.replace(integer_zero_point=True, ln_shift="input"),
-        "dopq": get_preset("dopq", w_bits=bits, a_bits=bits),
+        "repq+bias-corr": repq.replace(bias_correction=True),
+        "dopq": dopq,
+        "dopq-without-bias-corr": dopq.replace(bias_correction=False),
     }
 
 
@@ -171,7 +175,17 @@ def suite_recon(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "suite", choices=["foundation", "ablation", "softmax-error", "stress", "timing", "recon", "render"]
+        "suite",
+        choices=[
+            "foundation",
+            "ablation",
+            "softmax-error",
+            "tanq-grid",
+            "stress",
+            "timing",
+            "recon",
+            "render",
+        ],
     )
     p.add_argument("--shared", default=str(ROOT.parent.parent / "shared"))
     p.add_argument("--data-file", default="cifar10-jpeg.tar.gz", help="archive under <shared>/data")
@@ -197,6 +211,10 @@ def main(argv: list[str] | None = None) -> None:
         from softmax_error import suite_softmax_error
 
         suite_softmax_error(args, workload, save)
+    elif args.suite == "tanq-grid":
+        from softmax_error import suite_tanq_grid
+
+        suite_tanq_grid(args, workload, save)
     elif args.suite == "render":
         from render import render
 

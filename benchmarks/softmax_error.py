@@ -92,3 +92,48 @@ def suite_softmax_error(args: Any, workload: Any, save: Any) -> None:
             flush=True,
         )
     save("softmax_error", {"rows": rows})
+
+
+TANQ_GRIDS = {
+    "tanq (default grid)": {},
+    "tanq +centers 0.1/0.2": {"centers": (0.1, 0.2, 0.35, 0.5)},
+    "tanq +clips q0.99/q0.98": {"clip_quantiles": (1.0, 0.9999, 0.999, 0.99, 0.98)},
+}
+
+
+def suite_tanq_grid(args: Any, workload: Any, save: Any) -> None:
+    """Does a wider TanQ search grid close the gap to log2 on low-valued maps? Mean ``attn @ v``
+    relative error over every attention module of each model (8 calibration images)."""
+    rows = []
+    for arch in args.models:
+        work = workload(args, arch)
+        maps = attention_and_values(work.model, work.calib_images[:8])
+        for bits in args.bits:
+            errs: dict[str, list[float]] = {}
+            for _, attn, v in maps:
+                ref = attn @ v
+                for label in ("log2", "logsqrt2", *TANQ_GRIDS):
+                    kw = TANQ_GRIDS.get(label, {})
+                    q = build_quantizer("tanq" if label.startswith("tanq") else label, bits, **kw)
+                    q.observing = True
+                    a_hat = q(attn, v) if label.startswith("tanq") else q(attn)
+                    errs.setdefault(label, []).append(
+                        float((a_hat @ v - ref).pow(2).sum() / ref.pow(2).sum())
+                    )
+            best = [min(e[i] for e in errs.values()) for i in range(len(maps))]
+            row = {
+                "model": arch,
+                "bits": bits,
+                "modules": len(maps),
+                "mean_attn_v_rel_err": {k: sum(e) / len(e) for k, e in errs.items()},
+                "modules_best": {
+                    k: sum(x <= b for x, b in zip(e, best, strict=True)) for k, e in errs.items()
+                },
+            }
+            rows.append(row)
+            print(
+                f"  {arch} W{bits}",
+                {k: round(x, 5) for k, x in row["mean_attn_v_rel_err"].items()},
+                flush=True,
+            )
+            save("tanq_grid", {"rows": rows})

@@ -19,9 +19,9 @@ def test_presets_round_trip_through_json(name):
 
 def test_presets_differ_only_in_components():
     repq, dopq = get_preset("repq"), get_preset("dopq")
-    components = ("softmax_quantizer", "ln_scale", "integer_zero_point", "ln_shift")
-    assert [getattr(repq, c) for c in components] == ["logsqrt2", "mean", False, "bias"]
-    assert [getattr(dopq, c) for c in components] == ["tanq", "median", True, "input"]
+    components = ("softmax_quantizer", "ln_scale", "integer_zero_point", "ln_shift", "bias_correction")
+    assert [getattr(repq, c) for c in components] == ["logsqrt2", "mean", False, "bias", False]
+    assert [getattr(dopq, c) for c in components] == ["tanq", "median", True, "input", True]
     changes = {c: getattr(dopq, c) for c in components}
     assert repq.replace(**changes) == dopq
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dopq.calibrate import calibrate, capture_inputs
+from dopq.calibrate import calibrate, capture_inputs, correct_bias
 from dopq.config import QuantConfig, get_preset
 from dopq.errors import ConfigError
 from dopq.models import QuantPlan, prepare_model
@@ -36,8 +36,10 @@ class QuantizationReport:
 
     @property
     def calib_seconds(self) -> float:
-        """Calibration + re-parameterization + weight re-calibration (no data loading, no eval)."""
-        return self.timings.get("calibration", 0.0) + self.timings.get("reparameterization", 0.0)
+        """Calibration + re-parameterization (with its weight re-calibration) + bias correction:
+        everything but data loading, reconstruction and evaluation."""
+        stages = ("calibration", "reparameterization", "bias_correction")
+        return sum(self.timings.get(stage, 0.0) for stage in stages)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -115,6 +117,9 @@ def quantize_with_report(
             check_images=images[:4],
             captured=captured,
         )
+    if config.bias_correction:
+        with _timed(timings, "bias_correction"):
+            correct_bias(model, images)
     if config.reconstruct is not None:
         from dopq.reconstruct import reconstruct
 

@@ -65,6 +65,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--softmax-quantizer", choices=SOFTMAX_QUANTIZERS, help="override the preset's")
     g.add_argument("--ln-scale", choices=LN_SCALE_RULES, help="override the preset's MOSF rule")
     g.add_argument("--integer-zero-point", choices=["on", "off"], help="override the preset's")
+    g.add_argument("--bias-correction", choices=["on", "off"], help="override the preset's")
     g.add_argument(
         "--ln-shift",
         choices=LN_SHIFTS,
@@ -115,8 +116,9 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
         "ln_shift": args.ln_shift,
         "tanq_objective": args.tanq_objective,
     }
-    if args.integer_zero_point:
-        overrides["integer_zero_point"] = args.integer_zero_point == "on"
+    for switch in ("integer_zero_point", "bias_correction"):
+        if getattr(args, switch):
+            overrides[switch] = getattr(args, switch) == "on"
     if args.reconstruct:
         overrides["reconstruct"] = ReconstructConfig(
             calib_size=args.recon_calib_size,

@@ -42,7 +42,9 @@ class ReconstructConfig:
         calib_size: images whose block inputs are cached for the optimisation.
         iters: optimisation steps per block; None picks 1000 at <= 4 bits and 200 above.
         batch_size: images per step.
-        lr_weight: learning rate of the AdaRound rounding variables.
+        lr_weight: learning rate of the AdaRound rounding variables; None scales it with the
+            schedule, ``clamp(2 / iters, 1e-3, 5e-2)``: Adam moves a variable by about ``lr`` per
+            step and a rounding decision needs it to travel about 2 (measured, docs/reconstruction.md).
         lr_act: learning rate of the activation step sizes (LSQ) and TanQ parameters.
         drop_prob: QDrop probability of keeping an activation in float during optimisation.
         learn_softmax: also learn the post-Softmax quantizer's parameters (TanQ). Off by default:
@@ -53,7 +55,7 @@ class ReconstructConfig:
     calib_size: int = 1024
     iters: int | None = None
     batch_size: int = 64
-    lr_weight: float = 1e-3
+    lr_weight: float | None = None
     lr_act: float = 4e-5
     drop_prob: float = 0.5
     learn_softmax: bool = False
@@ -67,6 +69,12 @@ class ReconstructConfig:
             raise ConfigError(f"recon iters must be >= 0, got {self.iters}")
         if not 0.0 <= self.drop_prob <= 1.0:
             raise ConfigError(f"recon drop_prob must be in [0, 1], got {self.drop_prob}")
+
+    def lr_weight_for(self, iters: int) -> float:
+        """The AdaRound learning rate for a schedule of ``iters`` steps."""
+        if self.lr_weight is not None:
+            return self.lr_weight
+        return min(5e-2, max(1e-3, 2.0 / max(1, iters)))
 
     def iters_for(self, bits: int) -> int:
         """The paper family's default: 1000 iterations at 3-4 bits, 200 at 6 bits and above."""
@@ -90,6 +98,8 @@ class QuantConfig:
         ln_shift: where the re-parameterization's per-channel shift goes: "bias" (folded with the
             float weights, RepQ-ViT) or "input" (an input offset the quantized weights multiply:
             the quantized layer is then exactly per-channel asymmetric, see docs/mosf.md).
+        bias_correction: subtract from every quantized Linear's bias the mean output error its
+            quantization causes on the calibration images (empirical bias correction).
         patch_embed_input_bits: bits of the image fed to the patch embedding.
         percentiles: candidate upper quantiles of the uniform range search.
         tanq_objective: "output" (error of attn @ v) or "mse" (error of the attention values).
@@ -106,6 +116,7 @@ class QuantConfig:
     ln_scale: str = "median"
     integer_zero_point: bool = True
     ln_shift: str = "input"
+    bias_correction: bool = True
     patch_embed_input_bits: int = 8
     percentiles: tuple[float, ...] = (0.999, 0.9999, 0.99999)
     tanq_objective: str = "output"
@@ -145,8 +156,20 @@ class QuantConfig:
 
 
 _PRESETS: dict[str, dict[str, Any]] = {
-    "repq": dict(softmax_quantizer="logsqrt2", ln_scale="mean", integer_zero_point=False, ln_shift="bias"),
-    "dopq": dict(softmax_quantizer="tanq", ln_scale="median", integer_zero_point=True, ln_shift="input"),
+    "repq": dict(
+        softmax_quantizer="logsqrt2",
+        ln_scale="mean",
+        integer_zero_point=False,
+        ln_shift="bias",
+        bias_correction=False,
+    ),
+    "dopq": dict(
+        softmax_quantizer="tanq",
+        ln_scale="median",
+        integer_zero_point=True,
+        ln_shift="input",
+        bias_correction=True,
+    ),
 }
 
 

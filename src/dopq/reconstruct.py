@@ -150,7 +150,7 @@ def reconstruct_unit(
     with _trainable(unit, rcfg) as (rounders, act_params, level_params):
         groups = []
         if rounders:
-            groups.append({"params": [r.alpha for r in rounders], "lr": rcfg.lr_weight})
+            groups.append({"params": [r.alpha for r in rounders], "lr": rcfg.lr_weight_for(iters)})
         if act_params:
             groups.append({"params": act_params, "lr": rcfg.lr_act})
         if level_params:
@@ -226,6 +226,7 @@ def reconstruct(
         del inputs, targets
     return {
         "iters_per_unit": iters,
+        "lr_weight": rcfg.lr_weight_for(iters),
         "images": int(images.shape[0]),
         "batch_size": rcfg.batch_size,
         "seconds": time.perf_counter() - t_start,
