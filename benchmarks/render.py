@@ -105,6 +105,17 @@ def _tanq_grid_table(data: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _recon_lr_table(data: dict[str, Any]) -> list[str]:
+    lines = ["### AdaRound learning rate (one unit)", "", f"Command: `{data['command']}`", "",
+             "| unit | iters | images | batch | lr | loss before | loss soft | loss after (hard rounding) | s |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in data["rows"]:
+        lr = f"{r['lr_weight']:.3g}" + (" (auto)" if r["auto"] else "")
+        lines.append(f"| {r['unit']} | {r['iters']} | {r['images']} | {r['batch_size']} | {lr} | {r['loss_before']:.0f} | "
+                     f"{r['loss_soft']:.0f} | {r['loss_after']:.0f} | {r['seconds']:.0f} |")  # fmt: skip
+    return [*lines, ""]
+
+
 def _timing(results: Path) -> list[str]:
     lines = []
     for path in sorted(results.glob("timing_*threads.json")):
@@ -143,7 +154,10 @@ def render(results: Path, target: Path) -> None:
         parts += _tanq_grid_table(data)
     parts += _timing(results)
     for path in sorted(results.glob("recon_*.json")):
-        parts += _recon(json.loads(path.read_text()), f"Reconstruction ({path.stem})")
+        if path.stem == "recon_lr":
+            parts += _recon_lr_table(json.loads(path.read_text()))
+        else:
+            parts += _recon(json.loads(path.read_text()), f"Reconstruction ({path.stem})")
     text = target.read_text() if target.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
     head, _, rest = text.partition(BEGIN)
     _, _, tail = rest.partition(END)

@@ -7,6 +7,7 @@
     python benchmarks/run.py stress          # outlier-stressed DeiT-Tiny: repq vs dopq vs each MOSF rule
     python benchmarks/run.py timing          # calibration wall time, repq vs dopq (median of repeats)
     python benchmarks/run.py recon --recon-calib-size 256 --recon-iters 100   # reconstruction, reduced CPU settings
+    python benchmarks/run.py recon-lr --recon-calib-size 128 --recon-iters 60 --recon-batch-size 32   # AdaRound lr
     python benchmarks/run.py render          # docs/RESULTS.md tables from the JSON files
 
 Protocol everywhere: 32 calibration images from CIFAR-10 train (seed 0), the strided 1000 CIFAR-10 test
@@ -172,6 +173,34 @@ def suite_recon(args: argparse.Namespace) -> None:
             )  # after each row: partial runs count
 
 
+def suite_recon_lr(args: argparse.Namespace) -> None:
+    """AdaRound learning rate vs block loss on one DeiT-Tiny unit (W3/A3, short CPU schedule)."""
+    from dopq.api import quantize
+    from dopq.reconstruct import cache_unit_io, reconstruct_unit
+
+    work = workload(args, "deit_tiny_patch16_224")
+    fp = copy.deepcopy(work.model)
+    q = quantize(
+        copy.deepcopy(work.model), work.calib_images, get_preset("dopq", w_bits=3, a_bits=3), progress=False
+    )
+    images = work.recon_images(args.recon_calib_size)
+    inputs = cache_unit_io(q, q.blocks[1], images, 64, output=False)
+    targets = cache_unit_io(fp, fp.blocks[1], images, 64, output=True)
+    iters = args.recon_iters or 60
+    rows = []
+    for lr in (1e-3, 1e-2, 3e-2, None):
+        rcfg = ReconstructConfig(
+            calib_size=len(images), iters=iters, batch_size=args.recon_batch_size, lr_weight=lr
+        )
+        t0 = time.perf_counter()
+        res = reconstruct_unit(copy.deepcopy(q.blocks[1]), inputs, targets, rcfg, iters, torch.Generator().manual_seed(0),
+                               progress=False)  # fmt: skip
+        rows.append({"unit": "blocks.1", "lr_weight": rcfg.lr_weight_for(iters), "auto": lr is None, "iters": iters,
+                     "images": len(images), "batch_size": rcfg.batch_size, "seconds": time.perf_counter() - t0, **res})  # fmt: skip
+        print(f"  lr {rows[-1]['lr_weight']:.3g}: {res}", flush=True)
+        save("recon_lr", {"rows": rows})
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -220,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
 
         render(RESULTS, ROOT.parent / "docs" / "RESULTS.md")
     else:
-        globals()[f"suite_{args.suite}"](args)
+        globals()[f"suite_{args.suite.replace('-', '_')}"](args)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ def test_presets_differ_only_in_components():
         ("a_bits", 1, "a_bits must be an integer in 2..8"),
         ("softmax_quantizer", "log10", "softmax_quantizer must be one of"),
         ("ln_scale", "max", "ln_scale must be one of"),
+        ("ln_shift", "weights", "ln_shift must be one of bias, input"),
         ("percentiles", (0.2,), "percentiles"),
     ],
 )
@@ -55,3 +56,11 @@ def test_reconstruct_defaults_follow_the_paper_family():
     assert ReconstructConfig(iters=7).iters_for(3) == 7
     with pytest.raises(ConfigError):
         ReconstructConfig(drop_prob=2.0)
+
+
+def test_adaround_learning_rate_follows_the_schedule():
+    r = ReconstructConfig()
+    assert r.lr_weight_for(1000) == pytest.approx(2e-3)
+    assert r.lr_weight_for(60) == pytest.approx(2 / 60)
+    assert (r.lr_weight_for(10), r.lr_weight_for(100_000)) == (5e-2, 1e-3)  # clamped
+    assert ReconstructConfig(lr_weight=1e-4).lr_weight_for(60) == 1e-4
