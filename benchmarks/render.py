@@ -138,10 +138,22 @@ def _recon(data: dict[str, Any], title: str) -> list[str]:
     return [*lines, ""]
 
 
+def _protocol_title(name: str) -> str:
+    """``ablation_deit_eval5000`` -> ``Ablation, DeiT-Tiny, 5000 test images``."""
+    _, model, protocol = name.split("_", 2)
+    model = {"deit": "DeiT-Tiny", "swin": "Swin-Tiny"}.get(model, model)
+    images = protocol.removeprefix("eval")
+    return (
+        f"Ablation, {model}, {images} test images" if images.isdigit() else f"Ablation, {model} ({protocol})"
+    )
+
+
 def render(results: Path, target: Path) -> None:
     parts: list[str] = []
+    extra = sorted({p.stem for p in results.rglob("ablation_*_*.json")})  # other protocols, e.g. _eval5000
     for name, title in (("foundation", "RepQ-ViT baseline"), ("ablation_deit", "Ablation, DeiT-Tiny (calibration only)"),
                         ("ablation_swin", "Ablation, Swin-Tiny (calibration only)"),
+                        *((n, _protocol_title(n)) for n in extra),
                         ("stress", "Outlier-stressed DeiT-Tiny (4 channels per LayerNorm x10-40)")):  # fmt: skip
         data = _load(results, name)
         if data:

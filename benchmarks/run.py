@@ -119,7 +119,9 @@ def suite_ablation(args: argparse.Namespace) -> None:
                 if args.recipes and label not in args.recipes:
                     continue
                 rows.append(one(work, cfg, label))
-                save(f"ablation_{arch.split('_')[0]}", {"rows": rows})  # after each row: partial runs count
+                save(
+                    f"ablation_{arch.split('_')[0]}{args.suffix}", {"rows": rows}
+                )  # after each row: partial runs count
 
 
 def suite_stress(args: argparse.Namespace) -> None:
@@ -213,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
             "stress",
             "timing",
             "recon",
+            "recon-lr",
             "render",
         ],
     )
@@ -226,6 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--recipes", nargs="+", help="only these ablation recipes (default: all)")
+    p.add_argument(
+        "--suffix", default="", help="ablation result name suffix, e.g. _eval5000 for another protocol"
+    )
     p.add_argument("--recon-calib-size", type=int, default=1024)
     p.add_argument("--recon-iters", type=int)
     p.add_argument("--recon-batch-size", type=int, default=64)
