@@ -137,6 +137,16 @@ def _quantized_logits(rule: str, integer_zero_point: bool, images: torch.Tensor)
         return q(images)
 
 
+def _norm_fc_inputs(seed: int, gamma_range: tuple[float, float]):
+    """A LayerNorm with uneven channel gains, the Linear it feeds, and inputs for both."""
+    torch.manual_seed(seed)
+    norm, fc = torch.nn.LayerNorm(16), torch.nn.Linear(16, 8)
+    with torch.no_grad():
+        norm.weight.uniform_(*gamma_range)
+        norm.bias.uniform_(-1, 1)
+    return norm, fc, torch.randn(64, 16)
+
+
 def test_target_scale_has_no_effect_but_target_zero_point_does():
     """method.md's invariance, measured with weight quantization on: with an integer z*, the target
     scale d* changes nothing; the target zero point z* does, because the folded bias uses the float
@@ -144,12 +154,7 @@ def test_target_scale_has_no_effect_but_target_zero_point_does():
     from dopq.modules import QuantLinear
     from dopq.quantizers import PerChannel, UniformQuantizer
 
-    torch.manual_seed(0)
-    norm, fc = torch.nn.LayerNorm(16), torch.nn.Linear(16, 8)
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 3)
-        norm.bias.uniform_(-1, 1)
-    x = torch.randn(64, 16)
+    norm, fc, x = _norm_fc_inputs(seed=0, gamma_range=(0.5, 3))
 
     def output(d_t: float, z_t: float, shift: str = "bias") -> torch.Tensor:
         n, f = copy.deepcopy(norm), copy.deepcopy(fc)
@@ -179,12 +184,7 @@ def test_input_shift_is_exact_per_channel_quantization():
     from dopq.modules import QuantLinear
     from dopq.quantizers import PerChannel, UniformQuantizer
 
-    torch.manual_seed(1)
-    norm, fc = torch.nn.LayerNorm(16), torch.nn.Linear(16, 8)
-    with torch.no_grad():
-        norm.weight.uniform_(0.2, 4)
-        norm.bias.uniform_(-1, 1)
-    x = torch.randn(64, 16)
+    norm, fc, x = _norm_fc_inputs(seed=1, gamma_range=(0.2, 4))
     with torch.no_grad():
         float_ref = fc(norm(x))
     lin = QuantLinear(fc, UniformQuantizer(3, PerChannel(-1)), UniformQuantizer(3, PerChannel(0)))
