@@ -91,9 +91,9 @@ def correct_bias(
 
     Quantization errors do not average out: ``Q(W) Q(x) - W x`` has a non-zero mean per output
     channel, which shifts every later activation. In one pass over the first ``max_images`` of
-    ``images`` each Linear measures
-    that mean on its inputs in the quantized model, subtracts it from its bias and passes the
-    corrected output on, so later layers are corrected for what they will really see.
+    ``images`` each Linear measures that mean on its inputs in the quantized model, subtracts it
+    from its bias and passes the corrected output on, so later layers are corrected for what they
+    will really see.
     Returns the largest correction per layer.
     """
     corrections: dict[str, float] = {}

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dopq.config import LN_SHIFTS
 from dopq.errors import ConfigError
 from dopq.models.prepare import QuantPlan
 from dopq.modules import QuantLinear, set_quantization
 from dopq.quantizers import PerTensor, UniformQuantizer, fake_quantize_uniform, search_uniform_range
 
 __all__ = [
-    "LN_SHIFTS",
     "TARGET_RULES",
     "ReparamReport",
     "fold_layernorm",
@@ -32,7 +32,6 @@ __all__ = [
     "target_scale",
 ]
 
-LN_SHIFTS = ("bias", "input")
 TargetRule = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 MAD_THRESHOLD = 3.0  # inliers: |d_c - median| <= 3 * 1.4826 * MAD (a normal-consistent 3 sigma)
 

@@ -52,10 +52,8 @@ def fake_quantize_uniform(
 
 @torch.no_grad()
 def _row_mse(rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-row mean squared error of :func:`fake_quantize_uniform`, computed in place (search only)."""
-    err = rows / scale
-    err.round_().add_(zero_point).clamp_(0, 2**bits - 1).sub_(zero_point).mul_(scale).sub_(rows)
-    return err.pow_(2).mean(1)
+    """Per-row mean squared error of :func:`fake_quantize_uniform` (its in-place no-autograd path)."""
+    return fake_quantize_uniform(rows, scale, zero_point, bits).sub_(rows).pow_(2).mean(1)
 
 
 def _range_to_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
