@@ -105,14 +105,19 @@ def _tanq_grid_table(data: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def _recon_lr_table(data: dict[str, Any]) -> list[str]:
-    lines = ["### AdaRound learning rate (one unit)", "", f"Command: `{data['command']}`", "",
-             "| unit | iters | images | batch | lr | loss before | loss soft | loss after (hard rounding) | s |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+def _recon_unit_table(data: dict[str, Any]) -> list[str]:
+    r0 = data["rows"][0]
+    lines = ["### Reconstruction settings (one unit)", "",
+             f"Command: `{data['command']}`. Unit {r0['unit']} of DeiT-Tiny dopq W3/A3, "
+             f"batch {r0['batch_size']}, {r0['train_images']} training images, {r0['held_out_images']} held out. "
+             "Block loss (summed squared error per image) with the rounding baked; 'soft' is before baking.", "",
+             "| variant | iters | rounding | lr weight | lr act | lr bias | train before | train soft | train after | held out before | held out after | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in data["rows"]:
-        lr = f"{r['lr_weight']:.3g}" + (" (auto)" if r["auto"] else "")
-        lines.append(f"| {r['unit']} | {r['iters']} | {r['images']} | {r['batch_size']} | {lr} | {r['loss_before']:.0f} | "
-                     f"{r['loss_soft']:.0f} | {r['loss_after']:.0f} | {r['seconds']:.0f} |")  # fmt: skip
+        bias = "-" if r["lr_bias"] is None else f"{r['lr_bias']:.3g}"
+        lines.append(f"| {r['variant']} | {r['iters']} | {r['rounding']} | {r['lr_weight']:.3g} | {r['lr_act']:.3g} | {bias} | {r['loss_before']:.0f} | "
+                     f"{r['loss_soft']:.0f} | {r['loss_after']:.0f} | {r['held_out_before']:.0f} | "
+                     f"**{r['held_out_after']:.0f}** | {r['seconds']:.0f} |")  # fmt: skip
     return [*lines, ""]
 
 
@@ -166,8 +171,8 @@ def render(results: Path, target: Path) -> None:
         parts += _tanq_grid_table(data)
     parts += _timing(results)
     for path in sorted(results.glob("recon_*.json")):
-        if path.stem == "recon_lr":
-            parts += _recon_lr_table(json.loads(path.read_text()))
+        if path.stem == "recon_unit":
+            parts += _recon_unit_table(json.loads(path.read_text()))
         else:
             parts += _recon(json.loads(path.read_text()), f"Reconstruction ({path.stem})")
     text = target.read_text() if target.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"

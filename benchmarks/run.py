@@ -7,7 +7,7 @@
     python benchmarks/run.py stress          # outlier-stressed DeiT-Tiny: repq vs dopq vs each MOSF rule
     python benchmarks/run.py timing          # calibration wall time, repq vs dopq (median of repeats)
     python benchmarks/run.py recon --recon-calib-size 256 --recon-iters 100   # reconstruction, reduced CPU settings
-    python benchmarks/run.py recon-lr --recon-calib-size 128 --recon-iters 60 --recon-batch-size 32   # AdaRound lr
+    python benchmarks/run.py recon-unit --recon-calib-size 128 --recon-iters 60 --recon-batch-size 32   # settings, one unit
     python benchmarks/run.py render          # docs/RESULTS.md tables from the JSON files
 
 Protocol everywhere: 32 calibration images from CIFAR-10 train (seed 0), the strided 1000 CIFAR-10 test
@@ -175,10 +175,30 @@ def suite_recon(args: argparse.Namespace) -> None:
             )  # after each row: partial runs count
 
 
-def suite_recon_lr(args: argparse.Namespace) -> None:
-    """AdaRound learning rate vs block loss on one DeiT-Tiny unit (W3/A3, short CPU schedule)."""
+# (label, ReconstructConfig overrides): from BRECQ/QDrop's fixed rates to this library's defaults;
+# "iters" overrides the schedule length of a row
+RECON_UNIT_VARIANTS: list[tuple[str, dict[str, Any]]] = [
+    ("AdaRound, fixed lr: weight 1e-3, act 4e-5; no bias",
+     dict(rounding="adaround", lr_weight=1e-3, lr_act=4e-5, learn_bias=False)),
+    ("AdaRound, weight 2/iters, act 4e-5; no bias",
+     dict(rounding="adaround", lr_weight="2/iters", lr_act=4e-5, learn_bias=False)),
+    ("+ act 0.6/iters", dict(rounding="adaround", lr_weight="2/iters", learn_bias=False)),
+    ("+ bias learned", dict(rounding="adaround", lr_weight="2/iters")),
+    ("+ weight 6/iters", dict(rounding="adaround")),
+    ("+ straight-through rounding (default)", {}),
+    ("default + weight scales learned", dict(learn_weight_scale=True, lr_weight_scale=1e-2)),
+    ("default, QDrop 0.25", dict(drop_prob=0.25)),
+    ("default, no QDrop", dict(drop_prob=0.0)),
+    ("300 iters, AdaRound", dict(iters=300, rounding="adaround")),
+    ("300 iters, straight-through", dict(iters=300, rounding="ste")),
+]  # fmt: skip
+
+
+def suite_recon_unit(args: argparse.Namespace) -> None:
+    """Reconstruction settings on one DeiT-Tiny unit (W3/A3, short CPU schedule): block loss on the
+    training images and on held-out images (the last quarter of the reconstruction set)."""
     from dopq.api import quantize
-    from dopq.reconstruct import cache_unit_io, reconstruct_unit
+    from dopq.reconstruct import block_loss, cache_unit_io, reconstruct_unit
 
     work = workload(args, "deit_tiny_patch16_224")
     fp = copy.deepcopy(work.model)
@@ -186,21 +206,35 @@ def suite_recon_lr(args: argparse.Namespace) -> None:
         copy.deepcopy(work.model), work.calib_images, get_preset("dopq", w_bits=3, a_bits=3), progress=False
     )
     images = work.recon_images(args.recon_calib_size)
-    inputs = cache_unit_io(q, q.blocks[1], images, 64, output=False)
-    targets = cache_unit_io(fp, fp.blocks[1], images, 64, output=True)
-    iters = args.recon_iters or 60
+    unit_name = "blocks.1"
+    inputs = cache_unit_io(q, q.get_submodule(unit_name), images, 64, output=False)
+    targets = cache_unit_io(fp, fp.get_submodule(unit_name), images, 64, output=True)
+    n_train = len(images) * 3 // 4
     rows = []
-    for lr in (1e-3, 1e-2, 3e-2, None):
+    for label, overrides in RECON_UNIT_VARIANTS:
+        iters = overrides.get("iters", args.recon_iters or 60)
+        overrides = {k: (2.0 / iters if v == "2/iters" else v) for k, v in overrides.items() if k != "iters"}
         rcfg = ReconstructConfig(
-            calib_size=len(images), iters=iters, batch_size=args.recon_batch_size, lr_weight=lr
+            calib_size=n_train, iters=iters, batch_size=args.recon_batch_size, **overrides
         )
+        unit = copy.deepcopy(q.get_submodule(unit_name))
         t0 = time.perf_counter()
-        res = reconstruct_unit(copy.deepcopy(q.blocks[1]), inputs, targets, rcfg, iters, torch.Generator().manual_seed(0),
-                               progress=False)  # fmt: skip
-        rows.append({"unit": "blocks.1", "lr_weight": rcfg.lr_weight_for(iters), "auto": lr is None, "iters": iters,
-                     "images": len(images), "batch_size": rcfg.batch_size, "seconds": time.perf_counter() - t0, **res})  # fmt: skip
-        print(f"  lr {rows[-1]['lr_weight']:.3g}: {res}", flush=True)
-        save("recon_lr", {"rows": rows})
+        res = reconstruct_unit(unit, inputs[:n_train], targets[:n_train], rcfg, iters,
+                               torch.Generator().manual_seed(0), progress=False)  # fmt: skip
+        with torch.no_grad():
+            held_out = float(block_loss(unit(inputs[n_train:]), targets[n_train:]))
+            held_out_before = float(
+                block_loss(q.get_submodule(unit_name)(inputs[n_train:]), targets[n_train:])
+            )
+        rows.append({"variant": label, "unit": unit_name, "iters": iters, "train_images": n_train,
+                     "held_out_images": len(images) - n_train, "batch_size": rcfg.batch_size,
+                     "rounding": rcfg.rounding,
+                     "lr_weight": rcfg.lr_weight_for(iters), "lr_act": rcfg.lr_act_for(iters),
+                     "lr_bias": rcfg.lr_bias_for(iters) if rcfg.learn_bias else None,
+                     "seconds": time.perf_counter() - t0, **res,
+                     "held_out_before": held_out_before, "held_out_after": held_out})  # fmt: skip
+        print(f"  {label}: train {res['loss_after']:.0f}, held out {held_out:.0f}", flush=True)
+        save("recon_unit", {"rows": rows, "settings": vars(args)})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -215,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
             "stress",
             "timing",
             "recon",
-            "recon-lr",
+            "recon-unit",
             "render",
         ],
     )

@@ -58,9 +58,22 @@ def test_reconstruct_defaults_follow_the_paper_family():
         ReconstructConfig(drop_prob=2.0)
 
 
-def test_adaround_learning_rate_follows_the_schedule():
+def test_reconstruct_learning_rates_follow_the_schedule():
     r = ReconstructConfig()
-    assert r.lr_weight_for(1000) == pytest.approx(2e-3)
-    assert r.lr_weight_for(60) == pytest.approx(2 / 60)
-    assert (r.lr_weight_for(10), r.lr_weight_for(100_000)) == (5e-2, 1e-3)  # clamped
+    # the same travel (lr x iters) for a short or a long schedule, within bounds
+    assert r.lr_weight_for(1000) == pytest.approx(6e-3)
+    assert r.lr_weight_for(60) == pytest.approx(0.1)
+    assert (r.lr_weight_for(10), r.lr_weight_for(100_000)) == (0.1, 1e-3)  # clamped
+    assert r.lr_act_for(60) == pytest.approx(1e-2) and r.lr_act_for(20_000) == pytest.approx(4e-5)
+    assert r.lr_bias_for(1000) == pytest.approx(1.8e-3)
     assert ReconstructConfig(lr_weight=1e-4).lr_weight_for(60) == 1e-4
+    assert ReconstructConfig(lr_act=1e-5, lr_bias=2e-5).lr_act_for(60) == 1e-5
+    with pytest.raises(ConfigError, match="lr_bias"):
+        ReconstructConfig(lr_bias=0.0)
+
+
+def test_reconstruct_rounding_choices():
+    assert ReconstructConfig().rounding == "ste"
+    assert ReconstructConfig(rounding="adaround").rounding == "adaround"
+    with pytest.raises(ConfigError, match="rounding"):
+        ReconstructConfig(rounding="nearest")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from dopq.quantizers import (
     build_quantizer,
     fake_quantize_uniform,
     list_quantizers,
+    quantize_uniform,
     register_quantizer,
     search_uniform_range,
     tan_levels,
@@ -233,11 +235,70 @@ def test_adaround_starts_at_float_and_bakes_onto_grid():
     hi = ((15 - base.zero_point) * base.scale)[:, None]
     inside = (w >= lo) & (w <= hi)  # clipped weights start at the clip, not at w
     assert ((ada(w) - w).abs()[inside] <= 0.01 * base.scale.max() + 1e-6).all()
-    baked = ada.baked_weight()
+    baked = ada.bake()
     assert torch.allclose(base(baked), baked, atol=1e-6)  # a grid point quantizes to itself
     assert ((baked - w).abs() <= base.scale[:, None] * 1.0001).all()  # floor or ceil only
+
+
+def test_adaround_learned_scale_is_written_into_the_base_quantizer():
+    w = torch.randn(16, 32)
+    base = UniformQuantizer(3, PerChannel(0))
+    _observe(base, w)
+    old_scale = base.scale.clone()
+    ada = AdaRoundQuantizer(base, w, learn_scale=True)
+    torch.nn.functional.mse_loss(ada(w), w * 1.3).backward()  # a target only a larger step reaches
+    assert ada.log_gain.grad is not None and (ada.log_gain.grad < 0).all()
+    with torch.no_grad():
+        ada.log_gain.fill_(0.25)
+    ada.hard = True
+    expected = ada(w).detach()
+    baked = ada.bake()
+    assert torch.allclose(base.scale, old_scale * math.exp(0.25))
+    assert torch.allclose(baked, expected)
+    assert torch.allclose(base(baked), baked, atol=1e-6)  # on the new grid
+    assert not AdaRoundQuantizer(base, w).log_gain.requires_grad  # fixed step by default
+
+
+def test_straight_through_rounding_is_hard_forward_and_soft_backward():
+    w = torch.randn(16, 32)
+    base = UniformQuantizer(3, PerChannel(0))
+    _observe(base, w)
+    ada = AdaRoundQuantizer(base, w, straight_through=True)
+    out = ada(w)
+    assert torch.allclose(base(out), out, atol=1e-6)  # grid points from the first step
+    out.pow(2).sum().backward()
+    assert ada.alpha.grad is not None and ada.alpha.grad.abs().sum() > 0
+    assert torch.equal(ada.bake(), out.detach())  # baking changes nothing
 
 
 def test_per_tensor_default_granularity():
     q = UniformQuantizer(4)
     assert q.granularity == PerTensor() and q.channel_axis is None
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fused_fake_quantize_matches_the_autograd_ste_form(per_channel):
+    """Values and both gradients equal those autograd gives the plain STE/LSQ expression."""
+    x = torch.randn(4, 6, 8) * 3
+    x[0, 0, :3] = torch.tensor([-100.0, 100.0, 0.0])  # clipped both ways
+    shape = (1, 6, 1) if per_channel else (1,)
+    scale = torch.rand(shape) * 0.3 + 0.2
+    zero_point = torch.full(shape, 3.0)
+    x[1, 0, 0] = (0 - 3) * scale.flatten()[0]  # exactly on the lower bound: no gradient there
+    x[2, 0, 0] = (1 - 3) * scale.flatten()[0]  # one step inside: the gradient passes
+    grad_out = torch.randn_like(x)
+
+    def grads(fn):
+        xi, si = x.clone().requires_grad_(True), scale.clone().requires_grad_(True)
+        out = fn(xi, si)
+        out.backward(grad_out)
+        return out.detach(), xi.grad, si.grad
+
+    reference = grads(lambda xi, si: (quantize_uniform(xi, si, zero_point, 3) - zero_point) * si)
+    fused = grads(lambda xi, si: fake_quantize_uniform(xi, si, zero_point, 3))
+    assert torch.equal(fused[0], reference[0])
+    torch.testing.assert_close(fused[1], reference[1])  # autograd's is grad * s / s, rounded
+    assert torch.equal(fused[1] == 0, reference[1] == 0)
+    torch.testing.assert_close(fused[2], reference[2])
+    assert fused[1][0, 0, 0] == 0 and fused[1][0, 0, 1] == 0 and fused[1][1, 0, 0] == 0
+    assert fused[1][2, 0, 0] == grad_out[2, 0, 0]

@@ -11,6 +11,7 @@ from typing import Any
 from dopq.config import (
     LN_SCALE_RULES,
     LN_SHIFTS,
+    ROUNDINGS,
     SOFTMAX_QUANTIZERS,
     QuantConfig,
     ReconstructConfig,
@@ -77,6 +78,12 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--recon-calib-size", type=int, default=1024)
     r.add_argument("--recon-iters", type=int, help="default 1000 at <=4 bits, 200 above")
     r.add_argument("--recon-batch-size", type=int, default=64)
+    r.add_argument(
+        "--recon-rounding",
+        choices=ROUNDINGS,
+        default="ste",
+        help="how the weight rounding is learned: ste (hard, straight-through) or adaround (soft, then hard)",
+    )
     r.add_argument("--save", type=Path, help="save the quantized model for `dopq evaluate --quantized`")
 
 
@@ -124,6 +131,7 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
             calib_size=args.recon_calib_size,
             iters=args.recon_iters,
             batch_size=args.recon_batch_size,
+            rounding=args.recon_rounding,
             seed=args.seed,
         )
     return get_preset(args.method, **overrides)

@@ -34,18 +34,49 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
+ROUNDINGS = ("ste", "adaround")
+
+# Learning rates that follow the schedule: Adam moves a variable by about ``lr`` per step, so
+# ``lr = travel / iters`` lets a variable cover the same distance in a short or a long run.
+# Travel values and bounds measured on DeiT-Tiny W3/A3 (docs/reconstruction.md).
+_LR_RULES: dict[str, tuple[float, float, float]] = {  # name: (travel, min lr, max lr)
+    "weight": (6.0, 1e-3, 1e-1),  # AdaRound alpha: a rounding flip needs a travel of 2-4
+    "act": (0.6, 4e-5, 1e-2),  # activation step sizes (QDrop: 4e-5 x 20 000 steps = 0.8)
+    "bias": (1.8, 1e-4, 3e-2),
+}
+
+
+def _schedule_lr(kind: str, override: float | None, iters: int) -> float:
+    if override is not None:
+        return override
+    travel, lo, hi = _LR_RULES[kind]
+    return min(hi, max(lo, travel / max(1, iters)))
+
+
 @dataclass
 class ReconstructConfig:
     """Block reconstruction settings (the optimisation stage after calibration).
+
+    Learning rates left at None follow the schedule, ``clamp(travel / iters, lo, hi)``: Adam moves
+    a variable by about ``lr`` per step, so a short run needs larger steps (docs/reconstruction.md).
 
     Args:
         calib_size: images whose block inputs are cached for the optimisation.
         iters: optimisation steps per block; None picks 1000 at <= 4 bits and 200 above.
         batch_size: images per step.
-        lr_weight: learning rate of the AdaRound rounding variables; None scales it with the
-            schedule, ``clamp(2 / iters, 1e-3, 5e-2)``: Adam moves a variable by about ``lr`` per
-            step and a rounding decision needs it to travel about 2 (measured, docs/reconstruction.md).
-        lr_act: learning rate of the activation step sizes (LSQ) and TanQ parameters.
+        rounding: how the weight rounding is learned: "ste" (hard rounding throughout, the gradient
+            through AdaRound's soft function) or "adaround" (soft rounding with a regularizer, made
+            hard at the end). "ste" had the lower held-out block loss at 60 and 300 iterations
+            (docs/reconstruction.md).
+        lr_weight: learning rate of the AdaRound rounding variables (None: ``clamp(6 / iters,
+            1e-3, 0.1)``).
+        lr_act: learning rate of the activation step sizes, LSQ-style (None: ``clamp(0.6 / iters,
+            4e-5, 1e-2)``).
+        learn_bias: also learn the float biases of the quantized layers.
+        lr_bias: their learning rate (None: ``clamp(1.8 / iters, 1e-4, 3e-2)``).
+        learn_weight_scale: also learn each weight channel's step size (as a log-gain, with
+            ``lr_weight_scale``); measured without gain on DeiT-Tiny, so off by default.
+        lr_weight_scale: learning rate of those log-gains.
         drop_prob: QDrop probability of keeping an activation in float during optimisation.
         learn_softmax: also learn the post-Softmax quantizer's parameters (TanQ). Off by default:
             measured on the shared DeiT-Tiny it made block losses worse (docs/reconstruction.md).
@@ -55,8 +86,13 @@ class ReconstructConfig:
     calib_size: int = 1024
     iters: int | None = None
     batch_size: int = 64
+    rounding: str = "ste"
     lr_weight: float | None = None
-    lr_act: float = 4e-5
+    lr_act: float | None = None
+    learn_bias: bool = True
+    lr_bias: float | None = None
+    learn_weight_scale: bool = False
+    lr_weight_scale: float = 1e-3
     drop_prob: float = 0.5
     learn_softmax: bool = False
     seed: int = 0
@@ -67,14 +103,25 @@ class ReconstructConfig:
                 raise ConfigError(f"recon {name} must be >= 1, got {getattr(self, name)}")
         if self.iters is not None and self.iters < 0:
             raise ConfigError(f"recon iters must be >= 0, got {self.iters}")
+        _check_choice("rounding", self.rounding, ROUNDINGS)
         if not 0.0 <= self.drop_prob <= 1.0:
             raise ConfigError(f"recon drop_prob must be in [0, 1], got {self.drop_prob}")
+        for name in ("lr_weight", "lr_act", "lr_bias", "lr_weight_scale"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"recon {name} must be > 0, got {value}")
 
     def lr_weight_for(self, iters: int) -> float:
         """The AdaRound learning rate for a schedule of ``iters`` steps."""
-        if self.lr_weight is not None:
-            return self.lr_weight
-        return min(5e-2, max(1e-3, 2.0 / max(1, iters)))
+        return _schedule_lr("weight", self.lr_weight, iters)
+
+    def lr_act_for(self, iters: int) -> float:
+        """The activation step-size learning rate for a schedule of ``iters`` steps."""
+        return _schedule_lr("act", self.lr_act, iters)
+
+    def lr_bias_for(self, iters: int) -> float:
+        """The bias learning rate for a schedule of ``iters`` steps."""
+        return _schedule_lr("bias", self.lr_bias, iters)
 
     def iters_for(self, bits: int) -> int:
         """The paper family's default: 1000 iterations at 3-4 bits, 200 at 6 bits and above."""

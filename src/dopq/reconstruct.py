@@ -10,6 +10,7 @@ accelerator.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -27,7 +28,7 @@ from dopq.modules import QuantConv2d, QuantLinear
 from dopq.quantizers import Quantizer, TanQQuantizer, UniformQuantizer
 from dopq.quantizers.adaround import AdaRoundQuantizer
 
-__all__ = ["cache_unit_io", "reconstruct", "reconstruct_unit"]
+__all__ = ["block_loss", "cache_unit_io", "chained_units", "reconstruct", "reconstruct_unit"]
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +70,61 @@ def cache_unit_io(
     return torch.cat(chunks)
 
 
+@torch.no_grad()
+def chained_units(model: nn.Module, units: list[tuple[str, nn.Module]], sample: torch.Tensor) -> list[bool]:
+    """For each unit, whether its input is the previous unit's output tensor itself.
+
+    Found from one forward of ``sample``, not from names: where it holds, a unit's cached input
+    is the previous unit applied to that unit's cached input, so no forward from the image is needed.
+    """
+    seen_in: dict[str, torch.Tensor] = {}
+    seen_out: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, unit in units:
+        handles.append(unit.register_forward_pre_hook(lambda m, a, n=name: seen_in.setdefault(n, a[0])))
+        handles.append(unit.register_forward_hook(lambda m, a, out, n=name: seen_out.setdefault(n, out)))
+    try:
+        model(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    names = [name for name, _ in units]
+    links = [
+        name in seen_in and seen_in[name] is seen_out.get(prev) for prev, name in itertools.pairwise(names)
+    ]
+    return [False, *links]
+
+
+@torch.no_grad()
+def _apply(unit: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``unit`` over CPU-cached ``inputs`` in batches; the result is cached on the CPU too."""
+    device = next(unit.parameters()).device
+    chunks = [
+        unit(inputs[i : i + batch_size].to(device)).cpu() for i in range(0, inputs.shape[0], batch_size)
+    ]
+    return torch.cat(chunks)
+
+
 @contextmanager
-def _trainable(unit: nn.Module, rcfg: ReconstructConfig) -> Iterator[tuple[list, list, list]]:
-    """Swap in AdaRound, make step sizes (and TanQ) learnable, turn QDrop on; undo on exit."""
+def _trainable(
+    unit: nn.Module, rcfg: ReconstructConfig, straight_through: bool = False
+) -> Iterator[tuple[list, list, list, list]]:
+    """Swap in AdaRound, make step sizes (biases, TanQ) learnable, turn QDrop on; undo on exit."""
     frozen = {p: p.requires_grad for p in unit.parameters()}
     for p in frozen:
         p.requires_grad_(False)
-    rounders, act_params, level_params = [], [], []
+    rounders, act_params, level_params, bias_params = [], [], [], []
     layers = [m for m in unit.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+    if rcfg.learn_bias:
+        bias_params = [layer.bias.requires_grad_(True) for layer in layers if layer.bias is not None]
     for layer in layers:
         if isinstance(layer.weight_quantizer, UniformQuantizer) and layer.weight_quantizer.enabled:
-            layer.weight_quantizer = AdaRoundQuantizer(layer.weight_quantizer, layer.weight)
+            layer.weight_quantizer = AdaRoundQuantizer(
+                layer.weight_quantizer,
+                layer.weight,
+                learn_scale=rcfg.learn_weight_scale,
+                straight_through=straight_through,
+            )
             rounders.append(layer.weight_quantizer)
     weight_bases = {id(r.base) for r in rounders}
     acts = [q for q in unit.modules() if isinstance(q, Quantizer) and id(q) not in weight_bases and q.enabled]
@@ -90,12 +135,12 @@ def _trainable(unit: nn.Module, rcfg: ReconstructConfig) -> Iterator[tuple[list,
         elif isinstance(q, TanQQuantizer) and rcfg.learn_softmax:
             level_params += q.make_learnable()
     try:
-        yield rounders, act_params, level_params
+        yield rounders, act_params, level_params, bias_params
     finally:
         for layer in layers:
             if isinstance(layer.weight_quantizer, AdaRoundQuantizer):
                 ada = layer.weight_quantizer
-                layer.weight.data.copy_(ada.baked_weight())
+                layer.weight.data.copy_(ada.bake())
                 layer.weight_quantizer = ada.base
         for q in acts:
             q.drop_prob = 0.0
@@ -105,7 +150,7 @@ def _trainable(unit: nn.Module, rcfg: ReconstructConfig) -> Iterator[tuple[list,
             p.requires_grad_(flag)
 
 
-def _block_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def block_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     # squared error summed over features, averaged over images (BRECQ's reconstruction loss)
     return (out - target).pow(2).flatten(1).sum(1).mean()
 
@@ -124,7 +169,7 @@ def _probe_loss(
     for q in quantizers:
         q.drop_prob = 0.0
     try:
-        return float(_block_loss(unit(inputs[probe].to(device)), targets[probe].to(device)))
+        return float(block_loss(unit(inputs[probe].to(device)), targets[probe].to(device)))
     finally:
         for q, p in zip(quantizers, saved, strict=True):
             q.drop_prob = p
@@ -147,14 +192,19 @@ def reconstruct_unit(
     soft = before
     if iters == 0:
         return {"loss_before": before, "loss_soft": before, "loss_after": before}
-    with _trainable(unit, rcfg) as (rounders, act_params, level_params):
+    straight_through = rcfg.rounding == "ste"
+    with _trainable(unit, rcfg, straight_through) as (rounders, act_params, level_params, bias_params):
         groups = []
         if rounders:
             groups.append({"params": [r.alpha for r in rounders], "lr": rcfg.lr_weight_for(iters)})
         if act_params:
-            groups.append({"params": act_params, "lr": rcfg.lr_act})
+            groups.append({"params": act_params, "lr": rcfg.lr_act_for(iters)})
         if level_params:
             groups.append({"params": level_params, "lr": TANQ_LR})
+        if bias_params:
+            groups.append({"params": bias_params, "lr": rcfg.lr_bias_for(iters)})
+        if rounders and rcfg.learn_weight_scale:
+            groups.append({"params": [r.log_gain for r in rounders], "lr": rcfg.lr_weight_scale})
         if groups:
             opt = torch.optim.Adam(groups)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=0.0)
@@ -163,9 +213,9 @@ def reconstruct_unit(
             for step in bar:
                 idx = torch.randint(inputs.shape[0], (rcfg.batch_size,), generator=generator)
                 out = unit(inputs[idx].to(device, non_blocking=True))
-                rec = _block_loss(out, targets[idx].to(device, non_blocking=True))
+                rec = block_loss(out, targets[idx].to(device, non_blocking=True))
                 loss = rec
-                if rounders and step >= warmup:
+                if rounders and not straight_through and step >= warmup:
                     t = (step - warmup) / max(1, iters - warmup)
                     beta = BETA_END + 0.5 * (BETA_START - BETA_END) * (1 + math.cos(math.pi * t))
                     loss = rec + ROUNDING_REG_WEIGHT * sum(r.regularizer(beta) for r in rounders)
@@ -210,23 +260,40 @@ def reconstruct(
     q_units = plan.adapter.units(model)
     fp_units = dict(plan.adapter.units(fp_model))
     cache_bs = max(rcfg.batch_size, 64)
+    links = chained_units(model, q_units, images[:1].to(device))
     stats: list[dict[str, Any]] = []
     t_start = time.perf_counter()
+    previous: tuple[nn.Module, torch.Tensor, torch.Tensor] | None = None  # unit, its inputs, its targets
     outer = tqdm(q_units, desc="reconstruct", disable=not progress, unit="block")
-    for name, unit in outer:
+    for (name, unit), chained in zip(outer, links, strict=True):
         t0 = time.perf_counter()
-        with torch.no_grad():
-            inputs = cache_unit_io(model, unit, images, cache_bs, output=False)
-            targets = cache_unit_io(fp_model, fp_units[name], images, cache_bs, output=True)
+        if chained and previous is not None:
+            # the previous (already reconstructed) unit's outputs are this unit's inputs, and the float
+            # targets it was fitted to are this float unit's inputs: one unit's work, not a forward
+            prev_unit, prev_inputs, fp_inputs = previous
+            previous = None
+            inputs = _apply(prev_unit, prev_inputs, cache_bs)
+            del prev_inputs
+            targets = _apply(fp_units[name], fp_inputs, cache_bs)
+            del fp_inputs
+        else:
+            previous = None
+            with torch.no_grad():
+                inputs = cache_unit_io(model, unit, images, cache_bs, output=False)
+                targets = cache_unit_io(fp_model, fp_units[name], images, cache_bs, output=True)
         t_cache = time.perf_counter() - t0
         res = reconstruct_unit(unit, inputs, targets, rcfg, iters, generator, desc=name, progress=progress)
-        res.update(unit=name, seconds=time.perf_counter() - t0, cache_seconds=t_cache)
+        res.update(unit=name, seconds=time.perf_counter() - t0, cache_seconds=t_cache, chained=chained)
         stats.append(res)
         outer.set_postfix(unit=name, loss=f"{res['loss_after']:.4g}")
+        previous = (unit, inputs, targets)
         del inputs, targets
     return {
         "iters_per_unit": iters,
+        "rounding": rcfg.rounding,
         "lr_weight": rcfg.lr_weight_for(iters),
+        "lr_act": rcfg.lr_act_for(iters),
+        "lr_bias": rcfg.lr_bias_for(iters) if rcfg.learn_bias else None,
         "images": int(images.shape[0]),
         "batch_size": rcfg.batch_size,
         "seconds": time.perf_counter() - t_start,

@@ -43,11 +43,40 @@ def fake_quantize_uniform(
 ) -> torch.Tensor:
     """Quantize and dequantize; differentiable in ``x`` (STE) and ``scale`` (LSQ-style)."""
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
-        return (quantize_uniform(x, scale, zero_point, bits) - zero_point) * scale
+        return _FakeQuantizeSTE.apply(x, scale, zero_point, bits)
     # no autograd: the same values (the STE's ``(r - a) + a`` is exactly ``r``) in place,
     # one allocation instead of seven: quantized evaluation is bound by these passes
     out = x / scale
     return out.round_().add_(zero_point).clamp_(0, 2**bits - 1).sub_(zero_point).mul_(scale)
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    """``(clamp(round(x / s) + z, 0, 2^b - 1) - z) * s`` with the gradients autograd would give the
+    STE form ``round_ste``, computed in a few fused passes: block reconstruction on the CPU is bound by
+    these element-wise passes over activations, not by the matrix products.
+
+    d/dx is 1 where the unclamped code lies strictly inside ``(0, 2^b - 1)`` and 0 elsewhere (as
+    ``clamp``'s gradient, which is 0 on the bounds); d/ds is ``q - z - x / s`` there and ``q - z``
+    elsewhere (LSQ without its gradient scale).
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, bits):
+        codes = (x / scale).round_().add_(zero_point)
+        inside = (codes > 0) & (codes < 2**bits - 1)
+        centred = codes.clamp_(0, 2**bits - 1).sub_(zero_point)  # q - z
+        ctx.save_for_backward(x, scale, centred, inside)
+        return centred * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, centred, inside = ctx.saved_tensors
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            local = torch.where(inside, centred - x / scale, centred)
+            grad_scale = (grad * local).sum_to_size(scale.shape)
+        return grad_x, grad_scale, None, None
 
 
 @torch.no_grad()

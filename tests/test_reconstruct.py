@@ -1,0 +1,106 @@
+"""Block reconstruction of one unit: what is learned, what stays fixed, and that it ends frozen."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+
+import dopq
+from dopq import reconstruct
+from dopq.config import ReconstructConfig
+from dopq.modules import QuantLinear
+from dopq.quantizers import UniformQuantizer
+from dopq.reconstruct import cache_unit_io, chained_units, reconstruct_unit
+
+
+@pytest.fixture(scope="module")
+def block_and_data():
+    torch.manual_seed(0)
+    fp = timm.create_model("test_vit", num_classes=10).eval()
+    images = torch.randn(16, 3, 160, 160)
+    model = dopq.quantize(copy.deepcopy(fp), images[:8], dopq.get_preset("dopq", w_bits=3, a_bits=3))
+    inputs = cache_unit_io(model, model.blocks[0], images, 8, output=False)
+    targets = cache_unit_io(fp, fp.blocks[0], images, 8, output=True)
+    return model.blocks[0], inputs, targets
+
+
+def _run(block, inputs, targets, **settings):
+    unit = copy.deepcopy(block)
+    rcfg = ReconstructConfig(calib_size=16, iters=25, batch_size=8, **settings)
+    stats = reconstruct_unit(
+        unit, inputs, targets, rcfg, 25, torch.Generator().manual_seed(0), progress=False
+    )
+    return unit, stats
+
+
+def _linears(unit):
+    return [m for m in unit.modules() if isinstance(m, QuantLinear)]
+
+
+@pytest.mark.parametrize("rounding", ["ste", "adaround"])
+def test_unit_reconstruction_learns_rounding_steps_and_biases(block_and_data, rounding):
+    block, inputs, targets = block_and_data
+    unit, stats = _run(block, inputs, targets, rounding=rounding)
+    assert stats["loss_after"] < stats["loss_before"]
+    before, after = _linears(block), _linears(unit)
+    assert any(not torch.equal(a.bias, b.bias) for a, b in zip(after, before, strict=True))
+    assert any(not torch.equal(a.weight, b.weight) for a, b in zip(after, before, strict=True))
+    for layer in after:  # baked weights are grid points of the (unchanged) weight quantizer
+        assert isinstance(layer.weight_quantizer, UniformQuantizer)
+        assert torch.allclose(layer.weight_quantizer(layer.weight), layer.weight, atol=1e-6)
+    # LayerNorms are not learned; trainable flags are given back as they were
+    assert torch.equal(unit.norm1.weight, block.norm1.weight)
+    flags = {name: p.requires_grad for name, p in block.named_parameters()}
+    assert {name: p.requires_grad for name, p in unit.named_parameters() if name in flags} == flags
+    steps = [q.scale for q in unit.modules() if isinstance(q, UniformQuantizer) and q.scale.requires_grad]
+    assert not steps
+    assert all(q.drop_prob == 0.0 for q in unit.modules() if hasattr(q, "drop_prob"))
+
+
+def test_bias_learning_can_be_switched_off(block_and_data):
+    block, inputs, targets = block_and_data
+    unit, _ = _run(block, inputs, targets, learn_bias=False)
+    for a, b in zip(_linears(unit), _linears(block), strict=True):
+        assert torch.equal(a.bias, b.bias)
+
+
+def test_learned_weight_scales_end_in_the_weight_quantizers(block_and_data):
+    block, inputs, targets = block_and_data
+    unit, _ = _run(block, inputs, targets, learn_weight_scale=True, lr_weight_scale=1e-2)
+    moved = [
+        not torch.equal(a.weight_quantizer.scale, b.weight_quantizer.scale)
+        for a, b in zip(_linears(unit), _linears(block), strict=True)
+    ]
+    assert all(moved)
+    for layer in _linears(unit):
+        assert torch.allclose(layer.weight_quantizer(layer.weight), layer.weight, atol=1e-6)
+
+
+def test_chained_units_are_found_from_the_forward():
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=10).eval()
+    plan_units = [("patch_embed", model.patch_embed)]
+    plan_units += [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
+    plan_units.append(("head", model.head))
+    links = chained_units(model, plan_units, torch.randn(1, 3, 160, 160))
+    # position embedding sits between patch embedding and block 0, norm and pooling before the head
+    assert links == [False, False] + [True] * (len(model.blocks) - 1) + [False]
+
+
+def test_chained_caching_gives_the_same_model_as_forwards_from_the_image(monkeypatch):
+    torch.manual_seed(0)
+    fp = timm.create_model("test_vit", num_classes=10).eval()
+    images = torch.randn(12, 3, 160, 160)
+    cfg = dopq.get_preset("dopq", w_bits=3, a_bits=3, reconstruct=ReconstructConfig(iters=5, batch_size=4))
+    chained, _ = dopq.quantize_with_report(
+        copy.deepcopy(fp), images[:6], cfg, recon_data=images, progress=False
+    )
+    monkeypatch.setattr(reconstruct, "chained_units", lambda model, units, sample: [False] * len(units))
+    direct, _ = dopq.quantize_with_report(
+        copy.deepcopy(fp), images[:6], cfg, recon_data=images, progress=False
+    )
+    with torch.no_grad():
+        assert torch.equal(chained(images), direct(images))
