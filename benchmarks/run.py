@@ -165,7 +165,10 @@ def suite_recon(args: argparse.Namespace) -> None:
             base = get_preset("dopq", w_bits=bits, a_bits=bits)
             rows.append(one(work, base, "dopq"))
             rcfg = ReconstructConfig(
-                calib_size=args.recon_calib_size, iters=args.recon_iters, batch_size=args.recon_batch_size
+                calib_size=args.recon_calib_size,
+                iters=args.recon_iters,
+                batch_size=args.recon_batch_size,
+                drop_prob=args.recon_drop_prob,
             )
             rows.append(
                 one(work, base.replace(reconstruct=rcfg), "dopq+recon", recon_size=args.recon_calib_size)
@@ -269,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recon-calib-size", type=int, default=1024)
     p.add_argument("--recon-iters", type=int)
     p.add_argument("--recon-batch-size", type=int, default=64)
+    p.add_argument("--recon-drop-prob", type=float, default=0.5, help="QDrop probability")
     p.add_argument("--recon-name", default="recon_cpu")
     p.add_argument("--results-dir", type=Path, help="where the JSON goes (default benchmarks/results)")
     args = p.parse_args(argv)

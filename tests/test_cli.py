@@ -245,7 +245,13 @@ def test_reconstruction_flags_reach_the_recipe() -> None:
     from dopq.cli import _config_from, build_parser
 
     argv = ["quantize", "--model", "deit_tiny_patch16_224", "--data", "x", "--reconstruct",
-            "--recon-iters", "60", "--recon-calib-size", "128", "--recon-rounding", "adaround", "--seed", "3"]  # fmt: skip
+            "--recon-iters", "60", "--recon-calib-size", "128", "--recon-rounding", "adaround", "--recon-drop-prob", "0", "--seed", "3"]  # fmt: skip
     rcfg = _config_from(build_parser().parse_args(argv)).reconstruct
-    assert (rcfg.iters, rcfg.calib_size, rcfg.rounding, rcfg.seed) == (60, 128, "adaround", 3)
+    assert (rcfg.iters, rcfg.calib_size, rcfg.rounding, rcfg.drop_prob, rcfg.seed) == (
+        60,
+        128,
+        "adaround",
+        0.0,
+        3,
+    )
     assert _config_from(build_parser().parse_args(argv[:5])).reconstruct is None

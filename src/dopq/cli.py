@@ -78,6 +78,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--recon-calib-size", type=int, default=1024)
     r.add_argument("--recon-iters", type=int, help="default 1000 at <=4 bits, 200 above")
     r.add_argument("--recon-batch-size", type=int, default=64)
+    r.add_argument("--recon-drop-prob", type=float, default=0.5, help="QDrop probability (0: off)")
     r.add_argument(
         "--recon-rounding",
         choices=ROUNDINGS,
@@ -132,6 +133,7 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
             iters=args.recon_iters,
             batch_size=args.recon_batch_size,
             rounding=args.recon_rounding,
+            drop_prob=args.recon_drop_prob,
             seed=args.seed,
         )
     return get_preset(args.method, **overrides)

@@ -68,7 +68,7 @@ class ReconstructConfig:
             through AdaRound's soft function) or "adaround" (soft rounding with a regularizer, made
             hard at the end). "ste" had the lower held-out block loss at 60 and 300 iterations
             (docs/reconstruction.md).
-        lr_weight: learning rate of the AdaRound rounding variables (None: ``clamp(6 / iters,
+        lr_weight: learning rate of the rounding variables (None: ``clamp(6 / iters,
             1e-3, 0.1)``).
         lr_act: learning rate of the activation step sizes, LSQ-style (None: ``clamp(0.6 / iters,
             4e-5, 1e-2)``).
@@ -112,7 +112,7 @@ class ReconstructConfig:
                 raise ConfigError(f"recon {name} must be > 0, got {value}")
 
     def lr_weight_for(self, iters: int) -> float:
-        """The AdaRound learning rate for a schedule of ``iters`` steps."""
+        """The rounding variables' learning rate for a schedule of ``iters`` steps."""
         return _schedule_lr("weight", self.lr_weight, iters)
 
     def lr_act_for(self, iters: int) -> float:

@@ -2,10 +2,10 @@
 
 Units (patch embedding, every transformer block, Swin patch merging, the head) are optimised one
 after another so that the quantized unit, fed the quantized model's own input to it, reproduces
-the float unit's output on the float input (MSE). Learned: weight rounding (AdaRound), activation
-step sizes (LSQ-style), optionally TanQ's parameters; QDrop randomly keeps activations in float
-during optimisation. Unit inputs are cached on the CPU, so only one batch at a time sits on the
-accelerator.
+the float unit's output on the float input (MSE). Learned: weight rounding (AdaRound's variables,
+straight-through or soft), activation step sizes (LSQ-style), the layers' biases, optionally weight
+step sizes and TanQ's parameters; QDrop randomly keeps activations in float during optimisation.
+Unit inputs are cached on the CPU, so only one batch at a time sits on the accelerator.
 """
 
 from __future__ import annotations
