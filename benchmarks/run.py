@@ -213,6 +213,8 @@ def suite_recon_unit(args: argparse.Namespace) -> None:
     inputs = cache_unit_io(q, q.get_submodule(unit_name), images, 64, output=False)
     targets = cache_unit_io(fp, fp.get_submodule(unit_name), images, 64, output=True)
     n_train = len(images) * 3 // 4
+    with torch.no_grad():
+        held_out_before = float(block_loss(q.get_submodule(unit_name)(inputs[n_train:]), targets[n_train:]))
     rows = []
     for label, overrides in RECON_UNIT_VARIANTS:
         iters = overrides.get("iters", args.recon_iters or 60)
@@ -226,9 +228,6 @@ def suite_recon_unit(args: argparse.Namespace) -> None:
                                torch.Generator().manual_seed(0), progress=False)  # fmt: skip
         with torch.no_grad():
             held_out = float(block_loss(unit(inputs[n_train:]), targets[n_train:]))
-            held_out_before = float(
-                block_loss(q.get_submodule(unit_name)(inputs[n_train:]), targets[n_train:])
-            )
         rows.append({"variant": label, "unit": unit_name, "iters": iters, "train_images": n_train,
                      "held_out_images": len(images) - n_train, "batch_size": rcfg.batch_size,
                      "rounding": rcfg.rounding,

@@ -106,9 +106,7 @@ def _apply(unit: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tens
 
 
 @contextmanager
-def _trainable(
-    unit: nn.Module, rcfg: ReconstructConfig, straight_through: bool = False
-) -> Iterator[tuple[list, list, list, list]]:
+def _trainable(unit: nn.Module, rcfg: ReconstructConfig) -> Iterator[tuple[list, list, list, list]]:
     """Swap in AdaRound, make step sizes (biases, TanQ) learnable, turn QDrop on; undo on exit."""
     frozen = {p: p.requires_grad for p in unit.parameters()}
     for p in frozen:
@@ -123,7 +121,7 @@ def _trainable(
                 layer.weight_quantizer,
                 layer.weight,
                 learn_scale=rcfg.learn_weight_scale,
-                straight_through=straight_through,
+                straight_through=rcfg.rounding == "ste",
             )
             rounders.append(layer.weight_quantizer)
     weight_bases = {id(r.base) for r in rounders}
@@ -192,8 +190,7 @@ def reconstruct_unit(
     soft = before
     if iters == 0:
         return {"loss_before": before, "loss_soft": before, "loss_after": before}
-    straight_through = rcfg.rounding == "ste"
-    with _trainable(unit, rcfg, straight_through) as (rounders, act_params, level_params, bias_params):
+    with _trainable(unit, rcfg) as (rounders, act_params, level_params, bias_params):
         groups = []
         if rounders:
             groups.append({"params": [r.alpha for r in rounders], "lr": rcfg.lr_weight_for(iters)})
@@ -215,7 +212,7 @@ def reconstruct_unit(
                 out = unit(inputs[idx].to(device, non_blocking=True))
                 rec = block_loss(out, targets[idx].to(device, non_blocking=True))
                 loss = rec
-                if rounders and not straight_through and step >= warmup:
+                if rounders and rcfg.rounding == "adaround" and step >= warmup:
                     t = (step - warmup) / max(1, iters - warmup)
                     beta = BETA_END + 0.5 * (BETA_START - BETA_END) * (1 + math.cos(math.pi * t))
                     loss = rec + ROUNDING_REG_WEIGHT * sum(r.regularizer(beta) for r in rounders)
@@ -278,9 +275,8 @@ def reconstruct(
             del fp_inputs
         else:
             previous = None
-            with torch.no_grad():
-                inputs = cache_unit_io(model, unit, images, cache_bs, output=False)
-                targets = cache_unit_io(fp_model, fp_units[name], images, cache_bs, output=True)
+            inputs = cache_unit_io(model, unit, images, cache_bs, output=False)
+            targets = cache_unit_io(fp_model, fp_units[name], images, cache_bs, output=True)
         t_cache = time.perf_counter() - t0
         res = reconstruct_unit(unit, inputs, targets, rcfg, iters, generator, desc=name, progress=progress)
         res.update(unit=name, seconds=time.perf_counter() - t0, cache_seconds=t_cache, chained=chained)

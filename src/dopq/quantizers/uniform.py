@@ -46,8 +46,12 @@ def fake_quantize_uniform(
         return _FakeQuantizeSTE.apply(x, scale, zero_point, bits)
     # no autograd: the same values (the STE's ``(r - a) + a`` is exactly ``r``) in place,
     # one allocation instead of seven: quantized evaluation is bound by these passes
-    out = x / scale
-    return out.round_().add_(zero_point).clamp_(0, 2**bits - 1).sub_(zero_point).mul_(scale)
+    return _codes(x, scale, zero_point, bits).sub_(zero_point).mul_(scale)
+
+
+def _codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes ``clamp(round(x / s) + z, 0, 2^b - 1)`` in one new tensor, no autograd."""
+    return (x / scale).round_().add_(zero_point).clamp_(0, 2**bits - 1)
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):
@@ -62,9 +66,9 @@ class _FakeQuantizeSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, bits):
-        codes = (x / scale).round_().add_(zero_point)
-        inside = (codes > 0) & (codes < 2**bits - 1)
-        centred = codes.clamp_(0, 2**bits - 1).sub_(zero_point)  # q - z
+        codes = _codes(x, scale, zero_point, bits)
+        inside = (codes > 0) & (codes < 2**bits - 1)  # a code on a bound was clamped or sits on it
+        centred = codes.sub_(zero_point)  # q - z
         ctx.save_for_backward(x, scale, centred, inside)
         return centred * scale
 
