@@ -8,6 +8,7 @@
     python benchmarks/run.py timing          # calibration wall time, repq vs dopq (median of repeats)
     python benchmarks/run.py recon --recon-calib-size 256 --recon-iters 100   # reconstruction, reduced CPU settings
     python benchmarks/run.py recon-unit --recon-calib-size 128 --recon-iters 60 --recon-batch-size 32   # settings, one unit
+    python benchmarks/run.py deploy --bits 8 4 --threads 2   # ONNX export on onnxruntime vs simulation and FP32
     python benchmarks/run.py render          # docs/RESULTS.md tables from the JSON files
 
 Protocol everywhere: 32 calibration images from CIFAR-10 train (seed 0), the strided 1000 CIFAR-10 test
@@ -252,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
             "timing",
             "recon",
             "recon-unit",
+            "deploy",
             "render",
         ],
     )
@@ -274,6 +276,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recon-drop-prob", type=float, default=0.5, help="QDrop probability")
     p.add_argument("--recon-name", default="recon_cpu")
     p.add_argument("--results-dir", type=Path, help="where the JSON goes (default benchmarks/results)")
+    p.add_argument(
+        "--integer-attention", action="store_true", help="deploy: also export attn @ v in integers"
+    )
     args = p.parse_args(argv)
     if args.results_dir:
         _RESULTS_DIR[0] = args.results_dir
@@ -287,6 +292,10 @@ def main(argv: list[str] | None = None) -> None:
         from softmax_error import suite_tanq_grid
 
         suite_tanq_grid(args, workload, save)
+    elif args.suite == "deploy":
+        from deploy import suite_deploy
+
+        suite_deploy(args, workload, save)
     elif args.suite == "render":
         from render import render
 

@@ -205,7 +205,7 @@ def test_quantize_then_evaluate_deit_tiny(tmp_path: Path, capsys: pytest.Capture
     for key in ("fp_top1", "quant_top1", "fp_top5", "quant_top5"):
         assert 0.0 <= result[key] <= 1.0
     assert result["fp_top1"] >= 0.6
-    assert abs(result["quant_top1"] - result["fp_top1"]) <= 0.05
+    assert abs(result["quant_top1"] - result["fp_top1"]) <= 2 / 40 + 1e-9  # at most two of the 40 images
     assert result["calib_seconds"] > 0
 
     capsys.readouterr()

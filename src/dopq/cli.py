@@ -1,4 +1,4 @@
-"""Command line: ``dopq quantize``, ``dopq evaluate``, ``dopq plot``. Thin: parse, call, print."""
+"""Command line: ``dopq quantize``, ``dopq evaluate``, ``dopq export``, ``dopq plot``. Thin: parse, call, print."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from dopq.config import (
     get_preset,
     list_presets,
 )
-from dopq.errors import DopqError
+from dopq.errors import ConfigError, DopqError
 
 __all__ = ["build_parser", "main"]
 
@@ -86,6 +86,18 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         help="how the weight rounding is learned: ste (hard, straight-through) or adaround (soft, then hard)",
     )
     r.add_argument("--save", type=Path, help="save the quantized model for `dopq evaluate --quantized`")
+    _add_export_args(p, flag="--export")
+
+
+def _add_export_args(p: argparse.ArgumentParser, flag: str) -> None:
+    g = p.add_argument_group("ONNX export")
+    g.add_argument(flag, dest="export", type=Path, help="write the quantized model as ONNX (QDQ) here")
+    g.add_argument("--opset", type=int, default=21, help="ONNX opset, 13..21 (INT4 weights need 21)")
+    g.add_argument(
+        "--integer-attention",
+        action="store_true",
+        help="round post-Softmax levels to 8-bit fixed point so attn @ v is an integer MatMul too",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,10 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(q)
     _add_data_args(q)
     _add_recipe_args(q)
-    e = sub.add_parser("evaluate", help="evaluate a model saved with `dopq quantize --save`")
-    e.add_argument("--quantized", type=Path, required=True)
+    e = sub.add_parser(
+        "evaluate", help="evaluate a saved quantized model and/or an exported ONNX model (onnxruntime)"
+    )
+    e.add_argument("--quantized", type=Path, help="a model saved with `dopq quantize --save`")
+    e.add_argument(
+        "--onnx",
+        type=Path,
+        help="an exported model; with --quantized too, the two are compared image by image",
+    )
     e.add_argument("--model", help="refuse the file unless it was made for this architecture")
     _add_data_args(e, calib=False)
+    x = sub.add_parser("export", help="export a model saved with `dopq quantize --save` to ONNX")
+    x.add_argument("--quantized", type=Path, required=True)
+    _add_export_args(x, flag="--out")
+    x.add_argument("--quiet", action="store_true")
     pl = sub.add_parser("plot", help="plot attention histograms with quantizer levels, or post-LN scales")
     _add_model_args(pl)
     pl.add_argument("--data", required=True)
@@ -179,20 +202,69 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     result, model = run_recipe(
         work, config, method=args.method, progress=not args.quiet, recon_size=args.recon_calib_size
     )
+    meta = {
+        "preprocess": work.preprocess.to_dict(),
+        "command": result["command"],
+        "quant_top1": result["quant_top1"],
+    }
     if args.save is not None:
-        meta = {
-            "preprocess": work.preprocess.to_dict(),
-            "command": result["command"],
-            "quant_top1": result["quant_top1"],
-        }
         result["saved_to"] = str(save_quantized(model, args.save, config, meta))
+    if args.export is not None:
+        result["export"] = _export(model, config, meta, args)
     _write_outputs(result, args.output)
     return 0
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from dopq.experiment import evaluate_saved, preprocess_overrides
+def _check_export_args(args: argparse.Namespace) -> None:
+    """Fail before any work on what export would refuse at the end (opset, runtime, path)."""
+    from dopq.export.onnx_export import check_export_target
 
+    if getattr(args, "export", None) is not None:
+        check_export_target(args.export, args.opset)
+
+
+def _export(
+    model: Any, config: QuantConfig, meta: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any]:
+    from dopq.export import export_onnx
+
+    metadata = {**meta, "recipe": config.to_dict(), "export_command": meta.get("command")}
+    report = export_onnx(model, args.export, args.opset, args.integer_attention, metadata)
+    print(
+        f"wrote {report.path} ({report.bytes / 1e6:.2f} MB, {report.weight_storage} weights, opset {report.opset})"
+    )
+    return report.to_dict()
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dopq.experiment import command_line
+    from dopq.serialize import load_quantized
+
+    model, config, meta = load_quantized(args.quantized)
+    _export(model, config, {**meta, "command": command_line()}, args)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from dopq.experiment import evaluate_onnx, evaluate_saved, preprocess_overrides
+
+    if args.quantized is None and args.onnx is None:
+        raise ConfigError("dopq evaluate needs --quantized MODEL.pt, --onnx MODEL.onnx, or both")
+    if args.onnx is not None:
+        result = evaluate_onnx(
+            args.onnx,
+            args.data,
+            quantized=args.quantized,
+            eval_split=args.eval_split,
+            eval_subset=args.eval_subset,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            threads=args.threads,
+            progress=not args.quiet,
+            overrides=preprocess_overrides(args),
+        )
+        _write_outputs(result, args.output)
+        return 0
     result = evaluate_saved(
         args.quantized,
         args.data,
@@ -221,12 +293,18 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dopq`` command; user errors print one line and exit with 2."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    commands = {"quantize": _cmd_quantize, "evaluate": _cmd_evaluate, "plot": _cmd_plot}
+    commands = {
+        "quantize": _cmd_quantize,
+        "evaluate": _cmd_evaluate,
+        "export": _cmd_export,
+        "plot": _cmd_plot,
+    }
     if getattr(args, "threads", None):
         import torch
 
         torch.set_num_threads(args.threads)
     try:
+        _check_export_args(args)
         return commands[args.command](args)
     except DopqError as exc:
         message = " ".join(str(exc).split())  # always one line

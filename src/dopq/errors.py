@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "DopqError", "ModelError"]
+__all__ = ["CheckpointError", "ConfigError", "DataError", "DopqError", "ExportError", "ModelError"]
 
 
 class DopqError(Exception):
@@ -23,3 +23,7 @@ class CheckpointError(DopqError):
 
 class DataError(DopqError):
     """Missing data path or split, empty split, unreadable image."""
+
+
+class ExportError(DopqError):
+    """A model that cannot be exported (not quantized, unsupported option, missing runtime)."""

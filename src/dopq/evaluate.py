@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from dopq.data import single_line_errors
 from dopq.errors import DataError
 
-__all__ = ["EvalResult", "accuracy_counts", "evaluate"]
+__all__ = ["Agreement", "EvalResult", "accuracy_counts", "compare", "evaluate"]
 
 logger = logging.getLogger(__name__)
 
@@ -139,3 +139,64 @@ def evaluate(
         result.images_per_second,
     )
     return result
+
+
+@dataclass
+class Agreement:
+    """How two classifiers compare on the same images (e.g. onnxruntime vs the simulation).
+
+    Args:
+        images: images compared.
+        identical_top1: fraction of images with the same top-1 prediction.
+        max_logit_diff: largest absolute logit difference over all images and classes.
+        top1_a, top1_b: accuracy of each model.
+        top1_correct_a, top1_correct_b: per image, ``"1"`` where that model's top-1 is right.
+    """
+
+    images: int
+    identical_top1: float
+    max_logit_diff: float
+    top1_a: float
+    top1_b: float
+    top1_correct_a: str = ""
+    top1_correct_b: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compare(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    loader: Iterable[tuple[Tensor, Tensor]],
+    progress: bool = True,
+    desc: str = "compare",
+) -> Agreement:
+    """Run two classifiers on every batch of ``loader`` and count identical top-1 predictions."""
+    model_a.eval()
+    model_b.eval()
+    same = seen = 0
+    worst = 0.0
+    right_a: list[bool] = []
+    right_b: list[bool] = []
+    total = len(loader.dataset) if hasattr(loader, "dataset") else None
+    with (
+        torch.inference_mode(),
+        single_line_errors(),
+        tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar,
+    ):
+        for images, targets in loader:
+            a, b = model_a(images).float().cpu(), model_b(images).float().cpu()
+            pred_a, pred_b = a.argmax(1), b.argmax(1)
+            same += int((pred_a == pred_b).sum())
+            right_a += _top1_hits(a, targets)
+            right_b += _top1_hits(b, targets)
+            worst = max(worst, float((a - b).abs().max()))
+            seen += len(targets)
+            bar.update(len(targets))
+    if seen == 0:
+        raise DataError("comparison got no images; check the split and subset size")
+    as_bits = lambda hits: "".join("1" if h else "0" for h in hits)  # noqa: E731
+    return Agreement(
+        seen, same / seen, worst, sum(right_a) / seen, sum(right_b) / seen, as_bits(right_a), as_bits(right_b)
+    )

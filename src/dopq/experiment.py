@@ -43,7 +43,15 @@ from dopq.errors import ConfigError
 from dopq.evaluate import EvalResult, evaluate
 from dopq.models import build_model, get_adapter
 
-__all__ = ["RunSettings", "Workload", "load_workload", "resolve_device", "run_recipe"]
+__all__ = [
+    "RunSettings",
+    "Workload",
+    "evaluate_onnx",
+    "evaluate_saved",
+    "load_workload",
+    "resolve_device",
+    "run_recipe",
+]
 
 log = logging.getLogger(__name__)
 
@@ -169,17 +177,28 @@ def fp_baseline(work: Workload, progress: bool = True) -> EvalResult:
     return work.fp_result
 
 
+def _versions() -> dict[str, str | None]:
+    try:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except ImportError:
+        ort_version = None
+    return {
+        "dopq": dopq.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "onnxruntime": ort_version,
+        "python": platform.python_version(),
+    }
+
+
 def _provenance(work: Workload) -> dict[str, Any]:
     s = work.settings
     return {
         "command": command_line(),
         "checkpoint_sha256": _sha256(s.checkpoint) if s.checkpoint else None,
-        "versions": {
-            "dopq": dopq.__version__,
-            "torch": torch.__version__,
-            "timm": timm.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": _versions(),
         "device_name": torch.cuda.get_device_name()
         if s.device.startswith("cuda")
         else platform.processor() or platform.machine(),
@@ -272,3 +291,71 @@ def evaluate_saved(
         "config": {"recipe": config.to_dict(), "preprocess": pre.to_dict()},
         "command": command_line(),
     }
+
+
+def _onnx_preprocess(meta: dict[str, Any], overrides: dict[str, Any] | None) -> Preprocess:
+    if isinstance(meta.get("preprocess"), dict):
+        pre = Preprocess(**meta["preprocess"])
+    elif meta.get("arch"):
+        pre = preprocess_from_model(timm.create_model(meta["arch"], pretrained=False))
+    else:
+        raise ConfigError("the ONNX model records no preprocessing (export it with dopq export)")
+    return replace(pre, **(overrides or {}))
+
+
+def evaluate_onnx(
+    path: str | Path,
+    data: str,
+    quantized: str | Path | None = None,
+    eval_split: str | None = None,
+    eval_subset: int | None = None,
+    batch_size: int = 64,
+    workers: int = 0,
+    threads: int | None = None,
+    progress: bool = True,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate an exported ONNX model with onnxruntime (CPU) under the usual protocol.
+
+    With ``quantized`` (a ``dopq quantize --save`` file) both run on the same images and the result
+    also holds the share of identical top-1 predictions and the largest logit difference.
+    """
+    from dopq.evaluate import compare
+    from dopq.export import OnnxModel, read_metadata
+
+    meta = read_metadata(path)
+    onnx_model = OnnxModel(path, threads=threads)
+    pre = _onnx_preprocess(meta, overrides)
+    dataset = open_split(data, resolve_eval_split(data, eval_split), build_transform(pre))
+    indices = strided_indices(len(dataset), eval_subset)
+    loader = make_loader(dataset, indices, batch_size, workers)
+    with single_line_errors():
+        res = evaluate(onnx_model, loader, progress=progress, desc="onnxruntime")
+    recipe = meta.get("recipe") or {}
+    result: dict[str, Any] = {
+        "model": meta.get("arch"),
+        "method": "onnx",
+        "w_bits": recipe.get("w_bits"),
+        "a_bits": recipe.get("a_bits"),
+        "fp_top1": None,
+        "fp_top5": None,
+        "quant_top1": res.top1,
+        "quant_top5": res.top5,
+        "quant_top1_correct": res.top1_correct,
+        "eval_images": res.images,
+        "eval_images_per_second": res.images_per_second,
+        "onnx_path": str(path),
+        "onnx_metadata": {k: v for k, v in meta.items() if k != "preprocess"},
+        "config": {"preprocess": pre.to_dict()},
+        "command": command_line(),
+        "versions": _versions(),
+        "threads": threads or torch.get_num_threads(),
+    }
+    if quantized is not None:
+        from dopq.serialize import load_quantized
+
+        model, _, _ = load_quantized(quantized)
+        loader = make_loader(dataset, indices, batch_size, workers)
+        agreement = compare(model, onnx_model, loader, progress=progress, desc="simulation vs onnxruntime")
+        result["comparison"] = {"quantized_path": str(quantized), **agreement.to_dict()}
+    return result

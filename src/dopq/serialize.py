@@ -1,9 +1,12 @@
 """Save a quantized model and load it back for evaluation without redoing the work.
 
 The file (``torch.save`` of plain types only, loaded with ``weights_only=True``) holds the timm
-architecture name, the class count, the recipe, the preprocessing, every parameter and quantizer
-buffer, and each uniform quantizer's granularity. Loading rebuilds the architecture with timm,
-inserts quantizers with the same recipe and loads the state.
+architecture name, the class count, the recipe, the preprocessing, each uniform quantizer's
+granularity, every quantized weight as its integer codes (uint8, two 4-bit codes per byte at
+W <= 4: the weight quantizer's own ``codes``) and every other parameter and quantizer buffer.
+Loading rebuilds the architecture with timm, inserts quantizers with the same recipe, loads the
+state and sets each weight to ``dequantize(codes)``, a point of its grid, so the model computes
+what was saved. Schema 1 files (float weights) still load.
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ from torch import nn
 from dopq.config import QuantConfig
 from dopq.errors import CheckpointError
 from dopq.models import prepare_model
-from dopq.modules import QuantLinear, quantizers_of
+from dopq.modules import QuantConv2d, QuantLinear, quantizers_of
 from dopq.quantizers import PerChannel, PerTensor, UniformQuantizer
 
-__all__ = ["FORMAT", "SCHEMA_VERSION", "load_quantized", "save_quantized"]
+__all__ = ["FORMAT", "SCHEMA_VERSION", "load_quantized", "pack_codes", "save_quantized", "unpack_codes"]
 
 FORMAT = "dopq-quantized"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+_READABLE_SCHEMAS = (1, 2)
 
 
 def _arch_of(model: nn.Module) -> str:
@@ -37,6 +41,50 @@ def _arch_of(model: nn.Module) -> str:
 
 def _granularities(model: nn.Module) -> dict[str, int | None]:
     return {name: q.channel_axis for name, q in quantizers_of(model) if isinstance(q, UniformQuantizer)}
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes in ``[0, 2^bits - 1]`` as a flat uint8 tensor, two per byte when ``bits <= 4``.
+
+    Example:
+        >>> pack_codes(torch.tensor([1, 2, 15]), 4).tolist()
+        [33, 15]
+        >>> unpack_codes(pack_codes(torch.tensor([1, 2, 15]), 4), 4, 3).tolist()
+        [1, 2, 15]
+    """
+    flat = codes.reshape(-1).to(torch.uint8)
+    if bits > 4:
+        return flat.clone()
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: the first ``count`` codes as int64."""
+    if bits > 4:
+        return packed[:count].long()
+    pairs = torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1)
+    return pairs[:count].long()
+
+
+def _quantized_weights(model: nn.Module) -> dict[str, tuple[nn.Module, UniformQuantizer]]:
+    """Layers whose weight is stored as codes: an enabled uniform weight quantizer."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantLinear, QuantConv2d)):
+            q = module.weight_quantizer
+            if isinstance(q, UniformQuantizer) and q.enabled and bool(q.initialized):
+                found[f"{name}.weight" if name else "weight"] = (module, q)
+    return found
+
+
+def _weight_codes(model: nn.Module) -> dict[str, dict[str, Any]]:
+    out = {}
+    for key, (module, q) in _quantized_weights(model).items():
+        codes = q.codes(module.weight.detach())
+        out[key] = {"bits": q.bits, "shape": list(codes.shape), "packed": pack_codes(codes.cpu(), q.bits)}
+    return out
 
 
 def save_quantized(
@@ -55,6 +103,8 @@ def save_quantized(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    codes = _weight_codes(model)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in codes}
     payload = {
         "format": FORMAT,
         "schema": SCHEMA_VERSION,
@@ -63,9 +113,15 @@ def save_quantized(
         "config": config.to_dict(),
         "granularity": _granularities(model),
         "metadata": metadata or {},
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": state,
+        "weight_codes": codes,
     }
-    torch.save(payload, path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:  # written under a temporary name, so an interrupted save leaves no half file
+        torch.save(payload, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -78,8 +134,10 @@ def _read(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a readable dopq file ({type(exc).__name__})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a dopq quantized model (made by `dopq quantize --save`)")
-    if payload.get("schema") != SCHEMA_VERSION:
-        raise CheckpointError(f"{path} has schema {payload.get('schema')}, this dopq reads {SCHEMA_VERSION}")
+    if payload.get("schema") not in _READABLE_SCHEMAS:
+        raise CheckpointError(
+            f"{path} has schema {payload.get('schema')}, this dopq reads {_READABLE_SCHEMAS}"
+        )
     return payload
 
 
@@ -123,9 +181,33 @@ def load_quantized(
     model = timm.create_model(payload["arch"], pretrained=False, num_classes=payload["num_classes"])
     prepare_model(model.eval(), config)
     _match_state(model, payload)
+    codes = payload.get("weight_codes", {})
     try:
-        model.load_state_dict(payload["state_dict"], strict=True)
+        result = model.load_state_dict(payload["state_dict"], strict=False)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
         raise CheckpointError(f"{path} does not match {payload['arch']}: {first}") from None
+    missing = set(result.missing_keys) - set(codes)
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path} does not match {payload['arch']}: missing {sorted(missing)[:2]}, "
+            f"unexpected {result.unexpected_keys[:2]}"
+        )
+    _set_weights_from_codes(model, codes, path)
     return model.to(device).eval(), config, payload["metadata"]
+
+
+@torch.no_grad()
+def _set_weights_from_codes(model: nn.Module, codes: dict[str, dict[str, Any]], path: Path) -> None:
+    layers = _quantized_weights(model)
+    for key, entry in codes.items():
+        if key not in layers:
+            raise CheckpointError(f"{path}: {key} has codes but no quantized layer in the model")
+        module, q = layers[key]
+        shape = tuple(entry["shape"])
+        if shape != tuple(module.weight.shape) or entry["bits"] != q.bits:
+            raise CheckpointError(
+                f"{path}: codes of {key} do not fit the layer ({shape}, {entry['bits']} bits)"
+            )
+        values = unpack_codes(entry["packed"], entry["bits"], module.weight.numel()).reshape(shape)
+        module.weight.copy_(q.dequantize(values))

@@ -8,7 +8,7 @@ from dopq.quantizers.base import (
     list_quantizers,
     register_quantizer,
 )
-from dopq.quantizers.levels import LevelQuantizer, Log2Quantizer, LogSqrt2Quantizer
+from dopq.quantizers.levels import LevelQuantizer, Log2Quantizer, LogQuantizer, LogSqrt2Quantizer
 from dopq.quantizers.tanq import TanQQuantizer, tan_levels
 from dopq.quantizers.uniform import (
     UniformQuantizer,
@@ -20,6 +20,7 @@ from dopq.quantizers.uniform import (
 __all__ = [
     "LevelQuantizer",
     "Log2Quantizer",
+    "LogQuantizer",
     "LogSqrt2Quantizer",
     "PerChannel",
     "PerTensor",

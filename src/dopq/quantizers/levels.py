@@ -16,6 +16,7 @@ from dopq.quantizers.uniform import DEFAULT_PERCENTILES
 __all__ = [
     "LevelQuantizer",
     "Log2Quantizer",
+    "LogQuantizer",
     "LogSqrt2Quantizer",
     "attention_error",
     "codes_from_thresholds",
@@ -100,9 +101,16 @@ class LevelQuantizer(Quantizer):
         return _with_ste(lookup(levels.detach(), code), x)
 
 
-class _LogQuantizer(LevelQuantizer):
+class LogQuantizer(LevelQuantizer):
+    """Log-domain levels ``delta * 2^(-e*step)`` plus an exact zero; codes by log-domain rounding."""
+
     step: float
     extra_zero: bool
+
+    @property
+    def n_nonzero(self) -> int:
+        """Number of non-zero levels ``delta * 2^(-e*step)``, ``e = 0..n_nonzero-1``."""
+        return self._n_nonzero
 
     @property
     def _n_nonzero(self) -> int:
@@ -147,7 +155,7 @@ class _LogQuantizer(LevelQuantizer):
 
 
 @register_quantizer("logsqrt2")
-class LogSqrt2Quantizer(_LogQuantizer):
+class LogSqrt2Quantizer(LogQuantizer):
     """RepQ-ViT's log-sqrt2 quantizer: ``d * 2^(-q/2)`` for codes ``0..2^b-1`` plus an exact 0.
 
     Faithful to RepQ-ViT, including its extra zero code (``2^b + 1`` values in all), so that the
@@ -159,7 +167,7 @@ class LogSqrt2Quantizer(_LogQuantizer):
 
 
 @register_quantizer("log2")
-class Log2Quantizer(_LogQuantizer):
+class Log2Quantizer(LogQuantizer):
     """Power-of-two levels ``d * 2^(-q)``, ``2^b - 1`` of them plus 0 (fits in b bits)."""
 
     step = 1.0

@@ -139,6 +139,11 @@ class TanQQuantizer(LevelQuantizer):
         thresholds = self.level_table()[1].detach()
         return tan_codes(x.detach(), *params, self.bits, thresholds)
 
+    def warp_params(self) -> tuple[float, float, float]:
+        """The effective ``(sharpness c, center m, clip d)`` that define the levels."""
+        c, m, d = (float(p.detach()) for p in self._params())
+        return c, m, d
+
     def _params(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # learned parameters are kept in their valid ranges
         return self.sharpness.clamp_min(1e-3), self.center.clamp(0.05, 0.95), self.clip.clamp_min(1e-6)

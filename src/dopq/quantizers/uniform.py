@@ -100,6 +100,7 @@ def search_uniform_range(
     bits: int,
     channel_axis: int | None = None,
     percentiles: tuple[float, ...] = DEFAULT_PERCENTILES,
+    include_zero: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and integer zero point minimising the squared error over percentile candidates.
 
@@ -108,6 +109,8 @@ def search_uniform_range(
         bits: bit width.
         channel_axis: axis with one (scale, zero point) per index; None for per tensor.
         percentiles: upper quantiles tried; the lower bound is the mirrored quantile.
+        include_zero: widen every candidate range to contain 0, so that the zero point is a code
+            in ``[0, 2^b - 1]`` and 0.0 is exactly a level (what integer kernels need).
 
     Returns:
         ``(scale, zero_point)`` of shape ``(C,)`` (``(1,)`` per tensor).
@@ -123,6 +126,8 @@ def search_uniform_range(
     best_zp = torch.zeros_like(best_err)
     bounds = row_quantiles(rows, tuple(percentiles) + tuple(1.0 - p for p in percentiles))
     n = len(percentiles)
+    if include_zero:
+        bounds = torch.cat([bounds[:n].clamp_min(0), bounds[n:].clamp_max(0)])
     for i in range(n):
         scale, zp = _range_to_qparams(bounds[n + i], bounds[i], bits)
         err = _row_mse(rows, scale[:, None], zp[:, None], bits)
@@ -177,7 +182,12 @@ class UniformQuantizer(Quantizer):
         return self.granularity.axis if isinstance(self.granularity, PerChannel) else None
 
     def initialize(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
-        scale, zero_point = search_uniform_range(x, self.bits, self.channel_axis, self.percentiles)
+        # a per-tensor activation range always holds 0 (an integer zero point for integer kernels);
+        # per-channel post-LayerNorm ranges need not: the re-parameterization moves them
+        axis = self.channel_axis
+        scale, zero_point = search_uniform_range(
+            x, self.bits, axis, self.percentiles, include_zero=axis is None
+        )
         self.set_qparams(scale, zero_point)
 
     def set_qparams(
@@ -201,6 +211,28 @@ class UniformQuantizer(Quantizer):
             del self.scale
             self.scale = nn.Parameter(value.clone())
         return self.scale
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        """Smallest and largest integer code, ``(0, 2^b - 1)``."""
+        return 0, 2**self.bits - 1
+
+    def qparams_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point broadcastable to ``x`` (per-channel ones along their axis)."""
+        axis = self.channel_axis
+        return _broadcast(self.scale, x, axis), _broadcast(self.zero_point, x, axis)
+
+    @torch.no_grad()
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes (int64) in :attr:`code_range`: the single definition that fake
+        quantization, saving and export share; ``dequantize(codes(x)) == fake_quantize(x)``."""
+        scale, zero_point = self.qparams_for(x)
+        return _codes(x.detach().float(), scale, zero_point, self.bits).long()
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        """``(codes - z) * s``: the float value of integer codes."""
+        scale, zero_point = self.qparams_for(codes)
+        return (codes.to(scale.dtype) - zero_point) * scale
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         axis = self.channel_axis

@@ -1,0 +1,170 @@
+"""The ``deploy`` suite: exported ONNX models on onnxruntime against the simulation and FP32.
+
+Per model and bit width (dopq recipe, and dopq with a uniform post-Softmax quantizer): simulated
+top-1, onnxruntime top-1, identical top-1 predictions, file sizes, and, against the FP32 ONNX export
+on the same threads, throughput at batch 32 and latency at batch 1 (interleaved repeats, medians).
+onnxruntime's own ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations, MinMax, the
+same 32 calibration images) is the peer row at W8/A8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dopq.api import quantize_with_report
+from dopq.config import get_preset
+from dopq.evaluate import compare, evaluate
+from dopq.experiment import fp_baseline
+from dopq.export import OnnxModel, export_onnx, optimized_op_counts
+from dopq.export.runtime import INTEGER_OPS
+
+
+def _fp32_onnx(model: torch.nn.Module, path: Path) -> None:
+    from dopq.models import example_input
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (example_input(model),), str(path), dynamo=False, opset_version=21,
+            input_names=["images"], output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        )  # fmt: skip
+
+
+def _peer_quantize_static(fp_path: Path, out: Path, calib: torch.Tensor) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{"images": calib.numpy()}])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.items, None)
+
+    quantize_static(
+        str(fp_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+    )  # fmt: skip
+
+
+def _timed_runs(
+    models: dict[str, OnnxModel], batch: torch.Tensor, repeats: int, inner: int
+) -> dict[str, float]:
+    """Median seconds of one call per model, models interleaved within each repeat."""
+    for m in models.values():
+        m(batch)  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(repeats):
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                m(batch)
+            times[name].append((time.perf_counter() - t0) / inner)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def suite_deploy(args: argparse.Namespace, workload, save) -> None:
+    threads = args.threads or 2
+    rows: list[dict[str, Any]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="dopq-deploy-"))
+    for arch in args.models:
+        work = workload(args, arch)
+        loader = _loader(work)
+        fp_torch = fp_baseline(work, progress=False)
+        fp_path = tmp / f"{arch}_fp32.onnx"
+        _fp32_onnx(work.model, fp_path)
+        fp_onnx = OnnxModel(fp_path, threads=threads)
+        fp_eval = evaluate(fp_onnx, loader, progress=False, desc="fp32 onnx")
+        print(f"  {arch} fp32: torch {fp_torch.top1:.4f} onnx {fp_eval.top1:.4f}", flush=True)
+        sessions = {"fp32": fp_onnx}
+        sizes = {"fp32": fp_path.stat().st_size}
+        entries: dict[str, dict[str, Any]] = {}
+        for bits in args.bits:
+            for label, softmax in (("dopq", "tanq"), ("dopq+uniform-softmax", "uniform")):
+                config = get_preset("dopq", w_bits=bits, a_bits=bits, softmax_quantizer=softmax)
+                model, qreport = quantize_with_report(
+                    copy.deepcopy(work.model), work.calib_images, config, progress=False
+                )
+                variants = [(label, False)]
+                if label == "dopq" and args.integer_attention:
+                    variants.append(("dopq+integer-attention", True))
+                for name, integer_levels in variants:
+                    key, entry, onnx_model = _exported_row(
+                        arch, name, bits, model, integer_levels, tmp, threads, loader, fp_torch, qreport
+                    )
+                    entries[key], sessions[key], sizes[key] = entry, onnx_model, entry["bytes"]
+                del model
+        if 8 in args.bits:
+            peer_path = tmp / f"{arch}_ort_quantize_static.onnx"
+            _peer_quantize_static(fp_path, peer_path, work.calib_images)
+            peer = OnnxModel(peer_path, threads=threads)
+            peer_eval = evaluate(peer, loader, progress=False, desc="peer")
+            entries["onnxruntime quantize_static W8/A8"] = {
+                "model": arch, "method": "onnxruntime quantize_static", "w_bits": 8, "a_bits": 8,
+                "fp_top1": fp_eval.top1, "onnx_top1": peer_eval.top1, "bytes": peer_path.stat().st_size,
+                "onnx_top1_correct": peer_eval.top1_correct,
+            }  # fmt: skip
+            print(f"  {arch} onnxruntime quantize_static W8/A8: onnx {peer_eval.top1:.4f}", flush=True)
+            sessions["onnxruntime quantize_static W8/A8"] = peer
+            sizes["onnxruntime quantize_static W8/A8"] = peer_path.stat().st_size
+        batch = torch.stack([work.eval_dataset[i][0] for i in range(32)])
+        through = _timed_runs(sessions, batch, args.repeats, 1)
+        latency = _timed_runs(sessions, batch[:1], args.repeats, 10)
+        for key, entry in entries.items():
+            entry.update(
+                images_per_second=32 / through[key],
+                fp32_images_per_second=32 / through["fp32"],
+                throughput_ratio=through["fp32"] / through[key],
+                latency_ms=1e3 * latency[key],
+                fp32_latency_ms=1e3 * latency["fp32"],
+                latency_ratio=latency["fp32"] / latency[key],
+                size_ratio=sizes[key] / sizes["fp32"],
+                fp32_bytes=sizes["fp32"],
+                fp32_onnx_top1=fp_eval.top1,
+                onnx_threads=threads,
+                repeats=args.repeats,
+            )
+            rows.append(entry)
+            print(f"  {arch} {key}: {entry['images_per_second']:.1f} img/s ({entry['throughput_ratio']:.2f}x fp32), "
+                  f"{entry['latency_ms']:.1f} ms ({entry['latency_ratio']:.2f}x), size {entry['size_ratio']:.2f}x", flush=True)  # fmt: skip
+        save("deploy", {"rows": rows, "onnx_threads": threads})
+
+
+def _exported_row(arch, label, bits, model, integer_levels, tmp, threads, loader, fp_torch, qreport):
+    path = tmp / f"{arch}_{label}_w{bits}.onnx"
+    report = export_onnx(model, path, integer_levels=integer_levels)
+    onnx_model = OnnxModel(path, threads=threads)
+    agree = compare(model, onnx_model, loader, progress=False)
+    ops = optimized_op_counts(path, threads)
+    key = f"{label} W{bits}/A{bits}"
+    entry = {
+        "model": arch, "method": label, "w_bits": bits, "a_bits": bits, "integer_attention": integer_levels,
+        "recipe": qreport.config.to_dict(),
+        "fp_top1": fp_torch.top1, "sim_top1": agree.top1_a,
+        "onnx_top1": agree.top1_b, "identical_top1": agree.identical_top1,
+        "max_logit_diff": agree.max_logit_diff, "bytes": report.bytes,
+        "weight_storage": report.weight_storage,
+        "integer_ops": {k: v for k, v in ops.items() if k in INTEGER_OPS},
+        "float_matmuls": ops.get("MatMul", 0),
+        "calib_seconds": qreport.calib_seconds,
+        "sim_top1_correct": agree.top1_correct_a, "onnx_top1_correct": agree.top1_correct_b,
+    }  # fmt: skip
+    print(f"  {arch} {key}: sim {agree.top1_a:.4f} onnx {agree.top1_b:.4f} "
+          f"identical {agree.identical_top1:.4f} size {report.bytes / 1e6:.2f} MB", flush=True)  # fmt: skip
+    return key, entry, onnx_model
+
+
+def _loader(work):
+    from dopq.data import make_loader
+
+    return make_loader(work.eval_dataset, work.eval_indices, 32, 0)

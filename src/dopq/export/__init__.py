@@ -1,0 +1,22 @@
+"""Deployment: the integer form of a quantized model, its ONNX (QDQ) export and onnxruntime runs.
+
+Reads the quantized model only through the quantizers' code/table API, so the exported codes are
+the simulated ones. ``onnx`` / ``onnxruntime`` are imported lazily (clear errors when missing).
+"""
+
+from dopq.export.deploy import check_quantized, to_deploy
+from dopq.export.onnx_export import DEFAULT_OPSET, MIN_OPSET, ExportReport, export_onnx
+from dopq.export.runtime import INTEGER_OPS, OnnxModel, optimized_op_counts, read_metadata
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "INTEGER_OPS",
+    "MIN_OPSET",
+    "ExportReport",
+    "OnnxModel",
+    "check_quantized",
+    "export_onnx",
+    "optimized_op_counts",
+    "read_metadata",
+    "to_deploy",
+]

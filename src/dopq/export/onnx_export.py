@@ -1,0 +1,203 @@
+"""Write the deploy form of a quantized model as an ONNX graph in QDQ form.
+
+The graph comes from torch's TorchScript exporter (``dynamo=False``: the quantization steps are
+autograd Functions with ONNX symbolics) and is then post-processed with the ``onnx`` package:
+
+* 4-bit weights (W <= 4) are stored as INT4 initializers (opset >= 21), each behind a ``Cast`` to
+  int8 that onnxruntime folds at load time, so that its integer MatMul kernels see int8 weights
+  while the file holds two codes per byte. Below opset 21 they stay int8.
+* initializers no node reads are dropped; the recipe, preprocessing and provenance go into the
+  model's metadata (``metadata_props``), which ``dopq evaluate --onnx`` reads back.
+* the file is written under a temporary name and renamed, so an interrupted export leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dopq.errors import ExportError
+from dopq.export.deploy import to_deploy
+from dopq.models import example_input
+
+__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "ExportReport", "check_export_target", "export_onnx", "require_onnx"]
+
+DEFAULT_OPSET = 21
+MIN_OPSET = 13  # per-axis DequantizeLinear
+INT4_OPSET = 21  # INT4 tensors and Cast to/from them
+MAX_OPSET = 21  # the highest this dopq version has checked with onnxruntime
+INT4_RANGE = (-8, 7)
+
+
+def require_onnx() -> Any:
+    """The ``onnx`` module, or a clear error when it is not installed."""
+    try:
+        import onnx
+    except ImportError:
+        raise ExportError("ONNX export needs the onnx package: pip install 'onnx>=1.17'") from None
+    return onnx
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_onnx` wrote."""
+
+    path: str
+    bytes: int
+    opset: int
+    weight_storage: str
+    integer_levels: bool
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _check_path(path: Path) -> None:
+    if path.is_dir():
+        raise ExportError(f"--out {path} is a directory; give a file name such as model.onnx")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot create the folder of {path}: {exc.strerror}") from None
+    if not os.access(path.parent, os.W_OK):
+        raise ExportError(f"cannot write {path}: its folder is not writable")
+
+
+def check_export_target(path: str | Path, opset: int) -> None:
+    """Everything an export checks before it starts: onnx and onnxruntime installed, the opset, and
+    a writable destination (so a long run does not fail at its end)."""
+    require_onnx()
+    from dopq.export.runtime import require_onnxruntime
+
+    require_onnxruntime()
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(
+            f"opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})"
+        )
+    _check_path(Path(path))
+
+
+def _initializers(graph: Any) -> dict[str, Any]:
+    return {init.name: init for init in graph.initializer}
+
+
+def _pack_int4_weights(model: Any) -> int:
+    """INT4 storage for per-axis weight DequantizeLinear inputs whose codes fit 4 bits; returns how
+    many weights were packed."""
+    import ml_dtypes  # an onnx dependency: numpy's 4-bit types
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = _initializers(graph)
+    packed, new_nodes = 0, []
+    for node in graph.node:
+        weight_dq = (
+            node.op_type == "DequantizeLinear"
+            and any(a.name == "axis" for a in node.attribute)
+            and len(node.input) == 3
+            and all(name in inits for name in node.input[:3:2])
+        )
+        if weight_dq:
+            codes = numpy_helper.to_array(inits[node.input[0]])
+            zero_point = numpy_helper.to_array(inits[node.input[2]])
+            fits = codes.dtype == np.int8 and all(
+                a.min() >= INT4_RANGE[0] and a.max() <= INT4_RANGE[1] for a in (codes, zero_point)
+            )
+            if fits:
+                for slot in (0, 2):
+                    name = node.input[slot]
+                    array = numpy_helper.to_array(inits[name])
+                    small = numpy_helper.from_array(array.astype(ml_dtypes.int4), f"{name}_int4")  # packed
+                    graph.initializer.append(small)
+                    cast_out = f"{name}_as_int8"
+                    new_nodes.append(
+                        onnx.helper.make_node("Cast", [small.name], [cast_out], to=onnx.TensorProto.INT8)
+                    )
+                    node.input[slot] = cast_out
+                packed += 1
+        new_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    return packed
+
+
+def _drop_unused_initializers(model: Any) -> None:
+    used = {name for node in model.graph.node for name in node.input}
+    used |= {o.name for o in model.graph.output}
+    keep = [init for init in model.graph.initializer if init.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def _set_metadata(model: Any, metadata: dict[str, Any]) -> None:
+    del model.metadata_props[:]
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key = key
+        entry.value = value if isinstance(value, str) else json.dumps(value)
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    opset: int = DEFAULT_OPSET,
+    integer_levels: bool = False,
+    metadata: dict[str, Any] | None = None,
+) -> ExportReport:
+    """Export a quantized model to ONNX (QDQ) for onnxruntime's integer kernels.
+
+    Args:
+        model: a model returned by :func:`dopq.quantize` (or ``load_quantized``); it is not changed.
+        path: the ``.onnx`` file to write (atomically).
+        opset: ONNX opset, ``MIN_OPSET`` (13) to 21; 4-bit weights are stored as INT4 from 21.
+        integer_levels: round post-Softmax levels to 8-bit fixed point so ``attn @ v`` is an integer
+            MatMul too (see :class:`dopq.export.deploy.DeployMatMul`).
+        metadata: JSON-ready entries stored in the model's ``metadata_props``.
+
+    Returns:
+        An :class:`ExportReport`.
+    """
+    check_export_target(path, opset)
+    onnx = require_onnx()
+    path = Path(path)
+    t0 = time.perf_counter()
+    deploy = to_deploy(model, integer_levels)
+    example = example_input(deploy)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+            torch.onnx.export(
+                deploy,
+                (example,),
+                str(tmp),
+                dynamo=False,
+                opset_version=opset,
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            )
+        graph = onnx.load(str(tmp))
+        packed = _pack_int4_weights(graph) if opset >= INT4_OPSET else 0
+        _drop_unused_initializers(graph)
+        _set_metadata(graph, {"dopq_integer_levels": integer_levels, **(metadata or {})})
+        onnx.checker.check_model(graph)
+        onnx.save(graph, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    storage = "int4" if packed else "int8"
+    return ExportReport(
+        str(path), path.stat().st_size, opset, storage, integer_levels, time.perf_counter() - t0
+    )

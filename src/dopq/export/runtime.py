@@ -1,0 +1,107 @@
+"""Run exported graphs with onnxruntime's CPU provider, as a torch module the evaluation loop can use."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dopq.errors import ExportError
+
+__all__ = ["INTEGER_OPS", "OnnxModel", "optimized_op_counts", "read_metadata", "require_onnxruntime"]
+
+# onnxruntime ops that compute on integer codes (after its QDQ fusions)
+INTEGER_OPS = frozenset(
+    {
+        "MatMulIntegerToFloat",
+        "QLinearMatMul",
+        "MatMulInteger",
+        "DynamicQuantizeMatMul",
+        "QLinearConv",
+        "ConvInteger",
+        "QGemm",
+        "QAttention",
+    }
+)
+
+
+def require_onnxruntime() -> Any:
+    """The ``onnxruntime`` module, or a clear error when it is not installed."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ExportError("running ONNX models needs onnxruntime: pip install onnxruntime") from None
+    return onnxruntime
+
+
+def _session_options(threads: int | None, optimized_path: str | None = None) -> Any:
+    ort = require_onnxruntime()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if optimized_path:
+        options.optimized_model_filepath = optimized_path
+    options.log_severity_level = 3
+    return options
+
+
+def _session(path: str | Path, threads: int | None, optimized_path: str | None = None) -> Any:
+    ort = require_onnxruntime()
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"ONNX model {path} does not exist")
+    try:
+        return ort.InferenceSession(
+            str(path), _session_options(threads, optimized_path), providers=["CPUExecutionProvider"]
+        )
+    except Exception as exc:  # any loader failure means the file is unusable
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"onnxruntime cannot load {path}: {first}") from None
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``metadata_props`` of an exported model, JSON values decoded."""
+    meta = _session(path, 1).get_modelmeta().custom_metadata_map
+    out: dict[str, Any] = {}
+    for key, value in meta.items():
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def optimized_op_counts(path: str | Path, threads: int | None = 1) -> Counter[str]:
+    """Op types (with their counts) of the graph onnxruntime actually runs after its optimizations."""
+    onnx = __import__("onnx")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "optimized.onnx")
+        _session(path, threads, out)
+        graph = onnx.load(out)
+    return Counter(node.op_type for node in graph.graph.node)
+
+
+class OnnxModel(nn.Module):
+    """An onnxruntime session behind ``forward(images) -> logits`` (CPU provider).
+
+    Args:
+        path: the ``.onnx`` file (input ``images``, output ``logits``).
+        threads: onnxruntime intra-op threads (None: its default).
+    """
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        super().__init__()
+        self.path = str(path)
+        self.session = _session(path, threads)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        array = images.detach().cpu().float().contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])

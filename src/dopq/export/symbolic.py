@@ -1,0 +1,156 @@
+"""Quantization steps as autograd Functions whose ONNX ``symbolic`` is the integer-friendly form.
+
+Each ``forward`` computes in torch exactly what the ONNX ops compute (so a deploy model can be
+checked against the simulation without onnxruntime); each ``symbolic`` emits standard ONNX ops:
+
+* ``qdq``: ``[Clip] -> QuantizeLinear -> DequantizeLinear`` with a uint8 container. Below 8 bits the
+  float ``Clip`` to ``[(0 - z) s, (2^b - 1 - z) s]`` keeps the codes inside the b-bit range, so the
+  exported codes equal the simulated ``clamp(round(x / s) + z, 0, 2^b - 1)``.
+* ``dequantize_weight``: ``DequantizeLinear`` of a constant integer initializer, per output channel.
+* ``log_levels`` / ``tan_levels``: the nearest-level codes of the post-Softmax quantizers from closed
+  forms (elementwise ops only: onnxruntime's ``Gather`` is scalar and several times slower), returning
+  the level value; ``threshold_levels``: any table, by comparisons with every threshold.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["dequantize_weight", "log_levels", "qdq", "tan_levels", "threshold_levels"]
+
+
+def _const(g, value: float | int | torch.Tensor, dtype: torch.dtype = torch.float32):
+    return g.op("Constant", value_t=torch.as_tensor(value, dtype=dtype))
+
+
+class _QDQ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, bits):
+        codes = torch.round(x / scale)
+        if zero_point:  # no "+ 0": the TorchScript tracer's peephole pass would drop it and fail
+            return (torch.clamp(codes + zero_point, 0, 2**bits - 1) - zero_point) * scale
+        return torch.clamp(codes, 0, 2**bits - 1) * scale
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point, bits):
+        if bits < 8:
+            # float32 bounds, as the runtime holds them
+            bounds = ((0 - zero_point) * scale, (2**bits - 1 - zero_point) * scale)
+            x = g.op("Clip", x, *(_const(g, b) for b in bounds))
+        s, z = _const(g, scale), _const(g, zero_point, torch.uint8)
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, z), s, z)
+
+
+def qdq(x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
+    """Per-tensor uniform quantize-dequantize with a uint8 container (``0 <= zero_point < 2^bits``)."""
+    return _QDQ.apply(x, scale, zero_point, bits)
+
+
+class _DequantizeWeight(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, codes, scale, zero_point, axis):
+        shape = [1] * codes.ndim
+        shape[axis] = -1
+        return (codes.float() - zero_point.float().view(shape)) * scale.view(shape)
+
+    @staticmethod
+    def symbolic(g, codes, scale, zero_point, axis):
+        return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=axis)
+
+
+def dequantize_weight(
+    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int
+) -> torch.Tensor:
+    """``(codes - z) * s`` with per-``axis`` scale and zero point; codes int8/uint8."""
+    return _DequantizeWeight.apply(codes, scale, zero_point, axis)
+
+
+class _LogLevels(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, delta, step, n_nonzero):
+        e = torch.round(-torch.log2(x / delta) / step).clamp_min(0)
+        return torch.where(e < n_nonzero, delta * torch.exp2(-e * step), torch.zeros_like(x))
+
+    @staticmethod
+    def symbolic(g, x, delta, step, n_nonzero):
+        # e = round(-log2(x / delta) / step): the simulation's own code formula; 0 -> e = inf -> 0
+        ln = g.op("Log", g.op("Div", x, _const(g, delta)))
+        e = g.op("Round", g.op("Mul", ln, _const(g, -1.0 / (math.log(2.0) * step))))
+        e = g.op("Max", e, _const(g, 0.0))
+        level = g.op("Mul", g.op("Exp", g.op("Mul", e, _const(g, -step * math.log(2.0)))), _const(g, delta))
+        keep = g.op("Less", e, _const(g, float(n_nonzero)))
+        return g.op("Where", keep, level, _const(g, 0.0))
+
+
+def log_levels(x: torch.Tensor, delta: float, step: float, n_nonzero: int) -> torch.Tensor:
+    """Level value of log2 / log-sqrt2 quantization (``delta * 2^(-e*step)``, or 0 past the last)."""
+    return _LogLevels.apply(x, delta, step, n_nonzero)
+
+
+def _tan_level(k: torch.Tensor, c: float, m: float, d: float, n: int) -> torch.Tensor:
+    lo, span = math.atan(c * m), math.atan(c * (1 - m)) + math.atan(c * m)
+    return d * (torch.atan(c * (k / n - m)) + lo) / span
+
+
+class _TanLevels(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, c, m, d, bits):
+        n = 2**bits - 1
+        lo, span = math.atan(c * m), math.atan(c * (1 - m)) + math.atan(c * m)
+        u = torch.tan(torch.clamp(x / d, 0, 1) * span - lo) / c + m
+        j = torch.clamp(torch.floor(u * n), 0, n - 1)
+        low, high = _tan_level(j, c, m, d, n), _tan_level(j + 1, c, m, d, n)
+        return torch.where(x > (low + high) / 2, high, low)
+
+    @staticmethod
+    def symbolic(g, x, c, m, d, bits):
+        # TanQ's own code rule (tan_codes): the level interval j from the inverse warp, then one
+        # comparison with the midpoint of levels j and j+1, whose values come from the warp itself
+        n = 2**bits - 1
+        lo, span = math.atan(c * m), math.atan(c * (1 - m)) + math.atan(c * m)
+        t = g.op("Clip", g.op("Div", x, _const(g, d)), _const(g, 0.0), _const(g, 1.0))
+        t = g.op("Tan", g.op("Sub", g.op("Mul", t, _const(g, span)), _const(g, lo)))
+        u = g.op("Add", g.op("Div", t, _const(g, c)), _const(g, m))
+        j = g.op(
+            "Clip", g.op("Floor", g.op("Mul", u, _const(g, float(n)))), _const(g, 0.0), _const(g, n - 1.0)
+        )
+
+        def level(k):
+            w = g.op(
+                "Atan",
+                g.op("Mul", g.op("Sub", g.op("Div", k, _const(g, float(n))), _const(g, m)), _const(g, c)),
+            )
+            return g.op("Mul", g.op("Add", w, _const(g, lo)), _const(g, d / span))
+
+        low, high = level(j), level(g.op("Add", j, _const(g, 1.0)))
+        mid = g.op("Mul", g.op("Add", low, high), _const(g, 0.5))
+        return g.op("Where", g.op("Greater", x, mid), high, low)
+
+
+def tan_levels(x: torch.Tensor, sharpness: float, center: float, clip: float, bits: int) -> torch.Tensor:
+    """Level value of TanQ quantization, by TanQ's elementwise code rule."""
+    return _TanLevels.apply(x, sharpness, center, clip, bits)
+
+
+class _ThresholdLevels(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, levels, thresholds):
+        table, bounds = torch.tensor(levels, dtype=x.dtype), torch.tensor(thresholds, dtype=x.dtype)
+        return table[torch.bucketize(x, bounds)]
+
+    @staticmethod
+    def symbolic(g, x, levels, thresholds):
+        # level = levels[0] + sum_k (levels[k+1] - levels[k]) * [x > thresholds[k]]
+        out = _const(g, levels[0])
+        for k, th in enumerate(thresholds):
+            above = g.op("Greater", x, _const(g, th))
+            out = g.op("Where", above, g.op("Add", out, _const(g, levels[k + 1] - levels[k])), out)
+        return out
+
+
+def threshold_levels(x: torch.Tensor, levels: list[float], thresholds: list[float]) -> torch.Tensor:
+    """Level value of any table quantizer by comparing with every threshold (exact, but one pass per
+    threshold: the fallback for tables without a closed form)."""
+    return _ThresholdLevels.apply(x, levels, thresholds)

@@ -1,0 +1,307 @@
+"""ONNX export: codes equal to the simulated ones, onnxruntime outputs against the simulation, integer
+kernels in the graph onnxruntime runs, compact saving, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import timm
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+import dopq
+from dopq.cli import main
+from dopq.errors import ExportError
+from dopq.export import INTEGER_OPS, OnnxModel, export_onnx, optimized_op_counts, read_metadata, to_deploy
+from dopq.export.deploy import softmax_levels
+from dopq.export.symbolic import qdq
+from dopq.modules import QuantLinear, QuantMatMul
+from dopq.quantizers import PerTensor, TanQQuantizer, UniformQuantizer, build_quantizer
+from dopq.serialize import load_quantized, pack_codes, save_quantized, unpack_codes
+
+
+def _vit() -> tuple[nn.Module, torch.Tensor]:
+    return timm.create_model("test_vit", num_classes=10).eval(), torch.randn(8, 3, 160, 160)
+
+
+def _swin() -> tuple[nn.Module, torch.Tensor]:
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        img_size=56,
+        depths=(1, 1),
+        num_heads=(1, 2),
+        embed_dim=32,
+        num_classes=10,
+    )
+    return model.eval(), torch.randn(8, 3, 56, 56)
+
+
+def _export_module(module: nn.Module, x: torch.Tensor, path: Path) -> np.ndarray:
+    """Export a small module with the TorchScript exporter and run it with onnxruntime."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        torch.onnx.export(module, (x,), str(path), dynamo=False, opset_version=21, input_names=["x"])
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x.numpy()})[0]
+
+
+class _Wrap(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_exported_activation_codes_equal_the_simulated_ones(bits: int, tmp_path: Path) -> None:
+    q = UniformQuantizer(bits, PerTensor())
+    q.observing = True
+    x = torch.randn(4096) * 3 + 0.5
+    simulated = q(x)
+    scale, zero_point = float(q.scale), int(q.zero_point)
+    out = _export_module(_Wrap(lambda t: qdq(t, scale, zero_point, bits)), x, tmp_path / "q.onnx")
+    assert torch.equal(torch.from_numpy(out), simulated)
+    # 0.0 is a level and the zero point a code of the b-bit range
+    assert 0 <= int(q.zero_point) <= 2**bits - 1
+    assert float(q(torch.zeros(1))) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("name", "bits"), [("tanq", 3), ("tanq", 4), ("tanq", 8), ("log2", 4), ("logsqrt2", 3)]
+)
+def test_exported_softmax_levels_equal_the_simulated_ones(name: str, bits: int, tmp_path: Path) -> None:
+    kwargs = {"objective": "mse"} if name == "tanq" else {}
+    q = build_quantizer(name, bits, **kwargs)
+    q.observing = True
+    attn = torch.softmax(torch.randn(4, 3, 64, 64) * 4, dim=-1)
+    simulated = q(attn)
+    out = torch.from_numpy(_export_module(softmax_levels(q), attn, tmp_path / "s.onnx"))
+    # the same level (up to float rounding of the level formula) for all but ties at a threshold
+    same_level = (out - simulated).abs() <= 1e-6 * simulated.abs().max()
+    assert same_level.float().mean() >= 0.9999
+    if isinstance(q, TanQQuantizer):
+        levels = q.lookup_table()
+        assert torch.isclose(out.reshape(-1, 1), levels.reshape(1, -1), rtol=1e-5, atol=1e-7).any(1).all()
+
+
+def test_exported_weight_codes_are_the_quantizer_codes(tmp_path: Path) -> None:
+    model, x = _vit()
+    dopq.quantize(model, x, dopq.get_preset("dopq", w_bits=4, a_bits=4), progress=False)
+    report = export_onnx(model, tmp_path / "m.onnx")
+    assert report.weight_storage == "int4"
+    graph = onnx.load(report.path).graph
+    inits = {i.name: i for i in graph.initializer}
+    layer: QuantLinear = model.blocks[0].mlp.fc1
+    codes = layer.weight_quantizer.codes(layer.weight)  # (out, in) in [0, 15]
+    zero_point = layer.weight_quantizer.zero_point.long()
+    stored = numpy_helper.to_array(inits["blocks.0.mlp.fc1.weight.codes_int4"]).astype(np.int64)
+    stored_zp = numpy_helper.to_array(inits["blocks.0.mlp.fc1.weight.zero_point_int4"]).astype(np.int64)
+    assert inits["blocks.0.mlp.fc1.weight.codes_int4"].data_type == onnx.TensorProto.INT4
+    # stored transposed (in, out); code - zero point is the same integer either way
+    assert torch.equal(torch.from_numpy(stored - stored_zp).t(), codes - zero_point[:, None])
+
+
+def _ops_and_agreement(
+    model: nn.Module, x: torch.Tensor, path: Path, **kw
+) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    report = export_onnx(model, path, **kw)
+    with torch.no_grad():
+        simulated = model(x)
+    runtime = OnnxModel(report.path, threads=1)(x)
+    return dict(optimized_op_counts(report.path)), simulated, runtime
+
+
+CASES = [
+    pytest.param(_vit, 8, "tanq", id="vit-w8a8-tanq"),
+    pytest.param(_vit, 4, "tanq", id="vit-w4a4-tanq"),
+    pytest.param(_vit, 3, "tanq", id="vit-w3a3-tanq"),
+    pytest.param(_vit, 3, "logsqrt2", id="vit-w3a3-logsqrt2"),
+    pytest.param(_swin, 8, "tanq", id="swin-w8a8-tanq"),
+    pytest.param(_swin, 4, "tanq", id="swin-w4a4-tanq"),
+    pytest.param(_swin, 3, "logsqrt2", id="swin-w3a3-logsqrt2"),
+]
+
+
+@pytest.mark.parametrize(("make", "bits", "softmax"), CASES)
+def test_onnxruntime_runs_integer_kernels_and_matches_the_simulation(
+    make, bits, softmax, tmp_path: Path
+) -> None:
+    model, x = make()
+    config = dopq.get_preset("dopq", w_bits=bits, a_bits=bits, softmax_quantizer=softmax)
+    dopq.quantize(model, x, config, progress=False)
+    ops, simulated, runtime = _ops_and_agreement(model, x, tmp_path / "m.onnx")
+    linears = sum(isinstance(m, QuantLinear) for m in model.modules())
+    matmuls = sum(isinstance(m, QuantMatMul) for m in model.modules())
+    integer = sum(n for op, n in ops.items() if op in INTEGER_OPS)
+    # every token-wise Linear (all but the head) and every q @ k^T runs on integer codes
+    assert integer >= linears - 1 + matmuls // 2, ops
+    assert ops.get("MatMul", 0) == matmuls // 2  # attn @ v: float levels times dequantized v
+    scale = simulated.abs().max()
+    assert float((runtime - simulated).abs().max()) <= 0.05 * scale
+    assert (runtime.argmax(1) == simulated.argmax(1)).float().mean() >= 0.875
+
+
+def test_integer_attention_makes_attn_v_integer_too(tmp_path: Path) -> None:
+    model, x = _vit()
+    dopq.quantize(model, x, dopq.get_preset("dopq", w_bits=4, a_bits=4), progress=False)
+    ops, _simulated, runtime = _ops_and_agreement(model, x, tmp_path / "m.onnx", integer_levels=True)
+    assert ops.get("MatMul", 0) == 0, ops
+    with torch.no_grad():
+        deployed = to_deploy(model, integer_levels=True)(x)
+    # the graph computes the deploy form (checked without onnxruntime's fusions, which round
+    # differently); the fixed-point levels move the result a little away from the simulation
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain = ort.InferenceSession(str(tmp_path / "m.onnx"), options, providers=["CPUExecutionProvider"])
+    unfused = torch.from_numpy(plain.run(None, {"images": x.numpy()})[0])
+    assert torch.allclose(deployed, unfused, atol=1e-5 * float(unfused.abs().max()))
+    assert torch.equal(runtime.argmax(1), deployed.argmax(1))
+
+
+def test_deploy_form_computes_the_simulated_function() -> None:
+    model, x = _vit()
+    dopq.quantize(
+        model, x, dopq.get_preset("dopq", w_bits=4, a_bits=4, softmax_quantizer="log2"), progress=False
+    )
+    with torch.no_grad():
+        simulated, deployed = model(x), to_deploy(model)(x)
+    # integer weights, per-tensor Q/DQ and the input offset folded into the bias: the same function
+    assert torch.allclose(deployed, simulated, atol=1e-5 * float(simulated.abs().max()))
+
+
+def test_refuses_models_that_are_not_quantized(tmp_path: Path) -> None:
+    model, _x = _vit()
+    with pytest.raises(ExportError, match="no quantizers"):
+        export_onnx(model, tmp_path / "m.onnx")
+    from dopq.config import get_preset
+    from dopq.models import prepare_model
+
+    prepare_model(model, get_preset("dopq"))
+    with pytest.raises(ExportError, match="never calibrated"):
+        export_onnx(model, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_refuses_fractional_zero_points(tmp_path: Path) -> None:
+    model, x = _vit()
+    dopq.quantize(model, x, dopq.get_preset("repq", w_bits=8, a_bits=8), progress=False)
+    with pytest.raises(ExportError, match="not an integer code"):
+        export_onnx(model, tmp_path / "m.onnx")
+
+
+def test_compact_save_holds_packed_codes_and_round_trips(tmp_path: Path) -> None:
+    codes = torch.randint(0, 16, (7, 5))
+    assert torch.equal(unpack_codes(pack_codes(codes, 4), 4, codes.numel()).reshape(7, 5), codes)
+    assert pack_codes(codes, 4).numel() == 18
+    model, x = _vit()
+    config = dopq.get_preset("dopq", w_bits=4, a_bits=4)
+    dopq.quantize(model, x, config, progress=False)
+    path = save_quantized(model, tmp_path / "q.pt", config)
+    payload = torch.load(path, weights_only=True)
+    assert "blocks.0.mlp.fc1.weight" not in payload["state_dict"]
+    fc1 = payload["weight_codes"]["blocks.0.mlp.fc1.weight"]
+    assert (
+        fc1["packed"].dtype == torch.uint8
+        and fc1["packed"].numel() * 2 == model.blocks[0].mlp.fc1.weight.numel()
+    )
+    loaded, _, _ = load_quantized(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def _one_error(code: int, err: str, match: str) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("dopq: error: "), err
+    assert match in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("export-data")
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    root / split / cls / f"{i}.png"
+                )
+    return root
+
+
+def _quantize(images: Path, *extra: str) -> list[str]:
+    return ["quantize", "--model", "test_vit", "--data", str(images), "--calib-size", "4", "--quiet",
+            "--w-bits", "4", "--a-bits", "4", *extra]  # fmt: skip
+
+
+def test_cli_quantize_export_evaluate(
+    images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    onnx_path, saved = tmp_path / "m.onnx", tmp_path / "q.pt"
+    assert main(_quantize(images, "--save", str(saved), "--export", str(onnx_path))) == 0, (
+        capsys.readouterr().err
+    )
+    assert read_metadata(onnx_path)["recipe"]["w_bits"] == 4
+    out = tmp_path / "ev.json"
+    argv = ["evaluate", "--onnx", str(onnx_path), "--quantized", str(saved), "--data", str(images),
+            "--quiet", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert result["eval_images"] == 6 and result["comparison"]["images"] == 6
+    assert result["comparison"]["identical_top1"] >= 5 / 6
+    again = tmp_path / "again.onnx"
+    assert main(["export", "--quantized", str(saved), "--out", str(again), "--quiet"]) == 0
+    assert again.stat().st_size == onnx_path.stat().st_size
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        pytest.param(lambda t: ["--export", str(t / "m.onnx"), "--opset", "11"], "opset 11 is not supported",
+                     id="low-opset"),
+        pytest.param(lambda t: ["--export", str(t / "file.txt" / "m.onnx")], "cannot create the folder",
+                     id="unwritable"),
+        pytest.param(lambda t: ["--export", str(t)], "is a directory", id="directory"),
+    ],
+)  # fmt: skip
+def test_cli_export_errors_come_before_any_work(argv, match, images: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "file.txt").write_text("x")
+    # a model that does not exist: the export check must fail first, before the model is built
+    code = main(["quantize", "--model", "no_such_model", "--data", str(images), *argv(tmp_path)])
+    _one_error(code, capsys.readouterr().err, match)
+
+
+def test_cli_missing_onnxruntime(images: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    code = main(_quantize(images, "--export", str(tmp_path / "m.onnx")))
+    _one_error(code, capsys.readouterr().err, "needs onnxruntime")
+
+
+def test_cli_export_and_evaluate_bad_files(tmp_path: Path, images: Path, capsys) -> None:
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    _one_error(main(["export", "--quantized", str(junk), "--out", str(tmp_path / "m.onnx")]),
+               capsys.readouterr().err, "not a readable dopq file")  # fmt: skip
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx")
+    _one_error(main(["evaluate", "--onnx", str(bad), "--data", str(images)]), capsys.readouterr().err,
+               "onnxruntime cannot load")  # fmt: skip
+    _one_error(main(["evaluate", "--data", str(images)]), capsys.readouterr().err, "needs --quantized")
