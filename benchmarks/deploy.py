@@ -168,3 +168,82 @@ def _loader(work):
     from dopq.data import make_loader
 
     return make_loader(work.eval_dataset, work.eval_indices, 32, 0)
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, loader) -> torch.Tensor:
+    return torch.cat([model(images).float().cpu() for images, _ in loader])
+
+
+def suite_deploy_sensitivity(args: argparse.Namespace, workload, save) -> None:
+    """How often do two computations of the same quantized network pick different top-1 classes?
+
+    The simulation, its deploy form in torch, and the exported graph in onnxruntime with and without
+    its graph optimizations (integer GEMMs vs float GEMMs of dequantized values): each pair differs
+    only in float rounding.
+    """
+    from dopq.export import to_deploy
+
+    threads = args.threads or 2
+    rows: list[dict[str, Any]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="dopq-sensitivity-"))
+    for arch in args.models:
+        work = workload(args, arch)
+        loader = _loader(work)
+        for bits in args.bits:
+            config = get_preset("dopq", w_bits=bits, a_bits=bits, softmax_quantizer="tanq")
+            model, _ = quantize_with_report(
+                copy.deepcopy(work.model), work.calib_images, config, progress=False
+            )
+            path = tmp / f"{arch}_w{bits}.onnx"
+            export_onnx(model, path)
+            logits = {
+                "simulation": _logits(model, loader),
+                "deploy form (torch)": _logits(to_deploy(model), loader),
+                "onnxruntime": _logits(OnnxModel(path, threads=threads), loader),
+                "onnxruntime, no graph optimizations": _logits(
+                    OnnxModel(path, threads=threads, optimize=False), loader
+                ),
+            }
+            names = list(logits)
+            for i, a in enumerate(names):
+                for b in names[i + 1 :]:
+                    same = float((logits[a].argmax(1) == logits[b].argmax(1)).float().mean())
+                    diff = float((logits[a] - logits[b]).abs().max())
+                    rows.append({"model": arch, "w_bits": bits, "a_bits": bits, "a": a, "b": b,
+                                 "identical_top1": same, "max_logit_diff": diff, "images": len(logits[a])})  # fmt: skip
+                    print(
+                        f"  {arch} W{bits}/A{bits} {a} vs {b}: identical {same:.4f}, max logit diff {diff:.3f}",
+                        flush=True,
+                    )
+            save("deploy_sensitivity", {"rows": rows, "onnx_threads": threads})
+
+
+def suite_save_size(args: argparse.Namespace, workload, save) -> None:
+    """Bytes of ``--save`` files (integer weight codes) against the float checkpoints."""
+    from dopq.serialize import save_quantized
+
+    rows: list[dict[str, Any]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="dopq-save-"))
+    for arch in args.models:
+        work = workload(args, arch)
+        fp32 = tmp / f"{arch}_fp32_state.pt"
+        torch.save(work.model.state_dict(), fp32)
+        for bits in args.bits:
+            config = get_preset("dopq", w_bits=bits, a_bits=bits)
+            model, _ = quantize_with_report(
+                copy.deepcopy(work.model), work.calib_images, config, progress=False
+            )
+            path = save_quantized(model, tmp / f"{arch}_w{bits}.pt", config)
+            row = {
+                "model": arch, "w_bits": bits, "save_bytes": path.stat().st_size,
+                "fp32_state_dict_bytes": fp32.stat().st_size,
+                "checkpoint_bytes": Path(work.settings.checkpoint).stat().st_size,
+                "checkpoint": Path(work.settings.checkpoint).name,
+            }  # fmt: skip
+            row["ratio_to_fp32_state_dict"] = row["save_bytes"] / row["fp32_state_dict_bytes"]
+            row["ratio_to_checkpoint"] = row["save_bytes"] / row["checkpoint_bytes"]
+            rows.append(row)
+            print(f"  {arch} W{bits}: {row['save_bytes'] / 1e6:.2f} MB = {row['ratio_to_fp32_state_dict']:.3f}x fp32, "
+                  f"{row['ratio_to_checkpoint']:.3f}x {row['checkpoint']}", flush=True)  # fmt: skip
+            save("save_size", {"rows": rows})

@@ -143,6 +143,110 @@ def _recon(data: dict[str, Any], title: str) -> list[str]:
     return [*lines, ""]
 
 
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f}"
+
+
+def _paired_cell(row: dict[str, Any], a: str, b: str) -> str:
+    x, y = row.get(a), row.get(b)
+    if not x or not y or len(x) != len(y):
+        return ""
+    pairs = list(zip(x, y, strict=True))
+    gained, lost = pairs.count(("1", "0")), pairs.count(("0", "1"))
+    return f"+{gained} / -{lost} (p={sign_test_p(gained, lost):.2g})"
+
+
+_DEPLOY_PAIRS = (
+    ("dopq+uniform-softmax", "dopq"),
+    ("dopq+uniform-softmax", "onnxruntime quantize_static"),
+    ("dopq", "onnxruntime quantize_static"),
+    ("dopq+integer-attention", "dopq"),
+)
+
+
+def _deploy_pairs(sub: list[dict[str, Any]]) -> list[str]:
+    """Paired sign tests of onnxruntime top-1 between exported models, and of each export against
+    its own simulation."""
+    bits = sorted({r["w_bits"] for r in sub}, reverse=True)
+
+    def row(method: str, b: int) -> dict[str, Any] | None:
+        return next((r for r in sub if r["method"] == method and r["w_bits"] == b), None)
+
+    lines = ["", "Paired on the same images: images fixed / broken (two-sided exact sign-test p)", "",
+             "| comparison | " + " | ".join(f"W{b}/A{b}" for b in bits) + " |", "|---" * (len(bits) + 1) + "|"]  # fmt: skip
+    for a, b in _DEPLOY_PAIRS:
+        cells = []
+        for w in bits:
+            ra, rb = row(a, w), row(b, w)
+            pair = {"x": ra and ra.get("onnx_top1_correct"), "y": rb and rb.get("onnx_top1_correct")}
+            cells.append(_paired_cell(pair, "x", "y"))
+        if any(cells):
+            lines.append(f"| {a} vs {b} (onnxruntime) | " + " | ".join(cells) + " |")
+    for method in dict.fromkeys(r["method"] for r in sub):
+        cells = [_paired_cell(row(method, w) or {}, "onnx_top1_correct", "sim_top1_correct") for w in bits]
+        if any(cells):
+            lines.append(f"| {method}: onnxruntime vs simulation | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _deploy_table(data: dict[str, Any]) -> list[str]:
+    """Exported models on onnxruntime: agreement with the simulation, speed and size against FP32."""
+    rows = data["rows"]
+    lines = ["### Deployment: ONNX on onnxruntime (CPU)", "",
+             f"Command: `{data['command']}` (onnxruntime {data['onnx_threads']} intra-op threads; "
+             f"speed: medians of {rows[0]['repeats']} interleaved repeats, in one run)", ""]  # fmt: skip
+    for model in dict.fromkeys(r["model"] for r in rows):
+        sub = [r for r in rows if r["model"] == model]
+        r0 = sub[0]
+        lines += [
+            f"**{model}**: FP32 top-1 {_pct(r0.get('fp_top1'))}% (PyTorch), {_pct(r0['fp32_onnx_top1'])}% (FP32 ONNX); "
+            f"FP32 ONNX {r0['fp32_images_per_second']:.1f} images/s at batch 32, {r0['fp32_latency_ms']:.1f} ms at "
+            f"batch 1, {_mb(r0['fp32_bytes'])} MB",
+            "",
+            "| recipe | bits | simulated top-1 | onnxruntime top-1 | identical top-1 | max logit diff | images/s (b32) | "
+            "x FP32 | latency ms (b1) | x FP32 | MB | x FP32 | weights | integer ops |",
+            "|---" * 14 + "|",
+        ]
+        for r in sub:
+            ops = ", ".join(f"{k} {v}" for k, v in sorted(r.get("integer_ops", {}).items())) or "-"
+            identical = "-" if r.get("identical_top1") is None else f"{100 * r['identical_top1']:.1f}"
+            diff = "-" if r.get("max_logit_diff") is None else f"{r['max_logit_diff']:.3f}"
+            softmax = (r.get("recipe") or {}).get("softmax_quantizer")
+            label = f"{r['method']} ({softmax} post-Softmax)" if softmax else r["method"]
+            lines.append(
+                f"| {label} | W{r['w_bits']}/A{r['a_bits']} | {_pct(r.get('sim_top1'))} | {_pct(r['onnx_top1'])} | "
+                f"{identical} | {diff} | {r['images_per_second']:.1f} | {r['throughput_ratio']:.2f} | "
+                f"{r['latency_ms']:.1f} | {r['latency_ratio']:.2f} | {_mb(r['bytes'])} | {r['size_ratio']:.2f} | "
+                f"{r.get('weight_storage', 'int8')} | {ops} |"
+            )
+        lines += _deploy_pairs(sub)
+        lines.append("")
+    return lines
+
+
+def _sensitivity_table(data: dict[str, Any]) -> list[str]:
+    lines = ["### Deployment: the same quantized network computed four ways", "",
+             f"Command: `{data['command']}` (onnxruntime {data['onnx_threads']} threads). Identical top-1 "
+             "predictions and the largest logit difference between two computations that differ only in "
+             "float rounding (dopq recipe, TanQ post-Softmax).", "",
+             "| model | bits | computation A | computation B | identical top-1 % | max logit diff |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in data["rows"]:
+        lines.append(f"| {r['model']} | W{r['w_bits']}/A{r['a_bits']} | {r['a']} | {r['b']} | "
+                     f"{100 * r['identical_top1']:.1f} | {r['max_logit_diff']:.3f} |")  # fmt: skip
+    return [*lines, ""]
+
+
+def _save_size_table(data: dict[str, Any]) -> list[str]:
+    lines = ["### Compact `--save` files", "", f"Command: `{data['command']}`", "",
+             "| model | bits | --save MB | x FP32 state dict | x shared checkpoint (fp16 safetensors) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for r in data["rows"]:
+        lines.append(f"| {r['model']} | W{r['w_bits']} | {_mb(r['save_bytes'])} | "
+                     f"{r['ratio_to_fp32_state_dict']:.3f} | {r['ratio_to_checkpoint']:.3f} |")  # fmt: skip
+    return [*lines, ""]
+
+
 def _protocol_title(name: str) -> str:
     """``ablation_deit_eval5000`` -> ``Ablation, DeiT-Tiny, 5000 test images``."""
     _, model, protocol = name.split("_", 2)
@@ -170,6 +274,11 @@ def render(results: Path, target: Path) -> None:
     if data:
         parts += _tanq_grid_table(data)
     parts += _timing(results)
+    for name, table in (("deploy", _deploy_table), ("deploy_sensitivity", _sensitivity_table),
+                        ("save_size", _save_size_table)):  # fmt: skip
+        data = _load(results, name)
+        if data:
+            parts += table(data)
     for path in sorted(results.glob("recon_*.json")):
         if path.stem == "recon_unit":
             parts += _recon_unit_table(json.loads(path.read_text()))

@@ -9,6 +9,8 @@
     python benchmarks/run.py recon --recon-calib-size 256 --recon-iters 100   # reconstruction, reduced CPU settings
     python benchmarks/run.py recon-unit --recon-calib-size 128 --recon-iters 60 --recon-batch-size 32   # settings, one unit
     python benchmarks/run.py deploy --bits 8 4 --threads 2   # ONNX export on onnxruntime vs simulation and FP32
+    python benchmarks/run.py deploy-sensitivity --bits 8 4 --threads 2   # the same network computed four ways
+    python benchmarks/run.py save-size --bits 8 4 3   # --save file sizes against the float checkpoints
     python benchmarks/run.py render          # docs/RESULTS.md tables from the JSON files
 
 Protocol everywhere: 32 calibration images from CIFAR-10 train (seed 0), the strided 1000 CIFAR-10 test
@@ -254,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
             "recon",
             "recon-unit",
             "deploy",
+            "deploy-sensitivity",
+            "save-size",
             "render",
         ],
     )
@@ -296,6 +300,14 @@ def main(argv: list[str] | None = None) -> None:
         from deploy import suite_deploy
 
         suite_deploy(args, workload, save)
+    elif args.suite == "save-size":
+        from deploy import suite_save_size
+
+        suite_save_size(args, workload, save)
+    elif args.suite == "deploy-sensitivity":
+        from deploy import suite_deploy_sensitivity
+
+        suite_deploy_sensitivity(args, workload, save)
     elif args.suite == "render":
         from render import render
 

@@ -77,3 +77,11 @@ def test_reconstruct_rounding_choices():
     assert ReconstructConfig(rounding="adaround").rounding == "adaround"
     with pytest.raises(ConfigError, match="rounding"):
         ReconstructConfig(rounding="nearest")
+
+
+def test_dopq_preset_uses_tanq_below_8_bits_and_uniform_at_8() -> None:
+    assert [get_preset("dopq", a_bits=b).softmax_quantizer for b in (3, 4, 6, 7, 8)] == ["tanq"] * 4 + [
+        "uniform"
+    ]
+    assert get_preset("dopq", a_bits=8, softmax_quantizer="tanq").softmax_quantizer == "tanq"
+    assert get_preset("repq", a_bits=8).softmax_quantizer == "logsqrt2"

@@ -20,7 +20,7 @@ import dopq
 from dopq.cli import main
 from dopq.errors import ExportError
 from dopq.export import INTEGER_OPS, OnnxModel, export_onnx, optimized_op_counts, read_metadata, to_deploy
-from dopq.export.deploy import softmax_levels
+from dopq.export.deploy import SoftmaxLevels
 from dopq.export.symbolic import qdq
 from dopq.modules import QuantLinear, QuantMatMul
 from dopq.quantizers import PerTensor, TanQQuantizer, UniformQuantizer, build_quantizer
@@ -86,7 +86,7 @@ def test_exported_softmax_levels_equal_the_simulated_ones(name: str, bits: int, 
     q.observing = True
     attn = torch.softmax(torch.randn(4, 3, 64, 64) * 4, dim=-1)
     simulated = q(attn)
-    out = torch.from_numpy(_export_module(softmax_levels(q), attn, tmp_path / "s.onnx"))
+    out = torch.from_numpy(_export_module(SoftmaxLevels(q), attn, tmp_path / "s.onnx"))
     # the same level (up to float rounding of the level formula) for all but ties at a threshold
     same_level = (out - simulated).abs() <= 1e-6 * simulated.abs().max()
     assert same_level.float().mean() >= 0.9999
@@ -287,6 +287,24 @@ def test_cli_export_errors_come_before_any_work(argv, match, images: Path, tmp_p
     # a model that does not exist: the export check must fail first, before the model is built
     code = main(["quantize", "--model", "no_such_model", "--data", str(images), *argv(tmp_path)])
     _one_error(code, capsys.readouterr().err, match)
+
+
+def test_cli_refuses_an_uncalibrated_model_and_fractional_zero_points(
+    images: Path, tmp_path: Path, capsys
+) -> None:
+    from dopq.config import get_preset
+    from dopq.models import prepare_model
+
+    model, _ = _vit()
+    config = get_preset("dopq")
+    prepare_model(model, config)  # quantizers inserted, never calibrated
+    saved = save_quantized(model, tmp_path / "raw.pt", config)
+    code = main(["export", "--quantized", str(saved), "--out", str(tmp_path / "m.onnx")])
+    _one_error(code, capsys.readouterr().err, "never calibrated")
+    assert not (tmp_path / "m.onnx").exists()
+    code = main(["quantize", "--model", "no_such_model", "--data", str(images), "--method", "repq",
+                 "--export", str(tmp_path / "m.onnx")])  # fmt: skip
+    _one_error(code, capsys.readouterr().err, "needs integer zero points")
 
 
 def test_cli_missing_onnxruntime(images: Path, tmp_path: Path, capsys, monkeypatch) -> None:

@@ -197,6 +197,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from dopq.serialize import save_quantized
 
     config = _config_from(args)
+    if args.export is not None and not config.integer_zero_point:
+        raise ConfigError(
+            "--export needs integer zero points (integer kernels); add --integer-zero-point on "
+            "(the dopq recipe's default)"
+        )
     settings = _settings_from(args)
     work = load_workload(settings)
     result, model = run_recipe(
@@ -250,33 +255,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.quantized is None and args.onnx is None:
         raise ConfigError("dopq evaluate needs --quantized MODEL.pt, --onnx MODEL.onnx, or both")
-    if args.onnx is not None:
-        result = evaluate_onnx(
-            args.onnx,
-            args.data,
-            quantized=args.quantized,
-            eval_split=args.eval_split,
-            eval_subset=args.eval_subset,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            threads=args.threads,
-            progress=not args.quiet,
-            overrides=preprocess_overrides(args),
-        )
-        _write_outputs(result, args.output)
-        return 0
-    result = evaluate_saved(
-        args.quantized,
-        args.data,
-        arch=args.model,
+    common = dict(
         eval_split=args.eval_split,
         eval_subset=args.eval_subset,
         batch_size=args.batch_size,
         workers=args.workers,
-        device=args.device,
         progress=not args.quiet,
         overrides=preprocess_overrides(args),
     )
+    if args.onnx is not None:
+        result = evaluate_onnx(args.onnx, args.data, quantized=args.quantized, threads=args.threads, **common)
+    else:
+        result = evaluate_saved(args.quantized, args.data, arch=args.model, device=args.device, **common)
     _write_outputs(result, args.output)
     return 0
 

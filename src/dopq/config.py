@@ -225,14 +225,34 @@ def list_presets() -> list[str]:
     return sorted(_PRESETS)
 
 
+# TanQ's warped grid pays below 8 bits; at 8 bits the uniform grid ties or beats it (DeiT-Tiny and
+# Swin-Tiny, docs/RESULTS.md "Deployment") and runs on integer kernels without TanQ's per-element
+# closed form, which makes the exported model 4x slower (docs/export.md)
+TANQ_MAX_BITS = 7
+
+
 def get_preset(name: str, **overrides: Any) -> QuantConfig:
     """The named recipe with optional field overrides.
+
+    ``dopq`` quantizes post-Softmax activations with TanQ up to ``TANQ_MAX_BITS`` and uniformly
+    above, unless ``softmax_quantizer`` is given.
 
     Example:
         >>> get_preset("repq", w_bits=3, a_bits=3).softmax_quantizer
         'logsqrt2'
+        >>> get_preset("dopq", a_bits=4).softmax_quantizer, get_preset("dopq", a_bits=8).softmax_quantizer
+        ('tanq', 'uniform')
     """
     if name not in _PRESETS:
         raise ConfigError(f"unknown method {name!r}; choose from {', '.join(list_presets())}")
-    fields = {**_PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    fields = {**_PRESETS[name], **given}
+    a_bits = fields.get("a_bits", QuantConfig.a_bits)
+    if (
+        name == "dopq"
+        and "softmax_quantizer" not in given
+        and isinstance(a_bits, int)
+        and a_bits > TANQ_MAX_BITS
+    ):
+        fields["softmax_quantizer"] = "uniform"
     return QuantConfig(**fields)

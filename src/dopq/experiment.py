@@ -252,6 +252,14 @@ def run_recipe(
     return result, model
 
 
+def _eval_loader(
+    data: str, split: str | None, subset: int | None, pre: Preprocess, batch_size: int, workers: int
+) -> Any:
+    """The strided evaluation subset of ``data``'s evaluation split, preprocessed by ``pre``."""
+    dataset = open_split(data, resolve_eval_split(data, split), build_transform(pre))
+    return make_loader(dataset, strided_indices(len(dataset), subset), batch_size, workers)
+
+
 def evaluate_saved(
     path: str | Path,
     data: str,
@@ -271,8 +279,7 @@ def evaluate_saved(
     resolve_device(device)
     model, config, meta = load_quantized(path, arch=arch, device=device)
     pre = replace(Preprocess(**meta["preprocess"]), **(overrides or {}))
-    dataset = open_split(data, resolve_eval_split(data, eval_split), build_transform(pre))
-    loader = make_loader(dataset, strided_indices(len(dataset), eval_subset), batch_size, workers)
+    loader = _eval_loader(data, eval_split, eval_subset, pre, batch_size, workers)
     with single_line_errors():
         res = evaluate(model, loader, device=device, progress=progress, desc="saved")
     return {
@@ -321,14 +328,12 @@ def evaluate_onnx(
     also holds the share of identical top-1 predictions and the largest logit difference.
     """
     from dopq.evaluate import compare
-    from dopq.export import OnnxModel, read_metadata
+    from dopq.export import OnnxModel
 
-    meta = read_metadata(path)
     onnx_model = OnnxModel(path, threads=threads)
+    meta = onnx_model.metadata()
     pre = _onnx_preprocess(meta, overrides)
-    dataset = open_split(data, resolve_eval_split(data, eval_split), build_transform(pre))
-    indices = strided_indices(len(dataset), eval_subset)
-    loader = make_loader(dataset, indices, batch_size, workers)
+    loader = _eval_loader(data, eval_split, eval_subset, pre, batch_size, workers)
     with single_line_errors():
         res = evaluate(onnx_model, loader, progress=progress, desc="onnxruntime")
     recipe = meta.get("recipe") or {}
@@ -355,7 +360,6 @@ def evaluate_onnx(
         from dopq.serialize import load_quantized
 
         model, _, _ = load_quantized(quantized)
-        loader = make_loader(dataset, indices, batch_size, workers)
         agreement = compare(model, onnx_model, loader, progress=progress, desc="simulation vs onnxruntime")
         result["comparison"] = {"quantized_path": str(quantized), **agreement.to_dict()}
     return result

@@ -22,7 +22,16 @@ from dopq.export.symbolic import dequantize_weight, log_levels, qdq, tan_levels,
 from dopq.modules import QuantConv2d, QuantLinear, QuantMatMul, quantizers_of
 from dopq.quantizers import LevelQuantizer, LogQuantizer, Quantizer, TanQQuantizer, UniformQuantizer
 
-__all__ = ["ActivationQDQ", "WeightCodes", "check_quantized", "softmax_levels", "to_deploy"]
+__all__ = [
+    "ActivationQDQ",
+    "DeployConv2d",
+    "DeployLinear",
+    "DeployMatMul",
+    "SoftmaxLevels",
+    "WeightCodes",
+    "check_quantized",
+    "to_deploy",
+]
 
 
 def check_quantized(model: nn.Module) -> None:
@@ -157,15 +166,12 @@ class DeployConv2d(nn.Module):
         return F.conv2d(x, self.weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-def softmax_levels(q: LevelQuantizer) -> nn.Module:
-    """The deploy form of a post-Softmax table quantizer (closed form where the family has one)."""
-    return _LevelValues(q)
+class SoftmaxLevels(nn.Module):
+    """The deploy form of a post-Softmax table quantizer: the level value of each element, from the
+    family's closed form (TanQ, log2, log-sqrt2) or by comparisons with every threshold."""
 
-
-class _LevelValues(nn.Module):
     def __init__(self, q: LevelQuantizer) -> None:
         super().__init__()
-        self.bits = q.bits
         if isinstance(q, TanQQuantizer):
             self.kind, self.args = "tanq", (*q.warp_params(), q.bits)
         elif isinstance(q, LogQuantizer):
@@ -173,7 +179,6 @@ class _LevelValues(nn.Module):
         else:
             levels, thresholds = q.level_table()
             self.kind, self.args = "table", (levels.tolist(), thresholds.tolist())
-        self.max_level = float(q.lookup_table().max())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "tanq":
@@ -210,10 +215,10 @@ class DeployMatMul(nn.Module):
     def __init__(self, layer: QuantMatMul, where: str, integer_levels: bool) -> None:
         super().__init__()
         qa = layer.quantizer_a
-        self.levels: nn.Module | None = None
+        self.levels: SoftmaxLevels | None = None
         self.level_scale = 0.0
         if isinstance(qa, LevelQuantizer) and qa.enabled:
-            self.levels = softmax_levels(qa)
+            self.levels = SoftmaxLevels(qa)
             if integer_levels:
                 self.level_scale = _fixed_point_scale(qa.lookup_table())
             self.qdq_a: nn.Module = nn.Identity()

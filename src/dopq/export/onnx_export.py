@@ -91,44 +91,48 @@ def _initializers(graph: Any) -> dict[str, Any]:
     return {init.name: init for init in graph.initializer}
 
 
+def _is_weight_dequantizer(node: Any, inits: dict[str, Any]) -> bool:
+    """A per-axis DequantizeLinear of constant codes and zero points: a weight."""
+    return (
+        node.op_type == "DequantizeLinear"
+        and any(a.name == "axis" for a in node.attribute)
+        and len(node.input) == 3
+        and all(name in inits for name in node.input[:3:2])
+    )
+
+
+def _fits_int4(*arrays: np.ndarray) -> bool:
+    return all(a.dtype == np.int8 and INT4_RANGE[0] <= a.min() and a.max() <= INT4_RANGE[1] for a in arrays)
+
+
 def _pack_int4_weights(model: Any) -> int:
-    """INT4 storage for per-axis weight DequantizeLinear inputs whose codes fit 4 bits; returns how
-    many weights were packed."""
+    """Store weight codes and zero points that fit 4 bits as INT4 initializers (two per byte), each
+    behind a Cast to int8 that onnxruntime folds at load time; returns how many weights were packed."""
     import ml_dtypes  # an onnx dependency: numpy's 4-bit types
     import onnx
     from onnx import numpy_helper
 
     graph = model.graph
     inits = _initializers(graph)
-    packed, new_nodes = 0, []
+    packed, nodes = 0, []
     for node in graph.node:
-        weight_dq = (
-            node.op_type == "DequantizeLinear"
-            and any(a.name == "axis" for a in node.attribute)
-            and len(node.input) == 3
-            and all(name in inits for name in node.input[:3:2])
-        )
-        if weight_dq:
-            codes = numpy_helper.to_array(inits[node.input[0]])
-            zero_point = numpy_helper.to_array(inits[node.input[2]])
-            fits = codes.dtype == np.int8 and all(
-                a.min() >= INT4_RANGE[0] and a.max() <= INT4_RANGE[1] for a in (codes, zero_point)
-            )
-            if fits:
-                for slot in (0, 2):
+        if _is_weight_dequantizer(node, inits):
+            arrays = {slot: numpy_helper.to_array(inits[node.input[slot]]) for slot in (0, 2)}
+            if _fits_int4(*arrays.values()):
+                for slot, array in arrays.items():
                     name = node.input[slot]
-                    array = numpy_helper.to_array(inits[name])
-                    small = numpy_helper.from_array(array.astype(ml_dtypes.int4), f"{name}_int4")  # packed
-                    graph.initializer.append(small)
-                    cast_out = f"{name}_as_int8"
-                    new_nodes.append(
-                        onnx.helper.make_node("Cast", [small.name], [cast_out], to=onnx.TensorProto.INT8)
+                    graph.initializer.append(
+                        numpy_helper.from_array(array.astype(ml_dtypes.int4), f"{name}_int4")
                     )
-                    node.input[slot] = cast_out
+                    cast = onnx.helper.make_node(
+                        "Cast", [f"{name}_int4"], [f"{name}_as_int8"], to=onnx.TensorProto.INT8
+                    )
+                    nodes.append(cast)
+                    node.input[slot] = f"{name}_as_int8"
                 packed += 1
-        new_nodes.append(node)
+        nodes.append(node)
     del graph.node[:]
-    graph.node.extend(new_nodes)
+    graph.node.extend(nodes)
     return packed
 
 
@@ -146,6 +150,18 @@ def _set_metadata(model: Any, metadata: dict[str, Any]) -> None:
         entry = model.metadata_props.add()
         entry.key = key
         entry.value = value if isinstance(value, str) else json.dumps(value)
+
+
+def _model_metadata(model: nn.Module, integer_levels: bool) -> dict[str, Any]:
+    import dopq
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return {
+        "arch": cfg.get("architecture"),
+        "num_classes": getattr(model, "num_classes", None),
+        "dopq_version": dopq.__version__,
+        "integer_attention": integer_levels,
+    }
 
 
 def export_onnx(
@@ -191,7 +207,7 @@ def export_onnx(
         graph = onnx.load(str(tmp))
         packed = _pack_int4_weights(graph) if opset >= INT4_OPSET else 0
         _drop_unused_initializers(graph)
-        _set_metadata(graph, {"dopq_integer_levels": integer_levels, **(metadata or {})})
+        _set_metadata(graph, {**_model_metadata(model, integer_levels), **(metadata or {})})
         onnx.checker.check_model(graph)
         onnx.save(graph, str(tmp))
         os.replace(tmp, path)

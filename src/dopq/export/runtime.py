@@ -39,10 +39,11 @@ def require_onnxruntime() -> Any:
     return onnxruntime
 
 
-def _session_options(threads: int | None, optimized_path: str | None = None) -> Any:
+def _session_options(threads: int | None, optimized_path: str | None = None, optimize: bool = True) -> Any:
     ort = require_onnxruntime()
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    level = "ORT_ENABLE_ALL" if optimize else "ORT_DISABLE_ALL"
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -52,23 +53,23 @@ def _session_options(threads: int | None, optimized_path: str | None = None) -> 
     return options
 
 
-def _session(path: str | Path, threads: int | None, optimized_path: str | None = None) -> Any:
+def _session(
+    path: str | Path, threads: int | None, optimized_path: str | None = None, optimize: bool = True
+) -> Any:
     ort = require_onnxruntime()
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"ONNX model {path} does not exist")
     try:
         return ort.InferenceSession(
-            str(path), _session_options(threads, optimized_path), providers=["CPUExecutionProvider"]
+            str(path), _session_options(threads, optimized_path, optimize), providers=["CPUExecutionProvider"]
         )
     except Exception as exc:  # any loader failure means the file is unusable
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"onnxruntime cannot load {path}: {first}") from None
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The ``metadata_props`` of an exported model, JSON values decoded."""
-    meta = _session(path, 1).get_modelmeta().custom_metadata_map
+def _decoded(meta: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in meta.items():
         try:
@@ -76,6 +77,11 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``metadata_props`` of an exported model, JSON values decoded."""
+    return OnnxModel(path, threads=1).metadata()
 
 
 def optimized_op_counts(path: str | Path, threads: int | None = 1) -> Counter[str]:
@@ -94,13 +100,19 @@ class OnnxModel(nn.Module):
     Args:
         path: the ``.onnx`` file (input ``images``, output ``logits``).
         threads: onnxruntime intra-op threads (None: its default).
+        optimize: onnxruntime's graph optimizations (its QDQ fusions into integer kernels); off runs
+            the graph as written (float ops on dequantized values), for comparisons.
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, optimize: bool = True) -> None:
         super().__init__()
         self.path = str(path)
-        self.session = _session(path, threads)
+        self.session = _session(path, threads, optimize=optimize)
         self.input_name = self.session.get_inputs()[0].name
+
+    def metadata(self) -> dict[str, Any]:
+        """The model's ``metadata_props`` (recipe, preprocessing, provenance), JSON values decoded."""
+        return _decoded(self.session.get_modelmeta().custom_metadata_map)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         array = images.detach().cpu().float().contiguous().numpy()
