@@ -255,10 +255,11 @@ def _quantize(images: Path, *extra: str) -> list[str]:
 def test_cli_quantize_export_evaluate(
     images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    onnx_path, saved = tmp_path / "m.onnx", tmp_path / "q.pt"
-    assert main(_quantize(images, "--save", str(saved), "--export", str(onnx_path))) == 0, (
-        capsys.readouterr().err
-    )
+    onnx_path, saved, run = tmp_path / "m.onnx", tmp_path / "q.pt", tmp_path / "run.json"
+    argv = _quantize(images, "--save", str(saved), "--export", str(onnx_path), "--output", str(run))
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "quantized: Linear 25/25, Conv2d 1/1, attention 6/6" in capsys.readouterr().out
+    assert not any(json.loads(run.read_text())["coverage"]["left_float"].values())
     assert read_metadata(onnx_path)["recipe"]["w_bits"] == 4
     out = tmp_path / "ev.json"
     argv = ["evaluate", "--onnx", str(onnx_path), "--quantized", str(saved), "--data", str(images),

@@ -140,3 +140,61 @@ def test_checkpoint_errors(tmp_path):
         build_model("deit_tiny_patch16_224", require(DEIT), num_classes=100)
     with pytest.raises(CheckpointError, match="does not fit"):
         build_model("deit_small_patch16_224", require(DEIT))
+
+
+class _PlainAttention(nn.Module):
+    """Multi-head self-attention written out by hand: a class no adapter knows."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+def _float_counts(model: nn.Module) -> tuple[int, int]:
+    return sum(isinstance(m, nn.Linear) for m in model.modules()), sum(
+        isinstance(m, nn.Conv2d) for m in model.modules()
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("test_vit", {}), ("swin_tiny_patch4_window7_224", dict(img_size=56, depths=(1, 1), num_heads=(1, 2), embed_dim=32))],
+)  # fmt: skip
+def test_coverage_counts_match_the_model(name: str, kwargs: dict) -> None:
+    model = timm.create_model(name, num_classes=10, **kwargs).eval()
+    linears, convs = _float_counts(model)
+    blocks = sum(
+        isinstance(m, (timm.layers.Attention, timm.models.swin_transformer.WindowAttention))
+        for m in model.modules()
+    )
+    cov = prepare_model(model, get_preset("dopq")).coverage
+    assert cov.complete
+    assert (cov.quantized["Linear"], cov.total["Linear"]) == (linears, linears)
+    assert (cov.quantized["Conv2d"], cov.total["Conv2d"]) == (convs, convs)
+    assert (cov.quantized["attention"], cov.total["attention"]) == (blocks, blocks)
+
+
+def test_unknown_attention_is_refused_unless_partial_is_allowed() -> None:
+    model = timm.create_model("test_vit", num_classes=10).eval()
+    model.blocks[1].attn = _PlainAttention(model.embed_dim, model.blocks[0].attn.num_heads)
+    with pytest.raises(ModelError, match=r"attention: blocks\.1\.attn \(_PlainAttention\).*--allow-partial"):
+        prepare_model(copy.deepcopy(model), get_preset("dopq"))
+    import dopq
+
+    x = torch.randn(4, 3, 160, 160)
+    qmodel, report = dopq.quantize_with_report(
+        model, x, get_preset("dopq"), allow_partial=True, progress=False
+    )
+    cov = report.coverage
+    assert cov.left_float == {"Linear": [], "Conv2d": [], "attention": ["blocks.1.attn (_PlainAttention)"]}
+    blocks = len(model.blocks)
+    assert (cov.quantized["attention"], cov.total["attention"]) == (blocks - 1, blocks)
+    assert isinstance(model.blocks[1].attn.qkv, QuantLinear)  # its Linear layers are still quantized
+    assert qmodel(x).shape == (4, 10)

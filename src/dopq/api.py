@@ -16,7 +16,7 @@ from torch import nn
 from dopq.calibrate import calibrate, capture_inputs, correct_bias
 from dopq.config import QuantConfig, get_preset
 from dopq.errors import ConfigError
-from dopq.models import QuantPlan, prepare_model
+from dopq.models import Coverage, QuantPlan, prepare_model
 from dopq.reparam import ReparamReport, reparameterize
 
 __all__ = ["QuantizationReport", "as_image_tensor", "quantize", "quantize_with_report"]
@@ -33,6 +33,7 @@ class QuantizationReport:
     timings: dict[str, float] = field(default_factory=dict)
     reparam: ReparamReport | None = None
     reconstruction: dict[str, Any] | None = None
+    coverage: Coverage | None = None
 
     @property
     def calib_seconds(self) -> float:
@@ -48,6 +49,7 @@ class QuantizationReport:
             "calib_seconds": self.calib_seconds,
             "reparam_max_logit_change": None if self.reparam is None else self.reparam.max_logit_change,
             "reconstruction": self.reconstruction,
+            "coverage": None if self.coverage is None else self.coverage.to_dict(),
         }
 
 
@@ -81,6 +83,7 @@ def quantize_with_report(
     config: QuantConfig | str | None = None,
     recon_data: torch.Tensor | Iterable[Any] | None = None,
     progress: bool = True,
+    allow_partial: bool = False,
 ) -> tuple[nn.Module, QuantizationReport]:
     """Quantize ``model`` in place and report per-stage timings.
 
@@ -91,6 +94,8 @@ def quantize_with_report(
         recon_data: images for block reconstruction (defaults to ``calib_data``); only used when
             ``config.reconstruct`` is set.
         progress: show progress bars.
+        allow_partial: quantize what dopq can and keep the rest float (listed in the report's
+            coverage) instead of refusing a model with layers it cannot quantize.
 
     Returns:
         The quantized model (same object) and the report.
@@ -102,8 +107,11 @@ def quantize_with_report(
     timings: dict[str, float] = {}
     fp_model = copy.deepcopy(model) if config.reconstruct is not None else None
     with _timed(timings, "prepare"):
-        plan: QuantPlan = prepare_model(model, config)
-    report = QuantizationReport(config=config, family=plan.adapter.family, timings=timings)
+        plan: QuantPlan = prepare_model(model, config, allow_partial)
+    report = QuantizationReport(
+        config=config, family=plan.adapter.family, timings=timings, coverage=plan.coverage
+    )
+    log.info("coverage: %s", plan.coverage.summary())
     capture = plan.paired_linears if config.ln_scale == "search" else ()
     with _timed(timings, "calibration"), capture_inputs(model, capture) as captured:
         calibrate(model, images)
@@ -138,6 +146,7 @@ def quantize(
     config: QuantConfig | str | None = None,
     recon_data: torch.Tensor | Iterable[Any] | None = None,
     progress: bool = True,
+    allow_partial: bool = False,
 ) -> nn.Module:
     """Quantize a timm ViT/DeiT/Swin in place and return it.
 
@@ -148,4 +157,4 @@ def quantize(
         >>> qmodel(torch.randn(1, 3, 160, 160)).shape
         torch.Size([1, 10])
     """
-    return quantize_with_report(model, calib_data, config, recon_data, progress)[0]
+    return quantize_with_report(model, calib_data, config, recon_data, progress, allow_partial)[0]

@@ -86,6 +86,11 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         help="how the weight rounding is learned: ste (hard, straight-through) or adaround (soft, then hard)",
     )
     r.add_argument("--save", type=Path, help="save the quantized model for `dopq evaluate --quantized`")
+    r.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="quantize a model with layers dopq cannot quantize, keeping those float (listed in the result)",
+    )
     _add_export_args(p, flag="--export")
 
 
@@ -205,12 +210,18 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     settings = _settings_from(args)
     work = load_workload(settings)
     result, model = run_recipe(
-        work, config, method=args.method, progress=not args.quiet, recon_size=args.recon_calib_size
+        work,
+        config,
+        method=args.method,
+        progress=not args.quiet,
+        recon_size=args.recon_calib_size,
+        allow_partial=args.allow_partial,
     )
     meta = {
         "preprocess": work.preprocess.to_dict(),
         "command": result["command"],
         "quant_top1": result["quant_top1"],
+        "allow_partial": args.allow_partial,
     }
     if args.save is not None:
         result["saved_to"] = str(save_quantized(model, args.save, config, meta))

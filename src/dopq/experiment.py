@@ -212,6 +212,7 @@ def run_recipe(
     method: str = "custom",
     progress: bool = True,
     recon_size: int | None = None,
+    allow_partial: bool = False,
 ) -> tuple[dict[str, Any], nn.Module]:
     """Quantize a copy of the workload's model with ``config`` and evaluate it.
 
@@ -225,7 +226,12 @@ def run_recipe(
     if config.reconstruct is not None:
         recon = work.recon_images(recon_size or config.reconstruct.calib_size)
     model, report = quantize_with_report(
-        model, work.calib_images.to(s.device), config, recon_data=recon, progress=progress
+        model,
+        work.calib_images.to(s.device),
+        config,
+        recon_data=recon,
+        progress=progress,
+        allow_partial=allow_partial,
     )
     quant = _evaluate(work, model, f"{method} W{config.w_bits}A{config.a_bits}", progress)
     result = {
@@ -246,6 +252,8 @@ def run_recipe(
         "timings": {**work.timings, **report.timings},
         "reconstruction": report.reconstruction,
         "reparam_max_logit_change": report.reparam.max_logit_change if report.reparam else None,
+        "coverage": report.coverage.to_dict() if report.coverage else None,
+        "coverage_summary": report.coverage.summary() if report.coverage else None,
         "config": {"recipe": config.to_dict(), "run": s.to_dict(), "preprocess": work.preprocess.to_dict()},
         **_provenance(work),
     }

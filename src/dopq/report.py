@@ -40,6 +40,11 @@ def result_table(result: dict[str, Any]) -> str:
     lines.append(summary)
     if timings:
         lines.append(f"timings: {timings}")
+    if result.get("coverage_summary"):
+        lines.append(f"quantized: {result['coverage_summary']}")
+        left = [name for names in result["coverage"]["left_float"].values() for name in names]
+        if left:
+            lines.append(f"left float (--allow-partial): {', '.join(left)}")
     return "\n".join(lines)
 
 

@@ -179,7 +179,7 @@ def load_quantized(
         raise CheckpointError(f"{path} was made for {payload['arch']}, not {arch}")
     config = QuantConfig.from_dict(payload["config"])
     model = timm.create_model(payload["arch"], pretrained=False, num_classes=payload["num_classes"])
-    prepare_model(model.eval(), config)
+    prepare_model(model.eval(), config, allow_partial=bool(payload["metadata"].get("allow_partial")))
     _match_state(model, payload)
     codes = payload.get("weight_codes", {})
     try:

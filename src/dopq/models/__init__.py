@@ -2,11 +2,13 @@
 
 from dopq.models.adapters import ModelAdapter, get_adapter, list_families, register_adapter
 from dopq.models.attention import QuantAttention, QuantWindowAttention
+from dopq.models.coverage import Coverage, measure_coverage
 from dopq.models.loading import build_model, card_for, load_state_dict
 from dopq.models.prepare import QuantPlan, example_input, prepare_model
 from dopq.models.structure import LayerNormPair, find_layernorm_pairs
 
 __all__ = [
+    "Coverage",
     "LayerNormPair",
     "ModelAdapter",
     "QuantAttention",
@@ -19,6 +21,7 @@ __all__ = [
     "get_adapter",
     "list_families",
     "load_state_dict",
+    "measure_coverage",
     "prepare_model",
     "register_adapter",
 ]

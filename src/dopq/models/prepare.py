@@ -15,7 +15,9 @@ import torch
 from torch import nn
 
 from dopq.config import QuantConfig
+from dopq.errors import ModelError
 from dopq.models.adapters import ModelAdapter, get_adapter
+from dopq.models.coverage import Coverage, measure_coverage
 from dopq.models.structure import LayerNormPair, find_layernorm_pairs
 from dopq.modules import QuantConv2d, QuantLinear
 from dopq.quantizers import PerChannel, PerTensor, Quantizer, UniformQuantizer, build_quantizer
@@ -25,10 +27,11 @@ __all__ = ["QuantPlan", "example_input", "prepare_model"]
 
 @dataclass
 class QuantPlan:
-    """What ``prepare_model`` found: the family and the LayerNorm -> Linear pairs."""
+    """What ``prepare_model`` found: the family, the LayerNorm -> Linear pairs and the coverage."""
 
     adapter: ModelAdapter
     pairs: list[LayerNormPair]
+    coverage: Coverage | None = None
 
     @property
     def paired_linears(self) -> set[str]:
@@ -72,15 +75,21 @@ def _set_child(root: nn.Module, qualified: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
-def prepare_model(model: nn.Module, config: QuantConfig) -> QuantPlan:
+def prepare_model(model: nn.Module, config: QuantConfig, allow_partial: bool = False) -> QuantPlan:
     """Insert quantizers into ``model`` in place (all start uncalibrated).
 
     Args:
         model: a timm VisionTransformer/SwinTransformer in eval mode.
         config: the recipe.
+        allow_partial: accept Linear, Conv2d or attention modules dopq cannot quantize (they stay
+            float and the plan's coverage lists them) instead of refusing the model.
 
     Returns:
-        The plan (family, LayerNorm -> Linear pairs) that calibration and re-parameterization use.
+        The plan (family, LayerNorm -> Linear pairs, coverage) that calibration and
+        re-parameterization use.
+
+    Raises:
+        ModelError: something would stay float and ``allow_partial`` is off.
     """
     adapter = get_adapter(model)
     device = next(model.parameters()).device
@@ -103,4 +112,13 @@ def prepare_model(model: nn.Module, config: QuantConfig) -> QuantPlan:
             continue
         _set_child(model, name, new)
     model.to(device)  # the new quantizer buffers follow the model
-    return QuantPlan(adapter, pairs)
+    coverage = measure_coverage(model, example_input(model), len(pairs))
+    if not coverage.complete and not allow_partial:
+        left = "; ".join(
+            f"{kind}: {', '.join(names[:3])}" for kind, names in coverage.left_float.items() if names
+        )
+        raise ModelError(
+            f"dopq cannot quantize every layer of this {type(model).__name__} ({left}); "
+            "pass --allow-partial (allow_partial=True) to quantize the rest and keep these float"
+        )
+    return QuantPlan(adapter, pairs, coverage)

@@ -1,0 +1,137 @@
+"""What a prepared model quantizes and what stays float, found from module types and one forward pass.
+
+Linear and Conv2d layers are counted by type. Attention is found from the forward pass: every call
+of a softmax or of ``scaled_dot_product_attention`` (seen through a ``TorchFunctionMode``, torch's
+public hook for function calls) is attributed to the innermost running module; a call outside a
+quantized attention module is an attention computation that stays float, e.g. an attention class
+the family's adapter does not know.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from dopq.models.attention import QuantAttention, QuantWindowAttention
+from dopq.modules import QuantConv2d, QuantLinear, quantizers_of
+
+__all__ = ["Coverage", "measure_coverage"]
+
+_ATTENTION_FUNCTIONS = {torch.softmax, torch.Tensor.softmax, F.softmax, F.scaled_dot_product_attention}
+_QUANT_ATTENTION = (QuantAttention, QuantWindowAttention)
+
+
+@dataclass
+class Coverage:
+    """Quantized and total counts per kind, and the modules that stay float (``"name (Class)"``)."""
+
+    quantized: dict[str, int] = field(default_factory=dict)
+    total: dict[str, int] = field(default_factory=dict)
+    left_float: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        """Every Linear, Conv2d and attention computation is quantized."""
+        return not any(self.left_float.values())
+
+    def summary(self) -> str:
+        """One line, e.g. ``Linear 49/49, Conv2d 1/1, attention 12/12, LayerNorm re-parameterized 24/25``."""
+        return ", ".join(f"{kind} {self.quantized[kind]}/{self.total[kind]}" for kind in self.total)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "quantized": dict(self.quantized),
+            "total": dict(self.total),
+            "left_float": dict(self.left_float),
+        }
+
+
+class _AttentionCalls(TorchFunctionMode):
+    """Records the innermost running module of every softmax / SDPA call."""
+
+    def __init__(self, stack: list[tuple[str, nn.Module]]) -> None:
+        super().__init__()
+        self.stack = stack
+        self.calls: list[list[tuple[str, nn.Module]]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _ATTENTION_FUNCTIONS:
+            self.calls.append(list(self.stack))
+        return func(*args, **(kwargs or {}))
+
+
+def _attention_sites(model: nn.Module, example: torch.Tensor) -> tuple[int, list[str]]:
+    """Quantized attention modules that ran, and the float modules that computed attention."""
+    stack: list[tuple[str, nn.Module]] = []
+
+    def enter(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            stack.append((name, module))
+
+        return hook
+
+    def leave(module: nn.Module, args: tuple, output: object) -> None:
+        stack.pop()
+
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave))
+    mode = _AttentionCalls(stack)
+    enabled = {q: q.enabled for _, q in quantizers_of(model)}
+    for q in enabled:  # the probe needs no calibrated parameters
+        q.enabled = False
+    try:
+        with torch.no_grad(), mode:
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        for q, state in enabled.items():
+            q.enabled = state
+    quantized, left = set(), {}
+    for frames in mode.calls:
+        owner = next((n for n, m in reversed(frames) if isinstance(m, _QUANT_ATTENTION)), None)
+        if owner is not None:
+            quantized.add(owner)
+        elif frames:
+            name, module = frames[-1]
+            left[name] = f"{name} ({type(module).__name__})"
+    return len(quantized), list(left.values())
+
+
+def _layer_counts(
+    model: nn.Module, base: type[nn.Module], quant: type[nn.Module]
+) -> tuple[int, int, list[str]]:
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, base)]
+    left = [f"{n} ({type(m).__name__})" for n, m in layers if not isinstance(m, quant)]
+    return len(layers) - len(left), len(layers), left
+
+
+def measure_coverage(model: nn.Module, example: torch.Tensor, paired_norms: int) -> Coverage:
+    """Coverage of a model after ``prepare_model`` (quantizers inserted, calibrated or not).
+
+    Args:
+        model: the prepared model.
+        example: an input batch for one probe forward pass.
+        paired_norms: LayerNorms whose output feeds only Linear layers (re-parameterized).
+    """
+    cov = Coverage()
+    for kind, base, quant in (("Linear", nn.Linear, QuantLinear), ("Conv2d", nn.Conv2d, QuantConv2d)):
+        done, total, left = _layer_counts(model, base, quant)
+        if total:
+            cov.quantized[kind], cov.total[kind], cov.left_float[kind] = done, total, left
+    done, left = _attention_sites(model, example)
+    cov.quantized["attention"], cov.total["attention"], cov.left_float["attention"] = (
+        done,
+        done + len(left),
+        left,
+    )
+    norms = sum(isinstance(m, nn.LayerNorm) and m.elementwise_affine for m in model.modules())
+    # a LayerNorm that feeds something else (the final norm before pooling) stays as it is: not a gap
+    cov.quantized["LayerNorm re-parameterized"], cov.total["LayerNorm re-parameterized"] = paired_norms, norms
+    return cov
