@@ -198,3 +198,36 @@ def test_unknown_attention_is_refused_unless_partial_is_allowed() -> None:
     assert (cov.quantized["attention"], cov.total["attention"]) == (blocks - 1, blocks)
     assert isinstance(model.blocks[1].attn.qkv, QuantLinear)  # its Linear layers are still quantized
     assert qmodel(x).shape == (4, 10)
+
+
+_SMALL = dict(embed_dim=64, depth=2, num_heads=2, num_classes=10)
+VIT_VARIANTS = [
+    pytest.param("vit_base_patch16_224", dict(reg_tokens=4, class_token=False, global_pool="avg", img_size=64),
+                 id="vit-registers-avgpool"),
+    pytest.param("deit3_small_patch16_224", dict(img_size=64), id="deit3-layerscale"),
+    pytest.param("vit_small_patch14_dinov2", dict(img_size=56), id="dinov2-patch14"),
+    pytest.param("vit_base_patch16_clip_224", dict(img_size=64), id="clip-norm-pre"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "kwargs"), VIT_VARIANTS)
+def test_vit_variants_are_equivalent_and_quantize(name: str, kwargs: dict) -> None:
+    """Registers without a class token (average pooling), LayerScale, patch 14 and ``norm_pre``: the
+    same VisionTransformer class, found structurally, FP-equivalent, fully quantized at W4/A4."""
+    import dopq
+
+    model = timm.create_model(name, **_SMALL, **kwargs).eval()
+    x = torch.randn(4, 3, *model.patch_embed.img_size)
+    assert _max_fp_diff(copy.deepcopy(model), x) <= 1e-5
+    linears, convs = _float_counts(model)
+    ref = copy.deepcopy(model)
+    qmodel, report = dopq.quantize_with_report(
+        model, x, get_preset("dopq", w_bits=4, a_bits=4), progress=False
+    )
+    cov = report.coverage
+    assert cov.complete and (cov.total["Linear"], cov.total["Conv2d"]) == (linears, convs)
+    assert cov.quantized["attention"] == cov.total["attention"] == len(ref.blocks)
+    assert report.reparam.max_logit_change <= 1e-4
+    with torch.no_grad():
+        y, y_ref = qmodel(x), ref(x)
+    assert y.shape == y_ref.shape and torch.isfinite(y).all()
