@@ -122,6 +122,16 @@ def _ops_and_agreement(
     return dict(optimized_op_counts(report.path)), simulated, runtime
 
 
+def _beit() -> tuple[nn.Module, torch.Tensor]:
+    model = timm.create_model(
+        "beit_base_patch16_224", img_size=64, embed_dim=64, depth=2, num_heads=2, num_classes=10
+    )
+    with torch.no_grad():  # timm starts the relative position tables and q/v biases at zero
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval(), torch.randn(8, 3, 64, 64)
+
+
 CASES = [
     pytest.param(_vit, 8, "tanq", id="vit-w8a8-tanq"),
     pytest.param(_vit, 4, "tanq", id="vit-w4a4-tanq"),
@@ -130,6 +140,7 @@ CASES = [
     pytest.param(_swin, 8, "tanq", id="swin-w8a8-tanq"),
     pytest.param(_swin, 4, "tanq", id="swin-w4a4-tanq"),
     pytest.param(_swin, 3, "logsqrt2", id="swin-w3a3-logsqrt2"),
+    pytest.param(_beit, 4, "tanq", id="beit-w4a4-tanq"),
 ]
 
 

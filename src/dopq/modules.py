@@ -12,6 +12,7 @@ An integer kernel runs it as per-channel zero points (see docs/mosf.md).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from torch import nn
 
 from dopq.quantizers import Quantizer
 
-__all__ = ["QuantConv2d", "QuantLinear", "QuantMatMul", "quantizers_of", "set_quantization"]
+__all__ = ["QuantConv2d", "QuantLinear", "QuantMatMul", "quantizers_of", "quantizers_off", "set_quantization"]
 
 
 def _identity_or(q: Quantizer | None) -> nn.Module:
@@ -105,6 +106,20 @@ def quantizers_of(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
     for name, module in model.named_modules():
         if isinstance(module, Quantizer):
             yield name, module
+
+
+@contextmanager
+def quantizers_off(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` as float inside the block (e.g. a probe pass before calibration); each
+    quantizer's own on/off state comes back afterwards."""
+    states = {q: q.enabled for _, q in quantizers_of(model)}
+    for q in states:
+        q.enabled = False
+    try:
+        yield model
+    finally:
+        for q, state in states.items():
+            q.enabled = state
 
 
 def set_quantization(model: nn.Module, weights: bool = True, activations: bool = True) -> nn.Module:

@@ -10,12 +10,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from timm.layers import Attention
+from timm.models.beit import Attention as BeitAttention
+from timm.models.beit import Beit
 from timm.models.swin_transformer import SwinTransformer, WindowAttention
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from dopq.errors import ModelError
-from dopq.models.attention import QuantAttention, QuantWindowAttention
+from dopq.models.attention import QuantAttention, QuantBeitAttention, QuantWindowAttention
 
 __all__ = ["ModelAdapter", "get_adapter", "list_families", "register_adapter"]
 
@@ -80,3 +82,4 @@ def _swin_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 register_adapter(VisionTransformer, ModelAdapter("vit", {Attention: QuantAttention}, _vit_units))
 register_adapter(SwinTransformer, ModelAdapter("swin", {WindowAttention: QuantWindowAttention}, _swin_units))
+register_adapter(Beit, ModelAdapter("beit", {BeitAttention: QuantBeitAttention}, _vit_units))

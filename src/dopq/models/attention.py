@@ -13,7 +13,7 @@ from torch import nn
 from dopq.modules import QuantMatMul
 from dopq.quantizers import Quantizer
 
-__all__ = ["QuantAttention", "QuantWindowAttention"]
+__all__ = ["QuantAttention", "QuantBeitAttention", "QuantWindowAttention"]
 
 
 def _additive_mask(attn_mask: torch.Tensor | None, n: int, like: torch.Tensor, is_causal: bool):
@@ -106,3 +106,43 @@ class QuantWindowAttention(_MatMulSlots):
             bias = bias.reshape(b, self.num_heads, n, n)
         x = self._attend(q, k, v, bias)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, -1)))
+
+
+class QuantBeitAttention(_MatMulSlots):
+    """Quantized version of timm's BEiT ``Attention``: the q/v biases become the bias of one
+    ``qkv`` Linear (the same function as timm's ``F.linear`` with the concatenated bias), and the
+    relative position bias (own and shared) is added in float, as Swin's."""
+
+    def __init__(self, attn: nn.Module, qk: tuple, av: tuple) -> None:
+        super().__init__()
+        self.num_heads, self.scale, self.window_size = attn.num_heads, attn.scale, attn.window_size
+        old = attn.qkv
+        self.qkv = nn.Linear(old.in_features, old.out_features, bias=attn.q_bias is not None)
+        self.qkv.weight = old.weight
+        if attn.q_bias is not None:
+            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)).detach()
+            self.qkv.bias = nn.Parameter(bias)
+        self.relative_position_bias_table = attn.relative_position_bias_table
+        if attn.relative_position_index is not None:
+            self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
+        else:
+            self.relative_position_index = None
+        for name in ("attn_drop", "proj", "proj_drop"):
+            setattr(self, name, getattr(attn, name))
+        self._init_matmuls(qk, av)
+
+    def relative_position_bias(self) -> torch.Tensor | None:
+        if self.relative_position_bias_table is None:
+            return None
+        n = self.window_size[0] * self.window_size[1] + 1
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+        return bias.permute(2, 0, 1).unsqueeze(0)
+
+    def forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.relative_position_bias()
+        if shared_rel_pos_bias is not None:
+            bias = shared_rel_pos_bias if bias is None else bias + shared_rel_pos_bias
+        x = self._attend(q, k, v, bias)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))

@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from dopq.models.attention import QuantAttention, QuantWindowAttention
-from dopq.modules import QuantConv2d, QuantLinear, quantizers_of
+from dopq.models.attention import QuantAttention, QuantBeitAttention, QuantWindowAttention
+from dopq.modules import QuantConv2d, QuantLinear, quantizers_off
 
 __all__ = ["Coverage", "measure_coverage"]
 
 _ATTENTION_FUNCTIONS = {torch.softmax, torch.Tensor.softmax, F.softmax, F.scaled_dot_product_attention}
-_QUANT_ATTENTION = (QuantAttention, QuantWindowAttention)
+_QUANT_ATTENTION = (QuantAttention, QuantWindowAttention, QuantBeitAttention)
 
 
 @dataclass
@@ -82,17 +82,12 @@ def _attention_sites(model: nn.Module, example: torch.Tensor) -> tuple[int, list
         handles.append(module.register_forward_pre_hook(enter(name)))
         handles.append(module.register_forward_hook(leave))
     mode = _AttentionCalls(stack)
-    enabled = {q: q.enabled for _, q in quantizers_of(model)}
-    for q in enabled:  # the probe needs no calibrated parameters
-        q.enabled = False
-    try:
-        with torch.no_grad(), mode:
+    try:  # the probe needs no calibrated parameters
+        with torch.no_grad(), quantizers_off(model), mode:
             model(example)
     finally:
         for h in handles:
             h.remove()
-        for q, state in enabled.items():
-            q.enabled = state
     quantized, left = set(), {}
     for frames in mode.calls:
         owner = next((n for n, m in reversed(frames) if isinstance(m, _QUANT_ATTENTION)), None)

@@ -19,7 +19,7 @@ from dopq.errors import ModelError
 from dopq.models.adapters import ModelAdapter, get_adapter
 from dopq.models.coverage import Coverage, measure_coverage
 from dopq.models.structure import LayerNormPair, find_layernorm_pairs
-from dopq.modules import QuantConv2d, QuantLinear
+from dopq.modules import QuantConv2d, QuantLinear, quantizers_off
 from dopq.quantizers import PerChannel, PerTensor, Quantizer, UniformQuantizer, build_quantizer
 
 __all__ = ["QuantPlan", "example_input", "prepare_model"]
@@ -94,8 +94,6 @@ def prepare_model(model: nn.Module, config: QuantConfig, allow_partial: bool = F
     adapter = get_adapter(model)
     device = next(model.parameters()).device
     model.eval()
-    pairs = find_layernorm_pairs(model, example_input(model))
-    paired = {name for p in pairs for name in p.linears}
     make = _Factory(config)
     for name, module in list(model.named_modules()):
         quant_cls = adapter.attention.get(type(module))
@@ -103,6 +101,12 @@ def prepare_model(model: nn.Module, config: QuantConfig, allow_partial: bool = F
             qk = (make.act(), make.act())
             av = (make.softmax(), make.act())
             _set_child(model, name, quant_cls(module, qk, av))
+    model.to(device)
+    # pairs are traced through dopq's attention modules, which call their Linear layers as modules
+    # (timm's BEiT attention calls F.linear on its qkv weight, which no module hook would see)
+    with quantizers_off(model):
+        pairs = find_layernorm_pairs(model, example_input(model))
+    paired = {name for p in pairs for name in p.linears}
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear:
             new = QuantLinear(module, make.act(per_channel=name in paired), make.weight())
