@@ -246,3 +246,24 @@ def test_vit_variants_are_equivalent_and_quantize(name: str, kwargs: dict) -> No
     with torch.no_grad():
         y, y_ref = qmodel(x), ref(x)
     assert y.shape == y_ref.shape and torch.isfinite(y).all()
+
+
+def test_swinv2_cosine_attention_post_norm_is_equivalent_and_quantizes() -> None:
+    """Swin-V2: cosine attention with a learned logit scale and a continuous position bias, post-norm
+    residuals (their LayerNorms are read by the residual too, so none is re-parameterized)."""
+    import dopq
+
+    kwargs = dict(embed_dim=32, depths=(1, 1), num_heads=(1, 2), img_size=64, window_size=8, num_classes=10)
+    model = _randomize(timm.create_model("swinv2_tiny_window8_256", **kwargs).eval())
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        scale = float(model(x).abs().max())
+    assert _max_fp_diff(copy.deepcopy(model), x) <= 1e-5 * scale
+    qmodel, report = dopq.quantize_with_report(
+        model, x, get_preset("dopq", w_bits=4, a_bits=4), progress=False
+    )
+    cov = report.coverage
+    assert cov.complete and cov.quantized["attention"] == cov.total["attention"] == 2
+    assert cov.quantized["LayerNorm re-parameterized"] == 0
+    assert type(qmodel.layers[0].blocks[0].attn).__name__ == "QuantWindowAttentionV2"
+    assert torch.isfinite(qmodel(x)).all()

@@ -82,7 +82,7 @@ def test_rules_on_known_scales():
         target_scale("max", d, z)
 
 
-def test_reparam_refuses_when_layernorm_output_is_shared():
+def test_shared_layernorm_output_is_not_paired_and_a_forced_fold_is_refused():
     """A post-norm block also adds the LayerNorm output to the residual: folding would change it."""
 
     class PostNorm(torch.nn.Module):
@@ -102,8 +102,13 @@ def test_reparam_refuses_when_layernorm_output_is_shared():
     net = PostNorm()
     with torch.no_grad():
         net.norm.weight.uniform_(0.5, 2)
-    pairs = find_layernorm_pairs(net, torch.zeros(2, 3, 8))
+    # the discovery sees the second reader and does not pair them ...
+    assert find_layernorm_pairs(net, torch.zeros(2, 3, 8)) == []
+    # ... and were such a pair forced, the float check after folding catches it
+    from dopq.models.structure import LayerNormPair
     from dopq.modules import QuantLinear
+
+    pairs = [LayerNormPair("norm", ["fc"])]
     from dopq.quantizers import PerChannel, UniformQuantizer
 
     net.fc = QuantLinear(net.fc, UniformQuantizer(4, PerChannel(-1)), UniformQuantizer(4, PerChannel(0)))

@@ -13,11 +13,18 @@ from timm.layers import Attention
 from timm.models.beit import Attention as BeitAttention
 from timm.models.beit import Beit
 from timm.models.swin_transformer import SwinTransformer, WindowAttention
+from timm.models.swin_transformer_v2 import SwinTransformerV2
+from timm.models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from dopq.errors import ModelError
-from dopq.models.attention import QuantAttention, QuantBeitAttention, QuantWindowAttention
+from dopq.models.attention import (
+    QuantAttention,
+    QuantBeitAttention,
+    QuantWindowAttention,
+    QuantWindowAttentionV2,
+)
 
 __all__ = ["ModelAdapter", "get_adapter", "list_families", "register_adapter"]
 
@@ -83,3 +90,6 @@ def _swin_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
 register_adapter(VisionTransformer, ModelAdapter("vit", {Attention: QuantAttention}, _vit_units))
 register_adapter(SwinTransformer, ModelAdapter("swin", {WindowAttention: QuantWindowAttention}, _swin_units))
 register_adapter(Beit, ModelAdapter("beit", {BeitAttention: QuantBeitAttention}, _vit_units))
+register_adapter(
+    SwinTransformerV2, ModelAdapter("swinv2", {WindowAttentionV2: QuantWindowAttentionV2}, _swin_units)
+)

@@ -7,13 +7,16 @@ quantizers are ordinary named slots. With quantizers disabled the result equals 
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dopq.modules import QuantMatMul
 from dopq.quantizers import Quantizer
 
-__all__ = ["QuantAttention", "QuantBeitAttention", "QuantWindowAttention"]
+__all__ = ["QuantAttention", "QuantBeitAttention", "QuantWindowAttention", "QuantWindowAttentionV2"]
 
 
 def _additive_mask(attn_mask: torch.Tensor | None, n: int, like: torch.Tensor, is_causal: bool):
@@ -97,8 +100,11 @@ class QuantWindowAttention(_MatMulSlots):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n, _ = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return self._window_attention(q, k, v, mask)
+
+    def _window_attention(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+        b, _, n, _ = q.shape
         bias = self.relative_position_bias()
         if mask is not None:
             num_win = mask.shape[0]
@@ -106,6 +112,17 @@ class QuantWindowAttention(_MatMulSlots):
             bias = bias.reshape(b, self.num_heads, n, n)
         x = self._attend(q, k, v, bias)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, -1)))
+
+
+def _qkv_with_bias(attn: nn.Module) -> nn.Linear:
+    """One ``qkv`` Linear sharing the timm module's weight, with its q/v biases (and the zero k bias)
+    as the Linear's bias: the function of timm's ``F.linear(x, qkv.weight, cat(q, k, v biases))``."""
+    old = attn.qkv
+    qkv = nn.Linear(old.in_features, old.out_features, bias=attn.q_bias is not None)
+    qkv.weight = old.weight
+    if attn.q_bias is not None:
+        qkv.bias = nn.Parameter(torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)).detach())
+    return qkv
 
 
 class QuantBeitAttention(_MatMulSlots):
@@ -116,12 +133,7 @@ class QuantBeitAttention(_MatMulSlots):
     def __init__(self, attn: nn.Module, qk: tuple, av: tuple) -> None:
         super().__init__()
         self.num_heads, self.scale, self.window_size = attn.num_heads, attn.scale, attn.window_size
-        old = attn.qkv
-        self.qkv = nn.Linear(old.in_features, old.out_features, bias=attn.q_bias is not None)
-        self.qkv.weight = old.weight
-        if attn.q_bias is not None:
-            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)).detach()
-            self.qkv.bias = nn.Parameter(bias)
+        self.qkv = _qkv_with_bias(attn)
         self.relative_position_bias_table = attn.relative_position_bias_table
         if attn.relative_position_index is not None:
             self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
@@ -146,3 +158,36 @@ class QuantBeitAttention(_MatMulSlots):
             bias = shared_rel_pos_bias if bias is None else bias + shared_rel_pos_bias
         x = self._attend(q, k, v, bias)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
+
+
+class QuantWindowAttentionV2(QuantWindowAttention):
+    """Quantized version of timm's Swin-V2 ``WindowAttention``: cosine attention, so ``q @ k^T``
+    quantizes the L2-normalised q and k, and the learned per-head logit scale replaces
+    ``1/sqrt(d)``. The continuous position bias (``16 sigmoid(cpb_mlp(coords))``) does not depend on
+    the input: it is computed once, in float, and kept as a buffer."""
+
+    def __init__(self, attn: nn.Module, qk: tuple, av: tuple) -> None:
+        _MatMulSlots.__init__(self)
+        self.num_heads, self.window_area = attn.num_heads, attn.window_size[0] * attn.window_size[1]
+        self.logit_scale = attn.logit_scale
+        self.qkv = _qkv_with_bias(attn)
+        for name in ("attn_drop", "proj", "proj_drop"):
+            setattr(self, name, getattr(attn, name))
+        with torch.no_grad():
+            table = attn.cpb_mlp(attn.relative_coords_table).view(-1, attn.num_heads)
+            n = self.window_area
+            bias = table[attn.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        self.register_buffer("position_bias", (16 * torch.sigmoid(bias)).unsqueeze(0).contiguous())
+        self._init_matmuls(qk, av)
+
+    @property
+    def scale(self) -> torch.Tensor:  # read by _attend after q @ k^T
+        return torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
+
+    def relative_position_bias(self) -> torch.Tensor:
+        return self.position_bias
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return self._window_attention(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, mask)

@@ -16,13 +16,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from dopq.models.attention import QuantAttention, QuantBeitAttention, QuantWindowAttention
+from dopq.models.attention import (
+    QuantAttention,
+    QuantBeitAttention,
+    QuantWindowAttention,
+    QuantWindowAttentionV2,
+)
 from dopq.modules import QuantConv2d, QuantLinear, quantizers_off
 
 __all__ = ["Coverage", "measure_coverage"]
 
 _ATTENTION_FUNCTIONS = {torch.softmax, torch.Tensor.softmax, F.softmax, F.scaled_dot_product_attention}
-_QUANT_ATTENTION = (QuantAttention, QuantWindowAttention, QuantBeitAttention)
+_QUANT_ATTENTION = (QuantAttention, QuantWindowAttention, QuantBeitAttention, QuantWindowAttentionV2)
 
 
 @dataclass

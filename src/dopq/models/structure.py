@@ -3,11 +3,14 @@
 A Linear whose input is a LayerNorm output, possibly after token rearrangements that keep the
 channel (last) axis (views, permutes, Swin's roll/pad/window partition), is a re-parameterization
 candidate. Layer roles come from module types and data flow, never from names: a pooled or
-token-selected input (the classifier head) is not a pair.
+token-selected input (the classifier head) is not a pair. A LayerNorm whose output is also read by
+anything else (a post-norm residual, as in Swin-V2's patch merging) is not a pair either: folding
+into it would change the float function, so its Linear keeps a per-tensor input quantizer.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -37,10 +40,44 @@ class LayerNormPair:
     linears: list[str] = field(default_factory=list)
 
 
-def _source_node(node: object | None) -> object | None:
-    while node is not None and node.name() in _TOKEN_REARRANGEMENTS:
-        node = node.next_functions[0][0] if node.next_functions else None
-    return node
+def _chain(node: object | None) -> list[object]:
+    """``node`` and the token rearrangements above it, up to the first other node (inclusive)."""
+    chain = [node]
+    while node is not None and node.name() in _TOKEN_REARRANGEMENTS and node.next_functions:
+        node = node.next_functions[0][0]
+        chain.append(node)
+    return chain
+
+
+def _consumers(output: torch.Tensor) -> dict[object, int]:
+    """How many autograd nodes read each node's output, over the whole graph behind ``output``."""
+    count: dict[object, int] = {}
+    seen, todo = set(), [output.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for parent, _ in node.next_functions:
+            if parent is not None:
+                count[parent] = count.get(parent, 0) + 1
+                todo.append(parent)
+    return count
+
+
+def _exclusive(chains: list[list[object]], consumers: dict[object, int]) -> bool:
+    """True when the LayerNorm output is read only along ``chains`` (token rearrangements ending in
+    the Linear inputs): each node has exactly the readers those chains and Linear calls account for.
+    A post-norm residual, or anything else reading it, makes a fold change the float function."""
+    readers: dict[object, set[object]] = {}
+    linear_reads: dict[object, int] = {}
+    for chain in chains:
+        linear_reads[chain[0]] = linear_reads.get(chain[0], 0) + 1
+        for child, parent in itertools.pairwise(chain):
+            readers.setdefault(parent, set()).add(child)
+    nodes = {n for chain in chains for n in chain}
+    expected = {n: len(readers.get(n, ())) + linear_reads.get(n, 0) for n in nodes}
+    return all(consumers.get(n, 0) == expected[n] for n in nodes)
 
 
 def find_layernorm_pairs(model: nn.Module, example: torch.Tensor) -> list[LayerNormPair]:
@@ -55,6 +92,7 @@ def find_layernorm_pairs(model: nn.Module, example: torch.Tensor) -> list[LayerN
     """
     norm_of_node: dict[object, str] = {}
     pairs: dict[str, LayerNormPair] = {}
+    chains: dict[str, list[list[object]]] = {}
     handles = []
 
     def on_norm(name: str):
@@ -66,9 +104,11 @@ def find_layernorm_pairs(model: nn.Module, example: torch.Tensor) -> list[LayerN
 
     def on_linear(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
-            norm = norm_of_node.get(_source_node(args[0].grad_fn))
+            chain = _chain(args[0].grad_fn)
+            norm = norm_of_node.get(chain[-1])
             if norm is not None:
                 pairs.setdefault(norm, LayerNormPair(norm)).linears.append(name)
+                chains.setdefault(norm, []).append(chain)
 
         return hook
 
@@ -79,8 +119,9 @@ def find_layernorm_pairs(model: nn.Module, example: torch.Tensor) -> list[LayerN
             handles.append(module.register_forward_pre_hook(on_linear(name)))
     try:
         with torch.enable_grad():
-            model(example.detach().clone().requires_grad_(True))
+            output = model(example.detach().clone().requires_grad_(True))
     finally:
         for h in handles:
             h.remove()
-    return list(pairs.values())
+    consumers = _consumers(output)
+    return [pair for norm, pair in pairs.items() if _exclusive(chains[norm], consumers)]
