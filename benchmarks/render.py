@@ -247,6 +247,17 @@ def _save_size_table(data: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _families_table(data: dict[str, Any]) -> list[str]:
+    lines = ["### Model families (small random-init configurations, dopq W4/A4)", "",
+             f"Command: `{data['command']}` ({data['threads']} torch threads; 8 random calibration images)", "",
+             "| family | timm class | coverage (quantized / present) | quantized share | max float-logit change of the re-parameterization | calibration s |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in data["rows"]:
+        lines.append(f"| {r['family']} | {r['class']} | {r['coverage_summary']} | {100 * r['quantized_share']:.0f} % | "
+                     f"{r['reparam_max_logit_change']:.1e} | {r['calib_seconds']:.2f} |")  # fmt: skip
+    return [*lines, ""]
+
+
 def _protocol_title(name: str) -> str:
     """``ablation_deit_eval5000`` -> ``Ablation, DeiT-Tiny, 5000 test images``."""
     _, model, protocol = name.split("_", 2)
@@ -275,7 +286,7 @@ def render(results: Path, target: Path) -> None:
         parts += _tanq_grid_table(data)
     parts += _timing(results)
     for name, table in (("deploy", _deploy_table), ("deploy_sensitivity", _sensitivity_table),
-                        ("save_size", _save_size_table)):  # fmt: skip
+                        ("save_size", _save_size_table), ("families", _families_table)):  # fmt: skip
         data = _load(results, name)
         if data:
             parts += table(data)

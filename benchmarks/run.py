@@ -11,6 +11,7 @@
     python benchmarks/run.py deploy --bits 8 4 --threads 2   # ONNX export on onnxruntime vs simulation and FP32
     python benchmarks/run.py deploy-sensitivity --bits 8 4 --threads 2   # the same network computed four ways
     python benchmarks/run.py save-size --bits 8 4 3   # --save file sizes against the float checkpoints
+    python benchmarks/run.py families --threads 1   # every supported timm family, random init, W4/A4
     python benchmarks/run.py render          # docs/RESULTS.md tables from the JSON files
 
 Protocol everywhere: 32 calibration images from CIFAR-10 train (seed 0), the strided 1000 CIFAR-10 test
@@ -258,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
             "deploy",
             "deploy-sensitivity",
             "save-size",
+            "families",
             "render",
         ],
     )
@@ -300,6 +302,10 @@ def main(argv: list[str] | None = None) -> None:
         from deploy import suite_deploy
 
         suite_deploy(args, workload, save)
+    elif args.suite == "families":
+        from families import suite_families
+
+        suite_families(args, workload, save)
     elif args.suite == "save-size":
         from deploy import suite_save_size
 

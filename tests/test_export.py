@@ -132,6 +132,13 @@ def _beit() -> tuple[nn.Module, torch.Tensor]:
     return model.eval(), torch.randn(8, 3, 64, 64)
 
 
+def _eva02() -> tuple[nn.Module, torch.Tensor]:
+    model = timm.create_model(
+        "eva02_tiny_patch14_224", img_size=56, embed_dim=64, depth=2, num_heads=2, num_classes=10
+    )
+    return model.eval(), torch.randn(8, 3, 56, 56)
+
+
 def _swinv2() -> tuple[nn.Module, torch.Tensor]:
     kwargs = dict(embed_dim=32, depths=(1, 1), num_heads=(1, 2), img_size=64, window_size=8, num_classes=10)
     return timm.create_model("swinv2_tiny_window8_256", **kwargs).eval(), torch.randn(8, 3, 64, 64)
@@ -147,6 +154,7 @@ CASES = [
     pytest.param(_swin, 3, "logsqrt2", id="swin-w3a3-logsqrt2"),
     pytest.param(_beit, 4, "tanq", id="beit-w4a4-tanq"),
     pytest.param(_swinv2, 8, "tanq", id="swinv2-w8a8-tanq"),
+    pytest.param(_eva02, 4, "tanq", id="eva02-w4a4-tanq"),
 ]
 
 

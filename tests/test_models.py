@@ -208,6 +208,7 @@ VIT_VARIANTS = [
     pytest.param("vit_small_patch14_dinov2", dict(img_size=56), id="dinov2-patch14"),
     pytest.param("vit_base_patch16_clip_224", dict(img_size=64), id="clip-norm-pre"),
     pytest.param("beit_base_patch16_224", dict(img_size=64), id="beit-relative-position-bias"),
+    pytest.param("eva02_tiny_patch14_224", dict(img_size=56), id="eva02-rope-swiglu-inner-norm"),
 ]  # fmt: skip
 
 
@@ -224,8 +225,9 @@ def _randomize(model: nn.Module) -> nn.Module:
 @pytest.mark.parametrize(("name", "kwargs"), VIT_VARIANTS)
 def test_vit_variants_are_equivalent_and_quantize(name: str, kwargs: dict) -> None:
     """Registers without a class token (average pooling), LayerScale, patch 14, ``norm_pre`` (the
-    VisionTransformer class) and BEiT's relative position bias: found structurally, FP-equivalent,
-    fully quantized at W4/A4."""
+    VisionTransformer class), BEiT's relative position bias and EVA-02's rotary embeddings and
+    SwiGLU MLP (whose inner LayerNorm -> fc2 is a pair): found structurally, FP-equivalent, fully
+    quantized at W4/A4 with the re-parameterization preserving the float function."""
     import dopq
 
     model = _randomize(timm.create_model(name, **_SMALL, **kwargs).eval())

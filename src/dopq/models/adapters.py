@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from timm.layers import Attention
 from timm.models.beit import Attention as BeitAttention
 from timm.models.beit import Beit
+from timm.models.eva import Eva, EvaAttention
 from timm.models.swin_transformer import SwinTransformer, WindowAttention
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 from timm.models.swin_transformer_v2 import WindowAttention as WindowAttentionV2
@@ -22,11 +23,12 @@ from dopq.errors import ModelError
 from dopq.models.attention import (
     QuantAttention,
     QuantBeitAttention,
+    QuantEvaAttention,
     QuantWindowAttention,
     QuantWindowAttentionV2,
 )
 
-__all__ = ["ModelAdapter", "get_adapter", "list_families", "register_adapter"]
+__all__ = ["ModelAdapter", "get_adapter", "list_families", "quantized_attention_classes", "register_adapter"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,11 @@ def register_adapter(model_cls: type[nn.Module], adapter: ModelAdapter) -> None:
     if model_cls in _ADAPTERS:
         raise ValueError(f"an adapter for {model_cls.__name__} is already registered")
     _ADAPTERS[model_cls] = adapter
+
+
+def quantized_attention_classes() -> tuple[type[nn.Module], ...]:
+    """Every attention module class the registered adapters swap in."""
+    return tuple({cls for a in _ADAPTERS.values() for cls in a.attention.values()})
 
 
 def list_families() -> list[str]:
@@ -93,3 +100,4 @@ register_adapter(Beit, ModelAdapter("beit", {BeitAttention: QuantBeitAttention},
 register_adapter(
     SwinTransformerV2, ModelAdapter("swinv2", {WindowAttentionV2: QuantWindowAttentionV2}, _swin_units)
 )
+register_adapter(Eva, ModelAdapter("eva", {EvaAttention: QuantEvaAttention}, _vit_units))

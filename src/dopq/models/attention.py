@@ -11,12 +11,19 @@ import math
 
 import torch
 import torch.nn.functional as F
+from timm.layers import apply_rot_embed_cat
 from torch import nn
 
 from dopq.modules import QuantMatMul
 from dopq.quantizers import Quantizer
 
-__all__ = ["QuantAttention", "QuantBeitAttention", "QuantWindowAttention", "QuantWindowAttentionV2"]
+__all__ = [
+    "QuantAttention",
+    "QuantBeitAttention",
+    "QuantEvaAttention",
+    "QuantWindowAttention",
+    "QuantWindowAttentionV2",
+]
 
 
 def _additive_mask(attn_mask: torch.Tensor | None, n: int, like: torch.Tensor, is_causal: bool):
@@ -191,3 +198,63 @@ class QuantWindowAttentionV2(QuantWindowAttention):
         b, n, _ = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         return self._window_attention(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, mask)
+
+
+class QuantEvaAttention(_MatMulSlots):
+    """Quantized version of timm's ``EvaAttention`` (EVA-02): fused ``qkv`` (q/v biases folded into
+    it) or separate q/k/v projections, optional q/k norms, rotary embeddings applied to q and k
+    before they are quantized (timm's public ``apply_rot_embed_cat``), an optional LayerNorm before
+    ``proj`` (a LayerNorm -> Linear pair) and an optional gate."""
+
+    def __init__(self, attn: nn.Module, qk: tuple, av: tuple) -> None:
+        super().__init__()
+        self.num_heads, self.scale = attn.num_heads, attn.scale
+        self.num_prefix_tokens, self.rotate_half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+        self.qkv = _qkv_with_bias(attn) if attn.qkv is not None else None
+        for name in (
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "q_norm",
+            "k_norm",
+            "attn_drop",
+            "norm",
+            "proj",
+            "proj_drop",
+        ):
+            setattr(self, name, getattr(attn, name))
+        self.gate = attn.gate
+        self._init_matmuls(qk, av)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, n, _ = x.shape
+        if self.qkv is not None:
+            return self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return tuple(
+            p(x).reshape(b, n, self.num_heads, -1).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+
+    def _rotate(self, t: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        npt = self.num_prefix_tokens
+        rotated = apply_rot_embed_cat(t[:, :, npt:, :], rope, half=self.rotate_half)
+        return torch.cat([t[:, :, :npt, :], rotated], dim=2)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        b, n, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        q, k, v = self._qkv(x)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = self._rotate(q, rope).type_as(v), self._rotate(k, rope).type_as(v)
+        x = self._attend(q, k, v, _additive_mask(attn_mask, n, q, is_causal))
+        x = self.norm(x.transpose(1, 2).reshape(b, n, -1))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))

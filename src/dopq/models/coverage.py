@@ -16,18 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from dopq.models.attention import (
-    QuantAttention,
-    QuantBeitAttention,
-    QuantWindowAttention,
-    QuantWindowAttentionV2,
-)
+from dopq.models.adapters import quantized_attention_classes
 from dopq.modules import QuantConv2d, QuantLinear, quantizers_off
 
 __all__ = ["Coverage", "measure_coverage"]
 
 _ATTENTION_FUNCTIONS = {torch.softmax, torch.Tensor.softmax, F.softmax, F.scaled_dot_product_attention}
-_QUANT_ATTENTION = (QuantAttention, QuantWindowAttention, QuantBeitAttention, QuantWindowAttentionV2)
 
 
 @dataclass
@@ -95,7 +89,7 @@ def _attention_sites(model: nn.Module, example: torch.Tensor) -> tuple[int, list
             h.remove()
     quantized, left = set(), {}
     for frames in mode.calls:
-        owner = next((n for n, m in reversed(frames) if isinstance(m, _QUANT_ATTENTION)), None)
+        owner = next((n for n, m in reversed(frames) if isinstance(m, quantized_attention_classes())), None)
         if owner is not None:
             quantized.add(owner)
         elif frames:
