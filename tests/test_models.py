@@ -235,7 +235,7 @@ def test_vit_variants_are_equivalent_and_quantize(name: str, kwargs: dict) -> No
     with torch.no_grad():
         scale = float(model(x).abs().max())
     assert scale > 0.1  # a model whose output depends on its blocks
-    assert _max_fp_diff(copy.deepcopy(model), x) <= 1e-5 * scale
+    assert _max_fp_diff(copy.deepcopy(model), x) <= 1e-5
     linears, convs = _float_counts(model)
     ref = copy.deepcopy(model)
     qmodel, report = dopq.quantize_with_report(
@@ -260,7 +260,8 @@ def test_swinv2_cosine_attention_post_norm_is_equivalent_and_quantizes() -> None
     x = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
         scale = float(model(x).abs().max())
-    assert _max_fp_diff(copy.deepcopy(model), x) <= 1e-5 * scale
+    assert scale > 0.1  # a model whose output depends on its blocks
+    assert _max_fp_diff(copy.deepcopy(model), x) <= 1e-5
     qmodel, report = dopq.quantize_with_report(
         model, x, get_preset("dopq", w_bits=4, a_bits=4), progress=False
     )
