@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import statistics
 import sys
@@ -243,6 +244,16 @@ def suite_recon_unit(args: argparse.Namespace) -> None:
         save("recon_unit", {"rows": rows, "settings": vars(args)})
 
 
+_SUITES_ELSEWHERE = {
+    "softmax-error": "softmax_error",
+    "tanq-grid": "softmax_error",
+    "deploy": "deploy",
+    "deploy-sensitivity": "deploy",
+    "save-size": "deploy",
+    "families": "families",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -290,30 +301,9 @@ def main(argv: list[str] | None = None) -> None:
         _RESULTS_DIR[0] = args.results_dir
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.suite == "softmax-error":
-        from softmax_error import suite_softmax_error
-
-        suite_softmax_error(args, workload, save)
-    elif args.suite == "tanq-grid":
-        from softmax_error import suite_tanq_grid
-
-        suite_tanq_grid(args, workload, save)
-    elif args.suite == "deploy":
-        from deploy import suite_deploy
-
-        suite_deploy(args, workload, save)
-    elif args.suite == "families":
-        from families import suite_families
-
-        suite_families(args, workload, save)
-    elif args.suite == "save-size":
-        from deploy import suite_save_size
-
-        suite_save_size(args, workload, save)
-    elif args.suite == "deploy-sensitivity":
-        from deploy import suite_deploy_sensitivity
-
-        suite_deploy_sensitivity(args, workload, save)
+    if args.suite in _SUITES_ELSEWHERE:  # suites in their own modules, called with the shared helpers
+        module = importlib.import_module(_SUITES_ELSEWHERE[args.suite])
+        getattr(module, f"suite_{args.suite.replace('-', '_')}")(args, workload, save)
     elif args.suite == "render":
         from render import render
 
