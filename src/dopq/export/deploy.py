@@ -98,7 +98,8 @@ class WeightCodes(nn.Module):
         zero_point = zero_point.long()
         shape = (-1,) + (1,) * (codes.ndim - 1)
         centred = codes - zero_point.view(shape)
-        limit = 2 ** (min(4, self.bits) if self.bits <= 4 else 8) // 2
+        container_bits = 4 if self.bits <= 4 else 8  # INT4 (packed by the export) or int8
+        limit = 2 ** (container_bits - 1)
         if -limit <= centred.min() and centred.max() < limit:
             stored, zp = centred, torch.zeros_like(zero_point)
         else:
