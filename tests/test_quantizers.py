@@ -302,3 +302,65 @@ def test_fused_fake_quantize_matches_the_autograd_ste_form(per_channel):
     torch.testing.assert_close(fused[2], reference[2])
     assert fused[1][0, 0, 0] == 0 and fused[1][0, 0, 1] == 0 and fused[1][1, 0, 0] == 0
     assert fused[1][2, 0, 0] == grad_out[2, 0, 0]
+
+
+# --- degenerate inputs: every registered quantizer, every bit width --------------------------------
+
+_DEGENERATE = {
+    "constant": lambda: torch.full((4, 64), 3.0),
+    "negative-constant": lambda: torch.full((4, 64), -0.5),
+    "all-zero": lambda: torch.zeros(4, 64),
+    "single-element": lambda: torch.tensor([[0.7]]),
+    "huge": lambda: torch.rand(4, 64) * 1e30,
+    "tiny": lambda: torch.rand(4, 64) * 1e-30,
+}
+
+
+def _quantizers(bits: int):
+    from dopq.quantizers import PerChannel, PerTensor, UniformQuantizer, build_quantizer, list_quantizers
+
+    yield "uniform-per-tensor", UniformQuantizer(bits, PerTensor())
+    yield "uniform-per-channel", UniformQuantizer(bits, PerChannel(0))
+    for name in list_quantizers():
+        if name != "uniform":
+            yield name, build_quantizer(name, bits, **({"objective": "mse"} if name == "tanq" else {}))
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("kind", list(_DEGENERATE))
+def test_degenerate_inputs_give_finite_parameters_and_an_exact_zero(kind: str, bits: int) -> None:
+    from dopq.quantizers import UniformQuantizer
+
+    for name, q in _quantizers(bits):
+        raw = _DEGENERATE[kind]()
+        x = raw if name.startswith("uniform") else raw.abs()  # post-Softmax quantizers see values >= 0
+        q.observing = True
+        out = q(x)
+        q.observing = False
+        assert all(bool(torch.isfinite(b).all()) for b in q.buffers()), (name, kind)
+        assert bool(torch.isfinite(out).all()), (name, kind)
+        if isinstance(q, UniformQuantizer):
+            zp = q.zero_point
+            assert torch.equal(zp, zp.round()) and zp.min() >= 0 and zp.max() <= 2**bits - 1, (name, kind, zp)
+        assert float(q(torch.zeros_like(x)).abs().max()) == 0.0, (name, kind)  # 0.0 is a level
+
+
+def test_non_finite_calibration_values_name_the_quantizer() -> None:
+    import timm
+
+    import dopq
+    from dopq.errors import CalibrationError
+
+    model = timm.create_model("test_vit", num_classes=10).eval()
+    with torch.no_grad():
+        model.blocks[1].mlp.fc1.bias[3] = float("nan")
+    with pytest.raises(CalibrationError, match=r"blocks\.1\.mlp\.fc2\.input_quantizer sees \d+ NaN/Inf"):
+        dopq.quantize(model, torch.randn(2, 3, 160, 160), dopq.get_preset("dopq"), progress=False)
+    model = timm.create_model("test_vit", num_classes=10).eval()
+    with torch.no_grad():
+        model.blocks[0].attn.proj.weight[0, 0] = float("inf")
+    with pytest.raises(
+        CalibrationError,
+        match=r"blocks\.0\.attn\.proj\.weight_quantizer sees 1 NaN/Inf values in its weights",
+    ):
+        dopq.quantize(model, torch.randn(2, 3, 160, 160), dopq.get_preset("dopq"), progress=False)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dopq.errors import CalibrationError
 from dopq.modules import QuantLinear, quantizers_of
 
 __all__ = ["BIAS_CORRECTION_IMAGES", "calibrate", "capture_inputs", "correct_bias", "observing"]
@@ -65,6 +66,23 @@ def capture_inputs(
             h.remove()
 
 
+def _finite_check(name: str):
+    """A pre-hook refusing NaN/Inf before a quantizer initialises from them: its range search would
+    keep no candidate and leave the initial scale 1 and zero point 0, a broken quantizer."""
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        if module.enabled and not bool(module.initialized) and not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            what = "weights" if name.endswith("weight_quantizer") else "calibration activations"
+            raise CalibrationError(
+                f"{name} sees {bad} NaN/Inf values in its {what}: the float model already computes "
+                "non-finite values here; check the checkpoint and the input images"
+            )
+
+    return hook
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, images: torch.Tensor) -> None:
     """Reset every quantizer and initialise all of them from one pass over ``images``.
@@ -76,8 +94,13 @@ def calibrate(model: nn.Module, images: torch.Tensor) -> None:
     for _, q in quantizers_of(model):
         q.reset()
     model.eval()
-    with observing(model):
-        model(images)
+    handles = [q.register_forward_pre_hook(_finite_check(name)) for name, q in quantizers_of(model)]
+    try:
+        with observing(model):
+            model(images)
+    finally:
+        for h in handles:
+            h.remove()
     missing = [name for name, q in quantizers_of(model) if q.enabled and not bool(q.initialized)]
     if missing:
         raise RuntimeError(f"calibration did not reach {len(missing)} quantizers, e.g. {missing[:3]}")

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "DataError", "DopqError", "ExportError", "ModelError"]
+__all__ = [
+    "CalibrationError",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "DopqError",
+    "ExportError",
+    "ModelError",
+]
 
 
 class DopqError(Exception):
@@ -27,3 +35,7 @@ class DataError(DopqError):
 
 class ExportError(DopqError):
     """A model that cannot be exported (not quantized, unsupported option, missing runtime)."""
+
+
+class CalibrationError(DopqError):
+    """Calibration cannot give valid quantizers (e.g. NaN or Inf reach a quantizer)."""

@@ -90,6 +90,10 @@ def _row_mse(rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, 
 
 
 def _range_to_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # a constant row (lo == hi) would give the floor scale and a zero point of about -lo / 1e-8,
+    # which no integer format holds: widen it to contain 0, so the constant is one end of the grid
+    flat = (hi - lo) <= 1e-6 * torch.maximum(hi.abs(), lo.abs())
+    lo, hi = torch.where(flat, lo.clamp_max(0), lo), torch.where(flat, hi.clamp_min(0), hi)
     scale = ((hi - lo) / (2**bits - 1)).clamp_min(_MIN_SCALE)
     zero_point = (-lo / scale).round()
     return scale, zero_point
