@@ -255,3 +255,30 @@ def test_reconstruction_flags_reach_the_recipe() -> None:
         3,
     )
     assert _config_from(build_parser().parse_args(argv[:5])).reconstruct is None
+
+
+# (extra argv given a tmp folder holding a file "f"; text of the one error line). The model does not
+# exist, so each check must fire before anything is loaded.
+EARLY_ERRORS = [
+    pytest.param(lambda t: ["--batch-size", "0"], "--batch-size must be >= 1, got 0", id="batch-size-0"),
+    pytest.param(lambda t: ["--workers", "-1"], "--workers must be >= 0, got -1", id="workers-negative"),
+    pytest.param(lambda t: ["--threads", "-1"], "--threads must be >= 1, got -1", id="threads-negative"),
+    pytest.param(lambda t: ["--calib-size", "0"], "--calib-size must be >= 1, got 0", id="calib-size-0"),
+    pytest.param(lambda t: ["--eval-subset", "0"], "--eval-subset must be >= 1, got 0", id="eval-subset-0"),
+    pytest.param(lambda t: ["--recon-drop-prob", "1.5"], "--recon-drop-prob must be in [0, 1]", id="drop-prob"),
+    pytest.param(lambda t: ["--device", "tpu"], "--device must be cpu or cuda", id="device-tpu"),
+    pytest.param(lambda t: ["--device", "cuda:7"], "cuda", id="device-cuda-7"),
+    pytest.param(lambda t: ["--output", str(t)], "is a folder", id="output-folder"),
+    pytest.param(lambda t: ["--output", str(t / "f" / "r.json")], "cannot create its folder", id="output-unwritable"),
+    pytest.param(lambda t: ["--save", str(t / "f" / "q.pt")], "cannot create its folder", id="save-unwritable"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("extra", "match"), EARLY_ERRORS)
+def test_arguments_are_checked_before_any_work(
+    extra: Callable[[Path], list[str]], match: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "f").write_text("a file, not a folder")
+    argv = ["quantize", "--model", "no_such_model", "--data", str(tmp_path / "nothing"), *extra(tmp_path)]
+    line = _assert_one_error(main(argv), capsys.readouterr().err, match)
+    assert "no_such_model" not in line  # the model was never looked up

@@ -231,11 +231,34 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_export_args(args: argparse.Namespace) -> None:
-    """Fail before any work on what export would refuse at the end (opset, runtime, path)."""
-    from dopq.export.onnx_export import check_export_target
+# (argument, smallest allowed value); None values are left to their defaults
+_LOWER_BOUNDS = {
+    "batch_size": 1, "calib_size": 1, "eval_subset": 1, "threads": 1, "workers": 0, "num_classes": 1,
+    "recon_calib_size": 1, "recon_batch_size": 1, "recon_iters": 0, "bits": 2,
+}  # fmt: skip
 
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked before a model or image is loaded: numbers, the device, and
+    that every output location (--output, --save, --export, --out-dir) can be written."""
+    from dopq.experiment import resolve_device
+    from dopq.report import check_output_path
+
+    for name, low in _LOWER_BOUNDS.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    drop = getattr(args, "recon_drop_prob", None)
+    if drop is not None and not 0.0 <= drop <= 1.0:
+        raise ConfigError(f"--recon-drop-prob must be in [0, 1], got {drop}")
+    if getattr(args, "device", None):
+        resolve_device(args.device)
+    for name, flag in (("output", "--output"), ("save", "--save")):
+        if getattr(args, name, None) is not None:
+            check_output_path(getattr(args, name), flag)
     if getattr(args, "export", None) is not None:
+        from dopq.export.onnx_export import check_export_target
+
         check_export_target(args.export, args.opset)
 
 
@@ -300,12 +323,12 @@ def main(argv: list[str] | None = None) -> int:
         "export": _cmd_export,
         "plot": _cmd_plot,
     }
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
-        _check_export_args(args)
+        _check_args(args)
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
         return commands[args.command](args)
     except DopqError as exc:
         message = " ".join(str(exc).split())  # always one line

@@ -89,7 +89,13 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError("--device cuda was asked for but CUDA is not available here; use --device cpu")
     if not (name == "cpu" or name.startswith("cuda")):
         raise ConfigError(f"--device must be cpu or cuda[:N], got {name!r}")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device must be cpu or cuda[:N], got {name!r}") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def command_line() -> str:
