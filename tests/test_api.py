@@ -66,7 +66,11 @@ def test_reconstruction_lowers_block_error_and_is_deterministic(tmp_path):
     cfg = dopq.get_preset("dopq", w_bits=3, a_bits=3, reconstruct=ReconstructConfig(iters=30, batch_size=8))
     outs, reports = [], []
     for _ in range(2):
-        model, report = dopq.quantize_with_report(_tiny(), images[:8], cfg, recon_data=images, progress=False)
+        model = _tiny()  # timm's weight init draws from the global generator; the library must not
+        caller_state = torch.get_rng_state()
+        model, report = dopq.quantize_with_report(model, images[:8], cfg, recon_data=images, progress=False)
+        # QDrop masks and batches come from the library's own generators: the caller's state is untouched
+        assert torch.equal(torch.get_rng_state(), caller_state)
         with torch.no_grad():
             outs.append(model(images[:4]))
         reports.append(report)

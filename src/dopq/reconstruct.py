@@ -106,7 +106,9 @@ def _apply(unit: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tens
 
 
 @contextmanager
-def _trainable(unit: nn.Module, rcfg: ReconstructConfig) -> Iterator[tuple[list, list, list, list]]:
+def _trainable(
+    unit: nn.Module, rcfg: ReconstructConfig, drop_generator: torch.Generator
+) -> Iterator[tuple[list, list, list, list]]:
     """Swap in AdaRound, make step sizes (biases, TanQ) learnable, turn QDrop on; undo on exit."""
     frozen = {p: p.requires_grad for p in unit.parameters()}
     for p in frozen:
@@ -127,7 +129,7 @@ def _trainable(unit: nn.Module, rcfg: ReconstructConfig) -> Iterator[tuple[list,
     weight_bases = {id(r.base) for r in rounders}
     acts = [q for q in unit.modules() if isinstance(q, Quantizer) and id(q) not in weight_bases and q.enabled]
     for q in acts:
-        q.drop_prob = rcfg.drop_prob
+        q.drop_prob, q.drop_generator = rcfg.drop_prob, drop_generator
         if isinstance(q, UniformQuantizer):
             act_params.append(q.make_scale_learnable())
         elif isinstance(q, TanQQuantizer) and rcfg.learn_softmax:
@@ -141,7 +143,7 @@ def _trainable(unit: nn.Module, rcfg: ReconstructConfig) -> Iterator[tuple[list,
                 layer.weight.data.copy_(ada.bake())
                 layer.weight_quantizer = ada.base
         for q in acts:
-            q.drop_prob = 0.0
+            q.drop_prob, q.drop_generator = 0.0, None
         for p in act_params + level_params:
             p.requires_grad_(False)
         for p, flag in frozen.items():
@@ -182,15 +184,22 @@ def reconstruct_unit(
     generator: torch.Generator,
     desc: str = "unit",
     progress: bool = True,
+    drop_generator: torch.Generator | None = None,
 ) -> dict[str, float]:
-    """Optimise one unit; returns its loss before and after (on a fixed probe batch)."""
+    """Optimise one unit; returns its loss before and after (on a fixed probe batch).
+
+    ``generator`` draws the batches; ``drop_generator`` (on the unit's device; by default a new one
+    seeded with ``rcfg.seed``) the QDrop masks. The caller's global random state is not touched.
+    """
     device = next(unit.parameters()).device
+    if drop_generator is None:
+        drop_generator = torch.Generator(device=device).manual_seed(rcfg.seed)
     probe = torch.arange(min(inputs.shape[0], rcfg.batch_size))
     before = _probe_loss(unit, inputs, targets, probe)
     soft = before
     if iters == 0:
         return {"loss_before": before, "loss_soft": before, "loss_after": before}
-    with _trainable(unit, rcfg) as (rounders, act_params, level_params, bias_params):
+    with _trainable(unit, rcfg, drop_generator) as (rounders, act_params, level_params, bias_params):
         groups = []
         if rounders:
             groups.append({"params": [r.alpha for r in rounders], "lr": rcfg.lr_weight_for(iters)})
@@ -252,8 +261,8 @@ def reconstruct(
     iters = rcfg.iters_for(min(config.w_bits, config.a_bits))
     device = next(model.parameters()).device
     fp_model = fp_model.to(device).eval()
-    torch.manual_seed(rcfg.seed)  # QDrop masks
-    generator = torch.Generator().manual_seed(rcfg.seed)
+    generator = torch.Generator().manual_seed(rcfg.seed)  # batch order
+    drop_generator = torch.Generator(device=device).manual_seed(rcfg.seed)  # QDrop masks
     q_units = plan.adapter.units(model)
     fp_units = dict(plan.adapter.units(fp_model))
     cache_bs = max(rcfg.batch_size, 64)
@@ -278,7 +287,17 @@ def reconstruct(
             inputs = cache_unit_io(model, unit, images, cache_bs, output=False)
             targets = cache_unit_io(fp_model, fp_units[name], images, cache_bs, output=True)
         t_cache = time.perf_counter() - t0
-        res = reconstruct_unit(unit, inputs, targets, rcfg, iters, generator, desc=name, progress=progress)
+        res = reconstruct_unit(
+            unit,
+            inputs,
+            targets,
+            rcfg,
+            iters,
+            generator,
+            desc=name,
+            progress=progress,
+            drop_generator=drop_generator,
+        )
         res.update(unit=name, seconds=time.perf_counter() - t0, cache_seconds=t_cache, chained=chained)
         stats.append(res)
         outer.set_postfix(unit=name, loss=f"{res['loss_after']:.4g}")

@@ -57,6 +57,7 @@ class Quantizer(nn.Module):
         self.enabled = True
         self.observing = False
         self.drop_prob = 0.0  # QDrop: probability of passing an element through unquantized
+        self.drop_generator: torch.Generator | None = None  # the caller's generator for QDrop masks
         self.register_buffer("initialized", torch.tensor(False))
 
     @property
@@ -74,7 +75,8 @@ class Quantizer(nn.Module):
             self.initialized.fill_(True)
         out = self.fake_quantize(x)
         if self.drop_prob > 0:
-            out = torch.where(torch.rand_like(x) < self.drop_prob, x, out)
+            noise = torch.rand(x.shape, generator=self.drop_generator, device=x.device, dtype=x.dtype)
+            out = torch.where(noise < self.drop_prob, x, out)
         return out
 
     def reset(self) -> None:
