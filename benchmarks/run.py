@@ -35,7 +35,7 @@ from torch.utils.data import TensorDataset
 
 from dopq.config import QuantConfig, ReconstructConfig, get_preset
 from dopq.data import load_batch
-from dopq.experiment import RunSettings, Workload, command_line, load_workload, run_recipe
+from dopq.experiment import RunSettings, Workload, command_line, git_revision, load_workload, run_recipe
 from dopq.stress import rescale_layernorm_channels
 
 ROOT = Path(__file__).resolve().parent
@@ -85,7 +85,12 @@ _RESULTS_DIR = [RESULTS]
 def save(name: str, payload: dict[str, Any]) -> None:
     out = _RESULTS_DIR[0]
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"command": command_line(), "threads": torch.get_num_threads(), **payload}
+    payload = {
+        "command": command_line(),
+        "threads": torch.get_num_threads(),
+        "git": git_revision(),
+        **payload,
+    }
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 

@@ -284,7 +284,9 @@ def test_cli_quantize_export_evaluate(
     argv = _quantize(images, "--save", str(saved), "--export", str(onnx_path), "--output", str(run))
     assert main(argv) == 0, capsys.readouterr().err
     assert "quantized: Linear 25/25, Conv2d 1/1, attention 6/6" in capsys.readouterr().out
-    assert not any(json.loads(run.read_text())["coverage"]["left_float"].values())
+    recorded = json.loads(run.read_text())
+    assert not any(recorded["coverage"]["left_float"].values())
+    assert len(recorded["git"]["commit"]) == 40 and isinstance(recorded["git"]["dirty"], bool)  # provenance
     assert read_metadata(onnx_path)["recipe"]["w_bits"] == 4
     out = tmp_path / "ev.json"
     argv = ["evaluate", "--onnx", str(onnx_path), "--quantized", str(saved), "--data", str(images),

@@ -183,6 +183,26 @@ def fp_baseline(work: Workload, progress: bool = True) -> EvalResult:
     return work.fp_result
 
 
+def git_revision() -> dict[str, Any] | None:
+    """The dopq checkout's commit and whether its tree has uncommitted changes (None outside git)."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        top = Path(git("rev-parse", "--show-toplevel")).resolve()
+        if here != top / "src" / "dopq":  # an installed copy inside some other repository
+            return None
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def _versions() -> dict[str, str | None]:
     try:
         import onnxruntime
@@ -205,6 +225,7 @@ def _provenance(work: Workload) -> dict[str, Any]:
         "command": command_line(),
         "checkpoint_sha256": _sha256(s.checkpoint) if s.checkpoint else None,
         "versions": _versions(),
+        "git": git_revision(),
         "device_name": torch.cuda.get_device_name()
         if s.device.startswith("cuda")
         else platform.processor() or platform.machine(),
@@ -368,6 +389,7 @@ def evaluate_onnx(
         "config": {"preprocess": pre.to_dict()},
         "command": command_line(),
         "versions": _versions(),
+        "git": git_revision(),
         "threads": threads or torch.get_num_threads(),
     }
     if quantized is not None:
