@@ -305,9 +305,9 @@ def test_cli_quantize_export_evaluate(
     [
         pytest.param(lambda t: ["--export", str(t / "m.onnx"), "--opset", "11"], "opset 11 is not supported",
                      id="low-opset"),
-        pytest.param(lambda t: ["--export", str(t / "file.txt" / "m.onnx")], "cannot create the folder",
+        pytest.param(lambda t: ["--export", str(t / "file.txt" / "m.onnx")], "cannot create its folder",
                      id="unwritable"),
-        pytest.param(lambda t: ["--export", str(t)], "is a directory", id="directory"),
+        pytest.param(lambda t: ["--export", str(t)], "is a folder", id="directory"),
     ],
 )  # fmt: skip
 def test_cli_export_errors_come_before_any_work(argv, match, images: Path, tmp_path: Path, capsys) -> None:

@@ -242,7 +242,7 @@ def _check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before a model or image is loaded: numbers, the device, and
     that every output location (--output, --save, --export, --out-dir) can be written."""
     from dopq.experiment import resolve_device
-    from dopq.report import check_output_path
+    from dopq.files import check_output_path
 
     for name, low in _LOWER_BOUNDS.items():
         value = getattr(args, name, None)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from dopq.errors import ConfigError
+from dopq.files import atomic_path
 
-__all__ = ["check_output_path", "markdown_report", "result_table", "write_result"]
+__all__ = ["markdown_report", "result_table", "write_result"]
 
 
 def _pct(value: float | None) -> str:
@@ -75,35 +74,13 @@ def markdown_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def check_output_path(path: Path, flag: str) -> None:
-    """Fail now, not after a long run, when ``path`` cannot be written (a folder, or an uncreatable
-    or read-only parent folder)."""
-    path = Path(path)
-    if path.is_dir():
-        raise ConfigError(f"{flag} {path} is a folder; give a file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"{flag} {path}: cannot create its folder ({exc.strerror})") from None
-    if not os.access(path.parent, os.W_OK):
-        raise ConfigError(f"{flag} {path}: its folder is not writable")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write under a temporary name and rename: an interrupted run leaves no half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_result(result: dict[str, Any], path: Path) -> tuple[Path, Path]:
     """Write ``path`` (JSON) and the same stem with ``.md``, each atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, json.dumps(result, indent=2, default=str) + "\n")
-    md = path.with_suffix(".md")
-    _write_atomically(md, markdown_report(result))
+    path, md = Path(path), Path(path).with_suffix(".md")
+    for target, text in (
+        (path, json.dumps(result, indent=2, default=str) + "\n"),
+        (md, markdown_report(result)),
+    ):
+        with atomic_path(target) as tmp:
+            tmp.write_text(text)
     return path, md

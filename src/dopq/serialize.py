@@ -20,6 +20,7 @@ from torch import nn
 
 from dopq.config import QuantConfig
 from dopq.errors import CheckpointError
+from dopq.files import atomic_path
 from dopq.models import prepare_model
 from dopq.modules import QuantConv2d, QuantLinear, quantizers_of
 from dopq.quantizers import PerChannel, PerTensor, UniformQuantizer
@@ -116,12 +117,8 @@ def save_quantized(
         "state_dict": state,
         "weight_codes": codes,
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:  # written under a temporary name, so an interrupted save leaves no half file
+    with atomic_path(path) as tmp:  # an interrupted save leaves no half file
         torch.save(payload, tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -14,7 +14,6 @@ autograd Functions with ONNX symbolics) and is then post-processed with the ``on
 from __future__ import annotations
 
 import json
-import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from torch import nn
 
 from dopq.errors import ExportError
 from dopq.export.deploy import to_deploy
+from dopq.files import atomic_path, check_output_path
 from dopq.models import example_input
 
 __all__ = ["DEFAULT_OPSET", "MIN_OPSET", "ExportReport", "check_export_target", "export_onnx", "require_onnx"]
@@ -62,17 +62,6 @@ class ExportReport:
         return dict(self.__dict__)
 
 
-def _check_path(path: Path) -> None:
-    if path.is_dir():
-        raise ExportError(f"--out {path} is a directory; give a file name such as model.onnx")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ExportError(f"cannot create the folder of {path}: {exc.strerror}") from None
-    if not os.access(path.parent, os.W_OK):
-        raise ExportError(f"cannot write {path}: its folder is not writable")
-
-
 def check_export_target(path: str | Path, opset: int) -> None:
     """Everything an export checks before it starts: onnx and onnxruntime installed, the opset, and
     a writable destination (so a long run does not fail at its end)."""
@@ -84,7 +73,7 @@ def check_export_target(path: str | Path, opset: int) -> None:
         raise ExportError(
             f"opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})"
         )
-    _check_path(Path(path))
+    check_output_path(path, "--out", ExportError)
 
 
 def _initializers(graph: Any) -> dict[str, Any]:
@@ -190,8 +179,7 @@ def export_onnx(
     t0 = time.perf_counter()
     deploy = to_deploy(model, integer_levels)
     example = example_input(deploy)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:  # an interrupted export leaves no half file
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
             torch.onnx.export(
@@ -210,9 +198,6 @@ def export_onnx(
         _set_metadata(graph, {**_model_metadata(model, integer_levels), **(metadata or {})})
         onnx.checker.check_model(graph)
         onnx.save(graph, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     storage = "int4" if packed else "int8"
     return ExportReport(
         str(path), path.stat().st_size, opset, storage, integer_levels, time.perf_counter() - t0

@@ -1,0 +1,44 @@
+"""Output files: check a destination before long work, and write it atomically.
+
+Used by result reports, saved models and ONNX exports alike, so an interrupted run (Ctrl-C, kill)
+never leaves a half-written file and an unwritable path fails before the work, not after it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from dopq.errors import ConfigError, DopqError
+
+__all__ = ["atomic_path", "check_output_path"]
+
+
+def check_output_path(path: str | Path, flag: str, error: type[DopqError] = ConfigError) -> None:
+    """Raise ``error`` now when ``path`` cannot be written: a folder, or a parent folder that cannot
+    be created or is read-only. ``flag`` names the option in the message."""
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{flag} {path} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise error(f"{flag} {path}: cannot create its folder ({exc.strerror})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise error(f"{flag} {path}: its folder is not writable")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write to; renamed onto ``path`` when the block succeeds,
+    removed in any case."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
