@@ -88,8 +88,9 @@ def _attention_sites(model: nn.Module, example: torch.Tensor) -> tuple[int, list
         for h in handles:
             h.remove()
     quantized, left = set(), {}
+    known = quantized_attention_classes()
     for frames in mode.calls:
-        owner = next((n for n, m in reversed(frames) if isinstance(m, quantized_attention_classes())), None)
+        owner = next((n for n, m in reversed(frames) if isinstance(m, known)), None)
         if owner is not None:
             quantized.add(owner)
         elif frames:
