@@ -117,7 +117,7 @@ def suite_deploy(args: argparse.Namespace, workload, save) -> None:
             print(f"  {arch} onnxruntime quantize_static W8/A8: onnx {peer_eval.top1:.4f}", flush=True)
             sessions["onnxruntime quantize_static W8/A8"] = peer
             sizes["onnxruntime quantize_static W8/A8"] = peer_path.stat().st_size
-        batch = torch.stack([work.eval_dataset[i][0] for i in range(32)])
+        batch = torch.stack([work.eval_dataset[i][0] for i in work.eval_indices[:32]])
         through = _timed_runs(sessions, batch, args.repeats, 1)
         latency = _timed_runs(sessions, batch[:1], args.repeats, 10)
         for key, entry in entries.items():
@@ -167,7 +167,8 @@ def _exported_row(arch, label, bits, model, integer_levels, tmp, threads, loader
 def _loader(work):
     from dopq.data import make_loader
 
-    return make_loader(work.eval_dataset, work.eval_indices, 32, 0)
+    # streamed: the images are decoded by the workload's workers on every pass, never held as a set
+    return make_loader(work.eval_dataset, work.eval_indices, 32, work.settings.workers)
 
 
 @torch.no_grad()

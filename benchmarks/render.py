@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
+def _pct(x: float | None, decimals: int = 1) -> str:
+    return "-" if x is None else f"{100 * x:.{decimals}f}"
+
+
+def _decimals(rows: list[dict[str, Any]]) -> int:
+    """Two decimals where one image is under 0.05 points (5000 images and more), else one."""
+    return 2 if min((r.get("eval_images") or 0) for r in rows) >= 5000 else 1
 
 
 def _load(results: Path, name: str) -> dict[str, Any] | None:
@@ -59,6 +65,7 @@ def _paired_rows(sub: list[dict[str, Any]], bits: list[int], methods: list[str],
 
 def _accuracy_table(data: dict[str, Any], title: str, base: str = "repq") -> list[str]:
     rows = data["rows"]
+    digits = _decimals(rows)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     lines = [f"### {title}", "", f"Command: `{data['command']}` ({data['threads']} torch threads)", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -66,7 +73,7 @@ def _accuracy_table(data: dict[str, Any], title: str, base: str = "repq") -> lis
         bits = sorted({r["w_bits"] for r in sub})
         fp = sub[0]["fp_top1"]
         lines += [
-            f"**{model}** (FP32 top-1 {_pct(fp)}%)",
+            f"**{model}** (FP32 top-1 {_pct(fp, digits)}%)",
             "",
             "| method | " + " | ".join(f"W{b}/A{b}" for b in bits) + " |",
         ]
@@ -75,7 +82,7 @@ def _accuracy_table(data: dict[str, Any], title: str, base: str = "repq") -> lis
             cells = []
             for b in bits:
                 hit = [r for r in sub if r["method"] == m and r["w_bits"] == b]
-                cells.append(_pct(hit[0]["quant_top1"]) if hit else "")
+                cells.append(_pct(hit[0]["quant_top1"], digits) if hit else "")
             if any(cells):
                 lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines += _paired_rows(sub, bits, methods, base)
@@ -131,6 +138,16 @@ def _timing(results: Path) -> list[str]:
     return ["### Calibration time (DeiT-Tiny, 32 images, W4/A4)", "", *lines, ""] if lines else []
 
 
+def _gap_closed(rows: list[dict[str, Any]], row: dict[str, Any]) -> str:
+    """Share of the calibration-only gap to FP that reconstruction closed, e.g. ``closes 2.5 of 4.9 points (51 %)``."""
+    base = next((r for r in rows if r["method"] == "dopq" and r["w_bits"] == row["w_bits"]), None)
+    if base is None:
+        return ""
+    gap, gain = 100 * (row["fp_top1"] - base["quant_top1"]), 100 * (row["quant_top1"] - base["quant_top1"])
+    # under a point of gap the share is noise (a few images either way)
+    return f", closes {gain:.1f} of {gap:.1f} points to FP ({100 * gain / gap:.0f} %)" if gap >= 1 else ""
+
+
 def _recon(data: dict[str, Any], title: str) -> list[str]:
     lines = _accuracy_table(data, title, base="dopq")
     for r in data["rows"]:
@@ -138,8 +155,103 @@ def _recon(data: dict[str, Any], title: str) -> list[str]:
         if rec:
             lines.append(
                 f"- {r['model']} W{r['w_bits']}/A{r['a_bits']}: {rec['images']} images, {rec['iters_per_unit']} iters/unit, "
-                f"batch {rec['batch_size']}, reconstruction {rec['seconds']:.0f} s"
+                f"batch {rec['batch_size']}, reconstruction {rec['seconds']:.0f} s{_gap_closed(data['rows'], r)}"
             )
+    return [*lines, ""]
+
+
+def _recon_runs_paired(results: Path, reference: str = "recon_cpu_deit") -> list[str]:
+    """Every reconstruction run against the reference run's reconstructed model, on the same images."""
+    ref_path = results / f"{reference}.json"
+    if not ref_path.is_file():
+        return []
+    ref_rows = [r for r in json.loads(ref_path.read_text())["rows"] if r["method"] == "dopq+recon"]
+    lines = []
+    for path in sorted(results.glob("recon_*.json")):
+        if path.stem in (reference, "recon_unit"):
+            continue
+        for r in json.loads(path.read_text())["rows"]:
+            ref = next((x for x in ref_rows if x["model"] == r["model"] and x["w_bits"] == r["w_bits"]), None)
+            if r["method"] != "dopq+recon" or ref is None:
+                continue
+            cell = _paired_cell(
+                {"x": r.get("quant_top1_correct"), "y": ref.get("quant_top1_correct")}, "x", "y"
+            )
+            if cell:
+                lines.append(f"| {path.stem} | {r['model']} | W{r['w_bits']}/A{r['a_bits']} | "
+                             f"{_pct(r['quant_top1'])} | {_pct(ref['quant_top1'])} | {cell} |")  # fmt: skip
+    if not lines:
+        return []
+    return ["### Reconstruction runs against each other", "",
+            f"Each run's reconstructed model paired with `{reference}`'s on the same images.", "",
+            "| run | model | bits | top-1 | reference top-1 | fixed / broken (p) |", "|---|---|---|---|---|---|",
+            *lines, ""]  # fmt: skip
+
+
+_LOG_LINE = re.compile(r"(\S+) +(\S+) +W(\d+)A(\d+) top1 ([0-9.]+) \(fp ([0-9.]+)\)")
+
+
+def _log_table(path: Path, title: str, note: str) -> list[str]:
+    """A run that left only its printed log: one row per printed result line."""
+    rows = [m.groups() for m in map(_LOG_LINE.search, path.read_text().splitlines()) if m]
+    if not rows:
+        return []
+    lines = [f"### {title}", "", f"{note} (`{path.name}`).", "",
+             "| model | method | bits | top-1 | FP32 top-1 |", "|---|---|---|---|---|"]  # fmt: skip
+    for model, method, w, a, top1, fp in rows:
+        lines.append(f"| {model} | {method} | W{w}/A{a} | {_pct(float(top1))} | {_pct(float(fp))} |")
+    return [*lines, ""]
+
+
+def _large_models_table(data: dict[str, Any]) -> list[str]:
+    lines = ["### Large models on the CPU (random init, dopq W4/A4, 32 calibration images)", "",
+             f"Command: `{data['command']}` ({data['threads']} torch threads; each model one `dopq quantize` "
+             "under `/usr/bin/time -v`: peak RSS of the whole command, evaluation of 32 images included)", "",
+             "| model | exit | peak RSS GB | wall s | calibration s | coverage |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in data["rows"]:
+        rss = "-" if r.get("peak_rss_bytes") is None else f"{r['peak_rss_bytes'] / 1e9:.2f}"
+        calib = "-" if r.get("calib_seconds") is None else f"{r['calib_seconds']:.0f}"
+        lines.append(f"| {r['model']} | {r['returncode']} | {rss} | {r['wall_seconds']:.0f} | {calib} | "
+                     f"{r.get('coverage_summary') or '-'} |")  # fmt: skip
+    return [*lines, ""]
+
+
+def _distributed_table(data: dict[str, Any]) -> list[str]:
+    rows = data["rows"]
+    lines = ["### One process against torchrun (gloo, CPU)", "",
+             f"Command: `{data['command']}` (DeiT-Tiny dopq W3/A3; {data['threads']} torch threads in every "
+             "process; wall time of the whole command, loading and both evaluations included)", "",
+             "| run | processes x threads | FP top-1 | top-1 | same per-image record as 1 process | same --save bytes | "
+             "paired with 1 process | wall s | reconstruction s | peak RSS GB (largest process) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        ref = next((x for x in rows if x["run"] == r["run"] and x["processes"] == 1), None)
+        same_record = same_save = pair = "-"
+        if ref is not None and r is not ref and r.get("quant_top1_correct"):
+            same_record = "yes" if r["quant_top1_correct"] == ref.get("quant_top1_correct") else "no"
+            same_save = "yes" if r.get("save_sha256") == ref.get("save_sha256") else "no"
+            pair = _paired_cell({"x": r["quant_top1_correct"], "y": ref.get("quant_top1_correct")}, "x", "y")
+        rss = "-" if r.get("peak_rss_bytes") is None else f"{r['peak_rss_bytes'] / 1e9:.2f}"
+        recon = r.get("reconstruction") or {}
+        recon_s = f"{recon['seconds']:.0f}" if recon.get("seconds") is not None else "-"
+        lines.append(f"| {r['run']} | {r['processes']} x {r['threads_per_process']} | {_pct(r.get('fp_top1'))} | "
+                     f"{_pct(r.get('quant_top1'))} | {same_record} | {same_save} | {pair} | {r['wall_seconds']:.0f} | "
+                     f"{recon_s} | {rss} |")  # fmt: skip
+    return [*lines, ""]
+
+
+def _provenance_table(results: Path) -> list[str]:
+    """Which code and software produced each result file (files written before a field existed show '-')."""
+    lines = ["### Provenance of the result files", "",
+             "| file | git commit | uncommitted changes | torch threads | dopq | torch | timm | onnxruntime | device |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for path in sorted(results.rglob("*.json")):
+        d = json.loads(path.read_text())
+        git, versions = d.get("git") or {}, d.get("versions") or {}
+        dirty = {True: "yes", False: "no"}.get(git.get("dirty"), "-")
+        cells = [git.get("commit", "-")[:10], dirty, str(d.get("threads", "-")),
+                 *(versions.get(k) or "-" for k in ("dopq", "torch", "timm", "onnxruntime")), d.get("device_name") or "-"]  # fmt: skip
+        lines.append(f"| {path.relative_to(results)} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
 
@@ -258,6 +370,78 @@ def _families_table(data: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _data_table(data: dict[str, Any]) -> list[str]:
+    """Streamed evaluation against the model alone, and peak RSS of ``dopq evaluate`` (data suite)."""
+    lines = ["### Data loading (streamed images, memory)", "", f"{data['cpus']} CPUs.", ""]
+
+    def measured(part: dict[str, Any]) -> str:
+        part = {**data, **part}  # parts measured before they carried their own command: the file's
+        load = part.get("load_average_before") or part.get("load_average_at_start") or [float("nan")]
+        return (f"Command: `{part['command']}` ({part['threads']} torch threads; load average {load[0]:.1f} "
+                "before: other jobs running make the ratios noisy)")  # fmt: skip
+
+    t = data.get("throughput")
+    if t:
+        lines += [measured(t), ""]
+        model_only = " / ".join(f"{v:.1f}" for v in t["model_only_images_per_second"])
+        lines += [f"DeiT-Tiny FP, {t['images']} CIFAR-10 test images from `{Path(t['data']).name}`, batch {t['batch_size']}:", "",
+                  "| | images/s | / model alone |", "|---|---|---|",
+                  f"| model alone on pre-made tensors (before / after) | {model_only} | 1 |",
+                  f"| streamed, default workers ({t['default_workers']}) | {t['streamed_default_workers']['images_per_second']:.1f} | "
+                  f"{t['ratio_default_workers']:.2f} |",
+                  f"| streamed, decoded in the main process (0 workers) | {t['streamed_no_workers']['images_per_second']:.1f} | "
+                  f"{t['ratio_no_workers']:.2f} |", ""]  # fmt: skip
+    m = data.get("memory")
+    if m:
+        c, layout = m["cifar10_test_all"], m["imagenet_layout"]
+        lines += [measured(m), ""]
+        lines += ["| `dopq evaluate --quantized` | model | images | workers | peak RSS (MB) | wall s |", "|---|---|---|---|---|---|",
+                  f"| CIFAR-10 test archive | {c['model']} | {c['eval_images']} | {c['workers']} | {c['peak_rss_mb']:.0f} | {c['wall_seconds']:.0f} |"]  # fmt: skip
+        for n, r in layout["runs"].items():
+            lines.append(f"| generated ImageNet-layout folder, {n} JPEGs | {layout['model']} | {r['eval_images']} | "
+                         f"{r['workers']} | {r['peak_rss_mb']:.0f} | {r['wall_seconds']:.0f} |")  # fmt: skip
+        lines += ["", f"Peak RSS (`{c['tool']}`, the largest process): 50 000 / 5 000 images = "
+                  f"{layout['rss_ratio_50000_over_5000']:.3f}.", ""]  # fmt: skip
+    return lines
+
+
+def _calib_gains_table(data: dict[str, Any]) -> list[str]:
+    """GPTQ rounding and the per-module post-Softmax choice against dopq (benchmarks/calib_gains.py):
+    top-1, the paired sign test against dopq and the calibration time per cell."""
+    rows = data["rows"]
+    model = rows[0]["model"]
+    bits = sorted({r["w_bits"] for r in rows})
+    lines = [f"### Calibration-time gains: {model}", "",
+             f"Command: `{data['command']}` ({data['threads']} torch threads). FP32 top-1 {_pct(rows[0]['fp_top1'])}%. "
+             "Cells: top-1 %, images fixed / broken against dopq (sign-test p), calibration s.", "",
+             "| recipe | " + " | ".join(f"W{b}/A{b}" for b in bits) + " |", "|---" * (len(bits) + 1) + "|"]  # fmt: skip
+    kinds = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = []
+        for b in bits:
+            r = next((r for r in rows if r["method"] == method and r["w_bits"] == b), None)
+            if r is None:
+                cells.append("")
+                continue
+            pair = r.get("paired_with_dopq")
+            test = f", +{pair['gained']} / -{pair['lost']} (p={pair['p']:.2g})" if pair else ""
+            cells.append(f"{_pct(r['quant_top1'])}{test}, {r['calib_seconds']:.1f} s")
+            chosen = list(r.get("softmax_kinds", {}).values())
+            if "auto" in method and chosen:
+                counts = ", ".join(f"{k} {chosen.count(k)}" for k in dict.fromkeys(chosen))
+                kinds.append(f"- {method} W{b}/A{b}: post-Softmax {counts}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return [*lines, "", *kinds, ""]
+
+
+def _calib_gains_timing(data: dict[str, Any]) -> list[str]:
+    lines = [f"- {label}: calibration {', '.join(f'{t:.1f}' for t in r['calib_seconds'])} s, median "
+             f"{r['median']:.1f} s, {r['over_dopq']:.2f}x dopq" for label, r in data["recipes"].items()]  # fmt: skip
+    head = [f"### Calibration time with GPTQ / auto ({data['model']}, W{data['bits']}/A{data['bits']})", "",
+            f"Command: `{data['command']}` ({data['threads']} torch threads; repeats interleaved)", ""]  # fmt: skip
+    return [*head, *lines, ""]
+
+
 def _protocol_title(name: str) -> str:
     """``ablation_deit_eval5000`` -> ``Ablation, DeiT-Tiny, 5000 test images``."""
     _, model, protocol = name.split("_", 2)
@@ -285,8 +469,16 @@ def render(results: Path, target: Path) -> None:
     if data:
         parts += _tanq_grid_table(data)
     parts += _timing(results)
+    for name in ("calib_gains_deit", "calib_gains_stress", "calib_gains_swin"):
+        data = _load(results, name)
+        if data:
+            parts += _calib_gains_table(data)
+    data = _load(results, "calib_gains_timing")
+    if data:
+        parts += _calib_gains_timing(data)
     for name, table in (("deploy", _deploy_table), ("deploy_sensitivity", _sensitivity_table),
-                        ("save_size", _save_size_table), ("families", _families_table)):  # fmt: skip
+                        ("save_size", _save_size_table), ("families", _families_table),
+                        ("data", _data_table)):  # fmt: skip
         data = _load(results, name)
         if data:
             parts += table(data)
@@ -295,6 +487,16 @@ def render(results: Path, target: Path) -> None:
             parts += _recon_unit_table(json.loads(path.read_text()))
         else:
             parts += _recon(json.loads(path.read_text()), f"Reconstruction ({path.stem})")
+    for name, table in (("large_models", _large_models_table), ("distributed", _distributed_table)):
+        data = _load(results, name)
+        if data:
+            parts += table(data)
+    parts += _recon_runs_paired(results)
+    log = results / "gpu_first_attempt_log.txt"
+    if log.is_file():
+        parts += _log_table(log, "Reconstruction, first GPU attempt (log only)",
+                            "The first GPU reconstruction run, at the settings of that session; it left only its printed log")  # fmt: skip
+    parts += _provenance_table(results)
     text = target.read_text() if target.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
     head, _, rest = text.partition(BEGIN)
     _, _, tail = rest.partition(END)

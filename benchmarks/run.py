@@ -12,6 +12,11 @@
     python benchmarks/run.py deploy-sensitivity --bits 8 4 --threads 2   # the same network computed four ways
     python benchmarks/run.py save-size --bits 8 4 3   # --save file sizes against the float checkpoints
     python benchmarks/run.py families --threads 1   # every supported timm family, random init, W4/A4
+    python benchmarks/run.py data            # data loading: streamed vs model-only images/s, peak RSS (CLI)
+    python benchmarks/run.py calib-gains --threads 2 --models deit_tiny_patch16_224 stress   # GPTQ / auto post-Softmax
+    python benchmarks/run.py large-models --threads 2   # ViT-B/16, ViT-L/16 W4/A4 on the CPU: peak RSS, time
+    python benchmarks/run.py distributed --threads 1 --recon-calib-size 128 --recon-iters 20 --recon-batch-size 32
+                                             # 1 process vs torchrun 2 gloo processes (DeiT-Tiny W3/A3)
     python benchmarks/run.py render          # docs/RESULTS.md tables from the JSON files
 
 Protocol everywhere: 32 calibration images from CIFAR-10 train (seed 0), the strided 1000 CIFAR-10 test
@@ -31,11 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import TensorDataset
 
 from dopq.config import QuantConfig, ReconstructConfig, get_preset
-from dopq.data import load_batch
-from dopq.experiment import RunSettings, Workload, command_line, git_revision, load_workload, run_recipe
+from dopq.experiment import RunSettings, Workload, environment, load_workload, run_recipe
+from dopq.files import atomic_path
 from dopq.stress import rescale_layernorm_channels
 
 ROOT = Path(__file__).resolve().parent
@@ -58,11 +62,8 @@ def workload(args: argparse.Namespace, arch: str, progress: bool = False) -> Wor
         device=args.device,
         batch_size=args.batch_size,
     )
-    work = load_workload(settings)
-    # decode the evaluation images once for all recipes of this run
-    x, y = load_batch(work.eval_dataset, work.eval_indices)
-    work.eval_dataset, work.eval_indices = TensorDataset(x, y), list(range(len(y)))
-    return work
+    # the evaluation images stream through the workload's loader (default workers, kept for every recipe)
+    return load_workload(settings)
 
 
 def one(work: Workload, config: QuantConfig, label: str, **kw: Any) -> dict[str, Any]:
@@ -85,13 +86,11 @@ _RESULTS_DIR = [RESULTS]
 def save(name: str, payload: dict[str, Any]) -> None:
     out = _RESULTS_DIR[0]
     out.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "command": command_line(),
-        "threads": torch.get_num_threads(),
-        "git": git_revision(),
-        **payload,
-    }
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    # the GPU's name when this process used CUDA, else the CPU's
+    device = "cuda" if torch.cuda.is_available() and torch.cuda.is_initialized() else "cpu"
+    payload = {**environment(device), **payload}
+    with atomic_path(out / f"{name}.json") as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def ablation_recipes(bits: int) -> dict[str, QuantConfig]:
@@ -256,28 +255,20 @@ _SUITES_ELSEWHERE = {
     "deploy-sensitivity": "deploy",
     "save-size": "deploy",
     "families": "families",
+    "data": "data_bench",
+    "calib-gains": "calib_gains",
+    "calib-gains-timing": "calib_gains",
+    "large-models": "scale",
+    "distributed": "scale",
 }
+_OWN_SUITES = ("foundation", "ablation", "stress", "timing", "recon", "recon-unit")
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "suite",
-        choices=[
-            "foundation",
-            "ablation",
-            "softmax-error",
-            "tanq-grid",
-            "stress",
-            "timing",
-            "recon",
-            "recon-unit",
-            "deploy",
-            "deploy-sensitivity",
-            "save-size",
-            "families",
-            "render",
-        ],
+        choices=[*_OWN_SUITES, *_SUITES_ELSEWHERE, "render"],
     )
     p.add_argument("--shared", default=str(ROOT.parent.parent / "shared"))
     p.add_argument("--data-file", default="cifar10-jpeg.tar.gz", help="archive under <shared>/data")
@@ -298,6 +289,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recon-drop-prob", type=float, default=0.5, help="QDrop probability")
     p.add_argument("--recon-name", default="recon_cpu")
     p.add_argument("--results-dir", type=Path, help="where the JSON goes (default benchmarks/results)")
+    p.add_argument(
+        "--data-parts", nargs="+", choices=["throughput", "memory"], default=["throughput", "memory"]
+    )
+    p.add_argument("--data-tmp", type=Path, help="data: generated folders (default $TMPDIR/dopq-data-bench)")
     p.add_argument(
         "--integer-attention", action="store_true", help="deploy: also export attn @ v in integers"
     )

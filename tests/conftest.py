@@ -32,3 +32,36 @@ def _one_thread():
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def write_image_folder(
+    root: Path,
+    splits: tuple[str, ...] = ("train", "test"),
+    classes: tuple[str, ...] = ("a", "b"),
+    per_class: int = 4,
+    size: int = 40,
+    ext: str = "jpg",
+    seed: int = 0,
+) -> Path:
+    """A tiny ImageFolder tree of random RGB images, ``root/<split>/<class>/<i>.<ext>``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.{ext}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory: pytest.TempPathFactory):
+    """Factory of tiny ImageFolder trees (see :func:`write_image_folder`), each in its own temp folder."""
+
+    def make(name: str = "images", **kwargs) -> Path:
+        return write_image_folder(tmp_path_factory.mktemp(name), **kwargs)
+
+    return make

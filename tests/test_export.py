@@ -257,19 +257,8 @@ def _one_error(code: int, err: str, match: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("export-data")
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for cls in ("a", "b"):
-            (root / split / cls).mkdir(parents=True)
-            for i in range(3):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-                    root / split / cls / f"{i}.png"
-                )
-    return root
+def images(image_folder) -> Path:
+    return image_folder("export-data", per_class=3, size=32, ext="png")
 
 
 def _quantize(images: Path, *extra: str) -> list[str]:
@@ -351,3 +340,29 @@ def test_cli_export_and_evaluate_bad_files(tmp_path: Path, images: Path, capsys)
     _one_error(main(["evaluate", "--onnx", str(bad), "--data", str(images)]), capsys.readouterr().err,
                "onnxruntime cannot load")  # fmt: skip
     _one_error(main(["evaluate", "--data", str(images)]), capsys.readouterr().err, "needs --quantized")
+
+
+def test_modules_with_different_post_softmax_kinds_save_load_and_export(tmp_path: Path) -> None:
+    from dopq.models import softmax_kinds
+
+    model, x = _vit()
+    config = dopq.get_preset("dopq", w_bits=4, a_bits=4, softmax_quantizer="auto")
+    dopq.quantize(model, x, config, progress=False)
+    # every candidate is calibrated on each module: pick a different family in three of them
+    for block, choice in ((0, 0), (1, 1), (2, 2)):
+        model.blocks[block].attn.matmul_av.quantizer_a.choice.fill_(choice)
+    kinds = softmax_kinds(model)
+    assert {kinds["blocks.0.attn"], kinds["blocks.1.attn"], kinds["blocks.2.attn"]} == {
+        "tanq",
+        "log2",
+        "logsqrt2",
+    }
+    loaded, _, _ = load_quantized(save_quantized(model, tmp_path / "q.pt", config))
+    assert softmax_kinds(loaded) == kinds
+    with torch.no_grad():
+        simulated = model(x)
+        assert torch.equal(loaded(x), simulated)
+        deployed = to_deploy(model)(x)
+    assert torch.allclose(deployed, simulated, atol=1e-5 * float(simulated.abs().max()))
+    _, simulated, runtime = _ops_and_agreement(model, x, tmp_path / "m.onnx")
+    assert float((runtime - simulated).abs().max()) <= 0.05 * float(simulated.abs().max())

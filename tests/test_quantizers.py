@@ -8,6 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dopq.quantizers import (
     Log2Quantizer,
@@ -364,3 +366,148 @@ def test_non_finite_calibration_values_name_the_quantizer() -> None:
         match=r"blocks\.0\.attn\.proj\.weight_quantizer sees 1 NaN/Inf values in its weights",
     ):
         dopq.quantize(model, torch.randn(2, 3, 160, 160), dopq.get_preset("dopq"), progress=False)
+
+
+# --- per-module choice of the post-Softmax family ("auto") -----------------------------------------
+
+
+def _attention_and_values(sharpness: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    attn = torch.softmax(torch.randn(2, 3, 32, 32, generator=gen) * sharpness, -1)
+    return attn, torch.randn(2, 3, 32, 16, generator=gen)
+
+
+def _single_family_errors(attn: torch.Tensor, v: torch.Tensor, bits: int) -> dict[str, float]:
+    from dopq.quantizers import AUTO_CANDIDATES, build_quantizer
+    from dopq.quantizers.auto import output_error
+
+    errors = {}
+    for name in AUTO_CANDIDATES:
+        q = build_quantizer(name, bits)
+        q.observing = True
+        errors[name] = output_error(attn, q(attn, v), v)
+    return errors
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("sharpness", [1.0, 4.0, 12.0])
+def test_auto_softmax_is_never_worse_than_the_best_single_family(bits: int, sharpness: float) -> None:
+    from dopq.quantizers import AutoLevelQuantizer
+    from dopq.quantizers.auto import output_error
+
+    attn, v = _attention_and_values(sharpness, seed=int(sharpness) + bits)
+    q = AutoLevelQuantizer(bits)
+    q.observing = True
+    out = q(attn, v)
+    singles = _single_family_errors(attn, v, bits)
+    assert output_error(attn, out, v) == min(singles.values())
+    assert q.kind == min(singles, key=singles.get)
+    assert torch.equal(q.codes(attn), q.resolve().codes(attn))
+    assert torch.equal(q.lookup_table(), q.resolve().lookup_table())
+
+
+def test_auto_softmax_chooses_per_module_in_a_model_and_reports_the_kinds() -> None:
+    import timm
+
+    import dopq
+    from dopq.calibrate import calibrate
+    from dopq.models import prepare_model, softmax_kinds
+    from dopq.models.attention import QuantAttention
+    from dopq.quantizers.auto import output_error
+
+    model = timm.create_model("test_vit", num_classes=10).eval()
+    x = torch.randn(4, 3, 160, 160)
+    prepare_model(model, dopq.get_preset("dopq", w_bits=3, a_bits=3, softmax_quantizer="auto"))
+    calibrate(model, x)
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = [
+        m.matmul_av.register_forward_pre_hook(
+            lambda mod, a, n=n: seen.setdefault(n, (a[0], mod.quantizer_b(a[1])))
+        )
+        for n, m in model.named_modules()
+        if isinstance(m, QuantAttention)
+    ]
+    with torch.no_grad():  # the same inputs the observer pass calibrated on
+        model(x)
+    for h in hooks:
+        h.remove()
+    kinds = softmax_kinds(model)
+    assert set(kinds) == set(seen) and len(seen) == 6
+    for name, (attn, v) in seen.items():
+        chooser = model.get_submodule(name).matmul_av.quantizer_a
+        singles = _single_family_errors(attn, v, 3)
+        assert output_error(attn, chooser(attn), v) <= min(singles.values()) * (1 + 1e-6), name
+        assert kinds[name] == chooser.kind
+    _, report = dopq.quantize_with_report(
+        timm.create_model("test_vit", num_classes=10).eval(),
+        x,
+        dopq.get_preset("dopq", w_bits=3, a_bits=3, softmax_quantizer="auto"),
+        progress=False,
+    )
+    recorded = report.to_dict()["coverage"]["softmax_kinds"]
+    assert len(recorded) == 6 and set(recorded.values()) <= {"tanq", "log2", "logsqrt2"}
+    assert "post-Softmax" in report.coverage.summary()
+
+
+# --- property tests: random magnitudes, offsets and shapes (hypothesis) ----------------------------
+
+
+@st.composite
+def _activations(draw: st.DrawFn) -> torch.Tensor:
+    """Rows of values at a random magnitude (1e-30..1e30) and offset, some rows constant."""
+    rows, cols = draw(st.integers(1, 5)), draw(st.integers(1, 40))
+    exponent = draw(st.integers(-30, 30))
+    offset = draw(st.sampled_from([0.0, 1.0, -1.0, 0.5]))
+    seed = draw(st.integers(0, 2**16))
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) + offset
+    if draw(st.booleans()):
+        x[0] = x[0, 0]  # a constant row
+    return x * 10.0**exponent
+
+
+@settings(max_examples=60, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=_activations(), bits=st.integers(2, 8), per_channel=st.booleans())
+def test_uniform_quantizer_properties(x: torch.Tensor, bits: int, per_channel: bool) -> None:
+    """Whatever the input: finite parameters, integer zero points, codes in range and fake
+    quantization == dequantize(codes). Per tensor (the activations integer kernels see) the zero
+    point is a code and 0.0 is exact. Per channel, a row of one sign keeps its own range (widening
+    it to 0 would cost post-LayerNorm channels with large offsets their resolution), so there only
+    rows that span 0, and constant rows, must represent 0.0 exactly."""
+    from dopq.quantizers import PerChannel, PerTensor, UniformQuantizer
+
+    q = UniformQuantizer(bits, PerChannel(0) if per_channel else PerTensor())
+    q.observing = True
+    q(x)
+    q.observing = False
+    assert bool(torch.isfinite(q.scale).all()) and bool((q.scale > 0).all())
+    zp = q.zero_point
+    assert torch.equal(zp, zp.round())
+    spans_zero = (x.amin(1) <= 0) & (x.amax(1) >= 0) | (x.amin(1) == x.amax(1))
+    must_hold_zero = spans_zero if per_channel else torch.ones(1, dtype=torch.bool)
+    in_range = (zp >= 0) & (zp <= 2**bits - 1)
+    assert bool(in_range[must_hold_zero].all()), (zp, must_hold_zero)
+    zeros = q(torch.zeros_like(x))[must_hold_zero.expand(x.shape[0])]
+    assert zeros.numel() == 0 or float(zeros.abs().max()) == 0.0
+    codes = q.codes(x)
+    assert codes.min() >= 0 and codes.max() <= 2**bits - 1
+    assert torch.equal(q.dequantize(codes), q(x))
+
+
+@settings(max_examples=40, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bits=st.integers(2, 8), sharpness=st.floats(0.1, 30.0), seed=st.integers(0, 2**16),
+       name=st.sampled_from(["log2", "logsqrt2", "tanq"]))  # fmt: skip
+def test_post_softmax_quantizer_properties(bits: int, sharpness: float, seed: int, name: str) -> None:
+    """Any attention map: finite parameters, outputs among the quantizer's levels in [0, 1], 0 kept."""
+    from dopq.quantizers import build_quantizer
+
+    gen = torch.Generator().manual_seed(seed)
+    attn = torch.softmax(torch.randn(1, 2, 9, 9, generator=gen) * sharpness, dim=-1)
+    q = build_quantizer(name, bits, **({"objective": "mse"} if name == "tanq" else {}))
+    q.observing = True
+    q(attn)
+    q.observing = False
+    out = q(attn)
+    assert all(bool(torch.isfinite(b).all()) for b in q.buffers())
+    assert bool(torch.isfinite(out).all()) and float(out.min()) >= 0.0 and float(out.max()) <= 1.0 + 1e-6
+    assert float(q(torch.zeros_like(attn)).abs().max()) == 0.0
+    assert out.unique().numel() <= 2**bits + 1  # log-sqrt2 has one extra exact-zero level

@@ -16,7 +16,8 @@ from torch import nn
 from dopq.calibrate import calibrate, capture_inputs, correct_bias
 from dopq.config import QuantConfig, get_preset
 from dopq.errors import ConfigError
-from dopq.models import Coverage, QuantPlan, prepare_model
+from dopq.gptq import gptq_model
+from dopq.models import Coverage, QuantPlan, prepare_model, softmax_kinds
 from dopq.reparam import ReparamReport, reparameterize
 
 __all__ = ["QuantizationReport", "as_image_tensor", "quantize", "quantize_with_report"]
@@ -37,9 +38,9 @@ class QuantizationReport:
 
     @property
     def calib_seconds(self) -> float:
-        """Calibration + re-parameterization (with its weight re-calibration) + bias correction:
-        everything but data loading, reconstruction and evaluation."""
-        stages = ("calibration", "reparameterization", "bias_correction")
+        """Calibration + re-parameterization (with its weight re-calibration) + GPTQ + bias
+        correction: everything but data loading, reconstruction and evaluation."""
+        stages = ("calibration", "reparameterization", "gptq", "bias_correction")
         return sum(self.timings.get(stage, 0.0) for stage in stages)
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,9 +126,15 @@ def quantize_with_report(
             check_images=images[:4],
             captured=captured,
         )
+    if plan.coverage is not None:
+        plan.coverage.softmax_kinds = softmax_kinds(model)
+    float_weights = None
+    if config.weight_rounding == "gptq":
+        with _timed(timings, "gptq"):
+            float_weights = gptq_model(model, images, config.gptq_damp, config.gptq_act_order)
     if config.bias_correction:
         with _timed(timings, "bias_correction"):
-            correct_bias(model, images)
+            correct_bias(model, images, reference_weights=float_weights)
     if config.reconstruct is not None:
         from dopq.reconstruct import reconstruct
 

@@ -108,7 +108,10 @@ def calibrate(model: nn.Module, images: torch.Tensor) -> None:
 
 @torch.no_grad()
 def correct_bias(
-    model: nn.Module, images: torch.Tensor, max_images: int = BIAS_CORRECTION_IMAGES
+    model: nn.Module,
+    images: torch.Tensor,
+    max_images: int = BIAS_CORRECTION_IMAGES,
+    reference_weights: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Empirical bias correction (Nagel et al., 2019) of every quantized Linear, in forward order.
 
@@ -116,9 +119,11 @@ def correct_bias(
     channel, which shifts every later activation. In one pass over the first ``max_images`` of
     ``images`` each Linear measures that mean on its inputs in the quantized model, subtracts it
     from its bias and passes the corrected output on, so later layers are corrected for what they
-    will really see.
+    will really see. ``reference_weights`` gives the float weights of layers whose ``weight``
+    already holds its quantized value (GPTQ), by layer name: the error is measured against them.
     Returns the largest correction per layer.
     """
+    reference = reference_weights or {}
     corrections: dict[str, float] = {}
 
     def hook_for(name: str):
@@ -126,7 +131,8 @@ def correct_bias(
             if name in corrections:  # a module called twice in one forward is corrected once
                 return None
             x = args[0] if module.input_offset is None else args[0] + module.input_offset
-            mean_err = (out - F.linear(x, module.weight, module.bias)).reshape(-1, out.shape[-1]).mean(0)
+            weight = reference.get(name, module.weight)
+            mean_err = (out - F.linear(x, weight, module.bias)).reshape(-1, out.shape[-1]).mean(0)
             if module.bias is None:
                 module.bias = nn.Parameter(-mean_err)
             else:

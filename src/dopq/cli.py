@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from dopq import distributed
 from dopq.config import (
     LN_SCALE_RULES,
     LN_SHIFTS,
@@ -47,13 +49,27 @@ def _add_data_args(p: argparse.ArgumentParser, calib: bool = True) -> None:
     g.add_argument("--eval-split", help="default: val if present, else test")
     g.add_argument("--eval-subset", type=int, help="evaluate N evenly strided images")
     g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument(
+        "--workers",
+        type=int,
+        help="DataLoader worker processes (default: 1 per 8 CPUs on CPU, CPUs-1 up to 8 on CUDA; 0: none)",
+    )
+    g.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="leave out images that cannot be decoded (counted, named in the result) instead of stopping",
+    )
     g.add_argument("--mean", type=float, nargs=3)
     g.add_argument("--std", type=float, nargs=3)
     g.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"])
     g.add_argument("--crop-pct", type=float)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="CUDA: deterministic kernels only (slower; an op without one is an error). CPU runs repeat anyway",
+    )
     p.add_argument("--output", type=Path, help="write the result as JSON here (and .md beside it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -63,7 +79,11 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method", choices=list_presets(), default="dopq", help="preset recipe")
     g.add_argument("--w-bits", type=int, default=4)
     g.add_argument("--a-bits", type=int, default=4)
-    g.add_argument("--softmax-quantizer", choices=SOFTMAX_QUANTIZERS, help="override the preset's")
+    g.add_argument(
+        "--softmax-quantizer",
+        choices=[*SOFTMAX_QUANTIZERS, "auto"],
+        help="override the preset's; auto: per attention module the best of tanq, log2, logsqrt2",
+    )
     g.add_argument("--ln-scale", choices=LN_SCALE_RULES, help="override the preset's MOSF rule")
     g.add_argument("--integer-zero-point", choices=["on", "off"], help="override the preset's")
     g.add_argument("--bias-correction", choices=["on", "off"], help="override the preset's")
@@ -73,6 +93,13 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         help="where the post-LN re-parameterization's shift goes: bias (RepQ-ViT) or input (exact)",
     )
     g.add_argument("--tanq-objective", choices=["output", "mse"])
+    g.add_argument(
+        "--weight-rounding",
+        choices=["nearest", "gptq"],
+        help="weight rounding: nearest, or gptq (second-order error feedback from the calibration inputs)",
+    )
+    g.add_argument("--gptq-damp", type=float, help="GPTQ damping, fraction of the mean Hessian diagonal")
+    g.add_argument("--gptq-act-order", choices=["on", "off"], help="GPTQ: largest-input columns first")
     r = p.add_argument_group("reconstruction")
     r.add_argument("--reconstruct", action="store_true", help="block-wise reconstruction after calibration")
     r.add_argument("--recon-calib-size", type=int, default=1024)
@@ -151,8 +178,10 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
         "ln_scale": args.ln_scale,
         "ln_shift": args.ln_shift,
         "tanq_objective": args.tanq_objective,
+        "weight_rounding": args.weight_rounding,
+        "gptq_damp": args.gptq_damp,
     }
-    for switch in ("integer_zero_point", "bias_correction"):
+    for switch in ("integer_zero_point", "bias_correction", "gptq_act_order"):
         if getattr(args, switch):
             overrides[switch] = getattr(args, switch) == "on"
     if args.reconstruct:
@@ -182,7 +211,8 @@ def _settings_from(args: argparse.Namespace):
         seed=args.seed,
         eval_subset=getattr(args, "eval_subset", None),
         batch_size=getattr(args, "batch_size", 64),
-        workers=getattr(args, "workers", 0),
+        workers=getattr(args, "workers", None),
+        skip_bad_images=getattr(args, "skip_bad_images", False),
         device=args.device,
         **preprocess_overrides(args),
     )
@@ -223,6 +253,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         "quant_top1": result["quant_top1"],
         "allow_partial": args.allow_partial,
     }
+    if not distributed.current().is_main:  # one process writes, the others have the same model
+        return 0
     if args.save is not None:
         result["saved_to"] = str(save_quantized(model, args.save, config, meta))
     if args.export is not None:
@@ -296,12 +328,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=not args.quiet,
         overrides=preprocess_overrides(args),
+        skip_bad_images=args.skip_bad_images,
     )
     if args.onnx is not None:
         result = evaluate_onnx(args.onnx, args.data, quantized=args.quantized, threads=args.threads, **common)
     else:
         result = evaluate_saved(args.quantized, args.data, arch=args.model, device=args.device, **common)
-    _write_outputs(result, args.output)
+    if distributed.current().is_main:
+        _write_outputs(result, args.output)
     return 0
 
 
@@ -311,6 +345,31 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     for path in plot_from_args(args):
         print(f"wrote {path}")
     return 0
+
+
+def _join_process_group(args: argparse.Namespace, argv: list[str] | None) -> None:
+    """Under torchrun: join the group, check every process got the same arguments, and let only
+    process 0 print progress. Nothing happens in a plain one-process run."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or args.command not in ("quantize", "evaluate"):
+        return
+    if args.command == "evaluate" and args.onnx is not None:
+        raise ConfigError(
+            "dopq evaluate --onnx runs in one process (onnxruntime has its own threads); start it without torchrun"
+        )
+    distributed.exit_with_one_line_on_sigterm()  # before any thread of the process group starts
+    group = distributed.init_from_environment(args.device)
+    distributed.check_same("arguments", sys.argv[1:] if argv is None else list(argv))
+    if not group.is_main:
+        args.quiet = True
+
+
+def _use_deterministic_kernels() -> None:
+    """Process-wide switches for bit-repeatable CUDA runs (docs/design.md, Reproducibility)."""
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: set first
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,10 +384,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         _check_args(args)
+        _join_process_group(args, argv)
         if getattr(args, "threads", None):
             import torch
 
             torch.set_num_threads(args.threads)
+        if getattr(args, "deterministic", False):
+            _use_deterministic_kernels()
         return commands[args.command](args)
     except DopqError as exc:
         message = " ".join(str(exc).split())  # always one line
@@ -337,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dopq: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -1,11 +1,20 @@
 """Image data: preprocessing from model cards, ImageFolder splits from folders or tar archives, subsets.
 
 A data root holds one folder per split in torchvision's ImageFolder layout,
-``root/<split>/<class>/<image>``. The root may be a directory, a plain ``.tar`` (members are read
-lazily by offset) or a ``.tar.gz``/``.tgz`` (decompressed once when a split is opened; only that
-split's image bytes are kept in memory). An archive may wrap the splits in one top-level folder.
-Samples are ordered exactly as ``torchvision.datasets.ImageFolder`` orders them, so class indices
-and sample indices agree with torchvision.
+``root/<split>/<class>/<image>``. The root may be a directory, a plain ``.tar`` or a
+``.tar.gz``/``.tgz``; an archive may wrap the splits in one top-level folder. Samples are ordered
+exactly as ``torchvision.datasets.ImageFolder`` orders them, so class indices and sample indices agree
+with torchvision.
+
+Data streams: images are decoded one at a time when a loader asks for them. A plain ``.tar`` is read
+by member offset; a ``.tar.gz`` is decompressed once per process into a temporary plain tar (in
+``$TMPDIR``, removed at exit) and then read the same way. Each archive is indexed once per process
+(cached by path, modification time and size), however many splits and listings a run asks for.
+
+Bad images: an image file that cannot be decoded (zero bytes, not an image, truncated, corrupt) is an
+error naming the file, unless the dataset is opened with ``skip_bad_images=True``: then the loaders
+drop it and record it (:class:`SkippedImage`). Files without an image extension are ignored, as
+torchvision does. A class folder without images keeps its class index (a warning is logged).
 
 Example:
     >>> strided_indices(10_000, 4)
@@ -14,11 +23,16 @@ Example:
 
 from __future__ import annotations
 
+import atexit
+import gzip
 import io
 import json
 import logging
 import os
+import shutil
+import struct
 import tarfile
+import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,10 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 from timm.data import create_transform, resolve_data_config
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from tqdm.auto import tqdm
 
 from dopq.errors import DataError, DopqError
@@ -39,18 +53,24 @@ from dopq.errors import DataError, DopqError
 __all__ = [
     "IMG_EXTENSIONS",
     "ImageFolderDataset",
+    "ImageLoader",
+    "LoadedImages",
     "Preprocess",
+    "SkippedImage",
     "build_transform",
     "calibration_indices",
     "card_path_for",
+    "default_workers",
     "list_splits",
     "load_batch",
+    "load_images",
     "make_loader",
     "open_split",
     "preprocess_from_card",
     "preprocess_from_model",
     "resolve_eval_split",
     "single_line_errors",
+    "skipped_report",
     "strided_indices",
 ]
 
@@ -256,19 +276,49 @@ def _norm_member(name: str) -> str:
 
 @dataclass
 class _Listing:
-    """Regular files (name -> (offset, size) for .tar, bytes for .tar.gz) and directories of an archive."""
+    """An archive's index: its regular files (name -> (offset, size) in ``tar_path``), its folders and
+    the plain tar the members are read from (the archive itself, or its decompressed copy)."""
 
-    files: dict[str, Any]
+    files: dict[str, tuple[int, int]]
     dirs: set[str]
+    tar_path: Path
 
 
-def _scan_archive(path: Path, keep: Callable[[str], bool]) -> _Listing:
-    """List an archive once; for .tar.gz also read the bytes of the files ``keep`` accepts."""
-    gz = _archive_kind(path) == "gz"
-    files: dict[str, Any] = {}
+_INDEX_CACHE: dict[tuple[str, int, int], _Listing] = {}
+_TEMP_TARS: list[tuple[int, Path]] = []  # (creating process, decompressed copy), removed at exit
+
+
+def _remove_temp_tars() -> None:
+    for pid, path in _TEMP_TARS:
+        if pid == os.getpid():  # never from a forked DataLoader worker
+            path.unlink(missing_ok=True)
+
+
+atexit.register(_remove_temp_tars)
+
+
+def _decompress(path: Path) -> Path:
+    """Write the decompressed stream of a ``.tar.gz`` to a temporary plain tar (removed at exit)."""
+    fd, name = tempfile.mkstemp(prefix=f"dopq-{path.name.split('.')[0]}-", suffix=".tar")
+    tmp = Path(name)
+    _TEMP_TARS.append((os.getpid(), tmp))
+    try:
+        with gzip.open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    except (OSError, EOFError, zlib.error) as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None:  # disk full, permissions: not the archive
+            raise DataError(f"cannot decompress archive {path} into {tmp.parent}: {e.strerror or e}") from e
+        raise DataError(f"cannot read archive {path}: {e}") from e
+    return tmp
+
+
+def _scan_tar(path: Path, tar_path: Path) -> _Listing:
+    """Index a plain tar: member offsets and sizes, without reading member data."""
+    files: dict[str, tuple[int, int]] = {}
     dirs: set[str] = set()
     try:
-        with tarfile.open(path, "r|gz" if gz else "r:") as tar:
+        with tarfile.open(tar_path, "r:", encoding="utf-8") as tar:
             for member in tar:
                 name = _norm_member(member.name)
                 if not name:
@@ -276,18 +326,29 @@ def _scan_archive(path: Path, keep: Callable[[str], bool]) -> _Listing:
                 if member.isdir():
                     dirs.add(name)
                 elif member.isfile():
-                    if not gz:
-                        files[name] = (member.offset_data, member.size)
-                    elif keep(name):
-                        files[name] = tar.extractfile(member).read()
-                    else:
-                        files[name] = None
+                    files[name] = (member.offset_data, member.size)
     except _ARCHIVE_ERRORS as e:
         raise DataError(f"cannot read archive {path}: {e}") from e
     for name in files:
         parts = name.split("/")[:-1]
         dirs.update("/".join(parts[: i + 1]) for i in range(len(parts)))
-    return _Listing(files, dirs)
+    return _Listing(files, dirs, tar_path)
+
+
+def _archive_index(path: Path) -> _Listing:
+    """The archive's index, built once per process for each (path, modification time, size)."""
+    try:
+        stat = path.stat()
+    except OSError as e:
+        raise DataError(f"cannot read archive {path}: {e.strerror or e}") from e
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    listing = _INDEX_CACHE.get(key)
+    if listing is None:
+        start = time.perf_counter()
+        tar_path = _decompress(path) if _archive_kind(path) == "gz" else path
+        listing = _INDEX_CACHE[key] = _scan_tar(path, tar_path)
+        logger.info("indexed %s: %d files (%.2f s)", path, len(listing.files), time.perf_counter() - start)
+    return listing
 
 
 def _archive_prefix(listing: _Listing) -> str:
@@ -333,7 +394,7 @@ def list_splits(root: str | os.PathLike[str]) -> list[str]:
     path = _check_root(root)
     if path.is_dir():
         return _dir_splits(path)
-    return _archive_splits(_scan_archive(path, keep=lambda name: False))
+    return _archive_splits(_archive_index(path))
 
 
 def resolve_eval_split(root: str | os.PathLike[str], requested: str | None = None) -> str:
@@ -396,24 +457,65 @@ def _dir_split_files(split_dir: Path) -> tuple[list[str], list[str]]:
 # --------------------------------------------------------------------------------------------------
 
 
+# What PIL raises on a malformed file (its fuzzing harness allows these): all mean "bad image".
+_DECODE_ERRORS = (
+    OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error,
+    Image.DecompressionBombError,
+)  # fmt: skip
+
+
+@contextmanager
+def _strict_truncation() -> Iterator[None]:
+    """Make a truncated file an error even where another library switched PIL's process-wide
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` on (which pads the missing part with gray)."""
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    """An image left out because it could not be decoded (``skip_bad_images=True``).
+
+    Args:
+        index: the sample's index in its dataset.
+        path: the file path, or ``member in archive`` for archives.
+        error: why it could not be decoded.
+    """
+
+    index: int
+    path: str
+    error: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the fields as a JSON-ready dict."""
+        return asdict(self)
+
+
 class ImageFolderDataset(Dataset):
     """One ImageFolder split read from a directory, a ``.tar`` or a ``.tar.gz``/``.tgz``.
 
-    Samples, classes and targets match ``torchvision.datasets.ImageFolder(root/split)``. Images are
-    decoded with PIL and converted to RGB (grayscale, palette, CMYK and RGBA alike). Plain tar members
-    are read by offset through a file handle opened lazily in each process; gzip archives are
-    decompressed once here and the split's image bytes are kept in memory.
+    Samples, classes and targets match ``torchvision.datasets.ImageFolder(root/split, allow_empty=True)``.
+    Images are decoded with PIL when asked for and converted to RGB (grayscale, palette, CMYK and RGBA
+    alike). Archive members are read by offset through a file handle opened lazily in each process
+    (a ``.tar.gz`` through its decompressed temporary copy), so no image bytes are held in memory.
 
     Args:
         root: a directory, ``.tar``, ``.tar.gz`` or ``.tgz`` holding ``<split>/<class>/<image>``.
         split: the split folder, e.g. ``"test"``.
         transform: maps an RGB PIL image to a tensor; None returns the PIL image.
+        skip_bad_images: return a :class:`SkippedImage` for an image that cannot be decoded (the
+            loaders of this module drop and record it) instead of raising.
 
     Attributes:
         classes: sorted class folder names; a class's label is its position.
         samples: ``(path, label)`` pairs; the path is a file path for directories and a member name
             for archives.
         targets: the labels of ``samples``.
+        empty_classes: class folders of the split without any image file (they keep their label).
 
     Raises:
         DataError: missing or unsupported path, unreadable archive, missing split, split without images.
@@ -424,15 +526,17 @@ class ImageFolderDataset(Dataset):
         root: str | os.PathLike[str],
         split: str,
         transform: Callable[[Image.Image], Any] | None = None,
+        skip_bad_images: bool = False,
     ) -> None:
         start = time.perf_counter()
         self.root = _check_root(root)
         self.split = split
         self.transform = transform
-        self._kind = "dir" if self.root.is_dir() else _archive_kind(self.root)
-        self._data: list[Any] = []
+        self.skip_bad_images = skip_bad_images
+        self._tar_path: Path | None = None
+        self._data: list[tuple[int, int]] = []
         self._handle: tuple[int, Any] | None = None
-        if self._kind == "dir":
+        if self.root.is_dir():
             self._init_from_dir()
         else:
             self._init_from_archive()
@@ -442,7 +546,14 @@ class ImageFolderDataset(Dataset):
                 f"(expected {split}/<class>/<image> with extension {', '.join(IMG_EXTENSIONS)})"
             )
         self.targets = [label for _, label in self.samples]
-        self._warn_empty_classes()
+        self.empty_classes = sorted(set(self.classes) - {self.classes[t] for t in self.targets})
+        if self.empty_classes:
+            logger.warning(
+                "split %r of %s: no images for classes %s (their labels are kept)",
+                split,
+                self.root,
+                self.empty_classes,
+            )
         logger.info("opened %s (%.2f s)", self, time.perf_counter() - start)
 
     def _missing_split(self, splits: Sequence[str]) -> DataError:
@@ -459,21 +570,16 @@ class ImageFolderDataset(Dataset):
         self.samples = [(os.path.join(split_dir, rel), label) for rel, label in rel_samples]
 
     def _init_from_archive(self) -> None:
-        split = self.split
-        listing = _scan_archive(self.root, keep=lambda name: split in name.split("/")[:2])
+        listing = _archive_index(self.root)
         splits = _archive_splits(listing)
-        if split not in splits:
+        if self.split not in splits:
             raise self._missing_split(splits)
-        prefix = _archive_prefix(listing) + split + "/"
+        prefix = _archive_prefix(listing) + self.split + "/"
         members = {n[len(prefix) :]: v for n, v in listing.files.items() if n.startswith(prefix)}
         self.classes, rel_samples = _order_samples(_subdirs(listing.dirs, prefix), members)
         self.samples = [(prefix + rel, label) for rel, label in rel_samples]
         self._data = [members[rel] for rel, _ in rel_samples]
-
-    def _warn_empty_classes(self) -> None:
-        empty = set(self.classes) - {self.classes[t] for t in self.targets}
-        if empty:
-            logger.warning("split %r of %s: no images for classes %s", self.split, self.root, sorted(empty))
+        self._tar_path = listing.tar_path
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -493,7 +599,7 @@ class ImageFolderDataset(Dataset):
         self.close()
 
     def close(self) -> None:
-        """Close this process's handle on a plain tar archive (reopened on the next read)."""
+        """Close this process's handle on the archive (reopened on the next read)."""
         handle = getattr(self, "_handle", None)
         if handle is not None and handle[0] == os.getpid():
             handle[1].close()
@@ -502,35 +608,41 @@ class ImageFolderDataset(Dataset):
     def _tar_file(self) -> Any:
         # A handle inherited through fork shares its file offset with the parent: reopen per process.
         if self._handle is None or self._handle[0] != os.getpid():
-            self._handle = (os.getpid(), open(self.root, "rb"))  # noqa: SIM115 - closed by close()
+            self._handle = (os.getpid(), open(self._tar_path, "rb"))  # noqa: SIM115 - closed by close()
         return self._handle[1]
 
     def _source(self, index: int) -> str | io.BytesIO:
-        if self._kind == "dir":
+        if self._tar_path is None:
             return self.samples[index][0]
-        if self._kind == "gz":
-            return io.BytesIO(self._data[index])
         offset, size = self._data[index]
         tar = self._tar_file()
         tar.seek(offset)
         return io.BytesIO(tar.read(size))
 
+    def describe(self, index: int) -> str:
+        """Where sample ``index`` comes from: its file path, or ``member in archive``."""
+        name = self.samples[index][0]
+        return name if self._tar_path is None else f"{name} in {self.root}"
+
     def load_image(self, index: int) -> Image.Image:
-        """Decode sample ``index`` as an RGB PIL image.
+        """Decode sample ``index`` as an RGB PIL image; a truncated file is an error.
 
         Raises:
             DataError: the image cannot be read or decoded (the message names the file).
         """
-        name = self.samples[index][0]
         try:
-            with Image.open(self._source(index)) as img:
+            with _strict_truncation(), Image.open(self._source(index)) as img:
                 return img.convert("RGB")
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            where = name if self._kind == "dir" else f"{name} in {self.root}"
-            raise DataError(f"cannot decode image {where}: {e}") from e
+        except _DECODE_ERRORS as e:
+            raise DataError(f"cannot decode image {self.describe(index)}: {e}") from e
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        img = self.load_image(index)
+    def __getitem__(self, index: int) -> tuple[Any, int] | SkippedImage:
+        try:
+            img = self.load_image(index)
+        except DataError as e:
+            if not self.skip_bad_images:
+                raise
+            return SkippedImage(index, self.describe(index), str(e.__cause__ or e))
         if self.transform is not None:
             img = self.transform(img)
         return img, self.targets[index]
@@ -540,6 +652,7 @@ def open_split(
     root: str | os.PathLike[str],
     split: str,
     transform: Callable[[Image.Image], Any] | None = None,
+    skip_bad_images: bool = False,
 ) -> ImageFolderDataset:
     """Open one split of a data root; see :class:`ImageFolderDataset`.
 
@@ -547,6 +660,7 @@ def open_split(
         root: a directory, ``.tar``, ``.tar.gz`` or ``.tgz`` holding ``<split>/<class>/<image>``.
         split: the split folder, e.g. ``"test"``.
         transform: maps an RGB PIL image to a tensor (see :func:`build_transform`).
+        skip_bad_images: leave out (and record) images that cannot be decoded instead of raising.
 
     Returns:
         The dataset.
@@ -554,7 +668,7 @@ def open_split(
     Raises:
         DataError: missing or unsupported path, unreadable archive, missing split, split without images.
     """
-    return ImageFolderDataset(root, split, transform)
+    return ImageFolderDataset(root, split, transform, skip_bad_images)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -630,24 +744,94 @@ def single_line_errors() -> Iterator[None]:
         raise type(e)(lines[-1].removeprefix(prefix)) from None
 
 
+def default_workers(device: str | torch.device = "cpu") -> int:
+    """A loader worker count that hides decoding behind the model without starving it of cores.
+
+    On CPU the model's threads need the cores and decoding a small image costs a few percent of a
+    ViT forward pass, so one worker per 8 CPUs (at least 1); on CUDA the GPU waits for the data, so
+    one worker per CPU but one, at most 8.
+
+    Args:
+        device: where the model runs.
+
+    Returns:
+        The number of worker processes.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    if str(device).startswith("cuda"):
+        return min(8, max(1, cpus - 1))
+    return max(1, cpus // 8)
+
+
+def _collate(items: list[Any]) -> tuple[Any, Any, list[SkippedImage]]:
+    """Batch the decoded samples and set the skipped ones apart: ``(images, labels, skipped)``;
+    images and labels are None when every sample of the batch was skipped."""
+    skipped = [item for item in items if isinstance(item, SkippedImage)]
+    kept = [item for item in items if not isinstance(item, SkippedImage)]
+    if not kept:
+        return None, None, skipped
+    images, labels = default_collate(kept)
+    return images, labels, skipped
+
+
+class ImageLoader(DataLoader):
+    """An unshuffled DataLoader of ``(images, labels)`` batches that drops the samples its dataset
+    could not decode (a :class:`SkippedImage`, from ``skip_bad_images=True``).
+
+    Attributes:
+        skipped: the images dropped during the latest pass, in loader order.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, collate_fn=_collate, **kwargs)
+        self.skipped: list[SkippedImage] = []
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        self.skipped = []
+        batches = super().__iter__()
+        try:
+            for images, labels, skipped in batches:
+                self.skipped.extend(skipped)
+                if labels is not None:
+                    yield images, labels
+        except BaseException:
+            self._stop_workers(batches)
+            raise
+
+    def _stop_workers(self, batches: Any) -> None:
+        """Stop the workers of a pass that failed (e.g. an unreadable image), now: left to the garbage
+        collector, torch's iterator shuts them down seconds later, at an arbitrary point."""
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+            if getattr(self, "_iterator", None) is batches:  # a persistent iterator: rebuild next pass
+                self._iterator = None
+
+
 def make_loader(
     dataset: Dataset,
     indices: Sequence[int] | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
     pin_memory: bool = False,
-) -> DataLoader:
-    """Build an unshuffled DataLoader over ``dataset[indices]``.
+    persistent_workers: bool = False,
+) -> ImageLoader:
+    """Build an unshuffled loader over ``dataset[indices]`` that streams the images.
 
     Args:
-        dataset: a map-style dataset returning ``(image, label)``.
+        dataset: a map-style dataset returning ``(image, label)`` (or a :class:`SkippedImage`).
         indices: sample indices in order, or None for all samples.
         batch_size: images per batch.
-        num_workers: loader worker processes (0 loads in this process).
+        num_workers: loader worker processes (0 loads in this process; see :func:`default_workers`).
         pin_memory: pin batches for faster host-to-GPU copies.
+        persistent_workers: keep the workers between passes (e.g. FP and quantized evaluation).
 
     Returns:
-        The loader; its ``dataset`` is a ``Subset``.
+        The loader; its ``dataset`` is a ``Subset`` and its ``skipped`` lists what the latest pass
+        left out.
 
     Raises:
         DataError: an index is out of range.
@@ -657,34 +841,51 @@ def make_loader(
     bad = [i for i in indices if not 0 <= i < n]
     if bad:
         raise DataError(f"sample index {bad[0]} out of range for {dataset} ({n} images)")
-    return DataLoader(
+    return ImageLoader(
         Subset(dataset, indices),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
         pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
     )
 
 
-def load_batch(
+@dataclass
+class LoadedImages:
+    """Images decoded into one tensor, e.g. a calibration set.
+
+    Args:
+        images: ``(N, C, H, W)`` images.
+        labels: ``(N,)`` int64 labels.
+        skipped: images left out because they could not be decoded (``skip_bad_images=True``).
+    """
+
+    images: Tensor
+    labels: Tensor
+    skipped: list[SkippedImage]
+
+
+def load_images(
     dataset: Dataset,
     indices: Sequence[int],
     num_workers: int = 0,
     progress: bool = False,
-) -> tuple[Tensor, Tensor]:
-    """Load ``dataset[indices]`` into one image tensor and one label tensor (e.g. a calibration set).
+) -> LoadedImages:
+    """Load ``dataset[indices]`` into one image tensor and one label tensor, recording skipped images.
 
     Args:
-        dataset: a map-style dataset returning ``(image tensor, label)``.
+        dataset: a map-style dataset returning ``(image tensor, label)`` (or a :class:`SkippedImage`).
         indices: sample indices in order.
         num_workers: loader worker processes.
         progress: show a tqdm bar.
 
     Returns:
-        ``(images, labels)`` of shapes ``(N, C, H, W)`` and ``(N,)`` (int64).
+        The images that could be decoded, in order, and the skipped ones.
 
     Raises:
-        DataError: no indices, an index out of range, or an unreadable image.
+        DataError: no indices, an index out of range, an unreadable image (without
+            ``skip_bad_images``), or no image left after skipping.
     """
     if len(indices) == 0:
         raise DataError("cannot load an empty set of images; ask for at least one")
@@ -695,4 +896,45 @@ def load_batch(
             images.append(x)
             labels.append(torch.as_tensor(y, dtype=torch.int64))
             bar.update(len(x))
-    return torch.cat(images), torch.cat(labels)
+    if not images:
+        first = loader.skipped[0]
+        raise DataError(
+            f"none of the {len(indices)} images could be decoded; the first: {first.path}: {first.error}"
+        )
+    return LoadedImages(torch.cat(images), torch.cat(labels), loader.skipped)
+
+
+def load_batch(
+    dataset: Dataset,
+    indices: Sequence[int],
+    num_workers: int = 0,
+    progress: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Load ``dataset[indices]`` into one image tensor and one label tensor (e.g. a calibration set).
+
+    See :func:`load_images`, which also returns the images a ``skip_bad_images`` dataset left out.
+
+    Returns:
+        ``(images, labels)`` of shapes ``(N, C, H, W)`` and ``(N,)`` (int64).
+
+    Raises:
+        DataError: no indices, an index out of range, or an unreadable image.
+    """
+    loaded = load_images(dataset, indices, num_workers, progress)
+    return loaded.images, loaded.labels
+
+
+def skipped_report(skipped: Sequence[SkippedImage], what: str) -> dict[str, Any]:
+    """Log one warning line about skipped images and return them for a result file.
+
+    Args:
+        skipped: the images left out.
+        what: which set they were left out of, e.g. ``"evaluation split 'test'"``.
+
+    Returns:
+        ``{"count": n, "images": [{"index", "path", "error"}, ...]}``.
+    """
+    if skipped:
+        names = ", ".join(s.path for s in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        logger.warning("skipped %d unreadable image(s) of the %s: %s", len(skipped), what, names)
+    return {"count": len(skipped), "images": [s.to_dict() for s in skipped]}

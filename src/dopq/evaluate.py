@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from dopq.data import single_line_errors
 from dopq.errors import DataError
 
-__all__ = ["Agreement", "EvalResult", "accuracy_counts", "compare", "evaluate"]
+__all__ = ["Agreement", "EvalResult", "accuracy_counts", "compare", "evaluate", "merge_results"]
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +139,24 @@ def evaluate(
         result.images_per_second,
     )
     return result
+
+
+def merge_results(parts: Sequence[EvalResult]) -> EvalResult:
+    """One result from the results of consecutive shards of an evaluation set (e.g. one per process).
+
+    Counts are summed, so the accuracies equal those of one pass over all images exactly; the
+    per-image record is concatenated in shard order; the time is the slowest shard's (the shards
+    ran side by side).
+    """
+    images = sum(p.images for p in parts)
+    if images == 0:
+        raise DataError("evaluation got no images; check the split and subset size")
+    correct1 = sum(round(p.top1 * p.images) for p in parts)  # exact: the fractions are count / images
+    correct5 = sum(round(p.top5 * p.images) for p in parts)
+    seconds = max(p.seconds for p in parts)
+    return EvalResult(
+        correct1 / images, correct5 / images, images, seconds, "".join(p.top1_correct for p in parts)
+    )
 
 
 @dataclass

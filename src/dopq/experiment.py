@@ -23,24 +23,29 @@ import torch
 from torch import nn
 
 import dopq
+from dopq import distributed
 from dopq.api import quantize_with_report
 from dopq.config import QuantConfig
 from dopq.data import (
+    ImageLoader,
     Preprocess,
+    SkippedImage,
     build_transform,
     calibration_indices,
     card_path_for,
-    load_batch,
+    default_workers,
+    load_images,
     make_loader,
     open_split,
     preprocess_from_card,
     preprocess_from_model,
     resolve_eval_split,
     single_line_errors,
+    skipped_report,
     strided_indices,
 )
 from dopq.errors import ConfigError
-from dopq.evaluate import EvalResult, evaluate
+from dopq.evaluate import EvalResult, evaluate, merge_results
 from dopq.models import build_model, get_adapter
 
 __all__ = [
@@ -58,7 +63,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunSettings:
-    """Everything about a run that is not the recipe: model source, data, subsets, device."""
+    """Everything about a run that is not the recipe: model source, data, subsets, device.
+
+    ``workers=None`` picks :func:`dopq.data.default_workers` for the device (the resolved number is
+    what the result records); ``skip_bad_images`` leaves out undecodable images and reports them.
+    """
 
     model: str
     data: str
@@ -71,13 +80,18 @@ class RunSettings:
     seed: int = 0
     eval_subset: int | None = None
     batch_size: int = 64
-    workers: int = 0
+    workers: int | None = None
     device: str = "cpu"
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     interpolation: str | None = None
     crop_pct: float | None = None
     fp_eval: bool = True
+    skip_bad_images: bool = False
+
+    def __post_init__(self) -> None:
+        if self.workers is None:
+            self.workers = default_workers(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,12 +156,53 @@ class Workload:
     calib_dataset: Any
     timings: dict[str, float] = field(default_factory=dict)
     fp_result: EvalResult | None = None
+    skipped: dict[str, list[SkippedImage]] = field(default_factory=dict)
+    _loader: tuple[Any, ImageLoader] | None = field(default=None, repr=False)
 
     def recon_images(self, n: int) -> torch.Tensor:
         """The first ``n`` images of the seeded permutation (the calibration set is its prefix)."""
         idx = calibration_indices(len(self.calib_dataset), n, self.settings.seed)
         with single_line_errors():
-            return load_batch(self.calib_dataset, idx, num_workers=self.settings.workers)[0]
+            loaded = load_images(self.calib_dataset, idx, num_workers=self.settings.workers)
+        self.skipped["reconstruction"] = loaded.skipped
+        return loaded.images
+
+    def eval_loader(self) -> ImageLoader:
+        """The evaluation loader, built once (its workers persist across the FP and quantized passes)."""
+        key = (self.eval_dataset, self.eval_indices)
+        if self._loader is None or any(a is not b for a, b in zip(self._loader[0], key, strict=True)):
+            s = self.settings
+            loader = make_loader(
+                self.eval_dataset,
+                distributed.shard(self.eval_indices),  # all of them in one process
+                s.batch_size,
+                s.workers,
+                pin_memory=resolve_device(s.device).type == "cuda",
+                persistent_workers=True,
+            )
+            self._loader = (key, loader)
+        return self._loader[1]
+
+    def data_report(self) -> dict[str, Any]:
+        """What the run read: the evaluation split, images asked for, what was skipped, empty classes."""
+        s = self.settings
+        return _data_report(
+            self.eval_dataset, len(self.eval_indices), s.workers, s.skip_bad_images, self.skipped
+        )
+
+
+def _data_report(
+    dataset: Any, requested: int, workers: int, skip: bool, skipped: dict[str, list[SkippedImage]]
+) -> dict[str, Any]:
+    """The result's ``data`` entry; logs one warning line per set with skipped images."""
+    return {
+        "eval_split": getattr(dataset, "split", None),
+        "eval_images_requested": requested,
+        "workers": workers,
+        "skip_bad_images": skip,
+        "skipped": {what: skipped_report(items, f"{what} set") for what, items in skipped.items()},
+        "empty_classes": getattr(dataset, "empty_classes", []),
+    }
 
 
 def load_workload(settings: RunSettings) -> Workload:
@@ -158,21 +213,38 @@ def load_workload(settings: RunSettings) -> Workload:
     get_adapter(model)  # refuse unsupported families before touching the data
     pre = _preprocess(settings, model)
     transform = build_transform(pre)
-    calib_ds = open_split(settings.data, settings.calib_split, transform)
-    eval_ds = open_split(settings.data, resolve_eval_split(settings.data, settings.eval_split), transform)
+    skip = settings.skip_bad_images
+    calib_ds = open_split(settings.data, settings.calib_split, transform, skip)
+    eval_split = resolve_eval_split(settings.data, settings.eval_split)
+    eval_ds = open_split(settings.data, eval_split, transform, skip)
+    eval_idx = strided_indices(len(eval_ds), settings.eval_subset)
+    distributed.shard(eval_idx)  # more processes than images: say so before any work
     idx = calibration_indices(len(calib_ds), settings.calib_size, settings.seed)
     with single_line_errors():
-        calib = load_batch(calib_ds, idx, num_workers=settings.workers)[0]
-    eval_idx = strided_indices(len(eval_ds), settings.eval_subset)
+        calib = load_images(calib_ds, idx, num_workers=settings.workers)
     timings = {"load": time.perf_counter() - t0}
-    return Workload(settings, model, pre, calib, eval_ds, eval_idx, calib_ds, timings)
+    work = Workload(settings, model, pre, calib.images, eval_ds, eval_idx, calib_ds, timings)
+    work.skipped["calibration"] = calib.skipped
+    return work
+
+
+def _across_processes(
+    result: EvalResult, skipped: list[SkippedImage]
+) -> tuple[EvalResult, list[SkippedImage]]:
+    """The whole evaluation set's result from every process's shard (unchanged in one process)."""
+    parts = distributed.all_gather_objects((result, skipped))
+    if len(parts) == 1:
+        return result, skipped
+    return merge_results([r for r, _ in parts]), [item for _, items in parts for item in items]
 
 
 def _evaluate(work: Workload, model: nn.Module, desc: str, progress: bool) -> EvalResult:
     s = work.settings
-    loader = make_loader(work.eval_dataset, work.eval_indices, s.batch_size, s.workers)
+    loader = work.eval_loader()
     with single_line_errors():
-        return evaluate(model, loader, device=s.device, progress=progress, desc=desc)
+        result = evaluate(model, loader, device=s.device, progress=progress, desc=desc)
+    result, work.skipped["evaluation"] = _across_processes(result, loader.skipped)
+    return result
 
 
 def fp_baseline(work: Workload, progress: bool = True) -> EvalResult:
@@ -219,17 +291,40 @@ def _versions() -> dict[str, str | None]:
     }
 
 
+def device_name(device: str | torch.device) -> str:
+    """A readable name of the device a run used: the GPU's name, or the CPU's."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return _cpu_name()
+
+
+def _cpu_name() -> str:
+    try:  # platform.processor() is often empty or just "x86_64" on Linux
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """What produced a result: the command, library versions, git commit, device and thread count."""
+    return {
+        "command": command_line(),
+        "versions": _versions(),
+        "git": git_revision(),
+        "device_name": device_name(device),
+        "threads": torch.get_num_threads(),
+    }
+
+
 def _provenance(work: Workload) -> dict[str, Any]:
     s = work.settings
     return {
-        "command": command_line(),
         "checkpoint_sha256": _sha256(s.checkpoint) if s.checkpoint else None,
-        "versions": _versions(),
-        "git": git_revision(),
-        "device_name": torch.cuda.get_device_name()
-        if s.device.startswith("cuda")
-        else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
+        **environment(s.device),
     }
 
 
@@ -260,6 +355,7 @@ def run_recipe(
         progress=progress,
         allow_partial=allow_partial,
     )
+    distributed.broadcast_module(model)  # bit-identical on every process (a no-op in one)
     quant = _evaluate(work, model, f"{method} W{config.w_bits}A{config.a_bits}", progress)
     result = {
         "model": s.model,
@@ -282,17 +378,44 @@ def run_recipe(
         "coverage": report.coverage.to_dict() if report.coverage else None,
         "coverage_summary": report.coverage.summary() if report.coverage else None,
         "config": {"recipe": config.to_dict(), "run": s.to_dict(), "preprocess": work.preprocess.to_dict()},
+        "data": work.data_report(),
+        "distributed": distributed.current().to_dict(),
         **_provenance(work),
     }
     return result, model
 
 
 def _eval_loader(
-    data: str, split: str | None, subset: int | None, pre: Preprocess, batch_size: int, workers: int
-) -> Any:
-    """The strided evaluation subset of ``data``'s evaluation split, preprocessed by ``pre``."""
-    dataset = open_split(data, resolve_eval_split(data, split), build_transform(pre))
-    return make_loader(dataset, strided_indices(len(dataset), subset), batch_size, workers)
+    data: str,
+    split: str | None,
+    subset: int | None,
+    pre: Preprocess,
+    batch_size: int,
+    workers: int | None,
+    skip_bad_images: bool = False,
+    device: str = "cpu",
+) -> ImageLoader:
+    """The strided evaluation subset of ``data``'s evaluation split, preprocessed by ``pre``
+    (``workers=None``: :func:`dopq.data.default_workers`)."""
+    dataset = open_split(data, resolve_eval_split(data, split), build_transform(pre), skip_bad_images)
+    workers = default_workers(device) if workers is None else workers
+    indices = distributed.shard(strided_indices(len(dataset), subset))
+    cuda = torch.device(device).type == "cuda"
+    return make_loader(dataset, indices, batch_size, workers, pin_memory=cuda, persistent_workers=True)
+
+
+def _loader_data_report(
+    loader: ImageLoader,
+    skip_bad_images: bool,
+    skipped: list[SkippedImage] | None = None,
+    requested: int | None = None,
+) -> dict[str, Any]:
+    """``data`` entry of an evaluation through ``loader``; ``skipped`` and ``requested`` are the
+    whole run's when several processes shared the images."""
+    dataset = loader.dataset.dataset  # the split under the strided Subset
+    skipped_sets = {"evaluation": loader.skipped if skipped is None else skipped}
+    requested = len(loader.dataset) if requested is None else requested
+    return _data_report(dataset, requested, loader.num_workers, skip_bad_images, skipped_sets)
 
 
 def evaluate_saved(
@@ -302,21 +425,25 @@ def evaluate_saved(
     eval_split: str | None = None,
     eval_subset: int | None = None,
     batch_size: int = 64,
-    workers: int = 0,
+    workers: int | None = None,
     device: str = "cpu",
     progress: bool = True,
     overrides: dict[str, Any] | None = None,
+    skip_bad_images: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a model saved by ``dopq quantize --save`` with its recorded preprocessing
-    (``overrides`` replaces fields of it, e.g. ``{"crop_pct": 1.0}``)."""
+    (``overrides`` replaces fields of it, e.g. ``{"crop_pct": 1.0}``; ``workers=None`` picks
+    :func:`dopq.data.default_workers`; ``skip_bad_images`` leaves out undecodable images and reports
+    them under ``data``)."""
     from dopq.serialize import load_quantized
 
     resolve_device(device)
     model, config, meta = load_quantized(path, arch=arch, device=device)
     pre = replace(Preprocess(**meta["preprocess"]), **(overrides or {}))
-    loader = _eval_loader(data, eval_split, eval_subset, pre, batch_size, workers)
+    loader = _eval_loader(data, eval_split, eval_subset, pre, batch_size, workers, skip_bad_images, device)
     with single_line_errors():
         res = evaluate(model, loader, device=device, progress=progress, desc="saved")
+    res, skipped = _across_processes(res, loader.skipped)
     return {
         "model": model.pretrained_cfg.get("architecture"),
         "method": "saved",
@@ -331,6 +458,8 @@ def evaluate_saved(
         "quantized_path": str(path),
         "recorded_quant_top1": meta.get("quant_top1"),
         "config": {"recipe": config.to_dict(), "preprocess": pre.to_dict()},
+        "data": _loader_data_report(loader, skip_bad_images, skipped, res.images + len(skipped)),
+        "distributed": distributed.current().to_dict(),
         "command": command_line(),
     }
 
@@ -352,10 +481,11 @@ def evaluate_onnx(
     eval_split: str | None = None,
     eval_subset: int | None = None,
     batch_size: int = 64,
-    workers: int = 0,
+    workers: int | None = None,
     threads: int | None = None,
     progress: bool = True,
     overrides: dict[str, Any] | None = None,
+    skip_bad_images: bool = False,
 ) -> dict[str, Any]:
     """Evaluate an exported ONNX model with onnxruntime (CPU) under the usual protocol.
 
@@ -368,7 +498,7 @@ def evaluate_onnx(
     onnx_model = OnnxModel(path, threads=threads)
     meta = onnx_model.metadata()
     pre = _onnx_preprocess(meta, overrides)
-    loader = _eval_loader(data, eval_split, eval_subset, pre, batch_size, workers)
+    loader = _eval_loader(data, eval_split, eval_subset, pre, batch_size, workers, skip_bad_images)
     with single_line_errors():
         res = evaluate(onnx_model, loader, progress=progress, desc="onnxruntime")
     recipe = meta.get("recipe") or {}
@@ -398,4 +528,5 @@ def evaluate_onnx(
         model, _, _ = load_quantized(quantized)
         agreement = compare(model, onnx_model, loader, progress=progress, desc="simulation vs onnxruntime")
         result["comparison"] = {"quantized_path": str(quantized), **agreement.to_dict()}
+    result["data"] = _loader_data_report(loader, skip_bad_images)
     return result

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from dopq.errors import ConfigError, DopqError
 
-__all__ = ["atomic_path", "check_output_path"]
+__all__ = ["atomic_path", "check_output_path", "remove_pending"]
+
+_PENDING: set[Path] = set()  # temporaries of the atomic writes in progress
 
 
 def check_output_path(path: str | Path, flag: str, error: type[DopqError] = ConfigError) -> None:
@@ -37,8 +39,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _PENDING.add(tmp)
     try:
         yield tmp
         tmp.replace(path)
     finally:
+        _PENDING.discard(tmp)
+        tmp.unlink(missing_ok=True)
+
+
+def remove_pending() -> None:
+    """Delete the temporaries of writes in progress: for a process that must exit at once
+    (``os._exit`` skips the ``finally`` clauses that would)."""
+    for tmp in list(_PENDING):
         tmp.unlink(missing_ok=True)

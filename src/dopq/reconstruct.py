@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dopq import distributed
 from dopq.config import QuantConfig, ReconstructConfig
 from dopq.models import QuantPlan
 from dopq.modules import QuantConv2d, QuantLinear
@@ -216,8 +217,10 @@ def reconstruct_unit(
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=0.0)
             warmup = int(WARMUP_FRACTION * iters)
             bar = tqdm(range(iters), desc=desc, disable=not progress, leave=False, mininterval=1.0)
+            trained = [p for g in groups for p in g["params"]]
             for step in bar:
-                idx = torch.randint(inputs.shape[0], (rcfg.batch_size,), generator=generator)
+                batch = torch.randint(inputs.shape[0], (rcfg.batch_size,), generator=generator)
+                idx = distributed.local_share(batch)  # the whole batch in one process
                 out = unit(inputs[idx].to(device, non_blocking=True))
                 rec = block_loss(out, targets[idx].to(device, non_blocking=True))
                 loss = rec
@@ -227,6 +230,7 @@ def reconstruct_unit(
                     loss = rec + ROUNDING_REG_WEIGHT * sum(r.regularizer(beta) for r in rounders)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                distributed.average_gradients(trained, len(idx), len(batch))
                 opt.step()
                 sched.step()
                 if step % 20 == 0:
@@ -258,6 +262,12 @@ def reconstruct(
     """
     rcfg = config.reconstruct
     assert rcfg is not None  # guarded by the caller
+    world_size = distributed.current().world_size
+    if world_size > rcfg.batch_size:  # data-parallel: every process needs a share of each batch
+        raise distributed.DistributedError(
+            f"{world_size} processes for reconstruction batches of {rcfg.batch_size}: "
+            f"use at most {rcfg.batch_size} processes or a larger --recon-batch-size"
+        )
     iters = rcfg.iters_for(min(config.w_bits, config.a_bits))
     device = next(model.parameters()).device
     fp_model = fp_model.to(device).eval()

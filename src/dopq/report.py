@@ -8,7 +8,28 @@ from typing import Any
 
 from dopq.files import atomic_path
 
-__all__ = ["markdown_report", "result_table", "write_result"]
+__all__ = ["TIMING_FIELDS", "markdown_report", "result_table", "without_timings", "write_result"]
+
+TIMING_FIELDS = frozenset(
+    {
+        "calib_seconds",
+        "eval_images_per_second",
+        "fp_eval_images_per_second",
+        "timings",
+        "seconds",
+        "cache_seconds",
+    }
+)
+"""Result fields that measure time; on the CPU everything else repeats exactly with the same arguments."""
+
+
+def without_timings(result: Any) -> Any:
+    """``result`` with the :data:`TIMING_FIELDS` removed at every level (to compare two runs)."""
+    if isinstance(result, dict):
+        return {k: without_timings(v) for k, v in result.items() if k not in TIMING_FIELDS}
+    if isinstance(result, list):
+        return [without_timings(v) for v in result]
+    return result
 
 
 def _pct(value: float | None) -> str:

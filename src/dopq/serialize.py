@@ -11,6 +11,7 @@ what was saved. Schema 1 files (float weights) still load.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +118,12 @@ def save_quantized(
         "state_dict": state,
         "weight_codes": codes,
     }
+    # Serialized in memory first: torch.save names the archive after the file it writes, and the
+    # temporary name would make two saves of the same model differ. Same model -> same bytes.
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     with atomic_path(path) as tmp:  # an interrupted save leaves no half file
-        torch.save(payload, tmp)
+        tmp.write_bytes(buffer.getvalue())
     return path
 
 

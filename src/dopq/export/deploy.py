@@ -173,6 +173,7 @@ class SoftmaxLevels(nn.Module):
 
     def __init__(self, q: LevelQuantizer) -> None:
         super().__init__()
+        q = q.resolve()  # a per-module choice ("auto") exports as the family it chose
         if isinstance(q, TanQQuantizer):
             self.kind, self.args = "tanq", (*q.warp_params(), q.bits)
         elif isinstance(q, LogQuantizer):

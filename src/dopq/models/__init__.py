@@ -2,7 +2,7 @@
 
 from dopq.models.adapters import ModelAdapter, get_adapter, list_families, register_adapter
 from dopq.models.attention import QuantAttention, QuantWindowAttention
-from dopq.models.coverage import Coverage, measure_coverage
+from dopq.models.coverage import Coverage, measure_coverage, softmax_kinds
 from dopq.models.loading import build_model, card_for, load_state_dict
 from dopq.models.prepare import QuantPlan, example_input, prepare_model
 from dopq.models.structure import LayerNormPair, find_layernorm_pairs
@@ -24,4 +24,5 @@ __all__ = [
     "measure_coverage",
     "prepare_model",
     "register_adapter",
+    "softmax_kinds",
 ]

@@ -18,19 +18,22 @@ from torch.overrides import TorchFunctionMode
 
 from dopq.models.adapters import quantized_attention_classes
 from dopq.modules import QuantConv2d, QuantLinear, quantizers_off
+from dopq.quantizers import LevelQuantizer, Quantizer, quantizer_name
 
-__all__ = ["Coverage", "measure_coverage"]
+__all__ = ["Coverage", "measure_coverage", "softmax_kinds"]
 
 _ATTENTION_FUNCTIONS = {torch.softmax, torch.Tensor.softmax, F.softmax, F.scaled_dot_product_attention}
 
 
 @dataclass
 class Coverage:
-    """Quantized and total counts per kind, and the modules that stay float (``"name (Class)"``)."""
+    """Quantized and total counts per kind, the modules that stay float (``"name (Class)"``) and,
+    once calibrated, the post-Softmax quantizer of every ``attn @ v`` (``{module: kind}``)."""
 
     quantized: dict[str, int] = field(default_factory=dict)
     total: dict[str, int] = field(default_factory=dict)
     left_float: dict[str, list[str]] = field(default_factory=dict)
+    softmax_kinds: dict[str, str] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -38,14 +41,21 @@ class Coverage:
         return not any(self.left_float.values())
 
     def summary(self) -> str:
-        """One line, e.g. ``Linear 49/49, Conv2d 1/1, attention 12/12, LayerNorm re-parameterized 24/25``."""
-        return ", ".join(f"{kind} {self.quantized[kind]}/{self.total[kind]}" for kind in self.total)
+        """One line, e.g. ``Linear 49/49, Conv2d 1/1, attention 12/12, LayerNorm re-parameterized 24/25``,
+        then the post-Softmax kinds once known, e.g. ``; post-Softmax tanq 8, log2 4``."""
+        line = ", ".join(f"{kind} {self.quantized[kind]}/{self.total[kind]}" for kind in self.total)
+        if self.softmax_kinds:
+            kinds = list(self.softmax_kinds.values())
+            counts = ", ".join(f"{k} {kinds.count(k)}" for k in dict.fromkeys(kinds))
+            line += f"; post-Softmax {counts}"
+        return line
 
     def to_dict(self) -> dict[str, object]:
         return {
             "quantized": dict(self.quantized),
             "total": dict(self.total),
             "left_float": dict(self.left_float),
+            "softmax_kinds": dict(self.softmax_kinds),
         }
 
 
@@ -130,3 +140,18 @@ def measure_coverage(model: nn.Module, example: torch.Tensor, paired_norms: int)
     # a LayerNorm that feeds something else (the final norm before pooling) stays as it is: not a gap
     cov.quantized["LayerNorm re-parameterized"], cov.total["LayerNorm re-parameterized"] = paired_norms, norms
     return cov
+
+
+def softmax_kinds(model: nn.Module) -> dict[str, str]:
+    """The post-Softmax quantizer family of every quantized attention module, by module name.
+
+    The quantizer is the left operand's of the module's ``matmul_av``; a per-module choice
+    (``auto``) reports the family it chose.
+    """
+    kinds = {}
+    for name, module in model.named_modules():
+        if isinstance(module, quantized_attention_classes()):
+            q = module.matmul_av.quantizer_a
+            if isinstance(q, Quantizer):
+                kinds[name] = quantizer_name(q.resolve() if isinstance(q, LevelQuantizer) else q)
+    return kinds

@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +73,21 @@ def _check_arch(arch: str) -> None:
         raise ModelError(f"unknown timm model {arch!r}{hint}")
 
 
+@contextmanager
+def _seeded_init(seed: int) -> Iterator[None]:
+    """timm initializes weights from torch's global CPU generator: give it a forked, seeded one, so
+    random-init models are reproducible and the caller's random state is restored afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def build_model(
     arch: str,
     checkpoint: str | Path | None = None,
     num_classes: int | None = None,
     pretrained: bool = False,
+    init_seed: int = 0,
 ) -> nn.Module:
     """Create ``arch`` with timm and load weights.
 
@@ -84,6 +96,8 @@ def build_model(
         checkpoint: local ``.safetensors``/``.pth`` state dict; takes precedence over ``pretrained``.
         num_classes: classifier size; by default taken from the checkpoint's head.
         pretrained: download timm's weights when no checkpoint is given (needs the network once).
+        init_seed: seed of timm's random initialization, which is what a model without checkpoint or
+            pretrained weights keeps; drawn from a forked generator, so the caller's is untouched.
 
     Returns:
         The float32 model in eval mode.
@@ -92,7 +106,8 @@ def build_model(
     if checkpoint is None:
         kwargs = {} if num_classes is None else {"num_classes": num_classes}
         try:
-            model = timm.create_model(arch, pretrained=pretrained, **kwargs)
+            with _seeded_init(init_seed):
+                model = timm.create_model(arch, pretrained=pretrained, **kwargs)
         except Exception as exc:
             raise ModelError(
                 f"could not create {arch} with pretrained weights ({type(exc).__name__}); "
@@ -105,7 +120,8 @@ def build_model(
         raise CheckpointError(
             f"--num-classes {num_classes} does not match checkpoint {checkpoint}, whose head has {found} classes"
         )
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes or found or 1000)
+    with _seeded_init(init_seed):
+        model = timm.create_model(arch, pretrained=False, num_classes=num_classes or found or 1000)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches: a checkpoint of another size or variant

@@ -65,6 +65,10 @@ class _Factory:
         name = self.c.softmax_quantizer
         if name == "tanq":
             return build_quantizer(name, self.c.a_bits, objective=self.c.tanq_objective)
+        if name == "auto":
+            return build_quantizer(
+                name, self.c.a_bits, objective=self.c.tanq_objective, percentiles=self.c.percentiles
+            )
         if name == "uniform":
             return self.act()
         return build_quantizer(name, self.c.a_bits, percentiles=self.c.percentiles)

@@ -1,11 +1,13 @@
 """Quantizers: pure tensor math plus thin modules holding their parameters. No model knowledge."""
 
+from dopq.quantizers.auto import AUTO_CANDIDATES, AutoLevelQuantizer
 from dopq.quantizers.base import (
     PerChannel,
     PerTensor,
     Quantizer,
     build_quantizer,
     list_quantizers,
+    quantizer_name,
     register_quantizer,
 )
 from dopq.quantizers.levels import LevelQuantizer, Log2Quantizer, LogQuantizer, LogSqrt2Quantizer
@@ -18,6 +20,8 @@ from dopq.quantizers.uniform import (
 )
 
 __all__ = [
+    "AUTO_CANDIDATES",
+    "AutoLevelQuantizer",
     "LevelQuantizer",
     "Log2Quantizer",
     "LogQuantizer",
@@ -31,6 +35,7 @@ __all__ = [
     "fake_quantize_uniform",
     "list_quantizers",
     "quantize_uniform",
+    "quantizer_name",
     "register_quantizer",
     "search_uniform_range",
     "tan_levels",

@@ -19,6 +19,7 @@ __all__ = [
     "Quantizer",
     "build_quantizer",
     "list_quantizers",
+    "quantizer_name",
     "register_quantizer",
 ]
 
@@ -118,3 +119,8 @@ def build_quantizer(name: str, bits: int, **kwargs: object) -> Quantizer:
     if name not in _QUANTIZERS:
         raise ValueError(f"unknown quantizer {name!r}; choose from {list_quantizers()}")
     return _QUANTIZERS[name](bits, **kwargs)
+
+
+def quantizer_name(q: Quantizer) -> str:
+    """The registered name of ``q``'s class (its class name if it was never registered)."""
+    return next((name for name, cls in _QUANTIZERS.items() if type(q) is cls), type(q).__name__)

@@ -95,6 +95,10 @@ class LevelQuantizer(Quantizer):
         """Dequantized value of every code."""
         return self.level_table()[0].detach()
 
+    def resolve(self) -> LevelQuantizer:
+        """The quantizer that defines the levels: itself, or the family a chooser picked."""
+        return self
+
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         levels, thresholds = self.level_table()
         code = codes_from_thresholds(x.detach(), thresholds.detach())

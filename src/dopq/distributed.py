@@ -1,0 +1,257 @@
+"""Multi-process runs through ``torch.distributed``, started by ``torchrun`` (one process per GPU, or
+several CPU processes with gloo).
+
+A thin layer of primitives; the algorithms and the evaluation call them and stay unchanged in one
+process, where every function here is a no-op:
+
+* evaluation: each process takes a contiguous, disjoint shard of the evaluation indices (no padding,
+  so no image counts twice) and the per-image records are gathered back in dataset order;
+* calibration: every process calibrates on the same seeded images, then process 0's parameters
+  and buffers are broadcast, so all processes hold bit-identical quantizers, equal to a one-process
+  run (process 0 computes exactly what one process computes);
+* reconstruction: data-parallel over each batch (every process takes its share of the same batch
+  indices; gradients are averaged, weighted by share size);
+* only process 0 prints progress and writes files.
+
+Example:
+    >>> shard_bounds(10, rank=1, world_size=3)
+    (4, 7)
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dopq import files
+from dopq.errors import DopqError
+
+__all__ = [
+    "DistributedError",
+    "ProcessGroup",
+    "all_gather_objects",
+    "average_gradients",
+    "broadcast_module",
+    "check_same",
+    "current",
+    "exit_with_one_line_on_sigterm",
+    "init_from_environment",
+    "local_share",
+    "shard",
+    "shard_bounds",
+    "shutdown",
+]
+
+T = TypeVar("T")
+
+TIMEOUT = datetime.timedelta(minutes=10)
+"""How long a collective waits for a process that stopped answering before raising."""
+
+
+class DistributedError(DopqError):
+    """A multi-process run cannot go on (arguments differ between processes, too few images, ...)."""
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """This process's place in the run: ``rank`` of ``world_size`` processes over ``backend``."""
+
+    rank: int = 0
+    world_size: int = 1
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """True in the process that prints and writes files (rank 0, or the only one)."""
+        return self.rank == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "backend": self.backend}
+
+
+def current() -> ProcessGroup:
+    """The running group, or a one-process group when ``torch.distributed`` is not initialized."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return ProcessGroup()
+    return ProcessGroup(dist.get_rank(), dist.get_world_size(), dist.get_backend())
+
+
+def init_from_environment(device: str | torch.device = "cpu") -> ProcessGroup:
+    """Join the process group that ``torchrun`` describes in the environment.
+
+    Nothing happens without ``WORLD_SIZE`` > 1 (a plain one-process run). The backend is nccl for
+    CUDA and gloo for the CPU; with CUDA each process takes the GPU ``LOCAL_RANK``.
+
+    Args:
+        device: the run's device (``cpu``, ``cuda``).
+
+    Returns:
+        This process's group.
+
+    Raises:
+        DistributedError: torch.distributed is missing or the rendezvous fails.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1 or (dist.is_available() and dist.is_initialized()):
+        return current()
+    if not dist.is_available():
+        raise DistributedError("this torch build has no torch.distributed; run one process")
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+    except (RuntimeError, ValueError) as exc:
+        raise DistributedError(f"could not join the torchrun process group: {exc}") from None
+    return current()
+
+
+def exit_with_one_line_on_sigterm() -> None:
+    """When torchrun stops this process because another one failed, say so in one line and exit 1.
+
+    torchrun sends SIGTERM to the survivors, which are then usually blocked inside a collective (C++
+    code, where a Python signal handler would not run until it times out). So SIGTERM is blocked in
+    this thread and the threads it starts later, and a watcher thread takes it with ``sigwait``,
+    removes half-written output files and exits at once. POSIX only (elsewhere SIGTERM keeps its default).
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def watch() -> None:
+        signal.sigwait({signal.SIGTERM})
+        files.remove_pending()
+        print(
+            f"dopq: error: process {current().rank} stopped: another process of this run failed "
+            "or the run was cancelled (see its message)",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
+
+    threading.Thread(target=watch, name="dopq-sigterm", daemon=True).start()
+
+
+def shutdown() -> None:
+    """Leave the process group (a no-op in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``[start, end)`` of rank ``rank``'s contiguous share of ``n`` items; shares differ by at most one."""
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def shard(items: Sequence[T], group: ProcessGroup | None = None) -> list[T]:
+    """This process's contiguous share of ``items`` (all of them in one process).
+
+    Concatenating the shares in rank order gives ``items`` back: what keeps gathered per-image
+    records in dataset order.
+
+    Raises:
+        DistributedError: fewer items than processes (a process would get nothing).
+    """
+    group = group or current()
+    if group.world_size > 1 and len(items) < group.world_size:
+        raise DistributedError(
+            f"{group.world_size} processes for {len(items)} images: use at most {len(items)} processes"
+        )
+    start, end = shard_bounds(len(items), group.rank, group.world_size)
+    return list(items[start:end])
+
+
+@contextmanager
+def _collective() -> Iterator[None]:
+    """A collective whose peer died (gloo: connection closed; nccl: timeout) ends in one line."""
+    try:
+        yield
+    except RuntimeError as exc:  # DistBackendError and gloo's transport errors are RuntimeErrors
+        raise DistributedError(
+            f"process {current().rank} stopped: another process of this run failed or stopped answering "
+            f"(see its message; {str(exc).splitlines()[0][:160]})"
+        ) from None
+
+
+def all_gather_objects(obj: T) -> list[T]:
+    """Every process's ``obj``, in rank order (``[obj]`` in one process)."""
+    group = current()
+    if group.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * group.world_size
+    with _collective():
+        dist.all_gather_object(out, obj)
+    return out
+
+
+def check_same(what: str, value: Any) -> None:
+    """Stop every process with one clear line if ``value`` differs between processes.
+
+    Raises:
+        DistributedError: naming the first process whose ``value`` differs from process 0's.
+    """
+    values = all_gather_objects(value)
+    for rank, other in enumerate(values):
+        if other != values[0]:
+            raise DistributedError(
+                f"process {rank} differs from process 0 in its {what} "
+                f"({_short(other)} vs {_short(values[0])}); every process must run the same command"
+            )
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def broadcast_module(module: nn.Module) -> None:
+    """Overwrite every parameter and buffer of ``module`` with process 0's, in place."""
+    if current().world_size == 1:
+        return
+    # the same module classes (e.g. each attention's post-Softmax quantizer) and tensor shapes first:
+    # a broadcast into a tensor of another shape would fail on one side and hang on the other
+    check_same("model structure", [(n, type(m).__name__) for n, m in module.named_modules()])
+    tensors = [*module.parameters(), *module.buffers()]
+    check_same("tensor shapes", [tuple(t.shape) for t in tensors])
+    with torch.no_grad(), _collective():
+        for tensor in tensors:
+            dist.broadcast(tensor.data, src=0)
+
+
+def local_share(batch: torch.Tensor) -> torch.Tensor:
+    """This process's contiguous share of a batch of indices drawn identically by every process."""
+    group = current()
+    if group.world_size == 1:
+        return batch
+    start, end = shard_bounds(batch.shape[0], group.rank, group.world_size)
+    return batch[start:end]
+
+
+def average_gradients(params: Iterable[nn.Parameter], share: int, total: int) -> None:
+    """Turn each process's gradient of its share's mean loss into the whole batch's.
+
+    Each gradient is weighted by ``share / total`` and summed over processes: the gradient of the
+    mean over all ``total`` items, as one process would compute it (up to float summation order).
+    """
+    if current().world_size == 1:
+        return
+    weight = share / total
+    with _collective():
+        for p in params:
+            if p.grad is None:  # the same on every process: the same graph ran everywhere
+                continue
+            p.grad.mul_(weight)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)

@@ -1,0 +1,185 @@
+"""Multi-process runs: ``torchrun --nproc-per-node 2 -m dopq ...`` with gloo on the CPU gives exactly
+the one-process result (accuracies, the per-image record, the saved model's bytes), and bad set-ups
+stop with one clear line."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dopq import distributed
+from dopq.evaluate import EvalResult, merge_results
+from dopq.report import without_timings
+
+
+def test_shards_are_disjoint_contiguous_balanced_and_cover_everything() -> None:
+    for n in (1, 7, 10, 64):
+        for world in range(1, min(n, 5) + 1):
+            bounds = [distributed.shard_bounds(n, r, world) for r in range(world)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == n
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(bounds))
+            sizes = [e - s for s, e in bounds]
+            assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+
+
+def test_one_process_primitives_are_no_ops() -> None:
+    group = distributed.current()
+    assert (group.rank, group.world_size, group.is_main) == (0, 1, True)
+    assert distributed.shard([3, 1, 2]) == [3, 1, 2]
+    assert distributed.all_gather_objects({"a": 1}) == [{"a": 1}]
+    batch = torch.arange(5)
+    assert distributed.local_share(batch) is batch
+    distributed.check_same("arguments", ["x"])  # nothing to disagree with
+
+
+def test_shard_refuses_more_processes_than_images() -> None:
+    group = distributed.ProcessGroup(rank=1, world_size=4, backend="gloo")
+    with pytest.raises(distributed.DistributedError, match="4 processes for 3 images"):
+        distributed.shard([0, 1, 2], group)
+
+
+def test_merged_shard_results_equal_the_whole() -> None:
+    parts = [
+        EvalResult(top1=0.5, top5=1.0, images=4, seconds=2.0, top1_correct="1010"),
+        EvalResult(top1=1 / 3, top5=2 / 3, images=3, seconds=3.0, top1_correct="001"),
+    ]
+    whole = merge_results(parts)
+    assert whole.top1_correct == "1010001" and whole.images == 7
+    assert whole.top1 == 3 / 7 and whole.top5 == 6 / 7
+    assert whole.seconds == 3.0  # the processes ran side by side: the slowest one's time
+
+
+# --------------------------------------------------------------------------------------------------
+# Real process groups (gloo on the CPU)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_root(image_folder) -> Path:
+    return image_folder("dist", classes=("a", "b", "c"), per_class=5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _run(argv: list[str], nproc: int, cwd: Path) -> subprocess.CompletedProcess[str]:
+    launcher = [sys.executable, "-m", "dopq"]
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                    "--master-port", str(_free_port()), "-m", "dopq"]  # fmt: skip
+    return subprocess.run(
+        [*launcher, *argv], capture_output=True, text=True, timeout=600, cwd=cwd, env=_env()
+    )
+
+
+def test_two_gloo_processes_give_the_one_process_result(tiny_root: Path, tmp_path: Path) -> None:
+    argv = ["quantize", "--model", "test_vit", "--data", str(tiny_root), "--calib-size", "6",
+            "--w-bits", "3", "--a-bits", "3", "--threads", "1", "--workers", "0", "--batch-size", "4",
+            "--output", "r.json", "--save", "q.pt", "--quiet"]  # fmt: skip
+    results = {}
+    for nproc in (1, 2):
+        run_dir = tmp_path / f"n{nproc}"
+        run_dir.mkdir()
+        done = _run(argv, nproc, run_dir)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[nproc] = (json.loads((run_dir / "r.json").read_text()), (run_dir / "q.pt").read_bytes())
+        assert sorted(p.name for p in run_dir.iterdir()) == ["q.pt", "r.json", "r.md"]  # rank 0 wrote once
+    (one, one_bytes), (two, two_bytes) = results[1], results[2]
+    assert two["distributed"] == {"world_size": 2, "backend": "gloo"}
+    assert one["distributed"] == {"world_size": 1, "backend": None}
+    for key in ("fp_top1", "quant_top1", "fp_top5", "quant_top5", "fp_top1_correct", "quant_top1_correct",
+                "eval_images"):  # fmt: skip
+        assert one[key] == two[key], key
+    assert one["eval_images"] == 15
+    assert two_bytes == one_bytes
+    differs = {k for k in without_timings(one) if without_timings(one)[k] != without_timings(two).get(k)}
+    assert differs <= {"distributed", "command"}, differs
+
+
+def test_more_processes_than_images_is_one_clear_error(tiny_root: Path, tmp_path: Path) -> None:
+    argv = ["quantize", "--model", "test_vit", "--data", str(tiny_root), "--eval-subset", "1", "--calib-size", "2",
+            "--threads", "1", "--workers", "0", "--output", "e.json", "--quiet"]  # fmt: skip
+    done = _run(argv, 2, tmp_path)
+    assert done.returncode != 0
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("dopq: error:")]
+    assert errors and all("2 processes for 1 images" in ln for ln in errors), done.stderr[-2000:]
+    assert not list(tmp_path.iterdir())  # no partial output
+
+
+def _spawn_rank(rank: int, argv: list[str], port: int, cwd: Path) -> subprocess.Popen[str]:
+    env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    return subprocess.Popen([sys.executable, "-m", "dopq", *argv], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+
+def test_processes_started_with_different_arguments_stop_with_one_line(
+    tiny_root: Path, tmp_path: Path
+) -> None:
+    base = ["quantize", "--model", "test_vit", "--data", str(tiny_root), "--calib-size", "4",
+            "--threads", "1", "--workers", "0", "--quiet", "--output", "r.json"]  # fmt: skip
+    port = _free_port()
+    procs = [_spawn_rank(0, [*base, "--w-bits", "4"], port, tmp_path),
+             _spawn_rank(1, [*base, "--w-bits", "3"], port, tmp_path)]  # fmt: skip
+    outs = [p.communicate(timeout=300) for p in procs]
+    for proc, (_, err) in zip(procs, outs, strict=True):
+        assert proc.returncode == 2, err[-2000:]
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(
+            "dopq: error: process 1 differs from process 0 in its arguments"
+        )
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_process_that_fails_stops_the_others_with_one_line_each(tiny_root: Path, tmp_path: Path) -> None:
+    """Process 1's shard holds an unreadable image: it stops with the file's name; torchrun stops
+    process 0, which says why in one line; nobody hangs and no output file is left."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_root, data)
+    last = sorted((data / "test" / "c").iterdir())[-1]  # the last image: in process 1's shard
+    last.write_bytes(last.read_bytes()[:100])  # truncated JPEG
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["quantize", "--model", "test_vit", "--data", str(data), "--calib-size", "2", "--threads", "1",
+            "--workers", "0", "--quiet", "--output", "r.json", "--save", "q.pt"]  # fmt: skip
+    done = _run(argv, 2, out)
+    assert done.returncode != 0
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("dopq: error:")]
+    assert any(last.name in ln for ln in errors), done.stderr[-3000:]
+    assert any("process 0 stopped: another process of this run failed" in ln for ln in errors), done.stderr[
+        -3000:
+    ]
+    assert not list(out.iterdir())
+
+
+def test_reconstruction_runs_data_parallel_on_two_processes(tiny_root: Path, tmp_path: Path) -> None:
+    """Each process takes half of every reconstruction batch and gradients are averaged; the run
+    finishes, process 0 writes the result, and it records the two processes."""
+    argv = ["quantize", "--model", "test_vit", "--data", str(tiny_root), "--calib-size", "4", "--threads", "1",
+            "--workers", "0", "--quiet", "--reconstruct", "--recon-calib-size", "8", "--recon-iters", "3",
+            "--recon-batch-size", "4", "--output", "r.json"]  # fmt: skip
+    done = _run(argv, 2, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["distributed"] == {"world_size": 2, "backend": "gloo"}
+    units = result["reconstruction"]["units"]
+    assert units and all(u["loss_after"] >= 0 for u in units)

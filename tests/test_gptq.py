@@ -1,0 +1,235 @@
+"""GPTQ weight rounding: lower output error than nearest rounding on held-out inputs, exact codes of the
+existing weight quantizer, determinism, degenerate inputs, and the model pass (save, export, bias
+correction, reconstruction's starting point)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import dopq
+from dopq.calibrate import correct_bias
+from dopq.errors import CalibrationError
+from dopq.export import to_deploy
+from dopq.gptq import gptq_model, gptq_round, input_hessian, layer_inputs
+from dopq.modules import QuantConv2d, QuantLinear
+from dopq.quantizers import PerChannel, UniformQuantizer
+from dopq.quantizers.adaround import AdaRoundQuantizer
+from dopq.serialize import load_quantized, save_quantized
+
+
+def _correlated_inputs(n: int, dim: int, seed: int) -> torch.Tensor:
+    """Token-like inputs: a few strong shared directions plus noise (a far from diagonal Hessian)."""
+    gen = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(8, dim, generator=torch.Generator().manual_seed(99))
+    return torch.randn(n, 8, generator=gen) @ mixing + 0.3 * torch.randn(n, dim, generator=gen)
+
+
+def _weight_quantizer(w: torch.Tensor, bits: int) -> UniformQuantizer:
+    q = UniformQuantizer(bits, PerChannel(0))
+    q.observing = True
+    q(w)
+    q.observing = False
+    return q
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptq_lowers_held_out_output_error_against_nearest(bits: int, act_order: bool) -> None:
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(1))
+    q = _weight_quantizer(w, bits)
+    train, held_out = _correlated_inputs(1024, 64, seed=2), _correlated_inputs(1024, 64, seed=3)
+    codes = gptq_round(w, input_hessian(train), q, act_order=act_order)
+    w_gptq, w_nearest = q.dequantize(codes), q(w)
+
+    def error(w_hat: torch.Tensor) -> float:
+        return float((held_out @ (w_hat - w).T).pow(2).mean())
+
+    assert error(w_gptq) < 0.7 * error(w_nearest)
+
+
+def test_codes_are_integer_codes_in_range_that_the_quantizer_reproduces() -> None:
+    w = torch.randn(32, 40) * torch.linspace(0.1, 3, 32)[:, None]  # channels of different ranges
+    q = _weight_quantizer(w, 3)
+    codes = gptq_round(w, input_hessian(_correlated_inputs(512, 40, seed=0)), q)
+    assert codes.dtype == torch.int64 and int(codes.min()) >= 0 and int(codes.max()) <= 7
+    w_gptq = q.dequantize(codes)
+    assert torch.equal(q.codes(w_gptq), codes)  # the stored weight maps onto exactly these codes
+    assert torch.equal(q(w_gptq), w_gptq)
+    assert not torch.equal(codes, q.codes(w))  # and they are not simply the nearest ones
+
+
+def test_gptq_is_deterministic() -> None:
+    w = torch.randn(16, 24)
+    q = _weight_quantizer(w, 3)
+    h = input_hessian(_correlated_inputs(256, 24, seed=5))
+    assert torch.equal(gptq_round(w, h, q), gptq_round(w, h, q))
+    assert torch.equal(gptq_round(w, h, q, act_order=True), gptq_round(w, h, q, act_order=True))
+
+
+def test_diagonal_hessian_gives_nearest_rounding() -> None:
+    # uncorrelated inputs: an error has nothing to be compensated by, so GPTQ is round-to-nearest
+    w = torch.randn(16, 24)
+    q = _weight_quantizer(w, 3)
+    h = torch.diag(torch.rand(24, dtype=torch.float64) + 0.5)
+    assert torch.equal(gptq_round(w, h, q), q.codes(w))
+
+
+def test_singular_hessian_is_damped_and_dead_inputs_round_to_nearest() -> None:
+    x = _correlated_inputs(256, 24, seed=0)
+    x[:, 5] = 0.0  # an input channel never active in calibration
+    x[:, 7] = x[:, 6]  # collinear inputs: H is singular without damping
+    w = torch.randn(16, 24)
+    q = _weight_quantizer(w, 3)
+    codes = gptq_round(w, input_hessian(x), q, damp=1e-8)  # the retry raises the damping as needed
+    assert int(codes.min()) >= 0 and int(codes.max()) <= 7
+    assert torch.equal(codes[:, 5], q.codes(w)[:, 5])
+    # an all-zero Hessian (every input 0) leaves nothing to compensate: nearest rounding
+    assert torch.equal(gptq_round(w, torch.zeros(24, 24, dtype=torch.float64), q), q.codes(w))
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    with pytest.raises(CalibrationError, match="received none"):
+        input_hessian(torch.empty(0, 8))
+    w = torch.randn(4, 8)
+    q = _weight_quantizer(w, 3)
+    h = torch.eye(8, dtype=torch.float64)
+    h[2, 2] = float("nan")
+    with pytest.raises(CalibrationError, match="NaN/Inf"):
+        gptq_round(w, h, q)
+
+
+class _OneUsed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = QuantLinear(nn.Linear(8, 8), None, UniformQuantizer(3, PerChannel(0)))
+        self.unused = QuantLinear(nn.Linear(8, 4), None, UniformQuantizer(3, PerChannel(0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+def test_a_layer_without_calibration_input_is_named() -> None:
+    model = _OneUsed()
+    for layer in (model.used, model.unused):
+        layer.weight_quantizer.observing = True
+        layer.weight_quantizer(layer.weight)
+        layer.weight_quantizer.observing = False
+    with pytest.raises(CalibrationError, match=r"no calibration input.*unused"):
+        gptq_model(model, torch.randn(16, 8))
+
+
+def test_conv_inputs_are_the_patches_the_weight_multiplies() -> None:
+    conv = nn.Conv2d(3, 6, kernel_size=4, stride=4)
+    layer = QuantConv2d(conv, None, UniformQuantizer(3, PerChannel(0)))
+    x = torch.randn(2, 3, 8, 8)
+    rows = layer_inputs(layer, x)
+    out = (rows @ conv.weight.reshape(6, -1).T).reshape(2, 4, 6).transpose(1, 2).reshape(2, 6, 2, 2)
+    torch.testing.assert_close(out + conv.bias[:, None, None], conv(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def gptq_vit() -> tuple[nn.Module, torch.Tensor, dopq.QuantConfig, dict]:
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=10).eval()
+    x = torch.randn(8, 3, 160, 160)
+    config = dopq.get_preset("dopq", w_bits=3, a_bits=4, weight_rounding="gptq")
+    model, report = dopq.quantize_with_report(model, x, config, progress=False)
+    return model, x, config, report.to_dict()
+
+
+def test_model_weights_are_on_their_grid_and_report_the_stage(gptq_vit) -> None:
+    model, _, _, report = gptq_vit
+    layers = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+    assert layers
+    for layer in layers:  # the quantizer maps each stored weight onto itself: the codes are GPTQ's
+        with torch.no_grad():
+            assert torch.equal(layer.weight_quantizer(layer.weight), layer.weight)
+    assert report["timings"]["gptq"] > 0 and report["calib_seconds"] > report["timings"]["gptq"]
+
+
+def test_saved_and_deployed_models_reproduce_the_gptq_codes(gptq_vit, tmp_path: Path) -> None:
+    model, x, config, _ = gptq_vit
+    loaded, loaded_config, _ = load_quantized(save_quantized(model, tmp_path / "q.pt", config))
+    assert loaded_config.weight_rounding == "gptq"
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+        simulated, deployed = model(x), to_deploy(model)(x)
+    assert torch.allclose(deployed, simulated, atol=1e-5 * float(simulated.abs().max()))
+
+
+def test_gptq_weights_are_reconstruction_s_starting_point(gptq_vit) -> None:
+    model, _, _, _ = gptq_vit
+    layer = model.blocks[0].mlp.fc1
+    ada = AdaRoundQuantizer(layer.weight_quantizer, layer.weight.detach(), straight_through=True)
+    with torch.no_grad():
+        assert torch.equal(ada.bake(), layer.weight)
+
+
+def test_bias_correction_measures_against_the_float_weights() -> None:
+    # after GPTQ a layer's weight holds its quantized value; bias correction must still remove the
+    # mean error of the weight rounding, so it compares with the float weight from before rounding
+    torch.manual_seed(0)
+    layer = QuantLinear(nn.Linear(16, 8), None, UniformQuantizer(3, PerChannel(0)))
+    model = nn.Sequential(layer)
+    x = _correlated_inputs(256, 16, seed=1) + 1.0  # a non-zero input mean makes the error's mean show
+    originals = dopq_calibrate_then_gptq(model, x)
+    bias = layer.bias.detach().clone()
+    expected = (x @ (layer.weight - originals["0"]).T).mean(0)
+    corrections = correct_bias(model, x[None], reference_weights=originals)
+    torch.testing.assert_close(bias - layer.bias.detach(), expected, rtol=1e-4, atol=1e-6)
+    assert corrections["0"] > 0
+    # without the reference the weight error would be invisible: nothing to correct
+    assert correct_bias(model, x[None])["0"] < 1e-5
+
+
+def dopq_calibrate_then_gptq(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    for q in model.modules():
+        if isinstance(q, UniformQuantizer):
+            q.observing = True
+    model(x)
+    for q in model.modules():
+        if isinstance(q, UniformQuantizer):
+            q.observing = False
+    return gptq_model(model, x)
+
+
+def test_reconstruction_starts_from_the_gptq_weights() -> None:
+    from dopq.config import ReconstructConfig
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 160, 160)
+    config = dopq.get_preset("dopq", w_bits=3, a_bits=4, weight_rounding="gptq")
+    models = []
+    for recon in (None, ReconstructConfig(calib_size=4, iters=0, batch_size=4)):
+        torch.manual_seed(0)
+        model = timm.create_model("test_vit", num_classes=10).eval()
+        models.append(dopq.quantize(model, x, config.replace(reconstruct=recon), progress=False))
+    # zero optimisation steps: reconstruction's baked rounding is exactly GPTQ's
+    for (name, a), b in zip(models[0].named_modules(), models[1].modules(), strict=True):
+        if isinstance(a, QuantLinear):
+            assert torch.equal(a.weight, b.weight), name
+
+
+def test_config_and_command_line_switches() -> None:
+    from dopq.cli import _config_from, build_parser
+    from dopq.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="weight_rounding must be one of"):
+        dopq.QuantConfig(weight_rounding="stochastic")
+    with pytest.raises(ConfigError, match="gptq_damp"):
+        dopq.QuantConfig(gptq_damp=0.0)
+    args = build_parser().parse_args(
+        ["quantize", "--model", "m", "--data", "d", "--weight-rounding", "gptq", "--softmax-quantizer", "auto",
+         "--gptq-act-order", "on", "--gptq-damp", "0.05", "--w-bits", "3", "--a-bits", "3"]
+    )  # fmt: skip
+    config = _config_from(args)
+    assert (config.weight_rounding, config.softmax_quantizer, config.gptq_act_order, config.gptq_damp) == (
+        "gptq", "auto", True, 0.05,
+    )  # fmt: skip
+    default = _config_from(build_parser().parse_args(["quantize", "--model", "m", "--data", "d"]))
+    assert (default.weight_rounding, default.gptq_act_order) == ("nearest", False)
