@@ -22,10 +22,8 @@ import argparse
 import io
 import json
 import os
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +53,7 @@ from dopq.evaluate import evaluate
 from dopq.experiment import command_line
 from dopq.models import build_model
 from dopq.serialize import save_quantized
+from measure import run_measured
 
 ARCH = "deit_tiny_patch16_224"
 CHECKPOINT = "deit_tiny_patch16_224.cifar10.safetensors"
@@ -127,25 +126,15 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _peak_rss(command: list[str]) -> dict[str, Any]:
-    """Run ``command``; its peak RSS in MB (GNU time -v, else getrusage of a fresh parent) and wall time."""
-    start = time.perf_counter()
-    if Path("/usr/bin/time").is_file():
-        proc = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
-        found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-        kbytes, tool = (int(found.group(1)) if found else None), "/usr/bin/time -v"
-    else:  # a fresh Python parent, so RUSAGE_CHILDREN sees this command only
-        code = (
-            "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]).returncode; "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(r)"
-        )
-        proc = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True)
-        kbytes, tool = int(proc.stderr.strip().splitlines()[-1]), "getrusage(RUSAGE_CHILDREN)"
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stderr[-2000:]}")
+    """Run ``command``; its peak RSS in MB (see :func:`measure.run_measured`) and wall time."""
+    run = run_measured(command)
+    if run["returncode"] != 0:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{run['stderr'][-2000:]}")
+    rss = run["peak_rss_bytes"]
     return {
-        "peak_rss_mb": kbytes / 1024 if kbytes else None,
-        "wall_seconds": time.perf_counter() - start,
-        "tool": tool,
+        "peak_rss_mb": rss / 1024**2 if rss else None,
+        "wall_seconds": run["wall_seconds"],
+        "tool": run["tool"],
     }
 
 

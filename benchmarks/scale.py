@@ -11,29 +11,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import socket
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from measure import run_measured
+
 LARGE = ("vit_base_patch16_224", "vit_large_patch16_224")
 
 
 def timed_command(argv: list[str], cwd: Path, threads_per_process: int) -> dict[str, Any]:
-    """Run ``argv`` under ``/usr/bin/time -v``; its exit status, wall time, peak RSS and stderr tail."""
+    """Run ``argv`` (see :func:`measure.run_measured`); its exit status, wall time, peak RSS and stderr tail."""
     env = {"OMP_NUM_THREADS": str(threads_per_process), "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(["/usr/bin/time", "-v", *argv], capture_output=True, text=True, cwd=cwd,
-                          env={**_base_env(), **env})  # fmt: skip
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", done.stderr)
+    run = run_measured(argv, cwd=cwd, env={**_base_env(), **env})
     return {
-        "returncode": done.returncode,
-        "peak_rss_bytes": int(rss.group(1)) * 1024 if rss else None,
-        "wall_seconds": _seconds(wall.group(1)) if wall else None,
-        "stderr_tail": done.stderr[-1500:] if done.returncode else "",
+        "returncode": run["returncode"],
+        "peak_rss_bytes": run["peak_rss_bytes"],
+        "wall_seconds": run["wall_seconds"],
+        "stderr_tail": run["stderr"][-1500:] if run["returncode"] else "",
     }
 
 
@@ -44,11 +41,6 @@ def _base_env() -> dict[str, str]:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
-
-
-def _seconds(clock: str) -> float:
-    parts = [float(p) for p in clock.split(":")]
-    return sum(p * 60**i for i, p in enumerate(reversed(parts)))
 
 
 def _free_port() -> int:
