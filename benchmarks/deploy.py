@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import statistics
 import tempfile
 import time
@@ -24,9 +26,12 @@ import torch
 from dopq.api import quantize_with_report
 from dopq.config import get_preset
 from dopq.evaluate import compare, evaluate
-from dopq.experiment import fp_baseline
+from dopq.experiment import command_line, fp_baseline
 from dopq.export import OnnxModel, export_onnx, optimized_op_counts
 from dopq.export.runtime import INTEGER_OPS
+from dopq.modules import float64_copy
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def _fp32_onnx(model: torch.nn.Module, path: Path) -> None:
@@ -218,6 +223,159 @@ def suite_deploy_sensitivity(args: argparse.Namespace, workload, save) -> None:
                         flush=True,
                     )
             save("deploy_sensitivity", {"rows": rows, "onnx_threads": threads})
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Share of identical top-1 predictions and the largest logit difference."""
+    return float((a.argmax(1) == b.argmax(1)).float().mean()), float((a - b).abs().max())
+
+
+def suite_deploy_float64(args: argparse.Namespace, workload, save) -> None:
+    """The float64 export against the float64 simulation, the float32 simulation and FP32 ONNX.
+
+    Two parts (``--float64-parts``), each kept in the JSON with its own command, so that the speed
+    can be measured on a quiet machine apart from the long accuracy runs:
+
+    * ``accuracy``, per model and bit width (dopq preset): top-1 of the float32 and float64
+      simulations and of the float64 graph in onnxruntime; identical predictions and the largest
+      logit difference of the graph against the float64 simulation, and of the float32 simulation
+      against the float64 one (how far float32 rounding alone moves the quantized network); the
+      float64 simulation and graph again on another thread count (``--thread-check`` images).
+    * ``timing``: throughput at batch 32 and latency at batch 1 of the float64 and the float32
+      export against the FP32 ONNX export (interleaved repeats, medians).
+    """
+    threads = args.threads or 2
+    path = (args.results_dir or RESULTS_DIR) / "deploy_float64.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    rows = {(r["model"], r["w_bits"]): r for r in previous.get("rows", [])}
+    out = {k: previous[k] for k in ("accuracy", "timing") if k in previous}
+    if previous and not out:  # a file from one run of both parts: its command measured both
+        out = {k: {"command": previous["command"], "threads": threads} for k in ("accuracy", "timing")}
+    tmp = Path(tempfile.mkdtemp(prefix="dopq-float64-"))
+    for part in ("accuracy", "timing"):
+        if part not in args.float64_parts:
+            continue
+        load_before = os.getloadavg()
+        for arch in args.models:
+            work = workload(args, arch)
+            measure = _float64_accuracy if part == "accuracy" else _float64_timing
+            for bits, fields in measure(args, work, arch, tmp, threads).items():
+                if part == "timing" and (arch, bits) not in rows:
+                    raise SystemExit(f"deploy-float64: run the accuracy part for {arch} W{bits} first")
+                rows.setdefault((arch, bits), {}).update(fields)
+            out[part] = {"command": command_line(), "threads": threads, "load_average_before": load_before,
+                         "load_average_after": os.getloadavg()}  # fmt: skip
+            save("deploy_float64", {**out, "rows": list(rows.values()), "onnx_threads": threads})
+
+
+def _float64_model(work, bits: int):
+    config = get_preset("dopq", w_bits=bits, a_bits=bits)
+    model, report = quantize_with_report(copy.deepcopy(work.model), work.calib_images, config, progress=False)
+    return config, model, report
+
+
+def _export_both(model, arch: str, bits: int, tmp: Path) -> dict[str, Any]:
+    paths = {dtype: tmp / f"{arch}_w{bits}_{dtype}.onnx" for dtype in ("float32", "float64")}
+    return {dtype: export_onnx(model, path, float_dtype=dtype) for dtype, path in paths.items()}
+
+
+def _float64_accuracy(args, work, arch: str, tmp: Path, threads: int) -> dict[int, dict[str, Any]]:
+    loader = _loader(work)
+    labels = torch.cat([t for _, t in loader])
+    entries: dict[int, dict[str, Any]] = {}
+    for bits in args.bits:
+        config, model, qreport = _float64_model(work, bits)
+        reports = _export_both(model, arch, bits, tmp)
+        graph_path = Path(reports["float64"].path)
+        logits = {
+            "sim32": _logits(model, loader),
+            "sim64": _logits(float64_copy(model), loader),
+            "onnx64": _logits(OnnxModel(graph_path, threads=threads), loader),
+        }
+        identical, max_diff = _agreement(logits["sim64"], logits["onnx64"])
+        float32_moves, _ = _agreement(logits["sim32"], logits["sim64"])
+        other = 1 if threads != 1 else 2
+        threads_same = _thread_check(model, graph_path, loader, args.thread_check, threads, other)
+        entries[bits] = {
+            "model": arch, "w_bits": bits, "a_bits": bits, "recipe": config.to_dict(),
+            "sim32_top1": _top1(logits["sim32"], labels), "sim64_top1": _top1(logits["sim64"], labels),
+            "onnx64_top1": _top1(logits["onnx64"], labels),
+            "identical_top1": identical, "max_logit_diff": max_diff,
+            "sim32_vs_sim64_identical_top1": float32_moves, **threads_same,
+            "bytes": reports["float64"].bytes, "float32_bytes": reports["float32"].bytes,
+            "integer_ops": {k: v for k, v in optimized_op_counts(graph_path, threads).items() if k in INTEGER_OPS},
+            "calib_seconds": qreport.calib_seconds, "images": len(labels),
+            "sim64_top1_correct": _correct(logits["sim64"], labels), "onnx64_top1_correct": _correct(logits["onnx64"], labels),
+            "sim32_top1_correct": _correct(logits["sim32"], labels),
+        }  # fmt: skip
+        e = entries[bits]
+        print(f"  {arch} W{bits}/A{bits}: sim32 {e['sim32_top1']:.4f} sim64 {e['sim64_top1']:.4f} onnx64 "
+              f"{e['onnx64_top1']:.4f} identical {identical:.4f} (max diff {max_diff:.2e}); sim32 vs sim64 "
+              f"{float32_moves:.4f}; {threads_same}", flush=True)  # fmt: skip
+    return entries
+
+
+def _float64_timing(args, work, arch: str, tmp: Path, threads: int) -> dict[int, dict[str, Any]]:
+    fp_path = tmp / f"{arch}_fp32.onnx"
+    _fp32_onnx(work.model, fp_path)
+    sessions = {"fp32": OnnxModel(fp_path, threads=threads)}
+    for bits in args.bits:
+        _, model, _ = _float64_model(work, bits)
+        for dtype, report in _export_both(model, arch, bits, tmp).items():
+            sessions[(bits, dtype)] = OnnxModel(report.path, threads=threads)
+    batch = torch.stack([work.eval_dataset[i][0] for i in work.eval_indices[:32]])
+    through = _timed_runs(sessions, batch, args.repeats, 1)
+    latency = _timed_runs(sessions, batch[:1], args.repeats, 10)
+    entries: dict[int, dict[str, Any]] = {}
+    for bits in args.bits:
+        e: dict[str, Any] = {}
+        for dtype in ("float64", "float32"):
+            key = (bits, dtype)
+            e[f"{dtype}_images_per_second"] = 32 / through[key]
+            e[f"{dtype}_throughput_ratio"] = through["fp32"] / through[key]
+            e[f"{dtype}_latency_ms"] = 1e3 * latency[key]
+            e[f"{dtype}_latency_ratio"] = latency["fp32"] / latency[key]
+        e.update(fp32_images_per_second=32 / through["fp32"], fp32_latency_ms=1e3 * latency["fp32"],
+                 fp32_bytes=fp_path.stat().st_size, onnx_threads=threads, repeats=args.repeats)  # fmt: skip
+        entries[bits] = e
+        print(f"  {arch} W{bits}/A{bits}: float64 {e['float64_images_per_second']:.1f} img/s "
+              f"({e['float64_throughput_ratio']:.2f}x fp32), float32 {e['float32_images_per_second']:.1f} img/s "
+              f"({e['float32_throughput_ratio']:.2f}x); latency {e['float64_latency_ms']:.1f} ms "
+              f"({e['float64_latency_ratio']:.2f}x)", flush=True)  # fmt: skip
+    return entries
+
+
+def _correct(logits: torch.Tensor, labels: torch.Tensor) -> str:
+    return "".join("1" if hit else "0" for hit in (logits.argmax(1) == labels).tolist())
+
+
+def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(1) == labels).float().mean())
+
+
+def _thread_check(model, path: Path, loader, images: int, threads: int, other: int) -> dict[str, Any]:
+    """The float64 simulation and graph on ``other`` threads against ``threads``, on the first images."""
+    if not images:
+        return {}
+    from dopq.data import make_loader
+
+    work_loader = make_loader(loader.dataset.dataset, loader.dataset.indices[:images], 32, loader.num_workers)
+    simulation = float64_copy(model)
+    out: dict[str, Any] = {"thread_check_images": images, "thread_check_threads": [threads, other]}
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        sim_a, onnx_a = (
+            _logits(simulation, work_loader),
+            _logits(OnnxModel(path, threads=threads), work_loader),
+        )
+        torch.set_num_threads(other)
+        sim_b, onnx_b = _logits(simulation, work_loader), _logits(OnnxModel(path, threads=other), work_loader)
+    finally:
+        torch.set_num_threads(before)
+    out["sim64_threads_identical_top1"], out["sim64_threads_max_logit_diff"] = _agreement(sim_a, sim_b)
+    out["onnx64_threads_identical_top1"], out["onnx64_threads_max_logit_diff"] = _agreement(onnx_a, onnx_b)
+    return out
 
 
 def suite_save_size(args: argparse.Namespace, workload, save) -> None:

@@ -349,6 +349,40 @@ def _sensitivity_table(data: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _float64_table(data: dict[str, Any]) -> list[str]:
+    """The float64 export: agreement with the float64 simulation, thread independence, speed."""
+    rows = data["rows"]
+    r0 = rows[0]
+    commands = {
+        part: (data.get(part) or {}).get("command", data["command"]) for part in ("accuracy", "timing")
+    }
+    lines = ["### Deployment: the float64 export (`--export-dtype float64`)", "",
+             f"Accuracy: `{commands['accuracy']}`; speed: `{commands['timing']}` (onnxruntime "
+             f"{data['onnx_threads']} intra-op threads; dopq preset; speed: medians of {r0['repeats']} interleaved "
+             "repeats against the FP32 ONNX export and the float32 export of the same model, in one run). "
+             "`sim32` / `sim64`: the simulation in float32 / float64 "
+             "(`--eval-dtype`); `threads`: the float64 simulation and graph again on another thread count.", "",
+             "| model | bits | sim32 top-1 | sim64 top-1 | onnxruntime float64 top-1 | identical top-1 % (vs sim64) | "
+             "max logit diff | sim32 vs sim64 identical % | threads: identical % (images) | float64 images/s (b32) | "
+             "x FP32 | float32 export images/s | x FP32 | float64 latency ms (b1) | x FP32 | MB | x FP32 |",
+             "|---" * 17 + "|"]  # fmt: skip
+    for r in rows:
+        threads = "-"
+        if r.get("thread_check_images"):
+            a, b = r["thread_check_threads"]
+            threads = (f"{a} vs {b}: sim {100 * r['sim64_threads_identical_top1']:.1f}, onnx "
+                       f"{100 * r['onnx64_threads_identical_top1']:.1f} ({r['thread_check_images']})")  # fmt: skip
+        lines.append(
+            f"| {r['model']} | W{r['w_bits']}/A{r['a_bits']} | {_pct(r['sim32_top1'])} | {_pct(r['sim64_top1'])} | "
+            f"{_pct(r['onnx64_top1'])} | {100 * r['identical_top1']:.1f} | {r['max_logit_diff']:.1e} | "
+            f"{100 * r['sim32_vs_sim64_identical_top1']:.1f} | {threads} | {r['float64_images_per_second']:.1f} | "
+            f"{r['float64_throughput_ratio']:.2f} | {r['float32_images_per_second']:.1f} | "
+            f"{r['float32_throughput_ratio']:.2f} | {r['float64_latency_ms']:.1f} | {r['float64_latency_ratio']:.2f} | "
+            f"{_mb(r['bytes'])} | {r['bytes'] / r['fp32_bytes']:.2f} |"
+        )
+    return [*lines, ""]
+
+
 def _save_size_table(data: dict[str, Any]) -> list[str]:
     lines = ["### Compact `--save` files", "", f"Command: `{data['command']}`", "",
              "| model | bits | --save MB | x FP32 state dict | x shared checkpoint (fp16 safetensors) |",
@@ -477,7 +511,7 @@ def render(results: Path, target: Path) -> None:
     if data:
         parts += _calib_gains_timing(data)
     for name, table in (("deploy", _deploy_table), ("deploy_sensitivity", _sensitivity_table),
-                        ("save_size", _save_size_table), ("families", _families_table),
+                        ("deploy_float64", _float64_table), ("save_size", _save_size_table), ("families", _families_table),
                         ("data", _data_table)):  # fmt: skip
         data = _load(results, name)
         if data:

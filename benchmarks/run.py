@@ -253,6 +253,7 @@ _SUITES_ELSEWHERE = {
     "tanq-grid": "softmax_error",
     "deploy": "deploy",
     "deploy-sensitivity": "deploy",
+    "deploy-float64": "deploy",
     "save-size": "deploy",
     "families": "families",
     "data": "data_bench",
@@ -295,6 +296,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-tmp", type=Path, help="data: generated folders (default $TMPDIR/dopq-data-bench)")
     p.add_argument(
         "--integer-attention", action="store_true", help="deploy: also export attn @ v in integers"
+    )
+    p.add_argument(
+        "--thread-check", type=int, default=200, help="deploy-float64: images run on another thread count too"
+    )
+    p.add_argument(
+        "--float64-parts", nargs="+", choices=["accuracy", "timing"], default=["accuracy", "timing"]
     )
     args = p.parse_args(argv)
     if args.results_dir:

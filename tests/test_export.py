@@ -22,7 +22,7 @@ from dopq.errors import ExportError
 from dopq.export import INTEGER_OPS, OnnxModel, export_onnx, optimized_op_counts, read_metadata, to_deploy
 from dopq.export.deploy import SoftmaxLevels
 from dopq.export.symbolic import qdq
-from dopq.modules import QuantLinear, QuantMatMul
+from dopq.modules import QuantLinear, QuantMatMul, float64_copy
 from dopq.quantizers import PerTensor, TanQQuantizer, UniformQuantizer, build_quantizer
 from dopq.serialize import load_quantized, pack_codes, save_quantized, unpack_codes
 
@@ -366,3 +366,104 @@ def test_modules_with_different_post_softmax_kinds_save_load_and_export(tmp_path
     assert torch.allclose(deployed, simulated, atol=1e-5 * float(simulated.abs().max()))
     _, simulated, runtime = _ops_and_agreement(model, x, tmp_path / "m.onnx")
     assert float((runtime - simulated).abs().max()) <= 0.05 * float(simulated.abs().max())
+
+
+FLOAT64_CASES = [
+    pytest.param(_vit, 8, "uniform", id="vit-w8a8-uniform"),
+    pytest.param(_vit, 4, "tanq", id="vit-w4a4-tanq"),
+    pytest.param(_vit, 3, "logsqrt2", id="vit-w3a3-logsqrt2"),
+    pytest.param(_swin, 4, "tanq", id="swin-w4a4-tanq"),
+    pytest.param(_swin, 3, "log2", id="swin-w3a3-log2"),
+    pytest.param(_beit, 4, "tanq", id="beit-w4a4-tanq"),
+]
+
+
+@pytest.mark.parametrize(("make", "bits", "softmax"), FLOAT64_CASES)
+def test_float64_export_gives_the_float64_simulation_logits(make, bits, softmax, tmp_path: Path) -> None:
+    model, x = make()
+    config = dopq.get_preset("dopq", w_bits=bits, a_bits=bits, softmax_quantizer=softmax)
+    dopq.quantize(model, x, config, progress=False)
+    report = export_onnx(model, tmp_path / "m.onnx", float_dtype="float64")
+    assert report.float_dtype == "float64" and read_metadata(report.path)["float_dtype"] == "float64"
+    with torch.no_grad():
+        simulated, deployed = float64_copy(model)(x), to_deploy(model, dtype=torch.float64)(x)
+    runtime = OnnxModel(report.path, threads=1)(x)
+    # no float32 rounding between the quantizers: every code is the simulation's, so the logits
+    # agree to float64 rounding (then cast to float32), not just the predictions
+    scale = float(simulated.abs().max())
+    assert float((runtime - simulated).abs().max()) <= 1e-6 * scale
+    assert float((deployed - simulated).abs().max()) <= 1e-6 * scale
+    ops = optimized_op_counts(report.path)
+    linears = sum(isinstance(m, QuantLinear) for m in model.modules())
+    matmuls = sum(isinstance(m, QuantMatMul) for m in model.modules())
+    # every Linear, the patch embedding and every q @ k^T (and attn @ v with a uniform grid)
+    integer_products = linears + 1 + matmuls // 2 + (matmuls // 2 if softmax == "uniform" else 0)
+    assert ops.get("MatMulInteger", 0) == integer_products, ops
+    assert "QuantizeLinear" not in ops and "Conv" not in ops
+
+
+def test_float64_copy_keeps_the_float32_weight_codes() -> None:
+    model, x = _vit()
+    dopq.quantize(model, x, dopq.get_preset("dopq", w_bits=4, a_bits=4), progress=False)
+    copy64 = float64_copy(model)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for name, module in copy64.model.named_modules():
+        if name in layers:
+            q = layers[name].weight_quantizer
+            zero_point, scale = (t.double().reshape(-1, 1) for t in (q.zero_point, q.scale))
+            expected = (q.codes(layers[name].weight).double() - zero_point) * scale
+            assert module.weight.dtype == torch.float64 and torch.equal(module.weight, expected)
+    with torch.no_grad():
+        simulated, exact = model(x), copy64(x)
+    assert exact.dtype == torch.float32
+    # the same function: most images agree to float32 rounding; on the rest a value within
+    # float32 rounding of a rounding boundary took the other code in the float32 model
+    per_image = (exact - simulated).abs().amax(1)
+    assert (per_image <= 1e-5 * float(simulated.abs().max())).float().mean() >= 0.75, per_image
+
+
+def test_level_tables_are_float32_numbers_in_a_float64_model() -> None:
+    for name in ("tanq", "log2", "logsqrt2"):
+        q = build_quantizer(name, 4, **({"objective": "mse"} if name == "tanq" else {}))
+        q.observing = True
+        q(torch.softmax(torch.randn(2, 2, 16, 16) * 3, -1))
+        levels32, thresholds32 = q.level_table()
+        levels64, thresholds64 = q.double().level_table()
+        assert levels64.dtype == torch.float64
+        assert torch.equal(levels64, levels32.double()) and torch.equal(thresholds64, thresholds32.double())
+
+
+def test_float64_export_refuses_overlapping_convolutions(tmp_path: Path) -> None:
+    model, x = _vit()
+    dopq.quantize(model, x, dopq.get_preset("dopq", w_bits=8, a_bits=8), progress=False)
+    model.patch_embed.proj.stride = (8, 8)  # kernel 16: overlapping patches
+    with pytest.raises(ExportError, match="non-overlapping convolutions"):
+        export_onnx(model, tmp_path / "m.onnx", float_dtype="float64")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_cli_float64_export_reproduces_the_reported_accuracy(
+    images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    onnx_path, saved, run = tmp_path / "m.onnx", tmp_path / "q.pt", tmp_path / "run.json"
+    argv = _quantize(images, "--save", str(saved), "--export", str(onnx_path), "--export-dtype", "float64",
+                     "--output", str(run))  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    recorded = json.loads(run.read_text())
+    assert recorded["eval_dtype"] == "float64" and recorded["export"]["float_dtype"] == "float64"
+    out = tmp_path / "ev.json"
+    argv = ["evaluate", "--onnx", str(onnx_path), "--quantized", str(saved), "--data", str(images),
+            "--quiet", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    comparison = result["comparison"]
+    assert comparison["simulation_dtype"] == "float64" and comparison["identical_top1"] == 1.0
+    assert comparison["max_logit_diff"] <= 1e-5
+    assert result["quant_top1"] == recorded["quant_top1"]
+    assert main([*argv[:-2], "--eval-dtype", "float32"]) == 2
+    assert "--eval-dtype is for --quantized alone" in capsys.readouterr().err
+    saved_run = tmp_path / "saved.json"
+    argv = ["evaluate", "--quantized", str(saved), "--data", str(images), "--quiet", "--eval-dtype", "float64",
+            "--output", str(saved_run)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert json.loads(saved_run.read_text())["quant_top1"] == recorded["quant_top1"]

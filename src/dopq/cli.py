@@ -11,6 +11,7 @@ from typing import Any
 
 from dopq import distributed
 from dopq.config import (
+    FLOAT_DTYPES,
     LN_SCALE_RULES,
     LN_SHIFTS,
     ROUNDINGS,
@@ -69,6 +70,12 @@ def _add_data_args(p: argparse.ArgumentParser, calib: bool = True) -> None:
         "--deterministic",
         action="store_true",
         help="CUDA: deterministic kernels only (slower; an op without one is an error). CPU runs repeat anyway",
+    )
+    p.add_argument(
+        "--eval-dtype",
+        choices=FLOAT_DTYPES,
+        help="evaluate the quantized model in float32 or float64 (the function a float64 ONNX export "
+        "reproduces exactly; slower). Default: float64 with --export-dtype float64, else float32",
     )
     p.add_argument("--output", type=Path, help="write the result as JSON here (and .md beside it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -129,6 +136,13 @@ def _add_export_args(p: argparse.ArgumentParser, flag: str) -> None:
         "--integer-attention",
         action="store_true",
         help="round post-Softmax levels to 8-bit fixed point so attn @ v is an integer MatMul too",
+    )
+    g.add_argument(
+        "--export-dtype",
+        choices=FLOAT_DTYPES,
+        default="float32",
+        help="float32: QDQ graph for onnxruntime's fused integer kernels (fast); float64: float parts "
+        "in float64, products as MatMulInteger, the float64 simulation's logits exactly (slower)",
     )
 
 
@@ -246,11 +260,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         recon_size=args.recon_calib_size,
         allow_partial=args.allow_partial,
+        eval_dtype=_eval_dtype(args),
     )
     meta = {
         "preprocess": work.preprocess.to_dict(),
         "command": result["command"],
         "quant_top1": result["quant_top1"],
+        "eval_dtype": result["eval_dtype"],
         "allow_partial": args.allow_partial,
     }
     if not distributed.current().is_main:  # one process writes, the others have the same model
@@ -261,6 +277,15 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         result["export"] = _export(model, config, meta, args)
     _write_outputs(result, args.output)
     return 0
+
+
+def _eval_dtype(args: argparse.Namespace) -> str:
+    """``--eval-dtype``, by default the exported graph's: the accuracy printed is then the one the
+    float64 graph reproduces."""
+    if args.eval_dtype is not None:
+        return args.eval_dtype
+    exported64 = getattr(args, "export", None) is not None and args.export_dtype == "float64"
+    return "float64" if exported64 else "float32"
 
 
 # (argument, smallest allowed value); None values are left to their defaults
@@ -300,9 +325,12 @@ def _export(
     from dopq.export import export_onnx
 
     metadata = {**meta, "recipe": config.to_dict(), "export_command": meta.get("command")}
-    report = export_onnx(model, args.export, args.opset, args.integer_attention, metadata)
+    report = export_onnx(
+        model, args.export, args.opset, args.integer_attention, metadata, float_dtype=args.export_dtype
+    )
     print(
-        f"wrote {report.path} ({report.bytes / 1e6:.2f} MB, {report.weight_storage} weights, opset {report.opset})"
+        f"wrote {report.path} ({report.bytes / 1e6:.2f} MB, {report.weight_storage} weights, "
+        f"opset {report.opset}, {report.float_dtype})"
     )
     return report.to_dict()
 
@@ -321,6 +349,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.quantized is None and args.onnx is None:
         raise ConfigError("dopq evaluate needs --quantized MODEL.pt, --onnx MODEL.onnx, or both")
+    if args.onnx is not None and args.eval_dtype is not None:
+        raise ConfigError(
+            "--eval-dtype is for --quantized alone: with --onnx the simulation runs in the graph's own dtype"
+        )
     common = dict(
         eval_split=args.eval_split,
         eval_subset=args.eval_subset,
@@ -333,7 +365,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.onnx is not None:
         result = evaluate_onnx(args.onnx, args.data, quantized=args.quantized, threads=args.threads, **common)
     else:
-        result = evaluate_saved(args.quantized, args.data, arch=args.model, device=args.device, **common)
+        result = evaluate_saved(
+            args.quantized,
+            args.data,
+            arch=args.model,
+            device=args.device,
+            eval_dtype=_eval_dtype(args),
+            **common,
+        )
     if distributed.current().is_main:
         _write_outputs(result, args.output)
     return 0

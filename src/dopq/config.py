@@ -27,6 +27,8 @@ WEIGHT_ROUNDINGS = ("nearest", "gptq")
 LN_SCALE_RULES = ("mean", "median", "mad", "search")
 LN_SHIFTS = ("bias", "input")
 MIN_BITS, MAX_BITS = 2, 8
+# float dtypes a quantized model is evaluated or exported in (float64: docs/export.md)
+FLOAT_DTYPES = ("float32", "float64")
 
 
 def _check_bits(name: str, value: int) -> None:

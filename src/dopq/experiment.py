@@ -47,6 +47,7 @@ from dopq.data import (
 from dopq.errors import ConfigError
 from dopq.evaluate import EvalResult, evaluate, merge_results
 from dopq.models import build_model, get_adapter
+from dopq.modules import in_dtype
 
 __all__ = [
     "RunSettings",
@@ -335,8 +336,10 @@ def run_recipe(
     progress: bool = True,
     recon_size: int | None = None,
     allow_partial: bool = False,
+    eval_dtype: str = "float32",
 ) -> tuple[dict[str, Any], nn.Module]:
-    """Quantize a copy of the workload's model with ``config`` and evaluate it.
+    """Quantize a copy of the workload's model with ``config`` and evaluate it (``eval_dtype``
+    ``"float64"``: the quantized model in float64, :func:`dopq.modules.float64_copy`).
 
     Returns:
         ``(result, quantized_model)``; ``result`` has the fields of the CLI's JSON output.
@@ -356,7 +359,9 @@ def run_recipe(
         allow_partial=allow_partial,
     )
     distributed.broadcast_module(model)  # bit-identical on every process (a no-op in one)
-    quant = _evaluate(work, model, f"{method} W{config.w_bits}A{config.a_bits}", progress)
+    quant = _evaluate(
+        work, in_dtype(model, eval_dtype), f"{method} W{config.w_bits}A{config.a_bits}", progress
+    )
     result = {
         "model": s.model,
         "method": method,
@@ -370,6 +375,7 @@ def run_recipe(
         "quant_top1_correct": quant.top1_correct,
         "calib_seconds": report.calib_seconds,
         "eval_images": quant.images,
+        "eval_dtype": eval_dtype,
         "eval_images_per_second": quant.images_per_second,
         "fp_eval_images_per_second": fp.images_per_second if fp else None,
         "timings": {**work.timings, **report.timings},
@@ -430,6 +436,7 @@ def evaluate_saved(
     progress: bool = True,
     overrides: dict[str, Any] | None = None,
     skip_bad_images: bool = False,
+    eval_dtype: str = "float32",
 ) -> dict[str, Any]:
     """Evaluate a model saved by ``dopq quantize --save`` with its recorded preprocessing
     (``overrides`` replaces fields of it, e.g. ``{"crop_pct": 1.0}``; ``workers=None`` picks
@@ -442,7 +449,7 @@ def evaluate_saved(
     pre = replace(Preprocess(**meta["preprocess"]), **(overrides or {}))
     loader = _eval_loader(data, eval_split, eval_subset, pre, batch_size, workers, skip_bad_images, device)
     with single_line_errors():
-        res = evaluate(model, loader, device=device, progress=progress, desc="saved")
+        res = evaluate(in_dtype(model, eval_dtype), loader, device=device, progress=progress, desc="saved")
     res, skipped = _across_processes(res, loader.skipped)
     return {
         "model": model.pretrained_cfg.get("architecture"),
@@ -454,6 +461,7 @@ def evaluate_saved(
         "quant_top1": res.top1,
         "quant_top5": res.top5,
         "eval_images": res.images,
+        "eval_dtype": eval_dtype,
         "eval_images_per_second": res.images_per_second,
         "quantized_path": str(path),
         "recorded_quant_top1": meta.get("quant_top1"),
@@ -490,7 +498,9 @@ def evaluate_onnx(
     """Evaluate an exported ONNX model with onnxruntime (CPU) under the usual protocol.
 
     With ``quantized`` (a ``dopq quantize --save`` file) both run on the same images and the result
-    also holds the share of identical top-1 predictions and the largest logit difference.
+    also holds the share of identical top-1 predictions and the largest logit difference; the
+    simulation runs in the graph's float dtype (its ``float_dtype`` metadata), so a float64 graph
+    is compared with the float64 simulation it reproduces.
     """
     from dopq.evaluate import compare
     from dopq.export import OnnxModel
@@ -526,7 +536,14 @@ def evaluate_onnx(
         from dopq.serialize import load_quantized
 
         model, _, _ = load_quantized(quantized)
-        agreement = compare(model, onnx_model, loader, progress=progress, desc="simulation vs onnxruntime")
-        result["comparison"] = {"quantized_path": str(quantized), **agreement.to_dict()}
+        dtype = meta.get("float_dtype", "float32")
+        agreement = compare(
+            in_dtype(model, dtype), onnx_model, loader, progress=progress, desc="simulation vs onnxruntime"
+        )
+        result["comparison"] = {
+            "quantized_path": str(quantized),
+            "simulation_dtype": dtype,
+            **agreement.to_dict(),
+        }
     result["data"] = _loader_data_report(loader, skip_bad_images)
     return result

@@ -11,6 +11,7 @@ An integer kernel runs it as per-channel zero points (see docs/mosf.md).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -18,9 +19,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dopq.quantizers import Quantizer
+from dopq.config import FLOAT_DTYPES
+from dopq.errors import ConfigError
+from dopq.quantizers import Quantizer, UniformQuantizer
 
-__all__ = ["QuantConv2d", "QuantLinear", "QuantMatMul", "quantizers_of", "quantizers_off", "set_quantization"]
+__all__ = [
+    "Float64Model",
+    "QuantConv2d",
+    "QuantLinear",
+    "QuantMatMul",
+    "float64_copy",
+    "in_dtype",
+    "quantizers_of",
+    "quantizers_off",
+    "set_quantization",
+]
 
 
 def _identity_or(q: Quantizer | None) -> nn.Module:
@@ -127,3 +140,44 @@ def set_quantization(model: nn.Module, weights: bool = True, activations: bool =
     for name, q in quantizers_of(model):
         q.enabled = weights if name.endswith("weight_quantizer") else activations
     return model
+
+
+class Float64Model(nn.Module):
+    """A float64 model behind a float32 interface: float32 images in, float32 logits out."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.pretrained_cfg = getattr(model, "pretrained_cfg", None)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images.double()).float()
+
+
+@torch.no_grad()
+def float64_copy(model: nn.Module) -> Float64Model:
+    """A float64 copy of a quantized model that computes the same quantized function, with float
+    rounding ~1e-16 instead of ~1e-7: no code moves with the thread count or the runtime, and the
+    float64 ONNX export (``export_onnx(..., float_dtype="float64")``) gives the same logits.
+
+    The weights keep the float32 model's integer codes (re-rounding ``w / s`` in float64 can pick
+    another code for a weight within float32 rounding of a tie): each quantized weight becomes its
+    codes dequantized in float64 and its quantizer is dropped. Activation quantizers, level tables
+    (defined in float32, see ``TanQQuantizer.level_table``) and the float ops run in float64.
+    """
+    out = copy.deepcopy(model)
+    for module in out.modules():
+        q = getattr(module, "weight_quantizer", None)
+        if isinstance(module, (QuantLinear, QuantConv2d)) and isinstance(q, UniformQuantizer) and q.enabled:
+            codes = q.codes(module.weight)
+            q.double()
+            module.weight = nn.Parameter(q.dequantize(codes.double()), requires_grad=False)
+            module.weight_quantizer = nn.Identity()
+    return Float64Model(out.double())
+
+
+def in_dtype(model: nn.Module, dtype: str) -> nn.Module:
+    """``model`` itself for ``"float32"``, its :func:`float64_copy` for ``"float64"``."""
+    if dtype not in FLOAT_DTYPES:
+        raise ConfigError(f"evaluation dtype must be one of {FLOAT_DTYPES}, got {dtype!r}")
+    return model if dtype == "float32" else float64_copy(model)

@@ -39,6 +39,8 @@ def _pct(value: float | None) -> str:
 def result_table(result: dict[str, Any]) -> str:
     """A few aligned lines: FP vs quantized accuracy and the stage timings."""
     label = f"{result.get('method', 'quantized')} W{result['w_bits']}/A{result['a_bits']}"
+    if result.get("eval_dtype") == "float64":
+        label += " (float64)"
     rows = [
         ("", "top-1", "top-5", "images/s"),
         (

@@ -7,19 +7,36 @@ deploy module; everything else (LayerNorm, Softmax, GELU, residual adds, positio
 Swin's relative position bias) stays float. The post-LayerNorm input offset (``ln_shift=input``,
 per-channel integer zero points) is folded into the bias with the *quantized* weights, so every
 activation stays per tensor: ``(x + o) W^T + b = x W^T + (W o + b)``.
+
+``dtype=torch.float64`` builds the float64 form: the float parts (LayerNorm, Softmax, residual
+adds, scales) run in float64, activations are quantized to uint8 codes by float64 ops and every
+quantized product is an ``integer_matmul`` (``MatMulInteger``, exact int32 sums). Float32 rounding
+differences are far too small to move any float64 value across a rounding boundary, so this form
+computes the simulation's codes in any runtime and on any thread count (docs/export.md). Two steps
+stay float32, where onnxruntime has no float64 kernel: GELU's ``erf`` (its error can move a code of
+the next quantizer at 8 bits) and the post-Softmax code rule above ``EXACT_LEVELS_MAX_BITS``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dopq.errors import ExportError
-from dopq.export.symbolic import dequantize_weight, log_levels, qdq, tan_levels, threshold_levels
-from dopq.modules import QuantConv2d, QuantLinear, QuantMatMul, quantizers_of
+from dopq.export.symbolic import (
+    dequantize_weight,
+    integer_matmul,
+    log_levels,
+    qdq,
+    quantize_codes,
+    tan_levels,
+    threshold_levels,
+)
+from dopq.modules import Float64Model, QuantConv2d, QuantLinear, QuantMatMul, quantizers_of
 from dopq.quantizers import LevelQuantizer, LogQuantizer, Quantizer, TanQQuantizer, UniformQuantizer
 
 __all__ = [
@@ -27,6 +44,7 @@ __all__ = [
     "DeployConv2d",
     "DeployLinear",
     "DeployMatMul",
+    "Float32ErfGELU",
     "SoftmaxLevels",
     "WeightCodes",
     "check_quantized",
@@ -70,9 +88,18 @@ class ActivationQDQ(nn.Module):
                 "integer kernels need one (use --integer-zero-point on, as the dopq recipe does)"
             )
         self.zero_point = int(zero_point)
+        self.register_buffer("zero_code", torch.tensor(self.zero_point, dtype=torch.uint8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return qdq(x, self.scale, self.zero_point, self.bits)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 codes of a float64 ``x`` (the float64 form's integer operands)."""
+        return quantize_codes(x, self.scale, self.zero_point, self.bits)
+
+    def fake_quantize64(self, x: torch.Tensor) -> torch.Tensor:
+        """``(codes - z) * s`` in float64, for a product without an integer kernel."""
+        return (self.codes(x).double() - self.zero_point) * self.scale
 
 
 class WeightCodes(nn.Module):
@@ -114,6 +141,12 @@ class WeightCodes(nn.Module):
     def forward(self) -> torch.Tensor:
         return dequantize_weight(self.codes, self.scale, self.zero_point, self.axis)
 
+    def dequantize64(self) -> torch.Tensor:
+        """``(codes - z) * s`` in float64."""
+        shape = [1] * self.codes.ndim
+        shape[self.axis] = -1
+        return (self.codes.double() - self.zero_point.double().view(shape)) * self.scale.double().view(shape)
+
 
 def _optional_qdq(q: nn.Module, where: str) -> nn.Module:
     if isinstance(q, Quantizer) and q.enabled:
@@ -130,9 +163,13 @@ def _weight_quantizer(module: nn.Module, where: str) -> UniformQuantizer:
 
 class DeployLinear(nn.Module):
     """``x_q @ W_q^T + b'`` with int8 weight codes stored transposed (``(in, out)``, DequantizeLinear
-    on axis 1) so that the integer MatMul sees them directly, and the input offset in ``b'``."""
+    on axis 1) so that the integer MatMul sees them directly, and the input offset in ``b'``.
 
-    def __init__(self, layer: QuantLinear, where: str) -> None:
+    In float64 (``dtype``) the product is ``integer_matmul`` of the input's uint8 codes and the
+    weight codes, scaled by ``s_x * s_w`` per output channel.
+    """
+
+    def __init__(self, layer: QuantLinear, where: str, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         wq = _weight_quantizer(layer, where)
         self.input_qdq = _optional_qdq(layer.input_quantizer, where)
@@ -141,18 +178,44 @@ class DeployLinear(nn.Module):
         if layer.bias is not None:
             bias += layer.bias.detach().double()
         if layer.input_offset is not None:
-            w_hat = wq.dequantize(wq.codes(layer.weight)).double()
+            codes = wq.codes(layer.weight).double()  # dequantized in float64: the bias is float64 there
+            channel = (-1, 1)
+            w_hat = (codes - wq.zero_point.double().reshape(channel)) * wq.scale.double().reshape(channel)
             bias += w_hat @ layer.input_offset.detach().double()
-        self.register_buffer("bias", bias.float())
+        self.float64 = dtype == torch.float64
+        self.register_buffer("bias", bias.to(dtype))
+        self.register_buffer("product_scale", _product_scale(self.input_qdq, self.weight.scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(self.input_qdq(x), self.weight()) + self.bias
+        if not self.float64:
+            return torch.matmul(self.input_qdq(x), self.weight()) + self.bias
+        return _linear64(x, self.input_qdq, self.weight, self.product_scale) + self.bias
+
+
+def _product_scale(input_qdq: nn.Module, weight_scale: torch.Tensor) -> torch.Tensor:
+    """``s_x * s_w`` per output channel in float64 (the integer product's scale)."""
+    s_x = input_qdq.scale if isinstance(input_qdq, ActivationQDQ) else 1.0
+    return weight_scale.double() * s_x
+
+
+def _linear64(
+    x: torch.Tensor, input_qdq: nn.Module, weight: WeightCodes, scale: torch.Tensor
+) -> torch.Tensor:
+    """``x @ W`` in float64: an integer product of codes, or float64 on a float input."""
+    if isinstance(input_qdq, ActivationQDQ):
+        return integer_matmul(input_qdq.codes(x), weight.codes, input_qdq.zero_code, weight.zero_point, scale)
+    return x @ weight.dequantize64()
 
 
 class DeployConv2d(nn.Module):
-    """Convolution of the Q/DQ input with int8 weight codes (patch embedding)."""
+    """Convolution of the Q/DQ input with int8 weight codes (patch embedding).
 
-    def __init__(self, layer: QuantConv2d, where: str) -> None:
+    In float64 (``dtype``; onnxruntime has no float64 ``Conv``, and ``ConvInteger`` takes only one
+    weight zero point) a non-overlapping convolution (kernel = stride, no padding), which is what
+    every ViT patch embedding is, runs as patches times weights: an ``integer_matmul``.
+    """
+
+    def __init__(self, layer: QuantConv2d, where: str, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         wq = _weight_quantizer(layer, where)
         self.input_qdq = _optional_qdq(layer.input_quantizer, where)
@@ -161,26 +224,60 @@ class DeployConv2d(nn.Module):
         self.stride, self.padding, self.dilation, self.groups = (
             layer.stride, layer.padding, layer.dilation, layer.groups,
         )  # fmt: skip
+        self.float64 = dtype == torch.float64
+        if self.float64:
+            self._init_patch_matmul(layer, where)
+
+    def _init_patch_matmul(self, layer: QuantConv2d, where: str) -> None:
+        patch = tuple(layer.kernel_size)
+        padded = layer.padding not in (0, "valid") and any(layer.padding)
+        if tuple(layer.stride) != patch or padded or layer.groups != 1 or any(d != 1 for d in layer.dilation):
+            raise ExportError(
+                f"{where}: the float64 export runs only non-overlapping convolutions (kernel = stride, "
+                "no padding, dilation 1, groups 1), as in ViT patch embeddings; export in float32"
+            )
+        self.patch = patch
+        out_channels = self.weight.codes.shape[0]
+        self.weight.codes = self.weight.codes.reshape(out_channels, -1).t().contiguous()
+        self.weight.axis = 1
+        bias = torch.zeros(out_channels, dtype=torch.float64)
+        if self.bias is not None:
+            bias += self.bias.double()
+        self.bias = bias
+        self.register_buffer("product_scale", _product_scale(self.input_qdq, self.weight.scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.float64:
+            return self._patch_matmul(x)
         x = self.input_qdq(x)
         return F.conv2d(x, self.weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _patch_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        ph, pw = self.patch
+        rows, cols = h // ph, w // pw
+        x = x[:, :, : rows * ph, : cols * pw]  # a convolution drops the incomplete border too
+        patches = x.reshape(n, c, rows, ph, cols, pw).permute(0, 2, 4, 1, 3, 5).reshape(n, rows * cols, -1)
+        out = _linear64(patches, self.input_qdq, self.weight, self.product_scale) + self.bias
+        return out.reshape(n, rows, cols, -1).permute(0, 3, 1, 2)
 
 
 class SoftmaxLevels(nn.Module):
     """The deploy form of a post-Softmax table quantizer: the level value of each element, from the
-    family's closed form (TanQ, log2, log-sqrt2) or by comparisons with every threshold."""
+    family's closed form (TanQ, log2, log-sqrt2) or by comparisons with every threshold; in float64
+    (:meth:`exact`) by comparisons with the table's own thresholds."""
 
     def __init__(self, q: LevelQuantizer) -> None:
         super().__init__()
         q = q.resolve()  # a per-module choice ("auto") exports as the family it chose
+        levels, thresholds = (t.detach().double().tolist() for t in q.level_table())
+        self.table = (levels, thresholds)
         if isinstance(q, TanQQuantizer):
             self.kind, self.args = "tanq", (*q.warp_params(), q.bits)
         elif isinstance(q, LogQuantizer):
             self.kind, self.args = "log", (float(q.delta), q.step, q.n_nonzero)
         else:
-            levels, thresholds = q.level_table()
-            self.kind, self.args = "table", (levels.tolist(), thresholds.tolist())
+            self.kind, self.args = "table", self.table
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "tanq":
@@ -188,6 +285,24 @@ class SoftmaxLevels(nn.Module):
         if self.kind == "log":
             return log_levels(x, *self.args)
         return threshold_levels(x, *self.args)
+
+    @property
+    def has_exact_form(self) -> bool:
+        """Few enough thresholds for :meth:`exact` (one pass each)."""
+        return len(self.table[1]) < 2**EXACT_LEVELS_MAX_BITS
+
+    def exact(self, x: torch.Tensor) -> torch.Tensor:
+        """The table's level of each element of a float64 ``x``, by comparing it with every
+        threshold in float64 (``Greater -> Cast -> Mul -> Add`` per threshold): no rounding decides
+        a level, so it is the simulation's."""
+        levels, thresholds = self.table
+        out = torch.full_like(x, levels[0])
+        for threshold, low, high in zip(thresholds, levels, levels[1:], strict=False):
+            out = out + (x > threshold).to(x.dtype) * (high - low)
+        return out
+
+
+EXACT_LEVELS_MAX_BITS = 6  # float64 post-Softmax levels by comparisons: 2^b - 1 passes
 
 
 def _fixed_point_scale(levels: torch.Tensor, max_code: int = 255) -> float:
@@ -212,13 +327,19 @@ class DeployMatMul(nn.Module):
     With ``integer_levels`` the level values are rounded to an 8-bit fixed-point grid
     (``round(level / s)``, ``s = max level / 255``) so that ``attn @ v`` also runs as an integer
     MatMul; this changes the simulated function slightly (docs/export.md measures it).
+    In float64 (``dtype``) products of codes are ``integer_matmul``; post-Softmax levels up to
+    ``EXACT_LEVELS_MAX_BITS`` come from comparisons with the table's thresholds in float64 (exact),
+    above that from the float32 code rule (onnxruntime has no float64 ``Tan`` / ``Atan``).
     """
 
-    def __init__(self, layer: QuantMatMul, where: str, integer_levels: bool) -> None:
+    def __init__(
+        self, layer: QuantMatMul, where: str, integer_levels: bool, dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
         qa = layer.quantizer_a
         self.levels: SoftmaxLevels | None = None
         self.level_scale = 0.0
+        self.float64 = dtype == torch.float64
         if isinstance(qa, LevelQuantizer) and qa.enabled:
             self.levels = SoftmaxLevels(qa)
             if integer_levels:
@@ -227,13 +348,51 @@ class DeployMatMul(nn.Module):
         else:
             self.qdq_a = _optional_qdq(qa, f"{where} (left operand)")
         self.qdq_b = _optional_qdq(layer.quantizer_b, f"{where} (right operand)")
+        self.register_buffer("zero", torch.tensor(0, dtype=torch.uint8))
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.float64:
+            return self._forward64(a, b)
         if self.levels is not None:
             a = self.levels(a)
             if self.level_scale:
                 a = qdq(a, self.level_scale, 0, 8)
         return self.qdq_a(a) @ self.qdq_b(b)
+
+    def _forward64(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.levels is not None:
+            exact = self.levels.has_exact_form
+            a = self.levels.exact(a) if exact else self.levels(a.float()).double()
+            if self.level_scale:
+                codes = quantize_codes(a, self.level_scale, 0, 8)
+                return self._integer_product(codes, self.zero, self.level_scale, b)
+            return a @ _fake_quantize64(self.qdq_b, b)
+        if isinstance(self.qdq_a, ActivationQDQ):
+            return self._integer_product(self.qdq_a.codes(a), self.qdq_a.zero_code, self.qdq_a.scale, b)
+        return a @ _fake_quantize64(self.qdq_b, b)
+
+    def _integer_product(
+        self, a_codes: torch.Tensor, a_zero: torch.Tensor, a_scale: float, b: torch.Tensor
+    ) -> torch.Tensor:
+        if not isinstance(self.qdq_b, ActivationQDQ):
+            return ((a_codes.double() - a_zero.double()) * a_scale) @ b
+        scale = torch.tensor(a_scale * self.qdq_b.scale, dtype=torch.float64)
+        return integer_matmul(a_codes, self.qdq_b.codes(b), a_zero, self.qdq_b.zero_code, scale)
+
+
+def _fake_quantize64(qdq_module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return qdq_module.fake_quantize64(x) if isinstance(qdq_module, ActivationQDQ) else x
+
+
+class Float32ErfGELU(nn.Module):
+    """Exact GELU, ``x / 2 * (1 + erf(x / sqrt 2))``, in float64 with ``erf`` in float32:
+    onnxruntime has no float64 ``Erf``. Its float32 error moves a code of the next quantizer where
+    the value lies within that error of a rounding boundary: the one inexact step of the float64
+    form, seen at 8 bits (fine steps), not at 4 (docs/export.md)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        erf = torch.erf((x * math.sqrt(0.5)).float()).double()
+        return x * 0.5 * (erf + 1.0)
 
 
 def _set_child(root: nn.Module, qualified: str, new: nn.Module) -> None:
@@ -242,20 +401,30 @@ def _set_child(root: nn.Module, qualified: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def to_deploy(model: nn.Module, integer_levels: bool = False) -> nn.Module:
+def to_deploy(
+    model: nn.Module, integer_levels: bool = False, dtype: torch.dtype = torch.float32
+) -> nn.Module:
     """A CPU copy of a quantized model in deploy form (the model itself is not changed).
 
     Args:
         model: a model returned by :func:`dopq.quantize` (or loaded with ``load_quantized``).
         integer_levels: round post-Softmax levels to 8-bit fixed point for an integer ``attn @ v``.
+        dtype: ``torch.float32`` (QDQ, onnxruntime's fused integer kernels, the fast form) or
+            ``torch.float64`` (the float parts in float64: the simulation's codes on any runtime).
     """
     check_quantized(model)
+    if dtype not in (torch.float32, torch.float64):
+        raise ExportError(f"the deploy form is float32 or float64, not {dtype}")
     deploy = copy.deepcopy(model).cpu().eval()
     for name, module in list(deploy.named_modules()):
         if isinstance(module, QuantLinear):
-            _set_child(deploy, name, DeployLinear(module, name))
+            _set_child(deploy, name, DeployLinear(module, name, dtype))
         elif isinstance(module, QuantConv2d):
-            _set_child(deploy, name, DeployConv2d(module, name))
+            _set_child(deploy, name, DeployConv2d(module, name, dtype))
         elif isinstance(module, QuantMatMul):
-            _set_child(deploy, name, DeployMatMul(module, name, integer_levels))
-    return deploy
+            _set_child(deploy, name, DeployMatMul(module, name, integer_levels, dtype))
+        elif dtype == torch.float64 and isinstance(module, nn.GELU) and module.approximate == "none":
+            _set_child(deploy, name, Float32ErfGELU())
+    if dtype == torch.float32:
+        return deploy
+    return Float64Model(deploy.to(torch.float64))  # float buffers to float64; codes stay integer

@@ -36,6 +36,8 @@ MIN_OPSET = 13  # per-axis DequantizeLinear
 INT4_OPSET = 21  # INT4 tensors and Cast to/from them
 MAX_OPSET = 21  # the highest this dopq version has checked with onnxruntime
 INT4_RANGE = (-8, 7)
+_TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_DTYPE_NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
 
 
 def require_onnx() -> Any:
@@ -57,6 +59,7 @@ class ExportReport:
     weight_storage: str
     integer_levels: bool
     seconds: float
+    float_dtype: str = "float32"
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -80,14 +83,18 @@ def _initializers(graph: Any) -> dict[str, Any]:
     return {init.name: init for init in graph.initializer}
 
 
-def _is_weight_dequantizer(node: Any, inits: dict[str, Any]) -> bool:
-    """A per-axis DequantizeLinear of constant codes and zero points: a weight."""
-    return (
-        node.op_type == "DequantizeLinear"
-        and any(a.name == "axis" for a in node.attribute)
-        and len(node.input) == 3
-        and all(name in inits for name in node.input[:3:2])
-    )
+def _weight_slots(node: Any, inits: dict[str, Any]) -> tuple[int, ...]:
+    """The (codes, zero points) inputs of a node that reads constant weight codes, or ():
+    a per-axis DequantizeLinear (float32 form) or MatMulInteger's right operand (float64 form)."""
+    if node.op_type == "DequantizeLinear" and any(a.name == "axis" for a in node.attribute):
+        slots: tuple[int, ...] = (0, 2)
+    elif node.op_type == "MatMulInteger":
+        slots = (1, 3)
+    else:
+        return ()
+    if len(node.input) <= max(slots) or not all(node.input[i] in inits for i in slots):
+        return ()
+    return slots
 
 
 def _fits_int4(*arrays: np.ndarray) -> bool:
@@ -105,8 +112,9 @@ def _pack_int4_weights(model: Any) -> int:
     inits = _initializers(graph)
     packed, nodes = 0, []
     for node in graph.node:
-        if _is_weight_dequantizer(node, inits):
-            arrays = {slot: numpy_helper.to_array(inits[node.input[slot]]) for slot in (0, 2)}
+        slots = _weight_slots(node, inits)
+        if slots:
+            arrays = {slot: numpy_helper.to_array(inits[node.input[slot]]) for slot in slots}
             if _fits_int4(*arrays.values()):
                 for slot, array in arrays.items():
                     name = node.input[slot]
@@ -141,7 +149,7 @@ def _set_metadata(model: Any, metadata: dict[str, Any]) -> None:
         entry.value = value if isinstance(value, str) else json.dumps(value)
 
 
-def _model_metadata(model: nn.Module, integer_levels: bool) -> dict[str, Any]:
+def _model_metadata(model: nn.Module, integer_levels: bool, dtype: torch.dtype) -> dict[str, Any]:
     import dopq
 
     cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -150,6 +158,7 @@ def _model_metadata(model: nn.Module, integer_levels: bool) -> dict[str, Any]:
         "num_classes": getattr(model, "num_classes", None),
         "dopq_version": dopq.__version__,
         "integer_attention": integer_levels,
+        "float_dtype": _DTYPE_NAMES[dtype],
     }
 
 
@@ -159,6 +168,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     integer_levels: bool = False,
     metadata: dict[str, Any] | None = None,
+    float_dtype: str = "float32",
 ) -> ExportReport:
     """Export a quantized model to ONNX (QDQ) for onnxruntime's integer kernels.
 
@@ -169,16 +179,22 @@ def export_onnx(
         integer_levels: round post-Softmax levels to 8-bit fixed point so ``attn @ v`` is an integer
             MatMul too (see :class:`dopq.export.deploy.DeployMatMul`).
         metadata: JSON-ready entries stored in the model's ``metadata_props``.
+        float_dtype: ``"float32"`` (QDQ for onnxruntime's fused integer kernels: the fast graph) or
+            ``"float64"`` (float parts in float64, products as ``MatMulInteger``: it reproduces the
+            simulation's codes, at a cost in speed; docs/export.md).
 
     Returns:
         An :class:`ExportReport`.
     """
+    if float_dtype not in _TORCH_DTYPES:
+        raise ExportError(f"float dtype must be one of {sorted(_TORCH_DTYPES)}, got {float_dtype!r}")
     check_export_target(path, opset)
     onnx = require_onnx()
     path = Path(path)
     t0 = time.perf_counter()
-    deploy = to_deploy(model, integer_levels)
-    example = example_input(deploy)
+    dtype = _TORCH_DTYPES[float_dtype]
+    deploy = to_deploy(model, integer_levels, dtype)
+    example = example_input(model).cpu()
     with atomic_path(path) as tmp:  # an interrupted export leaves no half file
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
@@ -195,10 +211,23 @@ def export_onnx(
         graph = onnx.load(str(tmp))
         packed = _pack_int4_weights(graph) if opset >= INT4_OPSET else 0
         _drop_unused_initializers(graph)
-        _set_metadata(graph, {**_model_metadata(model, integer_levels), **(metadata or {})})
+        _set_metadata(graph, {**_model_metadata(model, integer_levels, dtype), **(metadata or {})})
         onnx.checker.check_model(graph)
         onnx.save(graph, str(tmp))
+        _check_loads(tmp, float_dtype)
     storage = "int4" if packed else "int8"
     return ExportReport(
-        str(path), path.stat().st_size, opset, storage, integer_levels, time.perf_counter() - t0
+        str(path), path.stat().st_size, opset, storage, integer_levels, time.perf_counter() - t0, float_dtype
     )
+
+
+def _check_loads(path: Path, float_dtype: str) -> None:
+    """onnxruntime must be able to run the graph; a float64 graph of a family with an op that has
+    no float64 kernel (a rotary embedding's Sin, say) fails here, before the file is kept."""
+    from dopq.export.runtime import OnnxModel
+
+    try:
+        OnnxModel(path, threads=1)
+    except ExportError as exc:
+        hint = "; export in float32" if float_dtype == "float64" else ""
+        raise ExportError(f"{exc}{hint}") from None

@@ -10,6 +10,14 @@ checked against the simulation without onnxruntime); each ``symbolic`` emits sta
 * ``log_levels`` / ``tan_levels``: the nearest-level codes of the post-Softmax quantizers from closed
   forms (elementwise ops only: onnxruntime's ``Gather`` is scalar and several times slower), returning
   the level value; ``threshold_levels``: any table, by comparisons with every threshold.
+
+The float64 form (``to_deploy(..., dtype=torch.float64)``) cannot use ``QuantizeLinear`` /
+``DequantizeLinear`` (float32 only in onnxruntime); it uses:
+
+* ``quantize_codes``: ``Div -> Round -> Add -> Clip -> Cast(uint8)``, the simulation's
+  ``clamp(round(x / s) + z, 0, 2^b - 1)`` in float64;
+* ``integer_matmul``: ``MatMulInteger`` (exact int32 sums of codes minus zero points), then
+  ``Cast(float64) -> Mul`` by the product of the two scales.
 """
 
 from __future__ import annotations
@@ -18,7 +26,17 @@ import math
 
 import torch
 
-__all__ = ["dequantize_weight", "log_levels", "qdq", "tan_levels", "threshold_levels"]
+__all__ = [
+    "dequantize_weight",
+    "integer_matmul",
+    "log_levels",
+    "qdq",
+    "quantize_codes",
+    "tan_levels",
+    "threshold_levels",
+]
+
+_ONNX_UINT8, _ONNX_DOUBLE = 2, 11  # onnx.TensorProto data types
 
 
 def _const(g, value: float | int | torch.Tensor, dtype: torch.dtype = torch.float32):
@@ -154,3 +172,46 @@ def threshold_levels(x: torch.Tensor, levels: list[float], thresholds: list[floa
     """Level value of any table quantizer by comparing with every threshold (exact, but one pass per
     threshold: the fallback for tables without a closed form)."""
     return _ThresholdLevels.apply(x, levels, thresholds)
+
+
+class _QuantizeCodes(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, bits):
+        codes = torch.round(x / scale)
+        if zero_point:  # no "+ 0" (see _QDQ)
+            codes = codes + zero_point
+        return torch.clamp(codes, 0, 2**bits - 1).to(torch.uint8)
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point, bits):
+        codes = g.op("Round", g.op("Div", x, _const(g, scale, torch.float64)))
+        if zero_point:
+            codes = g.op("Add", codes, _const(g, float(zero_point), torch.float64))
+        bounds = (_const(g, 0.0, torch.float64), _const(g, float(2**bits - 1), torch.float64))
+        return g.op("Cast", g.op("Clip", codes, *bounds), to_i=_ONNX_UINT8)
+
+
+def quantize_codes(x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
+    """uint8 codes ``clamp(round(x / s) + z, 0, 2^b - 1)`` of a float64 tensor (per tensor)."""
+    return _QuantizeCodes.apply(x, scale, zero_point, bits)
+
+
+class _IntegerMatMul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, a_zero, b_zero, scale):
+        # float64 holds every partial sum of 8-bit products exactly (|sum| < 2^53)
+        return ((a.double() - a_zero.double()) @ (b.double() - b_zero.double())) * scale
+
+    @staticmethod
+    def symbolic(g, a, b, a_zero, b_zero, scale):
+        products = g.op("MatMulInteger", a, b, a_zero, b_zero)
+        return g.op("Mul", g.op("Cast", products, to_i=_ONNX_DOUBLE), scale)
+
+
+def integer_matmul(
+    a: torch.Tensor, b: torch.Tensor, a_zero: torch.Tensor, b_zero: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """``((a - a_zero) @ (b - b_zero)) * scale`` in float64, for integer codes ``a`` (uint8) and
+    ``b`` (uint8 or int8). ``a_zero`` is a scalar, ``b_zero`` a scalar or one per column of ``b``,
+    ``scale`` (float64) broadcasts against the product (one per column for weights)."""
+    return _IntegerMatMul.apply(a, b, a_zero, b_zero, scale)

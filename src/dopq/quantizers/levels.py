@@ -143,7 +143,9 @@ class LogQuantizer(LevelQuantizer):
         self.register_buffer("delta", torch.ones(()))
 
     def level_table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return log_levels(self.delta, self.bits, self.step, self.extra_zero)
+        # float32 defines the table whatever the module's dtype (as TanQQuantizer.level_table)
+        levels, thresholds = log_levels(self.delta.float(), self.bits, self.step, self.extra_zero)
+        return levels.to(self.delta.dtype), thresholds.to(self.delta.dtype)
 
     def initialize(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
         rows = x.float().reshape(1, -1)

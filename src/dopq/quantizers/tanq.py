@@ -194,7 +194,11 @@ class TanQQuantizer(LevelQuantizer):
         return params
 
     def level_table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return tan_levels(*self._params(), self.bits)
+        # float32 defines the table, whatever the module's dtype: a float64 evaluation then uses
+        # the float32 model's levels and thresholds exactly (docs/export.md, float64 form)
+        params = self._params()
+        levels, thresholds = tan_levels(*(p.float() for p in params), self.bits)
+        return levels.to(params[0].dtype), thresholds.to(params[0].dtype)
 
     def extra_repr(self) -> str:
         return (
