@@ -19,17 +19,22 @@ from render import sign_test_p
 
 STRESS = "stress"
 STRESS_ARCH = "deit_tiny_patch16_224"
+ACT_WIDE = (0.99, 0.995, 0.999, 0.9999, 0.99999)
 TAGS = {"deit_tiny_patch16_224": "deit", "swin_tiny_patch4_window7_224": "swin", STRESS: "stress"}
 
 
 def calib_gain_recipes(bits: int) -> dict[str, QuantConfig]:
     """dopq and the two calibration-time switches, alone and together."""
     dopq = get_preset("dopq", w_bits=bits, a_bits=bits)
+    both = dopq.replace(weight_rounding="gptq", softmax_quantizer="auto")
     return {
         "dopq": dopq,
         "dopq+gptq": dopq.replace(weight_rounding="gptq"),
         "dopq+auto": dopq.replace(softmax_quantizer="auto"),
-        "dopq+gptq+auto": dopq.replace(weight_rounding="gptq", softmax_quantizer="auto"),
+        "dopq+gptq+auto": both,
+        # tighter activation clips in the range search (0.99, 0.995), alone and with both switches
+        "dopq+act-wide": dopq.replace(act_percentiles=ACT_WIDE),
+        "dopq+gptq+auto+act-wide": both.replace(act_percentiles=ACT_WIDE),
     }
 
 
@@ -91,9 +96,10 @@ def suite_calib_gains_timing(args: Any, workload: Any, save: Any) -> None:
     from dopq.api import quantize_with_report
 
     work = workload(args, STRESS_ARCH)
-    times: dict[str, list[float]] = {label: [] for label in calib_gain_recipes(3)}
+    recipes = {k: v for k, v in calib_gain_recipes(3).items() if not args.recipes or k in args.recipes}
+    times: dict[str, list[float]] = {label: [] for label in recipes}
     for _ in range(args.repeats):
-        for label, cfg in calib_gain_recipes(3).items():
+        for label, cfg in recipes.items():
             _, report = quantize_with_report(
                 copy.deepcopy(work.model), work.calib_images, cfg, progress=False
             )

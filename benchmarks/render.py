@@ -439,13 +439,13 @@ def _data_table(data: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _calib_gains_table(data: dict[str, Any]) -> list[str]:
+def _calib_gains_table(data: dict[str, Any], note: str = "") -> list[str]:
     """GPTQ rounding and the per-module post-Softmax choice against dopq (benchmarks/calib_gains.py):
     top-1, the paired sign test against dopq and the calibration time per cell."""
     rows = data["rows"]
     model = rows[0]["model"]
     bits = sorted({r["w_bits"] for r in rows})
-    lines = [f"### Calibration-time gains: {model}", "",
+    lines = [f"### Calibration-time gains: {model}{note}", "",
              f"Command: `{data['command']}` ({data['threads']} torch threads). FP32 top-1 {_pct(rows[0]['fp_top1'])}%. "
              "Cells: top-1 %, images fixed / broken against dopq (sign-test p), calibration s.", "",
              "| recipe | " + " | ".join(f"W{b}/A{b}" for b in bits) + " |", "|---" * (len(bits) + 1) + "|"]  # fmt: skip
@@ -503,10 +503,12 @@ def render(results: Path, target: Path) -> None:
     if data:
         parts += _tanq_grid_table(data)
     parts += _timing(results)
-    for name in ("calib_gains_deit", "calib_gains_stress", "calib_gains_swin"):
+    for name, note in (("calib_gains_deit", ""), ("calib_gains_stress", ""), ("calib_gains_swin", ""),
+                       ("calib_gains_deit_actwide", ", tighter activation clips"),
+                       ("calib_gains_stress_actwide", ", tighter activation clips")):  # fmt: skip
         data = _load(results, name)
         if data:
-            parts += _calib_gains_table(data)
+            parts += _calib_gains_table(data, note)
     data = _load(results, "calib_gains_timing")
     if data:
         parts += _calib_gains_timing(data)

@@ -35,6 +35,7 @@ def test_presets_differ_only_in_components():
         ("ln_scale", "max", "ln_scale must be one of"),
         ("ln_shift", "weights", "ln_shift must be one of bias, input"),
         ("percentiles", (0.2,), "percentiles"),
+        ("act_percentiles", (), "act_percentiles must be in"),
     ],
 )
 def test_invalid_fields_raise_actionable_errors(field, value, message):
@@ -85,3 +86,20 @@ def test_dopq_preset_uses_tanq_below_8_bits_and_uniform_at_8() -> None:
     ]
     assert get_preset("dopq", a_bits=8, softmax_quantizer="tanq").softmax_quantizer == "tanq"
     assert get_preset("repq", a_bits=8).softmax_quantizer == "logsqrt2"
+
+
+def test_act_percentiles_reach_the_activation_quantizers_only():
+    import timm
+
+    from dopq.models import prepare_model
+    from dopq.modules import QuantLinear
+
+    config = get_preset("dopq", act_percentiles=(0.99, 0.999))
+    assert QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert get_preset("dopq").act_percentiles is None  # the presets keep one grid
+    model = timm.create_model("test_vit", num_classes=10)
+    prepare_model(model, config)
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert linears
+    assert all(m.input_quantizer.percentiles == (0.99, 0.999) for m in linears)
+    assert all(m.weight_quantizer.percentiles == config.percentiles for m in linears)

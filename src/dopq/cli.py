@@ -101,6 +101,12 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--tanq-objective", choices=["output", "mse"])
     g.add_argument(
+        "--act-percentiles",
+        type=float,
+        nargs="+",
+        help="candidate upper quantiles of the activation range search (default: the preset's percentiles)",
+    )
+    g.add_argument(
         "--weight-rounding",
         choices=["nearest", "gptq"],
         help="weight rounding: nearest, or gptq (second-order error feedback from the calibration inputs)",
@@ -194,6 +200,7 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
         "tanq_objective": args.tanq_objective,
         "weight_rounding": args.weight_rounding,
         "gptq_damp": args.gptq_damp,
+        "act_percentiles": tuple(args.act_percentiles) if args.act_percentiles else None,
     }
     for switch in ("integer_zero_point", "bias_correction", "gptq_act_order"):
         if getattr(args, switch):

@@ -59,7 +59,7 @@ class _Factory:
 
     def act(self, per_channel: bool = False, bits: int | None = None) -> Quantizer:
         gran = PerChannel(-1) if per_channel else PerTensor()
-        return UniformQuantizer(bits or self.c.a_bits, gran, self.c.percentiles)
+        return UniformQuantizer(bits or self.c.a_bits, gran, self.c.act_percentiles or self.c.percentiles)
 
     def softmax(self) -> Quantizer:
         name = self.c.softmax_quantizer
