@@ -505,7 +505,9 @@ def render(results: Path, target: Path) -> None:
     parts += _timing(results)
     for name, note in (("calib_gains_deit", ""), ("calib_gains_stress", ""), ("calib_gains_swin", ""),
                        ("calib_gains_deit_actwide", ", tighter activation clips"),
-                       ("calib_gains_stress_actwide", ", tighter activation clips")):  # fmt: skip
+                       ("calib_gains_stress_actwide", ", tighter activation clips"),
+                       ("calib_gains_deit_actwide_w46", ", tighter activation clips"),
+                       ("calib_gains_stress_actwide_w46", ", tighter activation clips")):  # fmt: skip
         data = _load(results, name)
         if data:
             parts += _calib_gains_table(data, note)
