@@ -176,9 +176,14 @@ def _loader(work):
     return make_loader(work.eval_dataset, work.eval_indices, 32, work.settings.workers)
 
 
-@torch.no_grad()
 def _logits(model: torch.nn.Module, loader) -> torch.Tensor:
-    return torch.cat([model(images).float().cpu() for images, _ in loader])
+    return _logits_and_labels(model, loader)[0]
+
+
+@torch.no_grad()
+def _logits_and_labels(model: torch.nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [(model(images).float().cpu(), labels) for images, labels in loader]
+    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
 
 
 def suite_deploy_sensitivity(args: argparse.Namespace, workload, save) -> None:
@@ -214,8 +219,7 @@ def suite_deploy_sensitivity(args: argparse.Namespace, workload, save) -> None:
             names = list(logits)
             for i, a in enumerate(names):
                 for b in names[i + 1 :]:
-                    same = float((logits[a].argmax(1) == logits[b].argmax(1)).float().mean())
-                    diff = float((logits[a] - logits[b]).abs().max())
+                    same, diff = _agreement(logits[a], logits[b])
                     rows.append({"model": arch, "w_bits": bits, "a_bits": bits, "a": a, "b": b,
                                  "identical_top1": same, "max_logit_diff": diff, "images": len(logits[a])})  # fmt: skip
                     print(
@@ -281,21 +285,22 @@ def _export_both(model, arch: str, bits: int, tmp: Path) -> dict[str, Any]:
 
 def _float64_accuracy(args, work, arch: str, tmp: Path, threads: int) -> dict[int, dict[str, Any]]:
     loader = _loader(work)
-    labels = torch.cat([t for _, t in loader])
     entries: dict[int, dict[str, Any]] = {}
     for bits in args.bits:
         config, model, qreport = _float64_model(work, bits)
         reports = _export_both(model, arch, bits, tmp)
         graph_path = Path(reports["float64"].path)
+        simulation64 = float64_copy(model)
+        sim32, labels = _logits_and_labels(model, loader)
         logits = {
-            "sim32": _logits(model, loader),
-            "sim64": _logits(float64_copy(model), loader),
+            "sim32": sim32,
+            "sim64": _logits(simulation64, loader),
             "onnx64": _logits(OnnxModel(graph_path, threads=threads), loader),
         }
         identical, max_diff = _agreement(logits["sim64"], logits["onnx64"])
         float32_moves, _ = _agreement(logits["sim32"], logits["sim64"])
         other = 1 if threads != 1 else 2
-        threads_same = _thread_check(model, graph_path, loader, args.thread_check, threads, other)
+        threads_same = _thread_check(simulation64, graph_path, loader, args.thread_check, threads, other)
         entries[bits] = {
             "model": arch, "w_bits": bits, "a_bits": bits, "recipe": config.to_dict(),
             "sim32_top1": _top1(logits["sim32"], labels), "sim64_top1": _top1(logits["sim64"], labels),
@@ -353,14 +358,13 @@ def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((logits.argmax(1) == labels).float().mean())
 
 
-def _thread_check(model, path: Path, loader, images: int, threads: int, other: int) -> dict[str, Any]:
+def _thread_check(simulation, path: Path, loader, images: int, threads: int, other: int) -> dict[str, Any]:
     """The float64 simulation and graph on ``other`` threads against ``threads``, on the first images."""
     if not images:
         return {}
     from dopq.data import make_loader
 
     work_loader = make_loader(loader.dataset.dataset, loader.dataset.indices[:images], 32, loader.num_workers)
-    simulation = float64_copy(model)
     out: dict[str, Any] = {"thread_check_images": images, "thread_check_threads": [threads, other]}
     before = torch.get_num_threads()
     try:

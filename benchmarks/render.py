@@ -503,14 +503,11 @@ def render(results: Path, target: Path) -> None:
     if data:
         parts += _tanq_grid_table(data)
     parts += _timing(results)
-    for name, note in (("calib_gains_deit", ""), ("calib_gains_stress", ""), ("calib_gains_swin", ""),
-                       ("calib_gains_deit_actwide", ", tighter activation clips"),
-                       ("calib_gains_stress_actwide", ", tighter activation clips"),
-                       ("calib_gains_deit_actwide_w46", ", tighter activation clips"),
-                       ("calib_gains_stress_actwide_w46", ", tighter activation clips")):  # fmt: skip
+    for name in ("calib_gains_deit", "calib_gains_stress", "calib_gains_swin", "calib_gains_deit_actwide",
+                 "calib_gains_stress_actwide", "calib_gains_deit_actwide_w46", "calib_gains_stress_actwide_w46"):  # fmt: skip
         data = _load(results, name)
         if data:
-            parts += _calib_gains_table(data, note)
+            parts += _calib_gains_table(data, ", tighter activation clips" if "_actwide" in name else "")
     data = _load(results, "calib_gains_timing")
     if data:
         parts += _calib_gains_timing(data)

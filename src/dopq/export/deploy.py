@@ -174,22 +174,24 @@ class DeployLinear(nn.Module):
         wq = _weight_quantizer(layer, where)
         self.input_qdq = _optional_qdq(layer.input_quantizer, where)
         self.weight = WeightCodes(layer.weight, wq, where, transpose=True)
-        bias = torch.zeros(layer.out_features, dtype=torch.float64)
-        if layer.bias is not None:
-            bias += layer.bias.detach().double()
-        if layer.input_offset is not None:
-            codes = wq.codes(layer.weight).double()  # dequantized in float64: the bias is float64 there
-            channel = (-1, 1)
-            w_hat = (codes - wq.zero_point.double().reshape(channel)) * wq.scale.double().reshape(channel)
-            bias += w_hat @ layer.input_offset.detach().double()
+        bias = _float64_bias(layer.bias, layer.out_features)
+        if layer.input_offset is not None:  # with the quantized weights, in float64
+            bias += layer.input_offset.detach().double() @ self.weight.dequantize64()
         self.float64 = dtype == torch.float64
         self.register_buffer("bias", bias.to(dtype))
-        self.register_buffer("product_scale", _product_scale(self.input_qdq, self.weight.scale))
+        if self.float64:
+            self.register_buffer("product_scale", _product_scale(self.input_qdq, self.weight.scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.float64:
             return torch.matmul(self.input_qdq(x), self.weight()) + self.bias
         return _linear64(x, self.input_qdq, self.weight, self.product_scale) + self.bias
+
+
+def _float64_bias(bias: torch.Tensor | None, features: int) -> torch.Tensor:
+    """A layer's bias in float64, zeros when it has none."""
+    out = torch.zeros(features, dtype=torch.float64)
+    return out if bias is None else out + bias.detach().double()
 
 
 def _product_scale(input_qdq: nn.Module, weight_scale: torch.Tensor) -> torch.Tensor:
@@ -240,10 +242,7 @@ class DeployConv2d(nn.Module):
         out_channels = self.weight.codes.shape[0]
         self.weight.codes = self.weight.codes.reshape(out_channels, -1).t().contiguous()
         self.weight.axis = 1
-        bias = torch.zeros(out_channels, dtype=torch.float64)
-        if self.bias is not None:
-            bias += self.bias.double()
-        self.bias = bias
+        self.bias = _float64_bias(self.bias, out_channels)
         self.register_buffer("product_scale", _product_scale(self.input_qdq, self.weight.scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -361,8 +360,7 @@ class DeployMatMul(nn.Module):
 
     def _forward64(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.levels is not None:
-            exact = self.levels.has_exact_form
-            a = self.levels.exact(a) if exact else self.levels(a.float()).double()
+            a = self.levels.exact(a) if self.levels.has_exact_form else self.levels(a.float()).double()
             if self.level_scale:
                 codes = quantize_codes(a, self.level_scale, 0, 8)
                 return self._integer_product(codes, self.zero, self.level_scale, b)

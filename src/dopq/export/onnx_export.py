@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dopq.config import FLOAT_DTYPES
 from dopq.errors import ExportError
 from dopq.export.deploy import to_deploy
 from dopq.files import atomic_path, check_output_path
@@ -36,7 +37,7 @@ MIN_OPSET = 13  # per-axis DequantizeLinear
 INT4_OPSET = 21  # INT4 tensors and Cast to/from them
 MAX_OPSET = 21  # the highest this dopq version has checked with onnxruntime
 INT4_RANGE = (-8, 7)
-_TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_TORCH_DTYPES = {name: getattr(torch, name) for name in FLOAT_DTYPES}
 _DTYPE_NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
 
 
@@ -214,20 +215,20 @@ def export_onnx(
         _set_metadata(graph, {**_model_metadata(model, integer_levels, dtype), **(metadata or {})})
         onnx.checker.check_model(graph)
         onnx.save(graph, str(tmp))
-        _check_loads(tmp, float_dtype)
+        if dtype == torch.float64:
+            _check_loads(tmp)
     storage = "int4" if packed else "int8"
     return ExportReport(
         str(path), path.stat().st_size, opset, storage, integer_levels, time.perf_counter() - t0, float_dtype
     )
 
 
-def _check_loads(path: Path, float_dtype: str) -> None:
-    """onnxruntime must be able to run the graph; a float64 graph of a family with an op that has
-    no float64 kernel (a rotary embedding's Sin, say) fails here, before the file is kept."""
+def _check_loads(path: Path) -> None:
+    """onnxruntime must be able to run a float64 graph: a family with an op that has no float64
+    kernel there (a rotary embedding's Sin, say) fails here, before the file is kept."""
     from dopq.export.runtime import OnnxModel
 
     try:
         OnnxModel(path, threads=1)
     except ExportError as exc:
-        hint = "; export in float32" if float_dtype == "float64" else ""
-        raise ExportError(f"{exc}{hint}") from None
+        raise ExportError(f"{exc}; export in float32") from None
