@@ -17,6 +17,7 @@
     python benchmarks/run.py large-models --threads 2   # ViT-B/16, ViT-L/16 W4/A4 on the CPU: peak RSS, time
     python benchmarks/run.py distributed --threads 1 --recon-calib-size 128 --recon-iters 20 --recon-batch-size 32
                                              # 1 process vs torchrun 2 gloo processes (DeiT-Tiny W3/A3)
+    python benchmarks/run.py speed --device cuda --bits 4 3   # simulated-quantized vs FP images/s, calibration time
     python benchmarks/run.py render          # docs/RESULTS.md tables from the JSON files
 
 Protocol everywhere: 32 calibration images from CIFAR-10 train (seed 0), the strided 1000 CIFAR-10 test
@@ -29,6 +30,7 @@ import argparse
 import copy
 import importlib
 import json
+import logging
 import statistics
 import sys
 import time
@@ -67,6 +69,9 @@ def workload(args: argparse.Namespace, arch: str, progress: bool = False) -> Wor
 
 
 def one(work: Workload, config: QuantConfig, label: str, **kw: Any) -> dict[str, Any]:
+    cuda = torch.device(work.settings.device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     result, _ = run_recipe(work, config, method=label, progress=False, **kw)
     keep = ("model", "method", "w_bits", "a_bits", "fp_top1", "quant_top1", "fp_top5", "quant_top5",
@@ -75,6 +80,8 @@ def one(work: Workload, config: QuantConfig, label: str, **kw: Any) -> dict[str,
     row = {k: result[k] for k in keep}
     row["recipe"] = config.to_dict()
     row["wall_seconds"] = time.perf_counter() - t0
+    if cuda:  # the whole row: calibration, reconstruction and both evaluations
+        row["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(f"  {work.settings.model} {label:24s} W{config.w_bits}A{config.a_bits} top1 {row['quant_top1']:.4f} "
           f"(fp {row['fp_top1']:.4f}) calib {row['calib_seconds']:.1f}s", flush=True)  # fmt: skip
     return row
@@ -261,6 +268,7 @@ _SUITES_ELSEWHERE = {
     "calib-gains-timing": "calib_gains",
     "large-models": "scale",
     "distributed": "scale",
+    "speed": "speed",
 }
 _OWN_SUITES = ("foundation", "ablation", "stress", "timing", "recon", "recon-unit")
 
@@ -289,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recon-batch-size", type=int, default=64)
     p.add_argument("--recon-drop-prob", type=float, default=0.5, help="QDrop probability")
     p.add_argument("--recon-name", default="recon_cpu")
+    p.add_argument("--speed-batch", type=int, default=256, help="speed: images per forward")
     p.add_argument("--results-dir", type=Path, help="where the JSON goes (default benchmarks/results)")
     p.add_argument(
         "--data-parts", nargs="+", choices=["throughput", "memory"], default=["throughput", "memory"]
@@ -304,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
         "--float64-parts", nargs="+", choices=["accuracy", "timing"], default=["accuracy", "timing"]
     )
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("dopq.reconstruct").setLevel(logging.INFO)  # one line per reconstructed unit
     if args.results_dir:
         _RESULTS_DIR[0] = args.results_dir
     if args.threads:

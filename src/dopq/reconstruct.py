@@ -5,7 +5,8 @@ after another so that the quantized unit, fed the quantized model's own input to
 the float unit's output on the float input (MSE). Learned: weight rounding (AdaRound's variables,
 straight-through or soft), activation step sizes (LSQ-style), the layers' biases, optionally weight
 step sizes and TanQ's parameters; QDrop randomly keeps activations in float during optimisation.
-Unit inputs are cached on the CPU, so only one batch at a time sits on the accelerator.
+Unit inputs and targets are cached on the accelerator when they fit in a quarter of its free memory
+(no host round trip per step), else on the CPU, so that only one batch at a time sits on it.
 """
 
 from __future__ import annotations
@@ -43,19 +44,32 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the wanted tensor is captured."""
 
 
+def _cache_home(device: torch.device, chunk: torch.Tensor, n_chunks: int) -> torch.device:
+    """Where a unit's cache of ``n_chunks`` chunks like ``chunk`` is kept: on a CUDA device when it
+    fits in a quarter of the free memory there (each step then indexes it in place), else on the CPU."""
+    if device.type != "cuda":
+        return torch.device("cpu")
+    free, _ = torch.cuda.mem_get_info(device)
+    wanted = chunk.numel() * chunk.element_size() * n_chunks
+    return device if 4 * wanted < free else torch.device("cpu")
+
+
 @torch.no_grad()
 def cache_unit_io(
     model: nn.Module, unit: nn.Module, images: torch.Tensor, batch_size: int, output: bool
 ) -> torch.Tensor:
-    """Run ``model`` on ``images`` up to ``unit`` and return the unit's input (or output) on CPU.
+    """Run ``model`` on ``images`` up to ``unit`` and return the unit's input (or output), on the
+    model's CUDA device where it fits (``_cache_home``), else on the CPU.
 
     The forward stops at ``unit``, so later blocks cost nothing.
     """
     device = next(model.parameters()).device
+    n_chunks = -(-images.shape[0] // batch_size)
     chunks: list[torch.Tensor] = []
 
     def take(tensor: torch.Tensor) -> None:
-        chunks.append(tensor.detach().cpu())
+        home = _cache_home(device, tensor, n_chunks) if not chunks else chunks[0].device
+        chunks.append(tensor.detach().to(home))
         raise _Stop
 
     if output:
@@ -98,11 +112,14 @@ def chained_units(model: nn.Module, units: list[tuple[str, nn.Module]], sample: 
 
 @torch.no_grad()
 def _apply(unit: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """``unit`` over CPU-cached ``inputs`` in batches; the result is cached on the CPU too."""
+    """``unit`` over cached ``inputs`` in batches; the result is cached where ``_cache_home`` says."""
     device = next(unit.parameters()).device
-    chunks = [
-        unit(inputs[i : i + batch_size].to(device)).cpu() for i in range(0, inputs.shape[0], batch_size)
-    ]
+    n_chunks = -(-inputs.shape[0] // batch_size)
+    chunks: list[torch.Tensor] = []
+    for i in range(0, inputs.shape[0], batch_size):
+        out = unit(inputs[i : i + batch_size].to(device))
+        home = _cache_home(device, out, n_chunks) if not chunks else chunks[0].device
+        chunks.append(out.to(home))
     return torch.cat(chunks)
 
 
@@ -310,6 +327,8 @@ def reconstruct(
         )
         res.update(unit=name, seconds=time.perf_counter() - t0, cache_seconds=t_cache, chained=chained)
         stats.append(res)
+        log.info("reconstructed %s in %.1f s: block loss %.4g -> %.4g", name, res["seconds"],
+                 res["loss_before"], res["loss_after"])  # fmt: skip
         outer.set_postfix(unit=name, loss=f"{res['loss_after']:.4g}")
         previous = (unit, inputs, targets)
         del inputs, targets

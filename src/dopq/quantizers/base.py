@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,6 +61,7 @@ class Quantizer(nn.Module):
         self.drop_prob = 0.0  # QDrop: probability of passing an element through unquantized
         self.drop_generator: torch.Generator | None = None  # the caller's generator for QDrop masks
         self.register_buffer("initialized", torch.tensor(False))
+        self._ready = False  # a host copy of ``initialized`` once True: reading the buffer syncs a GPU
 
     @property
     def levels(self) -> int:
@@ -68,7 +70,7 @@ class Quantizer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if not self.enabled:
             return x
-        if not bool(self.initialized):
+        if not self.is_ready():
             if not self.observing:
                 raise RuntimeError(f"{type(self).__name__} has no parameters yet: calibrate the model first")
             with torch.no_grad():
@@ -80,9 +82,20 @@ class Quantizer(nn.Module):
             out = torch.where(noise < self.drop_prob, x, out)
         return out
 
+    def is_ready(self) -> bool:
+        """Whether the parameters are set; after the first True it costs no device read."""
+        if not self._ready:
+            self._ready = bool(self.initialized)
+        return self._ready
+
     def reset(self) -> None:
         """Forget the parameters so the next observed tensor re-initialises them."""
         self.initialized.fill_(False)
+        self._ready = False
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._ready = False  # the loaded buffer decides
+        super()._load_from_state_dict(*args, **kwargs)
 
     def initialize(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
         raise NotImplementedError

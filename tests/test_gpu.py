@@ -1,0 +1,146 @@
+"""The CUDA code path: quantize, reconstruct, evaluate and export on a GPU, and CPU vs CUDA calibration.
+
+Marked ``gpu``: skipped where torch sees no CUDA device (CI). ``DOPQ_GPU_TEST_DEVICE=cpu`` runs the
+same checks with the CPU standing in for the GPU, to check the tests themselves before a GPU run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import dopq
+from dopq.cli import main
+from dopq.config import ReconstructConfig
+from dopq.export import OnnxModel, export_onnx
+from dopq.modules import quantizers_of
+from dopq.reconstruct import cache_unit_io, reconstruct_unit
+
+DEVICE = os.environ.get("DOPQ_GPU_TEST_DEVICE", "cuda")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device (marker gpu)"
+    ),
+]
+
+
+def _vit() -> tuple[nn.Module, torch.Tensor]:
+    return timm.create_model("test_vit", num_classes=10).eval(), torch.randn(16, 3, 160, 160)
+
+
+def _swin() -> tuple[nn.Module, torch.Tensor]:
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224", img_size=56, depths=(1, 1), num_heads=(1, 2), embed_dim=32,
+        num_classes=10,
+    )  # fmt: skip
+    return model.eval(), torch.randn(16, 3, 56, 56)
+
+
+def _quantizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{key}": value.detach().cpu()
+        for name, q in quantizers_of(model)
+        for key, value in q.state_dict().items()
+    }
+
+
+@pytest.mark.parametrize("make", [_vit, _swin], ids=["vit", "swin"])
+@pytest.mark.parametrize("bits", [4, 3])
+def test_cpu_and_cuda_calibration_give_the_same_quantizer_parameters(make, bits: int) -> None:
+    model, x = make()
+    config = dopq.get_preset("dopq", w_bits=bits, a_bits=bits)
+    on_cpu = dopq.quantize(copy.deepcopy(model), x, config, progress=False)
+    on_gpu = dopq.quantize(copy.deepcopy(model).to(DEVICE), x.to(DEVICE), config, progress=False)
+    cpu_state, gpu_state = _quantizer_state(on_cpu), _quantizer_state(on_gpu)
+    assert cpu_state.keys() == gpu_state.keys()
+    far, total = [], 0
+    for key, a in cpu_state.items():
+        b = gpu_state[key]
+        assert a.shape == b.shape and a.dtype == b.dtype, key
+        close = torch.isclose(a.double(), b.double(), rtol=1e-4, atol=1e-6)
+        total += a.numel()
+        if not close.all():
+            far.append((key, int((~close).sum()), float((a.double() - b.double()).abs().max())))
+    mismatched = sum(n for _, n, _ in far)
+    # float tolerance everywhere but a rare search tie (argmin over candidates that differ in the last bits)
+    assert mismatched <= 1e-3 * total, f"{mismatched}/{total} elements differ: {far[:8]}"
+    with torch.no_grad():
+        ref, got = on_cpu(x), on_gpu(x.to(DEVICE)).cpu()
+    assert (got - ref).abs().mean() <= 1e-2 * ref.abs().mean()
+    assert (got.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
+
+
+def test_reconstruction_runs_on_cuda_and_keeps_its_cache_there() -> None:
+    model, x = _vit()
+    config = dopq.get_preset("dopq", w_bits=3, a_bits=3).replace(
+        reconstruct=ReconstructConfig(calib_size=16, iters=10, batch_size=8)
+    )
+    q, report = dopq.quantize_with_report(
+        model.to(DEVICE), x[:8].to(DEVICE), config, recon_data=x, progress=False
+    )
+    units = report.reconstruction["units"]
+    assert [u["unit"] for u in units] == ["patch_embed", *(f"blocks.{i}" for i in range(6)), "head"]
+    assert all(torch.isfinite(torch.tensor([u["loss_before"], u["loss_after"]])).all() for u in units)
+    cached = cache_unit_io(q, q.blocks[1], x, 8, output=False)
+    assert cached.device.type == torch.device(DEVICE).type
+    on_cpu = copy.deepcopy(q).cpu()
+    reference = cache_unit_io(on_cpu, on_cpu.blocks[1], x, 8, output=False)
+    assert cached.shape == reference.shape
+    assert (cached.cpu() - reference).abs().mean() <= 1e-2 * reference.abs().mean()
+
+
+def test_unit_reconstruction_on_cuda_lowers_the_block_loss() -> None:
+    fp, x = _vit()
+    q = dopq.quantize(copy.deepcopy(fp), x[:8], dopq.get_preset("dopq", w_bits=3, a_bits=3), progress=False)
+    inputs = cache_unit_io(q, q.blocks[0], x, 8, output=False)
+    targets = cache_unit_io(fp, fp.blocks[0], x, 8, output=True)
+    unit = q.blocks[0].to(DEVICE)
+    rcfg = ReconstructConfig(calib_size=16, iters=25, batch_size=8)
+    stats = reconstruct_unit(unit, inputs.to(DEVICE), targets.to(DEVICE), rcfg, 25, torch.Generator().manual_seed(0),
+                             progress=False)  # fmt: skip
+    assert stats["loss_after"] < stats["loss_before"]
+    linear = unit.mlp.fc1  # the learned rounding is baked into grid points of the weight quantizer
+    assert torch.allclose(linear.weight_quantizer(linear.weight), linear.weight, atol=1e-6)
+
+
+@pytest.mark.parametrize("float_dtype", ["float32", "float64"])
+def test_export_of_a_cuda_model_runs_on_onnxruntime(float_dtype: str, tmp_path: Path) -> None:
+    model, x = _vit()
+    q = dopq.quantize(
+        model.to(DEVICE), x.to(DEVICE), dopq.get_preset("dopq", w_bits=4, a_bits=4), progress=False
+    )
+    report = export_onnx(q, tmp_path / "m.onnx", float_dtype=float_dtype)
+    assert next(q.parameters()).device.type == torch.device(DEVICE).type  # the caller's model stays
+    with torch.no_grad():
+        simulated = (q if float_dtype == "float32" else dopq.modules.float64_copy(q))(x.to(DEVICE)).cpu()
+    runtime = OnnxModel(report.path, threads=1)(x)
+    assert (runtime.argmax(1) == simulated.argmax(1)).float().mean() >= 0.9
+    assert (runtime.double() - simulated.double()).abs().mean() <= 2e-2 * simulated.abs().mean()
+
+
+def test_cli_quantize_and_evaluate_on_cuda(
+    image_folder, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = image_folder("gpu-data", per_class=3, size=32, ext="png")
+    run, saved, onnx_path = tmp_path / "run.json", tmp_path / "q.pt", tmp_path / "m.onnx"
+    argv = ["quantize", "--model", "test_vit", "--data", str(images), "--calib-size", "4", "--quiet",
+            "--w-bits", "4", "--a-bits", "4", "--device", DEVICE, "--reconstruct", "--recon-iters", "5", "--recon-calib-size", "6",
+            "--save", str(saved), "--export", str(onnx_path), "--output", str(run)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    recorded = json.loads(run.read_text())
+    assert recorded["reconstruction"]["iters_per_unit"] == 5
+    if DEVICE == "cuda":
+        assert recorded["device_name"] == torch.cuda.get_device_name()
+    out = tmp_path / "ev.json"
+    argv = ["evaluate", "--quantized", str(saved), "--data", str(images), "--device", DEVICE, "--quiet",
+            "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert json.loads(out.read_text())["quant_top1"] == recorded["quant_top1"]
