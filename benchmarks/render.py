@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-import re
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -188,21 +189,6 @@ def _recon_runs_paired(results: Path, reference: str = "recon_cpu_deit") -> list
             *lines, ""]  # fmt: skip
 
 
-_LOG_LINE = re.compile(r"(\S+) +(\S+) +W(\d+)A(\d+) top1 ([0-9.]+) \(fp ([0-9.]+)\)")
-
-
-def _log_table(path: Path, title: str, note: str) -> list[str]:
-    """A run that left only its printed log: one row per printed result line."""
-    rows = [m.groups() for m in map(_LOG_LINE.search, path.read_text().splitlines()) if m]
-    if not rows:
-        return []
-    lines = [f"### {title}", "", f"{note} (`{path.name}`).", "",
-             "| model | method | bits | top-1 | FP32 top-1 |", "|---|---|---|---|---|"]  # fmt: skip
-    for model, method, w, a, top1, fp in rows:
-        lines.append(f"| {model} | {method} | W{w}/A{a} | {_pct(float(top1))} | {_pct(float(fp))} |")
-    return [*lines, ""]
-
-
 def _large_models_table(data: dict[str, Any]) -> list[str]:
     lines = ["### Large models on the CPU (random init, dopq W4/A4, 32 calibration images)", "",
              f"Command: `{data['command']}` ({data['threads']} torch threads; each model one `dopq quantize` "
@@ -257,6 +243,61 @@ def _provenance_table(results: Path) -> list[str]:
 
 def _mb(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:.2f}"
+
+
+def _gpu_recon_table(results: Path) -> list[str]:
+    """The GPU reconstruction runs at the library's defaults, one row per run (``recon_gpu_*.json``)."""
+    lines, commands, runs = [], [], []
+    for path in sorted(results.glob("recon_gpu_*.json")):
+        data = json.loads(path.read_text())
+        rows = {r["method"]: r for r in data["rows"]}
+        base, rec_row = rows.get("dopq"), rows.get("dopq+recon")
+        if base is None or rec_row is None:
+            continue
+        rec = rec_row["reconstruction"]
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in rec_row["timings"].items())
+        drop = rec.get("drop_prob", rec_row["recipe"]["reconstruct"]["drop_prob"])
+        lines.append(
+            f"| {rec_row['model']} | W{rec_row['w_bits']}/A{rec_row['a_bits']} | {drop:g} | {_pct(base['quant_top1'])} | "
+            f"**{_pct(rec_row['quant_top1'])}** | {_pct(rec_row['fp_top1'])} | "
+            f"{_paired_cell({'x': rec_row['quant_top1_correct'], 'y': base['quant_top1_correct']}, 'x', 'y')} | "
+            f"{rec['images']} / {rec['batch_size']} / {rec['iters_per_unit']} | {stages} | "
+            f"{rec_row['peak_gpu_memory_mb'] / 1024:.1f} | {'yes' if path.stem.endswith('_alone') else 'no'} |"
+        )  # fmt: skip
+        commands.append(f"- `{path.stem}`: `{data['command']}`{_gap_closed(data['rows'], rec_row)}")
+        runs.append((rec_row, drop))
+    if not lines:
+        return []
+    for (a, drop_a), (b, drop_b) in itertools.combinations(runs, 2):
+        if (a["model"], a["w_bits"]) == (b["model"], b["w_bits"]) and drop_a != drop_b:
+            cell = _paired_cell({"x": a["quant_top1_correct"], "y": b["quant_top1_correct"]}, "x", "y")
+            commands.append(
+                f"- {a['model']} W{a['w_bits']}/A{a['a_bits']}, QDrop {drop_a:g} against {drop_b:g}: {cell}"
+            )
+    env = json.loads(next(results.glob("recon_gpu_*.json")).read_text())
+    return ["### Reconstruction on a GPU at the defaults", "",
+            f"{env['device_name']}; torch {env['versions'].get('torch')}, timm {env['versions'].get('timm')}. "
+            "Stage times in seconds; 'alone' says whether the run had the GPU to itself (the others shared it, "
+            "six reconstructions and the GPU tests side by side, so their times are longer than alone). "
+            "Peak memory is that run's own allocator peak.", "",
+            "| model | bits | QDrop | dopq | dopq+recon | FP32 | recon vs dopq | images / batch / iters | stage s | peak GPU GB | alone |",
+            "|---|---|---|---|---|---|---|---|---|---|---|", *lines, "", *commands, ""]  # fmt: skip
+
+
+def _speed_table(data: dict[str, Any]) -> list[str]:
+    lines = ["### Speed on the GPU (simulated quantization)", "",
+             f"Command: `{data['command']}` ({data['device_name']}). Images/s of the model alone over the "
+             f"strided 1000 images held on the GPU, batch {data['rows'][0]['batch']}, median of "
+             f"{data['settings']['repeats']} passes; calibration wall time at W4/A4 on 32 images, median of "
+             f"{data['settings']['repeats']}.", "",
+             "| model | FP32 img/s | dopq W4/A4 img/s (x FP) | dopq W3/A3 img/s (x FP) | calibration repq s | dopq s | dopq / repq |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in data["rows"]:
+        repq, dopq = (statistics.median(r["calib_seconds"][m]) for m in ("repq", "dopq"))
+        lines.append(f"| {r['model']} | {r['fp_images_per_second']:.0f} | {r['dopq_w4a4_images_per_second']:.0f} "
+                     f"({r['dopq_w4a4_over_fp']:.2f}) | {r['dopq_w3a3_images_per_second']:.0f} ({r['dopq_w3a3_over_fp']:.2f}) | "
+                     f"{repq:.2f} | {dopq:.2f} | {r['dopq_over_repq_calibration']:.2f} |")  # fmt: skip
+    return [*lines, ""]
 
 
 def _paired_cell(row: dict[str, Any], a: str, b: str) -> str:
@@ -520,17 +561,17 @@ def render(results: Path, target: Path) -> None:
     for path in sorted(results.glob("recon_*.json")):
         if path.stem == "recon_unit":
             parts += _recon_unit_table(json.loads(path.read_text()))
-        else:
+        elif not path.stem.startswith("recon_gpu_"):  # one GPU table below
             parts += _recon(json.loads(path.read_text()), f"Reconstruction ({path.stem})")
     for name, table in (("large_models", _large_models_table), ("distributed", _distributed_table)):
         data = _load(results, name)
         if data:
             parts += table(data)
     parts += _recon_runs_paired(results)
-    log = results / "gpu_first_attempt_log.txt"
-    if log.is_file():
-        parts += _log_table(log, "Reconstruction, first GPU attempt (log only)",
-                            "The first GPU reconstruction run, at the settings of that session; it left only its printed log")  # fmt: skip
+    parts += _gpu_recon_table(results)
+    data = _load(results, "speed_cuda")
+    if data:
+        parts += _speed_table(data)
     parts += _provenance_table(results)
     text = target.read_text() if target.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
     head, _, rest = text.partition(BEGIN)

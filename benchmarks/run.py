@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recon-calib-size", type=int, default=1024)
     p.add_argument("--recon-iters", type=int)
     p.add_argument("--recon-batch-size", type=int, default=64)
-    p.add_argument("--recon-drop-prob", type=float, default=0.5, help="QDrop probability")
+    p.add_argument("--recon-drop-prob", type=float, help="QDrop probability (default: the library's rule)")
     p.add_argument("--recon-name", default="recon_cpu")
     p.add_argument("--speed-batch", type=int, default=256, help="speed: images per forward")
     p.add_argument("--results-dir", type=Path, help="where the JSON goes (default benchmarks/results)")

@@ -104,3 +104,17 @@ def test_chained_caching_gives_the_same_model_as_forwards_from_the_image(monkeyp
     )
     with torch.no_grad():
         assert torch.equal(chained(images), direct(images))
+
+
+def test_qdrop_follows_the_width_rule_unless_set(block_and_data):
+    block, _, _ = block_and_data
+    assert reconstruct.unit_bits(block) == 3
+    assert (ReconstructConfig().drop_prob_for(3), ReconstructConfig().drop_prob_for(4)) == (0.5, 0.0)
+    assert ReconstructConfig(drop_prob=0.2).drop_prob_for(4) == 0.2
+    unit = copy.deepcopy(block)
+    for rcfg, expected in ((ReconstructConfig(), 0.5), (ReconstructConfig(drop_prob=0.0), 0.0)):
+        with reconstruct._trainable(unit, rcfg, torch.Generator()):
+            learned = [q for q in unit.modules() if isinstance(q, UniformQuantizer) and q.scale.requires_grad]
+            drops = {q.drop_prob for q in learned}
+        assert drops == {expected}
+    assert all(q.drop_prob == 0.0 for q in unit.modules() if hasattr(q, "drop_prob"))

@@ -118,7 +118,11 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--recon-calib-size", type=int, default=1024)
     r.add_argument("--recon-iters", type=int, help="default 1000 at <=4 bits, 200 above")
     r.add_argument("--recon-batch-size", type=int, default=64)
-    r.add_argument("--recon-drop-prob", type=float, default=0.5, help="QDrop probability (0: off)")
+    r.add_argument(
+        "--recon-drop-prob",
+        type=float,
+        help="QDrop probability (0: off; default 0.5 at <= 3 bits, off above)",
+    )
     r.add_argument(
         "--recon-rounding",
         choices=ROUNDINGS,

@@ -123,6 +123,11 @@ def _apply(unit: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tens
     return torch.cat(chunks)
 
 
+def unit_bits(unit: nn.Module) -> int:
+    """The narrowest width among a unit's quantizers (its recipe's min(w_bits, a_bits))."""
+    return min((q.bits for q in unit.modules() if isinstance(q, Quantizer) and q.enabled), default=8)
+
+
 @contextmanager
 def _trainable(
     unit: nn.Module, rcfg: ReconstructConfig, drop_generator: torch.Generator
@@ -146,8 +151,9 @@ def _trainable(
             rounders.append(layer.weight_quantizer)
     weight_bases = {id(r.base) for r in rounders}
     acts = [q for q in unit.modules() if isinstance(q, Quantizer) and id(q) not in weight_bases and q.enabled]
+    drop_prob = rcfg.drop_prob_for(unit_bits(unit))
     for q in acts:
-        q.drop_prob, q.drop_generator = rcfg.drop_prob, drop_generator
+        q.drop_prob, q.drop_generator = drop_prob, drop_generator
         if isinstance(q, UniformQuantizer):
             act_params.append(q.make_scale_learnable())
         elif isinstance(q, TanQQuantizer) and rcfg.learn_softmax:
@@ -335,6 +341,7 @@ def reconstruct(
     return {
         "iters_per_unit": iters,
         "rounding": rcfg.rounding,
+        "drop_prob": rcfg.drop_prob_for(min(config.w_bits, config.a_bits)),
         "lr_weight": rcfg.lr_weight_for(iters),
         "lr_act": rcfg.lr_act_for(iters),
         "lr_bias": rcfg.lr_bias_for(iters) if rcfg.learn_bias else None,

@@ -214,7 +214,7 @@ class UniformQuantizer(Quantizer):
             value = self.scale
             del self.scale
             self.scale = nn.Parameter(value.clone())
-        return self.scale
+        return self.scale.requires_grad_(True)  # also after an earlier reconstruction froze it
 
     @property
     def code_range(self) -> tuple[int, int]:
