@@ -248,7 +248,7 @@ def memory(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     }
 
 
-RESULTS_FILE = Path(__file__).resolve().parent / "results" / "data.json"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def suite_data(args: argparse.Namespace, workload, save) -> None:
@@ -257,7 +257,8 @@ def suite_data(args: argparse.Namespace, workload, save) -> None:
     del workload  # this suite builds its own loaders
     tmp = Path(getattr(args, "data_tmp", None) or Path(tempfile.gettempdir()) / "dopq-data-bench")
     tmp.mkdir(parents=True, exist_ok=True)
-    previous = (RESULTS_FILE.is_file() and json.loads(RESULTS_FILE.read_text())) or {}
+    results_file = (getattr(args, "results_dir", None) or RESULTS_DIR) / "data.json"  # where save() writes
+    previous = (results_file.is_file() and json.loads(results_file.read_text())) or {}
     out: dict[str, Any] = {
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     }

@@ -108,10 +108,13 @@ class WeightCodes(nn.Module):
     Codes ``q`` in ``[0, 2^b - 1]`` with zero points ``z`` are stored centred, ``q - z`` with zero
     point 0 (symmetric, the fast case of integer GEMMs), when that fits the container (int4 up to 4
     bits, where the export packs them, int8 above); otherwise shifted by half the range,
-    ``q - 2^(b-1)`` with zero points ``z - 2^(b-1)``, which always fits.
+    ``q - 2^(b-1)`` with zero points ``z - 2^(b-1)``, which always fits. ``flatten`` stores a
+    convolution kernel as ``(out, in * kh * kw)`` (before ``transpose``), the patches-times-weights form.
     """
 
-    def __init__(self, weight: torch.Tensor, q: UniformQuantizer, where: str, transpose: bool) -> None:
+    def __init__(
+        self, weight: torch.Tensor, q: UniformQuantizer, where: str, transpose: bool, flatten: bool = False
+    ) -> None:
         super().__init__()
         if not isinstance(q, UniformQuantizer) or q.channel_axis not in (0, None):
             raise ExportError(f"{where}: weights need a per-output-channel uniform quantizer, got {q}")
@@ -133,6 +136,7 @@ class WeightCodes(nn.Module):
             half = 2 ** (self.bits - 1)
             stored, zp = codes - half, zero_point - half
         self.axis = 1 if transpose else 0
+        stored = stored.reshape(channels, -1) if flatten else stored  # a kernel as one row per output
         stored = stored.t() if transpose else stored
         self.register_buffer("codes", stored.to(torch.int8).contiguous())
         self.register_buffer("scale", q.scale.detach().float().reshape(-1).expand(channels).clone())
@@ -209,6 +213,18 @@ def _linear64(
     return x @ weight.dequantize64()
 
 
+def _patch_size(layer: QuantConv2d, where: str) -> tuple[int, int]:
+    """The patch of a non-overlapping convolution (kernel = stride, no padding); else an ExportError."""
+    patch = tuple(layer.kernel_size)
+    padded = layer.padding not in (0, "valid") and any(layer.padding)
+    if tuple(layer.stride) != patch or padded or layer.groups != 1 or any(d != 1 for d in layer.dilation):
+        raise ExportError(
+            f"{where}: the float64 export runs only non-overlapping convolutions (kernel = stride, "
+            "no padding, dilation 1, groups 1), as in ViT patch embeddings; export in float32"
+        )
+    return patch
+
+
 class DeployConv2d(nn.Module):
     """Convolution of the Q/DQ input with int8 weight codes (patch embedding).
 
@@ -221,29 +237,18 @@ class DeployConv2d(nn.Module):
         super().__init__()
         wq = _weight_quantizer(layer, where)
         self.input_qdq = _optional_qdq(layer.input_quantizer, where)
-        self.weight = WeightCodes(layer.weight, wq, where, transpose=False)
+        self.float64 = dtype == torch.float64
+        if self.float64:
+            self.patch = _patch_size(layer, where)
+        # float64: codes as (in * kh * kw, out), the weights of the patches-times-weights product
+        self.weight = WeightCodes(layer.weight, wq, where, transpose=self.float64, flatten=self.float64)
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
         self.stride, self.padding, self.dilation, self.groups = (
             layer.stride, layer.padding, layer.dilation, layer.groups,
         )  # fmt: skip
-        self.float64 = dtype == torch.float64
         if self.float64:
-            self._init_patch_matmul(layer, where)
-
-    def _init_patch_matmul(self, layer: QuantConv2d, where: str) -> None:
-        patch = tuple(layer.kernel_size)
-        padded = layer.padding not in (0, "valid") and any(layer.padding)
-        if tuple(layer.stride) != patch or padded or layer.groups != 1 or any(d != 1 for d in layer.dilation):
-            raise ExportError(
-                f"{where}: the float64 export runs only non-overlapping convolutions (kernel = stride, "
-                "no padding, dilation 1, groups 1), as in ViT patch embeddings; export in float32"
-            )
-        self.patch = patch
-        out_channels = self.weight.codes.shape[0]
-        self.weight.codes = self.weight.codes.reshape(out_channels, -1).t().contiguous()
-        self.weight.axis = 1
-        self.bias = _float64_bias(self.bias, out_channels)
-        self.register_buffer("product_scale", _product_scale(self.input_qdq, self.weight.scale))
+            self.bias = _float64_bias(self.bias, self.weight.scale.numel())
+            self.register_buffer("product_scale", _product_scale(self.input_qdq, self.weight.scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.float64:
