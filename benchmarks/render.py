@@ -545,7 +545,8 @@ def render(results: Path, target: Path) -> None:
         parts += _tanq_grid_table(data)
     parts += _timing(results)
     for name in ("calib_gains_deit", "calib_gains_stress", "calib_gains_swin", "calib_gains_deit_actwide",
-                 "calib_gains_stress_actwide", "calib_gains_deit_actwide_w46", "calib_gains_stress_actwide_w46"):  # fmt: skip
+                 "calib_gains_stress_actwide", "calib_gains_deit_actwide_w46", "calib_gains_stress_actwide_w46",
+                 "calib_gains_swin_w4", "calib_gains_swin_w6", "calib_gains_swin_actwide"):  # fmt: skip
         data = _load(results, name)
         if data:
             parts += _calib_gains_table(data, ", tighter activation clips" if "_actwide" in name else "")
