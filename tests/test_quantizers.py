@@ -511,3 +511,21 @@ def test_post_softmax_quantizer_properties(bits: int, sharpness: float, seed: in
     assert bool(torch.isfinite(out).all()) and float(out.min()) >= 0.0 and float(out.max()) <= 1.0 + 1e-6
     assert float(q(torch.zeros_like(attn)).abs().max()) == 0.0
     assert out.unique().numel() <= 2**bits + 1  # log-sqrt2 has one extra exact-zero level
+
+
+def test_readiness_is_read_once_but_follows_reset_and_loaded_state() -> None:
+    q = UniformQuantizer(4, PerTensor())
+    q.observing = True
+    q(torch.randn(256))
+    q.observing = False
+    assert q.is_ready() and q._ready  # later forwards read no device buffer
+    q(torch.randn(8))
+    q.load_state_dict(UniformQuantizer(4, PerTensor()).state_dict())  # a never-calibrated state
+    with pytest.raises(RuntimeError, match="calibrate the model first"):
+        q(torch.randn(8))
+    q.observing = True
+    q(torch.randn(256))
+    q.reset()
+    q.observing = False
+    with pytest.raises(RuntimeError, match="calibrate the model first"):
+        q(torch.randn(8))
