@@ -248,8 +248,10 @@ def _mb(n: int | None) -> str:
 def _gpu_recon_table(results: Path) -> list[str]:
     """The GPU reconstruction runs at the library's defaults, one row per run (``recon_gpu_*.json``)."""
     lines, commands, runs = [], [], []
+    env: dict[str, Any] = {}  # device and versions: the first run's
     for path in sorted(results.glob("recon_gpu_*.json")):
         data = json.loads(path.read_text())
+        env = env or data
         rows = {r["method"]: r for r in data["rows"]}
         base, rec_row = rows.get("dopq"), rows.get("dopq+recon")
         if base is None or rec_row is None:
@@ -274,7 +276,6 @@ def _gpu_recon_table(results: Path) -> list[str]:
             commands.append(
                 f"- {a['model']} W{a['w_bits']}/A{a['a_bits']}, QDrop {drop_a:g} against {drop_b:g}: {cell}"
             )
-    env = json.loads(next(results.glob("recon_gpu_*.json")).read_text())
     return ["### Reconstruction on a GPU at the defaults", "",
             f"{env['device_name']}; torch {env['versions'].get('torch')}, timm {env['versions'].get('timm')}. "
             "Stage times in seconds; 'alone' says whether the run had the GPU to itself (the others shared it, "

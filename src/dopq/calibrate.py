@@ -72,7 +72,7 @@ def _finite_check(name: str):
 
     def hook(module: nn.Module, args: tuple) -> None:
         x = args[0]
-        if module.enabled and not bool(module.initialized) and not bool(torch.isfinite(x).all()):
+        if module.enabled and not module.is_ready() and not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
             what = "weights" if name.endswith("weight_quantizer") else "calibration activations"
             raise CalibrationError(
@@ -101,7 +101,7 @@ def calibrate(model: nn.Module, images: torch.Tensor) -> None:
     finally:
         for h in handles:
             h.remove()
-    missing = [name for name, q in quantizers_of(model) if q.enabled and not bool(q.initialized)]
+    missing = [name for name, q in quantizers_of(model) if q.enabled and not q.is_ready()]
     if missing:
         raise RuntimeError(f"calibration did not reach {len(missing)} quantizers, e.g. {missing[:3]}")
 

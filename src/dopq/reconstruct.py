@@ -11,6 +11,7 @@ Unit inputs and targets are cached on the accelerator when they fit in a quarter
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -54,6 +55,12 @@ def _cache_home(device: torch.device, chunk: torch.Tensor, n_chunks: int) -> tor
     return device if 4 * wanted < free else torch.device("cpu")
 
 
+def _keep(chunks: list[torch.Tensor], chunk: torch.Tensor, device: torch.device, n_chunks: int) -> None:
+    """Append ``chunk`` to a cache of ``n_chunks``, all where the first one went (``_cache_home``)."""
+    home = chunks[0].device if chunks else _cache_home(device, chunk, n_chunks)
+    chunks.append(chunk.to(home))
+
+
 @torch.no_grad()
 def cache_unit_io(
     model: nn.Module, unit: nn.Module, images: torch.Tensor, batch_size: int, output: bool
@@ -68,8 +75,7 @@ def cache_unit_io(
     chunks: list[torch.Tensor] = []
 
     def take(tensor: torch.Tensor) -> None:
-        home = _cache_home(device, tensor, n_chunks) if not chunks else chunks[0].device
-        chunks.append(tensor.detach().to(home))
+        _keep(chunks, tensor.detach(), device, n_chunks)
         raise _Stop
 
     if output:
@@ -117,14 +123,13 @@ def _apply(unit: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tens
     n_chunks = -(-inputs.shape[0] // batch_size)
     chunks: list[torch.Tensor] = []
     for i in range(0, inputs.shape[0], batch_size):
-        out = unit(inputs[i : i + batch_size].to(device))
-        home = _cache_home(device, out, n_chunks) if not chunks else chunks[0].device
-        chunks.append(out.to(home))
+        _keep(chunks, unit(inputs[i : i + batch_size].to(device)), device, n_chunks)
     return torch.cat(chunks)
 
 
 def unit_bits(unit: nn.Module) -> int:
-    """The narrowest width among a unit's quantizers (its recipe's min(w_bits, a_bits))."""
+    """The narrowest width among a unit's quantizers (its recipe's min(w_bits, a_bits)): the QDrop
+    rule's width when a unit is reconstructed on its own, without ``reconstruct``'s recipe."""
     return min((q.bits for q in unit.modules() if isinstance(q, Quantizer) and q.enabled), default=8)
 
 
@@ -291,7 +296,9 @@ def reconstruct(
             f"{world_size} processes for reconstruction batches of {rcfg.batch_size}: "
             f"use at most {rcfg.batch_size} processes or a larger --recon-batch-size"
         )
-    iters = rcfg.iters_for(min(config.w_bits, config.a_bits))
+    bits = min(config.w_bits, config.a_bits)
+    iters = rcfg.iters_for(bits)
+    rcfg = dataclasses.replace(rcfg, drop_prob=rcfg.drop_prob_for(bits))  # the recipe's rule, like iters
     device = next(model.parameters()).device
     fp_model = fp_model.to(device).eval()
     generator = torch.Generator().manual_seed(rcfg.seed)  # batch order
@@ -341,7 +348,7 @@ def reconstruct(
     return {
         "iters_per_unit": iters,
         "rounding": rcfg.rounding,
-        "drop_prob": rcfg.drop_prob_for(min(config.w_bits, config.a_bits)),
+        "drop_prob": rcfg.drop_prob,
         "lr_weight": rcfg.lr_weight_for(iters),
         "lr_act": rcfg.lr_act_for(iters),
         "lr_bias": rcfg.lr_bias_for(iters) if rcfg.learn_bias else None,

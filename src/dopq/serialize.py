@@ -76,7 +76,7 @@ def _quantized_weights(model: nn.Module) -> dict[str, tuple[nn.Module, UniformQu
     for name, module in model.named_modules():
         if isinstance(module, (QuantLinear, QuantConv2d)):
             q = module.weight_quantizer
-            if isinstance(q, UniformQuantizer) and q.enabled and bool(q.initialized):
+            if isinstance(q, UniformQuantizer) and q.enabled and q.is_ready():
                 found[f"{name}.weight" if name else "weight"] = (module, q)
     return found
 

@@ -59,7 +59,7 @@ def check_quantized(model: nn.Module) -> None:
         raise ExportError(
             "the model has no quantizers: quantize it first (dopq.quantize / dopq quantize --save)"
         )
-    missing = [name for name, q in quantizers if not bool(q.initialized)]
+    missing = [name for name, q in quantizers if not q.is_ready()]
     if missing:
         raise ExportError(f"{len(missing)} quantizers were never calibrated (e.g. {missing[0]})")
 
@@ -242,13 +242,14 @@ class DeployConv2d(nn.Module):
             self.patch = _patch_size(layer, where)
         # float64: codes as (in * kh * kw, out), the weights of the patches-times-weights product
         self.weight = WeightCodes(layer.weight, wq, where, transpose=self.float64, flatten=self.float64)
-        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
         self.stride, self.padding, self.dilation, self.groups = (
             layer.stride, layer.padding, layer.dilation, layer.groups,
         )  # fmt: skip
         if self.float64:
-            self.bias = _float64_bias(self.bias, self.weight.scale.numel())
+            self.register_buffer("bias", _float64_bias(layer.bias, layer.out_channels))
             self.register_buffer("product_scale", _product_scale(self.input_qdq, self.weight.scale))
+        else:
+            self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.float64:
