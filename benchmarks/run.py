@@ -298,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recon-drop-prob", type=float, help="QDrop probability (default: the library's rule)")
     p.add_argument("--recon-name", default="recon_cpu")
     p.add_argument("--speed-batch", type=int, default=256, help="speed: images per forward")
+    p.add_argument("--speed-compile", action="store_true", help="speed: also through torch.compile")
+    p.add_argument("--speed-profile", action="store_true", help="speed: profile one eager dopq batch")
     p.add_argument("--results-dir", type=Path, help="where the JSON goes (default benchmarks/results)")
     p.add_argument(
         "--data-parts", nargs="+", choices=["throughput", "memory"], default=["throughput", "memory"]

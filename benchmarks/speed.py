@@ -1,12 +1,17 @@
 """Speed of the simulated-quantized model and of calibration, on any device (the GPU issue's item 4).
 
-    python benchmarks/run.py speed --device cuda --models deit_tiny_patch16_224 --speed-batch 256
+    python benchmarks/run.py speed --device cuda --models deit_tiny_patch16_224 --speed-batch 256 --speed-compile
 
 Per model: images/s of the float model and of dopq W4/A4 / W3/A3 (simulated quantization) over the
 strided evaluation images held on the device (model time only, so the ratio is the quantizers' cost,
 not the loader's), timed with the device synchronized, median of ``--repeats`` passes after a warm-up
 pass; and the calibration wall time of repq and dopq on the 32 calibration images, alternated, median
 of ``--repeats`` after one untimed run of each.
+
+``--speed-compile`` adds the same timings through ``torch.compile`` (``dopq.evaluate.CompiledModel``,
+what ``--compile`` runs), the compilation time, and how the compiled model agrees with the eager one
+(top-1 of each, identical predictions, largest logit difference). ``--speed-profile`` records the
+eager dopq model's busiest kernels for one batch (torch.profiler).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from torch import nn
 from dopq.api import quantize
 from dopq.config import get_preset
 from dopq.data import load_images
+from dopq.evaluate import CompiledModel
+from dopq.modules import constant_quantization
 
 
 def _sync(device: torch.device) -> None:
@@ -42,8 +49,70 @@ def images_per_second(model: nn.Module, images: torch.Tensor, batch: int, repeat
         _sync(device)
         return time.perf_counter() - t0
 
-    one_pass()  # warm-up: kernels chosen, caches filled
-    return images.shape[0] / statistics.median(one_pass() for _ in range(repeats))
+    with constant_quantization(model):  # as dopq.evaluate runs a model
+        one_pass()  # warm-up: kernels chosen, caches filled
+        return images.shape[0] / statistics.median(one_pass() for _ in range(repeats))
+
+
+@torch.inference_mode()
+def predictions(model: nn.Module, images: torch.Tensor, batch: int) -> torch.Tensor:
+    """Logits of every image, in batches."""
+    with constant_quantization(model):
+        return torch.cat([model(images[i : i + batch]).float() for i in range(0, images.shape[0], batch)])
+
+
+def compiled_speed(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int, repeats: int
+) -> dict[str, Any]:
+    """Images/s of ``model`` through ``torch.compile``, its compile time (the first pass over every
+    batch shape), and its agreement with the eager model on the same images."""
+    eager = predictions(model, images, batch)
+    compiled = CompiledModel(model)
+    device = images.device
+    _sync(device)
+    t0 = time.perf_counter()
+    fused = predictions(compiled, images, batch)
+    _sync(device)
+    first_pass = time.perf_counter() - t0
+    labels = labels.to(device)
+    return {
+        "images_per_second": images_per_second(compiled, images, batch, repeats),
+        "first_pass_seconds": first_pass,
+        "top1_eager": float((eager.argmax(1) == labels).float().mean()),
+        "top1_compiled": float((fused.argmax(1) == labels).float().mean()),
+        "identical_top1": float((eager.argmax(1) == fused.argmax(1)).float().mean()),
+        "max_logit_diff": float((eager - fused).abs().max()),
+    }
+
+
+@torch.inference_mode()
+def kernel_profile(model: nn.Module, images: torch.Tensor, top: int = 12) -> dict[str, Any]:
+    """The busiest device (or CPU) ops of one forward pass, and the host time against device time:
+    whether the eager simulation waits on kernel launches or on memory."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = images.device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with constant_quantization(model):
+        model(images)
+        _sync(device)
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            model(images)
+            host = time.perf_counter() - t0
+            _sync(device)
+            wall = time.perf_counter() - t0
+    stats = prof.key_averages()
+    on_device = device.type == "cuda"
+    key = "self_device_time_total" if on_device else "self_cpu_time_total"
+    rows = sorted(stats, key=lambda e: getattr(e, key, 0.0), reverse=True)[:top]
+    return {
+        "host_seconds_to_enqueue": host,
+        "wall_seconds": wall,
+        "ops": sum(e.count for e in stats if e.key.startswith("aten::")),
+        "device_kernel_seconds": sum(getattr(e, key, 0.0) for e in stats) / 1e6 if on_device else None,
+        "top": [{"name": e.key, "calls": e.count, "ms": getattr(e, key, 0.0) / 1e3} for e in rows],
+    }
 
 
 def calibration_seconds(
@@ -64,32 +133,61 @@ def calibration_seconds(
     return times
 
 
+def _eager_row(args: Any, arch: str, model: nn.Module, images: torch.Tensor, calib: torch.Tensor) -> dict:
+    """Eager images/s of FP and dopq at each width (and a profile), and the calibration times."""
+    batch = args.speed_batch
+    row: dict[str, Any] = {"model": arch, "batch": batch, "images": int(images.shape[0])}
+    row["fp_images_per_second"] = images_per_second(model, images, batch, args.repeats)
+    for bits in args.bits:
+        q = quantize(
+            copy.deepcopy(model), calib, get_preset("dopq", w_bits=bits, a_bits=bits), progress=False
+        )
+        ips = images_per_second(q, images, batch, args.repeats)
+        row[f"dopq_w{bits}a{bits}_images_per_second"] = ips
+        row[f"dopq_w{bits}a{bits}_over_fp"] = ips / row["fp_images_per_second"]
+        if args.speed_profile and bits == args.bits[0]:
+            row[f"dopq_w{bits}a{bits}_profile"] = kernel_profile(q, images[:batch])
+    times = calibration_seconds(model, calib, ("repq", "dopq"), args.repeats)
+    row["calib_seconds"] = times
+    row["dopq_over_repq_calibration"] = statistics.median(times["dopq"]) / statistics.median(times["repq"])
+    return row
+
+
+def _compiled_into(row: dict, args: Any, model: nn.Module, images, labels, calib) -> None:
+    """The same models through torch.compile, added to ``row``."""
+    batch, bits = args.speed_batch, args.bits[0]
+    row["compiled_fp"] = compiled_speed(model, images, labels, batch, args.repeats)
+    q = quantize(copy.deepcopy(model), calib, get_preset("dopq", w_bits=bits, a_bits=bits), progress=False)
+    fused = compiled_speed(q, images, labels, batch, args.repeats)
+    fused["over_compiled_fp"] = fused["images_per_second"] / row["compiled_fp"]["images_per_second"]
+    fused["over_eager_fp"] = fused["images_per_second"] / row["fp_images_per_second"]
+    row[f"compiled_dopq_w{bits}a{bits}"] = fused
+    torch._dynamo.reset()  # the compiled graphs hold the models' tensors
+
+
 def suite_speed(args: Any, workload: Any, save: Any) -> None:
-    rows = []
+    """Eager rows for every model first, then (``--speed-compile``) the compiled timings of each at
+    the first width: a run stopped by a time limit keeps what it measured (saved after each step)."""
+    device = torch.device(args.device)
+    rows: list[dict[str, Any]] = []
+    inputs = {}
+
+    def saved() -> None:
+        if device.type == "cuda":
+            for row in rows:
+                row["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        save(f"speed_{device.type}", {"rows": rows, "settings": vars(args)})
+
     for arch in args.models:
         work = workload(args, arch)
-        device = torch.device(args.device)
         model = work.model.to(device).eval()
-        images = load_images(work.eval_dataset, work.eval_indices, num_workers=work.settings.workers).images
-        images = images.to(device)
-        calib = work.calib_images.to(device)
-        row: dict[str, Any] = {"model": arch, "batch": args.speed_batch, "images": int(images.shape[0])}
-        row["fp_images_per_second"] = images_per_second(model, images, args.speed_batch, args.repeats)
-        for bits in args.bits:
-            q = quantize(
-                copy.deepcopy(model), calib, get_preset("dopq", w_bits=bits, a_bits=bits), progress=False
-            )
-            ips = images_per_second(q, images, args.speed_batch, args.repeats)
-            row[f"dopq_w{bits}a{bits}_images_per_second"] = ips
-            row[f"dopq_w{bits}a{bits}_over_fp"] = ips / row["fp_images_per_second"]
-            del q
-        times = calibration_seconds(model, calib, ("repq", "dopq"), args.repeats)
-        row["calib_seconds"] = times
-        row["dopq_over_repq_calibration"] = statistics.median(times["dopq"]) / statistics.median(
-            times["repq"]
-        )
-        if device.type == "cuda":
-            row["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        rows.append(row)
-        print(f"  {arch}: { ({k: v for k, v in row.items() if k != 'calib_seconds'}) }", flush=True)
-        save(f"speed_{device.type}", {"rows": rows, "settings": vars(args)})
+        loaded = load_images(work.eval_dataset, work.eval_indices, num_workers=work.settings.workers)
+        inputs[arch] = (model, loaded.images.to(device), loaded.labels, work.calib_images.to(device))
+        rows.append(_eager_row(args, arch, *inputs[arch][:2], inputs[arch][3]))
+        print(f"  {arch}: { ({k: v for k, v in rows[-1].items() if k != 'calib_seconds'}) }", flush=True)
+        saved()
+    if args.speed_compile:
+        for row, arch in zip(rows, args.models, strict=True):
+            _compiled_into(row, args, *inputs[arch])
+            print(f"  {arch} compiled: { ({k: v for k, v in row.items() if k.startswith('compiled')}) }")
+            saved()

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dopq.cli import main
+from dopq.cli import _settings_from, build_parser, main
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DEIT = SHARED / "models" / "deit_tiny_patch16_224.cifar10.safetensors"
@@ -165,6 +165,15 @@ def test_evaluate_refuses_missing_and_corrupt_files(
     _assert_one_error(main([*base, str(tmp_path / "q.pt")]), capsys.readouterr().err, "does not exist")
     bad = _garbage("q_bad.pt")(tmp_path)
     _assert_one_error(main([*base, str(bad)]), capsys.readouterr().err, "is not a readable dopq file")
+
+
+def test_compile_is_for_the_pytorch_model(
+    roots: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["evaluate", "--data", str(roots["good"]), "--onnx", str(tmp_path / "m.onnx"), "--compile"]
+    _assert_one_error(main(argv), capsys.readouterr().err, "--compile is for --quantized alone")
+    args = build_parser().parse_args(_quantize_argv(roots["good"], "--compile"))
+    assert _settings_from(args).compile
 
 
 def test_entry_point_exit_code_and_single_line(roots: dict[str, Path]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from torch import nn
@@ -83,3 +85,57 @@ def test_empty_loader_raises() -> None:
     empty = DataLoader(TensorDataset(torch.zeros(0, 1), torch.zeros(0, dtype=torch.long)), batch_size=4)
     with pytest.raises(DataError, match="no images"):
         evaluate(model, empty, progress=False)
+
+
+def _quantized_test_vit() -> tuple[nn.Module, torch.Tensor]:
+    import copy
+
+    import timm
+
+    import dopq
+
+    torch.manual_seed(0)
+    fp = timm.create_model("test_vit", num_classes=10).eval()
+    images = torch.randn(6, 3, 160, 160)
+    return dopq.quantize(copy.deepcopy(fp), images[:4], dopq.get_preset("dopq", w_bits=4, a_bits=4)), images
+
+
+def test_compiled_model_traces_the_quantized_model_and_gives_its_logits() -> None:
+    """``--compile`` runs the quantizers through torch.compile: traced op for op (aot_eager replays
+    the captured graph without fusing), the logits are the eager model's exactly."""
+    from dopq.evaluate import CompiledModel
+
+    model, images = _quantized_test_vit()
+    compiled = CompiledModel(model, backend="aot_eager")
+    with torch.inference_mode():
+        assert torch.equal(compiled(images), model(images))
+        assert torch.equal(compiled(images[:3]), model(images[:3]))  # another batch shape
+    assert compiled.pretrained_cfg == model.pretrained_cfg
+    assert [n for n, _ in compiled.named_parameters()] == [f"model.{n}" for n, _ in model.named_parameters()]
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
+def test_compiled_model_with_inductor_agrees_with_eager() -> None:
+    """The fused kernels (inductor, on the CPU here) may round a last float bit otherwise, which can
+    move a rare code: the logits agree closely and the predictions are the same."""
+    from dopq.evaluate import CompiledModel
+
+    model, images = _quantized_test_vit()
+    with torch.inference_mode():
+        eager, fused = model(images), CompiledModel(model)(images)
+    assert torch.equal(eager.argmax(1), fused.argmax(1))
+    assert float((eager - fused).abs().max()) <= 0.05 * float(eager.abs().max())
+
+
+def test_compile_failure_is_one_clear_error() -> None:
+    from dopq.errors import ConfigError
+    from dopq.evaluate import CompiledModel
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    compiled = CompiledModel(nn.Linear(4, 2), backend=broken_backend)
+    with pytest.raises(
+        ConfigError, match=r"--compile: torch.compile could not compile the model.*C\+\+ compiler"
+    ):
+        compiled(torch.randn(3, 4))

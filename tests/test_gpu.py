@@ -159,3 +159,34 @@ def test_cli_quantize_and_evaluate_on_cuda(
             "--output", str(out)]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
     assert json.loads(out.read_text())["quant_top1"] == recorded["quant_top1"]
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_tanq_codes_on_the_device_equal_the_cpu_closed_form(bits: int) -> None:
+    """On CUDA TanQ counts thresholds (a binary search); on the CPU it uses its closed form: the
+    same attention values get the same codes on both, at the thresholds too."""
+    from dopq.quantizers import TanQQuantizer
+
+    q = TanQQuantizer(bits, objective="mse")
+    q.observing = True
+    attn = torch.softmax(torch.randn(2, 3, 50, 50) * 5, dim=-1)
+    q(attn)
+    q.observing = False
+    _, thresholds = q.level_table()
+    x = torch.cat([attn.flatten(), thresholds, torch.nextafter(thresholds, thresholds + 1)])
+    on_cpu = q.codes(x)
+    on_device = copy.deepcopy(q).to(DEVICE).codes(x.to(DEVICE)).cpu()
+    assert torch.equal(on_cpu, on_device)
+
+
+def test_compiled_evaluation_on_cuda_agrees_with_eager() -> None:
+    """``--compile`` on the device: inductor's fused kernels give the eager model's predictions."""
+    from dopq.evaluate import CompiledModel
+
+    fp, images = _vit()
+    model = dopq.quantize(copy.deepcopy(fp).to(DEVICE), images[:8].to(DEVICE), dopq.get_preset("dopq"))
+    with torch.inference_mode():
+        eager = model(images.to(DEVICE))
+        fused = CompiledModel(model)(images.to(DEVICE))
+    assert torch.equal(eager.argmax(1), fused.argmax(1))
+    assert float((eager - fused).abs().max()) <= 0.05 * float(eager.abs().max())

@@ -529,3 +529,107 @@ def test_readiness_is_read_once_but_follows_reset_and_loaded_state() -> None:
     q.observing = False
     with pytest.raises(RuntimeError, match="calibrate the model first"):
         q(torch.randn(8))
+
+
+# --- the short forms evaluation uses give the same values as the reference forms -----------------
+
+
+def _edges(levels: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Every level and threshold, their float32 neighbours, and values beyond both ends."""
+    points = torch.cat([levels, thresholds]).float()
+    up, down = torch.nextafter(points, points + 1), torch.nextafter(points, points - 1)
+    return torch.cat([points, up, down, torch.tensor([-1.0, 0.0, 2.0, float(levels[-1]) * 3])])
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("temp", [1.0, 4.0, 12.0])
+def test_tanq_closed_form_codes_equal_the_threshold_search(bits: int, temp: float) -> None:
+    """On a GPU TanQ counts thresholds (one binary-search pass); on a CPU it uses its closed form.
+    The two must give the same code for every element, also at the thresholds and one float step
+    either side, so CPU and GPU quantize alike. (The log quantizers keep their log-domain rounding
+    everywhere: it can differ at a threshold, a rounding tie.)"""
+    q = TanQQuantizer(bits, objective="mse")
+    a = _attention((2, 2, 30, 30), temp=temp)
+    _observe(q, a)
+    levels, thresholds = q.level_table()
+    for x in (a.flatten(), _edges(levels, thresholds)):
+        closed = q.closed_form_codes(x, thresholds)
+        searched = codes_from_thresholds(x, thresholds, out_int32=True)
+        assert torch.equal(closed.long(), searched.long())
+    assert torch.equal(q.lookup_table()[q.codes(a)], q(a))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_integral_zero_point_form_equals_the_code_form(per_channel: bool, bits: int) -> None:
+    """With whole-number zero points evaluation clamps ``round(x / s)`` to ``[-z, n - z]`` (two passes
+    fewer); the values equal ``dequantize(codes(x))`` exactly, at half steps and far outside too."""
+    gen = torch.Generator().manual_seed(bits)
+    shape = (1, 6, 1) if per_channel else (1,)
+    scale = torch.rand(shape, generator=gen) * 0.3 + 0.05
+    zero_point = torch.randint(0, 2**bits, shape, generator=gen).float()
+    x = torch.randn(5, 6, 40, generator=gen) * 4
+    x[0, :, :20] = (torch.arange(20).float() - 10 + 0.5) * scale.reshape(-1, 1)  # half steps: ties
+    x[1, :, :2] = torch.tensor([-1e30, 1e30])
+    short = fake_quantize_uniform(x, scale, zero_point, bits, integral_zero_point=True)
+    reference = fake_quantize_uniform(x, scale, zero_point, bits)
+    assert torch.equal(short, reference)
+
+
+def test_integral_zero_point_fact_follows_new_parameters() -> None:
+    """The quantizer reads whether its zero points are whole once, and again after new parameters
+    (``set_qparams``, a loaded state, ``reset``): a fractional zero point takes the code form."""
+    q = UniformQuantizer(4, PerTensor())
+    _observe(q, torch.randn(256))
+    assert q.zero_point_is_integral()
+    x = torch.randn(64)
+    q.set_qparams(torch.tensor([0.1]), torch.tensor([3.4]))
+    assert not q.zero_point_is_integral()
+    assert torch.equal(q(x), (torch.clamp(torch.round(x / 0.1) + 3.4, 0, 15) - 3.4) * 0.1)
+    state = UniformQuantizer(4, PerTensor()).state_dict()
+    state["zero_point"], state["initialized"] = torch.tensor([2.0]), torch.tensor(True)
+    q.load_state_dict(state)
+    assert q.zero_point_is_integral()
+    q.load_state_dict({**state, "zero_point": torch.tensor([2.5])})
+    assert not q.zero_point_is_integral()
+
+
+def test_quantized_weight_is_remembered_only_while_nothing_changes() -> None:
+    """In an evaluation (``constant_quantization``, autograd off) a weight is quantized once; an
+    in-place change, new parameters, a dtype change or autograd make it quantize again, and leaving
+    the block forgets it."""
+    from dopq.modules import QuantLinear, constant_quantization
+
+    layer = QuantLinear(torch.nn.Linear(16, 8), None, UniformQuantizer(4, PerChannel(0)))
+    q = layer.weight_quantizer
+    _observe(q, layer.weight)
+    calls = []
+    original = q.fake_quantize
+    q.fake_quantize = lambda x: calls.append(1) or original(x)
+    x = torch.randn(3, 16)
+
+    def check() -> None:  # the output is the freshly quantized weight's, whatever was remembered
+        with torch.no_grad():
+            expected = torch.nn.functional.linear(x.to(layer.weight), original(layer.weight), layer.bias)
+            assert torch.equal(layer(x.to(layer.weight)), expected)
+
+    with constant_quantization(layer), torch.no_grad():
+        check(), check()
+        assert len(calls) == 1
+        layer.weight.mul_(1.5)  # in place: a new version
+        check()
+        assert len(calls) == 2
+        q.set_qparams(q.scale * 2, q.zero_point)
+        check()
+        assert len(calls) == 3
+        layer.double()  # new storage
+        check()
+        assert len(calls) == 4
+        layer.float()
+        with torch.enable_grad():
+            layer(x)
+        assert len(calls) == 5
+    assert not q._memos and not q.memoize
+    with torch.no_grad():
+        layer(x), layer(x)
+    assert len(calls) == 7  # outside an evaluation nothing is remembered

@@ -229,6 +229,9 @@ def broadcast_module(module: nn.Module) -> None:
     with torch.no_grad(), _collective():
         for tensor in tensors:
             dist.broadcast(tensor.data, src=0)
+    for m in module.modules():  # quantizers keep host copies of buffer facts: read them again
+        if hasattr(m, "forget_host_copies"):
+            m.forget_host_copies()
 
 
 def local_share(batch: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -19,9 +19,18 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dopq.data import single_line_errors
-from dopq.errors import DataError
+from dopq.errors import ConfigError, DataError
+from dopq.modules import constant_quantization, quantizers_of
 
-__all__ = ["Agreement", "EvalResult", "accuracy_counts", "compare", "evaluate", "merge_results"]
+__all__ = [
+    "Agreement",
+    "CompiledModel",
+    "EvalResult",
+    "accuracy_counts",
+    "compare",
+    "evaluate",
+    "merge_results",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +126,7 @@ def evaluate(
     per_image: list[str] = []
     start = time.perf_counter()
     bar = tqdm(total=total, desc=desc, unit="img", disable=not progress)
-    with torch.inference_mode(), single_line_errors(), bar:
+    with torch.inference_mode(), constant_quantization(model), single_line_errors(), bar:
         for images, targets in loader:
             logits = model(images.to(device, non_blocking=True))
             targets = targets.to(device, non_blocking=True)
@@ -139,6 +148,50 @@ def evaluate(
         result.images_per_second,
     )
     return result
+
+
+class CompiledModel(nn.Module):
+    """``model`` evaluated through ``torch.compile`` (``--compile``).
+
+    Simulated quantization runs each quantizer as a chain of element-wise passes; compiled, they
+    fuse with each other and with their neighbours into few kernels (docs/gpu.md measures it). The
+    first batch of each shape pays the compilation. Fused kernels may round the last float bit
+    differently from the eager ops, which can move a code on a rare element: compiled and eager
+    results are two settings, and the result records which one ran.
+
+    Args:
+        model: the model to run (not copied).
+        backend: ``torch.compile`` backend (a name or a callable); ``"inductor"`` generates the fused
+            kernels.
+
+    Raises:
+        ConfigError: on the first call, when the model cannot be compiled here (on a CPU the
+            inductor backend needs a C++ compiler).
+    """
+
+    def __init__(self, model: nn.Module, backend: str | Callable[..., Any] = "inductor") -> None:
+        super().__init__()
+        self.model = model
+        self.pretrained_cfg = getattr(model, "pretrained_cfg", None)
+        for _, q in quantizers_of(model):  # what the quantizers read from the device, read before tracing
+            q.read_host_copies()
+        # kept outside the module tree: the compiled wrapper would register ``model`` a second time
+        self.__dict__["compiled"] = torch.compile(model, backend=backend)
+        self._checked = False
+
+    def forward(self, images: Tensor) -> Tensor:
+        if self._checked:
+            return self.compiled(images)
+        try:
+            out = self.compiled(images)
+        except Exception as exc:  # torch raises a backend-specific type per version
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(
+                f"--compile: torch.compile could not compile the model ({reason[:300]}); on a CPU it "
+                "needs a C++ compiler (g++ or clang++) on PATH. Leave out --compile to evaluate eagerly"
+            ) from exc
+        self._checked = True
+        return out
 
 
 def merge_results(parts: Sequence[EvalResult]) -> EvalResult:
@@ -200,6 +253,8 @@ def compare(
     total = len(loader.dataset) if hasattr(loader, "dataset") else None
     with (
         torch.inference_mode(),
+        constant_quantization(model_a),
+        constant_quantization(model_b),
         single_line_errors(),
         tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar,
     ):

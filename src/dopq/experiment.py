@@ -45,7 +45,7 @@ from dopq.data import (
     strided_indices,
 )
 from dopq.errors import ConfigError
-from dopq.evaluate import EvalResult, evaluate, merge_results
+from dopq.evaluate import CompiledModel, EvalResult, evaluate, merge_results
 from dopq.models import build_model, get_adapter
 from dopq.modules import in_dtype
 
@@ -89,6 +89,7 @@ class RunSettings:
     crop_pct: float | None = None
     fp_eval: bool = True
     skip_bad_images: bool = False
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.workers is None:
@@ -243,9 +244,15 @@ def _evaluate(work: Workload, model: nn.Module, desc: str, progress: bool) -> Ev
     s = work.settings
     loader = work.eval_loader()
     with single_line_errors():
-        result = evaluate(model, loader, device=s.device, progress=progress, desc=desc)
+        result = evaluate(
+            _maybe_compiled(model, s.compile), loader, device=s.device, progress=progress, desc=desc
+        )
     result, work.skipped["evaluation"] = _across_processes(result, loader.skipped)
     return result
+
+
+def _maybe_compiled(model: nn.Module, compile: bool) -> nn.Module:
+    return CompiledModel(model) if compile else model
 
 
 def fp_baseline(work: Workload, progress: bool = True) -> EvalResult:
@@ -376,6 +383,7 @@ def run_recipe(
         "calib_seconds": report.calib_seconds,
         "eval_images": quant.images,
         "eval_dtype": eval_dtype,
+        "compiled": s.compile,
         "eval_images_per_second": quant.images_per_second,
         "fp_eval_images_per_second": fp.images_per_second if fp else None,
         "timings": {**work.timings, **report.timings},
@@ -437,11 +445,12 @@ def evaluate_saved(
     overrides: dict[str, Any] | None = None,
     skip_bad_images: bool = False,
     eval_dtype: str = "float32",
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a model saved by ``dopq quantize --save`` with its recorded preprocessing
     (``overrides`` replaces fields of it, e.g. ``{"crop_pct": 1.0}``; ``workers=None`` picks
     :func:`dopq.data.default_workers`; ``skip_bad_images`` leaves out undecodable images and reports
-    them under ``data``)."""
+    them under ``data``; ``compile`` runs the model through :class:`dopq.evaluate.CompiledModel`)."""
     from dopq.serialize import load_quantized
 
     resolve_device(device)
@@ -449,7 +458,8 @@ def evaluate_saved(
     pre = replace(Preprocess(**meta["preprocess"]), **(overrides or {}))
     loader = _eval_loader(data, eval_split, eval_subset, pre, batch_size, workers, skip_bad_images, device)
     with single_line_errors():
-        res = evaluate(in_dtype(model, eval_dtype), loader, device=device, progress=progress, desc="saved")
+        model = _maybe_compiled(in_dtype(model, eval_dtype), compile)
+        res = evaluate(model, loader, device=device, progress=progress, desc="saved")
     res, skipped = _across_processes(res, loader.skipped)
     return {
         "model": model.pretrained_cfg.get("architecture"),
@@ -462,6 +472,7 @@ def evaluate_saved(
         "quant_top5": res.top5,
         "eval_images": res.images,
         "eval_dtype": eval_dtype,
+        "compiled": compile,
         "eval_images_per_second": res.images_per_second,
         "quantized_path": str(path),
         "recorded_quant_top1": meta.get("quant_top1"),

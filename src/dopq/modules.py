@@ -28,6 +28,7 @@ __all__ = [
     "QuantConv2d",
     "QuantLinear",
     "QuantMatMul",
+    "constant_quantization",
     "float64_copy",
     "in_dtype",
     "quantizers_of",
@@ -133,6 +134,22 @@ def quantizers_off(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for q, state in states.items():
             q.enabled = state
+
+
+@contextmanager
+def constant_quantization(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, with autograd off, each quantizer computes its quantized weight and its
+    level table once and reuses them (``Quantizer.remembered``): what an evaluation loop, where
+    nothing changes between batches, wants. Leaving the block forgets them."""
+    quantizers = [q for _, q in quantizers_of(model)]
+    for q in quantizers:
+        q.memoize = True
+    try:
+        yield model
+    finally:
+        for q in quantizers:
+            q.memoize = False
+            q._memos.clear()
 
 
 def set_quantization(model: nn.Module, weights: bool = True, activations: bool = True) -> nn.Module:

@@ -169,7 +169,8 @@ def _trainable(
         for layer in layers:
             if isinstance(layer.weight_quantizer, AdaRoundQuantizer):
                 ada = layer.weight_quantizer
-                layer.weight.data.copy_(ada.bake())
+                with torch.no_grad():  # in place on the parameter itself, so its version moves
+                    layer.weight.copy_(ada.bake())
                 layer.weight_quantizer = ada.base
         for q in acts:
             q.drop_prob, q.drop_generator = 0.0, None

@@ -62,6 +62,8 @@ class Quantizer(nn.Module):
         self.drop_generator: torch.Generator | None = None  # the caller's generator for QDrop masks
         self.register_buffer("initialized", torch.tensor(False))
         self._ready = False  # a host copy of ``initialized`` once True: reading the buffer syncs a GPU
+        self.memoize = False  # set by dopq.modules.constant_quantization (evaluation): see remembered()
+        self._memos: dict[str, tuple[tuple, Any]] = {}
 
     @property
     def levels(self) -> int:
@@ -76,7 +78,10 @@ class Quantizer(nn.Module):
             with torch.no_grad():
                 self.initialize(x.detach(), None if context is None else context.detach())
             self.initialized.fill_(True)
-        out = self.fake_quantize(x)
+        if isinstance(x, nn.Parameter):  # a weight: the same output until it or this quantizer changes
+            out = self.remembered("parameter", lambda: self.fake_quantize(x), x)
+        else:
+            out = self.fake_quantize(x)
         if self.drop_prob > 0:
             noise = torch.rand(x.shape, generator=self.drop_generator, device=x.device, dtype=x.dtype)
             out = torch.where(noise < self.drop_prob, x, out)
@@ -88,13 +93,50 @@ class Quantizer(nn.Module):
             self._ready = bool(self.initialized)
         return self._ready
 
+    def remembered(self, slot: str, make: Callable[[], Any], *inputs: torch.Tensor) -> Any:
+        """``make()``, computed once and reused while :attr:`memoize` is on (an evaluation:
+        :func:`dopq.modules.constant_quantization`), autograd is off, and neither ``inputs`` nor this
+        quantizer's own tensors changed: a quantized weight or a level table is a constant of an
+        evaluation, and recomputing it per batch costs a GPU many small kernel launches.
+
+        A tensor counts as unchanged while it is the same object at the same in-place version
+        holding the same storage (a ``.to()`` or ``.data`` swap gives new storage). The stamp keeps
+        those storages alive, so no new tensor can take over an address it remembers. Writes
+        through ``.data`` bump no version: that is why memoizing is scoped to an evaluation.
+        """
+        if not self.memoize or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return make()
+        tensors = (*inputs, *self._parameters.values(), *self._buffers.values())
+        try:
+            stamp = tuple((t, t.data, t._version, t.data_ptr()) for t in tensors if t is not None)
+        except RuntimeError:  # inference-mode tensors keep no version: nothing to compare
+            return make()
+        stamp += (self.enabled, self.bits)
+        memo = self._memos.get(slot)
+        if memo is not None and _same_stamp(memo[0], stamp):
+            return memo[1]
+        value = make()
+        self._memos[slot] = (stamp, value)
+        return value
+
     def reset(self) -> None:
         """Forget the parameters so the next observed tensor re-initialises them."""
         self.initialized.fill_(False)
+        self.forget_host_copies()
+
+    def read_host_copies(self) -> None:
+        """Read the host-side copies now (e.g. before ``torch.compile`` traces the model, where a
+        device read would split the graph)."""
+        self.is_ready()
+
+    def forget_host_copies(self) -> None:
+        """Drop the host-side copies of buffer facts (read again on next use): after the buffers
+        change other than through the quantizer's own setters."""
         self._ready = False
+        self._memos.clear()
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._ready = False  # the loaded buffer decides
+        self.forget_host_copies()  # the loaded buffers decide
         super()._load_from_state_dict(*args, **kwargs)
 
     def initialize(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
@@ -105,6 +147,12 @@ class Quantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, enabled={self.enabled}"
+
+
+def _same_stamp(a: tuple, b: tuple) -> bool:
+    if len(a) != len(b) or a[-2:] != b[-2:]:
+        return False
+    return all(x[0] is y[0] and x[2:] == y[2:] for x, y in zip(a[:-2], b[:-2], strict=True))
 
 
 _QUANTIZERS: dict[str, Callable[..., Quantizer]] = {}

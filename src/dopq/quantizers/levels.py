@@ -37,9 +37,9 @@ def _with_ste(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def codes_from_thresholds(x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+def codes_from_thresholds(x: torch.Tensor, thresholds: torch.Tensor, out_int32: bool = False) -> torch.Tensor:
     """Integer code of each element: the number of thresholds strictly below it."""
-    return torch.bucketize(x, thresholds)
+    return torch.bucketize(x, thresholds, out_int32=out_int32)
 
 
 def log_levels(
@@ -88,8 +88,21 @@ class LevelQuantizer(Quantizer):
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes (int64) indexing :meth:`lookup_table`."""
-        _, thresholds = self.level_table()
-        return codes_from_thresholds(x.detach(), thresholds.detach())
+        return self.code_index(x.detach(), self.level_table()[1].detach()).long()
+
+    def code_index(self, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+        """The codes of ``x`` (int32 or int64) for ascending ``thresholds``: the one rule behind
+        :meth:`codes` and fake quantization. On a GPU a binary search over the thresholds is one
+        pass; on a CPU a family's closed form (:meth:`closed_form_codes`) is several times faster.
+        Both give the number of thresholds strictly below each element (``tests/test_quantizers.py``).
+        """
+        if x.is_cuda:
+            return codes_from_thresholds(x, thresholds, out_int32=True)
+        return self.closed_form_codes(x, thresholds)
+
+    def closed_form_codes(self, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+        """Codes by the family's own formula; the plain threshold count where it has none."""
+        return codes_from_thresholds(x, thresholds)
 
     def lookup_table(self) -> torch.Tensor:
         """Dequantized value of every code."""
@@ -101,7 +114,7 @@ class LevelQuantizer(Quantizer):
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         levels, thresholds = self.level_table()
-        code = codes_from_thresholds(x.detach(), thresholds.detach())
+        code = self.code_index(x.detach(), thresholds.detach())
         return _with_ste(lookup(levels.detach(), code), x)
 
 
@@ -125,17 +138,16 @@ class LogQuantizer(LevelQuantizer):
         The one formula of both the forward codes and the range search."""
         return torch.round(-torch.log2(x / delta) / self.step).clamp_min_(0)
 
-    def _codes(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        # elementwise log-domain rounding: the same codes as the thresholds, several times faster
-        e = self._exponents(x, delta)
-        return torch.where(e >= self._n_nonzero, 0, self._n_nonzero - e).long()
+    def code_index(self, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+        # the log-domain rounding on every device: at a threshold (a rounding tie) and within a
+        # float step of one it can differ from the threshold count, and it is what the export runs
+        return self.closed_form_codes(x, thresholds)
 
-    def codes(self, x: torch.Tensor) -> torch.Tensor:
-        return self._codes(x.detach(), self.delta)
-
-    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        levels, _ = self.level_table()
-        return _with_ste(lookup(levels.detach(), self.codes(x)), x)
+    def closed_form_codes(self, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+        # elementwise log-domain rounding: the same codes as the thresholds; past the last level,
+        # and below 0 (a NaN exponent), the code of the exact zero
+        e = self._exponents(x, self.delta)
+        return torch.where(e < self._n_nonzero, self._n_nonzero - e, 0).long()
 
     def __init__(self, bits: int, percentiles: tuple[float, ...] = DEFAULT_PERCENTILES) -> None:
         super().__init__(bits)
@@ -143,6 +155,9 @@ class LogQuantizer(LevelQuantizer):
         self.register_buffer("delta", torch.ones(()))
 
     def level_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.remembered("levels", self._level_table)
+
+    def _level_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         # float32 defines the table whatever the module's dtype (as TanQQuantizer.level_table)
         levels, thresholds = log_levels(self.delta.float(), self.bits, self.step, self.extra_zero)
         return levels.to(self.delta.dtype), thresholds.to(self.delta.dtype)

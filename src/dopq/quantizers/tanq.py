@@ -134,10 +134,9 @@ class TanQQuantizer(LevelQuantizer):
         self.register_buffer("center", torch.tensor(0.5))
         self.register_buffer("clip", torch.tensor(1.0))
 
-    def codes(self, x: torch.Tensor) -> torch.Tensor:
+    def closed_form_codes(self, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
         params = [p.detach() for p in self._params()]
-        thresholds = self.level_table()[1].detach()
-        return tan_codes(x.detach(), *params, self.bits, thresholds)
+        return tan_codes(x, *params, self.bits, thresholds)
 
     def warp_params(self) -> tuple[float, float, float]:
         """The effective ``(sharpness c, center m, clip d)`` that define the levels."""
@@ -149,8 +148,8 @@ class TanQQuantizer(LevelQuantizer):
         return self.sharpness.clamp_min(1e-3), self.center.clamp(0.05, 0.95), self.clip.clamp_min(1e-6)
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        levels, _ = self.level_table()
-        codes = self.codes(x)
+        levels, thresholds = self.level_table()
+        codes = self.code_index(x.detach(), thresholds.detach())
         out = _with_ste(lookup(levels.detach(), codes), x)  # the table value, STE for x
         if levels.requires_grad:
             # gradients to (c, m, d) through the level formula evaluated per element: a sum
@@ -194,6 +193,9 @@ class TanQQuantizer(LevelQuantizer):
         return params
 
     def level_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.remembered("levels", self._level_table)
+
+    def _level_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         # float32 defines the table, whatever the module's dtype: a float64 evaluation then uses
         # the float32 model's levels and thresholds exactly (docs/export.md, float64 form)
         params = self._params()

@@ -39,17 +39,29 @@ def quantize_uniform(
 
 
 def fake_quantize_uniform(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | float,
+    bits: int,
+    integral_zero_point: bool = False,
 ) -> torch.Tensor:
-    """Quantize and dequantize; differentiable in ``x`` (STE) and ``scale`` (LSQ-style)."""
+    """Quantize and dequantize; differentiable in ``x`` (STE) and ``scale`` (LSQ-style).
+
+    ``integral_zero_point`` (the caller knows every zero point is a whole number) allows a shorter
+    form with the same values; a per-tensor zero point may come as a Python number.
+    """
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
         return _FakeQuantizeSTE.apply(x, scale, zero_point, bits)
     # no autograd: the same values (the STE's ``(r - a) + a`` is exactly ``r``) in place,
     # one allocation instead of seven: quantized evaluation is bound by these passes
+    if integral_zero_point:
+        # whole numbers below 2^24 add exactly, so clamp(r + z, 0, n) - z is clamp(r, -z, n - z):
+        # four passes over x instead of six
+        return (x / scale).round_().clamp_(-zero_point, (2**bits - 1) - zero_point).mul_(scale)
     return _codes(x, scale, zero_point, bits).sub_(zero_point).mul_(scale)
 
 
-def _codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+def _codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float, bits: int) -> torch.Tensor:
     """Integer codes ``clamp(round(x / s) + z, 0, 2^b - 1)`` in one new tensor, no autograd."""
     return (x / scale).round_().add_(zero_point).clamp_(0, 2**bits - 1)
 
@@ -180,6 +192,24 @@ class UniformQuantizer(Quantizer):
         self.percentiles = tuple(percentiles)
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1))
+        self._integral_zero_point: bool | None = None  # host copies, read on first use
+        self._zero_point_number: float | None = None
+
+    def forget_host_copies(self) -> None:
+        super().forget_host_copies()
+        self._integral_zero_point = self._zero_point_number = None
+
+    def read_host_copies(self) -> None:
+        super().read_host_copies()
+        if self.is_ready():
+            self.zero_point_is_integral()
+            self._zero_point_for(self.zero_point)
+
+    def zero_point_is_integral(self) -> bool:
+        """Whether every zero point is a whole number (read from the device once per setting)."""
+        if self._integral_zero_point is None:
+            self._integral_zero_point = bool((self.zero_point == self.zero_point.round()).all())
+        return self._integral_zero_point
 
     @property
     def channel_axis(self) -> int | None:
@@ -206,6 +236,7 @@ class UniformQuantizer(Quantizer):
         else:
             self.scale = scale
         self.zero_point = zero_point.detach().reshape(-1).to(self.zero_point)
+        self._integral_zero_point = self._zero_point_number = None
         self.initialized.fill_(True)
 
     def make_scale_learnable(self) -> nn.Parameter:
@@ -239,10 +270,18 @@ class UniformQuantizer(Quantizer):
         return (codes.to(scale.dtype) - zero_point) * scale
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        axis = self.channel_axis
-        scale = _broadcast(self.scale, x, axis)
-        zero_point = _broadcast(self.zero_point, x, axis)
-        return fake_quantize_uniform(x, scale, zero_point, self.bits)
+        scale = _broadcast(self.scale, x, self.channel_axis)
+        zero_point = self._zero_point_for(x)
+        return fake_quantize_uniform(x, scale, zero_point, self.bits, self.zero_point_is_integral())
+
+    def _zero_point_for(self, x: torch.Tensor) -> torch.Tensor | float:
+        """A single zero point as a Python number (read from the device once per setting: a number
+        argument spares the element-wise ops their own small kernels), else broadcast to ``x``."""
+        if self.zero_point.numel() != 1:
+            return _broadcast(self.zero_point, x, self.channel_axis)
+        if self._zero_point_number is None:
+            self._zero_point_number = float(self.zero_point)
+        return self._zero_point_number
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, granularity={self.granularity}"
