@@ -35,6 +35,9 @@ def calib_gain_recipes(bits: int) -> dict[str, QuantConfig]:
         # tighter activation clips in the range search (0.99, 0.995), alone and with both switches
         "dopq+act-wide": dopq.replace(act_percentiles=ACT_WIDE),
         "dopq+gptq+auto+act-wide": both.replace(act_percentiles=ACT_WIDE),
+        # GPTQ against the float model's output (GPTAQ's asymmetric objective), alone and with auto
+        "dopq+gptq-float": dopq.replace(weight_rounding="gptq", gptq_target="float"),
+        "dopq+gptq-float+auto": both.replace(gptq_target="float"),
     }
 
 

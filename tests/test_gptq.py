@@ -15,8 +15,8 @@ import dopq
 from dopq.calibrate import correct_bias
 from dopq.errors import CalibrationError
 from dopq.export import to_deploy
-from dopq.gptq import gptq_model, gptq_round, input_hessian, layer_inputs
-from dopq.modules import QuantConv2d, QuantLinear
+from dopq.gptq import float_target_weight, gptq_model, gptq_round, input_hessian, layer_inputs
+from dopq.modules import QuantConv2d, QuantLinear, quantizers_off
 from dopq.quantizers import PerChannel, UniformQuantizer
 from dopq.quantizers.adaround import AdaRoundQuantizer
 from dopq.serialize import load_quantized, save_quantized
@@ -101,6 +101,97 @@ def test_bad_inputs_raise_clear_errors() -> None:
     h[2, 2] = float("nan")
     with pytest.raises(CalibrationError, match="NaN/Inf"):
         gptq_round(w, h, q)
+
+
+def _float_and_quantized_inputs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float inputs and their "quantized" version: the float ones plus an error that is partly a
+    systematic shift per channel (what upstream rounding leaves) and partly noise."""
+    x_fp = _correlated_inputs(n, 64, seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    bias = torch.randn(64, generator=torch.Generator().manual_seed(7)) * 0.3
+    return x_fp, x_fp + bias + 0.2 * torch.randn(n, 64, generator=gen)
+
+
+def _cross(x_fp: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
+    return (x_fp.T @ x_q).double() / x_q.shape[0]
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_float_target_lowers_held_out_error_against_the_float_output(bits: int) -> None:
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(1))
+    q = _weight_quantizer(w, bits)
+    x_fp, x_q = _float_and_quantized_inputs(2048, seed=2)
+    h = input_hessian(x_q)
+    plain = q.dequantize(gptq_round(w, h, q))
+    w_target = float_target_weight(w, _cross(x_fp, x_q), h)
+    asym = q.dequantize(gptq_round(w_target, h, q))
+    held_fp, held_q = _float_and_quantized_inputs(2048, seed=3)  # fresh draws, same distribution
+
+    def error(w_hat: torch.Tensor) -> float:
+        return float((held_fp @ w.T - held_q @ w_hat.T).pow(2).mean())
+
+    assert error(asym) < 0.8 * error(plain)
+    assert error(w_target) < error(w)  # the unrounded target already beats the float weight
+
+
+def test_float_target_with_equal_inputs_is_the_float_weight_and_plain_gptq() -> None:
+    # the ridge pulls towards W, so X_q == X_fp gives W' == W exactly (C - H == 0), whatever damping
+    w = torch.randn(32, 64)
+    q = _weight_quantizer(w, 3)
+    x = _correlated_inputs(512, 64, seed=4)
+    h = input_hessian(x)
+    for damp in (0.01, 0.1):
+        target = float_target_weight(w, _cross(x, x), h, damp)
+        assert torch.equal(target, w)
+        assert torch.equal(gptq_round(target, h, q), gptq_round(w, h, q))
+
+
+def test_float_target_codes_are_in_range_and_deterministic() -> None:
+    w = torch.randn(32, 64) * torch.linspace(0.1, 3, 32)[:, None]
+    q = _weight_quantizer(w, 3)
+    x_fp, x_q = _float_and_quantized_inputs(512, seed=5)
+    h, c = input_hessian(x_q), _cross(x_fp, x_q)
+    codes = gptq_round(float_target_weight(w, c, h), h, q)
+    assert codes.dtype == torch.int64 and int(codes.min()) >= 0 and int(codes.max()) <= 7
+    assert torch.equal(codes, gptq_round(float_target_weight(w, c, h), h, q))
+    # shrink 0 is the float weight, shrink 1 the least-squares target, in between a straight line
+    half = float_target_weight(w, c, h, shrink=0.5)
+    assert torch.equal(float_target_weight(w, c, h, shrink=0.0), w)
+    torch.testing.assert_close(half, (w + float_target_weight(w, c, h)) / 2)
+    with pytest.raises(CalibrationError, match="NaN/Inf"):
+        float_target_weight(w, c * float("nan"), h)
+
+
+def test_float_target_in_a_model_aims_at_the_float_output() -> None:
+    # two layers: the second one's quantized input carries the first one's rounding error, which
+    # only the float target can compensate; the codes stay on the calibrated grid
+    torch.manual_seed(0)
+    x = _correlated_inputs(512, 16, seed=6)
+    outputs = []
+    for target in ("quantized", "float"):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            QuantLinear(nn.Linear(16, 32), None, UniformQuantizer(3, PerChannel(0))),
+            QuantLinear(nn.Linear(32, 8), None, UniformQuantizer(3, PerChannel(0))),
+        )
+        with torch.no_grad(), quantizers_off(model):
+            reference = model(x)
+        for q in model.modules():
+            if isinstance(q, UniformQuantizer):
+                q.observing = True
+        model(x)
+        for q in model.modules():
+            if isinstance(q, UniformQuantizer):
+                q.observing = False
+        originals = gptq_model(model, x, target=target)
+        with torch.no_grad():
+            for layer in model:
+                assert torch.equal(layer.weight_quantizer(layer.weight), layer.weight)
+            outputs.append(float((model(x) - reference).pow(2).mean()))
+        assert set(originals) == {"0", "1"}
+    assert outputs[1] < outputs[0]
+    with pytest.raises(ValueError, match="target"):
+        gptq_model(model, x, target="both")
 
 
 class _OneUsed(nn.Module):
@@ -225,11 +316,17 @@ def test_config_and_command_line_switches() -> None:
         dopq.QuantConfig(gptq_damp=0.0)
     args = build_parser().parse_args(
         ["quantize", "--model", "m", "--data", "d", "--weight-rounding", "gptq", "--softmax-quantizer", "auto",
-         "--gptq-act-order", "on", "--gptq-damp", "0.05", "--w-bits", "3", "--a-bits", "3"]
+         "--gptq-act-order", "on", "--gptq-damp", "0.05", "--w-bits", "3", "--a-bits", "3",
+         "--gptq-target", "float"]
     )  # fmt: skip
     config = _config_from(args)
     assert (config.weight_rounding, config.softmax_quantizer, config.gptq_act_order, config.gptq_damp) == (
         "gptq", "auto", True, 0.05,
     )  # fmt: skip
+    assert config.gptq_target == "float" and config.to_dict()["gptq_target"] == "float"
+    assert dopq.QuantConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="gptq_target must be one of"):
+        dopq.QuantConfig(gptq_target="fp")
     default = _config_from(build_parser().parse_args(["quantize", "--model", "m", "--data", "d"]))
     assert (default.weight_rounding, default.gptq_act_order) == ("nearest", False)
+    assert default.gptq_target == "quantized"

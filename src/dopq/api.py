@@ -131,7 +131,9 @@ def quantize_with_report(
     float_weights = None
     if config.weight_rounding == "gptq":
         with _timed(timings, "gptq"):
-            float_weights = gptq_model(model, images, config.gptq_damp, config.gptq_act_order)
+            float_weights = gptq_model(
+                model, images, config.gptq_damp, config.gptq_act_order, target=config.gptq_target
+            )
     if config.bias_correction:
         with _timed(timings, "bias_correction"):
             correct_bias(model, images, reference_weights=float_weights)

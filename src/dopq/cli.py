@@ -12,6 +12,7 @@ from typing import Any
 from dopq import distributed
 from dopq.config import (
     FLOAT_DTYPES,
+    GPTQ_TARGETS,
     LN_SCALE_RULES,
     LN_SHIFTS,
     ROUNDINGS,
@@ -119,6 +120,12 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--gptq-damp", type=float, help="GPTQ damping, fraction of the mean Hessian diagonal")
     g.add_argument("--gptq-act-order", choices=["on", "off"], help="GPTQ: largest-input columns first")
+    g.add_argument(
+        "--gptq-target",
+        choices=GPTQ_TARGETS,
+        help="GPTQ objective: quantized (the layer's float weights on its quantized inputs) or float "
+        "(the float model's output, GPTAQ)",
+    )
     r = p.add_argument_group("reconstruction")
     r.add_argument("--reconstruct", action="store_true", help="block-wise reconstruction after calibration")
     r.add_argument("--recon-calib-size", type=int, default=1024)
@@ -210,6 +217,7 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
         "tanq_objective": args.tanq_objective,
         "weight_rounding": args.weight_rounding,
         "gptq_damp": args.gptq_damp,
+        "gptq_target": args.gptq_target,
         "act_percentiles": tuple(args.act_percentiles) if args.act_percentiles else None,
     }
     for switch in ("integer_zero_point", "bias_correction", "gptq_act_order"):

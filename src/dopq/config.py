@@ -9,6 +9,7 @@ from typing import Any
 from dopq.errors import ConfigError
 
 __all__ = [
+    "GPTQ_TARGETS",
     "LN_SCALE_RULES",
     "LN_SHIFTS",
     "SOFTMAX_CHOICES",
@@ -24,6 +25,8 @@ SOFTMAX_QUANTIZERS = ("uniform", "log2", "logsqrt2", "tanq")
 # "auto": per attention module, the family among tanq / log2 / logsqrt2 with the lowest attn @ v error
 SOFTMAX_CHOICES = (*SOFTMAX_QUANTIZERS, "auto")
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
+# GPTQ's objective: the layer's own float output on its quantized inputs, or the float model's output
+GPTQ_TARGETS = ("quantized", "float")
 LN_SCALE_RULES = ("mean", "median", "mad", "search")
 LN_SHIFTS = ("bias", "input")
 MIN_BITS, MAX_BITS = 2, 8
@@ -185,6 +188,9 @@ class QuantConfig:
             layer's calibration inputs, after the re-parameterization; docs/gptq.md).
         gptq_damp: GPTQ's damping, a fraction of the Hessian's mean diagonal added to it.
         gptq_act_order: GPTQ quantizes columns in order of decreasing Hessian diagonal.
+        gptq_target: "quantized" (``||X_q (W - W_q)^T||^2``) or "float" (``||X_fp W^T - X_q W_q^T||^2``,
+            the float model's inputs ``X_fp``: GPTAQ's asymmetric objective, which also compensates
+            the error of the layers before; docs/gptq.md).
         reconstruct: block reconstruction settings, or None for calibration only.
 
     Example:
@@ -208,6 +214,7 @@ class QuantConfig:
     # Hessian is noisy; held-out DeiT-Tiny W3/A3 logit error 0.210 at 0.1, 0.251 at 0.01 (docs/gptq.md)
     gptq_damp: float = 0.1
     gptq_act_order: bool = False
+    gptq_target: str = "quantized"
     reconstruct: ReconstructConfig | None = None
 
     def __post_init__(self) -> None:
@@ -218,6 +225,7 @@ class QuantConfig:
         _check_choice("weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS)
         if not 0.0 < self.gptq_damp <= 1.0:
             raise ConfigError(f"gptq_damp must be in (0, 1], got {self.gptq_damp}")
+        _check_choice("gptq_target", self.gptq_target, GPTQ_TARGETS)
         _check_choice("ln_scale", self.ln_scale, LN_SCALE_RULES)
         _check_choice("ln_shift", self.ln_shift, LN_SHIFTS)
         _check_choice("tanq_objective", self.tanq_objective, ("output", "mse"))

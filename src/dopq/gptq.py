@@ -14,6 +14,13 @@ layer's weights really multiply: after its input quantizer (plus the post-LayerN
 so the error being minimised is the one the quantized layer makes (docs/gptq.md). The rounded
 weights are points of the grid, so ``weight_quantizer(weight)`` returns them unchanged and the
 saved codes and the export are the GPTQ codes.
+
+With ``target="float"`` (the asymmetric objective of GPTAQ, Li et al. 2025) a layer aims at the output
+the float model computes, ``||X_fp W^T - X_q W_q^T||^2``, where ``X_fp`` is the layer's input in the
+float model (all quantizers off, same re-parameterization): the error the earlier layers made is then
+compensated too. It reduces exactly to ordinary GPTQ: the least-squares target ``W'`` of
+:func:`float_target_weight` leaves a residual orthogonal to ``X_q``, so GPTQ of ``W'`` under
+``H_q = X_q^T X_q`` minimises the asymmetric objective up to a constant.
 """
 
 from __future__ import annotations
@@ -22,11 +29,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dopq.config import GPTQ_TARGETS
 from dopq.errors import CalibrationError
-from dopq.modules import QuantConv2d, QuantLinear
+from dopq.modules import QuantConv2d, QuantLinear, quantizers_off
 from dopq.quantizers import UniformQuantizer
 
-__all__ = ["GPTQ_BLOCK", "gptq_model", "gptq_round", "input_hessian", "layer_inputs"]
+__all__ = [
+    "GPTQ_BLOCK",
+    "GPTQ_TARGETS",
+    "float_target_weight",
+    "gptq_model",
+    "gptq_round",
+    "input_hessian",
+    "layer_inputs",
+]
 
 GPTQ_BLOCK = 128  # columns per lazy batch update (the reference implementation's default)
 _DAMP_RETRIES = 4  # each retry multiplies the damping by 10 before giving up
@@ -42,6 +58,60 @@ def input_hessian(rows: torch.Tensor) -> torch.Tensor:
         raise CalibrationError("GPTQ needs calibration inputs, but the layer received none")
     x = rows.float()
     return (x.T @ x).double() / rows.shape[0]
+
+
+def _damped_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Lower Cholesky factor of ``H + damp * mean(diag H) I``; the damping grows tenfold while that
+    is not positive definite (a rank-deficient Hessian from few or collinear inputs)."""
+    mean_diag = float(hessian.diagonal().mean())
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    for attempt in range(_DAMP_RETRIES + 1):
+        lower, info = torch.linalg.cholesky_ex(hessian + eye * (damp * 10**attempt * mean_diag))
+        if int(info) == 0:
+            return lower
+    raise CalibrationError(
+        f"GPTQ: the input Hessian is not positive definite even with damping {damp * 10**_DAMP_RETRIES:g}; "
+        "the calibration inputs are degenerate (NaN/Inf or all equal)"
+    )
+
+
+def float_target_weight(
+    weight: torch.Tensor,
+    cross: torch.Tensor,
+    hessian: torch.Tensor,
+    damp: float = 0.1,
+    shrink: float = 1.0,
+) -> torch.Tensor:
+    """The weight ``W'`` whose output on the quantized inputs best matches the float model's output.
+
+    ``W' = argmin ||X_fp W^T - X_q W'^T||^2 + lam ||W' - W||^2 = W + W (C - H)(H + lam I)^-1`` with
+    ``C = X_fp^T X_q`` and ``H = X_q^T X_q`` (same normalisation), ``lam = damp * mean(diag H)``. The
+    ridge pulls towards ``W`` rather than 0, so equal inputs (``C == H``) give ``W' == W`` exactly and
+    directions the calibration inputs do not excite keep their float weight.
+
+    Args:
+        weight: ``(out, in)`` float weight.
+        cross: ``(in, in)`` ``X_fp^T X_q``.
+        hessian: ``(in, in)`` ``X_q^T X_q``.
+        damp: ridge, a fraction of the mean diagonal of ``hessian``.
+        shrink: ``alpha`` of ``W + alpha (W' - W)``: 1 is the least-squares target, 0 the float weight.
+
+    Returns:
+        ``W'`` ``(out, in)`` in the weight's dtype.
+
+    Raises:
+        CalibrationError: NaN/Inf statistics, or ``H`` not positive definite even with more damping.
+    """
+    if cross.shape != hessian.shape or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"float target: shapes {weight.shape}, {cross.shape}, {hessian.shape} do not match")
+    if not (bool(torch.isfinite(cross).all()) and bool(torch.isfinite(hessian).all())):
+        raise CalibrationError("GPTQ: the layer's float/quantized input statistics have NaN/Inf values")
+    w = weight.detach().double()
+    h = hessian.double()
+    # (H + lam I) D^T = (C - H)^T W^T: a Cholesky solve in float64, never an explicit inverse
+    rhs = (cross.double() - h).T @ w.T
+    delta = torch.cholesky_solve(rhs, _damped_cholesky(h, damp)).T
+    return (w + shrink * delta).to(weight.dtype)
 
 
 def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -167,6 +237,39 @@ def _gptq_layers(model: nn.Module) -> list[tuple[str, QuantLinear | QuantConv2d]
     ]
 
 
+def _float_inputs(
+    model: nn.Module, images: torch.Tensor, layers: list[tuple[str, QuantLinear | QuantConv2d]]
+) -> dict[str, torch.Tensor]:
+    """Each layer's input rows in the float model (every quantizer off, weights not yet rounded):
+    the ``X_fp`` of the float target. A layer called twice keeps its first call, like the rounding pass."""
+    rows: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(module: QuantLinear | QuantConv2d, args: tuple) -> None:
+            if name not in rows:
+                rows[name] = layer_inputs(module, args[0], quantized=False).float()
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layers]
+    try:
+        with quantizers_off(model):
+            model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return rows
+
+
+def _cross_moment(x_fp: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
+    """``X_fp^T X_q / n`` (float64), normalised like :func:`input_hessian`."""
+    if x_fp.shape != x_q.shape:
+        raise CalibrationError(
+            f"GPTQ float target: float inputs {tuple(x_fp.shape)} and quantized inputs {tuple(x_q.shape)} differ"
+        )
+    return (x_fp.T @ x_q.float()).double() / x_q.shape[0]
+
+
 @torch.no_grad()
 def gptq_model(
     model: nn.Module,
@@ -174,6 +277,9 @@ def gptq_model(
     damp: float = 0.1,
     act_order: bool = False,
     quantized_inputs: bool = True,
+    target: str = "quantized",
+    target_damp: float | None = None,
+    target_shrink: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Round the weights of every quantized Linear / Conv2d with GPTQ, in forward order, in place.
 
@@ -184,13 +290,26 @@ def gptq_model(
         act_order: round columns in order of decreasing Hessian diagonal.
         quantized_inputs: build each Hessian from the layer's quantized inputs (see
             :func:`layer_inputs`) rather than from its float inputs.
+        target: "quantized" minimises ``||X_q (W - W_q)^T||^2``; "float" minimises
+            ``||X_fp W^T - X_q W_q^T||^2`` against the float model's inputs (GPTAQ): one extra float
+            pass stores each layer's ``X_fp`` rows until the layer is rounded.
+        target_damp: ridge of the float target's least-squares solve (None: ``damp``).
+        target_shrink: the float target moves ``W`` this fraction of the way to the least-squares ``W'``.
 
     Returns:
-        Each rounded layer's float weight before rounding (for bias correction's reference).
+        The weight each rounded layer aimed at, by name (for bias correction's reference): the float
+        weight, or with the float target the least-squares ``W'``, whose output on the quantized
+        inputs is the float model's output as nearly as a linear map can give it.
 
     Raises:
         CalibrationError: a quantized layer received no input in the pass, or its Hessian is degenerate.
     """
+    if target not in GPTQ_TARGETS:
+        raise ValueError(f"GPTQ target must be one of {', '.join(GPTQ_TARGETS)}; got {target!r}")
+    layers = _gptq_layers(model)
+    model.eval()
+    # before any layer is rounded: X_fp is what the float model feeds each layer
+    float_rows = _float_inputs(model, images, layers) if target == "float" else {}
     originals: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str):
@@ -202,20 +321,23 @@ def gptq_model(
             q: UniformQuantizer = module.weight_quantizer
             try:
                 w2d = weight.reshape(weight.shape[0], -1)
-                codes = gptq_round(w2d, input_hessian(rows), q, damp, act_order)
+                hessian = input_hessian(rows)
+                if target == "float":
+                    cross = _cross_moment(float_rows.pop(name), rows)  # freed once used
+                    w_damp = damp if target_damp is None else target_damp
+                    w2d = float_target_weight(w2d, cross, hessian, w_damp, target_shrink)
+                codes = gptq_round(w2d, hessian, q, damp, act_order)
             except CalibrationError as exc:
                 raise CalibrationError(f"{name}: {exc}") from None
-            originals[name] = weight.clone()
+            originals[name] = w2d.reshape(weight.shape).clone()
             module.weight.copy_(q.dequantize(codes).reshape(weight.shape).to(weight.dtype))
             if not torch.equal(q.codes(module.weight), codes.reshape(weight.shape)):
                 raise RuntimeError(f"{name}: GPTQ weights do not map onto their own codes")
 
         return hook
 
-    layers = _gptq_layers(model)
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layers]
     try:
-        model.eval()
         model(images)
     finally:
         for h in handles:
