@@ -190,3 +190,24 @@ def test_compiled_evaluation_on_cuda_agrees_with_eager() -> None:
         fused = CompiledModel(model)(images.to(DEVICE))
     assert torch.equal(eager.argmax(1), fused.argmax(1))
     assert float((eager - fused).abs().max()) <= 0.05 * float(eager.abs().max())
+
+
+@pytest.mark.parametrize("target", ["quantized", "float"])
+def test_gptq_rounds_on_cuda(target: str) -> None:
+    """GPTQ (both targets, with the auto post-Softmax choice) on the device: every weight lands on
+    its quantizer's grid there, and the model's logits stay finite and near the nearest-rounding
+    model's."""
+    from dopq.modules import QuantLinear
+
+    fp, images = _vit()
+    fp, images = fp.to(DEVICE), images.to(DEVICE)
+    base = dopq.get_preset("dopq", w_bits=3, a_bits=3)
+    nearest = dopq.quantize(copy.deepcopy(fp), images[:8], base)
+    config = base.replace(weight_rounding="gptq", gptq_target=target, softmax_quantizer="auto")
+    model = dopq.quantize(copy.deepcopy(fp), images[:8], config)
+    for layer in (m for m in model.modules() if isinstance(m, QuantLinear)):
+        assert torch.equal(layer.weight_quantizer(layer.weight), layer.weight)
+    with torch.inference_mode():
+        out, ref = model(images), nearest(images)
+    assert bool(torch.isfinite(out).all())
+    assert float((out - ref).abs().mean()) <= float(ref.abs().mean())
