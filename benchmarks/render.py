@@ -285,19 +285,38 @@ def _gpu_recon_table(results: Path) -> list[str]:
             "|---|---|---|---|---|---|---|---|---|---|---|", *lines, "", *commands, ""]  # fmt: skip
 
 
-def _speed_table(data: dict[str, Any]) -> list[str]:
-    lines = ["### Speed on the GPU (simulated quantization)", "",
-             f"Command: `{data['command']}` ({data['device_name']}). Images/s of the model alone over the "
-             f"strided 1000 images held on the GPU, batch {data['rows'][0]['batch']}, median of "
-             f"{data['settings']['repeats']} passes; calibration wall time at W4/A4 on 32 images, median of "
-             f"{data['settings']['repeats']}.", "",
-             "| model | FP32 img/s | dopq W4/A4 img/s (x FP) | dopq W3/A3 img/s (x FP) | calibration repq s | dopq s | dopq / repq |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in data["rows"]:
-        repq, dopq = (statistics.median(r["calib_seconds"][m]) for m in ("repq", "dopq"))
-        lines.append(f"| {r['model']} | {r['fp_images_per_second']:.0f} | {r['dopq_w4a4_images_per_second']:.0f} "
-                     f"({r['dopq_w4a4_over_fp']:.2f}) | {r['dopq_w3a3_images_per_second']:.0f} ({r['dopq_w3a3_over_fp']:.2f}) | "
-                     f"{repq:.2f} | {dopq:.2f} | {r['dopq_over_repq_calibration']:.2f} |")  # fmt: skip
+def _speed_cells(r: dict[str, Any], widths: list[int], compiled: bool) -> list[str]:
+    cells = [r["model"], f"{r['fp_images_per_second']:.1f}"]
+    cells += [
+        f"{r[f'dopq_w{b}a{b}_images_per_second']:.1f} ({r[f'dopq_w{b}a{b}_over_fp']:.2f})" for b in widths
+    ]
+    if compiled:
+        fp, q = r.get("compiled_fp"), r.get(f"compiled_dopq_w{widths[0]}a{widths[0]}")
+        cells += [f"{fp['images_per_second']:.1f}" if fp else "not measured",
+                  f"{q['images_per_second']:.1f} ({q['over_compiled_fp']:.2f} / {q['over_eager_fp']:.2f})" if q else "not measured",
+                  f"{100 * q['identical_top1']:.1f} % / {q['max_logit_diff']:.2g}" if q else ""]  # fmt: skip
+    repq, dopq = (statistics.median(r["calib_seconds"][m]) for m in ("repq", "dopq"))
+    return [*cells, f"{repq:.2f}", f"{dopq:.2f}", f"{r['dopq_over_repq_calibration']:.2f}"]
+
+
+def _speed_table(data: dict[str, Any], name: str) -> list[str]:
+    """Images/s of FP and simulated dopq (eager, and compiled where measured) and calibration times."""
+    rows, settings = data["rows"], data["settings"]
+    widths = [b for b in (4, 3, 2, 5, 6, 8) if f"dopq_w{b}a{b}_images_per_second" in rows[0]]
+    compiled = any("compiled_fp" in r for r in rows)
+    where = "GPU" if name.startswith("speed_cuda") else "CPU"
+    lines = [f"### Speed on the {where} (simulated quantization, `{name}.json`)", "",
+             f"Command: `{data['command']}` ({data['device_name']}, {data['threads']} threads). Images/s of the "
+             f"model alone over {rows[0]['images']} strided test images held in memory, batch {rows[0]['batch']}, "
+             f"median of {settings['repeats']} passes after a warm-up pass; calibration wall time at W4/A4 on "
+             f"32 images, median of {settings['repeats']}.", ""]  # fmt: skip
+    head = ["model", "FP32 img/s"] + [f"dopq W{b}/A{b} img/s (x FP)" for b in widths]
+    if compiled:
+        head += ["compiled FP32 img/s", f"compiled dopq W{widths[0]}/A{widths[0]} img/s (x compiled FP / x FP)",
+                 "compiled vs eager dopq: same top-1 / max logit diff"]  # fmt: skip
+    head += ["calibration repq s", "dopq s", "dopq / repq"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_speed_cells(r, widths, compiled)) + " |" for r in rows]
     return [*lines, ""]
 
 
@@ -571,9 +590,8 @@ def render(results: Path, target: Path) -> None:
             parts += table(data)
     parts += _recon_runs_paired(results)
     parts += _gpu_recon_table(results)
-    data = _load(results, "speed_cuda")
-    if data:
-        parts += _speed_table(data)
+    for path in sorted(results.glob("speed_*.json")):
+        parts += _speed_table(json.loads(path.read_text()), path.stem)
     parts += _provenance_table(results)
     text = target.read_text() if target.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
     head, _, rest = text.partition(BEGIN)

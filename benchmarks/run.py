@@ -290,7 +290,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--recipes", nargs="+", help="only these ablation recipes (default: all)")
     p.add_argument(
-        "--suffix", default="", help="ablation result name suffix, e.g. _eval5000 for another protocol"
+        "--suffix",
+        default="",
+        help="result name suffix (ablation, calib-gains, speed), e.g. _eval5000 for another protocol",
     )
     p.add_argument("--recon-calib-size", type=int, default=1024)
     p.add_argument("--recon-iters", type=int)

@@ -176,7 +176,7 @@ def suite_speed(args: Any, workload: Any, save: Any) -> None:
         if device.type == "cuda":
             for row in rows:
                 row["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        save(f"speed_{device.type}", {"rows": rows, "settings": vars(args)})
+        save(f"speed_{device.type}{args.suffix}", {"rows": rows, "settings": vars(args)})
 
     for arch in args.models:
         work = workload(args, arch)

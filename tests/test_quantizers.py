@@ -404,6 +404,11 @@ def test_auto_softmax_is_never_worse_than_the_best_single_family(bits: int, shar
     assert q.kind == min(singles, key=singles.get)
     assert torch.equal(q.codes(attn), q.resolve().codes(attn))
     assert torch.equal(q.lookup_table(), q.resolve().lookup_table())
+    # the choice is read from its buffer once, and again from a loaded state
+    state = q.state_dict()
+    other = (int(q.choice) + 1) % len(q.candidates)
+    q.load_state_dict({**state, "choice": torch.tensor(other)})
+    assert q.kind == list(q.candidates)[other]
 
 
 def test_auto_softmax_chooses_per_module_in_a_model_and_reports_the_kinds() -> None:
