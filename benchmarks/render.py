@@ -290,6 +290,8 @@ def _speed_cells(r: dict[str, Any], widths: list[int], compiled: bool) -> list[s
     cells += [
         f"{r[f'dopq_w{b}a{b}_images_per_second']:.1f} ({r[f'dopq_w{b}a{b}_over_fp']:.2f})" for b in widths
     ]
+    if "fp_ops_per_forward" in r:
+        cells.append(f"{r['fp_ops_per_forward']} / {r[f'dopq_w{widths[0]}a{widths[0]}_ops_per_forward']}")
     if compiled:
         fp, q = r.get("compiled_fp"), r.get(f"compiled_dopq_w{widths[0]}a{widths[0]}")
         cells += [f"{fp['images_per_second']:.1f}" if fp else "not measured",
@@ -311,6 +313,8 @@ def _speed_table(data: dict[str, Any], name: str) -> list[str]:
              f"median of {settings['repeats']} passes after a warm-up pass; calibration wall time at W4/A4 on "
              f"32 images, median of {settings['repeats']}.", ""]  # fmt: skip
     head = ["model", "FP32 img/s"] + [f"dopq W{b}/A{b} img/s (x FP)" for b in widths]
+    if "fp_ops_per_forward" in rows[0]:
+        head.append(f"operators per forward, FP / dopq W{widths[0]}/A{widths[0]}")
     if compiled:
         head += ["compiled FP32 img/s", f"compiled dopq W{widths[0]}/A{widths[0]} img/s (x compiled FP / x FP)",
                  "compiled vs eager dopq: same top-1 / max logit diff"]  # fmt: skip

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dopq.api import quantize
 from dopq.config import get_preset
@@ -85,6 +86,30 @@ def compiled_speed(
     }
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the operators dispatched to a backend (views and tiny scalar ops included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@torch.inference_mode()
+def ops_per_forward(model: nn.Module, images: torch.Tensor) -> int:
+    """Operators one eager forward pass dispatches, as in an evaluation (after a first pass): on a
+    GPU each is at least one kernel launch, so this is what the eager simulation pays per batch
+    whatever the batch size."""
+    with constant_quantization(model):
+        model(images)
+        with _OpCounter() as counter:
+            model(images)
+    return counter.count
+
+
 @torch.inference_mode()
 def kernel_profile(model: nn.Module, images: torch.Tensor, top: int = 12) -> dict[str, Any]:
     """The busiest device (or CPU) ops of one forward pass, and the host time against device time:
@@ -138,6 +163,7 @@ def _eager_row(args: Any, arch: str, model: nn.Module, images: torch.Tensor, cal
     batch = args.speed_batch
     row: dict[str, Any] = {"model": arch, "batch": batch, "images": int(images.shape[0])}
     row["fp_images_per_second"] = images_per_second(model, images, batch, args.repeats)
+    row["fp_ops_per_forward"] = ops_per_forward(model, images[:2])
     for bits in args.bits:
         q = quantize(
             copy.deepcopy(model), calib, get_preset("dopq", w_bits=bits, a_bits=bits), progress=False
@@ -145,6 +171,7 @@ def _eager_row(args: Any, arch: str, model: nn.Module, images: torch.Tensor, cal
         ips = images_per_second(q, images, batch, args.repeats)
         row[f"dopq_w{bits}a{bits}_images_per_second"] = ips
         row[f"dopq_w{bits}a{bits}_over_fp"] = ips / row["fp_images_per_second"]
+        row[f"dopq_w{bits}a{bits}_ops_per_forward"] = ops_per_forward(q, images[:2])
         if args.speed_profile and bits == args.bits[0]:
             row[f"dopq_w{bits}a{bits}_profile"] = kernel_profile(q, images[:batch])
     times = calibration_seconds(model, calib, ("repq", "dopq"), args.repeats)

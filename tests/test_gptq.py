@@ -241,6 +241,7 @@ def test_model_weights_are_on_their_grid_and_report_the_stage(gptq_vit) -> None:
         with torch.no_grad():
             assert torch.equal(layer.weight_quantizer(layer.weight), layer.weight)
     assert report["timings"]["gptq"] > 0 and report["calib_seconds"] > report["timings"]["gptq"]
+    assert report["gptq"] == {"target": "quantized", "layers": len(layers)}
 
 
 def test_saved_and_deployed_models_reproduce_the_gptq_codes(gptq_vit, tmp_path: Path) -> None:

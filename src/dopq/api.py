@@ -34,6 +34,7 @@ class QuantizationReport:
     timings: dict[str, float] = field(default_factory=dict)
     reparam: ReparamReport | None = None
     reconstruction: dict[str, Any] | None = None
+    gptq: dict[str, Any] | None = None  # the objective GPTQ used and how many layers it rounded
     coverage: Coverage | None = None
 
     @property
@@ -50,6 +51,7 @@ class QuantizationReport:
             "calib_seconds": self.calib_seconds,
             "reparam_max_logit_change": None if self.reparam is None else self.reparam.max_logit_change,
             "reconstruction": self.reconstruction,
+            "gptq": self.gptq,
             "coverage": None if self.coverage is None else self.coverage.to_dict(),
         }
 
@@ -131,9 +133,9 @@ def quantize_with_report(
     float_weights = None
     if config.weight_rounding == "gptq":
         with _timed(timings, "gptq"):
-            float_weights = gptq_model(
-                model, images, config.gptq_damp, config.gptq_act_order, target=config.gptq_target
-            )
+            target = config.gptq_target
+            float_weights = gptq_model(model, images, config.gptq_damp, config.gptq_act_order, target=target)
+            report.gptq = {"target": target, "layers": len(float_weights)}
     if config.bias_correction:
         with _timed(timings, "bias_correction"):
             correct_bias(model, images, reference_weights=float_weights)

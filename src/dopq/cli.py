@@ -124,7 +124,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         "--gptq-target",
         choices=GPTQ_TARGETS,
         help="GPTQ objective: quantized (the layer's float weights on its quantized inputs) or float "
-        "(the float model's output, GPTAQ)",
+        "(the float model's output, GPTAQ; gains on DeiT-Tiny at 3 bits, loses on Swin-Tiny)",
     )
     r = p.add_argument_group("reconstruction")
     r.add_argument("--reconstruct", action="store_true", help="block-wise reconstruction after calibration")

@@ -388,6 +388,7 @@ def run_recipe(
         "fp_eval_images_per_second": fp.images_per_second if fp else None,
         "timings": {**work.timings, **report.timings},
         "reconstruction": report.reconstruction,
+        "gptq": report.gptq,
         "reparam_max_logit_change": report.reparam.max_logit_change if report.reparam else None,
         "coverage": report.coverage.to_dict() if report.coverage else None,
         "coverage_summary": report.coverage.summary() if report.coverage else None,
