@@ -40,6 +40,11 @@ def calib_gain_recipes(bits: int) -> dict[str, QuantConfig]:
         # GPTQ against the float model's output (GPTAQ's asymmetric objective), alone and with auto
         "dopq+gptq-float": dopq.replace(weight_rounding="gptq", gptq_target="float"),
         "dopq+gptq-float+auto": both.replace(gptq_target="float"),
+        # half way from the float weight to the least-squares target
+        "dopq+gptq-float-half": dopq.replace(
+            weight_rounding="gptq", gptq_target="float", gptq_target_shrink=0.5
+        ),
+        "dopq+gptq-float-half+auto": both.replace(gptq_target="float", gptq_target_shrink=0.5),
     }
 
 

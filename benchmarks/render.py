@@ -570,13 +570,18 @@ def render(results: Path, target: Path) -> None:
     parts += _timing(results)
     for name in ("calib_gains_deit", "calib_gains_stress", "calib_gains_swin", "calib_gains_deit_actwide",
                  "calib_gains_stress_actwide", "calib_gains_deit_actwide_w46", "calib_gains_stress_actwide_w46",
-                 "calib_gains_swin_w4", "calib_gains_swin_w6", "calib_gains_swin_actwide"):  # fmt: skip
+                 "calib_gains_swin_w4", "calib_gains_swin_w6", "calib_gains_swin_actwide",
+                 "calib_gains_deit_asym", "calib_gains_stress_asym", "calib_gains_deit_asym_w46",
+                 "calib_gains_swin_asym"):  # fmt: skip
         data = _load(results, name)
         if data:
-            parts += _calib_gains_table(data, ", tighter activation clips" if "_actwide" in name else "")
-    data = _load(results, "calib_gains_timing")
-    if data:
-        parts += _calib_gains_timing(data)
+            note = ", tighter activation clips" if "_actwide" in name else ""
+            note = ", GPTQ's float target" if "_asym" in name else note
+            parts += _calib_gains_table(data, note)
+    for name in ("calib_gains_timing", "calib_gains_timing_float"):
+        data = _load(results, name)
+        if data:
+            parts += _calib_gains_timing(data)
     for name, table in (("deploy", _deploy_table), ("deploy_sensitivity", _sensitivity_table),
                         ("deploy_float64", _float64_table), ("save_size", _save_size_table), ("families", _families_table),
                         ("data", _data_table)):  # fmt: skip

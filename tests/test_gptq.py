@@ -330,4 +330,10 @@ def test_config_and_command_line_switches() -> None:
         dopq.QuantConfig(gptq_target="fp")
     default = _config_from(build_parser().parse_args(["quantize", "--model", "m", "--data", "d"]))
     assert (default.weight_rounding, default.gptq_act_order) == ("nearest", False)
-    assert default.gptq_target == "quantized"
+    assert (default.gptq_target, default.gptq_target_shrink) == ("quantized", 1.0)
+    half = build_parser().parse_args(
+        ["quantize", "--model", "m", "--data", "d", "--gptq-target-shrink", "0.5"]
+    )
+    assert _config_from(half).gptq_target_shrink == 0.5
+    with pytest.raises(ConfigError, match="gptq_target_shrink must be in"):
+        dopq.QuantConfig(gptq_target_shrink=1.5)

@@ -134,7 +134,14 @@ def quantize_with_report(
     if config.weight_rounding == "gptq":
         with _timed(timings, "gptq"):
             target = config.gptq_target
-            float_weights = gptq_model(model, images, config.gptq_damp, config.gptq_act_order, target=target)
+            float_weights = gptq_model(
+                model,
+                images,
+                config.gptq_damp,
+                config.gptq_act_order,
+                target=target,
+                target_shrink=config.gptq_target_shrink,
+            )
             report.gptq = {"target": target, "layers": len(float_weights)}
     if config.bias_correction:
         with _timed(timings, "bias_correction"):

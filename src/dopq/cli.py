@@ -126,6 +126,11 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         help="GPTQ objective: quantized (the layer's float weights on its quantized inputs) or float "
         "(the float model's output, GPTAQ; gains on DeiT-Tiny at 3 bits, loses on Swin-Tiny)",
     )
+    g.add_argument(
+        "--gptq-target-shrink",
+        type=float,
+        help="GPTQ float target: fraction of the way from the float weight to the least-squares target",
+    )
     r = p.add_argument_group("reconstruction")
     r.add_argument("--reconstruct", action="store_true", help="block-wise reconstruction after calibration")
     r.add_argument("--recon-calib-size", type=int, default=1024)
@@ -218,6 +223,7 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
         "weight_rounding": args.weight_rounding,
         "gptq_damp": args.gptq_damp,
         "gptq_target": args.gptq_target,
+        "gptq_target_shrink": args.gptq_target_shrink,
         "act_percentiles": tuple(args.act_percentiles) if args.act_percentiles else None,
     }
     for switch in ("integer_zero_point", "bias_correction", "gptq_act_order"):

@@ -192,6 +192,8 @@ class QuantConfig:
             the float model's inputs ``X_fp``: GPTAQ's asymmetric objective, which also compensates
             the error of the layers before; docs/gptq.md). On DeiT-Tiny the float target gains 3.6
             points at W3/A3; on Swin-Tiny it loses 2 there, so it is not the default.
+        gptq_target_shrink: with the float target, the fraction of the way each weight moves from
+            its float value to the least-squares target before rounding (1: all the way).
         reconstruct: block reconstruction settings, or None for calibration only.
 
     Example:
@@ -216,6 +218,7 @@ class QuantConfig:
     gptq_damp: float = 0.1
     gptq_act_order: bool = False
     gptq_target: str = "quantized"
+    gptq_target_shrink: float = 1.0
     reconstruct: ReconstructConfig | None = None
 
     def __post_init__(self) -> None:
@@ -227,6 +230,8 @@ class QuantConfig:
         if not 0.0 < self.gptq_damp <= 1.0:
             raise ConfigError(f"gptq_damp must be in (0, 1], got {self.gptq_damp}")
         _check_choice("gptq_target", self.gptq_target, GPTQ_TARGETS)
+        if not 0.0 <= self.gptq_target_shrink <= 1.0:
+            raise ConfigError(f"gptq_target_shrink must be in [0, 1], got {self.gptq_target_shrink}")
         _check_choice("ln_scale", self.ln_scale, LN_SCALE_RULES)
         _check_choice("ln_shift", self.ln_shift, LN_SHIFTS)
         _check_choice("tanq_objective", self.tanq_objective, ("output", "mse"))
