@@ -176,6 +176,40 @@ def test_compile_is_for_the_pytorch_model(
     assert _settings_from(args).compile
 
 
+def test_evaluate_with_compile_records_it_and_gives_the_eager_result(
+    roots: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--compile`` reaches the evaluation (aot_eager here: the traced graph without fusing, so the
+    same numbers, and no C++ compiler needed) and the result records it."""
+    import functools
+
+    import dopq.experiment
+    from dopq.evaluate import CompiledModel
+
+    monkeypatch.setattr(
+        dopq.experiment, "CompiledModel", functools.partial(CompiledModel, backend="aot_eager")
+    )
+    saved = tmp_path / "q.pt"
+    assert main(_quantize_argv(roots["good"], "--save", str(saved))) == 0
+    results = []
+    for extra in ([], ["--compile"]):
+        out = tmp_path / f"eval{len(extra)}.json"
+        argv = [
+            "evaluate",
+            "--quantized",
+            str(saved),
+            "--data",
+            str(roots["good"]),
+            "--quiet",
+            "--output",
+            str(out),
+        ]
+        assert main([*argv, *extra]) == 0
+        results.append(json.loads(out.read_text()))
+    assert [r["compiled"] for r in results] == [False, True]
+    assert results[0]["quant_top1"] == results[1]["quant_top1"]
+
+
 def test_entry_point_exit_code_and_single_line(roots: dict[str, Path]) -> None:
     assert DOPQ.is_file(), f"the dopq entry point is not installed at {DOPQ}"
     proc = subprocess.run(

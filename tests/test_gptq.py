@@ -5,6 +5,7 @@ correction, reconstruction's starting point)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import timm
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 import dopq
-from dopq.calibrate import correct_bias
+from dopq.calibrate import correct_bias, observing
 from dopq.errors import CalibrationError
 from dopq.export import to_deploy
 from dopq.gptq import float_target_weight, gptq_model, gptq_round, input_hessian, layer_inputs
@@ -176,14 +177,7 @@ def test_float_target_in_a_model_aims_at_the_float_output() -> None:
         )
         with torch.no_grad(), quantizers_off(model):
             reference = model(x)
-        for q in model.modules():
-            if isinstance(q, UniformQuantizer):
-                q.observing = True
-        model(x)
-        for q in model.modules():
-            if isinstance(q, UniformQuantizer):
-                q.observing = False
-        originals = gptq_model(model, x, target=target)
+        originals = dopq_calibrate_then_gptq(model, x, target=target)
         with torch.no_grad():
             for layer in model:
                 assert torch.equal(layer.weight_quantizer(layer.weight), layer.weight)
@@ -279,15 +273,10 @@ def test_bias_correction_measures_against_the_float_weights() -> None:
     assert correct_bias(model, x[None])["0"] < 1e-5
 
 
-def dopq_calibrate_then_gptq(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    for q in model.modules():
-        if isinstance(q, UniformQuantizer):
-            q.observing = True
-    model(x)
-    for q in model.modules():
-        if isinstance(q, UniformQuantizer):
-            q.observing = False
-    return gptq_model(model, x)
+def dopq_calibrate_then_gptq(model: nn.Module, x: torch.Tensor, **gptq: Any) -> dict[str, torch.Tensor]:
+    with observing(model), torch.no_grad():
+        model(x)
+    return gptq_model(model, x, **gptq)
 
 
 def test_reconstruction_starts_from_the_gptq_weights() -> None:
