@@ -523,7 +523,10 @@ def test_readiness_is_read_once_but_follows_reset_and_loaded_state() -> None:
     q.observing = True
     q(torch.randn(256))
     q.observing = False
-    assert q.is_ready() and q._ready  # later forwards read no device buffer
+    assert q.is_ready() and "ready" in q._host  # later forwards read no device buffer
+    q.initialized.fill_(False)  # an in-place write moves the version: read again
+    assert not q.is_ready()
+    q.initialized.fill_(True)
     q(torch.randn(8))
     q.load_state_dict(UniformQuantizer(4, PerTensor()).state_dict())  # a never-calibrated state
     with pytest.raises(RuntimeError, match="calibrate the model first"):

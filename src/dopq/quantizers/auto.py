@@ -68,19 +68,12 @@ class AutoLevelQuantizer(LevelQuantizer):
         }
         self.candidates = nn.ModuleDict(built)
         self.register_buffer("choice", torch.tensor(0))
-        self._choice: int | None = None  # host copy of ``choice``: reading the buffer syncs a GPU
         self.errors: dict[str, float] = {}  # the last selection's output error per candidate
 
     @property
     def kind(self) -> str:
         """Registered name of the chosen candidate."""
-        if self._choice is None:
-            self._choice = int(self.choice)
-        return list(self.candidates)[self._choice]
-
-    def forget_host_copies(self) -> None:
-        super().forget_host_copies()
-        self._choice = None
+        return list(self.candidates)[self.host_copy("choice", self.choice, int)]
 
     def read_host_copies(self) -> None:
         super().read_host_copies()
@@ -104,7 +97,6 @@ class AutoLevelQuantizer(LevelQuantizer):
         # min() keeps the first of equal errors: candidates are in preference order
         best = min(range(len(errors)), key=lambda i: list(errors.values())[i])
         self.choice.fill_(best)
-        self._choice = best
 
     def level_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.resolve().level_table()

@@ -61,7 +61,7 @@ class Quantizer(nn.Module):
         self.drop_prob = 0.0  # QDrop: probability of passing an element through unquantized
         self.drop_generator: torch.Generator | None = None  # the caller's generator for QDrop masks
         self.register_buffer("initialized", torch.tensor(False))
-        self._ready = False  # a host copy of ``initialized`` once True: reading the buffer syncs a GPU
+        self._host: dict[str, tuple[torch.Tensor, int, Any]] = {}  # see host_copy()
         self.memoize = False  # set by dopq.modules.constant_quantization (evaluation): see remembered()
         self._memos: dict[str, tuple[tuple, Any]] = {}
 
@@ -88,10 +88,30 @@ class Quantizer(nn.Module):
         return out
 
     def is_ready(self) -> bool:
-        """Whether the parameters are set; after the first True it costs no device read."""
-        if not self._ready:
-            self._ready = bool(self.initialized)
-        return self._ready
+        """Whether the parameters are set (a host copy of ``initialized``: no device read per call)."""
+        return self.host_copy("ready", self.initialized, bool)
+
+    def host_copy(self, slot: str, tensor: torch.Tensor, read: Callable[[torch.Tensor], Any]) -> Any:
+        """``read(tensor)``, kept on the host and read again only when ``tensor`` changes: another
+        tensor object, or an in-place write (which moves its version counter). Reading a GPU tensor
+        synchronises the device, about ten times per DeiT block if done on every call; its version
+        is a host-side counter. A write through ``.data`` moves no version: call
+        :meth:`forget_host_copies` after one."""
+        memo = self._host.get(slot)
+        if memo is not None and memo[0] is tensor:
+            if torch.compiler.is_compiling():  # traced code cannot read versions; the copy is what it uses
+                return memo[2]
+            try:
+                if memo[1] == tensor._version:
+                    return memo[2]
+            except RuntimeError:  # an inference-mode tensor keeps no version
+                pass
+        value = read(tensor)
+        try:
+            self._host[slot] = (tensor, tensor._version, value)
+        except RuntimeError:  # no version to compare: read it every time
+            self._host.pop(slot, None)
+        return value
 
     def remembered(self, slot: str, make: Callable[[], Any], *inputs: torch.Tensor) -> Any:
         """``make()``, computed once and reused while :attr:`memoize` is on (an evaluation:
@@ -130,9 +150,9 @@ class Quantizer(nn.Module):
         self.is_ready()
 
     def forget_host_copies(self) -> None:
-        """Drop the host-side copies of buffer facts (read again on next use): after the buffers
-        change other than through the quantizer's own setters."""
-        self._ready = False
+        """Drop the host-side copies of buffer facts and the remembered tensors (read again on next
+        use): after a buffer was written through ``.data``, which moves no version."""
+        self._host.clear()
         self._memos.clear()
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:

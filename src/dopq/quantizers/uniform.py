@@ -192,12 +192,6 @@ class UniformQuantizer(Quantizer):
         self.percentiles = tuple(percentiles)
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1))
-        self._integral_zero_point: bool | None = None  # host copies, read on first use
-        self._zero_point_number: float | None = None
-
-    def forget_host_copies(self) -> None:
-        super().forget_host_copies()
-        self._integral_zero_point = self._zero_point_number = None
 
     def read_host_copies(self) -> None:
         super().read_host_copies()
@@ -207,9 +201,7 @@ class UniformQuantizer(Quantizer):
 
     def zero_point_is_integral(self) -> bool:
         """Whether every zero point is a whole number (read from the device once per setting)."""
-        if self._integral_zero_point is None:
-            self._integral_zero_point = bool((self.zero_point == self.zero_point.round()).all())
-        return self._integral_zero_point
+        return self.host_copy("integral", self.zero_point, lambda z: bool((z == z.round()).all()))
 
     @property
     def channel_axis(self) -> int | None:
@@ -236,7 +228,6 @@ class UniformQuantizer(Quantizer):
         else:
             self.scale = scale
         self.zero_point = zero_point.detach().reshape(-1).to(self.zero_point)
-        self._integral_zero_point = self._zero_point_number = None
         self.initialized.fill_(True)
 
     def make_scale_learnable(self) -> nn.Parameter:
@@ -279,9 +270,7 @@ class UniformQuantizer(Quantizer):
         argument spares the element-wise ops their own small kernels), else broadcast to ``x``."""
         if self.zero_point.numel() != 1:
             return _broadcast(self.zero_point, x, self.channel_axis)
-        if self._zero_point_number is None:
-            self._zero_point_number = float(self.zero_point)
-        return self._zero_point_number
+        return self.host_copy("number", self.zero_point, float)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, granularity={self.granularity}"
