@@ -26,7 +26,8 @@ TAGS = {"deit_tiny_patch16_224": "deit", "swin_tiny_patch4_window7_224": "swin",
 def calib_gain_recipes(bits: int) -> dict[str, QuantConfig]:
     """dopq and the two calibration-time switches, alone and together. GPTQ's objective is named, not
     left to the width rule: ``gptq`` is the quantized-input target the earlier rows measured,
-    ``gptq-float`` the float model's output (the rule's choice at 3 bits and below)."""
+    ``gptq-float`` the float model's output all the way, ``gptq-float-half`` half way (what
+    ``--weight-rounding gptq`` runs at 3 bits and below)."""
     dopq = get_preset("dopq", w_bits=bits, a_bits=bits)
     both = dopq.replace(weight_rounding="gptq", gptq_target="quantized", softmax_quantizer="auto")
     return {
@@ -38,9 +39,9 @@ def calib_gain_recipes(bits: int) -> dict[str, QuantConfig]:
         "dopq+act-wide": dopq.replace(act_percentiles=ACT_WIDE),
         "dopq+gptq+auto+act-wide": both.replace(act_percentiles=ACT_WIDE),
         # GPTQ against the float model's output (GPTAQ's asymmetric objective), alone and with auto
-        "dopq+gptq-float": dopq.replace(weight_rounding="gptq", gptq_target="float"),
-        "dopq+gptq-float+auto": both.replace(gptq_target="float"),
-        # half way from the float weight to the least-squares target
+        "dopq+gptq-float": dopq.replace(weight_rounding="gptq", gptq_target="float", gptq_target_shrink=1.0),
+        "dopq+gptq-float+auto": both.replace(gptq_target="float", gptq_target_shrink=1.0),
+        # half way from the float weight to the least-squares target (the library's default at 3 bits)
         "dopq+gptq-float-half": dopq.replace(
             weight_rounding="gptq", gptq_target="float", gptq_target_shrink=0.5
         ),

@@ -572,11 +572,13 @@ def render(results: Path, target: Path) -> None:
                  "calib_gains_stress_actwide", "calib_gains_deit_actwide_w46", "calib_gains_stress_actwide_w46",
                  "calib_gains_swin_w4", "calib_gains_swin_w6", "calib_gains_swin_actwide",
                  "calib_gains_deit_asym", "calib_gains_stress_asym", "calib_gains_deit_asym_w46",
-                 "calib_gains_swin_asym"):  # fmt: skip
+                 "calib_gains_swin_asym", "calib_gains_deit_half", "calib_gains_stress_half",
+                 "calib_gains_swin_half"):  # fmt: skip
         data = _load(results, name)
         if data:
             note = ", tighter activation clips" if "_actwide" in name else ""
             note = ", GPTQ's float target" if "_asym" in name else note
+            note = ", GPTQ's float target half way" if "_half" in name else note
             parts += _calib_gains_table(data, note)
     for name in ("calib_gains_timing", "calib_gains_timing_float"):
         data = _load(results, name)

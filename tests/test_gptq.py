@@ -235,7 +235,8 @@ def test_model_weights_are_on_their_grid_and_report_the_stage(gptq_vit) -> None:
         with torch.no_grad():
             assert torch.equal(layer.weight_quantizer(layer.weight), layer.weight)
     assert report["timings"]["gptq"] > 0 and report["calib_seconds"] > report["timings"]["gptq"]
-    assert report["gptq"] == {"target": "quantized", "layers": len(layers)}
+    # W3/A4: the width rule's float target, half way
+    assert report["gptq"] == {"target": "float", "target_shrink": 0.5, "layers": len(layers)}
 
 
 def test_saved_and_deployed_models_reproduce_the_gptq_codes(gptq_vit, tmp_path: Path) -> None:
@@ -319,7 +320,13 @@ def test_config_and_command_line_switches() -> None:
         dopq.QuantConfig(gptq_target="fp")
     default = _config_from(build_parser().parse_args(["quantize", "--model", "m", "--data", "d"]))
     assert (default.weight_rounding, default.gptq_act_order) == ("nearest", False)
-    assert (default.gptq_target, default.gptq_target_shrink) == ("quantized", 1.0)
+    assert (default.gptq_target, default.gptq_target_shrink) == (None, 0.5)
+    # the objective follows the width unless given: the float model's output at 3 bits and below
+    assert default.gptq_target_used == "quantized"
+    assert default.replace(w_bits=3, a_bits=3).gptq_target_used == "float"
+    assert default.replace(w_bits=8, a_bits=3).gptq_target_used == "float"
+    assert default.replace(w_bits=3, a_bits=3, gptq_target="quantized").gptq_target_used == "quantized"
+    assert dopq.QuantConfig.from_dict(default.to_dict()) == default
     half = build_parser().parse_args(
         ["quantize", "--model", "m", "--data", "d", "--gptq-target-shrink", "0.5"]
     )

@@ -133,7 +133,7 @@ def quantize_with_report(
     float_weights = None
     if config.weight_rounding == "gptq":
         with _timed(timings, "gptq"):
-            target = config.gptq_target
+            target = config.gptq_target_used
             float_weights = gptq_model(
                 model,
                 images,
@@ -142,7 +142,8 @@ def quantize_with_report(
                 target=target,
                 target_shrink=config.gptq_target_shrink,
             )
-            report.gptq = {"target": target, "layers": len(float_weights)}
+            shrink = config.gptq_target_shrink if target == "float" else None
+            report.gptq = {"target": target, "target_shrink": shrink, "layers": len(float_weights)}
     if config.bias_correction:
         with _timed(timings, "bias_correction"):
             correct_bias(model, images, reference_weights=float_weights)

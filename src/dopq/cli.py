@@ -124,12 +124,13 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         "--gptq-target",
         choices=GPTQ_TARGETS,
         help="GPTQ objective: quantized (the layer's float weights on its quantized inputs) or float "
-        "(the float model's output, GPTAQ; gains on DeiT-Tiny at 3 bits, loses on Swin-Tiny)",
+        "(the float model's output, GPTAQ); default: float at 3 bits and below, quantized above",
     )
     g.add_argument(
         "--gptq-target-shrink",
         type=float,
-        help="GPTQ float target: fraction of the way from the float weight to the least-squares target",
+        help="GPTQ float target: fraction of the way from the float weight to the least-squares target "
+        "(default 0.5)",
     )
     r = p.add_argument_group("reconstruction")
     r.add_argument("--reconstruct", action="store_true", help="block-wise reconstruction after calibration")

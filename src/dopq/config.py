@@ -9,6 +9,7 @@ from typing import Any
 from dopq.errors import ConfigError
 
 __all__ = [
+    "GPTQ_FLOAT_TARGET_MAX_BITS",
     "GPTQ_TARGETS",
     "LN_SCALE_RULES",
     "LN_SHIFTS",
@@ -27,6 +28,8 @@ SOFTMAX_CHOICES = (*SOFTMAX_QUANTIZERS, "auto")
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
 # GPTQ's objective: the layer's own float output on its quantized inputs, or the float model's output
 GPTQ_TARGETS = ("quantized", "float")
+# GPTQ aims at the float model's output by default at and below this width (QuantConfig.gptq_target_used)
+GPTQ_FLOAT_TARGET_MAX_BITS = 3
 LN_SCALE_RULES = ("mean", "median", "mad", "search")
 LN_SHIFTS = ("bias", "input")
 MIN_BITS, MAX_BITS = 2, 8
@@ -190,10 +193,13 @@ class QuantConfig:
         gptq_act_order: GPTQ quantizes columns in order of decreasing Hessian diagonal.
         gptq_target: "quantized" (``||X_q (W - W_q)^T||^2``) or "float" (``||X_fp W^T - X_q W_q^T||^2``,
             the float model's inputs ``X_fp``: GPTAQ's asymmetric objective, which also compensates
-            the error of the layers before; docs/gptq.md). On DeiT-Tiny the float target gains 3.6
-            points at W3/A3; on Swin-Tiny it loses 2 there, so it is not the default.
+            the error of the layers before; docs/gptq.md); None: "float" at
+            ``min(w_bits, a_bits) <= GPTQ_FLOAT_TARGET_MAX_BITS``, else "quantized"
+            (:attr:`gptq_target_used`). Half way to the float target gains over both at W3/A3 on
+            DeiT-Tiny and Swin-Tiny; at W4/A4 the float target gains nothing and costs a float pass.
         gptq_target_shrink: with the float target, the fraction of the way each weight moves from
-            its float value to the least-squares target before rounding (1: all the way).
+            its float value to the least-squares target before rounding (1: all the way, which
+            loses on Swin-Tiny at W3/A3 where half way wins; docs/gptq.md).
         reconstruct: block reconstruction settings, or None for calibration only.
 
     Example:
@@ -217,8 +223,8 @@ class QuantConfig:
     # Hessian is noisy; held-out DeiT-Tiny W3/A3 logit error 0.210 at 0.1, 0.251 at 0.01 (docs/gptq.md)
     gptq_damp: float = 0.1
     gptq_act_order: bool = False
-    gptq_target: str = "quantized"
-    gptq_target_shrink: float = 1.0
+    gptq_target: str | None = None
+    gptq_target_shrink: float = 0.5
     reconstruct: ReconstructConfig | None = None
 
     def __post_init__(self) -> None:
@@ -229,7 +235,8 @@ class QuantConfig:
         _check_choice("weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS)
         if not 0.0 < self.gptq_damp <= 1.0:
             raise ConfigError(f"gptq_damp must be in (0, 1], got {self.gptq_damp}")
-        _check_choice("gptq_target", self.gptq_target, GPTQ_TARGETS)
+        if self.gptq_target is not None:
+            _check_choice("gptq_target", self.gptq_target, GPTQ_TARGETS)
         if not 0.0 <= self.gptq_target_shrink <= 1.0:
             raise ConfigError(f"gptq_target_shrink must be in [0, 1], got {self.gptq_target_shrink}")
         _check_choice("ln_scale", self.ln_scale, LN_SCALE_RULES)
@@ -240,6 +247,14 @@ class QuantConfig:
             self.act_percentiles = _check_percentiles("act_percentiles", self.act_percentiles)
         if isinstance(self.reconstruct, dict):
             self.reconstruct = ReconstructConfig(**self.reconstruct)
+
+    @property
+    def gptq_target_used(self) -> str:
+        """The GPTQ objective this recipe runs: the given one, else the width rule (see
+        ``gptq_target``); read at use, so a ``replace`` of the widths moves it too."""
+        if self.gptq_target is not None:
+            return self.gptq_target
+        return "float" if min(self.w_bits, self.a_bits) <= GPTQ_FLOAT_TARGET_MAX_BITS else "quantized"
 
     def replace(self, **changes: Any) -> QuantConfig:
         """A copy with some fields changed (validated again)."""
