@@ -573,7 +573,7 @@ def render(results: Path, target: Path) -> None:
                  "calib_gains_swin_w4", "calib_gains_swin_w6", "calib_gains_swin_actwide",
                  "calib_gains_deit_asym", "calib_gains_stress_asym", "calib_gains_deit_asym_w46",
                  "calib_gains_swin_asym", "calib_gains_deit_half", "calib_gains_stress_half",
-                 "calib_gains_swin_half"):  # fmt: skip
+                 "calib_gains_swin_half", "calib_gains_deit_half_w4"):  # fmt: skip
         data = _load(results, name)
         if data:
             note = ", tighter activation clips" if "_actwide" in name else ""
