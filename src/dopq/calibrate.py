@@ -9,14 +9,14 @@ of every quantized Linear (empirical bias correction).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dopq.errors import CalibrationError
-from dopq.modules import QuantLinear, quantizers_of
+from dopq.modules import QuantLinear, quantizers_of, quantizers_set
 
 __all__ = ["BIAS_CORRECTION_IMAGES", "calibrate", "capture_inputs", "correct_bias", "observing"]
 
@@ -24,17 +24,9 @@ __all__ = ["BIAS_CORRECTION_IMAGES", "calibrate", "capture_inputs", "correct_bia
 BIAS_CORRECTION_IMAGES = 8
 
 
-@contextmanager
-def observing(model: nn.Module) -> Iterator[nn.Module]:
+def observing(model: nn.Module) -> AbstractContextManager[nn.Module]:
     """Let uncalibrated quantizers initialise from the tensors they see inside the block."""
-    quantizers = [q for _, q in quantizers_of(model)]
-    for q in quantizers:
-        q.observing = True
-    try:
-        yield model
-    finally:
-        for q in quantizers:
-            q.observing = False
+    return quantizers_set(model, observing=True)
 
 
 @contextmanager

@@ -25,6 +25,8 @@ compensated too. It reduces exactly to ordinary GPTQ: the least-squares target `
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,15 +62,22 @@ def input_hessian(rows: torch.Tensor) -> torch.Tensor:
     return (x.T @ x).double() / rows.shape[0]
 
 
-def _damped_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Lower Cholesky factor of ``H + damp * mean(diag H) I``; the damping grows tenfold while that
-    is not positive definite (a rank-deficient Hessian from few or collinear inputs)."""
+def _damped_cholesky(
+    hessian: torch.Tensor,
+    damp: float,
+    finish: Callable[[torch.Tensor], torch.Tensor | None] = lambda lower: lower,
+) -> torch.Tensor:
+    """``finish`` of the lower Cholesky factor of ``H + damp * mean(diag H) I`` (the factor itself by
+    default); the damping grows tenfold while that is not positive definite (a rank-deficient
+    Hessian from few or collinear inputs) or ``finish`` returns None."""
     mean_diag = float(hessian.diagonal().mean())
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     for attempt in range(_DAMP_RETRIES + 1):
         lower, info = torch.linalg.cholesky_ex(hessian + eye * (damp * 10**attempt * mean_diag))
         if int(info) == 0:
-            return lower
+            result = finish(lower)
+            if result is not None:
+                return result
     raise CalibrationError(
         f"GPTQ: the input Hessian is not positive definite even with damping {damp * 10**_DAMP_RETRIES:g}; "
         "the calibration inputs are degenerate (NaN/Inf or all equal)"
@@ -114,22 +123,16 @@ def float_target_weight(
     return (w + shrink * delta).to(weight.dtype)
 
 
+def _upper_of_inverse(lower: torch.Tensor) -> torch.Tensor | None:
+    """Upper Cholesky factor of ``(L L^T)^-1``, or None where rounding makes it fail."""
+    upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+    return upper if int(info) == 0 else None
+
+
 def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``; the damping grows tenfold
-    while ``H`` is not positive definite (a rank-deficient Hessian from few or collinear inputs)."""
-    mean_diag = float(hessian.diagonal().mean())
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    for attempt in range(_DAMP_RETRIES + 1):
-        lower, info = torch.linalg.cholesky_ex(hessian + eye * (damp * 10**attempt * mean_diag))
-        if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            if int(info) == 0:
-                return upper
-    raise CalibrationError(
-        f"GPTQ: the input Hessian is not positive definite even with damping {damp * 10**_DAMP_RETRIES:g}; "
-        "the calibration inputs are degenerate (NaN/Inf or all equal)"
-    )
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``, with ``_damped_cholesky``'s
+    growing damping."""
+    return _damped_cholesky(hessian, damp, _upper_of_inverse)
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ __all__ = [
     "in_dtype",
     "quantizers_of",
     "quantizers_off",
+    "quantizers_set",
     "set_quantization",
 ]
 
@@ -123,17 +124,25 @@ def quantizers_of(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
 
 
 @contextmanager
-def quantizers_off(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` as float inside the block (e.g. a probe pass before calibration); each
-    quantizer's own on/off state comes back afterwards."""
-    states = {q: q.enabled for _, q in quantizers_of(model)}
-    for q in states:
-        q.enabled = False
+def quantizers_set(model: nn.Module, **attributes: object) -> Iterator[nn.Module]:
+    """Give every quantizer in ``model`` these attribute values inside the block; each quantizer's
+    own values come back afterwards (e.g. ``quantizers_set(model, enabled=False)``)."""
+    saved = [(q, {name: getattr(q, name) for name in attributes}) for _, q in quantizers_of(model)]
+    for q, _ in saved:
+        for name, value in attributes.items():
+            setattr(q, name, value)
     try:
         yield model
     finally:
-        for q, state in states.items():
-            q.enabled = state
+        for q, values in saved:
+            for name, value in values.items():
+                setattr(q, name, value)
+
+
+def quantizers_off(model: nn.Module) -> AbstractContextManager[nn.Module]:
+    """Run ``model`` as float inside the block (e.g. a probe pass before calibration); each
+    quantizer's own on/off state comes back afterwards."""
+    return quantizers_set(model, enabled=False)
 
 
 @contextmanager
@@ -141,15 +150,12 @@ def constant_quantization(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block, with autograd off, each quantizer computes its quantized weight and its
     level table once and reuses them (``Quantizer.remembered``): what an evaluation loop, where
     nothing changes between batches, wants. Leaving the block forgets them."""
-    quantizers = [q for _, q in quantizers_of(model)]
-    for q in quantizers:
-        q.memoize = True
-    try:
-        yield model
-    finally:
-        for q in quantizers:
-            q.memoize = False
-            q._memos.clear()
+    with quantizers_set(model, memoize=True):
+        try:
+            yield model
+        finally:
+            for _, q in quantizers_of(model):
+                q._memos.clear()
 
 
 def set_quantization(model: nn.Module, weights: bool = True, activations: bool = True) -> nn.Module:
