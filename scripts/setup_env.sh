@@ -11,6 +11,6 @@ stamp=.venv/.dopq-setup-stamp
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+    .venv/bin/python -m pip install --quiet -c constraints.txt -e ".[dev,hf,openvino,bench]"
     echo "$want" > "$stamp"
 fi
