@@ -18,6 +18,7 @@ from dopq.config import QuantConfig, get_preset
 from dopq.errors import ConfigError
 from dopq.gptq import gptq_model
 from dopq.models import Coverage, QuantPlan, prepare_model, softmax_kinds
+from dopq.models.loading import as_dopq_model
 from dopq.reparam import ReparamReport, reparameterize
 
 __all__ = ["QuantizationReport", "as_image_tensor", "quantize", "quantize_with_report"]
@@ -91,7 +92,9 @@ def quantize_with_report(
     """Quantize ``model`` in place and report per-stage timings.
 
     Args:
-        model: a float timm ViT/DeiT/Swin.
+        model: a float timm ViT/DeiT/Swin, or a ``transformers`` ViT/DeiT/Swin/BEiT/DINOv2 image
+            classifier (returned wrapped as ``forward(images) -> logits``; its modules are
+            quantized in place).
         calib_data: calibration images (RepQ-ViT protocol: 32 images in one batch).
         config: a :class:`QuantConfig`, a preset name (``"dopq"``, ``"repq"``) or None for dopq.
         recon_data: images for block reconstruction (defaults to ``calib_data``); only used when
@@ -101,10 +104,11 @@ def quantize_with_report(
             coverage) instead of refusing a model with layers it cannot quantize.
 
     Returns:
-        The quantized model (same object) and the report.
+        The quantized model (same object; a ``transformers`` model comes back wrapped) and the report.
     """
     if config is None or isinstance(config, str):
         config = get_preset(config or "dopq")
+    model = as_dopq_model(model)
     device = next(model.parameters()).device
     images = as_image_tensor(calib_data, device)
     timings: dict[str, float] = {}

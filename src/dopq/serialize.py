@@ -1,7 +1,7 @@
 """Save a quantized model and load it back for evaluation without redoing the work.
 
 The file (``torch.save`` of plain types only, loaded with ``weights_only=True``) holds the timm
-architecture name, the class count, the recipe, the preprocessing, each uniform quantizer's
+architecture name (or ``hf:<class>`` and the ``transformers`` config as JSON types), the class count, the recipe, the preprocessing, each uniform quantizer's
 granularity, every quantized weight as its integer codes (uint8, two 4-bit codes per byte at
 W <= 4: the weight quantizer's own ``codes``) and every other parameter and quantizer buffer.
 Loading rebuilds the architecture with timm, inserts quantizers with the same recipe, loads the
@@ -23,6 +23,7 @@ from dopq.config import QuantConfig
 from dopq.errors import CheckpointError
 from dopq.files import atomic_path
 from dopq.models import prepare_model
+from dopq.models.loading import HF_PREFIX
 from dopq.modules import QuantConv2d, QuantLinear, quantizers_of
 from dopq.quantizers import PerChannel, PerTensor, UniformQuantizer
 
@@ -39,6 +40,23 @@ def _arch_of(model: nn.Module) -> str:
     if not arch:
         raise CheckpointError("cannot save: the model has no timm architecture name (pretrained_cfg)")
     return arch
+
+
+def _hf_config(model: nn.Module) -> dict[str, Any]:
+    """A ``transformers`` model's config (plain JSON types), which rebuilds its architecture."""
+    from dopq.models.hf import hf_config_dict
+
+    return hf_config_dict(model)
+
+
+def _build(payload: dict[str, Any]) -> nn.Module:
+    """The saved architecture, untrained: timm by name, ``transformers`` from the saved config."""
+    if payload["arch"].startswith(HF_PREFIX):
+        from dopq.models.hf import rebuild_hf_model
+
+        preprocess = payload["metadata"].get("preprocess")
+        return rebuild_hf_model(payload["arch"], payload["hf_config"], preprocess)
+    return timm.create_model(payload["arch"], pretrained=False, num_classes=payload["num_classes"])
 
 
 def _granularities(model: nn.Module) -> dict[str, int | None]:
@@ -107,10 +125,11 @@ def save_quantized(
     path.parent.mkdir(parents=True, exist_ok=True)
     codes = _weight_codes(model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in codes}
+    arch = _arch_of(model)
     payload = {
         "format": FORMAT,
         "schema": SCHEMA_VERSION,
-        "arch": _arch_of(model),
+        "arch": arch,
         "num_classes": int(model.num_classes),
         "config": config.to_dict(),
         "granularity": _granularities(model),
@@ -118,6 +137,8 @@ def save_quantized(
         "state_dict": state,
         "weight_codes": codes,
     }
+    if arch.startswith(HF_PREFIX):
+        payload["hf_config"] = _hf_config(model)
     # Serialized in memory first: torch.save names the archive after the file it writes, and the
     # temporary name would make two saves of the same model differ. Same model -> same bytes.
     buffer = io.BytesIO()
@@ -180,7 +201,7 @@ def load_quantized(
     if arch is not None and arch != payload["arch"]:
         raise CheckpointError(f"{path} was made for {payload['arch']}, not {arch}")
     config = QuantConfig.from_dict(payload["config"])
-    model = timm.create_model(payload["arch"], pretrained=False, num_classes=payload["num_classes"])
+    model = _build(payload)
     prepare_model(model.eval(), config, allow_partial=bool(payload["metadata"].get("allow_partial")))
     _match_state(model, payload)
     codes = payload.get("weight_codes", {})

@@ -142,6 +142,12 @@ class WeightCodes(nn.Module):
         self.register_buffer("scale", q.scale.detach().float().reshape(-1).expand(channels).clone())
         self.register_buffer("zero_point", zp.to(torch.int8))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dequantized weight's dtype: ``transformers`` models read ``weight.dtype`` of their
+        patch embedding to cast the images."""
+        return self.scale.dtype
+
     def forward(self) -> torch.Tensor:
         return dequantize_weight(self.codes, self.scale, self.zero_point, self.axis)
 

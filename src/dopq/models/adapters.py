@@ -67,12 +67,17 @@ def list_families() -> list[str]:
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
-    """The adapter of ``model``'s class (or of its closest registered base class)."""
-    for cls in type(model).__mro__:
+    """The adapter of ``model``'s class (or of its closest registered base class); for a wrapper of
+    another library's model (``dopq.models.hf``), of the wrapped model's class."""
+    wrapped = getattr(model, "wrapped_model", None)
+    for cls in type(model if wrapped is None else wrapped).__mro__:
         if cls in _ADAPTERS:
             return _ADAPTERS[cls]
     names = ", ".join(c.__name__ for c in _ADAPTERS)
-    raise ModelError(f"unsupported model family {type(model).__name__}: dopq supports timm {names} models")
+    raise ModelError(
+        f"unsupported model family {type(model).__name__}: dopq supports {names} "
+        "(transformers ViT, DeiT, Swin, BEiT and DINOv2 classifiers through hf:FOLDER)"
+    )
 
 
 def _vit_units(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,10 +17,37 @@ from torch import nn
 
 from dopq.errors import CheckpointError, ModelError
 
-__all__ = ["build_model", "card_for", "load_state_dict"]
+__all__ = [
+    "HF_PREFIX",
+    "as_dopq_model",
+    "build_model",
+    "card_for",
+    "is_transformers_model",
+    "load_state_dict",
+]
 
 log = logging.getLogger(__name__)
 _HEAD_KEYS = ("head.weight", "head.fc.weight")
+HF_PREFIX = "hf:"  # --model hf:FOLDER, a transformers save_pretrained folder
+
+
+def is_transformers_model(model: object) -> bool:
+    """Whether ``model`` is a ``transformers`` model object (false, without importing it, when
+    ``transformers`` was never imported: no such object can exist then)."""
+    lib = sys.modules.get("transformers")
+    return lib is not None and isinstance(model, lib.PreTrainedModel)
+
+
+def _hf() -> Any:
+    """``dopq.models.hf``, imported on demand: it imports the optional ``transformers``."""
+    from dopq.models import hf
+
+    return hf
+
+
+def as_dopq_model(model: nn.Module) -> nn.Module:
+    """``model`` itself, or a ``transformers`` model wrapped as ``forward(images) -> logits``."""
+    return _hf().wrap_hf_model(model) if is_transformers_model(model) else model
 
 
 def card_for(checkpoint: str | Path) -> dict[str, Any] | None:
@@ -92,7 +120,8 @@ def build_model(
     """Create ``arch`` with timm and load weights.
 
     Args:
-        arch: timm model name, e.g. ``"deit_tiny_patch16_224"``.
+        arch: timm model name, e.g. ``"deit_tiny_patch16_224"``, or ``hf:FOLDER``, a ``transformers``
+            ``save_pretrained`` folder (config, weights, ``preprocessor_config.json``).
         checkpoint: local ``.safetensors``/``.pth`` state dict; takes precedence over ``pretrained``.
         num_classes: classifier size; by default taken from the checkpoint's head.
         pretrained: download timm's weights when no checkpoint is given (needs the network once).
@@ -102,6 +131,12 @@ def build_model(
     Returns:
         The float32 model in eval mode.
     """
+    if arch.startswith(HF_PREFIX):
+        if checkpoint is not None or pretrained:
+            raise ModelError(
+                f"{arch}: a transformers folder holds its weights; drop --checkpoint/--pretrained"
+            )
+        return _hf().load_hf_model(arch.removeprefix(HF_PREFIX), num_classes)
     _check_arch(arch)
     if checkpoint is None:
         kwargs = {} if num_classes is None else {"num_classes": num_classes}

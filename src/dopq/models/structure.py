@@ -1,7 +1,7 @@
 """Find which Linear layers read a LayerNorm's output, from the autograd graph of one forward pass.
 
 A Linear whose input is a LayerNorm output, possibly after token rearrangements that keep the
-channel (last) axis (views, permutes, Swin's roll/pad/window partition), is a re-parameterization
+channel (last) axis (views, permutes, transposes, Swin's roll/pad/window partition), is a re-parameterization
 candidate. Layer roles come from module types and data flow, never from names: a pooled or
 token-selected input (the classifier head) is not a pair. A LayerNorm whose output is also read by
 anything else (a post-norm residual, as in Swin-V2's patch merging) is not a pair either: folding
@@ -26,6 +26,7 @@ _TOKEN_REARRANGEMENTS = frozenset(
         "ReshapeAliasBackward0",
         "CloneBackward0",
         "PermuteBackward0",
+        "TransposeBackward0",  # transformers' Swin window partition: transpose(2, 3) of a 6-d view
         "ConstantPadNdBackward0",
         "RollBackward0",
     }

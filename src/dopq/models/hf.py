@@ -1,0 +1,328 @@
+"""Hugging Face ``transformers`` image classifiers (ViT, DeiT, Swin, BEiT, DINOv2) as dopq models.
+
+Importing this module imports ``transformers`` (the optional ``hf`` extra) and registers one
+adapter per supported ``*ForImageClassification`` class. :class:`HFImageClassifier` wraps a
+``transformers`` model so that the rest of dopq sees ``forward(images) -> logits`` and a timm-like
+``pretrained_cfg`` (preprocessing from the image processor config). The attention modules of the
+five families share one form in ``transformers`` 5 (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``,
+``head_dim``, ``scaling``; Swin adds a ``relative_position_bias`` module); the adapter swaps each for
+:class:`QuantHFAttention` / :class:`QuantHFWindowAttention`, built from those public attributes, so
+the ``eager`` and ``sdpa`` implementations become the same explicit, quantized computation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dopq.errors import CheckpointError, ModelError
+from dopq.models.adapters import ModelAdapter, register_adapter
+from dopq.models.attention import _MatMulSlots
+
+try:
+    import transformers
+    from transformers.activations import GELUActivation
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    from transformers.models.beit.modeling_beit import BeitAttention
+    from transformers.models.deit.modeling_deit import DeiTAttention
+    from transformers.models.dinov2.modeling_dinov2 import Dinov2Attention
+    from transformers.models.swin.modeling_swin import SwinAttention, SwinPatchMerging
+    from transformers.models.vit.modeling_vit import ViTAttention
+except ImportError as exc:  # the extra is missing, or a transformers without these classes
+    raise ModelError(
+        f"Hugging Face models need the transformers extra ({exc}): pip install 'dopq[hf]'"
+    ) from None
+
+__all__ = [
+    "HF_PREFIX",
+    "HFImageClassifier",
+    "QuantHFAttention",
+    "QuantHFWindowAttention",
+    "load_hf_model",
+    "preprocess_from_processor",
+    "rebuild_hf_model",
+    "supported_architectures",
+    "wrap_hf_model",
+]
+
+HF_PREFIX = "hf:"
+# PIL resampling codes as image processor configs store them
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+_DEFAULT_PREPROCESS = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear"}
+
+
+class QuantHFAttention(_MatMulSlots):
+    """Quantized version of the ``transformers`` 5 ViT / DeiT / BEiT / DINOv2 attention.
+
+    The additive ``attention_mask`` the layer passes (BEiT: its relative position bias) is added in
+    float after ``q @ k^T``, as Swin's bias in timm's form. Returns ``(output, None)`` like the
+    ``transformers`` module (no attention weights are kept).
+
+    Args:
+        attn: the ``transformers`` attention module; its ``q_proj``/``k_proj``/``v_proj``/``o_proj``
+            Linear layers are reused.
+        qk: quantizers for the two operands of ``q @ k^T``.
+        av: quantizers for the attention map (post-Softmax) and ``v``.
+    """
+
+    def __init__(self, attn: nn.Module, qk: tuple, av: tuple) -> None:
+        super().__init__()
+        missing = [
+            a for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling") if not hasattr(attn, a)
+        ]
+        if missing:
+            raise ModelError(
+                f"{type(attn).__name__} has no {', '.join(missing)}: dopq supports the attention of "
+                f"transformers >= 5 (installed: {transformers.__version__})"
+            )
+        self.head_dim, self.scale = attn.head_dim, attn.scaling
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            attn.q_proj,
+            attn.k_proj,
+            attn.v_proj,
+            attn.o_proj,
+        )
+        self.attn_drop = nn.Dropout(getattr(attn, "attention_dropout", 0.0))
+        self._init_matmuls(qk, av)
+
+    def _heads(self, proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return proj(x).view(*x.shape[:-1], -1, self.head_dim).transpose(1, 2)
+
+    def bias(self, attention_mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+        return attention_mask
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> tuple[torch.Tensor, None]:
+        q, k, v = (self._heads(p, hidden_states) for p in (self.q_proj, self.k_proj, self.v_proj))
+        out = self._attend(q, k, v, self.bias(attention_mask, hidden_states))
+        out = out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)
+        return self.o_proj(out), None
+
+
+class QuantHFWindowAttention(QuantHFAttention):
+    """Quantized version of the ``transformers`` 5 Swin attention: the relative position bias (its
+    public ``relative_position_bias`` module) and the shift mask are added in float."""
+
+    def __init__(self, attn: nn.Module, qk: tuple, av: tuple) -> None:
+        super().__init__(attn, qk, av)
+        self.relative_position_bias = attn.relative_position_bias
+
+    def bias(self, attention_mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        bias = self.relative_position_bias()  # (1, heads, n, n)
+        if attention_mask is None:
+            return bias
+        windows, n = attention_mask.shape[0], x.shape[1]  # mask: (windows, n, n), x: (batch * windows, n, c)
+        mask = attention_mask.unsqueeze(1).unsqueeze(0).expand(x.shape[0] // windows, -1, -1, -1, -1)
+        return bias + mask.reshape(-1, 1, n, n)
+
+
+class HFImageClassifier(nn.Module):
+    """A ``transformers`` image classifier seen as ``forward(images) -> logits``.
+
+    The logits are the model output's ``logits`` (DeiT with a distillation head: the mean of the class
+    and distillation logits, as ``transformers`` computes them). ``pretrained_cfg`` holds the
+    architecture (``hf:<class>``) and the preprocessing, in timm's keys.
+
+    Args:
+        model: a ``transformers`` ``*ForImageClassification`` model.
+        preprocess: ``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct`` (timm's
+            meaning); by default the model's image size with ``transformers``' ViT processor defaults.
+    """
+
+    def __init__(self, model: nn.Module, preprocess: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.num_classes = int(model.config.num_labels)
+        size = _image_size(model.config)
+        cfg = {"input_size": (3, *size), **_DEFAULT_PREPROCESS, "crop_pct": 1.0, **(preprocess or {})}
+        self.pretrained_cfg = {"architecture": HF_PREFIX + type(model).__name__, **cfg}
+        _use_torch_gelu(model)
+
+    @property
+    def wrapped_model(self) -> nn.Module:
+        """The ``transformers`` model (adapters are keyed by its class)."""
+        return self.model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=images).logits
+
+
+def _image_size(config: Any) -> tuple[int, int]:
+    size = config.image_size
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _use_torch_gelu(model: nn.Module) -> None:
+    """``transformers``' exact GELU modules become ``nn.GELU`` (the same function), which the export
+    knows (its float64 form keeps GELU's ``erf`` in float32, where onnxruntime has a kernel)."""
+    for name, module in list(model.named_modules()):
+        if type(module) is GELUActivation and module.act is nn.functional.gelu:
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, nn.GELU())
+
+
+def wrap_hf_model(model: nn.Module, preprocess: dict[str, Any] | None = None) -> HFImageClassifier:
+    """Wrap a ``transformers`` model object (put in eval mode) for :func:`dopq.quantize`."""
+    if isinstance(model, HFImageClassifier):
+        return model
+    if type(model) not in _ADAPTED:
+        names = ", ".join(supported_architectures())
+        raise ModelError(f"unsupported transformers model {type(model).__name__}: dopq supports {names}")
+    return HFImageClassifier(model.float().eval(), preprocess)
+
+
+def preprocess_from_processor(path: str | Path, config: Any) -> dict[str, Any]:
+    """timm-style preprocessing from an image processor config (``preprocessor_config.json``).
+
+    ``size`` (``height``/``width`` or ``shortest_edge``) and ``crop_size`` give the input size and
+    ``crop_pct`` (crop / resize); ``resample`` the interpolation; ``image_mean``/``image_std`` the
+    normalization (none when ``do_normalize`` is false). Images are resized with their aspect ratio
+    kept, as timm does: for square images (CIFAR) the same as the processor's resize to a fixed size.
+    """
+    path = Path(path)
+    try:
+        proc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"cannot read image processor config {path}: {exc}") from None
+    if not isinstance(proc, dict):
+        raise CheckpointError(f"image processor config {path} must hold a JSON object")
+    resize = _edge(proc.get("size") if proc.get("do_resize", True) else None) or _image_size(config)[0]
+    crop = _edge(proc.get("crop_size")) if proc.get("do_center_crop", False) else None
+    rescale = proc.get("rescale_factor", 1 / 255) if proc.get("do_rescale", True) else 1.0
+    if abs(float(rescale) - 1 / 255) > 1e-9:
+        raise CheckpointError(f"{path}: rescale_factor {rescale} is not 1/255, which dopq's loader assumes")
+    out: dict[str, Any] = {
+        "input_size": (3, crop or resize, crop or resize),
+        "crop_pct": (crop or resize) / resize,
+    }
+    if proc.get("do_normalize", True):
+        out["mean"] = tuple(proc.get("image_mean", _DEFAULT_PREPROCESS["mean"]))
+        out["std"] = tuple(proc.get("image_std", _DEFAULT_PREPROCESS["std"]))
+    else:
+        out["mean"], out["std"] = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    out["interpolation"] = _RESAMPLE.get(proc.get("resample", 2), "bilinear")
+    return out
+
+
+def _edge(size: Any) -> int | None:
+    """The square edge of a processor ``size``: an int, ``{"height", "width"}`` or ``{"shortest_edge"}``."""
+    if isinstance(size, int):
+        return size
+    if isinstance(size, dict):
+        if "shortest_edge" in size:
+            return int(size["shortest_edge"])
+        if "height" in size and "width" in size:
+            if size["height"] != size["width"]:
+                raise CheckpointError(f"non-square processor size {size} is not supported")
+            return int(size["height"])
+    return None
+
+
+def _architecture_class(name: str | None, where: str) -> type[nn.Module]:
+    cls = getattr(transformers, name, None) if name else None
+    if cls not in _ADAPTED:
+        names = ", ".join(supported_architectures())
+        raise ModelError(f"{where}: unknown or unsupported architecture {name!r}; dopq supports {names}")
+    return cls
+
+
+def load_hf_model(folder: str | Path, num_classes: int | None = None) -> HFImageClassifier:
+    """Load a ``save_pretrained`` folder (``config.json``, weights, ``preprocessor_config.json``).
+
+    Args:
+        folder: the local folder (nothing is downloaded).
+        num_classes: when given, the class count the caller expects; another head is refused.
+
+    Returns:
+        The wrapped float32 model in eval mode, its preprocessing from the processor config.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelError(f"hf: folder {folder} does not exist")
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"hf: folder {folder} has no config.json (write it with save_pretrained)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # an unknown model_type or an unreadable file
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"hf: {folder}/config.json could not be read: {first}") from None
+    cls = _architecture_class((config.architectures or [None])[0], f"hf:{folder}")
+    if num_classes is not None and num_classes != config.num_labels:
+        raise CheckpointError(
+            f"--num-classes {num_classes} does not match {folder}, whose head has {config.num_labels}"
+        )
+    try:
+        model = cls.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # missing or mismatched weight files
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"hf: weights in {folder} could not be loaded: {first}") from None
+    proc = folder / "preprocessor_config.json"
+    preprocess = preprocess_from_processor(proc, config) if proc.is_file() else None
+    return HFImageClassifier(model.float().eval(), preprocess)
+
+
+def hf_config_dict(model: HFImageClassifier) -> dict[str, Any]:
+    """The model's ``transformers`` config as plain JSON types (saved with quantized models)."""
+    return json.loads(model.model.config.to_json_string(use_diff=False))
+
+
+def rebuild_hf_model(
+    arch: str, config: dict[str, Any], preprocess: dict[str, Any] | None
+) -> HFImageClassifier:
+    """An untrained ``arch`` (``hf:<class>``) from a saved config dict, for loading a saved state."""
+    cls = _architecture_class(arch.removeprefix(HF_PREFIX), "saved model")
+    hf_config = cls.config_class.from_dict(config)
+    with torch.random.fork_rng(devices=[]):  # the random init is overwritten; keep the caller's state
+        model = cls(hf_config)
+    return HFImageClassifier(model.float().eval(), preprocess)
+
+
+def _hf_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Patch embedding, the transformer layers (and Swin's patch merging) and the head Linear layers,
+    in registration order, which is forward order in these models."""
+    units: list[tuple[str, nn.Module]] = []
+    covered: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(c + ".") for c in covered):
+            continue
+        is_layer = isinstance(module, GradientCheckpointingLayer) and not any(
+            isinstance(m, GradientCheckpointingLayer) for m in list(module.modules())[1:]
+        )
+        is_embed = any(isinstance(m, nn.Conv2d) for m in module.children())
+        if is_layer or is_embed or isinstance(module, (SwinPatchMerging, nn.Linear)):
+            units.append((name, module))
+            covered.append(name)
+    return units
+
+
+_ADAPTED: dict[type[nn.Module], ModelAdapter] = {}
+
+
+def _register(
+    model_cls: type[nn.Module], family: str, attention: type[nn.Module], quant: type[nn.Module]
+) -> None:
+    adapter = ModelAdapter(family, {attention: quant}, _hf_units)
+    _ADAPTED[model_cls] = adapter
+    register_adapter(model_cls, adapter)
+
+
+def supported_architectures() -> list[str]:
+    """The ``transformers`` classes dopq quantizes."""
+    return sorted(cls.__name__ for cls in _ADAPTED)
+
+
+_FAMILIES: tuple[tuple[str, str, type[nn.Module], type[nn.Module]], ...] = (
+    ("ViTForImageClassification", "hf-vit", ViTAttention, QuantHFAttention),
+    ("DeiTForImageClassification", "hf-deit", DeiTAttention, QuantHFAttention),
+    ("DeiTForImageClassificationWithTeacher", "hf-deit", DeiTAttention, QuantHFAttention),
+    ("SwinForImageClassification", "hf-swin", SwinAttention, QuantHFWindowAttention),
+    ("BeitForImageClassification", "hf-beit", BeitAttention, QuantHFAttention),
+    ("Dinov2ForImageClassification", "hf-dinov2", Dinov2Attention, QuantHFAttention),
+)
+for _name, _family, _attn, _quant in _FAMILIES:
+    _register(getattr(transformers, _name), _family, _attn, _quant)
