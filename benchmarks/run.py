@@ -18,6 +18,7 @@
     python benchmarks/run.py distributed --threads 1 --recon-calib-size 128 --recon-iters 20 --recon-batch-size 32
                                              # 1 process vs torchrun 2 gloo processes (DeiT-Tiny W3/A3)
     python benchmarks/run.py speed --device cuda --bits 4 3   # simulated-quantized vs FP images/s, calibration time
+    python benchmarks/run.py hf-deit --threads 2 --bits 4 3   # the shared DeiT-Tiny as a transformers ViT vs timm
     python benchmarks/run.py render          # docs/RESULTS.md tables from the JSON files
 
 Protocol everywhere: 32 calibration images from CIFAR-10 train (seed 0), the strided 1000 CIFAR-10 test
@@ -269,6 +270,7 @@ _SUITES_ELSEWHERE = {
     "large-models": "scale",
     "distributed": "scale",
     "speed": "speed",
+    "hf-deit": "hf_deit",
 }
 _OWN_SUITES = ("foundation", "ablation", "stress", "timing", "recon", "recon-unit")
 
@@ -315,6 +317,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--float64-parts", nargs="+", choices=["accuracy", "timing"], default=["accuracy", "timing"]
+    )
+    p.add_argument(
+        "--hf-folder", type=Path, help="hf-deit: where the transformers folder goes (default: a temp dir)"
     )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")

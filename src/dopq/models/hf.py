@@ -13,6 +13,8 @@ the ``eager`` and ``sdpa`` implementations become the same explicit, quantized c
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ try:
     from transformers.models.dinov2.modeling_dinov2 import Dinov2Attention
     from transformers.models.swin.modeling_swin import SwinAttention, SwinPatchMerging
     from transformers.models.vit.modeling_vit import ViTAttention
+    from transformers.utils import logging as hf_logging
 except ImportError as exc:  # the extra is missing, or a transformers without these classes
     raise ModelError(
         f"Hugging Face models need the transformers extra ({exc}): pip install 'dopq[hf]'"
@@ -231,6 +234,18 @@ def _architecture_class(name: str | None, where: str) -> type[nn.Module]:
     return cls
 
 
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No ``transformers`` progress bar while loading (dopq prints its own); the setting comes back."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_hf_model(folder: str | Path, num_classes: int | None = None) -> HFImageClassifier:
     """Load a ``save_pretrained`` folder (``config.json``, weights, ``preprocessor_config.json``).
 
@@ -257,7 +272,8 @@ def load_hf_model(folder: str | Path, num_classes: int | None = None) -> HFImage
             f"--num-classes {num_classes} does not match {folder}, whose head has {config.num_labels}"
         )
     try:
-        model = cls.from_pretrained(folder, local_files_only=True)
+        with _quiet_loading():
+            model = cls.from_pretrained(folder, local_files_only=True)
     except Exception as exc:  # missing or mismatched weight files
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"hf: weights in {folder} could not be loaded: {first}") from None
