@@ -31,7 +31,15 @@ from dopq.modules import QuantConv2d, QuantLinear
 from dopq.quantizers import Quantizer, TanQQuantizer, UniformQuantizer
 from dopq.quantizers.adaround import AdaRoundQuantizer
 
-__all__ = ["block_loss", "cache_unit_io", "chained_units", "reconstruct", "reconstruct_unit"]
+__all__ = [
+    "BoundUnit",
+    "block_loss",
+    "bound_units",
+    "cache_unit_io",
+    "chained_units",
+    "reconstruct",
+    "reconstruct_unit",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +87,7 @@ def cache_unit_io(
         raise _Stop
 
     if output:
-        handle = unit.register_forward_hook(lambda m, a, out: take(out))
+        handle = unit.register_forward_hook(lambda m, a, out: take(_first(out)))
     else:
         handle = unit.register_forward_pre_hook(lambda m, a: take(a[0]))
     try:
@@ -89,6 +97,53 @@ def cache_unit_io(
     finally:
         handle.remove()
     return torch.cat(chunks)
+
+
+def _first(output: Any) -> torch.Tensor:
+    """A unit's output tensor: the first element where it returns a tuple (a ``transformers`` layer
+    returns its hidden states and attention weights)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+class BoundUnit(nn.Module):
+    """A unit called with one tensor: the other arguments the model passes it (a ``transformers``
+    Swin layer's input resolution and shift mask, a BEiT layer's resolution), recorded from one
+    forward, are passed again, and a tuple output gives its first element. The arguments must not
+    depend on the batch (true of every adapter's units: masks and sizes are per window / image size).
+    """
+
+    def __init__(self, unit: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.unit, self.args, self.kwargs = unit, args, kwargs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _first(self.unit(x, *self.args, **self.kwargs))
+
+
+@torch.no_grad()
+def bound_units(
+    model: nn.Module, units: list[tuple[str, nn.Module]], sample: torch.Tensor
+) -> dict[str, nn.Module]:
+    """Each unit as a one-tensor callable: the unit itself where the model calls it with its input
+    alone and gets a tensor back (every timm unit), else a :class:`BoundUnit`."""
+    calls: dict[str, tuple[tuple[Any, ...], dict[str, Any], bool]] = {}
+    handles = []
+    for name, unit in units:
+
+        def record(m: nn.Module, args: tuple, kwargs: dict, out: Any, n: str = name) -> None:
+            calls.setdefault(n, (args[1:], kwargs, isinstance(out, tuple)))
+
+        handles.append(unit.register_forward_hook(record, with_kwargs=True))
+    try:
+        model(sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    bound = {}
+    for name, unit in units:
+        args, kwargs, is_tuple = calls.get(name, ((), {}, False))
+        bound[name] = BoundUnit(unit, args, kwargs) if args or kwargs or is_tuple else unit
+    return bound
 
 
 @torch.no_grad()
@@ -102,8 +157,15 @@ def chained_units(model: nn.Module, units: list[tuple[str, nn.Module]], sample: 
     seen_out: dict[str, torch.Tensor] = {}
     handles = []
     for name, unit in units:
-        handles.append(unit.register_forward_pre_hook(lambda m, a, n=name: seen_in.setdefault(n, a[0])))
-        handles.append(unit.register_forward_hook(lambda m, a, out, n=name: seen_out.setdefault(n, out)))
+        # the hooks return None: a returned value would replace the unit's arguments or output
+        def keep_input(m: nn.Module, a: tuple, n: str = name) -> None:
+            seen_in.setdefault(n, a[0])
+
+        def keep_output(m: nn.Module, a: tuple, out: Any, n: str = name) -> None:
+            seen_out.setdefault(n, _first(out))
+
+        handles.append(unit.register_forward_pre_hook(keep_input))
+        handles.append(unit.register_forward_hook(keep_output))
     try:
         model(sample)
     finally:
@@ -305,9 +367,12 @@ def reconstruct(
     generator = torch.Generator().manual_seed(rcfg.seed)  # batch order
     drop_generator = torch.Generator(device=device).manual_seed(rcfg.seed)  # QDrop masks
     q_units = plan.adapter.units(model)
-    fp_units = dict(plan.adapter.units(fp_model))
+    fp_units = plan.adapter.units(fp_model)
     cache_bs = max(rcfg.batch_size, 64)
     links = chained_units(model, q_units, images[:1].to(device))
+    q_calls = bound_units(model, q_units, images[:1].to(device))
+    fp_calls = bound_units(fp_model, fp_units, images[:1].to(device))
+    fp_units = dict(fp_units)
     stats: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     previous: tuple[nn.Module, torch.Tensor, torch.Tensor] | None = None  # unit, its inputs, its targets
@@ -321,7 +386,7 @@ def reconstruct(
             previous = None
             inputs = _apply(prev_unit, prev_inputs, cache_bs)
             del prev_inputs
-            targets = _apply(fp_units[name], fp_inputs, cache_bs)
+            targets = _apply(fp_calls[name], fp_inputs, cache_bs)
             del fp_inputs
         else:
             previous = None
@@ -329,7 +394,7 @@ def reconstruct(
             targets = cache_unit_io(fp_model, fp_units[name], images, cache_bs, output=True)
         t_cache = time.perf_counter() - t0
         res = reconstruct_unit(
-            unit,
+            q_calls[name],
             inputs,
             targets,
             rcfg,
@@ -344,7 +409,7 @@ def reconstruct(
         log.info("reconstructed %s in %.1f s: block loss %.4g -> %.4g", name, res["seconds"],
                  res["loss_before"], res["loss_after"])  # fmt: skip
         outer.set_postfix(unit=name, loss=f"{res['loss_after']:.4g}")
-        previous = (unit, inputs, targets)
+        previous = (q_calls[name], inputs, targets)
         del inputs, targets
     return {
         "iters_per_unit": iters,
