@@ -31,7 +31,11 @@ log = logging.getLogger("dopq")
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="timm architecture, e.g. deit_tiny_patch16_224")
+    g.add_argument(
+        "--model",
+        required=True,
+        help="timm architecture, e.g. deit_tiny_patch16_224, or hf:FOLDER (a transformers save_pretrained folder)",
+    )
     g.add_argument(
         "--checkpoint", help="local .safetensors/.pth weights (a JSON card beside it sets preprocessing)"
     )

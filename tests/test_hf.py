@@ -1,0 +1,246 @@
+"""Hugging Face ``transformers`` image classifiers: loading, adapters, quantization, export, saving.
+
+Random-init tiny configs (hidden 16-32, 2 layers, 32x32 images) of the five families, with both
+attention implementations (eager, sdpa).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import dopq  # noqa: E402
+from dopq.cli import main  # noqa: E402
+from dopq.errors import ModelError  # noqa: E402
+from dopq.models import build_model, prepare_model  # noqa: E402
+from dopq.models.hf import (  # noqa: E402
+    HFImageClassifier,
+    QuantHFAttention,
+    preprocess_from_processor,
+    wrap_hf_model,
+)
+from dopq.modules import QuantConv2d, QuantLinear, QuantMatMul, quantizers_off  # noqa: E402
+from dopq.serialize import load_quantized, save_quantized  # noqa: E402
+
+FAMILIES = ("vit", "deit", "swin", "beit", "dinov2")
+VIT_LIKE = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+
+
+def tiny(family: str, attn: str = "sdpa", num_labels: int = 5) -> torch.nn.Module:
+    """A random-init ``transformers`` classifier of ``family`` (DeiT with its distillation head)."""
+    t = transformers
+    if family == "vit":
+        config, cls = t.ViTConfig(**VIT_LIKE, intermediate_size=64), t.ViTForImageClassification
+    elif family == "deit":
+        config, cls = t.DeiTConfig(**VIT_LIKE, intermediate_size=64), t.DeiTForImageClassificationWithTeacher
+    elif family == "swin":
+        config = t.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4)
+        cls = t.SwinForImageClassification
+    elif family == "beit":
+        config = t.BeitConfig(
+            **VIT_LIKE, intermediate_size=64, use_relative_position_bias=True, layer_scale_init_value=0.1
+        )
+        cls = t.BeitForImageClassification
+    else:
+        config, cls = t.Dinov2Config(**VIT_LIKE, mlp_ratio=2), t.Dinov2ForImageClassification
+    config.num_labels = num_labels
+    config._attn_implementation = attn
+    config.architectures = [cls.__name__]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = cls(config).eval()
+    if family == "beit":  # transformers initializes the bias table to zeros: give it something to do
+        with torch.no_grad():
+            for m in model.modules():
+                if hasattr(m, "relative_position_bias_table"):
+                    m.relative_position_bias_table.normal_(0, 0.5)
+    return model
+
+
+def _images(n: int = 4, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float_function_and_full_coverage(family: str, attn: str) -> None:
+    model = tiny(family, attn)
+    x = _images()
+    with torch.no_grad():
+        reference = model(pixel_values=x).logits
+    wrapped = wrap_hf_model(model)
+    with torch.no_grad():
+        assert torch.equal(wrapped(x), reference)
+    plan = prepare_model(wrapped, dopq.get_preset("dopq", w_bits=4, a_bits=4))
+    with torch.no_grad(), quantizers_off(wrapped):
+        assert (wrapped(x) - reference).abs().max() < 1e-5
+    cov = plan.coverage
+    assert cov.complete
+    assert cov.quantized["Linear"] == cov.total["Linear"] == sum(isinstance(m, QuantLinear) for m in model.modules())
+    heads = 4 if family == "swin" else 2
+    assert cov.quantized["attention"] == cov.total["attention"] == heads
+    assert sum(isinstance(m, QuantHFAttention) for m in model.modules()) == heads
+    assert cov.quantized["LayerNorm re-parameterized"] >= 4  # before attention and before the MLP, per layer
+    assert plan.adapter.family == f"hf-{family}"
+
+
+def test_deit_distillation_logits_are_the_mean_of_both_heads() -> None:
+    model = tiny("deit")
+    x = _images(2)
+    with torch.no_grad():
+        out = model(pixel_values=x)
+        assert torch.allclose(wrap_hf_model(model)(x), (out.cls_logits + out.distillation_logits) / 2)
+
+
+def test_attention_the_adapter_does_not_know_is_refused() -> None:
+    model = tiny("vit")
+    attn = model.vit.layers[1].attention
+
+    class OtherAttention(type(attn)):
+        pass
+
+    attn.__class__ = OtherAttention
+    with pytest.raises(ModelError, match="cannot quantize every layer.*OtherAttention"):
+        prepare_model(wrap_hf_model(model), dopq.get_preset("dopq"))
+
+
+def test_unsupported_transformers_model_is_refused() -> None:
+    backbone = transformers.ViTModel(transformers.ViTConfig(**VIT_LIKE, intermediate_size=64))
+    with pytest.raises(ModelError, match="unsupported transformers model ViTModel"):
+        wrap_hf_model(backbone)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_w4a4_export_and_save_round_trip(family: str, tmp_path: Path) -> None:
+    model = tiny(family)
+    x = _images(8, seed=1)
+    with torch.no_grad():
+        reference = model(pixel_values=x).logits
+    config = dopq.get_preset("dopq", w_bits=4, a_bits=4)
+    qmodel = dopq.quantize(model, _images(8), config, progress=False)  # a transformers object in
+    assert isinstance(qmodel, HFImageClassifier) and qmodel.model is model
+    assert all(isinstance(m.matmul_qk, QuantMatMul) for m in model.modules() if isinstance(m, QuantHFAttention))
+    with torch.no_grad():
+        out = qmodel(x)
+    assert not torch.equal(out, reference)  # quantized...
+    assert torch.nn.functional.cosine_similarity(out, reference).mean() > 0.8  # ...and close
+    meta = {"preprocess": {"input_size": [3, 32, 32], "mean": [0.5] * 3, "std": [0.5] * 3,
+                           "interpolation": "bilinear", "crop_pct": 1.0}}  # fmt: skip
+    path = save_quantized(qmodel, tmp_path / "q.pt", config, meta)
+    loaded, loaded_config, _ = load_quantized(path)
+    assert loaded_config == config and loaded.pretrained_cfg["architecture"] == qmodel.pretrained_cfg["architecture"]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
+    from dopq.export import OnnxModel, export_onnx
+
+    export_onnx(qmodel, tmp_path / "q.onnx")
+    with torch.no_grad():
+        onnx_out = OnnxModel(tmp_path / "q.onnx", threads=1)(x)
+    assert (onnx_out - out).abs().max() < 1e-3
+    assert torch.equal(onnx_out.argmax(1), out.argmax(1))
+
+
+@pytest.mark.parametrize("family", ["swin", "beit"])
+def test_reconstruction_and_gptq_run_on_layers_that_take_more_arguments(family: str) -> None:
+    from dopq.config import ReconstructConfig
+
+    config = dopq.get_preset(
+        "dopq",
+        w_bits=4,
+        a_bits=4,
+        weight_rounding="gptq",
+        reconstruct=ReconstructConfig(calib_size=8, iters=3, batch_size=4),
+    )
+    qmodel, report = dopq.quantize_with_report(tiny(family), _images(8), config, progress=False)
+    units = report.reconstruction["units"]
+    assert len(units) >= 4 and all(u["loss_after"] >= 0 for u in units)
+    assert any(u["chained"] for u in units)  # layer outputs (first tuple element) feed the next layer
+    assert report.gptq["layers"] == sum(isinstance(m, (QuantLinear, QuantConv2d)) for m in qmodel.modules())
+
+
+def test_preprocessing_from_image_processor_configs(tmp_path: Path) -> None:
+    config = transformers.ViTConfig(image_size=224)
+    deit = {"size": {"height": 256, "width": 256}, "do_center_crop": True, "crop_size": {"height": 224, "width": 224},
+            "resample": 3, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}  # fmt: skip
+    (tmp_path / "deit.json").write_text(json.dumps(deit))
+    pre = preprocess_from_processor(tmp_path / "deit.json", config)
+    assert pre == {"input_size": (3, 224, 224), "crop_pct": 224 / 256, "mean": (0.485, 0.456, 0.406),
+                   "std": (0.229, 0.224, 0.225), "interpolation": "bicubic"}  # fmt: skip
+    dinov2 = {"size": {"shortest_edge": 256}, "do_center_crop": True, "crop_size": 224, "do_normalize": False}
+    (tmp_path / "dinov2.json").write_text(json.dumps(dinov2))
+    pre = preprocess_from_processor(tmp_path / "dinov2.json", config)
+    assert pre["input_size"] == (3, 224, 224) and pre["mean"] == (0.0, 0.0, 0.0) and pre["std"] == (1.0, 1.0, 1.0)
+    assert pre["interpolation"] == "bilinear"
+
+
+def _save_folder(root: Path, family: str = "vit") -> Path:
+    folder = root / f"hf-{family}"
+    tiny(family, num_labels=2).save_pretrained(folder)
+    processor = {"do_resize": True, "size": {"height": 32, "width": 32}, "resample": 3,
+                 "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}  # fmt: skip
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    return folder
+
+
+def test_hf_folder_loads_with_its_preprocessing(tmp_path: Path) -> None:
+    model = build_model(f"hf:{_save_folder(tmp_path)}")
+    assert isinstance(model, HFImageClassifier) and model.num_classes == 2
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == (3, 32, 32) and cfg["interpolation"] == "bicubic" and cfg["std"] == (0.25,) * 3
+    from dopq.data import preprocess_from_model
+
+    assert preprocess_from_model(model).std == (0.25, 0.25, 0.25)
+
+
+def test_cli_quantize_save_export_and_evaluate(tmp_path: Path, image_folder, capsys) -> None:
+    folder = _save_folder(tmp_path)
+    data = image_folder("hf-data", size=32)
+    common = ["--data", str(data), "--batch-size", "4", "--workers", "0", "--quiet"]
+    rc = main(["quantize", "--model", f"hf:{folder}", "--calib-size", "4", "--w-bits", "4", "--a-bits", "4",
+               "--save", str(tmp_path / "q.pt"), "--export", str(tmp_path / "q.onnx"),
+               "--output", str(tmp_path / "r.json"), "--std", "0.5", "0.5", "0.5", *common])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["model"] == f"hf:{folder}" and result["coverage"]["left_float"]["attention"] == []
+    assert result["config"]["preprocess"]["std"] == [0.5, 0.5, 0.5]  # the override beats the processor
+    assert result["config"]["preprocess"]["interpolation"] == "bicubic"  # from the processor
+    rc = main(["evaluate", "--quantized", str(tmp_path / "q.pt"), "--output", str(tmp_path / "e.json"), *common])
+    assert rc == 0, capsys.readouterr().err
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert saved["quant_top1"] == result["quant_top1"] and saved["model"] == "hf:ViTForImageClassification"
+    rc = main(["evaluate", "--onnx", str(tmp_path / "q.onnx"), "--quantized", str(tmp_path / "q.pt"),
+               "--output", str(tmp_path / "o.json"), *common])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "o.json").read_text())["comparison"]["identical_top1"] == 1.0
+
+
+def _cli_error(args: list[str], capsys) -> str:
+    capsys.readouterr()  # drop what came before (transformers' save progress bar)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dopq: error: ") and "\n" not in err
+    return err
+
+
+def test_cli_errors(tmp_path: Path, image_folder, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = str(image_folder("hf-err", size=32, per_class=1))
+    quantize = ["quantize", "--data", data, "--quiet", "--model"]
+    assert "does not exist" in _cli_error([*quantize, f"hf:{tmp_path / 'nowhere'}"], capsys)
+    folder = _save_folder(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["ViTForMaskedImageModeling"]
+    (folder / "config.json").write_text(json.dumps(config))
+    err = _cli_error([*quantize, f"hf:{folder}"], capsys)
+    assert "unsupported architecture 'ViTForMaskedImageModeling'" in err and "ViTForImageClassification" in err
+    # without the extra: transformers (and dopq's module over it) cannot be imported
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.delitem(sys.modules, "dopq.models.hf", raising=False)
+    monkeypatch.delattr("dopq.models.hf", raising=False)
+    err = _cli_error([*quantize, f"hf:{folder}"], capsys)
+    assert "pip install 'dopq[hf]'" in err
