@@ -40,7 +40,9 @@ def tiny(family: str, attn: str = "sdpa", num_labels: int = 5) -> torch.nn.Modul
     elif family == "deit":
         config, cls = t.DeiTConfig(**VIT_LIKE, intermediate_size=64), t.DeiTForImageClassificationWithTeacher
     elif family == "swin":
-        config = t.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4)
+        config = t.SwinConfig(
+            image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=4
+        )
         cls = t.SwinForImageClassification
     elif family == "beit":
         config = t.BeitConfig(
@@ -82,7 +84,11 @@ def test_float_function_and_full_coverage(family: str, attn: str) -> None:
         assert (wrapped(x) - reference).abs().max() < 1e-5
     cov = plan.coverage
     assert cov.complete
-    assert cov.quantized["Linear"] == cov.total["Linear"] == sum(isinstance(m, QuantLinear) for m in model.modules())
+    assert (
+        cov.quantized["Linear"]
+        == cov.total["Linear"]
+        == sum(isinstance(m, QuantLinear) for m in model.modules())
+    )
     heads = 4 if family == "swin" else 2
     assert cov.quantized["attention"] == cov.total["attention"] == heads
     assert sum(isinstance(m, QuantHFAttention) for m in model.modules()) == heads
@@ -125,7 +131,9 @@ def test_w4a4_export_and_save_round_trip(family: str, tmp_path: Path) -> None:
     config = dopq.get_preset("dopq", w_bits=4, a_bits=4)
     qmodel = dopq.quantize(model, _images(8), config, progress=False)  # a transformers object in
     assert isinstance(qmodel, HFImageClassifier) and qmodel.model is model
-    assert all(isinstance(m.matmul_qk, QuantMatMul) for m in model.modules() if isinstance(m, QuantHFAttention))
+    assert all(
+        isinstance(m.matmul_qk, QuantMatMul) for m in model.modules() if isinstance(m, QuantHFAttention)
+    )
     with torch.no_grad():
         out = qmodel(x)
     assert not torch.equal(out, reference)  # quantized...
@@ -134,7 +142,10 @@ def test_w4a4_export_and_save_round_trip(family: str, tmp_path: Path) -> None:
                            "interpolation": "bilinear", "crop_pct": 1.0}}  # fmt: skip
     path = save_quantized(qmodel, tmp_path / "q.pt", config, meta)
     loaded, loaded_config, _ = load_quantized(path)
-    assert loaded_config == config and loaded.pretrained_cfg["architecture"] == qmodel.pretrained_cfg["architecture"]
+    assert (
+        loaded_config == config
+        and loaded.pretrained_cfg["architecture"] == qmodel.pretrained_cfg["architecture"]
+    )
     with torch.no_grad():
         assert torch.equal(loaded(x), out)
     from dopq.export import OnnxModel, export_onnx
@@ -144,6 +155,22 @@ def test_w4a4_export_and_save_round_trip(family: str, tmp_path: Path) -> None:
         onnx_out = OnnxModel(tmp_path / "q.onnx", threads=1)(x)
     assert (onnx_out - out).abs().max() < 1e-3
     assert torch.equal(onnx_out.argmax(1), out.argmax(1))
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_float64_export_reproduces_the_float64_simulation(family: str, tmp_path: Path) -> None:
+    from dopq.export import OnnxModel, export_onnx
+    from dopq.modules import float64_copy
+
+    qmodel = dopq.quantize(
+        tiny(family), _images(8), dopq.get_preset("dopq", w_bits=4, a_bits=4), progress=False
+    )
+    export_onnx(qmodel, tmp_path / "q64.onnx", float_dtype="float64")  # GELU and Swin's pooling swapped
+    x = _images(4, seed=2)
+    with torch.no_grad():
+        assert torch.equal(
+            OnnxModel(tmp_path / "q64.onnx", threads=1)(x).double(), float64_copy(qmodel)(x.double())
+        )
 
 
 @pytest.mark.parametrize("family", ["swin", "beit"])
@@ -175,7 +202,11 @@ def test_preprocessing_from_image_processor_configs(tmp_path: Path) -> None:
     dinov2 = {"size": {"shortest_edge": 256}, "do_center_crop": True, "crop_size": 224, "do_normalize": False}
     (tmp_path / "dinov2.json").write_text(json.dumps(dinov2))
     pre = preprocess_from_processor(tmp_path / "dinov2.json", config)
-    assert pre["input_size"] == (3, 224, 224) and pre["mean"] == (0.0, 0.0, 0.0) and pre["std"] == (1.0, 1.0, 1.0)
+    assert (
+        pre["input_size"] == (3, 224, 224)
+        and pre["mean"] == (0.0, 0.0, 0.0)
+        and pre["std"] == (1.0, 1.0, 1.0)
+    )
     assert pre["interpolation"] == "bilinear"
 
 
@@ -192,7 +223,9 @@ def test_hf_folder_loads_with_its_preprocessing(tmp_path: Path) -> None:
     model = build_model(f"hf:{_save_folder(tmp_path)}")
     assert isinstance(model, HFImageClassifier) and model.num_classes == 2
     cfg = model.pretrained_cfg
-    assert cfg["input_size"] == (3, 32, 32) and cfg["interpolation"] == "bicubic" and cfg["std"] == (0.25,) * 3
+    assert (
+        cfg["input_size"] == (3, 32, 32) and cfg["interpolation"] == "bicubic" and cfg["std"] == (0.25,) * 3
+    )
     from dopq.data import preprocess_from_model
 
     assert preprocess_from_model(model).std == (0.25, 0.25, 0.25)
@@ -210,7 +243,9 @@ def test_cli_quantize_save_export_and_evaluate(tmp_path: Path, image_folder, cap
     assert result["model"] == f"hf:{folder}" and result["coverage"]["left_float"]["attention"] == []
     assert result["config"]["preprocess"]["std"] == [0.5, 0.5, 0.5]  # the override beats the processor
     assert result["config"]["preprocess"]["interpolation"] == "bicubic"  # from the processor
-    rc = main(["evaluate", "--quantized", str(tmp_path / "q.pt"), "--output", str(tmp_path / "e.json"), *common])
+    rc = main(
+        ["evaluate", "--quantized", str(tmp_path / "q.pt"), "--output", str(tmp_path / "e.json"), *common]
+    )
     assert rc == 0, capsys.readouterr().err
     saved = json.loads((tmp_path / "e.json").read_text())
     assert saved["quant_top1"] == result["quant_top1"] and saved["model"] == "hf:ViTForImageClassification"
@@ -237,7 +272,9 @@ def test_cli_errors(tmp_path: Path, image_folder, capsys, monkeypatch: pytest.Mo
     config["architectures"] = ["ViTForMaskedImageModeling"]
     (folder / "config.json").write_text(json.dumps(config))
     err = _cli_error([*quantize, f"hf:{folder}"], capsys)
-    assert "unsupported architecture 'ViTForMaskedImageModeling'" in err and "ViTForImageClassification" in err
+    assert (
+        "unsupported architecture 'ViTForMaskedImageModeling'" in err and "ViTForImageClassification" in err
+    )
     # without the extra: transformers (and dopq's module over it) cannot be imported
     monkeypatch.setitem(sys.modules, "transformers", None)
     monkeypatch.delitem(sys.modules, "dopq.models.hf", raising=False)

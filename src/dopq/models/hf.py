@@ -144,7 +144,7 @@ class HFImageClassifier(nn.Module):
         size = _image_size(model.config)
         cfg = {"input_size": (3, *size), **_DEFAULT_PREPROCESS, "crop_pct": 1.0, **(preprocess or {})}
         self.pretrained_cfg = {"architecture": HF_PREFIX + type(model).__name__, **cfg}
-        _use_torch_gelu(model)
+        _use_exportable_modules(model)
 
     @property
     def wrapped_model(self) -> nn.Module:
@@ -160,13 +160,31 @@ def _image_size(config: Any) -> tuple[int, int]:
     return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def _use_torch_gelu(model: nn.Module) -> None:
-    """``transformers``' exact GELU modules become ``nn.GELU`` (the same function), which the export
-    knows (its float64 form keeps GELU's ``erf`` in float32, where onnxruntime has a kernel)."""
+class MeanPool1d(nn.Module):
+    """``nn.AdaptiveAvgPool1d(1)`` as a mean over the last axis: the same values, exported as
+    ``ReduceMean``, which onnxruntime runs in float64 too (its ``GlobalAveragePool`` has no float64
+    kernel)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=-1, keepdim=True)
+
+
+def _exportable(module: nn.Module) -> nn.Module | None:
+    """A torch module computing the same function as ``module`` that the export knows, or None."""
+    if type(module) is GELUActivation and module.act is nn.functional.gelu:
+        return nn.GELU()  # the float64 export keeps GELU's erf in float32, where onnxruntime has a kernel
+    if type(module) is nn.AdaptiveAvgPool1d and module.output_size in (1, (1,)):
+        return MeanPool1d()  # Swin's pooler
+    return None
+
+
+def _use_exportable_modules(model: nn.Module) -> None:
+    """Swap ``transformers``' exact GELU and Swin's average pooling for equal modules the export knows."""
     for name, module in list(model.named_modules()):
-        if type(module) is GELUActivation and module.act is nn.functional.gelu:
+        new = _exportable(module)
+        if new is not None:
             parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, nn.GELU())
+            setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
 def wrap_hf_model(model: nn.Module, preprocess: dict[str, Any] | None = None) -> HFImageClassifier:
