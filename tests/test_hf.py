@@ -112,7 +112,7 @@ def test_attention_the_adapter_does_not_know_is_refused() -> None:
         pass
 
     attn.__class__ = OtherAttention
-    with pytest.raises(ModelError, match="cannot quantize every layer.*OtherAttention"):
+    with pytest.raises(ModelError, match=r"cannot quantize every layer.*OtherAttention"):
         prepare_model(wrap_hf_model(model), dopq.get_preset("dopq"))
 
 
