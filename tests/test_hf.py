@@ -281,3 +281,41 @@ def test_cli_errors(tmp_path: Path, image_folder, capsys, monkeypatch: pytest.Mo
     monkeypatch.delattr("dopq.models.hf", raising=False)
     err = _cli_error([*quantize, f"hf:{folder}"], capsys)
     assert "pip install 'dopq[hf]'" in err
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_give_the_one_process_result(tmp_path: Path, image_folder) -> None:
+    import os
+    import socket
+    import subprocess
+
+    folder = _save_folder(tmp_path)
+    data = image_folder("hf-dist", size=32, classes=("a", "b"), per_class=3)
+    argv = ["quantize", "--model", f"hf:{folder}", "--data", str(data), "--calib-size", "4", "--w-bits", "4",
+            "--a-bits", "4", "--threads", "1", "--workers", "0", "--batch-size", "2", "--output", "r.json",
+            "--save", "q.pt", "--quiet"]  # fmt: skip
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+    }
+    # the subprocesses import the dopq under test, wherever they run
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(dopq.__file__).parents[1]), env.get("PYTHONPATH", "")])
+    results = {}
+    for nproc in (1, 2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launcher = [sys.executable, "-m", "dopq"]
+        if nproc > 1:
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        "--master-port", str(port), "-m", "dopq"]  # fmt: skip
+        run_dir = tmp_path / f"n{nproc}"
+        run_dir.mkdir()
+        done = subprocess.run([*launcher, *argv], capture_output=True, text=True, timeout=600, cwd=run_dir,
+                              env={**env, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[nproc] = (json.loads((run_dir / "r.json").read_text()), (run_dir / "q.pt").read_bytes())
+    (one, one_bytes), (two, two_bytes) = results[1], results[2]
+    assert two["distributed"]["world_size"] == 2
+    for key in ("fp_top1_correct", "quant_top1_correct", "eval_images"):
+        assert one[key] == two[key], key
+    assert one_bytes == two_bytes
