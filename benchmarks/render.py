@@ -551,6 +551,28 @@ def _protocol_title(name: str) -> str:
     )
 
 
+def _hf_deit_table(data: dict[str, Any]) -> list[str]:
+    """The shared DeiT-Tiny as timm and as a transformers ViT (``hf_deit_tiny.json``)."""
+    fp = data["fp"]
+    lines = [f"### The shared DeiT-Tiny in transformers form (`hf_deit_tiny.json`, `{data['command']}`)", "",
+             f"FP top-1: timm {100 * fp['timm_top1']:.1f} %, transformers {100 * fp['hf_top1']:.1f} %; identical "
+             f"top-1 predictions on {100 * fp['identical_top1_predictions']:.1f} % of {fp['images']} images, "
+             f"largest logit difference {fp['max_logit_diff']:.2g}.", "",
+             "| recipe | timm top-1 | transformers top-1 | gap (points) | transformers vs timm, images (sign test) "
+             "| ONNX timm | ONNX transformers | ONNX gap | ONNX vs timm ONNX | ONNX = simulation (timm / transformers) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in data["rows"]:
+        t, h, pr, po = r["timm"], r["hf"], r["paired"], r["onnx_paired"]
+        agree = f"{100 * t['onnx']['identical_top1_vs_simulation']:.1f} / {100 * h['onnx']['identical_top1_vs_simulation']:.1f} %"
+        lines.append(
+            f"| {r['method']} W{r['w_bits']}/A{r['a_bits']} | {100 * t['quant_top1']:.1f} | {100 * h['quant_top1']:.1f} "
+            f"| {r['top1_gap_points']:+.1f} | +{pr['hf_right_timm_wrong']} / -{pr['timm_right_hf_wrong']} (p={pr['p']:.2g}) "
+            f"| {100 * t['onnx']['top1']:.1f} | {100 * h['onnx']['top1']:.1f} | {r['onnx_top1_gap_points']:+.1f} "
+            f"| +{po['hf_right_timm_wrong']} / -{po['timm_right_hf_wrong']} (p={po['p']:.2g}) | {agree} |"
+        )  # fmt: skip
+    return [*lines, ""]
+
+
 def render(results: Path, target: Path) -> None:
     parts: list[str] = []
     extra = sorted({p.stem for p in results.rglob("ablation_*_*.json")})  # other protocols, e.g. _eval5000
@@ -601,6 +623,9 @@ def render(results: Path, target: Path) -> None:
             parts += table(data)
     parts += _recon_runs_paired(results)
     parts += _gpu_recon_table(results)
+    data = _load(results, "hf_deit_tiny")
+    if data:
+        parts += _hf_deit_table(data)
     for path in sorted(results.glob("speed_*.json")):
         parts += _speed_table(json.loads(path.read_text()), path.stem)
     parts += _provenance_table(results)
