@@ -1,6 +1,7 @@
 """The shared DeiT-Tiny (timm) in ``transformers`` form: weight mapping, then timm vs transformers.
 
-    python benchmarks/run.py hf-deit --threads 2 --bits 4 3
+    python benchmarks/run.py hf-deit --threads 2 --bits 4 --suffix _w4
+    python benchmarks/run.py hf-deit --threads 2 --bits 3 --suffix _w3 --hf-skip-fp
 
 ``convert`` maps the timm checkpoint into ``transformers``' ``ViTForImageClassification`` (no
 download) and writes a ``save_pretrained`` folder with a ``preprocessor_config.json`` built from the
@@ -18,12 +19,14 @@ the 12 blocks ``i``::
 with ``layer_norm_eps=1e-6`` (timm's) and exact GELU. ``run`` then evaluates both forms on the
 same workload (32 calibration images, seed 0, the strided test images): FP top-1 and per-image
 predictions, dopq at each ``--bits`` with a paired sign test timm vs transformers, and the ONNX
-export of each on onnxruntime. Writes ``benchmarks/results/hf_deit_tiny.json``.
+export of each on onnxruntime compared image by image with its simulation. Writes
+``benchmarks/results/hf_deit_tiny<suffix>.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -33,9 +36,10 @@ from typing import Any
 
 import torch
 
+from dopq.api import quantize_with_report
 from dopq.config import get_preset
-from dopq.evaluate import compare, evaluate
-from dopq.experiment import RunSettings, load_workload, run_recipe
+from dopq.evaluate import compare
+from dopq.experiment import RunSettings, load_workload
 from dopq.export import OnnxModel, export_onnx
 from dopq.models import build_model, card_for
 from render import sign_test_p
@@ -128,16 +132,25 @@ def convert(checkpoint: Path, out: Path) -> Path:
     return out
 
 
-def _onnx_row(model: torch.nn.Module, work: Any, path: Path, threads: int) -> dict[str, Any]:
-    export_onnx(model, path, metadata={"preprocess": work.preprocess.to_dict()})
-    onnx = OnnxModel(path, threads=threads)
-    res = evaluate(onnx, work.eval_loader(), progress=False, desc="onnx")
+def _quantized_row(work: Any, bits: int, onnx_path: Path, threads: int) -> dict[str, Any]:
+    """dopq at ``bits`` on the workload's model, exported; the simulation and onnxruntime compared
+    image by image (one pass over the images each, which also gives both accuracies)."""
+    config = get_preset("dopq", w_bits=bits, a_bits=bits)
+    model, report = quantize_with_report(copy.deepcopy(work.model), work.calib_images, config, progress=False)
+    export_onnx(model, onnx_path, metadata={"preprocess": work.preprocess.to_dict()})
+    onnx = OnnxModel(onnx_path, threads=threads)
     agree = compare(model, onnx, work.eval_loader(), progress=False)
     return {
-        "top1": res.top1,
-        "top1_correct": res.top1_correct,
-        "identical_top1_vs_simulation": agree.identical_top1,
-        "max_logit_diff_vs_simulation": agree.max_logit_diff,
+        "quant_top1": agree.top1_a,
+        "quant_top1_correct": agree.top1_correct_a,
+        "calib_seconds": report.calib_seconds,
+        "coverage": report.coverage.summary(),
+        "onnx": {
+            "top1": agree.top1_b,
+            "top1_correct": agree.top1_correct_b,
+            "identical_top1_vs_simulation": agree.identical_top1,
+            "max_logit_diff_vs_simulation": agree.max_logit_diff,
+        },
     }
 
 
@@ -153,42 +166,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     folder = Path(args.hf_folder) if args.hf_folder else Path(tempfile.mkdtemp(prefix="dopq-hf-deit-"))
     t0 = time.perf_counter()
     convert(checkpoint, folder)
-    common = dict(data=str(shared / "data" / args.data_file), calib_size=32, seed=0,
+    common = dict(data=str(shared / "data" / args.data_file), calib_size=32, seed=0, fp_eval=False,
                   eval_subset=args.eval_subset, batch_size=args.batch_size, device=args.device)  # fmt: skip
     works = {
         "timm": load_workload(RunSettings(model=ARCH, checkpoint=str(checkpoint), **common)),
         "hf": load_workload(RunSettings(model=f"hf:{folder}", **common)),
     }
-    same_calib = torch.equal(works["timm"].calib_images, works["hf"].calib_images)
-    fp = compare(works["timm"].model, works["hf"].model, works["timm"].eval_loader(), progress=False)
     out: dict[str, Any] = {
         "suite": "hf_deit_tiny",
         "command": "python " + " ".join(sys.argv),
         "hf_folder_written": str(folder),
         "same_preprocess": works["timm"].preprocess == works["hf"].preprocess,
-        "same_calibration_images": same_calib,
-        "fp": {
+        "same_calibration_images": torch.equal(works["timm"].calib_images, works["hf"].calib_images),
+        "rows": [],
+    }
+    if not args.hf_skip_fp:  # the float comparison, once per set of runs
+        fp = compare(works["timm"].model, works["hf"].model, works["timm"].eval_loader(), progress=False)
+        out["fp"] = {
             "timm_top1": fp.top1_a,
             "hf_top1": fp.top1_b,
             "identical_top1_predictions": fp.identical_top1,
             "max_logit_diff": fp.max_logit_diff,
+            "same_top1_correct": fp.top1_correct_a == fp.top1_correct_b,
             "images": fp.images,
-        },
-        "rows": [],
-    }
+        }
     for bits in args.bits:
-        config = get_preset("dopq", w_bits=bits, a_bits=bits)
         row: dict[str, Any] = {"method": "dopq", "w_bits": bits, "a_bits": bits}
         for name, work in works.items():
-            result, model = run_recipe(work, config, method="dopq", progress=False)
-            onnx = _onnx_row(model, work, folder / f"{name}_w{bits}a{bits}.onnx", args.threads)
-            row[name] = {
-                "quant_top1": result["quant_top1"],
-                "quant_top1_correct": result["quant_top1_correct"],
-                "calib_seconds": result["calib_seconds"],
-                "coverage": result.get("coverage"),
-                "onnx": onnx,
-            }
+            row[name] = _quantized_row(work, bits, folder / f"{name}_w{bits}a{bits}.onnx", args.threads)
         row["top1_gap_points"] = 100 * (row["hf"]["quant_top1"] - row["timm"]["quant_top1"])
         row["paired"] = _paired(row["hf"]["quant_top1_correct"], row["timm"]["quant_top1_correct"])
         row["onnx_top1_gap_points"] = 100 * (row["hf"]["onnx"]["top1"] - row["timm"]["onnx"]["top1"])
@@ -201,7 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def suite_hf_deit(args: argparse.Namespace, workload: Any, save: Any) -> None:
     """``benchmarks/run.py hf-deit``: writes ``hf_deit_tiny.json`` (``save`` adds the environment)."""
     out = run(args)
-    save("hf_deit_tiny", out)
+    save(f"hf_deit_tiny{args.suffix}", out)
     fp = out["fp"]
     print(
         f"FP timm {fp['timm_top1']:.4f} hf {fp['hf_top1']:.4f} identical {fp['identical_top1_predictions']:.4f}"

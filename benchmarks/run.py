@@ -321,6 +321,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--hf-folder", type=Path, help="hf-deit: where the transformers folder goes (default: a temp dir)"
     )
+    p.add_argument(
+        "--hf-skip-fp", action="store_true", help="hf-deit: skip the float timm vs transformers pass"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("dopq.reconstruct").setLevel(logging.INFO)  # one line per reconstructed unit
