@@ -9,6 +9,7 @@
     python benchmarks/run.py recon --recon-calib-size 256 --recon-iters 100   # reconstruction, reduced CPU settings
     python benchmarks/run.py recon-unit --recon-calib-size 128 --recon-iters 60 --recon-batch-size 32   # settings, one unit
     python benchmarks/run.py deploy --bits 8 4 --threads 2   # ONNX export on onnxruntime vs simulation and FP32
+    python benchmarks/run.py softmax-forms --bits 4 --threads 2 --repeats 15   # post-Softmax export forms, per op
     python benchmarks/run.py deploy-sensitivity --bits 8 4 --threads 2   # the same network computed four ways
     python benchmarks/run.py save-size --bits 8 4 3   # --save file sizes against the float checkpoints
     python benchmarks/run.py families --threads 1   # every supported timm family, random init, W4/A4
@@ -269,6 +270,7 @@ _SUITES_ELSEWHERE = {
     "large-models": "scale",
     "distributed": "scale",
     "speed": "speed",
+    "softmax-forms": "softmax_forms",
 }
 _OWN_SUITES = ("foundation", "ablation", "stress", "timing", "recon", "recon-unit")
 

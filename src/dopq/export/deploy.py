@@ -1,6 +1,7 @@
-"""The deploy form of a quantized model: integer weights, per-tensor activation Q/DQ, closed-form
-post-Softmax codes. It is built from the quantizers' own API (``codes``, ``dequantize``,
-``level_table``, the warp parameters) and computes in torch what the exported ONNX graph computes.
+"""The deploy form of a quantized model: integer weights, per-tensor activation Q/DQ, post-Softmax
+codes counted against the quantizer's own decision points. It is built from the quantizers' own API
+(``codes``, ``dequantize``, ``level_table``, ``decision_points``, the warp parameters) and computes
+in torch what the exported ONNX graph computes.
 
 :func:`to_deploy` swaps, in a copy, every ``QuantLinear`` / ``QuantConv2d`` / ``QuantMatMul`` for a
 deploy module; everything else (LayerNorm, Softmax, GELU, residual adds, position embeddings and
@@ -28,6 +29,7 @@ from torch import nn
 
 from dopq.errors import ExportError
 from dopq.export.symbolic import (
+    counted_levels,
     dequantize_weight,
     integer_matmul,
     log_levels,
@@ -268,16 +270,24 @@ class DeployConv2d(nn.Module):
 
 
 class SoftmaxLevels(nn.Module):
-    """The deploy form of a post-Softmax table quantizer: the level value of each element, from the
-    family's closed form (TanQ, log2, log-sqrt2) or by comparisons with every threshold; in float64
-    (:meth:`exact`) by comparisons with the table's own thresholds."""
+    """The deploy form of a post-Softmax table quantizer: the level value of each element.
+
+    Up to ``COUNTED_LEVELS_MAX_BITS`` its code is counted against the quantizer's own float32
+    decision points (:meth:`LevelQuantizer.decision_points`: the simulation's codes for every
+    float32 input, with no transcendental op) and the level read from the table; larger tables use
+    the family's closed form (TanQ, log2, log-sqrt2) or a comparison per threshold. In float64
+    (:meth:`exact`) the level comes from comparisons with the table's own thresholds.
+    """
 
     def __init__(self, q: LevelQuantizer) -> None:
         super().__init__()
         q = q.resolve()  # a per-module choice ("auto") exports as the family it chose
         levels, thresholds = (t.detach().double().tolist() for t in q.level_table())
         self.table = (levels, thresholds)
-        if isinstance(q, TanQQuantizer):
+        if len(thresholds) < 2**COUNTED_LEVELS_MAX_BITS:
+            self.register_buffer("levels", q.lookup_table().float().clone())
+            self.kind, self.args = "counted", (q.decision_points().double().tolist(),)
+        elif isinstance(q, TanQQuantizer):
             self.kind, self.args = "tanq", (*q.warp_params(), q.bits)
         elif isinstance(q, LogQuantizer):
             self.kind, self.args = "log", (float(q.delta), q.step, q.n_nonzero)
@@ -285,6 +295,8 @@ class SoftmaxLevels(nn.Module):
             self.kind, self.args = "table", self.table
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "counted":
+            return counted_levels(x, self.levels.to(x.dtype), *self.args)
         if self.kind == "tanq":
             return tan_levels(x, *self.args)
         if self.kind == "log":
@@ -308,6 +320,7 @@ class SoftmaxLevels(nn.Module):
 
 
 EXACT_LEVELS_MAX_BITS = 6  # float64 post-Softmax levels by comparisons: 2^b - 1 passes
+COUNTED_LEVELS_MAX_BITS = 6  # float32: codes counted, 2^b - 1 comparisons (fused by OpenVINO)
 
 
 def _fixed_point_scale(levels: torch.Tensor, max_code: int = 255) -> float:

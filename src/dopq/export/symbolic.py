@@ -7,9 +7,14 @@ checked against the simulation without onnxruntime); each ``symbolic`` emits sta
   float ``Clip`` to ``[(0 - z) s, (2^b - 1 - z) s]`` keeps the codes inside the b-bit range, so the
   exported codes equal the simulated ``clamp(round(x / s) + z, 0, 2^b - 1)``.
 * ``dequantize_weight``: ``DequantizeLinear`` of a constant integer initializer, per output channel.
-* ``log_levels`` / ``tan_levels``: the nearest-level codes of the post-Softmax quantizers from closed
-  forms (elementwise ops only: onnxruntime's ``Gather`` is scalar and several times slower), returning
-  the level value; ``threshold_levels``: any table, by comparisons with every threshold.
+* ``counted_levels``: the level value of a post-Softmax (table) quantizer, its code counted as the
+  number of the quantizer's own decision points strictly below ``x`` (``Greater -> Cast -> Add`` per
+  point, no transcendental op; a runtime that fuses elementwise chains, as OpenVINO does, runs it
+  as one pass), then one ``Gather`` of the level table. The codes are the simulation's for every
+  float32 input, by construction (``LevelQuantizer.decision_points``).
+* ``log_levels`` / ``tan_levels``: the same codes from the families' closed forms (``Log``/``Exp``,
+  ``Tan``/``Atan``), for tables too large to count (above ``COUNTED_LEVELS_MAX_BITS``);
+  ``threshold_levels``: any table, by a ``Where`` per threshold (float64 reference form).
 
 The float64 form (``to_deploy(..., dtype=torch.float64)``) cannot use ``QuantizeLinear`` /
 ``DequantizeLinear`` (float32 only in onnxruntime); it uses:
@@ -27,6 +32,7 @@ import math
 import torch
 
 __all__ = [
+    "counted_levels",
     "dequantize_weight",
     "integer_matmul",
     "log_levels",
@@ -36,7 +42,7 @@ __all__ = [
     "threshold_levels",
 ]
 
-_ONNX_UINT8, _ONNX_DOUBLE = 2, 11  # onnx.TensorProto data types
+_ONNX_FLOAT, _ONNX_UINT8, _ONNX_INT32, _ONNX_DOUBLE = 1, 2, 6, 11  # onnx.TensorProto data types
 
 
 def _const(g, value: float | int | torch.Tensor, dtype: torch.dtype = torch.float32):
@@ -150,6 +156,27 @@ class _TanLevels(torch.autograd.Function):
 def tan_levels(x: torch.Tensor, sharpness: float, center: float, clip: float, bits: int) -> torch.Tensor:
     """Level value of TanQ quantization, by TanQ's elementwise code rule."""
     return _TanLevels.apply(x, sharpness, center, clip, bits)
+
+
+class _CountedLevels(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, levels, thresholds):
+        # the number of thresholds strictly below x (bucketize's left rule), then the table
+        return levels[torch.bucketize(x, torch.tensor(thresholds, dtype=x.dtype))]
+
+    @staticmethod
+    def symbolic(g, x, levels, thresholds):
+        count = None
+        for th in thresholds:
+            step = g.op("Cast", g.op("Greater", x, _const(g, th)), to_i=_ONNX_FLOAT)
+            count = step if count is None else g.op("Add", count, step)
+        return g.op("Gather", levels, g.op("Cast", count, to_i=_ONNX_INT32), axis_i=0)
+
+
+def counted_levels(x: torch.Tensor, levels: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
+    """``levels[#{k : x > thresholds[k]}]``: a table quantizer's level of each element, its code
+    counted against ascending float32 decision points (exact: no rounding decides a code)."""
+    return _CountedLevels.apply(x, levels, thresholds)
 
 
 class _ThresholdLevels(torch.autograd.Function):
