@@ -370,7 +370,7 @@ def _export(
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from dopq.experiment import command_line
+    from dopq.environment import command_line
     from dopq.serialize import load_quantized
 
     model, config, meta = load_quantized(args.quantized)
