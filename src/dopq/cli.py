@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dopq import distributed
+from dopq import __version__, distributed
 from dopq.config import (
     FLOAT_DTYPES,
     GPTQ_TARGETS,
@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dopq", description="Post-training quantization of ViTs (DopQ-ViT, RepQ-ViT)"
     )
+    parser.add_argument("--version", action="version", version=f"dopq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a model and evaluate FP vs quantized")
     _add_model_args(q)
@@ -369,7 +370,7 @@ def _export(
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from dopq.experiment import command_line
+    from dopq.environment import command_line
     from dopq.serialize import load_quantized
 
     model, config, meta = load_quantized(args.quantized)

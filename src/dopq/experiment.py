@@ -8,11 +8,7 @@ with one recipe and evaluates it, returning a JSON-ready result.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
-import platform
-import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -22,7 +18,6 @@ import timm
 import torch
 from torch import nn
 
-import dopq
 from dopq import distributed
 from dopq.api import quantize_with_report
 from dopq.config import QuantConfig
@@ -44,6 +39,7 @@ from dopq.data import (
     skipped_report,
     strided_indices,
 )
+from dopq.environment import command_line, cpu_info, environment, file_sha256, git_revision, library_versions
 from dopq.errors import ConfigError
 from dopq.evaluate import CompiledModel, EvalResult, evaluate, merge_results
 from dopq.models import build_model, get_adapter
@@ -112,21 +108,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
-
-
-def command_line() -> str:
-    """The command that is running, as a user would retype it."""
-    args = [shlex.quote(a) for a in sys.argv[1:]]
-    prog = "dopq" if Path(sys.argv[0]).name in ("dopq", "cli.py", "__main__.py") else sys.argv[0]
-    return " ".join([prog, *args])
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 PREPROCESS_OVERRIDES = ("mean", "std", "interpolation", "crop_pct")
@@ -263,75 +244,10 @@ def fp_baseline(work: Workload, progress: bool = True) -> EvalResult:
     return work.fp_result
 
 
-def git_revision() -> dict[str, Any] | None:
-    """The dopq checkout's commit and whether its tree has uncommitted changes (None outside git)."""
-    import subprocess
-
-    here = Path(__file__).resolve().parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-
-    try:
-        top = Path(git("rev-parse", "--show-toplevel")).resolve()
-        if here != top / "src" / "dopq":  # an installed copy inside some other repository
-            return None
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _versions() -> dict[str, str | None]:
-    try:
-        import onnxruntime
-
-        ort_version = onnxruntime.__version__
-    except ImportError:
-        ort_version = None
-    return {
-        "dopq": dopq.__version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "onnxruntime": ort_version,
-        "python": platform.python_version(),
-    }
-
-
-def device_name(device: str | torch.device) -> str:
-    """A readable name of the device a run used: the GPU's name, or the CPU's."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return _cpu_name()
-
-
-def _cpu_name() -> str:
-    try:  # platform.processor() is often empty or just "x86_64" on Linux
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
-    """What produced a result: the command, library versions, git commit, device and thread count."""
-    return {
-        "command": command_line(),
-        "versions": _versions(),
-        "git": git_revision(),
-        "device_name": device_name(device),
-        "threads": torch.get_num_threads(),
-    }
-
-
 def _provenance(work: Workload) -> dict[str, Any]:
     s = work.settings
     return {
-        "checkpoint_sha256": _sha256(s.checkpoint) if s.checkpoint else None,
+        "checkpoint_sha256": file_sha256(s.checkpoint) if s.checkpoint else None,
         **environment(s.device),
     }
 
@@ -540,8 +456,9 @@ def evaluate_onnx(
         "onnx_metadata": {k: v for k, v in meta.items() if k != "preprocess"},
         "config": {"preprocess": pre.to_dict()},
         "command": command_line(),
-        "versions": _versions(),
+        "versions": library_versions(),
         "git": git_revision(),
+        "cpu": cpu_info(),
         "threads": threads or torch.get_num_threads(),
     }
     if quantized is not None:
