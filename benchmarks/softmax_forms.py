@@ -157,4 +157,3 @@ def _interleaved(runners: dict[Any, Any], x: np.ndarray, repeats: int) -> dict[A
             run(x)
             times[key].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
-
