@@ -259,14 +259,16 @@ def _distributed_table(data: dict[str, Any]) -> list[str]:
 def _provenance_table(results: Path) -> list[str]:
     """Which code and software produced each result file (files written before a field existed show '-')."""
     lines = ["### Provenance of the result files", "",
-             "| file | git commit | uncommitted changes | torch threads | dopq | torch | timm | onnxruntime | device |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| file | git commit | uncommitted changes | torch threads | dopq | torch | timm | onnxruntime | device | CPU integer ISA |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for path in sorted(results.rglob("*.json")):
         d = json.loads(path.read_text())
         git, versions = d.get("git") or {}, d.get("versions") or {}
         dirty = {True: "yes", False: "no"}.get(git.get("dirty"), "-")
+        isa = (d.get("cpu") or {}).get("integer_isa")  # dopq.environment.cpu_info(), recorded since issue 25
         cells = [git.get("commit", "-")[:10], dirty, str(d.get("threads", "-")),
-                 *(versions.get(k) or "-" for k in ("dopq", "torch", "timm", "onnxruntime")), d.get("device_name") or "-"]  # fmt: skip
+                 *(versions.get(k) or "-" for k in ("dopq", "torch", "timm", "onnxruntime")), d.get("device_name") or "-",
+                 "-" if isa is None else ", ".join(isa) or "none"]  # fmt: skip
         lines.append(f"| {path.relative_to(results)} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
@@ -701,13 +703,11 @@ def _sections(results: Path) -> list[Section]:
 
 
 def _by_topic(sections: list[Section], archived: bool) -> list[str]:
+    """The current (or the archived) sections under one ``##`` heading per topic; an archived section
+    says what superseded it."""
     lines: list[str] = []
     for topic in TOPICS:
-        chosen = [
-            s for s in sections if s.topic == topic and (s.archived == archived or topic == "Provenance")
-        ]
-        if archived and topic == "Provenance":
-            continue
+        chosen = [s for s in sections if s.topic == topic and s.archived == archived]
         if chosen:
             lines += [f"## {topic}", ""]
         for section in chosen:
