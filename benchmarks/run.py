@@ -19,7 +19,7 @@
     python benchmarks/run.py distributed --threads 1 --recon-calib-size 128 --recon-iters 20 --recon-batch-size 32
                                              # 1 process vs torchrun 2 gloo processes (DeiT-Tiny W3/A3)
     python benchmarks/run.py speed --device cuda --bits 4 3   # simulated-quantized vs FP images/s, calibration time
-    python benchmarks/run.py render          # docs/RESULTS.md tables from the JSON files
+    python benchmarks/run.py render          # docs/RESULTS.md and docs/results-archive.md from the JSON files
 
 Protocol everywhere: 32 calibration images from CIFAR-10 train (seed 0), the strided 1000 CIFAR-10 test
 images, shared reference checkpoints from ../shared (override with --shared).

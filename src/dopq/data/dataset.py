@@ -80,7 +80,7 @@ class ImageFolderDataset(Dataset):
         split: the split folder, e.g. ``"test"``.
         transform: maps an RGB PIL image to a tensor; None returns the PIL image.
         skip_bad_images: return a :class:`SkippedImage` for an image that cannot be decoded (the
-            loaders of this module drop and record it) instead of raising.
+            loaders of :mod:`dopq.data.loaders` drop and record it) instead of raising.
 
     Attributes:
         classes: sorted class folder names; a class's label is its position.
@@ -204,7 +204,7 @@ def open_split(
     Args:
         root: a directory, ``.tar``, ``.tar.gz`` or ``.tgz`` holding ``<split>/<class>/<image>``.
         split: the split folder, e.g. ``"test"``.
-        transform: maps an RGB PIL image to a tensor (see :func:`build_transform`).
+        transform: maps an RGB PIL image to a tensor (see :func:`dopq.data.build_transform`).
         skip_bad_images: leave out (and record) images that cannot be decoded instead of raising.
 
     Returns:
