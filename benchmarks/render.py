@@ -434,6 +434,98 @@ def _deploy_table(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
+    return "—" if value is None else format(value * scale, spec)
+
+
+def _kernels(r: dict[str, Any]) -> str:
+    counts = r.get("integer_ops") or r.get("kernel_precisions") or {}
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "—"
+
+
+def _runtime_pairs(sub: list[dict[str, Any]]) -> list[str]:
+    """Each export against its own simulation, and dopq W8/A8 against the peer of each runtime."""
+    lines = ["", "Paired on the same images: images fixed / broken (two-sided exact sign-test p)", "",
+             "| comparison | runtime | result |", "|---|---|---|"]  # fmt: skip
+    for r in sub:
+        cell = _paired_cell(r, "runtime_top1_correct", "sim_top1_correct")
+        if cell:
+            lines.append(f"| {r['label']} vs its simulation | {r['runtime']} | {cell} |")
+    for r in sub:
+        if r["method"] == "dopq" and (r["w_bits"], r["a_bits"]) == (8, 8):
+            for peer in (
+                p for p in sub if p["runtime"] == r["runtime"] and p["method"] not in ("dopq", "fp32")
+            ):
+                pair = {"x": r.get("runtime_top1_correct"), "y": peer.get("runtime_top1_correct")}
+                cell = _paired_cell(pair, "x", "y")
+                if cell:
+                    lines.append(f"| {r['label']} vs {peer['label']} | {r['runtime']} | {cell} |")
+    return lines
+
+
+def _deploy_runtimes_table(data: dict[str, Any]) -> list[str]:
+    """Exports on onnxruntime and OpenVINO: agreement with the simulation, speed and size against
+    the FP32 model on the same runtime, the peers' INT8 models, the CPU they ran on."""
+    cpu = data.get("cpu", {})
+    isa = ", ".join(cpu.get("integer_isa", [])) or "no integer ISA extension"
+    lines = [f"### Deployment on onnxruntime and OpenVINO ({cpu.get('model', 'CPU')}, {isa})", ""]
+    for part in ("accuracy", "timing"):
+        if part in data:
+            lines.append(f"{part.capitalize()}: `{data[part]['command']}` ({data[part]['threads']} threads)")
+            lines.append("")
+    lines += [
+        "Speed: medians of interleaved repeats in one run, batch 32 (throughput) and batch 1 (latency), "
+        "against the FP32 ONNX model on the same runtime; sizes against the FP32 ONNX file. Integer "
+        "kernels: the integer ops onnxruntime runs after its fusions, or OpenVINO's compiled "
+        "FullyConnected / MatMul / Convolution layers by runtime precision.",
+        "",
+    ]
+    rows = data["rows"]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        sub = [r for r in rows if r["model"] == model and r["method"] != "fp32"]
+        fp = {r["runtime"]: r for r in rows if r["model"] == model and r["method"] == "fp32"}
+        fp_text = "; ".join(
+            f"{rt}: top-1 {_pct(r.get('runtime_top1'))}%, {_fmt(r.get('images_per_second'), '.1f')} images/s"
+            for rt, r in fp.items()
+        )
+        lines += [
+            f"**{model}**: FP32 {fp_text}",
+            "",
+            "| model | runtime | simulated top-1 | runtime top-1 | identical top-1 % | max logit diff | "
+            "images/s (b32) | x FP32 | latency ms (b1) | x FP32 | MB | x FP32 | integer kernels |",
+            "|---" * 13 + "|",
+        ]
+        for r in sub:
+            lines.append(
+                f"| {r['label']} | {r['runtime']} | {_pct(r.get('sim_top1'))} | {_pct(r.get('runtime_top1'))} | "
+                f"{_fmt(r.get('identical_top1'), '.1f', 100)} | {_fmt(r.get('max_logit_diff'), '.3f')} | "
+                f"{_fmt(r.get('images_per_second'), '.1f')} | {_fmt(r.get('throughput_ratio'), '.2f')} | "
+                f"{_fmt(r.get('latency_ms'), '.1f')} | {_fmt(r.get('latency_ratio'), '.2f')} | "
+                f"{_mb(r.get('bytes'))} | {_fmt(r.get('size_ratio'), '.2f')} | {_kernels(r)} |"
+            )
+        lines += _runtime_pairs(sub)
+        lines.append("")
+    return lines
+
+
+def _softmax_forms_table(data: dict[str, Any]) -> list[str]:
+    """Per-op timings of the post-Softmax export forms on one attention map."""
+    cpu = data.get("cpu", {})
+    shape = "x".join(str(n) for n in data["map_shape"])
+    lines = [f"### Post-Softmax export forms, one attention map (W{data['bits']}, {cpu.get('model', 'CPU')})", "",
+             f"Command: `{data['command']}` ({data['threads']} threads; integer ISA: "
+             f"{', '.join(cpu.get('integer_isa', [])) or 'none'}). `Softmax -> form` on a {shape} map of the "
+             "shared DeiT-Tiny, medians of interleaved repeats in one run; identical: share of elements "
+             "whose level equals the simulated quantizer's (closed form: the level formula's value, "
+             "equal up to float rounding; counted: the table's value).", "",
+             "| form | runtime | ms | x Softmax alone | identical to the simulation % |", "|---|---|---|---|---|"]  # fmt: skip
+    base = {r["runtime"]: r["ms"] for r in data["rows"] if r["form"] == "softmax"}
+    for r in data["rows"]:
+        lines.append(f"| {r['form']} | {r['runtime']} | {r['ms']:.1f} | {r['ms'] / base[r['runtime']]:.2f} | "
+                     f"{_fmt(r.get('identical_to_simulation'), '.2f', 100)} |")  # fmt: skip
+    return [*lines, ""]
+
+
 def _sensitivity_table(data: dict[str, Any]) -> list[str]:
     lines = ["### Deployment: the same quantized network computed four ways", "",
              f"Command: `{data['command']}` (onnxruntime {data['onnx_threads']} threads). Identical top-1 "
@@ -677,8 +769,9 @@ def _sections(results: Path) -> list[Section]:
         recon, _gpu_recon_table(results), tuple(p.stem for p in gpu), [json.loads(p.read_text()) for p in gpu]
     )
     add(recon, _recon_runs_paired(results), tuple(p.stem for p in sorted(results.glob("recon_*.json"))))
-    for name, table in (("deploy", _deploy_table), ("deploy_sensitivity", _sensitivity_table),
-                        ("deploy_float64", _float64_table), ("save_size", _save_size_table)):  # fmt: skip
+    for name, table in (("deploy_runtimes", _deploy_runtimes_table), ("deploy", _deploy_table),
+                        ("deploy_sensitivity", _sensitivity_table), ("deploy_float64", _float64_table),
+                        ("save_size", _save_size_table), ("softmax_forms", _softmax_forms_table)):  # fmt: skip
         data = _load(results, name)
         if data:
             add(deploy, table(data), (name,), data)
@@ -777,7 +870,7 @@ def deploy_measures(row: dict[str, Any]) -> dict[str, Any] | None:
         return None
     return {
         "runtime": row.get("runtime", "onnxruntime"),
-        "top1": row.get("onnx_top1", row.get("top1")),
+        "top1": row.get("runtime_top1", row.get("onnx_top1", row.get("top1"))),
         "throughput": row["throughput_ratio"],
         "latency": row.get("latency_ratio"),
         "size": row.get("size_ratio"),

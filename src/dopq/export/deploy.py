@@ -109,9 +109,10 @@ class WeightCodes(nn.Module):
 
     Codes ``q`` in ``[0, 2^b - 1]`` with zero points ``z`` are stored centred, ``q - z`` with zero
     point 0 (symmetric, the fast case of integer GEMMs), when that fits the container (int4 up to 4
-    bits, where the export packs them, int8 above); otherwise shifted by half the range,
-    ``q - 2^(b-1)`` with zero points ``z - 2^(b-1)``, which always fits. ``flatten`` stores a
-    convolution kernel as ``(out, in * kh * kw)`` (before ``transpose``), the patches-times-weights form.
+    bits, where the export packs them, int8 for 5-7 bits); otherwise shifted by half the range,
+    ``q - 2^(b-1)`` with zero points ``z - 2^(b-1)``, which always fits. 8-bit codes are stored as
+    they are, uint8 with their zero points (see ``__init__``). ``flatten`` stores a convolution
+    kernel as ``(out, in * kh * kw)`` (before ``transpose``), the patches-times-weights form.
     """
 
     def __init__(
@@ -132,7 +133,13 @@ class WeightCodes(nn.Module):
         centred = codes - zero_point.view(shape)
         container_bits = 4 if self.bits <= 4 else 8  # INT4 (packed by the export) or int8
         limit = 2 ** (container_bits - 1)
-        if -limit <= centred.min() and centred.max() < limit:
+        dtype = torch.int8
+        if self.bits == 8:
+            # uint8 codes with their zero points: onnxruntime then multiplies uint8 by uint8, which is
+            # exact on every x86 CPU, where uint8 x int8 saturates int16 pair sums on CPUs without
+            # VNNI (AVX2) once both operands use their full 8-bit range
+            stored, zp, dtype = codes, zero_point, torch.uint8
+        elif -limit <= centred.min() and centred.max() < limit:
             stored, zp = centred, torch.zeros_like(zero_point)
         else:
             half = 2 ** (self.bits - 1)
@@ -140,9 +147,9 @@ class WeightCodes(nn.Module):
         self.axis = 1 if transpose else 0
         stored = stored.reshape(channels, -1) if flatten else stored  # a kernel as one row per output
         stored = stored.t() if transpose else stored
-        self.register_buffer("codes", stored.to(torch.int8).contiguous())
+        self.register_buffer("codes", stored.to(dtype).contiguous())
         self.register_buffer("scale", q.scale.detach().float().reshape(-1).expand(channels).clone())
-        self.register_buffer("zero_point", zp.to(torch.int8))
+        self.register_buffer("zero_point", zp.to(dtype))
 
     def forward(self) -> torch.Tensor:
         return dequantize_weight(self.codes, self.scale, self.zero_point, self.axis)

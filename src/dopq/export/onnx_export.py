@@ -217,10 +217,18 @@ def export_onnx(
         onnx.save(graph, str(tmp))
         if dtype == torch.float64:
             _check_loads(tmp)
-    storage = "int4" if packed else "int8"
+    storage = "int4" if packed else _weight_container(deploy)
     return ExportReport(
         str(path), path.stat().st_size, opset, storage, integer_levels, time.perf_counter() - t0, float_dtype
     )
+
+
+def _weight_container(deploy: nn.Module) -> str:
+    """``uint8`` where every weight is stored as uint8 codes (8-bit weights), else ``int8``."""
+    from dopq.export.deploy import WeightCodes
+
+    dtypes = {m.codes.dtype for m in deploy.modules() if isinstance(m, WeightCodes)}
+    return "uint8" if dtypes == {torch.uint8} else "int8"
 
 
 def _check_loads(path: Path) -> None:
