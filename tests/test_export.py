@@ -524,3 +524,27 @@ def test_cli_float64_export_reproduces_the_reported_accuracy(
             "--output", str(saved_run)]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
     assert json.loads(saved_run.read_text())["quant_top1"] == recorded["quant_top1"]
+
+
+def test_w4a8_deploys_with_int4_weights_and_8bit_integer_kernels(tmp_path: Path) -> None:
+    """The CPU deployment recipe: 4-bit weights (size) with 8-bit activations (speed, the same
+    integer kernels as W8/A8), quantized, saved, loaded and exported end to end."""
+    model, x = _vit()
+    config = dopq.get_preset("dopq", w_bits=4, a_bits=8)
+    assert config.softmax_quantizer == "uniform"  # 8-bit post-Softmax values: a uniform grid
+    dopq.quantize(model, x, config, progress=False)
+    loaded, _, _ = load_quantized(save_quantized(model, tmp_path / "q.pt", config))
+    w4a8 = export_onnx(loaded, tmp_path / "w4a8.onnx")
+    w8a8_model, _ = _vit()
+    dopq.quantize(w8a8_model, x, dopq.get_preset("dopq", w_bits=8, a_bits=8), progress=False)
+    w8a8 = export_onnx(w8a8_model, tmp_path / "w8a8.onnx")
+    assert w4a8.weight_storage == "int4" and w4a8.bytes < 0.7 * w8a8.bytes
+    ops = optimized_op_counts(w4a8.path)
+    matmuls = sum(isinstance(m, QuantMatMul) for m in model.modules())
+    linears = sum(isinstance(m, QuantLinear) for m in model.modules())
+    # every token-wise Linear and both attention products on integer kernels, no float MatMul
+    assert sum(n for op, n in ops.items() if op in INTEGER_OPS) >= linears - 1 + matmuls, ops
+    assert ops.get("MatMul", 0) == 0 and "Clip" not in ops, ops
+    with torch.no_grad():
+        simulated = model(x)
+    _assert_same_function(OnnxModel(w4a8.path, threads=1)(x), simulated, 0.05)
