@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from dopq import distributed
 from dopq.config import (
@@ -16,6 +16,7 @@ from dopq.config import (
     LN_SCALE_RULES,
     LN_SHIFTS,
     ROUNDINGS,
+    RUNTIMES,
     SOFTMAX_QUANTIZERS,
     QuantConfig,
     ReconstructConfig,
@@ -175,23 +176,37 @@ def _add_export_args(p: argparse.ArgumentParser, flag: str) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: one ``dopq: error: ...`` line, exit status 2 (an
+    unknown choice, a missing argument), instead of the usage block (subcommands inherit it)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"dopq: error: {' '.join(message.split())}", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dopq", description="Post-training quantization of ViTs (DopQ-ViT, RepQ-ViT)"
-    )
+    parser = _Parser(prog="dopq", description="Post-training quantization of ViTs (DopQ-ViT, RepQ-ViT)")
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a model and evaluate FP vs quantized")
     _add_model_args(q)
     _add_data_args(q)
     _add_recipe_args(q)
     e = sub.add_parser(
-        "evaluate", help="evaluate a saved quantized model and/or an exported ONNX model (onnxruntime)"
+        "evaluate",
+        help="evaluate a saved quantized model and/or an exported ONNX model (onnxruntime or OpenVINO)",
     )
     e.add_argument("--quantized", type=Path, help="a model saved with `dopq quantize --save`")
     e.add_argument(
         "--onnx",
         type=Path,
         help="an exported model; with --quantized too, the two are compared image by image",
+    )
+    e.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default=None,
+        help="what runs the --onnx model (default onnxruntime); openvino needs pip install 'dopq[openvino]'",
     )
     e.add_argument("--model", help="refuse the file unless it was made for this architecture")
     _add_data_args(e, calib=False)
@@ -350,6 +365,10 @@ def _check_args(args: argparse.Namespace) -> None:
         from dopq.export.onnx_export import check_export_target
 
         check_export_target(args.export, args.opset)
+    if getattr(args, "runtime", None) == "openvino":
+        from dopq.export.openvino_runtime import require_openvino
+
+        require_openvino()  # before any image is read
 
 
 def _export(
@@ -388,6 +407,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         )
     if args.onnx is not None and args.compile:
         raise ConfigError("--compile is for --quantized alone: onnxruntime runs the --onnx model")
+    if args.onnx is None and args.runtime is not None:
+        raise ConfigError("--runtime is for --onnx: it names what runs the exported model")
     common = dict(
         eval_split=args.eval_split,
         eval_subset=args.eval_subset,
@@ -398,7 +419,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         skip_bad_images=args.skip_bad_images,
     )
     if args.onnx is not None:
-        result = evaluate_onnx(args.onnx, args.data, quantized=args.quantized, threads=args.threads, **common)
+        result = evaluate_onnx(
+            args.onnx,
+            args.data,
+            quantized=args.quantized,
+            threads=args.threads,
+            runtime=args.runtime or "onnxruntime",
+            **common,
+        )
     else:
         result = evaluate_saved(
             args.quantized,

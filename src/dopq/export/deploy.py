@@ -29,10 +29,12 @@ from torch import nn
 from dopq.errors import ExportError
 from dopq.export.symbolic import (
     dequantize_weight,
+    int8_shift,
     integer_matmul,
     log_levels,
     qdq,
     quantize_codes,
+    symmetric_qdq,
     tan_levels,
     threshold_levels,
 )
@@ -93,23 +95,30 @@ class ActivationQDQ(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return qdq(x, self.scale, self.zero_point, self.bits)
 
-    def codes(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 codes of a float64 ``x`` (the float64 form's integer operands)."""
-        return quantize_codes(x, self.scale, self.zero_point, self.bits)
-
-    def fake_quantize64(self, x: torch.Tensor) -> torch.Tensor:
-        """``(codes - z) * s`` in float64, for a product without an integer kernel."""
-        return (self.codes(x).double() - self.zero_point) * self.scale
+    def symmetric(self, x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, float]:
+        """``x``'s Q/DQ with zero point 0 and the offset it adds to every value: its codes as they
+        are, ``q`` in uint8 (offset ``z s``), or ``signed``, ``q - z + c`` in int8 with the smallest
+        shift ``c`` that fits (offset ``c s``; 0 up to 7 bits). A product of two activations runs on
+        OpenVINO's integer kernels only in this form; the product removes the offsets' share."""
+        if not self.zero_point:
+            return self(x), 0.0
+        shift = int8_shift(self.zero_point, self.bits) if signed else self.zero_point
+        return symmetric_qdq(x, self.scale, self.zero_point, self.bits, shift, signed), shift * self.scale
 
 
 class WeightCodes(nn.Module):
     """Integer weight codes with per-output-channel scales and zero points.
 
-    Codes ``q`` in ``[0, 2^b - 1]`` with zero points ``z`` are stored centred, ``q - z`` with zero
-    point 0 (symmetric, the fast case of integer GEMMs), when that fits the container (int4 up to 4
-    bits, where the export packs them, int8 above); otherwise shifted by half the range,
-    ``q - 2^(b-1)`` with zero points ``z - 2^(b-1)``, which always fits. ``flatten`` stores a
-    convolution kernel as ``(out, in * kh * kw)`` (before ``transpose``), the patches-times-weights form.
+    Codes ``q`` in ``[0, 2^b - 1]`` with zero points ``z`` are stored as ``q - z + c`` with zero
+    point ``c``, where ``c`` is per channel the smallest shift that fits the container (int4 up to 4
+    bits, where the export packs them, int8 above): 0 where the centred codes fit (symmetric, the fast
+    case of integer GEMMs), so most channels and every layer of W3 and below and W5-W7 have no zero
+    point. ``flatten`` stores a convolution kernel as ``(out, in * kh * kw)`` (before ``transpose``),
+    the patches-times-weights form.
+
+    :meth:`symmetric` dequantizes without the zero points, ``(codes) * s``, and :attr:`offset` holds
+    ``c * s``: ``x @ W = x @ symmetric - rowsum(x) * offset``, the form in which OpenVINO runs the
+    product on integer kernels (it has none for weights with zero points).
     """
 
     def __init__(
@@ -125,31 +134,42 @@ class WeightCodes(nn.Module):
         lo, hi = q.code_range
         if not torch.equal(zero_point, zero_point.round()) or zero_point.min() < lo or zero_point.max() > hi:
             raise ExportError(f"{where}: weight zero points are not integer codes in [{lo}, {hi}]")
-        zero_point = zero_point.long()
         shape = (-1,) + (1,) * (codes.ndim - 1)
-        centred = codes - zero_point.view(shape)
-        container_bits = 4 if self.bits <= 4 else 8  # INT4 (packed by the export) or int8
-        limit = 2 ** (container_bits - 1)
-        if -limit <= centred.min() and centred.max() < limit:
-            stored, zp = centred, torch.zeros_like(zero_point)
-        else:
-            half = 2 ** (self.bits - 1)
-            stored, zp = codes - half, zero_point - half
+        centred = (codes - zero_point.long().view(shape)).reshape(channels, -1)
+        shift = _container_shift(centred, 4 if self.bits <= 4 else 8)
+        stored = (centred + shift[:, None]).reshape(codes.shape)
         self.axis = 1 if transpose else 0
         stored = stored.reshape(channels, -1) if flatten else stored  # a kernel as one row per output
         stored = stored.t() if transpose else stored
         self.register_buffer("codes", stored.to(torch.int8).contiguous())
         self.register_buffer("scale", q.scale.detach().float().reshape(-1).expand(channels).clone())
-        self.register_buffer("zero_point", zp.to(torch.int8))
+        self.register_buffer("zero_point", shift.to(torch.int8))
+        self.register_buffer("offset", (shift.double() * self.scale.double()).float())
+
+    @property
+    def has_zero_points(self) -> bool:
+        return bool(self.zero_point.any())
 
     def forward(self) -> torch.Tensor:
         return dequantize_weight(self.codes, self.scale, self.zero_point, self.axis)
+
+    def symmetric(self) -> torch.Tensor:
+        """``codes * s``: the weights plus ``offset`` per output channel."""
+        return dequantize_weight(self.codes, self.scale, None, self.axis)
 
     def dequantize64(self) -> torch.Tensor:
         """``(codes - z) * s`` in float64."""
         shape = [1] * self.codes.ndim
         shape[self.axis] = -1
         return (self.codes.double() - self.zero_point.double().view(shape)) * self.scale.double().view(shape)
+
+
+def _container_shift(centred: torch.Tensor, container_bits: int) -> torch.Tensor:
+    """Per row, the smallest shift ``c`` with ``centred + c`` inside the signed container."""
+    limit = 2 ** (container_bits - 1)
+    low, high = centred.min(1).values, centred.max(1).values
+    zeros = torch.zeros_like(low)
+    return torch.where(low < -limit, -limit - low, torch.minimum(zeros, limit - 1 - high))
 
 
 def _optional_qdq(q: nn.Module, where: str) -> nn.Module:
@@ -187,9 +207,15 @@ class DeployLinear(nn.Module):
             self.register_buffer("product_scale", _product_scale(self.input_qdq, self.weight.scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.float64:
-            return torch.matmul(self.input_qdq(x), self.weight()) + self.bias
-        return _linear64(x, self.input_qdq, self.weight, self.product_scale) + self.bias
+        if self.float64:
+            return _linear64(x, self.input_qdq, self.weight, self.product_scale) + self.bias
+        x = self.input_qdq(x)
+        if not (self.weight.has_zero_points and isinstance(self.input_qdq, ActivationQDQ)):
+            return torch.matmul(x, self.weight()) + self.bias
+        # symmetric weights (OpenVINO's integer kernels need them) and the zero points' share
+        # from the input's row sums: x @ ((q - c) s) = x @ (q s) - rowsum(x) (c s)
+        product = torch.matmul(x, self.weight.symmetric()) - x.sum(-1, keepdim=True) * self.weight.offset
+        return product + self.bias  # the bias last: onnxruntime fuses it into BiasGelu
 
 
 def _float64_bias(bias: torch.Tensor | None, features: int) -> torch.Tensor:
@@ -362,7 +388,7 @@ class DeployMatMul(nn.Module):
             a = self.levels(a)
             if self.level_scale:
                 a = qdq(a, self.level_scale, 0, 8)
-        return self.qdq_a(a) @ self.qdq_b(b)
+        return _symmetric_product(self.qdq_a, a, self.qdq_b, b)
 
     def _forward64(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.levels is not None:
@@ -382,6 +408,26 @@ class DeployMatMul(nn.Module):
             return ((a_codes.double() - a_zero.double()) * a_scale) @ b
         scale = torch.tensor(a_scale * self.qdq_b.scale, dtype=torch.float64)
         return integer_matmul(a_codes, self.qdq_b.codes(b), a_zero, self.qdq_b.zero_code, scale)
+
+
+def _symmetric_product(qdq_a: nn.Module, a: torch.Tensor, qdq_b: nn.Module, b: torch.Tensor) -> torch.Tensor:
+    """``qdq_a(a) @ qdq_b(b)`` from operands without zero points, as OpenVINO's integer MatMul of two
+    activations needs them: the left one's codes in uint8 (onnxruntime's integer kernels want an
+    unsigned left operand), the right one's in int8. With ``a' = a + alpha`` and ``b' = b + beta``
+    (their offsets), ``a @ b = a' @ b' - alpha colsum(b') - beta rowsum(a' - alpha)``."""
+    alpha = beta = 0.0
+    if isinstance(qdq_a, ActivationQDQ):
+        a, alpha = qdq_a.symmetric(a, signed=False)
+    else:
+        a = qdq_a(a)
+    if isinstance(qdq_b, ActivationQDQ):
+        b, beta = qdq_b.symmetric(b, signed=True)
+    out = a @ b
+    if alpha:
+        out = out - b.sum(-2, keepdim=True) * alpha
+    if beta:
+        out = out - (a - alpha if alpha else a).sum(-1, keepdim=True) * beta
+    return out
 
 
 def _fake_quantize64(qdq_module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -86,9 +86,10 @@ def _initializers(graph: Any) -> dict[str, Any]:
 
 def _weight_slots(node: Any, inits: dict[str, Any]) -> tuple[int, ...]:
     """The (codes, zero points) inputs of a node that reads constant weight codes, or ():
-    a per-axis DequantizeLinear (float32 form) or MatMulInteger's right operand (float64 form)."""
+    a per-axis DequantizeLinear (float32 form; codes alone when symmetric) or MatMulInteger's right
+    operand (float64 form)."""
     if node.op_type == "DequantizeLinear" and any(a.name == "axis" for a in node.attribute):
-        slots: tuple[int, ...] = (0, 2)
+        slots: tuple[int, ...] = (0, 2) if len(node.input) > 2 else (0,)
     elif node.op_type == "MatMulInteger":
         slots = (1, 3)
     else:
