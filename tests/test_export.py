@@ -117,21 +117,33 @@ def test_openvino_runs_the_counted_softmax_codes_exactly(tmp_path: Path) -> None
     assert torch.equal(torch.from_numpy(compiled({0: x.numpy()})[0]), q(x))
 
 
-def test_exported_weight_codes_are_the_quantizer_codes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
+def test_exported_weight_codes_are_the_quantizer_codes(target: str, tmp_path: Path) -> None:
     model, x = _vit()
     dopq.quantize(model, x, dopq.get_preset("dopq", w_bits=4, a_bits=4), progress=False)
-    report = export_onnx(model, tmp_path / "m.onnx")
+    report = export_onnx(model, tmp_path / "m.onnx", target=target)
     assert report.weight_storage == "int4"
     graph = onnx.load(report.path).graph
     inits = {i.name: i for i in graph.initializer}
     layer: QuantLinear = model.blocks[0].mlp.fc1
     codes = layer.weight_quantizer.codes(layer.weight)  # (out, in) in [0, 15]
     zero_point = layer.weight_quantizer.zero_point.long()
+    centred = codes - zero_point[:, None]
     stored = numpy_helper.to_array(inits["blocks.0.mlp.fc1.weight.codes_int4"]).astype(np.int64)
-    stored_zp = numpy_helper.to_array(inits["blocks.0.mlp.fc1.weight.zero_point_int4"]).astype(np.int64)
     assert inits["blocks.0.mlp.fc1.weight.codes_int4"].data_type == onnx.TensorProto.INT4
-    # stored transposed (in, out); code - zero point is the same integer either way
-    assert torch.equal(torch.from_numpy(stored - stored_zp).t(), codes - zero_point[:, None])
+    if target == "onnxruntime":
+        # stored transposed (in, out); code - zero point is the same integer either way
+        stored_zp = numpy_helper.to_array(inits["blocks.0.mlp.fc1.weight.zero_point_int4"]).astype(np.int64)
+        assert torch.equal(torch.from_numpy(stored - stored_zp).t(), centred)
+        return
+    # stored transposed (in, out) as q - z + c, dequantized without a zero point; the shift c of
+    # each channel comes back as offset = c * s, which the graph subtracts times the row sums
+    scale = numpy_helper.to_array(inits["blocks.0.mlp.fc1.weight.scale"]).astype(np.float64)
+    offset = numpy_helper.to_array(inits["blocks.0.mlp.fc1.weight.offset"]).astype(np.float64)
+    shift = torch.from_numpy(np.round(offset / scale)).long()
+    assert torch.equal(torch.from_numpy(stored).t() - shift[:, None], centred)
+    fits = (centred.min(1).values >= -8) & (centred.max(1).values <= 7)
+    assert fits.any() and not fits.all() and (shift[fits] == 0).all()  # the smallest shift: 0 where it fits
 
 
 def _ops_and_agreement(

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from dopq import __version__, distributed
 from dopq.config import (
@@ -16,6 +16,7 @@ from dopq.config import (
     LN_SCALE_RULES,
     LN_SHIFTS,
     ROUNDINGS,
+    RUNTIMES,
     SOFTMAX_QUANTIZERS,
     QuantConfig,
     ReconstructConfig,
@@ -173,12 +174,26 @@ def _add_export_args(p: argparse.ArgumentParser, flag: str) -> None:
         help="float32: QDQ graph for onnxruntime's fused integer kernels (fast); float64: float parts "
         "in float64, products as MatMulInteger, the float64 simulation's logits exactly (slower)",
     )
+    g.add_argument(
+        "--export-target",
+        choices=RUNTIMES,
+        default="onnxruntime",
+        help="the runtime whose integer kernels the float32 graph is shaped for (the same codes; "
+        "openvino: every integer operand without zero points, as OpenVINO's int8 kernels need)",
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: one ``dopq: error: ...`` line, exit status 2 (an
+    unknown choice, a missing argument), instead of the usage block (subcommands inherit it)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"dopq: error: {' '.join(message.split())}", file=sys.stderr)
+        sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dopq", description="Post-training quantization of ViTs (DopQ-ViT, RepQ-ViT)"
-    )
+    parser = _Parser(prog="dopq", description="Post-training quantization of ViTs (DopQ-ViT, RepQ-ViT)")
     parser.add_argument("--version", action="version", version=f"dopq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a model and evaluate FP vs quantized")
@@ -186,13 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(q)
     _add_recipe_args(q)
     e = sub.add_parser(
-        "evaluate", help="evaluate a saved quantized model and/or an exported ONNX model (onnxruntime)"
+        "evaluate",
+        help="evaluate a saved quantized model and/or an exported ONNX model (onnxruntime or OpenVINO)",
     )
     e.add_argument("--quantized", type=Path, help="a model saved with `dopq quantize --save`")
     e.add_argument(
         "--onnx",
         type=Path,
         help="an exported model; with --quantized too, the two are compared image by image",
+    )
+    e.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default=None,
+        help="what runs the --onnx model (default onnxruntime); openvino needs pip install 'dopq[openvino]'",
     )
     e.add_argument("--model", help="refuse the file unless it was made for this architecture")
     _add_data_args(e, calib=False)
@@ -351,6 +373,10 @@ def _check_args(args: argparse.Namespace) -> None:
         from dopq.export.onnx_export import check_export_target
 
         check_export_target(args.export, args.opset)
+    if getattr(args, "runtime", None) == "openvino":
+        from dopq.export.openvino_runtime import require_openvino
+
+        require_openvino()  # before any image is read
 
 
 def _export(
@@ -360,11 +386,17 @@ def _export(
 
     metadata = {**meta, "recipe": config.to_dict(), "export_command": meta.get("command")}
     report = export_onnx(
-        model, args.export, args.opset, args.integer_attention, metadata, float_dtype=args.export_dtype
+        model,
+        args.export,
+        args.opset,
+        args.integer_attention,
+        metadata,
+        float_dtype=args.export_dtype,
+        target=args.export_target,
     )
     print(
         f"wrote {report.path} ({report.bytes / 1e6:.2f} MB, {report.weight_storage} weights, "
-        f"opset {report.opset}, {report.float_dtype})"
+        f"opset {report.opset}, {report.float_dtype}, for {report.target})"
     )
     return report.to_dict()
 
@@ -389,6 +421,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         )
     if args.onnx is not None and args.compile:
         raise ConfigError("--compile is for --quantized alone: onnxruntime runs the --onnx model")
+    if args.onnx is None and args.runtime is not None:
+        raise ConfigError("--runtime is for --onnx: it names what runs the exported model")
     common = dict(
         eval_split=args.eval_split,
         eval_subset=args.eval_subset,
@@ -399,7 +433,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         skip_bad_images=args.skip_bad_images,
     )
     if args.onnx is not None:
-        result = evaluate_onnx(args.onnx, args.data, quantized=args.quantized, threads=args.threads, **common)
+        result = evaluate_onnx(
+            args.onnx,
+            args.data,
+            quantized=args.quantized,
+            threads=args.threads,
+            runtime=args.runtime or "onnxruntime",
+            **common,
+        )
     else:
         result = evaluate_saved(
             args.quantized,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import platform
 import re
 import shlex
@@ -79,20 +80,23 @@ def git_revision() -> dict[str, Any] | None:
 
 
 def library_versions() -> dict[str, str | None]:
-    """Versions of dopq, torch, timm, onnxruntime (None when not installed) and Python."""
-    try:
-        import onnxruntime
-
-        ort_version = onnxruntime.__version__
-    except ImportError:
-        ort_version = None
+    """Versions of dopq, torch, timm, the runtimes (None when not installed) and Python."""
     return {
         "dopq": dopq.__version__,
         "torch": torch.__version__,
         "timm": timm.__version__,
-        "onnxruntime": ort_version,
+        "onnxruntime": _installed_version("onnxruntime"),
+        "openvino": _installed_version("openvino"),
         "python": platform.python_version(),
     }
+
+
+def _installed_version(package: str) -> str | None:
+    """An optional package's version, None when it is not installed (without importing it)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _parse_proc_cpuinfo(text: str) -> tuple[str | None, set[str]]:

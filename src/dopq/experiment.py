@@ -422,8 +422,10 @@ def evaluate_onnx(
     progress: bool = True,
     overrides: dict[str, Any] | None = None,
     skip_bad_images: bool = False,
+    runtime: str = "onnxruntime",
 ) -> dict[str, Any]:
-    """Evaluate an exported ONNX model with onnxruntime (CPU) under the usual protocol.
+    """Evaluate an exported ONNX model with onnxruntime or OpenVINO (``runtime``, CPU) under the
+    usual protocol.
 
     With ``quantized`` (a ``dopq quantize --save`` file) both run on the same images and the result
     also holds the share of identical top-1 predictions and the largest logit difference; the
@@ -431,14 +433,14 @@ def evaluate_onnx(
     is compared with the float64 simulation it reproduces.
     """
     from dopq.evaluate import compare
-    from dopq.export import OnnxModel
+    from dopq.export import load_runtime
 
-    onnx_model = OnnxModel(path, threads=threads)
+    onnx_model = load_runtime(path, runtime, threads=threads)
     meta = onnx_model.metadata()
     pre = _onnx_preprocess(meta, overrides)
     loader = _eval_loader(data, eval_split, eval_subset, pre, batch_size, workers, skip_bad_images)
     with single_line_errors():
-        res = evaluate(onnx_model, loader, progress=progress, desc="onnxruntime")
+        res = evaluate(onnx_model, loader, progress=progress, desc=runtime)
     recipe = meta.get("recipe") or {}
     result: dict[str, Any] = {
         "model": meta.get("arch"),
@@ -453,6 +455,7 @@ def evaluate_onnx(
         "eval_images": res.images,
         "eval_images_per_second": res.images_per_second,
         "onnx_path": str(path),
+        "runtime": runtime,
         "onnx_metadata": {k: v for k, v in meta.items() if k != "preprocess"},
         "config": {"preprocess": pre.to_dict()},
         "command": command_line(),
@@ -467,7 +470,7 @@ def evaluate_onnx(
         model, _, _ = load_quantized(quantized)
         dtype = meta.get("float_dtype", "float32")
         agreement = compare(
-            in_dtype(model, dtype), onnx_model, loader, progress=progress, desc="simulation vs onnxruntime"
+            in_dtype(model, dtype), onnx_model, loader, progress=progress, desc=f"simulation vs {runtime}"
         )
         result["comparison"] = {
             "quantized_path": str(quantized),

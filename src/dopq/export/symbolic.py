@@ -15,6 +15,9 @@ checked against the simulation without onnxruntime); each ``symbolic`` emits sta
 * ``log_levels`` / ``tan_levels``: the same codes from the families' closed forms (``Log``/``Exp``,
   ``Tan``/``Atan``), for tables too large to count (above ``COUNTED_LEVELS_MAX_BITS``);
   ``threshold_levels``: any table, by a ``Where`` per threshold (float64 reference form).
+* ``symmetric_qdq``: ``[Clip] -> QuantizeLinear -> DequantizeLinear`` whose dequantization has zero
+  point 0 (the codes shifted into an int8 or uint8 container): an operand of a product of two
+  activations in the form OpenVINO's integer MatMul needs; the caller removes the shift's share.
 
 The float64 form (``to_deploy(..., dtype=torch.float64)``) cannot use ``QuantizeLinear`` /
 ``DequantizeLinear`` (float32 only in onnxruntime); it uses:
@@ -34,10 +37,12 @@ import torch
 __all__ = [
     "counted_levels",
     "dequantize_weight",
+    "int8_shift",
     "integer_matmul",
     "log_levels",
     "qdq",
     "quantize_codes",
+    "symmetric_qdq",
     "tan_levels",
     "threshold_levels",
 ]
@@ -72,22 +77,61 @@ def qdq(x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tens
     return _QDQ.apply(x, scale, zero_point, bits)
 
 
+def int8_shift(zero_point: int, bits: int) -> int:
+    """The smallest ``c`` that puts the centred codes ``q - z + c`` of a b-bit code ``q`` in int8:
+    0 up to 7 bits (centred codes fit), ``z - 128`` at 8 bits."""
+    low, high = -zero_point, 2**bits - 1 - zero_point
+    return -128 - low if low < -128 else min(0, 127 - high)
+
+
+class _SymmetricQDQ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, bits, shift, signed):
+        centred = torch.clamp(torch.round(x / scale), -zero_point, 2**bits - 1 - zero_point)
+        if shift:  # no "+ 0" (see _QDQ)
+            centred = centred + shift
+        return centred * scale
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point, bits, shift, signed):
+        low = -128 if signed else 0
+        if shift - zero_point != low or 2**bits - 1 - zero_point + shift != low + 255:
+            bounds = ((0 - zero_point) * scale, (2**bits - 1 - zero_point) * scale)
+            x = g.op("Clip", x, *(_const(g, b) for b in bounds))
+        s, container = _const(g, scale), torch.int8 if signed else torch.uint8
+        codes = g.op("QuantizeLinear", x, s, _const(g, shift, container))
+        return g.op("DequantizeLinear", codes, s, _const(g, 0, container))
+
+
+def symmetric_qdq(
+    x: torch.Tensor, scale: float, zero_point: int, bits: int, shift: int, signed: bool
+) -> torch.Tensor:
+    """``(q - z + shift) * s`` for the b-bit codes ``q`` of ``x`` (zero point ``z``): the codes
+    ``q - z + shift`` in an int8 (``signed``) or uint8 container, dequantized with zero point 0 (the
+    form OpenVINO's integer MatMul of two activations needs); the caller removes ``shift * s``."""
+    return _SymmetricQDQ.apply(x, scale, zero_point, bits, shift, signed)
+
+
 class _DequantizeWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, codes, scale, zero_point, axis):
         shape = [1] * codes.ndim
         shape[axis] = -1
+        if zero_point is None:
+            return codes.float() * scale.view(shape)
         return (codes.float() - zero_point.float().view(shape)) * scale.view(shape)
 
     @staticmethod
     def symbolic(g, codes, scale, zero_point, axis):
+        if zero_point is None:  # symmetric: OpenVINO's integer kernels need no zero point input
+            return g.op("DequantizeLinear", codes, scale, axis_i=axis)
         return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=axis)
 
 
 def dequantize_weight(
-    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int
+    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, axis: int
 ) -> torch.Tensor:
-    """``(codes - z) * s`` with per-``axis`` scale and zero point; codes int8/uint8."""
+    """``(codes - z) * s`` with per-``axis`` scale and zero point (None: 0); codes int8/uint8."""
     return _DequantizeWeight.apply(codes, scale, zero_point, axis)
 
 
