@@ -134,9 +134,12 @@ def _deploy_models(args, work, arch: str, tmp: Path) -> dict[str, dict[str, Any]
         model, qreport = quantize_with_report(
             copy.deepcopy(work.model), work.calib_images, config, progress=False
         )
-        report = export_onnx(model, tmp / f"{arch}_dopq_w{w}a{a}.onnx")
+        paths = {}
+        for runtime in RUNTIMES:  # the graph shaped for each runtime's integer kernels (same codes)
+            report = export_onnx(model, tmp / f"{arch}_dopq_w{w}a{a}_{runtime}.onnx", target=runtime)
+            paths[runtime] = Path(report.path)
         models[f"dopq W{w}/A{a}"] = {
-            "path": Path(report.path), "w_bits": w, "a_bits": a, "model": model, "method": "dopq",
+            "path": paths, "w_bits": w, "a_bits": a, "model": model, "method": "dopq",
             "post_softmax": config.softmax_quantizer, "weight_storage": report.weight_storage,
             "calib_seconds": qreport.calib_seconds,
         }  # fmt: skip
@@ -167,8 +170,13 @@ def _runtimes_of(entry: dict[str, Any]) -> tuple[str, ...]:
     return entry.get("runtimes", RUNTIMES)
 
 
+def _path(entry: dict[str, Any], runtime: str) -> Path:
+    """The model file a runtime runs: the export shaped for it, or the entry's one file."""
+    return entry["path"][runtime] if isinstance(entry["path"], dict) else entry["path"]
+
+
 def _deploy_accuracy(args, work, arch: str, models: dict[str, dict[str, Any]], threads: int) -> list[dict]:
-    from dopq.export.openvino_runtime import load_runtime, openvino_layer_precisions
+    from dopq.export import load_runtime, openvino_layer_precisions
 
     loader = _loader(work)
     fp_logits, labels = _logits_and_labels(work.model, loader)
@@ -177,13 +185,14 @@ def _deploy_accuracy(args, work, arch: str, models: dict[str, dict[str, Any]], t
     for label, entry in models.items():
         simulated = _logits(entry["model"], loader) if "model" in entry else None
         for runtime in _runtimes_of(entry):
-            logits = _logits(load_runtime(entry["path"], runtime, threads), loader)
+            path = _path(entry, runtime)
+            logits = _logits(load_runtime(path, runtime, threads), loader)
             row = {
                 "model": arch, "method": entry.get("method", label), "w_bits": entry["w_bits"],
                 "a_bits": entry["a_bits"], "runtime": runtime, "label": label,
                 "runtime_top1": float((logits.argmax(1) == labels).float().mean()),
                 "runtime_top1_correct": hits(logits), "fp_top1": float((fp_logits.argmax(1) == labels).float().mean()),
-                "fp_top1_correct": hits(fp_logits), "bytes": _size(entry["path"]),
+                "fp_top1_correct": hits(fp_logits), "bytes": _size(path),
             }  # fmt: skip
             if simulated is not None:
                 same, diff = _agreement(simulated, logits)
@@ -192,12 +201,10 @@ def _deploy_accuracy(args, work, arch: str, models: dict[str, dict[str, Any]], t
                            post_softmax=entry["post_softmax"], weight_storage=entry["weight_storage"],
                            calib_seconds=entry["calib_seconds"])  # fmt: skip
             if runtime == "onnxruntime":
-                ops = optimized_op_counts(entry["path"], threads)
+                ops = optimized_op_counts(path, threads)
                 row["integer_ops"] = {k: v for k, v in ops.items() if k in INTEGER_OPS}
             else:
-                row["kernel_precisions"] = _precision_counts(
-                    openvino_layer_precisions(entry["path"], threads)
-                )
+                row["kernel_precisions"] = _precision_counts(openvino_layer_precisions(path, threads))
             rows.append(row)
             print(f"  {arch} {label} on {runtime}: top-1 {row['runtime_top1']:.4f}"
                   + (f" (simulation {row['sim_top1']:.4f}, identical {row['identical_top1']:.4f})" if simulated is not None else ""),
@@ -224,10 +231,10 @@ def _size(path: Path) -> int:
 
 
 def _deploy_timing(args, work, arch: str, models: dict[str, dict[str, Any]], threads: int) -> list[dict]:
-    from dopq.export.openvino_runtime import load_runtime
+    from dopq.export import load_runtime
 
     runners = {
-        (label, runtime): load_runtime(entry["path"], runtime, threads)
+        (label, runtime): load_runtime(_path(entry, runtime), runtime, threads)
         for label, entry in models.items()
         for runtime in _runtimes_of(entry)
     }
@@ -236,14 +243,14 @@ def _deploy_timing(args, work, arch: str, models: dict[str, dict[str, Any]], thr
     latency = _timed_runs(runners, batch[:1], args.repeats, 10)
     rows = []
     for (label, runtime), seconds in through.items():
-        entry = models[label]
+        entry, path = models[label], _path(models[label], runtime)
         fp = ("fp32", runtime)
         rows.append({
             "model": arch, "method": entry.get("method", label), "w_bits": entry["w_bits"],
             "a_bits": entry["a_bits"], "runtime": runtime, "label": label,
             "images_per_second": 32 / seconds, "throughput_ratio": through[fp] / seconds,
             "latency_ms": 1e3 * latency[(label, runtime)], "latency_ratio": latency[fp] / latency[(label, runtime)],
-            "bytes": _size(entry["path"]), "size_ratio": _size(entry["path"]) / _size(models["fp32"]["path"]),
+            "bytes": _size(path), "size_ratio": _size(path) / _size(models["fp32"]["path"]),
             "fp32_images_per_second": 32 / through[fp], "repeats": args.repeats,
         })  # fmt: skip
         print(f"  {arch} {label} on {runtime}: {rows[-1]['images_per_second']:.1f} img/s "
