@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import platform
 import shlex
@@ -25,6 +26,7 @@ from torch import nn
 import dopq
 from dopq import distributed
 from dopq.api import quantize_with_report
+from dopq.checkpoint import ReconstructionCheckpoint, RunIdentity
 from dopq.config import QuantConfig
 from dopq.data import (
     ImageLoader,
@@ -52,6 +54,7 @@ from dopq.modules import in_dtype
 __all__ = [
     "RunSettings",
     "Workload",
+    "checkpoint_identity",
     "evaluate_onnx",
     "evaluate_saved",
     "load_workload",
@@ -115,8 +118,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def command_line() -> str:
-    """The command that is running, as a user would retype it."""
-    args = [shlex.quote(a) for a in sys.argv[1:]]
+    """The command that is running, as a user would retype it. ``--resume`` is left out: a resumed
+    run records (and saves) what the run it continues would have."""
+    args = [shlex.quote(a) for a in sys.argv[1:] if a != "--resume"]
     prog = "dopq" if Path(sys.argv[0]).name in ("dopq", "cli.py", "__main__.py") else sys.argv[0]
     return " ".join([prog, *args])
 
@@ -336,6 +340,38 @@ def _provenance(work: Workload) -> dict[str, Any]:
     }
 
 
+# run settings that only concern the evaluation: a checkpoint does not depend on them
+_EVALUATION_SETTINGS = (
+    "checkpoint",
+    "eval_split",
+    "eval_subset",
+    "batch_size",
+    "workers",
+    "fp_eval",
+    "compile",
+)
+
+
+def checkpoint_identity(
+    work: Workload, config: QuantConfig, recon_size: int, allow_partial: bool
+) -> RunIdentity:
+    """What a reconstruction checkpoint of this run is written with, and resumed only with: the
+    recipe, the settings that choose the model and the images (not the evaluation's), the thread
+    count and number of processes (both change float results), and the weights file's SHA-256."""
+    run = {k: v for k, v in work.settings.to_dict().items() if k not in _EVALUATION_SETTINGS}
+    arguments = {
+        "recipe": config.to_dict(),
+        "run": run,
+        "preprocess": work.preprocess.to_dict(),
+        "recon_calib_size": recon_size,
+        "allow_partial": allow_partial,
+        "threads": torch.get_num_threads(),
+        "processes": distributed.current().world_size,
+    }
+    checkpoint = work.settings.checkpoint
+    return RunIdentity(json.loads(json.dumps(arguments)), _sha256(checkpoint) if checkpoint else None)
+
+
 def run_recipe(
     work: Workload,
     config: QuantConfig,
@@ -344,9 +380,15 @@ def run_recipe(
     recon_size: int | None = None,
     allow_partial: bool = False,
     eval_dtype: str = "float32",
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> tuple[dict[str, Any], nn.Module]:
     """Quantize a copy of the workload's model with ``config`` and evaluate it (``eval_dtype``
     ``"float64"``: the quantized model in float64, :func:`dopq.modules.float64_copy`).
+
+    With ``checkpoint_dir`` (and reconstruction) the run checkpoints there after calibration and
+    after every unit, and resumes from a checkpoint it finds there (``resume``: one must be there);
+    see :mod:`dopq.checkpoint`.
 
     Returns:
         ``(result, quantized_model)``; ``result`` has the fields of the CLI's JSON output.
@@ -355,8 +397,15 @@ def run_recipe(
     fp = fp_baseline(work, progress) if s.fp_eval else None
     model = copy.deepcopy(work.model).to(s.device)
     recon = None
+    checkpoint = None
     if config.reconstruct is not None:
-        recon = work.recon_images(recon_size or config.reconstruct.calib_size)
+        recon_size = recon_size or config.reconstruct.calib_size
+        recon = work.recon_images(recon_size)
+        if checkpoint_dir is not None:
+            identity = checkpoint_identity(work, config, recon_size, allow_partial)
+            checkpoint = ReconstructionCheckpoint(checkpoint_dir, identity, resume=resume)
+    elif checkpoint_dir is not None:
+        raise ConfigError("--checkpoint-dir is for runs with --reconstruct")
     model, report = quantize_with_report(
         model,
         work.calib_images.to(s.device),
@@ -364,6 +413,7 @@ def run_recipe(
         recon_data=recon,
         progress=progress,
         allow_partial=allow_partial,
+        checkpoint=checkpoint,
     )
     distributed.broadcast_module(model)  # bit-identical on every process (a no-op in one)
     quant = _evaluate(
