@@ -286,18 +286,25 @@ class ReconstructionCheckpoint:
         self.identity = identity
         self.resume = resume
         self.progress_lines = progress_lines
+        self._loaded: tuple[SavedRun | None] | None = None
 
     @property
     def path(self) -> Path:
         return self.directory / FILE_NAME
 
     def load(self) -> SavedRun | None:
-        """The checkpoint to resume from, verified against this run; None to start afresh.
+        """The checkpoint to resume from, verified against this run; None to start afresh. Read
+        once: a caller may load early to refuse a wrong checkpoint before any long work.
 
         Raises:
             CheckpointError: ``resume`` without a checkpoint; a truncated or corrupt file; one
                 written by other arguments, another dopq or torch, or for other weights.
         """
+        if self._loaded is None:
+            self._loaded = (self._read(),)
+        return self._loaded[0]
+
+    def _read(self) -> SavedRun | None:
         if distributed.current().is_main:  # what a write killed mid-way left: never read
             for stale in self.directory.glob(f".{FILE_NAME}.*.tmp"):
                 stale.unlink(missing_ok=True)

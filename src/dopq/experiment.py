@@ -394,18 +394,19 @@ def run_recipe(
         ``(result, quantized_model)``; ``result`` has the fields of the CLI's JSON output.
     """
     s = work.settings
+    checkpoint = None
+    if checkpoint_dir is not None:
+        if config.reconstruct is None:
+            raise ConfigError("--checkpoint-dir is for runs with --reconstruct")
+        recon_size = recon_size or config.reconstruct.calib_size
+        identity = checkpoint_identity(work, config, recon_size, allow_partial)
+        checkpoint = ReconstructionCheckpoint(checkpoint_dir, identity, resume=resume)
+        checkpoint.load()  # a checkpoint of another run is refused now, not after the float evaluation
     fp = fp_baseline(work, progress) if s.fp_eval else None
     model = copy.deepcopy(work.model).to(s.device)
     recon = None
-    checkpoint = None
     if config.reconstruct is not None:
-        recon_size = recon_size or config.reconstruct.calib_size
-        recon = work.recon_images(recon_size)
-        if checkpoint_dir is not None:
-            identity = checkpoint_identity(work, config, recon_size, allow_partial)
-            checkpoint = ReconstructionCheckpoint(checkpoint_dir, identity, resume=resume)
-    elif checkpoint_dir is not None:
-        raise ConfigError("--checkpoint-dir is for runs with --reconstruct")
+        recon = work.recon_images(recon_size or config.reconstruct.calib_size)
     model, report = quantize_with_report(
         model,
         work.calib_images.to(s.device),
