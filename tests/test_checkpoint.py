@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -257,3 +258,53 @@ def test_sigkill_after_unit_k_and_resume_gives_the_same_file(tiny_root, cli_refe
     done = _resume(tmp_path, launcher)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "q.pt").read_bytes() == cli_reference[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(argv: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+            str(_free_port()), "-m", "dopq", *argv]  # fmt: skip
+
+
+def _worker(launcher: subprocess.Popen[str], rank: int) -> int:
+    """The pid of torchrun's worker process of ``rank`` (a child of the launcher)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == launcher.pid and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    raise AssertionError(f"no worker of rank {rank} under torchrun {launcher.pid}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers in /proc")
+def test_torchrun_one_process_killed_then_both_resumed_give_the_same_file(tiny_root, tmp_path):
+    """Two gloo processes: process 1 is killed after unit 4, torchrun stops process 0 (which names
+    the way to resume), and the same torchrun command with --resume writes the uninterrupted
+    two-process run's file."""
+    argv = _argv(tiny_root)
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    done = subprocess.run(_torchrun(argv), cwd=whole, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stopped = tmp_path / "stopped"
+    rc, err = _stop_after(_torchrun(argv), stopped, 4, signal.SIGKILL, target=lambda p: _worker(p, 1))
+    assert rc != 0
+    assert "resume with the same torchrun command and --resume" in err, err[-3000:]
+    assert not (stopped / "q.pt").exists()
+    assert read_checkpoint(stopped / "ck" / FILE_NAME).summary["units_done"] >= 4
+    done = subprocess.run(
+        _torchrun([*argv, "--resume"]), cwd=stopped, env=_env(), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (stopped / "q.pt").read_bytes() == (whole / "q.pt").read_bytes()

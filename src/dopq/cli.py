@@ -342,6 +342,8 @@ def _resume_hint(directory: Path) -> str:
     from dopq.checkpoint import describe
     from dopq.experiment import command_line
 
+    if distributed.current().world_size > 1:
+        return f"{describe(directory)}; resume with the same torchrun command and --resume"
     return f"{describe(directory)}; resume with: {command_line()} --resume"
 
 
@@ -364,6 +366,8 @@ def _stopped_with_resume_hint(directory: Path | None) -> Iterator[None]:
         previous = signal.signal(signal.SIGTERM, stop)
     try:
         yield
+    except distributed.DistributedError as exc:  # another process stopped: say how to go on
+        raise distributed.DistributedError(f"{exc}; {_resume_hint(directory)}") from None
     except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM through stop()
         signum = getattr(exc, "signum", signal.SIGINT)
         name = signal.Signals(signum).name
