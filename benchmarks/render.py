@@ -226,6 +226,30 @@ def _distributed_table(data: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _resume_table(results: Path) -> list[str]:
+    """Checkpointed reconstruction stopped and resumed against the uninterrupted run (``resume_*.json``)."""
+    lines = []
+    for path in sorted(results.glob("resume_*.json")):
+        d = json.loads(path.read_text())
+        lines += [f"### Reconstruction stopped and resumed (`{path.stem}.json`)", "",
+                  f"Command: `{d['command']}` ({d['threads']} torch threads per process; {d['note']}). "
+                  f"dopq command: `{d['dopq_command']}`", "",
+                  "| signal | stopped after unit | units checkpointed at the stop | same --save bytes | top-1 "
+                  "uninterrupted | top-1 resumed | same per-image record | dropped unit | its time, uninterrupted s | "
+                  "work dropped s | uninterrupted wall s | stopped + resumed wall s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        yes = {True: "yes", False: "no"}
+        lines.append(
+            f"| {d['signal']} | {d['stopped_after_unit']} | {d['units_done_before_stop']} | "
+            f"{yes[d['save_byte_identical']]} | {_pct(d['whole_top1'])} | {_pct(d['resumed_top1'])} | "
+            f"{yes[d['same_per_image_record']]} | {d['dropped_unit']} | {d['dropped_unit_seconds_whole_run']:.0f} | "
+            f"{d['work_dropped_seconds']:.0f} | {d['whole_wall_seconds']:.0f} | "
+            f"{d['stopped_wall_seconds'] + d['resumed_wall_seconds']:.0f} |"
+        )
+        lines.append("")
+    return lines
+
+
 def _provenance_table(results: Path) -> list[str]:
     """Which code and software produced each result file (files written before a field existed show '-')."""
     lines = ["### Provenance of the result files", "",
@@ -599,6 +623,7 @@ def render(results: Path, target: Path) -> None:
         data = _load(results, name)
         if data:
             parts += table(data)
+    parts += _resume_table(results)
     parts += _recon_runs_paired(results)
     parts += _gpu_recon_table(results)
     for path in sorted(results.glob("speed_*.json")):

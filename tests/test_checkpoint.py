@@ -308,3 +308,21 @@ def test_torchrun_one_process_killed_then_both_resumed_give_the_same_file(tiny_r
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (stopped / "q.pt").read_bytes() == (whole / "q.pt").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--checkpoint-dir", "ck"], "--checkpoint-dir is for runs with --reconstruct"),
+        (["--reconstruct", "--resume"], "--resume needs --checkpoint-dir DIR"),
+        (["--reconstruct", "--checkpoint-dir", "afile"], "--checkpoint-dir afile is a file; give a folder"),
+    ],
+)
+def test_checkpoint_options_are_checked_before_any_work(tmp_path, monkeypatch, capsys, extra, message):
+    from dopq.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    assert main(["quantize", "--model", "test_vit", "--data", "missing", *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"dopq: error: {message}"), err
