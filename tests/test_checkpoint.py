@@ -217,6 +217,7 @@ def _one_error_line(done: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_with_the_resume_command_and_only_the_same_run_resumes_it(
     tiny_root, cli_reference, tmp_path
 ):
