@@ -236,14 +236,18 @@ def _resume_table(results: Path) -> list[str]:
                   f"dopq command: `{d['dopq_command']}`", "",
                   "| signal | stopped after unit | units checkpointed at the stop | same --save bytes | top-1 "
                   "uninterrupted | top-1 resumed | same per-image record | dropped unit | its time, uninterrupted s | "
-                  "work dropped s | uninterrupted wall s | stopped + resumed wall s |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "work dropped s | restart s | uninterrupted wall s | stopped + resumed wall s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         yes = {True: "yes", False: "no"}
+        # the resumed run's start to its first checkpoint, less that unit's own work: loading, the float
+        # evaluation and restoring the model
+        first = d["resumed"]["reconstruction"]["units"][d["stopped_after_unit"]]["seconds"]
+        restart = d["restart_seconds_until_first_unit_done"] - first
         lines.append(
             f"| {d['signal']} | {d['stopped_after_unit']} | {d['units_done_before_stop']} | "
             f"{yes[d['save_byte_identical']]} | {_pct(d['whole_top1'])} | {_pct(d['resumed_top1'])} | "
             f"{yes[d['same_per_image_record']]} | {d['dropped_unit']} | {d['dropped_unit_seconds_whole_run']:.0f} | "
-            f"{d['work_dropped_seconds']:.0f} | {d['whole_wall_seconds']:.0f} | "
+            f"{d['work_dropped_seconds']:.0f} | {restart:.0f} | {d['whole_wall_seconds']:.0f} | "
             f"{d['stopped_wall_seconds'] + d['resumed_wall_seconds']:.0f} |"
         )
         lines.append("")
