@@ -256,6 +256,34 @@ def _distributed_table(data: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _resume_table(results: Path) -> list[str]:
+    """Checkpointed reconstruction stopped and resumed against the uninterrupted run (``resume_*.json``)."""
+    lines = []
+    for path in sorted(results.glob("resume_*.json")):
+        d = json.loads(path.read_text())
+        lines += [f"### Reconstruction stopped and resumed (`{path.stem}.json`)", "",
+                  f"Command: `{d['command']}` ({d['threads']} torch threads per process; {d['note']}). "
+                  f"dopq command: `{d['dopq_command']}`", "",
+                  "| signal | stopped after unit | units checkpointed at the stop | same --save bytes | top-1 "
+                  "uninterrupted | top-1 resumed | same per-image record | dropped unit | its time, uninterrupted s | "
+                  "work dropped s | restart s | uninterrupted wall s | stopped + resumed wall s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        yes = {True: "yes", False: "no"}
+        # the resumed run's start to its first checkpoint, less that unit's own work: loading, the float
+        # evaluation and restoring the model
+        first = d["resumed"]["reconstruction"]["units"][d["stopped_after_unit"]]["seconds"]
+        restart = d["restart_seconds_until_first_unit_done"] - first
+        lines.append(
+            f"| {d['signal']} | {d['stopped_after_unit']} | {d['units_done_before_stop']} | "
+            f"{yes[d['save_byte_identical']]} | {_pct(d['whole_top1'])} | {_pct(d['resumed_top1'])} | "
+            f"{yes[d['same_per_image_record']]} | {d['dropped_unit']} | {d['dropped_unit_seconds_whole_run']:.0f} | "
+            f"{d['work_dropped_seconds']:.0f} | {restart:.0f} | {d['whole_wall_seconds']:.0f} | "
+            f"{d['stopped_wall_seconds'] + d['resumed_wall_seconds']:.0f} |"
+        )
+        lines.append("")
+    return lines
+
+
 def _provenance_table(results: Path) -> list[str]:
     """Which code and software produced each result file (files written before a field existed show '-')."""
     lines = ["### Provenance of the result files", "",
@@ -769,6 +797,7 @@ def _sections(results: Path) -> list[Section]:
         recon, _gpu_recon_table(results), tuple(p.stem for p in gpu), [json.loads(p.read_text()) for p in gpu]
     )
     add(recon, _recon_runs_paired(results), tuple(p.stem for p in sorted(results.glob("recon_*.json"))))
+    add(recon, _resume_table(results), tuple(p.stem for p in sorted(results.glob("resume_*.json"))))
     for name, table in (("deploy_runtimes", _deploy_runtimes_table), ("deploy", _deploy_table),
                         ("deploy_sensitivity", _sensitivity_table), ("deploy_float64", _float64_table),
                         ("save_size", _save_size_table), ("softmax_forms", _softmax_forms_table)):  # fmt: skip

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -148,6 +151,18 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         choices=ROUNDINGS,
         default="ste",
         help="how the weight rounding is learned: ste (hard, straight-through) or adaround (soft, then hard)",
+    )
+    r.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        help="checkpoint reconstruction here after calibration and after every unit; a run stopped "
+        "(SIGTERM, Ctrl-C, a crash) goes on from its last finished unit when the same command is run "
+        "again, with the result of an uninterrupted run",
+    )
+    r.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint in --checkpoint-dir (an error if there is none)",
     )
     r.add_argument("--save", type=Path, help="save the quantized model for `dopq evaluate --quantized`")
     r.add_argument(
@@ -309,15 +324,18 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         )
     settings = _settings_from(args)
     work = load_workload(settings)
-    result, model = run_recipe(
-        work,
-        config,
-        method=args.method,
-        progress=not args.quiet,
-        recon_size=args.recon_calib_size,
-        allow_partial=args.allow_partial,
-        eval_dtype=_eval_dtype(args),
-    )
+    with _stopped_with_resume_hint(args.checkpoint_dir):
+        result, model = run_recipe(
+            work,
+            config,
+            method=args.method,
+            progress=not args.quiet,
+            recon_size=args.recon_calib_size,
+            allow_partial=args.allow_partial,
+            eval_dtype=_eval_dtype(args),
+            checkpoint_dir=args.checkpoint_dir,
+            resume=args.resume,
+        )
     meta = {
         "preprocess": work.preprocess.to_dict(),
         "command": result["command"],
@@ -333,6 +351,53 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         result["export"] = _export(model, config, meta, args)
     _write_outputs(result, args.output)
     return 0
+
+
+class _Stopped(Exception):
+    """A checkpointed run stopped by a signal: the CLI says how to resume and exits 128 + signal."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+def _resume_hint(directory: Path) -> str:
+    from dopq.checkpoint import describe
+    from dopq.experiment import command_line
+
+    if distributed.current().world_size > 1:
+        return f"{describe(directory)}; resume with the same torchrun command and --resume"
+    return f"{describe(directory)}; resume with: {command_line()} --resume"
+
+
+@contextmanager
+def _stopped_with_resume_hint(directory: Path | None) -> Iterator[None]:
+    """With a checkpoint directory, SIGTERM (as SIGINT already does) stops the run with an
+    exception: the unit in progress is dropped, the checkpoint of the last finished one is kept,
+    and the run ends with one line naming the command that resumes it. Under torchrun SIGTERM is
+    the process group's watcher's (``distributed.exit_with_one_line_on_sigterm``)."""
+    if directory is None:
+        yield
+        return
+    from dopq.checkpoint import Interrupted
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = None
+    if distributed.current().world_size == 1:
+        previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except distributed.DistributedError as exc:  # another process stopped: say how to go on
+        raise distributed.DistributedError(f"{exc}; {_resume_hint(directory)}") from None
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM through stop()
+        signum = getattr(exc, "signum", signal.SIGINT)
+        name = signal.Signals(signum).name
+        raise _Stopped(signum, f"stopped by {name}: {_resume_hint(directory)}") from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _eval_dtype(args: argparse.Namespace) -> str:
@@ -355,12 +420,18 @@ def _check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before a model or image is loaded: numbers, the device, and
     that every output location (--output, --save, --export, --out-dir) can be written."""
     from dopq.experiment import resolve_device
-    from dopq.files import check_output_path
+    from dopq.files import check_output_dir, check_output_path
 
     for name, low in _LOWER_BOUNDS.items():
         value = getattr(args, name, None)
         if value is not None and value < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    if getattr(args, "resume", False) and args.checkpoint_dir is None:
+        raise ConfigError("--resume needs --checkpoint-dir DIR (where the checkpoint is)")
+    if getattr(args, "checkpoint_dir", None) is not None:
+        if not args.reconstruct:
+            raise ConfigError("--checkpoint-dir is for runs with --reconstruct")
+        check_output_dir(args.checkpoint_dir, "--checkpoint-dir")
     drop = getattr(args, "recon_drop_prob", None)
     if drop is not None and not 0.0 <= drop <= 1.0:
         raise ConfigError(f"--recon-drop-prob must be in [0, 1], got {drop}")
@@ -473,7 +544,13 @@ def _join_process_group(args: argparse.Namespace, argv: list[str] | None) -> Non
         raise ConfigError(
             "dopq evaluate --onnx runs in one process (onnxruntime has its own threads); start it without torchrun"
         )
-    distributed.exit_with_one_line_on_sigterm()  # before any thread of the process group starts
+    note = None
+    if getattr(args, "checkpoint_dir", None) is not None:
+        note = (
+            f"the checkpoint in {args.checkpoint_dir} keeps every unit finished; resume with the same "
+            "torchrun command and --resume"
+        )
+    distributed.exit_with_one_line_on_sigterm(note)  # before any thread of the process group starts
     group = distributed.init_from_environment(args.device)
     distributed.check_same("arguments", sys.argv[1:] if argv is None else list(argv))
     if not group.is_main:
@@ -513,6 +590,9 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(exc).split())  # always one line
         print(f"dopq: error: {message}", file=sys.stderr)
         return 2
+    except _Stopped as exc:
+        print(f"dopq: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("dopq: interrupted", file=sys.stderr)
         return 130

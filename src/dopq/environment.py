@@ -46,8 +46,9 @@ _PROC_CPUINFO = Path("/proc/cpuinfo")
 
 
 def command_line() -> str:
-    """The command that is running, as a user would retype it."""
-    args = [shlex.quote(a) for a in sys.argv[1:]]
+    """The command that is running, as a user would retype it. ``--resume`` is left out: a resumed
+    run records (and saves) what the run it continues would have."""
+    args = [shlex.quote(a) for a in sys.argv[1:] if a != "--resume"]
     prog = "dopq" if Path(sys.argv[0]).name in ("dopq", "cli.py", "__main__.py") else sys.argv[0]
     return " ".join([prog, *args])
 

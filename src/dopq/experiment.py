@@ -8,6 +8,7 @@ with one recipe and evaluates it, returning a JSON-ready result.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -20,6 +21,7 @@ from torch import nn
 
 from dopq import distributed
 from dopq.api import quantize_with_report
+from dopq.checkpoint import ReconstructionCheckpoint, RunIdentity
 from dopq.config import QuantConfig
 from dopq.data import (
     ImageLoader,
@@ -48,6 +50,7 @@ from dopq.modules import in_dtype
 __all__ = [
     "RunSettings",
     "Workload",
+    "checkpoint_identity",
     "evaluate_onnx",
     "evaluate_saved",
     "load_workload",
@@ -252,6 +255,38 @@ def _provenance(work: Workload) -> dict[str, Any]:
     }
 
 
+# run settings that only concern the evaluation: a checkpoint does not depend on them
+_EVALUATION_SETTINGS = (
+    "checkpoint",
+    "eval_split",
+    "eval_subset",
+    "batch_size",
+    "workers",
+    "fp_eval",
+    "compile",
+)
+
+
+def checkpoint_identity(
+    work: Workload, config: QuantConfig, recon_size: int, allow_partial: bool
+) -> RunIdentity:
+    """What a reconstruction checkpoint of this run is written with, and resumed only with: the
+    recipe, the settings that choose the model and the images (not the evaluation's), the thread
+    count and number of processes (both change float results), and the weights file's SHA-256."""
+    run = {k: v for k, v in work.settings.to_dict().items() if k not in _EVALUATION_SETTINGS}
+    arguments = {
+        "recipe": config.to_dict(),
+        "run": run,
+        "preprocess": work.preprocess.to_dict(),
+        "recon_calib_size": recon_size,
+        "allow_partial": allow_partial,
+        "threads": torch.get_num_threads(),
+        "processes": distributed.current().world_size,
+    }
+    checkpoint = work.settings.checkpoint
+    return RunIdentity(json.loads(json.dumps(arguments)), file_sha256(checkpoint) if checkpoint else None)
+
+
 def run_recipe(
     work: Workload,
     config: QuantConfig,
@@ -260,14 +295,28 @@ def run_recipe(
     recon_size: int | None = None,
     allow_partial: bool = False,
     eval_dtype: str = "float32",
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> tuple[dict[str, Any], nn.Module]:
     """Quantize a copy of the workload's model with ``config`` and evaluate it (``eval_dtype``
     ``"float64"``: the quantized model in float64, :func:`dopq.modules.float64_copy`).
+
+    With ``checkpoint_dir`` (and reconstruction) the run checkpoints there after calibration and
+    after every unit, and resumes from a checkpoint it finds there (``resume``: one must be there);
+    see :mod:`dopq.checkpoint`.
 
     Returns:
         ``(result, quantized_model)``; ``result`` has the fields of the CLI's JSON output.
     """
     s = work.settings
+    checkpoint = None
+    if checkpoint_dir is not None:
+        if config.reconstruct is None:
+            raise ConfigError("--checkpoint-dir is for runs with --reconstruct")
+        recon_size = recon_size or config.reconstruct.calib_size
+        identity = checkpoint_identity(work, config, recon_size, allow_partial)
+        checkpoint = ReconstructionCheckpoint(checkpoint_dir, identity, resume=resume)
+        checkpoint.load()  # a checkpoint of another run is refused now, not after the float evaluation
     fp = fp_baseline(work, progress) if s.fp_eval else None
     model = copy.deepcopy(work.model).to(s.device)
     recon = None
@@ -280,6 +329,7 @@ def run_recipe(
         recon_data=recon,
         progress=progress,
         allow_partial=allow_partial,
+        checkpoint=checkpoint,
     )
     distributed.broadcast_module(model)  # bit-identical on every process (a no-op in one)
     quant = _evaluate(
