@@ -316,8 +316,10 @@ def run_recipe(
         recon_size = recon_size or config.reconstruct.calib_size
         identity = checkpoint_identity(work, config, recon_size, allow_partial)
         checkpoint = ReconstructionCheckpoint(checkpoint_dir, identity, resume=resume)
-        checkpoint.load()  # a checkpoint of another run is refused now, not after the float evaluation
-    fp = fp_baseline(work, progress) if s.fp_eval else None
+        checkpoint.load()  # a checkpoint of another run is refused now, before any work
+    # a checkpointed run evaluates the float model after reconstruction, so that a stop during it
+    # loses at most the unit in progress, not an evaluation that a resumed run would repeat
+    fp = fp_baseline(work, progress) if s.fp_eval and checkpoint is None else None
     model = copy.deepcopy(work.model).to(s.device)
     recon = None
     if config.reconstruct is not None:
@@ -332,6 +334,8 @@ def run_recipe(
         checkpoint=checkpoint,
     )
     distributed.broadcast_module(model)  # bit-identical on every process (a no-op in one)
+    if s.fp_eval and fp is None:
+        fp = fp_baseline(work, progress)
     quant = _evaluate(
         work, in_dtype(model, eval_dtype), f"{method} W{config.w_bits}A{config.a_bits}", progress
     )
