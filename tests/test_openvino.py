@@ -76,6 +76,23 @@ def test_openvino_runs_every_linear_and_product_on_integer_kernels(make, tmp_pat
     assert (ov.argmax(1) == ort.argmax(1)).float().mean() >= 0.875
 
 
+def test_openvino_runs_dopq_w4a4_tanq_without_transcendental_ops(tmp_path: Path) -> None:
+    """The paper's recipe (TanQ post-Softmax) in OpenVINO: counted codes, no Tan/Atan layer in the
+    compiled model, every Linear and q @ k^T on integer kernels, the simulation's predictions."""
+    model, x = _vit()
+    dopq.quantize(model, x, dopq.get_preset("dopq", w_bits=4, a_bits=4), progress=False)
+    path = export_onnx(model, tmp_path / "m.onnx", target="openvino").path
+    layers = openvino_layer_precisions(path)
+    kinds = {kind for kind, _ in layers}
+    linears = [precision for kind, precision in layers if kind == "FullyConnected"]
+    assert "Math" not in kinds, layers  # OpenVINO's reference kernels for Tan / Atan
+    assert len(linears) == _count(model, QuantLinear) and set(linears) <= INTEGER, layers
+    with torch.no_grad():
+        simulated = model(x)
+    ov = OpenVinoModel(path, threads=1)(x)
+    assert (ov.argmax(1) == simulated.argmax(1)).float().mean() >= 0.75
+
+
 @pytest.mark.parametrize("softmax", ["uniform", "tanq"])
 def test_symmetric_products_compute_each_simulated_layer(softmax: str) -> None:
     # W8/A8: zero points become shifts of the stored codes whose share each product subtracts; layer
