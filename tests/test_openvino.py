@@ -128,6 +128,8 @@ def test_load_runtime_picks_the_runtime(tmp_path: Path) -> None:
         load_runtime(path, "tensorrt")
     with pytest.raises(dopq.errors.ExportError, match="unknown export target"):
         export_onnx(model, tmp_path / "t.onnx", target="tensorrt")
+    with pytest.raises(dopq.errors.ExportError, match="float32 graph"):
+        export_onnx(model, tmp_path / "t.onnx", target="openvino", float_dtype="float64")
 
 
 def test_onnxruntime_target_keeps_zero_points_and_unsigned_8bit_weights(tmp_path: Path) -> None:
@@ -188,9 +190,7 @@ def test_cli_evaluates_with_openvino(exported, tmp_path: Path, capsys) -> None:
 def test_cli_runtime_errors(exported, capsys, monkeypatch) -> None:
     images, onnx_path, _ = exported
     base = ["evaluate", "--onnx", str(onnx_path), "--data", str(images)]
-    with pytest.raises(SystemExit) as exit_info:  # argparse's own check, in the CLI's one-line format
-        main([*base, "--runtime", "tensorrt"])
-    _one_error(exit_info.value.code, capsys.readouterr().err, "invalid choice: 'tensorrt'")
+    _one_error(main([*base, "--runtime", "tensorrt"]), capsys.readouterr().err, "invalid choice: 'tensorrt'")
     _one_error(main(["evaluate", "--quantized", "q.pt", "--data", str(images), "--runtime", "openvino"]),
                capsys.readouterr().err, "--runtime is for --onnx")  # fmt: skip
     monkeypatch.setitem(sys.modules, "openvino", None)  # import fails as if not installed

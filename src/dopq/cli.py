@@ -203,8 +203,7 @@ class _Parser(argparse.ArgumentParser):
     unknown choice, a missing argument), instead of the usage block (subcommands inherit it)."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"dopq: error: {' '.join(message.split())}", file=sys.stderr)
-        sys.exit(2)
+        raise ConfigError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -444,6 +443,8 @@ def _check_args(args: argparse.Namespace) -> None:
         from dopq.export.onnx_export import check_export_target
 
         check_export_target(args.export, args.opset)
+        if args.export_target == "openvino" and args.export_dtype != "float32":
+            raise ConfigError("--export-target openvino is a float32 graph: drop --export-dtype float64")
     if getattr(args, "runtime", None) == "openvino":
         from dopq.export.openvino_runtime import require_openvino
 
@@ -568,7 +569,11 @@ def _use_deterministic_kernels() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dopq`` command; user errors print one line and exit with 2."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except ConfigError as exc:
+        print(f"dopq: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {
         "quantize": _cmd_quantize,

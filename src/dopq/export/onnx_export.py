@@ -194,6 +194,8 @@ def export_onnx(
     """
     if float_dtype not in _TORCH_DTYPES:
         raise ExportError(f"float dtype must be one of {sorted(_TORCH_DTYPES)}, got {float_dtype!r}")
+    if target == "openvino" and float_dtype != "float32":
+        raise ExportError("--export-target openvino is a float32 graph; the float64 form is for onnxruntime")
     check_export_target(path, opset)
     onnx = require_onnx()
     path = Path(path)
