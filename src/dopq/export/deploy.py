@@ -105,6 +105,14 @@ class ActivationQDQ(nn.Module):
         shift = int8_shift(self.zero_point, self.bits) if signed else self.zero_point
         return symmetric_qdq(x, self.scale, self.zero_point, self.bits, shift, signed), shift * self.scale
 
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 codes of a float64 ``x`` (the float64 form's integer operands)."""
+        return quantize_codes(x, self.scale, self.zero_point, self.bits)
+
+    def fake_quantize64(self, x: torch.Tensor) -> torch.Tensor:
+        """``(codes - z) * s`` in float64, for a product without an integer kernel."""
+        return (self.codes(x).double() - self.zero_point) * self.scale
+
 
 class WeightCodes(nn.Module):
     """Integer weight codes with per-output-channel scales and zero points.
