@@ -107,15 +107,12 @@ def test_exported_weight_codes_are_the_quantizer_codes(tmp_path: Path) -> None:
     zero_point = layer.weight_quantizer.zero_point.long()
     stored = numpy_helper.to_array(inits["blocks.0.mlp.fc1.weight.codes_int4"]).astype(np.int64)
     assert inits["blocks.0.mlp.fc1.weight.codes_int4"].data_type == onnx.TensorProto.INT4
-    # stored transposed (in, out) as q - z + c, dequantized without a zero point; the shift c of
-    # each channel comes back as offset = c * s, which the graph subtracts times the row sums
-    scale = numpy_helper.to_array(inits["blocks.0.mlp.fc1.weight.scale"]).astype(np.float64)
-    offset = numpy_helper.to_array(inits["blocks.0.mlp.fc1.weight.offset"]).astype(np.float64)
-    shift = torch.from_numpy(np.round(offset / scale)).long()
+    stored_zp = numpy_helper.to_array(inits["blocks.0.mlp.fc1.weight.zero_point_int4"]).astype(np.int64)
+    # stored transposed (in, out) as q - z + c with zero point c; code - zero point is the same integer
     centred = codes - zero_point[:, None]
-    assert torch.equal(torch.from_numpy(stored).t() - shift[:, None], centred)
+    assert torch.equal(torch.from_numpy(stored - stored_zp).t(), centred)
     fits = (centred.min(1).values >= -8) & (centred.max(1).values <= 7)
-    assert fits.any() and not fits.all() and (shift[fits] == 0).all()  # the smallest shift: 0 where it fits
+    assert fits.any() and (stored_zp[fits.numpy()] == 0).all()  # the smallest shift: 0 where it fits
 
 
 def _ops_and_agreement(

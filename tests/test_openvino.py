@@ -58,7 +58,7 @@ def test_openvino_runs_every_linear_and_product_on_integer_kernels(make, tmp_pat
     dopq.quantize(
         model, x, dopq.get_preset("dopq", w_bits=8, a_bits=8), progress=False
     )  # uniform post-Softmax
-    path = export_onnx(model, tmp_path / "m.onnx").path
+    path = export_onnx(model, tmp_path / "m.onnx", target="openvino").path
     layers = openvino_layer_precisions(path)
     linears = [precision for kind, precision in layers if kind == "FullyConnected"]
     products = [precision for kind, precision in layers if kind == "MatMul"]
@@ -83,7 +83,7 @@ def test_symmetric_products_compute_each_simulated_layer(softmax: str) -> None:
     model, x = _vit()
     config = dopq.get_preset("dopq", w_bits=8, a_bits=8, softmax_quantizer=softmax)
     dopq.quantize(model, x, config, progress=False)
-    deploy = to_deploy(model)
+    deploy = to_deploy(model, symmetric=True)
     shifts = 0
     torch.manual_seed(1)
     for name, layer in model.named_modules():
@@ -100,12 +100,32 @@ def test_symmetric_products_compute_each_simulated_layer(softmax: str) -> None:
     assert shifts > 0  # the corrections were exercised
 
 
+def test_zero_points_keep_openvino_on_float_kernels(tmp_path: Path) -> None:
+    # the onnxruntime form (W8 weights and q, k with zero points): OpenVINO unpacks the int8 weights
+    # into float products, which is why the openvino form exists
+    model, x = _vit()
+    dopq.quantize(model, x, dopq.get_preset("dopq", w_bits=8, a_bits=8), progress=False)
+    path = export_onnx(model, tmp_path / "m.onnx").path
+    linears = {precision for kind, precision in openvino_layer_precisions(path) if kind == "FullyConnected"}
+    assert linears == {"i8"} and "MatMul" not in {op for op, n in optimized_op_counts(path).items() if n}
+    assert "undef_f32" in _primitive_types(path, "FullyConnected")
+
+
+def _primitive_types(path: str, kind: str) -> set[str]:
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    ops = [op.get_rt_info() for op in compiled.get_runtime_model().get_ordered_ops()]
+    return {info["primitiveType"].astype(str) for info in ops if info["layerType"].astype(str) == kind}
+
+
 def test_load_runtime_picks_the_runtime(tmp_path: Path) -> None:
     model, x = _vit()
     dopq.quantize(model, x, dopq.get_preset("dopq", w_bits=8, a_bits=8), progress=False)
-    path = export_onnx(model, tmp_path / "m.onnx", metadata={"note": "kept"}).path
+    path = export_onnx(model, tmp_path / "m.onnx", metadata={"note": "kept"}, target="openvino").path
     ov = load_runtime(path, "openvino", threads=1)
     assert isinstance(ov, OpenVinoModel) and ov.metadata()["note"] == "kept"
+    assert ov.metadata()["export_target"] == "openvino"
     assert isinstance(load_runtime(path, "onnxruntime", threads=1), OnnxModel)
     with pytest.raises(dopq.errors.ExportError, match="unknown runtime"):
         load_runtime(path, "tensorrt")
@@ -126,7 +146,8 @@ def exported(image_folder, tmp_path_factory) -> tuple[Path, Path, Path]:
     out = tmp_path_factory.mktemp("ov")
     onnx_path, saved = out / "m.onnx", out / "q.pt"
     argv = ["quantize", "--model", "test_vit", "--data", str(images), "--calib-size", "4", "--quiet",
-            "--w-bits", "8", "--a-bits", "8", "--save", str(saved), "--export", str(onnx_path)]  # fmt: skip
+            "--w-bits", "8", "--a-bits", "8", "--save", str(saved), "--export", str(onnx_path),
+            "--export-target", "openvino"]  # fmt: skip
     assert main(argv) == 0
     return images, onnx_path, saved
 
@@ -144,9 +165,13 @@ def test_cli_evaluates_with_openvino(exported, tmp_path: Path, capsys) -> None:
     assert "Runtime: openvino (1 threads)" in out.with_suffix(".md").read_text()
 
 
-def test_cli_runtime_errors(exported, capsys, monkeypatch) -> None:
-    images, onnx_path, _ = exported
+def test_cli_runtime_errors(exported, tmp_path: Path, capsys, monkeypatch) -> None:
+    images, onnx_path, saved = exported
     base = ["evaluate", "--onnx", str(onnx_path), "--data", str(images)]
+    export = ["export", "--quantized", str(saved), "--out", str(tmp_path / "m.onnx"), "--export-target"]
+    _one_error(main([*export, "tensorrt"]), capsys.readouterr().err, "invalid choice: 'tensorrt'")
+    _one_error(main([*export, "openvino", "--export-dtype", "float64"]), capsys.readouterr().err,
+               "is a float32 graph")  # fmt: skip
     _one_error(main([*base, "--runtime", "tensorrt"]), capsys.readouterr().err, "invalid choice: 'tensorrt'")
     _one_error(main(["evaluate", "--quantized", "q.pt", "--data", str(images), "--runtime", "openvino"]),
                capsys.readouterr().err, "--runtime is for --onnx")  # fmt: skip

@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 from dopq import distributed
 from dopq.config import (
+    EXPORT_TARGETS,
     FLOAT_DTYPES,
     GPTQ_TARGETS,
     LN_SCALE_RULES,
@@ -174,6 +175,13 @@ def _add_export_args(p: argparse.ArgumentParser, flag: str) -> None:
         help="float32: QDQ graph for onnxruntime's fused integer kernels (fast); float64: float parts "
         "in float64, products as MatMulInteger, the float64 simulation's logits exactly (slower)",
     )
+    p.add_argument(
+        "--export-target",
+        choices=EXPORT_TARGETS,
+        default="onnxruntime",
+        help="the runtime the float32 graph is for: onnxruntime (zero points in the Q/DQ pairs, its "
+        "fastest form) or openvino (operands without zero points, what OpenVINO's int8 kernels need)",
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -181,8 +189,7 @@ class _Parser(argparse.ArgumentParser):
     unknown choice, a missing argument), instead of the usage block (subcommands inherit it)."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"dopq: error: {' '.join(message.split())}", file=sys.stderr)
-        sys.exit(2)
+        raise ConfigError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -365,6 +372,8 @@ def _check_args(args: argparse.Namespace) -> None:
         from dopq.export.onnx_export import check_export_target
 
         check_export_target(args.export, args.opset)
+        if args.export_target == "openvino" and args.export_dtype != "float32":
+            raise ConfigError("--export-target openvino is a float32 graph: drop --export-dtype float64")
     if getattr(args, "runtime", None) == "openvino":
         from dopq.export.openvino_runtime import require_openvino
 
@@ -378,11 +387,17 @@ def _export(
 
     metadata = {**meta, "recipe": config.to_dict(), "export_command": meta.get("command")}
     report = export_onnx(
-        model, args.export, args.opset, args.integer_attention, metadata, float_dtype=args.export_dtype
+        model,
+        args.export,
+        args.opset,
+        args.integer_attention,
+        metadata,
+        float_dtype=args.export_dtype,
+        target=args.export_target,
     )
     print(
         f"wrote {report.path} ({report.bytes / 1e6:.2f} MB, {report.weight_storage} weights, "
-        f"opset {report.opset}, {report.float_dtype})"
+        f"opset {report.opset}, {report.float_dtype}, for {report.target})"
     )
     return report.to_dict()
 
@@ -477,7 +492,11 @@ def _use_deterministic_kernels() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dopq`` command; user errors print one line and exit with 2."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except ConfigError as exc:
+        print(f"dopq: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {
         "quantize": _cmd_quantize,

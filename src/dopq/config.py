@@ -37,6 +37,8 @@ MIN_BITS, MAX_BITS = 2, 8
 FLOAT_DTYPES = ("float32", "float64")
 # what runs an exported ONNX model (dopq evaluate --onnx --runtime)
 RUNTIMES = ("onnxruntime", "openvino")
+# the runtime an exported graph's form is for (dopq export --export-target; docs/export.md)
+EXPORT_TARGETS = RUNTIMES
 
 
 def _check_bits(name: str, value: int) -> None:

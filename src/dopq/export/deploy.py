@@ -201,7 +201,9 @@ class DeployLinear(nn.Module):
     weight codes, scaled by ``s_x * s_w`` per output channel.
     """
 
-    def __init__(self, layer: QuantLinear, where: str, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, layer: QuantLinear, where: str, dtype: torch.dtype = torch.float32, symmetric: bool = False
+    ) -> None:
         super().__init__()
         wq = _weight_quantizer(layer, where)
         self.input_qdq = _optional_qdq(layer.input_quantizer, where)
@@ -210,6 +212,7 @@ class DeployLinear(nn.Module):
         if layer.input_offset is not None:  # with the quantized weights, in float64
             bias += layer.input_offset.detach().double() @ self.weight.dequantize64()
         self.float64 = dtype == torch.float64
+        self.symmetric = symmetric
         self.register_buffer("bias", bias.to(dtype))
         if self.float64:
             self.register_buffer("product_scale", _product_scale(self.input_qdq, self.weight.scale))
@@ -218,7 +221,7 @@ class DeployLinear(nn.Module):
         if self.float64:
             return _linear64(x, self.input_qdq, self.weight, self.product_scale) + self.bias
         x = self.input_qdq(x)
-        if not (self.weight.has_zero_points and isinstance(self.input_qdq, ActivationQDQ)):
+        if not (self.symmetric and self.weight.has_zero_points and isinstance(self.input_qdq, ActivationQDQ)):
             return torch.matmul(x, self.weight()) + self.bias
         # symmetric weights (OpenVINO's integer kernels need them) and the zero points' share
         # from the input's row sums: x @ ((q - c) s) = x @ (q s) - rowsum(x) (c s)
@@ -372,13 +375,19 @@ class DeployMatMul(nn.Module):
     """
 
     def __init__(
-        self, layer: QuantMatMul, where: str, integer_levels: bool, dtype: torch.dtype = torch.float32
+        self,
+        layer: QuantMatMul,
+        where: str,
+        integer_levels: bool,
+        dtype: torch.dtype = torch.float32,
+        symmetric: bool = False,
     ) -> None:
         super().__init__()
         qa = layer.quantizer_a
         self.levels: SoftmaxLevels | None = None
         self.level_scale = 0.0
         self.float64 = dtype == torch.float64
+        self.symmetric = symmetric
         if isinstance(qa, LevelQuantizer) and qa.enabled:
             self.levels = SoftmaxLevels(qa)
             if integer_levels:
@@ -396,6 +405,8 @@ class DeployMatMul(nn.Module):
             a = self.levels(a)
             if self.level_scale:
                 a = qdq(a, self.level_scale, 0, 8)
+        if not self.symmetric:
+            return self.qdq_a(a) @ self.qdq_b(b)
         return _symmetric_product(self.qdq_a, a, self.qdq_b, b)
 
     def _forward64(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -460,7 +471,10 @@ def _set_child(root: nn.Module, qualified: str, new: nn.Module) -> None:
 
 @torch.no_grad()
 def to_deploy(
-    model: nn.Module, integer_levels: bool = False, dtype: torch.dtype = torch.float32
+    model: nn.Module,
+    integer_levels: bool = False,
+    dtype: torch.dtype = torch.float32,
+    symmetric: bool = False,
 ) -> nn.Module:
     """A CPU copy of a quantized model in deploy form (the model itself is not changed).
 
@@ -469,6 +483,8 @@ def to_deploy(
         integer_levels: round post-Softmax levels to 8-bit fixed point for an integer ``attn @ v``.
         dtype: ``torch.float32`` (QDQ, onnxruntime's fused integer kernels, the fast form) or
             ``torch.float64`` (the float parts in float64: the simulation's codes on any runtime).
+        symmetric: products with operands without zero points, their share subtracted (float32
+            only): the form OpenVINO runs on integer kernels (``export_onnx(target="openvino")``).
     """
     check_quantized(model)
     if dtype not in (torch.float32, torch.float64):
@@ -476,11 +492,11 @@ def to_deploy(
     deploy = copy.deepcopy(model).cpu().eval()
     for name, module in list(deploy.named_modules()):
         if isinstance(module, QuantLinear):
-            _set_child(deploy, name, DeployLinear(module, name, dtype))
+            _set_child(deploy, name, DeployLinear(module, name, dtype, symmetric))
         elif isinstance(module, QuantConv2d):
             _set_child(deploy, name, DeployConv2d(module, name, dtype))
         elif isinstance(module, QuantMatMul):
-            _set_child(deploy, name, DeployMatMul(module, name, integer_levels, dtype))
+            _set_child(deploy, name, DeployMatMul(module, name, integer_levels, dtype, symmetric))
         elif dtype == torch.float64 and isinstance(module, nn.GELU) and module.approximate == "none":
             _set_child(deploy, name, Float32ErfGELU())
     if dtype == torch.float32:

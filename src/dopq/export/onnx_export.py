@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dopq.config import FLOAT_DTYPES
+from dopq.config import EXPORT_TARGETS, FLOAT_DTYPES
 from dopq.errors import ExportError
 from dopq.export.deploy import to_deploy
 from dopq.files import atomic_path, check_output_path
@@ -61,6 +61,7 @@ class ExportReport:
     integer_levels: bool
     seconds: float
     float_dtype: str = "float32"
+    target: str = "onnxruntime"
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -171,8 +172,9 @@ def export_onnx(
     integer_levels: bool = False,
     metadata: dict[str, Any] | None = None,
     float_dtype: str = "float32",
+    target: str = "onnxruntime",
 ) -> ExportReport:
-    """Export a quantized model to ONNX (QDQ) for onnxruntime's integer kernels.
+    """Export a quantized model to ONNX (QDQ) for onnxruntime's or OpenVINO's integer kernels.
 
     Args:
         model: a model returned by :func:`dopq.quantize` (or ``load_quantized``); it is not changed.
@@ -184,18 +186,26 @@ def export_onnx(
         float_dtype: ``"float32"`` (QDQ for onnxruntime's fused integer kernels: the fast graph) or
             ``"float64"`` (float parts in float64, products as ``MatMulInteger``: it reproduces the
             simulation's codes, at a cost in speed; docs/export.md).
+        target: ``"onnxruntime"`` (zero points in the Q/DQ pairs, which onnxruntime's integer kernels
+            take directly) or ``"openvino"`` (every product with operands without zero points, their
+            share subtracted from row sums: the form OpenVINO runs on integer kernels; onnxruntime
+            also runs it on integer kernels, more slowly). Same codes either way (docs/export.md).
 
     Returns:
         An :class:`ExportReport`.
     """
     if float_dtype not in _TORCH_DTYPES:
         raise ExportError(f"float dtype must be one of {sorted(_TORCH_DTYPES)}, got {float_dtype!r}")
+    if target not in EXPORT_TARGETS:
+        raise ExportError(f"export target must be one of {', '.join(EXPORT_TARGETS)}, got {target!r}")
+    if target == "openvino" and float_dtype != "float32":
+        raise ExportError("--export-target openvino is a float32 graph; the float64 form is for onnxruntime")
     check_export_target(path, opset)
     onnx = require_onnx()
     path = Path(path)
     t0 = time.perf_counter()
     dtype = _TORCH_DTYPES[float_dtype]
-    deploy = to_deploy(model, integer_levels, dtype)
+    deploy = to_deploy(model, integer_levels, dtype, symmetric=target == "openvino")
     example = example_input(model).cpu()
     with atomic_path(path) as tmp:  # an interrupted export leaves no half file
         with warnings.catch_warnings():
@@ -213,14 +223,22 @@ def export_onnx(
         graph = onnx.load(str(tmp))
         packed = _pack_int4_weights(graph) if opset >= INT4_OPSET else 0
         _drop_unused_initializers(graph)
-        _set_metadata(graph, {**_model_metadata(model, integer_levels, dtype), **(metadata or {})})
+        meta = {**_model_metadata(model, integer_levels, dtype), "export_target": target, **(metadata or {})}
+        _set_metadata(graph, meta)
         onnx.checker.check_model(graph)
         onnx.save(graph, str(tmp))
         if dtype == torch.float64:
             _check_loads(tmp)
     storage = "int4" if packed else "int8"
     return ExportReport(
-        str(path), path.stat().st_size, opset, storage, integer_levels, time.perf_counter() - t0, float_dtype
+        str(path),
+        path.stat().st_size,
+        opset,
+        storage,
+        integer_levels,
+        time.perf_counter() - t0,
+        float_dtype,
+        target,
     )
 
 
