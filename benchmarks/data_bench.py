@@ -49,8 +49,8 @@ from dopq.data import (
     preprocess_from_model,
     strided_indices,
 )
+from dopq.environment import command_line
 from dopq.evaluate import evaluate
-from dopq.experiment import command_line
 from dopq.models import build_model
 from dopq.serialize import save_quantized
 from measure import run_measured

@@ -25,8 +25,7 @@ import torch
 
 from dopq.api import quantize_with_report
 from dopq.config import get_preset
-from dopq.evaluate import compare, evaluate
-from dopq.experiment import command_line, fp_baseline
+from dopq.experiment import command_line
 from dopq.export import OnnxModel, export_onnx, optimized_op_counts
 from dopq.export.runtime import INTEGER_OPS
 from dopq.modules import float64_copy
@@ -78,95 +77,185 @@ def _timed_runs(
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+DEPLOY_WIDTHS = ("8/8", "4/8", "4/4")
+RUNTIMES = ("onnxruntime", "openvino")
+NNCF_PEER = "nncf INT8"
+ORT_PEER = "onnxruntime quantize_static"
+
+
+def _width(spec: str) -> tuple[int, int]:
+    w, a = spec.split("/")
+    return int(w), int(a)
+
+
 def suite_deploy(args: argparse.Namespace, workload, save) -> None:
+    """Exported models on onnxruntime and OpenVINO against the simulation, FP32 and the peers.
+
+    Per model and width (``--widths``, dopq preset: uniform post-Softmax at 8 bits, TanQ below):
+    one ONNX export, run by both runtimes; simulated and runtime top-1, identical predictions,
+    file size; the peers are onnxruntime's ``quantize_static`` (run by onnxruntime) and NNCF's
+    INT8 model (run by OpenVINO), both W8/A8 from the same 32 calibration images. Two parts
+    (``--deploy-parts``): ``accuracy`` (the 1000 images) and ``timing`` (throughput at batch 32
+    and latency at batch 1 of every model on both runtimes against the FP32 model on the same
+    runtime, interleaved repeats, medians), so that the speed can be measured on a quiet machine.
+    """
+    from dopq.environment import cpu_info
+
     threads = args.threads or 2
-    rows: list[dict[str, Any]] = []
+    name = f"deploy_runtimes{args.suffix}"
+    path = (args.results_dir or RESULTS_DIR) / f"{name}.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    rows = {_row_key(r): r for r in previous.get("rows", [])}
+    out = {k: previous[k] for k in ("accuracy", "timing") if k in previous}
     tmp = Path(tempfile.mkdtemp(prefix="dopq-deploy-"))
     for arch in args.models:
         work = workload(args, arch)
-        loader = _loader(work)
-        fp_torch = fp_baseline(work, progress=False)
-        fp_path = tmp / f"{arch}_fp32.onnx"
-        _fp32_onnx(work.model, fp_path)
-        fp_onnx = OnnxModel(fp_path, threads=threads)
-        fp_eval = evaluate(fp_onnx, loader, progress=False, desc="fp32 onnx")
-        print(f"  {arch} fp32: torch {fp_torch.top1:.4f} onnx {fp_eval.top1:.4f}", flush=True)
-        sessions = {"fp32": fp_onnx}
-        sizes = {"fp32": fp_path.stat().st_size}
-        entries: dict[str, dict[str, Any]] = {}
-        for bits in args.bits:
-            for label, softmax in (("dopq", "tanq"), ("dopq+uniform-softmax", "uniform")):
-                config = get_preset("dopq", w_bits=bits, a_bits=bits, softmax_quantizer=softmax)
-                model, qreport = quantize_with_report(
-                    copy.deepcopy(work.model), work.calib_images, config, progress=False
-                )
-                variants = [(label, False)]
-                if label == "dopq" and args.integer_attention:
-                    variants.append(("dopq+integer-attention", True))
-                for name, integer_levels in variants:
-                    key, entry, onnx_model = _exported_row(
-                        arch, name, bits, model, integer_levels, tmp, threads, loader, fp_torch, qreport
-                    )
-                    entries[key], sessions[key], sizes[key] = entry, onnx_model, entry["bytes"]
-                del model
-        if 8 in args.bits:
-            peer_path = tmp / f"{arch}_ort_quantize_static.onnx"
-            _peer_quantize_static(fp_path, peer_path, work.calib_images)
-            peer = OnnxModel(peer_path, threads=threads)
-            peer_eval = evaluate(peer, loader, progress=False, desc="peer")
-            entries["onnxruntime quantize_static W8/A8"] = {
-                "model": arch, "method": "onnxruntime quantize_static", "w_bits": 8, "a_bits": 8,
-                "fp_top1": fp_eval.top1, "onnx_top1": peer_eval.top1, "bytes": peer_path.stat().st_size,
-                "onnx_top1_correct": peer_eval.top1_correct,
+        models = _deploy_models(args, work, arch, tmp)
+        for part in args.deploy_parts:
+            measure = _deploy_accuracy if part == "accuracy" else _deploy_timing
+            for row in measure(args, work, arch, models, threads):
+                rows.setdefault(_row_key(row), {}).update(row)
+            out[part] = {"command": command_line(), "threads": threads, "load_average": os.getloadavg()}
+            save(name, {**out, "cpu": cpu_info(), "onnx_threads": threads, "rows": list(rows.values())})
+
+
+def _row_key(row: dict[str, Any]) -> tuple:
+    return row["model"], row["method"], row["w_bits"], row["a_bits"], row["runtime"]
+
+
+def _deploy_models(args, work, arch: str, tmp: Path) -> dict[str, dict[str, Any]]:
+    """FP32, the dopq exports and the peers, by label: path, bits, and the quantized model."""
+    fp_path = tmp / f"{arch}_fp32.onnx"
+    _fp32_onnx(work.model, fp_path)
+    models: dict[str, dict[str, Any]] = {"fp32": {"path": fp_path, "w_bits": 32, "a_bits": 32}}
+    for spec in args.widths:
+        w, a = _width(spec)
+        config = get_preset("dopq", w_bits=w, a_bits=a)
+        model, qreport = quantize_with_report(
+            copy.deepcopy(work.model), work.calib_images, config, progress=False
+        )
+        paths = {}
+        for runtime in RUNTIMES:  # the graph shaped for each runtime's integer kernels (same codes)
+            report = export_onnx(model, tmp / f"{arch}_dopq_w{w}a{a}_{runtime}.onnx", target=runtime)
+            paths[runtime] = Path(report.path)
+        models[f"dopq W{w}/A{a}"] = {
+            "path": paths, "w_bits": w, "a_bits": a, "model": model, "method": "dopq",
+            "post_softmax": config.softmax_quantizer, "weight_storage": report.weight_storage,
+            "calib_seconds": qreport.calib_seconds,
+        }  # fmt: skip
+    ort_peer, nncf_peer = tmp / f"{arch}_ort_peer.onnx", tmp / f"{arch}_nncf_int8.xml"
+    _peer_quantize_static(fp_path, ort_peer, work.calib_images)
+    _peer_nncf(fp_path, nncf_peer, work.calib_images)
+    models[f"{ORT_PEER} W8/A8"] = {"path": ort_peer, "w_bits": 8, "a_bits": 8, "method": ORT_PEER,
+                                   "runtimes": ("onnxruntime",)}  # fmt: skip
+    models[f"{NNCF_PEER} W8/A8"] = {"path": nncf_peer, "w_bits": 8, "a_bits": 8, "method": NNCF_PEER,
+                                    "runtimes": ("openvino",)}  # fmt: skip
+    return models
+
+
+def _peer_nncf(fp_path: Path, out: Path, calib: torch.Tensor) -> None:
+    """NNCF's post-training INT8 model of the FP32 graph (transformer preset), saved as OpenVINO IR."""
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(fp_path))
+    items = [calib[i : i + 1].numpy() for i in range(len(calib))]
+    quantized = nncf.quantize(
+        model, nncf.Dataset(items), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(items)
+    )
+    ov.save_model(quantized, str(out))
+
+
+def _runtimes_of(entry: dict[str, Any]) -> tuple[str, ...]:
+    return entry.get("runtimes", RUNTIMES)
+
+
+def _path(entry: dict[str, Any], runtime: str) -> Path:
+    """The model file a runtime runs: the export shaped for it, or the entry's one file."""
+    return entry["path"][runtime] if isinstance(entry["path"], dict) else entry["path"]
+
+
+def _deploy_accuracy(args, work, arch: str, models: dict[str, dict[str, Any]], threads: int) -> list[dict]:
+    from dopq.export import load_runtime, openvino_layer_precisions
+
+    loader = _loader(work)
+    fp_logits, labels = _logits_and_labels(work.model, loader)
+    hits = lambda logits: "".join("1" if h else "0" for h in (logits.argmax(1) == labels).tolist())  # noqa: E731
+    rows = []
+    for label, entry in models.items():
+        simulated = _logits(entry["model"], loader) if "model" in entry else None
+        for runtime in _runtimes_of(entry):
+            path = _path(entry, runtime)
+            logits = _logits(load_runtime(path, runtime, threads), loader)
+            row = {
+                "model": arch, "method": entry.get("method", label), "w_bits": entry["w_bits"],
+                "a_bits": entry["a_bits"], "runtime": runtime, "label": label,
+                "runtime_top1": float((logits.argmax(1) == labels).float().mean()),
+                "runtime_top1_correct": hits(logits), "fp_top1": float((fp_logits.argmax(1) == labels).float().mean()),
+                "fp_top1_correct": hits(fp_logits), "bytes": _size(path),
             }  # fmt: skip
-            print(f"  {arch} onnxruntime quantize_static W8/A8: onnx {peer_eval.top1:.4f}", flush=True)
-            sessions["onnxruntime quantize_static W8/A8"] = peer
-            sizes["onnxruntime quantize_static W8/A8"] = peer_path.stat().st_size
-        batch = torch.stack([work.eval_dataset[i][0] for i in work.eval_indices[:32]])
-        through = _timed_runs(sessions, batch, args.repeats, 1)
-        latency = _timed_runs(sessions, batch[:1], args.repeats, 10)
-        for key, entry in entries.items():
-            entry.update(
-                images_per_second=32 / through[key],
-                fp32_images_per_second=32 / through["fp32"],
-                throughput_ratio=through["fp32"] / through[key],
-                latency_ms=1e3 * latency[key],
-                fp32_latency_ms=1e3 * latency["fp32"],
-                latency_ratio=latency["fp32"] / latency[key],
-                size_ratio=sizes[key] / sizes["fp32"],
-                fp32_bytes=sizes["fp32"],
-                fp32_onnx_top1=fp_eval.top1,
-                onnx_threads=threads,
-                repeats=args.repeats,
-            )
-            rows.append(entry)
-            print(f"  {arch} {key}: {entry['images_per_second']:.1f} img/s ({entry['throughput_ratio']:.2f}x fp32), "
-                  f"{entry['latency_ms']:.1f} ms ({entry['latency_ratio']:.2f}x), size {entry['size_ratio']:.2f}x", flush=True)  # fmt: skip
-        save("deploy", {"rows": rows, "onnx_threads": threads})
+            if simulated is not None:
+                same, diff = _agreement(simulated, logits)
+                row.update(sim_top1=float((simulated.argmax(1) == labels).float().mean()),
+                           sim_top1_correct=hits(simulated), identical_top1=same, max_logit_diff=diff,
+                           post_softmax=entry["post_softmax"], weight_storage=entry["weight_storage"],
+                           calib_seconds=entry["calib_seconds"])  # fmt: skip
+            if runtime == "onnxruntime":
+                ops = optimized_op_counts(path, threads)
+                row["integer_ops"] = {k: v for k, v in ops.items() if k in INTEGER_OPS}
+            else:
+                row["kernel_precisions"] = _precision_counts(openvino_layer_precisions(path, threads))
+            rows.append(row)
+            print(f"  {arch} {label} on {runtime}: top-1 {row['runtime_top1']:.4f}"
+                  + (f" (simulation {row['sim_top1']:.4f}, identical {row['identical_top1']:.4f})" if simulated is not None else ""),
+                  flush=True)  # fmt: skip
+    return rows
 
 
-def _exported_row(arch, label, bits, model, integer_levels, tmp, threads, loader, fp_torch, qreport):
-    path = tmp / f"{arch}_{label}_w{bits}.onnx"
-    report = export_onnx(model, path, integer_levels=integer_levels)
-    onnx_model = OnnxModel(path, threads=threads)
-    agree = compare(model, onnx_model, loader, progress=False)
-    ops = optimized_op_counts(path, threads)
-    key = f"{label} W{bits}/A{bits}"
-    entry = {
-        "model": arch, "method": label, "w_bits": bits, "a_bits": bits, "integer_attention": integer_levels,
-        "recipe": qreport.config.to_dict(),
-        "fp_top1": fp_torch.top1, "sim_top1": agree.top1_a,
-        "onnx_top1": agree.top1_b, "identical_top1": agree.identical_top1,
-        "max_logit_diff": agree.max_logit_diff, "bytes": report.bytes,
-        "weight_storage": report.weight_storage,
-        "integer_ops": {k: v for k, v in ops.items() if k in INTEGER_OPS},
-        "float_matmuls": ops.get("MatMul", 0),
-        "calib_seconds": qreport.calib_seconds,
-        "sim_top1_correct": agree.top1_correct_a, "onnx_top1_correct": agree.top1_correct_b,
-    }  # fmt: skip
-    print(f"  {arch} {key}: sim {agree.top1_a:.4f} onnx {agree.top1_b:.4f} "
-          f"identical {agree.identical_top1:.4f} size {report.bytes / 1e6:.2f} MB", flush=True)  # fmt: skip
-    return key, entry, onnx_model
+def _precision_counts(layers: list[tuple[str, str]]) -> dict[str, int]:
+    """``"FullyConnected u8"``-style counts of the compiled model's compute layers."""
+    counts: dict[str, int] = {}
+    for kind, precision in layers:
+        if kind in ("FullyConnected", "MatMul", "Convolution"):
+            key = f"{kind} {precision}"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _size(path: Path) -> int:
+    """Bytes of a model file (with an OpenVINO IR's weights file)."""
+    weights = path.with_suffix(".bin")
+    return path.stat().st_size + (
+        weights.stat().st_size if path.suffix == ".xml" and weights.is_file() else 0
+    )
+
+
+def _deploy_timing(args, work, arch: str, models: dict[str, dict[str, Any]], threads: int) -> list[dict]:
+    from dopq.export import load_runtime
+
+    runners = {
+        (label, runtime): load_runtime(_path(entry, runtime), runtime, threads)
+        for label, entry in models.items()
+        for runtime in _runtimes_of(entry)
+    }
+    batch = torch.stack([work.eval_dataset[i][0] for i in work.eval_indices[:32]])
+    through = _timed_runs(runners, batch, args.repeats, 1)
+    latency = _timed_runs(runners, batch[:1], args.repeats, 10)
+    rows = []
+    for (label, runtime), seconds in through.items():
+        entry, path = models[label], _path(models[label], runtime)
+        fp = ("fp32", runtime)
+        rows.append({
+            "model": arch, "method": entry.get("method", label), "w_bits": entry["w_bits"],
+            "a_bits": entry["a_bits"], "runtime": runtime, "label": label,
+            "images_per_second": 32 / seconds, "throughput_ratio": through[fp] / seconds,
+            "latency_ms": 1e3 * latency[(label, runtime)], "latency_ratio": latency[fp] / latency[(label, runtime)],
+            "bytes": _size(path), "size_ratio": _size(path) / _size(models["fp32"]["path"]),
+            "fp32_images_per_second": 32 / through[fp], "repeats": args.repeats,
+        })  # fmt: skip
+        print(f"  {arch} {label} on {runtime}: {rows[-1]['images_per_second']:.1f} img/s "
+              f"({rows[-1]['throughput_ratio']:.2f}x fp32), {rows[-1]['latency_ms']:.1f} ms", flush=True)  # fmt: skip
+    return rows
 
 
 def _loader(work):

@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 import json
 import math
+import re
 import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dopq.config import ReconstructConfig, get_preset
+
 BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
+
+
+_SHORT_NAMES = {"deit_tiny_patch16_224": "DeiT-Tiny", "swin_tiny_patch4_window7_224": "Swin-Tiny"}
+
+
+def _short(model: str) -> str:
+    return _SHORT_NAMES.get(model, model)
+
+
+def _widths(bits: list[int]) -> str:
+    """``[4, 6]`` -> ``W4/A4 and W6/A6``."""
+    names = [f"W{b}/A{b}" for b in bits]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def _pct(x: float | None, decimals: int = 1) -> str:
@@ -129,14 +148,12 @@ def _recon_unit_table(data: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def _timing(results: Path) -> list[str]:
-    lines = []
-    for path in sorted(results.glob("timing_*threads.json")):
-        d = json.loads(path.read_text())
-        lines += [f"- {path.stem}: repq median {d['repq']['median']:.2f} s, dopq median {d['dopq']['median']:.2f} s "
-                  f"(dopq/repq = {d['dopq_over_repq']:.2f}); runs {d['repq']['calib_seconds']} / {d['dopq']['calib_seconds']}; "
-                  f"command `{d['command']}`"]  # fmt: skip
-    return ["### Calibration time (DeiT-Tiny, 32 images, W4/A4)", "", *lines, ""] if lines else []
+def _timing(path: Path) -> list[str]:
+    d = json.loads(path.read_text())
+    line = (f"- {path.stem}: repq median {d['repq']['median']:.2f} s, dopq median {d['dopq']['median']:.2f} s "
+            f"(dopq/repq = {d['dopq_over_repq']:.2f}); runs {d['repq']['calib_seconds']} / {d['dopq']['calib_seconds']}; "
+            f"command `{d['command']}`")  # fmt: skip
+    return [f"### Calibration time of repq and dopq (DeiT-Tiny, 32 images, W4/A4, {path.stem})", "", line, ""]
 
 
 def _gap_closed(rows: list[dict[str, Any]], row: dict[str, Any]) -> str:
@@ -147,6 +164,19 @@ def _gap_closed(rows: list[dict[str, Any]], row: dict[str, Any]) -> str:
     gap, gain = 100 * (row["fp_top1"] - base["quant_top1"]), 100 * (row["quant_top1"] - base["quant_top1"])
     # under a point of gap the share is noise (a few images either way)
     return f", closes {gain:.1f} of {gap:.1f} points to FP ({100 * gain / gap:.0f} %)" if gap >= 1 else ""
+
+
+def _recon_title(data: dict[str, Any], name: str) -> str:
+    """What a CPU reconstruction run varied: images, iterations per unit, QDrop, test images."""
+    row = next((r for r in data["rows"] if r.get("reconstruction")), None)
+    if row is None:
+        return f"Reconstruction ({name})"
+    rec, recipe = row["reconstruction"], (row.get("recipe") or {}).get("reconstruct") or {}
+    drop = recipe.get("drop_prob", rec.get("drop_prob"))
+    title = (f"Reconstruction on the CPU: {_short(row['model'])}, {rec['images']} images, "
+             f"{rec['iters_per_unit']} iterations per unit, QDrop {'default' if drop is None else f'{drop:g}'}")  # fmt: skip
+    images = row.get("eval_images")
+    return title if images == 1000 else f"{title}, {images} test images"
 
 
 def _recon(data: dict[str, Any], title: str) -> list[str]:
@@ -226,17 +256,47 @@ def _distributed_table(data: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _resume_table(results: Path) -> list[str]:
+    """Checkpointed reconstruction stopped and resumed against the uninterrupted run (``resume_*.json``)."""
+    lines = []
+    for path in sorted(results.glob("resume_*.json")):
+        d = json.loads(path.read_text())
+        lines += [f"### Reconstruction stopped and resumed (`{path.stem}.json`)", "",
+                  f"Command: `{d['command']}` ({d['threads']} torch threads per process; {d['note']}). "
+                  f"dopq command: `{d['dopq_command']}`", "",
+                  "| signal | stopped after unit | units checkpointed at the stop | same --save bytes | top-1 "
+                  "uninterrupted | top-1 resumed | same per-image record | dropped unit | its time, uninterrupted s | "
+                  "work dropped s | restart s | uninterrupted wall s | stopped + resumed wall s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        yes = {True: "yes", False: "no"}
+        # the resumed run's start to its first checkpoint, less that unit's own work: loading, the float
+        # evaluation and restoring the model
+        first = d["resumed"]["reconstruction"]["units"][d["stopped_after_unit"]]["seconds"]
+        restart = d["restart_seconds_until_first_unit_done"] - first
+        lines.append(
+            f"| {d['signal']} | {d['stopped_after_unit']} | {d['units_done_before_stop']} | "
+            f"{yes[d['save_byte_identical']]} | {_pct(d['whole_top1'])} | {_pct(d['resumed_top1'])} | "
+            f"{yes[d['same_per_image_record']]} | {d['dropped_unit']} | {d['dropped_unit_seconds_whole_run']:.0f} | "
+            f"{d['work_dropped_seconds']:.0f} | {restart:.0f} | {d['whole_wall_seconds']:.0f} | "
+            f"{d['stopped_wall_seconds'] + d['resumed_wall_seconds']:.0f} |"
+        )
+        lines.append("")
+    return lines
+
+
 def _provenance_table(results: Path) -> list[str]:
     """Which code and software produced each result file (files written before a field existed show '-')."""
     lines = ["### Provenance of the result files", "",
-             "| file | git commit | uncommitted changes | torch threads | dopq | torch | timm | onnxruntime | device |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| file | git commit | uncommitted changes | torch threads | dopq | torch | timm | onnxruntime | device | CPU integer ISA |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for path in sorted(results.rglob("*.json")):
         d = json.loads(path.read_text())
         git, versions = d.get("git") or {}, d.get("versions") or {}
         dirty = {True: "yes", False: "no"}.get(git.get("dirty"), "-")
+        isa = (d.get("cpu") or {}).get("integer_isa")  # dopq.environment.cpu_info(), recorded since issue 25
         cells = [git.get("commit", "-")[:10], dirty, str(d.get("threads", "-")),
-                 *(versions.get(k) or "-" for k in ("dopq", "torch", "timm", "onnxruntime")), d.get("device_name") or "-"]  # fmt: skip
+                 *(versions.get(k) or "-" for k in ("dopq", "torch", "timm", "onnxruntime")), d.get("device_name") or "-",
+                 "-" if isa is None else ", ".join(isa) or "none"]  # fmt: skip
         lines.append(f"| {path.relative_to(results)} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
@@ -307,7 +367,8 @@ def _speed_table(data: dict[str, Any], name: str) -> list[str]:
     widths = [b for b in (4, 3, 2, 5, 6, 8) if f"dopq_w{b}a{b}_images_per_second" in rows[0]]
     compiled = any("compiled_fp" in r for r in rows)
     where = "GPU" if name.startswith("speed_cuda") else "CPU"
-    lines = [f"### Speed on the {where} (simulated quantization, `{name}.json`)", "",
+    kind = "eager and compiled" if compiled else "eager"
+    lines = [f"### Speed on the {where}, simulated quantization, {kind} ({name})", "",
              f"Command: `{data['command']}` ({data['device_name']}, {data['threads']} threads). Images/s of the "
              f"model alone over {rows[0]['images']} strided test images held in memory, batch {rows[0]['batch']}, "
              f"median of {settings['repeats']} passes after a warm-up pass; calibration wall time at W4/A4 on "
@@ -399,6 +460,98 @@ def _deploy_table(data: dict[str, Any]) -> list[str]:
         lines += _deploy_pairs(sub)
         lines.append("")
     return lines
+
+
+def _fmt(value: Any, spec: str, scale: float = 1.0) -> str:
+    return "—" if value is None else format(value * scale, spec)
+
+
+def _kernels(r: dict[str, Any]) -> str:
+    counts = r.get("integer_ops") or r.get("kernel_precisions") or {}
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "—"
+
+
+def _runtime_pairs(sub: list[dict[str, Any]]) -> list[str]:
+    """Each export against its own simulation, and dopq W8/A8 against the peer of each runtime."""
+    lines = ["", "Paired on the same images: images fixed / broken (two-sided exact sign-test p)", "",
+             "| comparison | runtime | result |", "|---|---|---|"]  # fmt: skip
+    for r in sub:
+        cell = _paired_cell(r, "runtime_top1_correct", "sim_top1_correct")
+        if cell:
+            lines.append(f"| {r['label']} vs its simulation | {r['runtime']} | {cell} |")
+    for r in sub:
+        if r["method"] == "dopq" and (r["w_bits"], r["a_bits"]) == (8, 8):
+            for peer in (
+                p for p in sub if p["runtime"] == r["runtime"] and p["method"] not in ("dopq", "fp32")
+            ):
+                pair = {"x": r.get("runtime_top1_correct"), "y": peer.get("runtime_top1_correct")}
+                cell = _paired_cell(pair, "x", "y")
+                if cell:
+                    lines.append(f"| {r['label']} vs {peer['label']} | {r['runtime']} | {cell} |")
+    return lines
+
+
+def _deploy_runtimes_table(data: dict[str, Any]) -> list[str]:
+    """Exports on onnxruntime and OpenVINO: agreement with the simulation, speed and size against
+    the FP32 model on the same runtime, the peers' INT8 models, the CPU they ran on."""
+    cpu = data.get("cpu", {})
+    isa = ", ".join(cpu.get("integer_isa", [])) or "no integer ISA extension"
+    lines = [f"### Deployment on onnxruntime and OpenVINO ({cpu.get('model', 'CPU')}, {isa})", ""]
+    for part in ("accuracy", "timing"):
+        if part in data:
+            lines.append(f"{part.capitalize()}: `{data[part]['command']}` ({data[part]['threads']} threads)")
+            lines.append("")
+    lines += [
+        "Speed: medians of interleaved repeats in one run, batch 32 (throughput) and batch 1 (latency), "
+        "against the FP32 ONNX model on the same runtime; sizes against the FP32 ONNX file. Integer "
+        "kernels: the integer ops onnxruntime runs after its fusions, or OpenVINO's compiled "
+        "FullyConnected / MatMul / Convolution layers by runtime precision.",
+        "",
+    ]
+    rows = data["rows"]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        sub = [r for r in rows if r["model"] == model and r["method"] != "fp32"]
+        fp = {r["runtime"]: r for r in rows if r["model"] == model and r["method"] == "fp32"}
+        fp_text = "; ".join(
+            f"{rt}: top-1 {_pct(r.get('runtime_top1'))}%, {_fmt(r.get('images_per_second'), '.1f')} images/s"
+            for rt, r in fp.items()
+        )
+        lines += [
+            f"**{model}**: FP32 {fp_text}",
+            "",
+            "| model | runtime | simulated top-1 | runtime top-1 | identical top-1 % | max logit diff | "
+            "images/s (b32) | x FP32 | latency ms (b1) | x FP32 | MB | x FP32 | integer kernels |",
+            "|---" * 13 + "|",
+        ]
+        for r in sub:
+            lines.append(
+                f"| {r['label']} | {r['runtime']} | {_pct(r.get('sim_top1'))} | {_pct(r.get('runtime_top1'))} | "
+                f"{_fmt(r.get('identical_top1'), '.1f', 100)} | {_fmt(r.get('max_logit_diff'), '.3f')} | "
+                f"{_fmt(r.get('images_per_second'), '.1f')} | {_fmt(r.get('throughput_ratio'), '.2f')} | "
+                f"{_fmt(r.get('latency_ms'), '.1f')} | {_fmt(r.get('latency_ratio'), '.2f')} | "
+                f"{_mb(r.get('bytes'))} | {_fmt(r.get('size_ratio'), '.2f')} | {_kernels(r)} |"
+            )
+        lines += _runtime_pairs(sub)
+        lines.append("")
+    return lines
+
+
+def _softmax_forms_table(data: dict[str, Any]) -> list[str]:
+    """Per-op timings of the post-Softmax export forms on one attention map."""
+    cpu = data.get("cpu", {})
+    shape = "x".join(str(n) for n in data["map_shape"])
+    lines = [f"### Post-Softmax export forms, one attention map (W{data['bits']}, {cpu.get('model', 'CPU')})", "",
+             f"Command: `{data['command']}` ({data['threads']} threads; integer ISA: "
+             f"{', '.join(cpu.get('integer_isa', [])) or 'none'}). `Softmax -> form` on a {shape} map of the "
+             "shared DeiT-Tiny, medians of interleaved repeats in one run; identical: share of elements "
+             "whose level equals the simulated quantizer's (closed form: the level formula's value, "
+             "equal up to float rounding; counted: the table's value).", "",
+             "| form | runtime | ms | x Softmax alone | identical to the simulation % |", "|---|---|---|---|---|"]  # fmt: skip
+    base = {r["runtime"]: r["ms"] for r in data["rows"] if r["form"] == "softmax"}
+    for r in data["rows"]:
+        lines.append(f"| {r['form']} | {r['runtime']} | {r['ms']:.1f} | {r['ms'] / base[r['runtime']]:.2f} | "
+                     f"{_fmt(r.get('identical_to_simulation'), '.2f', 100)} |")  # fmt: skip
+    return [*lines, ""]
 
 
 def _sensitivity_table(data: dict[str, Any]) -> list[str]:
@@ -510,7 +663,7 @@ def _calib_gains_table(data: dict[str, Any], note: str = "") -> list[str]:
     rows = data["rows"]
     model = rows[0]["model"]
     bits = sorted({r["w_bits"] for r in rows})
-    lines = [f"### Calibration-time gains: {model}{note}", "",
+    lines = [f"### Calibration-time gains: {model}{note}, {_widths(bits)}", "",
              f"Command: `{data['command']}` ({data['threads']} torch threads). FP32 top-1 {_pct(rows[0]['fp_top1'])}%. "
              "Cells: top-1 %, images fixed / broken against dopq (sign-test p), calibration s.", "",
              "| recipe | " + " | ".join(f"W{b}/A{b}" for b in bits) + " |", "|---" * (len(bits) + 1) + "|"]  # fmt: skip
@@ -536,7 +689,8 @@ def _calib_gains_table(data: dict[str, Any], note: str = "") -> list[str]:
 def _calib_gains_timing(data: dict[str, Any]) -> list[str]:
     lines = [f"- {label}: calibration {', '.join(f'{t:.1f}' for t in r['calib_seconds'])} s, median "
              f"{r['median']:.1f} s, {r['over_dopq']:.2f}x dopq" for label, r in data["recipes"].items()]  # fmt: skip
-    head = [f"### Calibration time with GPTQ / auto ({data['model']}, W{data['bits']}/A{data['bits']})", "",
+    others = ", ".join(label for label in data["recipes"] if label != "dopq")
+    head = [f"### Calibration time of {others} against dopq ({data['model']}, W{data['bits']}/A{data['bits']})", "",
             f"Command: `{data['command']}` ({data['threads']} torch threads; repeats interleaved)", ""]  # fmt: skip
     return [*head, *lines, ""]
 
@@ -575,8 +729,67 @@ def _hf_deit_table(data: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def render(results: Path, target: Path) -> None:
-    parts: list[str] = []
+# --------------------------------------------------------------------------------------------------
+# Sections by topic, the archive of superseded ones
+# --------------------------------------------------------------------------------------------------
+
+TOPICS = (
+    "Accuracy and ablations",
+    "Post-Softmax quantizers",
+    "Reconstruction",
+    "Deployment",
+    "Speed",
+    "Scale and model families",
+    "Data",
+    "Provenance",
+)
+
+ARCHIVED = {
+    # result file -> the later measurement that superseded it (its section goes to results-archive.md)
+    "ablation_swin_eval250": "the Swin-Tiny ablation on 1000 test images (same recipes and widths)",
+    "speed_cpu_2threads_before": "the speed_cpu_2threads runs of the current code (same settings)",
+    "timing_1threads": "the calibration times of the speed_* runs (same width and images, later code)",
+}
+
+
+@dataclass
+class Section:
+    """One generated section: its lines (the first is its ``###`` heading), the result files it
+    renders and, for the summary, their rows as ``(file data, row)``."""
+
+    topic: str
+    lines: list[str]
+    sources: tuple[str, ...]
+    rows: list[tuple[dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        return self.lines[0].removeprefix("### ")
+
+    @property
+    def archived(self) -> bool:
+        return all(name in ARCHIVED for name in self.sources)
+
+
+def anchor(title: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+def _rows_of(data: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    return [(data, row) for row in data.get("rows", [])]
+
+
+def _sections(results: Path) -> list[Section]:
+    """Every section the result files give, in topic order."""
+    out: list[Section] = []
+
+    def add(topic: str, lines: list[str], sources: tuple[str, ...], data: Any = None) -> None:
+        if lines:
+            rows = [r for d in (data if isinstance(data, list) else [data]) if d for r in _rows_of(d)]
+            out.append(Section(topic, lines, sources, rows))
+
+    accuracy, softmax, recon, deploy, speed, scale = TOPICS[:6]
     extra = sorted({p.stem for p in results.rglob("ablation_*_*.json")})  # other protocols, e.g. _eval5000
     for name, title in (("foundation", "RepQ-ViT baseline"), ("ablation_deit", "Ablation, DeiT-Tiny (calibration only)"),
                         ("ablation_swin", "Ablation, Swin-Tiny (calibration only)"),
@@ -584,53 +797,320 @@ def render(results: Path, target: Path) -> None:
                         ("stress", "Outlier-stressed DeiT-Tiny (4 channels per LayerNorm x10-40)")):  # fmt: skip
         data = _load(results, name)
         if data:
-            parts += _accuracy_table(data, title)
-    data = _load(results, "softmax_error")
-    if data:
-        parts += _softmax_table(data)
-    data = _load(results, "tanq_grid")
-    if data:
-        parts += _tanq_grid_table(data)
-    parts += _timing(results)
-    for name in ("calib_gains_deit", "calib_gains_stress", "calib_gains_swin", "calib_gains_deit_actwide",
-                 "calib_gains_stress_actwide", "calib_gains_deit_actwide_w46", "calib_gains_stress_actwide_w46",
-                 "calib_gains_swin_w4", "calib_gains_swin_w6", "calib_gains_swin_actwide",
-                 "calib_gains_deit_asym", "calib_gains_stress_asym", "calib_gains_deit_asym_w46",
-                 "calib_gains_swin_asym", "calib_gains_deit_half", "calib_gains_stress_half",
-                 "calib_gains_swin_half", "calib_gains_deit_half_w4"):  # fmt: skip
+            add(accuracy, _accuracy_table(data, title), (name,), data)
+    for path in sorted(results.glob("calib_gains_*.json")):
+        data = json.loads(path.read_text())
+        if "rows" not in data:  # the timing files
+            continue
+        note = ", tighter activation clips" if "_actwide" in path.stem else ""
+        note = ", GPTQ's float target" if "_asym" in path.stem else note
+        note = ", GPTQ's float target half way" if "_half" in path.stem else note
+        add(accuracy, _calib_gains_table(data, note), (path.stem,), data)
+    for name, table in (("softmax_error", _softmax_table), ("tanq_grid", _tanq_grid_table)):
         data = _load(results, name)
         if data:
-            note = ", tighter activation clips" if "_actwide" in name else ""
-            note = ", GPTQ's float target" if "_asym" in name else note
-            note = ", GPTQ's float target half way" if "_half" in name else note
-            parts += _calib_gains_table(data, note)
+            add(softmax, table(data), (name,))
+    for path in sorted(results.glob("recon_*.json")):
+        data = json.loads(path.read_text())
+        if path.stem == "recon_unit":
+            add(recon, _recon_unit_table(data), (path.stem,))
+        elif not path.stem.startswith("recon_gpu_"):  # one GPU table below
+            add(recon, _recon(data, _recon_title(data, path.stem)), (path.stem,), data)
+    gpu = sorted(results.glob("recon_gpu_*.json"))
+    add(
+        recon, _gpu_recon_table(results), tuple(p.stem for p in gpu), [json.loads(p.read_text()) for p in gpu]
+    )
+    add(recon, _recon_runs_paired(results), tuple(p.stem for p in sorted(results.glob("recon_*.json"))))
+    add(recon, _resume_table(results), tuple(p.stem for p in sorted(results.glob("resume_*.json"))))
+    for name, table in (("deploy_runtimes", _deploy_runtimes_table), ("deploy", _deploy_table),
+                        ("deploy_sensitivity", _sensitivity_table), ("deploy_float64", _float64_table),
+                        ("save_size", _save_size_table), ("softmax_forms", _softmax_forms_table)):  # fmt: skip
+        data = _load(results, name)
+        if data:
+            add(deploy, table(data), (name,), data)
+    for path in sorted(results.glob("speed_*.json")):
+        add(speed, _speed_table(json.loads(path.read_text()), path.stem), (path.stem,))
+    for path in sorted(results.glob("timing_*threads.json")):
+        add(speed, _timing(path), (path.stem,))
     for name in ("calib_gains_timing", "calib_gains_timing_float"):
         data = _load(results, name)
         if data:
-            parts += _calib_gains_timing(data)
-    for name, table in (("deploy", _deploy_table), ("deploy_sensitivity", _sensitivity_table),
-                        ("deploy_float64", _float64_table), ("save_size", _save_size_table), ("families", _families_table),
-                        ("data", _data_table)):  # fmt: skip
+            add(speed, _calib_gains_timing(data), (name,))
+    for name, table in (("large_models", _large_models_table), ("distributed", _distributed_table),
+                        ("families", _families_table)):  # fmt: skip
         data = _load(results, name)
         if data:
-            parts += table(data)
-    for path in sorted(results.glob("recon_*.json")):
-        if path.stem == "recon_unit":
-            parts += _recon_unit_table(json.loads(path.read_text()))
-        elif not path.stem.startswith("recon_gpu_"):  # one GPU table below
-            parts += _recon(json.loads(path.read_text()), f"Reconstruction ({path.stem})")
-    for name, table in (("large_models", _large_models_table), ("distributed", _distributed_table)):
-        data = _load(results, name)
-        if data:
-            parts += table(data)
-    parts += _recon_runs_paired(results)
-    parts += _gpu_recon_table(results)
+            add(scale, table(data), (name,))
     for path in sorted(results.glob("hf_deit_tiny*.json")):
-        parts += _hf_deit_table(json.loads(path.read_text()))
-    for path in sorted(results.glob("speed_*.json")):
-        parts += _speed_table(json.loads(path.read_text()), path.stem)
-    parts += _provenance_table(results)
+        add(scale, _hf_deit_table(json.loads(path.read_text())), (path.stem,))
+    data = _load(results, "data")
+    if data:
+        add("Data", _data_table(data), ("data",))
+    add("Provenance", _provenance_table(results), tuple(sorted(p.stem for p in results.rglob("*.json"))))
+    return out
+
+
+def _by_topic(sections: list[Section], archived: bool) -> list[str]:
+    """The current (or the archived) sections under one ``##`` heading per topic; an archived section
+    says what superseded it."""
+    lines: list[str] = []
+    for topic in TOPICS:
+        chosen = [s for s in sections if s.topic == topic and s.archived == archived]
+        if chosen:
+            lines += [f"## {topic}", ""]
+        for section in chosen:
+            lines += section.lines[:2]
+            if archived:
+                why = "; ".join(dict.fromkeys(ARCHIVED[n] for n in section.sources))
+                lines += [f"Superseded by {why}.", ""]
+            lines += section.lines[2:]
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------
+# The summary: recommended recipes x widths per shared model
+# --------------------------------------------------------------------------------------------------
+
+SUMMARY_MODELS = ("deit_tiny_patch16_224", "swin_tiny_patch4_window7_224")
+SUMMARY_WIDTHS = ((8, 8), (4, 8), (4, 4), (3, 3))
+
+
+@dataclass(frozen=True)
+class SummaryRecipe:
+    """A row group of the summary: the result files that measure it (glob patterns, preferred first)
+    and the method names its rows carry at a given ``(w_bits, a_bits)``."""
+
+    label: str
+    sources: tuple[str, ...]
+    methods: Callable[[int, int], tuple[str, ...]]
+    preferred: Callable[[dict[str, Any], int, int], bool] = lambda row, w, a: True
+
+
+def _dopq_softmax(w: int, a: int) -> str:
+    return get_preset("dopq", w_bits=w, a_bits=a).softmax_quantizer
+
+
+def _default_drop(row: dict[str, Any], w: int, a: int) -> bool:
+    drop = ((row.get("recipe") or {}).get("reconstruct") or {}).get("drop_prob")
+    return drop == ReconstructConfig().drop_prob_for(min(w, a))
+
+
+SUMMARY_RECIPES = (
+    SummaryRecipe("repq (RepQ-ViT baseline)", ("ablation_deit", "ablation_swin"), lambda w, a: ("repq",)),
+    SummaryRecipe("dopq", ("ablation_deit", "ablation_swin"), lambda w, a: ("dopq",)),
+    # GPTQ's default target: half way to the float model's output at 3 bits and below (docs/gptq.md)
+    SummaryRecipe("dopq + GPTQ", ("calib_gains_deit*", "calib_gains_swin*"),
+                  lambda w, a: ("dopq+gptq-float-half",) if w <= 3 else ("dopq+gptq",)),
+    SummaryRecipe("dopq + GPTQ + auto post-Softmax", ("calib_gains_deit*", "calib_gains_swin*"),
+                  lambda w, a: ("dopq+gptq-float-half+auto",) if w <= 3 else ("dopq+gptq+auto",)),
+    # the CPU recipe the reconstruction notes recommend first: no QDrop, twice the iterations
+    SummaryRecipe("dopq + reconstruction, CPU", ("recon_cpu_deit_noqdrop_120", "recon_cpu_deit"),
+                  lambda w, a: ("dopq+recon",)),
+    SummaryRecipe("dopq + reconstruction, GPU", ("recon_gpu_*",), lambda w, a: ("dopq+recon",), _default_drop),
+)  # fmt: skip
+
+
+def _deploy_methods(recipe: SummaryRecipe, w: int, a: int) -> tuple[str, ...]:
+    """Deployed rows of a recipe: its own method names; for dopq also the variant named after the
+    post-Softmax quantizer the preset uses at that width."""
+    methods = recipe.methods(w, a)
+    return (*methods, "dopq+uniform-softmax") if methods == ("dopq",) else methods
+
+
+def deploy_measures(row: dict[str, Any]) -> dict[str, Any] | None:
+    """What the summary reads from a deployed row (a ``deploy*.json`` row with ``method``, ``w_bits``,
+    ``a_bits``): the runtime (``runtime``, else onnxruntime), top-1, throughput, latency and size
+    against FP32. None for rows that are not a deployed model (comparisons, sensitivity rows)."""
+    if "method" not in row or row.get("throughput_ratio") is None:
+        return None
+    return {
+        "runtime": row.get("runtime", "onnxruntime"),
+        "top1": row.get("runtime_top1", row.get("onnx_top1", row.get("top1"))),
+        "throughput": row["throughput_ratio"],
+        "latency": row.get("latency_ratio"),
+        "size": row.get("size_ratio"),
+    }
+
+
+def _summary_row_matches(recipe: SummaryRecipe, row: dict[str, Any], model: str, w: int, a: int) -> bool:
+    if (row.get("model"), row.get("w_bits"), row.get("a_bits")) != (model, w, a):
+        return False
+    return row.get("method") in recipe.methods(w, a)
+
+
+def _find(recipe: SummaryRecipe, sections: list[Section], model: str, w: int, a: int) -> tuple[Section, dict[str, Any], dict[str, Any]] | None:  # fmt: skip
+    """The row measuring ``recipe`` at ``(w, a)``: from the first source pattern that has one,
+    rows the recipe prefers first."""
+    for pattern in recipe.sources:
+        hits = [(s, d, r) for s in sections for d, r in s.rows
+                if any(fnmatch.fnmatch(n, pattern) for n in s.sources) and _summary_row_matches(recipe, r, model, w, a)]  # fmt: skip
+        if hits:
+            return next((h for h in hits if recipe.preferred(h[2], w, a)), hits[0])
+    return None
+
+
+def _deployed(recipe: SummaryRecipe, results: Path, sections: list[Section], model: str, w: int, a: int) -> list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any]]]:  # fmt: skip
+    """Every deployed row of ``recipe`` at ``(w, a)`` in any ``deploy*.json``, with the anchor of the
+    section that renders its file (the Deployment topic where none does yet)."""
+    methods = _deploy_methods(recipe, w, a)
+    found = []
+    for path in sorted(results.rglob("deploy*.json")):
+        section = next((s for s in sections if path.stem in s.sources and not s.archived), None)
+        link = anchor(section.title) if section else anchor("Deployment")
+        data = json.loads(path.read_text())
+        for row in data.get("rows", []):
+            measures = deploy_measures(row)
+            if measures is None or (row.get("model"), row.get("w_bits"), row.get("a_bits")) != (model, w, a):
+                continue
+            if row["method"] not in methods:
+                continue
+            softmax = (row.get("recipe") or {}).get("softmax_quantizer")
+            if "dopq" in methods and softmax not in (None, _dopq_softmax(w, a)):
+                continue  # another post-Softmax quantizer than the preset's at this width
+            if (row.get("recipe") or {}).get("integer_attention") or row.get("integer_attention"):
+                continue
+            found.append((link, data, row, measures))
+    return found
+
+
+def _link(text: str, target: str) -> str:
+    return f"[{text}](#{target})"
+
+
+def _where(data: dict[str, Any]) -> str:
+    device = data.get("device_name") or ""
+    if (data.get("settings") or {}).get("device", "cpu").startswith("cuda"):
+        return device or "GPU"
+    threads = data.get("threads")
+    return f"{threads} thread{'s' if threads != 1 else ''}" if threads else "CPU"
+
+
+def _calibration_cell(data: dict[str, Any], row: dict[str, Any]) -> str:
+    seconds = row.get("calib_seconds")
+    if seconds is None:
+        return "—"
+    recon = (row.get("reconstruction") or {}).get("seconds")
+    extra = f" + {recon:.0f} s reconstruction" if recon else ""
+    return f"{seconds:.1f} s{extra} ({_where(data)})"
+
+
+def _deployed_cell(deployed: list[tuple[str, Any, Any, dict[str, Any]]], text: Callable[[dict[str, Any]], str]) -> str:  # fmt: skip
+    """One linked value per deployed row; rows of another runtime than onnxruntime name it."""
+    cells = [_link(text(m), link) + ("" if m["runtime"] == "onnxruntime" else f" ({m['runtime']})")
+             for link, _, _, m in deployed]  # fmt: skip
+    return "; ".join(cells) or "—"
+
+
+def _speed_text(m: dict[str, Any]) -> str:
+    return f"{m['throughput']:.2f}" + (f" / {m['latency']:.2f}" if m["latency"] is not None else "")
+
+
+def _summary_cells(recipe: SummaryRecipe, results: Path, sections: list[Section], model: str, w: int, a: int, repq: Any) -> list[str] | None:  # fmt: skip
+    """The cells of one summary row, or None where nothing measured the recipe at this width."""
+    hit = _find(recipe, sections, model, w, a)
+    deployed = _deployed(recipe, results, sections, model, w, a)
+    if hit is None and not deployed:
+        return None
+    sim = pair = calib = "—"
+    if hit is not None:
+        section, data, row = hit
+        target = anchor(section.title)
+        sim = _link(_pct(row["quant_top1"], _decimals([row])), target)
+        calib = _link(_calibration_cell(data, row), target)
+        if repq is not None and repq[2] is not row:
+            pair = _paired_cell({"x": row.get("quant_top1_correct"), "y": repq[2].get("quant_top1_correct")}, "x", "y") or "—"  # fmt: skip
+    else:  # only deployed: the deployment run's own simulation and calibration
+        link, data, row, _ = deployed[0]
+        if row.get("sim_top1") is not None:
+            sim = _link(_pct(row["sim_top1"]), link)
+        if row.get("calib_seconds") is not None:
+            calib = _link(_calibration_cell(data, row), link)
+    top1 = _deployed_cell(deployed, lambda m: "—" if m["top1"] is None else _pct(m["top1"]))
+    speed = _deployed_cell(deployed, _speed_text)
+    size = _deployed_cell(deployed, lambda m: "—" if m["size"] is None else f"{m['size']:.2f}")
+    return [recipe.label, f"W{w}/A{a}", sim, pair, top1, speed, size, calib]
+
+
+def _summary_table(results: Path, sections: list[Section], model: str) -> list[str]:
+    repq = {wa: _find(SUMMARY_RECIPES[0], sections, model, *wa) for wa in SUMMARY_WIDTHS}
+    fp = next((hit[2].get("fp_top1") for hit in repq.values() if hit is not None), None)
+    lines = []
+    for recipe in SUMMARY_RECIPES:
+        for w, a in SUMMARY_WIDTHS:
+            cells = _summary_cells(recipe, results, sections, model, w, a, repq[(w, a)])
+            if cells is not None:
+                lines.append("| " + " | ".join(cells) + " |")
+    if not lines:
+        return []
+    fp_text = f" FP32 top-1 {_pct(fp)} %." if fp is not None else ""
+    return [f"### Summary: {_short(model)} ({model})", "",
+            f"Recommended recipes at each width.{fp_text} Each cell links to the section that holds its command "
+            "and result file; — : not measured. Simulated and deployed columns can come from different runs "
+            "(the deployment section also shows each export's own simulation). GPTQ at 3 bits aims half way "
+            "to the float model's output (its default there), above 3 bits at its quantized target; auto: the "
+            "per-module post-Softmax choice. Reconstruction: the CPU run with the most iterations and no QDrop, "
+            "the GPU run at the defaults where there is one. Speed and size: the deployed model against the "
+            "FP32 ONNX export (above 1: faster).", "",
+            "| recipe | bits | simulated top-1 % | vs repq: fixed / broken (p) | onnxruntime top-1 % | "
+            "speed x FP32 (batch 32 / batch 1) | size x FP32 | calibration |",
+            "|---|---|---|---|---|---|---|---|", *lines, ""]  # fmt: skip
+
+
+def _summary(results: Path, sections: list[Section]) -> list[str]:
+    current = [s for s in sections if not s.archived]
+    tables = [line for model in SUMMARY_MODELS for line in _summary_table(results, current, model)]
+    return ["## Summary", "", *tables] if tables else []
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing the two documents
+# --------------------------------------------------------------------------------------------------
+
+SUMMARY_BEGIN, SUMMARY_END = "<!-- BEGIN GENERATED SUMMARY -->", "<!-- END GENERATED SUMMARY -->"
+_ARCHIVE_HEAD = (
+    "# Archived results\n\nSections of [RESULTS.md](RESULTS.md) that later measurements superseded, "
+    "each naming what superseded it; the tables between the GENERATED markers are written by "
+    "`python benchmarks/run.py render` from `benchmarks/results/*.json`, as in RESULTS.md.\n\n"
+)
+
+
+def headings(text: str) -> list[str]:
+    """The Markdown headings of a document, outside code blocks."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    return [line.lstrip("#").strip() for line in text.splitlines() if re.match(r"#{1,6} ", line)]
+
+
+def _replace(text: str, begin: str, end: str, lines: list[str]) -> str:
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    return head + begin + "\n" + "\n".join(lines) + "\n" + end + tail
+
+
+def _check_unique(text: str, path: Path) -> None:
+    seen: set[str] = set()
+    for title in headings(text):
+        if anchor(title) in seen:
+            raise ValueError(f"{path.name}: two headings give the anchor #{anchor(title)} ({title!r})")
+        seen.add(anchor(title))
+
+
+def render(results: Path, target: Path, archive: Path | None = None) -> None:
+    """Write the generated parts of ``target`` (RESULTS.md: the summary, then the current sections by
+    topic) and of ``archive`` (default: ``results-archive.md`` beside it: the superseded sections).
+
+    Raises:
+        ValueError: two headings of one document would have the same anchor.
+    """
+    archive = archive or target.with_name("results-archive.md")
+    sections = _sections(results)
     text = target.read_text() if target.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    target.write_text(head + BEGIN + "\n" + "\n".join(parts) + "\n" + END + tail)
+    if SUMMARY_BEGIN not in text:
+        text = text.replace(BEGIN, f"{SUMMARY_BEGIN}\n{SUMMARY_END}\n\n{BEGIN}", 1)
+    text = _replace(text, SUMMARY_BEGIN, SUMMARY_END, _summary(results, sections))
+    text = _replace(text, BEGIN, END, _by_topic(sections, archived=False))
+    old = archive.read_text() if archive.is_file() else f"{_ARCHIVE_HEAD}{BEGIN}\n{END}\n"
+    archived = _replace(old, BEGIN, END, _by_topic(sections, archived=True))
+    for path, content in ((target, text), (archive, archived)):
+        _check_unique(content, path)
+    target.write_text(text)
+    archive.write_text(archived)

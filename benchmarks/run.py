@@ -8,7 +8,8 @@
     python benchmarks/run.py timing          # calibration wall time, repq vs dopq (median of repeats)
     python benchmarks/run.py recon --recon-calib-size 256 --recon-iters 100   # reconstruction, reduced CPU settings
     python benchmarks/run.py recon-unit --recon-calib-size 128 --recon-iters 60 --recon-batch-size 32   # settings, one unit
-    python benchmarks/run.py deploy --bits 8 4 --threads 2   # ONNX export on onnxruntime vs simulation and FP32
+    python benchmarks/run.py deploy --widths 8/8 4/8 4/4 --threads 2   # ONNX exports on onnxruntime and OpenVINO vs FP32, peers
+    python benchmarks/run.py softmax-forms --bits 4 --threads 2 --repeats 15   # post-Softmax export forms, per op
     python benchmarks/run.py deploy-sensitivity --bits 8 4 --threads 2   # the same network computed four ways
     python benchmarks/run.py save-size --bits 8 4 3   # --save file sizes against the float checkpoints
     python benchmarks/run.py families --threads 1   # every supported timm family, random init, W4/A4
@@ -19,7 +20,7 @@
                                              # 1 process vs torchrun 2 gloo processes (DeiT-Tiny W3/A3)
     python benchmarks/run.py speed --device cuda --bits 4 3   # simulated-quantized vs FP images/s, calibration time
     python benchmarks/run.py hf-deit --threads 2 --bits 4 3   # the shared DeiT-Tiny as a transformers ViT vs timm
-    python benchmarks/run.py render          # docs/RESULTS.md tables from the JSON files
+    python benchmarks/run.py render          # docs/RESULTS.md and docs/results-archive.md from the JSON files
 
 Protocol everywhere: 32 calibration images from CIFAR-10 train (seed 0), the strided 1000 CIFAR-10 test
 images, shared reference checkpoints from ../shared (override with --shared).
@@ -270,6 +271,7 @@ _SUITES_ELSEWHERE = {
     "large-models": "scale",
     "distributed": "scale",
     "speed": "speed",
+    "softmax-forms": "softmax_forms",
     "hf-deit": "hf_deit",
 }
 _OWN_SUITES = ("foundation", "ablation", "stress", "timing", "recon", "recon-unit")
@@ -309,8 +311,9 @@ def main(argv: list[str] | None = None) -> None:
         "--data-parts", nargs="+", choices=["throughput", "memory"], default=["throughput", "memory"]
     )
     p.add_argument("--data-tmp", type=Path, help="data: generated folders (default $TMPDIR/dopq-data-bench)")
+    p.add_argument("--widths", nargs="+", default=["8/8", "4/8", "4/4"], help="deploy: W/A widths, e.g. 4/8")
     p.add_argument(
-        "--integer-attention", action="store_true", help="deploy: also export attn @ v in integers"
+        "--deploy-parts", nargs="+", choices=["accuracy", "timing"], default=["accuracy", "timing"]
     )
     p.add_argument(
         "--thread-check", type=int, default=200, help="deploy-float64: images run on another thread count too"

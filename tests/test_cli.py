@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+import dopq
 from dopq.cli import _settings_from, build_parser, main
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -222,6 +223,18 @@ def test_entry_point_exit_code_and_single_line(roots: dict[str, Path]) -> None:
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.splitlines() == ["dopq: error: w_bits must be an integer in 2..8, got 9"]
+
+
+def test_version_prints_and_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    """``dopq --version`` and ``python -m dopq --version``: the version on stdout, exit status 0."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"dopq {dopq.__version__}\n"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dopq", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, f"dopq {dopq.__version__}\n", "")
 
 
 @pytest.mark.slow

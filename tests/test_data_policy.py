@@ -18,7 +18,7 @@ import torch
 import torchvision
 from PIL import Image, ImageFile
 
-import dopq.data as data_module
+import dopq.data.archives as data_module  # the archive index and its temporary copies
 from dopq.cli import main
 from dopq.data import (
     Preprocess,

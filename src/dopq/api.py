@@ -7,18 +7,20 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from dopq.calibrate import calibrate, capture_inputs, correct_bias
+from dopq.checkpoint import ReconstructionCheckpoint, restore_model
 from dopq.config import QuantConfig, get_preset
 from dopq.errors import ConfigError
 from dopq.gptq import gptq_model
 from dopq.models import Coverage, QuantPlan, prepare_model, softmax_kinds
 from dopq.models.loading import as_dopq_model
+from dopq.reconstruct import ReconstructionProgress, reconstruct
 from dopq.reparam import ReparamReport, reparameterize
 
 __all__ = ["QuantizationReport", "as_image_tensor", "quantize", "quantize_with_report"]
@@ -81,44 +83,23 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
 
 
-def quantize_with_report(
-    model: nn.Module,
-    calib_data: torch.Tensor | Iterable[Any],
-    config: QuantConfig | str | None = None,
-    recon_data: torch.Tensor | Iterable[Any] | None = None,
-    progress: bool = True,
-    allow_partial: bool = False,
-) -> tuple[nn.Module, QuantizationReport]:
-    """Quantize ``model`` in place and report per-stage timings.
+def _stages(report: QuantizationReport) -> dict[str, Any]:
+    """The report of the stages before reconstruction, as a checkpoint keeps it."""
+    reparam = None if report.reparam is None else asdict(report.reparam)
+    return {"timings": dict(report.timings), "reparam": reparam, "gptq": report.gptq}
 
-    Args:
-        model: a float timm ViT/DeiT/Swin, or a ``transformers`` ViT/DeiT/Swin/BEiT/DINOv2 image
-            classifier (returned wrapped as ``forward(images) -> logits``; its modules are
-            quantized in place).
-        calib_data: calibration images (RepQ-ViT protocol: 32 images in one batch).
-        config: a :class:`QuantConfig`, a preset name (``"dopq"``, ``"repq"``) or None for dopq.
-        recon_data: images for block reconstruction (defaults to ``calib_data``); only used when
-            ``config.reconstruct`` is set.
-        progress: show progress bars.
-        allow_partial: quantize what dopq can and keep the rest float (listed in the report's
-            coverage) instead of refusing a model with layers it cannot quantize.
 
-    Returns:
-        The quantized model (same object; a ``transformers`` model comes back wrapped) and the report.
-    """
-    if config is None or isinstance(config, str):
-        config = get_preset(config or "dopq")
-    model = as_dopq_model(model)
-    device = next(model.parameters()).device
-    images = as_image_tensor(calib_data, device)
-    timings: dict[str, float] = {}
-    fp_model = copy.deepcopy(model) if config.reconstruct is not None else None
-    with _timed(timings, "prepare"):
-        plan: QuantPlan = prepare_model(model, config, allow_partial)
-    report = QuantizationReport(
-        config=config, family=plan.adapter.family, timings=timings, coverage=plan.coverage
-    )
-    log.info("coverage: %s", plan.coverage.summary())
+def _resume_stages(report: QuantizationReport, stages: dict[str, Any]) -> None:
+    report.timings.update(stages["timings"])
+    report.reparam = None if stages["reparam"] is None else ReparamReport(**stages["reparam"])
+    report.gptq = stages["gptq"]
+
+
+def _calibrate_and_reparameterize(
+    model: nn.Module, plan: QuantPlan, images: torch.Tensor, config: QuantConfig, report: QuantizationReport
+) -> None:
+    """Calibration, re-parameterization, GPTQ and bias correction: everything before reconstruction."""
+    timings = report.timings
     capture = plan.paired_linears if config.ln_scale == "search" else ()
     with _timed(timings, "calibration"), capture_inputs(model, capture) as captured:
         calibrate(model, images)
@@ -132,8 +113,6 @@ def quantize_with_report(
             check_images=images[:4],
             captured=captured,
         )
-    if plan.coverage is not None:
-        plan.coverage.softmax_kinds = softmax_kinds(model)
     float_weights = None
     if config.weight_rounding == "gptq":
         with _timed(timings, "gptq"):
@@ -151,13 +130,80 @@ def quantize_with_report(
     if config.bias_correction:
         with _timed(timings, "bias_correction"):
             correct_bias(model, images, reference_weights=float_weights)
+
+
+def quantize_with_report(
+    model: nn.Module,
+    calib_data: torch.Tensor | Iterable[Any],
+    config: QuantConfig | str | None = None,
+    recon_data: torch.Tensor | Iterable[Any] | None = None,
+    progress: bool = True,
+    allow_partial: bool = False,
+    checkpoint: ReconstructionCheckpoint | None = None,
+) -> tuple[nn.Module, QuantizationReport]:
+    """Quantize ``model`` in place and report per-stage timings.
+
+    Args:
+        model: a float timm ViT/DeiT/Swin, or a ``transformers`` ViT/DeiT/Swin/BEiT/DINOv2 image
+            classifier (returned wrapped as ``forward(images) -> logits``; its modules are
+            quantized in place).
+        calib_data: calibration images (RepQ-ViT protocol: 32 images in one batch).
+        config: a :class:`QuantConfig`, a preset name (``"dopq"``, ``"repq"``) or None for dopq.
+        recon_data: images for block reconstruction (defaults to ``calib_data``); only used when
+            ``config.reconstruct`` is set.
+        progress: show progress bars.
+        allow_partial: quantize what dopq can and keep the rest float (listed in the report's
+            coverage) instead of refusing a model with layers it cannot quantize.
+        checkpoint: with reconstruction, where to checkpoint after calibration and after every
+            unit, and to resume from (:mod:`dopq.checkpoint`); the result is the uninterrupted one.
+
+    Returns:
+        The quantized model (same object; a ``transformers`` model comes back wrapped) and the report.
+    """
+    if config is None or isinstance(config, str):
+        config = get_preset(config or "dopq")
+    if checkpoint is not None and config.reconstruct is None:
+        raise ConfigError("a reconstruction checkpoint needs a recipe with reconstruction")
+    model = as_dopq_model(model)
+    device = next(model.parameters()).device
+    images = as_image_tensor(calib_data, device)
+    timings: dict[str, float] = {}
+    saved = checkpoint.load() if checkpoint is not None else None
+    fp_model = copy.deepcopy(model) if config.reconstruct is not None else None
+    with _timed(timings, "prepare"):
+        plan: QuantPlan = prepare_model(model, config, allow_partial)
+    report = QuantizationReport(
+        config=config, family=plan.adapter.family, timings=timings, coverage=plan.coverage
+    )
+    log.info("coverage: %s", plan.coverage.summary())
+    if saved is None:
+        _calibrate_and_reparameterize(model, plan, images, config, report)
+    else:
+        restore_model(model, saved, checkpoint.path)
+        _resume_stages(report, saved.stages)
+    if plan.coverage is not None:
+        plan.coverage.softmax_kinds = softmax_kinds(model)
     if config.reconstruct is not None:
-        from dopq.reconstruct import reconstruct
+        units = len(plan.adapter.units(model))
+        stages = _stages(report)
+        if checkpoint is not None and saved is None:
+            checkpoint.write(model, stages, None, units)
+
+        def after_unit(state: ReconstructionProgress) -> None:
+            if checkpoint is not None:
+                checkpoint.write(model, stages, state, units)
 
         recon_images = images if recon_data is None else as_image_tensor(recon_data, "cpu")
         with _timed(timings, "reconstruction"):
             report.reconstruction = reconstruct(
-                model, fp_model, plan, recon_images, config, progress=progress
+                model,
+                fp_model,
+                plan,
+                recon_images,
+                config,
+                progress=progress,
+                resume_from=None if saved is None else saved.progress,
+                after_unit=after_unit,
             )
     log.info("quantized %s: %s", plan.adapter.family, {k: round(v, 2) for k, v in timings.items()})
     return model, report

@@ -5,17 +5,21 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from dopq import distributed
+from dopq import __version__, distributed
 from dopq.config import (
     FLOAT_DTYPES,
     GPTQ_TARGETS,
     LN_SCALE_RULES,
     LN_SHIFTS,
     ROUNDINGS,
+    RUNTIMES,
     SOFTMAX_QUANTIZERS,
     QuantConfig,
     ReconstructConfig,
@@ -152,6 +156,18 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         default="ste",
         help="how the weight rounding is learned: ste (hard, straight-through) or adaround (soft, then hard)",
     )
+    r.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        help="checkpoint reconstruction here after calibration and after every unit; a run stopped "
+        "(SIGTERM, Ctrl-C, a crash) goes on from its last finished unit when the same command is run "
+        "again, with the result of an uninterrupted run",
+    )
+    r.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint in --checkpoint-dir (an error if there is none)",
+    )
     r.add_argument("--save", type=Path, help="save the quantized model for `dopq evaluate --quantized`")
     r.add_argument(
         "--allow-partial",
@@ -177,25 +193,46 @@ def _add_export_args(p: argparse.ArgumentParser, flag: str) -> None:
         help="float32: QDQ graph for onnxruntime's fused integer kernels (fast); float64: float parts "
         "in float64, products as MatMulInteger, the float64 simulation's logits exactly (slower)",
     )
+    g.add_argument(
+        "--export-target",
+        choices=RUNTIMES,
+        default="onnxruntime",
+        help="the runtime whose integer kernels the float32 graph is shaped for (the same codes; "
+        "openvino: every integer operand without zero points, as OpenVINO's int8 kernels need)",
+    )
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: one ``dopq: error: ...`` line, exit status 2 (an
+    unknown choice, a missing argument), instead of the usage block (subcommands inherit it)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dopq", description="Post-training quantization of ViTs (DopQ-ViT, RepQ-ViT)"
-    )
+    parser = _Parser(prog="dopq", description="Post-training quantization of ViTs (DopQ-ViT, RepQ-ViT)")
+    parser.add_argument("--version", action="version", version=f"dopq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a model and evaluate FP vs quantized")
     _add_model_args(q)
     _add_data_args(q)
     _add_recipe_args(q)
     e = sub.add_parser(
-        "evaluate", help="evaluate a saved quantized model and/or an exported ONNX model (onnxruntime)"
+        "evaluate",
+        help="evaluate a saved quantized model and/or an exported ONNX model (onnxruntime or OpenVINO)",
     )
     e.add_argument("--quantized", type=Path, help="a model saved with `dopq quantize --save`")
     e.add_argument(
         "--onnx",
         type=Path,
         help="an exported model; with --quantized too, the two are compared image by image",
+    )
+    e.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default=None,
+        help="what runs the --onnx model (default onnxruntime); openvino needs pip install 'dopq[openvino]'",
     )
     e.add_argument("--model", help="refuse the file unless it was made for this architecture")
     _add_data_args(e, calib=False)
@@ -290,15 +327,18 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         )
     settings = _settings_from(args)
     work = load_workload(settings)
-    result, model = run_recipe(
-        work,
-        config,
-        method=args.method,
-        progress=not args.quiet,
-        recon_size=args.recon_calib_size,
-        allow_partial=args.allow_partial,
-        eval_dtype=_eval_dtype(args),
-    )
+    with _stopped_with_resume_hint(args.checkpoint_dir):
+        result, model = run_recipe(
+            work,
+            config,
+            method=args.method,
+            progress=not args.quiet,
+            recon_size=args.recon_calib_size,
+            allow_partial=args.allow_partial,
+            eval_dtype=_eval_dtype(args),
+            checkpoint_dir=args.checkpoint_dir,
+            resume=args.resume,
+        )
     meta = {
         "preprocess": work.preprocess.to_dict(),
         "command": result["command"],
@@ -314,6 +354,53 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         result["export"] = _export(model, config, meta, args)
     _write_outputs(result, args.output)
     return 0
+
+
+class _Stopped(Exception):
+    """A checkpointed run stopped by a signal: the CLI says how to resume and exits 128 + signal."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+def _resume_hint(directory: Path) -> str:
+    from dopq.checkpoint import describe
+    from dopq.experiment import command_line
+
+    if distributed.current().world_size > 1:
+        return f"{describe(directory)}; resume with the same torchrun command and --resume"
+    return f"{describe(directory)}; resume with: {command_line()} --resume"
+
+
+@contextmanager
+def _stopped_with_resume_hint(directory: Path | None) -> Iterator[None]:
+    """With a checkpoint directory, SIGTERM (as SIGINT already does) stops the run with an
+    exception: the unit in progress is dropped, the checkpoint of the last finished one is kept,
+    and the run ends with one line naming the command that resumes it. Under torchrun SIGTERM is
+    the process group's watcher's (``distributed.exit_with_one_line_on_sigterm``)."""
+    if directory is None:
+        yield
+        return
+    from dopq.checkpoint import Interrupted
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = None
+    if distributed.current().world_size == 1:
+        previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except distributed.DistributedError as exc:  # another process stopped: say how to go on
+        raise distributed.DistributedError(f"{exc}; {_resume_hint(directory)}") from None
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM through stop()
+        signum = getattr(exc, "signum", signal.SIGINT)
+        name = signal.Signals(signum).name
+        raise _Stopped(signum, f"stopped by {name}: {_resume_hint(directory)}") from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _eval_dtype(args: argparse.Namespace) -> str:
@@ -336,12 +423,18 @@ def _check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before a model or image is loaded: numbers, the device, and
     that every output location (--output, --save, --export, --out-dir) can be written."""
     from dopq.experiment import resolve_device
-    from dopq.files import check_output_path
+    from dopq.files import check_output_dir, check_output_path
 
     for name, low in _LOWER_BOUNDS.items():
         value = getattr(args, name, None)
         if value is not None and value < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    if getattr(args, "resume", False) and args.checkpoint_dir is None:
+        raise ConfigError("--resume needs --checkpoint-dir DIR (where the checkpoint is)")
+    if getattr(args, "checkpoint_dir", None) is not None:
+        if not args.reconstruct:
+            raise ConfigError("--checkpoint-dir is for runs with --reconstruct")
+        check_output_dir(args.checkpoint_dir, "--checkpoint-dir")
     drop = getattr(args, "recon_drop_prob", None)
     if drop is not None and not 0.0 <= drop <= 1.0:
         raise ConfigError(f"--recon-drop-prob must be in [0, 1], got {drop}")
@@ -354,6 +447,12 @@ def _check_args(args: argparse.Namespace) -> None:
         from dopq.export.onnx_export import check_export_target
 
         check_export_target(args.export, args.opset)
+        if args.export_target == "openvino" and args.export_dtype != "float32":
+            raise ConfigError("--export-target openvino is a float32 graph: drop --export-dtype float64")
+    if getattr(args, "runtime", None) == "openvino":
+        from dopq.export.openvino_runtime import require_openvino
+
+        require_openvino()  # before any image is read
 
 
 def _export(
@@ -363,17 +462,23 @@ def _export(
 
     metadata = {**meta, "recipe": config.to_dict(), "export_command": meta.get("command")}
     report = export_onnx(
-        model, args.export, args.opset, args.integer_attention, metadata, float_dtype=args.export_dtype
+        model,
+        args.export,
+        args.opset,
+        args.integer_attention,
+        metadata,
+        float_dtype=args.export_dtype,
+        target=args.export_target,
     )
     print(
         f"wrote {report.path} ({report.bytes / 1e6:.2f} MB, {report.weight_storage} weights, "
-        f"opset {report.opset}, {report.float_dtype})"
+        f"opset {report.opset}, {report.float_dtype}, for {report.target})"
     )
     return report.to_dict()
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from dopq.experiment import command_line
+    from dopq.environment import command_line
     from dopq.serialize import load_quantized
 
     model, config, meta = load_quantized(args.quantized)
@@ -392,6 +497,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         )
     if args.onnx is not None and args.compile:
         raise ConfigError("--compile is for --quantized alone: onnxruntime runs the --onnx model")
+    if args.onnx is None and args.runtime is not None:
+        raise ConfigError("--runtime is for --onnx: it names what runs the exported model")
     common = dict(
         eval_split=args.eval_split,
         eval_subset=args.eval_subset,
@@ -402,7 +509,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         skip_bad_images=args.skip_bad_images,
     )
     if args.onnx is not None:
-        result = evaluate_onnx(args.onnx, args.data, quantized=args.quantized, threads=args.threads, **common)
+        result = evaluate_onnx(
+            args.onnx,
+            args.data,
+            quantized=args.quantized,
+            threads=args.threads,
+            runtime=args.runtime or "onnxruntime",
+            **common,
+        )
     else:
         result = evaluate_saved(
             args.quantized,
@@ -435,7 +549,13 @@ def _join_process_group(args: argparse.Namespace, argv: list[str] | None) -> Non
         raise ConfigError(
             "dopq evaluate --onnx runs in one process (onnxruntime has its own threads); start it without torchrun"
         )
-    distributed.exit_with_one_line_on_sigterm()  # before any thread of the process group starts
+    note = None
+    if getattr(args, "checkpoint_dir", None) is not None:
+        note = (
+            f"the checkpoint in {args.checkpoint_dir} keeps every unit finished; resume with the same "
+            "torchrun command and --resume"
+        )
+    distributed.exit_with_one_line_on_sigterm(note)  # before any thread of the process group starts
     group = distributed.init_from_environment(args.device)
     distributed.check_same("arguments", sys.argv[1:] if argv is None else list(argv))
     if not group.is_main:
@@ -453,7 +573,11 @@ def _use_deterministic_kernels() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dopq`` command; user errors print one line and exit with 2."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except ConfigError as exc:
+        print(f"dopq: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {
         "quantize": _cmd_quantize,
@@ -475,6 +599,9 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(exc).split())  # always one line
         print(f"dopq: error: {message}", file=sys.stderr)
         return 2
+    except _Stopped as exc:
+        print(f"dopq: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("dopq: interrupted", file=sys.stderr)
         return 130

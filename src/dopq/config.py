@@ -35,6 +35,8 @@ LN_SHIFTS = ("bias", "input")
 MIN_BITS, MAX_BITS = 2, 8
 # float dtypes a quantized model is evaluated or exported in (float64: docs/export.md)
 FLOAT_DTYPES = ("float32", "float64")
+# what runs an exported ONNX model (dopq evaluate --onnx --runtime)
+RUNTIMES = ("onnxruntime", "openvino")
 
 
 def _check_bits(name: str, value: int) -> None:

@@ -117,8 +117,9 @@ def init_from_environment(device: str | torch.device = "cpu") -> ProcessGroup:
     return current()
 
 
-def exit_with_one_line_on_sigterm() -> None:
-    """When torchrun stops this process because another one failed, say so in one line and exit 1.
+def exit_with_one_line_on_sigterm(note: str | None = None) -> None:
+    """When torchrun stops this process because another one failed, say so in one line and exit 1
+    (``note`` ends the line: e.g. how to resume).
 
     torchrun sends SIGTERM to the survivors, which are then usually blocked inside a collective (C++
     code, where a Python signal handler would not run until it times out). So SIGTERM is blocked in
@@ -134,7 +135,7 @@ def exit_with_one_line_on_sigterm() -> None:
         files.remove_pending()
         print(
             f"dopq: error: process {current().rank} stopped: another process of this run failed "
-            "or the run was cancelled (see its message)",
+            "or the run was cancelled (see its message)" + (f"; {note}" if note else ""),
             file=sys.stderr,
             flush=True,
         )

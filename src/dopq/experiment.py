@@ -8,11 +8,8 @@ with one recipe and evaluates it, returning a JSON-ready result.
 from __future__ import annotations
 
 import copy
-import hashlib
+import json
 import logging
-import platform
-import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -22,9 +19,9 @@ import timm
 import torch
 from torch import nn
 
-import dopq
 from dopq import distributed
 from dopq.api import quantize_with_report
+from dopq.checkpoint import ReconstructionCheckpoint, RunIdentity
 from dopq.config import QuantConfig
 from dopq.data import (
     ImageLoader,
@@ -44,6 +41,7 @@ from dopq.data import (
     skipped_report,
     strided_indices,
 )
+from dopq.environment import command_line, cpu_info, environment, file_sha256, git_revision, library_versions
 from dopq.errors import ConfigError
 from dopq.evaluate import CompiledModel, EvalResult, evaluate, merge_results
 from dopq.models import build_model, get_adapter
@@ -52,6 +50,7 @@ from dopq.modules import in_dtype
 __all__ = [
     "RunSettings",
     "Workload",
+    "checkpoint_identity",
     "evaluate_onnx",
     "evaluate_saved",
     "load_workload",
@@ -112,21 +111,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
-
-
-def command_line() -> str:
-    """The command that is running, as a user would retype it."""
-    args = [shlex.quote(a) for a in sys.argv[1:]]
-    prog = "dopq" if Path(sys.argv[0]).name in ("dopq", "cli.py", "__main__.py") else sys.argv[0]
-    return " ".join([prog, *args])
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 PREPROCESS_OVERRIDES = ("mean", "std", "interpolation", "crop_pct")
@@ -263,77 +247,44 @@ def fp_baseline(work: Workload, progress: bool = True) -> EvalResult:
     return work.fp_result
 
 
-def git_revision() -> dict[str, Any] | None:
-    """The dopq checkout's commit and whether its tree has uncommitted changes (None outside git)."""
-    import subprocess
-
-    here = Path(__file__).resolve().parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-
-    try:
-        top = Path(git("rev-parse", "--show-toplevel")).resolve()
-        if here != top / "src" / "dopq":  # an installed copy inside some other repository
-            return None
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _versions() -> dict[str, str | None]:
-    try:
-        import onnxruntime
-
-        ort_version = onnxruntime.__version__
-    except ImportError:
-        ort_version = None
-    return {
-        "dopq": dopq.__version__,
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "onnxruntime": ort_version,
-        "python": platform.python_version(),
-    }
-
-
-def device_name(device: str | torch.device) -> str:
-    """A readable name of the device a run used: the GPU's name, or the CPU's."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return _cpu_name()
-
-
-def _cpu_name() -> str:
-    try:  # platform.processor() is often empty or just "x86_64" on Linux
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
-    """What produced a result: the command, library versions, git commit, device and thread count."""
-    return {
-        "command": command_line(),
-        "versions": _versions(),
-        "git": git_revision(),
-        "device_name": device_name(device),
-        "threads": torch.get_num_threads(),
-    }
-
-
 def _provenance(work: Workload) -> dict[str, Any]:
     s = work.settings
     return {
-        "checkpoint_sha256": _sha256(s.checkpoint) if s.checkpoint else None,
+        "checkpoint_sha256": file_sha256(s.checkpoint) if s.checkpoint else None,
         **environment(s.device),
     }
+
+
+# run settings that only concern the evaluation: a checkpoint does not depend on them
+_EVALUATION_SETTINGS = (
+    "checkpoint",
+    "eval_split",
+    "eval_subset",
+    "batch_size",
+    "workers",
+    "fp_eval",
+    "compile",
+)
+
+
+def checkpoint_identity(
+    work: Workload, config: QuantConfig, recon_size: int, allow_partial: bool
+) -> RunIdentity:
+    """What a reconstruction checkpoint of this run is written with, and resumed only with: the
+    recipe, the settings that choose the model and the images (not the evaluation's), the thread
+    count and number of processes (both change float results), and the weights file's SHA-256."""
+    run = {k: v for k, v in work.settings.to_dict().items() if k not in _EVALUATION_SETTINGS}
+    arguments = {
+        "recipe": config.to_dict(),
+        "run": run,
+        "preprocess": work.preprocess.to_dict(),
+        "recon_calib_size": recon_size,
+        "allow_partial": allow_partial,
+        "threads": torch.get_num_threads(),
+        "processes": distributed.current().world_size,
+    }
+    checkpoint = work.settings.checkpoint
+    return RunIdentity(json.loads(json.dumps(arguments)), file_sha256(checkpoint) if checkpoint else None)
 
 
 def run_recipe(
@@ -344,15 +295,31 @@ def run_recipe(
     recon_size: int | None = None,
     allow_partial: bool = False,
     eval_dtype: str = "float32",
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> tuple[dict[str, Any], nn.Module]:
     """Quantize a copy of the workload's model with ``config`` and evaluate it (``eval_dtype``
     ``"float64"``: the quantized model in float64, :func:`dopq.modules.float64_copy`).
+
+    With ``checkpoint_dir`` (and reconstruction) the run checkpoints there after calibration and
+    after every unit, and resumes from a checkpoint it finds there (``resume``: one must be there);
+    see :mod:`dopq.checkpoint`.
 
     Returns:
         ``(result, quantized_model)``; ``result`` has the fields of the CLI's JSON output.
     """
     s = work.settings
-    fp = fp_baseline(work, progress) if s.fp_eval else None
+    checkpoint = None
+    if checkpoint_dir is not None:
+        if config.reconstruct is None:
+            raise ConfigError("--checkpoint-dir is for runs with --reconstruct")
+        recon_size = recon_size or config.reconstruct.calib_size
+        identity = checkpoint_identity(work, config, recon_size, allow_partial)
+        checkpoint = ReconstructionCheckpoint(checkpoint_dir, identity, resume=resume)
+        checkpoint.load()  # a checkpoint of another run is refused now, before any work
+    # a checkpointed run evaluates the float model after reconstruction, so that a stop during it
+    # loses at most the unit in progress, not an evaluation that a resumed run would repeat
+    fp = fp_baseline(work, progress) if s.fp_eval and checkpoint is None else None
     model = copy.deepcopy(work.model).to(s.device)
     recon = None
     if config.reconstruct is not None:
@@ -364,8 +331,11 @@ def run_recipe(
         recon_data=recon,
         progress=progress,
         allow_partial=allow_partial,
+        checkpoint=checkpoint,
     )
     distributed.broadcast_module(model)  # bit-identical on every process (a no-op in one)
+    if s.fp_eval and fp is None:
+        fp = fp_baseline(work, progress)
     quant = _evaluate(
         work, in_dtype(model, eval_dtype), f"{method} W{config.w_bits}A{config.a_bits}", progress
     )
@@ -506,8 +476,10 @@ def evaluate_onnx(
     progress: bool = True,
     overrides: dict[str, Any] | None = None,
     skip_bad_images: bool = False,
+    runtime: str = "onnxruntime",
 ) -> dict[str, Any]:
-    """Evaluate an exported ONNX model with onnxruntime (CPU) under the usual protocol.
+    """Evaluate an exported ONNX model with onnxruntime or OpenVINO (``runtime``, CPU) under the
+    usual protocol.
 
     With ``quantized`` (a ``dopq quantize --save`` file) both run on the same images and the result
     also holds the share of identical top-1 predictions and the largest logit difference; the
@@ -515,14 +487,14 @@ def evaluate_onnx(
     is compared with the float64 simulation it reproduces.
     """
     from dopq.evaluate import compare
-    from dopq.export import OnnxModel
+    from dopq.export import load_runtime
 
-    onnx_model = OnnxModel(path, threads=threads)
+    onnx_model = load_runtime(path, runtime, threads=threads)
     meta = onnx_model.metadata()
     pre = _onnx_preprocess(meta, overrides)
     loader = _eval_loader(data, eval_split, eval_subset, pre, batch_size, workers, skip_bad_images)
     with single_line_errors():
-        res = evaluate(onnx_model, loader, progress=progress, desc="onnxruntime")
+        res = evaluate(onnx_model, loader, progress=progress, desc=runtime)
     recipe = meta.get("recipe") or {}
     result: dict[str, Any] = {
         "model": meta.get("arch"),
@@ -537,11 +509,13 @@ def evaluate_onnx(
         "eval_images": res.images,
         "eval_images_per_second": res.images_per_second,
         "onnx_path": str(path),
+        "runtime": runtime,
         "onnx_metadata": {k: v for k, v in meta.items() if k != "preprocess"},
         "config": {"preprocess": pre.to_dict()},
         "command": command_line(),
-        "versions": _versions(),
+        "versions": library_versions(),
         "git": git_revision(),
+        "cpu": cpu_info(),
         "threads": threads or torch.get_num_threads(),
     }
     if quantized is not None:
@@ -550,7 +524,7 @@ def evaluate_onnx(
         model, _, _ = load_quantized(quantized)
         dtype = meta.get("float_dtype", "float32")
         agreement = compare(
-            in_dtype(model, dtype), onnx_model, loader, progress=progress, desc="simulation vs onnxruntime"
+            in_dtype(model, dtype), onnx_model, loader, progress=progress, desc=f"simulation vs {runtime}"
         )
         result["comparison"] = {
             "quantized_path": str(quantized),

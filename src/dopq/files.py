@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dopq.errors import ConfigError, DopqError
 
-__all__ = ["atomic_path", "check_output_path", "remove_pending"]
+__all__ = ["atomic_path", "check_output_dir", "check_output_path", "remove_pending"]
 
 _PENDING: set[Path] = set()  # temporaries of the atomic writes in progress
 
@@ -30,6 +30,19 @@ def check_output_path(path: str | Path, flag: str, error: type[DopqError] = Conf
         raise error(f"{flag} {path}: cannot create its folder ({exc.strerror})") from None
     if not os.access(path.parent, os.W_OK):
         raise error(f"{flag} {path}: its folder is not writable")
+
+
+def check_output_dir(path: str | Path, flag: str, error: type[DopqError] = ConfigError) -> None:
+    """Raise ``error`` now when files cannot be written in the folder ``path`` (created if missing)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise error(f"{flag} {path} is a file; give a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise error(f"{flag} {path}: cannot create it ({exc.strerror})") from None
+    if not os.access(path, os.W_OK):
+        raise error(f"{flag} {path} is not writable")
 
 
 @contextmanager

@@ -16,7 +16,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -33,6 +33,7 @@ from dopq.quantizers.adaround import AdaRoundQuantizer
 
 __all__ = [
     "BoundUnit",
+    "ReconstructionProgress",
     "block_loss",
     "bound_units",
     "cache_unit_io",
@@ -47,6 +48,36 @@ ROUNDING_REG_WEIGHT = 0.01
 WARMUP_FRACTION = 0.2
 BETA_START, BETA_END = 20.0, 2.0
 TANQ_LR = 1e-3
+
+
+@dataclasses.dataclass
+class ReconstructionProgress:
+    """Where a reconstruction stands between two units: everything the remaining units need
+    besides the model itself (what a checkpoint holds to resume, ``dopq.checkpoint``).
+
+    The optimiser and its schedule are made afresh for every unit, and each unit's cache is
+    rebuilt from the images (bit-identical to the chained cache, ``tests/test_reconstruct.py``), so
+    the two random streams are the only state carried from one unit to the next.
+
+    Args:
+        done: units finished, in forward order.
+        names: every unit's name, in forward order.
+        units: the finished units' statistics (``reconstruct``'s ``units`` entries).
+        batch_rng: state of the generator that draws the batches (``torch.Generator.get_state``).
+        drop_rng: state of the generator of the QDrop masks (on the model's device).
+        seconds: time spent on the finished units, in this run and the runs it resumes.
+    """
+
+    done: int
+    names: list[str]
+    units: list[dict[str, Any]]
+    batch_rng: torch.Tensor
+    drop_rng: torch.Tensor
+    seconds: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return len(self.names)
 
 
 class _Stop(Exception):
@@ -338,6 +369,8 @@ def reconstruct(
     images: torch.Tensor,
     config: QuantConfig,
     progress: bool = True,
+    resume_from: ReconstructionProgress | None = None,
+    after_unit: Callable[[ReconstructionProgress], None] | None = None,
 ) -> dict[str, Any]:
     """Reconstruct every unit of ``model`` in forward order against ``fp_model``.
 
@@ -347,6 +380,10 @@ def reconstruct(
         plan: from ``prepare_model``; gives the units.
         images: reconstruction images ``(N, 3, H, W)``, kept on CPU.
         config: the recipe; ``config.reconstruct`` holds the settings.
+        progress: show progress bars.
+        resume_from: go on after the units it says are done (``model`` must hold them): the
+            result is then the one an uninterrupted run gives.
+        after_unit: called after each unit with the progress so far (e.g. to write a checkpoint).
 
     Returns:
         Per-unit losses and times plus totals, JSON-ready.
@@ -368,16 +405,26 @@ def reconstruct(
     drop_generator = torch.Generator(device=device).manual_seed(rcfg.seed)  # QDrop masks
     q_units = plan.adapter.units(model)
     fp_units = plan.adapter.units(fp_model)
+    names = [name for name, _ in q_units]
     cache_bs = max(rcfg.batch_size, 64)
     links = chained_units(model, q_units, images[:1].to(device))
     q_calls = bound_units(model, q_units, images[:1].to(device))
     fp_calls = bound_units(fp_model, fp_units, images[:1].to(device))
     fp_units = dict(fp_units)
     stats: list[dict[str, Any]] = []
+    done, seconds_before = 0, 0.0
+    if resume_from is not None:
+        if resume_from.names != names:
+            raise ValueError(f"the progress to resume is for units {resume_from.names}, not {names}")
+        done, seconds_before = resume_from.done, resume_from.seconds
+        stats = [dict(u) for u in resume_from.units]
+        generator.set_state(resume_from.batch_rng)
+        drop_generator.set_state(resume_from.drop_rng)
     t_start = time.perf_counter()
     previous: tuple[nn.Module, torch.Tensor, torch.Tensor] | None = None  # unit, its inputs, its targets
-    outer = tqdm(q_units, desc="reconstruct", disable=not progress, unit="block")
-    for (name, unit), chained in zip(outer, links, strict=True):
+    outer = tqdm(total=len(q_units), initial=done, desc="reconstruct", disable=not progress, unit="block")
+    todo = itertools.islice(zip(q_units, links, strict=True), done, None)
+    for (name, unit), chained in todo:
         t0 = time.perf_counter()
         if chained and previous is not None:
             # the previous (already reconstructed) unit's outputs are this unit's inputs, and the float
@@ -408,9 +455,22 @@ def reconstruct(
         stats.append(res)
         log.info("reconstructed %s in %.1f s: block loss %.4g -> %.4g", name, res["seconds"],
                  res["loss_before"], res["loss_after"])  # fmt: skip
+        outer.update()
         outer.set_postfix(unit=name, loss=f"{res['loss_after']:.4g}")
         previous = (q_calls[name], inputs, targets)
         del inputs, targets
+        if after_unit is not None:
+            after_unit(
+                ReconstructionProgress(
+                    done=len(stats),
+                    names=names,
+                    units=stats,
+                    batch_rng=generator.get_state(),
+                    drop_rng=drop_generator.get_state(),
+                    seconds=seconds_before + time.perf_counter() - t_start,
+                )
+            )
+    outer.close()
     return {
         "iters_per_unit": iters,
         "rounding": rcfg.rounding,
@@ -420,6 +480,6 @@ def reconstruct(
         "lr_bias": rcfg.lr_bias_for(iters) if rcfg.learn_bias else None,
         "images": int(images.shape[0]),
         "batch_size": rcfg.batch_size,
-        "seconds": time.perf_counter() - t_start,
+        "seconds": seconds_before + time.perf_counter() - t_start,
         "units": stats,
     }

@@ -41,6 +41,8 @@ def result_table(result: dict[str, Any]) -> str:
     label = f"{result.get('method', 'quantized')} W{result['w_bits']}/A{result['a_bits']}"
     if result.get("eval_dtype") == "float64":
         label += " (float64)"
+    if result.get("runtime"):
+        label += f" on {result['runtime']}"
     rows = [
         ("", "top-1", "top-5", "images/s"),
         (
@@ -77,6 +79,13 @@ def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def _runtime_lines(result: dict[str, Any]) -> list[str]:
+    """The runtime an exported model ran on (``dopq evaluate --onnx``), with its threads."""
+    if not result.get("runtime"):
+        return []
+    return [f"Runtime: {result['runtime']} ({result.get('threads')} threads)", ""]
+
+
 def markdown_report(result: dict[str, Any]) -> str:
     """The result as a Markdown section with the exact command that produced it."""
     lines = [
@@ -84,6 +93,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         "",
         f"Command: `{result.get('command', '')}`",
         "",
+        *_runtime_lines(result),
         "| | top-1 | top-5 |",
         "|---|---|---|",
         f"| FP32 | {_pct(result.get('fp_top1'))} | {_pct(result.get('fp_top5'))} |",

@@ -27,7 +27,16 @@ from dopq.models.loading import HF_PREFIX
 from dopq.modules import QuantConv2d, QuantLinear, quantizers_of
 from dopq.quantizers import PerChannel, PerTensor, UniformQuantizer
 
-__all__ = ["FORMAT", "SCHEMA_VERSION", "load_quantized", "pack_codes", "save_quantized", "unpack_codes"]
+__all__ = [
+    "FORMAT",
+    "SCHEMA_VERSION",
+    "granularities",
+    "load_quantized",
+    "match_state",
+    "pack_codes",
+    "save_quantized",
+    "unpack_codes",
+]
 
 FORMAT = "dopq-quantized"
 SCHEMA_VERSION = 2
@@ -59,7 +68,9 @@ def _build(payload: dict[str, Any]) -> nn.Module:
     return timm.create_model(payload["arch"], pretrained=False, num_classes=payload["num_classes"])
 
 
-def _granularities(model: nn.Module) -> dict[str, int | None]:
+def granularities(model: nn.Module) -> dict[str, int | None]:
+    """Each uniform quantizer's channel axis (None: per tensor), by name: what a prepared model
+    needs besides its state to take a calibrated model's state (:func:`match_state`)."""
     return {name: q.channel_axis for name, q in quantizers_of(model) if isinstance(q, UniformQuantizer)}
 
 
@@ -107,6 +118,13 @@ def _weight_codes(model: nn.Module) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU copy that owns its storage: ``torch.save`` writes a view's whole storage,
+    so without the copy the bytes of a file would depend on how each tensor was made (e.g. a
+    quantizer parameter indexed out of its search grid), not just on the values."""
+    return tensor.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+
+
 def save_quantized(
     model: nn.Module,
     path: str | Path,
@@ -124,7 +142,7 @@ def save_quantized(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     codes = _weight_codes(model)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in codes}
+    state = {k: _compact(v) for k, v in model.state_dict().items() if k not in codes}
     arch = _arch_of(model)
     payload = {
         "format": FORMAT,
@@ -132,7 +150,7 @@ def save_quantized(
         "arch": arch,
         "num_classes": int(model.num_classes),
         "config": config.to_dict(),
-        "granularity": _granularities(model),
+        "granularity": granularities(model),
         "metadata": metadata or {},
         "state_dict": state,
         "weight_codes": codes,
@@ -164,13 +182,14 @@ def _read(path: Path) -> dict[str, Any]:
     return payload
 
 
-def _match_state(model: nn.Module, payload: dict[str, Any]) -> None:
-    """Give quantizer buffers the saved shapes and granularities, and add folded biases."""
+def match_state(model: nn.Module, granularity: dict[str, int | None], state: dict[str, torch.Tensor]) -> None:
+    """Make a freshly prepared ``model`` able to load ``state`` (a calibrated model's): give quantizer
+    buffers the saved shapes and ``granularity`` (:func:`granularities`), and add folded biases
+    and input offsets."""
     for name, q in quantizers_of(model):
-        if isinstance(q, UniformQuantizer) and name in payload["granularity"]:
-            axis = payload["granularity"][name]
+        if isinstance(q, UniformQuantizer) and name in granularity:
+            axis = granularity[name]
             q.granularity = PerTensor() if axis is None else PerChannel(axis)
-    state = payload["state_dict"]
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         if isinstance(module, nn.Linear) and module.bias is None and f"{prefix}bias" in state:
@@ -203,7 +222,7 @@ def load_quantized(
     config = QuantConfig.from_dict(payload["config"])
     model = _build(payload)
     prepare_model(model.eval(), config, allow_partial=bool(payload["metadata"].get("allow_partial")))
-    _match_state(model, payload)
+    match_state(model, payload["granularity"], payload["state_dict"])
     codes = payload.get("weight_codes", {})
     try:
         result = model.load_state_dict(payload["state_dict"], strict=False)

@@ -1,21 +1,34 @@
-"""Deployment: the integer form of a quantized model, its ONNX (QDQ) export and onnxruntime runs.
+"""Deployment: the integer form of a quantized model, its ONNX (QDQ) export and runs in onnxruntime
+or OpenVINO.
 
 Reads the quantized model only through the quantizers' code/table API, so the exported codes are
-the simulated ones. ``onnx`` / ``onnxruntime`` are imported lazily (clear errors when missing).
+the simulated ones. ``onnx`` / ``onnxruntime`` / ``openvino`` are imported lazily (clear errors when missing).
 """
 
 from dopq.export.deploy import check_quantized, to_deploy
 from dopq.export.onnx_export import DEFAULT_OPSET, MIN_OPSET, ExportReport, export_onnx
-from dopq.export.runtime import INTEGER_OPS, OnnxModel, optimized_op_counts, read_metadata
+from dopq.export.openvino_runtime import OpenVinoModel, openvino_layer_precisions
+from dopq.export.runtime import (
+    INTEGER_OPS,
+    RUNTIMES,
+    OnnxModel,
+    load_runtime,
+    optimized_op_counts,
+    read_metadata,
+)
 
 __all__ = [
     "DEFAULT_OPSET",
     "INTEGER_OPS",
     "MIN_OPSET",
+    "RUNTIMES",
     "ExportReport",
     "OnnxModel",
+    "OpenVinoModel",
     "check_quantized",
     "export_onnx",
+    "load_runtime",
+    "openvino_layer_precisions",
     "optimized_op_counts",
     "read_metadata",
     "to_deploy",

@@ -1,6 +1,7 @@
-"""The deploy form of a quantized model: integer weights, per-tensor activation Q/DQ, closed-form
-post-Softmax codes. It is built from the quantizers' own API (``codes``, ``dequantize``,
-``level_table``, the warp parameters) and computes in torch what the exported ONNX graph computes.
+"""The deploy form of a quantized model: integer weights, per-tensor activation Q/DQ, post-Softmax
+codes counted against the quantizer's own decision points. It is built from the quantizers' own API
+(``codes``, ``dequantize``, ``level_table``, ``decision_points``, the warp parameters) and computes
+in torch what the exported ONNX graph computes.
 
 :func:`to_deploy` swaps, in a copy, every ``QuantLinear`` / ``QuantConv2d`` / ``QuantMatMul`` for a
 deploy module; everything else (LayerNorm, Softmax, GELU, residual adds, position embeddings and
@@ -26,13 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dopq.config import RUNTIMES
 from dopq.errors import ExportError
 from dopq.export.symbolic import (
+    counted_levels,
     dequantize_weight,
+    int8_shift,
     integer_matmul,
     log_levels,
     qdq,
     quantize_codes,
+    symmetric_qdq,
     tan_levels,
     threshold_levels,
 )
@@ -40,6 +45,7 @@ from dopq.modules import Float64Model, QuantConv2d, QuantLinear, QuantMatMul, qu
 from dopq.quantizers import LevelQuantizer, LogQuantizer, Quantizer, TanQQuantizer, UniformQuantizer
 
 __all__ = [
+    "TARGETS",
     "ActivationQDQ",
     "DeployConv2d",
     "DeployLinear",
@@ -93,6 +99,16 @@ class ActivationQDQ(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return qdq(x, self.scale, self.zero_point, self.bits)
 
+    def symmetric(self, x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, float]:
+        """``x``'s Q/DQ with zero point 0 and the offset it adds to every value: its codes as they
+        are, ``q`` in uint8 (offset ``z s``), or ``signed``, ``q - z + c`` in int8 with the smallest
+        shift ``c`` that fits (offset ``c s``; 0 up to 7 bits). A product of two activations runs on
+        OpenVINO's integer kernels only in this form; the product removes the offsets' share."""
+        if not self.zero_point:
+            return self(x), 0.0
+        shift = int8_shift(self.zero_point, self.bits) if signed else self.zero_point
+        return symmetric_qdq(x, self.scale, self.zero_point, self.bits, shift, signed), shift * self.scale
+
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 codes of a float64 ``x`` (the float64 form's integer operands)."""
         return quantize_codes(x, self.scale, self.zero_point, self.bits)
@@ -105,15 +121,27 @@ class ActivationQDQ(nn.Module):
 class WeightCodes(nn.Module):
     """Integer weight codes with per-output-channel scales and zero points.
 
-    Codes ``q`` in ``[0, 2^b - 1]`` with zero points ``z`` are stored centred, ``q - z`` with zero
-    point 0 (symmetric, the fast case of integer GEMMs), when that fits the container (int4 up to 4
-    bits, where the export packs them, int8 above); otherwise shifted by half the range,
-    ``q - 2^(b-1)`` with zero points ``z - 2^(b-1)``, which always fits. ``flatten`` stores a
+    Two storages, by the runtime the export is for (``symmetric``). For onnxruntime, codes are
+    stored centred, ``q - z`` with zero point 0 (symmetric, the fast case of integer GEMMs), when that
+    fits the container (int4 up to 4 bits, where the export packs them, int8 for 5-7 bits); otherwise
+    shifted by half the range, ``q - 2^(b-1)`` with zero points ``z - 2^(b-1)``, which always fits;
+    8-bit codes are stored as they are, uint8 with their zero points (see ``__init__``). For
+    OpenVINO (``symmetric``), codes are stored as ``q - z + c`` with zero point ``c``, per channel
+    the smallest shift that fits the signed container (0 where the centred codes fit), and
+    :meth:`symmetric` dequantizes without the zero points, ``codes * s``, with :attr:`offset` holding
+    ``c * s``: ``x @ W = x @ symmetric - rowsum(x) * offset``, the form in which OpenVINO runs the
+    product on integer kernels (it has none for weights with zero points). ``flatten`` stores a
     convolution kernel as ``(out, in * kh * kw)`` (before ``transpose``), the patches-times-weights form.
     """
 
     def __init__(
-        self, weight: torch.Tensor, q: UniformQuantizer, where: str, transpose: bool, flatten: bool = False
+        self,
+        weight: torch.Tensor,
+        q: UniformQuantizer,
+        where: str,
+        transpose: bool,
+        flatten: bool = False,
+        symmetric: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(q, UniformQuantizer) or q.channel_axis not in (0, None):
@@ -125,22 +153,36 @@ class WeightCodes(nn.Module):
         lo, hi = q.code_range
         if not torch.equal(zero_point, zero_point.round()) or zero_point.min() < lo or zero_point.max() > hi:
             raise ExportError(f"{where}: weight zero points are not integer codes in [{lo}, {hi}]")
-        zero_point = zero_point.long()
         shape = (-1,) + (1,) * (codes.ndim - 1)
-        centred = codes - zero_point.view(shape)
+        centred = codes - zero_point.long().view(shape)
         container_bits = 4 if self.bits <= 4 else 8  # INT4 (packed by the export) or int8
         limit = 2 ** (container_bits - 1)
-        if -limit <= centred.min() and centred.max() < limit:
-            stored, zp = centred, torch.zeros_like(zero_point)
+        dtype = torch.int8
+        if symmetric:
+            shift = _container_shift(centred.reshape(channels, -1), container_bits)
+            stored, zp = centred + shift.view(shape), shift
+        elif self.bits == 8:
+            # uint8 codes with their zero points: onnxruntime then multiplies uint8 by uint8, which is
+            # exact on every x86 CPU, where uint8 x int8 saturates int16 pair sums on CPUs without
+            # VNNI (AVX2) once both operands use their full 8-bit range
+            stored, zp, dtype = codes, zero_point.long(), torch.uint8
+        elif -limit <= centred.min() and centred.max() < limit:
+            stored, zp = centred, torch.zeros_like(zero_point.long())
         else:
             half = 2 ** (self.bits - 1)
-            stored, zp = codes - half, zero_point - half
+            stored, zp = codes - half, zero_point.long() - half
         self.axis = 1 if transpose else 0
         stored = stored.reshape(channels, -1) if flatten else stored  # a kernel as one row per output
         stored = stored.t() if transpose else stored
-        self.register_buffer("codes", stored.to(torch.int8).contiguous())
+        self.register_buffer("codes", stored.to(dtype).contiguous())
         self.register_buffer("scale", q.scale.detach().float().reshape(-1).expand(channels).clone())
-        self.register_buffer("zero_point", zp.to(torch.int8))
+        self.register_buffer("zero_point", zp.to(dtype))
+        self.register_buffer("offset", (zp.double() * self.scale.double()).float())
+        self.symmetric_storage = symmetric
+
+    @property
+    def has_zero_points(self) -> bool:
+        return bool(self.zero_point.any())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -151,11 +193,36 @@ class WeightCodes(nn.Module):
     def forward(self) -> torch.Tensor:
         return dequantize_weight(self.codes, self.scale, self.zero_point, self.axis)
 
+    def symmetric(self) -> torch.Tensor:
+        """``codes * s``: the weights plus ``offset`` per output channel."""
+        return dequantize_weight(self.codes, self.scale, None, self.axis)
+
     def dequantize64(self) -> torch.Tensor:
         """``(codes - z) * s`` in float64."""
         shape = [1] * self.codes.ndim
         shape[self.axis] = -1
         return (self.codes.double() - self.zero_point.double().view(shape)) * self.scale.double().view(shape)
+
+
+def _container_shift(centred: torch.Tensor, container_bits: int) -> torch.Tensor:
+    """Per row, the smallest shift ``c`` with ``centred + c`` inside the signed container."""
+    limit = 2 ** (container_bits - 1)
+    low, high = centred.min(1).values, centred.max(1).values
+    zeros = torch.zeros_like(low)
+    return torch.where(low < -limit, -limit - low, torch.minimum(zeros, limit - 1 - high))
+
+
+TARGETS = RUNTIMES  # the runtimes a float32 graph can be shaped for
+
+
+def _symmetric(target: str, dtype: torch.dtype) -> bool:
+    """Operands without zero points: OpenVINO's float32 form (the float64 form has its own products)."""
+    return target == "openvino" and dtype == torch.float32
+
+
+def symmetric_weights(weight: WeightCodes) -> bool:
+    """Weights stored for OpenVINO with a per-channel shift whose share the product subtracts."""
+    return weight.symmetric_storage and weight.has_zero_points
 
 
 def _optional_qdq(q: nn.Module, where: str) -> nn.Module:
@@ -179,11 +246,14 @@ class DeployLinear(nn.Module):
     weight codes, scaled by ``s_x * s_w`` per output channel.
     """
 
-    def __init__(self, layer: QuantLinear, where: str, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, layer: QuantLinear, where: str, dtype: torch.dtype = torch.float32, target: str = "onnxruntime"
+    ) -> None:
         super().__init__()
         wq = _weight_quantizer(layer, where)
         self.input_qdq = _optional_qdq(layer.input_quantizer, where)
-        self.weight = WeightCodes(layer.weight, wq, where, transpose=True)
+        symmetric = _symmetric(target, dtype)
+        self.weight = WeightCodes(layer.weight, wq, where, transpose=True, symmetric=symmetric)
         bias = _float64_bias(layer.bias, layer.out_features)
         if layer.input_offset is not None:  # with the quantized weights, in float64
             bias += layer.input_offset.detach().double() @ self.weight.dequantize64()
@@ -193,9 +263,15 @@ class DeployLinear(nn.Module):
             self.register_buffer("product_scale", _product_scale(self.input_qdq, self.weight.scale))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.float64:
-            return torch.matmul(self.input_qdq(x), self.weight()) + self.bias
-        return _linear64(x, self.input_qdq, self.weight, self.product_scale) + self.bias
+        if self.float64:
+            return _linear64(x, self.input_qdq, self.weight, self.product_scale) + self.bias
+        x = self.input_qdq(x)
+        if not (symmetric_weights(self.weight) and isinstance(self.input_qdq, ActivationQDQ)):
+            return torch.matmul(x, self.weight()) + self.bias
+        # symmetric weights (OpenVINO's integer kernels need them) and the zero points' share
+        # from the input's row sums: x @ ((q - c) s) = x @ (q s) - rowsum(x) (c s)
+        product = torch.matmul(x, self.weight.symmetric()) - x.sum(-1, keepdim=True) * self.weight.offset
+        return product + self.bias  # the bias last: onnxruntime fuses it into BiasGelu
 
 
 def _float64_bias(bias: torch.Tensor | None, features: int) -> torch.Tensor:
@@ -274,16 +350,24 @@ class DeployConv2d(nn.Module):
 
 
 class SoftmaxLevels(nn.Module):
-    """The deploy form of a post-Softmax table quantizer: the level value of each element, from the
-    family's closed form (TanQ, log2, log-sqrt2) or by comparisons with every threshold; in float64
-    (:meth:`exact`) by comparisons with the table's own thresholds."""
+    """The deploy form of a post-Softmax table quantizer: the level value of each element.
+
+    Up to ``COUNTED_LEVELS_MAX_BITS`` its code is counted against the quantizer's own float32
+    decision points (:meth:`LevelQuantizer.decision_points`: the simulation's codes for every
+    float32 input, with no transcendental op) and the level read from the table; larger tables use
+    the family's closed form (TanQ, log2, log-sqrt2) or a comparison per threshold. In float64
+    (:meth:`exact`) the level comes from comparisons with the table's own thresholds.
+    """
 
     def __init__(self, q: LevelQuantizer) -> None:
         super().__init__()
         q = q.resolve()  # a per-module choice ("auto") exports as the family it chose
         levels, thresholds = (t.detach().double().tolist() for t in q.level_table())
         self.table = (levels, thresholds)
-        if isinstance(q, TanQQuantizer):
+        if len(thresholds) < 2**COUNTED_LEVELS_MAX_BITS:
+            self.register_buffer("levels", q.lookup_table().float().clone())
+            self.kind, self.args = "counted", (q.decision_points().double().tolist(),)
+        elif isinstance(q, TanQQuantizer):
             self.kind, self.args = "tanq", (*q.warp_params(), q.bits)
         elif isinstance(q, LogQuantizer):
             self.kind, self.args = "log", (float(q.delta), q.step, q.n_nonzero)
@@ -291,6 +375,8 @@ class SoftmaxLevels(nn.Module):
             self.kind, self.args = "table", self.table
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "counted":
+            return counted_levels(x, self.levels.to(x.dtype), *self.args)
         if self.kind == "tanq":
             return tan_levels(x, *self.args)
         if self.kind == "log":
@@ -314,6 +400,7 @@ class SoftmaxLevels(nn.Module):
 
 
 EXACT_LEVELS_MAX_BITS = 6  # float64 post-Softmax levels by comparisons: 2^b - 1 passes
+COUNTED_LEVELS_MAX_BITS = 6  # float32: codes counted, 2^b - 1 comparisons (fused by OpenVINO)
 
 
 def _fixed_point_scale(levels: torch.Tensor, max_code: int = 255) -> float:
@@ -344,9 +431,15 @@ class DeployMatMul(nn.Module):
     """
 
     def __init__(
-        self, layer: QuantMatMul, where: str, integer_levels: bool, dtype: torch.dtype = torch.float32
+        self,
+        layer: QuantMatMul,
+        where: str,
+        integer_levels: bool,
+        dtype: torch.dtype = torch.float32,
+        target: str = "onnxruntime",
     ) -> None:
         super().__init__()
+        self.symmetric = _symmetric(target, dtype)
         qa = layer.quantizer_a
         self.levels: SoftmaxLevels | None = None
         self.level_scale = 0.0
@@ -368,6 +461,8 @@ class DeployMatMul(nn.Module):
             a = self.levels(a)
             if self.level_scale:
                 a = qdq(a, self.level_scale, 0, 8)
+        if self.symmetric:
+            return _symmetric_product(self.qdq_a, a, self.qdq_b, b)
         return self.qdq_a(a) @ self.qdq_b(b)
 
     def _forward64(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -388,6 +483,26 @@ class DeployMatMul(nn.Module):
             return ((a_codes.double() - a_zero.double()) * a_scale) @ b
         scale = torch.tensor(a_scale * self.qdq_b.scale, dtype=torch.float64)
         return integer_matmul(a_codes, self.qdq_b.codes(b), a_zero, self.qdq_b.zero_code, scale)
+
+
+def _symmetric_product(qdq_a: nn.Module, a: torch.Tensor, qdq_b: nn.Module, b: torch.Tensor) -> torch.Tensor:
+    """``qdq_a(a) @ qdq_b(b)`` from operands without zero points, as OpenVINO's integer MatMul of two
+    activations needs them: the left one's codes in uint8 (onnxruntime's integer kernels want an
+    unsigned left operand), the right one's in int8. With ``a' = a + alpha`` and ``b' = b + beta``
+    (their offsets), ``a @ b = a' @ b' - alpha colsum(b') - beta rowsum(a' - alpha)``."""
+    alpha = beta = 0.0
+    if isinstance(qdq_a, ActivationQDQ):
+        a, alpha = qdq_a.symmetric(a, signed=False)
+    else:
+        a = qdq_a(a)
+    if isinstance(qdq_b, ActivationQDQ):
+        b, beta = qdq_b.symmetric(b, signed=True)
+    out = a @ b
+    if alpha:
+        out = out - b.sum(-2, keepdim=True) * alpha
+    if beta:
+        out = out - (a - alpha if alpha else a).sum(-1, keepdim=True) * beta
+    return out
 
 
 def _fake_quantize64(qdq_module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -412,7 +527,10 @@ def _set_child(root: nn.Module, qualified: str, new: nn.Module) -> None:
 
 @torch.no_grad()
 def to_deploy(
-    model: nn.Module, integer_levels: bool = False, dtype: torch.dtype = torch.float32
+    model: nn.Module,
+    integer_levels: bool = False,
+    dtype: torch.dtype = torch.float32,
+    target: str = "onnxruntime",
 ) -> nn.Module:
     """A CPU copy of a quantized model in deploy form (the model itself is not changed).
 
@@ -421,18 +539,24 @@ def to_deploy(
         integer_levels: round post-Softmax levels to 8-bit fixed point for an integer ``attn @ v``.
         dtype: ``torch.float32`` (QDQ, onnxruntime's fused integer kernels, the fast form) or
             ``torch.float64`` (the float parts in float64: the simulation's codes on any runtime).
+        target: the runtime whose integer kernels the float32 form is shaped for (``TARGETS``):
+            ``onnxruntime`` (weights with zero points, 8-bit weights unsigned) or ``openvino``
+            (every integer operand without zero points, their share subtracted from row sums).
+            The same codes either way.
     """
     check_quantized(model)
+    if target not in TARGETS:
+        raise ExportError(f"unknown export target {target!r}: use one of {', '.join(TARGETS)}")
     if dtype not in (torch.float32, torch.float64):
         raise ExportError(f"the deploy form is float32 or float64, not {dtype}")
     deploy = copy.deepcopy(model).cpu().eval()
     for name, module in list(deploy.named_modules()):
         if isinstance(module, QuantLinear):
-            _set_child(deploy, name, DeployLinear(module, name, dtype))
+            _set_child(deploy, name, DeployLinear(module, name, dtype, target))
         elif isinstance(module, QuantConv2d):
             _set_child(deploy, name, DeployConv2d(module, name, dtype))
         elif isinstance(module, QuantMatMul):
-            _set_child(deploy, name, DeployMatMul(module, name, integer_levels, dtype))
+            _set_child(deploy, name, DeployMatMul(module, name, integer_levels, dtype, target))
         elif dtype == torch.float64 and isinstance(module, nn.GELU) and module.approximate == "none":
             _set_child(deploy, name, Float32ErfGELU())
     if dtype == torch.float32:

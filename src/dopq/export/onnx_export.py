@@ -61,6 +61,7 @@ class ExportReport:
     integer_levels: bool
     seconds: float
     float_dtype: str = "float32"
+    target: str = "onnxruntime"
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -86,9 +87,10 @@ def _initializers(graph: Any) -> dict[str, Any]:
 
 def _weight_slots(node: Any, inits: dict[str, Any]) -> tuple[int, ...]:
     """The (codes, zero points) inputs of a node that reads constant weight codes, or ():
-    a per-axis DequantizeLinear (float32 form) or MatMulInteger's right operand (float64 form)."""
+    a per-axis DequantizeLinear (float32 form; codes alone when symmetric) or MatMulInteger's right
+    operand (float64 form)."""
     if node.op_type == "DequantizeLinear" and any(a.name == "axis" for a in node.attribute):
-        slots: tuple[int, ...] = (0, 2)
+        slots: tuple[int, ...] = (0, 2) if len(node.input) > 2 else (0,)
     elif node.op_type == "MatMulInteger":
         slots = (1, 3)
     else:
@@ -170,8 +172,9 @@ def export_onnx(
     integer_levels: bool = False,
     metadata: dict[str, Any] | None = None,
     float_dtype: str = "float32",
+    target: str = "onnxruntime",
 ) -> ExportReport:
-    """Export a quantized model to ONNX (QDQ) for onnxruntime's integer kernels.
+    """Export a quantized model to ONNX (QDQ) for the integer kernels of onnxruntime or OpenVINO.
 
     Args:
         model: a model returned by :func:`dopq.quantize` (or ``load_quantized``); it is not changed.
@@ -183,18 +186,22 @@ def export_onnx(
         float_dtype: ``"float32"`` (QDQ for onnxruntime's fused integer kernels: the fast graph) or
             ``"float64"`` (float parts in float64, products as ``MatMulInteger``: it reproduces the
             simulation's codes, at a cost in speed; docs/export.md).
+        target: ``"onnxruntime"`` or ``"openvino"``: the float32 graph shaped for that runtime's
+            integer kernels (:func:`dopq.export.deploy.to_deploy`); the codes are the same.
 
     Returns:
         An :class:`ExportReport`.
     """
     if float_dtype not in _TORCH_DTYPES:
         raise ExportError(f"float dtype must be one of {sorted(_TORCH_DTYPES)}, got {float_dtype!r}")
+    if target == "openvino" and float_dtype != "float32":
+        raise ExportError("--export-target openvino is a float32 graph; the float64 form is for onnxruntime")
     check_export_target(path, opset)
     onnx = require_onnx()
     path = Path(path)
     t0 = time.perf_counter()
     dtype = _TORCH_DTYPES[float_dtype]
-    deploy = to_deploy(model, integer_levels, dtype)
+    deploy = to_deploy(model, integer_levels, dtype, target)
     example = example_input(model).cpu()
     with atomic_path(path) as tmp:  # an interrupted export leaves no half file
         with warnings.catch_warnings():
@@ -212,15 +219,25 @@ def export_onnx(
         graph = onnx.load(str(tmp))
         packed = _pack_int4_weights(graph) if opset >= INT4_OPSET else 0
         _drop_unused_initializers(graph)
-        _set_metadata(graph, {**_model_metadata(model, integer_levels, dtype), **(metadata or {})})
+        own = {**_model_metadata(model, integer_levels, dtype), "target": target}
+        _set_metadata(graph, {**own, **(metadata or {})})
         onnx.checker.check_model(graph)
         onnx.save(graph, str(tmp))
         if dtype == torch.float64:
             _check_loads(tmp)
-    storage = "int4" if packed else "int8"
+    storage = "int4" if packed else _weight_container(deploy)
+    seconds = time.perf_counter() - t0
     return ExportReport(
-        str(path), path.stat().st_size, opset, storage, integer_levels, time.perf_counter() - t0, float_dtype
+        str(path), path.stat().st_size, opset, storage, integer_levels, seconds, float_dtype, target
     )
+
+
+def _weight_container(deploy: nn.Module) -> str:
+    """``uint8`` where every weight is stored as uint8 codes (8-bit weights), else ``int8``."""
+    from dopq.export.deploy import WeightCodes
+
+    dtypes = {m.codes.dtype for m in deploy.modules() if isinstance(m, WeightCodes)}
+    return "uint8" if dtypes == {torch.uint8} else "int8"
 
 
 def _check_loads(path: Path) -> None:

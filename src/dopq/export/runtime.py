@@ -1,4 +1,5 @@
-"""Run exported graphs with onnxruntime's CPU provider, as a torch module the evaluation loop can use."""
+"""Run exported graphs with onnxruntime's CPU provider, as a torch module the evaluation loop can use;
+:func:`load_runtime` picks onnxruntime or OpenVINO (:mod:`dopq.export.openvino_runtime`)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from dopq.config import RUNTIMES
 from dopq.errors import ExportError
 
-__all__ = ["INTEGER_OPS", "OnnxModel", "optimized_op_counts", "read_metadata", "require_onnxruntime"]
+__all__ = [
+    "INTEGER_OPS",
+    "RUNTIMES",
+    "OnnxModel",
+    "load_runtime",
+    "onnx_metadata",
+    "optimized_op_counts",
+    "read_metadata",
+    "require_onnxruntime",
+]
+
 
 # onnxruntime ops that compute on integer codes (after its QDQ fusions)
 INTEGER_OPS = frozenset(
@@ -82,6 +94,30 @@ def _decoded(meta: dict[str, str]) -> dict[str, Any]:
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The ``metadata_props`` of an exported model, JSON values decoded."""
     return OnnxModel(path, threads=1).metadata()
+
+
+def onnx_metadata(path: str | Path) -> dict[str, Any]:
+    """The ``metadata_props`` of an ONNX file read with the ``onnx`` package (no runtime needed)."""
+    from dopq.export.onnx_export import require_onnx
+
+    onnx = require_onnx()
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # a file the runtime loaded but onnx cannot parse is unusable
+        raise ExportError(f"cannot read the metadata of {path}: {type(exc).__name__}") from None
+    return _decoded({entry.key: entry.value for entry in model.metadata_props})
+
+
+def load_runtime(path: str | Path, runtime: str = "onnxruntime", threads: int | None = None) -> nn.Module:
+    """An exported model as ``forward(images) -> logits`` with ``metadata()``, run by onnxruntime
+    (:class:`OnnxModel`) or OpenVINO (:class:`~dopq.export.openvino_runtime.OpenVinoModel`)."""
+    if runtime == "onnxruntime":
+        return OnnxModel(path, threads=threads)
+    if runtime == "openvino":
+        from dopq.export.openvino_runtime import OpenVinoModel
+
+        return OpenVinoModel(path, threads=threads)
+    raise ExportError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
 
 
 def optimized_op_counts(path: str | Path, threads: int | None = 1) -> Counter[str]:

@@ -7,9 +7,17 @@ checked against the simulation without onnxruntime); each ``symbolic`` emits sta
   float ``Clip`` to ``[(0 - z) s, (2^b - 1 - z) s]`` keeps the codes inside the b-bit range, so the
   exported codes equal the simulated ``clamp(round(x / s) + z, 0, 2^b - 1)``.
 * ``dequantize_weight``: ``DequantizeLinear`` of a constant integer initializer, per output channel.
-* ``log_levels`` / ``tan_levels``: the nearest-level codes of the post-Softmax quantizers from closed
-  forms (elementwise ops only: onnxruntime's ``Gather`` is scalar and several times slower), returning
-  the level value; ``threshold_levels``: any table, by comparisons with every threshold.
+* ``counted_levels``: the level value of a post-Softmax (table) quantizer, its code counted as the
+  number of the quantizer's own decision points strictly below ``x`` (``Greater -> Cast -> Add`` per
+  point, no transcendental op; a runtime that fuses elementwise chains, as OpenVINO does, runs it
+  as one pass), then one ``Gather`` of the level table. The codes are the simulation's for every
+  float32 input, by construction (``LevelQuantizer.decision_points``).
+* ``log_levels`` / ``tan_levels``: the same codes from the families' closed forms (``Log``/``Exp``,
+  ``Tan``/``Atan``), for tables too large to count (above ``COUNTED_LEVELS_MAX_BITS``);
+  ``threshold_levels``: any table, by a ``Where`` per threshold (float64 reference form).
+* ``symmetric_qdq``: ``[Clip] -> QuantizeLinear -> DequantizeLinear`` whose dequantization has zero
+  point 0 (the codes shifted into an int8 or uint8 container): an operand of a product of two
+  activations in the form OpenVINO's integer MatMul needs; the caller removes the shift's share.
 
 The float64 form (``to_deploy(..., dtype=torch.float64)``) cannot use ``QuantizeLinear`` /
 ``DequantizeLinear`` (float32 only in onnxruntime); it uses:
@@ -27,16 +35,19 @@ import math
 import torch
 
 __all__ = [
+    "counted_levels",
     "dequantize_weight",
+    "int8_shift",
     "integer_matmul",
     "log_levels",
     "qdq",
     "quantize_codes",
+    "symmetric_qdq",
     "tan_levels",
     "threshold_levels",
 ]
 
-_ONNX_UINT8, _ONNX_DOUBLE = 2, 11  # onnx.TensorProto data types
+_ONNX_FLOAT, _ONNX_UINT8, _ONNX_INT32, _ONNX_DOUBLE = 1, 2, 6, 11  # onnx.TensorProto data types
 
 
 def _const(g, value: float | int | torch.Tensor, dtype: torch.dtype = torch.float32):
@@ -66,22 +77,61 @@ def qdq(x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tens
     return _QDQ.apply(x, scale, zero_point, bits)
 
 
+def int8_shift(zero_point: int, bits: int) -> int:
+    """The smallest ``c`` that puts the centred codes ``q - z + c`` of a b-bit code ``q`` in int8:
+    0 up to 7 bits (centred codes fit), ``z - 128`` at 8 bits."""
+    low, high = -zero_point, 2**bits - 1 - zero_point
+    return -128 - low if low < -128 else min(0, 127 - high)
+
+
+class _SymmetricQDQ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, bits, shift, signed):
+        centred = torch.clamp(torch.round(x / scale), -zero_point, 2**bits - 1 - zero_point)
+        if shift:  # no "+ 0" (see _QDQ)
+            centred = centred + shift
+        return centred * scale
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point, bits, shift, signed):
+        low = -128 if signed else 0
+        if shift - zero_point != low or 2**bits - 1 - zero_point + shift != low + 255:
+            bounds = ((0 - zero_point) * scale, (2**bits - 1 - zero_point) * scale)
+            x = g.op("Clip", x, *(_const(g, b) for b in bounds))
+        s, container = _const(g, scale), torch.int8 if signed else torch.uint8
+        codes = g.op("QuantizeLinear", x, s, _const(g, shift, container))
+        return g.op("DequantizeLinear", codes, s, _const(g, 0, container))
+
+
+def symmetric_qdq(
+    x: torch.Tensor, scale: float, zero_point: int, bits: int, shift: int, signed: bool
+) -> torch.Tensor:
+    """``(q - z + shift) * s`` for the b-bit codes ``q`` of ``x`` (zero point ``z``): the codes
+    ``q - z + shift`` in an int8 (``signed``) or uint8 container, dequantized with zero point 0 (the
+    form OpenVINO's integer MatMul of two activations needs); the caller removes ``shift * s``."""
+    return _SymmetricQDQ.apply(x, scale, zero_point, bits, shift, signed)
+
+
 class _DequantizeWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, codes, scale, zero_point, axis):
         shape = [1] * codes.ndim
         shape[axis] = -1
+        if zero_point is None:
+            return codes.float() * scale.view(shape)
         return (codes.float() - zero_point.float().view(shape)) * scale.view(shape)
 
     @staticmethod
     def symbolic(g, codes, scale, zero_point, axis):
+        if zero_point is None:  # symmetric: OpenVINO's integer kernels need no zero point input
+            return g.op("DequantizeLinear", codes, scale, axis_i=axis)
         return g.op("DequantizeLinear", codes, scale, zero_point, axis_i=axis)
 
 
 def dequantize_weight(
-    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, axis: int
+    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, axis: int
 ) -> torch.Tensor:
-    """``(codes - z) * s`` with per-``axis`` scale and zero point; codes int8/uint8."""
+    """``(codes - z) * s`` with per-``axis`` scale and zero point (None: 0); codes int8/uint8."""
     return _DequantizeWeight.apply(codes, scale, zero_point, axis)
 
 
@@ -150,6 +200,27 @@ class _TanLevels(torch.autograd.Function):
 def tan_levels(x: torch.Tensor, sharpness: float, center: float, clip: float, bits: int) -> torch.Tensor:
     """Level value of TanQ quantization, by TanQ's elementwise code rule."""
     return _TanLevels.apply(x, sharpness, center, clip, bits)
+
+
+class _CountedLevels(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, levels, thresholds):
+        # the number of thresholds strictly below x (bucketize's left rule), then the table
+        return levels[torch.bucketize(x, torch.tensor(thresholds, dtype=x.dtype))]
+
+    @staticmethod
+    def symbolic(g, x, levels, thresholds):
+        count = None
+        for th in thresholds:
+            step = g.op("Cast", g.op("Greater", x, _const(g, th)), to_i=_ONNX_FLOAT)
+            count = step if count is None else g.op("Add", count, step)
+        return g.op("Gather", levels, g.op("Cast", count, to_i=_ONNX_INT32), axis_i=0)
+
+
+def counted_levels(x: torch.Tensor, levels: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
+    """``levels[#{k : x > thresholds[k]}]``: a table quantizer's level of each element, its code
+    counted against ascending float32 decision points (exact: no rounding decides a code)."""
+    return _CountedLevels.apply(x, levels, thresholds)
 
 
 class _ThresholdLevels(torch.autograd.Function):

@@ -7,6 +7,8 @@ simulated quantizer are the same computation, so they agree bit for bit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from dopq.quantizers.base import Quantizer, register_quantizer
@@ -20,6 +22,7 @@ __all__ = [
     "LogSqrt2Quantizer",
     "attention_error",
     "codes_from_thresholds",
+    "float32_decision_points",
     "log_levels",
 ]
 
@@ -40,6 +43,48 @@ def _with_ste(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def codes_from_thresholds(x: torch.Tensor, thresholds: torch.Tensor, out_int32: bool = False) -> torch.Tensor:
     """Integer code of each element: the number of thresholds strictly below it."""
     return torch.bucketize(x, thresholds, out_int32=out_int32)
+
+
+def float32_decision_points(
+    codes: Callable[[torch.Tensor], torch.Tensor], n_codes: int, top: float
+) -> torch.Tensor:
+    """The float32 points where a monotone code function steps: ``t`` with ``codes(x) ==
+    #{k : x > t_k}`` for every float32 ``x`` in ``[0, top]``.
+
+    ``t_k`` is the largest float32 whose code is below ``k`` (``k = 1..n_codes - 1``), found by
+    bisection over the bit patterns of non-negative floats, which order them as their values do.
+    A code function that is not monotone, or whose top code is not reached by ``top``, raises
+    ``ValueError``: no threshold count could reproduce it.
+    """
+    wanted = torch.arange(1, n_codes, dtype=torch.int64)
+    lo = torch.zeros_like(wanted)  # bit pattern of 0.0: code 0 < k
+    hi = torch.full_like(wanted, int(torch.tensor(top, dtype=torch.float32).view(torch.int32)))
+
+    def code_of(bits: torch.Tensor) -> torch.Tensor:
+        return codes(bits.to(torch.int32).view(torch.float32)).long()
+
+    if int(code_of(lo[:1])) != 0 or int(code_of(hi[:1])) != n_codes - 1:
+        raise ValueError(f"codes must run from 0 at 0.0 to {n_codes - 1} at {top:g}")
+    while bool((hi - lo > 1).any()):
+        mid = (lo + hi) // 2
+        below = code_of(mid) < wanted
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    thresholds = lo.to(torch.int32).view(torch.float32)
+    _check_threshold_count(codes, thresholds, top)
+    return thresholds
+
+
+def _check_threshold_count(
+    codes: Callable[[torch.Tensor], torch.Tensor], thresholds: torch.Tensor, top: float
+) -> None:
+    """The threshold count must give the code function's own codes at every threshold, the floats
+    either side of it and a dense grid in between; otherwise the code function is not monotone."""
+    above = torch.nextafter(thresholds, torch.tensor(float("inf")))
+    below = torch.nextafter(thresholds, torch.tensor(0.0))
+    grid = torch.linspace(0, top, 1 << 16, dtype=torch.float32)
+    x = torch.cat([thresholds, above, below, grid])
+    if not torch.equal(codes(x).long(), codes_from_thresholds(x, thresholds)):
+        raise ValueError("the code function is not monotone: no threshold count reproduces it")
 
 
 def log_levels(
@@ -107,6 +152,15 @@ class LevelQuantizer(Quantizer):
     def lookup_table(self) -> torch.Tensor:
         """Dequantized value of every code."""
         return self.level_table()[0].detach()
+
+    def decision_points(self) -> torch.Tensor:
+        """float32 thresholds whose count is exactly :meth:`codes` for every float32 input in
+        ``[0, 4 * max level]`` (above it the top code): the exported code rule. They equal the
+        table's thresholds where the codes come from them (TanQ), and are where the log-domain
+        rounding really steps for the log quantizers (one float step from the table's at most)."""
+        top = 4.0 * float(self.lookup_table().float().max()) + 1.0
+        table = self.lookup_table()
+        return float32_decision_points(lambda x: self.codes(x.to(table)), len(table), top)
 
     def resolve(self) -> LevelQuantizer:
         """The quantizer that defines the levels: itself, or the family a chooser picked."""

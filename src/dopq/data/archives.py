@@ -1,0 +1,124 @@
+"""Tar archives as data roots: each indexed once per process, members read by offset.
+
+A plain ``.tar`` is read by member offset; a ``.tar.gz`` / ``.tgz`` is decompressed once per process
+into a temporary plain tar (in ``$TMPDIR``, removed at exit by the process that made it) and then read
+the same way. The index (:class:`ArchiveIndex`) is cached by path, modification time and size, however
+many splits and listings a run asks for.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gzip
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from dopq.errors import DataError
+
+__all__ = ["ArchiveIndex", "archive_index", "archive_kind"]
+
+logger = logging.getLogger("dopq.data")  # one logger for the data layer, the name its log lines show
+
+_TAR_SUFFIXES = (".tar",)
+_GZ_SUFFIXES = (".tar.gz", ".tgz")
+_ARCHIVE_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
+
+
+def archive_kind(path: Path) -> str | None:
+    """``"gz"`` for a ``.tar.gz`` / ``.tgz``, ``"tar"`` for a ``.tar``, None for anything else."""
+    name = path.name.lower()
+    if name.endswith(_GZ_SUFFIXES):
+        return "gz"
+    if name.endswith(_TAR_SUFFIXES):
+        return "tar"
+    return None
+
+
+def _norm_member(name: str) -> str:
+    """``./train/cat/1.jpg`` -> ``train/cat/1.jpg``; the archive root (``.``, ``./``) -> ``""``."""
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    return "/".join(parts)
+
+
+@dataclass
+class ArchiveIndex:
+    """An archive's index: its regular files (name -> (offset, size) in ``tar_path``), its folders and
+    the plain tar the members are read from (the archive itself, or its decompressed copy)."""
+
+    files: dict[str, tuple[int, int]]
+    dirs: set[str]
+    tar_path: Path
+
+
+_INDEX_CACHE: dict[tuple[str, int, int], ArchiveIndex] = {}
+_TEMP_TARS: list[tuple[int, Path]] = []  # (creating process, decompressed copy), removed at exit
+
+
+def _remove_temp_tars() -> None:
+    for pid, path in _TEMP_TARS:
+        if pid == os.getpid():  # never from a forked DataLoader worker
+            path.unlink(missing_ok=True)
+
+
+atexit.register(_remove_temp_tars)
+
+
+def _decompress(path: Path) -> Path:
+    """Write the decompressed stream of a ``.tar.gz`` to a temporary plain tar (removed at exit)."""
+    fd, name = tempfile.mkstemp(prefix=f"dopq-{path.name.split('.')[0]}-", suffix=".tar")
+    tmp = Path(name)
+    _TEMP_TARS.append((os.getpid(), tmp))
+    try:
+        with gzip.open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+    except (OSError, EOFError, zlib.error) as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None:  # disk full, permissions: not the archive
+            raise DataError(f"cannot decompress archive {path} into {tmp.parent}: {e.strerror or e}") from e
+        raise DataError(f"cannot read archive {path}: {e}") from e
+    return tmp
+
+
+def _scan_tar(path: Path, tar_path: Path) -> ArchiveIndex:
+    """Index a plain tar: member offsets and sizes, without reading member data."""
+    files: dict[str, tuple[int, int]] = {}
+    dirs: set[str] = set()
+    try:
+        with tarfile.open(tar_path, "r:", encoding="utf-8") as tar:
+            for member in tar:
+                name = _norm_member(member.name)
+                if not name:
+                    continue
+                if member.isdir():
+                    dirs.add(name)
+                elif member.isfile():
+                    files[name] = (member.offset_data, member.size)
+    except _ARCHIVE_ERRORS as e:
+        raise DataError(f"cannot read archive {path}: {e}") from e
+    for name in files:
+        parts = name.split("/")[:-1]
+        dirs.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+    return ArchiveIndex(files, dirs, tar_path)
+
+
+def archive_index(path: Path) -> ArchiveIndex:
+    """The archive's index, built once per process for each (path, modification time, size)."""
+    try:
+        stat = path.stat()
+    except OSError as e:
+        raise DataError(f"cannot read archive {path}: {e.strerror or e}") from e
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    listing = _INDEX_CACHE.get(key)
+    if listing is None:
+        start = time.perf_counter()
+        tar_path = _decompress(path) if archive_kind(path) == "gz" else path
+        listing = _INDEX_CACHE[key] = _scan_tar(path, tar_path)
+        logger.info("indexed %s: %d files (%.2f s)", path, len(listing.files), time.perf_counter() - start)
+    return listing

@@ -1,0 +1,171 @@
+"""Provenance of a result: the command, the dopq commit, library versions, the device and the CPU.
+
+Every result file records :func:`environment`, so a number can be traced to the code, the software and
+the machine that produced it. :func:`cpu_info` names the CPU and the integer instruction sets that
+decide how fast an integer (quantized) model can run on it.
+
+Example:
+    >>> info = cpu_info()
+    >>> sorted(info), set(info["integer_isa"]) <= set(INTEGER_ISA)
+    (['integer_isa', 'model'], True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import platform
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+import dopq
+
+__all__ = [
+    "INTEGER_ISA",
+    "command_line",
+    "cpu_info",
+    "device_name",
+    "environment",
+    "file_sha256",
+    "git_revision",
+    "library_versions",
+]
+
+INTEGER_ISA = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")
+"""x86 integer instruction sets that int8 kernels use, as Linux's ``/proc/cpuinfo`` names them."""
+
+_PROC_CPUINFO = Path("/proc/cpuinfo")
+
+
+def command_line() -> str:
+    """The command that is running, as a user would retype it. ``--resume`` is left out: a resumed
+    run records (and saves) what the run it continues would have."""
+    args = [shlex.quote(a) for a in sys.argv[1:] if a != "--resume"]
+    prog = "dopq" if Path(sys.argv[0]).name in ("dopq", "cli.py", "__main__.py") else sys.argv[0]
+    return " ".join([prog, *args])
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file (e.g. the checkpoint a result was computed from), read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def git_revision() -> dict[str, Any] | None:
+    """The dopq checkout's commit and whether its tree has uncommitted changes (None outside git)."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
+    try:
+        top = Path(git("rev-parse", "--show-toplevel")).resolve()
+        if here != top / "src" / "dopq":  # an installed copy inside some other repository
+            return None
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of dopq, torch, timm, the runtimes (None when not installed) and Python."""
+    return {
+        "dopq": dopq.__version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "onnxruntime": _installed_version("onnxruntime"),
+        "openvino": _installed_version("openvino"),
+        "python": platform.python_version(),
+    }
+
+
+def _installed_version(package: str) -> str | None:
+    """An optional package's version, None when it is not installed (without importing it)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _parse_proc_cpuinfo(text: str) -> tuple[str | None, set[str]]:
+    """The first processor's ``model name`` and ``flags`` in a Linux ``/proc/cpuinfo``."""
+    model, flags = None, set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model is None:
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+    return model, flags
+
+
+def _sysctl(name: str) -> str:
+    try:
+        return subprocess.run(
+            ["sysctl", "-n", name], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _macos_model_and_flags() -> tuple[str | None, set[str]]:
+    """macOS on Intel names its features in upper case without separators (``AVX512VNNI``)."""
+    features = f"{_sysctl('machdep.cpu.features')} {_sysctl('machdep.cpu.leaf7_features')}"
+    present = {re.sub(r"[^a-z0-9]", "", f.lower()) for f in features.split()}
+    flags = {isa for isa in INTEGER_ISA if isa.replace("_", "") in present}
+    return _sysctl("machdep.cpu.brand_string") or None, flags
+
+
+def cpu_info() -> dict[str, Any]:
+    """The CPU's model name and the integer instruction sets of :data:`INTEGER_ISA` it has.
+
+    Read from ``/proc/cpuinfo`` on Linux and ``sysctl`` on macOS; elsewhere (or where those say
+    nothing) the model comes from :mod:`platform` and no instruction set is claimed.
+
+    Returns:
+        ``{"model": str, "integer_isa": [...]}``, the instruction sets in :data:`INTEGER_ISA` order,
+        e.g. ``{"model": "Intel(R) Xeon(R) Platinum 8480+", "integer_isa": ["avx2", "avx512_vnni",
+        "avx_vnni", "amx_int8"]}``.
+    """
+    model, flags = None, set()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):  # no /proc (a sandbox): the platform fallback below
+            model, flags = _parse_proc_cpuinfo(_PROC_CPUINFO.read_text())
+    elif sys.platform == "darwin":
+        model, flags = _macos_model_and_flags()
+    model = model or platform.processor() or platform.machine() or "unknown"
+    return {"model": model, "integer_isa": [isa for isa in INTEGER_ISA if isa in flags]}
+
+
+def device_name(device: str | torch.device) -> str:
+    """A readable name of the device a run used: the GPU's name, or the CPU's."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_info()["model"]
+
+
+def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """What produced a result: the command, library versions, git commit, device, CPU and threads."""
+    return {
+        "command": command_line(),
+        "versions": library_versions(),
+        "git": git_revision(),
+        "device_name": device_name(device),
+        "cpu": cpu_info(),
+        "threads": torch.get_num_threads(),
+    }

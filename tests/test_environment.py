@@ -1,0 +1,84 @@
+"""Tests of dopq.environment: the CPU's model and integer instruction sets, and the provenance record."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from dopq import environment as env
+from dopq.environment import INTEGER_ISA, cpu_info, environment
+
+on_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+
+SAPPHIRE_RAPIDS = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse2 avx avx2 avx512f avx512_vnni avx_vnni amx_bf16 amx_tile amx_int8
+
+processor\t: 1
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse2 avx avx2 avx512f avx512_vnni avx_vnni amx_bf16 amx_tile amx_int8
+"""
+
+
+def test_cpu_info_has_the_shape_the_deployment_benchmark_reads() -> None:
+    info = cpu_info()
+    assert set(info) == {"model", "integer_isa"}
+    assert isinstance(info["model"], str) and info["model"]
+    assert isinstance(info["integer_isa"], list)
+    assert info["integer_isa"] == [isa for isa in INTEGER_ISA if isa in info["integer_isa"]]
+
+
+@on_linux
+def test_cpu_info_matches_this_machines_proc_cpuinfo() -> None:
+    text = Path("/proc/cpuinfo").read_text()
+    flags = set(next(line for line in text.splitlines() if line.startswith("flags")).split(":")[1].split())
+    model = next(
+        (line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None
+    )
+    info = cpu_info()
+    assert info["integer_isa"] == [isa for isa in INTEGER_ISA if isa in flags]
+    assert model is None or info["model"] == model
+
+
+@on_linux
+def test_cpu_info_reads_model_and_integer_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(SAPPHIRE_RAPIDS)
+    monkeypatch.setattr(env, "_PROC_CPUINFO", cpuinfo)
+    assert cpu_info() == {
+        "model": "Intel(R) Xeon(R) Platinum 8480+",
+        "integer_isa": ["avx2", "avx512_vnni", "avx_vnni", "amx_int8"],
+    }
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx avx2 avx512f avx512_bf16\n"
+    )
+    assert cpu_info() == {"model": "AMD EPYC", "integer_isa": ["avx2"]}
+
+
+@on_linux
+def test_cpu_info_without_proc_falls_back_to_platform(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(env, "_PROC_CPUINFO", tmp_path / "missing")
+    info = cpu_info()
+    assert info["integer_isa"] == [] and info["model"]
+
+
+def test_macos_features_are_mapped_to_linux_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    sysctl = {
+        "machdep.cpu.brand_string": "Intel(R) Core(TM) i9-10910 CPU @ 3.60GHz",
+        "machdep.cpu.features": "FPU SSE2 AVX1.0",
+        "machdep.cpu.leaf7_features": "AVX2 AVX512F AVX512VNNI",
+    }
+    monkeypatch.setattr(env, "_sysctl", lambda name: sysctl.get(name, ""))
+    assert env._macos_model_and_flags() == (sysctl["machdep.cpu.brand_string"], {"avx2", "avx512_vnni"})
+
+
+def test_environment_records_the_cpu() -> None:
+    record = environment("cpu")
+    assert record["cpu"] == cpu_info()
+    assert record["device_name"] == record["cpu"]["model"]
+    assert set(record) >= {"command", "versions", "git", "device_name", "cpu", "threads"}

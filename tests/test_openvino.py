@@ -1,0 +1,206 @@
+"""OpenVINO as a second runtime: the exported W8/A8 graph runs every Linear and every product of two
+activations on OpenVINO's integer kernels (read from its compiled runtime model), onnxruntime still
+fuses it into integer ops, both agree, and ``dopq evaluate --runtime openvino`` and its errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import dopq
+from dopq.cli import main
+from dopq.export import (
+    INTEGER_OPS,
+    OnnxModel,
+    OpenVinoModel,
+    export_onnx,
+    load_runtime,
+    openvino_layer_precisions,
+    optimized_op_counts,
+    to_deploy,
+)
+from dopq.modules import QuantLinear, QuantMatMul
+
+pytest.importorskip("openvino")
+
+INTEGER = {"u8", "i8"}
+
+
+def _vit() -> tuple[nn.Module, torch.Tensor]:
+    return timm.create_model("test_vit", num_classes=10).eval(), torch.randn(8, 3, 160, 160)
+
+
+def _swin() -> tuple[nn.Module, torch.Tensor]:
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        img_size=56,
+        depths=(1, 1),
+        num_heads=(1, 2),
+        embed_dim=32,
+        num_classes=10,
+    )
+    return model.eval(), torch.randn(8, 3, 56, 56)
+
+
+def _count(modules: nn.Module, kind: type) -> int:
+    return sum(isinstance(m, kind) for m in modules.modules())
+
+
+@pytest.mark.parametrize("make", [_vit, _swin], ids=["vit", "swin"])
+def test_openvino_runs_every_linear_and_product_on_integer_kernels(make, tmp_path: Path) -> None:
+    model, x = make()
+    dopq.quantize(
+        model, x, dopq.get_preset("dopq", w_bits=8, a_bits=8), progress=False
+    )  # uniform post-Softmax
+    path = export_onnx(model, tmp_path / "m.onnx", target="openvino").path
+    layers = openvino_layer_precisions(path)
+    linears = [precision for kind, precision in layers if kind == "FullyConnected"]
+    products = [precision for kind, precision in layers if kind == "MatMul"]
+    # every Linear (head included) is a FullyConnected on u8 x i8; q @ k^T and attn @ v too
+    assert len(linears) == _count(model, QuantLinear) and set(linears) <= INTEGER, layers
+    assert len(products) == _count(model, QuantMatMul) and set(products) <= INTEGER, layers
+    # the same graph still runs on onnxruntime's integer kernels, with no float product left
+    ops = optimized_op_counts(path)
+    assert ops.get("MatMul", 0) == 0 and ops.get("Gemm", 0) == 0, ops
+    assert sum(n for op, n in ops.items() if op in INTEGER_OPS) >= _count(model, QuantLinear), ops
+    # the two runtimes agree (their integer products are exact on VNNI / AMX CPUs; without VNNI
+    # both add u8 x i8 pairs in saturating 16 bits, so the exact check is the deploy form's, below)
+    ov, ort = OpenVinoModel(path, threads=1)(x), OnnxModel(path, threads=1)(x)
+    assert float((ov - ort).abs().max()) <= 0.05 * float(ort.abs().max())
+    assert (ov.argmax(1) == ort.argmax(1)).float().mean() >= 0.875
+
+
+def test_openvino_runs_dopq_w4a4_tanq_without_transcendental_ops(tmp_path: Path) -> None:
+    """The paper's recipe (TanQ post-Softmax) in OpenVINO: counted codes, no Tan/Atan layer in the
+    compiled model, every Linear and q @ k^T on integer kernels, the simulation's predictions."""
+    model, x = _vit()
+    dopq.quantize(model, x, dopq.get_preset("dopq", w_bits=4, a_bits=4), progress=False)
+    path = export_onnx(model, tmp_path / "m.onnx", target="openvino").path
+    layers = openvino_layer_precisions(path)
+    kinds = {kind for kind, _ in layers}
+    linears = [precision for kind, precision in layers if kind == "FullyConnected"]
+    assert "Math" not in kinds, layers  # OpenVINO's reference kernels for Tan / Atan
+    assert len(linears) == _count(model, QuantLinear) and set(linears) <= INTEGER, layers
+    with torch.no_grad():
+        simulated = model(x)
+    ov = OpenVinoModel(path, threads=1)(x)
+    assert (ov.argmax(1) == simulated.argmax(1)).float().mean() >= 0.75
+
+
+@pytest.mark.parametrize("softmax", ["uniform", "tanq"])
+def test_symmetric_products_compute_each_simulated_layer(softmax: str) -> None:
+    # W8/A8: zero points become shifts of the stored codes whose share each product subtracts; layer
+    # by layer (a whole W8 network moves a code now and then, from float rounding, docs/export.md)
+    model, x = _vit()
+    config = dopq.get_preset("dopq", w_bits=8, a_bits=8, softmax_quantizer=softmax)
+    dopq.quantize(model, x, config, progress=False)
+    deploy = to_deploy(model, target="openvino")
+    shifts = 0
+    torch.manual_seed(1)
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantLinear):
+            inputs: tuple[torch.Tensor, ...] = (torch.randn(2, 5, layer.in_features),)
+            shifts += int(deploy.get_submodule(name).weight.zero_point.ne(0).sum())
+        elif isinstance(layer, QuantMatMul):  # a non-negative left operand fits q @ k^T and attn @ v
+            inputs = (torch.rand(2, 3, 5, 8), torch.randn(2, 3, 8, 5))
+        else:
+            continue
+        with torch.no_grad():
+            simulated, deployed = layer(*inputs), deploy.get_submodule(name)(*inputs)
+        assert torch.allclose(deployed, simulated, atol=1e-5 * float(simulated.abs().max())), name
+    assert shifts > 0  # the corrections were exercised
+
+
+def test_load_runtime_picks_the_runtime(tmp_path: Path) -> None:
+    model, x = _vit()
+    dopq.quantize(model, x, dopq.get_preset("dopq", w_bits=8, a_bits=8), progress=False)
+    path = export_onnx(model, tmp_path / "m.onnx", metadata={"note": "kept"}).path
+    ov = load_runtime(path, "openvino", threads=1)
+    assert isinstance(ov, OpenVinoModel) and ov.metadata()["note"] == "kept"
+    assert isinstance(load_runtime(path, "onnxruntime", threads=1), OnnxModel)
+    with pytest.raises(dopq.errors.ExportError, match="unknown runtime"):
+        load_runtime(path, "tensorrt")
+    with pytest.raises(dopq.errors.ExportError, match="unknown export target"):
+        export_onnx(model, tmp_path / "t.onnx", target="tensorrt")
+    with pytest.raises(dopq.errors.ExportError, match="float32 graph"):
+        export_onnx(model, tmp_path / "t.onnx", target="openvino", float_dtype="float64")
+
+
+def test_onnxruntime_target_keeps_zero_points_and_unsigned_8bit_weights(tmp_path: Path) -> None:
+    """The onnxruntime graph has no row-sum corrections, and its 8-bit weights are uint8 (exact
+    uint8 x uint8 products where uint8 x int8 would saturate, on CPUs without VNNI)."""
+    model, x = _vit()
+    dopq.quantize(model, x, dopq.get_preset("dopq", w_bits=8, a_bits=8), progress=False)
+    ort_report = export_onnx(model, tmp_path / "ort.onnx")
+    ov_report = export_onnx(model, tmp_path / "ov.onnx", target="openvino")
+    assert (ort_report.weight_storage, ov_report.weight_storage) == ("uint8", "int8")
+    assert ov_report.target == "openvino"
+    import onnx
+
+    ops = [{n.op_type for n in onnx.load(r.path).graph.node} for r in (ort_report, ov_report)]
+    assert "ReduceSum" not in ops[0] and "ReduceSum" in ops[1]
+    ort, ov_graph_on_ort = OnnxModel(ort_report.path, threads=1)(x), OnnxModel(ov_report.path, threads=1)(x)
+    with torch.no_grad():
+        simulated = model(x)
+    # the onnxruntime graph tracks the simulation on every CPU; both graphs compute one function
+    assert float((ort - simulated).abs().max()) <= 0.05 * float(simulated.abs().max())
+    assert (ov_graph_on_ort.argmax(1) == ort.argmax(1)).float().mean() >= 0.75
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def _one_error(code: int, err: str, match: str) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("dopq: error: "), err
+    assert match in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def exported(image_folder, tmp_path_factory) -> tuple[Path, Path, Path]:
+    images = image_folder("openvino-data", per_class=3, size=32, ext="png")
+    out = tmp_path_factory.mktemp("ov")
+    onnx_path, saved = out / "m.onnx", out / "q.pt"
+    argv = ["quantize", "--model", "test_vit", "--data", str(images), "--calib-size", "4", "--quiet",
+            "--w-bits", "8", "--a-bits", "8", "--save", str(saved), "--export", str(onnx_path),
+            "--export-target", "openvino"]  # fmt: skip
+    assert main(argv) == 0
+    return images, onnx_path, saved
+
+
+def test_cli_evaluates_with_openvino(exported, tmp_path: Path, capsys) -> None:
+    images, onnx_path, saved = exported
+    out = tmp_path / "ev.json"
+    argv = ["evaluate", "--onnx", str(onnx_path), "--quantized", str(saved), "--data", str(images),
+            "--runtime", "openvino", "--threads", "1", "--quiet", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "on openvino" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["runtime"] == "openvino" and result["versions"]["openvino"]
+    assert result["eval_images"] == 6 and result["comparison"]["images"] == 6  # beside the simulation
+    assert "Runtime: openvino (1 threads)" in out.with_suffix(".md").read_text()
+
+
+def test_cli_runtime_errors(exported, capsys, monkeypatch) -> None:
+    images, onnx_path, _ = exported
+    base = ["evaluate", "--onnx", str(onnx_path), "--data", str(images)]
+    _one_error(main([*base, "--runtime", "tensorrt"]), capsys.readouterr().err, "invalid choice: 'tensorrt'")
+    _one_error(main(["evaluate", "--quantized", "q.pt", "--data", str(images), "--runtime", "openvino"]),
+               capsys.readouterr().err, "--runtime is for --onnx")  # fmt: skip
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import fails as if not installed
+    _one_error(
+        main([*base, "--runtime", "openvino"]), capsys.readouterr().err, "pip install 'dopq[openvino]'"
+    )
+
+
+def test_openvino_refuses_a_bad_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx")
+    with pytest.raises(dopq.errors.ExportError, match="OpenVINO cannot load"):
+        OpenVinoModel(bad)
