@@ -111,12 +111,19 @@ def suite_deploy(args: argparse.Namespace, workload, save) -> None:
     for arch in args.models:
         work = workload(args, arch)
         models = _deploy_models(args, work, arch, tmp)
+        _RUNNERS.clear()
         for part in args.deploy_parts:
             measure = _deploy_accuracy if part == "accuracy" else _deploy_timing
             for row in measure(args, work, arch, models, threads):
                 rows.setdefault(_row_key(row), {}).update(row)
             out[part] = {"command": command_line(), "threads": threads, "load_average": os.getloadavg()}
             save(name, {**out, "cpu": cpu_info(), "onnx_threads": threads, "rows": list(rows.values())})
+
+
+# The timing part's sessions stay alive until the next model: freeing OpenVINO's compiled models
+# together with onnxruntime sessions and NNCF's model at once crashed the process (SIGSEGV) here
+# before the results were written, so they are dropped only after ``save``.
+_RUNNERS: list[dict[Any, Any]] = []
 
 
 def _row_key(row: dict[str, Any]) -> tuple:
@@ -238,6 +245,7 @@ def _deploy_timing(args, work, arch: str, models: dict[str, dict[str, Any]], thr
         for label, entry in models.items()
         for runtime in _runtimes_of(entry)
     }
+    _RUNNERS.append(runners)  # freed after the results are saved (see _RUNNERS)
     batch = torch.stack([work.eval_dataset[i][0] for i in work.eval_indices[:32]])
     through = _timed_runs(runners, batch, args.repeats, 1)
     latency = _timed_runs(runners, batch[:1], args.repeats, 10)
