@@ -61,13 +61,12 @@ def _peer_quantize_static(fp_path: Path, out: Path, calib: torch.Tensor) -> None
     )  # fmt: skip
 
 
-def _timed_runs(
-    models: dict[str, OnnxModel], batch: torch.Tensor, repeats: int, inner: int
-) -> dict[str, float]:
-    """Median seconds of one call per model, models interleaved within each repeat."""
+def timed_runs(models: dict[Any, Any], batch: Any, repeats: int, inner: int = 1) -> dict[Any, float]:
+    """Median seconds of one call per model (any callable on ``batch``), models interleaved within
+    each repeat."""
     for m in models.values():
         m(batch)  # warm-up
-    times: dict[str, list[float]] = {k: [] for k in models}
+    times: dict[Any, list[float]] = {k: [] for k in models}
     for _ in range(repeats):
         for name, m in models.items():
             t0 = time.perf_counter()
@@ -247,8 +246,8 @@ def _deploy_timing(args, work, arch: str, models: dict[str, dict[str, Any]], thr
     }
     _RUNNERS.append(runners)  # freed after the results are saved (see _RUNNERS)
     batch = torch.stack([work.eval_dataset[i][0] for i in work.eval_indices[:32]])
-    through = _timed_runs(runners, batch, args.repeats, 1)
-    latency = _timed_runs(runners, batch[:1], args.repeats, 10)
+    through = timed_runs(runners, batch, args.repeats, 1)
+    latency = timed_runs(runners, batch[:1], args.repeats, 10)
     rows = []
     for (label, runtime), seconds in through.items():
         entry, path = models[label], _path(models[label], runtime)
@@ -426,8 +425,8 @@ def _float64_timing(args, work, arch: str, tmp: Path, threads: int) -> dict[int,
         for dtype, report in _export_both(model, arch, bits, tmp).items():
             sessions[(bits, dtype)] = OnnxModel(report.path, threads=threads)
     batch = torch.stack([work.eval_dataset[i][0] for i in work.eval_indices[:32]])
-    through = _timed_runs(sessions, batch, args.repeats, 1)
-    latency = _timed_runs(sessions, batch[:1], args.repeats, 10)
+    through = timed_runs(sessions, batch, args.repeats, 1)
+    latency = timed_runs(sessions, batch[:1], args.repeats, 10)
     entries: dict[int, dict[str, Any]] = {}
     for bits in args.bits:
         e: dict[str, Any] = {}

@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from deploy import timed_runs
 from dopq.api import quantize
 from dopq.config import get_preset
 from dopq.experiment import command_line
@@ -130,7 +128,7 @@ def suite_softmax_forms(args: argparse.Namespace, workload, save) -> None:
                 out = torch.from_numpy(run(x))
                 same = _same_level(form, out, simulated)
                 rows.append({"form": form, "runtime": runtime, "identical_to_simulation": same})
-        times = _interleaved(runners, x, args.repeats)
+        times = timed_runs(runners, x, args.repeats)
     for row in rows:
         row["ms"] = times[(row["form"], row["runtime"])] * 1e3
     save(
@@ -155,15 +153,3 @@ def _same_level(form: str, out: torch.Tensor, simulated: torch.Tensor) -> float 
     if form == "closed":
         return torch.isclose(out, simulated, rtol=1e-5, atol=1e-7).float().mean().item()
     return None
-
-
-def _interleaved(runners: dict[Any, Any], x: np.ndarray, repeats: int) -> dict[Any, float]:
-    for run in runners.values():
-        run(x)  # warm-up
-    times: dict[Any, list[float]] = {k: [] for k in runners}
-    for _ in range(repeats):
-        for key, run in runners.items():
-            t0 = time.perf_counter()
-            run(x)
-            times[key].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
