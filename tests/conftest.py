@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import timm
 import torch
+from torch import nn
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DEIT = SHARED / "models" / "deit_tiny_patch16_224.cifar10.safetensors"
@@ -32,6 +34,24 @@ def _one_thread():
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def tiny_vit() -> tuple[nn.Module, torch.Tensor]:
+    """timm's ``test_vit`` (random init, 10 classes) and a batch of 8 images for it."""
+    return timm.create_model("test_vit", num_classes=10).eval(), torch.randn(8, 3, 160, 160)
+
+
+def tiny_swin() -> tuple[nn.Module, torch.Tensor]:
+    """A two-stage Swin-Tiny-shaped model at 56 px (random init, 10 classes) and 8 images."""
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        img_size=56,
+        depths=(1, 1),
+        num_heads=(1, 2),
+        embed_dim=32,
+        num_classes=10,
+    )
+    return model.eval(), torch.randn(8, 3, 56, 56)
 
 
 def write_image_folder(

@@ -17,6 +17,8 @@ from onnx import numpy_helper
 from torch import nn
 
 import dopq
+from conftest import tiny_swin as _swin
+from conftest import tiny_vit as _vit
 from dopq.cli import main
 from dopq.errors import ExportError
 from dopq.export import INTEGER_OPS, OnnxModel, export_onnx, optimized_op_counts, read_metadata, to_deploy
@@ -25,22 +27,6 @@ from dopq.export.symbolic import qdq
 from dopq.modules import QuantConv2d, QuantLinear, QuantMatMul, float64_copy
 from dopq.quantizers import LevelQuantizer, PerTensor, UniformQuantizer, build_quantizer
 from dopq.serialize import load_quantized, pack_codes, save_quantized, unpack_codes
-
-
-def _vit() -> tuple[nn.Module, torch.Tensor]:
-    return timm.create_model("test_vit", num_classes=10).eval(), torch.randn(8, 3, 160, 160)
-
-
-def _swin() -> tuple[nn.Module, torch.Tensor]:
-    model = timm.create_model(
-        "swin_tiny_patch4_window7_224",
-        img_size=56,
-        depths=(1, 1),
-        num_heads=(1, 2),
-        embed_dim=32,
-        num_classes=10,
-    )
-    return model.eval(), torch.randn(8, 3, 56, 56)
 
 
 def _export_module(module: nn.Module, x: torch.Tensor, path: Path) -> np.ndarray:

@@ -9,11 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from torch import nn
 
 import dopq
+from conftest import tiny_swin as _swin
+from conftest import tiny_vit as _vit
 from dopq.cli import main
 from dopq.export import (
     INTEGER_OPS,
@@ -30,22 +31,6 @@ from dopq.modules import QuantLinear, QuantMatMul
 pytest.importorskip("openvino")
 
 INTEGER = {"u8", "i8"}
-
-
-def _vit() -> tuple[nn.Module, torch.Tensor]:
-    return timm.create_model("test_vit", num_classes=10).eval(), torch.randn(8, 3, 160, 160)
-
-
-def _swin() -> tuple[nn.Module, torch.Tensor]:
-    model = timm.create_model(
-        "swin_tiny_patch4_window7_224",
-        img_size=56,
-        depths=(1, 1),
-        num_heads=(1, 2),
-        embed_dim=32,
-        num_classes=10,
-    )
-    return model.eval(), torch.randn(8, 3, 56, 56)
 
 
 def _count(modules: nn.Module, kind: type) -> int:
