@@ -10,10 +10,16 @@ per module, the calibration time and a paired sign test against dopq on the same
 
 from __future__ import annotations
 
+import dataclasses
+import statistics
+import time
 from typing import Any
 
-from dopq.config import QuantConfig, get_preset
-from dopq.experiment import run_recipe
+import torch
+
+from dopq.config import TANQ_CENTERS_WIDE, QuantConfig, get_preset
+from dopq.data import calibration_indices, load_images
+from dopq.experiment import Workload, run_recipe
 from dopq.stress import rescale_layernorm_channels
 from render import sign_test_p
 
@@ -23,15 +29,19 @@ ACT_WIDE = (0.99, 0.995, 0.999, 0.9999, 0.99999)
 TAGS = {"deit_tiny_patch16_224": "deit", "swin_tiny_patch4_window7_224": "swin", STRESS: "stress"}
 
 
-def calib_gain_recipes(bits: int) -> dict[str, QuantConfig]:
-    """dopq and the two calibration-time switches, alone and together. GPTQ's objective is named, not
-    left to the width rule: ``gptq`` is the quantized-input target the earlier rows measured,
-    ``gptq-float`` the float model's output all the way, ``gptq-float-half`` half way (what
-    ``--weight-rounding gptq`` runs at 3 bits and below)."""
-    dopq = get_preset("dopq", w_bits=bits, a_bits=bits)
+def calib_gain_recipes(w_bits: int, a_bits: int | None = None) -> dict[str, QuantConfig]:
+    """The presets (recommended, dopq, repq) and dopq with each calibration-time switch, alone and
+    together. GPTQ's objective is named, not left to the width rule: ``gptq`` is the quantized-input
+    target the earlier rows measured, ``gptq-float`` the float model's output all the way,
+    ``gptq-float-half`` half way (what ``--weight-rounding gptq`` runs at 3 bits and below)."""
+    a_bits = w_bits if a_bits is None else a_bits
+    widths = {"w_bits": w_bits, "a_bits": a_bits}
+    dopq = get_preset("dopq", **widths)
     both = dopq.replace(weight_rounding="gptq", gptq_target="quantized", softmax_quantizer="auto")
     return {
-        "dopq": dopq,
+        "dopq": dopq,  # first: every other row is paired with it
+        "recommended": get_preset("recommended", **widths),
+        "repq": get_preset("repq", **widths),
         "dopq+gptq": dopq.replace(weight_rounding="gptq", gptq_target="quantized"),
         "dopq+auto": dopq.replace(softmax_quantizer="auto"),
         "dopq+gptq+auto": both,
@@ -46,6 +56,9 @@ def calib_gain_recipes(bits: int) -> dict[str, QuantConfig]:
             weight_rounding="gptq", gptq_target="float", gptq_target_shrink=0.5
         ),
         "dopq+gptq-float-half+auto": both.replace(gptq_target="float", gptq_target_shrink=0.5),
+        # TanQ's wider centre grid (the recommended preset's), alone and with GPTQ at its width rule
+        "dopq+tanq-wide": dopq.replace(tanq_centers=TANQ_CENTERS_WIDE),
+        "dopq+gptq+tanq-wide": dopq.replace(weight_rounding="gptq", tanq_centers=TANQ_CENTERS_WIDE),
     }
 
 
@@ -58,67 +71,128 @@ def paired(row: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any] |
     return {"gained": gained, "lost": lost, "p": sign_test_p(gained, lost)}
 
 
-def _row(work: Any, label: str, config: QuantConfig, model_label: str) -> dict[str, Any]:
+def fp_forward_seconds(model: torch.nn.Module, images: torch.Tensor, repeats: int = 3) -> float:
+    """Median wall time of one float forward of the calibration batch: the unit calibration times
+    are divided by, so that a ratio survives a loaded machine (measured just before each row)."""
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(images)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def with_calibration_seed(work: Workload, seed: int) -> Workload:
+    """The workload with the calibration images of another seed (same model, evaluation set and
+    float result, so that every seed's rows are paired on the same test images)."""
+    if seed == work.settings.seed:
+        return work
+    idx = calibration_indices(len(work.calib_dataset), work.settings.calib_size, seed)
+    images = load_images(work.calib_dataset, idx, num_workers=work.settings.workers).images
+    return dataclasses.replace(
+        work, settings=dataclasses.replace(work.settings, seed=seed), calib_images=images
+    )
+
+
+def _row(work: Workload, label: str, config: QuantConfig, model_label: str) -> dict[str, Any]:
+    fp_forward = fp_forward_seconds(work.model, work.calib_images)
     result, _ = run_recipe(work, config, method=label, progress=False)
     keep = ("model", "method", "w_bits", "a_bits", "fp_top1", "quant_top1", "calib_seconds", "eval_images",
             "timings", "fp_top1_correct", "quant_top1_correct", "coverage_summary")  # fmt: skip
     row = {k: result[k] for k in keep}
     row["model"] = model_label
+    row["seed"] = work.settings.seed
     row["recipe"] = config.to_dict()
     row["softmax_kinds"] = (result.get("coverage") or {}).get("softmax_kinds", {})
+    row["fp_forward_seconds"] = fp_forward
+    row["calib_forward_equivalents"] = result["calib_seconds"] / fp_forward
     return row
 
 
+def _same_config_row(base: dict[str, Any], label: str) -> dict[str, Any]:
+    """A recipe whose config equals dopq's at this width: dopq's row, not run again (same result)."""
+    return {**base, "method": label, "same_config_as": "dopq"}
+
+
+def _widths_of(args: Any) -> list[tuple[int, int]]:
+    if args.widths:
+        return [tuple(int(b) for b in spec.split("/")) for spec in args.widths]  # type: ignore[misc]
+    return [(b, b) for b in args.bits]
+
+
+def _stressed(work: Workload) -> dict[str, Any]:
+    """The outlier-stressed DeiT-Tiny: the stress suite's function-preserving LayerNorm rescale."""
+    info = rescale_layernorm_channels(work.model, n_channels=4, factor_range=(10.0, 40.0), seed=0)
+    work.fp_result = None
+    return {"rescale": {"channels_per_layernorm": 4, "factors": [10, 40], "layernorms": len(info)}}
+
+
 def suite_calib_gains(args: Any, workload: Any, save: Any) -> None:
+    seeds = args.seeds or [0]
     for name in args.models:
         arch = STRESS_ARCH if name == STRESS else name
-        work = workload(args, arch)
-        model_label = name
-        extra: dict[str, Any] = {}
-        if name == STRESS:  # the same rescale as the stress suite
-            info = rescale_layernorm_channels(work.model, n_channels=4, factor_range=(10.0, 40.0), seed=0)
-            work.fp_result = None
-            model_label = f"{arch} (outlier-stressed)"
-            extra["rescale"] = {"channels_per_layernorm": 4, "factors": [10, 40], "layernorms": len(info)}
+        base_work = workload(args, arch)
+        model_label = f"{arch} (outlier-stressed)" if name == STRESS else name
+        extra: dict[str, Any] = _stressed(base_work) if name == STRESS else {}
+        extra["seeds"] = seeds
         rows: list[dict[str, Any]] = []
-        for bits in args.bits:
-            base = None
-            for label, cfg in calib_gain_recipes(bits).items():
-                if args.recipes and label not in args.recipes:
-                    continue
-                row = _row(work, label, cfg, model_label)
-                base = row if label == "dopq" else base
-                row["paired_with_dopq"] = None if label == "dopq" else paired(row, base)
-                rows.append(row)
-                kinds = list(row["softmax_kinds"].values())
-                counts = {k: kinds.count(k) for k in dict.fromkeys(kinds)}
-                print(f"  {model_label} {label:16s} W{bits}A{bits} top1 {row['quant_top1']:.4f} "
-                      f"(fp {row['fp_top1']}) calib {row['calib_seconds']:.1f}s "
-                      f"paired {row['paired_with_dopq']} softmax {counts}", flush=True)  # fmt: skip
-                save(f"calib_gains_{TAGS.get(name, name)}{args.suffix}", {"rows": rows, **extra})
+        for seed in seeds:
+            work = with_calibration_seed(base_work, seed)
+            for w_bits, a_bits in _widths_of(args):
+                base = None
+                for label, cfg in calib_gain_recipes(w_bits, a_bits).items():
+                    if args.recipes and label not in args.recipes:
+                        continue
+                    if base is not None and cfg == get_preset("dopq", w_bits=w_bits, a_bits=a_bits):
+                        row = _same_config_row(base, label)
+                    else:
+                        row = _row(work, label, cfg, model_label)
+                    base = row if label == "dopq" else base
+                    row["paired_with_dopq"] = None if label == "dopq" else paired(row, base)
+                    rows.append(row)
+                    base_work.fp_result = work.fp_result  # evaluated once, shared by every seed
+                    kinds = list(row["softmax_kinds"].values())
+                    counts = {k: kinds.count(k) for k in dict.fromkeys(kinds)}
+                    print(f"  {model_label} seed {seed} {label:16s} W{w_bits}A{a_bits} top1 {row['quant_top1']:.4f} "
+                          f"(fp {row['fp_top1']}) calib {row['calib_seconds']:.1f}s "
+                          f"= {row['calib_forward_equivalents']:.0f} fwd, paired {row['paired_with_dopq']} "
+                          f"softmax {counts}", flush=True)  # fmt: skip
+                    save(f"calib_gains_{TAGS.get(name, name)}{args.suffix}", {"rows": rows, **extra})
 
 
 def suite_calib_gains_timing(args: Any, workload: Any, save: Any) -> None:
-    """Calibration time of each recipe on DeiT-Tiny W3/A3, repeats interleaved so that load from
-    anything else running falls on every recipe alike; medians and the ratio to dopq."""
+    """Calibration time of each recipe (DeiT-Tiny, W3/A3 unless ``--widths``), repeats interleaved so
+    that load from anything else running falls on every recipe alike: medians, the ratio to dopq,
+    and the time in float forwards of the calibration batch (one timed just before each
+    calibration, so each ratio is measured back to back)."""
     import copy
-    import statistics
 
     from dopq.api import quantize_with_report
 
-    work = workload(args, STRESS_ARCH)
-    recipes = {k: v for k, v in calib_gain_recipes(3).items() if not args.recipes or k in args.recipes}
-    times: dict[str, list[float]] = {label: [] for label in recipes}
-    for _ in range(args.repeats):
-        for label, cfg in recipes.items():
-            _, report = quantize_with_report(
-                copy.deepcopy(work.model), work.calib_images, cfg, progress=False
-            )
-            times[label].append(report.calib_seconds)
-            print(f"  {label}: calib {report.calib_seconds:.2f}s {report.timings}", flush=True)
-    medians = {label: statistics.median(t) for label, t in times.items()}
-    out = {
-        label: {"calib_seconds": t, "median": medians[label], "over_dopq": medians[label] / medians["dopq"]}
-        for label, t in times.items()
-    }
-    save(f"calib_gains_timing{args.suffix}", {"model": STRESS_ARCH, "bits": 3, "recipes": out})
+    work = workload(args, args.models[0] if args.widths else STRESS_ARCH)
+    for w_bits, a_bits in _widths_of(args) if args.widths else [(3, 3)]:
+        recipes = calib_gain_recipes(w_bits, a_bits)
+        recipes = {k: v for k, v in recipes.items() if not args.recipes or k in args.recipes}
+        times: dict[str, list[float]] = {label: [] for label in recipes}
+        forwards: dict[str, list[float]] = {label: [] for label in recipes}
+        for _ in range(args.repeats):
+            for label, cfg in recipes.items():
+                fp_forward = fp_forward_seconds(work.model, work.calib_images)
+                _, report = quantize_with_report(
+                    copy.deepcopy(work.model), work.calib_images, cfg, progress=False
+                )
+                times[label].append(report.calib_seconds)
+                forwards[label].append(report.calib_seconds / fp_forward)
+                print(f"  W{w_bits}A{a_bits} {label}: calib {report.calib_seconds:.2f}s = "
+                      f"{forwards[label][-1]:.1f} forwards", flush=True)  # fmt: skip
+        medians = {label: statistics.median(t) for label, t in times.items()}
+        fwd = {label: statistics.median(f) for label, f in forwards.items()}
+        out = {
+            label: {"calib_seconds": t, "median": medians[label], "over_dopq": medians[label] / medians["dopq"],
+                    "forward_equivalents": forwards[label], "median_forwards": fwd[label],
+                    "forwards_over_dopq": fwd[label] / fwd["dopq"]}
+            for label, t in times.items()
+        }  # fmt: skip
+        name = f"calib_gains_timing{args.suffix}" + (f"_w{w_bits}a{a_bits}" if args.widths else "")
+        save(name, {"model": work.settings.model, "bits": w_bits, "a_bits": a_bits, "recipes": out})

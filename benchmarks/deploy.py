@@ -134,21 +134,25 @@ def _deploy_models(args, work, arch: str, tmp: Path) -> dict[str, dict[str, Any]
     fp_path = tmp / f"{arch}_fp32.onnx"
     _fp32_onnx(work.model, fp_path)
     models: dict[str, dict[str, Any]] = {"fp32": {"path": fp_path, "w_bits": 32, "a_bits": 32}}
-    for spec in args.widths:
-        w, a = _width(spec)
-        config = get_preset("dopq", w_bits=w, a_bits=a)
-        model, qreport = quantize_with_report(
-            copy.deepcopy(work.model), work.calib_images, config, progress=False
-        )
-        paths = {}
-        for runtime in RUNTIMES:  # the graph shaped for each runtime's integer kernels (same codes)
-            report = export_onnx(model, tmp / f"{arch}_dopq_w{w}a{a}_{runtime}.onnx", target=runtime)
-            paths[runtime] = Path(report.path)
-        models[f"dopq W{w}/A{a}"] = {
-            "path": paths, "w_bits": w, "a_bits": a, "model": model, "method": "dopq",
-            "post_softmax": config.softmax_quantizer, "weight_storage": report.weight_storage,
-            "calib_seconds": qreport.calib_seconds,
-        }  # fmt: skip
+    for method in args.deploy_methods:
+        for spec in args.widths or DEPLOY_WIDTHS:
+            w, a = _width(spec)
+            config = get_preset(method, w_bits=w, a_bits=a)
+            model, qreport = quantize_with_report(
+                copy.deepcopy(work.model), work.calib_images, config, progress=False
+            )
+            paths = {}
+            for runtime in RUNTIMES:  # the graph shaped for each runtime's integer kernels (same codes)
+                out = tmp / f"{arch}_{method}_w{w}a{a}_{runtime}.onnx"
+                report = export_onnx(model, out, target=runtime)
+                paths[runtime] = Path(report.path)
+            models[f"{method} W{w}/A{a}"] = {
+                "path": paths, "w_bits": w, "a_bits": a, "model": model, "method": method,
+                "post_softmax": config.softmax_quantizer, "weight_storage": report.weight_storage,
+                "calib_seconds": qreport.calib_seconds,
+            }  # fmt: skip
+    if not args.deploy_peers:
+        return models
     ort_peer, nncf_peer = tmp / f"{arch}_ort_peer.onnx", tmp / f"{arch}_nncf_int8.xml"
     _peer_quantize_static(fp_path, ort_peer, work.calib_images)
     _peer_nncf(fp_path, nncf_peer, work.calib_images)

@@ -15,6 +15,10 @@
     python benchmarks/run.py families --threads 1   # every supported timm family, random init, W4/A4
     python benchmarks/run.py data            # data loading: streamed vs model-only images/s, peak RSS (CLI)
     python benchmarks/run.py calib-gains --threads 2 --models deit_tiny_patch16_224 stress   # GPTQ / auto post-Softmax
+    python benchmarks/run.py calib-gains --threads 2 --recipes dopq recommended repq --widths 8/8 4/8 4/4 3/3 \
+        --seeds 0 1 2 --suffix _preset   # the recommended preset against dopq and repq, paired
+    python benchmarks/run.py error-budget --threads 2 --models deit_tiny_patch16_224 stress --widths 4/4 3/3 \
+        --eval-subset 250   # what each kind of quantizer and each block costs (kept float in turn)
     python benchmarks/run.py large-models --threads 2   # ViT-B/16, ViT-L/16 W4/A4 on the CPU: peak RSS, time
     python benchmarks/run.py distributed --threads 1 --recon-calib-size 128 --recon-iters 20 --recon-batch-size 32
                                              # 1 process vs torchrun 2 gloo processes (DeiT-Tiny W3/A3)
@@ -268,6 +272,7 @@ _SUITES_ELSEWHERE = {
     "data": "data_bench",
     "calib-gains": "calib_gains",
     "calib-gains-timing": "calib_gains",
+    "error-budget": "error_budget",
     "large-models": "scale",
     "distributed": "scale",
     "speed": "speed",
@@ -311,9 +316,23 @@ def main(argv: list[str] | None = None) -> None:
         "--data-parts", nargs="+", choices=["throughput", "memory"], default=["throughput", "memory"]
     )
     p.add_argument("--data-tmp", type=Path, help="data: generated folders (default $TMPDIR/dopq-data-bench)")
-    p.add_argument("--widths", nargs="+", default=["8/8", "4/8", "4/4"], help="deploy: W/A widths, e.g. 4/8")
+    p.add_argument(
+        "--widths",
+        nargs="+",
+        help="deploy, calib-gains: W/A widths, e.g. 4/8 (deploy: 8/8 4/8 4/4; calib-gains: --bits)",
+    )
+    p.add_argument("--seeds", nargs="+", type=int, help="calib-gains: calibration seeds (default: 0)")
     p.add_argument(
         "--deploy-parts", nargs="+", choices=["accuracy", "timing"], default=["accuracy", "timing"]
+    )
+    p.add_argument(
+        "--deploy-methods", nargs="+", default=["dopq"], help="deploy: presets exported at each width"
+    )
+    p.add_argument(
+        "--no-deploy-peers",
+        dest="deploy_peers",
+        action="store_false",
+        help="deploy: skip quantize_static and NNCF",
     )
     p.add_argument(
         "--thread-check", type=int, default=200, help="deploy-float64: images run on another thread count too"

@@ -98,6 +98,12 @@ TANQ_GRIDS = {
     "tanq (default grid)": {},
     "tanq +centers 0.1/0.2": {"centers": (0.1, 0.2, 0.35, 0.5)},
     "tanq +clips q0.99/q0.98": {"clip_quantiles": (1.0, 0.9999, 0.999, 0.99, 0.98)},
+    "tanq +centers 0.65/0.8": {"centers": (0.35, 0.5, 0.65, 0.8)},
+    "tanq +centers 0.65/0.8/0.9": {"centers": (0.35, 0.5, 0.65, 0.8, 0.9)},
+    "tanq +centers 0.65/0.8/0.9, sharpness to 64": {
+        "centers": (0.35, 0.5, 0.65, 0.8, 0.9),
+        "sharpness": (0.01, 1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0),
+    },
 }
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job: quantize the shared DeiT-Tiny reference at W4/A4 with DopQ-ViT and print FP vs
+# The main job: quantize the shared DeiT-Tiny reference at W4/A4 with the recommended preset (DopQ-ViT
+# plus the calibration-time gains that win at each width) and print FP vs
 # quantized accuracy (strided 1000 CIFAR-10 test images) and timings; writes results/demo.json/.md.
 # Reads ../shared (or $DOPQ_SHARED) when present, else the bundled demo/ (the same checkpoint, the
 # same 1000 test images, 256 CIFAR-10 train images to calibrate from; scripts/make_demo_bundle.py).
@@ -18,6 +19,6 @@ exec .venv/bin/dopq quantize \
     --model deit_tiny_patch16_224 \
     --checkpoint "$CKPT" \
     --data "$DATA" \
-    --method "${METHOD:-dopq}" --w-bits 4 --a-bits 4 \
+    --method "${METHOD:-recommended}" --w-bits 4 --a-bits 4 \
     --calib-size 32 --seed 0 --eval-subset 1000 \
     --output results/demo.json "$@"

@@ -32,6 +32,14 @@ def test_quantize_accepts_tensors_and_loaders():
     assert all(bool(q.initialized) for _, q in quantizers_of(a))
 
 
+def test_recommended_preset_is_the_default_recipe():
+    images = torch.randn(4, 3, 160, 160)
+    _, report = dopq.quantize_with_report(_tiny(), images, progress=False)
+    assert report.config == dopq.get_preset("recommended", w_bits=4, a_bits=4)
+    _, report = dopq.quantize_with_report(_tiny(), images, "recommended", progress=False)
+    assert report.config.weight_rounding == "nearest"  # GPTQ only at <= 3 bits
+
+
 def test_w8a8_is_close_to_float():
     model = _tiny()
     images = torch.randn(16, 3, 160, 160)

@@ -20,6 +20,7 @@ from PIL import Image
 
 import dopq
 from dopq.cli import _settings_from, build_parser, main
+from dopq.config import get_preset
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DEIT = SHARED / "models" / "deit_tiny_patch16_224.cifar10.safetensors"
@@ -295,6 +296,20 @@ def test_preprocess_overrides_reach_the_run_settings() -> None:
     settings = _settings_from(args)
     assert (settings.mean, settings.std, settings.crop_pct) == ((0.5, 0.5, 0.5), None, 1.0)
     assert preprocess_overrides(settings) == expected
+
+
+def test_the_default_method_is_the_recommended_preset() -> None:
+    from dopq.cli import _config_from
+
+    base = ["quantize", "--model", "deit_tiny_patch16_224", "--data", "x"]
+    for widths in (["--w-bits", "3", "--a-bits", "3"], ["--w-bits", "4", "--a-bits", "8"]):
+        config = _config_from(build_parser().parse_args(base + widths))
+        w, a = int(widths[1]), int(widths[3])
+        assert config == get_preset("recommended", w_bits=w, a_bits=a)
+    paper = _config_from(
+        build_parser().parse_args([*base, "--method", "dopq", "--tanq-centers", "0.5", "0.9"])
+    )
+    assert paper == get_preset("dopq", tanq_centers=(0.5, 0.9))
 
 
 def test_reconstruction_flags_reach_the_recipe() -> None:

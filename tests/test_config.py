@@ -103,3 +103,47 @@ def test_act_percentiles_reach_the_activation_quantizers_only():
     assert linears
     assert all(m.input_quantizer.percentiles == (0.99, 0.999) for m in linears)
     assert all(m.weight_quantizer.percentiles == config.percentiles for m in linears)
+
+
+def test_recommended_preset_follows_the_width_by_rule() -> None:
+    def components(w: int, a: int) -> tuple:
+        c = get_preset("recommended", w_bits=w, a_bits=a)
+        return c.weight_rounding, c.gptq_target_used, c.softmax_quantizer
+
+    assert components(8, 8) == ("nearest", "quantized", "uniform")
+    assert components(4, 8) == ("nearest", "quantized", "uniform")
+    assert components(4, 4) == ("nearest", "quantized", "tanq")
+    assert components(3, 3) == ("gptq", "float", "tanq")
+    assert components(8, 3) == ("gptq", "float", "tanq")
+    # where the rule does not apply it is dopq's config; at 3 bits only the rounding differs
+    for w, a in ((8, 8), (4, 8), (4, 4), (6, 6)):
+        assert get_preset("recommended", w_bits=w, a_bits=a) == get_preset("dopq", w_bits=w, a_bits=a)
+    dopq = get_preset("dopq", w_bits=3, a_bits=3)
+    assert get_preset("recommended", w_bits=3, a_bits=3).replace(weight_rounding="nearest") == dopq
+    # anything given explicitly wins over the rule
+    given = get_preset("recommended", w_bits=3, a_bits=3, weight_rounding="nearest", tanq_centers=(0.5,))
+    assert (given.weight_rounding, given.tanq_centers) == ("nearest", (0.5,))
+    assert "recommended" in list_presets()
+    with pytest.raises(ConfigError, match=r"w_bits must be an integer in 2\.\.8"):
+        get_preset("recommended", w_bits=1)
+
+
+def test_tanq_centers_are_validated_and_reach_every_tanq_search() -> None:
+    import timm
+
+    from dopq.models import prepare_model
+    from dopq.quantizers.auto import AutoLevelQuantizer
+    from dopq.quantizers.tanq import TanQQuantizer
+
+    for bad in ((), (0.0, 0.5), (1.0,)):
+        with pytest.raises(ConfigError, match="tanq_centers must be in"):
+            QuantConfig(tanq_centers=bad)
+    assert get_preset("recommended").tanq_centers == (0.35, 0.5)  # the wide grid is opt-in
+    for softmax in ("tanq", "auto"):
+        config = get_preset("recommended", softmax_quantizer=softmax, tanq_centers=(0.35, 0.9))
+        model = timm.create_model("test_vit", num_classes=10)
+        prepare_model(model, config)
+        tanqs = [m for m in model.modules() if isinstance(m, TanQQuantizer)]
+        assert tanqs and all(q.grid[1] == config.tanq_centers for q in tanqs)
+        autos = [m for m in model.modules() if isinstance(m, AutoLevelQuantizer)]
+        assert len(autos) == (len(tanqs) if softmax == "auto" else 0)

@@ -36,5 +36,6 @@ def test_demo_runs_without_shared(tmp_path: Path) -> None:
     assert "using the bundled demo/" in proc.stderr
     result = json.loads(out.read_text())
     assert result["eval_images"] == 200
+    assert result["method"] == "recommended"  # the demo runs the default recipe
     # the shared DeiT-Tiny scores ~75 % on CIFAR-10 and ~74 % at W4/A4 (docs/RESULTS.md)
     assert result["fp_top1"] >= 0.68 and result["quant_top1"] >= 0.65, result

@@ -64,8 +64,10 @@ def test_exported_activation_codes_equal_the_simulated_ones(bits: int, tmp_path:
 
 
 def _calibrated_softmax_quantizer(name: str, bits: int) -> tuple[LevelQuantizer, torch.Tensor]:
-    kwargs = {"objective": "mse"} if name == "tanq" else {}
-    q = build_quantizer(name, bits, **kwargs)
+    # "tanq-m0.9": TanQ at the recommended grid's top centre (levels crowded near 0)
+    kwargs = {"objective": "mse", "centers": (0.9,)} if name == "tanq-m0.9" else {}
+    kwargs = {"objective": "mse"} if name == "tanq" else kwargs
+    q = build_quantizer(name.removesuffix("-m0.9"), bits, **kwargs)
     q.observing = True
     attn = torch.softmax(torch.randn(4, 3, 64, 64) * 4, dim=-1)
     q(attn)
@@ -74,7 +76,17 @@ def _calibrated_softmax_quantizer(name: str, bits: int) -> tuple[LevelQuantizer,
 
 
 @pytest.mark.parametrize(
-    ("name", "bits"), [("tanq", 2), ("tanq", 3), ("tanq", 4), ("tanq", 6), ("log2", 4), ("logsqrt2", 3)]
+    ("name", "bits"),
+    [
+        ("tanq", 2),
+        ("tanq", 3),
+        ("tanq", 4),
+        ("tanq", 6),
+        ("tanq-m0.9", 3),
+        ("tanq-m0.9", 4),
+        ("log2", 4),
+        ("logsqrt2", 3),
+    ],
 )
 def test_exported_softmax_codes_are_the_simulated_ones_at_every_threshold(
     name: str, bits: int, tmp_path: Path

@@ -11,6 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dopq.config import TANQ_CENTERS_WIDE
 from dopq.quantizers import (
     Log2Quantizer,
     LogSqrt2Quantizer,
@@ -215,6 +216,25 @@ def test_tanq_beats_log_quantizers_near_one():
         high = a > 0.5
         errs[name] = float((y - a)[high].pow(2).mean())
     assert errs["tanq"] < errs["log2"] and errs["tanq"] < errs["logsqrt2"]
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_wide_tanq_centres_cut_the_error_of_diffuse_attention(bits: int) -> None:
+    # ViT-like rows (197 tokens, most values near 1/197): centres above 1/2 put more levels near 0;
+    # the wider grid must beat dopq's by a clear margin and both log grids (docs/tanq.md)
+    gen = torch.Generator().manual_seed(0)
+    attn = torch.softmax(torch.randn(2, 3, 197, 197, generator=gen) * 2.5, -1)
+    v = torch.randn(2, 3, 197, 16, generator=gen)
+    ref = attn @ v
+
+    def error(q) -> float:
+        y = _observe(q, attn, v) if isinstance(q, TanQQuantizer) else _observe(q, attn)
+        return float((y @ v - ref).pow(2).sum() / ref.pow(2).sum())
+
+    default = error(TanQQuantizer(bits))
+    wide = error(TanQQuantizer(bits, centers=TANQ_CENTERS_WIDE))
+    assert wide < 0.75 * default
+    assert wide < min(error(build_quantizer("log2", bits)), error(build_quantizer("logsqrt2", bits)))
 
 
 def test_tanq_output_objective_targets_attn_v():
@@ -643,10 +663,14 @@ def test_quantized_weight_is_remembered_only_while_nothing_changes() -> None:
     assert len(calls) == 7  # outside an evaluation nothing is remembered
 
 
-@pytest.mark.parametrize(("name", "bits"), [("tanq", 3), ("tanq", 4), ("log2", 3), ("logsqrt2", 4)])
+@pytest.mark.parametrize(
+    ("name", "bits"), [("tanq", 3), ("tanq", 4), ("tanq-m0.9", 4), ("log2", 3), ("logsqrt2", 4)]
+)
 def test_decision_points_count_to_the_codes_of_every_float(name: str, bits: int) -> None:
-    kwargs = {"objective": "mse"} if name == "tanq" else {}
-    q = build_quantizer(name, bits, **kwargs)
+    kwargs = {"objective": "mse"} if name.startswith("tanq") else {}
+    if name == "tanq-m0.9":  # the recommended grid's top centre: levels crowded near 0
+        kwargs["centers"] = (0.9,)
+    q = build_quantizer(name.removesuffix("-m0.9"), bits, **kwargs)
     q.observing = True
     q(torch.softmax(torch.randn(2, 3, 32, 32) * 4, dim=-1))
     q.observing = False
@@ -657,7 +681,7 @@ def test_decision_points_count_to_the_codes_of_every_float(name: str, bits: int)
     around = (bits_of[:, None] + torch.arange(-64, 65)).clamp_min(0).to(torch.int32).view(torch.float32)
     x = torch.cat([around.reshape(-1), torch.linspace(0, 1, 200_001)])
     assert torch.equal(q.codes(x), codes_from_thresholds(x, points))
-    if name == "tanq":  # TanQ's codes come from its table: the points are the table's midpoints
+    if name.startswith("tanq"):  # TanQ's codes come from its table: the points are the table's midpoints
         assert torch.equal(points, q.level_table()[1])
 
 

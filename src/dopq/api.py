@@ -15,7 +15,7 @@ from torch import nn
 
 from dopq.calibrate import calibrate, capture_inputs, correct_bias
 from dopq.checkpoint import ReconstructionCheckpoint, restore_model
-from dopq.config import QuantConfig, get_preset
+from dopq.config import RECOMMENDED, QuantConfig, get_preset
 from dopq.errors import ConfigError
 from dopq.gptq import gptq_model
 from dopq.models import Coverage, QuantPlan, prepare_model, softmax_kinds
@@ -148,7 +148,8 @@ def quantize_with_report(
             classifier (returned wrapped as ``forward(images) -> logits``; its modules are
             quantized in place).
         calib_data: calibration images (RepQ-ViT protocol: 32 images in one batch).
-        config: a :class:`QuantConfig`, a preset name (``"dopq"``, ``"repq"``) or None for dopq.
+        config: a :class:`QuantConfig`, a preset name (``"recommended"``, ``"dopq"``, ``"repq"``) or
+            None for the recommended preset at W4/A4.
         recon_data: images for block reconstruction (defaults to ``calib_data``); only used when
             ``config.reconstruct`` is set.
         progress: show progress bars.
@@ -161,7 +162,7 @@ def quantize_with_report(
         The quantized model (same object; a ``transformers`` model comes back wrapped) and the report.
     """
     if config is None or isinstance(config, str):
-        config = get_preset(config or "dopq")
+        config = get_preset(config or RECOMMENDED)
     if checkpoint is not None and config.reconstruct is None:
         raise ConfigError("a reconstruction checkpoint needs a recipe with reconstruction")
     model = as_dopq_model(model)

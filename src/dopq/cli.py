@@ -18,6 +18,7 @@ from dopq.config import (
     GPTQ_TARGETS,
     LN_SCALE_RULES,
     LN_SHIFTS,
+    RECOMMENDED,
     ROUNDINGS,
     RUNTIMES,
     SOFTMAX_QUANTIZERS,
@@ -98,7 +99,13 @@ def _add_data_args(p: argparse.ArgumentParser, calib: bool = True) -> None:
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("recipe")
-    g.add_argument("--method", choices=list_presets(), default="dopq", help="preset recipe")
+    g.add_argument(
+        "--method",
+        choices=list_presets(),
+        default=RECOMMENDED,
+        help="preset recipe: recommended (dopq plus GPTQ rounding and the post-Softmax choice, by width), "
+        "dopq (the paper's recipe) or repq (the RepQ-ViT baseline)",
+    )
     g.add_argument("--w-bits", type=int, default=4)
     g.add_argument("--a-bits", type=int, default=4)
     g.add_argument(
@@ -115,6 +122,12 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         help="where the post-LN re-parameterization's shift goes: bias (RepQ-ViT) or input (exact)",
     )
     g.add_argument("--tanq-objective", choices=["output", "mse"])
+    g.add_argument(
+        "--tanq-centers",
+        type=float,
+        nargs="+",
+        help="TanQ's candidate centres m in (0, 1) (dopq: 0.35 0.5; recommended: 0.35 0.5 0.65 0.8 0.9)",
+    )
     g.add_argument(
         "--act-percentiles",
         type=float,
@@ -267,6 +280,7 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
         "gptq_target": args.gptq_target,
         "gptq_target_shrink": args.gptq_target_shrink,
         "act_percentiles": tuple(args.act_percentiles) if args.act_percentiles else None,
+        "tanq_centers": tuple(args.tanq_centers) if args.tanq_centers else None,
     }
     for switch in ("integer_zero_point", "bias_correction", "gptq_act_order"):
         if getattr(args, switch):

@@ -7,14 +7,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from dopq.errors import ConfigError
+from dopq.quantizers.tanq import DEFAULT_CENTERS
 
 __all__ = [
     "GPTQ_FLOAT_TARGET_MAX_BITS",
     "GPTQ_TARGETS",
     "LN_SCALE_RULES",
     "LN_SHIFTS",
+    "RECOMMENDED",
     "SOFTMAX_CHOICES",
     "SOFTMAX_QUANTIZERS",
+    "TANQ_CENTERS",
+    "TANQ_CENTERS_WIDE",
     "WEIGHT_ROUNDINGS",
     "QuantConfig",
     "ReconstructConfig",
@@ -33,6 +37,12 @@ GPTQ_FLOAT_TARGET_MAX_BITS = 3
 LN_SCALE_RULES = ("mean", "median", "mad", "search")
 LN_SHIFTS = ("bias", "input")
 MIN_BITS, MAX_BITS = 2, 8
+# TanQ's candidate centres m: dopq's grid, and a wider one (--tanq-centers). Centres above 1/2 put
+# more levels near 0, where most attention values lie: on every attention module of the shared
+# DeiT-Tiny and Swin-Tiny the wider grid cut the attn @ v error 2-2.6x at 3 and 4 bits, yet top-1
+# rose on DeiT-Tiny and fell on Swin-Tiny (docs/tanq.md)
+TANQ_CENTERS = DEFAULT_CENTERS  # (0.35, 0.5)
+TANQ_CENTERS_WIDE = (0.35, 0.5, 0.65, 0.8, 0.9)
 # float dtypes a quantized model is evaluated or exported in (float64: docs/export.md)
 FLOAT_DTYPES = ("float32", "float64")
 # what runs an exported ONNX model (dopq evaluate --onnx --runtime)
@@ -188,6 +198,9 @@ class QuantConfig:
         act_percentiles: candidate upper quantiles of the activations' uniform range search
             (None: ``percentiles``). At 3 bits a tighter clip (0.99, 0.995) can pay (docs/gptq.md).
         tanq_objective: "output" (error of attn @ v) or "mse" (error of the attention values).
+        tanq_centers: TanQ's candidate centres ``m`` (each in (0, 1)); ``TANQ_CENTERS_WIDE`` lowers the
+            attn @ v error of every shared model and won on DeiT-Tiny, but lost on Swin-Tiny
+            (docs/tanq.md), so no preset uses it by default.
         weight_rounding: how weights are rounded onto their calibrated per-channel grid:
             "nearest", or "gptq" (column by column with second-order error feedback from each
             layer's calibration inputs, after the re-parameterization; docs/gptq.md).
@@ -220,6 +233,7 @@ class QuantConfig:
     percentiles: tuple[float, ...] = (0.999, 0.9999, 0.99999)
     act_percentiles: tuple[float, ...] | None = None
     tanq_objective: str = "output"
+    tanq_centers: tuple[float, ...] = TANQ_CENTERS
     weight_rounding: str = "nearest"
     # 0.1 rather than the literature's 0.01: with 32 calibration images (6k correlated tokens) the
     # Hessian is noisy; held-out DeiT-Tiny W3/A3 logit error 0.210 at 0.1, 0.251 at 0.01 (docs/gptq.md)
@@ -247,6 +261,9 @@ class QuantConfig:
         self.percentiles = _check_percentiles("percentiles", self.percentiles)
         if self.act_percentiles is not None:
             self.act_percentiles = _check_percentiles("act_percentiles", self.act_percentiles)
+        self.tanq_centers = tuple(float(m) for m in self.tanq_centers)
+        if not self.tanq_centers or not all(0.0 < m < 1.0 for m in self.tanq_centers):
+            raise ConfigError(f"tanq_centers must be in (0, 1), got {self.tanq_centers}")
         if isinstance(self.reconstruct, dict):
             self.reconstruct = ReconstructConfig(**self.reconstruct)
 
@@ -266,6 +283,7 @@ class QuantConfig:
         """JSON-ready dict; :meth:`from_dict` inverts it."""
         data = dataclasses.asdict(self)
         data["percentiles"] = list(self.percentiles)
+        data["tanq_centers"] = list(self.tanq_centers)
         if self.act_percentiles is not None:
             data["act_percentiles"] = list(self.act_percentiles)
         return data
@@ -297,9 +315,28 @@ _PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# The recommended recipe: dopq plus the calibration-time components that won or tied it at every
+# width and model measured (benchmarks/run.py calib-gains --suffix _preset, docs/RESULTS.md
+# "Recommended preset"); the rule below is the only difference, read from the widths when the
+# preset is built: GPTQ rounds the weights at and below RECOMMENDED_GPTQ_MAX_BITS (min of the
+# widths), aiming half way at the float model's output there (gptq_target_used). At 4 bits GPTQ tied
+# or lost and doubled calibration time. Left out: the per-module post-Softmax choice (auto: lost on
+# Swin-Tiny at W4/A4) and TanQ's wider centre grid (TANQ_CENTERS_WIDE: won at W4/A4 and W3/A3 on
+# DeiT-Tiny over three seeds, lost on Swin-Tiny at both; docs/tanq.md).
+RECOMMENDED = "recommended"
+RECOMMENDED_GPTQ_MAX_BITS = 3
+
+
+def _recommended_rules(w_bits: int, a_bits: int) -> dict[str, Any]:
+    """The fields the recommended preset sets on top of dopq's at these widths."""
+    if min(w_bits, a_bits) <= RECOMMENDED_GPTQ_MAX_BITS:
+        return {"weight_rounding": "gptq"}
+    return {}
+
+
 def list_presets() -> list[str]:
     """Names accepted by :func:`get_preset`."""
-    return sorted(_PRESETS)
+    return sorted([*_PRESETS, RECOMMENDED])
 
 
 # TanQ's warped grid pays below 8 bits; at 8 bits the uniform grid ties or beats it (DeiT-Tiny and
@@ -309,27 +346,35 @@ TANQ_MAX_BITS = 7
 
 
 def get_preset(name: str, **overrides: Any) -> QuantConfig:
-    """The named recipe with optional field overrides.
+    """The named recipe with optional field overrides (given fields always win over the rules).
 
-    ``dopq`` quantizes post-Softmax activations with TanQ up to ``TANQ_MAX_BITS`` and uniformly
-    above, unless ``softmax_quantizer`` is given.
+    ``dopq`` (the paper's recipe) quantizes post-Softmax activations with TanQ up to
+    ``TANQ_MAX_BITS`` and uniformly above. ``recommended`` is dopq plus GPTQ rounding at
+    <= ``RECOMMENDED_GPTQ_MAX_BITS`` bits (aimed half way at the float model's output).
+    ``repq`` is the RepQ-ViT baseline.
 
     Example:
         >>> get_preset("repq", w_bits=3, a_bits=3).softmax_quantizer
         'logsqrt2'
         >>> get_preset("dopq", a_bits=4).softmax_quantizer, get_preset("dopq", a_bits=8).softmax_quantizer
         ('tanq', 'uniform')
+        >>> c = get_preset("recommended", w_bits=3, a_bits=3)
+        >>> c.weight_rounding, c.gptq_target_used, c.softmax_quantizer
+        ('gptq', 'float', 'tanq')
+        >>> get_preset("recommended", w_bits=4, a_bits=4) == get_preset("dopq", w_bits=4, a_bits=4)
+        True
     """
-    if name not in _PRESETS:
+    if name not in list_presets():
         raise ConfigError(f"unknown method {name!r}; choose from {', '.join(list_presets())}")
     given = {k: v for k, v in overrides.items() if v is not None}
-    fields = {**_PRESETS[name], **given}
-    a_bits = fields.get("a_bits", QuantConfig.a_bits)
-    if (
-        name == "dopq"
-        and "softmax_quantizer" not in given
-        and isinstance(a_bits, int)
-        and a_bits > TANQ_MAX_BITS
-    ):
-        fields["softmax_quantizer"] = "uniform"
-    return QuantConfig(**fields)
+    base = _PRESETS["dopq" if name == RECOMMENDED else name]
+    w_bits = given.get("w_bits", QuantConfig.w_bits)
+    a_bits = given.get("a_bits", QuantConfig.a_bits)
+    _check_bits("w_bits", w_bits)
+    _check_bits("a_bits", a_bits)
+    rules: dict[str, Any] = {}
+    if name in ("dopq", RECOMMENDED) and a_bits > TANQ_MAX_BITS:
+        rules["softmax_quantizer"] = "uniform"
+    if name == RECOMMENDED:
+        rules.update(_recommended_rules(w_bits, a_bits))
+    return QuantConfig(**{**base, **rules, **given})

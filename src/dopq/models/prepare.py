@@ -63,12 +63,11 @@ class _Factory:
 
     def softmax(self) -> Quantizer:
         name = self.c.softmax_quantizer
+        tanq = {"objective": self.c.tanq_objective, "centers": self.c.tanq_centers}
         if name == "tanq":
-            return build_quantizer(name, self.c.a_bits, objective=self.c.tanq_objective)
+            return build_quantizer(name, self.c.a_bits, **tanq)
         if name == "auto":
-            return build_quantizer(
-                name, self.c.a_bits, objective=self.c.tanq_objective, percentiles=self.c.percentiles
-            )
+            return build_quantizer(name, self.c.a_bits, percentiles=self.c.percentiles, **tanq)
         if name == "uniform":
             return self.act()
         return build_quantizer(name, self.c.a_bits, percentiles=self.c.percentiles)

@@ -14,7 +14,7 @@ from torch import nn
 
 from dopq.quantizers.base import build_quantizer, register_quantizer
 from dopq.quantizers.levels import LevelQuantizer
-from dopq.quantizers.tanq import TanQQuantizer  # noqa: F401  (registers "tanq" before a build)
+from dopq.quantizers.tanq import DEFAULT_CENTERS, TanQQuantizer  # noqa: F401  (registers "tanq")
 from dopq.quantizers.uniform import DEFAULT_PERCENTILES
 
 __all__ = ["AUTO_CANDIDATES", "AutoLevelQuantizer", "output_error"]
@@ -40,6 +40,7 @@ class AutoLevelQuantizer(LevelQuantizer):
     Args:
         bits: bit width of every candidate.
         objective: TanQ's own search objective (``"output"`` or ``"mse"``).
+        centers: TanQ's candidate centres.
         percentiles: the log quantizers' candidate clip quantiles.
         candidates: registered quantizer names to choose from.
 
@@ -56,12 +57,13 @@ class AutoLevelQuantizer(LevelQuantizer):
         objective: str = "output",
         percentiles: tuple[float, ...] = DEFAULT_PERCENTILES,
         candidates: tuple[str, ...] = AUTO_CANDIDATES,
+        centers: tuple[float, ...] = DEFAULT_CENTERS,
     ) -> None:
         super().__init__(bits)
         if not candidates:
             raise ValueError("auto post-Softmax quantizer needs at least one candidate")
         built = {
-            name: build_quantizer(name, bits, objective=objective)
+            name: build_quantizer(name, bits, objective=objective, centers=centers)
             if name == "tanq"
             else build_quantizer(name, bits, percentiles=percentiles)
             for name in candidates
