@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from deploy import _width
 from dopq.config import TANQ_CENTERS_WIDE, QuantConfig, get_preset
 from dopq.data import calibration_indices, load_images
 from dopq.experiment import Workload, run_recipe
@@ -56,7 +57,7 @@ def calib_gain_recipes(w_bits: int, a_bits: int | None = None) -> dict[str, Quan
             weight_rounding="gptq", gptq_target="float", gptq_target_shrink=0.5
         ),
         "dopq+gptq-float-half+auto": both.replace(gptq_target="float", gptq_target_shrink=0.5),
-        # TanQ's wider centre grid (the recommended preset's), alone and with GPTQ at its width rule
+        # TanQ's wider centre grid (opt-in, docs/tanq.md), alone and with GPTQ at its width rule
         "dopq+tanq-wide": dopq.replace(tanq_centers=TANQ_CENTERS_WIDE),
         "dopq+gptq+tanq-wide": dopq.replace(weight_rounding="gptq", tanq_centers=TANQ_CENTERS_WIDE),
     }
@@ -115,9 +116,10 @@ def _same_config_row(base: dict[str, Any], label: str) -> dict[str, Any]:
     return {**base, "method": label, "same_config_as": "dopq"}
 
 
-def _widths_of(args: Any) -> list[tuple[int, int]]:
+def widths_of(args: Any) -> list[tuple[int, int]]:
+    """``--widths W/A ...`` as ``(w_bits, a_bits)`` pairs, else ``--bits`` as equal pairs."""
     if args.widths:
-        return [tuple(int(b) for b in spec.split("/")) for spec in args.widths]  # type: ignore[misc]
+        return [_width(spec) for spec in args.widths]
     return [(b, b) for b in args.bits]
 
 
@@ -139,7 +141,7 @@ def suite_calib_gains(args: Any, workload: Any, save: Any) -> None:
         rows: list[dict[str, Any]] = []
         for seed in seeds:
             work = with_calibration_seed(base_work, seed)
-            for w_bits, a_bits in _widths_of(args):
+            for w_bits, a_bits in widths_of(args):
                 base = None
                 for label, cfg in calib_gain_recipes(w_bits, a_bits).items():
                     if args.recipes and label not in args.recipes:
@@ -151,7 +153,6 @@ def suite_calib_gains(args: Any, workload: Any, save: Any) -> None:
                     base = row if label == "dopq" else base
                     row["paired_with_dopq"] = None if label == "dopq" else paired(row, base)
                     rows.append(row)
-                    base_work.fp_result = work.fp_result  # evaluated once, shared by every seed
                     kinds = list(row["softmax_kinds"].values())
                     counts = {k: kinds.count(k) for k in dict.fromkeys(kinds)}
                     print(f"  {model_label} seed {seed} {label:16s} W{w_bits}A{a_bits} top1 {row['quant_top1']:.4f} "
@@ -159,6 +160,7 @@ def suite_calib_gains(args: Any, workload: Any, save: Any) -> None:
                           f"= {row['calib_forward_equivalents']:.0f} fwd, paired {row['paired_with_dopq']} "
                           f"softmax {counts}", flush=True)  # fmt: skip
                     save(f"calib_gains_{TAGS.get(name, name)}{args.suffix}", {"rows": rows, **extra})
+            base_work.fp_result = work.fp_result  # evaluated once, shared by every seed
 
 
 def suite_calib_gains_timing(args: Any, workload: Any, save: Any) -> None:
@@ -171,7 +173,7 @@ def suite_calib_gains_timing(args: Any, workload: Any, save: Any) -> None:
     from dopq.api import quantize_with_report
 
     work = workload(args, args.models[0] if args.widths else STRESS_ARCH)
-    for w_bits, a_bits in _widths_of(args) if args.widths else [(3, 3)]:
+    for w_bits, a_bits in widths_of(args) if args.widths else [(3, 3)]:
         recipes = calib_gain_recipes(w_bits, a_bits)
         recipes = {k: v for k, v in recipes.items() if not args.recipes or k in args.recipes}
         times: dict[str, list[float]] = {label: [] for label in recipes}

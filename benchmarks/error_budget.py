@@ -103,13 +103,9 @@ def _images(work: Any, n: int) -> tuple[list[torch.Tensor], torch.Tensor]:
 
 
 def suite_error_budget(args: Any, workload: Any, save: Any) -> None:
-    from calib_gains import STRESS, STRESS_ARCH, TAGS, _stressed
+    from calib_gains import STRESS, STRESS_ARCH, TAGS, _stressed, widths_of
 
-    widths = (
-        [tuple(int(b) for b in s.split("/")) for s in args.widths]
-        if args.widths
-        else [(b, b) for b in args.bits]
-    )
+    widths = widths_of(args)
     recipes = args.recipes or ["dopq", "recommended"]
     rows = []
     for name in args.models:

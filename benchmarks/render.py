@@ -694,8 +694,10 @@ def _preset_table(data: dict[str, Any]) -> list[str]:
     rows = data["rows"]
     model, seeds = rows[0]["model"], sorted({r["seed"] for r in rows})
     widths = list(dict.fromkeys((r["w_bits"], r["a_bits"]) for r in rows))
-    what = "Recommended preset" if any(r["method"] == "recommended" for r in rows) else "The wide-TanQ rule"
-    lines = [f"### {what} against dopq and repq: {model}", "",
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    what = "Recommended preset" if "recommended" in methods else "The wide-TanQ rule"
+    others = " and ".join(m for m in methods if m not in ("dopq", "recommended", "wide-tanq rule"))
+    lines = [f"### {what} against dopq{' and ' + others if others else ''}: {model}", "",
              f"Command: `{data['command']}` ({data['threads']} torch threads). FP32 top-1 {_pct(rows[0]['fp_top1'])}%. "
              f"Calibration seeds {', '.join(map(str, seeds))} (32 images each), the same test images for every row. "
              "Cells: top-1 %, images fixed / broken against dopq at the same seed (sign-test p); calibration time "
@@ -705,7 +707,7 @@ def _preset_table(data: dict[str, Any]) -> list[str]:
              + " | mean | worst vs dopq | calibration (forwards) |",
              "|---" * (len(seeds) + 5) + "|"]  # fmt: skip
     for w, a in widths:
-        for method in dict.fromkeys(r["method"] for r in rows):
+        for method in methods:
             mine = {
                 r["seed"]: r for r in rows if r["method"] == method and (r["w_bits"], r["a_bits"]) == (w, a)
             }

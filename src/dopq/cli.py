@@ -103,7 +103,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         "--method",
         choices=list_presets(),
         default=RECOMMENDED,
-        help="preset recipe: recommended (dopq plus GPTQ rounding and the post-Softmax choice, by width), "
+        help="preset recipe: recommended (dopq plus GPTQ rounding at 3 bits and below), "
         "dopq (the paper's recipe) or repq (the RepQ-ViT baseline)",
     )
     g.add_argument("--w-bits", type=int, default=4)
@@ -126,7 +126,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         "--tanq-centers",
         type=float,
         nargs="+",
-        help="TanQ's candidate centres m in (0, 1) (dopq: 0.35 0.5; recommended: 0.35 0.5 0.65 0.8 0.9)",
+        help="TanQ's candidate centres m in (0, 1) (presets: 0.35 0.5; wider: 0.35 0.5 0.65 0.8 0.9, docs/tanq.md)",
     )
     g.add_argument(
         "--act-percentiles",
