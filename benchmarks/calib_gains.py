@@ -60,6 +60,8 @@ def calib_gain_recipes(w_bits: int, a_bits: int | None = None) -> dict[str, Quan
         # TanQ's wider centre grid (opt-in, docs/tanq.md), alone and with GPTQ at its width rule
         "dopq+tanq-wide": dopq.replace(tanq_centers=TANQ_CENTERS_WIDE),
         "dopq+gptq+tanq-wide": dopq.replace(weight_rounding="gptq", tanq_centers=TANQ_CENTERS_WIDE),
+        # TanQ's exact midpoints (the paper's rule) instead of the 2^-16 grid the export reads from
+        "dopq+exact-midpoints": dopq.replace(softmax_grid_bits=None),
     }
 
 

@@ -545,7 +545,9 @@ def _softmax_forms_table(data: dict[str, Any]) -> list[str]:
              f"{', '.join(cpu.get('integer_isa', [])) or 'none'}). `Softmax -> form` on a {shape} map of the "
              "shared DeiT-Tiny, medians of interleaved repeats in one run; identical: share of elements "
              "whose level equals the simulated quantizer's (closed form: the level formula's value, "
-             "equal up to float rounding; counted: the table's value).", "",
+             "equal up to float rounding; counted, indexed: the table's value). counted: a comparison per "
+             "decision point (the OpenVINO target's form); indexed: thresholds on the 2^-16 grid, the "
+             "level read from the table of the element's grid cell (the onnxruntime target's form).", "",
              "| form | runtime | ms | x Softmax alone | identical to the simulation % |", "|---|---|---|---|---|"]  # fmt: skip
     base = {r["runtime"]: r["ms"] for r in data["rows"] if r["form"] == "softmax"}
     for r in data["rows"]:

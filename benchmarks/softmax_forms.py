@@ -9,7 +9,9 @@ Each form is a small graph ``Softmax -> form`` over the map's logits, exported a
 * ``uniform``: a uniform b-bit Q/DQ (the ``dopq+uniform-softmax`` recipe);
 * ``closed``: TanQ's closed form (``Tan``, two ``Atan``: dopq's earlier export);
 * ``counted``: the code counted against the quantizer's decision points, then one ``Gather``
-  (dopq's export up to ``COUNTED_LEVELS_MAX_BITS``).
+  (the OpenVINO target's form, which OpenVINO fuses into one pass);
+* ``indexed``: thresholds on the 2^-16 grid (dopq's default), the level read from the table of the
+  element's grid cell (``Mul -> Cast -> GatherElements``: the onnxruntime target's form).
 
 Timings are medians of interleaved repeats in one run; the JSON records the CPU and its integer ISA.
 Each form's output is checked against the simulated quantizer (identical levels, or the share
@@ -83,7 +85,8 @@ def _forms(q: TanQQuantizer, probabilities: torch.Tensor) -> dict[str, nn.Module
         "softmax": _SoftmaxThen(None),
         "uniform": _SoftmaxThen(_Fn(lambda p: qdq(p, scale, zero, q.bits))),
         "closed": _SoftmaxThen(_Fn(lambda p: tan_levels(p, c, m, d, q.bits))),
-        "counted": _SoftmaxThen(SoftmaxLevels(q)),
+        "counted": _SoftmaxThen(SoftmaxLevels(q, target="openvino")),
+        "indexed": _SoftmaxThen(SoftmaxLevels(q, target="onnxruntime")),
     }
 
 
@@ -147,8 +150,9 @@ def suite_softmax_forms(args: argparse.Namespace, workload, save) -> None:
 
 def _same_level(form: str, out: torch.Tensor, simulated: torch.Tensor) -> float | None:
     """Share of elements at the simulated level: bit for bit for the counted form (the table's
-    values), up to the level formula's float rounding for the closed form."""
-    if form == "counted":
+    values; the indexed form's table holds them too), up to the level formula's float rounding for
+    the closed form."""
+    if form in ("counted", "indexed"):
         return (out == simulated).float().mean().item()
     if form == "closed":
         return torch.isclose(out, simulated, rtol=1e-5, atol=1e-7).float().mean().item()

@@ -310,6 +310,9 @@ def test_the_default_method_is_the_recommended_preset() -> None:
         build_parser().parse_args([*base, "--method", "dopq", "--tanq-centers", "0.5", "0.9"])
     )
     assert paper == get_preset("dopq", tanq_centers=(0.5, 0.9))
+    for flag, grid in (("0", None), ("12", 12)):
+        config = _config_from(build_parser().parse_args([*base, "--softmax-grid-bits", flag]))
+        assert config == get_preset("recommended").replace(softmax_grid_bits=grid)
 
 
 def test_reconstruction_flags_reach_the_recipe() -> None:

@@ -147,3 +147,21 @@ def test_tanq_centers_are_validated_and_reach_every_tanq_search() -> None:
         assert tanqs and all(q.grid[1] == config.tanq_centers for q in tanqs)
         autos = [m for m in model.modules() if isinstance(m, AutoLevelQuantizer)]
         assert len(autos) == (len(tanqs) if softmax == "auto" else 0)
+
+
+def test_softmax_grid_bits_are_validated_and_reach_every_tanq() -> None:
+    import timm
+
+    from dopq.models import prepare_model
+    from dopq.quantizers.tanq import TanQQuantizer
+
+    for bad in (4, 7, 21):
+        with pytest.raises(ConfigError, match="softmax_grid_bits must be in 8..20"):
+            QuantConfig(softmax_grid_bits=bad)
+    for preset in ("dopq", "recommended"):
+        assert get_preset(preset).softmax_grid_bits == 16  # the fast export is the default
+    for softmax, grid in (("tanq", None), ("auto", 12)):
+        model = timm.create_model("test_vit", num_classes=10)
+        prepare_model(model, get_preset("dopq", softmax_quantizer=softmax).replace(softmax_grid_bits=grid))
+        tanqs = [m for m in model.modules() if isinstance(m, TanQQuantizer)]
+        assert tanqs and all(q.grid_bits == grid for q in tanqs)

@@ -63,10 +63,14 @@ def test_exported_activation_codes_equal_the_simulated_ones(bits: int, tmp_path:
     assert float(q(torch.zeros(1))) == 0.0
 
 
-def _calibrated_softmax_quantizer(name: str, bits: int) -> tuple[LevelQuantizer, torch.Tensor]:
-    # "tanq-m0.9": TanQ at the recommended grid's top centre (levels crowded near 0)
+def _calibrated_softmax_quantizer(
+    name: str, bits: int, grid_bits: int | None = None
+) -> tuple[LevelQuantizer, torch.Tensor]:
+    # "tanq-m0.9": TanQ at the wide grid's top centre (levels crowded near 0)
     kwargs = {"objective": "mse", "centers": (0.9,)} if name == "tanq-m0.9" else {}
     kwargs = {"objective": "mse"} if name == "tanq" else kwargs
+    if grid_bits is not None:
+        kwargs["grid_bits"] = grid_bits
     q = build_quantizer(name.removesuffix("-m0.9"), bits, **kwargs)
     q.observing = True
     attn = torch.softmax(torch.randn(4, 3, 64, 64) * 4, dim=-1)
@@ -103,6 +107,31 @@ def test_exported_softmax_codes_are_the_simulated_ones_at_every_threshold(
     assert len(points) == len(levels) - 1
     graph = onnx.load(str(tmp_path / "s.onnx")).graph
     assert not {n.op_type for n in graph.node} & {"Tan", "Atan", "Log", "Exp"}
+
+
+@pytest.mark.parametrize(("name", "bits"), [("tanq", 2), ("tanq", 3), ("tanq", 4), ("tanq", 6), ("tanq-m0.9", 4)])
+def test_grid_softmax_codes_are_one_table_read_and_the_simulated_ones(
+    name: str, bits: int, tmp_path: Path
+) -> None:
+    """TanQ's thresholds on the 2^-16 grid: onnxruntime reads each level from the table of its grid
+    cell (Mul, Cast, GatherElements), equal to the simulation at every cell edge, at every decision
+    point and the floats either side, at every level and on real attention; OpenVINO keeps the
+    counted form, which it fuses."""
+    q, attn = _calibrated_softmax_quantizer(name, bits, grid_bits=16)
+    grid, cells = q.code_grid()
+    assert grid == 16 and len(cells) == 2**16 + 1
+    edges = torch.arange(2**16 + 1, dtype=torch.float32) / 2**16
+    points = q.decision_points()
+    up, down = torch.tensor(float("inf")), torch.tensor(0.0)
+    x = torch.cat([edges, edges.nextafter(down), points, points.nextafter(up), points.nextafter(down)])
+    x = torch.cat([x, q.lookup_table(), attn.reshape(-1)])
+    form = SoftmaxLevels(q, "onnxruntime")
+    assert form.kind == "indexed"
+    out = torch.from_numpy(_export_module(form, x, tmp_path / "s.onnx"))
+    assert torch.equal(out, q(x)) and torch.equal(form(x), q(x))
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "s.onnx")).graph.node}
+    assert "GatherElements" in ops and not ops & {"Greater", "Tan", "Atan", "Log", "Exp"}
+    assert SoftmaxLevels(q, "openvino").kind == "counted"
 
 
 def test_openvino_runs_the_counted_softmax_codes_exactly(tmp_path: Path) -> None:
@@ -219,6 +248,8 @@ def test_onnxruntime_runs_integer_kernels_and_matches_the_simulation(
     assert ops.get("MatMul", 0) == matmuls // 2  # attn @ v: float levels times dequantized v
     if bits <= 6:  # post-Softmax codes counted: no transcendental op left in what onnxruntime runs
         assert not {"Tan", "Atan", "Log", "Exp"} & set(ops), ops
+    if softmax == "tanq" and bits < 8:  # thresholds on the 2^-16 grid: one table read per element
+        assert ops.get("GatherElements", 0) == matmuls // 2 and "Greater" not in ops, ops
     _assert_same_function(runtime, simulated, 0.05)
 
 

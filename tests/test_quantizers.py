@@ -30,7 +30,7 @@ from dopq.quantizers import (
 from dopq.quantizers.adaround import AdaRoundQuantizer
 from dopq.quantizers.levels import codes_from_thresholds, float32_decision_points
 from dopq.quantizers.ranges import row_quantiles
-from dopq.quantizers.tanq import tan_codes
+from dopq.quantizers.tanq import tan_codes, tan_levels
 
 
 def _attention(shape=(2, 3, 40, 40), temp=4.0) -> torch.Tensor:
@@ -397,13 +397,15 @@ def _attention_and_values(sharpness: float, seed: int) -> tuple[torch.Tensor, to
     return attn, torch.randn(2, 3, 32, 16, generator=gen)
 
 
-def _single_family_errors(attn: torch.Tensor, v: torch.Tensor, bits: int) -> dict[str, float]:
+def _single_family_errors(
+    attn: torch.Tensor, v: torch.Tensor, bits: int, grid_bits: int | None = None
+) -> dict[str, float]:
     from dopq.quantizers import AUTO_CANDIDATES, build_quantizer
     from dopq.quantizers.auto import output_error
 
     errors = {}
     for name in AUTO_CANDIDATES:
-        q = build_quantizer(name, bits)
+        q = build_quantizer(name, bits, grid_bits=grid_bits) if name == "tanq" else build_quantizer(name, bits)
         q.observing = True
         errors[name] = output_error(attn, q(attn, v), v)
     return errors
@@ -460,7 +462,7 @@ def test_auto_softmax_chooses_per_module_in_a_model_and_reports_the_kinds() -> N
     assert set(kinds) == set(seen) and len(seen) == 6
     for name, (attn, v) in seen.items():
         chooser = model.get_submodule(name).matmul_av.quantizer_a
-        singles = _single_family_errors(attn, v, 3)
+        singles = _single_family_errors(attn, v, 3, grid_bits=16)  # the preset's TanQ grid
         assert output_error(attn, chooser(attn), v) <= min(singles.values()) * (1 + 1e-6), name
         assert kinds[name] == chooser.kind
     _, report = dopq.quantize_with_report(
@@ -569,14 +571,16 @@ def _edges(levels: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     return torch.cat([points, up, down, torch.tensor([-1.0, 0.0, 2.0, float(levels[-1]) * 3])])
 
 
+@pytest.mark.parametrize("grid_bits", [None, 16])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("temp", [1.0, 4.0, 12.0])
-def test_tanq_closed_form_codes_equal_the_threshold_search(bits: int, temp: float) -> None:
-    """On a GPU TanQ counts thresholds (one binary-search pass); on a CPU it uses its closed form.
-    The two must give the same code for every element, also at the thresholds and one float step
-    either side, so CPU and GPU quantize alike. (The log quantizers keep their log-domain rounding
-    everywhere: it can differ at a threshold, a rounding tie.)"""
-    q = TanQQuantizer(bits, objective="mse")
+def test_tanq_closed_form_codes_equal_the_threshold_search(bits: int, temp: float, grid_bits: int | None) -> None:
+    """On a GPU TanQ counts thresholds (one binary-search pass); on a CPU it uses its closed form
+    (or, with thresholds on a grid, the code of the element's grid cell). The two must give the same
+    code for every element, also at the thresholds and one float step either side, so CPU and GPU
+    quantize alike. (The log quantizers keep their log-domain rounding everywhere: it can differ at
+    a threshold, a rounding tie.)"""
+    q = TanQQuantizer(bits, objective="mse", grid_bits=grid_bits)
     a = _attention((2, 2, 30, 30), temp=temp)
     _observe(q, a)
     levels, thresholds = q.level_table()
@@ -585,6 +589,31 @@ def test_tanq_closed_form_codes_equal_the_threshold_search(bits: int, temp: floa
         searched = codes_from_thresholds(x, thresholds, out_int32=True)
         assert torch.equal(closed.long(), searched.long())
     assert torch.equal(q.lookup_table()[q.codes(a)], q(a))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6])
+def test_tanq_grid_moves_each_threshold_by_at_most_half_a_cell(bits: int) -> None:
+    """Snapped thresholds are the float32 just below a multiple of 2^-16, within half a cell of the
+    exact midpoint; the levels do not move; a grid too coarse for the table keeps the midpoints."""
+    a = _attention((2, 3, 40, 40), temp=4.0)
+    exact, snapped = TanQQuantizer(bits, objective="mse"), TanQQuantizer(bits, objective="mse", grid_bits=16)
+    _observe(exact, a)
+    snapped.load_state_dict(exact.state_dict())
+    (levels, midpoints), (same_levels, thresholds) = exact.level_table(), snapped.level_table()
+    assert torch.equal(levels, same_levels) and exact.code_grid() is None
+    above = torch.nextafter(thresholds, torch.tensor(1.0)).double() * 2**16
+    assert torch.equal(above, above.round())
+    assert float((thresholds.double() - midpoints.double()).abs().max()) <= 2**-17 + 1e-9
+    assert snapped.code_grid() is not None
+    # a table whose lowest levels sit closer than a cell (clip 0.01 on 2^-8 cells) keeps its midpoints
+    coarse, fine = TanQQuantizer(bits, grid_bits=8), TanQQuantizer(bits, grid_bits=20)
+    for q in (coarse, fine):
+        q.clip.fill_(0.01)
+        q.initialized.fill_(True)
+    assert coarse.code_grid() is None and fine.code_grid() is not None
+    assert torch.equal(coarse.level_table()[1], tan_levels(*coarse._params(), bits)[1])
+    with pytest.raises(ValueError, match="grid_bits"):
+        TanQQuantizer(bits, grid_bits=4)
 
 
 @pytest.mark.parametrize("per_channel", [False, True])

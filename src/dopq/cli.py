@@ -129,6 +129,12 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         help="TanQ's candidate centres m in (0, 1) (presets: 0.35 0.5; wider: 0.35 0.5 0.65 0.8 0.9, docs/tanq.md)",
     )
     g.add_argument(
+        "--softmax-grid-bits",
+        type=int,
+        help="TanQ's thresholds on the 2^-N grid of [0, 1] (default 16: the export reads each code from "
+        "one table); 0 keeps the exact midpoints (docs/export.md)",
+    )
+    g.add_argument(
         "--act-percentiles",
         type=float,
         nargs="+",
@@ -294,7 +300,11 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
             drop_prob=args.recon_drop_prob,
             seed=args.seed,
         )
-    return get_preset(args.method, **overrides)
+    grid_bits = args.softmax_grid_bits
+    if grid_bits:
+        overrides["softmax_grid_bits"] = grid_bits
+    config = get_preset(args.method, **overrides)
+    return config.replace(softmax_grid_bits=None) if grid_bits == 0 else config  # 0: exact midpoints
 
 
 def _settings_from(args: argparse.Namespace):

@@ -17,6 +17,7 @@ __all__ = [
     "RECOMMENDED",
     "SOFTMAX_CHOICES",
     "SOFTMAX_QUANTIZERS",
+    "SOFTMAX_GRID_BITS",
     "TANQ_CENTERS",
     "TANQ_CENTERS_WIDE",
     "WEIGHT_ROUNDINGS",
@@ -43,6 +44,9 @@ MIN_BITS, MAX_BITS = 2, 8
 # rose on DeiT-Tiny and fell on Swin-Tiny (docs/tanq.md)
 TANQ_CENTERS = DEFAULT_CENTERS  # (0.35, 0.5)
 TANQ_CENTERS_WIDE = (0.35, 0.5, 0.65, 0.8, 0.9)
+# 2^-16: TanQ's thresholds move by <= 7.6e-6, under 2 % of the smallest level gap of the shared
+# models' 4-bit tables (>= 6e-4); a 65537-entry table per attention module in the export
+SOFTMAX_GRID_BITS = 16
 # float dtypes a quantized model is evaluated or exported in (float64: docs/export.md)
 FLOAT_DTYPES = ("float32", "float64")
 # what runs an exported ONNX model (dopq evaluate --onnx --runtime)
@@ -201,6 +205,10 @@ class QuantConfig:
         tanq_centers: TanQ's candidate centres ``m`` (each in (0, 1)); ``TANQ_CENTERS_WIDE`` lowers the
             attn @ v error of every shared model and won on DeiT-Tiny, but lost on Swin-Tiny
             (docs/tanq.md), so no preset uses it by default.
+        softmax_grid_bits: TanQ's thresholds snapped onto the ``2^-bits`` grid of ``[0, 1]`` (each moves
+            by at most ``2^-(bits + 1)``, a few percent of the smallest level gap at 16), so that the
+            exported code is one table read per element instead of a comparison per threshold: the
+            onnxruntime export's fast form (docs/export.md). None: the exact midpoints (slower export).
         weight_rounding: how weights are rounded onto their calibrated per-channel grid:
             "nearest", or "gptq" (column by column with second-order error feedback from each
             layer's calibration inputs, after the re-parameterization; docs/gptq.md).
@@ -234,6 +242,7 @@ class QuantConfig:
     act_percentiles: tuple[float, ...] | None = None
     tanq_objective: str = "output"
     tanq_centers: tuple[float, ...] = TANQ_CENTERS
+    softmax_grid_bits: int | None = SOFTMAX_GRID_BITS
     weight_rounding: str = "nearest"
     # 0.1 rather than the literature's 0.01: with 32 calibration images (6k correlated tokens) the
     # Hessian is noisy; held-out DeiT-Tiny W3/A3 logit error 0.210 at 0.1, 0.251 at 0.01 (docs/gptq.md)
@@ -261,6 +270,8 @@ class QuantConfig:
         self.percentiles = _check_percentiles("percentiles", self.percentiles)
         if self.act_percentiles is not None:
             self.act_percentiles = _check_percentiles("act_percentiles", self.act_percentiles)
+        if self.softmax_grid_bits is not None and not 8 <= self.softmax_grid_bits <= 20:
+            raise ConfigError(f"softmax_grid_bits must be in 8..20 or None, got {self.softmax_grid_bits}")
         self.tanq_centers = tuple(float(m) for m in self.tanq_centers)
         if not self.tanq_centers or not all(0.0 < m < 1.0 for m in self.tanq_centers):
             raise ConfigError(f"tanq_centers must be in (0, 1), got {self.tanq_centers}")

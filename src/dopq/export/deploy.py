@@ -32,6 +32,7 @@ from dopq.errors import ExportError
 from dopq.export.symbolic import (
     counted_levels,
     dequantize_weight,
+    indexed_levels,
     int8_shift,
     integer_matmul,
     log_levels,
@@ -352,19 +353,27 @@ class DeployConv2d(nn.Module):
 class SoftmaxLevels(nn.Module):
     """The deploy form of a post-Softmax table quantizer: the level value of each element.
 
-    Up to ``COUNTED_LEVELS_MAX_BITS`` its code is counted against the quantizer's own float32
+    For onnxruntime, where the quantizer's thresholds sit on a grid (:meth:`LevelQuantizer.code_grid`,
+    TanQ's default), the level of each element is read from the level of its grid cell: three passes
+    over the map (``indexed_levels``). Otherwise, up to ``COUNTED_LEVELS_MAX_BITS`` its code is
+    counted against the quantizer's own float32
     decision points (:meth:`LevelQuantizer.decision_points`: the simulation's codes for every
     float32 input, with no transcendental op) and the level read from the table; larger tables use
     the family's closed form (TanQ, log2, log-sqrt2) or a comparison per threshold. In float64
     (:meth:`exact`) the level comes from comparisons with the table's own thresholds.
     """
 
-    def __init__(self, q: LevelQuantizer) -> None:
+    def __init__(self, q: LevelQuantizer, target: str = "onnxruntime") -> None:
         super().__init__()
         q = q.resolve()  # a per-module choice ("auto") exports as the family it chose
         levels, thresholds = (t.detach().double().tolist() for t in q.level_table())
         self.table = (levels, thresholds)
-        if len(thresholds) < 2**COUNTED_LEVELS_MAX_BITS:
+        grid = q.code_grid() if target == "onnxruntime" else None  # OpenVINO fuses the counted form
+        if grid is not None:
+            cell_levels = q.lookup_table().float().cpu()[grid[1].cpu()]
+            self.register_buffer("levels", cell_levels.clone())
+            self.kind, self.args = "indexed", (grid[0],)
+        elif len(thresholds) < 2**COUNTED_LEVELS_MAX_BITS:
             self.register_buffer("levels", q.lookup_table().float().clone())
             self.kind, self.args = "counted", (q.decision_points().double().tolist(),)
         elif isinstance(q, TanQQuantizer):
@@ -375,6 +384,8 @@ class SoftmaxLevels(nn.Module):
             self.kind, self.args = "table", self.table
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "indexed":
+            return indexed_levels(x, self.levels.to(x.dtype), *self.args)
         if self.kind == "counted":
             return counted_levels(x, self.levels.to(x.dtype), *self.args)
         if self.kind == "tanq":
@@ -445,7 +456,7 @@ class DeployMatMul(nn.Module):
         self.level_scale = 0.0
         self.float64 = dtype == torch.float64
         if isinstance(qa, LevelQuantizer) and qa.enabled:
-            self.levels = SoftmaxLevels(qa)
+            self.levels = SoftmaxLevels(qa, target)
             if integer_levels:
                 self.level_scale = _fixed_point_scale(qa.lookup_table())
             self.qdq_a: nn.Module = nn.Identity()

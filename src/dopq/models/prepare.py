@@ -63,7 +63,11 @@ class _Factory:
 
     def softmax(self) -> Quantizer:
         name = self.c.softmax_quantizer
-        tanq = {"objective": self.c.tanq_objective, "centers": self.c.tanq_centers}
+        tanq = {
+            "objective": self.c.tanq_objective,
+            "centers": self.c.tanq_centers,
+            "grid_bits": self.c.softmax_grid_bits,
+        }
         if name == "tanq":
             return build_quantizer(name, self.c.a_bits, **tanq)
         if name == "auto":

@@ -41,6 +41,7 @@ class AutoLevelQuantizer(LevelQuantizer):
         bits: bit width of every candidate.
         objective: TanQ's own search objective (``"output"`` or ``"mse"``).
         centers: TanQ's candidate centres.
+        grid_bits: TanQ's threshold grid (``TanQQuantizer``'s ``grid_bits``).
         percentiles: the log quantizers' candidate clip quantiles.
         candidates: registered quantizer names to choose from.
 
@@ -58,12 +59,13 @@ class AutoLevelQuantizer(LevelQuantizer):
         percentiles: tuple[float, ...] = DEFAULT_PERCENTILES,
         candidates: tuple[str, ...] = AUTO_CANDIDATES,
         centers: tuple[float, ...] = DEFAULT_CENTERS,
+        grid_bits: int | None = None,
     ) -> None:
         super().__init__(bits)
         if not candidates:
             raise ValueError("auto post-Softmax quantizer needs at least one candidate")
         built = {
-            name: build_quantizer(name, bits, objective=objective, centers=centers)
+            name: build_quantizer(name, bits, objective=objective, centers=centers, grid_bits=grid_bits)
             if name == "tanq"
             else build_quantizer(name, bits, percentiles=percentiles)
             for name in candidates
@@ -102,6 +104,9 @@ class AutoLevelQuantizer(LevelQuantizer):
 
     def level_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.resolve().level_table()
+
+    def code_grid(self) -> tuple[int, torch.Tensor] | None:
+        return self.resolve().code_grid()
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         return self.resolve().codes(x)

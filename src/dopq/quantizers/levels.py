@@ -23,7 +23,10 @@ __all__ = [
     "attention_error",
     "codes_from_thresholds",
     "float32_decision_points",
+    "grid_cell_codes",
+    "grid_cells",
     "log_levels",
+    "snap_thresholds",
 ]
 
 
@@ -43,6 +46,46 @@ def _with_ste(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def codes_from_thresholds(x: torch.Tensor, thresholds: torch.Tensor, out_int32: bool = False) -> torch.Tensor:
     """Integer code of each element: the number of thresholds strictly below it."""
     return torch.bucketize(x, thresholds, out_int32=out_int32)
+
+
+def snap_thresholds(levels: torch.Tensor, thresholds: torch.Tensor, grid_bits: int) -> torch.Tensor | None:
+    """Thresholds moved onto the grid ``g = j / 2^grid_bits`` of ``[0, 1]``, or None where that grid
+    is too coarse for the table.
+
+    Each threshold ``t_k`` becomes the float32 just below its nearest grid point ``g_k``, so that
+    ``x > t'_k`` exactly when ``x >= g_k``: the code of ``x`` is then fixed by its grid cell
+    ``floor(x * 2^grid_bits)``, one table read (:func:`grid_cell_codes`; the deployed form,
+    docs/export.md). Snapping moves a threshold by at most ``2^-(grid_bits + 1)``; it is refused
+    (None) where a threshold would leave the middle half of its two levels' interval or pass 1.
+    """
+    scale = float(2**grid_bits)
+    lv, th = levels.detach().double(), thresholds.detach().double()
+    grid = torch.round(th * scale) / scale
+    gap = lv[1:] - lv[:-1]
+    inside = (grid > lv[:-1] + gap / 4) & (grid < lv[1:] - gap / 4)
+    if not bool(inside.all()) or float(grid.max()) > 1.0:
+        return None
+    snapped = torch.nextafter(grid.float(), torch.zeros((), dtype=torch.float32))
+    return snapped.to(thresholds.dtype)
+
+
+def grid_cells(x: torch.Tensor, grid_bits: int) -> torch.Tensor:
+    """``floor(x * 2^grid_bits)`` of ``x`` clipped to ``[0, 1]`` (int64): the grid cell of each
+    element. Multiplying by a power of two is exact, so every runtime finds the same cell."""
+    return (x.clamp(0.0, 1.0) * float(2**grid_bits)).long()
+
+
+def grid_cell_codes(thresholds: torch.Tensor, grid_bits: int) -> torch.Tensor | None:
+    """The code of every grid cell ``0 .. 2^grid_bits`` (int64), or None when some threshold is
+    not a snapped one (:func:`snap_thresholds`: the float32 just below a grid point), so that the
+    cell does not fix the code."""
+    scale = float(2**grid_bits)
+    th = thresholds.detach().float().cpu()
+    above = torch.nextafter(th, torch.tensor(float("inf"))).double() * scale
+    if not bool((above == torch.round(above)).all()) or float(above.max()) > scale:
+        return None
+    points = torch.arange(2**grid_bits + 1, dtype=torch.float64) / scale
+    return codes_from_thresholds(points.float(), th)
 
 
 def float32_decision_points(
@@ -126,7 +169,14 @@ def attention_error(x: torch.Tensor, x_hat: torch.Tensor, values: torch.Tensor |
 
 
 class LevelQuantizer(Quantizer):
-    """Quantizer given by ascending ``levels`` and ``thresholds`` (``len(levels) - 1`` of them)."""
+    """Quantizer given by ascending ``levels`` and ``thresholds`` (``len(levels) - 1`` of them).
+
+    ``grid_bits`` (families that support it, TanQ): thresholds snapped onto the ``2^-grid_bits``
+    grid of ``[0, 1]`` (:func:`snap_thresholds`), so that a code is one table read per element
+    (:meth:`code_grid`), in the simulation and in the exported graph alike.
+    """
+
+    grid_bits: int | None = None
 
     def level_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -152,6 +202,18 @@ class LevelQuantizer(Quantizer):
     def lookup_table(self) -> torch.Tensor:
         """Dequantized value of every code."""
         return self.level_table()[0].detach()
+
+    def code_grid(self) -> tuple[int, torch.Tensor] | None:
+        """``(grid_bits, code of every grid cell)`` when the thresholds sit on the grid (the code of
+        ``x`` in ``[0, 1]`` is ``cells[floor(x * 2^grid_bits)]``), else None."""
+        if self.grid_bits is None:
+            return None
+        thresholds = self.level_table()[1]
+        return self.remembered("grid", lambda: self._code_grid(thresholds))
+
+    def _code_grid(self, thresholds: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+        cells = grid_cell_codes(thresholds, self.grid_bits)
+        return None if cells is None else (self.grid_bits, cells.to(thresholds.device))
 
     def decision_points(self) -> torch.Tensor:
         """float32 thresholds whose count is exactly :meth:`codes` for every float32 input in

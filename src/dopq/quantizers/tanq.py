@@ -9,7 +9,9 @@ Levels, for codes ``k = 0..L-1`` with ``L = 2^b`` and ``u_k = k / (L - 1)``::
 flat far from ``m``, so the levels crowd at both ends (near 0 and near ``d``) and thin out around
 ``m * d``; ``c -> 0`` gives the uniform grid. ``m = 1/2`` is the symmetric form in method.md.
 Codes are the nearest level (thresholds at level midpoints); dequantization is a table lookup.
-``(c, m, d)`` are searched on calibration data (``docs/tanq.md``).
+``(c, m, d)`` are searched on calibration data (``docs/tanq.md``). With ``grid_bits`` the midpoints
+are snapped onto the ``2^-grid_bits`` grid once the levels are set, so that a code is one table
+read per element (docs/export.md).
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ import torch
 from torch import nn
 
 from dopq.quantizers.base import register_quantizer
-from dopq.quantizers.levels import LevelQuantizer, _with_ste, attention_error, lookup
+from dopq.quantizers.levels import (
+    LevelQuantizer,
+    _with_ste,
+    attention_error,
+    grid_cells,
+    lookup,
+    snap_thresholds,
+)
 from dopq.quantizers.ranges import row_quantiles
 
 __all__ = ["TanQQuantizer", "sample_attention", "tan_codes", "tan_levels"]
@@ -107,6 +116,10 @@ class TanQQuantizer(LevelQuantizer):
             ``v`` operand as context), ``"mse"`` by the error of the attention values.
         sharpness, centers, clip_quantiles: the search grid.
         max_rows: attention rows sampled for the search (keeps it cheap and deterministic).
+        grid_bits: snap the thresholds onto the ``2^-grid_bits`` grid of ``[0, 1]`` (each moves by at
+            most ``2^-(grid_bits + 1)``; :func:`~dopq.quantizers.levels.snap_thresholds`), so that the
+            code is ``cells[floor(x * 2^grid_bits)]``; None keeps the exact midpoints. The search scores
+            candidates with the exact midpoints.
 
     Example:
         >>> q = TanQQuantizer(3, objective="mse"); q.observing = True
@@ -123,10 +136,14 @@ class TanQQuantizer(LevelQuantizer):
         centers: tuple[float, ...] = DEFAULT_CENTERS,
         clip_quantiles: tuple[float, ...] = DEFAULT_CLIP_QUANTILES,
         max_rows: int = 256,
+        grid_bits: int | None = None,
     ) -> None:
         super().__init__(bits)
         if objective not in ("output", "mse"):
             raise ValueError(f"TanQ objective must be 'output' or 'mse', got {objective!r}")
+        if grid_bits is not None and not 8 <= grid_bits <= 20:
+            raise ValueError(f"TanQ grid_bits must be in 8..20 or None, got {grid_bits}")
+        self.grid_bits = grid_bits
         self.objective = objective
         self.grid = (tuple(sharpness), tuple(centers), tuple(clip_quantiles))
         self.max_rows = max_rows
@@ -135,6 +152,9 @@ class TanQQuantizer(LevelQuantizer):
         self.register_buffer("clip", torch.tensor(1.0))
 
     def closed_form_codes(self, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+        grid = self.code_grid()
+        if grid is not None:  # snapped thresholds: the cell decides (what the export computes)
+            return lookup(grid[1], grid_cells(x, grid[0]))
         params = [p.detach() for p in self._params()]
         return tan_codes(x, *params, self.bits, thresholds)
 
@@ -200,10 +220,13 @@ class TanQQuantizer(LevelQuantizer):
         # the float32 model's levels and thresholds exactly (docs/export.md, float64 form)
         params = self._params()
         levels, thresholds = tan_levels(*(p.float() for p in params), self.bits)
+        if self.grid_bits is not None:
+            snapped = snap_thresholds(levels, thresholds, self.grid_bits)
+            thresholds = thresholds if snapped is None else snapped
         return levels.to(params[0].dtype), thresholds.to(params[0].dtype)
 
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, objective={self.objective}, c={float(self.sharpness):.3g}, "
-            f"m={float(self.center):.3g}, d={float(self.clip):.3g}"
+            f"m={float(self.center):.3g}, d={float(self.clip):.3g}, grid_bits={self.grid_bits}"
         )
