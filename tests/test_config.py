@@ -156,7 +156,7 @@ def test_softmax_grid_bits_are_validated_and_reach_every_tanq() -> None:
     from dopq.quantizers.tanq import TanQQuantizer
 
     for bad in (4, 7, 21):
-        with pytest.raises(ConfigError, match="softmax_grid_bits must be in 8..20"):
+        with pytest.raises(ConfigError, match=r"softmax_grid_bits must be in 8\.\.20"):
             QuantConfig(softmax_grid_bits=bad)
     for preset in ("dopq", "recommended"):
         assert get_preset(preset).softmax_grid_bits == 16  # the fast export is the default

@@ -109,7 +109,9 @@ def test_exported_softmax_codes_are_the_simulated_ones_at_every_threshold(
     assert not {n.op_type for n in graph.node} & {"Tan", "Atan", "Log", "Exp"}
 
 
-@pytest.mark.parametrize(("name", "bits"), [("tanq", 2), ("tanq", 3), ("tanq", 4), ("tanq", 6), ("tanq-m0.9", 4)])
+@pytest.mark.parametrize(
+    ("name", "bits"), [("tanq", 2), ("tanq", 3), ("tanq", 4), ("tanq", 6), ("tanq-m0.9", 4)]
+)
 def test_grid_softmax_codes_are_one_table_read_and_the_simulated_ones(
     name: str, bits: int, tmp_path: Path
 ) -> None:

@@ -30,7 +30,7 @@ from dopq.quantizers import (
 from dopq.quantizers.adaround import AdaRoundQuantizer
 from dopq.quantizers.levels import codes_from_thresholds, float32_decision_points
 from dopq.quantizers.ranges import row_quantiles
-from dopq.quantizers.tanq import tan_codes, tan_levels
+from dopq.quantizers.tanq import tan_codes
 
 
 def _attention(shape=(2, 3, 40, 40), temp=4.0) -> torch.Tensor:
@@ -405,7 +405,11 @@ def _single_family_errors(
 
     errors = {}
     for name in AUTO_CANDIDATES:
-        q = build_quantizer(name, bits, grid_bits=grid_bits) if name == "tanq" else build_quantizer(name, bits)
+        q = (
+            build_quantizer(name, bits, grid_bits=grid_bits)
+            if name == "tanq"
+            else build_quantizer(name, bits)
+        )
         q.observing = True
         errors[name] = output_error(attn, q(attn, v), v)
     return errors
@@ -574,7 +578,9 @@ def _edges(levels: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("grid_bits", [None, 16])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("temp", [1.0, 4.0, 12.0])
-def test_tanq_closed_form_codes_equal_the_threshold_search(bits: int, temp: float, grid_bits: int | None) -> None:
+def test_tanq_closed_form_codes_equal_the_threshold_search(
+    bits: int, temp: float, grid_bits: int | None
+) -> None:
     """On a GPU TanQ counts thresholds (one binary-search pass); on a CPU it uses its closed form
     (or, with thresholds on a grid, the code of the element's grid cell). The two must give the same
     code for every element, also at the thresholds and one float step either side, so CPU and GPU
