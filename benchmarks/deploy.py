@@ -149,7 +149,7 @@ def _deploy_models(args, work, arch: str, tmp: Path) -> dict[str, dict[str, Any]
             models[f"{method} W{w}/A{a}"] = {
                 "path": paths, "w_bits": w, "a_bits": a, "model": model, "method": method,
                 "post_softmax": config.softmax_quantizer, "weight_storage": report.weight_storage,
-                "calib_seconds": qreport.calib_seconds,
+                "calib_seconds": qreport.calib_seconds, "recipe": config.to_dict(),
             }  # fmt: skip
     if not args.deploy_peers:
         return models
@@ -209,7 +209,7 @@ def _deploy_accuracy(args, work, arch: str, models: dict[str, dict[str, Any]], t
                 row.update(sim_top1=float((simulated.argmax(1) == labels).float().mean()),
                            sim_top1_correct=hits(simulated), identical_top1=same, max_logit_diff=diff,
                            post_softmax=entry["post_softmax"], weight_storage=entry["weight_storage"],
-                           calib_seconds=entry["calib_seconds"])  # fmt: skip
+                           calib_seconds=entry["calib_seconds"], recipe=entry["recipe"])  # fmt: skip
             if runtime == "onnxruntime":
                 ops = optimized_op_counts(path, threads)
                 row["integer_ops"] = {k: v for k, v in ops.items() if k in INTEGER_OPS}
@@ -264,6 +264,8 @@ def _deploy_timing(args, work, arch: str, models: dict[str, dict[str, Any]], thr
             "bytes": _size(path), "size_ratio": _size(path) / _size(models["fp32"]["path"]),
             "fp32_images_per_second": 32 / through[fp], "repeats": args.repeats,
         })  # fmt: skip
+        if "recipe" in entry:
+            rows[-1]["recipe"] = entry["recipe"]
         print(f"  {arch} {label} on {runtime}: {rows[-1]['images_per_second']:.1f} img/s "
               f"({rows[-1]['throughput_ratio']:.2f}x fp32), {rows[-1]['latency_ms']:.1f} ms", flush=True)  # fmt: skip
     return rows

@@ -491,6 +491,11 @@ def _runtime_pairs(sub: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+_DEPLOY_NOTES = {  # what a suffixed deploy run measured, beside its presets
+    "deploy_runtimes_grid": ", TanQ's thresholds on the 2^-16 grid (one table read per element in onnxruntime)",
+}
+
+
 def _deploy_runtimes_table(data: dict[str, Any], what: str = "") -> list[str]:
     """Exports on onnxruntime and OpenVINO: agreement with the simulation, speed and size against
     the FP32 model on the same runtime, the peers' INT8 models, the CPU they ran on."""
@@ -890,6 +895,11 @@ def _sections(results: Path) -> list[Section]:
         note = ", tighter activation clips" if "_actwide" in path.stem else ""
         note = ", GPTQ's float target" if "_asym" in path.stem else note
         note = ", GPTQ's float target half way" if "_half" in path.stem else note
+        note = (
+            ", TanQ's thresholds on the 2^-16 grid (dopq) against its exact midpoints"
+            if "_grid" in path.stem
+            else note
+        )
         add(accuracy, _calib_gains_table(data, note), (path.stem,), data)
     data = _load(results, "error_budget")
     if data:
@@ -919,7 +929,12 @@ def _sections(results: Path) -> list[Section]:
     for path in sorted(results.glob("deploy_runtimes_*.json")):  # other presets (--deploy-methods --suffix)
         data = json.loads(path.read_text())
         methods = ", ".join(dict.fromkeys(r["method"] for r in data["rows"] if r["method"] not in ("fp32",)))
-        add(deploy, _deploy_runtimes_table(data, f": {methods}"), (path.stem,), data)
+        add(
+            deploy,
+            _deploy_runtimes_table(data, f": {methods}{_DEPLOY_NOTES.get(path.stem, '')}"),
+            (path.stem,),
+            data,
+        )
     for path in sorted(results.glob("speed_*.json")):
         add(speed, _speed_table(json.loads(path.read_text()), path.stem), (path.stem,))
     for path in sorted(results.glob("timing_*threads.json")):
@@ -1066,7 +1081,10 @@ def _deployed(recipe: SummaryRecipe, results: Path, sections: list[Section], mod
             if (row.get("recipe") or {}).get("integer_attention") or row.get("integer_attention"):
                 continue
             found.append((link, data, row, measures))
-    return found
+    # rows exported before TanQ's threshold grid (codes counted, recipes without the field) give
+    # way to rows of the current form where there are any
+    current = [f for f in found if "softmax_grid_bits" in (f[2].get("recipe") or {})]
+    return current or found
 
 
 def _link(text: str, target: str) -> str:
