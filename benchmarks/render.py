@@ -705,7 +705,9 @@ def _preset_table(data: dict[str, Any]) -> list[str]:
     what = "Recommended preset" if "recommended" in methods else "The wide-TanQ rule"
     others = " and ".join(m for m in methods if m not in ("dopq", "recommended", "wide-tanq rule"))
     # runs since TanQ's thresholds sit on the 2^-16 grid record the field; earlier ones used the exact midpoints
-    grid = ", TanQ thresholds on the 2^-16 grid" if "softmax_grid_bits" in (rows[0].get("recipe") or {}) else ""
+    grid = (
+        ", TanQ thresholds on the 2^-16 grid" if "softmax_grid_bits" in (rows[0].get("recipe") or {}) else ""
+    )
     lines = [f"### {what} against dopq{' and ' + others if others else ''}: {model}{grid}", "",
              f"Command: `{data['command']}` ({data['threads']} torch threads). FP32 top-1 {_pct(rows[0]['fp_top1'])}%. "
              f"Calibration seeds {', '.join(map(str, seeds))} (32 images each), the same test images for every row. "
