@@ -178,6 +178,27 @@ def test_plain_tar_reads_in_workers_and_pickles(tree: Path, archives: dict[str, 
     assert x0.shape == (len(ds), 3, 224, 224) and y0.tolist() == ds.targets
 
 
+def test_killed_process_decompressed_copy_removed_by_next_run(
+    archives: dict[str, Path], tmp_path: Path
+) -> None:
+    """A .tar.gz is decompressed into $TMPDIR; a process killed before its exit handler leaves the
+    copy (as large as the data), and the next process that decompresses removes it, while a living
+    process's copy stays."""
+    import os
+    import subprocess
+    import sys
+
+    index = f"from pathlib import Path; from dopq.data.archives import archive_index; archive_index(Path({str(archives['gz'])!r}))"
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", index + "; import os; os._exit(0)"], env=env, check=True)
+    left = list(tmp_path.glob("dopq-*.tar"))
+    assert len(left) == 1 and left[0].stat().st_size > 0
+    alive = tmp_path / f"dopq-other-{os.getpid()}-abc.tar"
+    alive.write_bytes(b"x")
+    subprocess.run([sys.executable, "-c", index], env=env, check=True)
+    assert sorted(tmp_path.glob("dopq-*.tar")) == [alive]
+
+
 def test_load_batch_and_loader_follow_indices(tree: Path) -> None:
     ds = open_split(tree, "train", build_transform(PRE))
     idx = [5, 0, 3]

@@ -1,8 +1,8 @@
 """Tar archives as data roots: each indexed once per process, members read by offset.
 
 A plain ``.tar`` is read by member offset; a ``.tar.gz`` / ``.tgz`` is decompressed once per process
-into a temporary plain tar (in ``$TMPDIR``, removed at exit by the process that made it) and then read
-the same way. The index (:class:`ArchiveIndex`) is cached by path, modification time and size, however
+into a temporary plain tar (in ``$TMPDIR``, removed at exit by the process that made it; copies left by a
+process that was killed are removed by the next run) and then read the same way. The index (:class:`ArchiveIndex`) is cached by path, modification time and size, however
 many splits and listings a run asks for.
 """
 
@@ -70,9 +70,40 @@ def _remove_temp_tars() -> None:
 atexit.register(_remove_temp_tars)
 
 
+_TEMP_PREFIX = "dopq-"  # dopq-<archive stem>-<pid>-<random>.tar
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_temp_tars(folder: Path) -> list[Path]:
+    """Remove the decompressed copies in ``folder`` whose process has died without its exit handler
+    (killed, out of memory): each is as large as the archive's contents. Returns what was removed."""
+    removed = []
+    for tmp in folder.glob(f"{_TEMP_PREFIX}*-*-*.tar"):
+        pid = tmp.name[: -len(".tar")].split("-")[-2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            try:
+                tmp.unlink()
+            except OSError:  # another user's file, or gone meanwhile
+                continue
+            removed.append(tmp)
+    return removed
+
+
 def _decompress(path: Path) -> Path:
     """Write the decompressed stream of a ``.tar.gz`` to a temporary plain tar (removed at exit)."""
-    fd, name = tempfile.mkstemp(prefix=f"dopq-{path.name.split('.')[0]}-", suffix=".tar")
+    for stale in remove_stale_temp_tars(Path(tempfile.gettempdir())):
+        logger.info("removed %s, left by a process that was killed", stale)
+    stem = path.name.split(".")[0].replace("-", "_")  # the pid stays the second field from the end
+    fd, name = tempfile.mkstemp(prefix=f"{_TEMP_PREFIX}{stem}-{os.getpid()}-", suffix=".tar")
     tmp = Path(name)
     _TEMP_TARS.append((os.getpid(), tmp))
     try:
