@@ -62,6 +62,9 @@ def calib_gain_recipes(w_bits: int, a_bits: int | None = None) -> dict[str, Quan
         "dopq+gptq+tanq-wide": dopq.replace(weight_rounding="gptq", tanq_centers=TANQ_CENTERS_WIDE),
         # TanQ's exact midpoints (the paper's rule) instead of the 2^-16 grid the export reads from
         "dopq+exact-midpoints": dopq.replace(softmax_grid_bits=None),
+        # patch embedding and head weights at 8 bits, alone and with the recommended preset's rules
+        "dopq+edge8": dopq.replace(edge_w_bits=8),
+        "recommended+edge8": get_preset("recommended", **widths).replace(edge_w_bits=8),
     }
 
 

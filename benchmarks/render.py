@@ -712,7 +712,8 @@ def _preset_table(data: dict[str, Any]) -> list[str]:
              f"Command: `{data['command']}` ({data['threads']} torch threads). FP32 top-1 {_pct(rows[0]['fp_top1'])}%. "
              f"Calibration seeds {', '.join(map(str, seeds))} (32 images each), the same test images for every row. "
              "Cells: top-1 %, images fixed / broken against dopq at the same seed (sign-test p); calibration time "
-             "as float forwards of the calibration batch (median over seeds; the ratio survives a loaded machine). "
+             "as float forwards of the calibration batch (median over seeds; the ratio survives a loaded machine), "
+             "in brackets the median seconds. "
              "A row marked = has dopq's config at that width and is dopq's run.", "",
              "| width | recipe | " + " | ".join(f"seed {s}" for s in seeds)
              + " | mean | worst vs dopq | calibration (forwards) |",
@@ -740,9 +741,11 @@ def _preset_table(data: dict[str, Any]) -> list[str]:
                     deltas.append((pair["gained"] - pair["lost"]) / r["eval_images"])
             top1 = [r["quant_top1"] for r in mine.values()]
             fwd = sorted(r["calib_forward_equivalents"] for r in mine.values())
+            secs = sorted(r["calib_seconds"] for r in mine.values())
             worst = f"{100 * min(deltas):+.1f}" if deltas else ""
             lines.append(f"| W{w}/A{a} | {method} | " + " | ".join(cells)
-                         + f" | {_pct(sum(top1) / len(top1), 2)} | {worst} | {fwd[len(fwd) // 2]:.1f} |")  # fmt: skip
+                         + f" | {_pct(sum(top1) / len(top1), 2)} | {worst} | {fwd[len(fwd) // 2]:.1f} "
+                         f"({secs[len(secs) // 2]:.1f} s) |")  # fmt: skip
     return [*lines, ""]
 
 
@@ -751,7 +754,8 @@ def _error_budget_table(data: dict[str, Any]) -> list[str]:
     error against the float model with everything quantized, and with one kind or one unit float."""
     rows = data["rows"]
     kinds = list(rows[0]["kinds kept float"])
-    lines = ["### Error budget: each kind of quantizer and each block kept float in turn", "",
+    models = ", ".join(dict.fromkeys(_short(r["model"]) for r in rows))
+    lines = [f"### Error budget, {models}: each kind of quantizer and each block kept float in turn", "",
              f"Command: `{data['command']}` ({data['threads']} torch threads), {rows[0]['images']} strided test images. "
              "Cells: mean squared logit error against the float model (x1e-3); in brackets, top-1 agreement "
              "with the float model %. The three units whose float copy removes the most error are listed.", "",
@@ -899,15 +903,15 @@ def _sections(results: Path) -> list[Section]:
         note = ", tighter activation clips" if "_actwide" in path.stem else ""
         note = ", GPTQ's float target" if "_asym" in path.stem else note
         note = ", GPTQ's float target half way" if "_half" in path.stem else note
+        note = ", patch embedding and head weights at 8 bits (edge_w_bits)" if "_edge" in path.stem else note
         note = (
             ", TanQ's thresholds on the 2^-16 grid (dopq) against its exact midpoints"
             if "_grid" in path.stem
             else note
         )
         add(accuracy, _calib_gains_table(data, note), (path.stem,), data)
-    data = _load(results, "error_budget")
-    if data:
-        add(accuracy, _error_budget_table(data), ("error_budget",))
+    for stem in sorted({p.stem for p in results.rglob("error_budget*.json")}):  # one table per model set
+        add(accuracy, _error_budget_table(_load(results, stem)), (stem,))
     for name, table in (("softmax_error", _softmax_table), ("tanq_grid", _tanq_grid_table)):
         data = _load(results, name)
         if data:

@@ -165,3 +165,54 @@ def test_softmax_grid_bits_are_validated_and_reach_every_tanq() -> None:
         prepare_model(model, get_preset("dopq", softmax_quantizer=softmax).replace(softmax_grid_bits=grid))
         tanqs = [m for m in model.modules() if isinstance(m, TanQQuantizer)]
         assert tanqs and all(q.grid_bits == grid for q in tanqs)
+
+
+@pytest.mark.parametrize("family", ["vit", "deit-distilled", "swin", "hf-vit", "hf-swin"])
+def test_edge_w_bits_reach_the_patch_embedding_and_head_only(family: str) -> None:
+    import timm
+    import torch
+
+    from conftest import tiny_swin
+    from dopq.models import prepare_model
+    from dopq.modules import QuantConv2d, QuantLinear
+    from test_hf import tiny, wrap_hf_model
+
+    with pytest.raises(ConfigError, match=r"edge_w_bits must be an integer in 2\.\.8"):
+        QuantConfig(edge_w_bits=9)
+    assert get_preset("dopq").edge_w_bits is None
+    config = get_preset("dopq", w_bits=3, a_bits=3, edge_w_bits=8)
+    assert QuantConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    models = {
+        "vit": lambda: timm.create_model("test_vit", num_classes=10),
+        "deit-distilled": lambda: timm.create_model(
+            "deit_tiny_distilled_patch16_224", img_size=32, depth=2, num_classes=10
+        ),
+        "swin": lambda: tiny_swin()[0],
+        "hf-vit": lambda: wrap_hf_model(tiny("vit")),
+        "hf-swin": lambda: wrap_hf_model(tiny("swin")),
+    }
+    model = models[family]().eval()
+    # the layers outside the transformer blocks, found from the float model's structure
+    blocks = [
+        m
+        for m in model.modules()
+        if type(m).__name__ in ("Block", "SwinTransformerBlock", "ViTLayer", "SwinLayer")
+    ]
+    inside = {id(m) for b in blocks for m in b.modules()}
+    expected = {
+        n for n, m in model.named_modules()
+        if type(m) in (torch.nn.Linear, torch.nn.Conv2d) and id(m) not in inside and "downsample" not in n
+    }  # fmt: skip
+    prepare_model(model, config)
+    bits = {
+        n: m.weight_quantizer.bits
+        for n, m in model.named_modules()
+        if isinstance(m, (QuantLinear, QuantConv2d))
+    }
+    edges = {n for n, b in bits.items() if b == 8}
+    assert edges == expected
+    assert any(isinstance(model.get_submodule(n), QuantConv2d) for n in edges)  # the patch embedding
+    assert sum(isinstance(model.get_submodule(n), QuantLinear) for n in edges) == (
+        2 if "distilled" in family else 1
+    )
+    assert set(bits.values()) == {3, 8}

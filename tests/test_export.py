@@ -593,3 +593,25 @@ def test_w4a8_deploys_with_int4_weights_and_8bit_integer_kernels(tmp_path: Path)
     with torch.no_grad():
         simulated = model(x)
     _assert_same_function(OnnxModel(w4a8.path, threads=1)(x), simulated, 0.05)
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
+def test_8bit_edge_layers_export_beside_4bit_blocks(target: str, tmp_path: Path) -> None:
+    """``edge_w_bits=8``: the patch embedding and head keep 8-bit codes in a W4/A4 file whose other
+    weights are packed INT4, saved, loaded and exported with the simulated function."""
+    model, x = _vit()
+    config = dopq.get_preset("dopq", w_bits=4, a_bits=4, edge_w_bits=8)
+    dopq.quantize(model, x, config, progress=False)
+    loaded, _, _ = load_quantized(save_quantized(model, tmp_path / "q.pt", config))
+    assert loaded.patch_embed.proj.weight_quantizer.bits == loaded.head.weight_quantizer.bits == 8
+    assert loaded.blocks[0].mlp.fc1.weight_quantizer.bits == 4
+    report = export_onnx(loaded, tmp_path / "m.onnx", target=target)
+    # OpenVINO: the head's codes symmetric int8, the convolution's uint8 with zero points
+    assert report.weight_storage == ("int4+uint8" if target == "onnxruntime" else "int4+int8+uint8")
+    inits = {i.name: i for i in onnx.load(report.path).graph.initializer}
+    edge = [n for n in inits if n.startswith(("patch_embed.proj.weight.codes", "head.weight.codes"))]
+    assert len(edge) == 2 and all(inits[n].data_type != onnx.TensorProto.INT4 for n in edge), edge
+    assert inits["blocks.0.mlp.fc1.weight.codes_int4"].data_type == onnx.TensorProto.INT4
+    with torch.no_grad():
+        simulated = model(x)
+    _assert_same_function(OnnxModel(report.path, threads=1)(x), simulated, 0.05)

@@ -158,7 +158,8 @@ def test_onnxruntime_target_keeps_zero_points_and_unsigned_8bit_weights(tmp_path
     dopq.quantize(model, x, dopq.get_preset("dopq", w_bits=8, a_bits=8), progress=False)
     ort_report = export_onnx(model, tmp_path / "ort.onnx")
     ov_report = export_onnx(model, tmp_path / "ov.onnx", target="openvino")
-    assert (ort_report.weight_storage, ov_report.weight_storage) == ("uint8", "int8")
+    # OpenVINO's Linear weights are symmetric int8; its patch-embedding convolution keeps uint8 codes
+    assert (ort_report.weight_storage, ov_report.weight_storage) == ("uint8", "int8+uint8")
     assert ov_report.target == "openvino"
     import onnx
 

@@ -135,6 +135,11 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         "one table); 0 keeps the exact midpoints (docs/export.md)",
     )
     g.add_argument(
+        "--edge-w-bits",
+        type=int,
+        help="weight bits of the patch embedding and the classifier head (default: the preset's; --w-bits)",
+    )
+    g.add_argument(
         "--act-percentiles",
         type=float,
         nargs="+",
@@ -286,6 +291,7 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
         "gptq_target": args.gptq_target,
         "gptq_target_shrink": args.gptq_target_shrink,
         "act_percentiles": tuple(args.act_percentiles) if args.act_percentiles else None,
+        "edge_w_bits": args.edge_w_bits,
         "tanq_centers": tuple(args.tanq_centers) if args.tanq_centers else None,
     }
     for switch in ("integer_zero_point", "bias_correction", "gptq_act_order"):

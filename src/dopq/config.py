@@ -198,6 +198,9 @@ class QuantConfig:
         bias_correction: subtract from every quantized Linear's bias the mean output error its
             quantization causes on the calibration images (empirical bias correction).
         patch_embed_input_bits: bits of the image fed to the patch embedding.
+        edge_w_bits: weight bits of the layers before the first attention block and after the last
+            (the patch embedding and the classifier head, found from the model's units); None: ``w_bits``.
+            They hold a few percent of the weights but feed, and read, every token.
         percentiles: candidate upper quantiles of the uniform range search.
         act_percentiles: candidate upper quantiles of the activations' uniform range search
             (None: ``percentiles``). At 3 bits a tighter clip (0.99, 0.995) can pay (docs/gptq.md).
@@ -238,6 +241,7 @@ class QuantConfig:
     ln_shift: str = "input"
     bias_correction: bool = True
     patch_embed_input_bits: int = 8
+    edge_w_bits: int | None = None
     percentiles: tuple[float, ...] = (0.999, 0.9999, 0.99999)
     act_percentiles: tuple[float, ...] | None = None
     tanq_objective: str = "output"
@@ -256,6 +260,8 @@ class QuantConfig:
         _check_bits("w_bits", self.w_bits)
         _check_bits("a_bits", self.a_bits)
         _check_bits("patch_embed_input_bits", self.patch_embed_input_bits)
+        if self.edge_w_bits is not None:
+            _check_bits("edge_w_bits", self.edge_w_bits)
         _check_choice("softmax_quantizer", self.softmax_quantizer, SOFTMAX_CHOICES)
         _check_choice("weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS)
         if not 0.0 < self.gptq_damp <= 1.0:

@@ -225,19 +225,24 @@ def export_onnx(
         onnx.save(graph, str(tmp))
         if dtype == torch.float64:
             _check_loads(tmp)
-    storage = "int4" if packed else _weight_container(deploy)
+    storage = _weight_storage(deploy, packed=packed > 0)
     seconds = time.perf_counter() - t0
     return ExportReport(
         str(path), path.stat().st_size, opset, storage, integer_levels, seconds, float_dtype, target
     )
 
 
-def _weight_container(deploy: nn.Module) -> str:
-    """``uint8`` where every weight is stored as uint8 codes (8-bit weights), else ``int8``."""
+def _weight_storage(deploy: nn.Module, packed: bool) -> str:
+    """The weight containers in the file: ``int4`` (packed), ``int8``, ``uint8`` (8-bit weights), joined
+    by ``+`` where layers differ (``int4+uint8``: 8-bit patch embedding and head, ``edge_w_bits``)."""
     from dopq.export.deploy import WeightCodes
 
-    dtypes = {m.codes.dtype for m in deploy.modules() if isinstance(m, WeightCodes)}
-    return "uint8" if dtypes == {torch.uint8} else "int8"
+    def container(m: WeightCodes) -> str:
+        if packed and m.bits <= 4:
+            return "int4"
+        return "uint8" if m.codes.dtype == torch.uint8 else "int8"
+
+    return "+".join(sorted({container(m) for m in deploy.modules() if isinstance(m, WeightCodes)}))
 
 
 def _check_loads(path: Path) -> None:

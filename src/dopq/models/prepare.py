@@ -4,7 +4,8 @@ Placement (RepQ-ViT): every Linear and Conv2d gets a per-output-channel weight q
 patch embedding's input is quantized at ``patch_embed_input_bits``; Linear layers fed by a
 LayerNorm get a per-channel input quantizer (re-parameterized to per tensor later), all others per
 tensor; both attention matmuls quantize their operands, the attention map with the recipe's
-post-Softmax quantizer.
+post-Softmax quantizer. With ``edge_w_bits`` the patch embedding's and the head's weights take
+those bits instead of ``w_bits``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dopq.models.structure import LayerNormPair, find_layernorm_pairs
 from dopq.modules import QuantConv2d, QuantLinear, quantizers_off
 from dopq.quantizers import PerChannel, PerTensor, Quantizer, UniformQuantizer, build_quantizer
 
-__all__ = ["QuantPlan", "example_input", "prepare_model"]
+__all__ = ["QuantPlan", "edge_layers", "example_input", "prepare_model"]
 
 
 @dataclass
@@ -54,8 +55,8 @@ class _Factory:
     def __init__(self, config: QuantConfig) -> None:
         self.c = config
 
-    def weight(self) -> Quantizer:
-        return UniformQuantizer(self.c.w_bits, PerChannel(0), self.c.percentiles)
+    def weight(self, bits: int | None = None) -> Quantizer:
+        return UniformQuantizer(bits or self.c.w_bits, PerChannel(0), self.c.percentiles)
 
     def act(self, per_channel: bool = False, bits: int | None = None) -> Quantizer:
         gran = PerChannel(-1) if per_channel else PerTensor()
@@ -82,6 +83,18 @@ def _set_child(root: nn.Module, qualified: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
+def edge_layers(model: nn.Module, adapter: ModelAdapter) -> set[str]:
+    """Names of the Linear / Conv2d layers in the units before the first attention module and after
+    the last one: the patch embedding and the classifier head(s), whatever they are called."""
+    units = adapter.units(model)
+    has_attention = [any(type(m) in adapter.attention for m in unit.modules()) for _, unit in units]
+    if not any(has_attention):
+        return set()
+    first, last = has_attention.index(True), len(units) - 1 - has_attention[::-1].index(True)
+    edges = {id(m) for _, unit in units[:first] + units[last + 1 :] for m in unit.modules()}
+    return {n for n, m in model.named_modules() if id(m) in edges and type(m) in (nn.Linear, nn.Conv2d)}
+
+
 def prepare_model(model: nn.Module, config: QuantConfig, allow_partial: bool = False) -> QuantPlan:
     """Insert quantizers into ``model`` in place (all start uncalibrated).
 
@@ -102,6 +115,7 @@ def prepare_model(model: nn.Module, config: QuantConfig, allow_partial: bool = F
     device = next(model.parameters()).device
     model.eval()
     make = _Factory(config)
+    edges = edge_layers(model, adapter) if config.edge_w_bits is not None else set()
     for name, module in list(model.named_modules()):
         quant_cls = adapter.attention.get(type(module))
         if quant_cls is not None:
@@ -115,10 +129,11 @@ def prepare_model(model: nn.Module, config: QuantConfig, allow_partial: bool = F
         pairs = find_layernorm_pairs(model, example_input(model))
     paired = {name for p in pairs for name in p.linears}
     for name, module in list(model.named_modules()):
+        weight = make.weight(config.edge_w_bits if name in edges else None)
         if type(module) is nn.Linear:
-            new = QuantLinear(module, make.act(per_channel=name in paired), make.weight())
+            new = QuantLinear(module, make.act(per_channel=name in paired), weight)
         elif type(module) is nn.Conv2d:
-            new = QuantConv2d(module, make.act(bits=config.patch_embed_input_bits), make.weight())
+            new = QuantConv2d(module, make.act(bits=config.patch_embed_input_bits), weight)
         else:
             continue
         _set_child(model, name, new)
