@@ -98,6 +98,8 @@ MODEL_ERRORS = [
                  "could not be read", id="truncated-zip-pth"),
     pytest.param(lambda t: ["--w-bits", "9"], "w_bits must be an integer in 2..8, got 9", id="w-bits-9"),
     pytest.param(lambda t: ["--a-bits", "1"], "a_bits must be an integer in 2..8, got 1", id="a-bits-1"),
+    pytest.param(lambda t: ["--edge-w-bits", "16"], "edge_w_bits must be an integer in 2..8, got 16",
+                 id="edge-w-bits-16"),
     pytest.param(lambda t: ["--model", "resnet18"], "unsupported model family ResNet", id="unsupported-family"),
 ]  # fmt: skip
 
@@ -313,6 +315,8 @@ def test_the_default_method_is_the_recommended_preset() -> None:
     for flag, grid in (("0", None), ("12", 12)):
         config = _config_from(build_parser().parse_args([*base, "--softmax-grid-bits", flag]))
         assert config == get_preset("recommended").replace(softmax_grid_bits=grid)
+    edge = _config_from(build_parser().parse_args([*base, "--edge-w-bits", "8"]))
+    assert edge == get_preset("recommended").replace(edge_w_bits=8)
 
 
 def test_reconstruction_flags_reach_the_recipe() -> None:
