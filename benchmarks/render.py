@@ -493,6 +493,7 @@ def _runtime_pairs(sub: list[dict[str, Any]]) -> list[str]:
 
 _DEPLOY_NOTES = {  # what a suffixed deploy run measured, beside its presets
     "deploy_runtimes_grid": ", TanQ's thresholds on the 2^-16 grid (one table read per element in onnxruntime)",
+    "deploy_runtimes_swin_w48": ", Swin-Tiny at the 8-bit-activation widths",
 }
 
 
