@@ -741,12 +741,11 @@ def _preset_table(data: dict[str, Any]) -> list[str]:
                 if pair:
                     deltas.append((pair["gained"] - pair["lost"]) / r["eval_images"])
             top1 = [r["quant_top1"] for r in mine.values()]
-            fwd = sorted(r["calib_forward_equivalents"] for r in mine.values())
-            secs = sorted(r["calib_seconds"] for r in mine.values())
+            fwd = statistics.median_high(r["calib_forward_equivalents"] for r in mine.values())
+            secs = statistics.median_high(r["calib_seconds"] for r in mine.values())
             worst = f"{100 * min(deltas):+.1f}" if deltas else ""
             lines.append(f"| W{w}/A{a} | {method} | " + " | ".join(cells)
-                         + f" | {_pct(sum(top1) / len(top1), 2)} | {worst} | {fwd[len(fwd) // 2]:.1f} "
-                         f"({secs[len(secs) // 2]:.1f} s) |")  # fmt: skip
+                         + f" | {_pct(sum(top1) / len(top1), 2)} | {worst} | {fwd:.1f} ({secs:.1f} s) |")  # fmt: skip
     return [*lines, ""]
 
 

@@ -129,13 +129,13 @@ def prepare_model(model: nn.Module, config: QuantConfig, allow_partial: bool = F
         pairs = find_layernorm_pairs(model, example_input(model))
     paired = {name for p in pairs for name in p.linears}
     for name, module in list(model.named_modules()):
+        if type(module) not in (nn.Linear, nn.Conv2d):
+            continue
         weight = make.weight(config.edge_w_bits if name in edges else None)
         if type(module) is nn.Linear:
             new = QuantLinear(module, make.act(per_channel=name in paired), weight)
-        elif type(module) is nn.Conv2d:
-            new = QuantConv2d(module, make.act(bits=config.patch_embed_input_bits), weight)
         else:
-            continue
+            new = QuantConv2d(module, make.act(bits=config.patch_embed_input_bits), weight)
         _set_child(model, name, new)
     model.to(device)  # the new quantizer buffers follow the model
     coverage = measure_coverage(model, example_input(model), len(pairs))
