@@ -494,6 +494,8 @@ def _runtime_pairs(sub: list[dict[str, Any]]) -> list[str]:
 _DEPLOY_NOTES = {  # what a suffixed deploy run measured, beside its presets
     "deploy_runtimes_grid": ", TanQ's thresholds on the 2^-16 grid (one table read per element in onnxruntime)",
     "deploy_runtimes_swin_w48": ", Swin-Tiny at the 8-bit-activation widths",
+    "deploy_runtimes_w78": ", W7/A8 beside W8/A8 (centred 7-bit weights: u8 x i8 pairs cannot saturate)",
+    "deploy_runtimes_swin_mask": ", Swin-Tiny at the 8-bit-activation widths, shift mask and position bias kept apart",
 }
 
 
@@ -703,8 +705,11 @@ def _preset_table(data: dict[str, Any]) -> list[str]:
     model, seeds = rows[0]["model"], sorted({r["seed"] for r in rows})
     widths = list(dict.fromkeys((r["w_bits"], r["a_bits"]) for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    what = "Recommended preset" if "recommended" in methods else "The wide-TanQ rule"
     others = " and ".join(m for m in methods if m not in ("dopq", "recommended", "wide-tanq rule"))
+    if "recommended" in methods or "wide-tanq rule" in methods:
+        what = "Recommended preset" if "recommended" in methods else "The wide-TanQ rule"
+    else:  # switches over seeds (calib-gains --seeds without a preset row)
+        what, others = others, ""
     # runs since TanQ's thresholds sit on the 2^-16 grid record the field; earlier ones used the exact midpoints
     grid = (
         ", TanQ thresholds on the 2^-16 grid" if "softmax_grid_bits" in (rows[0].get("recipe") or {}) else ""
@@ -843,6 +848,8 @@ ARCHIVED = {
     "ablation_swin_eval250": "the Swin-Tiny ablation on 1000 test images (same recipes and widths)",
     "speed_cpu_2threads_before": "the speed_cpu_2threads runs of the current code (same settings)",
     "timing_1threads": "the calibration times of the speed_* runs (same width and images, later code)",
+    "deploy_runtimes_swin_w48": "the Swin-Tiny run with the shift mask and position bias kept apart "
+    "(deploy_runtimes_swin_mask: same widths and settings, a smaller file)",
 }
 
 
@@ -896,7 +903,7 @@ def _sections(results: Path) -> list[Section]:
         data = json.loads(path.read_text())
         if "rows" not in data:  # the timing files
             continue
-        if path.stem.endswith(("_preset", "_widetanq")):  # runs split across subfolders merge
+        if path.stem.endswith(("_preset", "_widetanq", "_w48")):  # over seeds; subfolders merge
             merged = _load(results, path.stem)
             add(accuracy, _preset_table(merged), (path.stem,), merged)
             continue
@@ -1074,6 +1081,8 @@ def _deployed(recipe: SummaryRecipe, results: Path, sections: list[Section], mod
     methods = _deploy_methods(recipe, w, a)
     found = []
     for path in sorted(results.rglob("deploy*.json")):
+        if path.stem in ARCHIVED:
+            continue
         section = next((s for s in sections if path.stem in s.sources and not s.archived), None)
         link = anchor(section.title) if section else anchor("Deployment")
         data = json.loads(path.read_text())
@@ -1111,6 +1120,15 @@ def _calibration_cell(data: dict[str, Any], row: dict[str, Any]) -> str:
     seconds = row.get("calib_seconds")
     if seconds is None:
         return "—"
+    # a run over calibration seeds: the median over its seeds (one seed's time can catch a loaded machine)
+    key = ("model", "method", "w_bits", "a_bits")
+    seeds = [
+        r["calib_seconds"]
+        for r in data.get("rows", [])
+        if r.get("calib_seconds") is not None and all(r.get(k) == row.get(k) for k in key)
+    ]
+    if "seed" in row and len(seeds) > 1:
+        seconds = statistics.median_high(seeds)
     recon = (row.get("reconstruction") or {}).get("seconds")
     extra = f" + {recon:.0f} s reconstruction" if recon else ""
     return f"{seconds:.1f} s{extra} ({_where(data)})"

@@ -36,6 +36,15 @@ def _additive_mask(attn_mask: torch.Tensor | None, n: int, like: torch.Tensor, i
     return attn_mask
 
 
+def _add_window_mask(attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``attn`` (batch * windows, heads, n, n) plus the shifted-window ``mask`` (windows, n, n) of each
+    window, broadcast over the batch and the heads as timm does: an exported graph keeps the mask and
+    the position bias apart (a few hundred kB) instead of folding their sum per window (megabytes)."""
+    windows, n = mask.shape[0], mask.shape[-1]
+    heads = attn.shape[1]
+    return (attn.view(-1, windows, heads, n, n) + mask.unsqueeze(1)).view(-1, heads, n, n)
+
+
 class _MatMulSlots(nn.Module):
     def _init_matmuls(
         self,
@@ -45,11 +54,20 @@ class _MatMulSlots(nn.Module):
         self.matmul_qk = QuantMatMul(*qk)
         self.matmul_av = QuantMatMul(*av)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None):
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor | None,
+        window_mask: torch.Tensor | None = None,
+    ):
         # the scale is applied after the product, as RepQ-ViT does; the quantized q is unscaled
         attn = self.matmul_qk(q, k.transpose(-2, -1)) * self.scale
         if bias is not None:
             attn = attn + bias
+        if window_mask is not None:
+            attn = _add_window_mask(attn, window_mask)
         attn = self.attn_drop(attn.softmax(dim=-1))
         return self.matmul_av(attn, v)
 
@@ -112,12 +130,7 @@ class QuantWindowAttention(_MatMulSlots):
 
     def _window_attention(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         b, _, n, _ = q.shape
-        bias = self.relative_position_bias()
-        if mask is not None:
-            num_win = mask.shape[0]
-            bias = (bias.unsqueeze(1) + mask.unsqueeze(1).unsqueeze(0)).expand(b // num_win, -1, -1, -1, -1)
-            bias = bias.reshape(b, self.num_heads, n, n)
-        x = self._attend(q, k, v, bias)
+        x = self._attend(q, k, v, self.relative_position_bias(), mask)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, -1)))
 
 

@@ -98,11 +98,15 @@ class QuantHFAttention(_MatMulSlots):
     def bias(self, attention_mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
         return attention_mask
 
+    def window_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        return None
+
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
     ) -> tuple[torch.Tensor, None]:
         q, k, v = (self._heads(p, hidden_states) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = self._attend(q, k, v, self.bias(attention_mask, hidden_states))
+        bias, window_mask = self.bias(attention_mask, hidden_states), self.window_mask(attention_mask)
+        out = self._attend(q, k, v, bias, window_mask)
         out = out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)
         return self.o_proj(out), None
 
@@ -116,12 +120,10 @@ class QuantHFWindowAttention(QuantHFAttention):
         self.relative_position_bias = attn.relative_position_bias
 
     def bias(self, attention_mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        bias = self.relative_position_bias()  # (1, heads, n, n)
-        if attention_mask is None:
-            return bias
-        windows, n = attention_mask.shape[0], x.shape[1]  # mask: (windows, n, n), x: (batch * windows, n, c)
-        mask = attention_mask.unsqueeze(1).unsqueeze(0).expand(x.shape[0] // windows, -1, -1, -1, -1)
-        return bias + mask.reshape(-1, 1, n, n)
+        return self.relative_position_bias()  # (1, heads, n, n)
+
+    def window_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        return attention_mask  # the shift mask, (windows, n, n)
 
 
 class HFImageClassifier(nn.Module):
