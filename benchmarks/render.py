@@ -1120,15 +1120,13 @@ def _calibration_cell(data: dict[str, Any], row: dict[str, Any]) -> str:
     seconds = row.get("calib_seconds")
     if seconds is None:
         return "—"
-    # a run over calibration seeds: the median over its seeds (one seed's time can catch a loaded machine)
-    key = ("model", "method", "w_bits", "a_bits")
-    seeds = [
-        r["calib_seconds"]
-        for r in data.get("rows", [])
-        if r.get("calib_seconds") is not None and all(r.get(k) == row.get(k) for k in key)
-    ]
-    if "seed" in row and len(seeds) > 1:
-        seconds = statistics.median_high(seeds)
+    if "seed" in row:  # a run over calibration seeds: the median (one seed's time can catch a loaded machine)
+        key = ("model", "method", "w_bits", "a_bits")
+        seconds = statistics.median_high(
+            r["calib_seconds"]
+            for r in data.get("rows", [])
+            if r.get("calib_seconds") is not None and all(r.get(k) == row.get(k) for k in key)
+        )
     recon = (row.get("reconstruction") or {}).get("seconds")
     extra = f" + {recon:.0f} s reconstruction" if recon else ""
     return f"{seconds:.1f} s{extra} ({_where(data)})"

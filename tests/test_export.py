@@ -256,7 +256,7 @@ def test_onnxruntime_runs_integer_kernels_and_matches_the_simulation(
 
 
 def test_shifted_window_mask_is_not_folded_into_a_per_window_bias(tmp_path: Path) -> None:
-    """The shift mask (windows, n, n) and the position bias (1, heads, n, n) stay two initializers:
+    """The shift mask (windows, n, n) and the position bias (1, heads, n, n) stay two constants:
     their sum folded per window and head, (1, windows, heads, n, n), made 3.3 MB of Swin-Tiny's
     20 MB W4/A8 file."""
     model = timm.create_model(  # 16 x 16 tokens, 4 windows of 8 x 8, the second block shifted

@@ -95,7 +95,7 @@ class QuantHFAttention(_MatMulSlots):
     def _heads(self, proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return proj(x).view(*x.shape[:-1], -1, self.head_dim).transpose(1, 2)
 
-    def bias(self, attention_mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    def bias(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         return attention_mask
 
     def window_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -105,8 +105,7 @@ class QuantHFAttention(_MatMulSlots):
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
     ) -> tuple[torch.Tensor, None]:
         q, k, v = (self._heads(p, hidden_states) for p in (self.q_proj, self.k_proj, self.v_proj))
-        bias, window_mask = self.bias(attention_mask, hidden_states), self.window_mask(attention_mask)
-        out = self._attend(q, k, v, bias, window_mask)
+        out = self._attend(q, k, v, self.bias(attention_mask), self.window_mask(attention_mask))
         out = out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)
         return self.o_proj(out), None
 
@@ -119,7 +118,7 @@ class QuantHFWindowAttention(QuantHFAttention):
         super().__init__(attn, qk, av)
         self.relative_position_bias = attn.relative_position_bias
 
-    def bias(self, attention_mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    def bias(self, attention_mask: torch.Tensor | None) -> torch.Tensor:
         return self.relative_position_bias()  # (1, heads, n, n)
 
     def window_mask(self, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
