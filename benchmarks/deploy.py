@@ -151,6 +151,15 @@ def _deploy_models(args, work, arch: str, tmp: Path) -> dict[str, dict[str, Any]
                 "post_softmax": config.softmax_quantizer, "weight_storage": report.weight_storage,
                 "calib_seconds": qreport.calib_seconds, "recipe": config.to_dict(),
             }  # fmt: skip
+            for weight_type in args.deploy_weight_types if w == 8 else ():
+                # the same model with another container of its 8-bit weights (onnxruntime only)
+                out = tmp / f"{arch}_{method}_w{w}a{a}_{weight_type}.onnx"
+                report = export_onnx(model, out, target="onnxruntime", weight_type=weight_type)
+                models[f"{method} W{w}/A{a} {weight_type} weights"] = {
+                    **models[f"{method} W{w}/A{a}"], "path": {"onnxruntime": Path(report.path)},
+                    "method": f"{method} ({weight_type} weights)", "runtimes": ("onnxruntime",),
+                    "weight_storage": report.weight_storage,
+                }  # fmt: skip
     if not args.deploy_peers:
         return models
     ort_peer, nncf_peer = tmp / f"{arch}_ort_peer.onnx", tmp / f"{arch}_nncf_int8.xml"

@@ -496,6 +496,9 @@ _DEPLOY_NOTES = {  # what a suffixed deploy run measured, beside its presets
     "deploy_runtimes_swin_w48": ", Swin-Tiny at the 8-bit-activation widths",
     "deploy_runtimes_w78": ", W7/A8 beside W8/A8 (centred 7-bit weights: u8 x i8 pairs cannot saturate)",
     "deploy_runtimes_swin_mask": ", Swin-Tiny at the 8-bit-activation widths, shift mask and position bias kept apart",
+    "deploy_runtimes_vnni": ", 8-bit weights in int8 (default) and in uint8 (onnxruntime rows), OpenVINO compiled per batch shape",
+    "deploy_runtimes_vnni_recommended": ", centred 8-bit weights (no row-sum correction), OpenVINO compiled per batch shape",
+    "deploy_runtimes_vnni_swin": ", Swin-Tiny, centred 8-bit weights, OpenVINO compiled per batch shape",
 }
 
 
@@ -672,16 +675,20 @@ def _calib_gains_table(data: dict[str, Any], note: str = "") -> list[str]:
     top-1, the paired sign test against dopq and the calibration time per cell."""
     rows = data["rows"]
     model = rows[0]["model"]
-    bits = sorted({r["w_bits"] for r in rows})
-    lines = [f"### Calibration-time gains: {model}{note}, {_widths(bits)}", "",
+    widths = sorted({(r["w_bits"], r["a_bits"]) for r in rows})  # W4/A8 beside W4/A4: pairs, not bits
+    names = [f"W{w}/A{a}" for w, a in widths]
+    title = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    lines = [f"### Calibration-time gains: {model}{note}, {title}", "",
              f"Command: `{data['command']}` ({data['threads']} torch threads). FP32 top-1 {_pct(rows[0]['fp_top1'])}%. "
              "Cells: top-1 %, images fixed / broken against dopq (sign-test p), calibration s.", "",
-             "| recipe | " + " | ".join(f"W{b}/A{b}" for b in bits) + " |", "|---" * (len(bits) + 1) + "|"]  # fmt: skip
+             "| recipe | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]  # fmt: skip
     kinds = []
     for method in dict.fromkeys(r["method"] for r in rows):
         cells = []
-        for b in bits:
-            r = next((r for r in rows if r["method"] == method and r["w_bits"] == b), None)
+        for w, a in widths:
+            r = next(
+                (r for r in rows if r["method"] == method and (r["w_bits"], r["a_bits"]) == (w, a)), None
+            )
             if r is None:
                 cells.append("")
                 continue
@@ -691,7 +698,7 @@ def _calib_gains_table(data: dict[str, Any], note: str = "") -> list[str]:
             chosen = list(r.get("softmax_kinds", {}).values())
             if "auto" in method and chosen:
                 counts = ", ".join(f"{k} {chosen.count(k)}" for k in dict.fromkeys(chosen))
-                kinds.append(f"- {method} W{b}/A{b}: post-Softmax {counts}")
+                kinds.append(f"- {method} W{w}/A{a}: post-Softmax {counts}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return [*lines, "", *kinds, ""]
 
@@ -714,6 +721,10 @@ def _preset_table(data: dict[str, Any]) -> list[str]:
     grid = (
         ", TanQ thresholds on the 2^-16 grid" if "softmax_grid_bits" in (rows[0].get("recipe") or {}) else ""
     )
+    if (
+        what == "Recommended preset" and (3, 3) not in widths
+    ):  # the W3/A3 runs came first and keep their titles
+        grid += ", " + ", ".join(f"W{w}/A{a}" for w, a in widths)
     lines = [f"### {what} against dopq{' and ' + others if others else ''}: {model}{grid}", "",
              f"Command: `{data['command']}` ({data['threads']} torch threads). FP32 top-1 {_pct(rows[0]['fp_top1'])}%. "
              f"Calibration seeds {', '.join(map(str, seeds))} (32 images each), the same test images for every row. "
@@ -1022,7 +1033,8 @@ SUMMARY_RECIPES = (
     SummaryRecipe("repq (RepQ-ViT baseline)", ("ablation_deit", "ablation_swin"), lambda w, a: ("repq",)),
     SummaryRecipe("dopq", ("ablation_deit", "ablation_swin"), lambda w, a: ("dopq",)),
     # the default recipe; its runs span three calibration seeds: the summary shows seed 0
-    SummaryRecipe("recommended (the default)", ("calib_gains_deit_preset", "calib_gains_swin_preset"),
+    SummaryRecipe("recommended (the default)", ("calib_gains_deit_preset", "calib_gains_swin_preset",
+                                                "calib_gains_deit_w88_preset", "calib_gains_swin_w88_preset"),
                   lambda w, a: ("recommended",), lambda row, w, a: row.get("seed", 0) == 0),
     # GPTQ's default target: half way to the float model's output at 3 bits and below (docs/gptq.md)
     SummaryRecipe("dopq + GPTQ", ("calib_gains_deit*", "calib_gains_swin*"),

@@ -329,6 +329,13 @@ def main(argv: list[str] | None = None) -> None:
         "--deploy-methods", nargs="+", default=["dopq"], help="deploy: presets exported at each width"
     )
     p.add_argument(
+        "--deploy-weight-types",
+        nargs="*",
+        default=[],
+        choices=["uint8"],
+        help="deploy: W8 also exported with these 8-bit weight containers (onnxruntime rows)",
+    )
+    p.add_argument(
         "--no-deploy-peers",
         dest="deploy_peers",
         action="store_false",

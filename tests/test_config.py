@@ -108,18 +108,21 @@ def test_act_percentiles_reach_the_activation_quantizers_only():
 def test_recommended_preset_follows_the_width_by_rule() -> None:
     def components(w: int, a: int) -> tuple:
         c = get_preset("recommended", w_bits=w, a_bits=a)
-        return c.weight_rounding, c.gptq_target_used, c.softmax_quantizer
+        return c.weight_rounding, c.gptq_target_used, c.softmax_quantizer, c.symmetric_weights
 
-    assert components(8, 8) == ("nearest", "quantized", "uniform")
-    assert components(4, 8) == ("nearest", "quantized", "uniform")
-    assert components(4, 4) == ("nearest", "quantized", "tanq")
-    assert components(3, 3) == ("gptq", "float", "tanq")
-    assert components(8, 3) == ("gptq", "float", "tanq")
-    # where the rule does not apply it is dopq's config; at 3 bits only the rounding differs
-    for w, a in ((8, 8), (4, 8), (4, 4), (6, 6)):
+    assert components(8, 8) == ("nearest", "quantized", "uniform", True)
+    assert components(4, 8) == ("nearest", "quantized", "uniform", False)
+    assert components(4, 4) == ("nearest", "quantized", "tanq", False)
+    assert components(3, 3) == ("gptq", "float", "tanq", False)
+    assert components(8, 3) == ("gptq", "float", "tanq", True)
+    # where the rule does not apply it is dopq's config; at 3 bits only the rounding differs, at
+    # 8-bit weights only the centred grids
+    for w, a in ((4, 8), (4, 4), (6, 6)):
         assert get_preset("recommended", w_bits=w, a_bits=a) == get_preset("dopq", w_bits=w, a_bits=a)
     dopq = get_preset("dopq", w_bits=3, a_bits=3)
     assert get_preset("recommended", w_bits=3, a_bits=3).replace(weight_rounding="nearest") == dopq
+    dopq8 = get_preset("dopq", w_bits=8, a_bits=8)
+    assert get_preset("recommended", w_bits=8, a_bits=8).replace(symmetric_weights=False) == dopq8
     # anything given explicitly wins over the rule
     given = get_preset("recommended", w_bits=3, a_bits=3, weight_rounding="nearest", tanq_centers=(0.5,))
     assert (given.weight_rounding, given.tanq_centers) == ("nearest", (0.5,))

@@ -23,6 +23,7 @@ from dopq.cli import main
 from dopq.errors import ExportError
 from dopq.export import INTEGER_OPS, OnnxModel, export_onnx, optimized_op_counts, read_metadata, to_deploy
 from dopq.export.deploy import SoftmaxLevels
+from dopq.export.runtime import inexact_here, onnx_metadata
 from dopq.export.symbolic import qdq
 from dopq.modules import QuantConv2d, QuantLinear, QuantMatMul, float64_copy
 from dopq.quantizers import LevelQuantizer, PerTensor, UniformQuantizer, build_quantizer
@@ -618,19 +619,29 @@ def test_w4a8_deploys_with_int4_weights_and_8bit_integer_kernels(tmp_path: Path)
     _assert_same_function(OnnxModel(w4a8.path, threads=1)(x), simulated, 0.05)
 
 
-@pytest.mark.parametrize("target", ["onnxruntime", "openvino"])
-def test_8bit_edge_layers_export_beside_4bit_blocks(target: str, tmp_path: Path) -> None:
-    """``edge_w_bits=8``: the patch embedding and head keep 8-bit codes in a W4/A4 file whose other
-    weights are packed INT4, saved, loaded and exported with the simulated function."""
+@pytest.mark.parametrize(
+    ("target", "weight_type", "storage"),
+    [
+        ("onnxruntime", None, "int4+int8"),
+        ("onnxruntime", "uint8", "int4+uint8"),
+        ("openvino", None, "int4+int8"),
+    ],
+)
+def test_8bit_edge_layers_export_beside_4bit_blocks(
+    target: str, weight_type: str | None, storage: str, tmp_path: Path
+) -> None:
+    """``edge_w_bits=8``: the patch embedding and head keep 8-bit codes (int8 by default, uint8 when
+    asked) in a W4/A4 file whose other weights are packed INT4, saved, loaded and exported with the
+    simulated function."""
     model, x = _vit()
     config = dopq.get_preset("dopq", w_bits=4, a_bits=4, edge_w_bits=8)
     dopq.quantize(model, x, config, progress=False)
     loaded, _, _ = load_quantized(save_quantized(model, tmp_path / "q.pt", config))
     assert loaded.patch_embed.proj.weight_quantizer.bits == loaded.head.weight_quantizer.bits == 8
     assert loaded.blocks[0].mlp.fc1.weight_quantizer.bits == 4
-    report = export_onnx(loaded, tmp_path / "m.onnx", target=target)
-    # OpenVINO: the head's codes symmetric int8, the convolution's uint8 with zero points
-    assert report.weight_storage == ("int4+uint8" if target == "onnxruntime" else "int4+int8+uint8")
+    report = export_onnx(loaded, tmp_path / "m.onnx", target=target, weight_type=weight_type)
+    assert report.weight_storage == storage
+    assert onnx_metadata(report.path)["needs_vnni"] is (weight_type != "uint8")
     inits = {i.name: i for i in onnx.load(report.path).graph.initializer}
     edge = [n for n in inits if n.startswith(("patch_embed.proj.weight.codes", "head.weight.codes"))]
     assert len(edge) == 2 and all(inits[n].data_type != onnx.TensorProto.INT4 for n in edge), edge
@@ -638,3 +649,37 @@ def test_8bit_edge_layers_export_beside_4bit_blocks(target: str, tmp_path: Path)
     with torch.no_grad():
         simulated = model(x)
     _assert_same_function(OnnxModel(report.path, threads=1)(x), simulated, 0.05)
+
+
+@pytest.mark.parametrize("isa", [["avx2"], ["avx2", "avx512_vnni"], ["avx2", "avx_vnni", "amx_int8"]])
+def test_int8_8bit_weights_warn_on_x86_cpus_without_vnni_only(
+    isa: list[str], tmp_path: Path, monkeypatch
+) -> None:
+    """8-bit weights in int8 (the float32 default) can saturate in uint8 x int8 kernels without VNNI:
+    loading such a file there warns and names the exact export; uint8 weights never warn."""
+    import dopq.environment
+
+    model, x = _vit()
+    dopq.quantize(model, x, dopq.get_preset("dopq", w_bits=8, a_bits=8), progress=False)
+    signed = export_onnx(model, tmp_path / "s8.onnx")
+    unsigned = export_onnx(model, tmp_path / "u8.onnx", weight_type="uint8")
+    assert (signed.weight_storage, unsigned.weight_storage) == ("int8", "uint8")
+    assert onnx_metadata(signed.path)["needs_vnni"] and not onnx_metadata(unsigned.path)["needs_vnni"]
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    monkeypatch.setattr(dopq.environment, "cpu_info", lambda: {"model": "Some CPU", "integer_isa": isa})
+    assert inexact_here(unsigned.path) is None
+    reason = inexact_here(signed.path)
+    if len(isa) > 1:
+        assert reason is None
+        return
+    assert "Some CPU" in reason and "--export-weight-type uint8" in reason
+    with pytest.warns(UserWarning, match="no VNNI"):
+        dopq.export.load_runtime(signed.path, "onnxruntime", threads=1)
+
+
+def test_float64_export_keeps_exact_uint8_weights_by_default(tmp_path: Path) -> None:
+    """The float64 form (exact on every CPU) stores 8-bit weights as uint8 unless told otherwise."""
+    model, x = _vit()
+    dopq.quantize(model, x, dopq.get_preset("dopq", w_bits=8, a_bits=8), progress=False)
+    report = export_onnx(model, tmp_path / "f64.onnx", float_dtype="float64")
+    assert report.weight_storage == "uint8" and not onnx_metadata(report.path)["needs_vnni"]

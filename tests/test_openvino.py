@@ -23,6 +23,7 @@ from dopq.export import (
     export_onnx,
     load_runtime,
     openvino_layer_precisions,
+    openvino_layers,
     optimized_op_counts,
     to_deploy,
 )
@@ -51,17 +52,24 @@ def test_openvino_runs_every_linear_and_product_on_integer_kernels(make, tmp_pat
         model, x, dopq.get_preset("dopq", w_bits=8, a_bits=8), progress=False
     )  # uniform post-Softmax
     path = export_onnx(model, tmp_path / "m.onnx", target="openvino").path
-    layers = openvino_layer_precisions(path)
-    linears = [precision for kind, precision in layers if kind == "FullyConnected"]
-    products = [precision for kind, precision in layers if kind == "MatMul"]
-    # every Linear (head included) is a FullyConnected on u8 x i8 (plus a row-sum product per Linear
-    # with shifted weights); q @ k^T and attn @ v too
-    assert linears.count("u8") + linears.count("i8") >= _count(model, QuantLinear), layers
+    layers = openvino_layers(path)
+    linears = [precision for kind, precision, _ in layers if kind == "FullyConnected"]
+    # every Linear (head included) is a FullyConnected on u8 x i8, and so is the row-sum product
+    # (with int8 ones) of each Linear with shifted weights
+    assert _row_sum_products(model) > 0
     assert len(linears) == _count(model, QuantLinear) + _row_sum_products(model), layers
-    assert len(products) == _count(model, QuantMatMul) and set(products) <= INTEGER, layers
-    # the same graph still runs on onnxruntime's integer kernels; the float products left are the row sums
+    assert set(linears) <= INTEGER, layers
+    # q @ k^T and attn @ v too: every MatMul of the file runs in an integer layer (a MatMul, or a
+    # Subgraph where OpenVINO fused an attention's products and Softmax)
+    import onnx
+
+    matmuls = {n.name for n in onnx.load(path).graph.node if n.op_type == "MatMul"}
+    assert len(matmuls) == _count(model, QuantMatMul) + len(linears)
+    on_integers = {name for _, precision, names in layers if precision in INTEGER for name in names}
+    assert matmuls <= on_integers, sorted(matmuls - on_integers)
+    # the same graph still runs on onnxruntime's integer kernels, the row sums too: no float product
     ops = optimized_op_counts(path)
-    assert ops.get("MatMul", 0) == _row_sum_products(model) and ops.get("Gemm", 0) == 0, ops
+    assert ops.get("MatMul", 0) == 0 and ops.get("Gemm", 0) == 0, ops
     assert sum(n for op, n in ops.items() if op in INTEGER_OPS) >= _count(model, QuantLinear), ops
     # the two runtimes agree (their integer products are exact on VNNI / AMX CPUs; without VNNI
     # both add u8 x i8 pairs in saturating 16 bits, so the exact check is the deploy form's, below)
@@ -151,16 +159,19 @@ def test_load_runtime_picks_the_runtime(tmp_path: Path) -> None:
         export_onnx(model, tmp_path / "t.onnx", target="openvino", float_dtype="float64")
 
 
-def test_onnxruntime_target_keeps_zero_points_and_unsigned_8bit_weights(tmp_path: Path) -> None:
-    """The onnxruntime graph has no row-sum corrections, and its 8-bit weights are uint8 (exact
-    uint8 x uint8 products where uint8 x int8 would saturate, on CPUs without VNNI)."""
+def test_onnxruntime_target_keeps_zero_points_and_exact_uint8_weights_on_request(tmp_path: Path) -> None:
+    """The onnxruntime graph has no row-sum corrections; with ``weight_type="uint8"`` its 8-bit
+    weights are uint8 (exact uint8 x uint8 products where uint8 x int8 would saturate, on CPUs
+    without VNNI)."""
     model, x = _vit()
     dopq.quantize(model, x, dopq.get_preset("dopq", w_bits=8, a_bits=8), progress=False)
-    ort_report = export_onnx(model, tmp_path / "ort.onnx")
+    ort_report = export_onnx(model, tmp_path / "ort.onnx", weight_type="uint8")
     ov_report = export_onnx(model, tmp_path / "ov.onnx", target="openvino")
-    # OpenVINO's Linear weights are symmetric int8; its patch-embedding convolution keeps uint8 codes
-    assert (ort_report.weight_storage, ov_report.weight_storage) == ("uint8", "int8+uint8")
+    # OpenVINO's Linear weights are symmetric int8, its patch-embedding convolution's int8 with zero points
+    assert (ort_report.weight_storage, ov_report.weight_storage) == ("uint8", "int8")
     assert ov_report.target == "openvino"
+    with pytest.raises(dopq.errors.ExportError, match="int8 weights"):
+        export_onnx(model, tmp_path / "bad.onnx", target="openvino", weight_type="uint8")
     import onnx
 
     ops = [{n.op_type for n in onnx.load(r.path).graph.node} for r in (ort_report, ov_report)]
@@ -224,3 +235,58 @@ def test_openvino_refuses_a_bad_file(tmp_path: Path) -> None:
     bad.write_bytes(b"not onnx")
     with pytest.raises(dopq.errors.ExportError, match="OpenVINO cannot load"):
         OpenVinoModel(bad)
+
+
+def test_openvino_compiles_each_batch_shape_and_computes_the_dynamic_graphs_function(exported) -> None:
+    """Static shapes (OpenVINO fuses element-wise chains only with them): one compiled model per
+    input shape, the predictions of the model compiled with a dynamic batch."""
+    _, onnx_path, _ = exported
+    x = torch.randn(5, 3, 160, 160)
+    static, dynamic = (
+        OpenVinoModel(onnx_path, threads=1),
+        OpenVinoModel(onnx_path, threads=1, static_shapes=False),
+    )
+    out = torch.cat([static(x[:3]), static(x[3:]), static(x[:3])])
+    assert sorted(static._by_shape) == [(2, 3, 160, 160), (3, 3, 160, 160)]
+    reference = torch.cat([dynamic(x[:3]), dynamic(x[3:]), dynamic(x[:3])])
+    assert list(dynamic._by_shape) == [()]
+    # fused kernels round differently: an 8-bit code may flip, never the function
+    assert torch.equal(out.argmax(1), reference.argmax(1))
+    assert float((out - reference).abs().max()) <= 0.05 * float(reference.abs().max())
+
+
+def test_cli_refuses_uint8_weights_for_openvino(exported, tmp_path: Path, capsys) -> None:
+    images, _, _ = exported
+    argv = ["quantize", "--model", "test_vit", "--data", str(images), "--calib-size", "4", "--quiet",
+            "--export", str(tmp_path / "m.onnx"), "--export-target", "openvino",
+            "--export-weight-type", "uint8"]  # fmt: skip
+    _one_error(main(argv), capsys.readouterr().err, "takes int8 weights")
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_symmetric_weights_export_without_row_sums_or_weight_zero_points(w_bits: int, tmp_path: Path) -> None:
+    """``symmetric_weights``: the openvino form needs no row-sum product (every Linear one integer
+    FullyConnected), the onnxruntime form stores the codes without zero points; both compute the
+    simulation's function."""
+    import onnx
+
+    model, x = _vit()
+    config = dopq.get_preset("dopq", w_bits=w_bits, a_bits=8, symmetric_weights=True)
+    dopq.quantize(model, x, config, progress=False)
+    assert _row_sum_products(model) == 0
+    ov_path = export_onnx(model, tmp_path / "ov.onnx", target="openvino").path
+    linears = [p for kind, p, _ in openvino_layers(ov_path) if kind == "FullyConnected"]
+    assert len(linears) == _count(model, QuantLinear) and set(linears) <= INTEGER, linears
+    # no zero-point input at all (OpenVINO took an all-zero one as weights with zero points: float kernels)
+    graph = onnx.load(ov_path).graph
+    weights = [n for n in graph.node if n.op_type == "DequantizeLinear" and "weight.codes" in n.input[0]]
+    assert len(weights) == _count(model, QuantLinear) + 1 and all(len(n.input) == 2 for n in weights)
+    ort_path = export_onnx(model, tmp_path / "ort.onnx").path
+    ort_graph = onnx.load(ort_path).graph
+    weights = [n for n in ort_graph.node if n.op_type == "DequantizeLinear" and "weight.codes" in n.input[0]]
+    assert len(weights) == _count(model, QuantLinear) + 1 and all(len(n.input) == 2 for n in weights)
+    with torch.no_grad():
+        simulated = model(x)
+    for path in (ov_path, ort_path):
+        out = OpenVinoModel(path, threads=1)(x) if path == ov_path else OnnxModel(path, threads=1)(x)
+        assert float((out - simulated).abs().max()) <= 0.05 * float(simulated.abs().max())

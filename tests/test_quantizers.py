@@ -116,6 +116,30 @@ def test_uniform_module_per_channel_weights():
     assert torch.allclose(q(w), w_hat)  # frozen after calibration
 
 
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_symmetric_weights_are_signed_codes_without_zero_point(bits: int) -> None:
+    """``symmetric=True``: every channel's zero point is ``2^(b-1)``, so codes minus it are signed
+    b-bit integers; each channel's grid is the best centred candidate and reaches its magnitude."""
+    w = torch.randn(8, 64) * torch.arange(1, 9)[:, None] + torch.linspace(-2, 2, 8)[:, None]  # skewed rows
+    q = UniformQuantizer(bits, PerChannel(0), symmetric=True)
+    w_hat = _observe(q, w)
+    half = 2 ** (bits - 1)
+    assert torch.equal(q.zero_point, torch.full((8,), float(half)))
+    centred = q.codes(w) - half
+    assert int(centred.min()) >= -half and int(centred.max()) <= half - 1
+    levels = torch.arange(-half, half).float()[None, :] * q.scale[:, None]
+    assert all(set(row.tolist()) <= set(lv.tolist()) for row, lv in zip(w_hat, levels, strict=True))
+    for row, scale in zip(w, q.scale, strict=True):  # the smallest error among the centred candidates
+        for p in (0.999, 0.9999, 0.99999):
+            candidate = torch.quantile(row.abs(), p) / (half - 1)
+            err = float((fake_quantize_uniform(row, candidate, float(half), bits) - row).pow(2).mean())
+            best = float((fake_quantize_uniform(row, scale, float(half), bits) - row).pow(2).mean())
+            assert best <= err * (1 + 1e-5) + 1e-7
+    asymmetric = _observe(UniformQuantizer(bits, PerChannel(0)), w)
+    # a centred grid spends levels on the side a skewed row does not use: never a smaller error
+    assert float((w_hat - w).pow(2).mean()) >= float((asymmetric - w).pow(2).mean()) - 1e-7
+
+
 def test_uncalibrated_quantizer_refuses():
     with pytest.raises(RuntimeError, match="calibrate"):
         UniformQuantizer(4)(torch.randn(4))

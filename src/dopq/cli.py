@@ -22,6 +22,7 @@ from dopq.config import (
     ROUNDINGS,
     RUNTIMES,
     SOFTMAX_QUANTIZERS,
+    WEIGHT_TYPES,
     QuantConfig,
     ReconstructConfig,
     get_preset,
@@ -116,6 +117,11 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ln-scale", choices=LN_SCALE_RULES, help="override the preset's MOSF rule")
     g.add_argument("--integer-zero-point", choices=["on", "off"], help="override the preset's")
     g.add_argument("--bias-correction", choices=["on", "off"], help="override the preset's")
+    g.add_argument(
+        "--symmetric-weights",
+        choices=["on", "off"],
+        help="override the preset's: weight grids centred on 0 (int8 kernels need no row-sum correction)",
+    )
     g.add_argument(
         "--ln-shift",
         choices=LN_SHIFTS,
@@ -224,6 +230,14 @@ def _add_export_args(p: argparse.ArgumentParser, flag: str) -> None:
         help="the runtime whose integer kernels the float32 graph is shaped for (the same codes; "
         "openvino: every integer operand without zero points, as OpenVINO's int8 kernels need)",
     )
+    g.add_argument(
+        "--export-weight-type",
+        choices=WEIGHT_TYPES,
+        default=None,
+        help="container of 8-bit weight codes for onnxruntime: int8 (uint8 x int8 kernels: fast, exact "
+        "on CPUs with VNNI/AMX and on ARM; the float32 default) or uint8 (exact on AVX2-only CPUs, "
+        "where uint8 x int8 sums saturate; the float64 default)",
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -294,7 +308,7 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
         "edge_w_bits": args.edge_w_bits,
         "tanq_centers": tuple(args.tanq_centers) if args.tanq_centers else None,
     }
-    for switch in ("integer_zero_point", "bias_correction", "gptq_act_order"):
+    for switch in ("integer_zero_point", "bias_correction", "gptq_act_order", "symmetric_weights"):
         if getattr(args, switch):
             overrides[switch] = getattr(args, switch) == "on"
     if args.reconstruct:
@@ -479,6 +493,8 @@ def _check_args(args: argparse.Namespace) -> None:
         check_export_target(args.export, args.opset)
         if args.export_target == "openvino" and args.export_dtype != "float32":
             raise ConfigError("--export-target openvino is a float32 graph: drop --export-dtype float64")
+        if args.export_target == "openvino" and args.export_weight_type == "uint8":
+            raise ConfigError("--export-target openvino takes int8 weights: drop --export-weight-type uint8")
     if getattr(args, "runtime", None) == "openvino":
         from dopq.export.openvino_runtime import require_openvino
 
@@ -499,6 +515,7 @@ def _export(
         metadata,
         float_dtype=args.export_dtype,
         target=args.export_target,
+        weight_type=args.export_weight_type,
     )
     print(
         f"wrote {report.path} ({report.bytes / 1e6:.2f} MB, {report.weight_storage} weights, "

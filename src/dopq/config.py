@@ -21,6 +21,7 @@ __all__ = [
     "TANQ_CENTERS",
     "TANQ_CENTERS_WIDE",
     "WEIGHT_ROUNDINGS",
+    "WEIGHT_TYPES",
     "QuantConfig",
     "ReconstructConfig",
     "get_preset",
@@ -51,6 +52,13 @@ SOFTMAX_GRID_BITS = 16
 FLOAT_DTYPES = ("float32", "float64")
 # what runs an exported ONNX model (dopq evaluate --onnx --runtime)
 RUNTIMES = ("onnxruntime", "openvino")
+# The container of 8-bit weight codes for onnxruntime. int8: its uint8 x int8 kernels, fast and exact on
+# CPUs with VNNI (AVX-512 VNNI, AVX-VNNI, AMX), on ARM and GPUs; on x86 CPUs without VNNI (AVX2 only)
+# their int16 pair sums saturate once both operands span their 8-bit range (W8/A8 DeiT-Tiny: 98.9 %
+# of predictions as simulated). uint8: uint8 x uint8 kernels, exact on every CPU, the fast choice on
+# AVX2 and much slower than int8 on a VNNI/AMX Xeon (docs/export.md). Below 8 bits weights are int8/int4
+# with either (centred codes cannot saturate).
+WEIGHT_TYPES = ("int8", "uint8")
 
 
 def _check_bits(name: str, value: int) -> None:
@@ -202,6 +210,9 @@ class QuantConfig:
             (the patch embedding and the classifier head, found from the model's units); None: ``w_bits``.
             They hold a few percent of the weights but feed, and read, every token.
         percentiles: candidate upper quantiles of the uniform range search.
+        symmetric_weights: weight grids centred on 0 per output channel (zero point ``2^(b-1)``:
+            signed codes without zero point, what OpenVINO's and TensorRT's int8 kernels take
+            without a row-sum correction; docs/export.md). False: asymmetric ranges (RepQ-ViT).
         act_percentiles: candidate upper quantiles of the activations' uniform range search
             (None: ``percentiles``). At 3 bits a tighter clip (0.99, 0.995) can pay (docs/gptq.md).
         tanq_objective: "output" (error of attn @ v) or "mse" (error of the attention values).
@@ -244,6 +255,7 @@ class QuantConfig:
     edge_w_bits: int | None = None
     percentiles: tuple[float, ...] = (0.999, 0.9999, 0.99999)
     act_percentiles: tuple[float, ...] | None = None
+    symmetric_weights: bool = False
     tanq_objective: str = "output"
     tanq_centers: tuple[float, ...] = TANQ_CENTERS
     softmax_grid_bits: int | None = SOFTMAX_GRID_BITS
@@ -339,16 +351,22 @@ _PRESETS: dict[str, dict[str, Any]] = {
 # widths), aiming half way at the float model's output there (gptq_target_used). At 4 bits GPTQ tied
 # or lost and doubled calibration time. Left out: the per-module post-Softmax choice (auto: lost on
 # Swin-Tiny at W4/A4) and TanQ's wider centre grid (TANQ_CENTERS_WIDE: won at W4/A4 and W3/A3 on
-# DeiT-Tiny over three seeds, lost on Swin-Tiny at both; docs/tanq.md).
+# DeiT-Tiny over three seeds, lost on Swin-Tiny at both; docs/tanq.md). 8-bit weights are centred on
+# 0 (RECOMMENDED_SYMMETRIC_W_BITS): signed codes without zero points, so OpenVINO's int8 kernels need
+# no row-sum correction (docs/export.md); at 8 bits that tied dopq, at 4 bits it lost 0.5 on DeiT-Tiny.
 RECOMMENDED = "recommended"
 RECOMMENDED_GPTQ_MAX_BITS = 3
+RECOMMENDED_SYMMETRIC_W_BITS = 8
 
 
 def _recommended_rules(w_bits: int, a_bits: int) -> dict[str, Any]:
     """The fields the recommended preset sets on top of dopq's at these widths."""
+    rules: dict[str, Any] = {}
+    if w_bits >= RECOMMENDED_SYMMETRIC_W_BITS:
+        rules["symmetric_weights"] = True
     if min(w_bits, a_bits) <= RECOMMENDED_GPTQ_MAX_BITS:
-        return {"weight_rounding": "gptq"}
-    return {}
+        rules["weight_rounding"] = "gptq"
+    return rules
 
 
 def list_presets() -> list[str]:
@@ -367,7 +385,8 @@ def get_preset(name: str, **overrides: Any) -> QuantConfig:
 
     ``dopq`` (the paper's recipe) quantizes post-Softmax activations with TanQ up to
     ``TANQ_MAX_BITS`` and uniformly above. ``recommended`` is dopq plus GPTQ rounding at
-    <= ``RECOMMENDED_GPTQ_MAX_BITS`` bits (aimed half way at the float model's output).
+    <= ``RECOMMENDED_GPTQ_MAX_BITS`` bits (aimed half way at the float model's output) and weight
+    grids centred on 0 at ``RECOMMENDED_SYMMETRIC_W_BITS`` bits.
     ``repq`` is the RepQ-ViT baseline.
 
     Example:
@@ -379,6 +398,8 @@ def get_preset(name: str, **overrides: Any) -> QuantConfig:
         >>> c.weight_rounding, c.gptq_target_used, c.softmax_quantizer
         ('gptq', 'float', 'tanq')
         >>> get_preset("recommended", w_bits=4, a_bits=4) == get_preset("dopq", w_bits=4, a_bits=4)
+        True
+        >>> get_preset("recommended", w_bits=8, a_bits=8).symmetric_weights
         True
     """
     if name not in list_presets():

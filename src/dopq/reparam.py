@@ -22,7 +22,7 @@ from dopq.config import LN_SHIFTS
 from dopq.errors import ConfigError
 from dopq.models.prepare import QuantPlan
 from dopq.modules import QuantLinear, set_quantization
-from dopq.quantizers import PerTensor, UniformQuantizer, fake_quantize_uniform, search_uniform_range
+from dopq.quantizers import PerTensor, UniformQuantizer, fake_quantize_uniform
 
 __all__ = [
     "TARGET_RULES",
@@ -120,7 +120,7 @@ def _search_target(
         b = d_t.double() * (z_t.double() - z.double())
         x_t = fake_quantize_uniform(x.double() / r - b, d_t.double(), z_t.double(), lin.input_quantizer.bits)
         w_t = w * r
-        s, zp = search_uniform_range(w_t, wq.bits, 0, wq.percentiles)
+        s, zp = wq.searched_qparams(w_t)  # per output channel, as the quantizer searches
         w_hat = fake_quantize_uniform(w_t, s.double()[:, None], zp.double()[:, None], wq.bits)
         y = (x_t + b) @ w_hat.T if shift == "input" else x_t @ w_hat.T + w_t @ b
         err = float((y - y_ref).pow(2).mean())

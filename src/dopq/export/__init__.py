@@ -5,13 +5,14 @@ Reads the quantized model only through the quantizers' code/table API, so the ex
 the simulated ones. ``onnx`` / ``onnxruntime`` / ``openvino`` are imported lazily (clear errors when missing).
 """
 
-from dopq.export.deploy import check_quantized, to_deploy
+from dopq.export.deploy import WEIGHT_TYPES, check_quantized, to_deploy
 from dopq.export.onnx_export import DEFAULT_OPSET, MIN_OPSET, ExportReport, export_onnx
-from dopq.export.openvino_runtime import OpenVinoModel, openvino_layer_precisions
+from dopq.export.openvino_runtime import OpenVinoModel, openvino_layer_precisions, openvino_layers
 from dopq.export.runtime import (
     INTEGER_OPS,
     RUNTIMES,
     OnnxModel,
+    inexact_here,
     load_runtime,
     optimized_op_counts,
     read_metadata,
@@ -22,13 +23,16 @@ __all__ = [
     "INTEGER_OPS",
     "MIN_OPSET",
     "RUNTIMES",
+    "WEIGHT_TYPES",
     "ExportReport",
     "OnnxModel",
     "OpenVinoModel",
     "check_quantized",
     "export_onnx",
+    "inexact_here",
     "load_runtime",
     "openvino_layer_precisions",
+    "openvino_layers",
     "optimized_op_counts",
     "read_metadata",
     "to_deploy",

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dopq.config import RUNTIMES
+from dopq.config import RUNTIMES, WEIGHT_TYPES
 from dopq.errors import ExportError
 from dopq.export.symbolic import (
     counted_levels,
@@ -47,6 +47,7 @@ from dopq.quantizers import LevelQuantizer, LogQuantizer, Quantizer, TanQQuantiz
 
 __all__ = [
     "TARGETS",
+    "WEIGHT_TYPES",
     "ActivationQDQ",
     "DeployConv2d",
     "DeployLinear",
@@ -125,8 +126,9 @@ class WeightCodes(nn.Module):
     Two storages, by the runtime the export is for (``symmetric``). For onnxruntime, codes are
     stored centred, ``q - z`` with zero point 0 (symmetric, the fast case of integer GEMMs), when that
     fits the container (int4 up to 4 bits, where the export packs them, int8 for 5-7 bits); otherwise
-    shifted by half the range, ``q - 2^(b-1)`` with zero points ``z - 2^(b-1)``, which always fits;
-    8-bit codes are stored as they are, uint8 with their zero points (see ``__init__``). For
+    shifted by half the range, ``q - 2^(b-1)`` with zero points ``z - 2^(b-1)``, which always fits
+    (8-bit codes too, ``weight_type="int8"``); with ``weight_type="uint8"`` 8-bit codes are stored as
+    they are, uint8 with their zero points (see :data:`WEIGHT_TYPES`). For
     OpenVINO (``symmetric``), codes are stored as ``q - z + c`` with zero point ``c``, per channel
     the smallest shift that fits the signed container (0 where the centred codes fit), and
     :meth:`symmetric` dequantizes without the zero points, ``codes * s``, with :attr:`offset` holding
@@ -143,6 +145,7 @@ class WeightCodes(nn.Module):
         transpose: bool,
         flatten: bool = False,
         symmetric: bool = False,
+        weight_type: str = "int8",
     ) -> None:
         super().__init__()
         if not isinstance(q, UniformQuantizer) or q.channel_axis not in (0, None):
@@ -162,10 +165,7 @@ class WeightCodes(nn.Module):
         if symmetric:
             shift = _container_shift(centred.reshape(channels, -1), container_bits)
             stored, zp = centred + shift.view(shape), shift
-        elif self.bits == 8:
-            # uint8 codes with their zero points: onnxruntime then multiplies uint8 by uint8, which is
-            # exact on every x86 CPU, where uint8 x int8 saturates int16 pair sums on CPUs without
-            # VNNI (AVX2) once both operands use their full 8-bit range
+        elif self.bits == 8 and weight_type == "uint8":  # exact on CPUs without VNNI (WEIGHT_TYPES)
             stored, zp, dtype = codes, zero_point.long(), torch.uint8
         elif -limit <= centred.min() and centred.max() < limit:
             stored, zp = centred, torch.zeros_like(zero_point.long())
@@ -192,6 +192,10 @@ class WeightCodes(nn.Module):
         return self.scale.dtype
 
     def forward(self) -> torch.Tensor:
+        if not self.has_zero_points:
+            # no zero-point input at all: OpenVINO took even an all-zero one for weights with zero
+            # points and ran the Linear on float kernels (centred W8/A8 DeiT-Tiny: 1.4x FP32, not 2x)
+            return self.symmetric()
         return dequantize_weight(self.codes, self.scale, self.zero_point, self.axis)
 
     def symmetric(self) -> torch.Tensor:
@@ -248,13 +252,18 @@ class DeployLinear(nn.Module):
     """
 
     def __init__(
-        self, layer: QuantLinear, where: str, dtype: torch.dtype = torch.float32, target: str = "onnxruntime"
+        self,
+        layer: QuantLinear,
+        where: str,
+        dtype: torch.dtype = torch.float32,
+        target: str = "onnxruntime",
+        weight_type: str = "int8",
     ) -> None:
         super().__init__()
         wq = _weight_quantizer(layer, where)
         self.input_qdq = _optional_qdq(layer.input_quantizer, where)
         symmetric = _symmetric(target, dtype)
-        self.weight = WeightCodes(layer.weight, wq, where, transpose=True, symmetric=symmetric)
+        self.weight = WeightCodes(layer.weight, wq, where, True, symmetric=symmetric, weight_type=weight_type)
         bias = _float64_bias(layer.bias, layer.out_features)
         if layer.input_offset is not None:  # with the quantized weights, in float64
             bias += layer.input_offset.detach().double() @ self.weight.dequantize64()
@@ -276,11 +285,14 @@ class DeployLinear(nn.Module):
 
 
 def _row_sums(x: torch.Tensor) -> torch.Tensor:
-    """``x.sum(-1, keepdim=True)`` as a product with a ones column. OpenVINO lowered the ``ReduceSum``
-    of a Linear's quantized input to the input's integer type, where the sum wrapped (the real
-    Swin-Tiny at W4/A4 fell to 16 % top-1); a MatMul does not. (The products of two activations keep
-    ``ReduceSum``: measured right on both shared models.)"""
-    return x @ torch.ones(x.shape[-1], 1, dtype=x.dtype)
+    """``x.sum(-1, keepdim=True)`` as a product with a column of int8 ones (dequantized, scale 1).
+    OpenVINO lowered the ``ReduceSum`` of a Linear's quantized input to the input's integer type,
+    where the sum wrapped (the real Swin-Tiny at W4/A4 fell to 16 % top-1); a MatMul does not. With
+    int8 ones it runs on the integer kernels, summing the input's codes in int32 (with float ones it
+    was a float GEMV on a converted copy of the input: 17 % slower for a W8/A8 DeiT-Tiny). (The
+    products of two activations keep ``ReduceSum``: measured right on both shared models.)"""
+    ones = torch.ones(x.shape[-1], 1, dtype=torch.int8)
+    return x @ dequantize_weight(ones, torch.ones(1, dtype=x.dtype), None, 1)
 
 
 def _float64_bias(bias: torch.Tensor | None, features: int) -> torch.Tensor:
@@ -324,7 +336,9 @@ class DeployConv2d(nn.Module):
     every ViT patch embedding is, runs as patches times weights: an ``integer_matmul``.
     """
 
-    def __init__(self, layer: QuantConv2d, where: str, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, layer: QuantConv2d, where: str, dtype: torch.dtype = torch.float32, weight_type: str = "int8"
+    ) -> None:
         super().__init__()
         wq = _weight_quantizer(layer, where)
         self.input_qdq = _optional_qdq(layer.input_quantizer, where)
@@ -332,7 +346,9 @@ class DeployConv2d(nn.Module):
         if self.float64:
             self.patch = _patch_size(layer, where)
         # float64: codes as (in * kh * kw, out), the weights of the patches-times-weights product
-        self.weight = WeightCodes(layer.weight, wq, where, transpose=self.float64, flatten=self.float64)
+        self.weight = WeightCodes(
+            layer.weight, wq, where, transpose=self.float64, flatten=self.float64, weight_type=weight_type
+        )
         self.stride, self.padding, self.dilation, self.groups = (
             layer.stride, layer.padding, layer.dilation, layer.groups,
         )  # fmt: skip
@@ -550,6 +566,7 @@ def to_deploy(
     integer_levels: bool = False,
     dtype: torch.dtype = torch.float32,
     target: str = "onnxruntime",
+    weight_type: str | None = None,
 ) -> nn.Module:
     """A CPU copy of a quantized model in deploy form (the model itself is not changed).
 
@@ -559,21 +576,29 @@ def to_deploy(
         dtype: ``torch.float32`` (QDQ, onnxruntime's fused integer kernels, the fast form) or
             ``torch.float64`` (the float parts in float64: the simulation's codes on any runtime).
         target: the runtime whose integer kernels the float32 form is shaped for (``TARGETS``):
-            ``onnxruntime`` (weights with zero points, 8-bit weights unsigned) or ``openvino``
-            (every integer operand without zero points, their share subtracted from row sums).
-            The same codes either way.
+            ``onnxruntime`` (weights with zero points) or ``openvino`` (every integer operand
+            without zero points, their share subtracted from row sums). The same codes either way.
+        weight_type: the container of 8-bit weight codes for onnxruntime (:data:`WEIGHT_TYPES`):
+            ``int8`` (fast; exact on CPUs with VNNI) or ``uint8`` (exact on every CPU). None: int8 in
+            float32, uint8 in float64 (whose ``MatMulInteger`` products must be exact everywhere).
+            OpenVINO's kernels take int8 weights only.
     """
     check_quantized(model)
     if target not in TARGETS:
         raise ExportError(f"unknown export target {target!r}: use one of {', '.join(TARGETS)}")
     if dtype not in (torch.float32, torch.float64):
         raise ExportError(f"the deploy form is float32 or float64, not {dtype}")
+    weight_type = weight_type or ("uint8" if dtype == torch.float64 else "int8")
+    if weight_type not in WEIGHT_TYPES:
+        raise ExportError(f"unknown weight type {weight_type!r}: use one of {', '.join(WEIGHT_TYPES)}")
+    if weight_type == "uint8" and _symmetric(target, dtype):
+        raise ExportError("OpenVINO's integer kernels take int8 weights: drop --export-weight-type uint8")
     deploy = copy.deepcopy(model).cpu().eval()
     for name, module in list(deploy.named_modules()):
         if isinstance(module, QuantLinear):
-            _set_child(deploy, name, DeployLinear(module, name, dtype, target))
+            _set_child(deploy, name, DeployLinear(module, name, dtype, target, weight_type))
         elif isinstance(module, QuantConv2d):
-            _set_child(deploy, name, DeployConv2d(module, name, dtype))
+            _set_child(deploy, name, DeployConv2d(module, name, dtype, weight_type))
         elif isinstance(module, QuantMatMul):
             _set_child(deploy, name, DeployMatMul(module, name, integer_levels, dtype, target))
         elif dtype == torch.float64 and isinstance(module, nn.GELU) and module.approximate == "none":

@@ -173,6 +173,7 @@ def export_onnx(
     metadata: dict[str, Any] | None = None,
     float_dtype: str = "float32",
     target: str = "onnxruntime",
+    weight_type: str | None = None,
 ) -> ExportReport:
     """Export a quantized model to ONNX (QDQ) for the integer kernels of onnxruntime or OpenVINO.
 
@@ -188,6 +189,9 @@ def export_onnx(
             simulation's codes, at a cost in speed; docs/export.md).
         target: ``"onnxruntime"`` or ``"openvino"``: the float32 graph shaped for that runtime's
             integer kernels (:func:`dopq.export.deploy.to_deploy`); the codes are the same.
+        weight_type: ``"int8"`` or ``"uint8"``, the container of 8-bit weight codes for onnxruntime
+            (:data:`dopq.export.deploy.WEIGHT_TYPES`: int8 is fast and exact on CPUs with VNNI,
+            uint8 exact on CPUs without it); None: int8 in float32, uint8 in float64.
 
     Returns:
         An :class:`ExportReport`.
@@ -201,7 +205,7 @@ def export_onnx(
     path = Path(path)
     t0 = time.perf_counter()
     dtype = _TORCH_DTYPES[float_dtype]
-    deploy = to_deploy(model, integer_levels, dtype, target)
+    deploy = to_deploy(model, integer_levels, dtype, target, weight_type)
     example = example_input(model).cpu()
     with atomic_path(path) as tmp:  # an interrupted export leaves no half file
         with warnings.catch_warnings():
@@ -219,13 +223,14 @@ def export_onnx(
         graph = onnx.load(str(tmp))
         packed = _pack_int4_weights(graph) if opset >= INT4_OPSET else 0
         _drop_unused_initializers(graph)
-        own = {**_model_metadata(model, integer_levels, dtype), "target": target}
+        storage = _weight_storage(deploy, packed=packed > 0)
+        own = {**_model_metadata(model, integer_levels, dtype), "target": target, "weight_storage": storage}
+        own["needs_vnni"] = needs_vnni(deploy)
         _set_metadata(graph, {**own, **(metadata or {})})
         onnx.checker.check_model(graph)
         onnx.save(graph, str(tmp))
         if dtype == torch.float64:
             _check_loads(tmp)
-    storage = _weight_storage(deploy, packed=packed > 0)
     seconds = time.perf_counter() - t0
     return ExportReport(
         str(path), path.stat().st_size, opset, storage, integer_levels, seconds, float_dtype, target
@@ -243,6 +248,15 @@ def _weight_storage(deploy: nn.Module, packed: bool) -> str:
         return "uint8" if m.codes.dtype == torch.uint8 else "int8"
 
     return "+".join(sorted({container(m) for m in deploy.modules() if isinstance(m, WeightCodes)}))
+
+
+def needs_vnni(deploy: nn.Module) -> bool:
+    """Whether the deploy form has 8-bit weight codes in int8: exact on CPUs with VNNI only."""
+    from dopq.export.deploy import WeightCodes
+
+    return any(
+        m.bits == 8 and m.codes.dtype == torch.int8 for m in deploy.modules() if isinstance(m, WeightCodes)
+    )
 
 
 def _check_loads(path: Path) -> None:

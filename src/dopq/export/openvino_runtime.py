@@ -11,6 +11,7 @@ OpenVINO). :func:`openvino_layer_precisions` lists what the compiled model reall
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch import nn
 
 from dopq.errors import ExportError
 
-__all__ = ["OpenVinoModel", "openvino_layer_precisions", "require_openvino"]
+__all__ = ["OpenVinoModel", "openvino_layer_precisions", "openvino_layers", "require_openvino"]
 
 INTEGER_PRECISIONS = frozenset({"u8", "i8"})
 
@@ -41,13 +42,25 @@ def _config(threads: int | None) -> dict[str, Any]:
     return config
 
 
-def _compile(path: str | Path, threads: int | None) -> Any:
+@functools.cache
+def _core(ov: Any) -> Any:
+    """One OpenVINO ``Core`` for the process: compiled models outlived the cores that made them and
+    the process crashed (SIGSEGV) freeing them once several shapes were compiled per model."""
+    return ov.Core()
+
+
+def _compile(path: str | Path, threads: int | None, shape: tuple[int, ...] | None = None) -> Any:
+    """The compiled model, for inputs of ``shape`` only when one is given (see :class:`OpenVinoModel`)."""
     ov = require_openvino()
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"ONNX model {path} does not exist")
     try:
-        return ov.Core().compile_model(str(path), "CPU", _config(threads))
+        core = _core(ov)
+        model = core.read_model(str(path))
+        if shape is not None:
+            model.reshape(list(shape))
+        return core.compile_model(model, "CPU", _config(threads))
     except Exception as exc:  # any reader or compiler failure means the file is unusable here
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"OpenVINO cannot load {path}: {first}") from None
@@ -62,25 +75,53 @@ def openvino_layer_precisions(path: str | Path, threads: int | None = 1) -> list
     """``(layer type, runtime precision)`` of every layer OpenVINO's CPU plugin runs for a model,
     from its compiled runtime model (``FullyConnected`` / ``MatMul`` on ``u8`` or ``i8`` run on
     integer kernels; ``f32`` on float ones). Constants are left out."""
+    return [(kind, precision) for kind, precision, _ in openvino_layers(path, threads)]
+
+
+def openvino_layers(path: str | Path, threads: int | None = 1) -> list[tuple[str, str, tuple[str, ...]]]:
+    """``(layer type, runtime precision, names of the model's ops it runs)`` of every layer of the
+    compiled runtime model but constants. A fused layer (a ``Subgraph`` running ``q @ k^T``, Softmax
+    and ``attn @ v`` at once, say) names every op it took in, so each op of the file can be traced
+    to the kernel that runs it."""
     runtime = _compile(path, threads).get_runtime_model()
-    layers = [(_rt(op, "layerType"), _rt(op, "runtimePrecision")) for op in runtime.get_ordered_ops()]
-    return [(kind, precision) for kind, precision in layers if kind != "Const"]
+    layers = []
+    for op in runtime.get_ordered_ops():
+        kind = _rt(op, "layerType")
+        if kind != "Const":
+            names = tuple(n for n in _rt(op, "originalLayersNames").split(",") if n)
+            layers.append((kind, _rt(op, "runtimePrecision"), names))
+    return layers
 
 
 class OpenVinoModel(nn.Module):
     """An OpenVINO compiled model (CPU plugin) behind ``forward(images) -> logits``, with the same
     interface as :class:`dopq.export.OnnxModel`.
 
+    The model is compiled once per input shape (``static_shapes``, the default), as OpenVINO's
+    guides advise for CPUs: with the batch dimension left dynamic its CPU plugin fused none of the
+    element-wise chains of a quantized graph, the post-Softmax levels of a W4/A4 DeiT-Tiny among
+    them (2.4x slower than the same file compiled for batch 32; docs/export.md). Each new shape costs
+    one compilation (about a second for a small ViT).
+
     Args:
         path: the ``.onnx`` file (input ``images``, output ``logits``).
         threads: OpenVINO's inference threads (None: its default).
+        static_shapes: compile for each input shape seen instead of once with a dynamic batch.
     """
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, static_shapes: bool = True) -> None:
         super().__init__()
-        self.path = str(path)
-        self.compiled = _compile(path, threads)
-        self.request = self.compiled.create_infer_request()
+        self.path, self.threads, self.static_shapes = str(path), threads, static_shapes
+        self.compiled = _compile(path, threads)  # checks the file at once; serves dynamic shapes
+        self._by_shape: dict[tuple[int, ...], tuple[Any, Any]] = {}
+
+    def _runner(self, shape: tuple[int, ...]) -> tuple[Any, Any]:
+        if not self.static_shapes:
+            shape = ()
+        if shape not in self._by_shape:
+            compiled = _compile(self.path, self.threads, shape) if shape else self.compiled
+            self._by_shape[shape] = (compiled, compiled.create_infer_request())
+        return self._by_shape[shape]
 
     def metadata(self) -> dict[str, Any]:
         """The model's ``metadata_props`` (recipe, preprocessing, provenance), JSON values decoded."""
@@ -90,5 +131,6 @@ class OpenVinoModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         array = images.detach().cpu().float().contiguous().numpy()
-        out = self.request.infer({0: array})[self.compiled.output(0)]
+        compiled, request = self._runner(tuple(array.shape))
+        out = request.infer({0: array})[compiled.output(0)]
         return torch.from_numpy(out.copy())

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import platform
 import tempfile
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ __all__ = [
     "INTEGER_OPS",
     "RUNTIMES",
     "OnnxModel",
+    "inexact_here",
     "load_runtime",
     "onnx_metadata",
     "optimized_op_counts",
@@ -110,7 +113,10 @@ def onnx_metadata(path: str | Path) -> dict[str, Any]:
 
 def load_runtime(path: str | Path, runtime: str = "onnxruntime", threads: int | None = None) -> nn.Module:
     """An exported model as ``forward(images) -> logits`` with ``metadata()``, run by onnxruntime
-    (:class:`OnnxModel`) or OpenVINO (:class:`~dopq.export.openvino_runtime.OpenVinoModel`)."""
+    (:class:`OnnxModel`) or OpenVINO (:class:`~dopq.export.openvino_runtime.OpenVinoModel`).
+    Warns where the file's integer products are not exact on this CPU (:func:`inexact_here`)."""
+    if runtime in RUNTIMES and (reason := inexact_here(path)):
+        warnings.warn(reason, stacklevel=2)
     if runtime == "onnxruntime":
         return OnnxModel(path, threads=threads)
     if runtime == "openvino":
@@ -118,6 +124,34 @@ def load_runtime(path: str | Path, runtime: str = "onnxruntime", threads: int | 
 
         return OpenVinoModel(path, threads=threads)
     raise ExportError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+
+
+def inexact_here(path: str | Path) -> str | None:
+    """Why a dopq export's integer products may differ from the simulation on this CPU, or None.
+
+    8-bit weights stored in int8 (``needs_vnni`` in the file's metadata) meet uint8 activations in
+    uint8 x int8 kernels, whose int16 pair sums saturate on x86 CPUs without VNNI (AVX2 only).
+    """
+    from dopq.environment import cpu_info
+
+    if Path(path).suffix != ".onnx" or platform.machine().lower() not in _X86:
+        return None
+    try:
+        needs_vnni = onnx_metadata(path).get("needs_vnni", False)
+    except ExportError:  # not a file dopq can read: the runtime says why
+        return None
+    cpu = cpu_info()
+    if not needs_vnni or set(cpu["integer_isa"]) & _VNNI:
+        return None
+    return (
+        f"{path} stores 8-bit weights in int8, whose uint8 x int8 products can saturate on this CPU "
+        f"({cpu['model']}, no VNNI): some predictions may differ from the simulation's. Export with "
+        "--export-weight-type uint8 (export_onnx(..., weight_type='uint8')) for exact products here"
+    )
+
+
+_X86 = ("x86_64", "amd64", "i686", "i386")
+_VNNI = {"avx512_vnni", "avx_vnni", "amx_int8"}
 
 
 def optimized_op_counts(path: str | Path, threads: int | None = 1) -> Counter[str]:

@@ -56,7 +56,9 @@ class _Factory:
         self.c = config
 
     def weight(self, bits: int | None = None) -> Quantizer:
-        return UniformQuantizer(bits or self.c.w_bits, PerChannel(0), self.c.percentiles)
+        return UniformQuantizer(
+            bits or self.c.w_bits, PerChannel(0), self.c.percentiles, symmetric=self.c.symmetric_weights
+        )
 
     def act(self, per_channel: bool = False, bits: int | None = None) -> Quantizer:
         gran = PerChannel(-1) if per_channel else PerTensor()

@@ -16,6 +16,7 @@ from dopq.quantizers.uniform import (
     UniformQuantizer,
     fake_quantize_uniform,
     quantize_uniform,
+    search_symmetric_range,
     search_uniform_range,
 )
 
@@ -37,6 +38,7 @@ __all__ = [
     "quantize_uniform",
     "quantizer_name",
     "register_quantizer",
+    "search_symmetric_range",
     "search_uniform_range",
     "tan_levels",
 ]

@@ -19,6 +19,7 @@ __all__ = [
     "fake_quantize_uniform",
     "quantize_uniform",
     "round_ste",
+    "search_symmetric_range",
     "search_uniform_range",
 ]
 
@@ -154,6 +155,35 @@ def search_uniform_range(
     return best_scale, best_zp
 
 
+def search_symmetric_range(
+    x: torch.Tensor,
+    bits: int,
+    channel_axis: int | None = None,
+    percentiles: tuple[float, ...] = DEFAULT_PERCENTILES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`search_uniform_range` on grids centred on 0: zero point ``2^(b-1)`` (the codes minus it
+    fill a signed b-bit integer, ``[-2^(b-1), 2^(b-1) - 1]``, with no zero point), scale
+    ``m / (2^(b-1) - 1)`` for the candidate magnitudes ``m`` (upper quantiles of ``|x|``).
+
+    Example:
+        >>> s, z = search_symmetric_range(torch.linspace(-1, 3, 1001), bits=4)
+        >>> round(float(s), 3), float(z)
+        (0.428, 8.0)
+    """
+    rows = to_rows(x.detach().float(), channel_axis)
+    half = 2 ** (bits - 1)
+    zero_point = torch.full((rows.shape[0],), float(half), device=rows.device)
+    best_err = torch.full_like(zero_point, float("inf"))
+    best_scale = torch.ones_like(best_err)
+    for bound in row_quantiles(rows.abs(), tuple(percentiles)):
+        scale = (bound / (half - 1)).clamp_min(_MIN_SCALE)
+        err = _row_mse(rows, scale[:, None], zero_point[:, None], bits)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+    return best_scale, zero_point
+
+
 _PER_TENSOR = PerTensor()
 
 
@@ -167,12 +197,15 @@ def _broadcast(param: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.
 
 @register_quantizer("uniform")
 class UniformQuantizer(Quantizer):
-    """Asymmetric uniform quantizer, per tensor or per channel.
+    """Uniform quantizer, per tensor or per channel: asymmetric (a range searched per channel), or
+    ``symmetric`` (zero point ``2^(b-1)``: the codes minus it are signed b-bit integers, the form
+    every runtime's integer kernels take for weights without a zero-point correction).
 
     Args:
         bits: bit width, 2..8.
         granularity: ``PerTensor()`` or ``PerChannel(axis)``.
         percentiles: candidate upper quantiles for the range search.
+        symmetric: grids centred on 0 (:func:`search_symmetric_range`).
 
     Example:
         >>> q = UniformQuantizer(4, PerChannel(0)); q.observing = True
@@ -186,10 +219,12 @@ class UniformQuantizer(Quantizer):
         bits: int,
         granularity: PerTensor | PerChannel = _PER_TENSOR,
         percentiles: tuple[float, ...] = DEFAULT_PERCENTILES,
+        symmetric: bool = False,
     ) -> None:
         super().__init__(bits)
         self.granularity = granularity
         self.percentiles = tuple(percentiles)
+        self.symmetric = symmetric
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1))
 
@@ -210,11 +245,14 @@ class UniformQuantizer(Quantizer):
     def initialize(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
         # a per-tensor activation range always holds 0 (an integer zero point for integer kernels);
         # per-channel post-LayerNorm ranges need not: the re-parameterization moves them
+        self.set_qparams(*self.searched_qparams(x))
+
+    def searched_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(scale, zero_point)`` this quantizer's range search gives ``x`` (not installed)."""
         axis = self.channel_axis
-        scale, zero_point = search_uniform_range(
-            x, self.bits, axis, self.percentiles, include_zero=axis is None
-        )
-        self.set_qparams(scale, zero_point)
+        if self.symmetric:
+            return search_symmetric_range(x, self.bits, axis, self.percentiles)
+        return search_uniform_range(x, self.bits, axis, self.percentiles, include_zero=axis is None)
 
     def set_qparams(
         self, scale: torch.Tensor, zero_point: torch.Tensor, granularity: PerTensor | PerChannel | None = None
@@ -273,4 +311,5 @@ class UniformQuantizer(Quantizer):
         return self.host_copy("number", self.zero_point, float)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, granularity={self.granularity}"
+        symmetric = ", symmetric=True" if self.symmetric else ""
+        return f"{super().extra_repr()}, granularity={self.granularity}{symmetric}"
