@@ -100,8 +100,8 @@ class OpenVinoModel(nn.Module):
     The model is compiled once per input shape (``static_shapes``, the default), as OpenVINO's
     guides advise for CPUs: with the batch dimension left dynamic its CPU plugin fused none of the
     element-wise chains of a quantized graph, the post-Softmax levels of a W4/A4 DeiT-Tiny among
-    them (2.4x slower than the same file compiled for batch 32; docs/export.md). Each new shape costs
-    one compilation (about a second for a small ViT).
+    them (at less than half the speed of the same file compiled for batch 32; docs/export.md).
+    Each new shape costs one compilation (about a second for a small ViT).
 
     Args:
         path: the ``.onnx`` file (input ``images``, output ``logits``).
