@@ -182,6 +182,11 @@ class WeightCodes(nn.Module):
         self.symmetric_storage = symmetric
 
     @property
+    def needs_vnni(self) -> bool:
+        """8-bit codes in int8: exact in uint8 x int8 kernels only on CPUs with VNNI (``WEIGHT_TYPES``)."""
+        return self.bits == 8 and self.codes.dtype == torch.int8
+
+    @property
     def has_zero_points(self) -> bool:
         return bool(self.zero_point.any())
 
@@ -263,7 +268,9 @@ class DeployLinear(nn.Module):
         wq = _weight_quantizer(layer, where)
         self.input_qdq = _optional_qdq(layer.input_quantizer, where)
         symmetric = _symmetric(target, dtype)
-        self.weight = WeightCodes(layer.weight, wq, where, True, symmetric=symmetric, weight_type=weight_type)
+        self.weight = WeightCodes(
+            layer.weight, wq, where, transpose=True, symmetric=symmetric, weight_type=weight_type
+        )
         bias = _float64_bias(layer.bias, layer.out_features)
         if layer.input_offset is not None:  # with the quantized weights, in float64
             bias += layer.input_offset.detach().double() @ self.weight.dequantize64()

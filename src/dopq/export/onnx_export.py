@@ -26,7 +26,7 @@ from torch import nn
 
 from dopq.config import FLOAT_DTYPES
 from dopq.errors import ExportError
-from dopq.export.deploy import to_deploy
+from dopq.export.deploy import WeightCodes, to_deploy
 from dopq.files import atomic_path, check_output_path
 from dopq.models import example_input
 
@@ -225,7 +225,7 @@ def export_onnx(
         _drop_unused_initializers(graph)
         storage = _weight_storage(deploy, packed=packed > 0)
         own = {**_model_metadata(model, integer_levels, dtype), "target": target, "weight_storage": storage}
-        own["needs_vnni"] = needs_vnni(deploy)
+        own["needs_vnni"] = any(m.needs_vnni for m in deploy.modules() if isinstance(m, WeightCodes))
         _set_metadata(graph, {**own, **(metadata or {})})
         onnx.checker.check_model(graph)
         onnx.save(graph, str(tmp))
@@ -240,7 +240,6 @@ def export_onnx(
 def _weight_storage(deploy: nn.Module, packed: bool) -> str:
     """The weight containers in the file: ``int4`` (packed), ``int8``, ``uint8`` (8-bit weights), joined
     by ``+`` where layers differ (``int4+uint8``: 8-bit patch embedding and head, ``edge_w_bits``)."""
-    from dopq.export.deploy import WeightCodes
 
     def container(m: WeightCodes) -> str:
         if packed and m.bits <= 4:
@@ -248,15 +247,6 @@ def _weight_storage(deploy: nn.Module, packed: bool) -> str:
         return "uint8" if m.codes.dtype == torch.uint8 else "int8"
 
     return "+".join(sorted({container(m) for m in deploy.modules() if isinstance(m, WeightCodes)}))
-
-
-def needs_vnni(deploy: nn.Module) -> bool:
-    """Whether the deploy form has 8-bit weight codes in int8: exact on CPUs with VNNI only."""
-    from dopq.export.deploy import WeightCodes
-
-    return any(
-        m.bits == 8 and m.codes.dtype == torch.int8 for m in deploy.modules() if isinstance(m, WeightCodes)
-    )
 
 
 def _check_loads(path: Path) -> None:

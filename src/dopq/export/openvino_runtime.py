@@ -11,7 +11,9 @@ OpenVINO). :func:`openvino_layer_precisions` lists what the compiled model reall
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,16 +53,28 @@ def _core(ov: Any) -> Any:
 
 def _compile(path: str | Path, threads: int | None, shape: tuple[int, ...] | None = None) -> Any:
     """The compiled model, for inputs of ``shape`` only when one is given (see :class:`OpenVinoModel`)."""
-    ov = require_openvino()
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"ONNX model {path} does not exist")
-    try:
-        core = _core(ov)
+    core = _core(require_openvino())
+    with _loading(path):
         model = core.read_model(str(path))
         if shape is not None:
             model.reshape(list(shape))
         return core.compile_model(model, "CPU", _config(threads))
+
+
+def _check_readable(path: str | Path) -> None:
+    """Read the model (not compile it): a missing or unreadable file fails here, with the error
+    :func:`_compile` gives."""
+    core = _core(require_openvino())
+    with _loading(path):
+        core.read_model(str(path))
+
+
+@contextlib.contextmanager
+def _loading(path: str | Path) -> Iterator[None]:
+    if not Path(path).is_file():
+        raise ExportError(f"ONNX model {path} does not exist")
+    try:
+        yield
     except Exception as exc:  # any reader or compiler failure means the file is unusable here
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"OpenVINO cannot load {path}: {first}") from None
@@ -112,16 +126,15 @@ class OpenVinoModel(nn.Module):
     def __init__(self, path: str | Path, threads: int | None = None, static_shapes: bool = True) -> None:
         super().__init__()
         self.path, self.threads, self.static_shapes = str(path), threads, static_shapes
-        self.compiled = _compile(path, threads)  # checks the file at once; serves dynamic shapes
-        self._by_shape: dict[tuple[int, ...], tuple[Any, Any]] = {}
+        _check_readable(path)  # a bad file fails now; compiling waits for the first input's shape
+        self._by_shape: dict[tuple[int, ...] | None, tuple[Any, Any]] = {}
 
     def _runner(self, shape: tuple[int, ...]) -> tuple[Any, Any]:
-        if not self.static_shapes:
-            shape = ()
-        if shape not in self._by_shape:
-            compiled = _compile(self.path, self.threads, shape) if shape else self.compiled
-            self._by_shape[shape] = (compiled, compiled.create_infer_request())
-        return self._by_shape[shape]
+        key = shape if self.static_shapes else None  # None: one model compiled for a dynamic batch
+        if key not in self._by_shape:
+            compiled = _compile(self.path, self.threads, key)
+            self._by_shape[key] = (compiled, compiled.create_infer_request())
+        return self._by_shape[key]
 
     def metadata(self) -> dict[str, Any]:
         """The model's ``metadata_props`` (recipe, preprocessing, provenance), JSON values decoded."""

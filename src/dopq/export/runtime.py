@@ -115,15 +115,18 @@ def load_runtime(path: str | Path, runtime: str = "onnxruntime", threads: int | 
     """An exported model as ``forward(images) -> logits`` with ``metadata()``, run by onnxruntime
     (:class:`OnnxModel`) or OpenVINO (:class:`~dopq.export.openvino_runtime.OpenVinoModel`).
     Warns where the file's integer products are not exact on this CPU (:func:`inexact_here`)."""
-    if runtime in RUNTIMES and (reason := inexact_here(path)):
-        warnings.warn(reason, stacklevel=2)
     if runtime == "onnxruntime":
-        return OnnxModel(path, threads=threads)
-    if runtime == "openvino":
+        model: nn.Module = OnnxModel(path, threads=threads)
+    elif runtime == "openvino":
         from dopq.export.openvino_runtime import OpenVinoModel
 
-        return OpenVinoModel(path, threads=threads)
-    raise ExportError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+        model = OpenVinoModel(path, threads=threads)
+    else:
+        raise ExportError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+    # the metadata the runtime already read (onnxruntime's session), not a second parse of the file
+    if Path(path).suffix == ".onnx" and (reason := _inexact_reason(path, model.metadata())):
+        warnings.warn(reason, stacklevel=2)
+    return model
 
 
 def inexact_here(path: str | Path) -> str | None:
@@ -132,16 +135,22 @@ def inexact_here(path: str | Path) -> str | None:
     8-bit weights stored in int8 (``needs_vnni`` in the file's metadata) meet uint8 activations in
     uint8 x int8 kernels, whose int16 pair sums saturate on x86 CPUs without VNNI (AVX2 only).
     """
-    from dopq.environment import cpu_info
-
-    if Path(path).suffix != ".onnx" or platform.machine().lower() not in _X86:
+    if Path(path).suffix != ".onnx":
         return None
     try:
-        needs_vnni = onnx_metadata(path).get("needs_vnni", False)
+        metadata = onnx_metadata(path)
     except ExportError:  # not a file dopq can read: the runtime says why
         return None
+    return _inexact_reason(path, metadata)
+
+
+def _inexact_reason(path: str | Path, metadata: dict[str, Any]) -> str | None:
+    from dopq.environment import cpu_info
+
+    if not metadata.get("needs_vnni", False) or platform.machine().lower() not in _X86:
+        return None
     cpu = cpu_info()
-    if not needs_vnni or set(cpu["integer_isa"]) & _VNNI:
+    if set(cpu["integer_isa"]) & _VNNI:
         return None
     return (
         f"{path} stores 8-bit weights in int8, whose uint8 x int8 products can saturate on this CPU "
