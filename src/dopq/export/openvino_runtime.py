@@ -115,7 +115,7 @@ class OpenVinoModel(nn.Module):
     guides advise for CPUs: with the batch dimension left dynamic its CPU plugin fused none of the
     element-wise chains of a quantized graph, the post-Softmax levels of a W4/A4 DeiT-Tiny among
     them (at less than half the speed of the same file compiled for batch 32; docs/export.md).
-    Each new shape costs one compilation (about a second for a small ViT).
+    Each new shape costs one compilation, at its first batch; construction only reads the file.
 
     Args:
         path: the ``.onnx`` file (input ``images``, output ``logits``).
