@@ -497,8 +497,14 @@ _DEPLOY_NOTES = {  # what a suffixed deploy run measured, beside its presets
     "deploy_runtimes_w78": ", W7/A8 beside W8/A8 (centred 7-bit weights: u8 x i8 pairs cannot saturate)",
     "deploy_runtimes_swin_mask": ", Swin-Tiny at the 8-bit-activation widths, shift mask and position bias kept apart",
     "deploy_runtimes_vnni": ", 8-bit weights in int8 (default) and in uint8 (onnxruntime rows), OpenVINO compiled per batch shape",
-    "deploy_runtimes_vnni_recommended": ", centred 8-bit weights (no row-sum correction), OpenVINO compiled per batch shape",
-    "deploy_runtimes_vnni_swin": ", Swin-Tiny, centred 8-bit weights, OpenVINO compiled per batch shape",
+    "deploy_runtimes_vnni_recommended": ", centred 8-bit weights (no row-sum correction), OpenVINO compiled per batch shape; "
+    "before centred q, k, v and graph-centred 4-bit weights (superseded by the _vnni_fused runs)",
+    "deploy_runtimes_vnni_swin": ", Swin-Tiny, centred 8-bit weights, OpenVINO compiled per batch shape; "
+    "before centred q, k, v and graph-centred 4-bit weights (superseded by the _vnni_fused runs)",
+    "deploy_runtimes_vnni_fused": ", centred q, k, v with 8-bit activations (one fused attention kernel in OpenVINO), "
+    "4-bit weights centred by the graph, centred 8-bit weights",
+    "deploy_runtimes_vnni_fused_swin": ", Swin-Tiny, centred q, k, v with 8-bit activations, 4-bit weights centred by "
+    "the graph, centred 8-bit weights",
 }
 
 
@@ -914,7 +920,7 @@ def _sections(results: Path) -> list[Section]:
         data = json.loads(path.read_text())
         if "rows" not in data:  # the timing files
             continue
-        if path.stem.endswith(("_preset", "_widetanq", "_w48")):  # over seeds; subfolders merge
+        if path.stem.endswith(("_preset", "_widetanq", "_w48", "_qkv_probe")):  # over seeds; subfolders merge
             merged = _load(results, path.stem)
             add(accuracy, _preset_table(merged), (path.stem,), merged)
             continue
@@ -1034,7 +1040,7 @@ SUMMARY_RECIPES = (
     SummaryRecipe("dopq", ("ablation_deit", "ablation_swin"), lambda w, a: ("dopq",)),
     # the default recipe; its runs span three calibration seeds: the summary shows seed 0
     SummaryRecipe("recommended (the default)", ("calib_gains_deit_preset", "calib_gains_swin_preset",
-                                                "calib_gains_deit_w88_preset", "calib_gains_swin_w88_preset"),
+                                                "calib_gains_deit_a8_preset", "calib_gains_swin_a8_preset"),
                   lambda w, a: ("recommended",), lambda row, w, a: row.get("seed", 0) == 0),
     # GPTQ's default target: half way to the float model's output at 3 bits and below (docs/gptq.md)
     SummaryRecipe("dopq + GPTQ", ("calib_gains_deit*", "calib_gains_swin*"),

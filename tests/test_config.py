@@ -34,6 +34,7 @@ def test_presets_differ_only_in_components():
         ("softmax_quantizer", "log10", "softmax_quantizer must be one of"),
         ("ln_scale", "max", "ln_scale must be one of"),
         ("ln_shift", "weights", "ln_shift must be one of bias, input"),
+        ("symmetric_attention", True, "symmetric_attention must be one of off, qk, qkv"),
         ("percentiles", (0.2,), "percentiles"),
         ("act_percentiles", (), "act_percentiles must be in"),
     ],
@@ -108,21 +109,30 @@ def test_act_percentiles_reach_the_activation_quantizers_only():
 def test_recommended_preset_follows_the_width_by_rule() -> None:
     def components(w: int, a: int) -> tuple:
         c = get_preset("recommended", w_bits=w, a_bits=a)
-        return c.weight_rounding, c.gptq_target_used, c.softmax_quantizer, c.symmetric_weights
+        return (
+            c.weight_rounding,
+            c.gptq_target_used,
+            c.softmax_quantizer,
+            c.symmetric_weights,
+            c.symmetric_attention,
+        )
 
-    assert components(8, 8) == ("nearest", "quantized", "uniform", True)
-    assert components(4, 8) == ("nearest", "quantized", "uniform", False)
-    assert components(4, 4) == ("nearest", "quantized", "tanq", False)
-    assert components(3, 3) == ("gptq", "float", "tanq", False)
-    assert components(8, 3) == ("gptq", "float", "tanq", True)
-    # where the rule does not apply it is dopq's config; at 3 bits only the rounding differs, at
-    # 8-bit weights only the centred grids
-    for w, a in ((4, 8), (4, 4), (6, 6)):
+    assert components(8, 8) == ("nearest", "quantized", "uniform", True, "qk")
+    assert components(4, 8) == ("nearest", "quantized", "uniform", False, "qk")
+    assert components(4, 4) == ("nearest", "quantized", "tanq", False, "off")
+    assert components(3, 3) == ("gptq", "float", "tanq", False, "off")
+    assert components(8, 3) == ("gptq", "float", "tanq", True, "off")
+    # where the rule does not apply it is dopq's config; at 3 bits only the rounding differs, with
+    # 8-bit weights the centred weight grids, with 8-bit activations the centred q and k
+    for w, a in ((4, 4), (6, 6)):
         assert get_preset("recommended", w_bits=w, a_bits=a) == get_preset("dopq", w_bits=w, a_bits=a)
     dopq = get_preset("dopq", w_bits=3, a_bits=3)
     assert get_preset("recommended", w_bits=3, a_bits=3).replace(weight_rounding="nearest") == dopq
+    dopq48 = get_preset("dopq", w_bits=4, a_bits=8)
+    assert get_preset("recommended", w_bits=4, a_bits=8).replace(symmetric_attention="off") == dopq48
     dopq8 = get_preset("dopq", w_bits=8, a_bits=8)
-    assert get_preset("recommended", w_bits=8, a_bits=8).replace(symmetric_weights=False) == dopq8
+    recommended8 = get_preset("recommended", w_bits=8, a_bits=8)
+    assert recommended8.replace(symmetric_weights=False, symmetric_attention="off") == dopq8
     # anything given explicitly wins over the rule
     given = get_preset("recommended", w_bits=3, a_bits=3, weight_rounding="nearest", tanq_centers=(0.5,))
     assert (given.weight_rounding, given.tanq_centers) == ("nearest", (0.5,))

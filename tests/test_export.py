@@ -166,12 +166,15 @@ def test_exported_weight_codes_are_the_quantizer_codes(target: str, tmp_path: Pa
         stored_zp = numpy_helper.to_array(inits["blocks.0.mlp.fc1.weight.zero_point_int4"]).astype(np.int64)
         assert torch.equal(torch.from_numpy(stored - stored_zp).t(), centred)
         return
-    # stored transposed (in, out) as q - z + c, dequantized without a zero point; the shift c of
-    # each channel comes back as offset = c * s, which the graph subtracts times the row sums
-    scale = numpy_helper.to_array(inits["blocks.0.mlp.fc1.weight.scale"]).astype(np.float64)
-    offset = numpy_helper.to_array(inits["blocks.0.mlp.fc1.weight.offset"]).astype(np.float64)
-    shift = torch.from_numpy(np.round(offset / scale)).long()
+    # stored transposed (in, out) as q - z + c with the shift c per channel (INT4 too), centred by an
+    # int8 Sub of the two constants before a DequantizeLinear without zero points (OpenVINO folds it)
+    (sub,) = [n for n in graph.node if n.op_type == "Sub" and "blocks.0.mlp.fc1" in n.output[0]]
+    shift_name = sub.input[1].removesuffix("_as_int8") + "_int4"
+    assert inits[shift_name].data_type == onnx.TensorProto.INT4
+    shift = torch.from_numpy(numpy_helper.to_array(inits[shift_name]).astype(np.int64)).reshape(-1)
     assert torch.equal(torch.from_numpy(stored).t() - shift[:, None], centred)
+    (dequantize,) = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] == sub.output[0]]
+    assert len(dequantize.input) == 2
     fits = (centred.min(1).values >= -8) & (centred.max(1).values <= 7)
     assert fits.any() and not fits.all() and (shift[fits] == 0).all()  # the smallest shift: 0 where it fits
 

@@ -22,6 +22,7 @@ from dopq.config import (
     ROUNDINGS,
     RUNTIMES,
     SOFTMAX_QUANTIZERS,
+    SYMMETRIC_ATTENTION,
     WEIGHT_TYPES,
     QuantConfig,
     ReconstructConfig,
@@ -121,6 +122,12 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         "--symmetric-weights",
         choices=["on", "off"],
         help="override the preset's: weight grids centred on 0 (int8 kernels need no row-sum correction)",
+    )
+    g.add_argument(
+        "--symmetric-attention",
+        choices=SYMMETRIC_ATTENTION,
+        help="override the preset's: attention operands on grids centred on 0 "
+        "(qkv: OpenVINO fuses each attention into one integer kernel)",
     )
     g.add_argument(
         "--ln-shift",
@@ -307,8 +314,14 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
         "act_percentiles": tuple(args.act_percentiles) if args.act_percentiles else None,
         "edge_w_bits": args.edge_w_bits,
         "tanq_centers": tuple(args.tanq_centers) if args.tanq_centers else None,
+        "symmetric_attention": args.symmetric_attention,
     }
-    for switch in ("integer_zero_point", "bias_correction", "gptq_act_order", "symmetric_weights"):
+    for switch in (
+        "integer_zero_point",
+        "bias_correction",
+        "gptq_act_order",
+        "symmetric_weights",
+    ):
         if getattr(args, switch):
             overrides[switch] = getattr(args, switch) == "on"
     if args.reconstruct:

@@ -18,6 +18,7 @@ __all__ = [
     "SOFTMAX_CHOICES",
     "SOFTMAX_GRID_BITS",
     "SOFTMAX_QUANTIZERS",
+    "SYMMETRIC_ATTENTION",
     "TANQ_CENTERS",
     "TANQ_CENTERS_WIDE",
     "WEIGHT_ROUNDINGS",
@@ -38,6 +39,8 @@ GPTQ_TARGETS = ("quantized", "float")
 GPTQ_FLOAT_TARGET_MAX_BITS = 3
 LN_SCALE_RULES = ("mean", "median", "mad", "search")
 LN_SHIFTS = ("bias", "input")
+# which operands of the attention products sit on grids centred on 0: none, q and k, or q, k and v
+SYMMETRIC_ATTENTION = ("off", "qk", "qkv")
 MIN_BITS, MAX_BITS = 2, 8
 # TanQ's candidate centres m: dopq's grid, and a wider one (--tanq-centers). Centres above 1/2 put
 # more levels near 0, where most attention values lie: on every attention module of the shared
@@ -213,6 +216,11 @@ class QuantConfig:
         symmetric_weights: weight grids centred on 0 per output channel (zero point ``2^(b-1)``:
             signed codes without zero point, what OpenVINO's and TensorRT's int8 kernels take
             without a row-sum correction; docs/export.md). False: asymmetric ranges (RepQ-ViT).
+        symmetric_attention: which operands of ``q @ k^T`` and ``attn @ v`` sit on per-tensor grids
+            centred on 0 (signed codes without zero point): ``"off"`` (asymmetric ranges, RepQ-ViT),
+            ``"qk"`` or ``"qkv"``. The openvino export then needs no zero-point correction for those
+            products; with ``"qkv"`` OpenVINO fuses each attention's products and Softmax into one
+            integer kernel (docs/export.md).
         act_percentiles: candidate upper quantiles of the activations' uniform range search
             (None: ``percentiles``). At 3 bits a tighter clip (0.99, 0.995) can pay (docs/gptq.md).
         tanq_objective: "output" (error of attn @ v) or "mse" (error of the attention values).
@@ -256,6 +264,7 @@ class QuantConfig:
     percentiles: tuple[float, ...] = (0.999, 0.9999, 0.99999)
     act_percentiles: tuple[float, ...] | None = None
     symmetric_weights: bool = False
+    symmetric_attention: str = "off"
     tanq_objective: str = "output"
     tanq_centers: tuple[float, ...] = TANQ_CENTERS
     softmax_grid_bits: int | None = SOFTMAX_GRID_BITS
@@ -284,6 +293,7 @@ class QuantConfig:
             raise ConfigError(f"gptq_target_shrink must be in [0, 1], got {self.gptq_target_shrink}")
         _check_choice("ln_scale", self.ln_scale, LN_SCALE_RULES)
         _check_choice("ln_shift", self.ln_shift, LN_SHIFTS)
+        _check_choice("symmetric_attention", self.symmetric_attention, SYMMETRIC_ATTENTION)
         _check_choice("tanq_objective", self.tanq_objective, ("output", "mse"))
         self.percentiles = _check_percentiles("percentiles", self.percentiles)
         if self.act_percentiles is not None:
@@ -354,9 +364,13 @@ _PRESETS: dict[str, dict[str, Any]] = {
 # DeiT-Tiny over three seeds, lost on Swin-Tiny at both; docs/tanq.md). 8-bit weights are centred on
 # 0 (RECOMMENDED_SYMMETRIC_W_BITS): signed codes without zero points, so OpenVINO's int8 kernels need
 # no row-sum correction (docs/export.md); at 8 bits that tied dopq, at 4 bits it lost 0.5 on DeiT-Tiny.
+# With 8-bit activations q and k are centred on 0 too (RECOMMENDED_SYMMETRIC_A_BITS): q @ k^T needs no
+# zero-point correction in OpenVINO. Centring v as well lets OpenVINO fuse the whole attention (faster
+# still) but lost 0.3-0.5 on Swin-Tiny at W4/A8 at two of three seeds (docs/export.md), so it is opt-in.
 RECOMMENDED = "recommended"
 RECOMMENDED_GPTQ_MAX_BITS = 3
 RECOMMENDED_SYMMETRIC_W_BITS = 8
+RECOMMENDED_SYMMETRIC_A_BITS = 8
 
 
 def _recommended_rules(w_bits: int, a_bits: int) -> dict[str, Any]:
@@ -364,6 +378,8 @@ def _recommended_rules(w_bits: int, a_bits: int) -> dict[str, Any]:
     rules: dict[str, Any] = {}
     if w_bits >= RECOMMENDED_SYMMETRIC_W_BITS:
         rules["symmetric_weights"] = True
+    if a_bits >= RECOMMENDED_SYMMETRIC_A_BITS:
+        rules["symmetric_attention"] = "qk"
     if min(w_bits, a_bits) <= RECOMMENDED_GPTQ_MAX_BITS:
         rules["weight_rounding"] = "gptq"
     return rules
@@ -386,7 +402,8 @@ def get_preset(name: str, **overrides: Any) -> QuantConfig:
     ``dopq`` (the paper's recipe) quantizes post-Softmax activations with TanQ up to
     ``TANQ_MAX_BITS`` and uniformly above. ``recommended`` is dopq plus GPTQ rounding at
     <= ``RECOMMENDED_GPTQ_MAX_BITS`` bits (aimed half way at the float model's output) and weight
-    grids centred on 0 at ``RECOMMENDED_SYMMETRIC_W_BITS`` bits.
+    grids centred on 0 at ``RECOMMENDED_SYMMETRIC_W_BITS`` bits, and q, k centred on 0 with
+    ``RECOMMENDED_SYMMETRIC_A_BITS``-bit activations.
     ``repq`` is the RepQ-ViT baseline.
 
     Example:
@@ -399,8 +416,9 @@ def get_preset(name: str, **overrides: Any) -> QuantConfig:
         ('gptq', 'float', 'tanq')
         >>> get_preset("recommended", w_bits=4, a_bits=4) == get_preset("dopq", w_bits=4, a_bits=4)
         True
-        >>> get_preset("recommended", w_bits=8, a_bits=8).symmetric_weights
-        True
+        >>> c = get_preset("recommended", w_bits=8, a_bits=8)
+        >>> c.symmetric_weights, c.symmetric_attention
+        (True, 'qk')
     """
     if name not in list_presets():
         raise ConfigError(f"unknown method {name!r}; choose from {', '.join(list_presets())}")

@@ -130,10 +130,13 @@ class WeightCodes(nn.Module):
     (8-bit codes too, ``weight_type="int8"``); with ``weight_type="uint8"`` 8-bit codes are stored as
     they are, uint8 with their zero points (see :data:`WEIGHT_TYPES`). For
     OpenVINO (``symmetric``), codes are stored as ``q - z + c`` with zero point ``c``, per channel
-    the smallest shift that fits the signed container (0 where the centred codes fit), and
-    :meth:`symmetric` dequantizes without the zero points, ``codes * s``, with :attr:`offset` holding
-    ``c * s``: ``x @ W = x @ symmetric - rowsum(x) * offset``, the form in which OpenVINO runs the
-    product on integer kernels (it has none for weights with zero points). ``flatten`` stores a
+    the smallest shift that fits the signed container (0 where the centred codes fit). OpenVINO has
+    no integer kernel for weights with zero points, so the shift must go before the product: up to
+    4 bits the export subtracts it from the codes in int8, a constant ``Sub`` that OpenVINO folds at
+    compile time (:attr:`shift_in_graph`; ``q - z`` always fits int8, not always INT4, the file's
+    container); 8-bit codes, where ``q - z`` may not fit int8, dequantize without the zero points,
+    ``codes * s`` (:meth:`symmetric`), with :attr:`offset` holding ``c * s``:
+    ``x @ W = x @ symmetric - rowsum(x) * offset``. ``flatten`` stores a
     convolution kernel as ``(out, in * kh * kw)`` (before ``transpose``), the patches-times-weights form.
     """
 
@@ -187,6 +190,12 @@ class WeightCodes(nn.Module):
         return self.bits == 8 and self.codes.dtype == torch.int8
 
     @property
+    def shift_in_graph(self) -> bool:
+        """Shifted OpenVINO codes that the exported graph centres itself, by an int8 ``Sub`` before
+        ``DequantizeLinear`` (``onnx_export``): a product without row sums."""
+        return self.symmetric_storage and self.bits <= 4
+
+    @property
     def has_zero_points(self) -> bool:
         return bool(self.zero_point.any())
 
@@ -231,8 +240,9 @@ def _symmetric(target: str, dtype: torch.dtype) -> bool:
 
 
 def symmetric_weights(weight: WeightCodes) -> bool:
-    """Weights stored for OpenVINO with a per-channel shift whose share the product subtracts."""
-    return weight.symmetric_storage and weight.has_zero_points
+    """Weights stored for OpenVINO with a per-channel shift whose share the product subtracts through
+    the input's row sums (8-bit codes: the graph cannot centre them in int8)."""
+    return weight.symmetric_storage and weight.has_zero_points and not weight.shift_in_graph
 
 
 def _optional_qdq(q: nn.Module, where: str) -> nn.Module:
@@ -529,12 +539,13 @@ class DeployMatMul(nn.Module):
 
 def _symmetric_product(qdq_a: nn.Module, a: torch.Tensor, qdq_b: nn.Module, b: torch.Tensor) -> torch.Tensor:
     """``qdq_a(a) @ qdq_b(b)`` from operands without zero points, as OpenVINO's integer MatMul of two
-    activations needs them: the left one's codes in uint8 (onnxruntime's integer kernels want an
-    unsigned left operand), the right one's in int8. With ``a' = a + alpha`` and ``b' = b + beta``
-    (their offsets), ``a @ b = a' @ b' - alpha colsum(b') - beta rowsum(a' - alpha)``."""
+    activations needs them: the right one's codes in int8, the left one's in int8 where its centred
+    codes fit (below 8 bits, or a grid centred on 0), else in uint8. With ``a' = a + alpha`` and
+    ``b' = b + beta`` (their offsets), ``a @ b = a' @ b' - alpha colsum(b') - beta rowsum(a' - alpha)``;
+    with no offset at all OpenVINO fuses the attention's products and Softmax into one kernel."""
     alpha = beta = 0.0
     if isinstance(qdq_a, ActivationQDQ):
-        a, alpha = qdq_a.symmetric(a, signed=False)
+        a, alpha = qdq_a.symmetric(a, signed=int8_shift(qdq_a.zero_point, qdq_a.bits) == 0)
     else:
         a = qdq_a(a)
     if isinstance(qdq_b, ActivationQDQ):

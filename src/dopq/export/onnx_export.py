@@ -6,6 +6,9 @@ autograd Functions with ONNX symbolics) and is then post-processed with the ``on
 * 4-bit weights (W <= 4) are stored as INT4 initializers (opset >= 21), each behind a ``Cast`` to
   int8 that onnxruntime folds at load time, so that its integer MatMul kernels see int8 weights
   while the file holds two codes per byte. Below opset 21 they stay int8.
+* in the openvino form, weight zero points leave ``DequantizeLinear`` (OpenVINO runs a product with
+  them on float kernels): the codes are stored centred, or, where only the shifted codes fit INT4,
+  centred by an int8 ``Sub`` of two constants that OpenVINO folds at compile time.
 * initializers no node reads are dropped; the recipe, preprocessing and provenance go into the
   model's metadata (``metadata_props``), which ``dopq evaluate --onnx`` reads back.
 * the file is written under a temporary name and renamed, so an interrupted export leaves nothing.
@@ -93,6 +96,8 @@ def _weight_slots(node: Any, inits: dict[str, Any]) -> tuple[int, ...]:
         slots: tuple[int, ...] = (0, 2) if len(node.input) > 2 else (0,)
     elif node.op_type == "MatMulInteger":
         slots = (1, 3)
+    elif node.op_type == "Sub":  # codes minus zero points, centred by the graph (openvino form)
+        slots = (0, 1)
     else:
         return ()
     if len(node.input) <= max(slots) or not all(node.input[i] in inits for i in slots):
@@ -134,6 +139,51 @@ def _pack_int4_weights(model: Any) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     return packed
+
+
+def _fits_int8(array: np.ndarray) -> bool:
+    return int(array.min()) >= -128 and int(array.max()) <= 127
+
+
+def _centre_weights(model: Any, opset: int) -> int:
+    """Move the zero points of weight ``DequantizeLinear`` nodes into their codes where ``q - z`` fits
+    int8: stored centred, or, where the codes and zero points fit INT4 but ``q - z`` does not, as an
+    int8 ``Sub`` of the two constants (packed next), which OpenVINO folds when it compiles the model,
+    so the product runs on its integer kernels. Returns how many weights were centred."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = _initializers(graph)
+    centred, nodes = 0, []
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and _weight_slots(node, inits) == (0, 2):
+            codes, zero_points = (numpy_helper.to_array(inits[node.input[i]]) for i in (0, 2))
+            shape = [1] * codes.ndim
+            shape[next(a.i for a in node.attribute if a.name == "axis")] = -1
+            zero_points = zero_points.reshape(shape)
+            values = codes.astype(np.int16) - zero_points
+            if codes.dtype == np.int8 and _fits_int8(values):
+                name = node.input[0]
+                if (
+                    opset >= INT4_OPSET
+                    and _fits_int4(codes, zero_points)
+                    and not _fits_int4(values.astype(np.int8))
+                ):
+                    shift = f"{node.input[2]}_broadcast"
+                    graph.initializer.append(numpy_helper.from_array(zero_points, shift))
+                    nodes.append(onnx.helper.make_node("Sub", [name, shift], [f"{name}_centred"]))
+                else:
+                    graph.initializer.append(
+                        numpy_helper.from_array(values.astype(np.int8), f"{name}_centred")
+                    )
+                node.input[0] = f"{name}_centred"
+                del node.input[2]
+                centred += 1
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return centred
 
 
 def _drop_unused_initializers(model: Any) -> None:
@@ -221,6 +271,8 @@ def export_onnx(
                 dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
             )
         graph = onnx.load(str(tmp))
+        if target == "openvino":
+            _centre_weights(graph, opset)
         packed = _pack_int4_weights(graph) if opset >= INT4_OPSET else 0
         _drop_unused_initializers(graph)
         storage = _weight_storage(deploy, packed=packed > 0)

@@ -51,6 +51,9 @@ def example_input(model: nn.Module, batch: int = 1) -> torch.Tensor:
     return torch.zeros(batch, *size, device=device)
 
 
+_CENTRED_OPERANDS = {"off": (), "qk": ("q", "k"), "qkv": ("q", "k", "v")}  # QuantConfig.symmetric_attention
+
+
 class _Factory:
     def __init__(self, config: QuantConfig) -> None:
         self.c = config
@@ -63,6 +66,13 @@ class _Factory:
     def act(self, per_channel: bool = False, bits: int | None = None) -> Quantizer:
         gran = PerChannel(-1) if per_channel else PerTensor()
         return UniformQuantizer(bits or self.c.a_bits, gran, self.c.act_percentiles or self.c.percentiles)
+
+    def attention_operand(self, role: str) -> Quantizer:
+        """``q``, ``k`` or ``v`` (``role``) of an attention product: per tensor, centred on 0 where the
+        recipe's ``symmetric_attention`` names it."""
+        percentiles = self.c.act_percentiles or self.c.percentiles
+        centred = role in _CENTRED_OPERANDS[self.c.symmetric_attention]
+        return UniformQuantizer(self.c.a_bits, PerTensor(), percentiles, symmetric=centred)
 
     def softmax(self) -> Quantizer:
         name = self.c.softmax_quantizer
@@ -121,8 +131,8 @@ def prepare_model(model: nn.Module, config: QuantConfig, allow_partial: bool = F
     for name, module in list(model.named_modules()):
         quant_cls = adapter.attention.get(type(module))
         if quant_cls is not None:
-            qk = (make.act(), make.act())
-            av = (make.softmax(), make.act())
+            qk = (make.attention_operand("q"), make.attention_operand("k"))
+            av = (make.softmax(), make.attention_operand("v"))
             _set_child(model, name, quant_cls(module, qk, av))
     model.to(device)
     # pairs are traced through dopq's attention modules, which call their Linear layers as modules
