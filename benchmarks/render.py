@@ -498,12 +498,12 @@ _DEPLOY_NOTES = {  # what a suffixed deploy run measured, beside its presets
     "deploy_runtimes_swin_mask": ", Swin-Tiny at the 8-bit-activation widths, shift mask and position bias kept apart",
     "deploy_runtimes_vnni": ", 8-bit weights in int8 (default) and in uint8 (onnxruntime rows), OpenVINO compiled per batch shape",
     "deploy_runtimes_vnni_recommended": ", centred 8-bit weights (no row-sum correction), OpenVINO compiled per batch shape; "
-    "before centred q, k, v and graph-centred 4-bit weights (superseded by the _vnni_fused runs)",
+    "before centred q, k and graph-centred 4-bit weights (superseded by the _vnni_fused runs)",
     "deploy_runtimes_vnni_swin": ", Swin-Tiny, centred 8-bit weights, OpenVINO compiled per batch shape; "
-    "before centred q, k, v and graph-centred 4-bit weights (superseded by the _vnni_fused runs)",
-    "deploy_runtimes_vnni_fused": ", centred q, k, v with 8-bit activations (one fused attention kernel in OpenVINO), "
-    "4-bit weights centred by the graph, centred 8-bit weights",
-    "deploy_runtimes_vnni_fused_swin": ", Swin-Tiny, centred q, k, v with 8-bit activations, 4-bit weights centred by "
+    "before centred q, k and graph-centred 4-bit weights (superseded by the _vnni_fused runs)",
+    "deploy_runtimes_vnni_fused": ", centred q and k with 8-bit activations, 4-bit weights centred by the graph, "
+    "centred 8-bit weights",
+    "deploy_runtimes_vnni_fused_swin": ", Swin-Tiny, centred q and k with 8-bit activations, 4-bit weights centred by "
     "the graph, centred 8-bit weights",
 }
 
