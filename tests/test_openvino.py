@@ -135,8 +135,8 @@ def test_symmetric_products_compute_each_simulated_layer(softmax: str) -> None:
 
 
 def test_openvino_row_sums_are_products_not_reduce_sums(tmp_path: Path) -> None:
-    """W4 weights whose centred codes do not fit INT4 are stored shifted, their share subtracted
-    through the input's row sums.
+    """W8 weights whose centred codes do not fit int8 are stored shifted, their share subtracted
+    through the input's row sums (up to W4 the graph centres them instead).
     OpenVINO lowered ``ReduceSum`` of a quantized input to its integer type, where the real
     Swin-Tiny's W4/A4 sums wrapped (16 % top-1, logits 1.5x their range off the simulation; with
     the sums as ones ``MatMul``s 0.07, onnxruntime 0.07). Small random models do not show it, so

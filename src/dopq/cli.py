@@ -316,12 +316,7 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
         "tanq_centers": tuple(args.tanq_centers) if args.tanq_centers else None,
         "symmetric_attention": args.symmetric_attention,
     }
-    for switch in (
-        "integer_zero_point",
-        "bias_correction",
-        "gptq_act_order",
-        "symmetric_weights",
-    ):
+    for switch in ("integer_zero_point", "bias_correction", "gptq_act_order", "symmetric_weights"):
         if getattr(args, switch):
             overrides[switch] = getattr(args, switch) == "on"
     if args.reconstruct:

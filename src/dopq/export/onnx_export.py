@@ -145,17 +145,17 @@ def _fits_int8(array: np.ndarray) -> bool:
     return int(array.min()) >= -128 and int(array.max()) <= 127
 
 
-def _centre_weights(model: Any, opset: int) -> int:
+def _centre_weights(model: Any, opset: int) -> None:
     """Move the zero points of weight ``DequantizeLinear`` nodes into their codes where ``q - z`` fits
     int8: stored centred, or, where the codes and zero points fit INT4 but ``q - z`` does not, as an
     int8 ``Sub`` of the two constants (packed next), which OpenVINO folds when it compiles the model,
-    so the product runs on its integer kernels. Returns how many weights were centred."""
+    so the product runs on its integer kernels."""
     import onnx
     from onnx import numpy_helper
 
     graph = model.graph
     inits = _initializers(graph)
-    centred, nodes = 0, []
+    nodes = []
     for node in graph.node:
         if node.op_type == "DequantizeLinear" and _weight_slots(node, inits) == (0, 2):
             codes, zero_points = (numpy_helper.to_array(inits[node.input[i]]) for i in (0, 2))
@@ -179,11 +179,9 @@ def _centre_weights(model: Any, opset: int) -> int:
                     )
                 node.input[0] = f"{name}_centred"
                 del node.input[2]
-                centred += 1
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    return centred
 
 
 def _drop_unused_initializers(model: Any) -> None:

@@ -63,16 +63,15 @@ class _Factory:
             bits or self.c.w_bits, PerChannel(0), self.c.percentiles, symmetric=self.c.symmetric_weights
         )
 
-    def act(self, per_channel: bool = False, bits: int | None = None) -> Quantizer:
+    def act(self, per_channel: bool = False, bits: int | None = None, symmetric: bool = False) -> Quantizer:
         gran = PerChannel(-1) if per_channel else PerTensor()
-        return UniformQuantizer(bits or self.c.a_bits, gran, self.c.act_percentiles or self.c.percentiles)
+        percentiles = self.c.act_percentiles or self.c.percentiles
+        return UniformQuantizer(bits or self.c.a_bits, gran, percentiles, symmetric=symmetric)
 
     def attention_operand(self, role: str) -> Quantizer:
         """``q``, ``k`` or ``v`` (``role``) of an attention product: per tensor, centred on 0 where the
         recipe's ``symmetric_attention`` names it."""
-        percentiles = self.c.act_percentiles or self.c.percentiles
-        centred = role in _CENTRED_OPERANDS[self.c.symmetric_attention]
-        return UniformQuantizer(self.c.a_bits, PerTensor(), percentiles, symmetric=centred)
+        return self.act(symmetric=role in _CENTRED_OPERANDS[self.c.symmetric_attention])
 
     def softmax(self) -> Quantizer:
         name = self.c.softmax_quantizer
