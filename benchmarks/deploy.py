@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from dopq.api import quantize_with_report
-from dopq.config import get_preset
+from dopq.config import QuantConfig, get_preset
 from dopq.experiment import command_line
 from dopq.export import OnnxModel, export_onnx, optimized_op_counts
 from dopq.export.runtime import INTEGER_OPS
@@ -129,6 +129,14 @@ def _row_key(row: dict[str, Any]) -> tuple:
     return row["model"], row["method"], row["w_bits"], row["a_bits"], row["runtime"]
 
 
+def deploy_config(method: str, w: int, a: int) -> QuantConfig:
+    """A preset by name, or one of calib-gains' named variants of it (``recommended+gptq``)."""
+    from calib_gains import calib_gain_recipes  # calib_gains imports this module
+
+    variants = calib_gain_recipes(w, a)
+    return variants[method] if method in variants else get_preset(method, w_bits=w, a_bits=a)
+
+
 def _deploy_models(args, work, arch: str, tmp: Path) -> dict[str, dict[str, Any]]:
     """FP32, the dopq exports and the peers, by label: path, bits, and the quantized model."""
     fp_path = tmp / f"{arch}_fp32.onnx"
@@ -137,7 +145,7 @@ def _deploy_models(args, work, arch: str, tmp: Path) -> dict[str, dict[str, Any]
     for method in args.deploy_methods:
         for spec in args.widths or DEPLOY_WIDTHS:
             w, a = _width(spec)
-            config = get_preset(method, w_bits=w, a_bits=a)
+            config = deploy_config(method, w, a)
             model, qreport = quantize_with_report(
                 copy.deepcopy(work.model), work.calib_images, config, progress=False
             )

@@ -502,9 +502,15 @@ _DEPLOY_NOTES = {  # what a suffixed deploy run measured, beside its presets
     "deploy_runtimes_vnni_swin": ", Swin-Tiny, centred 8-bit weights, OpenVINO compiled per batch shape; "
     "before centred q, k and graph-centred 4-bit weights (superseded by the _vnni_fused runs)",
     "deploy_runtimes_vnni_fused": ", centred q and k with 8-bit activations, 4-bit weights centred by the graph, "
-    "centred 8-bit weights",
+    "centred 8-bit weights; before centred v (superseded at W8/A8 and W4/A8 by the _vnni_vc runs)",
     "deploy_runtimes_vnni_fused_swin": ", Swin-Tiny, centred q and k with 8-bit activations, 4-bit weights centred by "
-    "the graph, centred 8-bit weights",
+    "the graph, centred 8-bit weights; before centred v (superseded at W8/A8 and W4/A8 by the _vnni_vc runs)",
+    "deploy_runtimes_vnni_vc": ", q, k and mean-centred v on centred grids with 8-bit activations (each attention one "
+    "integer kernel in OpenVINO), 4-bit weights centred by the graph, centred 8-bit weights",
+    "deploy_runtimes_vnni_vc_swin": ", Swin-Tiny, q, k and mean-centred v on centred grids with 8-bit activations, "
+    "4-bit weights centred by the graph, centred 8-bit weights",
+    "deploy_runtimes_vnni_gptq_swin": ", Swin-Tiny, the recommended preset with GPTQ rounding at W4/A8 "
+    "(--weight-rounding gptq)",
 }
 
 
@@ -584,6 +590,48 @@ def _sensitivity_table(data: dict[str, Any]) -> list[str]:
         lines.append(f"| {r['model']} | W{r['w_bits']}/A{r['a_bits']} | {r['a']} | {r['b']} | "
                      f"{100 * r['identical_top1']:.1f} | {r['max_logit_diff']:.3f} |")  # fmt: skip
     return [*lines, ""]
+
+
+def _openvino_profile_table(data: dict[str, Any]) -> list[str]:
+    """OpenVINO's per-layer counters (``openvino_profile*.json``): per model, the time per layer type
+    and kernel summed over layers for each exported model, and the stand-alone FakeQuantize layers."""
+    cpu = data.get("cpu", {})
+    isa = ", ".join(cpu.get("integer_isa", [])) or "no integer ISA extension"
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in data["rows"]):
+        rows = [r for r in data["rows"] if r["model"] == model]
+        labels = [r["label"] for r in rows]
+        lines += [f"### OpenVINO per-layer time: {model} ({cpu.get('model', 'CPU')}, {isa})", "",
+                  f"Command: `{data['command']}` ({data['threads']} threads). One batch of {data['batch']} "
+                  "calibration images, `PERF_COUNT` on; wall time per batch (median of the repeats), then per "
+                  "layer type and kernel the time summed over its layers (mean over repeats), ms (layers). "
+                  "The twelve costliest kinds are shown.", "",
+                  "| layer type (kernel) | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|",
+                  "| wall per batch | " + " | ".join(f"{r['wall_ms']:.0f} ms" for r in rows) + " |",
+                  "| summed over layers | " + " | ".join(f"{r['summed_ms']:.0f} ms" for r in rows) + " |"]  # fmt: skip
+        cost: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        for r in rows:
+            for entry in r["by_type"]:
+                cost.setdefault((entry["type"], entry["kernel"]), {})[r["label"]] = entry
+        top = sorted(cost, key=lambda k: -max(e["ms"] for e in cost[k].values()))[:12]
+        for key in top:
+            cells = [cost[key].get(label) for label in labels]
+            text = [f"{e['ms']:.1f} ({e['layers']})" if e else "" for e in cells]
+            lines.append(f"| {key[0]} ({key[1]}) | " + " | ".join(text) + " |")
+        lines += ["", "Stand-alone FakeQuantize layers, by the layers around them: ms (layers).", "",
+                  "| before -> after | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]  # fmt: skip
+        places: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        for r in rows:
+            for entry in r["fake_quantize"]:
+                places.setdefault((entry["before"], entry["after"]), {})[r["label"]] = entry
+        for (before, after), found in places.items():
+            text = [
+                f"{found[label]['ms']:.1f} ({found[label]['layers']})" if label in found else ""
+                for label in labels
+            ]
+            lines.append(f"| {before} -> {after} | " + " | ".join(text) + " |")
+        lines.append("")
+    return lines
 
 
 def _float64_table(data: dict[str, Any]) -> list[str]:
@@ -954,7 +1002,8 @@ def _sections(results: Path) -> list[Section]:
     add(recon, _resume_table(results), tuple(p.stem for p in sorted(results.glob("resume_*.json"))))
     for name, table in (("deploy_runtimes", _deploy_runtimes_table), ("deploy", _deploy_table),
                         ("deploy_sensitivity", _sensitivity_table), ("deploy_float64", _float64_table),
-                        ("save_size", _save_size_table), ("softmax_forms", _softmax_forms_table)):  # fmt: skip
+                        ("save_size", _save_size_table), ("softmax_forms", _softmax_forms_table),
+                        ("openvino_profile", _openvino_profile_table)):  # fmt: skip
         data = _load(results, name)
         if data:
             add(deploy, table(data), (name,), data)
@@ -1040,7 +1089,7 @@ SUMMARY_RECIPES = (
     SummaryRecipe("dopq", ("ablation_deit", "ablation_swin"), lambda w, a: ("dopq",)),
     # the default recipe; its runs span three calibration seeds: the summary shows seed 0
     SummaryRecipe("recommended (the default)", ("calib_gains_deit_preset", "calib_gains_swin_preset",
-                                                "calib_gains_deit_a8_preset", "calib_gains_swin_a8_preset"),
+                                                "calib_gains_deit_vc_preset", "calib_gains_swin_vc_preset"),
                   lambda w, a: ("recommended",), lambda row, w, a: row.get("seed", 0) == 0),
     # GPTQ's default target: half way to the float model's output at 3 bits and below (docs/gptq.md)
     SummaryRecipe("dopq + GPTQ", ("calib_gains_deit*", "calib_gains_swin*"),

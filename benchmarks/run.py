@@ -11,6 +11,7 @@
     python benchmarks/run.py deploy --widths 8/8 4/8 4/4 --threads 2   # ONNX exports on onnxruntime and OpenVINO vs FP32, peers
     python benchmarks/run.py softmax-forms --bits 4 --threads 2 --repeats 15   # post-Softmax export forms, per op
     python benchmarks/run.py deploy-sensitivity --bits 8 4 --threads 2   # the same network computed four ways
+    python benchmarks/run.py openvino-profile --models swin_tiny_patch4_window7_224 --deploy-methods recommended --widths 8/8 --repeats 5 --threads 2   # OpenVINO per-layer time vs NNCF
     python benchmarks/run.py save-size --bits 8 4 3   # --save file sizes against the float checkpoints
     python benchmarks/run.py families --threads 1   # every supported timm family, random init, W4/A4
     python benchmarks/run.py data            # data loading: streamed vs model-only images/s, peak RSS (CLI)
@@ -268,6 +269,7 @@ _SUITES_ELSEWHERE = {
     "deploy-sensitivity": "deploy",
     "deploy-float64": "deploy",
     "save-size": "deploy",
+    "openvino-profile": "openvino_profile",
     "families": "families",
     "data": "data_bench",
     "calib-gains": "calib_gains",
@@ -326,7 +328,10 @@ def main(argv: list[str] | None = None) -> None:
         "--deploy-parts", nargs="+", choices=["accuracy", "timing"], default=["accuracy", "timing"]
     )
     p.add_argument(
-        "--deploy-methods", nargs="+", default=["dopq"], help="deploy: presets exported at each width"
+        "--deploy-methods",
+        nargs="+",
+        default=["dopq"],
+        help="deploy: presets (or calib-gains variants: recommended+gptq) exported at each width",
     )
     p.add_argument(
         "--deploy-weight-types",

@@ -317,12 +317,18 @@ def test_the_default_method_is_the_recommended_preset() -> None:
         assert config == get_preset("recommended").replace(softmax_grid_bits=grid)
     edge = _config_from(build_parser().parse_args([*base, "--edge-w-bits", "8"]))
     assert edge == get_preset("recommended").replace(edge_w_bits=8)
-    # the centred attention operands of 8-bit activations: the preset's q and k, or any choice
+    # the centred attention operands of 8-bit activations: the preset's q, k and mean-centred v, or
+    # any choice
     w8a8 = [*base, "--w-bits", "8", "--a-bits", "8"]
-    assert _config_from(build_parser().parse_args(w8a8)).symmetric_attention == "qk"
-    for choice in ("off", "qkv"):
+    preset = _config_from(build_parser().parse_args(w8a8))
+    assert (preset.symmetric_attention, preset.centre_values) == ("qkv", True)
+    for choice in ("off", "qk"):
         chosen = _config_from(build_parser().parse_args([*w8a8, "--symmetric-attention", choice]))
         assert chosen == get_preset("recommended", w_bits=8, a_bits=8).replace(symmetric_attention=choice)
+    plain_v = _config_from(build_parser().parse_args([*w8a8, "--centre-values", "off"]))
+    assert plain_v == get_preset("recommended", w_bits=8, a_bits=8).replace(centre_values=False)
+    centred = _config_from(build_parser().parse_args([*base, "--method", "dopq", "--centre-values", "on"]))
+    assert centred == get_preset("dopq", centre_values=True)
 
 
 def test_reconstruction_flags_reach_the_recipe() -> None:

@@ -115,24 +115,26 @@ def test_recommended_preset_follows_the_width_by_rule() -> None:
             c.softmax_quantizer,
             c.symmetric_weights,
             c.symmetric_attention,
+            c.centre_values,
         )
 
-    assert components(8, 8) == ("nearest", "quantized", "uniform", True, "qk")
-    assert components(4, 8) == ("nearest", "quantized", "uniform", False, "qk")
-    assert components(4, 4) == ("nearest", "quantized", "tanq", False, "off")
-    assert components(3, 3) == ("gptq", "float", "tanq", False, "off")
-    assert components(8, 3) == ("gptq", "float", "tanq", True, "off")
+    assert components(8, 8) == ("nearest", "quantized", "uniform", True, "qkv", True)
+    assert components(4, 8) == ("nearest", "quantized", "uniform", False, "qkv", True)
+    assert components(4, 4) == ("nearest", "quantized", "tanq", False, "off", False)
+    assert components(3, 3) == ("gptq", "float", "tanq", False, "off", False)
+    assert components(8, 3) == ("gptq", "float", "tanq", True, "off", False)
     # where the rule does not apply it is dopq's config; at 3 bits only the rounding differs, with
-    # 8-bit weights the centred weight grids, with 8-bit activations the centred q and k
+    # 8-bit weights the centred weight grids, with 8-bit activations the centred, mean-centred q, k, v
     for w, a in ((4, 4), (6, 6)):
         assert get_preset("recommended", w_bits=w, a_bits=a) == get_preset("dopq", w_bits=w, a_bits=a)
     dopq = get_preset("dopq", w_bits=3, a_bits=3)
     assert get_preset("recommended", w_bits=3, a_bits=3).replace(weight_rounding="nearest") == dopq
     dopq48 = get_preset("dopq", w_bits=4, a_bits=8)
-    assert get_preset("recommended", w_bits=4, a_bits=8).replace(symmetric_attention="off") == dopq48
+    centred = dict(symmetric_attention="off", centre_values=False)
+    assert get_preset("recommended", w_bits=4, a_bits=8).replace(**centred) == dopq48
     dopq8 = get_preset("dopq", w_bits=8, a_bits=8)
     recommended8 = get_preset("recommended", w_bits=8, a_bits=8)
-    assert recommended8.replace(symmetric_weights=False, symmetric_attention="off") == dopq8
+    assert recommended8.replace(symmetric_weights=False, **centred) == dopq8
     # anything given explicitly wins over the rule
     given = get_preset("recommended", w_bits=3, a_bits=3, weight_rounding="nearest", tanq_centers=(0.5,))
     assert (given.weight_rounding, given.tanq_centers) == ("nearest", (0.5,))

@@ -16,9 +16,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import dopq  # noqa: E402
+from dopq.centring import centre_values, fold_value_offset  # noqa: E402
 from dopq.cli import main  # noqa: E402
 from dopq.errors import ModelError  # noqa: E402
-from dopq.models import build_model, prepare_model  # noqa: E402
+from dopq.models import build_model, prepare_model, value_paths  # noqa: E402
 from dopq.models.hf import (  # noqa: E402
     HFImageClassifier,
     QuantHFAttention,
@@ -94,6 +95,25 @@ def test_float_function_and_full_coverage(family: str, attn: str) -> None:
     assert sum(isinstance(m, QuantHFAttention) for m in model.modules()) == heads
     assert cov.quantized["LayerNorm re-parameterized"] >= 4  # before attention and before the MLP, per layer
     assert plan.adapter.family == f"hf-{family}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_value_centring_keeps_the_float_function(family: str) -> None:
+    """v_proj -> o_proj is each attention's value path: a random offset moved through the biases
+    leaves the logits as they were, and centring finds every attention."""
+    model = tiny(family)
+    x = _images()
+    wrapped = wrap_hf_model(model)
+    with torch.no_grad():
+        reference = wrapped(x)
+    prepare_model(wrapped, dopq.get_preset("recommended", w_bits=8, a_bits=8))
+    paths = value_paths(wrapped)
+    assert len(paths) == (4 if family == "swin" else 2)
+    for path in paths.values():
+        fold_value_offset(path, torch.randn(path.producer.out_features))
+    with torch.no_grad(), quantizers_off(wrapped):
+        assert (wrapped(x) - reference).abs().max() < 1e-4
+    assert len(centre_values(wrapped, x).offsets) == len(paths)
 
 
 def test_deit_distillation_logits_are_the_mean_of_both_heads() -> None:

@@ -343,7 +343,8 @@ def test_centred_attention_operands_run_each_attention_as_one_integer_kernel(mak
     import onnx
 
     model, x = make()
-    config = dopq.get_preset("recommended", w_bits=8, a_bits=8, symmetric_attention="qkv")
+    config = dopq.get_preset("recommended", w_bits=8, a_bits=8)  # qkv, v centred on its mean first
+    assert config.symmetric_attention == "qkv" and config.centre_values
     dopq.quantize(model, x, config, progress=False)
     matmuls = [m for m in model.modules() if isinstance(m, QuantMatMul)]
     operands = [q for m in matmuls for q in (m.quantizer_a, m.quantizer_b) if q.symmetric]
@@ -374,14 +375,15 @@ def test_centred_attention_operands_run_each_attention_as_one_integer_kernel(mak
         assert float((out - simulated).abs().max()) <= 0.05 * float(simulated.abs().max())
 
 
-def test_recommended_centres_q_and_k_so_q_at_k_needs_no_correction(tmp_path: Path) -> None:
-    """The recommended preset with 8-bit activations centres q and k (not v): ``q @ k^T`` becomes an
-    int8 x int8 product without row or column sums, on OpenVINO's integer kernels; ``attn @ v`` keeps
-    v's zero point and its correction."""
+def test_centred_q_and_k_make_q_at_k_need_no_correction(tmp_path: Path) -> None:
+    """``symmetric_attention="qk"`` centres q and k (not v): ``q @ k^T`` becomes an int8 x int8
+    product without row or column sums, on OpenVINO's integer kernels; ``attn @ v`` keeps v's zero
+    point and its correction."""
     import onnx
 
     model, x = _vit()
-    dopq.quantize(model, x, dopq.get_preset("recommended", w_bits=4, a_bits=8), progress=False)
+    config = dopq.get_preset("recommended", w_bits=4, a_bits=8, symmetric_attention="qk", centre_values=False)
+    dopq.quantize(model, x, config, progress=False)
     qk = [m for name, m in model.named_modules() if isinstance(m, QuantMatMul) and name.endswith("matmul_qk")]
     av = [m for name, m in model.named_modules() if isinstance(m, QuantMatMul) and name.endswith("matmul_av")]
     assert qk and all(m.quantizer_a.symmetric and m.quantizer_b.symmetric for m in qk)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dopq.calibrate import calibrate, capture_inputs, correct_bias
+from dopq.centring import CentringReport, centre_values
 from dopq.checkpoint import ReconstructionCheckpoint, restore_model
 from dopq.config import RECOMMENDED, QuantConfig, get_preset
 from dopq.errors import ConfigError
@@ -36,15 +37,16 @@ class QuantizationReport:
     family: str
     timings: dict[str, float] = field(default_factory=dict)
     reparam: ReparamReport | None = None
+    centring: CentringReport | None = None
     reconstruction: dict[str, Any] | None = None
     gptq: dict[str, Any] | None = None  # the objective GPTQ used and how many layers it rounded
     coverage: Coverage | None = None
 
     @property
     def calib_seconds(self) -> float:
-        """Calibration + re-parameterization (with its weight re-calibration) + GPTQ + bias
-        correction: everything but data loading, reconstruction and evaluation."""
-        stages = ("calibration", "reparameterization", "gptq", "bias_correction")
+        """Value centring + calibration + re-parameterization (with its weight re-calibration) + GPTQ
+        + bias correction: everything but data loading, reconstruction and evaluation."""
+        stages = ("value_centring", "calibration", "reparameterization", "gptq", "bias_correction")
         return sum(self.timings.get(stage, 0.0) for stage in stages)
 
     def to_dict(self) -> dict[str, Any]:
@@ -53,6 +55,7 @@ class QuantizationReport:
             "timings": dict(self.timings),
             "calib_seconds": self.calib_seconds,
             "reparam_max_logit_change": None if self.reparam is None else self.reparam.max_logit_change,
+            "centring_max_logit_change": None if self.centring is None else self.centring.max_logit_change,
             "reconstruction": self.reconstruction,
             "gptq": self.gptq,
             "coverage": None if self.coverage is None else self.coverage.to_dict(),
@@ -86,13 +89,16 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 def _stages(report: QuantizationReport) -> dict[str, Any]:
     """The report of the stages before reconstruction, as a checkpoint keeps it."""
     reparam = None if report.reparam is None else asdict(report.reparam)
-    return {"timings": dict(report.timings), "reparam": reparam, "gptq": report.gptq}
+    centring = None if report.centring is None else asdict(report.centring)
+    return {"timings": dict(report.timings), "reparam": reparam, "centring": centring, "gptq": report.gptq}
 
 
 def _resume_stages(report: QuantizationReport, stages: dict[str, Any]) -> None:
     report.timings.update(stages["timings"])
     report.reparam = None if stages["reparam"] is None else ReparamReport(**stages["reparam"])
     report.gptq = stages["gptq"]
+    centring = stages.get("centring")  # absent from checkpoints written before value centring
+    report.centring = None if centring is None else CentringReport(**centring)
 
 
 def _calibrate_and_reparameterize(
@@ -100,6 +106,9 @@ def _calibrate_and_reparameterize(
 ) -> None:
     """Calibration, re-parameterization, GPTQ and bias correction: everything before reconstruction."""
     timings = report.timings
+    if config.centre_values:
+        with _timed(timings, "value_centring"):
+            report.centring = centre_values(model, images)
     capture = plan.paired_linears if config.ln_scale == "search" else ()
     with _timed(timings, "calibration"), capture_inputs(model, capture) as captured:
         calibrate(model, images)

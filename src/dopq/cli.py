@@ -130,6 +130,11 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         "(qkv: OpenVINO fuses each attention into one integer kernel)",
     )
     g.add_argument(
+        "--centre-values",
+        choices=["on", "off"],
+        help="override the preset's: per-channel calibration means of attention's v moved into the biases",
+    )
+    g.add_argument(
         "--ln-shift",
         choices=LN_SHIFTS,
         help="where the post-LN re-parameterization's shift goes: bias (RepQ-ViT) or input (exact)",
@@ -316,7 +321,13 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
         "tanq_centers": tuple(args.tanq_centers) if args.tanq_centers else None,
         "symmetric_attention": args.symmetric_attention,
     }
-    for switch in ("integer_zero_point", "bias_correction", "gptq_act_order", "symmetric_weights"):
+    for switch in (
+        "integer_zero_point",
+        "bias_correction",
+        "gptq_act_order",
+        "symmetric_weights",
+        "centre_values",
+    ):
         if getattr(args, switch):
             overrides[switch] = getattr(args, switch) == "on"
     if args.reconstruct:

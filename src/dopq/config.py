@@ -221,6 +221,10 @@ class QuantConfig:
             ``"qk"`` or ``"qkv"``. The openvino export then needs no zero-point correction for those
             products; with ``"qkv"`` OpenVINO fuses each attention's products and Softmax into one
             integer kernel (docs/export.md).
+        centre_values: before calibration, take each channel's calibration mean out of attention's
+            ``v`` (the v rows of its projection's bias) and give it back in the bias of the Linear
+            reading ``attn @ v``: exact in float because every Softmax row sums to 1. A grid centred on
+            0 (``symmetric_attention="qkv"``) then sits on the bulk of v (:mod:`dopq.centring`).
         act_percentiles: candidate upper quantiles of the activations' uniform range search
             (None: ``percentiles``). At 3 bits a tighter clip (0.99, 0.995) can pay (docs/gptq.md).
         tanq_objective: "output" (error of attn @ v) or "mse" (error of the attention values).
@@ -265,6 +269,7 @@ class QuantConfig:
     act_percentiles: tuple[float, ...] | None = None
     symmetric_weights: bool = False
     symmetric_attention: str = "off"
+    centre_values: bool = False
     tanq_objective: str = "output"
     tanq_centers: tuple[float, ...] = TANQ_CENTERS
     softmax_grid_bits: int | None = SOFTMAX_GRID_BITS
@@ -364,9 +369,10 @@ _PRESETS: dict[str, dict[str, Any]] = {
 # DeiT-Tiny over three seeds, lost on Swin-Tiny at both; docs/tanq.md). 8-bit weights are centred on
 # 0 (RECOMMENDED_SYMMETRIC_W_BITS): signed codes without zero points, so OpenVINO's int8 kernels need
 # no row-sum correction (docs/export.md); at 8 bits that tied dopq, at 4 bits it lost 0.5 on DeiT-Tiny.
-# With 8-bit activations q and k are centred on 0 too (RECOMMENDED_SYMMETRIC_A_BITS): q @ k^T needs no
-# zero-point correction in OpenVINO. Centring v as well lets OpenVINO fuse the whole attention (faster
-# still) but lost 0.3-0.5 on Swin-Tiny at W4/A8 at two of three seeds (docs/export.md), so it is opt-in.
+# With 8-bit activations (RECOMMENDED_SYMMETRIC_A_BITS) q, k and v sit on grids centred on 0, so
+# OpenVINO runs each attention (q @ k^T, Softmax, attn @ v) as one integer kernel with no zero-point
+# correction, and v is first centred on its calibration mean (centre_values, exact in float): centring
+# v's grid without that lost 0.3-0.5 on Swin-Tiny at W4/A8 at two of three seeds (docs/export.md).
 RECOMMENDED = "recommended"
 RECOMMENDED_GPTQ_MAX_BITS = 3
 RECOMMENDED_SYMMETRIC_W_BITS = 8
@@ -379,7 +385,8 @@ def _recommended_rules(w_bits: int, a_bits: int) -> dict[str, Any]:
     if w_bits >= RECOMMENDED_SYMMETRIC_W_BITS:
         rules["symmetric_weights"] = True
     if a_bits >= RECOMMENDED_SYMMETRIC_A_BITS:
-        rules["symmetric_attention"] = "qk"
+        rules["symmetric_attention"] = "qkv"
+        rules["centre_values"] = True
     if min(w_bits, a_bits) <= RECOMMENDED_GPTQ_MAX_BITS:
         rules["weight_rounding"] = "gptq"
     return rules
@@ -402,8 +409,8 @@ def get_preset(name: str, **overrides: Any) -> QuantConfig:
     ``dopq`` (the paper's recipe) quantizes post-Softmax activations with TanQ up to
     ``TANQ_MAX_BITS`` and uniformly above. ``recommended`` is dopq plus GPTQ rounding at
     <= ``RECOMMENDED_GPTQ_MAX_BITS`` bits (aimed half way at the float model's output) and weight
-    grids centred on 0 at ``RECOMMENDED_SYMMETRIC_W_BITS`` bits, and q, k centred on 0 with
-    ``RECOMMENDED_SYMMETRIC_A_BITS``-bit activations.
+    grids centred on 0 at ``RECOMMENDED_SYMMETRIC_W_BITS`` bits, and q, k and (mean-centred) v on
+    grids centred on 0 with ``RECOMMENDED_SYMMETRIC_A_BITS``-bit activations.
     ``repq`` is the RepQ-ViT baseline.
 
     Example:
@@ -417,8 +424,8 @@ def get_preset(name: str, **overrides: Any) -> QuantConfig:
         >>> get_preset("recommended", w_bits=4, a_bits=4) == get_preset("dopq", w_bits=4, a_bits=4)
         True
         >>> c = get_preset("recommended", w_bits=8, a_bits=8)
-        >>> c.symmetric_weights, c.symmetric_attention
-        (True, 'qk')
+        >>> c.symmetric_weights, c.symmetric_attention, c.centre_values
+        (True, 'qkv', True)
     """
     if name not in list_presets():
         raise ConfigError(f"unknown method {name!r}; choose from {', '.join(list_presets())}")

@@ -27,6 +27,7 @@ from dopq.quantizers import PerTensor, UniformQuantizer, fake_quantize_uniform
 __all__ = [
     "TARGET_RULES",
     "ReparamReport",
+    "check_float_change",
     "fold_layernorm",
     "reparameterize",
     "target_scale",
@@ -195,13 +196,23 @@ def reparameterize(
             lin.weight_quantizer.initialize(lin.weight.detach(), None)
         report.targets[pair.norm] = (float(d_t), float(z_t))
     if before is not None:
-        after = _logits(model, check_images)
-        change = float((after - before).abs().max())
-        report.max_logit_change = change
-        limit = tolerance * max(1.0, float(before.abs().max()))
-        if change > limit:
-            raise RuntimeError(
-                f"re-parameterization changed the float logits by {change:.3g} (> {limit:.3g}); "
-                "a LayerNorm output is used by something other than its paired Linear layers"
-            )
+        report.max_logit_change = check_float_change(
+            before,
+            _logits(model, check_images),
+            tolerance,
+            "re-parameterization",
+            "a LayerNorm output is used by something other than its paired Linear layers",
+        )
     return report
+
+
+def check_float_change(
+    before: torch.Tensor, after: torch.Tensor, tolerance: float, what: str, likely_cause: str
+) -> float:
+    """The largest change of the float logits a function-preserving rewrite (``what``) made; raises
+    RuntimeError, naming ``likely_cause``, beyond ``tolerance`` relative to the largest logit."""
+    change = float((after - before).abs().max())
+    limit = tolerance * max(1.0, float(before.abs().max()))
+    if change > limit:
+        raise RuntimeError(f"{what} changed the float logits by {change:.3g} (> {limit:.3g}); {likely_cause}")
+    return change

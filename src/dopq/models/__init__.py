@@ -1,7 +1,7 @@
 """Model adapters: find quantization sites of timm ViT/DeiT/Swin structurally and wrap them."""
 
 from dopq.models.adapters import ModelAdapter, get_adapter, list_families, register_adapter
-from dopq.models.attention import QuantAttention, QuantWindowAttention
+from dopq.models.attention import QuantAttention, QuantWindowAttention, ValuePath, value_paths
 from dopq.models.coverage import Coverage, measure_coverage, softmax_kinds
 from dopq.models.loading import build_model, card_for, load_state_dict
 from dopq.models.prepare import QuantPlan, example_input, prepare_model
@@ -14,6 +14,7 @@ __all__ = [
     "QuantAttention",
     "QuantPlan",
     "QuantWindowAttention",
+    "ValuePath",
     "build_model",
     "card_for",
     "example_input",
@@ -25,4 +26,5 @@ __all__ = [
     "prepare_model",
     "register_adapter",
     "softmax_kinds",
+    "value_paths",
 ]

@@ -8,6 +8,7 @@ quantizers are ordinary named slots. With quantizers disabled the result equals 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,8 @@ __all__ = [
     "QuantEvaAttention",
     "QuantWindowAttention",
     "QuantWindowAttentionV2",
+    "ValuePath",
+    "value_paths",
 ]
 
 
@@ -45,7 +48,24 @@ def _add_window_mask(attn: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (attn.view(-1, windows, heads, n, n) + mask.unsqueeze(1)).view(-1, heads, n, n)
 
 
+@dataclass(frozen=True)
+class ValuePath:
+    """Where an attention's ``v`` comes from and where ``attn @ v`` goes: ``v`` (heads concatenated)
+    is output rows ``rows`` of ``producer``, and ``consumer`` reads ``attn @ v`` with only the heads
+    rearranged in between. A per-channel constant taken out of ``v`` through ``producer``'s bias can
+    then be given back through ``consumer``'s bias (each Softmax row sums to 1)."""
+
+    producer: nn.Linear
+    rows: slice
+    consumer: nn.Linear
+
+
 class _MatMulSlots(nn.Module):
+    def value_path(self) -> ValuePath | None:
+        """The module's :class:`ValuePath`, or None where something else sits between ``attn @ v``
+        and the output projection (a norm, a gate)."""
+        return None
+
     def _init_matmuls(
         self,
         qk: tuple[Quantizer | None, Quantizer | None],
@@ -90,6 +110,11 @@ class QuantAttention(_MatMulSlots):
         self.gate = getattr(attn, "gate", None)
         self._init_matmuls(qk, av)
 
+    def value_path(self) -> ValuePath | None:
+        if not isinstance(self.norm, nn.Identity) or self.gate is not None:
+            return None
+        return _third_of_qkv(self.qkv, self.proj)
+
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
@@ -118,6 +143,9 @@ class QuantWindowAttention(_MatMulSlots):
             setattr(self, name, getattr(attn, name))
         self._init_matmuls(qk, av)
 
+    def value_path(self) -> ValuePath | None:
+        return _third_of_qkv(self.qkv, self.proj)
+
     def relative_position_bias(self) -> torch.Tensor:
         n = self.window_area
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
@@ -132,6 +160,24 @@ class QuantWindowAttention(_MatMulSlots):
         b, _, n, _ = q.shape
         x = self._attend(q, k, v, self.relative_position_bias(), mask)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, -1)))
+
+
+def _third_of_qkv(qkv: nn.Module, proj: nn.Module) -> ValuePath | None:
+    """v is the last third of a fused ``qkv`` Linear's output (timm's ``reshape(b, n, 3, heads, d)``)."""
+    if not isinstance(qkv, nn.Linear) or not isinstance(proj, nn.Linear):
+        return None
+    c = qkv.out_features // 3
+    return ValuePath(qkv, slice(2 * c, 3 * c), proj)
+
+
+def value_paths(model: nn.Module) -> dict[str, ValuePath]:
+    """Every quantized attention module of ``model`` (by qualified name) whose ``v`` can be shifted."""
+    found = {}
+    for name, module in model.named_modules():
+        path = module.value_path() if isinstance(module, _MatMulSlots) else None
+        if path is not None:
+            found[name] = path
+    return found
 
 
 def _qkv_with_bias(attn: nn.Module) -> nn.Linear:
@@ -162,6 +208,9 @@ class QuantBeitAttention(_MatMulSlots):
         for name in ("attn_drop", "proj", "proj_drop"):
             setattr(self, name, getattr(attn, name))
         self._init_matmuls(qk, av)
+
+    def value_path(self) -> ValuePath | None:
+        return _third_of_qkv(self.qkv, self.proj)
 
     def relative_position_bias(self) -> torch.Tensor | None:
         if self.relative_position_bias_table is None:
@@ -238,6 +287,13 @@ class QuantEvaAttention(_MatMulSlots):
             setattr(self, name, getattr(attn, name))
         self.gate = attn.gate
         self._init_matmuls(qk, av)
+
+    def value_path(self) -> ValuePath | None:
+        if not isinstance(self.norm, nn.Identity) or self.gate is not None:
+            return None
+        if self.qkv is None:
+            return ValuePath(self.v_proj, slice(None), self.proj)
+        return _third_of_qkv(self.qkv, self.proj)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, n, _ = x.shape

@@ -23,7 +23,7 @@ from torch import nn
 
 from dopq.errors import CheckpointError, ModelError
 from dopq.models.adapters import ModelAdapter, register_adapter
-from dopq.models.attention import _MatMulSlots
+from dopq.models.attention import ValuePath, _MatMulSlots
 
 try:
     import transformers
@@ -91,6 +91,9 @@ class QuantHFAttention(_MatMulSlots):
         )
         self.attn_drop = nn.Dropout(getattr(attn, "attention_dropout", 0.0))
         self._init_matmuls(qk, av)
+
+    def value_path(self) -> ValuePath | None:
+        return ValuePath(self.v_proj, slice(None), self.o_proj)
 
     def _heads(self, proj: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return proj(x).view(*x.shape[:-1], -1, self.head_dim).transpose(1, 2)
