@@ -506,9 +506,16 @@ _DEPLOY_NOTES = {  # what a suffixed deploy run measured, beside its presets
     "deploy_runtimes_vnni_fused_swin": ", Swin-Tiny, centred q and k with 8-bit activations, 4-bit weights centred by "
     "the graph, centred 8-bit weights; before centred v (superseded at W8/A8 and W4/A8 by the _vnni_vc runs)",
     "deploy_runtimes_vnni_vc": ", q, k and mean-centred v on centred grids with 8-bit activations (each attention one "
-    "integer kernel in OpenVINO), 4-bit weights centred by the graph, centred 8-bit weights",
+    "integer kernel in OpenVINO), 4-bit weights centred by the graph, centred 8-bit weights; before the Linear-input "
+    "Q/DQ move (superseded by the _vnni_vcq runs)",
     "deploy_runtimes_vnni_vc_swin": ", Swin-Tiny, q, k and mean-centred v on centred grids with 8-bit activations, "
-    "4-bit weights centred by the graph, centred 8-bit weights",
+    "4-bit weights centred by the graph, centred 8-bit weights; before the Linear-input Q/DQ move (superseded by the "
+    "_vnni_vcq runs)",
+    "deploy_runtimes_vnni_vcq": ", q, k and mean-centred v on centred grids with 8-bit activations, Linear-input Q/DQ "
+    "before the token rearrangements (openvino form), 4-bit weights centred by the graph, centred 8-bit weights",
+    "deploy_runtimes_vnni_vcq_swin": ", Swin-Tiny, q, k and mean-centred v on centred grids with 8-bit activations, "
+    "Linear-input Q/DQ before the token rearrangements (openvino form), 4-bit weights centred by the graph, centred "
+    "8-bit weights",
     "deploy_runtimes_vnni_gptq_swin": ", Swin-Tiny, the recommended preset with GPTQ rounding at W4/A8 "
     "(--weight-rounding gptq)",
 }
@@ -592,7 +599,13 @@ def _sensitivity_table(data: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def _openvino_profile_table(data: dict[str, Any]) -> list[str]:
+_PROFILE_NOTES = {  # what each openvino-profile run measured
+    "openvino_profile": ", before the Linear-input Q/DQ move",
+    "openvino_profile_qdq": ", Linear-input Q/DQ before the token rearrangements",
+}
+
+
+def _openvino_profile_table(data: dict[str, Any], what: str = "") -> list[str]:
     """OpenVINO's per-layer counters (``openvino_profile*.json``): per model, the time per layer type
     and kernel summed over layers for each exported model, and the stand-alone FakeQuantize layers."""
     cpu = data.get("cpu", {})
@@ -601,7 +614,7 @@ def _openvino_profile_table(data: dict[str, Any]) -> list[str]:
     for model in dict.fromkeys(r["model"] for r in data["rows"]):
         rows = [r for r in data["rows"] if r["model"] == model]
         labels = [r["label"] for r in rows]
-        lines += [f"### OpenVINO per-layer time: {model} ({cpu.get('model', 'CPU')}, {isa})", "",
+        lines += [f"### OpenVINO per-layer time: {model}{what} ({cpu.get('model', 'CPU')}, {isa})", "",
                   f"Command: `{data['command']}` ({data['threads']} threads). One batch of {data['batch']} "
                   "calibration images, `PERF_COUNT` on; wall time per batch (median of the repeats), then per "
                   "layer type and kernel the time summed over its layers (mean over repeats), ms (layers). "
@@ -1002,11 +1015,13 @@ def _sections(results: Path) -> list[Section]:
     add(recon, _resume_table(results), tuple(p.stem for p in sorted(results.glob("resume_*.json"))))
     for name, table in (("deploy_runtimes", _deploy_runtimes_table), ("deploy", _deploy_table),
                         ("deploy_sensitivity", _sensitivity_table), ("deploy_float64", _float64_table),
-                        ("save_size", _save_size_table), ("softmax_forms", _softmax_forms_table),
-                        ("openvino_profile", _openvino_profile_table)):  # fmt: skip
+                        ("save_size", _save_size_table), ("softmax_forms", _softmax_forms_table)):  # fmt: skip
         data = _load(results, name)
         if data:
             add(deploy, table(data), (name,), data)
+    for path in sorted(results.glob("openvino_profile*.json")):
+        data = json.loads(path.read_text())
+        add(deploy, _openvino_profile_table(data, _PROFILE_NOTES.get(path.stem, "")), (path.stem,), data)
     for path in sorted(results.glob("deploy_runtimes_*.json")):  # other presets (--deploy-methods --suffix)
         data = json.loads(path.read_text())
         methods = ", ".join(dict.fromkeys(r["method"] for r in data["rows"] if r["method"] not in ("fp32",)))

@@ -400,3 +400,51 @@ def test_centred_q_and_k_make_q_at_k_need_no_correction(tmp_path: Path) -> None:
         simulated = model(x)
     out = OpenVinoModel(path, threads=1)(x)  # 4-bit weights; attention's 8-bit pairs exact on VNNI
     assert float((out - simulated).abs().max()) <= 0.05 * float(simulated.abs().max())
+
+
+def _stand_alone_fake_quantize_before_linears(path: Path) -> list[str]:
+    """FakeQuantize layers OpenVINO kept as layers of their own between a Reshape / Transpose and a
+    FullyConnected (a pooled or token-selected input, the head's, has no layer to fuse into)."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+
+    def kind(node) -> str:
+        return node.get_rt_info()["layerType"].astype(str)
+
+    return [
+        op.get_friendly_name()
+        for op in compiled.get_runtime_model().get_ordered_ops()
+        if kind(op) == "FakeQuantize"
+        and kind(op.input_value(0).get_node()) in ("Reshape", "Transpose")
+        and any(kind(i.get_node()) == "FullyConnected" for i in op.output(0).get_target_inputs())
+    ]
+
+
+@pytest.mark.parametrize("make", [_vit, _swin], ids=["vit", "swin"])
+def test_linear_inputs_are_quantized_before_the_token_rearrangements(
+    make, tmp_path: Path, monkeypatch
+) -> None:
+    """The openvino form moves each Linear's per-tensor input Q/DQ above the reshapes and transposes
+    before it (the heads' merge before proj, Swin's window partition before qkv): the same values
+    (onnxruntime without graph optimizations gives identical logits), and OpenVINO fuses every such
+    quantizer into the layer before instead of running it as a FakeQuantize of its own."""
+    import onnxruntime as ort
+
+    import dopq.export.onnx_export as onnx_export
+
+    model, x = make()
+    dopq.quantize(model, x, dopq.get_preset("recommended", w_bits=8, a_bits=8), progress=False)
+    moved = export_onnx(model, tmp_path / "moved.onnx", target="openvino").path
+    monkeypatch.setattr(onnx_export, "hoist_linear_input_qdq", lambda graph: 0)
+    kept = export_onnx(model, tmp_path / "kept.onnx", target="openvino").path
+    assert _stand_alone_fake_quantize_before_linears(kept)  # the placement this fixes
+    assert _stand_alone_fake_quantize_before_linears(moved) == []
+
+    def logits(path: str):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        return session.run(None, {"images": x.numpy()})[0]
+
+    assert (logits(moved) == logits(kept)).all()

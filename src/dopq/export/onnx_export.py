@@ -8,7 +8,9 @@ autograd Functions with ONNX symbolics) and is then post-processed with the ``on
   while the file holds two codes per byte. Below opset 21 they stay int8.
 * in the openvino form, weight zero points leave ``DequantizeLinear`` (OpenVINO runs a product with
   them on float kernels): the codes are stored centred, or, where only the shifted codes fit INT4,
-  centred by an int8 ``Sub`` of two constants that OpenVINO folds at compile time.
+  centred by an int8 ``Sub`` of two constants that OpenVINO folds at compile time; and a Linear's
+  per-tensor input Q/DQ pair moves above the reshapes and transposes before it
+  (:mod:`dopq.export.qdq_placement`), where OpenVINO fuses it into the layer before.
 * initializers no node reads are dropped; the recipe, preprocessing and provenance go into the
   model's metadata (``metadata_props``), which ``dopq evaluate --onnx`` reads back.
 * the file is written under a temporary name and renamed, so an interrupted export leaves nothing.
@@ -30,6 +32,7 @@ from torch import nn
 from dopq.config import FLOAT_DTYPES
 from dopq.errors import ExportError
 from dopq.export.deploy import WeightCodes, to_deploy
+from dopq.export.qdq_placement import hoist_linear_input_qdq
 from dopq.files import atomic_path, check_output_path
 from dopq.models import example_input
 
@@ -271,6 +274,7 @@ def export_onnx(
         graph = onnx.load(str(tmp))
         if target == "openvino":
             _centre_weights(graph, opset)
+            hoist_linear_input_qdq(graph)
         packed = _pack_int4_weights(graph) if opset >= INT4_OPSET else 0
         _drop_unused_initializers(graph)
         storage = _weight_storage(deploy, packed=packed > 0)
