@@ -13,6 +13,7 @@ those Linears on float kernels (docs/export.md).
 
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict
 from typing import Any
 
@@ -85,18 +86,47 @@ def _movable_pair(q: Any, producer: dict, readers: dict, constants: dict) -> tup
 
 
 def _topological(graph: Any) -> None:
-    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        runnable = [n for n in pending if all(i in ready for i in n.input)]
-        if not runnable:
-            raise RuntimeError("Q/DQ placement left a cycle in the graph")
-        for node in runnable:
-            ready.update(node.output)
-        ordered += runnable
-        pending = [n for n in pending if n not in runnable]
+    """Reorder the nodes so that each comes after the producers of its inputs, otherwise keeping the
+    exporter's order (Kahn's algorithm, earliest original position first)."""
+    nodes = list(graph.node)
+    producer = {out: i for i, node in enumerate(nodes) for out in node.output}
+    dependents: dict[int, list[int]] = defaultdict(list)
+    waiting = [0] * len(nodes)
+    for i, node in enumerate(nodes):
+        for j in {producer[name] for name in node.input if name in producer}:
+            dependents[j].append(i)
+            waiting[i] += 1
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    ordered = []
+    while ready:
+        i = heapq.heappop(ready)
+        ordered.append(nodes[i])
+        for k in dependents[i]:
+            waiting[k] -= 1
+            if waiting[k] == 0:
+                heapq.heappush(ready, k)
+    if len(ordered) < len(nodes):
+        raise RuntimeError("Q/DQ placement left a cycle in the graph")
     del graph.node[:]
     graph.node.extend(ordered)
+
+
+def _move_above(before: Any, q: Any, dq: Any, producer: dict, readers: dict) -> None:
+    """``x -> before -> Q -> DQ -> users`` becomes ``x -> Q -> DQ -> before -> users``, keeping the
+    ``producer`` / ``readers`` maps of the graph up to date."""
+    source, rearranged, dequantized = before.input[0], before.output[0], dq.output[0]
+    users = readers.pop(dequantized)
+    for user in users:
+        user.input[:] = [rearranged if name == dequantized else name for name in user.input]
+    readers[rearranged] = [r for r in readers[rearranged] if r is not q] + users
+    q.input[0] = source
+    readers[source] = [q if r is before else r for r in readers[source]]
+    moved = f"{dequantized}_before_{before.op_type.lower()}"
+    dq.output[0] = before.input[0] = moved
+    del producer[dequantized]
+    producer[moved] = dq
+    readers[moved] = [before]
 
 
 def hoist_linear_input_qdq(model: Any) -> int:
@@ -104,34 +134,21 @@ def hoist_linear_input_qdq(model: Any) -> int:
     in place; returns how many single moves were made."""
     graph = model.graph
     constants = _constants(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, list] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            readers[name].append(node)
     moves = 0
-    linear_pairs: set[str] = set()  # pairs checked once, by their Q node's output name
-    while True:
-        producer = {out: node for node in graph.node for out in node.output}
-        readers: dict[str, list] = defaultdict(list)
-        for node in graph.node:
-            for name in node.input:
-                readers[name].append(node)
-        for q in graph.node:
-            found = _movable_pair(q, producer, readers, constants)
-            if found is None:
-                continue
+    for q in [node for node in graph.node if node.op_type == "QuantizeLinear"]:
+        found = _movable_pair(q, producer, readers, constants)
+        if found is None or not _feeds_linears(found[1], readers, producer, constants):
+            continue
+        while found is not None:
             before, dq = found
-            if q.output[0] not in linear_pairs:
-                if not _feeds_linears(dq, readers, producer, constants):
-                    continue
-                linear_pairs.add(q.output[0])
-            # x -> rearrange -> Q -> DQ -> users   becomes   x -> Q -> DQ -> rearrange -> users
-            rearranged, dequantized = before.output[0], dq.output[0]
-            for user in readers[dequantized]:
-                user.input[:] = [rearranged if name == dequantized else name for name in user.input]
-            q.input[0] = before.input[0]
-            dq.output[0] = f"{dequantized}_before_{before.op_type.lower()}"
-            before.input[0] = dq.output[0]
+            _move_above(before, q, dq, producer, readers)
             moves += 1
-            break
-        else:
-            break
+            found = _movable_pair(q, producer, readers, constants)
     if moves:
         _topological(graph)
         del graph.value_info[:]  # shapes of the moved tensors changed; runtimes infer them again
