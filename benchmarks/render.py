@@ -512,10 +512,17 @@ _DEPLOY_NOTES = {  # what a suffixed deploy run measured, beside its presets
     "4-bit weights centred by the graph, centred 8-bit weights; before the Linear-input Q/DQ move (superseded by the "
     "_vnni_vcq runs)",
     "deploy_runtimes_vnni_vcq": ", q, k and mean-centred v on centred grids with 8-bit activations, Linear-input Q/DQ "
-    "before the token rearrangements (openvino form), 4-bit weights centred by the graph, centred 8-bit weights",
+    "before the token rearrangements (openvino form), 4-bit weights centred by the graph, centred 8-bit weights; "
+    "before one q/k/v scale (superseded by the _vnni_qkv runs)",
     "deploy_runtimes_vnni_vcq_swin": ", Swin-Tiny, q, k and mean-centred v on centred grids with 8-bit activations, "
     "Linear-input Q/DQ before the token rearrangements (openvino form), 4-bit weights centred by the graph, centred "
-    "8-bit weights",
+    "8-bit weights; before one q/k/v scale (superseded by the _vnni_qkv runs)",
+    "deploy_runtimes_vnni_qkv": ", q, k and mean-centred v on centred grids with 8-bit activations, one q/k/v scale "
+    "quantized once on the qkv output and Linear-input Q/DQ before the token rearrangements (openvino form), 4-bit "
+    "weights centred by the graph, centred 8-bit weights",
+    "deploy_runtimes_vnni_qkv_swin": ", Swin-Tiny, q, k and mean-centred v on centred grids with 8-bit activations, "
+    "one q/k/v scale quantized once on the qkv output and Linear-input Q/DQ before the token rearrangements "
+    "(openvino form), 4-bit weights centred by the graph, centred 8-bit weights",
     "deploy_runtimes_vnni_gptq_swin": ", Swin-Tiny, the recommended preset with GPTQ rounding at W4/A8 "
     "(--weight-rounding gptq)",
 }
@@ -601,7 +608,9 @@ def _sensitivity_table(data: dict[str, Any]) -> list[str]:
 
 _PROFILE_NOTES = {  # what each openvino-profile run measured
     "openvino_profile": ", before the Linear-input Q/DQ move",
-    "openvino_profile_qdq": ", Linear-input Q/DQ before the token rearrangements",
+    "openvino_profile_qdq": ", Linear-input Q/DQ before the token rearrangements; before one q/k/v scale",
+    "openvino_profile_qkv": ", Linear-input Q/DQ before the token rearrangements, one q/k/v scale quantized once on "
+    "the qkv output",
 }
 
 

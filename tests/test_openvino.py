@@ -8,7 +8,9 @@ import json
 import sys
 from pathlib import Path
 
+import onnx
 import pytest
+import timm
 import torch
 from torch import nn
 
@@ -30,6 +32,7 @@ from dopq.export import (
 )
 from dopq.export.deploy import DeployLinear, symmetric_weights
 from dopq.export.symbolic import int8_shift
+from dopq.models import qkv_paths
 from dopq.modules import QuantLinear, QuantMatMul
 from dopq.quantizers import UniformQuantizer
 
@@ -436,7 +439,7 @@ def test_linear_inputs_are_quantized_before_the_token_rearrangements(
     model, x = make()
     dopq.quantize(model, x, dopq.get_preset("recommended", w_bits=8, a_bits=8), progress=False)
     moved = export_onnx(model, tmp_path / "moved.onnx", target="openvino").path
-    monkeypatch.setattr(onnx_export, "hoist_linear_input_qdq", lambda graph: 0)
+    monkeypatch.setattr(onnx_export, "hoist_qdq", lambda graph: 0)
     kept = export_onnx(model, tmp_path / "kept.onnx", target="openvino").path
     assert _stand_alone_fake_quantize_before_linears(kept)  # the placement this fixes
     assert _stand_alone_fake_quantize_before_linears(moved) == []
@@ -448,3 +451,68 @@ def test_linear_inputs_are_quantized_before_the_token_rearrangements(
         return session.run(None, {"images": x.numpy()})[0]
 
     assert (logits(moved) == logits(kept)).all()
+
+
+def _ort_logits(path: str, x: torch.Tensor):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"images": x.numpy()})[0]
+
+
+def _layer_precisions(path: str, kind: str) -> list[str]:
+    return [p for k, p in openvino_layer_precisions(path) if k == kind]
+
+
+@pytest.mark.parametrize("make", [_vit, _swin], ids=["vit", "swin"])
+def test_q_k_and_v_share_one_int8_quantizer_on_the_qkv_output(make, tmp_path: Path, monkeypatch) -> None:
+    """With 8-bit attention operands centred on 0, the openvino form gives q and k the scale of v
+    (q's and k's rows of the qkv Linear and the attention scale rescaled: the same codes) and quantizes
+    the qkv output once, before the heads are split: two Q/DQ pairs fewer per attention, the same
+    logits as the form with three scales, and OpenVINO splits the heads in int8."""
+    import dopq.export.onnx_export as onnx_export
+
+    model, x = make()
+    dopq.quantize(model, x, dopq.get_preset("recommended", w_bits=8, a_bits=8), progress=False)
+    attentions = sum(isinstance(m, QuantMatMul) for m in model.modules()) // 2
+    shared = export_onnx(model, tmp_path / "shared.onnx", target="openvino").path
+    monkeypatch.setattr(onnx_export, "share_qkv_scales", lambda deploy, model: 0)
+    apart = export_onnx(model, tmp_path / "apart.onnx", target="openvino").path
+
+    def quantize_nodes(path: str) -> int:
+        return sum(n.op_type == "QuantizeLinear" for n in onnx.load(path).graph.node)
+
+    assert quantize_nodes(apart) - quantize_nodes(shared) == 2 * attentions
+    a, b = _ort_logits(apart, x), _ort_logits(shared, x)
+    assert abs(a - b).max() <= 1e-5 * abs(a).max() and (a.argmax(1) == b.argmax(1)).all()
+    assert set(_layer_precisions(shared, "Split")) <= INTEGER
+    assert "f32" in _layer_precisions(apart, "Split")  # what this changes
+
+
+def test_qkv_scale_is_shared_only_where_the_codes_stay() -> None:
+    """The deploy form with one q/k/v scale computes the same function (same codes, scales moved
+    into the qkv rows and the attention scale); 4-bit operands (a Clip would keep the pairs apart)
+    and a cosine attention (q and k normalised) keep their own scales."""
+    from dopq.export.qkv_scale import share_qkv_scales
+
+    model, x = _vit()
+    dopq.quantize(model, x, dopq.get_preset("recommended", w_bits=8, a_bits=8), progress=False)
+    deploy = to_deploy(model, target="openvino")
+    with torch.no_grad():
+        before = deploy(x)
+        assert share_qkv_scales(deploy, model) == _count(model, QuantMatMul) // 2
+        after = deploy(x)
+    assert torch.allclose(after, before, rtol=0, atol=1e-5 * float(before.abs().max()))
+    for m in deploy.modules():
+        if hasattr(m, "matmul_qk"):
+            assert m.matmul_qk.qdq_a.scale == m.matmul_qk.qdq_b.scale == m.matmul_av.qdq_b.scale
+
+    model, x = _vit()
+    dopq.quantize(model, x, dopq.get_preset("recommended", w_bits=4, a_bits=4), progress=False)
+    assert share_qkv_scales(to_deploy(model, target="openvino"), model) == 0
+    kwargs = dict(embed_dim=32, depths=(1, 1), num_heads=(1, 2), img_size=64, window_size=8)
+    v2 = timm.create_model("swinv2_tiny_window8_256", **kwargs).eval()
+    dopq.quantize(v2, torch.randn(2, 3, 64, 64), progress=False)
+    assert qkv_paths(v2) == {} and qkv_paths(model)

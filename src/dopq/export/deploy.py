@@ -300,6 +300,12 @@ class DeployLinear(nn.Module):
         product = torch.matmul(x, self.weight.symmetric()) - _row_sums(x) * self.weight.offset
         return product + self.bias  # the bias last: onnxruntime fuses it into BiasGelu
 
+    def scale_rows(self, rows: slice, factor: float) -> None:
+        """Multiply output channels ``rows`` by ``factor`` (their weight scales, offsets and bias;
+        the codes stay)."""
+        for values in (self.weight.scale, self.weight.offset, self.bias):
+            values[rows] *= factor
+
 
 def _row_sums(x: torch.Tensor) -> torch.Tensor:
     """``x.sum(-1, keepdim=True)`` as a product with a column of int8 ones (dequantized, scale 1).

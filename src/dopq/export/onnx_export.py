@@ -32,7 +32,8 @@ from torch import nn
 from dopq.config import FLOAT_DTYPES
 from dopq.errors import ExportError
 from dopq.export.deploy import WeightCodes, to_deploy
-from dopq.export.qdq_placement import hoist_linear_input_qdq
+from dopq.export.qdq_placement import hoist_qdq, merge_split_qdq
+from dopq.export.qkv_scale import share_qkv_scales
 from dopq.files import atomic_path, check_output_path
 from dopq.models import example_input
 
@@ -257,6 +258,8 @@ def export_onnx(
     t0 = time.perf_counter()
     dtype = _TORCH_DTYPES[float_dtype]
     deploy = to_deploy(model, integer_levels, dtype, target, weight_type)
+    if target == "openvino":
+        share_qkv_scales(deploy, model)
     example = example_input(model).cpu()
     with atomic_path(path) as tmp:  # an interrupted export leaves no half file
         with warnings.catch_warnings():
@@ -274,7 +277,8 @@ def export_onnx(
         graph = onnx.load(str(tmp))
         if target == "openvino":
             _centre_weights(graph, opset)
-            hoist_linear_input_qdq(graph)
+            merge_split_qdq(graph)
+            hoist_qdq(graph)
         packed = _pack_int4_weights(graph) if opset >= INT4_OPSET else 0
         _drop_unused_initializers(graph)
         storage = _weight_storage(deploy, packed=packed > 0)

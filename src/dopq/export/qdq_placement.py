@@ -1,14 +1,20 @@
-"""Where a Linear's input Q/DQ pair sits in the openvino form: before the token rearrangements.
+"""Where activation Q/DQ pairs sit in the openvino form: next to the layer OpenVINO fuses them into.
 
-dopq quantizes a Linear's input where the Linear reads it, so the exported ``QuantizeLinear ->
+dopq quantizes an activation where a layer reads it, so the exported ``QuantizeLinear ->
 DequantizeLinear`` pair comes after any ``Reshape`` / ``Transpose`` between the producer and the
-Linear (Swin's window partition, the heads' merge before an attention's output projection). OpenVINO
-then keeps it as a stand-alone ``FakeQuantize`` layer instead of fusing it into the producer, an extra
-pass over the activation per Linear. A per-tensor quantizer commutes with any rearrangement of the
-elements, so moving the pair above them computes the same values (exact); OpenVINO then fuses it into
-the layer before (a LayerNorm, an attention product), as it does with NNCF's models. A pair whose
-rearrangements start at a ``Concat`` (Swin's shifted-window roll) stays: moved there, OpenVINO ran
-those Linears on float kernels (docs/export.md).
+reader (Swin's window partition before qkv, the heads' merge before an attention's output
+projection, the heads' split after qkv). OpenVINO then keeps it as a stand-alone ``FakeQuantize``
+layer instead of fusing it into the producer, an extra pass over the activation. A per-tensor
+quantizer commutes with any rearrangement of the elements, so moving the pair above them computes
+the same values (exact); OpenVINO then fuses it into the layer before (a LayerNorm, an attention
+product, a Linear's output), as it does with NNCF's models:
+
+* :func:`hoist_qdq` moves a pair that feeds Linear layers above the rearrangements before it. A
+  pair whose rearrangements start at a ``Concat`` (Swin's shifted-window roll) stays: moved there,
+  OpenVINO ran those Linears on float kernels (docs/export.md).
+* :func:`merge_split_qdq` replaces identical pairs on every output of a ``Split`` (an attention's q,
+  k and v once they share a scale, :mod:`dopq.export.qkv_scale`) by one pair before the ``Split``,
+  and moves it above the rearrangements before that.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["REARRANGEMENTS", "hoist_linear_input_qdq"]
+__all__ = ["REARRANGEMENTS", "hoist_qdq", "merge_split_qdq"]
 
 # element rearrangements a per-tensor quantizer commutes with
 REARRANGEMENTS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
@@ -129,27 +135,118 @@ def _move_above(before: Any, q: Any, dq: Any, producer: dict, readers: dict) -> 
     readers[moved] = [before]
 
 
-def hoist_linear_input_qdq(model: Any) -> int:
-    """Move every per-tensor Q/DQ pair that feeds Linear layers above the rearrangements before it,
-    in place; returns how many single moves were made."""
-    graph = model.graph
-    constants = _constants(graph)
+def _maps(graph: Any) -> tuple[dict[str, Any], dict[str, list]]:
     producer = {out: node for node in graph.node for out in node.output}
     readers: dict[str, list] = defaultdict(list)
     for node in graph.node:
         for name in node.input:
             readers[name].append(node)
+    return producer, readers
+
+
+def _hoist(q: Any, producer: dict, readers: dict, constants: dict) -> int:
+    """Move ``q``'s pair above every rearrangement it can pass; returns how many."""
+    moves = 0
+    found = _movable_pair(q, producer, readers, constants)
+    while found is not None:
+        before, dq = found
+        _move_above(before, q, dq, producer, readers)
+        moves += 1
+        found = _movable_pair(q, producer, readers, constants)
+    return moves
+
+
+def _changed(graph: Any) -> None:
+    _topological(graph)
+    del graph.value_info[:]  # shapes of the moved tensors changed; runtimes infer them again
+
+
+def hoist_qdq(model: Any) -> int:
+    """Move every per-tensor Q/DQ pair that feeds Linear layers above the rearrangements before it,
+    in place; returns how many single moves were made."""
+    graph = model.graph
+    constants = _constants(graph)
+    producer, readers = _maps(graph)
     moves = 0
     for q in [node for node in graph.node if node.op_type == "QuantizeLinear"]:
         found = _movable_pair(q, producer, readers, constants)
-        if found is None or not _feeds_linears(found[1], readers, producer, constants):
-            continue
-        while found is not None:
-            before, dq = found
-            _move_above(before, q, dq, producer, readers)
-            moves += 1
-            found = _movable_pair(q, producer, readers, constants)
+        if found is not None and _feeds_linears(found[1], readers, producer, constants):
+            moves += _hoist(q, producer, readers, constants)
     if moves:
-        _topological(graph)
-        del graph.value_info[:]  # shapes of the moved tensors changed; runtimes infer them again
+        _changed(graph)
     return moves
+
+
+def _pair_below(name: str, readers: dict, constants: dict) -> tuple[Any, Any] | None:
+    """The per-tensor Q/DQ pair that tensor ``name`` reaches through rearrangements alone (whose
+    other readers only ask for its shape), or None."""
+    while True:
+        users = [r for r in readers[name] if r.op_type != "Shape"]
+        if len(users) != 1 or users[0].input[0] != name:
+            return None
+        node = users[0]
+        if node.op_type == "QuantizeLinear":
+            dqs = readers[node.output[0]]
+            if len(dqs) == 1 and dqs[0].op_type == "DequantizeLinear" and _per_tensor(node, constants):
+                return node, dqs[0]
+            return None
+        if node.op_type not in REARRANGEMENTS:
+            return None
+        name = node.output[0]
+
+
+def _grid(pair: tuple[Any, Any], constants: dict) -> tuple | None:
+    """The pair's scales and zero points (values and types), or None where one is not a constant."""
+    names = [*pair[0].input[1:], "|", *pair[1].input[1:]]
+    if any(n not in constants for n in names if n not in ("", "|")):
+        return None
+    return tuple(n if n in ("", "|") else (constants[n].dtype.str, constants[n].item()) for n in names)
+
+
+def _merge_at(split: Any, pairs: list, producer: dict, readers: dict) -> list:
+    """``x -> Split -> Q_i -> DQ_i -> users_i`` (each pair already moved up to the Split) becomes
+    ``x -> Q_0 -> DQ_0 -> Split -> users_i``; returns the pairs left without a use."""
+    for out, (_, dq) in zip(split.output, pairs, strict=True):
+        users = readers.pop(dq.output[0])
+        for user in users:
+            user.input[:] = [out if name == dq.output[0] else name for name in user.input]
+        readers[out] = users
+    q, dq = pairs[0]
+    source = split.input[0]
+    readers[source] = [q if r is split else r for r in readers[source]]
+    q.input[0] = source
+    split.input[0] = dq.output[0]
+    readers[dq.output[0]] = [split]
+    for other_q, other_dq in pairs[1:]:
+        del producer[other_q.output[0]], producer[other_dq.output[0]]
+    return [node for pair in pairs[1:] for node in pair]
+
+
+def merge_split_qdq(model: Any) -> int:
+    """Where every output of a ``Split`` reaches a per-tensor Q/DQ pair through rearrangements only,
+    and the pairs are identical, one pair before the ``Split`` replaces them (exact: the same
+    quantizer on every part), moved above the rearrangements before it as :func:`hoist_qdq` would;
+    in place, returns how many ``Split`` layers were merged."""
+    graph = model.graph
+    constants = _constants(graph)
+    producer, readers = _maps(graph)
+    dropped: list = []
+    merged = 0
+    for split in [node for node in graph.node if node.op_type == "Split"]:
+        pairs = [_pair_below(out, readers, constants) for out in split.output]
+        if None in pairs or _grid(pairs[0], constants) is None:
+            continue
+        if any(_grid(pair, constants) != _grid(pairs[0], constants) for pair in pairs[1:]):
+            continue
+        for q, dq in pairs:
+            while producer[q.input[0]] is not split:
+                _move_above(producer[q.input[0]], q, dq, producer, readers)
+        dropped += _merge_at(split, pairs, producer, readers)
+        _hoist(pairs[0][0], producer, readers, constants)
+        merged += 1
+    if merged:
+        kept = [node for node in graph.node if not any(node is d for d in dropped)]
+        del graph.node[:]
+        graph.node.extend(kept)
+        _changed(graph)
+    return merged

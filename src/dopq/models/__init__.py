@@ -1,7 +1,14 @@
 """Model adapters: find quantization sites of timm ViT/DeiT/Swin structurally and wrap them."""
 
 from dopq.models.adapters import ModelAdapter, get_adapter, list_families, register_adapter
-from dopq.models.attention import QuantAttention, QuantWindowAttention, ValuePath, value_paths
+from dopq.models.attention import (
+    QKVPath,
+    QuantAttention,
+    QuantWindowAttention,
+    ValuePath,
+    qkv_paths,
+    value_paths,
+)
 from dopq.models.coverage import Coverage, measure_coverage, softmax_kinds
 from dopq.models.loading import build_model, card_for, load_state_dict
 from dopq.models.prepare import QuantPlan, example_input, prepare_model
@@ -11,6 +18,7 @@ __all__ = [
     "Coverage",
     "LayerNormPair",
     "ModelAdapter",
+    "QKVPath",
     "QuantAttention",
     "QuantPlan",
     "QuantWindowAttention",
@@ -24,6 +32,7 @@ __all__ = [
     "load_state_dict",
     "measure_coverage",
     "prepare_model",
+    "qkv_paths",
     "register_adapter",
     "softmax_kinds",
     "value_paths",

@@ -8,7 +8,9 @@ quantizers are ordinary named slots. With quantizers disabled the result equals 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +21,14 @@ from dopq.modules import QuantMatMul
 from dopq.quantizers import Quantizer
 
 __all__ = [
+    "QKVPath",
     "QuantAttention",
     "QuantBeitAttention",
     "QuantEvaAttention",
     "QuantWindowAttention",
     "QuantWindowAttentionV2",
     "ValuePath",
+    "qkv_paths",
     "value_paths",
 ]
 
@@ -60,10 +64,28 @@ class ValuePath:
     consumer: nn.Linear
 
 
+@dataclass(frozen=True)
+class QKVPath:
+    """Where an attention's q, k and v come from: output rows ``q``, ``k`` and ``v`` of one fused
+    Linear ``producer``, which reach ``q @ k^T`` and ``attn @ v`` with only the heads rearranged in
+    between, and ``q @ k^T`` is multiplied by the module's float ``scale``. Rows of q scaled by ``a``
+    and of k by ``b`` with ``scale`` divided by ``a b`` then leave the attention unchanged."""
+
+    producer: nn.Linear
+    q: slice
+    k: slice
+    v: slice
+
+
 class _MatMulSlots(nn.Module):
     def value_path(self) -> ValuePath | None:
         """The module's :class:`ValuePath`, or None where something else sits between ``attn @ v``
         and the output projection (a norm, a gate)."""
+        return None
+
+    def qkv_path(self) -> QKVPath | None:
+        """The module's :class:`QKVPath`, or None where q and k change on their way to ``q @ k^T``
+        (a norm, a rotary embedding) or come from separate projections."""
         return None
 
     def _init_matmuls(
@@ -115,6 +137,11 @@ class QuantAttention(_MatMulSlots):
             return None
         return _third_of_qkv(self.qkv, self.proj)
 
+    def qkv_path(self) -> QKVPath | None:
+        if not (isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)):
+            return None
+        return _thirds(self.qkv)
+
     def forward(
         self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
     ) -> torch.Tensor:
@@ -146,6 +173,9 @@ class QuantWindowAttention(_MatMulSlots):
     def value_path(self) -> ValuePath | None:
         return _third_of_qkv(self.qkv, self.proj)
 
+    def qkv_path(self) -> QKVPath | None:
+        return _thirds(self.qkv)
+
     def relative_position_bias(self) -> torch.Tensor:
         n = self.window_area
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
@@ -164,20 +194,37 @@ class QuantWindowAttention(_MatMulSlots):
 
 def _third_of_qkv(qkv: nn.Module, proj: nn.Module) -> ValuePath | None:
     """v is the last third of a fused ``qkv`` Linear's output (timm's ``reshape(b, n, 3, heads, d)``)."""
-    if not isinstance(qkv, nn.Linear) or not isinstance(proj, nn.Linear):
+    thirds = _thirds(qkv)
+    if thirds is None or not isinstance(proj, nn.Linear):
+        return None
+    return ValuePath(qkv, thirds.v, proj)
+
+
+def _thirds(qkv: nn.Module) -> QKVPath | None:
+    """q, k and v as the three thirds of a fused ``qkv`` Linear's output (timm's layout)."""
+    if not isinstance(qkv, nn.Linear):
         return None
     c = qkv.out_features // 3
-    return ValuePath(qkv, slice(2 * c, 3 * c), proj)
+    return QKVPath(qkv, slice(0, c), slice(c, 2 * c), slice(2 * c, 3 * c))
+
+
+def _paths(model: nn.Module, path_of: Callable[[_MatMulSlots], Any]) -> dict[str, Any]:
+    found = {}
+    for name, module in model.named_modules():
+        path = path_of(module) if isinstance(module, _MatMulSlots) else None
+        if path is not None:
+            found[name] = path
+    return found
+
+
+def qkv_paths(model: nn.Module) -> dict[str, QKVPath]:
+    """Every quantized attention module of ``model`` (by qualified name) with a :class:`QKVPath`."""
+    return _paths(model, lambda module: module.qkv_path())
 
 
 def value_paths(model: nn.Module) -> dict[str, ValuePath]:
     """Every quantized attention module of ``model`` (by qualified name) whose ``v`` can be shifted."""
-    found = {}
-    for name, module in model.named_modules():
-        path = module.value_path() if isinstance(module, _MatMulSlots) else None
-        if path is not None:
-            found[name] = path
-    return found
+    return _paths(model, lambda module: module.value_path())
 
 
 def _qkv_with_bias(attn: nn.Module) -> nn.Linear:
@@ -211,6 +258,9 @@ class QuantBeitAttention(_MatMulSlots):
 
     def value_path(self) -> ValuePath | None:
         return _third_of_qkv(self.qkv, self.proj)
+
+    def qkv_path(self) -> QKVPath | None:
+        return _thirds(self.qkv)
 
     def relative_position_bias(self) -> torch.Tensor | None:
         if self.relative_position_bias_table is None:
@@ -248,6 +298,9 @@ class QuantWindowAttentionV2(QuantWindowAttention):
             bias = table[attn.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
         self.register_buffer("position_bias", (16 * torch.sigmoid(bias)).unsqueeze(0).contiguous())
         self._init_matmuls(qk, av)
+
+    def qkv_path(self) -> QKVPath | None:
+        return None  # q and k are L2-normalised before q @ k^T
 
     @property
     def scale(self) -> torch.Tensor:  # read by _attend after q @ k^T
