@@ -524,7 +524,11 @@ _DEPLOY_NOTES = {  # what a suffixed deploy run measured, beside its presets
     "one q/k/v scale quantized once on the qkv output and Linear-input Q/DQ before the token rearrangements "
     "(openvino form), 4-bit weights centred by the graph, centred 8-bit weights",
     "deploy_runtimes_vnni_gptq_swin": ", Swin-Tiny, the recommended preset with GPTQ rounding at W4/A8 "
-    "(--weight-rounding gptq)",
+    "(--weight-rounding gptq, damping 0.1, before the preset's W4/A8 rule)",
+    "deploy_runtimes_vnni_w48": ", the recommended preset's W4/A8 with GPTQ (damping 1.0, its rule), one q/k/v scale "
+    "in the openvino form",
+    "deploy_runtimes_vnni_w48_swin": ", Swin-Tiny, the recommended preset's W4/A8 with GPTQ (damping 1.0, its rule), "
+    "one q/k/v scale in the openvino form",
 }
 
 
@@ -990,7 +994,9 @@ def _sections(results: Path) -> list[Section]:
         data = json.loads(path.read_text())
         if "rows" not in data:  # the timing files
             continue
-        if path.stem.endswith(("_preset", "_widetanq", "_w48", "_qkv_probe")):  # over seeds; subfolders merge
+        if path.stem.endswith(
+            ("_preset", "_widetanq", "_w48", "_qkv_probe", "_gptq_d1")
+        ):  # over seeds; subfolders merge
             merged = _load(results, path.stem)
             add(accuracy, _preset_table(merged), (path.stem,), merged)
             continue
@@ -1112,9 +1118,11 @@ SUMMARY_RECIPES = (
     SummaryRecipe("repq (RepQ-ViT baseline)", ("ablation_deit", "ablation_swin"), lambda w, a: ("repq",)),
     SummaryRecipe("dopq", ("ablation_deit", "ablation_swin"), lambda w, a: ("dopq",)),
     # the default recipe; its runs span three calibration seeds: the summary shows seed 0
-    SummaryRecipe("recommended (the default)", ("calib_gains_deit_preset", "calib_gains_swin_preset",
+    # (at W4/A8 the rows that measured its GPTQ rule as recommended+gptq-d1 before it became the rule)
+    SummaryRecipe("recommended (the default)", ("calib_gains_deit_gptq_d1", "calib_gains_swin_gptq_d1",
+                                                "calib_gains_deit_preset", "calib_gains_swin_preset",
                                                 "calib_gains_deit_vc_preset", "calib_gains_swin_vc_preset"),
-                  lambda w, a: ("recommended",), lambda row, w, a: row.get("seed", 0) == 0),
+                  lambda w, a: ("recommended", "recommended+gptq-d1"), lambda row, w, a: row.get("seed", 0) == 0),
     # GPTQ's default target: half way to the float model's output at 3 bits and below (docs/gptq.md)
     SummaryRecipe("dopq + GPTQ", ("calib_gains_deit*", "calib_gains_swin*"),
                   lambda w, a: ("dopq+gptq-float-half",) if w <= 3 else ("dopq+gptq",)),

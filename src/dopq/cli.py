@@ -105,7 +105,8 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         "--method",
         choices=list_presets(),
         default=RECOMMENDED,
-        help="preset recipe: recommended (dopq plus GPTQ rounding at 3 bits and below), "
+        help="preset recipe: recommended (dopq plus, by width, GPTQ rounding at 3 bits and below and "
+        "at W4/A8, centred 8-bit weight grids, centred q/k/v with 8-bit activations), "
         "dopq (the paper's recipe) or repq (the RepQ-ViT baseline)",
     )
     g.add_argument("--w-bits", type=int, default=4)

@@ -8,9 +8,11 @@ autograd Functions with ONNX symbolics) and is then post-processed with the ``on
   while the file holds two codes per byte. Below opset 21 they stay int8.
 * in the openvino form, weight zero points leave ``DequantizeLinear`` (OpenVINO runs a product with
   them on float kernels): the codes are stored centred, or, where only the shifted codes fit INT4,
-  centred by an int8 ``Sub`` of two constants that OpenVINO folds at compile time; and a Linear's
+  centred by an int8 ``Sub`` of two constants that OpenVINO folds at compile time; a Linear's
   per-tensor input Q/DQ pair moves above the reshapes and transposes before it
-  (:mod:`dopq.export.qdq_placement`), where OpenVINO fuses it into the layer before.
+  (:mod:`dopq.export.qdq_placement`), where OpenVINO fuses it into the layer before; and an
+  attention's 8-bit q, k and v share one scale (:mod:`dopq.export.qkv_scale`, the same codes) and
+  one Q/DQ pair on the ``qkv`` Linear's output, which OpenVINO fuses into that Linear.
 * initializers no node reads are dropped; the recipe, preprocessing and provenance go into the
   model's metadata (``metadata_props``), which ``dopq evaluate --onnx`` reads back.
 * the file is written under a temporary name and renamed, so an interrupted export leaves nothing.
