@@ -687,3 +687,54 @@ def test_float64_export_keeps_exact_uint8_weights_by_default(tmp_path: Path) -> 
     dopq.quantize(model, x, dopq.get_preset("dopq", w_bits=8, a_bits=8), progress=False)
     report = export_onnx(model, tmp_path / "f64.onnx", float_dtype="float64")
     assert report.weight_storage == "uint8" and not onnx_metadata(report.path)["needs_vnni"]
+
+
+def _split_graph(scales: tuple[float, float, float]):
+    """``x (4, 6) -> Transpose -> Split into 3 -> Q/DQ each (int8, the given scales) -> Concat``."""
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0]),
+        helper.make_node("Split", ["t", "sizes"], ["s0", "s1", "s2"], axis=0),
+    ]
+    inits = [numpy_helper.from_array(np.array([2, 2, 2], np.int64), "sizes")]
+    for i, scale in enumerate(scales):
+        inits += [
+            numpy_helper.from_array(np.array(scale, np.float32), f"scale{i}"),
+            numpy_helper.from_array(np.array(0, np.int8), f"zp{i}"),
+        ]
+        nodes += [
+            helper.make_node("QuantizeLinear", [f"s{i}", f"scale{i}", f"zp{i}"], [f"q{i}"]),
+            helper.make_node("DequantizeLinear", [f"q{i}", f"scale{i}", f"zp{i}"], [f"d{i}"]),
+        ]
+    nodes.append(helper.make_node("Concat", ["d0", "d1", "d2"], ["y"], axis=1))
+    graph = helper.make_graph(
+        nodes, "split", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [6, 4])], inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def test_identical_pairs_after_a_split_become_one_pair_before_its_rearrangements() -> None:
+    """merge_split_qdq: three identical per-tensor pairs on a Split's outputs become one pair on the
+    tensor before the Split's Transpose, with the same result; pairs that differ stay."""
+    import onnxruntime as ort
+
+    from dopq.export.qdq_placement import merge_split_qdq
+
+    x = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
+
+    def run(model) -> np.ndarray:
+        onnx.checker.check_model(model)
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": x})[0]
+
+    same = _split_graph((0.02, 0.02, 0.02))
+    reference = run(same)
+    assert merge_split_qdq(same) == 1
+    ops = [n.op_type for n in same.graph.node]
+    assert ops.count("QuantizeLinear") == 1 and ops.index("QuantizeLinear") < ops.index("Transpose")
+    assert np.array_equal(run(same), reference)
+    different = _split_graph((0.02, 0.02, 0.03))
+    assert merge_split_qdq(different) == 0
+    assert [n.op_type for n in different.graph.node].count("QuantizeLinear") == 3

@@ -200,7 +200,9 @@ def _grid(pair: tuple[Any, Any], constants: dict) -> tuple | None:
     names = [*pair[0].input[1:], "|", *pair[1].input[1:]]
     if any(n not in constants for n in names if n not in ("", "|")):
         return None
-    return tuple(n if n in ("", "|") else (constants[n].dtype.str, constants[n].item()) for n in names)
+    return tuple(
+        n if n in ("", "|") else (constants[n].dtype.str, tuple(constants[n].ravel().tolist())) for n in names
+    )
 
 
 def _merge_at(split: Any, pairs: list, producer: dict, readers: dict) -> list:
@@ -222,11 +224,28 @@ def _merge_at(split: Any, pairs: list, producer: dict, readers: dict) -> list:
     return [node for pair in pairs[1:] for node in pair]
 
 
+def _as_uint8(pair: tuple[Any, Any], graph: Any, constants: dict) -> None:
+    """An int8 pair as the same codes in uint8, zero point + 128. onnxruntime (1.32) cannot run an
+    int8 pair with a ``Transpose`` after it: its QDQ propagation rebuilds the pair with a zero point
+    of the wrong type (the model fails to load); uint8 with zero point 128 it runs, and OpenVINO
+    takes it as int8 all the same."""
+    from onnx import numpy_helper
+
+    for node in pair:
+        zero_point = node.input[2] if len(node.input) > 2 else ""
+        if zero_point and constants[zero_point].dtype == np.int8:
+            name = f"{node.output[0]}_zero_point_uint8"
+            shifted = (constants[zero_point].astype(np.int16) + 128).astype(np.uint8)
+            graph.initializer.append(numpy_helper.from_array(shifted, name))
+            constants[name] = shifted
+            node.input[2] = name
+
+
 def merge_split_qdq(model: Any) -> int:
     """Where every output of a ``Split`` reaches a per-tensor Q/DQ pair through rearrangements only,
     and the pairs are identical, one pair before the ``Split`` replaces them (exact: the same
-    quantizer on every part), moved above the rearrangements before it as :func:`hoist_qdq` would;
-    in place, returns how many ``Split`` layers were merged."""
+    quantizer on every part), moved above the rearrangements before it as :func:`hoist_qdq` would
+    (int8 codes as uint8, :func:`_as_uint8`); in place, returns how many ``Split`` layers were merged."""
     graph = model.graph
     constants = _constants(graph)
     producer, readers = _maps(graph)
@@ -242,6 +261,7 @@ def merge_split_qdq(model: Any) -> int:
             while producer[q.input[0]] is not split:
                 _move_above(producer[q.input[0]], q, dq, producer, readers)
         dropped += _merge_at(split, pairs, producer, readers)
+        _as_uint8(pairs[0], graph, constants)
         _hoist(pairs[0][0], producer, readers, constants)
         merged += 1
     if merged:
