@@ -27,6 +27,7 @@ from render import sign_test_p
 STRESS = "stress"
 STRESS_ARCH = "deit_tiny_patch16_224"
 ACT_WIDE = (0.99, 0.995, 0.999, 0.9999, 0.99999)
+DEFAULT_DAMP = QuantConfig.gptq_damp  # GPTQ's damping where the preset's W4/A8 rule does not set it
 TAGS = {"deit_tiny_patch16_224": "deit", "swin_tiny_patch4_window7_224": "swin", STRESS: "stress"}
 
 
@@ -65,12 +66,14 @@ def calib_gain_recipes(w_bits: int, a_bits: int | None = None) -> dict[str, Quan
         # patch embedding and head weights at 8 bits, alone and with the recommended preset's rules
         "dopq+edge8": dopq.replace(edge_w_bits=8),
         "recommended+edge8": get_preset("recommended", **widths).replace(edge_w_bits=8),
-        # GPTQ at every width with its default damping (0.1; the preset's W4/A8 rule uses 1.0)
-        "recommended+gptq": get_preset("recommended", weight_rounding="gptq", gptq_damp=0.1, **widths),
+        # GPTQ at every width with its default damping (the preset's W4/A8 rule uses 1.0)
+        "recommended+gptq": get_preset(
+            "recommended", weight_rounding="gptq", gptq_damp=DEFAULT_DAMP, **widths
+        ),
         # the same with GPTQ's columns in order of decreasing Hessian diagonal (act-order), or with
         # the strongest damping (the Hessian's mean diagonal added to it: the preset's W4/A8 rule)
         "recommended+gptq-ao": get_preset(
-            "recommended", weight_rounding="gptq", gptq_act_order=True, gptq_damp=0.1, **widths
+            "recommended", weight_rounding="gptq", gptq_act_order=True, gptq_damp=DEFAULT_DAMP, **widths
         ),
         "recommended+gptq-d1": get_preset("recommended", weight_rounding="gptq", gptq_damp=1.0, **widths),
         # weight grids centred on 0 (no zero point: int8 kernels without a row-sum correction)

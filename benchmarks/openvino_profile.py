@@ -26,6 +26,7 @@ from dopq.api import quantize_with_report
 from dopq.environment import cpu_info
 from dopq.experiment import command_line
 from dopq.export import export_onnx
+from dopq.export.openvino_runtime import compile_config
 
 BATCH = 32
 
@@ -37,7 +38,7 @@ def _layer_type(node: Any) -> str:
 def _profile(path: Path, images: Any, threads: int, repeats: int) -> dict[str, Any]:
     import openvino as ov
 
-    config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads, "PERF_COUNT": True}
+    config = {**compile_config(threads), "PERF_COUNT": True}
     compiled = ov.Core().compile_model(str(path), "CPU", config)
     request = compiled.create_infer_request()
     for _ in range(2):  # warm-up

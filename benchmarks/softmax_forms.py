@@ -35,6 +35,7 @@ from dopq.api import quantize
 from dopq.config import get_preset
 from dopq.experiment import command_line
 from dopq.export.deploy import SoftmaxLevels
+from dopq.export.openvino_runtime import compile_config
 from dopq.export.symbolic import qdq, tan_levels
 from dopq.modules import QuantMatMul
 from dopq.quantizers import TanQQuantizer, UniformQuantizer
@@ -103,9 +104,7 @@ def _runners(path: Path, threads: int) -> dict[str, Any]:
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    compiled = ov.Core().compile_model(
-        str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
-    )
+    compiled = ov.Core().compile_model(str(path), "CPU", compile_config(threads))
     request = compiled.create_infer_request()
     return {
         "onnxruntime": lambda a: session.run(None, {"x": a})[0],

@@ -22,7 +22,13 @@ from torch import nn
 
 from dopq.errors import ExportError
 
-__all__ = ["OpenVinoModel", "openvino_layer_precisions", "openvino_layers", "require_openvino"]
+__all__ = [
+    "OpenVinoModel",
+    "compile_config",
+    "openvino_layer_precisions",
+    "openvino_layers",
+    "require_openvino",
+]
 
 INTEGER_PRECISIONS = frozenset({"u8", "i8"})
 
@@ -36,8 +42,9 @@ def require_openvino() -> Any:
     return openvino
 
 
-def _config(threads: int | None) -> dict[str, Any]:
-    # f32 even on CPUs with bf16 (AVX-512 / AMX), where OpenVINO would run the float parts in bf16
+def compile_config(threads: int | None) -> dict[str, Any]:
+    """OpenVINO CPU compile options for dopq's graphs: f32 float parts even on CPUs with bf16
+    (AVX-512 / AMX), where OpenVINO would run them in bf16, and ``threads`` inference threads."""
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
@@ -58,7 +65,7 @@ def _compile(path: str | Path, threads: int | None, shape: tuple[int, ...] | Non
         model = core.read_model(str(path))
         if shape is not None:
             model.reshape(list(shape))
-        return core.compile_model(model, "CPU", _config(threads))
+        return core.compile_model(model, "CPU", compile_config(threads))
 
 
 def _check_readable(path: str | Path) -> None:

@@ -35,7 +35,7 @@ def share_qkv_scale(attention: nn.Module, producer: DeployLinear, path: QKVPath)
     """Give q and k the scale of v in one attention module of a deploy form (module docstring);
     returns False, changing nothing, where the three quantizers differ in more than their scale."""
     qk, av = attention.matmul_qk, attention.matmul_av
-    if not (isinstance(qk, DeployMatMul) and isinstance(av, DeployMatMul) and qk.levels is None):
+    if not (isinstance(qk, DeployMatMul) and isinstance(av, DeployMatMul)):
         return False
     operands = (qk.qdq_a, qk.qdq_b, av.qdq_b)
     if not all(_plain_int8(o) for o in operands) or not isinstance(attention.scale, float):
