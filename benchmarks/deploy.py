@@ -10,6 +10,7 @@ same 32 calibration images) is the peer row at W8/A8.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -28,7 +29,7 @@ from dopq.config import QuantConfig, get_preset
 from dopq.experiment import command_line
 from dopq.export import OnnxModel, export_onnx, optimized_op_counts
 from dopq.export.runtime import INTEGER_OPS
-from dopq.modules import float64_copy
+from dopq.modules import float64_copy, quantizers_of
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -295,6 +296,13 @@ def _loader(work):
     return make_loader(work.eval_dataset, work.eval_indices, 32, work.settings.workers)
 
 
+def _workloads(args: argparse.Namespace, workload):
+    """Each model of ``--models`` with its workload and its streamed evaluation loader."""
+    for arch in args.models:
+        work = workload(args, arch)
+        yield arch, work, _loader(work)
+
+
 def _logits(model: torch.nn.Module, loader) -> torch.Tensor:
     return _logits_and_labels(model, loader)[0]
 
@@ -317,9 +325,7 @@ def suite_deploy_sensitivity(args: argparse.Namespace, workload, save) -> None:
     threads = args.threads or 2
     rows: list[dict[str, Any]] = []
     tmp = Path(tempfile.mkdtemp(prefix="dopq-sensitivity-"))
-    for arch in args.models:
-        work = workload(args, arch)
-        loader = _loader(work)
+    for arch, work, loader in _workloads(args, workload):
         for bits in args.bits:
             config = get_preset("dopq", w_bits=bits, a_bits=bits, softmax_quantizer="tanq")
             model, _ = quantize_with_report(
@@ -346,6 +352,78 @@ def suite_deploy_sensitivity(args: argparse.Namespace, workload, save) -> None:
                         flush=True,
                     )
             save("deploy_sensitivity", {"rows": rows, "onnx_threads": threads})
+
+
+NOISE_RELATIVE = 1e-7  # about float32's unit roundoff: the size of one reordered float sum's error
+
+
+def suite_deploy_noise(args: argparse.Namespace, workload, save) -> None:
+    """How far apart can two float computations of one quantized network be? The agreement floor.
+
+    Each exported runtime computes the simulation's network in another float order; a value within
+    rounding of a code boundary then lands on the neighbouring code. The same happens inside torch
+    when every activation quantizer's input gets a relative error of ``NOISE_RELATIVE`` (seeded, one
+    run per ``--seeds`` entry): its identical-top-1 rate against the plain simulation is a floor that
+    no export can be expected to beat. Per model, preset
+    (``--deploy-methods``) and width (``--widths``, default 8/8): the noisy simulations, onnxruntime
+    (onnxruntime form) and OpenVINO (openvino form), each against the simulation, and the runtimes
+    against each other.
+    """
+    from dopq.environment import cpu_info
+    from dopq.export import load_runtime
+
+    threads = args.threads or 2
+    rows: list[dict[str, Any]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="dopq-noise-"))
+    for arch, work, loader in _workloads(args, workload):
+        for method in args.deploy_methods:
+            for spec in args.widths or ["8/8"]:
+                w, a = _width(spec)
+                model, _ = quantize_with_report(
+                    copy.deepcopy(work.model), work.calib_images, deploy_config(method, w, a), progress=False
+                )
+                simulation, labels = _logits_and_labels(model, loader)
+                logits = {}
+                for seed in args.seeds or [0, 1, 2, 3]:
+                    with _noisy_activation_inputs(model, NOISE_RELATIVE, seed):
+                        logits[f"simulation, noise seed {seed}"] = _logits(model, loader)
+                for runtime in RUNTIMES:
+                    path = tmp / f"{arch}_{method}_w{w}a{a}_{runtime}.onnx"
+                    export_onnx(model, path, target=runtime)
+                    logits[runtime] = _logits(load_runtime(path, runtime, threads), loader)
+                pairs = [("simulation", name) for name in logits] + [("onnxruntime", "openvino")]
+                logits["simulation"] = simulation
+                for first, second in pairs:
+                    same, diff = _agreement(logits[first], logits[second])
+                    rows.append({"model": arch, "method": method, "w_bits": w, "a_bits": a, "a": first,
+                                 "b": second, "identical_top1": same, "max_logit_diff": diff,
+                                 "mean_logit_diff": float((logits[first] - logits[second]).abs().mean()),
+                                 "top1_b": _top1(logits[second], labels), "images": len(labels)})  # fmt: skip
+                    print(
+                        f"  {arch} {method} W{w}/A{a} {first} vs {second}: identical {same:.4f}", flush=True
+                    )
+                save("deploy_noise" + args.suffix, {"rows": rows, "onnx_threads": threads, "cpu": cpu_info(),
+                                                    "noise_relative": NOISE_RELATIVE})  # fmt: skip
+
+
+@contextlib.contextmanager
+def _noisy_activation_inputs(model: torch.nn.Module, relative: float, seed: int):
+    """Every activation quantizer's input times ``1 + relative * N(0, 1)`` (weights untouched)."""
+    weight_quantizers = {id(m.weight_quantizer) for m in model.modules() if hasattr(m, "weight_quantizer")}
+    generator = torch.Generator().manual_seed(seed)
+
+    def perturb(module, args):
+        x = args[0]
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        return (x * (1 + relative * noise), *args[1:])
+
+    handles = [q.register_forward_pre_hook(perturb) for _, q in quantizers_of(model)
+               if id(q) not in weight_quantizers]  # fmt: skip
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:

@@ -610,6 +610,26 @@ def _sensitivity_table(data: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _noise_table(data: dict[str, Any]) -> list[str]:
+    """``deploy_noise*.json``: the noisy simulations and the runtimes against the simulation."""
+    cpu = data.get("cpu", {})
+    isa = ", ".join(cpu.get("integer_isa", [])) or "no integer ISA extension"
+    lines = [f"### Deployment: the agreement floor ({cpu.get('model', 'CPU')}, {isa})", "",
+             f"Command: `{data['command']}` (torch and runtimes on {data['onnx_threads']} threads). Identical "
+             "top-1 predictions against the simulation of: the simulation itself with every activation "
+             f"quantizer's input multiplied by 1 + {data['noise_relative']:g} x N(0, 1) (one run per noise seed: "
+             "float32 rounding, nothing else), and the exported model on each runtime (its own form); last "
+             "the two runtimes against each other. A runtime cannot be expected to agree with the simulation "
+             "better than the noisy simulations do.", "",
+             "| model | recipe | bits | computation A | computation B | identical top-1 % | mean / max logit diff | top-1 % of B |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in data["rows"]:
+        lines.append(f"| {r['model']} | {r['method']} | W{r['w_bits']}/A{r['a_bits']} | {r['a']} | {r['b']} | "
+                     f"{100 * r['identical_top1']:.1f} | {r['mean_logit_diff']:.4f} / {r['max_logit_diff']:.3f} | "
+                     f"{100 * r['top1_b']:.1f} |")  # fmt: skip
+    return [*lines, ""]
+
+
 _PROFILE_NOTES = {  # what each openvino-profile run measured
     "openvino_profile": ", before the Linear-input Q/DQ move",
     "openvino_profile_qdq": ", Linear-input Q/DQ before the token rearrangements; before one q/k/v scale",
@@ -783,7 +803,12 @@ def _calib_gains_table(data: dict[str, Any], note: str = "") -> list[str]:
     return [*lines, "", *kinds, ""]
 
 
-def _preset_table(data: dict[str, Any]) -> list[str]:
+_PRESET_NOTES = {  # runs of the same recipes again elsewhere: what tells them apart
+    "_xeon_preset": ", again on an Intel Xeon (AVX-512 VNNI; stopped before W3/A3 seed 2, times shared the CPU)",
+}
+
+
+def _preset_table(data: dict[str, Any], note: str = "") -> list[str]:
     """The recommended preset against dopq and repq over widths and calibration seeds
     (``calib_gains_*_preset.json``): per width and recipe, top-1 per seed with the paired sign test
     against dopq on the same calibration images, the mean over seeds, the largest loss to dopq and the
@@ -805,7 +830,7 @@ def _preset_table(data: dict[str, Any]) -> list[str]:
         what == "Recommended preset" and (3, 3) not in widths
     ):  # the W3/A3 runs came first and keep their titles
         grid += ", " + ", ".join(f"W{w}/A{a}" for w, a in widths)
-    lines = [f"### {what} against dopq{' and ' + others if others else ''}: {model}{grid}", "",
+    lines = [f"### {what} against dopq{' and ' + others if others else ''}: {model}{grid}{note}", "",
              f"Command: `{data['command']}` ({data['threads']} torch threads). FP32 top-1 {_pct(rows[0]['fp_top1'])}%. "
              f"Calibration seeds {', '.join(map(str, seeds))} (32 images each), the same test images for every row. "
              "Cells: top-1 %, images fixed / broken against dopq at the same seed (sign-test p); calibration time "
@@ -998,7 +1023,8 @@ def _sections(results: Path) -> list[Section]:
             ("_preset", "_widetanq", "_w48", "_qkv_probe", "_gptq_d1")
         ):  # over seeds; subfolders merge
             merged = _load(results, path.stem)
-            add(accuracy, _preset_table(merged), (path.stem,), merged)
+            note = next((n for suffix, n in _PRESET_NOTES.items() if path.stem.endswith(suffix)), "")
+            add(accuracy, _preset_table(merged, note), (path.stem,), merged)
             continue
         note = ", tighter activation clips" if "_actwide" in path.stem else ""
         note = ", GPTQ's float target" if "_asym" in path.stem else note
@@ -1034,6 +1060,8 @@ def _sections(results: Path) -> list[Section]:
         data = _load(results, name)
         if data:
             add(deploy, table(data), (name,), data)
+    for path in sorted(results.glob("deploy_noise*.json")):
+        add(deploy, _noise_table(json.loads(path.read_text())), (path.stem,))
     for path in sorted(results.glob("openvino_profile*.json")):
         data = json.loads(path.read_text())
         add(deploy, _openvino_profile_table(data, _PROFILE_NOTES.get(path.stem, "")), (path.stem,), data)

@@ -11,6 +11,7 @@
     python benchmarks/run.py deploy --widths 8/8 4/8 4/4 --threads 2   # ONNX exports on onnxruntime and OpenVINO vs FP32, peers
     python benchmarks/run.py softmax-forms --bits 4 --threads 2 --repeats 15   # post-Softmax export forms, per op
     python benchmarks/run.py deploy-sensitivity --bits 8 4 --threads 2   # the same network computed four ways
+    python benchmarks/run.py deploy-noise --models swin_tiny_patch4_window7_224 --deploy-methods recommended --threads 2   # the agreement floor
     python benchmarks/run.py openvino-profile --models swin_tiny_patch4_window7_224 --deploy-methods recommended --widths 8/8 --repeats 5 --threads 2   # OpenVINO per-layer time vs NNCF
     python benchmarks/run.py save-size --bits 8 4 3   # --save file sizes against the float checkpoints
     python benchmarks/run.py families --threads 1   # every supported timm family, random init, W4/A4
@@ -267,6 +268,7 @@ _SUITES_ELSEWHERE = {
     "tanq-grid": "softmax_error",
     "deploy": "deploy",
     "deploy-sensitivity": "deploy",
+    "deploy-noise": "deploy",
     "deploy-float64": "deploy",
     "save-size": "deploy",
     "openvino-profile": "openvino_profile",
@@ -323,7 +325,12 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         help="deploy, calib-gains: W/A widths, e.g. 4/8 (deploy: 8/8 4/8 4/4; calib-gains: --bits)",
     )
-    p.add_argument("--seeds", nargs="+", type=int, help="calib-gains: calibration seeds (default: 0)")
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        help="calib-gains: calibration seeds (default: 0); deploy-noise: noise seeds (default: 0 1 2 3)",
+    )
     p.add_argument(
         "--deploy-parts", nargs="+", choices=["accuracy", "timing"], default=["accuracy", "timing"]
     )
