@@ -804,7 +804,9 @@ def _calib_gains_table(data: dict[str, Any], note: str = "") -> list[str]:
 
 
 _PRESET_NOTES = {  # runs of the same recipes again elsewhere: what tells them apart
-    "_xeon_preset": ", again on an Intel Xeon (AVX-512 VNNI; W3/A3 seed 2 alone, the other runs shared the CPU)",
+    "calib_gains_swin_xeon_preset": ", again on an Intel Xeon (AVX-512 VNNI; W3/A3 seed 2 alone, the other runs "
+    "shared the CPU)",
+    "_xeon_preset": ", again on an Intel Xeon (AVX-512 VNNI)",
 }
 
 
