@@ -408,8 +408,8 @@ def suite_deploy_noise(args: argparse.Namespace, workload, save) -> None:
 
 @contextlib.contextmanager
 def _noisy_activation_inputs(model: torch.nn.Module, relative: float, seed: int):
-    """Every activation quantizer's input times ``1 + relative * N(0, 1)`` (weights untouched)."""
-    weight_quantizers = {id(m.weight_quantizer) for m in model.modules() if hasattr(m, "weight_quantizer")}
+    """Every activation quantizer's input times ``1 + relative * N(0, 1)`` (weights untouched: the
+    quantizers :func:`dopq.modules.set_quantization` counts as weights are left out)."""
     generator = torch.Generator().manual_seed(seed)
 
     def perturb(module, args):
@@ -417,8 +417,8 @@ def _noisy_activation_inputs(model: torch.nn.Module, relative: float, seed: int)
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
         return (x * (1 + relative * noise), *args[1:])
 
-    handles = [q.register_forward_pre_hook(perturb) for _, q in quantizers_of(model)
-               if id(q) not in weight_quantizers]  # fmt: skip
+    handles = [q.register_forward_pre_hook(perturb) for name, q in quantizers_of(model)
+               if not name.endswith("weight_quantizer")]  # fmt: skip
     try:
         yield
     finally:
