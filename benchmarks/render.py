@@ -807,6 +807,7 @@ _PRESET_NOTES = {  # runs of the same recipes again elsewhere: what tells them a
     "calib_gains_swin_xeon_preset": ", again on an Intel Xeon (AVX-512 VNNI; W3/A3 seed 2 alone, the other runs "
     "shared the CPU)",
     "_xeon_preset": ", again on an Intel Xeon (AVX-512 VNNI)",
+    "_w44_gptq_d1": ", at W4/A4 on an Intel Xeon (AVX-512 VNNI)",
 }
 
 
