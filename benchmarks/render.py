@@ -532,12 +532,16 @@ _DEPLOY_NOTES = {  # what a suffixed deploy run measured, beside its presets
 }
 
 
+def _cpu_label(data: dict[str, Any]) -> str:
+    """The CPU a results file ran on and its integer ISA (dopq.environment.cpu_info()), for headings."""
+    cpu = data.get("cpu", {})
+    return f"{cpu.get('model', 'CPU')}, {', '.join(cpu.get('integer_isa', [])) or 'no integer ISA extension'}"
+
+
 def _deploy_runtimes_table(data: dict[str, Any], what: str = "") -> list[str]:
     """Exports on onnxruntime and OpenVINO: agreement with the simulation, speed and size against
     the FP32 model on the same runtime, the peers' INT8 models, the CPU they ran on."""
-    cpu = data.get("cpu", {})
-    isa = ", ".join(cpu.get("integer_isa", [])) or "no integer ISA extension"
-    lines = [f"### Deployment on onnxruntime and OpenVINO{what} ({cpu.get('model', 'CPU')}, {isa})", ""]
+    lines = [f"### Deployment on onnxruntime and OpenVINO{what} ({_cpu_label(data)})", ""]
     for part in ("accuracy", "timing"):
         if part in data:
             lines.append(f"{part.capitalize()}: `{data[part]['command']}` ({data[part]['threads']} threads)")
@@ -612,9 +616,7 @@ def _sensitivity_table(data: dict[str, Any]) -> list[str]:
 
 def _noise_table(data: dict[str, Any]) -> list[str]:
     """``deploy_noise*.json``: the noisy simulations and the runtimes against the simulation."""
-    cpu = data.get("cpu", {})
-    isa = ", ".join(cpu.get("integer_isa", [])) or "no integer ISA extension"
-    lines = [f"### Deployment: the agreement floor ({cpu.get('model', 'CPU')}, {isa})", "",
+    lines = [f"### Deployment: the agreement floor ({_cpu_label(data)})", "",
              f"Command: `{data['command']}` (torch and runtimes on {data['onnx_threads']} threads). Identical "
              "top-1 predictions against the simulation of: the simulation itself with every activation "
              f"quantizer's input multiplied by 1 + {data['noise_relative']:g} x N(0, 1) (one run per noise seed: "
@@ -641,13 +643,11 @@ _PROFILE_NOTES = {  # what each openvino-profile run measured
 def _openvino_profile_table(data: dict[str, Any], what: str = "") -> list[str]:
     """OpenVINO's per-layer counters (``openvino_profile*.json``): per model, the time per layer type
     and kernel summed over layers for each exported model, and the stand-alone FakeQuantize layers."""
-    cpu = data.get("cpu", {})
-    isa = ", ".join(cpu.get("integer_isa", [])) or "no integer ISA extension"
     lines = []
     for model in dict.fromkeys(r["model"] for r in data["rows"]):
         rows = [r for r in data["rows"] if r["model"] == model]
         labels = [r["label"] for r in rows]
-        lines += [f"### OpenVINO per-layer time: {model}{what} ({cpu.get('model', 'CPU')}, {isa})", "",
+        lines += [f"### OpenVINO per-layer time: {model}{what} ({_cpu_label(data)})", "",
                   f"Command: `{data['command']}` ({data['threads']} threads). One batch of {data['batch']} "
                   "calibration images, `PERF_COUNT` on; wall time per batch (median of the repeats), then per "
                   "layer type and kernel the time summed over its layers (mean over repeats), ms (layers). "
