@@ -21,8 +21,8 @@ from deploy import _width
 from dopq.config import TANQ_CENTERS_WIDE, QuantConfig, get_preset
 from dopq.data import calibration_indices, load_images
 from dopq.experiment import Workload, run_recipe
+from dopq.rounding_check import sign_test_p
 from dopq.stress import rescale_layernorm_channels
-from render import sign_test_p
 
 STRESS = "stress"
 STRESS_ARCH = "deit_tiny_patch16_224"
@@ -76,6 +76,10 @@ def calib_gain_recipes(w_bits: int, a_bits: int | None = None) -> dict[str, Quan
             "recommended", weight_rounding="gptq", gptq_act_order=True, gptq_damp=DEFAULT_DAMP, **widths
         ),
         "recommended+gptq-d1": get_preset("recommended", weight_rounding="gptq", gptq_damp=1.0, **widths),
+        # the same, kept only where the calibration images show it pays (sign test on their logit KL)
+        "recommended+gptq-d1-check": get_preset(
+            "recommended", weight_rounding="gptq", gptq_damp=1.0, gptq_check=True, **widths
+        ),
         # weight grids centred on 0 (no zero point: int8 kernels without a row-sum correction)
         "dopq+sym": dopq.replace(symmetric_weights=True),
     }
@@ -124,6 +128,7 @@ def _row(work: Workload, label: str, config: QuantConfig, model_label: str) -> d
     row["seed"] = work.settings.seed
     row["recipe"] = config.to_dict()
     row["softmax_kinds"] = (result.get("coverage") or {}).get("softmax_kinds", {})
+    row["gptq"] = result.get("gptq")  # with gptq_check: whether GPTQ's rounding was kept, and why
     row["fp_forward_seconds"] = fp_forward
     row["calib_forward_equivalents"] = result["calib_seconds"] / fp_forward
     return row

@@ -5,7 +5,6 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import json
-import math
 import re
 import statistics
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dopq.config import ReconstructConfig, get_preset
+from dopq.rounding_check import sign_test_p
 
 BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
 
@@ -49,15 +49,6 @@ def _load(results: Path, name: str) -> dict[str, Any] | None:
     merged["rows"] = [row for part in parts for row in part.get("rows", [])]
     merged["command"] = "`; `".join(dict.fromkeys(part["command"] for part in parts))
     return merged
-
-
-def sign_test_p(gained: int, lost: int) -> float:
-    """Two-sided exact sign (McNemar) test of ``gained`` vs ``lost`` discordant images."""
-    n = gained + lost
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2**n
-    return min(1.0, 2 * tail)
 
 
 def _paired_rows(sub: list[dict[str, Any]], bits: list[int], methods: list[str], base: str) -> list[str]:
@@ -504,7 +495,8 @@ _DEPLOY_NOTES = {  # what a suffixed deploy run measured, beside its presets
     "deploy_runtimes_vnni_fused": ", centred q and k with 8-bit activations, 4-bit weights centred by the graph, "
     "centred 8-bit weights; before centred v (superseded at W8/A8 and W4/A8 by the _vnni_vc runs)",
     "deploy_runtimes_vnni_fused_swin": ", Swin-Tiny, centred q and k with 8-bit activations, 4-bit weights centred by "
-    "the graph, centred 8-bit weights; before centred v (superseded at W8/A8 and W4/A8 by the _vnni_vc runs)",
+    "the graph, centred 8-bit weights; before centred v (superseded at W8/A8 and W4/A8 by the _vnni_vc runs, at "
+    "W4/A4 by the _vnni_w44_swin run of the checked GPTQ rule)",
     "deploy_runtimes_vnni_vc": ", q, k and mean-centred v on centred grids with 8-bit activations (each attention one "
     "integer kernel in OpenVINO), 4-bit weights centred by the graph, centred 8-bit weights; before the Linear-input "
     "Q/DQ move (superseded by the _vnni_vcq runs)",
@@ -529,6 +521,8 @@ _DEPLOY_NOTES = {  # what a suffixed deploy run measured, beside its presets
     "in the openvino form",
     "deploy_runtimes_vnni_w48_swin": ", Swin-Tiny, the recommended preset's W4/A8 with GPTQ (damping 1.0, its rule), "
     "one q/k/v scale in the openvino form",
+    "deploy_runtimes_vnni_w44_swin": ", Swin-Tiny, the recommended preset's W4/A4 with GPTQ (damping 1.0) kept by its "
+    "calibration check",
 }
 
 
@@ -808,6 +802,7 @@ _PRESET_NOTES = {  # runs of the same recipes again elsewhere: what tells them a
     "shared the CPU)",
     "_xeon_preset": ", again on an Intel Xeon (AVX-512 VNNI)",
     "_w44_gptq_d1": ", at W4/A4 on an Intel Xeon (AVX-512 VNNI)",
+    "_w44_gptq_check": ", at W4/A4 with the calibration check (the preset's W4/A4 rule), on an Intel Xeon (AVX-512 VNNI)",
 }
 
 
@@ -870,7 +865,36 @@ def _preset_table(data: dict[str, Any], note: str = "") -> list[str]:
             worst = f"{100 * min(deltas):+.1f}" if deltas else ""
             lines.append(f"| W{w}/A{a} | {method} | " + " | ".join(cells)
                          + f" | {_pct(sum(top1) / len(top1), 2)} | {worst} | {fwd:.1f} ({secs:.1f} s) |")  # fmt: skip
-    return [*lines, ""]
+    return [*lines, "", *_gptq_check_lines(rows, seeds)]
+
+
+def _gptq_check_lines(rows: list[dict[str, Any]], seeds: list[int]) -> list[str]:
+    """For rows whose recipe checked GPTQ's rounding on the calibration images (``gptq_check``): per
+    recipe, width and seed, whether GPTQ was kept, the images on which its logit KL from the float
+    model was lower / higher than round-to-nearest's, the sign-test p, the per-seed calibration ratio
+    to dopq's (float forwards) and the two mean divergences."""
+    dopq = {(r["seed"], r["w_bits"], r["a_bits"]): r for r in rows if r["method"] == "dopq"}
+    lines = []
+    for r in rows:
+        check = (r.get("gptq") or {}).get("check")
+        if check is None:
+            continue
+        base = dopq.get((r["seed"], r["w_bits"], r["a_bits"]))
+        ratio = (
+            f", calibration {r['calib_forward_equivalents'] / base['calib_forward_equivalents']:.2f}x dopq's"
+            if base
+            else ""
+        )
+        lines.append(f"| {r['method']} | W{r['w_bits']}/A{r['a_bits']} | {r['seed']} | {'kept' if check['kept'] else 'round-to-nearest'} | "
+                     f"{check['images_better']} / {check['images_worse']} (p={check['p']:.2g}) | "
+                     f"{check['kl_nearest']:.4f} -> {check['kl_gptq']:.4f} | {ratio} |")  # fmt: skip
+    if not lines:
+        return []
+    return ["GPTQ's calibration check per seed: the rounding kept, the calibration images on which GPTQ's logit KL "
+            "from the float model is lower / higher than round-to-nearest's (sign-test p), the mean KL of "
+            "round-to-nearest -> GPTQ, and the calibration time against dopq's at the same seed.", "",
+            "| recipe | width | seed | rounding | GPTQ lower / higher | mean KL | calibration vs dopq |", "|---" * 7 + "|",
+            *lines, ""]  # fmt: skip
 
 
 def _error_budget_table(data: dict[str, Any]) -> list[str]:
@@ -1023,7 +1047,7 @@ def _sections(results: Path) -> list[Section]:
         if "rows" not in data:  # the timing files
             continue
         if path.stem.endswith(
-            ("_preset", "_widetanq", "_w48", "_qkv_probe", "_gptq_d1")
+            ("_preset", "_widetanq", "_w48", "_qkv_probe", "_gptq_d1", "_gptq_check")
         ):  # over seeds; subfolders merge
             merged = _load(results, path.stem)
             note = next((n for suffix, n in _PRESET_NOTES.items() if path.stem.endswith(suffix)), "")
@@ -1149,11 +1173,14 @@ SUMMARY_RECIPES = (
     SummaryRecipe("repq (RepQ-ViT baseline)", ("ablation_deit", "ablation_swin"), lambda w, a: ("repq",)),
     SummaryRecipe("dopq", ("ablation_deit", "ablation_swin"), lambda w, a: ("dopq",)),
     # the default recipe; its runs span three calibration seeds: the summary shows seed 0
-    # (at W4/A8 the rows that measured its GPTQ rule as recommended+gptq-d1 before it became the rule)
-    SummaryRecipe("recommended (the default)", ("calib_gains_deit_gptq_d1", "calib_gains_swin_gptq_d1",
+    # (at W4/A8 and W4/A4 the rows that measured its GPTQ rules as recommended+gptq-d1 and
+    # recommended+gptq-d1-check before they became the rules)
+    SummaryRecipe("recommended (the default)", ("calib_gains_deit_w44_gptq_check", "calib_gains_swin_w44_gptq_check",
+                                                "calib_gains_deit_gptq_d1", "calib_gains_swin_gptq_d1",
                                                 "calib_gains_deit_preset", "calib_gains_swin_preset",
                                                 "calib_gains_deit_vc_preset", "calib_gains_swin_vc_preset"),
-                  lambda w, a: ("recommended", "recommended+gptq-d1"), lambda row, w, a: row.get("seed", 0) == 0),
+                  lambda w, a: ("recommended", "recommended+gptq-d1", "recommended+gptq-d1-check"),
+                  lambda row, w, a: row.get("seed", 0) == 0),
     # GPTQ's default target: half way to the float model's output at 3 bits and below (docs/gptq.md)
     SummaryRecipe("dopq + GPTQ", ("calib_gains_deit*", "calib_gains_swin*"),
                   lambda w, a: ("dopq+gptq-float-half",) if w <= 3 else ("dopq+gptq",)),

@@ -37,7 +37,16 @@ def test_recommended_preset_is_the_default_recipe():
     _, report = dopq.quantize_with_report(_tiny(), images, progress=False)
     assert report.config == dopq.get_preset("recommended", w_bits=4, a_bits=4)
     _, report = dopq.quantize_with_report(_tiny(), images, "recommended", progress=False)
-    assert report.config.weight_rounding == "nearest"  # GPTQ only at <= 3 bits
+    # at W4/A4 GPTQ's rounding, kept only where the calibration images show it pays
+    assert report.config.weight_rounding == "gptq" and report.config.gptq_check
+    assert set(report.gptq["check"]) == {
+        "kept",
+        "kl_nearest",
+        "kl_gptq",
+        "images_better",
+        "images_worse",
+        "p",
+    }
 
 
 def test_w8a8_is_close_to_float():

@@ -117,18 +117,23 @@ def test_recommended_preset_follows_the_width_by_rule() -> None:
             c.symmetric_attention,
             c.centre_values,
             c.gptq_damp,
+            c.gptq_check,
         )
 
-    assert components(8, 8) == ("nearest", "quantized", "uniform", True, "qkv", True, 0.1)
-    assert components(4, 8) == ("gptq", "quantized", "uniform", False, "qkv", True, 1.0)
-    assert components(4, 4) == ("nearest", "quantized", "tanq", False, "off", False, 0.1)
-    assert components(3, 3) == ("gptq", "float", "tanq", False, "off", False, 0.1)
-    assert components(8, 3) == ("gptq", "float", "tanq", True, "off", False, 0.1)
+    assert components(8, 8) == ("nearest", "quantized", "uniform", True, "qkv", True, 0.1, False)
+    assert components(4, 8) == ("gptq", "quantized", "uniform", False, "qkv", True, 1.0, False)
+    # at W4/A4 GPTQ's rounding is kept only where the calibration images show it pays
+    assert components(4, 4) == ("gptq", "quantized", "tanq", False, "off", False, 1.0, True)
+    assert components(3, 3) == ("gptq", "float", "tanq", False, "off", False, 0.1, False)
+    assert components(8, 3) == ("gptq", "float", "tanq", True, "off", False, 0.1, False)
     # where the rule does not apply it is dopq's config; at 3 bits only the rounding differs, with
     # 8-bit weights the centred weight grids, with 8-bit activations the centred, mean-centred q, k, v
     # (and at W4/A8 GPTQ's rounding with the strongest damping)
-    for w, a in ((4, 4), (6, 6)):
-        assert get_preset("recommended", w_bits=w, a_bits=a) == get_preset("dopq", w_bits=w, a_bits=a)
+    assert get_preset("recommended", w_bits=6, a_bits=6) == get_preset("dopq", w_bits=6, a_bits=6)
+    checked = dict(weight_rounding="nearest", gptq_damp=0.1, gptq_check=False)
+    assert get_preset("recommended", w_bits=4, a_bits=4).replace(**checked) == get_preset(
+        "dopq", w_bits=4, a_bits=4
+    )
     dopq = get_preset("dopq", w_bits=3, a_bits=3)
     assert get_preset("recommended", w_bits=3, a_bits=3).replace(weight_rounding="nearest") == dopq
     dopq48 = get_preset("dopq", w_bits=4, a_bits=8)

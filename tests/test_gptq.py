@@ -319,7 +319,8 @@ def test_config_and_command_line_switches() -> None:
     with pytest.raises(ConfigError, match="gptq_target must be one of"):
         dopq.QuantConfig(gptq_target="fp")
     default = _config_from(build_parser().parse_args(["quantize", "--model", "m", "--data", "d"]))
-    assert (default.weight_rounding, default.gptq_act_order) == ("nearest", False)
+    # the default recipe at W4/A4: GPTQ with damping 1.0, kept only where the calibration check passes
+    assert (default.weight_rounding, default.gptq_act_order, default.gptq_check) == ("gptq", False, True)
     assert (default.gptq_target, default.gptq_target_shrink) == (None, 0.5)
     # the objective follows the width unless given: the float model's output at 3 bits and below
     assert default.gptq_target_used == "quantized"

@@ -23,6 +23,7 @@ from dopq.models import Coverage, QuantPlan, prepare_model, softmax_kinds
 from dopq.models.loading import as_dopq_model
 from dopq.reconstruct import ReconstructionProgress, reconstruct
 from dopq.reparam import ReparamReport, reparameterize
+from dopq.rounding_check import compare_roundings, float_logits, kl_divergence, last_output, logit_kl
 
 __all__ = ["QuantizationReport", "as_image_tensor", "quantize", "quantize_with_report"]
 
@@ -45,8 +46,15 @@ class QuantizationReport:
     @property
     def calib_seconds(self) -> float:
         """Value centring + calibration + re-parameterization (with its weight re-calibration) + GPTQ
-        + bias correction: everything but data loading, reconstruction and evaluation."""
-        stages = ("value_centring", "calibration", "reparameterization", "gptq", "bias_correction")
+        (with its check) + bias correction: everything but data loading, reconstruction and evaluation."""
+        stages = (
+            "value_centring",
+            "calibration",
+            "reparameterization",
+            "gptq",
+            "gptq_check",
+            "bias_correction",
+        )
         return sum(self.timings.get(stage, 0.0) for stage in stages)
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,8 +130,12 @@ def _calibrate_and_reparameterize(
             check_images=images[:4],
             captured=captured,
         )
-    float_weights = None
+    float_weights = nearest = reference = None
     if config.weight_rounding == "gptq":
+        if config.gptq_check:  # the round-to-nearest model, finished below for the check
+            with _timed(timings, "gptq_check"):
+                reference = float_logits(model, images)
+                nearest = copy.deepcopy(model)
         with _timed(timings, "gptq"):
             target = config.gptq_target_used
             float_weights = gptq_model(
@@ -136,9 +148,44 @@ def _calibrate_and_reparameterize(
             )
             shrink = config.gptq_target_shrink if target == "float" else None
             report.gptq = {"target": target, "target_shrink": shrink, "layers": len(float_weights)}
-    if config.bias_correction:
-        with _timed(timings, "bias_correction"):
-            correct_bias(model, images, reference_weights=float_weights)
+    with _timed(timings, "bias_correction"):
+        corrected_logits = _correct_bias(model, images, config, float_weights)
+    if nearest is not None:
+        with _timed(timings, "gptq_check"):
+            kl_gptq = _finished_kl(model, images, reference, corrected_logits)
+            kl_nearest = _finished_kl(nearest, images, reference, _correct_bias(nearest, images, config))
+            check = compare_roundings(kl_nearest, kl_gptq)
+            report.gptq["check"] = check.to_dict()
+            log.info("GPTQ rounding %s: %s", "kept" if check.keep_gptq else "dropped", check)
+            if not check.keep_gptq:
+                model.load_state_dict(nearest.state_dict())
+
+
+def _correct_bias(
+    model: nn.Module,
+    images: torch.Tensor,
+    config: QuantConfig,
+    float_weights: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor | None:
+    """Bias correction where the recipe has it; the logits its pass computed (those of the
+    corrected model on the images it corrected on), else None."""
+    if not config.bias_correction:
+        return None
+    with last_output(model) as correction_pass:
+        correct_bias(model, images, reference_weights=float_weights)
+    return correction_pass.value
+
+
+def _finished_kl(
+    model: nn.Module, images: torch.Tensor, reference: torch.Tensor, corrected_logits: torch.Tensor | None
+) -> torch.Tensor:
+    """Per calibration image, the finished model's logit KL from the float ``reference``; the
+    bias-correction pass's logits stand in for the images it corrected on (a forward fewer)."""
+    done = 0 if corrected_logits is None else corrected_logits.shape[0]
+    kl = [kl_divergence(corrected_logits, reference[:done])] if done else []
+    if done < images.shape[0]:
+        kl.append(logit_kl(model, images[done:], reference[done:]))
+    return torch.cat(kl)
 
 
 def quantize_with_report(

@@ -183,6 +183,12 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         help="GPTQ float target: fraction of the way from the float weight to the least-squares target "
         "(default 0.5)",
     )
+    g.add_argument(
+        "--gptq-check",
+        choices=["on", "off"],
+        help="keep GPTQ's rounding only where it lowers the calibration images' logit error against the "
+        "float model significantly (sign test), else round to nearest",
+    )
     r = p.add_argument_group("reconstruction")
     r.add_argument("--reconstruct", action="store_true", help="block-wise reconstruction after calibration")
     r.add_argument("--recon-calib-size", type=int, default=1024)
@@ -326,6 +332,7 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
         "integer_zero_point",
         "bias_correction",
         "gptq_act_order",
+        "gptq_check",
         "symmetric_weights",
         "centre_values",
     ):

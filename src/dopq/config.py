@@ -249,6 +249,11 @@ class QuantConfig:
         gptq_target_shrink: with the float target, the fraction of the way each weight moves from
             its float value to the least-squares target before rounding (1: all the way, which
             loses on Swin-Tiny at W3/A3 where half way wins; docs/gptq.md).
+        gptq_check: keep GPTQ's rounding only when it lowers the logit KL divergence from the float
+            model on significantly more calibration images than it raises it (sign test,
+            :mod:`dopq.rounding_check`), else round to nearest (bit for bit the model without GPTQ):
+            a copy of the model, a float forward of the calibration batch, a second bias correction
+            and about 1.5 quantized forwards more. False: always keep GPTQ's rounding.
         reconstruct: block reconstruction settings, or None for calibration only.
 
     Example:
@@ -280,6 +285,7 @@ class QuantConfig:
     gptq_act_order: bool = False
     gptq_target: str | None = None
     gptq_target_shrink: float = 0.5
+    gptq_check: bool = False
     reconstruct: ReconstructConfig | None = None
 
     def __post_init__(self) -> None:
@@ -374,12 +380,17 @@ _PRESETS: dict[str, dict[str, Any]] = {
 # correction, and v is first centred on its calibration mean (centre_values, exact in float): centring
 # v's grid without that lost 0.3-0.5 on Swin-Tiny at W4/A8 at two of three seeds (docs/export.md).
 # 4-bit weights under 8-bit activations (where the weights carry nearly all the error) are rounded by
-# GPTQ with the strongest damping (RECOMMENDED_W4A8_GPTQ_DAMP: the Hessian's mean diagonal added to
+# GPTQ with the strongest damping (RECOMMENDED_W4_GPTQ_DAMP: the Hessian's mean diagonal added to
 # it): Swin-Tiny's W4/A8 within 0.3 of FP at three seeds, DeiT-Tiny and its outlier-stressed copy
 # within 0.3 of dopq (docs/gptq.md); GPTQ's default damping lost 0.4 there at three of six seeds.
+# 4-bit weights under narrower activations get the same rounding, kept only where the calibration
+# images show it pays (gptq_check: a sign test on their logit KL against the float model; measured
+# at W4/A4):
+# at W4/A4 it brought Swin-Tiny within 0.5 of FP at three seeds, where on the DeiT-Tiny models, which
+# round-to-nearest already keeps at FP, unchecked GPTQ lost up to 1.3 at single seeds (docs/gptq.md).
 RECOMMENDED = "recommended"
 RECOMMENDED_GPTQ_MAX_BITS = 3
-RECOMMENDED_W4A8_GPTQ_DAMP = 1.0
+RECOMMENDED_W4_GPTQ_DAMP = 1.0
 RECOMMENDED_SYMMETRIC_W_BITS = 8
 RECOMMENDED_SYMMETRIC_A_BITS = 8
 
@@ -394,9 +405,10 @@ def _recommended_rules(w_bits: int, a_bits: int) -> dict[str, Any]:
         rules["centre_values"] = True
     if min(w_bits, a_bits) <= RECOMMENDED_GPTQ_MAX_BITS:
         rules["weight_rounding"] = "gptq"
-    elif w_bits == 4 and a_bits >= RECOMMENDED_SYMMETRIC_A_BITS:
+    elif w_bits == 4:
         rules["weight_rounding"] = "gptq"
-        rules["gptq_damp"] = RECOMMENDED_W4A8_GPTQ_DAMP
+        rules["gptq_damp"] = RECOMMENDED_W4_GPTQ_DAMP
+        rules["gptq_check"] = a_bits < RECOMMENDED_SYMMETRIC_A_BITS
     return rules
 
 
@@ -417,7 +429,8 @@ def get_preset(name: str, **overrides: Any) -> QuantConfig:
     ``dopq`` (the paper's recipe) quantizes post-Softmax activations with TanQ up to
     ``TANQ_MAX_BITS`` and uniformly above. ``recommended`` is dopq plus GPTQ rounding at
     <= ``RECOMMENDED_GPTQ_MAX_BITS`` bits (aimed half way at the float model's output) and at 4-bit
-    weights with 8-bit activations (damping ``RECOMMENDED_W4A8_GPTQ_DAMP``), weight grids centred on 0
+    weights (damping ``RECOMMENDED_W4_GPTQ_DAMP``; below 8-bit activations kept only where the
+    calibration images show it pays, ``gptq_check``), weight grids centred on 0
     at ``RECOMMENDED_SYMMETRIC_W_BITS`` bits, and q, k and (mean-centred) v on grids centred on 0
     with ``RECOMMENDED_SYMMETRIC_A_BITS``-bit activations.
     ``repq`` is the RepQ-ViT baseline.
@@ -430,7 +443,10 @@ def get_preset(name: str, **overrides: Any) -> QuantConfig:
         >>> c = get_preset("recommended", w_bits=3, a_bits=3)
         >>> c.weight_rounding, c.gptq_target_used, c.softmax_quantizer
         ('gptq', 'float', 'tanq')
-        >>> get_preset("recommended", w_bits=4, a_bits=4) == get_preset("dopq", w_bits=4, a_bits=4)
+        >>> c = get_preset("recommended", w_bits=4, a_bits=4)
+        >>> c.weight_rounding, c.gptq_damp, c.gptq_check
+        ('gptq', 1.0, True)
+        >>> c.replace(weight_rounding="nearest", gptq_damp=0.1, gptq_check=False) == get_preset("dopq")
         True
         >>> c = get_preset("recommended", w_bits=8, a_bits=8)
         >>> c.symmetric_weights, c.symmetric_attention, c.centre_values
