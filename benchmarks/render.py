@@ -865,10 +865,10 @@ def _preset_table(data: dict[str, Any], note: str = "") -> list[str]:
             worst = f"{100 * min(deltas):+.1f}" if deltas else ""
             lines.append(f"| W{w}/A{a} | {method} | " + " | ".join(cells)
                          + f" | {_pct(sum(top1) / len(top1), 2)} | {worst} | {fwd:.1f} ({secs:.1f} s) |")  # fmt: skip
-    return [*lines, "", *_gptq_check_lines(rows, seeds)]
+    return [*lines, "", *_gptq_check_lines(rows)]
 
 
-def _gptq_check_lines(rows: list[dict[str, Any]], seeds: list[int]) -> list[str]:
+def _gptq_check_lines(rows: list[dict[str, Any]]) -> list[str]:
     """For rows whose recipe checked GPTQ's rounding on the calibration images (``gptq_check``): per
     recipe, width and seed, whether GPTQ was kept, the images on which its logit KL from the float
     model was lower / higher than round-to-nearest's, the sign-test p, the per-seed calibration ratio

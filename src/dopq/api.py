@@ -23,7 +23,7 @@ from dopq.models import Coverage, QuantPlan, prepare_model, softmax_kinds
 from dopq.models.loading import as_dopq_model
 from dopq.reconstruct import ReconstructionProgress, reconstruct
 from dopq.reparam import ReparamReport, reparameterize
-from dopq.rounding_check import compare_roundings, float_logits, kl_divergence, last_output, logit_kl
+from dopq.rounding_check import compare_roundings, corrected_model_kl, float_logits, last_output
 
 __all__ = ["QuantizationReport", "as_image_tensor", "quantize", "quantize_with_report"]
 
@@ -152,8 +152,10 @@ def _calibrate_and_reparameterize(
         corrected_logits = _correct_bias(model, images, config, float_weights)
     if nearest is not None:
         with _timed(timings, "gptq_check"):
-            kl_gptq = _finished_kl(model, images, reference, corrected_logits)
-            kl_nearest = _finished_kl(nearest, images, reference, _correct_bias(nearest, images, config))
+            kl_gptq = corrected_model_kl(model, images, reference, corrected_logits)
+            kl_nearest = corrected_model_kl(
+                nearest, images, reference, _correct_bias(nearest, images, config)
+            )
             check = compare_roundings(kl_nearest, kl_gptq)
             report.gptq["check"] = check.to_dict()
             log.info("GPTQ rounding %s: %s", "kept" if check.keep_gptq else "dropped", check)
@@ -174,18 +176,6 @@ def _correct_bias(
     with last_output(model) as correction_pass:
         correct_bias(model, images, reference_weights=float_weights)
     return correction_pass.value
-
-
-def _finished_kl(
-    model: nn.Module, images: torch.Tensor, reference: torch.Tensor, corrected_logits: torch.Tensor | None
-) -> torch.Tensor:
-    """Per calibration image, the finished model's logit KL from the float ``reference``; the
-    bias-correction pass's logits stand in for the images it corrected on (a forward fewer)."""
-    done = 0 if corrected_logits is None else corrected_logits.shape[0]
-    kl = [kl_divergence(corrected_logits, reference[:done])] if done else []
-    if done < images.shape[0]:
-        kl.append(logit_kl(model, images[done:], reference[done:]))
-    return torch.cat(kl)
 
 
 def quantize_with_report(

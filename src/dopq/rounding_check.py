@@ -29,6 +29,7 @@ __all__ = [
     "GPTQ_KEEP_ALPHA",
     "RoundingCheck",
     "compare_roundings",
+    "corrected_model_kl",
     "float_logits",
     "kl_divergence",
     "last_output",
@@ -59,6 +60,19 @@ def kl_divergence(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor
 def logit_kl(model: nn.Module, images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Per image, the divergence of ``model``'s logits from ``reference`` (:func:`kl_divergence`)."""
     return kl_divergence(model(images), reference)
+
+
+def corrected_model_kl(
+    model: nn.Module, images: torch.Tensor, reference: torch.Tensor, corrected_logits: torch.Tensor | None
+) -> torch.Tensor:
+    """Per image, the bias-corrected ``model``'s logit KL from the float ``reference``; the logits of
+    bias correction's own pass (``corrected_logits``, its first images) stand in for a forward of
+    those images, so only the rest are run again."""
+    done = 0 if corrected_logits is None else corrected_logits.shape[0]
+    kl = [kl_divergence(corrected_logits, reference[:done])] if done else []
+    if done < images.shape[0]:
+        kl.append(logit_kl(model, images[done:], reference[done:]))
+    return torch.cat(kl)
 
 
 @dataclass
