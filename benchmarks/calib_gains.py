@@ -80,6 +80,8 @@ def calib_gain_recipes(w_bits: int, a_bits: int | None = None) -> dict[str, Quan
         "recommended+gptq-d1-check": get_preset(
             "recommended", weight_rounding="gptq", gptq_damp=1.0, gptq_check=True, **widths
         ),
+        # per-tensor activation ranges by the error of the products they enter (act_range_objective)
+        "recommended+output-ranges": get_preset("recommended", act_range_objective="output", **widths),
         # weight grids centred on 0 (no zero point: int8 kernels without a row-sum correction)
         "dopq+sym": dopq.replace(symmetric_weights=True),
     }

@@ -803,6 +803,7 @@ _PRESET_NOTES = {  # runs of the same recipes again elsewhere: what tells them a
     "_xeon_preset": ", again on an Intel Xeon (AVX-512 VNNI)",
     "_w44_gptq_d1": ", at W4/A4 on an Intel Xeon (AVX-512 VNNI)",
     "_w44_gptq_check": ", at W4/A4 with the calibration check (the preset's W4/A4 rule), on an Intel Xeon (AVX-512 VNNI)",
+    "_w33_output": ", at W3/A3 on an Intel Xeon (AVX-512 VNNI)",
 }
 
 
@@ -1047,7 +1048,7 @@ def _sections(results: Path) -> list[Section]:
         if "rows" not in data:  # the timing files
             continue
         if path.stem.endswith(
-            ("_preset", "_widetanq", "_w48", "_qkv_probe", "_gptq_d1", "_gptq_check")
+            ("_preset", "_widetanq", "_w48", "_qkv_probe", "_gptq_d1", "_gptq_check", "_output")
         ):  # over seeds; subfolders merge
             merged = _load(results, path.stem)
             note = next((n for suffix, n in _PRESET_NOTES.items() if path.stem.endswith(suffix)), "")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from conftest import tiny_vit
 from dopq.calibrate import calibrate, correct_bias
+from dopq.config import get_preset
+from dopq.models import prepare_model
 from dopq.modules import QuantLinear
-from dopq.quantizers import PerChannel, PerTensor, UniformQuantizer
+from dopq.quantizers import PerChannel, PerTensor, UniformQuantizer, search_output_range
 
 
 def _quant_mlp() -> tuple[nn.Sequential, torch.Tensor]:
@@ -46,3 +49,42 @@ def test_bias_correction_removes_the_mean_output_error():
     assert max(float(e.abs().max()) for e in after) < 1e-4
     # layer 0 sees the same inputs as before, so its correction is exactly its mean error
     assert torch.allclose(net[0].bias - biases[0], -before[0], atol=1e-5)
+
+
+def test_output_objective_ranges_come_from_the_products_in_the_model() -> None:
+    """Calibration hands each per-tensor activation quantizer the product it enters: a Linear's
+    input its weight, attention's k its q. Per-channel (post-LayerNorm) ranges keep the squared
+    error."""
+    seen: dict[str, torch.Tensor] = {}
+    models = {}
+    for objective in ("mse", "output"):
+        torch.manual_seed(0)
+        model, images = tiny_vit()
+        prepare_model(model, get_preset("dopq", w_bits=4, a_bits=3, act_range_objective=objective))
+        attn = model.blocks[0].attn
+        hooks = [
+            attn.proj.register_forward_pre_hook(lambda m, a: seen.setdefault("proj", a[0].detach())),
+            attn.matmul_qk.register_forward_pre_hook(
+                lambda m, a: seen.setdefault("qk", (a[0].detach(), a[1].detach()))
+            ),
+        ]
+        calibrate(model, images)
+        for h in hooks:
+            h.remove()
+        models[objective] = (model, dict(seen))
+        seen.clear()
+    model, inputs = models["output"]
+    attn = model.blocks[0].attn
+    proj_q = attn.proj.input_quantizer
+    scale, zero_point = search_output_range(
+        inputs["proj"], 3, lambda e: e @ attn.proj.weight.detach().T, proj_q.percentiles
+    )
+    assert torch.allclose(proj_q.scale, scale) and torch.equal(proj_q.zero_point, zero_point)
+    q, k = inputs["qk"]
+    k_q = attn.matmul_qk.quantizer_b
+    scale, _ = search_output_range(k, 3, lambda e: q @ e, k_q.percentiles)
+    assert torch.allclose(k_q.scale, scale)
+    plain = models["mse"][0].blocks[0]
+    assert not torch.equal(plain.attn.proj.input_quantizer.scale, proj_q.scale)
+    # the post-LayerNorm per-channel quantizers search their own squared error either way
+    assert torch.equal(plain.attn.qkv.input_quantizer.scale, attn.qkv.input_quantizer.scale)

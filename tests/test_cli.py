@@ -21,6 +21,7 @@ from PIL import Image
 import dopq
 from dopq.cli import _settings_from, build_parser, main
 from dopq.config import get_preset
+from dopq.errors import ConfigError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DEIT = SHARED / "models" / "deit_tiny_patch16_224.cifar10.safetensors"
@@ -317,6 +318,10 @@ def test_the_default_method_is_the_recommended_preset() -> None:
         assert config == get_preset("recommended").replace(softmax_grid_bits=grid)
     edge = _config_from(build_parser().parse_args([*base, "--edge-w-bits", "8"]))
     assert edge == get_preset("recommended").replace(edge_w_bits=8)
+    ranges = _config_from(build_parser().parse_args([*base, "--act-range-objective", "output"]))
+    assert ranges == get_preset("recommended").replace(act_range_objective="output")
+    with pytest.raises(ConfigError, match="invalid choice: 'kl'"):  # main() prints it as one line
+        build_parser().parse_args([*base, "--act-range-objective", "kl"])
     # the centred attention operands of 8-bit activations: the preset's q, k and mean-centred v, or
     # any choice
     w8a8 = [*base, "--w-bits", "8", "--a-bits", "8"]

@@ -37,6 +37,7 @@ def test_presets_differ_only_in_components():
         ("symmetric_attention", True, "symmetric_attention must be one of off, qk, qkv"),
         ("percentiles", (0.2,), "percentiles"),
         ("act_percentiles", (), "act_percentiles must be in"),
+        ("act_range_objective", "l1", "act_range_objective must be one of mse, output"),
     ],
 )
 def test_invalid_fields_raise_actionable_errors(field, value, message):

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from dopq.config import TANQ_CENTERS_WIDE
 from dopq.quantizers import (
+    Consumer,
     Log2Quantizer,
     LogSqrt2Quantizer,
     PerChannel,
@@ -24,6 +25,7 @@ from dopq.quantizers import (
     list_quantizers,
     quantize_uniform,
     register_quantizer,
+    search_output_range,
     search_uniform_range,
     tan_levels,
 )
@@ -31,6 +33,7 @@ from dopq.quantizers.adaround import AdaRoundQuantizer
 from dopq.quantizers.levels import codes_from_thresholds, float32_decision_points
 from dopq.quantizers.ranges import row_quantiles
 from dopq.quantizers.tanq import tan_codes
+from dopq.quantizers.uniform import OUTPUT_PERCENTILES
 
 
 def _attention(shape=(2, 3, 40, 40), temp=4.0) -> torch.Tensor:
@@ -96,6 +99,77 @@ def test_range_search_is_the_best_candidate():
         sc = (hi - lo) / 15
         err = float((fake_quantize_uniform(x, sc, (-lo / sc).round(), 4) - x).pow(2).mean())
         assert best <= err + 1e-7
+
+
+def _outlier_tokens() -> torch.Tensor:
+    """Tokens whose channel 0 carries rare large outliers, the others a Gaussian bulk."""
+    x = torch.randn(2000, 8)
+    x[::97, 0] = 30.0
+    return x
+
+
+def _product_error(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, right: torch.Tensor) -> float:
+    return float(((fake_quantize_uniform(x, s, z, 3) - x) @ right).pow(2).sum())
+
+
+@pytest.mark.parametrize("outlier_weight", [0.0, 1.0])
+def test_output_range_search_keeps_the_candidate_best_for_the_product(outlier_weight: float) -> None:
+    x = _outlier_tokens()
+    right = torch.full((8, 4), 0.1)
+    right[0] = outlier_weight
+    s, z = search_output_range(x, 3, lambda e: e @ right)
+    best = _product_error(x, s, z, right)
+    flat = x.reshape(1, -1)
+    for p in OUTPUT_PERCENTILES:
+        hi, lo = row_quantiles(flat, (p,))[0].clamp_min(0), row_quantiles(flat, (1 - p,))[0].clamp_max(0)
+        sc = (hi - lo) / 7
+        assert best <= _product_error(x, sc, (-lo / sc).round(), right) * (1 + 1e-6)
+    # the outliers' clip costs what their weights make of it: nothing where they meet zeros, and
+    # (nearly) the full range is worth its coarser steps where they meet weights ten times the others'
+    full = float(x.max() - x.min()) / 7
+    if outlier_weight == 0.0:
+        assert float(s) < 0.3 * full
+    else:
+        assert float(s) > 0.95 * full
+
+
+def test_output_objective_quantizer_searches_the_product_it_is_given() -> None:
+    x = _outlier_tokens().reshape(4, 500, 8)
+    weight = torch.full((4, 8), 0.1)  # a Linear's (out, in) weight: the outlier channel unused
+    weight[:, 0] = 0.0
+    by_output = UniformQuantizer(3, percentiles=OUTPUT_PERCENTILES, objective="output")
+    by_output.initialize(x, weight.T)
+    expected = search_output_range(x, 3, lambda e: e @ weight.T)
+    assert torch.equal(by_output.scale, expected[0]) and torch.equal(by_output.zero_point, expected[1])
+    by_mse = UniformQuantizer(3)
+    by_mse.initialize(x, weight.T)
+    assert float(by_output.scale) < 0.5 * float(by_mse.scale)
+    # without a product, and per channel, the output objective is the squared-error search
+    for granularity in (PerTensor(), PerChannel(-1)):
+        plain, output = UniformQuantizer(3, granularity), UniformQuantizer(3, granularity, objective="output")
+        plain.initialize(x, None)
+        output.initialize(x, None if granularity == PerTensor() else weight.T)
+        assert torch.equal(plain.scale, output.scale)
+
+
+def test_output_objective_scores_the_right_operand_through_the_left_factor() -> None:
+    torch.manual_seed(1)
+    a = torch.randn(2, 3, 10, 6)  # (batch, heads, tokens, d) @ (batch, heads, d, tokens)
+    a[..., 2] = 0.0  # the left factor never reads row 2 of the right operand
+    b = torch.randn(2, 3, 6, 10)
+    b[..., 2, ::3] = 25.0
+    q = UniformQuantizer(3, percentiles=OUTPUT_PERCENTILES, objective="output")
+    q.initialize(b, Consumer(left=a))
+    expected = search_output_range(b, 3, lambda e: a @ e)
+    assert torch.equal(q.scale, expected[0])
+    mse = UniformQuantizer(3)
+    mse.initialize(b, None)
+    assert float(q.scale) < float(mse.scale)
+
+
+def test_unknown_range_objective_is_refused() -> None:
+    with pytest.raises(ValueError, match="objective"):
+        UniformQuantizer(3, objective="kl")
 
 
 def test_per_channel_search_equals_channel_loop():

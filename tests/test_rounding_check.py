@@ -78,7 +78,7 @@ def test_checked_model_is_exactly_one_of_the_two_roundings(monkeypatch, keep: bo
     def forced(kl_nearest, kl_gptq, alpha=0.05):
         return real(kl_nearest, kl_gptq - 1.0 if keep else kl_gptq + 1.0, alpha)
 
-    monkeypatch.setattr("dopq.api.compare_roundings", forced)
+    monkeypatch.setattr("dopq.rounding_check.compare_roundings", forced)
     with torch.no_grad():
         float_out = model(x)
     checked, report = dopq.quantize_with_report(model, x, gptq.replace(gptq_check=True), progress=False)

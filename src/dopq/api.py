@@ -23,7 +23,7 @@ from dopq.models import Coverage, QuantPlan, prepare_model, softmax_kinds
 from dopq.models.loading import as_dopq_model
 from dopq.reconstruct import ReconstructionProgress, reconstruct
 from dopq.reparam import ReparamReport, reparameterize
-from dopq.rounding_check import compare_roundings, corrected_model_kl, float_logits, last_output
+from dopq.rounding_check import float_logits, keep_better_rounding, last_output
 
 __all__ = ["QuantizationReport", "as_image_tensor", "quantize", "quantize_with_report"]
 
@@ -152,15 +152,16 @@ def _calibrate_and_reparameterize(
         corrected_logits = _correct_bias(model, images, config, float_weights)
     if nearest is not None:
         with _timed(timings, "gptq_check"):
-            kl_gptq = corrected_model_kl(model, images, reference, corrected_logits)
-            kl_nearest = corrected_model_kl(
-                nearest, images, reference, _correct_bias(nearest, images, config)
+            check = keep_better_rounding(
+                model,
+                nearest,
+                images,
+                reference,
+                corrected_logits,
+                lambda m: _correct_bias(m, images, config),
             )
-            check = compare_roundings(kl_nearest, kl_gptq)
             report.gptq["check"] = check.to_dict()
             log.info("GPTQ rounding %s: %s", "kept" if check.keep_gptq else "dropped", check)
-            if not check.keep_gptq:
-                model.load_state_dict(nearest.state_dict())
 
 
 def _correct_bias(

@@ -18,6 +18,7 @@ from dopq.config import (
     GPTQ_TARGETS,
     LN_SCALE_RULES,
     LN_SHIFTS,
+    RANGE_OBJECTIVES,
     RECOMMENDED,
     ROUNDINGS,
     RUNTIMES,
@@ -163,6 +164,12 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         type=float,
         nargs="+",
         help="candidate upper quantiles of the activation range search (default: the preset's percentiles)",
+    )
+    g.add_argument(
+        "--act-range-objective",
+        choices=list(RANGE_OBJECTIVES),
+        help="per-tensor activation ranges by their own squared error (mse) or by the error of the "
+        "product they enter (output: the next Linear's or the attention product's)",
     )
     g.add_argument(
         "--weight-rounding",
@@ -324,6 +331,7 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
         "gptq_target": args.gptq_target,
         "gptq_target_shrink": args.gptq_target_shrink,
         "act_percentiles": tuple(args.act_percentiles) if args.act_percentiles else None,
+        "act_range_objective": args.act_range_objective,
         "edge_w_bits": args.edge_w_bits,
         "tanq_centers": tuple(args.tanq_centers) if args.tanq_centers else None,
         "symmetric_attention": args.symmetric_attention,

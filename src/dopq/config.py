@@ -8,12 +8,14 @@ from typing import Any
 
 from dopq.errors import ConfigError
 from dopq.quantizers.tanq import DEFAULT_CENTERS
+from dopq.quantizers.uniform import RANGE_OBJECTIVES
 
 __all__ = [
     "GPTQ_FLOAT_TARGET_MAX_BITS",
     "GPTQ_TARGETS",
     "LN_SCALE_RULES",
     "LN_SHIFTS",
+    "RANGE_OBJECTIVES",
     "RECOMMENDED",
     "SOFTMAX_CHOICES",
     "SOFTMAX_GRID_BITS",
@@ -226,7 +228,12 @@ class QuantConfig:
             reading ``attn @ v``: exact in float because every Softmax row sums to 1. A grid centred on
             0 (``symmetric_attention="qkv"``) then sits on the bulk of v (:mod:`dopq.centring`).
         act_percentiles: candidate upper quantiles of the activations' uniform range search
-            (None: ``percentiles``). At 3 bits a tighter clip (0.99, 0.995) can pay (docs/gptq.md).
+            (None: ``percentiles``, or with the output objective its own grid
+            ``OUTPUT_PERCENTILES``, 0.99 to the full range). At 3 bits a tighter clip (0.99, 0.995)
+            can pay (docs/gptq.md).
+        act_range_objective: how a per-tensor activation quantizer picks its range: "mse" (its own
+            squared error, RepQ-ViT's search) or "output" (the error it causes in the product it
+            enters: the next Linear's output, or the attention product; docs/gptq.md).
         tanq_objective: "output" (error of attn @ v) or "mse" (error of the attention values).
         tanq_centers: TanQ's candidate centres ``m`` (each in (0, 1)); ``TANQ_CENTERS_WIDE`` lowers the
             attn @ v error of every shared model and won on DeiT-Tiny, but lost on Swin-Tiny
@@ -272,6 +279,7 @@ class QuantConfig:
     edge_w_bits: int | None = None
     percentiles: tuple[float, ...] = (0.999, 0.9999, 0.99999)
     act_percentiles: tuple[float, ...] | None = None
+    act_range_objective: str = "mse"
     symmetric_weights: bool = False
     symmetric_attention: str = "off"
     centre_values: bool = False
@@ -296,6 +304,7 @@ class QuantConfig:
             _check_bits("edge_w_bits", self.edge_w_bits)
         _check_choice("softmax_quantizer", self.softmax_quantizer, SOFTMAX_CHOICES)
         _check_choice("weight_rounding", self.weight_rounding, WEIGHT_ROUNDINGS)
+        _check_choice("act_range_objective", self.act_range_objective, RANGE_OBJECTIVES)
         if not 0.0 < self.gptq_damp <= 1.0:
             raise ConfigError(f"gptq_damp must be in (0, 1], got {self.gptq_damp}")
         if self.gptq_target is not None:

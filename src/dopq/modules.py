@@ -21,7 +21,7 @@ from torch import nn
 
 from dopq.config import FLOAT_DTYPES
 from dopq.errors import ConfigError
-from dopq.quantizers import Quantizer, UniformQuantizer
+from dopq.quantizers import Consumer, Quantizer, UniformQuantizer
 
 __all__ = [
     "Float64Model",
@@ -72,7 +72,10 @@ class QuantLinear(nn.Linear, _WeightQuantMixin):
         self.register_buffer("input_offset", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.input_quantizer(x)
+        if isinstance(self.input_quantizer, Quantizer):  # the product it enters: for its range search
+            x = self.input_quantizer(x, self.weight.T)
+        else:
+            x = self.input_quantizer(x)
         if self.input_offset is not None:
             x = x + self.input_offset
         return F.linear(x, self.quantized_weight(), self.bias)
@@ -101,8 +104,9 @@ class QuantConv2d(nn.Conv2d, _WeightQuantMixin):
 
 
 class QuantMatMul(nn.Module):
-    """``a @ b`` with both operands quantized. The ``a`` quantizer sees ``b`` as context, which
-    TanQ uses to score its candidates by the error of the product."""
+    """``a @ b`` with both operands quantized. Each quantizer sees the product as context (``a``'s
+    the quantized ``b``, ``b``'s the float ``a``): TanQ and the uniform output objective score their
+    candidates by the error of the product."""
 
     def __init__(self, quantizer_a: Quantizer | None, quantizer_b: Quantizer | None) -> None:
         super().__init__()
@@ -110,7 +114,8 @@ class QuantMatMul(nn.Module):
         self.quantizer_b = _identity_or(quantizer_b)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        b = self.quantizer_b(b)
+        if isinstance(self.quantizer_b, Quantizer):
+            b = self.quantizer_b(b, Consumer(left=a))
         if isinstance(self.quantizer_a, Quantizer):
             a = self.quantizer_a(a, b)
         return a @ b

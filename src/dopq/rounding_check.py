@@ -15,7 +15,7 @@ GPTQ fits the calibration images and lowers their mean divergence also where it 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -31,6 +31,7 @@ __all__ = [
     "compare_roundings",
     "corrected_model_kl",
     "float_logits",
+    "keep_better_rounding",
     "kl_divergence",
     "last_output",
     "logit_kl",
@@ -143,3 +144,22 @@ def compare_roundings(
         p=p,
         keep_gptq=better > worse and p < alpha,
     )
+
+
+def keep_better_rounding(
+    model: nn.Module,
+    nearest: nn.Module,
+    images: torch.Tensor,
+    reference: torch.Tensor,
+    corrected_logits: torch.Tensor | None,
+    finish: Callable[[nn.Module], torch.Tensor | None],
+) -> RoundingCheck:
+    """The check: ``model`` holds GPTQ's rounding, bias-corrected (``corrected_logits`` from that
+    pass), ``nearest`` the same model before GPTQ; ``finish`` bias-corrects ``nearest`` and returns
+    its pass's logits. Where GPTQ does not win, ``model`` takes ``nearest``'s state, bit for bit."""
+    kl_gptq = corrected_model_kl(model, images, reference, corrected_logits)
+    kl_nearest = corrected_model_kl(nearest, images, reference, finish(nearest))
+    check = compare_roundings(kl_nearest, kl_gptq)
+    if not check.keep_gptq:
+        model.load_state_dict(nearest.state_dict())
+    return check

@@ -22,6 +22,7 @@ from dopq.models.coverage import Coverage, measure_coverage
 from dopq.models.structure import LayerNormPair, find_layernorm_pairs
 from dopq.modules import QuantConv2d, QuantLinear, quantizers_off
 from dopq.quantizers import PerChannel, PerTensor, Quantizer, UniformQuantizer, build_quantizer
+from dopq.quantizers.uniform import OUTPUT_PERCENTILES
 
 __all__ = ["QuantPlan", "edge_layers", "example_input", "prepare_model"]
 
@@ -64,9 +65,15 @@ class _Factory:
         )
 
     def act(self, per_channel: bool = False, bits: int | None = None, symmetric: bool = False) -> Quantizer:
-        gran = PerChannel(-1) if per_channel else PerTensor()
-        percentiles = self.c.act_percentiles or self.c.percentiles
-        return UniformQuantizer(bits or self.c.a_bits, gran, percentiles, symmetric=symmetric)
+        if per_channel:
+            percentiles = self.c.act_percentiles or self.c.percentiles
+            return UniformQuantizer(bits or self.c.a_bits, PerChannel(-1), percentiles, symmetric=symmetric)
+        objective = self.c.act_range_objective
+        default = OUTPUT_PERCENTILES if objective == "output" else self.c.percentiles
+        percentiles = self.c.act_percentiles or default
+        return UniformQuantizer(
+            bits or self.c.a_bits, PerTensor(), percentiles, symmetric=symmetric, objective=objective
+        )
 
     def attention_operand(self, role: str) -> Quantizer:
         """``q``, ``k`` or ``v`` (``role``) of an attention product: per tensor, centred on 0 where the

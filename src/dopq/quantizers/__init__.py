@@ -2,6 +2,7 @@
 
 from dopq.quantizers.auto import AUTO_CANDIDATES, AutoLevelQuantizer
 from dopq.quantizers.base import (
+    Consumer,
     PerChannel,
     PerTensor,
     Quantizer,
@@ -16,6 +17,7 @@ from dopq.quantizers.uniform import (
     UniformQuantizer,
     fake_quantize_uniform,
     quantize_uniform,
+    search_output_range,
     search_symmetric_range,
     search_uniform_range,
 )
@@ -23,6 +25,7 @@ from dopq.quantizers.uniform import (
 __all__ = [
     "AUTO_CANDIDATES",
     "AutoLevelQuantizer",
+    "Consumer",
     "LevelQuantizer",
     "Log2Quantizer",
     "LogQuantizer",
@@ -38,6 +41,7 @@ __all__ = [
     "quantize_uniform",
     "quantizer_name",
     "register_quantizer",
+    "search_output_range",
     "search_symmetric_range",
     "search_uniform_range",
     "tan_levels",

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "Consumer",
     "PerChannel",
     "PerTensor",
     "Quantizer",
@@ -44,11 +45,31 @@ class PerChannel:
 Granularity = PerTensor | PerChannel
 
 
+@dataclass(frozen=True)
+class Consumer:
+    """The product a quantized tensor ``x`` enters, ``left @ x @ right`` (a factor may be None):
+    an output-aware range search scores its candidates by the error they cause there.
+
+    A quantizer's ``context`` is either one of these or a bare tensor, which means the right factor
+    (``x @ context``: the ``v`` of ``attn @ v``, the transposed weight of a Linear).
+    """
+
+    left: torch.Tensor | None = None
+    right: torch.Tensor | None = None
+
+    def detach(self) -> Consumer:
+        return Consumer(*(None if t is None else t.detach() for t in (self.left, self.right)))
+
+
+Context = torch.Tensor | Consumer | None
+
+
 class Quantizer(nn.Module):
     """Base class: lazy initialisation while observing, then fake quantization.
 
-    Subclasses implement ``initialize(x, context)`` and ``fake_quantize(x)``. ``context`` is an
-    optional second tensor that some searches use (TanQ scores candidates by ``attn @ v`` error).
+    Subclasses implement ``initialize(x, context)`` and ``fake_quantize(x)``. ``context`` is the
+    optional product the tensor enters (a :class:`Consumer`, or its right factor as a bare tensor),
+    which some searches use (TanQ scores candidates by ``attn @ v`` error).
     """
 
     def __init__(self, bits: int) -> None:
@@ -69,7 +90,7 @@ class Quantizer(nn.Module):
     def levels(self) -> int:
         return 2**self.bits
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: Context = None) -> torch.Tensor:
         if not self.enabled:
             return x
         if not self.is_ready():
@@ -159,7 +180,7 @@ class Quantizer(nn.Module):
         self.forget_host_copies()  # the loaded buffers decide
         super()._load_from_state_dict(*args, **kwargs)
 
-    def initialize(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
+    def initialize(self, x: torch.Tensor, context: Context) -> None:
         raise NotImplementedError
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:

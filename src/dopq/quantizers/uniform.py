@@ -2,28 +2,42 @@
 
 ``q = clamp(round(x / d) + z, 0, 2^b - 1)`` and ``x_hat = (q - z) * d``. The range search follows
 RepQ-ViT: candidate clipping ranges from the (p, 1-p) quantiles, kept by the smallest mean squared
-error, done for all channels at once.
+error, done for all channels at once. The output objective keeps instead the candidate with the
+smallest error in the product the tensor enters (:func:`search_output_range`).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from dopq.quantizers.base import PerChannel, PerTensor, Quantizer, register_quantizer
+from dopq.quantizers.base import Consumer, Context, PerChannel, PerTensor, Quantizer, register_quantizer
 from dopq.quantizers.ranges import row_quantiles, to_rows
 
 __all__ = [
     "DEFAULT_PERCENTILES",
+    "OUTPUT_PERCENTILES",
+    "RANGE_OBJECTIVES",
     "UniformQuantizer",
     "fake_quantize_uniform",
     "quantize_uniform",
     "round_ste",
+    "search_output_range",
     "search_symmetric_range",
     "search_uniform_range",
 ]
 
 DEFAULT_PERCENTILES = (0.999, 0.9999, 0.99999)
+# the output objective's own grid: tight clips, which its error keeps only where the outliers they
+# cut meet small weights, up to the full range
+OUTPUT_PERCENTILES = (0.99, 0.995, 0.999, 0.9999, 0.99999, 1.0)
+RANGE_OBJECTIVES = ("mse", "output")
+# rows of the tensor (tokens) that score each candidate of the output objective: a few clips rank
+# the same on a sample, and a Swin stage-1 input has 10^5 rows
+OUTPUT_SAMPLE_ROWS = 4096
 _MIN_SCALE = 1e-8
 
 
@@ -155,6 +169,83 @@ def search_uniform_range(
     return best_scale, best_zp
 
 
+def search_output_range(
+    x: torch.Tensor,
+    bits: int,
+    output_error: Callable[[torch.Tensor], torch.Tensor],
+    percentiles: tuple[float, ...] = OUTPUT_PERCENTILES,
+    sample: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor scale and integer zero point whose quantization error hurts a product least.
+
+    The candidates are :func:`search_uniform_range`'s (percentile ranges widened to contain 0); the
+    kept one has the smallest sum of squares of ``output_error(x_hat - x)``, where ``output_error``
+    maps an error of ``x`` (or of ``sample``, rows of it) to the error of the output it causes: a
+    clip that cuts an outlier channel costs what that channel's weights make of it, not its square.
+
+    Args:
+        x: calibration tensor (the quantiles come from all of it).
+        bits: bit width.
+        output_error: a linear map from an error of ``sample`` to the output error.
+        percentiles: upper quantiles tried; the lower bound is the mirrored quantile.
+        sample: the part of ``x`` the errors are measured on (default ``x``).
+
+    Returns:
+        ``(scale, zero_point)``, each of shape ``(1,)``.
+
+    Example:
+        >>> x = torch.linspace(-1, 1, 1001).reshape(-1, 1) * torch.tensor([[1.0, 20.0]])
+        >>> weights = torch.tensor([[1.0], [0.0]])  # the outlier column meets a zero weight
+        >>> s, z = search_output_range(x, 3, lambda e: e @ weights, percentiles=(0.9, 1.0))
+        >>> float(s) < float(search_uniform_range(x, 3, percentiles=(1.0,), include_zero=True)[0])
+        True
+    """
+    sample = x if sample is None else sample
+    rows = to_rows(x.detach().float(), None)
+    bounds = row_quantiles(rows, tuple(percentiles) + tuple(1.0 - p for p in percentiles))
+    n = len(percentiles)
+    best_err, best = math.inf, None
+    for i in range(n):
+        scale, zp = _range_to_qparams(bounds[n + i].clamp_max(0), bounds[i].clamp_min(0), bits)
+        err = float(output_error(fake_quantize_uniform(sample, scale, zp, bits) - sample).pow(2).sum())
+        if best is None or err < best_err:
+            best_err, best = err, (scale, zp)
+    return best
+
+
+def _sampled_consumer(
+    x: torch.Tensor, context: torch.Tensor | Consumer, rows: int = OUTPUT_SAMPLE_ROWS
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """A fixed random sample of ``x`` and the map from its errors to the output errors of the
+    product ``context`` describes: rows of ``x`` against a shared 2-D right factor (a Linear's
+    weight), else whole matrices of a batched product, with the same matrices of its factors."""
+    consumer = context if isinstance(context, Consumer) else Consumer(right=context)
+    left, right = consumer.left, consumer.right
+    generator = torch.Generator().manual_seed(0)
+    if left is None and right is not None and right.dim() == 2:
+        flat = x.reshape(-1, x.shape[-1])
+        idx = torch.randperm(flat.shape[0], generator=generator)[:rows].to(x.device)
+        return flat[idx].float(), lambda e: e @ right.float()
+    matrices = x.reshape(-1, *x.shape[-2:])
+    count = min(matrices.shape[0], max(1, math.ceil(rows / x.shape[-2])))
+    idx = torch.randperm(matrices.shape[0], generator=generator)[:count].to(x.device)
+
+    def pick(factor: torch.Tensor | None) -> torch.Tensor | None:
+        if factor is None:
+            return None
+        if factor.dim() > 2:  # batched like x: the same matrices
+            factor = factor.expand(*x.shape[:-2], *factor.shape[-2:]).reshape(-1, *factor.shape[-2:])[idx]
+        return factor.float()
+
+    left, right = pick(left), pick(right)
+
+    def output_error(e: torch.Tensor) -> torch.Tensor:
+        e = e if left is None else left @ e
+        return e if right is None else e @ right
+
+    return matrices[idx].float(), output_error
+
+
 def search_symmetric_range(
     x: torch.Tensor,
     bits: int,
@@ -206,6 +297,9 @@ class UniformQuantizer(Quantizer):
         granularity: ``PerTensor()`` or ``PerChannel(axis)``.
         percentiles: candidate upper quantiles for the range search.
         symmetric: grids centred on 0 (:func:`search_symmetric_range`).
+        objective: ``"mse"`` (the tensor's own squared error) or ``"output"``: per tensor, the error
+            of the product it enters, when the caller passes that product as ``context``
+            (:func:`search_output_range`; without a context, and per channel, the squared error).
 
     Example:
         >>> q = UniformQuantizer(4, PerChannel(0)); q.observing = True
@@ -220,11 +314,15 @@ class UniformQuantizer(Quantizer):
         granularity: PerTensor | PerChannel = _PER_TENSOR,
         percentiles: tuple[float, ...] = DEFAULT_PERCENTILES,
         symmetric: bool = False,
+        objective: str = "mse",
     ) -> None:
         super().__init__(bits)
+        if objective not in RANGE_OBJECTIVES:
+            raise ValueError(f"objective must be one of {RANGE_OBJECTIVES}, got {objective!r}")
         self.granularity = granularity
         self.percentiles = tuple(percentiles)
         self.symmetric = symmetric
+        self.objective = objective
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1))
 
@@ -242,9 +340,18 @@ class UniformQuantizer(Quantizer):
     def channel_axis(self) -> int | None:
         return self.granularity.axis if isinstance(self.granularity, PerChannel) else None
 
-    def initialize(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
+    def initialize(self, x: torch.Tensor, context: Context) -> None:
         # a per-tensor activation range always holds 0 (an integer zero point for integer kernels);
         # per-channel post-LayerNorm ranges need not: the re-parameterization moves them
+        if (
+            self.objective == "output"
+            and context is not None
+            and self.channel_axis is None
+            and not self.symmetric
+        ):
+            sample, output_error = _sampled_consumer(x, context)
+            self.set_qparams(*search_output_range(x, self.bits, output_error, self.percentiles, sample))
+            return
         self.set_qparams(*self.searched_qparams(x))
 
     def searched_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,4 +419,5 @@ class UniformQuantizer(Quantizer):
 
     def extra_repr(self) -> str:
         symmetric = ", symmetric=True" if self.symmetric else ""
-        return f"{super().extra_repr()}, granularity={self.granularity}{symmetric}"
+        objective = f", objective={self.objective!r}" if self.objective != "mse" else ""
+        return f"{super().extra_repr()}, granularity={self.granularity}{symmetric}{objective}"
