@@ -233,7 +233,8 @@ class QuantConfig:
             can pay (docs/gptq.md).
         act_range_objective: how a per-tensor activation quantizer picks its range: "mse" (its own
             squared error, RepQ-ViT's search) or "output" (the error it causes in the product it
-            enters: the next Linear's output, or the attention product; docs/gptq.md).
+            enters: the next Linear's output, or the attention product; docs/gptq.md). Operands on
+            grids centred on 0 (``symmetric_attention``) keep the squared error.
         tanq_objective: "output" (error of attn @ v) or "mse" (error of the attention values).
         tanq_centers: TanQ's candidate centres ``m`` (each in (0, 1)); ``TANQ_CENTERS_WIDE`` lowers the
             attn @ v error of every shared model and won on DeiT-Tiny, but lost on Swin-Tiny

@@ -299,7 +299,8 @@ class UniformQuantizer(Quantizer):
         symmetric: grids centred on 0 (:func:`search_symmetric_range`).
         objective: ``"mse"`` (the tensor's own squared error) or ``"output"``: per tensor, the error
             of the product it enters, when the caller passes that product as ``context``
-            (:func:`search_output_range`; without a context, and per channel, the squared error).
+            (:func:`search_output_range`; without a context, per channel and on grids centred on 0,
+            whose candidates it does not search, the squared error).
 
     Example:
         >>> q = UniformQuantizer(4, PerChannel(0)); q.observing = True
