@@ -523,6 +523,9 @@ _DEPLOY_NOTES = {  # what a suffixed deploy run measured, beside its presets
     "one q/k/v scale in the openvino form",
     "deploy_runtimes_vnni_w44_swin": ", Swin-Tiny, the recommended preset's W4/A4 with GPTQ (damping 1.0) kept by its "
     "calibration check",
+    "deploy_runtimes_epyc_vnni": ", the recommended preset at every width, on an AMD EPYC with AVX-512 VNNI and no AMX",
+    "deploy_runtimes_epyc_vnni_swin": ", Swin-Tiny, the recommended preset at every width, on an AMD EPYC with AVX-512 "
+    "VNNI and no AMX",
 }
 
 
@@ -804,6 +807,7 @@ _PRESET_NOTES = {  # runs of the same recipes again elsewhere: what tells them a
     "_w44_gptq_d1": ", at W4/A4 on an Intel Xeon (AVX-512 VNNI)",
     "_w44_gptq_check": ", at W4/A4 with the calibration check (the preset's W4/A4 rule), on an Intel Xeon (AVX-512 VNNI)",
     "_w33_output": ", at W3/A3 on an Intel Xeon (AVX-512 VNNI)",
+    "_epyc_vnni_preset": ", again on an AMD EPYC with AVX-512 VNNI (no AMX)",
 }
 
 
