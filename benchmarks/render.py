@@ -808,6 +808,7 @@ _PRESET_NOTES = {  # runs of the same recipes again elsewhere: what tells them a
     "_w44_gptq_check": ", at W4/A4 with the calibration check (the preset's W4/A4 rule), on an Intel Xeon (AVX-512 VNNI)",
     "_w33_output": ", at W3/A3 on an Intel Xeon (AVX-512 VNNI)",
     "_epyc_vnni_preset": ", again on an AMD EPYC with AVX-512 VNNI (no AMX)",
+    "_epyc_w33_gptq_d1": ", at W3/A3 on an AMD EPYC with AVX-512 VNNI (no AMX)",
 }
 
 
