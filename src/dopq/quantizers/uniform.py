@@ -126,6 +126,18 @@ def _range_to_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[to
     return scale, zero_point
 
 
+def _candidate_qparams(
+    rows: torch.Tensor, bits: int, percentiles: tuple[float, ...], include_zero: bool
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-row ``(scale, zero_point)`` of each percentile candidate: the range from the mirrored
+    quantile ``1 - p`` to ``p``, widened to contain 0 where ``include_zero``."""
+    bounds = row_quantiles(rows, tuple(percentiles) + tuple(1.0 - p for p in percentiles))
+    n = len(percentiles)
+    if include_zero:
+        bounds = torch.cat([bounds[:n].clamp_min(0), bounds[n:].clamp_max(0)])
+    return [_range_to_qparams(bounds[n + i], bounds[i], bits) for i in range(n)]
+
+
 def search_uniform_range(
     x: torch.Tensor,
     bits: int,
@@ -155,12 +167,7 @@ def search_uniform_range(
     best_err = torch.full((rows.shape[0],), float("inf"), device=rows.device)
     best_scale = torch.ones_like(best_err)
     best_zp = torch.zeros_like(best_err)
-    bounds = row_quantiles(rows, tuple(percentiles) + tuple(1.0 - p for p in percentiles))
-    n = len(percentiles)
-    if include_zero:
-        bounds = torch.cat([bounds[:n].clamp_min(0), bounds[n:].clamp_max(0)])
-    for i in range(n):
-        scale, zp = _range_to_qparams(bounds[n + i], bounds[i], bits)
+    for scale, zp in _candidate_qparams(rows, bits, percentiles, include_zero):
         err = _row_mse(rows, scale[:, None], zp[:, None], bits)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -202,11 +209,8 @@ def search_output_range(
     """
     sample = x if sample is None else sample
     rows = to_rows(x.detach().float(), None)
-    bounds = row_quantiles(rows, tuple(percentiles) + tuple(1.0 - p for p in percentiles))
-    n = len(percentiles)
     best_err, best = math.inf, None
-    for i in range(n):
-        scale, zp = _range_to_qparams(bounds[n + i].clamp_max(0), bounds[i].clamp_min(0), bits)
+    for scale, zp in _candidate_qparams(rows, bits, percentiles, include_zero=True):
         err = float(output_error(fake_quantize_uniform(sample, scale, zp, bits) - sample).pow(2).sum())
         if best is None or err < best_err:
             best_err, best = err, (scale, zp)
