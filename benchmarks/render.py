@@ -814,6 +814,7 @@ _PRESET_NOTES = {  # runs of the same recipes again elsewhere: what tells them a
     "_w33_output": ", at W3/A3 on an Intel Xeon (AVX-512 VNNI)",
     "_epyc_vnni_preset": ", again on an AMD EPYC with AVX-512 VNNI (no AMX)",
     "_epyc_w33_gptq_d1": ", at W3/A3 on an AMD EPYC with AVX-512 VNNI (no AMX)",
+    "_epyc_vnni_w44_preset": ", on an AMD EPYC with AVX-512 VNNI (no AMX)",
 }
 
 
@@ -892,7 +893,7 @@ def _gptq_check_lines(rows: list[dict[str, Any]]) -> list[str]:
             continue
         base = dopq.get((r["seed"], r["w_bits"], r["a_bits"]))
         ratio = (
-            f", calibration {r['calib_forward_equivalents'] / base['calib_forward_equivalents']:.2f}x dopq's"
+            f"{r['calib_forward_equivalents'] / base['calib_forward_equivalents']:.2f}x dopq's"
             if base
             else ""
         )
