@@ -35,9 +35,14 @@ def _pct(x: float | None, decimals: int = 1) -> str:
     return "-" if x is None else f"{100 * x:.{decimals}f}"
 
 
+def _decimals_for(images: int) -> int:
+    """Two decimals of a top-1 % where one image is under 0.05 points (5000 images and more), else one."""
+    return 2 if images >= 5000 else 1
+
+
 def _decimals(rows: list[dict[str, Any]]) -> int:
-    """Two decimals where one image is under 0.05 points (5000 images and more), else one."""
-    return 2 if min((r.get("eval_images") or 0) for r in rows) >= 5000 else 1
+    """:func:`_decimals_for` the fewest images any row was evaluated on."""
+    return _decimals_for(min((r.get("eval_images") or 0) for r in rows))
 
 
 def _load(results: Path, name: str) -> dict[str, Any] | None:
@@ -556,9 +561,8 @@ def _deploy_runtimes_table(data: dict[str, Any], what: str = "") -> list[str]:
     for model in dict.fromkeys(r["model"] for r in rows):
         sub = [r for r in rows if r["model"] == model and r["method"] != "fp32"]
         fp = {r["runtime"]: r for r in rows if r["model"] == model and r["method"] == "fp32"}
-        # two decimals where one image is under 0.05 points (5000 images and more), as _decimals
-        images = min(len(r.get("runtime_top1_correct") or "") for r in rows if r["model"] == model)
-        d = 2 if images >= 5000 else 1
+        # deploy rows record the images as their per-image hit strings
+        d = _decimals_for(min(len(r.get("runtime_top1_correct") or "") for r in rows if r["model"] == model))
         fp_text = "; ".join(
             f"{rt}: top-1 {_pct(r.get('runtime_top1'), d)}%, {_fmt(r.get('images_per_second'), '.1f')} images/s"
             for rt, r in fp.items()
