@@ -108,16 +108,17 @@ def fp_forward_seconds(model: torch.nn.Module, images: torch.Tensor, repeats: in
     return statistics.median(times)
 
 
-def with_calibration_seed(work: Workload, seed: int) -> Workload:
-    """The workload with the calibration images of another seed (same model, evaluation set and
-    float result, so that every seed's rows are paired on the same test images)."""
-    if seed == work.settings.seed:
+def with_calibration_seed(work: Workload, seed: int, calib_size: int | None = None) -> Workload:
+    """The workload with the calibration images of another seed, and of another count where
+    ``calib_size`` is given (same model, evaluation set and float result, so that every seed's rows
+    are paired on the same test images). A seed's smaller set is the start of its larger one."""
+    size = work.settings.calib_size if calib_size is None else calib_size
+    if seed == work.settings.seed and size == work.settings.calib_size:
         return work
-    idx = calibration_indices(len(work.calib_dataset), work.settings.calib_size, seed)
+    idx = calibration_indices(len(work.calib_dataset), size, seed)
     images = load_images(work.calib_dataset, idx, num_workers=work.settings.workers).images
-    return dataclasses.replace(
-        work, settings=dataclasses.replace(work.settings, seed=seed), calib_images=images
-    )
+    settings = dataclasses.replace(work.settings, seed=seed, calib_size=size)
+    return dataclasses.replace(work, settings=settings, calib_images=images)
 
 
 def _row(work: Workload, label: str, config: QuantConfig, model_label: str) -> dict[str, Any]:
@@ -128,6 +129,7 @@ def _row(work: Workload, label: str, config: QuantConfig, model_label: str) -> d
     row = {k: result[k] for k in keep}
     row["model"] = model_label
     row["seed"] = work.settings.seed
+    row["calib_size"] = work.settings.calib_size
     row["recipe"] = config.to_dict()
     row["softmax_kinds"] = (result.get("coverage") or {}).get("softmax_kinds", {})
     row["gptq"] = result.get("gptq")  # with gptq_check: whether GPTQ's rounding was kept, and why
@@ -163,9 +165,10 @@ def suite_calib_gains(args: Any, workload: Any, save: Any) -> None:
         model_label = f"{arch} (outlier-stressed)" if name == STRESS else name
         extra: dict[str, Any] = _stressed(base_work) if name == STRESS else {}
         extra["seeds"] = seeds
+        extra["calib_size"] = args.calib_size
         rows: list[dict[str, Any]] = []
         for seed in seeds:
-            work = with_calibration_seed(base_work, seed)
+            work = with_calibration_seed(base_work, seed, args.calib_size)
             for w_bits, a_bits in widths_of(args):
                 base = None
                 for label, cfg in calib_gain_recipes(w_bits, a_bits).items():

@@ -819,6 +819,9 @@ _PRESET_NOTES = {  # runs of the same recipes again elsewhere: what tells them a
     "_epyc_vnni_preset": ", again on an AMD EPYC with AVX-512 VNNI (no AMX)",
     "_epyc_w33_gptq_d1": ", at W3/A3 on an AMD EPYC with AVX-512 VNNI (no AMX)",
     "_epyc_vnni_w44_preset": ", on an AMD EPYC with AVX-512 VNNI (no AMX)",
+    "_epyc_vnni_a8_preset": ", on an AMD EPYC with AVX-512 VNNI (no AMX)",
+    "_epyc_vnni_c16_preset": ", on an AMD EPYC with AVX-512 VNNI (no AMX)",
+    "_epyc_vnni_c8_preset": ", on an AMD EPYC with AVX-512 VNNI (no AMX)",
 }
 
 
@@ -844,9 +847,12 @@ def _preset_table(data: dict[str, Any], note: str = "") -> list[str]:
         what == "Recommended preset" and (3, 3) not in widths
     ):  # the W3/A3 runs came first and keep their titles
         grid += ", " + ", ".join(f"W{w}/A{a}" for w, a in widths)
+    calib_size = data.get("calib_size", 32)  # runs before --calib-size used the protocol's 32
+    if calib_size != 32:
+        grid += f", {calib_size} calibration images (a stress case)"
     lines = [f"### {what} against dopq{' and ' + others if others else ''}: {model}{grid}{note}", "",
              f"Command: `{data['command']}` ({data['threads']} torch threads). FP32 top-1 {_pct(rows[0]['fp_top1'])}%. "
-             f"Calibration seeds {', '.join(map(str, seeds))} (32 images each), the same test images for every row. "
+             f"Calibration seeds {', '.join(map(str, seeds))} ({calib_size} images each), the same test images for every row. "
              "Cells: top-1 %, images fixed / broken against dopq at the same seed (sign-test p); calibration time "
              "as float forwards of the calibration batch (median over seeds; the ratio survives a loaded machine), "
              "in brackets the median seconds. "

@@ -19,6 +19,8 @@
     python benchmarks/run.py calib-gains --threads 2 --models deit_tiny_patch16_224 stress   # GPTQ / auto post-Softmax
     python benchmarks/run.py calib-gains --threads 2 --recipes dopq recommended repq --widths 8/8 4/8 4/4 3/3 \
         --seeds 0 1 2 --suffix _preset   # the recommended preset against dopq and repq, paired
+    python benchmarks/run.py calib-gains --threads 2 --recipes dopq recommended --widths 4/4 3/3 --seeds 0 1 2 \
+        --calib-size 16 --suffix _c16_preset   # the same with fewer calibration images (a stress case)
     python benchmarks/run.py error-budget --threads 2 --models deit_tiny_patch16_224 stress --widths 4/4 3/3 \
         --eval-subset 250   # what each kind of quantizer and each block costs (kept float in turn)
     python benchmarks/run.py large-models --threads 2   # ViT-B/16, ViT-L/16 W4/A4 on the CPU: peak RSS, time
@@ -324,6 +326,12 @@ def main(argv: list[str] | None = None) -> None:
         "--widths",
         nargs="+",
         help="deploy, calib-gains: W/A widths, e.g. 4/8 (deploy: 8/8 4/8 4/4; calib-gains: --bits)",
+    )
+    p.add_argument(
+        "--calib-size",
+        type=int,
+        default=32,
+        help="calib-gains: calibration images per seed (default 32, the RepQ-ViT protocol); fewer is a stress case",
     )
     p.add_argument(
         "--seeds",
