@@ -818,10 +818,11 @@ _PRESET_NOTES = {  # runs of the same recipes again elsewhere: what tells them a
     "_w33_output": ", at W3/A3 on an Intel Xeon (AVX-512 VNNI)",
     "_epyc_vnni_preset": ", again on an AMD EPYC with AVX-512 VNNI (no AMX)",
     "_epyc_w33_gptq_d1": ", at W3/A3 on an AMD EPYC with AVX-512 VNNI (no AMX)",
-    "_epyc_vnni_w44_preset": ", on an AMD EPYC with AVX-512 VNNI (no AMX)",
-    "_epyc_vnni_a8_preset": ", on an AMD EPYC with AVX-512 VNNI (no AMX)",
-    "_epyc_vnni_c16_preset": ", on an AMD EPYC with AVX-512 VNNI (no AMX)",
-    "_epyc_vnni_c8_preset": ", on an AMD EPYC with AVX-512 VNNI (no AMX)",
+    # widths and calibration sizes are in the title already: only the CPU tells these apart
+    **dict.fromkeys(
+        ("_epyc_vnni_w44_preset", "_epyc_vnni_a8_preset", "_epyc_vnni_c16_preset", "_epyc_vnni_c8_preset"),
+        ", on an AMD EPYC with AVX-512 VNNI (no AMX)",
+    ),
 }
 
 
