@@ -16,7 +16,16 @@ import dopq
 from dopq.calibrate import correct_bias, observing
 from dopq.errors import CalibrationError
 from dopq.export import to_deploy
-from dopq.gptq import float_target_weight, gptq_model, gptq_round, input_hessian, layer_inputs
+from dopq.gptq import (
+    GPTQ_MIN_ROWS,
+    DampedHessian,
+    float_target_weight,
+    gptq_model,
+    gptq_round,
+    input_hessian,
+    layer_inputs,
+    sample_rows,
+)
 from dopq.modules import QuantConv2d, QuantLinear, quantizers_off
 from dopq.quantizers import PerChannel, UniformQuantizer
 from dopq.quantizers.adaround import AdaRoundQuantizer
@@ -51,6 +60,61 @@ def test_gptq_lowers_held_out_output_error_against_nearest(bits: int, act_order:
         return float((held_out @ (w_hat - w).T).pow(2).mean())
 
     assert error(w_gptq) < 0.7 * error(w_nearest)
+
+
+def _textbook_gptq(w: torch.Tensor, h: torch.Tensor, q: UniformQuantizer, damp: float) -> torch.Tensor:
+    """GPTQ as its paper writes it (float64, no lazy blocks): round column i, then move every later
+    column by the error times row i of the upper Cholesky factor of the damped inverse Hessian."""
+    h = h + torch.eye(h.shape[0], dtype=torch.float64) * damp * h.diagonal().mean()
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    w = w.double().clone()
+    scale, zero_point = q.scale.double().reshape(-1), q.zero_point.double().reshape(-1)
+    lo, hi = q.code_range
+    codes = torch.empty_like(w)
+    for i in range(w.shape[1]):
+        codes[:, i] = torch.round(w[:, i] / scale + zero_point).clamp(lo, hi)
+        err = (w[:, i] - (codes[:, i] - zero_point) * scale) / upper[i, i]
+        w[:, i:] -= err[:, None] * upper[i, i:][None, :]
+    return codes.long()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_nearest_plane_sweep_gives_the_codes_of_textbook_gptq(bits: int) -> None:
+    # the library rounds against V (H = V V^T) with lazy blocks in float32; the textbook updates with
+    # the inverse Hessian's factor in float64: the same codes, clipped columns included
+    w = torch.randn(40, 300, generator=torch.Generator().manual_seed(bits)) * torch.linspace(0.2, 2, 300)
+    q = _weight_quantizer(w[:, :150], bits)  # grids from half the columns: the rest clip
+    h = input_hessian(_correlated_inputs(2048, 300, seed=bits))
+    codes = gptq_round(w, h, q, damp=0.1, block_size=32)
+    assert bool(((q.dequantize(codes) - w).abs() > q.scale.reshape(-1, 1)).any())  # some were clipped
+    assert torch.equal(codes, _textbook_gptq(w, h, q, damp=0.1))
+    assert torch.equal(codes, gptq_round(w, h, q, damp=0.1))  # the block size changes nothing
+
+
+def test_damped_hessian_factor_and_solve() -> None:
+    h = input_hessian(_correlated_inputs(512, 24, seed=4))
+    damped = h + torch.eye(24, dtype=torch.float64) * 0.1 * h.diagonal().mean()
+    factor = DampedHessian(h, 0.1)
+    v = factor.upper()
+    assert torch.equal(v, v.triu()) and bool((v.diagonal() > 0).all())
+    torch.testing.assert_close(v @ v.T, damped)
+    rhs = torch.randn(24, 5, dtype=torch.float64)
+    torch.testing.assert_close(factor.solve(rhs), torch.linalg.solve(damped, rhs))
+    with pytest.raises(ValueError, match="square"):
+        DampedHessian(torch.zeros(3, 4), 0.1)
+
+
+def test_sample_rows_keeps_evenly_spaced_rows_only_above_the_cap() -> None:
+    small = torch.randn(GPTQ_MIN_ROWS, 8)
+    assert sample_rows(small) is small
+    rows = torch.arange(3 * GPTQ_MIN_ROWS, dtype=torch.float32)[:, None].expand(-1, 8)
+    kept = sample_rows(rows)[:, 0]
+    assert kept.shape == (GPTQ_MIN_ROWS,) and kept[0] == 0 and kept[-1] == 3 * GPTQ_MIN_ROWS - 1
+    gaps = kept.diff()
+    assert int(gaps.min()) >= 2 and int(gaps.max()) <= 4  # evenly spread, no row twice
+    assert torch.equal(sample_rows(rows + 1)[:, 0], kept + 1)  # the same rows for the same count
+    wide = torch.randn(3 * GPTQ_MIN_ROWS, 1024)  # wide layers keep 16 rows per input channel
+    assert sample_rows(wide).shape == (16 * 1024, 1024)
 
 
 def test_codes_are_integer_codes_in_range_that_the_quantizer_reproduces() -> None:

@@ -4,8 +4,11 @@ Each quantized Linear / Conv2d keeps its calibrated per-output-channel grid (sca
 only the choice of grid point changes. Columns (input channels) are rounded one after another and
 the rounding error of each is spread over the columns not yet rounded, weighted by the inverse
 Hessian ``H = X^T X`` of the layer's calibration inputs, which minimises ``||X (W - W_q)^T||^2``
-to second order. Blocks of columns are updated lazily (one matrix product per block), from the
-upper Cholesky factor of ``H^-1``; damping adds a fraction of the mean diagonal to ``H``.
+to second order; damping adds a fraction of the mean diagonal to ``H``. The sweep runs as the
+nearest-plane rounding GPTQ is equivalent to (Chen et al., 2025, "The Geometry of LLM Quantization:
+GPTQ as Babai's Nearest Plane Algorithm"): against an upper triangular ``V`` with ``H = V V^T``, one
+Cholesky factorization that the float target's solve shares, with no inverse of ``H``; blocks of
+columns are updated lazily (one matrix product per block).
 
 In a model (:func:`gptq_model`) the layers are rounded in forward order during one pass over the
 calibration images: a pre-hook rounds a layer from the inputs it receives in the quantized model,
@@ -25,8 +28,6 @@ compensated too. It reduces exactly to ordinary GPTQ: the least-squares target `
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,14 +40,21 @@ from dopq.quantizers import UniformQuantizer
 __all__ = [
     "GPTQ_BLOCK",
     "GPTQ_TARGETS",
+    "DampedHessian",
     "float_target_weight",
     "gptq_model",
     "gptq_round",
     "input_hessian",
     "layer_inputs",
+    "sample_rows",
 ]
 
 GPTQ_BLOCK = 128  # columns per lazy batch update (the reference implementation's default)
+# GPTQ's input statistics come from at most this many token rows per layer: the (in, in) moments
+# cost rows * in^2, which on many-token stages (Swin's first two: 25 088-100 352 rows of 32 images)
+# outweighs the rest of GPTQ, while a few thousand rows already estimate them (ViT layers see 6 304)
+GPTQ_MIN_ROWS = 8192
+GPTQ_ROWS_PER_INPUT = 16  # ... or this many per input channel, whichever is more
 _DAMP_RETRIES = 4  # each retry multiplies the damping by 10 before giving up
 
 
@@ -62,32 +70,58 @@ def input_hessian(rows: torch.Tensor) -> torch.Tensor:
     return (x.T @ x).double() / rows.shape[0]
 
 
-def _damped_cholesky(
-    hessian: torch.Tensor,
-    damp: float,
-    finish: Callable[[torch.Tensor], torch.Tensor | None] = lambda lower: lower,
-) -> torch.Tensor:
-    """``finish`` of the lower Cholesky factor of ``H + damp * mean(diag H) I`` (the factor itself by
-    default); the damping grows tenfold while that is not positive definite (a rank-deficient
-    Hessian from few or collinear inputs) or ``finish`` returns None."""
-    mean_diag = float(hessian.diagonal().mean())
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    for attempt in range(_DAMP_RETRIES + 1):
-        lower, info = torch.linalg.cholesky_ex(hessian + eye * (damp * 10**attempt * mean_diag))
-        if int(info) == 0:
-            result = finish(lower)
-            if result is not None:
-                return result
-    raise CalibrationError(
-        f"GPTQ: the input Hessian is not positive definite even with damping {damp * 10**_DAMP_RETRIES:g}; "
-        "the calibration inputs are degenerate (NaN/Inf or all equal)"
-    )
+class DampedHessian:
+    """One factorization of ``H + lam I`` (``lam = damp * mean(diag H)``) for both of GPTQ's uses.
+
+    It keeps the lower Cholesky factor ``L`` of the *reversed* matrix ``P (H + lam I) P`` (``P`` reverses
+    the channel order), so that ``V = P L P`` is upper triangular with ``H + lam I = V V^T``: the
+    column sweep rounds against ``V`` (:func:`gptq_round`), and the float target's solve reuses ``L``.
+    An input channel that was always 0 carries no error information: its diagonal is set to 1, which
+    decouples it. The damping grows tenfold while the matrix is not positive definite (a rank-deficient
+    Hessian from few or collinear inputs).
+
+    Args:
+        hessian: ``(in, in)`` ``X^T X`` of the layer's inputs (any positive scale).
+        damp: fraction of the mean diagonal added to the diagonal.
+
+    Raises:
+        CalibrationError: NaN/Inf values, or not positive definite even with the largest damping.
+    """
+
+    def __init__(self, hessian: torch.Tensor, damp: float) -> None:
+        if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
+            raise ValueError(f"GPTQ needs a square Hessian, got {tuple(hessian.shape)}")
+        if not bool(torch.isfinite(hessian).all()):
+            raise CalibrationError("GPTQ: the layer's input Hessian has NaN/Inf values")
+        self.matrix = hessian.double()
+        h = self.matrix.clone()
+        h.diagonal()[h.diagonal() == 0] = 1.0
+        h = h.flip(0, 1)
+        mean_diag = float(h.diagonal().mean())
+        eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        for attempt in range(_DAMP_RETRIES + 1):
+            lower, info = torch.linalg.cholesky_ex(h + eye * (damp * 10**attempt * mean_diag))
+            if int(info) == 0:
+                self._reversed_lower = lower
+                return
+        raise CalibrationError(
+            "GPTQ: the input Hessian is not positive definite even with damping "
+            f"{damp * 10**_DAMP_RETRIES:g}; the calibration inputs are degenerate (NaN/Inf or all equal)"
+        )
+
+    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        """``(H + lam I)^-1 rhs`` (float64) for ``rhs`` ``(in, k)``."""
+        return torch.cholesky_solve(rhs.double().flip(0), self._reversed_lower).flip(0)
+
+    def upper(self) -> torch.Tensor:
+        """The upper triangular ``V`` with ``H + lam I = V V^T`` (float64)."""
+        return self._reversed_lower.flip(0, 1)
 
 
 def float_target_weight(
     weight: torch.Tensor,
     cross: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | DampedHessian,
     damp: float = 0.1,
     shrink: float = 1.0,
 ) -> torch.Tensor:
@@ -101,7 +135,7 @@ def float_target_weight(
     Args:
         weight: ``(out, in)`` float weight.
         cross: ``(in, in)`` ``X_fp^T X_q``.
-        hessian: ``(in, in)`` ``X_q^T X_q``.
+        hessian: ``(in, in)`` ``X_q^T X_q``, or its :class:`DampedHessian` (whose damping then applies).
         damp: ridge, a fraction of the mean diagonal of ``hessian``.
         shrink: ``alpha`` of ``W + alpha (W' - W)``: 1 is the least-squares target, 0 the float weight.
 
@@ -111,28 +145,16 @@ def float_target_weight(
     Raises:
         CalibrationError: NaN/Inf statistics, or ``H`` not positive definite even with more damping.
     """
-    if cross.shape != hessian.shape or hessian.shape != (weight.shape[1], weight.shape[1]):
-        raise ValueError(f"float target: shapes {weight.shape}, {cross.shape}, {hessian.shape} do not match")
-    if not (bool(torch.isfinite(cross).all()) and bool(torch.isfinite(hessian).all())):
+    matrix = hessian.matrix if isinstance(hessian, DampedHessian) else hessian
+    if cross.shape != matrix.shape or matrix.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"float target: shapes {weight.shape}, {cross.shape}, {matrix.shape} do not match")
+    if not bool(torch.isfinite(cross).all()):
         raise CalibrationError("GPTQ: the layer's float/quantized input statistics have NaN/Inf values")
+    factor = hessian if isinstance(hessian, DampedHessian) else DampedHessian(hessian, damp)
     w = weight.detach().double()
-    h = hessian.double()
-    # (H + lam I) D^T = (C - H)^T W^T: a Cholesky solve in float64, never an explicit inverse
-    rhs = (cross.double() - h).T @ w.T
-    delta = torch.cholesky_solve(rhs, _damped_cholesky(h, damp)).T
+    # (H + lam I) D^T = (C - H)^T W^T, solved with the factor: never an explicit inverse
+    delta = factor.solve((cross.double() - factor.matrix).T @ w.T).T
     return (w + shrink * delta).to(weight.dtype)
-
-
-def _upper_of_inverse(lower: torch.Tensor) -> torch.Tensor | None:
-    """Upper Cholesky factor of ``(L L^T)^-1``, or None where rounding makes it fail."""
-    upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-    return upper if int(info) == 0 else None
-
-
-def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``, with ``_damped_cholesky``'s
-    growing damping."""
-    return _damped_cholesky(hessian, damp, _upper_of_inverse)
 
 
 @torch.no_grad()
@@ -148,7 +170,8 @@ def gptq_round(
 
     Args:
         weight: ``(out, in)`` float weight.
-        hessian: ``(in, in)`` ``X^T X`` of the layer's inputs (any positive scale).
+        hessian: ``(in, in)`` ``X^T X`` of the layer's inputs (any positive scale), or its
+            :class:`DampedHessian` (whose damping then applies, unless ``act_order`` reorders it).
         quantizer: the calibrated weight quantizer (per tensor or per output channel); its scale and
             zero point are kept.
         damp: fraction of the mean Hessian diagonal added to the diagonal.
@@ -170,45 +193,89 @@ def gptq_round(
         >>> int(codes.min()) >= 0 and int(codes.max()) <= 7
         True
     """
-    if weight.ndim != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+    matrix = hessian.matrix if isinstance(hessian, DampedHessian) else hessian
+    if weight.ndim != 2 or matrix.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(
-            f"GPTQ needs a 2-D weight and its square Hessian, got {weight.shape}, {hessian.shape}"
+            f"GPTQ needs a 2-D weight and its square Hessian, got {weight.shape}, {matrix.shape}"
         )
-    if not bool(torch.isfinite(hessian).all()):
-        raise CalibrationError("GPTQ: the layer's input Hessian has NaN/Inf values")
-    h = hessian.double().clone()
-    # an input channel that was always 0 carries no error information: round it to nearest
-    dead = h.diagonal() == 0
-    h.diagonal()[dead] = 1.0
-    order = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else None
-    if order is not None:
-        h = h[order][:, order]
-    # the factor in float64 (a near-singular H), the column sweep in float32 as the reference code
-    hinv = _inverse_cholesky(h, damp).float()
-    w = weight.detach().float().clone()
+    order = None
+    if act_order:
+        order = torch.argsort(matrix.diagonal(), descending=True, stable=True)
+        hessian = DampedHessian(matrix[order][:, order], damp)
+    elif not isinstance(hessian, DampedHessian):
+        hessian = DampedHessian(hessian, damp)
+    w = weight.detach().float()
     w = w[:, order] if order is not None else w
     # per output channel (a per-tensor grid broadcasts): vectors of length out
     scale = quantizer.scale.detach().float().reshape(-1).expand(w.shape[0])
     zero_point = quantizer.zero_point.detach().float().reshape(-1).expand(w.shape[0])
-    lo, hi = quantizer.code_range
-    codes = torch.empty_like(w)
-    n = w.shape[1]
-    for i1 in range(0, n, block_size):
-        i2 = min(i1 + block_size, n)
-        block, hblock = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
-        errors = torch.empty_like(block)
-        diagonal = hblock.diagonal().tolist()  # Python floats: fewer tiny tensor ops per column
-        for i in range(i2 - i1):
-            col = block[:, i]
-            q = torch.round(col / scale).add_(zero_point).clamp_(lo, hi)
-            codes[:, i1 + i] = q
-            err = errors[:, i]
-            torch.sub(col, (q - zero_point).mul_(scale), out=err).div_(diagonal[i])
-            block[:, i:].addr_(err, hblock[i, i:], alpha=-1)
-        w[:, i2:] -= errors @ hinv[i1:i2, i2:]
+    # the factor in float64 (a near-singular H), the column sweep in float32 as the reference code
+    upper = hessian.upper().float()
+    codes = _sweep(w.T.contiguous(), upper, scale, zero_point, quantizer.code_range, block_size).T
     if order is not None:
         codes = codes[:, torch.argsort(order)]
     return codes.long()
+
+
+def _sweep(
+    columns: torch.Tensor,
+    upper: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    code_range: tuple[int, int],
+    block_size: int,
+) -> torch.Tensor:
+    """GPTQ's column sweep as the nearest-plane rounding it is equivalent to.
+
+    With ``H + lam I = V V^T`` (``V`` upper triangular) the objective ``(w - q) H (w - q)^T`` of one
+    output channel is ``sum_j (sum_{k <= j} e_k V_kj)^2`` with ``e = w - q``: rounding the columns in
+    order, column ``j``'s term vanishes at ``w_j + sum_{k < j} e_k V_kj / V_jj``, which is the
+    column GPTQ's inverse-Hessian updates arrive at, so rounding that gives GPTQ's codes without
+    inverting ``H``. The earlier columns' share comes in one product per block of columns, the
+    block's own columns one at a time.
+
+    Args:
+        columns: ``(in, out)``, the weight transposed: each of its columns is one contiguous row.
+        upper: ``V``, ``(in, in)``.
+        scale, zero_point: per output channel, length ``out``.
+        code_range: the quantizer's smallest and largest code.
+        block_size: columns per lazy batch.
+
+    Returns:
+        The codes ``(in, out)`` (float).
+    """
+    lo, hi = code_range
+    codes = torch.empty_like(columns)
+    errors = torch.empty_like(columns)  # e_k = w_k - dequantized code, per output channel
+    n = columns.shape[0]
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        shift = upper[:i1, i1:i2].T @ errors[:i1]  # sum_{k < i1} e_k V_kj for the block's columns j
+        ublock = upper[i1:i2, i1:i2]
+        diagonal = ublock.diagonal().tolist()  # Python floats: fewer tiny tensor ops per column
+        for i in range(i2 - i1):
+            column = columns[i1 + i]
+            q = (
+                torch.round(shift[i].div_(diagonal[i]).add_(column).div_(scale))
+                .add_(zero_point)
+                .clamp_(lo, hi)
+            )
+            codes[i1 + i] = q
+            err = errors[i1 + i]
+            torch.sub(column, (q - zero_point).mul_(scale), out=err)
+            shift[i + 1 :].addr_(ublock[i, i + 1 :], err)
+    return codes
+
+
+def sample_rows(rows: torch.Tensor) -> torch.Tensor:
+    """At most ``max(GPTQ_MIN_ROWS, GPTQ_ROWS_PER_INPUT * in_features)`` of the input rows
+    ``(n, in_features)``, evenly spaced (every image, spread over its tokens); all when fewer. The
+    same rows for the same ``n``, so a layer's float and quantized inputs stay paired."""
+    n, fan_in = rows.shape
+    keep = max(GPTQ_MIN_ROWS, GPTQ_ROWS_PER_INPUT * fan_in)
+    if n <= keep:
+        return rows
+    return rows[torch.linspace(0, n - 1, keep, device=rows.device).round().long()]
 
 
 def layer_inputs(module: QuantLinear | QuantConv2d, x: torch.Tensor, quantized: bool = True) -> torch.Tensor:
@@ -250,7 +317,7 @@ def _float_inputs(
     def hook_for(name: str):
         def hook(module: QuantLinear | QuantConv2d, args: tuple) -> None:
             if name not in rows:
-                rows[name] = layer_inputs(module, args[0], quantized=False).float()
+                rows[name] = sample_rows(layer_inputs(module, args[0], quantized=False).float())
 
         return hook
 
@@ -320,16 +387,17 @@ def gptq_model(
         def hook(module: QuantLinear | QuantConv2d, args: tuple) -> None:
             if name in originals:  # a layer called twice in one forward is rounded once
                 return
-            rows = layer_inputs(module, args[0], quantized_inputs)
+            rows = sample_rows(layer_inputs(module, args[0], quantized_inputs))
             weight = module.weight.detach()
             q: UniformQuantizer = module.weight_quantizer
             try:
                 w2d = weight.reshape(weight.shape[0], -1)
-                hessian = input_hessian(rows)
+                hessian = DampedHessian(input_hessian(rows), damp)  # one factorization for both uses
                 if target == "float":
                     cross = _cross_moment(float_rows.pop(name), rows)  # freed once used
-                    w_damp = damp if target_damp is None else target_damp
-                    w2d = float_target_weight(w2d, cross, hessian, w_damp, target_shrink)
+                    same_ridge = target_damp is None or target_damp == damp
+                    ridge = hessian if same_ridge else DampedHessian(hessian.matrix, target_damp)
+                    w2d = float_target_weight(w2d, cross, ridge, shrink=target_shrink)
                 codes = gptq_round(w2d, hessian, q, damp, act_order)
             except CalibrationError as exc:
                 raise CalibrationError(f"{name}: {exc}") from None
