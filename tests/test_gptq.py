@@ -104,6 +104,30 @@ def test_damped_hessian_factor_and_solve() -> None:
         DampedHessian(torch.zeros(3, 4), 0.1)
 
 
+def test_float_target_ridge_ignores_dead_inputs_where_rounding_gives_them_a_unit_diagonal() -> None:
+    # an input channel that is always 0 in the quantized model (a 3-bit v channel rounded to 0 makes
+    # one in proj's input): the target's ridge is damp * mean(diag H) of H as it is, while the
+    # rounding first gives that channel a unit diagonal (which also enters its mean)
+    x_fp, x_q = _float_and_quantized_inputs(512, seed=8)
+    x_q[:, 3] = 0.0
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(8))
+    h, c = input_hessian(x_q), _cross(x_fp, x_q)
+    ridge = 0.1 * h.diagonal().mean()
+    expected = w.double() + w.double() @ (c - h) @ torch.linalg.inv(
+        h + ridge * torch.eye(64, dtype=torch.float64)
+    )
+    target = float_target_weight(w, c, h, damp=0.1)
+    torch.testing.assert_close(target.double(), expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(target[:, 3], w[:, 3])  # a dead input's weights are left as they are
+    unit = h.clone()
+    unit[3, 3] = 1.0
+    torch.testing.assert_close(
+        DampedHessian(h, 0.1).upper() @ DampedHessian(h, 0.1).upper().T,
+        unit + 0.1 * unit.diagonal().mean() * torch.eye(64, dtype=torch.float64),
+    )
+    assert DampedHessian(h, 0.1).has_dead and not DampedHessian(unit, 0.1).has_dead
+
+
 def test_sample_rows_keeps_evenly_spaced_rows_only_above_the_cap() -> None:
     small = torch.randn(GPTQ_MIN_ROWS, 8)
     assert sample_rows(small) is small

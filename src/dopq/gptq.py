@@ -75,27 +75,31 @@ class DampedHessian:
 
     It keeps the lower Cholesky factor ``L`` of the *reversed* matrix ``P (H + lam I) P`` (``P`` reverses
     the channel order), so that ``V = P L P`` is upper triangular with ``H + lam I = V V^T``: the
-    column sweep rounds against ``V`` (:func:`gptq_round`), and the float target's solve reuses ``L``.
-    An input channel that was always 0 carries no error information: its diagonal is set to 1, which
-    decouples it. The damping grows tenfold while the matrix is not positive definite (a rank-deficient
+    column sweep rounds against ``V`` (:func:`gptq_round`), and the float target's solve can reuse
+    ``L``. The damping grows tenfold while the matrix is not positive definite (a rank-deficient
     Hessian from few or collinear inputs).
 
     Args:
         hessian: ``(in, in)`` ``X^T X`` of the layer's inputs (any positive scale).
         damp: fraction of the mean diagonal added to the diagonal.
+        unit_dead: give an input channel that was always 0 (diagonal 0) a unit diagonal before the
+            mean is taken, as the rounding does (the channel is then decoupled: rounded to nearest,
+            spreading no error); the float target leaves it at the damping alone.
 
     Raises:
         CalibrationError: NaN/Inf values, or not positive definite even with the largest damping.
     """
 
-    def __init__(self, hessian: torch.Tensor, damp: float) -> None:
+    def __init__(self, hessian: torch.Tensor, damp: float, unit_dead: bool = True) -> None:
         if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
             raise ValueError(f"GPTQ needs a square Hessian, got {tuple(hessian.shape)}")
         if not bool(torch.isfinite(hessian).all()):
             raise CalibrationError("GPTQ: the layer's input Hessian has NaN/Inf values")
         self.matrix = hessian.double()
+        self.has_dead = bool((self.matrix.diagonal() == 0).any())
         h = self.matrix.clone()
-        h.diagonal()[h.diagonal() == 0] = 1.0
+        if unit_dead:
+            h.diagonal()[h.diagonal() == 0] = 1.0
         h = h.flip(0, 1)
         mean_diag = float(h.diagonal().mean())
         eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
@@ -150,7 +154,7 @@ def float_target_weight(
         raise ValueError(f"float target: shapes {weight.shape}, {cross.shape}, {matrix.shape} do not match")
     if not bool(torch.isfinite(cross).all()):
         raise CalibrationError("GPTQ: the layer's float/quantized input statistics have NaN/Inf values")
-    factor = hessian if isinstance(hessian, DampedHessian) else DampedHessian(hessian, damp)
+    factor = hessian if isinstance(hessian, DampedHessian) else DampedHessian(hessian, damp, unit_dead=False)
     w = weight.detach().double()
     # (H + lam I) D^T = (C - H)^T W^T, solved with the factor: never an explicit inverse
     delta = factor.solve((cross.double() - factor.matrix).T @ w.T).T
@@ -392,12 +396,15 @@ def gptq_model(
             q: UniformQuantizer = module.weight_quantizer
             try:
                 w2d = weight.reshape(weight.shape[0], -1)
-                hessian = DampedHessian(input_hessian(rows), damp)  # one factorization for both uses
+                hessian = DampedHessian(input_hessian(rows), damp)
                 if target == "float":
                     cross = _cross_moment(float_rows.pop(name), rows)  # freed once used
-                    same_ridge = target_damp is None or target_damp == damp
-                    ridge = hessian if same_ridge else DampedHessian(hessian.matrix, target_damp)
-                    w2d = float_target_weight(w2d, cross, ridge, shrink=target_shrink)
+                    ridge = damp if target_damp is None else target_damp
+                    # one factorization for both uses, unless dead inputs or another ridge tell them apart
+                    shared = ridge == damp and not hessian.has_dead
+                    w2d = float_target_weight(
+                        w2d, cross, hessian if shared else hessian.matrix, ridge, target_shrink
+                    )
                 codes = gptq_round(w2d, hessian, q, damp, act_order)
             except CalibrationError as exc:
                 raise CalibrationError(f"{name}: {exc}") from None
