@@ -17,12 +17,14 @@ from dopq.calibrate import correct_bias, observing
 from dopq.errors import CalibrationError
 from dopq.export import to_deploy
 from dopq.gptq import (
+    GPTQ_MIN_ROWS,
     DampedHessian,
     float_target_weight,
     gptq_model,
     gptq_round,
     input_hessian,
     layer_inputs,
+    sample_rows,
 )
 from dopq.modules import QuantConv2d, QuantLinear, quantizers_off
 from dopq.quantizers import PerChannel, UniformQuantizer
@@ -124,6 +126,19 @@ def test_float_target_ridge_ignores_dead_inputs_where_rounding_gives_them_a_unit
         unit + 0.1 * unit.diagonal().mean() * torch.eye(64, dtype=torch.float64),
     )
     assert DampedHessian(h, 0.1).has_dead and not DampedHessian(unit, 0.1).has_dead
+
+
+def test_sample_rows_keeps_evenly_spaced_rows_only_above_the_cap() -> None:
+    small = torch.randn(GPTQ_MIN_ROWS, 8)
+    assert sample_rows(small) is small
+    rows = torch.arange(3 * GPTQ_MIN_ROWS, dtype=torch.float32)[:, None].expand(-1, 8)
+    kept = sample_rows(rows)[:, 0]
+    assert kept.shape == (GPTQ_MIN_ROWS,) and kept[0] == 0 and kept[-1] == 3 * GPTQ_MIN_ROWS - 1
+    gaps = kept.diff()
+    assert int(gaps.min()) >= 2 and int(gaps.max()) <= 4  # evenly spread, no row twice
+    assert torch.equal(sample_rows(rows + 1)[:, 0], kept + 1)  # the same rows for the same count
+    wide = torch.randn(3 * GPTQ_MIN_ROWS, 1024)  # wide layers keep 16 rows per input channel
+    assert sample_rows(wide).shape == (16 * 1024, 1024)
 
 
 def test_codes_are_integer_codes_in_range_that_the_quantizer_reproduces() -> None:

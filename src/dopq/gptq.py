@@ -46,9 +46,15 @@ __all__ = [
     "gptq_round",
     "input_hessian",
     "layer_inputs",
+    "sample_rows",
 ]
 
 GPTQ_BLOCK = 128  # columns per lazy batch update (the reference implementation's default)
+# GPTQ's input statistics come from at most this many token rows per layer: the (in, in) moments
+# cost rows * in^2, which on many-token stages (Swin's first two: 25 088-100 352 rows of 32 images)
+# outweighs the rest of GPTQ, while a few thousand rows already estimate them (ViT layers see 6 304)
+GPTQ_MIN_ROWS = 8192
+GPTQ_ROWS_PER_INPUT = 16  # ... or this many per input channel, whichever is more
 _DAMP_RETRIES = 4  # each retry multiplies the damping by 10 before giving up
 
 
@@ -265,6 +271,17 @@ def _sweep(
     return codes
 
 
+def sample_rows(rows: torch.Tensor) -> torch.Tensor:
+    """At most ``max(GPTQ_MIN_ROWS, GPTQ_ROWS_PER_INPUT * in_features)`` of the input rows
+    ``(n, in_features)``, evenly spaced (every image, spread over its tokens); all when fewer. The
+    same rows for the same ``n``, so a layer's float and quantized inputs stay paired."""
+    n, fan_in = rows.shape
+    keep = max(GPTQ_MIN_ROWS, GPTQ_ROWS_PER_INPUT * fan_in)
+    if n <= keep:
+        return rows
+    return rows[torch.linspace(0, n - 1, keep, device=rows.device).round().long()]
+
+
 def layer_inputs(module: QuantLinear | QuantConv2d, x: torch.Tensor, quantized: bool = True) -> torch.Tensor:
     """The rows ``(n, fan_in)`` that the layer's weights multiply, for input ``x``.
 
@@ -304,7 +321,7 @@ def _float_inputs(
     def hook_for(name: str):
         def hook(module: QuantLinear | QuantConv2d, args: tuple) -> None:
             if name not in rows:
-                rows[name] = layer_inputs(module, args[0], quantized=False).float()
+                rows[name] = sample_rows(layer_inputs(module, args[0], quantized=False).float())
 
         return hook
 
@@ -374,7 +391,7 @@ def gptq_model(
         def hook(module: QuantLinear | QuantConv2d, args: tuple) -> None:
             if name in originals:  # a layer called twice in one forward is rounded once
                 return
-            rows = layer_inputs(module, args[0], quantized_inputs)
+            rows = sample_rows(layer_inputs(module, args[0], quantized_inputs))
             weight = module.weight.detach()
             q: UniformQuantizer = module.weight_quantizer
             try:
