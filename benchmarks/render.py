@@ -823,6 +823,8 @@ _PRESET_NOTES = {  # runs of the same recipes again elsewhere: what tells them a
         ("_epyc_vnni_w44_preset", "_epyc_vnni_a8_preset", "_epyc_vnni_c16_preset", "_epyc_vnni_c8_preset"),
         ", on an AMD EPYC with AVX-512 VNNI (no AMX)",
     ),
+    "_epyc_vnni_fastgptq_allrows_preset": ", with the faster GPTQ on every token row (a probe stopped after seed 0's "
+    "W4/A4), on an AMD EPYC with AVX-512 VNNI (no AMX)",
     "_epyc_vnni_fastgptq_preset": ", with the faster GPTQ (nearest-plane sweep, sampled moments), on an AMD EPYC "
     "with AVX-512 VNNI (no AMX)",
 }
