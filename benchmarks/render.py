@@ -531,6 +531,8 @@ _DEPLOY_NOTES = {  # what a suffixed deploy run measured, beside its presets
     "deploy_runtimes_epyc_vnni": ", the recommended preset at every width, on an AMD EPYC with AVX-512 VNNI and no AMX",
     "deploy_runtimes_epyc_vnni_swin": ", Swin-Tiny, the recommended preset at every width, on an AMD EPYC with AVX-512 "
     "VNNI and no AMX",
+    "deploy_runtimes_epyc_vnni_fastgptq_swin": ", Swin-Tiny, the recommended preset's W8/A8 and W4/A8 with the faster GPTQ "
+    "(nearest-plane sweep, sampled moments), on an AMD EPYC with AVX-512 VNNI and no AMX",
     "deploy_runtimes_epyc_vnni_w44_all": ", the recommended preset's W4/A4 on all 10 000 test images (accuracy only), "
     "on an AMD EPYC with AVX-512 VNNI and no AMX",
 }
