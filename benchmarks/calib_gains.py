@@ -76,7 +76,7 @@ def calib_gain_recipes(w_bits: int, a_bits: int | None = None) -> dict[str, Quan
             "recommended", weight_rounding="gptq", gptq_act_order=True, gptq_damp=DEFAULT_DAMP, **widths
         ),
         "recommended+gptq-d1": get_preset("recommended", weight_rounding="gptq", gptq_damp=1.0, **widths),
-        # the same, kept only where the calibration images show it pays (sign test on their logit KL)
+        # the same, kept only where the calibration images show it pays (the check's test on their logit KL)
         "recommended+gptq-d1-check": get_preset(
             "recommended", weight_rounding="gptq", gptq_damp=1.0, gptq_check=True, **widths
         ),

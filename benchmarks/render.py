@@ -533,6 +533,8 @@ _DEPLOY_NOTES = {  # what a suffixed deploy run measured, beside its presets
     "VNNI and no AMX",
     "deploy_runtimes_epyc_vnni_fastgptq_swin": ", Swin-Tiny, the recommended preset's W8/A8 and W4/A8 with the faster GPTQ "
     "(nearest-plane sweep, sampled moments), on an AMD EPYC with AVX-512 VNNI and no AMX",
+    "deploy_runtimes_epyc_vnni_signedrank_swin": ", Swin-Tiny, the recommended preset's W4/A4 with the faster GPTQ, kept "
+    "by the signed-rank check, on an AMD EPYC with AVX-512 VNNI and no AMX",
     "deploy_runtimes_epyc_vnni_w44_all": ", the recommended preset's W4/A4 on all 10 000 test images (accuracy only), "
     "on an AMD EPYC with AVX-512 VNNI and no AMX",
 }
@@ -829,6 +831,10 @@ _PRESET_NOTES = {  # runs of the same recipes again elsewhere: what tells them a
     "W4/A4), on an AMD EPYC with AVX-512 VNNI (no AMX)",
     "_epyc_vnni_fastgptq_preset": ", with the faster GPTQ (nearest-plane sweep, sampled moments), on an AMD EPYC "
     "with AVX-512 VNNI (no AMX)",
+    "_epyc_vnni_c16_signedrank_preset": ", with the faster GPTQ and the signed-rank check, on an AMD EPYC with "
+    "AVX-512 VNNI (no AMX)",
+    "_epyc_vnni_signedrank_preset": ", the calibration check by signed-rank test instead of sign test, on an AMD "
+    "EPYC with AVX-512 VNNI (no AMX)",
 }
 
 
@@ -900,8 +906,9 @@ def _preset_table(data: dict[str, Any], note: str = "") -> list[str]:
 def _gptq_check_lines(rows: list[dict[str, Any]]) -> list[str]:
     """For rows whose recipe checked GPTQ's rounding on the calibration images (``gptq_check``): per
     recipe, width and seed, whether GPTQ was kept, the images on which its logit KL from the float
-    model was lower / higher than round-to-nearest's, the sign-test p, the per-seed calibration ratio
-    to dopq's (float forwards) and the two mean divergences."""
+    model was lower / higher than round-to-nearest's, the p of the check's test (the sign test of
+    the first runs, the signed-rank test since), the per-seed calibration ratio to dopq's (float
+    forwards) and the two mean divergences."""
     dopq = {(r["seed"], r["w_bits"], r["a_bits"]): r for r in rows if r["method"] == "dopq"}
     lines = []
     for r in rows:
@@ -915,12 +922,13 @@ def _gptq_check_lines(rows: list[dict[str, Any]]) -> list[str]:
             else ""
         )
         lines.append(f"| {r['method']} | W{r['w_bits']}/A{r['a_bits']} | {r['seed']} | {'kept' if check['kept'] else 'round-to-nearest'} | "
-                     f"{check['images_better']} / {check['images_worse']} (p={check['p']:.2g}) | "
+                     f"{check['images_better']} / {check['images_worse']} ({check.get('test', 'sign')} p={check['p']:.2g}) | "
                      f"{check['kl_nearest']:.4f} -> {check['kl_gptq']:.4f} | {ratio} |")  # fmt: skip
     if not lines:
         return []
     return ["GPTQ's calibration check per seed: the rounding kept, the calibration images on which GPTQ's logit KL "
-            "from the float model is lower / higher than round-to-nearest's (sign-test p), the mean KL of "
+            "from the float model is lower / higher than round-to-nearest's (the p of the check's test: the sign "
+            "test of the first runs, the signed-rank test since), the mean KL of "
             "round-to-nearest -> GPTQ, and the calibration time against dopq's at the same seed.", "",
             "| recipe | width | seed | rounding | GPTQ lower / higher | mean KL | calibration vs dopq |", "|---" * 7 + "|",
             *lines, ""]  # fmt: skip

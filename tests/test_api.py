@@ -45,7 +45,9 @@ def test_recommended_preset_is_the_default_recipe():
         "kl_gptq",
         "images_better",
         "images_worse",
+        "rank_share",
         "p",
+        "test",
     }
 
 

@@ -1,8 +1,9 @@
-"""The GPTQ check: a sign test on the calibration images' logit KL keeps the better rounding."""
+"""The GPTQ check: a signed-rank test on the calibration images' logit KL keeps the better rounding."""
 
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -10,8 +11,16 @@ import timm
 import torch
 
 import dopq
+import dopq.rounding_check as rounding_check
 from dopq.modules import QuantConv2d, QuantLinear
-from dopq.rounding_check import compare_roundings, kl_divergence, last_output, logit_kl, sign_test_p
+from dopq.rounding_check import (
+    compare_roundings,
+    kl_divergence,
+    last_output,
+    logit_kl,
+    sign_test_p,
+    signed_rank_test,
+)
 
 
 def test_sign_test_p_matches_the_binomial_tails() -> None:
@@ -21,6 +30,69 @@ def test_sign_test_p_matches_the_binomial_tails() -> None:
     assert sign_test_p(5, 0) == pytest.approx(2 / 32)  # ... which 5 images never do
     assert sign_test_p(24, 8) == pytest.approx(0.00700, abs=1e-5)
     assert sign_test_p(8, 24) == sign_test_p(24, 8)
+
+
+def _enumerated_signed_rank_p(d: list[float]) -> float:
+    """The two-sided p by flipping every sign (mean ranks for ties, zeros dropped): the definition."""
+    d = [x for x in d if x != 0]
+    mags = sorted(abs(x) for x in d)
+    rank = {m: (mags.index(m) + 1 + len(mags) - mags[::-1].index(m)) / 2 for m in mags}
+    ranks = [rank[abs(x)] for x in d]
+    observed = sum(r for r, x in zip(ranks, d, strict=True) if x > 0)
+    sums = [
+        sum(r for r, s in zip(ranks, signs, strict=True) if s)
+        for signs in itertools.product((0, 1), repeat=len(d))
+    ]
+    low = sum(t <= observed + 1e-9 for t in sums) / len(sums)
+    high = sum(t >= observed - 1e-9 for t in sums) / len(sums)
+    return min(1.0, 2 * min(low, high))
+
+
+@pytest.mark.parametrize(
+    "d",
+    [
+        [1.5, -0.5, 2.0, 3.0, -0.25, 4.0, 0.75, 5.0],
+        [1.0, 1.0, -1.0, 2.0, 2.0, -2.0, 0.0, 3.0, -0.5, 0.5, 0.5, 4.0],  # ties and a zero
+        [-3.0, -1.0, -2.0, -4.0, 0.5, -5.0, -6.0, -7.0, -8.0, 9.0],
+    ],
+)
+def test_signed_rank_p_is_the_sign_flip_distribution(d: list[float]) -> None:
+    share, p = signed_rank_test(torch.tensor(d))
+    assert p == pytest.approx(_enumerated_signed_rank_p(d), rel=1e-12)
+    positive = [x for x in d if x > 0]
+    assert (share > 0.5) == (sum(positive) > -sum(x for x in d if x < 0))  # these examples agree
+
+
+def test_signed_rank_p_against_scipy_and_its_normal_form(monkeypatch) -> None:
+    stats = pytest.importorskip("scipy.stats")
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(32, generator=g, dtype=torch.float64) + 0.4
+    assert signed_rank_test(d)[1] == pytest.approx(stats.wilcoxon(d.numpy(), method="exact").pvalue, rel=1e-9)
+    assert signed_rank_test(torch.zeros(5)) == (0.5, 1.0)
+    assert signed_rank_test(torch.ones(5))[1] == pytest.approx(2 / 32)  # 5 images never reach 0.05
+    assert signed_rank_test(torch.ones(6))[1] == pytest.approx(2 / 64)
+    big = torch.randn(300, generator=g, dtype=torch.float64) + 0.15
+    exact = signed_rank_test(big)[1]
+    monkeypatch.setattr(rounding_check, "EXACT_SIGNED_RANK_MAX", 100)
+    approx = signed_rank_test(big)[1]
+    assert approx == pytest.approx(
+        stats.wilcoxon(big.numpy(), method="approx", correction=True).pvalue, rel=1e-9
+    )
+    assert approx == pytest.approx(exact, rel=0.05)
+
+
+def test_the_check_weighs_how_much_each_image_moved() -> None:
+    """A gain the sign test cannot see (20 images better, 12 worse) is kept when the gains are the
+    large moves, and a majority of tiny gains against a few large losses is not."""
+    nearest = torch.full((32,), 1.0)
+    large_gains = torch.cat([torch.linspace(0.2, 0.5, 20), torch.linspace(1.01, 1.05, 12)])
+    check = compare_roundings(nearest, large_gains)
+    assert sign_test_p(check.gptq_better, check.gptq_worse) > 0.2
+    assert check.keep_gptq and check.p < 0.01 and check.rank_share > 0.5
+    small_gains = torch.cat([torch.linspace(0.95, 0.99, 22), torch.linspace(1.5, 2.0, 10)])
+    check = compare_roundings(nearest, small_gains)
+    assert (check.gptq_better, check.gptq_worse) == (22, 10) and check.rank_share < 0.5
+    assert not check.keep_gptq
 
 
 def test_gptq_is_kept_only_when_it_wins_significantly() -> None:

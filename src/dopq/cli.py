@@ -194,7 +194,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         "--gptq-check",
         choices=["on", "off"],
         help="keep GPTQ's rounding only where it lowers the calibration images' logit error against the "
-        "float model significantly (sign test), else round to nearest",
+        "float model significantly (signed-rank test), else round to nearest",
     )
     r = p.add_argument_group("reconstruction")
     r.add_argument("--reconstruct", action="store_true", help="block-wise reconstruction after calibration")

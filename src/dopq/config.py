@@ -257,9 +257,10 @@ class QuantConfig:
         gptq_target_shrink: with the float target, the fraction of the way each weight moves from
             its float value to the least-squares target before rounding (1: all the way, which
             loses on Swin-Tiny at W3/A3 where half way wins; docs/gptq.md).
-        gptq_check: keep GPTQ's rounding only when it lowers the logit KL divergence from the float
-            model on significantly more calibration images than it raises it (sign test,
-            :mod:`dopq.rounding_check`), else round to nearest (bit for bit the model without GPTQ):
+        gptq_check: keep GPTQ's rounding only when it lowers the calibration images' logit KL
+            divergence from the float model significantly (two-sided Wilcoxon signed-rank test on the
+            per-image differences, :mod:`dopq.rounding_check`), else round to nearest (bit for bit
+            the model without GPTQ):
             a copy of the model, a float forward of the calibration batch, a second bias correction
             and about 1.5 quantized forwards more. False: always keep GPTQ's rounding.
         reconstruct: block reconstruction settings, or None for calibration only.
@@ -394,8 +395,8 @@ _PRESETS: dict[str, dict[str, Any]] = {
 # it): Swin-Tiny's W4/A8 within 0.3 of FP at three seeds, DeiT-Tiny and its outlier-stressed copy
 # within 0.3 of dopq (docs/gptq.md); GPTQ's default damping lost 0.4 there at three of six seeds.
 # 4-bit weights under narrower activations get the same rounding, kept only where the calibration
-# images show it pays (gptq_check: a sign test on their logit KL against the float model; measured
-# at W4/A4):
+# images show it pays (gptq_check: a signed-rank test on their logit KL against the float model;
+# measured at W4/A4):
 # at W4/A4 it brought Swin-Tiny within 0.5 of FP at three seeds, where on the DeiT-Tiny models, which
 # round-to-nearest already keeps at FP, unchecked GPTQ lost up to 1.3 at single seeds (docs/gptq.md).
 RECOMMENDED = "recommended"

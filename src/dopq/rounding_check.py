@@ -7,9 +7,11 @@ Swin-Tiny it gained at every seed (docs/gptq.md). The check compares the two rou
 difference is measurable without held-out data: each calibration image's logit KL divergence from
 the float model, each model finished by bias correction (before it, GPTQ's rounding leaves a mean
 output shift that hid its advantage on Swin-Tiny at two of three seeds). GPTQ is kept when it lowers
-that divergence on significantly more images than it raises it (a two-sided sign test); a model where
-the two roundings differ by noise keeps round-to-nearest. The mean divergence alone cannot decide it:
-GPTQ fits the calibration images and lowers their mean divergence also where it loses on test images.
+that divergence significantly (a two-sided Wilcoxon signed-rank test on the per-image differences,
+and GPTQ ahead); a model where the two roundings differ by noise keeps round-to-nearest. The mean
+divergence alone cannot decide it: GPTQ fits the calibration images and lowers their mean divergence
+also where it loses on test images. Counting images only (a sign test) throws away how much each
+image moved, and left out Swin-Tiny's gain where GPTQ halved the mean divergence.
 """
 
 from __future__ import annotations
@@ -36,11 +38,14 @@ __all__ = [
     "last_output",
     "logit_kl",
     "sign_test_p",
+    "signed_rank_test",
 ]
 
-# significance level of the sign test; with fewer than 6 calibration images no outcome reaches it,
-# so GPTQ is never kept there
+# significance level of the signed-rank test; with fewer than 6 calibration images no outcome
+# reaches it, so GPTQ is never kept there
 GPTQ_KEEP_ALPHA = 0.05
+# the exact null distribution up to this many images (a few ms); the normal approximation above
+EXACT_SIGNED_RANK_MAX = 400
 
 
 @torch.no_grad()
@@ -106,6 +111,57 @@ def sign_test_p(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def _doubled_ranks(magnitudes: torch.Tensor) -> torch.Tensor:
+    """Twice the ranks of ``magnitudes`` (1 = smallest), tied values sharing their mean rank, as
+    integers: a tie over ranks ``a..b`` gets ``a + b``."""
+    order = magnitudes.argsort()
+    _, counts = torch.unique_consecutive(magnitudes[order], return_counts=True)
+    last = counts.cumsum(0)
+    doubled = torch.repeat_interleave(2 * last - counts + 1, counts)
+    ranks = torch.empty_like(doubled)
+    ranks[order] = doubled
+    return ranks
+
+
+def _signed_rank_null(doubled_ranks: torch.Tensor) -> torch.Tensor:
+    """The chance of each (doubled) rank sum ``0..sum`` when every difference is as likely positive
+    as negative: each rank joins the sum with probability 1/2."""
+    dist = torch.zeros(int(doubled_ranks.sum()) + 1, dtype=torch.float64)
+    dist[0] = 1.0
+    for r in doubled_ranks.tolist():
+        shifted = torch.zeros_like(dist)
+        shifted[r:] = dist[:-r]
+        dist = 0.5 * (dist + shifted)
+    return dist
+
+
+def signed_rank_test(differences: torch.Tensor) -> tuple[float, float]:
+    """Two-sided Wilcoxon signed-rank test that paired ``differences`` are centred on 0.
+
+    Zeros are left out and tied magnitudes share their mean rank; the null distribution is exact
+    (conditional on the ranks) up to :data:`EXACT_SIGNED_RANK_MAX` non-zero differences, the
+    tie-corrected normal approximation with continuity correction above.
+
+    Returns:
+        ``(share, p)``: the positive differences' share of the rank sum (0.5 when balanced; 0.5
+        with no non-zero difference) and the two-sided p.
+    """
+    d = differences.detach().double().flatten().cpu()  # one value per image
+    d = d[d != 0]
+    if d.numel() == 0:
+        return 0.5, 1.0
+    ranks = _doubled_ranks(d.abs())
+    positive, total = int(ranks[d > 0].sum()), int(ranks.sum())
+    share = positive / total
+    if d.numel() <= EXACT_SIGNED_RANK_MAX:
+        null = _signed_rank_null(ranks)
+        tail = min(float(null[: positive + 1].sum()), float(null[positive:].sum()))
+        return share, min(1.0, 2 * tail)
+    sd = math.sqrt(float((ranks.double() ** 2).sum()) / 4)
+    z = max(abs(positive - total / 2) - 1, 0.0) / sd  # continuity: half a rank (1 doubled)
+    return share, min(1.0, math.erfc(z / math.sqrt(2)))
+
+
 @dataclass(frozen=True)
 class RoundingCheck:
     """GPTQ against round-to-nearest on the calibration images (mean logit KL from the float model)."""
@@ -114,35 +170,37 @@ class RoundingCheck:
     kl_gptq: float
     gptq_better: int  # images on which GPTQ's divergence is lower
     gptq_worse: int
-    p: float
+    rank_share: float  # GPTQ's gains' share of the signed-rank sum (0.5: balanced)
+    p: float  # two-sided signed-rank p
     keep_gptq: bool
 
-    def to_dict(self) -> dict[str, float | int | bool]:
+    def to_dict(self) -> dict[str, float | int | bool | str]:
         return {
             "kept": self.keep_gptq,
             "kl_nearest": self.kl_nearest,
             "kl_gptq": self.kl_gptq,
             "images_better": self.gptq_better,
             "images_worse": self.gptq_worse,
+            "rank_share": self.rank_share,
             "p": self.p,
+            "test": "signed-rank",
         }
 
 
 def compare_roundings(
     kl_nearest: torch.Tensor, kl_gptq: torch.Tensor, alpha: float = GPTQ_KEEP_ALPHA
 ) -> RoundingCheck:
-    """Keep GPTQ when its per-image divergences beat round-to-nearest's on significantly more
-    images than they lose (sign test at ``alpha``)."""
-    better = int((kl_gptq < kl_nearest).sum())
-    worse = int((kl_gptq > kl_nearest).sum())
-    p = sign_test_p(better, worse)
+    """Keep GPTQ when its per-image divergences are significantly lower than round-to-nearest's
+    (two-sided signed-rank test at ``alpha``, GPTQ's gains the larger part of the rank sum)."""
+    share, p = signed_rank_test(kl_nearest - kl_gptq)
     return RoundingCheck(
         kl_nearest=float(kl_nearest.mean()),
         kl_gptq=float(kl_gptq.mean()),
-        gptq_better=better,
-        gptq_worse=worse,
+        gptq_better=int((kl_gptq < kl_nearest).sum()),
+        gptq_worse=int((kl_gptq > kl_nearest).sum()),
+        rank_share=share,
         p=p,
-        keep_gptq=better > worse and p < alpha,
+        keep_gptq=share > 0.5 and p < alpha,
     )
 
 
