@@ -835,6 +835,8 @@ _PRESET_NOTES = {  # runs of the same recipes again elsewhere: what tells them a
     "AVX-512 VNNI (no AMX)",
     "_epyc_vnni_signedrank_preset": ", the calibration check by signed-rank test instead of sign test, on an AMD "
     "EPYC with AVX-512 VNNI (no AMX)",
+    "_epyc_vnni_w33_widetanq": ", TanQ's wider centre grid on the preset's W3/A3 (dopq+gptq+tanq-wide), with the "
+    "faster GPTQ, on an AMD EPYC with AVX-512 VNNI (no AMX)",
 }
 
 
