@@ -21,7 +21,7 @@ from deploy import _width
 from dopq.config import TANQ_CENTERS_WIDE, QuantConfig, get_preset
 from dopq.data import calibration_indices, load_images
 from dopq.experiment import Workload, run_recipe
-from dopq.rounding_check import sign_test_p
+from dopq.stats import sign_test_p
 from dopq.stress import rescale_layernorm_channels
 
 STRESS = "stress"

@@ -42,7 +42,7 @@ from dopq.evaluate import compare
 from dopq.experiment import RunSettings, load_workload
 from dopq.export import OnnxModel, export_onnx
 from dopq.models import build_model, card_for
-from dopq.rounding_check import sign_test_p
+from dopq.stats import sign_test_p
 
 ARCH = "deit_tiny_patch16_224"
 CHECKPOINT = "deit_tiny_patch16_224.cifar10.safetensors"

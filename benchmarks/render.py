@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dopq.config import ReconstructConfig, get_preset
-from dopq.rounding_check import sign_test_p
+from dopq.stats import sign_test_p
 
 BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
 

@@ -11,16 +11,10 @@ import timm
 import torch
 
 import dopq
-import dopq.rounding_check as rounding_check
+import dopq.stats as stats_module
 from dopq.modules import QuantConv2d, QuantLinear
-from dopq.rounding_check import (
-    compare_roundings,
-    kl_divergence,
-    last_output,
-    logit_kl,
-    sign_test_p,
-    signed_rank_test,
-)
+from dopq.rounding_check import compare_roundings, kl_divergence, last_output, logit_kl
+from dopq.stats import sign_test_p, signed_rank_test
 
 
 def test_sign_test_p_matches_the_binomial_tails() -> None:
@@ -73,7 +67,7 @@ def test_signed_rank_p_against_scipy_and_its_normal_form(monkeypatch) -> None:
     assert signed_rank_test(torch.ones(6))[1] == pytest.approx(2 / 64)
     big = torch.randn(300, generator=g, dtype=torch.float64) + 0.15
     exact = signed_rank_test(big)[1]
-    monkeypatch.setattr(rounding_check, "EXACT_SIGNED_RANK_MAX", 100)
+    monkeypatch.setattr(stats_module, "EXACT_SIGNED_RANK_MAX", 100)
     approx = signed_rank_test(big)[1]
     assert approx == pytest.approx(
         stats.wilcoxon(big.numpy(), method="approx", correction=True).pvalue, rel=1e-9
