@@ -56,6 +56,12 @@ def _load(results: Path, name: str) -> dict[str, Any] | None:
     return merged
 
 
+def _fixed_broken(correct: str, base_correct: str) -> tuple[int, int]:
+    """Images right in ``correct`` and wrong in ``base_correct`` (per-image '1' / '0' records), and the reverse."""
+    pairs = list(zip(correct, base_correct, strict=True))
+    return pairs.count(("1", "0")), pairs.count(("0", "1"))
+
+
 def _paired_rows(sub: list[dict[str, Any]], bits: list[int], methods: list[str], base: str) -> list[str]:
     """Per method and bit setting: images it gets right that ``base`` gets wrong, and the reverse."""
     lines = []
@@ -67,8 +73,7 @@ def _paired_rows(sub: list[dict[str, Any]], bits: list[int], methods: list[str],
             if not ref or not hit or len(ref[0]["quant_top1_correct"]) != len(hit[0]["quant_top1_correct"]):
                 cells.append("")
                 continue
-            pairs = list(zip(hit[0]["quant_top1_correct"], ref[0]["quant_top1_correct"], strict=True))
-            gained, lost = pairs.count(("1", "0")), pairs.count(("0", "1"))
+            gained, lost = _fixed_broken(hit[0]["quant_top1_correct"], ref[0]["quant_top1_correct"])
             cells.append(f"+{gained} / -{lost} (p={sign_test_p(gained, lost):.2g})")
         if m != base and any(cells):
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -835,9 +840,43 @@ _PRESET_NOTES = {  # runs of the same recipes again elsewhere: what tells them a
     "AVX-512 VNNI (no AMX)",
     "_epyc_vnni_signedrank_preset": ", the calibration check by signed-rank test instead of sign test, on an AMD "
     "EPYC with AVX-512 VNNI (no AMX)",
+    "_epyc_vnni_seeds3to9_preset": ", seven more calibration seeds at W3/A3 (pooled below with seeds 0 to 2), on an AMD "
+    "EPYC with AVX-512 VNNI (no AMX)",
+    "_epyc_vnni_seeds3to9_widetanq": ", TanQ's wider centre grid on the preset's W3/A3 (dopq+gptq+tanq-wide), seven "
+    "more calibration seeds (pooled below with seeds 0 to 2), on an AMD EPYC with AVX-512 VNNI (no AMX)",
+    "_epyc_vnni_seeds3to5_widetanq": ", TanQ's wider centre grid on the preset's W3/A3 (dopq+gptq+tanq-wide), three "
+    "more calibration seeds (pooled below with seeds 0 to 2), on an AMD EPYC with AVX-512 VNNI (no AMX)",
     "_epyc_vnni_w33_widetanq": ", TanQ's wider centre grid on the preset's W3/A3 (dopq+gptq+tanq-wide), with the "
     "faster GPTQ, on an AMD EPYC with AVX-512 VNNI (no AMX)",
 }
+
+
+# runs that add calibration seeds to an earlier run of the same recipes, CPU and code: their suffix and
+# the earlier run's, whose seeds are pooled with theirs into one mean
+_POOLED_WITH = {
+    "_epyc_vnni_seeds3to9_preset": "_epyc_vnni_fastgptq_preset",
+    "_epyc_vnni_seeds3to9_widetanq": "_epyc_vnni_w33_widetanq",
+    "_epyc_vnni_seeds3to5_widetanq": "_epyc_vnni_w33_widetanq",
+}
+
+
+def _pooled_lines(rows: list[dict[str, Any]], earlier: list[dict[str, Any]], earlier_stem: str) -> list[str]:
+    """Each recipe and width of ``rows`` over its seeds together with those of the earlier run:
+    the mean and the standard deviation over seeds (top-1 %)."""
+    pooled: dict[tuple[str, int, int], dict[int, float]] = {}
+    for r in [*earlier, *rows]:
+        pooled.setdefault((r["method"], r["w_bits"], r["a_bits"]), {})[r["seed"]] = r["quant_top1"]
+    new_keys = {(r["method"], r["w_bits"], r["a_bits"]) for r in rows}
+    lines = [f"Pooled with the seeds of `{earlier_stem}` (same CPU, code and test images):", "",
+             "| width | recipe | seeds | mean | standard deviation over seeds |", "|---|---|---|---|---|"]  # fmt: skip
+    for (method, w, a), by_seed in pooled.items():
+        if (method, w, a) not in new_keys or len(by_seed) < 2:
+            continue
+        values = list(by_seed.values())
+        seeds = ", ".join(map(str, sorted(by_seed)))
+        lines.append(f"| W{w}/A{a} | {method} | {seeds} | {_pct(statistics.mean(values), 2)} | "
+                     f"{_pct(statistics.stdev(values), 2)} |")  # fmt: skip
+    return [*lines, ""]
 
 
 def _preset_table(data: dict[str, Any], note: str = "") -> list[str]:
@@ -848,7 +887,7 @@ def _preset_table(data: dict[str, Any], note: str = "") -> list[str]:
     rows = data["rows"]
     model, seeds = rows[0]["model"], sorted({r["seed"] for r in rows})
     widths = list(dict.fromkeys((r["w_bits"], r["a_bits"]) for r in rows))
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    methods = sorted(dict.fromkeys(r["method"] for r in rows), key=lambda m: m != "dopq")  # dopq first
     others = " and ".join(m for m in methods if m not in ("dopq", "recommended", "wide-tanq rule"))
     if "recommended" in methods or "wide-tanq rule" in methods:
         what = "Recommended preset" if "recommended" in methods else "The wide-TanQ rule"
@@ -865,7 +904,11 @@ def _preset_table(data: dict[str, Any], note: str = "") -> list[str]:
     calib_size = data.get("calib_size", 32)  # runs before --calib-size used the protocol's 32
     if calib_size != 32:
         grid += f", {calib_size} calibration images (a stress case)"
-    lines = [f"### {what} against dopq{' and ' + others if others else ''}: {model}{grid}{note}", "",
+    # runs without dopq's rows (more seeds of two other recipes) compare those with each other only
+    against = (
+        (" against dopq" + (" and " + others if others else "")) if "dopq" in methods else f" and {others}"
+    )
+    lines = [f"### {what}{against}: {model}{grid}{note}", "",
              f"Command: `{data['command']}` ({data['threads']} torch threads). FP32 top-1 {_pct(rows[0]['fp_top1'])}%. "
              f"Calibration seeds {', '.join(map(str, seeds))} ({calib_size} images each), the same test images for every row. "
              "Cells: top-1 %, images fixed / broken against dopq at the same seed (sign-test p); calibration time "
@@ -888,7 +931,7 @@ def _preset_table(data: dict[str, Any], note: str = "") -> list[str]:
                 if r is None:
                     cells.append("")
                     continue
-                pair = r.get("paired_with_dopq")
+                pair = r.get("paired_with_dopq") or _pair_with_dopq(r, rows)
                 same = " =" if r.get("same_config_as") else ""
                 test = (
                     f", +{pair['gained']} / -{pair['lost']} (p={pair['p']:.2g})" if pair and not same else ""
@@ -903,6 +946,21 @@ def _preset_table(data: dict[str, Any], note: str = "") -> list[str]:
             lines.append(f"| W{w}/A{a} | {method} | " + " | ".join(cells)
                          + f" | {_pct(sum(top1) / len(top1), 2)} | {worst} | {fwd:.1f} ({secs:.1f} s) |")  # fmt: skip
     return [*lines, "", *_gptq_check_lines(rows)]
+
+
+def _pair_with_dopq(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The paired sign test of ``row`` against dopq's row of the same seed and width where dopq ran
+    separately (a run split across result folders); None where there is none, or for dopq itself."""
+    if row["method"] == "dopq":
+        return None
+    key = (row["seed"], row["w_bits"], row["a_bits"])
+    base = next(
+        (r for r in rows if r["method"] == "dopq" and (r["seed"], r["w_bits"], r["a_bits"]) == key), None
+    )
+    if base is None or len(base["quant_top1_correct"]) != len(row["quant_top1_correct"]):
+        return None
+    gained, lost = _fixed_broken(row["quant_top1_correct"], base["quant_top1_correct"])
+    return {"gained": gained, "lost": lost, "p": sign_test_p(gained, lost)}
 
 
 def _gptq_check_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -1090,7 +1148,13 @@ def _sections(results: Path) -> list[Section]:
         ):  # over seeds; subfolders merge
             merged = _load(results, path.stem)
             note = next((n for suffix, n in _PRESET_NOTES.items() if path.stem.endswith(suffix)), "")
-            add(accuracy, _preset_table(merged, note), (path.stem,), merged)
+            lines, sources = _preset_table(merged, note), (path.stem,)
+            pooled = next((p for p in _POOLED_WITH.items() if path.stem.endswith(p[0])), None)
+            if pooled is not None:
+                earlier = path.stem[: -len(pooled[0])] + pooled[1]
+                lines += _pooled_lines(merged["rows"], _load(results, earlier)["rows"], earlier)
+                sources += (earlier,)
+            add(accuracy, lines, sources, merged)
             continue
         note = ", tighter activation clips" if "_actwide" in path.stem else ""
         note = ", GPTQ's float target" if "_asym" in path.stem else note

@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from dopq.config import QuantConfig, ReconstructConfig, get_preset, list_presets
+from dopq.config import (
+    TANQ_CENTERS,
+    TANQ_CENTERS_WIDE,
+    QuantConfig,
+    ReconstructConfig,
+    get_preset,
+    list_presets,
+)
 from dopq.errors import ConfigError
 
 
@@ -135,8 +142,12 @@ def test_recommended_preset_follows_the_width_by_rule() -> None:
     assert get_preset("recommended", w_bits=4, a_bits=4).replace(**checked) == get_preset(
         "dopq", w_bits=4, a_bits=4
     )
+    # with 3-bit activations TanQ searches the wider centre grid as well
     dopq = get_preset("dopq", w_bits=3, a_bits=3)
-    assert get_preset("recommended", w_bits=3, a_bits=3).replace(weight_rounding="nearest") == dopq
+    recommended3 = get_preset("recommended", w_bits=3, a_bits=3)
+    assert recommended3.tanq_centers == TANQ_CENTERS_WIDE
+    assert recommended3.replace(weight_rounding="nearest", tanq_centers=TANQ_CENTERS) == dopq
+    assert get_preset("recommended", w_bits=3, a_bits=4).tanq_centers == TANQ_CENTERS
     dopq48 = get_preset("dopq", w_bits=4, a_bits=8)
     centred = dict(symmetric_attention="off", centre_values=False)
     gptq = dict(weight_rounding="nearest", gptq_damp=0.1)
@@ -162,7 +173,7 @@ def test_tanq_centers_are_validated_and_reach_every_tanq_search() -> None:
     for bad in ((), (0.0, 0.5), (1.0,)):
         with pytest.raises(ConfigError, match="tanq_centers must be in"):
             QuantConfig(tanq_centers=bad)
-    assert get_preset("recommended").tanq_centers == (0.35, 0.5)  # the wide grid is opt-in
+    assert get_preset("recommended").tanq_centers == (0.35, 0.5)  # the wide grid is for 3-bit activations
     for softmax in ("tanq", "auto"):
         config = get_preset("recommended", softmax_quantizer=softmax, tanq_centers=(0.35, 0.9))
         model = timm.create_model("test_vit", num_classes=10)

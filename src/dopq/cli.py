@@ -146,7 +146,8 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         "--tanq-centers",
         type=float,
         nargs="+",
-        help="TanQ's candidate centres m in (0, 1) (presets: 0.35 0.5; wider: 0.35 0.5 0.65 0.8 0.9, docs/tanq.md)",
+        help="TanQ's candidate centres m in (0, 1) (presets: 0.35 0.5; the wider 0.35 0.5 0.65 0.8 0.9 in "
+        "recommended with 3-bit activations; docs/tanq.md)",
     )
     g.add_argument(
         "--softmax-grid-bits",

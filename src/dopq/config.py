@@ -46,8 +46,8 @@ SYMMETRIC_ATTENTION = ("off", "qk", "qkv")
 MIN_BITS, MAX_BITS = 2, 8
 # TanQ's candidate centres m: dopq's grid, and a wider one (--tanq-centers). Centres above 1/2 put
 # more levels near 0, where most attention values lie: on every attention module of the shared
-# DeiT-Tiny and Swin-Tiny the wider grid cut the attn @ v error 2-2.6x at 3 and 4 bits, yet top-1
-# rose on DeiT-Tiny and fell on Swin-Tiny (docs/tanq.md)
+# DeiT-Tiny and Swin-Tiny the wider grid cut the attn @ v error 2-2.6x at 3 and 4 bits; top-1 rose on
+# DeiT-Tiny at both, fell on Swin-Tiny at 4 bits and tied it at 3 over six seeds (docs/tanq.md)
 TANQ_CENTERS = DEFAULT_CENTERS  # (0.35, 0.5)
 TANQ_CENTERS_WIDE = (0.35, 0.5, 0.65, 0.8, 0.9)
 # 2^-16: TanQ's thresholds move by <= 7.6e-6, under 2 % of the smallest level gap of the shared
@@ -237,8 +237,8 @@ class QuantConfig:
             grids centred on 0 (``symmetric_attention``) keep the squared error.
         tanq_objective: "output" (error of attn @ v) or "mse" (error of the attention values).
         tanq_centers: TanQ's candidate centres ``m`` (each in (0, 1)); ``TANQ_CENTERS_WIDE`` lowers the
-            attn @ v error of every shared model and won on DeiT-Tiny, but lost on Swin-Tiny
-            (docs/tanq.md), so no preset uses it by default.
+            attn @ v error of every shared model and won on DeiT-Tiny, but lost on Swin-Tiny at 4 bits
+            (docs/tanq.md), so only the recommended preset's 3-bit activations use it.
         softmax_grid_bits: TanQ's thresholds snapped onto the ``2^-bits`` grid of ``[0, 1]`` (each moves
             by at most ``2^-(bits + 1)``, a few percent of the smallest level gap at 16), so that the
             exported code is one table read per element instead of a comparison per threshold: the
@@ -381,9 +381,12 @@ _PRESETS: dict[str, dict[str, Any]] = {
 # "Recommended preset"); the rule below is the only difference, read from the widths when the
 # preset is built: GPTQ rounds the weights at and below RECOMMENDED_GPTQ_MAX_BITS (min of the
 # widths), aiming half way at the float model's output there (gptq_target_used). At 4 bits GPTQ tied
-# or lost and doubled calibration time. Left out: the per-module post-Softmax choice (auto: lost on
-# Swin-Tiny at W4/A4) and TanQ's wider centre grid (TANQ_CENTERS_WIDE: won at W4/A4 and W3/A3 on
-# DeiT-Tiny over three seeds, lost on Swin-Tiny at both; docs/tanq.md). 8-bit weights are centred on
+# or lost and doubled calibration time. With activations of RECOMMENDED_WIDE_TANQ_MAX_BITS or fewer
+# TanQ searches its wider centre grid (TANQ_CENTERS_WIDE): at W3/A3 it won on DeiT-Tiny over ten
+# seeds (+0.75 mean), tied on its outlier-stressed copy (ten seeds) and on Swin-Tiny (six), where
+# three seeds had first shown a loss; at W4/A4 it lost on Swin-Tiny, so it stays off above 3 bits
+# (docs/tanq.md). Left out: the per-module post-Softmax choice (auto: lost on Swin-Tiny at W4/A4).
+# 8-bit weights are centred on
 # 0 (RECOMMENDED_SYMMETRIC_W_BITS): signed codes without zero points, so OpenVINO's int8 kernels need
 # no row-sum correction (docs/export.md); at 8 bits that tied dopq, at 4 bits it lost 0.5 on DeiT-Tiny.
 # With 8-bit activations (RECOMMENDED_SYMMETRIC_A_BITS) q, k and v sit on grids centred on 0, so
@@ -401,6 +404,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
 # round-to-nearest already keeps at FP, unchecked GPTQ lost up to 1.3 at single seeds (docs/gptq.md).
 RECOMMENDED = "recommended"
 RECOMMENDED_GPTQ_MAX_BITS = 3
+RECOMMENDED_WIDE_TANQ_MAX_BITS = 3
 RECOMMENDED_W4_GPTQ_DAMP = 1.0
 RECOMMENDED_SYMMETRIC_W_BITS = 8
 RECOMMENDED_SYMMETRIC_A_BITS = 8
@@ -414,6 +418,8 @@ def _recommended_rules(w_bits: int, a_bits: int) -> dict[str, Any]:
     if a_bits >= RECOMMENDED_SYMMETRIC_A_BITS:
         rules["symmetric_attention"] = "qkv"
         rules["centre_values"] = True
+    if a_bits <= RECOMMENDED_WIDE_TANQ_MAX_BITS:
+        rules["tanq_centers"] = TANQ_CENTERS_WIDE
     if min(w_bits, a_bits) <= RECOMMENDED_GPTQ_MAX_BITS:
         rules["weight_rounding"] = "gptq"
     elif w_bits == 4:
@@ -439,7 +445,8 @@ def get_preset(name: str, **overrides: Any) -> QuantConfig:
 
     ``dopq`` (the paper's recipe) quantizes post-Softmax activations with TanQ up to
     ``TANQ_MAX_BITS`` and uniformly above. ``recommended`` is dopq plus GPTQ rounding at
-    <= ``RECOMMENDED_GPTQ_MAX_BITS`` bits (aimed half way at the float model's output) and at 4-bit
+    <= ``RECOMMENDED_GPTQ_MAX_BITS`` bits (aimed half way at the float model's output), TanQ's wider
+    centre grid with <= ``RECOMMENDED_WIDE_TANQ_MAX_BITS``-bit activations, GPTQ rounding at 4-bit
     weights (damping ``RECOMMENDED_W4_GPTQ_DAMP``; below 8-bit activations kept only where the
     calibration images show it pays, ``gptq_check``), weight grids centred on 0
     at ``RECOMMENDED_SYMMETRIC_W_BITS`` bits, and q, k and (mean-centred) v on grids centred on 0
@@ -452,8 +459,8 @@ def get_preset(name: str, **overrides: Any) -> QuantConfig:
         >>> get_preset("dopq", a_bits=4).softmax_quantizer, get_preset("dopq", a_bits=8).softmax_quantizer
         ('tanq', 'uniform')
         >>> c = get_preset("recommended", w_bits=3, a_bits=3)
-        >>> c.weight_rounding, c.gptq_target_used, c.softmax_quantizer
-        ('gptq', 'float', 'tanq')
+        >>> c.weight_rounding, c.gptq_target_used, c.softmax_quantizer, c.tanq_centers == TANQ_CENTERS_WIDE
+        ('gptq', 'float', 'tanq', True)
         >>> c = get_preset("recommended", w_bits=4, a_bits=4)
         >>> c.weight_rounding, c.gptq_damp, c.gptq_check
         ('gptq', 1.0, True)
