@@ -21,7 +21,7 @@ from deploy import _width
 from dopq.config import TANQ_CENTERS_WIDE, QuantConfig, get_preset
 from dopq.data import calibration_indices, load_images
 from dopq.experiment import Workload, run_recipe
-from dopq.stats import sign_test_p
+from dopq.stats import fixed_broken, sign_test_p
 from dopq.stress import rescale_layernorm_channels
 
 STRESS = "stress"
@@ -91,8 +91,7 @@ def paired(row: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any] |
     """Images ``row`` fixes / breaks against ``base`` and the two-sided exact sign-test p."""
     if base is None or len(base["quant_top1_correct"]) != len(row["quant_top1_correct"]):
         return None
-    pairs = list(zip(row["quant_top1_correct"], base["quant_top1_correct"], strict=True))
-    gained, lost = pairs.count(("1", "0")), pairs.count(("0", "1"))
+    gained, lost = fixed_broken(row["quant_top1_correct"], base["quant_top1_correct"])
     return {"gained": gained, "lost": lost, "p": sign_test_p(gained, lost)}
 
 

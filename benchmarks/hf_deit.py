@@ -42,7 +42,7 @@ from dopq.evaluate import compare
 from dopq.experiment import RunSettings, load_workload
 from dopq.export import OnnxModel, export_onnx
 from dopq.models import build_model, card_for
-from dopq.stats import sign_test_p
+from dopq.stats import fixed_broken, sign_test_p
 
 ARCH = "deit_tiny_patch16_224"
 CHECKPOINT = "deit_tiny_patch16_224.cifar10.safetensors"
@@ -155,8 +155,7 @@ def _quantized_row(work: Any, bits: int, onnx_path: Path, threads: int) -> dict[
 
 
 def _paired(a: str, b: str) -> dict[str, Any]:
-    pairs = list(zip(a, b, strict=True))
-    gained, lost = pairs.count(("1", "0")), pairs.count(("0", "1"))
+    gained, lost = fixed_broken(a, b)
     return {"hf_right_timm_wrong": gained, "timm_right_hf_wrong": lost, "p": sign_test_p(gained, lost)}
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dopq.config import ReconstructConfig, get_preset
-from dopq.stats import sign_test_p
+from dopq.stats import fixed_broken, sign_test_p
 
 BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
 
@@ -56,12 +56,6 @@ def _load(results: Path, name: str) -> dict[str, Any] | None:
     return merged
 
 
-def _fixed_broken(correct: str, base_correct: str) -> tuple[int, int]:
-    """Images right in ``correct`` and wrong in ``base_correct`` (per-image '1' / '0' records), and the reverse."""
-    pairs = list(zip(correct, base_correct, strict=True))
-    return pairs.count(("1", "0")), pairs.count(("0", "1"))
-
-
 def _paired_rows(sub: list[dict[str, Any]], bits: list[int], methods: list[str], base: str) -> list[str]:
     """Per method and bit setting: images it gets right that ``base`` gets wrong, and the reverse."""
     lines = []
@@ -73,7 +67,7 @@ def _paired_rows(sub: list[dict[str, Any]], bits: list[int], methods: list[str],
             if not ref or not hit or len(ref[0]["quant_top1_correct"]) != len(hit[0]["quant_top1_correct"]):
                 cells.append("")
                 continue
-            gained, lost = _fixed_broken(hit[0]["quant_top1_correct"], ref[0]["quant_top1_correct"])
+            gained, lost = fixed_broken(hit[0]["quant_top1_correct"], ref[0]["quant_top1_correct"])
             cells.append(f"+{gained} / -{lost} (p={sign_test_p(gained, lost):.2g})")
         if m != base and any(cells):
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -390,8 +384,7 @@ def _paired_cell(row: dict[str, Any], a: str, b: str) -> str:
     x, y = row.get(a), row.get(b)
     if not x or not y or len(x) != len(y):
         return ""
-    pairs = list(zip(x, y, strict=True))
-    gained, lost = pairs.count(("1", "0")), pairs.count(("0", "1"))
+    gained, lost = fixed_broken(x, y)
     return f"+{gained} / -{lost} (p={sign_test_p(gained, lost):.2g})"
 
 
@@ -959,7 +952,7 @@ def _pair_with_dopq(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str
     )
     if base is None or len(base["quant_top1_correct"]) != len(row["quant_top1_correct"]):
         return None
-    gained, lost = _fixed_broken(row["quant_top1_correct"], base["quant_top1_correct"])
+    gained, lost = fixed_broken(row["quant_top1_correct"], base["quant_top1_correct"])
     return {"gained": gained, "lost": lost, "p": sign_test_p(gained, lost)}
 
 

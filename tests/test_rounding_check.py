@@ -14,7 +14,15 @@ import dopq
 import dopq.stats as stats_module
 from dopq.modules import QuantConv2d, QuantLinear
 from dopq.rounding_check import compare_roundings, kl_divergence, last_output, logit_kl
-from dopq.stats import sign_test_p, signed_rank_test
+from dopq.stats import fixed_broken, sign_test_p, signed_rank_test
+
+
+def test_fixed_broken_counts_the_images_each_model_alone_gets_right() -> None:
+    assert fixed_broken("110100", "101100") == (1, 1)
+    assert fixed_broken("1111", "0000") == (4, 0)
+    assert fixed_broken("0101", "0101") == (0, 0)
+    with pytest.raises(ValueError):  # records of different test sets are not paired
+        fixed_broken("101", "10")
 
 
 def test_sign_test_p_matches_the_binomial_tails() -> None:

@@ -2,7 +2,7 @@
 
 Pure arithmetic on counts and per-image differences, no model knowledge. The GPTQ calibration check
 (:mod:`dopq.rounding_check`) decides by :func:`signed_rank_test`; the benchmarks compare models on the
-same test images by :func:`sign_test_p` (images fixed against images broken).
+same test images by :func:`sign_test_p` on the images one fixes and breaks (:func:`fixed_broken`).
 """
 
 from __future__ import annotations
@@ -11,11 +11,23 @@ import math
 
 import torch
 
-__all__ = ["EXACT_SIGNED_RANK_MAX", "sign_test_p", "signed_rank_test"]
+__all__ = ["EXACT_SIGNED_RANK_MAX", "fixed_broken", "sign_test_p", "signed_rank_test"]
 
 # the exact null distribution up to this many non-zero differences (a few ms); the normal
 # approximation above
 EXACT_SIGNED_RANK_MAX = 400
+
+
+def fixed_broken(correct: str, base_correct: str) -> tuple[int, int]:
+    """Two models' per-image top-1 records on the same images (``"1"`` right, ``"0"`` wrong): the
+    images the first gets right and the base gets wrong, and the reverse.
+
+    Example:
+        >>> fixed_broken("1100", "1010")
+        (1, 1)
+    """
+    pairs = list(zip(correct, base_correct, strict=True))
+    return pairs.count(("1", "0")), pairs.count(("0", "1"))
 
 
 def sign_test_p(wins: int, losses: int) -> float:
