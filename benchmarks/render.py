@@ -841,34 +841,59 @@ _PRESET_NOTES = {  # runs of the same recipes again elsewhere: what tells them a
     "more calibration seeds (pooled below with seeds 0 to 2), on an AMD EPYC with AVX-512 VNNI (no AMX)",
     "_epyc_vnni_w33_widetanq": ", TanQ's wider centre grid on the preset's W3/A3 (dopq+gptq+tanq-wide), with the "
     "faster GPTQ, on an AMD EPYC with AVX-512 VNNI (no AMX)",
+    "_epyc_vnni_seeds6to9_preset": ", four more calibration seeds at W3/A3, the preset with TanQ's wider grid "
+    "(pooled below with seeds 0 to 5), on an AMD EPYC with AVX-512 VNNI (no AMX)",
+    "_epyc_vnni_w44_seeds3to9_preset": ", seven more calibration seeds at W4/A4 (pooled below with seeds 0 to 2), on "
+    "an AMD EPYC with AVX-512 VNNI (no AMX)",
+    "_epyc_vnni_w44_seeds3to5_preset": ", three more calibration seeds at W4/A4 (pooled below with seeds 0 to 2), on "
+    "an AMD EPYC with AVX-512 VNNI (no AMX)",
 }
 
 
-# runs that add calibration seeds to an earlier run of the same recipes, CPU and code: their suffix and
-# the earlier run's, whose seeds are pooled with theirs into one mean
+# runs that add calibration seeds to earlier runs of the same recipes, CPU and code: their suffix and
+# the earlier runs', whose seeds are pooled with theirs into one mean
 _POOLED_WITH = {
-    "_epyc_vnni_seeds3to9_preset": "_epyc_vnni_fastgptq_preset",
-    "_epyc_vnni_seeds3to9_widetanq": "_epyc_vnni_w33_widetanq",
-    "_epyc_vnni_seeds3to5_widetanq": "_epyc_vnni_w33_widetanq",
+    "_epyc_vnni_seeds3to9_preset": ("_epyc_vnni_fastgptq_preset",),
+    "_epyc_vnni_seeds3to9_widetanq": ("_epyc_vnni_w33_widetanq",),
+    "_epyc_vnni_seeds3to5_widetanq": ("_epyc_vnni_w33_widetanq",),
+    "_epyc_vnni_seeds6to9_preset": ("_epyc_vnni_w33_widetanq", "_epyc_vnni_seeds3to5_widetanq"),
+    "_epyc_vnni_w44_seeds3to9_preset": ("_epyc_vnni_signedrank_preset",),
+    "_epyc_vnni_w44_seeds3to5_preset": ("_epyc_vnni_signedrank_preset",),
 }
 
 
-def _pooled_lines(rows: list[dict[str, Any]], earlier: list[dict[str, Any]], earlier_stem: str) -> list[str]:
-    """Each recipe and width of ``rows`` over its seeds together with those of the earlier run:
-    the mean and the standard deviation over seeds (top-1 %)."""
-    pooled: dict[tuple[str, int, int], dict[int, float]] = {}
-    for r in [*earlier, *rows]:
-        pooled.setdefault((r["method"], r["w_bits"], r["a_bits"]), {})[r["seed"]] = r["quant_top1"]
-    new_keys = {(r["method"], r["w_bits"], r["a_bits"]) for r in rows}
-    lines = [f"Pooled with the seeds of `{earlier_stem}` (same CPU, code and test images):", "",
+def _recipe_key(row: dict[str, Any]) -> str:
+    """What a row computed: its recipe's fields (widths included), whatever name the run gave it."""
+    return json.dumps(row["recipe"], sort_keys=True)
+
+
+def _pooled_lines(rows: list[dict[str, Any]], earlier: list[tuple[str, list[dict[str, Any]]]]) -> list[str]:
+    """Each recipe of ``rows`` over its seeds together with those of the same recipe (equal fields,
+    under any name) in the ``(stem, rows)`` of earlier runs: the mean and the standard deviation
+    over seeds (top-1 %)."""
+    names = {_recipe_key(r): r["method"] for r in rows}
+    pooled: dict[str, dict[int, float]] = {}
+    aliases: dict[str, set[str]] = {}
+    for r in [*(r for _, part in earlier for r in part), *rows]:
+        key = _recipe_key(r)
+        if key in names:
+            pooled.setdefault(key, {})[r["seed"]] = r["quant_top1"]
+            if r["method"] != names[key]:
+                aliases.setdefault(names[key], set()).add(r["method"])
+    stems = " and ".join(f"`{stem}`" for stem, _ in earlier)
+    lines = [f"Pooled with the seeds of {stems} (same CPU, code and test images):", "",
              "| width | recipe | seeds | mean | standard deviation over seeds |", "|---|---|---|---|---|"]  # fmt: skip
-    for (method, w, a), by_seed in pooled.items():
-        if (method, w, a) not in new_keys or len(by_seed) < 2:
+    for key, by_seed in pooled.items():
+        if len(by_seed) < 2:
             continue
-        values = list(by_seed.values())
+        recipe, values = json.loads(key), list(by_seed.values())
         seeds = ", ".join(map(str, sorted(by_seed)))
-        lines.append(f"| W{w}/A{a} | {method} | {seeds} | {_pct(statistics.mean(values), 2)} | "
-                     f"{_pct(statistics.stdev(values), 2)} |")  # fmt: skip
+        lines.append(f"| W{recipe['w_bits']}/A{recipe['a_bits']} | {names[key]} | {seeds} | "
+                     f"{_pct(statistics.mean(values), 2)} | {_pct(statistics.stdev(values), 2)} |")  # fmt: skip
+    lines += [
+        f"\n{name}: the earlier runs' rows of {', '.join(sorted(others))}, the same recipe field for field."
+        for name, others in aliases.items()
+    ]
     return [*lines, ""]
 
 
@@ -1144,9 +1169,11 @@ def _sections(results: Path) -> list[Section]:
             lines, sources = _preset_table(merged, note), (path.stem,)
             pooled = next((p for p in _POOLED_WITH.items() if path.stem.endswith(p[0])), None)
             if pooled is not None:
-                earlier = path.stem[: -len(pooled[0])] + pooled[1]
-                lines += _pooled_lines(merged["rows"], _load(results, earlier)["rows"], earlier)
-                sources += (earlier,)
+                stems = [path.stem[: -len(pooled[0])] + suffix for suffix in pooled[1]]
+                lines += _pooled_lines(
+                    merged["rows"], [(stem, _load(results, stem)["rows"]) for stem in stems]
+                )
+                sources += tuple(stems)
             add(accuracy, lines, sources, merged)
             continue
         note = ", tighter activation clips" if "_actwide" in path.stem else ""

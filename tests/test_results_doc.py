@@ -239,6 +239,23 @@ def test_the_figure_check_catches_invented_and_misrounded_numbers() -> None:
     assert [b.split()[0] for b in bad] == ["72.7", "80", "1.5", "+90"]
 
 
+def test_seeds_pool_by_recipe_fields_not_by_name() -> None:
+    """A later run's seeds join an earlier run's rows of the same recipe under another name, and
+    never those of a different recipe under the same name (a preset whose rule changed)."""
+    render = _load_render()
+
+    def row(method: str, seed: int, top1: float, centers: list[float]) -> dict:
+        recipe = {"w_bits": 3, "a_bits": 3, "tanq_centers": centers}
+        return {"method": method, "seed": seed, "quant_top1": top1, "recipe": recipe}
+
+    wide, narrow = [0.35, 0.5, 0.65], [0.35, 0.5]
+    earlier = [row("recommended", 0, 0.10, narrow), row("preset+wide", 0, 0.70, wide)]
+    lines = render._pooled_lines([row("recommended", 1, 0.72, wide)], [("earlier_run", earlier)])
+    assert "| W3/A3 | recommended | 0, 1 | 71.00 | 1.41 |" in lines
+    assert not any("10.00" in line or "41.00" in line for line in lines)  # the narrow row stays out
+    assert any("rows of preset+wide, the same recipe" in line for line in lines)
+
+
 def test_benchmark_results_record_their_provenance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
     run = importlib.util.module_from_spec(spec)
