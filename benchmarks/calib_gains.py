@@ -21,7 +21,7 @@ from deploy import _width
 from dopq.config import TANQ_CENTERS_WIDE, QuantConfig, get_preset
 from dopq.data import calibration_indices, load_images
 from dopq.experiment import Workload, run_recipe
-from dopq.stats import fixed_broken, sign_test_p
+from dopq.stats import paired_sign_test
 from dopq.stress import rescale_layernorm_channels
 
 STRESS = "stress"
@@ -89,10 +89,7 @@ def calib_gain_recipes(w_bits: int, a_bits: int | None = None) -> dict[str, Quan
 
 def paired(row: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any] | None:
     """Images ``row`` fixes / breaks against ``base`` and the two-sided exact sign-test p."""
-    if base is None or len(base["quant_top1_correct"]) != len(row["quant_top1_correct"]):
-        return None
-    gained, lost = fixed_broken(row["quant_top1_correct"], base["quant_top1_correct"])
-    return {"gained": gained, "lost": lost, "p": sign_test_p(gained, lost)}
+    return None if base is None else paired_sign_test(row["quant_top1_correct"], base["quant_top1_correct"])
 
 
 def fp_forward_seconds(model: torch.nn.Module, images: torch.Tensor, repeats: int = 3) -> float:

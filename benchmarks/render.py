@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dopq.config import ReconstructConfig, get_preset
-from dopq.stats import fixed_broken, sign_test_p
+from dopq.stats import paired_sign_test
 
 BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
 
@@ -64,11 +64,12 @@ def _paired_rows(sub: list[dict[str, Any]], bits: list[int], methods: list[str],
         for b in bits:
             ref = [r for r in sub if r["method"] == base and r["w_bits"] == b and r.get("quant_top1_correct")]
             hit = [r for r in sub if r["method"] == m and r["w_bits"] == b and r.get("quant_top1_correct")]
-            if not ref or not hit or len(ref[0]["quant_top1_correct"]) != len(hit[0]["quant_top1_correct"]):
-                cells.append("")
-                continue
-            gained, lost = fixed_broken(hit[0]["quant_top1_correct"], ref[0]["quant_top1_correct"])
-            cells.append(f"+{gained} / -{lost} (p={sign_test_p(gained, lost):.2g})")
+            pair = (
+                paired_sign_test(hit[0]["quant_top1_correct"], ref[0]["quant_top1_correct"])
+                if ref and hit
+                else None
+            )
+            cells.append(_pair_text(pair))
         if m != base and any(cells):
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if not lines:
@@ -380,12 +381,14 @@ def _speed_table(data: dict[str, Any], name: str) -> list[str]:
     return [*lines, ""]
 
 
+def _pair_text(pair: dict[str, Any] | None) -> str:
+    """A paired comparison (:func:`dopq.stats.paired_sign_test`) as a table cell; empty without one."""
+    return f"+{pair['gained']} / -{pair['lost']} (p={pair['p']:.2g})" if pair else ""
+
+
 def _paired_cell(row: dict[str, Any], a: str, b: str) -> str:
     x, y = row.get(a), row.get(b)
-    if not x or not y or len(x) != len(y):
-        return ""
-    gained, lost = fixed_broken(x, y)
-    return f"+{gained} / -{lost} (p={sign_test_p(gained, lost):.2g})"
+    return _pair_text(paired_sign_test(x, y) if x and y else None)
 
 
 _DEPLOY_PAIRS = (
@@ -801,7 +804,7 @@ def _calib_gains_table(data: dict[str, Any], note: str = "") -> list[str]:
                 cells.append("")
                 continue
             pair = r.get("paired_with_dopq")
-            test = f", +{pair['gained']} / -{pair['lost']} (p={pair['p']:.2g})" if pair else ""
+            test = f", {_pair_text(pair)}" if pair else ""
             cells.append(f"{_pct(r['quant_top1'])}{test}, {r['calib_seconds']:.1f} s")
             chosen = list(r.get("softmax_kinds", {}).values())
             if "auto" in method and chosen:
@@ -890,10 +893,11 @@ def _pooled_lines(rows: list[dict[str, Any]], earlier: list[tuple[str, list[dict
         seeds = ", ".join(map(str, sorted(by_seed)))
         lines.append(f"| W{recipe['w_bits']}/A{recipe['a_bits']} | {names[key]} | {seeds} | "
                      f"{_pct(statistics.mean(values), 2)} | {_pct(statistics.stdev(values), 2)} |")  # fmt: skip
-    lines += [
-        f"\n{name}: the earlier runs' rows of {', '.join(sorted(others))}, the same recipe field for field."
-        for name, others in aliases.items()
-    ]
+    for name, others in aliases.items():
+        lines += [
+            "",
+            f"{name}: the earlier runs' rows of {', '.join(sorted(others))}, the same recipe field for field.",
+        ]
     return [*lines, ""]
 
 
@@ -951,9 +955,7 @@ def _preset_table(data: dict[str, Any], note: str = "") -> list[str]:
                     continue
                 pair = r.get("paired_with_dopq") or _pair_with_dopq(r, rows)
                 same = " =" if r.get("same_config_as") else ""
-                test = (
-                    f", +{pair['gained']} / -{pair['lost']} (p={pair['p']:.2g})" if pair and not same else ""
-                )
+                test = f", {_pair_text(pair)}" if pair and not same else ""
                 cells.append(f"{_pct(r['quant_top1'])}{same}{test}")
                 if pair:
                     deltas.append((pair["gained"] - pair["lost"]) / r["eval_images"])
@@ -975,10 +977,7 @@ def _pair_with_dopq(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str
     base = next(
         (r for r in rows if r["method"] == "dopq" and (r["seed"], r["w_bits"], r["a_bits"]) == key), None
     )
-    if base is None or len(base["quant_top1_correct"]) != len(row["quant_top1_correct"]):
-        return None
-    gained, lost = fixed_broken(row["quant_top1_correct"], base["quant_top1_correct"])
-    return {"gained": gained, "lost": lost, "p": sign_test_p(gained, lost)}
+    return None if base is None else paired_sign_test(row["quant_top1_correct"], base["quant_top1_correct"])
 
 
 def _gptq_check_lines(rows: list[dict[str, Any]]) -> list[str]:

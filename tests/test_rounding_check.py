@@ -14,7 +14,7 @@ import dopq
 import dopq.stats as stats_module
 from dopq.modules import QuantConv2d, QuantLinear
 from dopq.rounding_check import compare_roundings, kl_divergence, last_output, logit_kl
-from dopq.stats import fixed_broken, sign_test_p, signed_rank_test
+from dopq.stats import fixed_broken, paired_sign_test, sign_test_p, signed_rank_test
 
 
 def test_fixed_broken_counts_the_images_each_model_alone_gets_right() -> None:
@@ -23,6 +23,12 @@ def test_fixed_broken_counts_the_images_each_model_alone_gets_right() -> None:
     assert fixed_broken("0101", "0101") == (0, 0)
     with pytest.raises(ValueError):  # records of different test sets are not paired
         fixed_broken("101", "10")
+
+
+def test_paired_sign_test_records_counts_and_p_and_refuses_other_test_sets() -> None:
+    assert paired_sign_test("111111", "000000") == {"gained": 6, "lost": 0, "p": pytest.approx(2 / 64)}
+    assert paired_sign_test("0101", "0101") == {"gained": 0, "lost": 0, "p": 1.0}
+    assert paired_sign_test("101", "10") is None  # different images: no paired record
 
 
 def test_sign_test_p_matches_the_binomial_tails() -> None:

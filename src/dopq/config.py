@@ -386,9 +386,9 @@ _PRESETS: dict[str, dict[str, Any]] = {
 # seeds (+0.75 mean), tied on its outlier-stressed copy (ten seeds) and on Swin-Tiny (six), where
 # three seeds had first shown a loss; at W4/A4 it lost on Swin-Tiny, so it stays off above 3 bits
 # (docs/tanq.md). Left out: the per-module post-Softmax choice (auto: lost on Swin-Tiny at W4/A4).
-# 8-bit weights are centred on
-# 0 (RECOMMENDED_SYMMETRIC_W_BITS): signed codes without zero points, so OpenVINO's int8 kernels need
-# no row-sum correction (docs/export.md); at 8 bits that tied dopq, at 4 bits it lost 0.5 on DeiT-Tiny.
+# 8-bit weights are centred on 0 (RECOMMENDED_SYMMETRIC_W_BITS): signed codes without zero points,
+# so OpenVINO's int8 kernels need no row-sum correction (docs/export.md); at 8 bits that tied dopq,
+# at 4 bits it lost 0.5 on DeiT-Tiny.
 # With 8-bit activations (RECOMMENDED_SYMMETRIC_A_BITS) q, k and v sit on grids centred on 0, so
 # OpenVINO runs each attention (q @ k^T, Softmax, attn @ v) as one integer kernel with no zero-point
 # correction, and v is first centred on its calibration mean (centre_values, exact in float): centring

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["EXACT_SIGNED_RANK_MAX", "fixed_broken", "sign_test_p", "signed_rank_test"]
+__all__ = ["EXACT_SIGNED_RANK_MAX", "fixed_broken", "paired_sign_test", "sign_test_p", "signed_rank_test"]
 
 # the exact null distribution up to this many non-zero differences (a few ms); the normal
 # approximation above
@@ -62,6 +62,23 @@ def _signed_rank_null(doubled_ranks: torch.Tensor) -> torch.Tensor:
         shifted[r:] = dist[:-r]
         dist = 0.5 * (dist + shifted)
     return dist
+
+
+def paired_sign_test(correct: str, base_correct: str) -> dict[str, int | float] | None:
+    """Two models on the same images: the images the first fixes and breaks against the base
+    (:func:`fixed_broken`) and the two-sided sign-test p, as ``{"gained", "lost", "p"}``; None where
+    the records differ in length (not the same images).
+
+    Example:
+        >>> paired_sign_test("1101", "1000")
+        {'gained': 2, 'lost': 0, 'p': 0.5}
+        >>> paired_sign_test("11", "110") is None
+        True
+    """
+    if len(correct) != len(base_correct):
+        return None
+    gained, lost = fixed_broken(correct, base_correct)
+    return {"gained": gained, "lost": lost, "p": sign_test_p(gained, lost)}
 
 
 def signed_rank_test(differences: torch.Tensor) -> tuple[float, float]:
