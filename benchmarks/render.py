@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dopq.config import ReconstructConfig, get_preset
+from dopq.data.sampling import strided_indices
 from dopq.stats import paired_sign_test
 
 BEGIN, END = "<!-- BEGIN GENERATED -->", "<!-- END GENERATED -->"
@@ -850,6 +851,13 @@ _PRESET_NOTES = {  # runs of the same recipes again elsewhere: what tells them a
     "an AMD EPYC with AVX-512 VNNI (no AMX)",
     "_epyc_vnni_w44_seeds3to5_preset": ", three more calibration seeds at W4/A4 (pooled below with seeds 0 to 2), on "
     "an AMD EPYC with AVX-512 VNNI (no AMX)",
+    "_w33_all10k": ", W3/A3 on all 10 000 test images (how far under FP beyond the strided 1000; the run shared the "
+    "CPU with the test suite, so its calibration time does not count), on an AMD EPYC with AVX-512 VNNI (no AMX)",
+    # seeds where the preset fell more than 0.3 under dopq on the strided 1000, evaluated on more test images
+    "_all10k": ", on all 10 000 test images (a seed where the preset fell under dopq on the strided 1000), on an AMD "
+    "EPYC with AVX-512 VNNI (no AMX)",
+    "_all5k": ", on the strided 5000 test images (seeds where the preset fell under dopq on the strided 1000), on an "
+    "AMD EPYC with AVX-512 VNNI (no AMX)",
 }
 
 
@@ -928,7 +936,9 @@ def _preset_table(data: dict[str, Any], note: str = "") -> list[str]:
         grid += f", {calib_size} calibration images (a stress case)"
     # runs without dopq's rows (more seeds of two other recipes) compare those with each other only
     against = (
-        (" against dopq" + (" and " + others if others else "")) if "dopq" in methods else f" and {others}"
+        (" against dopq" + (" and " + others if others else ""))
+        if "dopq" in methods
+        else (f" and {others}" if others else "")
     )
     lines = [f"### {what}{against}: {model}{grid}{note}", "",
              f"Command: `{data['command']}` ({data['threads']} torch threads). FP32 top-1 {_pct(rows[0]['fp_top1'])}%. "
@@ -965,7 +975,7 @@ def _preset_table(data: dict[str, Any], note: str = "") -> list[str]:
             worst = f"{100 * min(deltas):+.1f}" if deltas else ""
             lines.append(f"| W{w}/A{a} | {method} | " + " | ".join(cells)
                          + f" | {_pct(sum(top1) / len(top1), 2)} | {worst} | {fwd:.1f} ({secs:.1f} s) |")  # fmt: skip
-    return [*lines, "", *_gptq_check_lines(rows)]
+    return [*lines, "", *_gptq_check_lines(rows), *_beyond_protocol_lines(rows)]
 
 
 def _pair_with_dopq(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -973,11 +983,63 @@ def _pair_with_dopq(row: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str
     separately (a run split across result folders); None where there is none, or for dopq itself."""
     if row["method"] == "dopq":
         return None
-    key = (row["seed"], row["w_bits"], row["a_bits"])
-    base = next(
-        (r for r in rows if r["method"] == "dopq" and (r["seed"], r["w_bits"], r["a_bits"]) == key), None
-    )
+    base = _dopq_rows(rows).get(_seed_and_width(row))
     return None if base is None else paired_sign_test(row["quant_top1_correct"], base["quant_top1_correct"])
+
+
+def _seed_and_width(row: dict[str, Any]) -> tuple[int, int, int]:
+    return row["seed"], row["w_bits"], row["a_bits"]
+
+
+def _dopq_rows(rows: list[dict[str, Any]]) -> dict[tuple[int, int, int], dict[str, Any]]:
+    """dopq's rows by seed and width: what every other row of a run is paired with."""
+    return {_seed_and_width(r): r for r in rows if r["method"] == "dopq"}
+
+
+# calib-gains evaluates a strided subset of CIFAR-10's 10 000 test images; the protocol's is the strided 1000
+_TEST_SPLIT, _PROTOCOL_IMAGES = 10_000, 1000
+
+
+def _in_protocol(n: int) -> list[bool]:
+    """For each image of a strided ``n`` of the test split, whether it is one of the protocol's
+    strided 1000 (a larger strided subset holds them all when ``n`` divides the split evenly)."""
+    protocol = set(strided_indices(_TEST_SPLIT, _PROTOCOL_IMAGES))
+    return [i in protocol for i in strided_indices(_TEST_SPLIT, n)]
+
+
+def _kept(correct: str, keep: list[bool]) -> str:
+    """The per-image record ``correct`` ("1" right, "0" wrong) on the images ``keep`` marks."""
+    return "".join(c for c, k in zip(correct, keep, strict=True) if k)
+
+
+def _beyond_protocol_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Rows evaluated on more than the protocol's images, each on the protocol's strided 1000 and,
+    apart, on the other images of the run, which the protocol never sees: top-1 of the float model
+    and of the row, the gap between them, and the paired test against dopq at the same seed and width
+    where dopq ran (a replication of the per-seed comparisons on images disjoint from the protocol's)."""
+    dopq = _dopq_rows(rows)
+    lines = []
+    for r in rows:
+        flags = _in_protocol(r["eval_images"]) if r["eval_images"] > _PROTOCOL_IMAGES else []
+        if sum(flags) != _PROTOCOL_IMAGES:  # the protocol's images only, or a subset without all of them
+            continue
+        base = dopq.get(_seed_and_width(r))
+        for inside in (True, False):
+            keep = [flag == inside for flag in flags]
+            fp, mine = (_kept(x, keep) for x in (r["fp_top1_correct"], r["quant_top1_correct"]))
+            theirs = None if base is None or base is r else _kept(base["quant_top1_correct"], keep)
+            pair = "" if theirs is None else _pair_text(paired_sign_test(mine, theirs))
+            fp_top1, top1 = (x.count("1") / len(x) for x in (fp, mine))
+            lines.append(f"| W{r['w_bits']}/A{r['a_bits']} | {r['method']} | {r['seed']} | "
+                         f"{'strided 1000' if inside else f'other {len(fp)}'} | {_pct(fp_top1, 2)} | "
+                         f"{_pct(top1, 2)} | {_pct(fp_top1 - top1, 2)} | {pair} |")  # fmt: skip
+    if not lines:
+        return []
+    return ["The same models on the protocol's strided 1000 test images and, apart, on the other images of this "
+            "run, which the protocol never evaluates: top-1 % of the float model and of the row, how far the row "
+            "is under FP, and images fixed / broken against dopq at the same seed (sign-test p).", "",
+            "| width | recipe | seed | test images | FP | top-1 | under FP | vs dopq |", "|---" * 8 + "|",
+            *lines, ""]  # fmt: skip
 
 
 def _gptq_check_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -986,13 +1048,13 @@ def _gptq_check_lines(rows: list[dict[str, Any]]) -> list[str]:
     model was lower / higher than round-to-nearest's, the p of the check's test (the sign test of
     the first runs, the signed-rank test since), the per-seed calibration ratio to dopq's (float
     forwards) and the two mean divergences."""
-    dopq = {(r["seed"], r["w_bits"], r["a_bits"]): r for r in rows if r["method"] == "dopq"}
+    dopq = _dopq_rows(rows)
     lines = []
     for r in rows:
         check = (r.get("gptq") or {}).get("check")
         if check is None:
             continue
-        base = dopq.get((r["seed"], r["w_bits"], r["a_bits"]))
+        base = dopq.get(_seed_and_width(r))
         ratio = (
             f"{r['calib_forward_equivalents'] / base['calib_forward_equivalents']:.2f}x dopq's"
             if base
@@ -1161,7 +1223,17 @@ def _sections(results: Path) -> list[Section]:
         if "rows" not in data:  # the timing files
             continue
         if path.stem.endswith(
-            ("_preset", "_widetanq", "_w48", "_qkv_probe", "_gptq_d1", "_gptq_check", "_output")
+            (
+                "_preset",
+                "_widetanq",
+                "_w48",
+                "_qkv_probe",
+                "_gptq_d1",
+                "_gptq_check",
+                "_output",
+                "_all10k",
+                "_all5k",
+            )
         ):  # over seeds; subfolders merge
             merged = _load(results, path.stem)
             note = next((n for suffix, n in _PRESET_NOTES.items() if path.stem.endswith(suffix)), "")

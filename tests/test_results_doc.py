@@ -256,6 +256,36 @@ def test_seeds_pool_by_recipe_fields_not_by_name() -> None:
     assert any("rows of preset+wide, the same recipe" in line for line in lines)
 
 
+def test_a_larger_test_subset_is_split_into_the_protocols_images_and_the_others() -> None:
+    """A run on more test images pairs each recipe with dopq on the protocol's strided 1000 and, apart,
+    on the images the protocol never sees; a subset that does not hold all 1000 gets no split."""
+    render = _load_render()
+    flags = render._in_protocol(5000)  # every second image: the protocol's are every fifth of these
+    assert len(flags) == 5000 and sum(flags) == 1000
+    assert all(flag == (j % 5 == 0) for j, flag in enumerate(flags))
+
+    def row(method: str, n: int, correct: str) -> dict:
+        fp = "1" * n
+        return dict(method=method, seed=0, w_bits=4, a_bits=4, eval_images=n, fp_top1_correct=fp, quant_top1_correct=correct)  # fmt: skip
+
+    # on 2000 images the protocol's are the even positions: the recipe is right on all of them and
+    # wrong on every odd one, dopq the other way round; the float model right everywhere
+    recipe, dopq = "10" * 1000, "01" * 1000
+    lines = render._beyond_protocol_lines([row("dopq", 2000, dopq), row("recommended", 2000, recipe)])
+    assert "| W4/A4 | dopq | 0 | strided 1000 | 100.00 | 0.00 | 100.00 |  |" in lines
+    assert (
+        "| W4/A4 | recommended | 0 | strided 1000 | 100.00 | 100.00 | 0.00 | +1000 / -0 (p=1.9e-301) |"
+        in lines
+    )
+    assert (
+        "| W4/A4 | recommended | 0 | other 1000 | 100.00 | 0.00 | 100.00 | +0 / -1000 (p=1.9e-301) |" in lines
+    )
+    # without dopq's row the gap to FP stays; a strided 1500 steps by 6.67 images and misses image
+    # 10, one of the protocol's, so it gets no split
+    assert "| W4/A4 | recommended | 0 | other 1000 | 100.00 | 0.00 | 100.00 |  |" in render._beyond_protocol_lines([row("recommended", 2000, recipe)])  # fmt: skip
+    assert render._beyond_protocol_lines([row("dopq", 1500, "1" * 1500)]) == []
+
+
 def test_benchmark_results_record_their_provenance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
     run = importlib.util.module_from_spec(spec)
