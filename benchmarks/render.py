@@ -291,9 +291,10 @@ def _provenance_table(results: Path) -> list[str]:
         git, versions = d.get("git") or {}, d.get("versions") or {}
         dirty = {True: "yes", False: "no"}.get(git.get("dirty"), "-")
         isa = (d.get("cpu") or {}).get("integer_isa")  # dopq.environment.cpu_info(), recorded since issue 25
+        numbers = _cpu_numbers(d.get("cpu") or {})
         cells = [git.get("commit", "-")[:10], dirty, str(d.get("threads", "-")),
-                 *(versions.get(k) or "-" for k in ("dopq", "torch", "timm", "onnxruntime")), d.get("device_name") or "-",
-                 "-" if isa is None else ", ".join(isa) or "none"]  # fmt: skip
+                 *(versions.get(k) or "-" for k in ("dopq", "torch", "timm", "onnxruntime")),
+                 (d.get("device_name") or "-") + (f" ({numbers})" if numbers else ""), "-" if isa is None else ", ".join(isa) or "none"]  # fmt: skip
         lines.append(f"| {path.relative_to(results)} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
@@ -542,10 +543,20 @@ _DEPLOY_NOTES = {  # what a suffixed deploy run measured, beside its presets
 }
 
 
+def _cpu_numbers(cpu: dict[str, Any]) -> str:
+    """``family F model M`` where a results file recorded the CPU's signature (since session 32):
+    a generic name such as "Intel(R) Xeon(R) Processor" hides the generation; "" otherwise."""
+    signature = cpu.get("signature") or {}
+    return f"family {signature['family']} model {signature['model']}" if {"family", "model"} <= set(signature) else ""  # fmt: skip
+
+
 def _cpu_label(data: dict[str, Any]) -> str:
-    """The CPU a results file ran on and its integer ISA (dopq.environment.cpu_info()), for headings."""
+    """The CPU a results file ran on, its family and model numbers where recorded, and its integer
+    ISA (dopq.environment.cpu_info()), for headings."""
     cpu = data.get("cpu", {})
-    return f"{cpu.get('model', 'CPU')}, {', '.join(cpu.get('integer_isa', [])) or 'no integer ISA extension'}"
+    numbers = _cpu_numbers(cpu)
+    isa = ", ".join(cpu.get("integer_isa", [])) or "no integer ISA extension"
+    return f"{cpu.get('model', 'CPU')}{' ' + numbers if numbers else ''}, {isa}"
 
 
 def _deploy_runtimes_table(data: dict[str, Any], what: str = "") -> list[str]:

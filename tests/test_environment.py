@@ -14,18 +14,26 @@ on_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="read
 
 SAPPHIRE_RAPIDS = """processor\t: 0
 vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
 model name\t: Intel(R) Xeon(R) Platinum 8480+
+stepping\t: 8
 flags\t\t: fpu sse2 avx avx2 avx512f avx512_vnni avx_vnni amx_bf16 amx_tile amx_int8
 
 processor\t: 1
-model name\t: Intel(R) Xeon(R) Platinum 8480+
-flags\t\t: fpu sse2 avx avx2 avx512f avx512_vnni avx_vnni amx_bf16 amx_tile amx_int8
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 207
+model name\t: Intel(R) Xeon(R) Processor
+stepping\t: 2
+flags\t\t: fpu sse2 avx avx2
 """
 
 
 def test_cpu_info_has_the_shape_the_deployment_benchmark_reads() -> None:
     info = cpu_info()
-    assert set(info) == {"model", "integer_isa"}
+    assert set(info) in ({"model", "integer_isa"}, {"model", "integer_isa", "signature"})
+    assert all(isinstance(v, int) for v in info.get("signature", {}).values())
     assert isinstance(info["model"], str) and info["model"]
     assert isinstance(info["integer_isa"], list)
     assert info["integer_isa"] == [isa for isa in INTEGER_ISA if isa in info["integer_isa"]]
@@ -41,6 +49,8 @@ def test_cpu_info_matches_this_machines_proc_cpuinfo() -> None:
     info = cpu_info()
     assert info["integer_isa"] == [isa for isa in INTEGER_ISA if isa in flags]
     assert model is None or info["model"] == model
+    number = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.split(":")[0].strip() == "model"), "")  # fmt: skip
+    assert not number.isdigit() or info["signature"]["model"] == int(number)
 
 
 @on_linux
@@ -48,14 +58,18 @@ def test_cpu_info_reads_model_and_integer_flags(tmp_path: Path, monkeypatch: pyt
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(SAPPHIRE_RAPIDS)
     monkeypatch.setattr(env, "_PROC_CPUINFO", cpuinfo)
-    assert cpu_info() == {
+    assert cpu_info() == {  # the first processor's, not the second's
         "model": "Intel(R) Xeon(R) Platinum 8480+",
         "integer_isa": ["avx2", "avx512_vnni", "avx_vnni", "amx_int8"],
+        "signature": {"family": 6, "model": 143, "stepping": 8},
     }
     cpuinfo.write_text(
         "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx avx2 avx512f avx512_bf16\n"
     )
-    assert cpu_info() == {"model": "AMD EPYC", "integer_isa": ["avx2"]}
+    assert cpu_info() == {"model": "AMD EPYC", "integer_isa": ["avx2"]}  # no numbers: no signature
+    cpuinfo.write_text("processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\nstepping\t: unknown\n")
+    info = cpu_info()
+    assert info["signature"] == {"family": 25, "model": 17} and info["integer_isa"] == []
 
 
 @on_linux

@@ -100,17 +100,29 @@ def _installed_version(package: str) -> str | None:
         return None
 
 
-def _parse_proc_cpuinfo(text: str) -> tuple[str | None, set[str]]:
-    """The first processor's ``model name`` and ``flags`` in a Linux ``/proc/cpuinfo``."""
-    model, flags = None, set()
+_SIGNATURE_FIELDS = {"cpu family": "family", "model": "model", "stepping": "stepping"}
+
+
+def _first_processor(text: str) -> dict[str, str]:
+    """The ``key: value`` lines of the first processor in a Linux ``/proc/cpuinfo``."""
+    fields: dict[str, str] = {}
     for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and model is None:
-            model = value.strip()
-        elif key == "flags" and not flags:
-            flags = set(value.split())
-    return model, flags
+        if not line.strip() and fields:
+            break  # the blank line that ends the first processor's block
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def _parse_proc_cpuinfo(text: str) -> tuple[str | None, set[str], dict[str, int]]:
+    """The first processor's ``model name``, ``flags`` and signature (family, model and stepping
+    numbers, where they are integers) in a Linux ``/proc/cpuinfo``."""
+    fields = _first_processor(text)
+    signature = {
+        name: int(fields[key]) for key, name in _SIGNATURE_FIELDS.items() if fields.get(key, "").isdigit()
+    }
+    return fields.get("model name") or None, set(fields.get("flags", "").split()), signature
 
 
 def _sysctl(name: str) -> str:
@@ -136,19 +148,28 @@ def cpu_info() -> dict[str, Any]:
     Read from ``/proc/cpuinfo`` on Linux and ``sysctl`` on macOS; elsewhere (or where those say
     nothing) the model comes from :mod:`platform` and no instruction set is claimed.
 
+    On Linux the first processor's family, model and stepping numbers are added as ``signature``:
+    virtual machines often report a generic name ("Intel(R) Xeon(R) Processor", "AMD EPYC") for
+    CPU generations whose integer kernels run at different speeds (family 6 model 143 is a Sapphire
+    Rapids Xeon, model 207 an Emerald Rapids one).
+
     Returns:
-        ``{"model": str, "integer_isa": [...]}``, the instruction sets in :data:`INTEGER_ISA` order,
-        e.g. ``{"model": "Intel(R) Xeon(R) Platinum 8480+", "integer_isa": ["avx2", "avx512_vnni",
-        "avx_vnni", "amx_int8"]}``.
+        ``{"model": str, "integer_isa": [...]}`` and, where known, ``"signature": {"family": int,
+        "model": int, "stepping": int}``; the instruction sets in :data:`INTEGER_ISA` order, e.g.
+        ``{"model": "Intel(R) Xeon(R) Platinum 8480+", "integer_isa": ["avx2", "avx512_vnni",
+        "avx_vnni", "amx_int8"], "signature": {"family": 6, "model": 143, "stepping": 8}}``.
     """
-    model, flags = None, set()
+    model, flags, signature = None, set(), {}
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError):  # no /proc (a sandbox): the platform fallback below
-            model, flags = _parse_proc_cpuinfo(_PROC_CPUINFO.read_text())
+            model, flags, signature = _parse_proc_cpuinfo(_PROC_CPUINFO.read_text())
     elif sys.platform == "darwin":
         model, flags = _macos_model_and_flags()
     model = model or platform.processor() or platform.machine() or "unknown"
-    return {"model": model, "integer_isa": [isa for isa in INTEGER_ISA if isa in flags]}
+    info: dict[str, Any] = {"model": model, "integer_isa": [isa for isa in INTEGER_ISA if isa in flags]}
+    if signature:
+        info["signature"] = signature
+    return info
 
 
 def device_name(device: str | torch.device) -> str:
