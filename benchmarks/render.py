@@ -471,9 +471,9 @@ def _kernels(r: dict[str, Any]) -> str:
 
 
 def _runtime_pairs(sub: list[dict[str, Any]]) -> list[str]:
-    """Each export against its own simulation, and dopq W8/A8 against the peer of each runtime."""
-    lines = ["", "Paired on the same images: images fixed / broken (two-sided exact sign-test p)", "",
-             "| comparison | runtime | result |", "|---|---|---|"]  # fmt: skip
+    """Each export against its own simulation, and dopq W8/A8 against the peer of each runtime (no
+    table for a timing-only run)."""
+    lines: list[str] = []
     for r in sub:
         cell = _paired_cell(r, "runtime_top1_correct", "sim_top1_correct")
         if cell:
@@ -487,7 +487,10 @@ def _runtime_pairs(sub: list[dict[str, Any]]) -> list[str]:
                 cell = _paired_cell(pair, "x", "y")
                 if cell:
                     lines.append(f"| {r['label']} vs {peer['label']} | {r['runtime']} | {cell} |")
-    return lines
+    if not lines:
+        return []
+    return ["", "Paired on the same images: images fixed / broken (two-sided exact sign-test p)", "",
+            "| comparison | runtime | result |", "|---|---|---|", *lines]  # fmt: skip
 
 
 _DEPLOY_NOTES = {  # what a suffixed deploy run measured, beside its presets
@@ -540,6 +543,13 @@ _DEPLOY_NOTES = {  # what a suffixed deploy run measured, beside its presets
     "by the signed-rank check, on an AMD EPYC with AVX-512 VNNI and no AMX",
     "deploy_runtimes_epyc_vnni_w44_all": ", the recommended preset's W4/A4 on all 10 000 test images (accuracy only), "
     "on an AMD EPYC with AVX-512 VNNI and no AMX",
+    "deploy_runtimes_xeon_amx": ", the recommended preset at every width, on a second Intel Xeon with VNNI and AMX",
+    "deploy_runtimes_xeon_amx_swin": ", Swin-Tiny, the recommended preset at every width, on a second Intel Xeon with "
+    "VNNI and AMX",
+    "deploy_runtimes_xeon_amx_timing": ", the recommended preset at every width, timing again with 11 repeats (a noisy "
+    "host), on a second Intel Xeon with VNNI and AMX",
+    "deploy_runtimes_xeon_amx_timing2": ", the recommended preset at every width, timing a third time with 11 "
+    "repeats, on a second Intel Xeon with VNNI and AMX",
 }
 
 
@@ -581,7 +591,9 @@ def _deploy_runtimes_table(data: dict[str, Any], what: str = "") -> list[str]:
         # deploy rows record the images as their per-image hit strings
         d = _decimals_for(min(len(r.get("runtime_top1_correct") or "") for r in rows if r["model"] == model))
         fp_text = "; ".join(
-            f"{rt}: top-1 {_pct(r.get('runtime_top1'), d)}%, {_fmt(r.get('images_per_second'), '.1f')} images/s"
+            f"{rt}: "
+            + ("" if r.get("runtime_top1") is None else f"top-1 {_pct(r['runtime_top1'], d)}%, ")
+            + f"{_fmt(r.get('images_per_second'), '.1f')} images/s"
             for rt, r in fp.items()
         )
         lines += [
@@ -869,6 +881,7 @@ _PRESET_NOTES = {  # runs of the same recipes again elsewhere: what tells them a
     "EPYC with AVX-512 VNNI (no AMX)",
     "_all5k": ", on the strided 5000 test images (seeds where the preset fell under dopq on the strided 1000), on an "
     "AMD EPYC with AVX-512 VNNI (no AMX)",
+    "_xeon_amx_w33_preset": ", at W3/A3 with the code of session 32, on a second Intel Xeon with VNNI and AMX",
 }
 
 
@@ -1525,7 +1538,8 @@ def _summary_cells(recipe: SummaryRecipe, results: Path, sections: list[Section]
             sim = _link(_pct(row["sim_top1"]), link)
         if row.get("calib_seconds") is not None:
             calib = _link(_calibration_cell(data, row), link)
-    top1 = _deployed_cell(deployed, lambda m: "—" if m["top1"] is None else _pct(m["top1"]))
+    measured = [d for d in deployed if d[3]["top1"] is not None]  # timing-only runs have no top-1
+    top1 = _deployed_cell(measured, lambda m: _pct(m["top1"]))
     speed = _deployed_cell(deployed, _speed_text)
     size = _deployed_cell(deployed, lambda m: "—" if m["size"] is None else f"{m['size']:.2f}")
     return [recipe.label, f"W{w}/A{a}", sim, pair, top1, speed, size, calib]

@@ -159,6 +159,12 @@ def test_summary_reads_every_deploy_file_by_recipe_and_width(tmp_path: Path) -> 
          "recipe": {"softmax_quantizer": "tanq"}, "onnx_top1": 0.5, "throughput_ratio": 9.99},
     ]}  # fmt: skip
     (results / "deploy_openvino.json").write_text(json.dumps(new))
+    timing_only = {"command": "probe", "threads": 2, "rows": [  # --deploy-parts timing: speed, no top-1
+        {"model": "deit_tiny_patch16_224", "method": "dopq", "w_bits": 4, "a_bits": 8, "runtime": "openvino",
+         "recipe": {"softmax_quantizer": "uniform"}, "throughput_ratio": 2.468, "latency_ratio": 1.357,
+         "size_ratio": 0.167},
+    ]}  # fmt: skip
+    (results / "deploy_timing_only.json").write_text(json.dumps(timing_only))
     target = tmp_path / "RESULTS.md"
     _load_render().render(results, target)
     summary = target.read_text().split(SUMMARY_BEGIN, 1)[1].split(SUMMARY_END, 1)[0]
@@ -167,6 +173,7 @@ def test_summary_reads_every_deploy_file_by_recipe_and_width(tmp_path: Path) -> 
     assert cells[2].startswith("[74.1](#") and cells[3] == "—"  # the deploy run's own simulation
     assert cells[4].startswith("[73.9](#") and cells[4].endswith(" (openvino)")
     assert cells[5].startswith("[2.35 / 1.88](#") and cells[6].startswith("[0.17](#")
+    assert "[2.47 / 1.36](#" in cells[5] and "—" not in cells[4]  # the timing-only run: a speed, no top-1
     assert "9.99" not in summary  # a row with another post-Softmax quantizer than the preset's is not dopq
     assert "| dopq + GPTQ |" not in summary  # not measured in these files: no row at all
     assert "| repq (RepQ-ViT baseline) | W3/A3 | [59.7](#" in summary
@@ -300,3 +307,18 @@ def test_benchmark_results_record_their_provenance(tmp_path: Path, monkeypatch: 
     if git is not None:  # None only outside a git checkout
         assert re.fullmatch(r"[0-9a-f]{40}", git["commit"]) and isinstance(git["dirty"], bool)
     assert not [p.name for p in tmp_path.iterdir() if p.name != "probe.json"]  # no temporary left behind
+
+
+def test_cpu_headings_name_the_family_and_model_numbers_where_recorded() -> None:
+    render = _load_render()
+    generic = {"model": "Intel(R) Xeon(R) Processor", "integer_isa": ["avx2", "amx_int8"]}
+    assert render._cpu_label({"cpu": generic}) == "Intel(R) Xeon(R) Processor, avx2, amx_int8"  # older files
+    numbered = {**generic, "signature": {"family": 6, "model": 207, "stepping": 2}}
+    assert (
+        render._cpu_label({"cpu": numbered})
+        == "Intel(R) Xeon(R) Processor family 6 model 207, avx2, amx_int8"
+    )
+    assert (
+        render._cpu_label({"cpu": {"model": "AMD EPYC", "integer_isa": []}})
+        == "AMD EPYC, no integer ISA extension"
+    )
