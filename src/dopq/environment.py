@@ -1,13 +1,15 @@
 """Provenance of a result: the command, the dopq commit, library versions, the device and the CPU.
 
 Every result file records :func:`environment`, so a number can be traced to the code, the software and
-the machine that produced it. :func:`cpu_info` names the CPU and the integer instruction sets that
-decide how fast an integer (quantized) model can run on it.
+the machine that produced it. :func:`cpu_info` names the CPU (with its family and model numbers on
+Linux) and the integer instruction sets that decide how fast an integer (quantized) model can run on it.
 
 Example:
     >>> info = cpu_info()
-    >>> sorted(info), set(info["integer_isa"]) <= set(INTEGER_ISA)
-    (['integer_isa', 'model'], True)
+    >>> {"model", "integer_isa"} <= set(info) <= {"model", "integer_isa", "signature"}
+    True
+    >>> set(info["integer_isa"]) <= set(INTEGER_ISA)
+    True
 """
 
 from __future__ import annotations
