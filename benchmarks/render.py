@@ -290,8 +290,8 @@ def _provenance_table(results: Path) -> list[str]:
         d = json.loads(path.read_text())
         git, versions = d.get("git") or {}, d.get("versions") or {}
         dirty = {True: "yes", False: "no"}.get(git.get("dirty"), "-")
-        isa = (d.get("cpu") or {}).get("integer_isa")  # dopq.environment.cpu_info(), recorded since issue 25
-        numbers = _cpu_numbers(d.get("cpu") or {})
+        cpu = d.get("cpu") or {}  # dopq.environment.cpu_info(), recorded since issue 25
+        isa, numbers = cpu.get("integer_isa"), _cpu_numbers(cpu)
         cells = [git.get("commit", "-")[:10], dirty, str(d.get("threads", "-")),
                  *(versions.get(k) or "-" for k in ("dopq", "torch", "timm", "onnxruntime")),
                  (d.get("device_name") or "-") + (f" ({numbers})" if numbers else ""), "-" if isa is None else ", ".join(isa) or "none"]  # fmt: skip
@@ -1057,13 +1057,19 @@ def _beyond_protocol_lines(rows: list[dict[str, Any]]) -> list[str]:
             lines.append(f"| W{r['w_bits']}/A{r['a_bits']} | {r['method']} | {r['seed']} | "
                          f"{'strided 1000' if inside else f'other {len(fp)}'} | {_pct(fp_top1, 2)} | "
                          f"{_pct(top1, 2)} | {_pct(fp_top1 - top1, 2)} | {pair} |")  # fmt: skip
-    if not lines:
+    return _captioned_table(
+        "The same models on the protocol's strided 1000 test images and, apart, on the other images of this "
+        "run, which the protocol never evaluates: top-1 % of the float model and of the row, how far the row "
+        "is under FP, and images fixed / broken against dopq at the same seed (sign-test p).",
+        ["width", "recipe", "seed", "test images", "FP", "top-1", "under FP", "vs dopq"], lines,
+    )  # fmt: skip
+
+
+def _captioned_table(caption: str, columns: list[str], rows: list[str]) -> list[str]:
+    """A caption, then a table of ``columns`` over the rendered ``rows``; nothing without rows."""
+    if not rows:
         return []
-    return ["The same models on the protocol's strided 1000 test images and, apart, on the other images of this "
-            "run, which the protocol never evaluates: top-1 % of the float model and of the row, how far the row "
-            "is under FP, and images fixed / broken against dopq at the same seed (sign-test p).", "",
-            "| width | recipe | seed | test images | FP | top-1 | under FP | vs dopq |", "|---" * 8 + "|",
-            *lines, ""]  # fmt: skip
+    return [caption, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|", *rows, ""]
 
 
 def _gptq_check_lines(rows: list[dict[str, Any]]) -> list[str]:
@@ -1087,14 +1093,13 @@ def _gptq_check_lines(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {r['method']} | W{r['w_bits']}/A{r['a_bits']} | {r['seed']} | {'kept' if check['kept'] else 'round-to-nearest'} | "
                      f"{check['images_better']} / {check['images_worse']} ({check.get('test', 'sign')} p={check['p']:.2g}) | "
                      f"{check['kl_nearest']:.4f} -> {check['kl_gptq']:.4f} | {ratio} |")  # fmt: skip
-    if not lines:
-        return []
-    return ["GPTQ's calibration check per seed: the rounding kept, the calibration images on which GPTQ's logit KL "
-            "from the float model is lower / higher than round-to-nearest's (the p of the check's test: the sign "
-            "test of the first runs, the signed-rank test since), the mean KL of "
-            "round-to-nearest -> GPTQ, and the calibration time against dopq's at the same seed.", "",
-            "| recipe | width | seed | rounding | GPTQ lower / higher | mean KL | calibration vs dopq |", "|---" * 7 + "|",
-            *lines, ""]  # fmt: skip
+    return _captioned_table(
+        "GPTQ's calibration check per seed: the rounding kept, the calibration images on which GPTQ's logit KL "
+        "from the float model is lower / higher than round-to-nearest's (the p of the check's test: the sign "
+        "test of the first runs, the signed-rank test since), the mean KL of "
+        "round-to-nearest -> GPTQ, and the calibration time against dopq's at the same seed.",
+        ["recipe", "width", "seed", "rounding", "GPTQ lower / higher", "mean KL", "calibration vs dopq"], lines,
+    )  # fmt: skip
 
 
 def _error_budget_table(data: dict[str, Any]) -> list[str]:
