@@ -30,6 +30,7 @@ from torch import nn
 from dopq.config import RUNTIMES, WEIGHT_TYPES
 from dopq.errors import ExportError
 from dopq.export.symbolic import (
+    bias_gemm,
     counted_levels,
     dequantize_weight,
     indexed_levels,
@@ -262,8 +263,18 @@ class DeployLinear(nn.Module):
     """``x_q @ W_q^T + b'`` with int8 weight codes stored transposed (``(in, out)``, DequantizeLinear
     on axis 1) so that the integer MatMul sees them directly, and the input offset in ``b'``.
 
-    In float64 (``dtype``) the product is ``integer_matmul`` of the input's uint8 codes and the
-    weight codes, scaled by ``s_x * s_w`` per output channel.
+    For onnxruntime, with an input quantized to :data:`INTEGER_BIAS_MIN_BITS` bits or more, the
+    bias goes into the integer product as int32 codes in its units ``s_x s_w`` (:attr:`bias_codes`,
+    ``round(b' / (s_x s_w))``, as integer kernels add a bias) and the product is a ``Gemm`` of the
+    rows ``(-1, in)``: onnxruntime runs it as one ``QGemm``, bias included, where a ``MatMul`` left
+    a float ``Add`` over the output (DeiT-Tiny's W8/A8 export ran about a tenth faster,
+    docs/export.md). The rounding moves each output by at most half a unit ``s_x s_w / 2``
+    (:meth:`bias_rounding`): with 8-bit inputs no more often than float rounding moves a prediction;
+    with 4-bit inputs, whose unit is 17 times coarser, enough to move the next layers' 4-bit codes
+    (DeiT-Tiny's W4/A4 export lost about a point against its simulation), so those keep the float
+    bias, and so does a bias whose codes would not fit. In float64 (``dtype``) the product is
+    ``integer_matmul`` of the input's uint8 codes and the weight codes, scaled by ``s_x * s_w`` per
+    output channel.
     """
 
     def __init__(
@@ -288,10 +299,21 @@ class DeployLinear(nn.Module):
         self.register_buffer("bias", bias.to(dtype))
         if self.float64:
             self.register_buffer("product_scale", _product_scale(self.input_qdq, self.weight.scale))
+        codes = None
+        if (
+            not self.float64
+            and not symmetric
+            and isinstance(self.input_qdq, ActivationQDQ)
+            and self.input_qdq.bits >= INTEGER_BIAS_MIN_BITS
+        ):
+            codes = _bias_codes(bias, _product_scale(self.input_qdq, self.weight.scale))
+        self.register_buffer("bias_codes", codes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.float64:
             return _linear64(x, self.input_qdq, self.weight, self.product_scale) + self.bias
+        if self.bias_codes is not None:
+            return self._integer_bias_gemm(x)
         x = self.input_qdq(x)
         if not (symmetric_weights(self.weight) and isinstance(self.input_qdq, ActivationQDQ)):
             return torch.matmul(x, self.weight()) + self.bias
@@ -300,10 +322,28 @@ class DeployLinear(nn.Module):
         product = torch.matmul(x, self.weight.symmetric()) - _row_sums(x) * self.weight.offset
         return product + self.bias  # the bias last: onnxruntime fuses it into BiasGelu
 
+    def _integer_bias_gemm(self, x: torch.Tensor) -> torch.Tensor:
+        q, w = self.input_qdq, self.weight
+        return bias_gemm(
+            x, q.scale, q.zero_point, q.bits, w.codes, w.scale, w.zero_point, self.bias_codes, self.bias_unit
+        )
+
+    @property
+    def bias_unit(self) -> torch.Tensor:
+        """``s_x s_w`` per output channel: the unit of the integer product and of :attr:`bias_codes`."""
+        return self.weight.scale * self.input_qdq.scale
+
+    def bias_rounding(self) -> torch.Tensor:
+        """What the int32 bias adds to each output channel against the float bias ``b'`` (zeros in
+        the float form): at most half the product's unit ``s_x s_w``."""
+        if self.bias_codes is None:
+            return torch.zeros_like(self.bias)
+        return (self.bias_codes.double() * self.bias_unit.double() - self.bias.double()).to(self.bias.dtype)
+
     def scale_rows(self, rows: slice, factor: float) -> None:
         """Multiply output channels ``rows`` by ``factor`` (their weight scales, offsets and bias;
         the codes stay)."""
-        for values in (self.weight.scale, self.weight.offset, self.bias):
+        for values in (self.weight.scale, self.weight.offset, self.bias):  # and so the bias unit
             values[rows] *= factor
 
 
@@ -316,6 +356,21 @@ def _row_sums(x: torch.Tensor) -> torch.Tensor:
     products of two activations keep ``ReduceSum``: measured right on both shared models.)"""
     ones = torch.ones(x.shape[-1], 1, dtype=torch.int8)
     return x @ dequantize_weight(ones, torch.ones(1, dtype=x.dtype), None, 1)
+
+
+INTEGER_BIAS_MIN_BITS = 8  # input bits from which a Linear's bias joins its integer product
+BIAS_CODE_LIMIT = 2**30  # |int32 bias codes|: room left in int32 for the sum of code products
+
+
+def _bias_codes(bias: torch.Tensor, unit: torch.Tensor) -> torch.Tensor | None:
+    """``round(b / unit)`` per output channel as int32, or None where a unit is not positive or a
+    code would pass :data:`BIAS_CODE_LIMIT` (a near-zero weight row): that layer keeps its float bias."""
+    if not bool((unit > 0).all()):
+        return None
+    codes = torch.round(bias.double() / unit.double())
+    if float(codes.abs().max()) > BIAS_CODE_LIMIT:
+        return None
+    return codes.to(torch.int32)
 
 
 def _float64_bias(bias: torch.Tensor | None, features: int) -> torch.Tensor:

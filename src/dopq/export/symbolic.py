@@ -41,6 +41,7 @@ import math
 import torch
 
 __all__ = [
+    "bias_gemm",
     "counted_levels",
     "dequantize_weight",
     "indexed_levels",
@@ -140,6 +141,59 @@ def dequantize_weight(
 ) -> torch.Tensor:
     """``(codes - z) * s`` with per-``axis`` scale and zero point (None: 0); codes int8/uint8."""
     return _DequantizeWeight.apply(codes, scale, zero_point, axis)
+
+
+class _BiasGemm(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, x, scale, zero_point, bits, codes, weight_scale, weight_zero_point, bias_codes, bias_unit
+    ):
+        rows = _QDQ.forward(ctx, x, scale, zero_point, bits).reshape(-1, codes.shape[0])
+        weight = (codes.float() - weight_zero_point.float()) * weight_scale
+        out = torch.addmm(bias_codes.double().mul(bias_unit.double()).float(), rows, weight)
+        return out.reshape(*x.shape[:-1], codes.shape[1])
+
+    @staticmethod
+    def symbolic(
+        g, x, scale, zero_point, bits, codes, weight_scale, weight_zero_point, bias_codes, bias_unit
+    ):
+        if bits < 8:
+            bounds = ((0 - zero_point) * scale, (2**bits - 1 - zero_point) * scale)
+            x = g.op("Clip", x, *(_const(g, b) for b in bounds))
+        s, z = _const(g, scale), _const(g, zero_point, torch.uint8)
+        q = g.op("QuantizeLinear", x, s, z)
+        # the leading dimensions from the codes, not from x: a second reader of x would keep
+        # onnxruntime from moving the Q above the reshapes before it (attn @ v as QLinearMatMul)
+        if g.opset >= 15:
+            lead = g.op("Shape", q, end_i=-1)
+        else:
+            lead = g.op("Slice", g.op("Shape", q), *(_const(g, [v], torch.int64) for v in (0, -1)))
+        features_in, features_out = codes.type().sizes()
+        rows = g.op("Reshape", q, _const(g, [-1, features_in], torch.int64))
+        weight = g.op("DequantizeLinear", codes, weight_scale, weight_zero_point, axis_i=1)
+        bias = g.op("DequantizeLinear", bias_codes, bias_unit, axis_i=0)
+        out = g.op("Gemm", g.op("DequantizeLinear", rows, s, z), weight, bias)
+        return g.op("Reshape", out, g.op("Concat", lead, _const(g, [features_out], torch.int64), axis_i=0))
+
+
+def bias_gemm(
+    x: torch.Tensor,
+    scale: float,
+    zero_point: int,
+    bits: int,
+    codes: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor,
+    bias_codes: torch.Tensor,
+    bias_unit: torch.Tensor,
+) -> torch.Tensor:
+    """``qdq(x) @ W + b`` over the rows of ``x`` with int32 bias codes in the product's units:
+    ``Q -> Reshape (-1, in) -> DQ -> Gemm(DQ(W, z_w), DQ(bias codes, s_x s_w)) -> Reshape``, the
+    pattern onnxruntime fuses into one ``QGemm`` (the weights' zero-point input present, even where
+    it is zero; W stored ``(in, out)``), back in ``x``'s leading dimensions."""
+    return _BiasGemm.apply(
+        x, scale, zero_point, bits, codes, weight_scale, weight_zero_point, bias_codes, bias_unit
+    )
 
 
 class _LogLevels(torch.autograd.Function):
