@@ -550,6 +550,16 @@ _DEPLOY_NOTES = {  # what a suffixed deploy run measured, beside its presets
     "host), on a second Intel Xeon with VNNI and AMX",
     "deploy_runtimes_xeon_amx_timing2": ", the recommended preset at every width, timing a third time with 11 "
     "repeats, on a second Intel Xeon with VNNI and AMX",
+    "deploy_runtimes_xeon_amx_qgemm": ", the recommended preset at every width, the onnxruntime form's Linear layers "
+    "with 8-bit inputs as QGemm with int32 biases, on a second Intel Xeon with VNNI and AMX",
+    "deploy_runtimes_xeon_amx_qgemm_swin": ", Swin-Tiny, the recommended preset at every width, the onnxruntime form's "
+    "Linear layers with 8-bit inputs as QGemm with int32 biases, on a second Intel Xeon with VNNI and AMX",
+    "deploy_runtimes_xeon_amx_qgemm_timing": ", the recommended preset at every width, the onnxruntime form's Linear "
+    "layers with 8-bit inputs as QGemm with int32 biases, timing again with 11 repeats, on a second Intel Xeon with "
+    "VNNI and AMX",
+    "deploy_runtimes_xeon_amx_qgemm_swin_timing": ", Swin-Tiny, the recommended preset at every width, the onnxruntime "
+    "form's Linear layers with 8-bit inputs as QGemm with int32 biases, timing again with 11 repeats, on a second "
+    "Intel Xeon with VNNI and AMX",
 }
 
 
