@@ -269,10 +269,11 @@ class DeployLinear(nn.Module):
     rows ``(-1, in)``: onnxruntime runs it as one ``QGemm``, bias included, where a ``MatMul`` left
     a float ``Add`` over the output (DeiT-Tiny's W8/A8 export ran about a tenth faster,
     docs/export.md). The rounding moves each output by at most half a unit ``s_x s_w / 2``
-    (:meth:`bias_rounding`): with 8-bit inputs no more often than float rounding moves a prediction;
-    with 4-bit inputs, whose unit is 17 times coarser, enough to move the next layers' 4-bit codes
-    (DeiT-Tiny's W4/A4 export lost about a point against its simulation), so those keep the float
-    bias, and so does a bias whose codes would not fit. In float64 (``dtype``) the product is
+    (:meth:`bias_rounding`): with 8-bit inputs about as often as float rounding moves a prediction;
+    a 4-bit activation network amplifies any change above float rounding (docs/export.md, "Agreement
+    with the simulation"), and there it moved the next layers' 4-bit codes (DeiT-Tiny's W4/A4 export
+    lost about a point against its simulation, with a unit 16 times finer too), so Linear layers with
+    inputs below 8 bits keep the float bias, and so does a bias whose codes would not fit. In float64 (``dtype``) the product is
     ``integer_matmul`` of the input's uint8 codes and the weight codes, scaled by ``s_x * s_w`` per
     output channel.
     """
