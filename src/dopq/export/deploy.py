@@ -273,9 +273,10 @@ class DeployLinear(nn.Module):
     a 4-bit activation network amplifies any change above float rounding (docs/export.md, "Agreement
     with the simulation"), and there it moved the next layers' 4-bit codes (DeiT-Tiny's W4/A4 export
     lost about a point against its simulation, with a unit 16 times finer too), so Linear layers with
-    inputs below 8 bits keep the float bias, and so does a bias whose codes would not fit. In float64 (``dtype``) the product is
-    ``integer_matmul`` of the input's uint8 codes and the weight codes, scaled by ``s_x * s_w`` per
-    output channel.
+    inputs below 8 bits keep the float bias, and so does a bias whose codes would not fit.
+
+    In float64 (``dtype``) the product is ``integer_matmul`` of the input's uint8 codes and the
+    weight codes, scaled by ``s_x * s_w`` per output channel.
     """
 
     def __init__(

@@ -62,6 +62,21 @@ def _const(g, value: float | int | torch.Tensor, dtype: torch.dtype = torch.floa
     return g.op("Constant", value_t=torch.as_tensor(value, dtype=dtype))
 
 
+def _clip_to_codes(g, x, scale: float, zero_point: int, bits: int):
+    """``Clip`` of ``x`` to the b-bit code range's values, ``[(0 - z) s, (2^b - 1 - z) s]`` (float32
+    bounds, as the runtime holds them), so that a wider container's codes stay b-bit codes."""
+    bounds = ((0 - zero_point) * scale, (2**bits - 1 - zero_point) * scale)
+    return g.op("Clip", x, *(_const(g, b) for b in bounds))
+
+
+def _quantize_linear(g, x, scale: float, zero_point: int, bits: int):
+    """``[Clip] -> QuantizeLinear`` to b-bit codes in uint8, with the scale and zero-point constants."""
+    if bits < 8:
+        x = _clip_to_codes(g, x, scale, zero_point, bits)
+    s, z = _const(g, scale), _const(g, zero_point, torch.uint8)
+    return g.op("QuantizeLinear", x, s, z), s, z
+
+
 class _QDQ(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, bits):
@@ -72,12 +87,8 @@ class _QDQ(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, scale, zero_point, bits):
-        if bits < 8:
-            # float32 bounds, as the runtime holds them
-            bounds = ((0 - zero_point) * scale, (2**bits - 1 - zero_point) * scale)
-            x = g.op("Clip", x, *(_const(g, b) for b in bounds))
-        s, z = _const(g, scale), _const(g, zero_point, torch.uint8)
-        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, z), s, z)
+        codes, s, z = _quantize_linear(g, x, scale, zero_point, bits)
+        return g.op("DequantizeLinear", codes, s, z)
 
 
 def qdq(x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
@@ -104,8 +115,7 @@ class _SymmetricQDQ(torch.autograd.Function):
     def symbolic(g, x, scale, zero_point, bits, shift, signed):
         low = -128 if signed else 0
         if shift - zero_point != low or 2**bits - 1 - zero_point + shift != low + 255:
-            bounds = ((0 - zero_point) * scale, (2**bits - 1 - zero_point) * scale)
-            x = g.op("Clip", x, *(_const(g, b) for b in bounds))
+            x = _clip_to_codes(g, x, scale, zero_point, bits)
         s, container = _const(g, scale), torch.int8 if signed else torch.uint8
         codes = g.op("QuantizeLinear", x, s, _const(g, shift, container))
         return g.op("DequantizeLinear", codes, s, _const(g, 0, container))
@@ -149,7 +159,7 @@ class _BiasGemm(torch.autograd.Function):
         ctx, x, scale, zero_point, bits, codes, weight_scale, weight_zero_point, bias_codes, bias_unit
     ):
         rows = _QDQ.forward(ctx, x, scale, zero_point, bits).reshape(-1, codes.shape[0])
-        weight = (codes.float() - weight_zero_point.float()) * weight_scale
+        weight = _DequantizeWeight.forward(ctx, codes, weight_scale, weight_zero_point, 1)
         out = torch.addmm(bias_codes.double().mul(bias_unit.double()).float(), rows, weight)
         return out.reshape(*x.shape[:-1], codes.shape[1])
 
@@ -157,11 +167,7 @@ class _BiasGemm(torch.autograd.Function):
     def symbolic(
         g, x, scale, zero_point, bits, codes, weight_scale, weight_zero_point, bias_codes, bias_unit
     ):
-        if bits < 8:
-            bounds = ((0 - zero_point) * scale, (2**bits - 1 - zero_point) * scale)
-            x = g.op("Clip", x, *(_const(g, b) for b in bounds))
-        s, z = _const(g, scale), _const(g, zero_point, torch.uint8)
-        q = g.op("QuantizeLinear", x, s, z)
+        q, s, z = _quantize_linear(g, x, scale, zero_point, bits)
         # the leading dimensions from the codes, not from x: a second reader of x would keep
         # onnxruntime from moving the Q above the reshapes before it (attn @ v as QLinearMatMul)
         if g.opset >= 15:
