@@ -364,6 +364,40 @@ def test_8_bit_inputs_add_their_bias_inside_onnxruntimes_integer_gemm(tmp_path: 
     assert all(m.bias_codes is None for m in to_deploy(model).modules() if isinstance(m, DeployLinear))
 
 
+@pytest.mark.parametrize(("w_bits", "a_bits"), [(4, 4), (8, 4)])
+def test_4_bit_inputs_run_as_one_integer_kernel_with_the_float_bias(
+    w_bits: int, a_bits: int, tmp_path: Path
+) -> None:
+    """Below 8-bit inputs every Linear exports as onnxruntime's contrib MatMulIntegerToFloat of the
+    input's codes and the weight codes with the float bias (no rounding, no float Add after it),
+    and the file computes the simulation's function in onnxruntime."""
+    model, x = _vit()
+    dopq.quantize(model, x, dopq.get_preset("dopq", w_bits=w_bits, a_bits=a_bits), progress=False)
+    ops, simulated, runtime = _ops_and_agreement(model, x, tmp_path / "m.onnx")
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    inits = {i.name: i for i in graph.initializer}
+    products = [n for n in graph.node if n.op_type == "MatMulIntegerToFloat"]
+    linears = [m for m in to_deploy(model).modules() if isinstance(m, DeployLinear)]
+    assert len(products) == len(linears) == sum(isinstance(m, QuantLinear) for m in model.modules())
+    assert all(n.domain == "com.microsoft" and len(n.input) == 7 for n in products)
+    assert all(m.contrib_product and m.bias_codes is None for m in linears)
+    biases = {tuple(numpy_helper.to_array(inits[n.input[6]]).round(6).tolist()) for n in products}
+    assert {tuple(m.bias.numpy().round(6).tolist()) for m in linears} <= biases  # float biases, as they are
+    if w_bits == 4:  # the weight codes and zero points stored as INT4 behind a Cast to int8
+        casts = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Cast"}
+        packed = [inits[casts[n.input[slot]]] for n in products for slot in (1, 5)]
+        assert all(t.data_type == onnx.TensorProto.INT4 for t in packed)
+    # no constant added to a product afterwards (residual adds of two activations stay)
+    outputs = {n.output[0] for n in products}
+    constants = set(inits) | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    adds = [n for n in graph.node if n.op_type == "Add" and outputs & set(n.input)]
+    assert adds and not any(constants & set(n.input) for n in adds)
+    assert ops.get("MatMulIntegerToFloat", 0) >= len(linears), ops
+    _assert_same_function(runtime, simulated, 0.05)
+    openvino = to_deploy(model, target="openvino")
+    assert not any(m.contrib_product for m in openvino.modules() if isinstance(m, DeployLinear))
+
+
 def test_a_bias_whose_codes_do_not_fit_keeps_the_float_form() -> None:
     unit = torch.tensor([1e-3, 1e-3])
     assert _bias_codes(torch.tensor([0.25, -0.2504]), unit).tolist() == [250, -250]

@@ -35,6 +35,7 @@ from dopq.export.symbolic import (
     dequantize_weight,
     indexed_levels,
     int8_shift,
+    integer_linear,
     integer_matmul,
     log_levels,
     qdq,
@@ -273,7 +274,11 @@ class DeployLinear(nn.Module):
     a 4-bit activation network amplifies any change above float rounding (docs/export.md, "Agreement
     with the simulation"), and there it moved the next layers' 4-bit codes (DeiT-Tiny's W4/A4 export
     lost about a point against its simulation, with a unit 16 times finer too), so Linear layers with
-    inputs below 8 bits keep the float bias, and so does a bias whose codes would not fit.
+    inputs below 8 bits keep the float bias, and so does a bias whose codes would not fit. Those
+    export as onnxruntime's ``com.microsoft`` ``MatMulIntegerToFloat`` of the input's codes and the
+    weight codes with the float bias (:attr:`contrib_product`): one integer kernel with the bias
+    inside and the float form's function, where the QDQ form of a ``MatMul`` and an ``Add`` left a
+    float ``Add`` over the output (onnxruntime fuses a float bias only with run-time scales).
 
     In float64 (``dtype``) the product is ``integer_matmul`` of the input's uint8 codes and the
     weight codes, scaled by ``s_x * s_w`` per output channel.
@@ -301,21 +306,21 @@ class DeployLinear(nn.Module):
         self.register_buffer("bias", bias.to(dtype))
         if self.float64:
             self.register_buffer("product_scale", _product_scale(self.input_qdq, self.weight.scale))
+        integer_input = not self.float64 and not symmetric and isinstance(self.input_qdq, ActivationQDQ)
         codes = None
-        if (
-            not self.float64
-            and not symmetric
-            and isinstance(self.input_qdq, ActivationQDQ)
-            and self.input_qdq.bits >= INTEGER_BIAS_MIN_BITS
-        ):
+        if integer_input and self.input_qdq.bits >= INTEGER_BIAS_MIN_BITS:
             codes = _bias_codes(bias, _product_scale(self.input_qdq, self.weight.scale))
         self.register_buffer("bias_codes", codes)
+        self.contrib_product = integer_input and codes is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.float64:
             return _linear64(x, self.input_qdq, self.weight, self.product_scale) + self.bias
         if self.bias_codes is not None:
             return self._integer_bias_gemm(x)
+        if self.contrib_product:
+            q, w = self.input_qdq, self.weight
+            return integer_linear(x, q.scale, q.zero_point, q.bits, w.codes, w.scale, w.zero_point, self.bias)
         x = self.input_qdq(x)
         if not (symmetric_weights(self.weight) and isinstance(self.input_qdq, ActivationQDQ)):
             return torch.matmul(x, self.weight()) + self.bias

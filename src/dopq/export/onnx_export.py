@@ -36,6 +36,7 @@ from dopq.errors import ExportError
 from dopq.export.deploy import WeightCodes, to_deploy
 from dopq.export.qdq_placement import hoist_qdq, merge_split_qdq
 from dopq.export.qkv_scale import share_qkv_scales
+from dopq.export.symbolic import CONTRIB_DOMAIN
 from dopq.files import atomic_path, check_output_path
 from dopq.models import example_input
 
@@ -102,6 +103,8 @@ def _weight_slots(node: Any, inits: dict[str, Any]) -> tuple[int, ...]:
         slots: tuple[int, ...] = (0, 2) if len(node.input) > 2 else (0,)
     elif node.op_type == "MatMulInteger":
         slots = (1, 3)
+    elif node.op_type == "MatMulIntegerToFloat":  # com.microsoft: (a, b, a_scale, b_scale, a_zp, b_zp, bias)
+        slots = (1, 5)
     elif node.op_type == "Sub":  # codes minus zero points, centred by the graph (openvino form)
         slots = (0, 1)
     else:
@@ -275,6 +278,7 @@ def export_onnx(
                 input_names=["images"],
                 output_names=["logits"],
                 dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                custom_opsets={CONTRIB_DOMAIN: 1},
             )
         graph = onnx.load(str(tmp))
         if target == "openvino":

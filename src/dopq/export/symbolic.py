@@ -21,6 +21,11 @@ checked against the simulation without onnxruntime); each ``symbolic`` emits sta
 * ``log_levels`` / ``tan_levels``: the same codes from the families' closed forms (``Log``/``Exp``,
   ``Tan``/``Atan``), for tables too large to count (above ``COUNTED_LEVELS_MAX_BITS``);
   ``threshold_levels``: any table, by a ``Where`` per threshold (float64 reference form).
+* ``bias_gemm``: ``Q -> Reshape -> DQ -> Gemm(DQ(W), DQ(int32 bias codes)) -> Reshape``, a Linear
+  with its bias inside the integer product (onnxruntime's ``QGemm``, standard ops).
+* ``integer_linear``: ``[Clip] -> QuantizeLinear`` and one ``com.microsoft`` ``MatMulIntegerToFloat``
+  of the codes and the weight codes with the float bias: the Linear form onnxruntime's QDQ fusions
+  cannot reach (they fuse a float bias only with a scale computed at run time).
 * ``symmetric_qdq``: ``[Clip] -> QuantizeLinear -> DequantizeLinear`` whose dequantization has zero
   point 0 (the codes shifted into an int8 or uint8 container): an operand of a product of two
   activations in the form OpenVINO's integer MatMul needs; the caller removes the shift's share.
@@ -41,11 +46,13 @@ import math
 import torch
 
 __all__ = [
+    "CONTRIB_DOMAIN",
     "bias_gemm",
     "counted_levels",
     "dequantize_weight",
     "indexed_levels",
     "int8_shift",
+    "integer_linear",
     "integer_matmul",
     "log_levels",
     "qdq",
@@ -56,6 +63,7 @@ __all__ = [
 ]
 
 _ONNX_FLOAT, _ONNX_UINT8, _ONNX_INT32, _ONNX_INT64, _ONNX_DOUBLE = 1, 2, 6, 7, 11  # onnx.TensorProto types
+CONTRIB_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops (OpenVINO's ONNX reader takes this one too)
 
 
 def _const(g, value: float | int | torch.Tensor, dtype: torch.dtype = torch.float32):
@@ -200,6 +208,41 @@ def bias_gemm(
     return _BiasGemm.apply(
         x, scale, zero_point, bits, codes, weight_scale, weight_zero_point, bias_codes, bias_unit
     )
+
+
+class _IntegerLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, bits, codes, weight_scale, weight_zero_point, bias):
+        weight = _DequantizeWeight.forward(ctx, codes, weight_scale, weight_zero_point, 1)
+        return torch.matmul(_QDQ.forward(ctx, x, scale, zero_point, bits), weight) + bias
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point, bits, codes, weight_scale, weight_zero_point, bias):
+        q, s, z = _quantize_linear(g, x, scale, zero_point, bits)
+        out = g.op(
+            f"{CONTRIB_DOMAIN}::MatMulIntegerToFloat", q, codes, s, weight_scale, z, weight_zero_point, bias
+        )
+        # the output's type, which the exporter cannot infer for a contrib op
+        sizes = x.type().varyingSizes()
+        if sizes is not None:
+            out.setType(x.type().with_sizes([*sizes[:-1], codes.type().sizes()[1]]))
+        return out
+
+
+def integer_linear(
+    x: torch.Tensor,
+    scale: float,
+    zero_point: int,
+    bits: int,
+    codes: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_zero_point: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:
+    """``qdq(x) @ W + b`` as ``[Clip] -> QuantizeLinear -> MatMulIntegerToFloat(codes, W codes,
+    s_x, s_w, z_x, z_w, b)`` (``com.microsoft``): the integer product of the codes, scaled once per
+    output channel, with the float bias added by the same kernel (W stored ``(in, out)``)."""
+    return _IntegerLinear.apply(x, scale, zero_point, bits, codes, weight_scale, weight_zero_point, bias)
 
 
 class _LogLevels(torch.autograd.Function):
