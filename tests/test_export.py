@@ -24,7 +24,7 @@ from dopq.errors import ExportError
 from dopq.export import INTEGER_OPS, OnnxModel, export_onnx, optimized_op_counts, read_metadata, to_deploy
 from dopq.export.deploy import BIAS_CODE_LIMIT, DeployLinear, SoftmaxLevels, _bias_codes
 from dopq.export.runtime import inexact_here, onnx_metadata
-from dopq.export.symbolic import qdq
+from dopq.export.symbolic import integer_linear, qdq
 from dopq.modules import QuantConv2d, QuantLinear, QuantMatMul, float64_copy
 from dopq.quantizers import LevelQuantizer, PerTensor, UniformQuantizer, build_quantizer
 from dopq.serialize import load_quantized, pack_codes, save_quantized, unpack_codes
@@ -62,6 +62,32 @@ def test_exported_activation_codes_equal_the_simulated_ones(bits: int, tmp_path:
     # 0.0 is a level and the zero point a code of the b-bit range
     assert 0 <= int(q.zero_point) <= 2**bits - 1
     assert float(q(torch.zeros(1))) == 0.0
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_integer_linear_sees_the_simulated_codes(bits: int, tmp_path: Path) -> None:
+    """The contrib MatMulIntegerToFloat's input codes (uint8 codes clipped to the b-bit range) are
+    the simulated ones: through an identity weight with scale 1 the output is ``qdq(x)`` exactly."""
+    q = UniformQuantizer(bits, PerTensor())
+    q.observing = True
+    x = torch.randn(512, 8) * 3 + 0.5
+    simulated = q(x)
+    scale, zero_point = float(q.scale), int(q.zero_point)
+    eye, ones, zeros = torch.eye(8, dtype=torch.int8), torch.ones(8), torch.zeros(8, dtype=torch.int8)
+    linear = _Wrap(lambda t: integer_linear(t, scale, zero_point, bits, eye, ones, zeros, torch.zeros(8)))
+    assert torch.equal(linear(x), simulated)
+    path = tmp_path / "l.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            linear, (x,), str(path), dynamo=False, opset_version=21, input_names=["x"],
+            custom_opsets={"com.microsoft": 1},
+        )  # fmt: skip
+    import onnxruntime as ort
+
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    assert {n.op_type for n in onnx.load(str(path)).graph.node} >= {"MatMulIntegerToFloat", "QuantizeLinear"}
+    assert torch.equal(torch.from_numpy(out), simulated)
 
 
 def _calibrated_softmax_quantizer(
@@ -381,6 +407,13 @@ def test_4_bit_inputs_run_as_one_integer_kernel_with_the_float_bias(
     assert len(products) == len(linears) == sum(isinstance(m, QuantLinear) for m in model.modules())
     assert all(n.domain == "com.microsoft" and len(n.input) == 7 for n in products)
     assert all(m.contrib_product and m.bias_codes is None for m in linears)
+    # the 4-bit range clipped on the uint8 codes after the QuantizeLinear, not on the float input
+    producer = {o: n for n in graph.node for o in n.output}
+    for product in products:
+        clip = producer[product.input[0]]
+        assert clip.op_type == "Clip" and producer[clip.input[0]].op_type == "QuantizeLinear"
+        bounds = [int(numpy_helper.to_array(producer[b].attribute[0].t)) for b in clip.input[1:]]
+        assert bounds == [0, 15]
     biases = {tuple(numpy_helper.to_array(inits[n.input[6]]).round(6).tolist()) for n in products}
     assert {tuple(m.bias.numpy().round(6).tolist()) for m in linears} <= biases  # float biases, as they are
     if w_bits == 4:  # the weight codes and zero points stored as INT4 behind a Cast to int8

@@ -23,9 +23,11 @@ checked against the simulation without onnxruntime); each ``symbolic`` emits sta
   ``threshold_levels``: any table, by a ``Where`` per threshold (float64 reference form).
 * ``bias_gemm``: ``Q -> Reshape -> DQ -> Gemm(DQ(W), DQ(int32 bias codes)) -> Reshape``, a Linear
   with its bias inside the integer product (onnxruntime's ``QGemm``, standard ops).
-* ``integer_linear``: ``[Clip] -> QuantizeLinear`` and one ``com.microsoft`` ``MatMulIntegerToFloat``
-  of the codes and the weight codes with the float bias: the Linear form onnxruntime's QDQ fusions
-  cannot reach (they fuse a float bias only with a scale computed at run time).
+* ``integer_linear``: ``QuantizeLinear -> [Clip]`` (below 8 bits the uint8 codes clipped to the
+  b-bit range: the same codes as clipping the float input first, from a pass over a quarter of the
+  bytes) and one ``com.microsoft`` ``MatMulIntegerToFloat`` of the codes and the weight codes with
+  the float bias: the Linear form onnxruntime's QDQ fusions cannot reach (they fuse a float bias
+  only with a scale computed at run time).
 * ``symmetric_qdq``: ``[Clip] -> QuantizeLinear -> DequantizeLinear`` whose dequantization has zero
   point 0 (the codes shifted into an int8 or uint8 container): an operand of a product of two
   activations in the form OpenVINO's integer MatMul needs; the caller removes the shift's share.
@@ -218,7 +220,10 @@ class _IntegerLinear(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, scale, zero_point, bits, codes, weight_scale, weight_zero_point, bias):
-        q, s, z = _quantize_linear(g, x, scale, zero_point, bits)
+        s, z = _const(g, scale), _const(g, zero_point, torch.uint8)
+        q = g.op("QuantizeLinear", x, s, z)
+        if bits < 8:  # the b-bit range clipped on the uint8 codes: a quarter of a float Clip's bytes
+            q = g.op("Clip", q, _const(g, 0, torch.uint8), _const(g, 2**bits - 1, torch.uint8))
         out = g.op(
             f"{CONTRIB_DOMAIN}::MatMulIntegerToFloat", q, codes, s, weight_scale, z, weight_zero_point, bias
         )
@@ -239,7 +244,7 @@ def integer_linear(
     weight_zero_point: torch.Tensor,
     bias: torch.Tensor,
 ) -> torch.Tensor:
-    """``qdq(x) @ W + b`` as ``[Clip] -> QuantizeLinear -> MatMulIntegerToFloat(codes, W codes,
+    """``qdq(x) @ W + b`` as ``QuantizeLinear -> [Clip] -> MatMulIntegerToFloat(codes, W codes,
     s_x, s_w, z_x, z_w, b)`` (``com.microsoft``): the integer product of the codes, scaled once per
     output channel, with the float bias added by the same kernel (W stored ``(in, out)``)."""
     return _IntegerLinear.apply(x, scale, zero_point, bits, codes, weight_scale, weight_zero_point, bias)
