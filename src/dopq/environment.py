@@ -64,6 +64,9 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+RESULTS_PATHSPEC = "benchmarks/results"  # where benchmarks write their JSON, inside the checkout
+
+
 def git_revision() -> dict[str, Any] | None:
     """The dopq checkout's commit and whether its tree has uncommitted changes (None outside git)."""
     here = Path(__file__).resolve().parent
@@ -77,7 +80,9 @@ def git_revision() -> dict[str, Any] | None:
         top = Path(git("rev-parse", "--show-toplevel")).resolve()
         if here != top / "src" / "dopq":  # an installed copy inside some other repository
             return None
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+        # results files (written by the run being recorded, or by an earlier one) are not code
+        changes = git("status", "--porcelain", "--", str(top), f":(exclude){top / RESULTS_PATHSPEC}")
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changes)}
     except (OSError, subprocess.SubprocessError):
         return None
 
