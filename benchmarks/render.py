@@ -560,6 +560,15 @@ _DEPLOY_NOTES = {  # what a suffixed deploy run measured, beside its presets
     "deploy_runtimes_xeon_amx_qgemm_swin_timing": ", Swin-Tiny, the recommended preset at every width, the onnxruntime "
     "form's Linear layers with 8-bit inputs as QGemm with int32 biases, timing again with 11 repeats, on a second "
     "Intel Xeon with VNNI and AMX",
+    "deploy_runtimes_xeon_amx_contrib": ", the recommended preset at every width, the onnxruntime form's Linear "
+    "layers with 4-bit inputs as onnxruntime's MatMulIntegerToFloat with the float bias, on a second Intel Xeon with "
+    "VNNI and AMX",
+    "deploy_runtimes_xeon_amx_contrib_swin": ", Swin-Tiny, the recommended preset at every width, the onnxruntime "
+    "form's Linear layers with 4-bit inputs as onnxruntime's MatMulIntegerToFloat with the float bias, on a second "
+    "Intel Xeon with VNNI and AMX",
+    "deploy_runtimes_xeon_amx_contrib_timing": ", the recommended preset at every width, the onnxruntime form's "
+    "Linear layers with 4-bit inputs as onnxruntime's MatMulIntegerToFloat with the float bias, timing again with 11 "
+    "repeats, on a second Intel Xeon with VNNI and AMX",
 }
 
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from dopq.config import FLOAT_DTYPES
 from dopq.errors import ExportError
-from dopq.export.deploy import WeightCodes, to_deploy
+from dopq.export.deploy import DeployLinear, WeightCodes, to_deploy
 from dopq.export.qdq_placement import hoist_qdq, merge_split_qdq
 from dopq.export.qkv_scale import share_qkv_scales
 from dopq.export.symbolic import CONTRIB_DOMAIN
@@ -278,7 +278,7 @@ def export_onnx(
                 input_names=["images"],
                 output_names=["logits"],
                 dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-                custom_opsets={CONTRIB_DOMAIN: 1},
+                custom_opsets=_contrib_opsets(deploy),
             )
         graph = onnx.load(str(tmp))
         if target == "openvino":
@@ -299,6 +299,13 @@ def export_onnx(
     return ExportReport(
         str(path), path.stat().st_size, opset, storage, integer_levels, seconds, float_dtype, target
     )
+
+
+def _contrib_opsets(deploy: nn.Module) -> dict[str, int]:
+    """onnxruntime's contrib domain where a Linear exports as its ``MatMulIntegerToFloat``; none
+    otherwise (the file stays standard ONNX, and the exporter warns of a domain it does not use)."""
+    used = any(isinstance(m, DeployLinear) and m.contrib_product for m in deploy.modules())
+    return {CONTRIB_DOMAIN: 1} if used else {}
 
 
 def _weight_storage(deploy: nn.Module, packed: bool) -> str:
