@@ -50,14 +50,17 @@ class _Wrap(nn.Module):
         return self.fn(x)
 
 
+@pytest.mark.parametrize("clip_codes", [False, True], ids=["float-clip", "code-clip"])
 @pytest.mark.parametrize("bits", range(2, 9))
-def test_exported_activation_codes_equal_the_simulated_ones(bits: int, tmp_path: Path) -> None:
+def test_exported_activation_codes_equal_the_simulated_ones(
+    bits: int, clip_codes: bool, tmp_path: Path
+) -> None:
     q = UniformQuantizer(bits, PerTensor())
     q.observing = True
     x = torch.randn(4096) * 3 + 0.5
     simulated = q(x)
     scale, zero_point = float(q.scale), int(q.zero_point)
-    out = _export_module(_Wrap(lambda t: qdq(t, scale, zero_point, bits)), x, tmp_path / "q.onnx")
+    out = _export_module(_Wrap(lambda t: qdq(t, scale, zero_point, bits, clip_codes)), x, tmp_path / "q.onnx")
     assert torch.equal(torch.from_numpy(out), simulated)
     # 0.0 is a level and the zero point a code of the b-bit range
     assert 0 <= int(q.zero_point) <= 2**bits - 1
@@ -407,13 +410,15 @@ def test_4_bit_inputs_run_as_one_integer_kernel_with_the_float_bias(
     assert len(products) == len(linears) == sum(isinstance(m, QuantLinear) for m in model.modules())
     assert all(n.domain == "com.microsoft" and len(n.input) == 7 for n in products)
     assert all(m.contrib_product and m.bias_codes is None for m in linears)
-    # the 4-bit range clipped on the uint8 codes after the QuantizeLinear, not on the float input
+    # the 4-bit range clipped on the uint8 codes after each QuantizeLinear, not on the float input
     producer = {o: n for n in graph.node for o in n.output}
     for product in products:
         clip = producer[product.input[0]]
         assert clip.op_type == "Clip" and producer[clip.input[0]].op_type == "QuantizeLinear"
         bounds = [int(numpy_helper.to_array(producer[b].attribute[0].t)) for b in clip.input[1:]]
         assert bounds == [0, 15]
+    quantize = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert not any(n.input[0] in producer and producer[n.input[0]].op_type == "Clip" for n in quantize)
     biases = {tuple(numpy_helper.to_array(inits[n.input[6]]).round(6).tolist()) for n in products}
     assert {tuple(m.bias.numpy().round(6).tolist()) for m in linears} <= biases  # float biases, as they are
     if w_bits == 4:  # the weight codes and zero points stored as INT4 behind a Cast to int8

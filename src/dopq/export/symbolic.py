@@ -5,7 +5,9 @@ checked against the simulation without onnxruntime); each ``symbolic`` emits sta
 
 * ``qdq``: ``[Clip] -> QuantizeLinear -> DequantizeLinear`` with a uint8 container. Below 8 bits the
   float ``Clip`` to ``[(0 - z) s, (2^b - 1 - z) s]`` keeps the codes inside the b-bit range, so the
-  exported codes equal the simulated ``clamp(round(x / s) + z, 0, 2^b - 1)``.
+  exported codes equal the simulated ``clamp(round(x / s) + z, 0, 2^b - 1)``; for onnxruntime
+  (``clip_codes``) the uint8 codes are clipped to ``[0, 2^b - 1]`` after the ``QuantizeLinear``
+  instead: the same codes from a pass over a quarter of the bytes.
 * ``dequantize_weight``: ``DequantizeLinear`` of a constant integer initializer, per output channel.
 * ``counted_levels``: the level value of a post-Softmax (table) quantizer, its code counted as the
   number of the quantizer's own decision points strictly below ``x`` (``Greater -> Cast -> Add`` per
@@ -87,23 +89,38 @@ def _quantize_linear(g, x, scale: float, zero_point: int, bits: int):
     return g.op("QuantizeLinear", x, s, z), s, z
 
 
+def _quantize_then_clip(g, x, scale: float, zero_point: int, bits: int):
+    """``QuantizeLinear -> [Clip]``: below 8 bits the uint8 codes clipped to ``[0, 2^b - 1]``, the
+    codes of ``_quantize_linear`` (the container saturates at 0 and 255 first) from a pass over a
+    quarter of the bytes. onnxruntime fuses a ``DequantizeLinear`` of them into its integer kernels
+    as it does one of a ``QuantizeLinear``."""
+    s, z = _const(g, scale), _const(g, zero_point, torch.uint8)
+    codes = g.op("QuantizeLinear", x, s, z)
+    if bits < 8:
+        codes = g.op("Clip", codes, _const(g, 0, torch.uint8), _const(g, 2**bits - 1, torch.uint8))
+    return codes, s, z
+
+
 class _QDQ(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, zero_point, bits):
+    def forward(ctx, x, scale, zero_point, bits, clip_codes=False):
         codes = torch.round(x / scale)
         if zero_point:  # no "+ 0": the TorchScript tracer's peephole pass would drop it and fail
             return (torch.clamp(codes + zero_point, 0, 2**bits - 1) - zero_point) * scale
         return torch.clamp(codes, 0, 2**bits - 1) * scale
 
     @staticmethod
-    def symbolic(g, x, scale, zero_point, bits):
-        codes, s, z = _quantize_linear(g, x, scale, zero_point, bits)
+    def symbolic(g, x, scale, zero_point, bits, clip_codes=False):
+        quantize = _quantize_then_clip if clip_codes else _quantize_linear
+        codes, s, z = quantize(g, x, scale, zero_point, bits)
         return g.op("DequantizeLinear", codes, s, z)
 
 
-def qdq(x: torch.Tensor, scale: float, zero_point: int, bits: int) -> torch.Tensor:
-    """Per-tensor uniform quantize-dequantize with a uint8 container (``0 <= zero_point < 2^bits``)."""
-    return _QDQ.apply(x, scale, zero_point, bits)
+def qdq(x: torch.Tensor, scale: float, zero_point: int, bits: int, clip_codes: bool = False) -> torch.Tensor:
+    """Per-tensor uniform quantize-dequantize with a uint8 container (``0 <= zero_point < 2^bits``).
+    Below 8 bits the graph clips the float input to the b-bit range before ``QuantizeLinear``, or,
+    with ``clip_codes`` (onnxruntime), the uint8 codes after it: the same codes either way."""
+    return _QDQ.apply(x, scale, zero_point, bits, clip_codes)
 
 
 def int8_shift(zero_point: int, bits: int) -> int:
@@ -220,10 +237,7 @@ class _IntegerLinear(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, scale, zero_point, bits, codes, weight_scale, weight_zero_point, bias):
-        s, z = _const(g, scale), _const(g, zero_point, torch.uint8)
-        q = g.op("QuantizeLinear", x, s, z)
-        if bits < 8:  # the b-bit range clipped on the uint8 codes: a quarter of a float Clip's bytes
-            q = g.op("Clip", q, _const(g, 0, torch.uint8), _const(g, 2**bits - 1, torch.uint8))
+        q, s, z = _quantize_then_clip(g, x, scale, zero_point, bits)
         out = g.op(
             f"{CONTRIB_DOMAIN}::MatMulIntegerToFloat", q, codes, s, weight_scale, z, weight_zero_point, bias
         )
