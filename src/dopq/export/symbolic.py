@@ -1,7 +1,8 @@
 """Quantization steps as autograd Functions whose ONNX ``symbolic`` is the integer-friendly form.
 
 Each ``forward`` computes in torch exactly what the ONNX ops compute (so a deploy model can be
-checked against the simulation without onnxruntime); each ``symbolic`` emits standard ONNX ops:
+checked against the simulation without onnxruntime); each ``symbolic`` emits standard ONNX ops
+(``integer_linear`` adds onnxruntime's ``com.microsoft`` ``MatMulIntegerToFloat``):
 
 * ``qdq``: ``[Clip] -> QuantizeLinear -> DequantizeLinear`` with a uint8 container. Below 8 bits the
   float ``Clip`` to ``[(0 - z) s, (2^b - 1 - z) s]`` keeps the codes inside the b-bit range, so the
