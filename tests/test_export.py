@@ -30,11 +30,13 @@ from dopq.quantizers import LevelQuantizer, PerTensor, UniformQuantizer, build_q
 from dopq.serialize import load_quantized, pack_codes, save_quantized, unpack_codes
 
 
-def _export_module(module: nn.Module, x: torch.Tensor, path: Path) -> np.ndarray:
+def _export_module(module: nn.Module, x: torch.Tensor, path: Path, **export_kw) -> np.ndarray:
     """Export a small module with the TorchScript exporter and run it with onnxruntime."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
-        torch.onnx.export(module, (x,), str(path), dynamo=False, opset_version=21, input_names=["x"])
+        torch.onnx.export(
+            module, (x,), str(path), dynamo=False, opset_version=21, input_names=["x"], **export_kw
+        )
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -80,15 +82,7 @@ def test_integer_linear_sees_the_simulated_codes(bits: int, tmp_path: Path) -> N
     linear = _Wrap(lambda t: integer_linear(t, scale, zero_point, bits, eye, ones, zeros, torch.zeros(8)))
     assert torch.equal(linear(x), simulated)
     path = tmp_path / "l.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            linear, (x,), str(path), dynamo=False, opset_version=21, input_names=["x"],
-            custom_opsets={"com.microsoft": 1},
-        )  # fmt: skip
-    import onnxruntime as ort
-
-    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    out = _export_module(linear, x, path, custom_opsets={"com.microsoft": 1})
     assert {n.op_type for n in onnx.load(str(path)).graph.node} >= {"MatMulIntegerToFloat", "QuantizeLinear"}
     assert torch.equal(torch.from_numpy(out), simulated)
 

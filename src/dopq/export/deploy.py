@@ -318,10 +318,9 @@ class DeployLinear(nn.Module):
         if self.float64:
             return _linear64(x, self.input_qdq, self.weight, self.product_scale) + self.bias
         if self.bias_codes is not None:
-            return self._integer_bias_gemm(x)
+            return bias_gemm(x, *self._integer_operands(), self.bias_codes, self.bias_unit)
         if self.contrib_product:
-            q, w = self.input_qdq, self.weight
-            return integer_linear(x, q.scale, q.zero_point, q.bits, w.codes, w.scale, w.zero_point, self.bias)
+            return integer_linear(x, *self._integer_operands(), self.bias)
         x = self.input_qdq(x)
         if not (symmetric_weights(self.weight) and isinstance(self.input_qdq, ActivationQDQ)):
             return torch.matmul(x, self.weight()) + self.bias
@@ -330,11 +329,11 @@ class DeployLinear(nn.Module):
         product = torch.matmul(x, self.weight.symmetric()) - _row_sums(x) * self.weight.offset
         return product + self.bias  # the bias last: onnxruntime fuses it into BiasGelu
 
-    def _integer_bias_gemm(self, x: torch.Tensor) -> torch.Tensor:
+    def _integer_operands(self) -> tuple:
+        """The input's quantization and the weight codes, as the integer products take them:
+        ``(s_x, z_x, bits, W codes, s_w, z_w)``."""
         q, w = self.input_qdq, self.weight
-        return bias_gemm(
-            x, q.scale, q.zero_point, q.bits, w.codes, w.scale, w.zero_point, self.bias_codes, self.bias_unit
-        )
+        return q.scale, q.zero_point, q.bits, w.codes, w.scale, w.zero_point
 
     @property
     def bias_unit(self) -> torch.Tensor:

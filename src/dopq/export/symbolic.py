@@ -82,22 +82,19 @@ def _clip_to_codes(g, x, scale: float, zero_point: int, bits: int):
     return g.op("Clip", x, *(_const(g, b) for b in bounds))
 
 
-def _quantize_linear(g, x, scale: float, zero_point: int, bits: int):
-    """``[Clip] -> QuantizeLinear`` to b-bit codes in uint8, with the scale and zero-point constants."""
-    if bits < 8:
+def _quantize_linear(g, x, scale: float, zero_point: int, bits: int, clip_codes: bool = False):
+    """``QuantizeLinear`` to b-bit codes in uint8, with the scale and zero-point constants. Below 8
+    bits the b-bit range is clipped on the float input before it (``Clip`` to the range's values)
+    or, with ``clip_codes``, on the uint8 codes after it (``Clip`` to ``[0, 2^b - 1]``): the same
+    codes, since the container saturates at 0 and 255 first, from a pass over a quarter of the
+    bytes. onnxruntime fuses a ``DequantizeLinear`` of clipped codes into its integer kernels as it
+    does one of a ``QuantizeLinear``; OpenVINO takes the float ``Clip`` into its quantization."""
+    clip = bits < 8
+    if clip and not clip_codes:
         x = _clip_to_codes(g, x, scale, zero_point, bits)
     s, z = _const(g, scale), _const(g, zero_point, torch.uint8)
-    return g.op("QuantizeLinear", x, s, z), s, z
-
-
-def _quantize_then_clip(g, x, scale: float, zero_point: int, bits: int):
-    """``QuantizeLinear -> [Clip]``: below 8 bits the uint8 codes clipped to ``[0, 2^b - 1]``, the
-    codes of ``_quantize_linear`` (the container saturates at 0 and 255 first) from a pass over a
-    quarter of the bytes. onnxruntime fuses a ``DequantizeLinear`` of them into its integer kernels
-    as it does one of a ``QuantizeLinear``."""
-    s, z = _const(g, scale), _const(g, zero_point, torch.uint8)
     codes = g.op("QuantizeLinear", x, s, z)
-    if bits < 8:
+    if clip and clip_codes:
         codes = g.op("Clip", codes, _const(g, 0, torch.uint8), _const(g, 2**bits - 1, torch.uint8))
     return codes, s, z
 
@@ -112,8 +109,7 @@ class _QDQ(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, scale, zero_point, bits, clip_codes=False):
-        quantize = _quantize_then_clip if clip_codes else _quantize_linear
-        codes, s, z = quantize(g, x, scale, zero_point, bits)
+        codes, s, z = _quantize_linear(g, x, scale, zero_point, bits, clip_codes)
         return g.op("DequantizeLinear", codes, s, z)
 
 
@@ -238,7 +234,7 @@ class _IntegerLinear(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, scale, zero_point, bits, codes, weight_scale, weight_zero_point, bias):
-        q, s, z = _quantize_then_clip(g, x, scale, zero_point, bits)
+        q, s, z = _quantize_linear(g, x, scale, zero_point, bits, clip_codes=True)
         out = g.op(
             f"{CONTRIB_DOMAIN}::MatMulIntegerToFloat", q, codes, s, weight_scale, z, weight_zero_point, bias
         )
