@@ -23,7 +23,7 @@ from dopq.cli import main
 from dopq.errors import ExportError
 from dopq.export import INTEGER_OPS, OnnxModel, export_onnx, optimized_op_counts, read_metadata, to_deploy
 from dopq.export.deploy import BIAS_CODE_LIMIT, DeployLinear, SoftmaxLevels, _bias_codes
-from dopq.export.runtime import inexact_here, onnx_metadata
+from dopq.export.runtime import inexact_here, onnx_metadata, optimized_graph
 from dopq.export.symbolic import integer_linear, qdq
 from dopq.modules import QuantConv2d, QuantLinear, QuantMatMul, float64_copy
 from dopq.quantizers import LevelQuantizer, PerTensor, UniformQuantizer, build_quantizer
@@ -158,6 +158,45 @@ def test_grid_softmax_codes_are_one_table_read_and_the_simulated_ones(
     ops = {n.op_type for n in onnx.load(str(tmp_path / "s.onnx")).graph.node}
     assert "GatherElements" in ops and not ops & {"Greater", "Tan", "Atan", "Log", "Exp"}
     assert SoftmaxLevels(q, "openvino").kind == "counted"
+
+
+@pytest.mark.parametrize(
+    ("opset", "code_type"),
+    [(21, onnx.TensorProto.UINT4), (17, onnx.TensorProto.UINT8)],
+    ids=["opset21", "opset17"],
+)
+def test_softmax_cell_tables_are_stored_as_codes_and_folded_at_load(
+    opset: int, code_type: int, tmp_path: Path
+) -> None:
+    """Each attention's 2^16 + 1 cell levels are stored as a code per cell (UINT4 from opset 21, else
+    uint8) and the levels, so a 4-bit model's file is not a float table per attention module: the
+    table read back is the quantizer's (level of each cell's code), and onnxruntime folds the
+    ``Cast -> Gather`` when it loads, so the map still costs one table read per element."""
+    model, x = _vit()
+    dopq.quantize(model, x, dopq.get_preset("dopq", w_bits=4, a_bits=4), progress=False)
+    report = export_onnx(model, tmp_path / "m.onnx", opset=opset)
+    graph = onnx.load(report.path).graph
+    inits = {i.name: i for i in graph.initializer}
+    made_by = {o: n for n in graph.node for o in n.output}
+    assert not [
+        i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) > 2**16
+    ]
+    reads = [n for n in graph.node if n.op_type == "GatherElements"]
+    quantizers = [m.quantizer_a for m in model.modules() if isinstance(m, QuantMatMul)]
+    tables = [q.lookup_table().float()[q.code_grid()[1]] for q in quantizers if isinstance(q, LevelQuantizer)]
+    assert len(reads) == len(tables) > 0
+    for read, table in zip(reads, tables, strict=True):
+        gather = made_by[read.input[0]]
+        cast = made_by[gather.input[1]]
+        assert gather.op_type == "Gather" and cast.op_type == "Cast"
+        codes, levels = inits[cast.input[0]], inits[gather.input[0]]
+        assert codes.data_type == code_type and list(codes.dims) == [2**16 + 1]
+        stored = numpy_helper.to_array(levels)[numpy_helper.to_array(codes).astype(np.int64)]
+        assert torch.equal(torch.from_numpy(stored), table)
+    folded = optimized_graph(report.path).graph
+    folded_inits = {i.name for i in folded.initializer}
+    reads = [n for n in folded.node if n.op_type == "GatherElements"]
+    assert len(reads) == len(tables) and all(n.input[0] in folded_inits for n in reads)
 
 
 def test_openvino_runs_the_counted_softmax_codes_exactly(tmp_path: Path) -> None:

@@ -150,6 +150,49 @@ def _pack_int4_weights(model: Any) -> int:
     return packed
 
 
+def _factor_level_tables(model: Any, opset: int) -> int:
+    """Store each post-Softmax cell table (the float ``GatherElements`` data of ``indexed_levels``,
+    2^16 + 1 levels at the default grid) as its distinct levels and one code per cell (uint8, or UINT4
+    from opset 21 where the codes fit), read back by ``Cast -> Gather``, which the runtime folds into
+    the float table when it loads the model: the same table from a quarter (an eighth) of the bytes.
+    Returns how many tables were factored."""
+    import ml_dtypes
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = _initializers(graph)
+    factored, nodes = 0, []
+    for node in graph.node:
+        init = inits.get(node.input[0]) if node.op_type == "GatherElements" else None
+        if init is not None and init.data_type == onnx.TensorProto.FLOAT:
+            table = numpy_helper.to_array(init)
+            levels, codes = np.unique(table, return_inverse=True)
+            if len(levels) <= 256 and table.size >= 4 * len(levels):
+                code_type = ml_dtypes.uint4 if opset >= INT4_OPSET and len(levels) <= 16 else np.uint8
+                name = init.name
+                graph.initializer.extend([
+                    numpy_helper.from_array(levels.astype(np.float32), f"{name}_levels"),
+                    numpy_helper.from_array(codes.reshape(table.shape).astype(code_type), f"{name}_codes"),
+                ])  # fmt: skip
+                nodes.append(
+                    onnx.helper.make_node(
+                        "Cast", [f"{name}_codes"], [f"{name}_index"], to=onnx.TensorProto.INT32
+                    )
+                )
+                nodes.append(
+                    onnx.helper.make_node(
+                        "Gather", [f"{name}_levels", f"{name}_index"], [f"{name}_table"], axis=0
+                    )
+                )
+                node.input[0] = f"{name}_table"
+                factored += 1
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return factored
+
+
 def _fits_int8(array: np.ndarray) -> bool:
     return int(array.min()) >= -128 and int(array.max()) <= 127
 
@@ -286,6 +329,7 @@ def export_onnx(
             merge_split_qdq(graph)
             hoist_qdq(graph)
         packed = _pack_int4_weights(graph) if opset >= INT4_OPSET else 0
+        _factor_level_tables(graph, opset)
         _drop_unused_initializers(graph)
         storage = _weight_storage(deploy, packed=packed > 0)
         own = {**_model_metadata(model, integer_levels, dtype), "target": target, "weight_storage": storage}

@@ -24,6 +24,7 @@ __all__ = [
     "inexact_here",
     "load_runtime",
     "onnx_metadata",
+    "optimized_graph",
     "optimized_op_counts",
     "read_metadata",
     "require_onnxruntime",
@@ -163,14 +164,18 @@ _X86 = ("x86_64", "amd64", "i686", "i386")
 _VNNI = {"avx512_vnni", "avx_vnni", "amx_int8"}
 
 
-def optimized_op_counts(path: str | Path, threads: int | None = 1) -> Counter[str]:
-    """Op types (with their counts) of the graph onnxruntime actually runs after its optimizations."""
+def optimized_graph(path: str | Path, threads: int | None = 1) -> Any:
+    """The model onnxruntime actually runs after its optimizations (an ``onnx.ModelProto``)."""
     onnx = __import__("onnx")
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "optimized.onnx")
         _session(path, threads, out)
-        graph = onnx.load(out)
-    return Counter(node.op_type for node in graph.graph.node)
+        return onnx.load(out)
+
+
+def optimized_op_counts(path: str | Path, threads: int | None = 1) -> Counter[str]:
+    """Op types (with their counts) of the graph onnxruntime actually runs after its optimizations."""
+    return Counter(node.op_type for node in optimized_graph(path, threads).graph.node)
 
 
 class OnnxModel(nn.Module):
