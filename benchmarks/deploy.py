@@ -10,10 +10,12 @@ same 32 calibration images) is the peer row at W8/A8.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import copy
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -62,6 +64,15 @@ def _peer_quantize_static(fp_path: Path, out: Path, calib: torch.Tensor) -> None
     )  # fmt: skip
 
 
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder for a suite's exported files, removed when the process exits: a Swin-Tiny
+    deploy run writes about 300 MB there, and runtime sessions that outlive the suite's loop (see
+    ``_RUNNERS``) may hold its files until then."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def timed_runs(models: dict[Any, Any], batch: Any, repeats: int, inner: int = 1) -> dict[Any, float]:
     """Median seconds of one call per model (any callable on ``batch``), models interleaved within
     each repeat."""
@@ -107,7 +118,7 @@ def suite_deploy(args: argparse.Namespace, workload, save) -> None:
     previous = json.loads(path.read_text()) if path.is_file() else {}
     rows = {_row_key(r): r for r in previous.get("rows", [])}
     out = {k: previous[k] for k in ("accuracy", "timing") if k in previous}
-    tmp = Path(tempfile.mkdtemp(prefix="dopq-deploy-"))
+    tmp = scratch_dir("dopq-deploy-")
     for arch in args.models:
         work = workload(args, arch)
         models = _deploy_models(args, work, arch, tmp)
@@ -324,7 +335,7 @@ def suite_deploy_sensitivity(args: argparse.Namespace, workload, save) -> None:
 
     threads = args.threads or 2
     rows: list[dict[str, Any]] = []
-    tmp = Path(tempfile.mkdtemp(prefix="dopq-sensitivity-"))
+    tmp = scratch_dir("dopq-sensitivity-")
     for arch, work, loader in _workloads(args, workload):
         for bits in args.bits:
             config = get_preset("dopq", w_bits=bits, a_bits=bits, softmax_quantizer="tanq")
@@ -374,7 +385,7 @@ def suite_deploy_noise(args: argparse.Namespace, workload, save) -> None:
 
     threads = args.threads or 2
     rows: list[dict[str, Any]] = []
-    tmp = Path(tempfile.mkdtemp(prefix="dopq-noise-"))
+    tmp = scratch_dir("dopq-noise-")
     for arch, work, loader in _workloads(args, workload):
         for method in args.deploy_methods:
             for spec in args.widths or ["8/8"]:
@@ -452,7 +463,7 @@ def suite_deploy_float64(args: argparse.Namespace, workload, save) -> None:
     out = {k: previous[k] for k in ("accuracy", "timing") if k in previous}
     if previous and not out:  # a file from one run of both parts: its command measured both
         out = {k: {"command": previous["command"], "threads": threads} for k in ("accuracy", "timing")}
-    tmp = Path(tempfile.mkdtemp(prefix="dopq-float64-"))
+    tmp = scratch_dir("dopq-float64-")
     for part in ("accuracy", "timing"):
         if part not in args.float64_parts:
             continue
@@ -584,7 +595,7 @@ def suite_save_size(args: argparse.Namespace, workload, save) -> None:
     from dopq.serialize import save_quantized
 
     rows: list[dict[str, Any]] = []
-    tmp = Path(tempfile.mkdtemp(prefix="dopq-save-"))
+    tmp = scratch_dir("dopq-save-")
     for arch in args.models:
         work = workload(args, arch)
         fp32 = tmp / f"{arch}_fp32_state.pt"

@@ -16,12 +16,11 @@ import argparse
 import collections
 import copy
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from deploy import _fp32_onnx, _peer_nncf, _width, deploy_config
+from deploy import _fp32_onnx, _peer_nncf, _width, deploy_config, scratch_dir
 from dopq.api import quantize_with_report
 from dopq.environment import cpu_info
 from dopq.experiment import command_line
@@ -82,7 +81,7 @@ def _fake_quantize_placement(runtime_model: Any, per_node: dict[str, float]) -> 
 def suite_openvino_profile(args: argparse.Namespace, workload, save) -> None:
     threads = args.threads or 2
     rows = []
-    tmp = Path(tempfile.mkdtemp(prefix="dopq-ov-profile-"))
+    tmp = scratch_dir("dopq-ov-profile-")
     for arch in args.models:
         work = workload(args, arch)
         images = work.calib_images[:BATCH].numpy()

@@ -581,6 +581,11 @@ _DEPLOY_NOTES = {  # what a suffixed deploy run measured, beside its presets
     "deploy_runtimes_xeon_amx_codeclip_swin_timing": ", Swin-Tiny, the recommended preset at every width, the "
     "onnxruntime form's 4-bit activations clipped on their uint8 codes and its Linear layers with 4-bit inputs as "
     "MatMulIntegerToFloat with the float bias, timing again with 11 repeats, on a second Intel Xeon with VNNI and AMX",
+    "deploy_runtimes_xeon_amx_tables": ", the recommended preset at every width, the onnxruntime form's post-Softmax "
+    "cell tables stored as 4-bit codes and levels (folded at load), on a second Intel Xeon with VNNI and AMX",
+    "deploy_runtimes_xeon_amx_tables_swin": ", Swin-Tiny, the recommended preset at every width, the onnxruntime "
+    "form's post-Softmax cell tables stored as 4-bit codes and levels (folded at load), on a second Intel Xeon with "
+    "VNNI and AMX",
 }
 
 
