@@ -199,6 +199,34 @@ def test_softmax_cell_tables_are_stored_as_codes_and_folded_at_load(
     assert len(reads) == len(tables) and all(n.input[0] in folded_inits for n in reads)
 
 
+def test_a_table_read_twice_is_stored_once_and_one_of_many_values_stays_float(tmp_path: Path) -> None:
+    from onnx import helper
+
+    from dopq.export.onnx_export import _factor_level_tables
+
+    levels = np.array([0.0, 0.01, 0.2, 0.7], np.float32)
+    shared = levels[np.arange(4097) * 4 // 4097]  # 4 levels over 4097 cells
+    spread = np.linspace(0, 1, 4097, dtype=np.float32)  # every cell its own value: stays as it is
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.INT64, [8])
+    outs = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [8]) for n in ("a", "b", "c")]
+    graph = helper.make_graph(
+        [helper.make_node("GatherElements", [t, "x"], [o], axis=0) for t, o in (("t", "a"), ("t", "b"), ("s", "c"))],
+        "tables", [x], outs, [numpy_helper.from_array(shared, "t"), numpy_helper.from_array(spread, "s")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    _factor_level_tables(model, 21)
+    onnx.checker.check_model(model)
+    stored = {i.name: i.data_type for i in model.graph.initializer}
+    assert stored["t_codes"] == onnx.TensorProto.UINT4 and stored["s"] == onnx.TensorProto.FLOAT
+    assert sum(n.op_type == "Gather" for n in model.graph.node) == 1
+    onnx.save(model, str(tmp_path / "t.onnx"))
+    idx = np.array([0, 1, 1024, 1025, 2048, 3000, 4095, 4096])
+    a, b, c = OnnxModel(tmp_path / "t.onnx").session.run(None, {"x": idx})
+    assert (
+        np.array_equal(a, shared[idx]) and np.array_equal(b, shared[idx]) and np.array_equal(c, spread[idx])
+    )
+
+
 def test_openvino_runs_the_counted_softmax_codes_exactly(tmp_path: Path) -> None:
     ov = pytest.importorskip("openvino")
     q, attn = _calibrated_softmax_quantizer("tanq", 4)

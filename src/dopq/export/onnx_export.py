@@ -13,6 +13,9 @@ autograd Functions with ONNX symbolics) and is then post-processed with the ``on
   (:mod:`dopq.export.qdq_placement`), where OpenVINO fuses it into the layer before; and an
   attention's 8-bit q, k and v share one scale (:mod:`dopq.export.qkv_scale`, the same codes) and
   one Q/DQ pair on the ``qkv`` Linear's output, which OpenVINO fuses into that Linear.
+* each post-Softmax cell table (65537 float32 levels at the default grid) is stored as a code per
+  cell (UINT4 from opset 21) and the levels, read back by ``Cast -> Gather``, which the runtime folds
+  into the float table when it loads the model.
 * initializers no node reads are dropped; the recipe, preprocessing and provenance go into the
   model's metadata (``metadata_props``), which ``dopq evaluate --onnx`` reads back.
 * the file is written under a temporary name and renamed, so an interrupted export leaves nothing.
@@ -150,47 +153,52 @@ def _pack_int4_weights(model: Any) -> int:
     return packed
 
 
-def _factor_level_tables(model: Any, opset: int) -> int:
+def _factor_level_tables(model: Any, opset: int) -> None:
     """Store each post-Softmax cell table (the float ``GatherElements`` data of ``indexed_levels``,
-    2^16 + 1 levels at the default grid) as its distinct levels and one code per cell (uint8, or UINT4
-    from opset 21 where the codes fit), read back by ``Cast -> Gather``, which the runtime folds into
-    the float table when it loads the model: the same table from a quarter (an eighth) of the bytes.
-    Returns how many tables were factored."""
+    2^16 + 1 levels at the default grid) as its distinct levels and one code per cell, read back by
+    ``Cast -> Gather``, which the runtime folds into the float table when it loads the model: the
+    same table from a quarter of the bytes (an eighth as UINT4)."""
+    import onnx
+
+    graph = model.graph
+    inits = _initializers(graph)
+    nodes, factored = [], set()
+    for node in graph.node:
+        init = inits.get(node.input[0]) if node.op_type == "GatherElements" else None
+        if init is not None and init.name in factored:  # one table read by two modules
+            node.input[0] = f"{init.name}_table"
+        elif init is not None and init.data_type == onnx.TensorProto.FLOAT:
+            added = _table_from_codes(graph, init, opset, node)
+            factored |= {init.name} if added else set()
+            nodes += added
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _table_from_codes(graph: Any, init: Any, opset: int, reader: Any) -> list[Any]:
+    """Where a table of few distinct values pays for it: add its levels and codes (UINT4 from opset
+    21 where they fit, else uint8) and point ``reader`` at ``Gather(levels, Cast(codes))``; returns
+    the new nodes (none where the table stays as it is)."""
     import ml_dtypes
     import onnx
     from onnx import numpy_helper
 
-    graph = model.graph
-    inits = _initializers(graph)
-    factored, nodes = 0, []
-    for node in graph.node:
-        init = inits.get(node.input[0]) if node.op_type == "GatherElements" else None
-        if init is not None and init.data_type == onnx.TensorProto.FLOAT:
-            table = numpy_helper.to_array(init)
-            levels, codes = np.unique(table, return_inverse=True)
-            if len(levels) <= 256 and table.size >= 4 * len(levels):
-                code_type = ml_dtypes.uint4 if opset >= INT4_OPSET and len(levels) <= 16 else np.uint8
-                name = init.name
-                graph.initializer.extend([
-                    numpy_helper.from_array(levels.astype(np.float32), f"{name}_levels"),
-                    numpy_helper.from_array(codes.reshape(table.shape).astype(code_type), f"{name}_codes"),
-                ])  # fmt: skip
-                nodes.append(
-                    onnx.helper.make_node(
-                        "Cast", [f"{name}_codes"], [f"{name}_index"], to=onnx.TensorProto.INT32
-                    )
-                )
-                nodes.append(
-                    onnx.helper.make_node(
-                        "Gather", [f"{name}_levels", f"{name}_index"], [f"{name}_table"], axis=0
-                    )
-                )
-                node.input[0] = f"{name}_table"
-                factored += 1
-        nodes.append(node)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    return factored
+    table = numpy_helper.to_array(init)
+    levels, codes = np.unique(table, return_inverse=True)
+    if len(levels) > 256 or table.size < 4 * len(levels):
+        return []
+    code_type = ml_dtypes.uint4 if opset >= INT4_OPSET and len(levels) <= 16 else np.uint8
+    name = init.name
+    graph.initializer.extend([
+        numpy_helper.from_array(levels.astype(np.float32), f"{name}_levels"),
+        numpy_helper.from_array(codes.reshape(table.shape).astype(code_type), f"{name}_codes"),
+    ])  # fmt: skip
+    reader.input[0] = f"{name}_table"
+    return [
+        onnx.helper.make_node("Cast", [f"{name}_codes"], [f"{name}_index"], to=onnx.TensorProto.INT32),
+        onnx.helper.make_node("Gather", [f"{name}_levels", f"{name}_index"], [f"{name}_table"], axis=0),
+    ]
 
 
 def _fits_int8(array: np.ndarray) -> bool:
