@@ -73,11 +73,13 @@ def scratch_dir(prefix: str) -> Path:
     return path
 
 
-def timed_runs(models: dict[Any, Any], batch: Any, repeats: int, inner: int = 1) -> dict[Any, float]:
-    """Median seconds of one call per model (any callable on ``batch``), models interleaved within
-    each repeat."""
+def interleaved_times(
+    models: dict[Any, Any], batch: Any, repeats: int, inner: int = 1
+) -> dict[Any, list[float]]:
+    """Seconds of one call per model and repeat (any callable on ``batch``, the mean of ``inner``
+    calls), models interleaved within each repeat, after one warm-up call each."""
     for m in models.values():
-        m(batch)  # warm-up
+        m(batch)
     times: dict[Any, list[float]] = {k: [] for k in models}
     for _ in range(repeats):
         for name, m in models.items():
@@ -85,7 +87,12 @@ def timed_runs(models: dict[Any, Any], batch: Any, repeats: int, inner: int = 1)
             for _ in range(inner):
                 m(batch)
             times[name].append((time.perf_counter() - t0) / inner)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def timed_runs(models: dict[Any, Any], batch: Any, repeats: int, inner: int = 1) -> dict[Any, float]:
+    """Median seconds of one call per model (:func:`interleaved_times`)."""
+    return {k: statistics.median(v) for k, v in interleaved_times(models, batch, repeats, inner).items()}
 
 
 DEPLOY_WIDTHS = ("8/8", "4/8", "4/4")
@@ -279,7 +286,9 @@ def _deploy_timing(args, work, arch: str, models: dict[str, dict[str, Any]], thr
     }
     _RUNNERS.append(runners)  # freed after the results are saved (see _RUNNERS)
     batch = torch.stack([work.eval_dataset[i][0] for i in work.eval_indices[:32]])
-    through = timed_runs(runners, batch, args.repeats, 1)
+    # every repeat's time is kept, so that the spread and paired ratios can be read from the file
+    batch_times = interleaved_times(runners, batch, args.repeats)
+    through = {k: statistics.median(v) for k, v in batch_times.items()}
     latency = timed_runs(runners, batch[:1], args.repeats, 10)
     rows = []
     for (label, runtime), seconds in through.items():
@@ -292,6 +301,7 @@ def _deploy_timing(args, work, arch: str, models: dict[str, dict[str, Any]], thr
             "latency_ms": 1e3 * latency[(label, runtime)], "latency_ratio": latency[fp] / latency[(label, runtime)],
             "bytes": _size(path), "size_ratio": _size(path) / _size(models["fp32"]["path"]),
             "fp32_images_per_second": 32 / through[fp], "repeats": args.repeats,
+            "batch_seconds": batch_times[(label, runtime)],
         })  # fmt: skip
         if "recipe" in entry:
             rows[-1]["recipe"] = entry["recipe"]

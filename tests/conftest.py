@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import timm
@@ -13,6 +16,17 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 DEIT = SHARED / "models" / "deit_tiny_patch16_224.cifar10.safetensors"
 SWIN = SHARED / "models" / "swin_tiny_patch4_window7_224.cifar10.safetensors"
 CIFAR = SHARED / "data" / "cifar10-jpeg.tar.gz"
+
+
+def benchmark_module(name: str) -> ModuleType:
+    """A module of ``benchmarks/`` (not a package: its modules import their siblings by name)."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while being defined
+    spec.loader.exec_module(module)
+    return module
 
 
 def require(path: Path) -> Path:

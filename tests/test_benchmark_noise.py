@@ -3,25 +3,11 @@ activation quantizer's input and nothing else, is seeded, and is gone after the 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
-from conftest import tiny_vit
+from conftest import benchmark_module, tiny_vit
 from dopq import quantize
 from dopq.config import get_preset
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _deploy_bench():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # deploy.py imports its sibling modules
-    spec = importlib.util.spec_from_file_location("bench_deploy", ROOT / "benchmarks" / "deploy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _quantized():
@@ -31,7 +17,7 @@ def _quantized():
 
 @torch.no_grad()
 def test_noise_reaches_activation_quantizers_only_and_is_seeded():
-    noisy = _deploy_bench()._noisy_activation_inputs
+    noisy = benchmark_module("deploy")._noisy_activation_inputs
     model, images = _quantized()
     reference = model(images)
     weight_inputs: list[torch.Tensor] = []

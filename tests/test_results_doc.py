@@ -12,13 +12,13 @@ image counts) must appear in those rendered tables, so no number lacks a results
 from __future__ import annotations
 
 import bisect
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -36,14 +36,6 @@ _FIGURE = re.compile(
 )
 _PAIR = re.compile(r"\+\d+ / -\d+")
 _ANY_NUMBER = re.compile(r"(?<![\w])(\d+(?:\.\d+)?(?:e-?\d+)?)")
-
-
-def _load_render():
-    spec = importlib.util.spec_from_file_location("render", ROOT / "benchmarks" / "render.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
 
 
 def _generated(text: str) -> str:
@@ -96,7 +88,7 @@ def test_rendering_reproduces_the_committed_results_files(tmp_path: Path) -> Non
     target, archive = tmp_path / "RESULTS.md", tmp_path / "results-archive.md"
     target.write_text(RESULTS_MD.read_text())
     archive.write_text(ARCHIVE_MD.read_text())
-    _load_render().render(RESULTS_DIR, target, archive)
+    benchmark_module("render").render(RESULTS_DIR, target, archive)
     for rendered, committed in ((target, RESULTS_MD), (archive, ARCHIVE_MD)):
         assert rendered.read_text() == committed.read_text(), (
             f"docs/{committed.name} is not what benchmarks/results renders: run `python benchmarks/run.py render`"
@@ -105,7 +97,7 @@ def test_rendering_reproduces_the_committed_results_files(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("doc", [RESULTS_MD, ARCHIVE_MD], ids=lambda p: p.name)
 def test_no_two_headings_are_the_same(doc: Path) -> None:
-    render = _load_render()
+    render = benchmark_module("render")
     titles = render.headings(doc.read_text())
     assert len(titles) > 3
     repeated = sorted({t for t in titles if titles.count(t) > 1})
@@ -115,7 +107,7 @@ def test_no_two_headings_are_the_same(doc: Path) -> None:
 
 
 def test_render_refuses_two_sections_with_one_heading(tmp_path: Path) -> None:
-    render = _load_render()
+    render = benchmark_module("render")
     target = tmp_path / "RESULTS.md"
     target.write_text(f"# R\n\n## Accuracy and ablations\n\n{BEGIN}\n{END}\n")  # a topic heading twice
     with pytest.raises(ValueError, match="two headings give the anchor #accuracy-and-ablations"):
@@ -123,7 +115,7 @@ def test_render_refuses_two_sections_with_one_heading(tmp_path: Path) -> None:
 
 
 def test_results_opens_with_a_summary_per_shared_model_whose_cells_link_to_sections() -> None:
-    render = _load_render()
+    render = benchmark_module("render")
     text = RESULTS_MD.read_text()
     summary = text.split(SUMMARY_BEGIN, 1)[1].split(SUMMARY_END, 1)[0]
     assert text.index(SUMMARY_BEGIN) < text.index(BEGIN)  # the summary comes first
@@ -166,7 +158,7 @@ def test_summary_reads_every_deploy_file_by_recipe_and_width(tmp_path: Path) -> 
     ]}  # fmt: skip
     (results / "deploy_timing_only.json").write_text(json.dumps(timing_only))
     target = tmp_path / "RESULTS.md"
-    _load_render().render(results, target)
+    benchmark_module("render").render(results, target)
     summary = target.read_text().split(SUMMARY_BEGIN, 1)[1].split(SUMMARY_END, 1)[0]
     (row,) = [line for line in summary.splitlines() if line.startswith("| dopq | W4/A8 |")]
     cells = [c.strip() for c in row.split("|")[1:-1]]
@@ -187,10 +179,10 @@ def test_render_refuses_nothing_silently_a_changed_result_changes_the_file(tmp_p
     data = json.loads(source.read_text())
     (results / source.name).write_text(json.dumps(data))
     first, second = tmp_path / "a.md", tmp_path / "b.md"
-    _load_render().render(results, first)
+    benchmark_module("render").render(results, first)
     data["rows"][0]["save_bytes"] += 10_000_000
     (results / source.name).write_text(json.dumps(data))
-    _load_render().render(results, second)
+    benchmark_module("render").render(results, second)
     assert first.read_text() != second.read_text()
 
 
@@ -208,7 +200,7 @@ def _section(text: str, heading: str) -> str:
 @pytest.mark.parametrize("heading", ["What the `dopq` preset does", "Deployment: ONNX on onnxruntime"])
 def test_readme_sections_point_at_the_summary_instead_of_quoting_numbers(heading: str) -> None:
     """These sections would repeat the summary's numbers, which drift as results are re-measured."""
-    render = _load_render()
+    render = benchmark_module("render")
     text = _section((ROOT / "README.md").read_text(), heading)
     summary = {render.anchor(t) for t in render.headings(RESULTS_MD.read_text()) if t.startswith("Summary")}
     assert any(f"docs/RESULTS.md#{a})" in text for a in summary), (
@@ -221,7 +213,7 @@ def test_readme_sections_point_at_the_summary_instead_of_quoting_numbers(heading
 
 
 def test_every_link_into_the_results_names_an_existing_heading() -> None:
-    render = _load_render()
+    render = benchmark_module("render")
     anchors = {
         doc.name: {render.anchor(t) for t in render.headings(doc.read_text())}
         for doc in (RESULTS_MD, ARCHIVE_MD)
@@ -249,7 +241,7 @@ def test_the_figure_check_catches_invented_and_misrounded_numbers() -> None:
 def test_seeds_pool_by_recipe_fields_not_by_name() -> None:
     """A later run's seeds join an earlier run's rows of the same recipe under another name, and
     never those of a different recipe under the same name (a preset whose rule changed)."""
-    render = _load_render()
+    render = benchmark_module("render")
 
     def row(method: str, seed: int, top1: float, centers: list[float]) -> dict:
         recipe = {"w_bits": 3, "a_bits": 3, "tanq_centers": centers}
@@ -266,7 +258,7 @@ def test_seeds_pool_by_recipe_fields_not_by_name() -> None:
 def test_a_larger_test_subset_is_split_into_the_protocols_images_and_the_others() -> None:
     """A run on more test images pairs each recipe with dopq on the protocol's strided 1000 and, apart,
     on the images the protocol never sees; a subset that does not hold all 1000 gets no split."""
-    render = _load_render()
+    render = benchmark_module("render")
     flags = render._in_protocol(5000)  # every second image: the protocol's are every fifth of these
     assert len(flags) == 5000 and sum(flags) == 1000
     assert all(flag == (j % 5 == 0) for j, flag in enumerate(flags))
@@ -294,9 +286,7 @@ def test_a_larger_test_subset_is_split_into_the_protocols_images_and_the_others(
 
 
 def test_benchmark_results_record_their_provenance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
-    run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run)
+    run = benchmark_module("run")
     monkeypatch.setattr(run, "_RESULTS_DIR", [tmp_path])
     run.save("probe", {"rows": []})
     data = json.loads((tmp_path / "probe.json").read_text())
@@ -310,7 +300,7 @@ def test_benchmark_results_record_their_provenance(tmp_path: Path, monkeypatch: 
 
 
 def test_cpu_headings_name_the_family_and_model_numbers_where_recorded() -> None:
-    render = _load_render()
+    render = benchmark_module("render")
     generic = {"model": "Intel(R) Xeon(R) Processor", "integer_isa": ["avx2", "amx_int8"]}
     assert render._cpu_label({"cpu": generic}) == "Intel(R) Xeon(R) Processor, avx2, amx_int8"  # older files
     numbered = {**generic, "signature": {"family": 6, "model": 207, "stepping": 2}}
