@@ -797,7 +797,7 @@ def test_w4a8_deploys_with_int4_weights_and_8bit_integer_kernels(tmp_path: Path)
 @pytest.mark.parametrize(
     ("target", "weight_type", "storage"),
     [
-        ("onnxruntime", None, "int4+int8"),
+        ("onnxruntime", "int8", "int4+int8"),
         ("onnxruntime", "uint8", "int4+uint8"),
         ("openvino", None, "int4+int8"),
     ],
@@ -805,8 +805,8 @@ def test_w4a8_deploys_with_int4_weights_and_8bit_integer_kernels(tmp_path: Path)
 def test_8bit_edge_layers_export_beside_4bit_blocks(
     target: str, weight_type: str | None, storage: str, tmp_path: Path
 ) -> None:
-    """``edge_w_bits=8``: the patch embedding and head keep 8-bit codes (int8 by default, uint8 when
-    asked) in a W4/A4 file whose other weights are packed INT4, saved, loaded and exported with the
+    """``edge_w_bits=8``: the patch embedding and head keep 8-bit codes (int8 or uint8, as asked; int8
+    for OpenVINO) in a W4/A4 file whose other weights are packed INT4, saved, loaded and exported with the
     simulated function."""
     model, x = _vit()
     config = dopq.get_preset("dopq", w_bits=4, a_bits=4, edge_w_bits=8)
@@ -831,13 +831,14 @@ def test_8bit_edge_layers_export_beside_4bit_blocks(
 def test_int8_8bit_weights_warn_on_x86_cpus_without_vnni_only(
     isa: list[str], tmp_path: Path, monkeypatch
 ) -> None:
-    """8-bit weights in int8 (the float32 default) can saturate in uint8 x int8 kernels without VNNI:
-    loading such a file there warns and names the exact export; uint8 weights never warn."""
+    """8-bit weights in int8 (the float32 default on CPUs with VNNI) can saturate in uint8 x int8
+    kernels without VNNI: loading such a file there warns and names the exact export; uint8 weights
+    never warn."""
     import dopq.environment
 
     model, x = _vit()
     dopq.quantize(model, x, dopq.get_preset("dopq", w_bits=8, a_bits=8), progress=False)
-    signed = export_onnx(model, tmp_path / "s8.onnx")
+    signed = export_onnx(model, tmp_path / "s8.onnx", weight_type="int8")
     unsigned = export_onnx(model, tmp_path / "u8.onnx", weight_type="uint8")
     assert (signed.weight_storage, unsigned.weight_storage) == ("int8", "uint8")
     assert onnx_metadata(signed.path)["needs_vnni"] and not onnx_metadata(unsigned.path)["needs_vnni"]
@@ -851,6 +852,34 @@ def test_int8_8bit_weights_warn_on_x86_cpus_without_vnni_only(
     assert "Some CPU" in reason and "--export-weight-type uint8" in reason
     with pytest.warns(UserWarning, match="no VNNI"):
         dopq.export.load_runtime(signed.path, "onnxruntime", threads=1)
+
+
+@pytest.mark.parametrize(
+    ("machine", "isa", "onnxruntime_default"),
+    [
+        ("x86_64", ["avx2"], "uint8"),
+        ("x86_64", ["avx2", "avx512_vnni"], "int8"),
+        ("x86_64", ["avx2", "avx_vnni", "amx_int8"], "int8"),
+        ("aarch64", [], "int8"),
+    ],
+)
+def test_8bit_weights_default_to_the_exact_container_of_the_exporting_cpu(
+    machine: str, isa: list[str], onnxruntime_default: str, tmp_path: Path, monkeypatch
+) -> None:
+    """Without ``weight_type`` the onnxruntime form stores 8-bit weights where this CPU adds them
+    exactly: uint8 on x86 without VNNI (AVX2 only, where uint8 x int8 pairs saturate), int8 elsewhere;
+    the openvino form int8 (the only weights OpenVINO's kernels take) and the float64 form uint8."""
+    import dopq.environment
+
+    monkeypatch.setattr("platform.machine", lambda: machine)
+    monkeypatch.setattr(dopq.environment, "cpu_info", lambda: {"model": "Some CPU", "integer_isa": isa})
+    model, x = _vit()
+    dopq.quantize(model, x, dopq.get_preset("dopq", w_bits=8, a_bits=8), progress=False)
+    ort = export_onnx(model, tmp_path / "ort.onnx")
+    assert ort.weight_storage == onnxruntime_default and inexact_here(ort.path) is None
+    assert onnx_metadata(ort.path)["needs_vnni"] is (onnxruntime_default == "int8")
+    assert export_onnx(model, tmp_path / "ov.onnx", target="openvino").weight_storage == "int8"
+    assert export_onnx(model, tmp_path / "f64.onnx", float_dtype="float64").weight_storage == "uint8"
 
 
 def test_float64_export_keeps_exact_uint8_weights_by_default(tmp_path: Path) -> None:

@@ -262,8 +262,9 @@ def _add_export_args(p: argparse.ArgumentParser, flag: str) -> None:
         choices=WEIGHT_TYPES,
         default=None,
         help="container of 8-bit weight codes for onnxruntime: int8 (uint8 x int8 kernels: fast, exact "
-        "on CPUs with VNNI/AMX and on ARM; the float32 default) or uint8 (exact on AVX2-only CPUs, "
-        "where uint8 x int8 sums saturate; the float64 default)",
+        "on CPUs with VNNI/AMX and on ARM) or uint8 (exact on AVX2-only CPUs, where uint8 x int8 sums "
+        "saturate). Default: the exact one for the CPU that exports (uint8 on x86 without VNNI, else "
+        "int8); uint8 for float64",
     )
 
 

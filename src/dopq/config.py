@@ -61,8 +61,9 @@ RUNTIMES = ("onnxruntime", "openvino")
 # CPUs with VNNI (AVX-512 VNNI, AVX-VNNI, AMX), on ARM and GPUs; on x86 CPUs without VNNI (AVX2 only)
 # their int16 pair sums saturate once both operands span their 8-bit range (W8/A8 DeiT-Tiny: 98.9 %
 # of predictions as simulated). uint8: uint8 x uint8 kernels, exact on every CPU, the fast choice on
-# AVX2 and much slower than int8 on a VNNI/AMX Xeon (docs/export.md). Below 8 bits weights are int8/int4
-# with either (centred codes cannot saturate).
+# AVX2 and much slower than int8 on a VNNI/AMX Xeon (docs/export.md); the export picks the exact one for
+# the CPU it runs on unless told. Below 8 bits weights are int8/int4 with either (centred codes cannot
+# saturate).
 WEIGHT_TYPES = ("int8", "uint8")
 
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from dopq.config import RUNTIMES, WEIGHT_TYPES
 from dopq.errors import ExportError
+from dopq.export.runtime import saturating_cpu
 from dopq.export.symbolic import (
     bias_gemm,
     counted_levels,
@@ -58,6 +59,7 @@ __all__ = [
     "SoftmaxLevels",
     "WeightCodes",
     "check_quantized",
+    "default_weight_type",
     "to_deploy",
 ]
 
@@ -655,6 +657,16 @@ def _set_child(root: nn.Module, qualified: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
+def default_weight_type(dtype: torch.dtype = torch.float32, target: str = "onnxruntime") -> str:
+    """The container of 8-bit weight codes when none is asked for: uint8 in float64 (whose
+    ``MatMulInteger`` products must be exact everywhere) and, for onnxruntime, on a CPU whose uint8 x
+    int8 sums saturate (:func:`~dopq.export.runtime.saturating_cpu`: there uint8 is exact and the
+    faster form); else int8, the fast exact form on VNNI / AMX CPUs and the only one OpenVINO takes."""
+    if dtype == torch.float64:
+        return "uint8"
+    return "uint8" if target == "onnxruntime" and saturating_cpu() is not None else "int8"
+
+
 @torch.no_grad()
 def to_deploy(
     model: nn.Module,
@@ -674,16 +686,15 @@ def to_deploy(
             ``onnxruntime`` (weights with zero points) or ``openvino`` (every integer operand
             without zero points, their share subtracted from row sums). The same codes either way.
         weight_type: the container of 8-bit weight codes for onnxruntime (:data:`WEIGHT_TYPES`):
-            ``int8`` (fast; exact on CPUs with VNNI) or ``uint8`` (exact on every CPU). None: int8 in
-            float32, uint8 in float64 (whose ``MatMulInteger`` products must be exact everywhere).
-            OpenVINO's kernels take int8 weights only.
+            ``int8`` (fast; exact on CPUs with VNNI) or ``uint8`` (exact on every CPU). None:
+            :func:`default_weight_type`. OpenVINO's kernels take int8 weights only.
     """
     check_quantized(model)
     if target not in TARGETS:
         raise ExportError(f"unknown export target {target!r}: use one of {', '.join(TARGETS)}")
     if dtype not in (torch.float32, torch.float64):
         raise ExportError(f"the deploy form is float32 or float64, not {dtype}")
-    weight_type = weight_type or ("uint8" if dtype == torch.float64 else "int8")
+    weight_type = weight_type or default_weight_type(dtype, target)
     if weight_type not in WEIGHT_TYPES:
         raise ExportError(f"unknown weight type {weight_type!r}: use one of {', '.join(WEIGHT_TYPES)}")
     if weight_type == "uint8" and _symmetric(target, dtype):

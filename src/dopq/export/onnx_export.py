@@ -299,7 +299,8 @@ def export_onnx(
             integer kernels (:func:`dopq.export.deploy.to_deploy`); the codes are the same.
         weight_type: ``"int8"`` or ``"uint8"``, the container of 8-bit weight codes for onnxruntime
             (:data:`dopq.export.deploy.WEIGHT_TYPES`: int8 is fast and exact on CPUs with VNNI,
-            uint8 exact on CPUs without it); None: int8 in float32, uint8 in float64.
+            uint8 exact on CPUs without it); None: the exact one for this CPU in float32
+            (:func:`dopq.export.deploy.default_weight_type`), uint8 in float64.
 
     Returns:
         An :class:`ExportReport`.

@@ -28,6 +28,7 @@ __all__ = [
     "optimized_op_counts",
     "read_metadata",
     "require_onnxruntime",
+    "saturating_cpu",
 ]
 
 
@@ -145,17 +146,23 @@ def inexact_here(path: str | Path) -> str | None:
     return _inexact_reason(path, metadata)
 
 
-def _inexact_reason(path: str | Path, metadata: dict[str, Any]) -> str | None:
+def saturating_cpu() -> str | None:
+    """This CPU's model name where its uint8 x int8 integer kernels add pairs of products in
+    saturating 16 bits (x86 without VNNI: AVX2 only), else None (VNNI / AMX, ARM: exact int32)."""
     from dopq.environment import cpu_info
 
-    if not metadata.get("needs_vnni", False) or platform.machine().lower() not in _X86:
+    if platform.machine().lower() not in _X86:
         return None
     cpu = cpu_info()
-    if set(cpu["integer_isa"]) & _VNNI:
+    return None if set(cpu["integer_isa"]) & _VNNI else str(cpu["model"])
+
+
+def _inexact_reason(path: str | Path, metadata: dict[str, Any]) -> str | None:
+    if not metadata.get("needs_vnni", False) or (cpu := saturating_cpu()) is None:
         return None
     return (
         f"{path} stores 8-bit weights in int8, whose uint8 x int8 products can saturate on this CPU "
-        f"({cpu['model']}, no VNNI): some predictions may differ from the simulation's. Export with "
+        f"({cpu}, no VNNI): some predictions may differ from the simulation's. Export with "
         "--export-weight-type uint8 (export_onnx(..., weight_type='uint8')) for exact products here"
     )
 
