@@ -720,7 +720,10 @@ def _openvino_profile_table(data: dict[str, Any], what: str = "") -> list[str]:
         labels = [r["label"] for r in rows]
         lines += [f"### OpenVINO per-layer time: {model}{what} ({_cpu_label(data)})", "",
                   f"Command: `{data['command']}` ({data['threads']} threads). One batch of {data['batch']} "
-                  "calibration images, `PERF_COUNT` on; wall time per batch (median of the repeats), then per "
+                  "calibration images, compiled for "
+                  + ("that static shape, as the deploy runs compile" if data.get("static_shape") else
+                     "dynamic shapes (before session 35; OpenVINO fuses less than in the deploy runs' static-shape models)")
+                  + ", `PERF_COUNT` on; wall time per batch (median of the repeats), then per "
                   "layer type and kernel the time summed over its layers (mean over repeats), ms (layers). "
                   "The twelve costliest kinds are shown.", "",
                   "| layer type (kernel) | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|",
