@@ -25,7 +25,7 @@ from dopq.api import quantize_with_report
 from dopq.environment import cpu_info
 from dopq.experiment import command_line
 from dopq.export import export_onnx
-from dopq.export.openvino_runtime import compile_config
+from dopq.export.openvino_runtime import compile_model
 
 BATCH = 32
 
@@ -35,15 +35,9 @@ def _layer_type(node: Any) -> str:
 
 
 def _profile(path: Path, images: Any, threads: int, repeats: int) -> dict[str, Any]:
-    import openvino as ov
-
-    config = {**compile_config(threads), "PERF_COUNT": True}
-    core = ov.Core()
-    model = core.read_model(str(path))
     # the batch's static shape, as OpenVinoModel compiles (with dynamic shapes OpenVINO fuses less:
     # a 4-bit post-Softmax quantizer's comparisons then ran as 180 separate layers)
-    model.reshape(list(images.shape))
-    compiled = core.compile_model(model, "CPU", config)
+    compiled = compile_model(path, threads, tuple(images.shape), PERF_COUNT=True)
     request = compiled.create_infer_request()
     for _ in range(2):  # warm-up
         request.infer({0: images})

@@ -21,7 +21,8 @@ CIFAR = SHARED / "data" / "cifar10-jpeg.tar.gz"
 def benchmark_module(name: str) -> ModuleType:
     """A module of ``benchmarks/`` (not a package: its modules import their siblings by name)."""
     folder = Path(__file__).resolve().parents[1] / "benchmarks"
-    sys.path.insert(0, str(folder))
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while being defined

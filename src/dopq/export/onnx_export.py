@@ -169,7 +169,8 @@ def _factor_level_tables(model: Any, opset: int) -> None:
             node.input[0] = f"{init.name}_table"
         elif init is not None and init.data_type == onnx.TensorProto.FLOAT:
             added = _table_from_codes(graph, init, opset, node)
-            factored |= {init.name} if added else set()
+            if added:
+                factored.add(init.name)
             nodes += added
         nodes.append(node)
     del graph.node[:]

@@ -25,6 +25,7 @@ from dopq.errors import ExportError
 __all__ = [
     "OpenVinoModel",
     "compile_config",
+    "compile_model",
     "openvino_layer_precisions",
     "openvino_layers",
     "require_openvino",
@@ -58,19 +59,23 @@ def _core(ov: Any) -> Any:
     return ov.Core()
 
 
-def _compile(path: str | Path, threads: int | None, shape: tuple[int, ...] | None = None) -> Any:
-    """The compiled model, for inputs of ``shape`` only when one is given (see :class:`OpenVinoModel`)."""
+def compile_model(
+    path: str | Path, threads: int | None, shape: tuple[int, ...] | None = None, **options: Any
+) -> Any:
+    """The compiled model (:func:`compile_config`, plus ``options`` such as ``PERF_COUNT=True``), for
+    inputs of ``shape`` only when one is given: OpenVINO fuses more with static shapes (see
+    :class:`OpenVinoModel`)."""
     core = _core(require_openvino())
     with _loading(path):
         model = core.read_model(str(path))
         if shape is not None:
             model.reshape(list(shape))
-        return core.compile_model(model, "CPU", compile_config(threads))
+        return core.compile_model(model, "CPU", {**compile_config(threads), **options})
 
 
 def _check_readable(path: str | Path) -> None:
     """Read the model (not compile it): a missing or unreadable file fails here, with the error
-    :func:`_compile` gives."""
+    :func:`compile_model` gives."""
     core = _core(require_openvino())
     with _loading(path):
         core.read_model(str(path))
@@ -104,7 +109,7 @@ def openvino_layers(path: str | Path, threads: int | None = 1) -> list[tuple[str
     compiled runtime model but constants. A fused layer (a ``Subgraph`` running ``q @ k^T``, Softmax
     and ``attn @ v`` at once, say) names every op it took in, so each op of the file can be traced
     to the kernel that runs it."""
-    runtime = _compile(path, threads).get_runtime_model()
+    runtime = compile_model(path, threads).get_runtime_model()
     layers = []
     for op in runtime.get_ordered_ops():
         kind = _rt(op, "layerType")
@@ -139,7 +144,7 @@ class OpenVinoModel(nn.Module):
     def _runner(self, shape: tuple[int, ...]) -> tuple[Any, Any]:
         key = shape if self.static_shapes else None  # None: one model compiled for a dynamic batch
         if key not in self._by_shape:
-            compiled = _compile(self.path, self.threads, key)
+            compiled = compile_model(self.path, self.threads, key)
             self._by_shape[key] = (compiled, compiled.create_infer_request())
         return self._by_shape[key]
 
