@@ -117,20 +117,44 @@ def _weight_slots(node: Any, inits: dict[str, Any]) -> tuple[int, ...]:
     return slots
 
 
+def _read_shared_constants_directly(model: Any) -> None:
+    """Point the readers of ``Identity(initializer)`` at the initializer itself and drop the Identity.
+    The TorchScript exporter stores equal constants once and reads the copies through Identity nodes
+    (every 3-bit layer's all-zero weight zero points of one shape, say); the passes after this one
+    recognise weights and tables only as initializers, so a copy read through an Identity would stay
+    unpacked (a W3/A3 file kept most of its weights in int8 containers)."""
+    graph = model.graph
+    inits = _initializers(graph)
+    outputs = {o.name for o in graph.output}
+    alias = {}
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits and node.output[0] not in outputs:
+            alias[node.output[0]] = node.input[0]
+    if not alias:
+        return
+    kept = [node for node in graph.node if node.output[0] not in alias or node.op_type != "Identity"]
+    for node in kept:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
 def _fits_int4(*arrays: np.ndarray) -> bool:
     return all(a.dtype == np.int8 and INT4_RANGE[0] <= a.min() and a.max() <= INT4_RANGE[1] for a in arrays)
 
 
-def _pack_int4_weights(model: Any) -> int:
+def _pack_int4_weights(model: Any) -> None:
     """Store weight codes and zero points that fit 4 bits as INT4 initializers (two per byte), each
-    behind a Cast to int8 that onnxruntime folds at load time; returns how many weights were packed."""
+    behind a Cast to int8 that onnxruntime folds at load time. An initializer read by several nodes (equal zero points, stored once) is packed once."""
     import ml_dtypes  # an onnx dependency: numpy's 4-bit types
     import onnx
     from onnx import numpy_helper
 
     graph = model.graph
     inits = _initializers(graph)
-    packed, nodes = 0, []
+    nodes, as_int8 = [], {}
     for node in graph.node:
         slots = _weight_slots(node, inits)
         if slots:
@@ -138,19 +162,20 @@ def _pack_int4_weights(model: Any) -> int:
             if _fits_int4(*arrays.values()):
                 for slot, array in arrays.items():
                     name = node.input[slot]
-                    graph.initializer.append(
-                        numpy_helper.from_array(array.astype(ml_dtypes.int4), f"{name}_int4")
-                    )
-                    cast = onnx.helper.make_node(
-                        "Cast", [f"{name}_int4"], [f"{name}_as_int8"], to=onnx.TensorProto.INT8
-                    )
-                    nodes.append(cast)
-                    node.input[slot] = f"{name}_as_int8"
-                packed += 1
+                    if name not in as_int8:
+                        as_int8[name] = f"{name}_as_int8"
+                        graph.initializer.append(
+                            numpy_helper.from_array(array.astype(ml_dtypes.int4), f"{name}_int4")
+                        )
+                        nodes.append(
+                            onnx.helper.make_node(
+                                "Cast", [f"{name}_int4"], [as_int8[name]], to=onnx.TensorProto.INT8
+                            )
+                        )
+                    node.input[slot] = as_int8[name]
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    return packed
 
 
 def _factor_level_tables(model: Any, opset: int) -> None:
@@ -231,7 +256,7 @@ def _centre_weights(model: Any, opset: int) -> None:
                     and _fits_int4(codes, zero_points)
                     and not _fits_int4(values.astype(np.int8))
                 ):
-                    shift = f"{node.input[2]}_broadcast"
+                    shift = f"{name}_zero_points"  # per weight: zero points may be shared
                     graph.initializer.append(numpy_helper.from_array(zero_points, shift))
                     nodes.append(onnx.helper.make_node("Sub", [name, shift], [f"{name}_centred"]))
                 else:
@@ -334,14 +359,16 @@ def export_onnx(
                 custom_opsets=_contrib_opsets(deploy),
             )
         graph = onnx.load(str(tmp))
+        _read_shared_constants_directly(graph)
         if target == "openvino":
             _centre_weights(graph, opset)
             merge_split_qdq(graph)
             hoist_qdq(graph)
-        packed = _pack_int4_weights(graph) if opset >= INT4_OPSET else 0
+        if opset >= INT4_OPSET:
+            _pack_int4_weights(graph)
         _factor_level_tables(graph, opset)
         _drop_unused_initializers(graph)
-        storage = _weight_storage(deploy, packed=packed > 0)
+        storage = _weight_storage(graph)
         own = {**_model_metadata(model, integer_levels, dtype), "target": target, "weight_storage": storage}
         own["needs_vnni"] = any(m.needs_vnni for m in deploy.modules() if isinstance(m, WeightCodes))
         _set_metadata(graph, {**own, **(metadata or {})})
@@ -362,16 +389,25 @@ def _contrib_opsets(deploy: nn.Module) -> dict[str, int]:
     return {CONTRIB_DOMAIN: 1} if used else {}
 
 
-def _weight_storage(deploy: nn.Module, packed: bool) -> str:
-    """The weight containers in the file: ``int4`` (packed), ``int8``, ``uint8`` (8-bit weights), joined
-    by ``+`` where layers differ (``int4+uint8``: 8-bit patch embedding and head, ``edge_w_bits``)."""
+def _weight_storage(model: Any) -> str:
+    """The weight containers the file holds, read from its graph: ``int4`` (packed), ``int8``,
+    ``uint8``, joined by ``+`` where layers differ (``int4+uint8``: 8-bit patch embedding and head,
+    ``edge_w_bits``)."""
+    import onnx
 
-    def container(m: WeightCodes) -> str:
-        if packed and m.bits <= 4:
-            return "int4"
-        return "uint8" if m.codes.dtype == torch.uint8 else "int8"
-
-    return "+".join(sorted({container(m) for m in deploy.modules() if isinstance(m, WeightCodes)}))
+    graph = model.graph
+    inits = _initializers(graph)
+    # packed codes are read through a Cast of their INT4 initializer
+    inits |= {
+        n.output[0]: inits[n.input[0]] for n in graph.node if n.op_type == "Cast" and n.input[0] in inits
+    }
+    names = {onnx.TensorProto.INT4: "int4", onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8"}
+    containers = set()
+    for node in graph.node:
+        slots = _weight_slots(node, inits)
+        if slots and inits[node.input[slots[0]]].data_type in names:  # not the int32 bias codes
+            containers.add(names[inits[node.input[slots[0]]].data_type])
+    return "+".join(sorted(containers))
 
 
 def _check_loads(path: Path) -> None:
