@@ -9,9 +9,10 @@ Each form is a small graph ``Softmax -> form`` over the map's logits, exported a
 * ``uniform``: a uniform b-bit Q/DQ (the ``dopq+uniform-softmax`` recipe);
 * ``closed``: TanQ's closed form (``Tan``, two ``Atan``: dopq's earlier export);
 * ``counted``: the code counted against the quantizer's decision points, then one ``Gather``
-  (the OpenVINO target's form, which OpenVINO fuses into one pass);
+  (the OpenVINO target's form up to 4 bits, which OpenVINO fuses into one pass);
 * ``indexed``: thresholds on the 2^-16 grid (dopq's default), the level read from the table of the
-  element's grid cell (``Mul -> Cast -> GatherElements``: the onnxruntime target's form).
+  element's grid cell (``Mul -> Cast -> GatherElements``: the onnxruntime target's form, and
+  OpenVINO's above 4 bits).
 
 Timings are medians of interleaved repeats in one run; the JSON records the CPU and its integer ISA.
 Each form's output is checked against the simulated quantizer (identical levels, or the share
@@ -36,7 +37,7 @@ from dopq.config import get_preset
 from dopq.experiment import command_line
 from dopq.export.deploy import SoftmaxLevels
 from dopq.export.openvino_runtime import compile_config
-from dopq.export.symbolic import qdq, tan_levels
+from dopq.export.symbolic import counted_levels, qdq, tan_levels
 from dopq.modules import QuantMatMul
 from dopq.quantizers import TanQQuantizer, UniformQuantizer
 
@@ -82,11 +83,13 @@ def _forms(q: TanQQuantizer, probabilities: torch.Tensor) -> dict[str, nn.Module
     uniform(probabilities)
     scale, zero = float(uniform.scale), int(uniform.zero_point)
     c, m, d = q.warp_params()
+    # counted at every width (the export counts only up to COUNTED_LEVELS_MAX_BITS)
+    counted, points = q.lookup_table().float(), q.decision_points().double().tolist()
     return {
         "softmax": _SoftmaxThen(None),
         "uniform": _SoftmaxThen(_Fn(lambda p: qdq(p, scale, zero, q.bits))),
         "closed": _SoftmaxThen(_Fn(lambda p: tan_levels(p, c, m, d, q.bits))),
-        "counted": _SoftmaxThen(SoftmaxLevels(q, target="openvino")),
+        "counted": _SoftmaxThen(_Fn(lambda p: counted_levels(p, counted, points))),
         "indexed": _SoftmaxThen(SoftmaxLevels(q, target="onnxruntime")),
     }
 

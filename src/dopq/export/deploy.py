@@ -464,9 +464,9 @@ class DeployConv2d(nn.Module):
 class SoftmaxLevels(nn.Module):
     """The deploy form of a post-Softmax table quantizer: the level value of each element.
 
-    For onnxruntime, where the quantizer's thresholds sit on a grid (:meth:`LevelQuantizer.code_grid`,
-    TanQ's default), the level of each element is read from the level of its grid cell: three passes
-    over the map (``indexed_levels``). Otherwise, up to ``COUNTED_LEVELS_MAX_BITS`` its code is
+    Where the quantizer's thresholds sit on a grid (:meth:`LevelQuantizer.code_grid`, TanQ's
+    default), the level of each element is read from the level of its grid cell: three passes over
+    the map (``indexed_levels``; for OpenVINO above 4 bits, :func:`_reads_cell_table`). Otherwise, up to ``COUNTED_LEVELS_MAX_BITS`` its code is
     counted against the quantizer's own float32
     decision points (:meth:`LevelQuantizer.decision_points`: the simulation's codes for every
     float32 input, with no transcendental op) and the level read from the table; larger tables use
@@ -479,7 +479,7 @@ class SoftmaxLevels(nn.Module):
         q = q.resolve()  # a per-module choice ("auto") exports as the family it chose
         levels, thresholds = (t.detach().double().tolist() for t in q.level_table())
         self.table = (levels, thresholds)
-        grid = q.code_grid() if target == "onnxruntime" else None  # OpenVINO fuses the counted form
+        grid = q.code_grid() if _reads_cell_table(target, q.bits) else None
         if grid is not None:
             cell_levels = q.lookup_table().float().cpu()[grid[1].cpu()]
             self.register_buffer("levels", cell_levels.clone())
@@ -523,6 +523,17 @@ class SoftmaxLevels(nn.Module):
 
 EXACT_LEVELS_MAX_BITS = 6  # float64 post-Softmax levels by comparisons: 2^b - 1 passes
 COUNTED_LEVELS_MAX_BITS = 6  # float32: codes counted, 2^b - 1 comparisons (fused by OpenVINO)
+# OpenVINO fuses the counted comparisons into one kernel, as fast as the cell-table read up to 4 bits
+# (15 comparisons) and slower above (6 bits: 62 against 30 ms per DeiT-Tiny map; 7 bits, whose 127
+# thresholds were the Tan/Atan closed form: 112 against 35 ms; benchmarks/run.py softmax-forms)
+OPENVINO_COUNTED_MAX_BITS = 4
+
+
+def _reads_cell_table(target: str, bits: int) -> bool:
+    """Whether a post-Softmax quantizer with thresholds on a grid exports as the cell-table read
+    (``indexed_levels``): always for onnxruntime, which runs each comparison as a pass of its own;
+    for OpenVINO above ``OPENVINO_COUNTED_MAX_BITS``."""
+    return target == "onnxruntime" or bits > OPENVINO_COUNTED_MAX_BITS
 
 
 def _fixed_point_scale(levels: torch.Tensor, max_code: int = 255) -> float:
