@@ -160,71 +160,88 @@ def test_grid_softmax_codes_are_one_table_read_and_the_simulated_ones(
     assert SoftmaxLevels(q, "openvino").kind == ("counted" if bits <= 4 else "indexed")
 
 
-@pytest.mark.parametrize(
-    ("opset", "code_type"),
-    [(21, onnx.TensorProto.UINT4), (17, onnx.TensorProto.UINT8)],
-    ids=["opset21", "opset17"],
-)
-def test_softmax_cell_tables_are_stored_as_codes_and_folded_at_load(
-    opset: int, code_type: int, tmp_path: Path
-) -> None:
-    """Each attention's 2^16 + 1 cell levels are stored as a code per cell (UINT4 from opset 21, else
-    uint8) and the levels, so a 4-bit model's file is not a float table per attention module: the
-    table read back is the quantizer's (level of each cell's code), and onnxruntime folds the
-    ``Cast -> Gather`` when it loads, so the map still costs one table read per element."""
+def _tables_read_back(report, model: nn.Module) -> list[tuple[np.ndarray, torch.Tensor]]:
+    """(the table each GatherElements reads once onnxruntime has folded the file's constants, the
+    quantizer's own cell table), per attention."""
+    folded = optimized_graph(report.path).graph
+    folded_inits = {i.name: numpy_helper.to_array(i) for i in folded.initializer}
+    reads = [n for n in folded.node if n.op_type == "GatherElements"]
+    quantizers = [m.quantizer_a for m in model.modules() if isinstance(m, QuantMatMul)]
+    tables = [q.lookup_table().float()[q.code_grid()[1]] for q in quantizers if isinstance(q, LevelQuantizer)]
+    assert len(reads) == len(tables) > 0 and all(n.input[0] in folded_inits for n in reads)
+    return [(folded_inits[n.input[0]], table) for n, table in zip(reads, tables, strict=True)]
+
+
+@pytest.mark.parametrize("opset", [21, 13])
+def test_softmax_cell_tables_are_stored_as_their_steps_and_folded_at_load(opset: int, tmp_path: Path) -> None:
+    """Each attention's 2^16 + 1 cell levels are stored as the table's 2^b levels and the 2^b - 1 cells
+    where its code steps up, so a 4-bit model's file holds neither a float table nor a code per cell
+    per attention: onnxruntime folds ``Range -> Greater -> ReduceSum -> Gather`` into the
+    quantizer's own cell table when it loads (one table read per element, as before)."""
     model, x = _vit()
     dopq.quantize(model, x, dopq.get_preset("dopq", w_bits=4, a_bits=4), progress=False)
     report = export_onnx(model, tmp_path / "m.onnx", opset=opset)
     graph = onnx.load(report.path).graph
-    inits = {i.name: i for i in graph.initializer}
-    made_by = {o: n for n in graph.node for o in n.output}
-    assert not [
-        i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) > 2**16
-    ]
-    reads = [n for n in graph.node if n.op_type == "GatherElements"]
-    quantizers = [m.quantizer_a for m in model.modules() if isinstance(m, QuantMatMul)]
-    tables = [q.lookup_table().float()[q.code_grid()[1]] for q in quantizers if isinstance(q, LevelQuantizer)]
-    assert len(reads) == len(tables) > 0
-    for read, table in zip(reads, tables, strict=True):
-        gather = made_by[read.input[0]]
-        cast = made_by[gather.input[1]]
-        assert gather.op_type == "Gather" and cast.op_type == "Cast"
-        codes, levels = inits[cast.input[0]], inits[gather.input[0]]
-        assert codes.data_type == code_type and list(codes.dims) == [2**16 + 1]
-        stored = numpy_helper.to_array(levels)[numpy_helper.to_array(codes).astype(np.int64)]
-        assert torch.equal(torch.from_numpy(stored), table)
-    folded = optimized_graph(report.path).graph
-    folded_inits = {i.name for i in folded.initializer}
-    reads = [n for n in folded.node if n.op_type == "GatherElements"]
-    assert len(reads) == len(tables) and all(n.input[0] in folded_inits for n in reads)
+    assert not [i.name for i in graph.initializer if np.prod(i.dims) == 2**16 + 1]  # nothing per cell
+    steps = [i for i in graph.initializer if i.name.endswith("_steps")]
+    assert steps and all(i.data_type == onnx.TensorProto.INT32 and list(i.dims) == [15] for i in steps)
+    for stored, table in _tables_read_back(report, model):
+        assert torch.equal(torch.from_numpy(stored.copy()), table)
+
+
+def test_openvino_folds_the_cell_tables_above_4_bits(tmp_path: Path) -> None:
+    """OpenVINO reads post-Softmax levels from the cell table above 4 bits; it folds the table's
+    construction when it compiles (no Range, comparison or ReduceSum layer runs) and the file computes
+    the simulation's function."""
+    pytest.importorskip("openvino")
+    from dopq.export.openvino_runtime import OpenVinoModel, openvino_layers
+
+    model, x = _vit()
+    dopq.quantize(model, x, dopq.get_preset("recommended", w_bits=6, a_bits=6), progress=False)
+    report = export_onnx(model, tmp_path / "m.onnx", target="openvino")
+    ops = {n.op_type for n in onnx.load(report.path).graph.node}
+    assert {"GatherElements", "Range", "ReduceSum"} <= ops and not ops & {"Tan", "Atan"}
+    kinds = {kind for kind, _, _ in openvino_layers(report.path)}
+    assert not kinds & {"Range", "ReduceSum", "GreaterEqual", "Greater"}, kinds
+    with torch.no_grad():
+        simulated = model(x)
+    _assert_same_function(OpenVinoModel(report.path, threads=1)(x), simulated, 0.05)
 
 
 def test_a_table_read_twice_is_stored_once_and_one_of_many_values_stays_float(tmp_path: Path) -> None:
+    """A monotone table (read by two modules) is stored once, as its steps; a table that is not
+    monotone as one UINT4 code per cell; a table of as many values as cells stays as it is."""
     from onnx import helper
 
     from dopq.export.onnx_export import _factor_level_tables
 
     levels = np.array([0.0, 0.01, 0.2, 0.7], np.float32)
-    shared = levels[np.arange(4097) * 4 // 4097]  # 4 levels over 4097 cells
+    shared = levels[np.arange(4097) * 4 // 4097]  # 4 levels over 4097 cells, rising
+    shuffled = levels[np.arange(4097) * 7 % 4]  # 4 levels, not monotone
     spread = np.linspace(0, 1, 4097, dtype=np.float32)  # every cell its own value: stays as it is
     x = helper.make_tensor_value_info("x", onnx.TensorProto.INT64, [8])
-    outs = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [8]) for n in ("a", "b", "c")]
+    names = (("t", "a"), ("t", "b"), ("s", "c"), ("u", "d"))
+    outs = [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, [8]) for _, o in names]
+    tables = [numpy_helper.from_array(a, n) for a, n in ((shared, "t"), (spread, "s"), (shuffled, "u"))]
     graph = helper.make_graph(
-        [helper.make_node("GatherElements", [t, "x"], [o], axis=0) for t, o in (("t", "a"), ("t", "b"), ("s", "c"))],
-        "tables", [x], outs, [numpy_helper.from_array(shared, "t"), numpy_helper.from_array(spread, "s")],
-    )  # fmt: skip
+        [helper.make_node("GatherElements", [t, "x"], [o], axis=0) for t, o in names],
+        "tables",
+        [x],
+        outs,
+        tables,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     _factor_level_tables(model, 21)
     onnx.checker.check_model(model)
-    stored = {i.name: i.data_type for i in model.graph.initializer}
-    assert stored["t_codes"] == onnx.TensorProto.UINT4 and stored["s"] == onnx.TensorProto.FLOAT
-    assert sum(n.op_type == "Gather" for n in model.graph.node) == 1
+    stored = {i.name: (i.data_type, list(i.dims)) for i in model.graph.initializer}
+    assert stored["t_steps"] == (onnx.TensorProto.INT32, [3]) and stored["s"][0] == onnx.TensorProto.FLOAT
+    assert stored["u_codes"] == (onnx.TensorProto.UINT4, [4097]) and "t_codes" not in stored
+    assert sum(n.op_type == "Range" for n in model.graph.node) == 1
     onnx.save(model, str(tmp_path / "t.onnx"))
     idx = np.array([0, 1, 1024, 1025, 2048, 3000, 4095, 4096])
-    a, b, c = OnnxModel(tmp_path / "t.onnx").session.run(None, {"x": idx})
-    assert (
-        np.array_equal(a, shared[idx]) and np.array_equal(b, shared[idx]) and np.array_equal(c, spread[idx])
-    )
+    a, b, c, d = OnnxModel(tmp_path / "t.onnx").session.run(None, {"x": idx})
+    assert np.array_equal(a, shared[idx]) and np.array_equal(b, shared[idx])
+    assert np.array_equal(c, spread[idx]) and np.array_equal(d, shuffled[idx])
 
 
 @pytest.mark.parametrize(("bits", "kind"), [(4, "counted"), (6, "indexed"), (7, "indexed")])

@@ -180,9 +180,10 @@ def _pack_int4_weights(model: Any) -> None:
 
 def _factor_level_tables(model: Any, opset: int) -> None:
     """Store each post-Softmax cell table (the float ``GatherElements`` data of ``indexed_levels``,
-    2^16 + 1 levels at the default grid) as its distinct levels and one code per cell, read back by
-    ``Cast -> Gather``, which the runtime folds into the float table when it loads the model: the
-    same table from a quarter of the bytes (an eighth as UINT4)."""
+    2^16 + 1 levels at the default grid) as its distinct levels and the code of every cell, rebuilt
+    by nodes on constants that the runtime folds into the float table when it loads the model:
+    a monotone table (TanQ's, every grid table) from the cells where its code steps up, any other
+    from one code per cell."""
     import onnx
 
     graph = model.graph
@@ -203,10 +204,9 @@ def _factor_level_tables(model: Any, opset: int) -> None:
 
 
 def _table_from_codes(graph: Any, init: Any, opset: int, reader: Any) -> list[Any]:
-    """Where a table of few distinct values pays for it: add its levels and codes (UINT4 from opset
-    21 where they fit, else uint8) and point ``reader`` at ``Gather(levels, Cast(codes))``; returns
-    the new nodes (none where the table stays as it is)."""
-    import ml_dtypes
+    """Where a table of few distinct values pays for it: add its levels and the nodes that give each
+    cell's code, and point ``reader`` at ``Gather(levels, codes)``; returns the new nodes (none where
+    the table stays as it is)."""
     import onnx
     from onnx import numpy_helper
 
@@ -214,17 +214,54 @@ def _table_from_codes(graph: Any, init: Any, opset: int, reader: Any) -> list[An
     levels, codes = np.unique(table, return_inverse=True)
     if len(levels) > 256 or table.size < 4 * len(levels):
         return []
-    code_type = ml_dtypes.uint4 if opset >= INT4_OPSET and len(levels) <= 16 else np.uint8
     name = init.name
-    graph.initializer.extend([
-        numpy_helper.from_array(levels.astype(np.float32), f"{name}_levels"),
-        numpy_helper.from_array(codes.reshape(table.shape).astype(code_type), f"{name}_codes"),
-    ])  # fmt: skip
+    graph.initializer.append(numpy_helper.from_array(levels.astype(np.float32), f"{name}_levels"))
+    steps = np.diff(codes)
+    if table.ndim == 1 and steps.min() >= 0 and steps.max() <= 1:
+        made = _codes_from_steps(graph, name, len(codes), np.flatnonzero(steps) + 1)
+    else:
+        made = _stored_codes(graph, name, codes.reshape(table.shape), opset)
     reader.input[0] = f"{name}_table"
     return [
-        onnx.helper.make_node("Cast", [f"{name}_codes"], [f"{name}_index"], to=onnx.TensorProto.INT32),
+        *made,
         onnx.helper.make_node("Gather", [f"{name}_levels", f"{name}_index"], [f"{name}_table"], axis=0),
     ]
+
+
+def _codes_from_steps(graph: Any, name: str, cells: int, steps: np.ndarray) -> list[Any]:
+    """``{name}_index``, the code of each of ``cells`` cells of a monotone table whose code steps up by
+    one at each cell of ``steps``: ``ReduceSum(cell > steps - 1)`` (``Greater``, which onnxruntime folds
+    at every opset; ``GreaterOrEqual`` it left unfolded at opset 13), from ``2^b - 1`` numbers instead
+    of one code per cell."""
+    import onnx
+    from onnx import numpy_helper
+
+    make = onnx.helper.make_node
+    graph.initializer.extend([
+        numpy_helper.from_array(steps.astype(np.int32) - 1, f"{name}_steps"),  # cell > step - 1
+        numpy_helper.from_array(np.array(0, np.int32), f"{name}_first"),
+        numpy_helper.from_array(np.array(cells, np.int32), f"{name}_cells"),
+        numpy_helper.from_array(np.array(1, np.int32), f"{name}_one"),
+        numpy_helper.from_array(np.array([1], np.int64), f"{name}_axis"),
+    ])  # fmt: skip
+    return [
+        make("Range", [f"{name}_first", f"{name}_cells", f"{name}_one"], [f"{name}_cell"]),
+        make("Unsqueeze", [f"{name}_cell", f"{name}_axis"], [f"{name}_column"]),
+        make("Greater", [f"{name}_column", f"{name}_steps"], [f"{name}_passed"]),
+        make("Cast", [f"{name}_passed"], [f"{name}_counts"], to=onnx.TensorProto.INT32),
+        make("ReduceSum", [f"{name}_counts", f"{name}_axis"], [f"{name}_index"], keepdims=0),
+    ]
+
+
+def _stored_codes(graph: Any, name: str, codes: np.ndarray, opset: int) -> list[Any]:
+    """``{name}_index`` from one stored code per cell (UINT4 from opset 21 where they fit, else uint8)."""
+    import ml_dtypes
+    import onnx
+    from onnx import numpy_helper
+
+    code_type = ml_dtypes.uint4 if opset >= INT4_OPSET and codes.max() < 16 else np.uint8
+    graph.initializer.append(numpy_helper.from_array(codes.astype(code_type), f"{name}_codes"))
+    return [onnx.helper.make_node("Cast", [f"{name}_codes"], [f"{name}_index"], to=onnx.TensorProto.INT32)]
 
 
 def _fits_int8(array: np.ndarray) -> bool:
