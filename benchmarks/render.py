@@ -586,6 +586,12 @@ _DEPLOY_NOTES = {  # what a suffixed deploy run measured, beside its presets
     "deploy_runtimes_xeon_amx_tables_swin": ", Swin-Tiny, the recommended preset at every width, the onnxruntime "
     "form's post-Softmax cell tables stored as 4-bit codes and levels (folded at load), on a second Intel Xeon with "
     "VNNI and AMX",
+    "deploy_runtimes_xeon_amx_low_widths": ", the recommended preset at the widths below 8 bits other than W4/A4 and "
+    "W4/A8 (W2/A2, W3/A3, W5/A5, W6/A6, W7/A7), every weight of at most 4 bits stored as INT4, OpenVINO's "
+    "post-Softmax levels above 4 bits read from the cell table, on a second Intel Xeon with VNNI and AMX",
+    "deploy_runtimes_xeon_amx_low_widths_swin": ", Swin-Tiny, the recommended preset at the widths below 8 bits "
+    "other than W4/A4 and W4/A8 (W2/A2, W3/A3, W5/A5, W6/A6, W7/A7), every weight of at most 4 bits stored as INT4, "
+    "OpenVINO's post-Softmax levels above 4 bits read from the cell table, on a second Intel Xeon with VNNI and AMX",
 }
 
 
@@ -662,8 +668,9 @@ def _softmax_forms_table(data: dict[str, Any]) -> list[str]:
              "shared DeiT-Tiny, medians of interleaved repeats in one run; identical: share of elements "
              "whose level equals the simulated quantizer's (closed form: the level formula's value, "
              "equal up to float rounding; counted, indexed: the table's value). counted: a comparison per "
-             "decision point (the OpenVINO target's form); indexed: thresholds on the 2^-16 grid, the "
-             "level read from the table of the element's grid cell (the onnxruntime target's form).", "",
+             "decision point (the OpenVINO target's form up to 4 bits); indexed: thresholds on the 2^-16 "
+             "grid, the level read from the table of the element's grid cell (the onnxruntime target's "
+             "form, and OpenVINO's above 4 bits).", "",
              "| form | runtime | ms | x Softmax alone | identical to the simulation % |", "|---|---|---|---|---|"]  # fmt: skip
     base = {r["runtime"]: r["ms"] for r in data["rows"] if r["form"] == "softmax"}
     for r in data["rows"]:
@@ -1345,10 +1352,13 @@ def _sections(results: Path) -> list[Section]:
     add(recon, _resume_table(results), tuple(p.stem for p in sorted(results.glob("resume_*.json"))))
     for name, table in (("deploy_runtimes", _deploy_runtimes_table), ("deploy", _deploy_table),
                         ("deploy_sensitivity", _sensitivity_table), ("deploy_float64", _float64_table),
-                        ("save_size", _save_size_table), ("softmax_forms", _softmax_forms_table)):  # fmt: skip
+                        ("save_size", _save_size_table)):  # fmt: skip
         data = _load(results, name)
         if data:
             add(deploy, table(data), (name,), data)
+    for path in sorted(results.glob("softmax_forms*.json")):  # one per width (--bits, --suffix)
+        data = json.loads(path.read_text())
+        add(deploy, _softmax_forms_table(data), (path.stem,), data)
     for path in sorted(results.glob("deploy_noise*.json")):
         add(deploy, _noise_table(json.loads(path.read_text())), (path.stem,))
     for path in sorted(results.glob("openvino_profile*.json")):
