@@ -466,8 +466,8 @@ class SoftmaxLevels(nn.Module):
 
     Where the quantizer's thresholds sit on a grid (:meth:`LevelQuantizer.code_grid`, TanQ's
     default), the level of each element is read from the level of its grid cell: three passes over
-    the map (``indexed_levels``; for OpenVINO above 4 bits, :func:`_reads_cell_table`). Otherwise, up to ``COUNTED_LEVELS_MAX_BITS`` its code is
-    counted against the quantizer's own float32
+    the map (``indexed_levels``; for OpenVINO above 4 bits, :func:`_reads_cell_table`). Otherwise, up
+    to ``COUNTED_LEVELS_MAX_BITS`` its code is counted against the quantizer's own float32
     decision points (:meth:`LevelQuantizer.decision_points`: the simulation's codes for every
     float32 input, with no transcendental op) and the level read from the table; larger tables use
     the family's closed form (TanQ, log2, log-sqrt2) or a comparison per threshold. In float64
@@ -524,8 +524,8 @@ class SoftmaxLevels(nn.Module):
 EXACT_LEVELS_MAX_BITS = 6  # float64 post-Softmax levels by comparisons: 2^b - 1 passes
 COUNTED_LEVELS_MAX_BITS = 6  # float32: codes counted, 2^b - 1 comparisons (fused by OpenVINO)
 # OpenVINO fuses the counted comparisons into one kernel, as fast as the cell-table read up to 4 bits
-# (15 comparisons) and slower above (6 bits: 62 against 30 ms per DeiT-Tiny map; 7 bits, whose 127
-# thresholds were the Tan/Atan closed form: 112 against 35 ms; benchmarks/run.py softmax-forms)
+# (15 comparisons) and slower above (one DeiT-Tiny map, softmax_forms_xeon_b6 / _b7: 47.0 against
+# 25.5 ms at 6 bits; at 7 bits, whose 127 thresholds had been the Tan/Atan closed form, 110.7 ms)
 OPENVINO_COUNTED_MAX_BITS = 4
 
 

@@ -147,7 +147,8 @@ def _fits_int4(*arrays: np.ndarray) -> bool:
 
 def _pack_int4_weights(model: Any) -> None:
     """Store weight codes and zero points that fit 4 bits as INT4 initializers (two per byte), each
-    behind a Cast to int8 that onnxruntime folds at load time. An initializer read by several nodes (equal zero points, stored once) is packed once."""
+    behind a Cast to int8 that onnxruntime folds at load time. An initializer read by several nodes
+    (equal zero points, stored once) is packed once."""
     import ml_dtypes  # an onnx dependency: numpy's 4-bit types
     import onnx
     from onnx import numpy_helper
