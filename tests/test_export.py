@@ -814,7 +814,7 @@ def test_every_weight_of_at_most_4_bits_is_stored_as_int4(
     """At W <= 4 no weight stays in an 8-bit container. The recommended preset's symmetric weights
     have all-zero zero points, which the TorchScript exporter stores once per shape and reads through
     Identity nodes; those layers were left unpacked (a W3/A3 DeiT-Tiny file at 0.28x FP32, its
-    W4/A4 file 0.17x). The packed file computes what the unpacked one does."""
+    W4/A4 file 0.17x). The packed onnxruntime file computes the simulation's function."""
     model, x = _vit()
     dopq.quantize(model, x, dopq.get_preset("recommended", w_bits=w_bits, a_bits=w_bits), progress=False)
     report = export_onnx(model, tmp_path / "m.onnx", target=target, float_dtype=float_dtype)
