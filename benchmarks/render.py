@@ -594,6 +594,8 @@ _DEPLOY_NOTES = {  # what a suffixed deploy run measured, beside its presets
     "and AMX",
     "deploy_runtimes_xeon_amx_steps_timing": ", the recommended preset at every width, the post-Softmax cell tables "
     "stored as their steps, timing again with 11 repeats (a noisy host), on a second Intel Xeon with VNNI and AMX",
+    "deploy_runtimes_xeon_amx_steps_timing_swin": ", Swin-Tiny, the recommended preset at every width, the post-Softmax "
+    "cell tables stored as their steps (timing and sizes), on a second Intel Xeon with VNNI and AMX",
     "deploy_runtimes_xeon_amx_w88_swin": ", Swin-Tiny, the recommended preset's W8/A8 (accuracy only) after the "
     "INT4 packing and post-Softmax table changes, on a second Intel Xeon with VNNI and AMX",
     "deploy_runtimes_xeon_amx_low_widths_swin": ", Swin-Tiny, the recommended preset at the widths below 8 bits "
