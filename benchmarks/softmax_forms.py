@@ -35,8 +35,9 @@ from deploy import timed_runs
 from dopq.api import quantize
 from dopq.config import get_preset
 from dopq.experiment import command_line
+from dopq.export import OnnxModel
 from dopq.export.deploy import SoftmaxLevels
-from dopq.export.openvino_runtime import compile_config
+from dopq.export.openvino_runtime import compile_model
 from dopq.export.symbolic import counted_levels, qdq, tan_levels
 from dopq.modules import QuantMatMul
 from dopq.quantizers import TanQQuantizer, UniformQuantizer
@@ -101,14 +102,8 @@ def _export(module: nn.Module, x: torch.Tensor, path: Path) -> None:
 
 
 def _runners(path: Path, threads: int) -> dict[str, Any]:
-    import onnxruntime as ort
-    import openvino as ov
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    compiled = ov.Core().compile_model(str(path), "CPU", compile_config(threads))
-    request = compiled.create_infer_request()
+    session = OnnxModel(path, threads).session
+    request = compile_model(path, threads).create_infer_request()
     return {
         "onnxruntime": lambda a: session.run(None, {"x": a})[0],
         "openvino": lambda a: request.infer({0: a})[0].copy(),

@@ -183,6 +183,9 @@ def test_softmax_cell_tables_are_stored_as_their_steps_and_folded_at_load(opset:
     report = export_onnx(model, tmp_path / "m.onnx", opset=opset)
     graph = onnx.load(report.path).graph
     assert not [i.name for i in graph.initializer if np.prod(i.dims) == 2**16 + 1]  # nothing per cell
+    assert not [
+        i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) > 2**16
+    ]
     steps = [i for i in graph.initializer if i.name.endswith("_steps")]
     assert steps and all(i.data_type == onnx.TensorProto.INT32 and list(i.dims) == [15] for i in steps)
     for stored, table in _tables_read_back(report, model):
@@ -208,9 +211,17 @@ def test_openvino_folds_the_cell_tables_above_4_bits(tmp_path: Path) -> None:
     _assert_same_function(OpenVinoModel(report.path, threads=1)(x), simulated, 0.05)
 
 
-def test_a_table_read_twice_is_stored_once_and_one_of_many_values_stays_float(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("opset", "code_type"),
+    [(21, onnx.TensorProto.UINT4), (17, onnx.TensorProto.UINT8)],
+    ids=["opset21", "opset17"],
+)
+def test_a_table_read_twice_is_stored_once_and_one_of_many_values_stays_float(
+    opset: int, code_type: int, tmp_path: Path
+) -> None:
     """A monotone table (read by two modules) is stored once, as its steps; a table that is not
-    monotone as one UINT4 code per cell; a table of as many values as cells stays as it is."""
+    monotone as one code per cell (UINT4 from opset 21, else uint8); a table of as many values as
+    cells stays as it is."""
     from onnx import helper
 
     from dopq.export.onnx_export import _factor_level_tables
@@ -230,12 +241,12 @@ def test_a_table_read_twice_is_stored_once_and_one_of_many_values_stays_float(tm
         outs,
         tables,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    _factor_level_tables(model, 21)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    _factor_level_tables(model, opset)
     onnx.checker.check_model(model)
     stored = {i.name: (i.data_type, list(i.dims)) for i in model.graph.initializer}
     assert stored["t_steps"] == (onnx.TensorProto.INT32, [3]) and stored["s"][0] == onnx.TensorProto.FLOAT
-    assert stored["u_codes"] == (onnx.TensorProto.UINT4, [4097]) and "t_codes" not in stored
+    assert stored["u_codes"] == (code_type, [4097]) and "t_codes" not in stored
     assert sum(n.op_type == "Range" for n in model.graph.node) == 1
     onnx.save(model, str(tmp_path / "t.onnx"))
     idx = np.array([0, 1, 1024, 1025, 2048, 3000, 4095, 4096])
@@ -250,7 +261,9 @@ def test_openvino_runs_the_post_softmax_codes_exactly(bits: int, kind: str, tmp_
     up to 4 bits, the cell-table read above (at 7 bits the table had been the Tan/Atan closed form,
     slow and off the simulated code on about 0.5 % of a map's elements); bit for bit the simulation's
     level at every cell edge, decision point and the floats either side, and on real attention."""
-    ov = pytest.importorskip("openvino")
+    pytest.importorskip("openvino")
+    from dopq.export.openvino_runtime import compile_model
+
     q, attn = _calibrated_softmax_quantizer("tanq", bits, grid_bits=16)
     form = SoftmaxLevels(q, "openvino")
     assert form.kind == kind
@@ -262,7 +275,7 @@ def test_openvino_runs_the_post_softmax_codes_exactly(bits: int, kind: str, tmp_
     _export_module(form, x, tmp_path / "s.onnx")
     ops = {n.op_type for n in onnx.load(str(tmp_path / "s.onnx")).graph.node}
     assert not ops & {"Tan", "Atan", "Log", "Exp"}
-    compiled = ov.Core().compile_model(str(tmp_path / "s.onnx"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = compile_model(tmp_path / "s.onnx", threads=1)  # f32 inference precision, as deployed
     assert torch.equal(torch.from_numpy(compiled({0: x.numpy()})[0]), q(x))
 
 

@@ -13,9 +13,9 @@ autograd Functions with ONNX symbolics) and is then post-processed with the ``on
   (:mod:`dopq.export.qdq_placement`), where OpenVINO fuses it into the layer before; and an
   attention's 8-bit q, k and v share one scale (:mod:`dopq.export.qkv_scale`, the same codes) and
   one Q/DQ pair on the ``qkv`` Linear's output, which OpenVINO fuses into that Linear.
-* each post-Softmax cell table (65537 float32 levels at the default grid) is stored as a code per
-  cell (UINT4 from opset 21) and the levels, read back by ``Cast -> Gather``, which the runtime folds
-  into the float table when it loads the model.
+* each post-Softmax cell table (65537 float32 levels at the default grid) is stored as its levels and
+  the cells where its code steps up (a table that is not monotone: a code per cell), rebuilt by nodes
+  on constants that the runtime folds into the float table when it loads the model.
 * initializers no node reads are dropped; the recipe, preprocessing and provenance go into the
   model's metadata (``metadata_props``), which ``dopq evaluate --onnx`` reads back.
 * the file is written under a temporary name and renamed, so an interrupted export leaves nothing.
@@ -132,7 +132,7 @@ def _read_shared_constants_directly(model: Any) -> None:
             alias[node.output[0]] = node.input[0]
     if not alias:
         return
-    kept = [node for node in graph.node if node.output[0] not in alias or node.op_type != "Identity"]
+    kept = [node for node in graph.node if node.output[0] not in alias]
     for node in kept:
         for i, name in enumerate(node.input):
             if name in alias:
@@ -443,8 +443,9 @@ def _weight_storage(model: Any) -> str:
     containers = set()
     for node in graph.node:
         slots = _weight_slots(node, inits)
-        if slots and inits[node.input[slots[0]]].data_type in names:  # not the int32 bias codes
-            containers.add(names[inits[node.input[slots[0]]].data_type])
+        kind = names.get(inits[node.input[slots[0]]].data_type) if slots else None
+        if kind is not None:  # None: not a weight, or the int32 bias codes
+            containers.add(kind)
     return "+".join(sorted(containers))
 
 
