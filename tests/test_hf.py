@@ -178,7 +178,8 @@ def test_w4a4_export_and_save_round_trip(family: str, tmp_path: Path) -> None:
 
 
 def test_float64_export_reproduces_the_float64_simulation(tmp_path: Path) -> None:
-    """Swin: exact GELU and average pooling, both swapped for modules with float64 kernels."""
+    """Swin: the average pooling swapped for a module with float64 kernels, and ``transformers``'
+    own GELU module's ``erf`` run in float32 by the export (onnxruntime has no float64 ``Erf``)."""
     family = "swin"
     from dopq.export import OnnxModel, export_onnx
     from dopq.modules import float64_copy
@@ -186,7 +187,7 @@ def test_float64_export_reproduces_the_float64_simulation(tmp_path: Path) -> Non
     qmodel = dopq.quantize(
         tiny(family), _images(8), dopq.get_preset("dopq", w_bits=4, a_bits=4), progress=False
     )
-    export_onnx(qmodel, tmp_path / "q64.onnx", float_dtype="float64")  # GELU and Swin's pooling swapped
+    export_onnx(qmodel, tmp_path / "q64.onnx", float_dtype="float64")
     x = _images(4, seed=2)
     with torch.no_grad():
         assert torch.equal(

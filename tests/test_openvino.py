@@ -35,6 +35,7 @@ from dopq.export.symbolic import int8_shift
 from dopq.models import qkv_paths
 from dopq.modules import QuantLinear, QuantMatMul
 from dopq.quantizers import UniformQuantizer
+from dopq.quantizers.uniform import TIE_NUDGE, TIE_SHARE, tie_share
 
 pytest.importorskip("openvino")
 
@@ -524,3 +525,48 @@ def test_qkv_scale_is_shared_only_where_the_codes_stay() -> None:
     v2 = timm.create_model("swinv2_tiny_window8_256", **kwargs).eval()
     dopq.quantize(v2, torch.randn(2, 3, 64, 64), progress=False)
     assert qkv_paths(v2) == {} and qkv_paths(model)
+
+
+def _lattice_model() -> tuple[nn.Module, torch.Tensor]:
+    """A tiny DeiT-III whose every parameter is perturbed (timm's zero biases and 1e-5 LayerScales
+    would leave its blocks inert): at W2/A2 its ``attn @ v`` outputs, sums of a few products of
+    2-bit levels and codes, lie on a lattice that the searched ``proj`` input range spans exactly."""
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "deit3_small_patch16_224", img_size=64, embed_dim=64, depth=2, num_heads=2, num_classes=10
+    ).eval()
+    gen = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model, torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def test_openvino_computes_the_simulation_where_inputs_lie_on_a_lattice(tmp_path: Path) -> None:
+    """OpenVINO rounds exact ties away from zero, torch and onnxruntime to even. With the searched
+    ``proj`` input scales, a tenth of those inputs sat on ties, and OpenVINO's logits differed from
+    the simulation's by up to the logits' spread on 13 of 16 images; the calibration now moves such a
+    scale off its ties (``off_ties``), and both runtimes compute the simulated logits."""
+    model, calib = _lattice_model()
+    q = dopq.quantize(model, calib, dopq.get_preset("recommended", w_bits=2, a_bits=2), progress=False)
+    x = torch.randn(16, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args, n=n: inputs.update({n: args[0]}))
+        for n, m in q.named_modules()
+        if isinstance(m, QuantLinear) and m.in_features == m.out_features  # attn.proj (fc2 is wider)
+    ]
+    with torch.no_grad():
+        simulated = q(x)
+    for h in hooks:
+        h.remove()
+    # the case is live: at the searched scale (before the move) the lattice sits on ties ...
+    nudged = [q.get_submodule(n).input_quantizer for n in inputs]
+    before = [tie_share(inputs[n], m.scale / (1 + TIE_NUDGE)) for n, m in zip(inputs, nudged, strict=True)]
+    assert max(before) > 0.05, before
+    # ... and not at the scale installed
+    assert all(tie_share(inputs[n], m.scale) <= TIE_SHARE for n, m in zip(inputs, nudged, strict=True))
+    for target in ("openvino", "onnxruntime"):
+        path = export_onnx(q, tmp_path / f"{target}.onnx", target=target).path
+        for runtime in (OpenVinoModel(path, threads=1), OnnxModel(path, threads=1)):
+            assert float((runtime(x) - simulated).abs().max()) <= 1e-4 * float(simulated.std())

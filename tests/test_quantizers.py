@@ -33,7 +33,7 @@ from dopq.quantizers.adaround import AdaRoundQuantizer
 from dopq.quantizers.levels import codes_from_thresholds, float32_decision_points
 from dopq.quantizers.ranges import row_quantiles
 from dopq.quantizers.tanq import tan_codes
-from dopq.quantizers.uniform import OUTPUT_PERCENTILES
+from dopq.quantizers.uniform import OUTPUT_PERCENTILES, TIE_NUDGE, TIE_SHARE, off_ties, tie_share
 
 
 def _attention(shape=(2, 3, 40, 40), temp=4.0) -> torch.Tensor:
@@ -826,3 +826,37 @@ def test_decision_points_refuse_a_code_function_that_is_not_monotone() -> None:
         float32_decision_points(zigzag, 3, 1.0)
     exact = float32_decision_points(lambda x: torch.where(x > 0.5, 2, torch.where(x > 0.25, 1, 0)), 3, 1.0)
     assert exact.tolist() == [0.25, 0.5]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_a_per_tensor_scale_is_moved_off_a_lattice_of_rounding_ties(bits: int) -> None:
+    """Inputs on a lattice (whole multiples of a unit ``u``, as sums of products of codes are) whose
+    searched range spans a whole number of steps sit on rounding ties, which runtimes round
+    differently: the installed scale is moved by ``TIE_NUDGE`` and leaves none; a continuous input
+    keeps its searched scale exactly."""
+    u = 2.0**-5  # a unit whose multiples float32 holds exactly
+    steps = 6 * (2**bits - 1)  # the range spans six lattice units per quantization step
+    lattice = torch.arange(-2, steps - 1).float().repeat(50) * u
+    q = UniformQuantizer(bits, percentiles=(1.0,))
+    searched, _ = q.searched_qparams(lattice)
+    assert tie_share(lattice, searched) > 0.1  # the searched range: many elements on ties
+    q.observing = True
+    q(lattice)
+    assert float(q.scale / searched - 1) == pytest.approx(TIE_NUDGE, rel=1e-3)
+    assert tie_share(lattice, q.scale) == 0.0
+    # no code moves except at the ties: elsewhere the values keep their codes
+    t = lattice / searched
+    tied = (t - t.floor()) == 0.5
+    moved = q.codes(lattice) != _codes_at(lattice, searched, q)
+    assert bool((moved <= tied).all())
+    continuous = torch.randn(20000, generator=torch.Generator().manual_seed(0))
+    c = UniformQuantizer(bits)
+    c.observing = True
+    c(continuous)
+    assert tie_share(continuous, c.scale) <= TIE_SHARE
+    assert torch.equal(c.scale, c.searched_qparams(continuous)[0].reshape(-1))
+    assert torch.equal(off_ties(continuous, c.scale), c.scale)
+
+
+def _codes_at(x: torch.Tensor, scale: torch.Tensor, q: UniformQuantizer) -> torch.Tensor:
+    return torch.clamp(torch.round(x / scale) + q.zero_point, 0, 2**q.bits - 1).long()

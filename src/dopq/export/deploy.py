@@ -14,14 +14,15 @@ adds, scales) run in float64, activations are quantized to uint8 codes by float6
 quantized product is an ``integer_matmul`` (``MatMulInteger``, exact int32 sums). Float32 rounding
 differences are far too small to move any float64 value across a rounding boundary, so this form
 computes the simulation's codes in any runtime and on any thread count (docs/export.md). Two steps
-stay float32, where onnxruntime has no float64 kernel: GELU's ``erf`` (its error can move a code of
-the next quantizer at 8 bits) and the post-Softmax code rule above ``EXACT_LEVELS_MAX_BITS``.
+of the exported graph stay float32, where onnxruntime has no float64 kernel: GELU's ``erf``
+(written in by the export, ``onnx_export._erf_in_float32``; its error can move a code of the next
+quantizer at 8 bits, while this torch form computes GELU in float64, as the simulation does) and
+the post-Softmax code rule above ``EXACT_LEVELS_MAX_BITS``.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,7 @@ from dopq.export.symbolic import (
 )
 from dopq.modules import Float64Model, QuantConv2d, QuantLinear, QuantMatMul, quantizers_of
 from dopq.quantizers import LevelQuantizer, LogQuantizer, Quantizer, TanQQuantizer, UniformQuantizer
+from dopq.quantizers.levels import snapped_in
 
 __all__ = [
     "TARGETS",
@@ -55,7 +57,6 @@ __all__ = [
     "DeployConv2d",
     "DeployLinear",
     "DeployMatMul",
-    "Float32ErfGELU",
     "SoftmaxLevels",
     "WeightCodes",
     "check_quantized",
@@ -477,8 +478,10 @@ class SoftmaxLevels(nn.Module):
     def __init__(self, q: LevelQuantizer, target: str = "onnxruntime") -> None:
         super().__init__()
         q = q.resolve()  # a per-module choice ("auto") exports as the family it chose
-        levels, thresholds = (t.detach().double().tolist() for t in q.level_table())
-        self.table = (levels, thresholds)
+        levels, thresholds = (t.detach() for t in q.level_table())
+        if q.code_grid() is not None:  # float64 values just below a grid point stay below it
+            thresholds = snapped_in(thresholds, torch.float64)
+        self.table = (levels.double().tolist(), thresholds.double().tolist())
         grid = q.code_grid() if _reads_cell_table(target, q.bits) else None
         if grid is not None:
             cell_levels = q.lookup_table().float().cpu()[grid[1].cpu()]
@@ -643,17 +646,6 @@ def _fake_quantize64(qdq_module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return qdq_module.fake_quantize64(x) if isinstance(qdq_module, ActivationQDQ) else x
 
 
-class Float32ErfGELU(nn.Module):
-    """Exact GELU, ``x / 2 * (1 + erf(x / sqrt 2))``, in float64 with ``erf`` in float32:
-    onnxruntime has no float64 ``Erf``. Its float32 error moves a code of the next quantizer where
-    the value lies within that error of a rounding boundary: the one inexact step of the float64
-    form, seen at 8 bits (fine steps), not at 4 (docs/export.md)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        erf = torch.erf((x * math.sqrt(0.5)).float()).double()
-        return x * 0.5 * (erf + 1.0)
-
-
 def _clip_codes_after_quantizing(deploy: nn.Module) -> None:
     """Below 8 bits, every activation's b-bit range is clipped on its uint8 codes (onnxruntime,
     whose fusions take them: one DeiT-Tiny W4/A4 export ran about a tenth faster); OpenVINO keeps
@@ -718,8 +710,6 @@ def to_deploy(
             _set_child(deploy, name, DeployConv2d(module, name, dtype, weight_type))
         elif isinstance(module, QuantMatMul):
             _set_child(deploy, name, DeployMatMul(module, name, integer_levels, dtype, target))
-        elif dtype == torch.float64 and isinstance(module, nn.GELU) and module.approximate == "none":
-            _set_child(deploy, name, Float32ErfGELU())
     if dtype == torch.float32:
         if target == "onnxruntime":
             _clip_codes_after_quantizing(deploy)

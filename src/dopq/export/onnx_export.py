@@ -204,6 +204,49 @@ def _factor_level_tables(model: Any, opset: int) -> None:
     graph.node.extend(nodes)
 
 
+def _erf_in_float32(model: Any) -> None:
+    """onnxruntime has no float64 ``Erf`` (nor a float64 ``Gelu``, whose function body is one): in a
+    float64 graph each of them computes ``erf`` in float32 between two ``Cast`` nodes, and an exact
+    ``Gelu`` is written out as ``x / 2 * (1 + erf(x / sqrt 2))`` in float64 around it. Found by type,
+    so a GELU module of any family, or ``F.gelu`` called in a forward, is covered. The float32
+    ``erf`` is the float64 form's one inexact step (docs/export.md)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    typed = onnx.shape_inference.infer_shapes(model).graph
+    dtypes = {v.name: v.type.tensor_type.elem_type for v in [*typed.value_info, *typed.input, *typed.output]}
+    dtypes.update({init.name: init.data_type for init in graph.initializer})
+    constants = {"erf_sqrt_half": 0.5**0.5, "erf_half": 0.5, "erf_one": 1.0}
+    nodes, used = [], False
+    for i, node in enumerate(graph.node):
+        exact_gelu = node.op_type == "Gelu" and all(a.s in (b"", b"none") for a in node.attribute)
+        float64_erf = node.op_type == "Erf" or exact_gelu  # the tanh Gelu has float64 kernels
+        if node.domain or not float64_erf or dtypes.get(node.input[0]) != TensorProto.DOUBLE:
+            nodes.append(node)
+            continue
+        x, y, tag = node.input[0], node.output[0], f"erf32_{i}"
+        erf_in, erf_out = (f"{tag}_scaled", f"{tag}_erf") if exact_gelu else (x, y)
+        if exact_gelu:
+            nodes.append(helper.make_node("Mul", [x, "erf_sqrt_half"], [erf_in]))
+        nodes += [
+            helper.make_node("Cast", [erf_in], [f"{tag}_in"], to=TensorProto.FLOAT),
+            helper.make_node("Erf", [f"{tag}_in"], [f"{tag}_out"]),
+            helper.make_node("Cast", [f"{tag}_out"], [erf_out], to=TensorProto.DOUBLE),
+        ]
+        if exact_gelu:
+            nodes += [
+                helper.make_node("Mul", [x, "erf_half"], [f"{tag}_half"]),
+                helper.make_node("Add", [erf_out, "erf_one"], [f"{tag}_sum"]),
+                helper.make_node("Mul", [f"{tag}_half", f"{tag}_sum"], [y]),
+            ]
+        used = True
+    if used:
+        graph.initializer.extend(numpy_helper.from_array(np.array(v), name) for name, v in constants.items())
+        del graph.node[:]
+        graph.node.extend(nodes)
+
+
 def _table_from_codes(graph: Any, init: Any, opset: int, reader: Any) -> list[Any]:
     """Where a table of few distinct values pays for it: add its levels and the nodes that give each
     cell's code, and point ``reader`` at ``Gather(levels, codes)``; returns the new nodes (none where
@@ -405,6 +448,8 @@ def export_onnx(
         if opset >= INT4_OPSET:
             _pack_int4_weights(graph)
         _factor_level_tables(graph, opset)
+        if dtype == torch.float64:
+            _erf_in_float32(graph)
         _drop_unused_initializers(graph)
         storage = _weight_storage(graph)
         own = {**_model_metadata(model, integer_levels, dtype), "target": target, "weight_storage": storage}
@@ -413,7 +458,7 @@ def export_onnx(
         onnx.checker.check_model(graph)
         onnx.save(graph, str(tmp))
         if dtype == torch.float64:
-            _check_loads(tmp)
+            _check_loads(tmp, path)
     seconds = time.perf_counter() - t0
     return ExportReport(
         str(path), path.stat().st_size, opset, storage, integer_levels, seconds, float_dtype, target
@@ -449,12 +494,13 @@ def _weight_storage(model: Any) -> str:
     return "+".join(sorted(containers))
 
 
-def _check_loads(path: Path) -> None:
+def _check_loads(tmp: Path, path: Path) -> None:
     """onnxruntime must be able to run a float64 graph: a family with an op that has no float64
-    kernel there (a rotary embedding's Sin, say) fails here, before the file is kept."""
+    kernel there (a rotary embedding's Sin, say) fails here, before the file is kept; the message
+    names the file asked for, not the temporary one written first."""
     from dopq.export.runtime import OnnxModel
 
     try:
-        OnnxModel(path, threads=1)
+        OnnxModel(tmp, threads=1)
     except ExportError as exc:
-        raise ExportError(f"{exc}; export in float32") from None
+        raise ExportError(f"{str(exc).replace(str(tmp), str(path))}; export in float32") from None

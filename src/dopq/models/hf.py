@@ -27,7 +27,6 @@ from dopq.models.attention import ValuePath, _MatMulSlots
 
 try:
     import transformers
-    from transformers.activations import GELUActivation
     from transformers.modeling_layers import GradientCheckpointingLayer
     from transformers.models.beit.modeling_beit import BeitAttention
     from transformers.models.deit.modeling_deit import DeiTAttention
@@ -175,15 +174,13 @@ class MeanPool1d(nn.Module):
 
 def _exportable(module: nn.Module) -> nn.Module | None:
     """A torch module computing the same function as ``module`` that the export knows, or None."""
-    if type(module) is GELUActivation and module.act is nn.functional.gelu:
-        return nn.GELU()  # the float64 export keeps GELU's erf in float32, where onnxruntime has a kernel
     if type(module) is nn.AdaptiveAvgPool1d and module.output_size in (1, (1,)):
         return MeanPool1d()  # Swin's pooler
     return None
 
 
 def _use_exportable_modules(model: nn.Module) -> None:
-    """Swap ``transformers``' exact GELU and Swin's average pooling for equal modules the export knows."""
+    """Swap Swin's average pooling for an equal module the float64 export can run."""
     for name, module in list(model.named_modules()):
         new = _exportable(module)
         if new is not None:

@@ -27,6 +27,7 @@ __all__ = [
     "grid_cells",
     "log_levels",
     "snap_thresholds",
+    "snapped_in",
 ]
 
 
@@ -69,6 +70,15 @@ def snap_thresholds(levels: torch.Tensor, thresholds: torch.Tensor, grid_bits: i
     return snapped.to(thresholds.dtype)
 
 
+def snapped_in(thresholds: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Snapped thresholds (:func:`snap_thresholds`) in ``dtype``: the largest ``dtype`` value below
+    each grid point ``g``, so that ``x > t`` still means ``x >= g`` in that precision. (The float32
+    just below ``g`` cast to float64 would leave the float64 values between it and ``g`` on the other
+    side of the threshold than their grid cell puts them.)"""
+    grid = torch.nextafter(thresholds, torch.tensor(float("inf"), dtype=thresholds.dtype)).to(dtype)
+    return torch.nextafter(grid, torch.tensor(float("-inf"), dtype=dtype))
+
+
 def grid_cells(x: torch.Tensor, grid_bits: int) -> torch.Tensor:
     """``floor(x * 2^grid_bits)`` of ``x`` clipped to ``[0, 1]`` (int64): the grid cell of each
     element. Multiplying by a power of two is exact, so every runtime finds the same cell."""
@@ -77,15 +87,15 @@ def grid_cells(x: torch.Tensor, grid_bits: int) -> torch.Tensor:
 
 def grid_cell_codes(thresholds: torch.Tensor, grid_bits: int) -> torch.Tensor | None:
     """The code of every grid cell ``0 .. 2^grid_bits`` (int64), or None when some threshold is
-    not a snapped one (:func:`snap_thresholds`: the float32 just below a grid point), so that the
-    cell does not fix the code."""
+    not a snapped one (:func:`snapped_in`: the value just below a grid point in the thresholds'
+    dtype), so that the cell does not fix the code."""
     scale = float(2**grid_bits)
-    th = thresholds.detach().float().cpu()
-    above = torch.nextafter(th, torch.tensor(float("inf"))).double() * scale
+    th = thresholds.detach().cpu()
+    above = torch.nextafter(th, torch.tensor(float("inf"), dtype=th.dtype)).double() * scale
     if not bool((above == torch.round(above)).all()) or float(above.max()) > scale:
         return None
     points = torch.arange(2**grid_bits + 1, dtype=torch.float64) / scale
-    return codes_from_thresholds(points.float(), th)
+    return codes_from_thresholds(points.to(th.dtype), th)
 
 
 def float32_decision_points(
@@ -190,7 +200,12 @@ class LevelQuantizer(Quantizer):
         :meth:`codes` and fake quantization. On a GPU a binary search over the thresholds is one
         pass; on a CPU a family's closed form (:meth:`closed_form_codes`) is several times faster.
         Both give the number of thresholds strictly below each element (``tests/test_quantizers.py``).
+        With thresholds on a grid (:meth:`code_grid`) the element's grid cell gives the same code,
+        on every device, in one table read.
         """
+        grid = self.code_grid()
+        if grid is not None:
+            return lookup(grid[1], grid_cells(x, grid[0]))
         if x.is_cuda:
             return codes_from_thresholds(x, thresholds, out_int32=True)
         return self.closed_form_codes(x, thresholds)

@@ -26,9 +26,9 @@ from dopq.quantizers.levels import (
     LevelQuantizer,
     _with_ste,
     attention_error,
-    grid_cells,
     lookup,
     snap_thresholds,
+    snapped_in,
 )
 from dopq.quantizers.ranges import row_quantiles
 
@@ -152,9 +152,6 @@ class TanQQuantizer(LevelQuantizer):
         self.register_buffer("clip", torch.tensor(1.0))
 
     def closed_form_codes(self, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-        grid = self.code_grid()
-        if grid is not None:  # snapped thresholds: the cell decides (what the export computes)
-            return lookup(grid[1], grid_cells(x, grid[0]))
         params = [p.detach() for p in self._params()]
         return tan_codes(x, *params, self.bits, thresholds)
 
@@ -222,7 +219,8 @@ class TanQQuantizer(LevelQuantizer):
         levels, thresholds = tan_levels(*(p.float() for p in params), self.bits)
         if self.grid_bits is not None:
             snapped = snap_thresholds(levels, thresholds, self.grid_bits)
-            thresholds = thresholds if snapped is None else snapped
+            if snapped is not None:
+                thresholds = snapped_in(snapped, params[0].dtype)
         return levels.to(params[0].dtype), thresholds.to(params[0].dtype)
 
     def extra_repr(self) -> str:

@@ -23,11 +23,13 @@ __all__ = [
     "RANGE_OBJECTIVES",
     "UniformQuantizer",
     "fake_quantize_uniform",
+    "off_ties",
     "quantize_uniform",
     "round_ste",
     "search_output_range",
     "search_symmetric_range",
     "search_uniform_range",
+    "tie_share",
 ]
 
 DEFAULT_PERCENTILES = (0.999, 0.9999, 0.99999)
@@ -39,6 +41,11 @@ RANGE_OBJECTIVES = ("mse", "output")
 # the same on a sample, and a Swin stage-1 input has 10^5 rows
 OUTPUT_SAMPLE_ROWS = 4096
 _MIN_SCALE = 1e-8
+# A per-tensor scale that puts more than this share of its calibration input exactly on rounding ties
+# (x / s = k + 1/2) is moved by TIE_NUDGE (relative): see off_ties
+TIE_SHARE = 1e-3
+TIE_NUDGE = 2.0**-20
+_TIE_SAMPLE = 1 << 20
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -114,6 +121,34 @@ class _FakeQuantizeSTE(torch.autograd.Function):
 def _row_mse(rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-row mean squared error of :func:`fake_quantize_uniform` (its in-place no-autograd path)."""
     return fake_quantize_uniform(rows, scale, zero_point, bits).sub_(rows).pow_(2).mean(1)
+
+
+def tie_share(x: torch.Tensor, scale: torch.Tensor) -> float:
+    """Share of the elements of ``x`` (a strided sample of at most ``2^20``) at an exact rounding
+    tie of a per-tensor ``scale``: ``x / s`` a whole number plus one half."""
+    flat = x.detach().reshape(-1).float()
+    sample = flat[:: max(1, flat.numel() // _TIE_SAMPLE)]
+    t = sample / scale.reshape(())
+    return float(((t - t.floor()) == 0.5).float().mean())
+
+
+def off_ties(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``scale``, or, where more than ``TIE_SHARE`` of ``x`` sits exactly on its rounding ties, the
+    scale moved by ``TIE_NUDGE`` (once more if needed, at most three times).
+
+    Runtimes round ties differently (ONNX's ``QuantizeLinear`` and torch half to even, OpenVINO's
+    ``FakeQuantize`` half away from zero), which no export can reconcile. A continuous input meets a
+    tie only by float32 granularity; an input on a lattice, such as ``attn @ v`` over 2-bit levels and
+    codes (sums of a few products), meets one wherever the searched range spans a whole number of
+    lattice steps: in a tiny DeiT-III at W2/A2 a tenth of the ``proj`` inputs, which OpenVINO then
+    rounded the other way on most images. The move, one part in 2^20, changes no code of a value
+    farther than that from a tie and takes every lattice point off them.
+    """
+    for _ in range(3):
+        if tie_share(x, scale) <= TIE_SHARE:
+            break
+        scale = scale * (1.0 + TIE_NUDGE)
+    return scale
 
 
 def _range_to_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -355,9 +390,12 @@ class UniformQuantizer(Quantizer):
             and not self.symmetric
         ):
             sample, output_error = _sampled_consumer(x, context)
-            self.set_qparams(*search_output_range(x, self.bits, output_error, self.percentiles, sample))
-            return
-        self.set_qparams(*self.searched_qparams(x))
+            scale, zero_point = search_output_range(x, self.bits, output_error, self.percentiles, sample)
+        else:
+            scale, zero_point = self.searched_qparams(x)
+        if self.channel_axis is None:
+            scale = off_ties(x, scale)
+        self.set_qparams(scale, zero_point)
 
     def searched_qparams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``(scale, zero_point)`` this quantizer's range search gives ``x`` (not installed)."""
