@@ -589,6 +589,20 @@ class DeployMatMul(nn.Module):
             self.qdq_a = _optional_qdq(qa, f"{where} (left operand)")
         self.qdq_b = _optional_qdq(layer.quantizer_b, f"{where} (right operand)")
         self.register_buffer("zero", torch.tensor(0, dtype=torch.uint8))
+        # OpenVINO runs attn @ v over float levels as a float MatMul whatever form v takes, and it ran
+        # v's pair without zero point as a stand-alone FakeQuantize, whose float32 rounding of
+        # x / s + 128 moved codes within ~1e-5 of a boundary and put values ~1e-5 off the grid:
+        # below 8 bits, v keeps its uint8 codes with their zero point, clipped on the codes (no
+        # FakeQuantize there), as in the onnxruntime form (docs/export.md, "Rounding in OpenVINO")
+        self.float_levels_product = (
+            self.symmetric
+            and self.levels is not None
+            and not self.level_scale
+            and isinstance(self.qdq_b, ActivationQDQ)
+            and self.qdq_b.bits < 8
+        )
+        if self.float_levels_product:
+            self.qdq_b.clip_codes = True
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if self.float64:
@@ -597,7 +611,7 @@ class DeployMatMul(nn.Module):
             a = self.levels(a)
             if self.level_scale:
                 a = qdq(a, self.level_scale, 0, 8)
-        if self.symmetric:
+        if self.symmetric and not self.float_levels_product:
             return _symmetric_product(self.qdq_a, a, self.qdq_b, b)
         return self.qdq_a(a) @ self.qdq_b(b)
 
