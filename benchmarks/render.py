@@ -598,6 +598,14 @@ _DEPLOY_NOTES = {  # what a suffixed deploy run measured, beside its presets
     "cell tables stored as their steps (timing and sizes), on a second Intel Xeon with VNNI and AMX",
     "deploy_runtimes_xeon_amx_w88_swin": ", Swin-Tiny, the recommended preset's W8/A8 (accuracy only) after the "
     "INT4 packing and post-Softmax table changes, on a second Intel Xeon with VNNI and AMX",
+    "deploy_runtimes_xeon_amx_vcodes": ", the recommended preset's W4/A4 and W3/A3 with OpenVINO's `v` of a float "
+    "`attn @ v` in uint8 codes clipped on the codes (session 37), on a second Intel Xeon with VNNI and AMX",
+    "deploy_runtimes_xeon_amx_vcodes_w44_all": ", the recommended preset's W4/A4 on all 10 000 test images "
+    "(accuracy only) with OpenVINO's `v` of a float `attn @ v` in uint8 codes clipped on the codes (session 37), "
+    "on a second Intel Xeon with VNNI and AMX",
+    "deploy_runtimes_xeon_amx_vcodes_swin": ", Swin-Tiny, the recommended preset's W4/A4 and W3/A3 (accuracy only) "
+    "with OpenVINO's `v` of a float `attn @ v` in uint8 codes clipped on the codes (session 37), on a second Intel "
+    "Xeon with VNNI and AMX",
     "deploy_runtimes_xeon_amx_low_widths_swin": ", Swin-Tiny, the recommended preset at the widths below 8 bits "
     "other than W4/A4 and W4/A8 (W2/A2, W3/A3, W5/A5, W6/A6, W7/A7), every weight of at most 4 bits stored as INT4, "
     "OpenVINO's post-Softmax levels above 4 bits read from the cell table, on a second Intel Xeon with VNNI and AMX",
