@@ -31,12 +31,12 @@ from dopq.export import (
     optimized_op_counts,
     to_deploy,
 )
-from dopq.export.deploy import DeployLinear, symmetric_weights
+from dopq.export.deploy import DeployLinear, DeployMatMul, symmetric_weights
 from dopq.export.openvino_runtime import compile_model
 from dopq.export.symbolic import int8_shift
 from dopq.models import qkv_paths
 from dopq.modules import QuantLinear, QuantMatMul
-from dopq.quantizers import UniformQuantizer
+from dopq.quantizers import UniformQuantizer, build_quantizer
 from dopq.quantizers.uniform import TIE_NUDGE, TIE_SHARE, tie_share
 
 pytest.importorskip("openvino")
@@ -581,9 +581,6 @@ def test_openvino_takes_the_v_codes_of_a_float_attention_product_exactly(tmp_pat
     values ~1e-5 of a step off the grid (DeiT-Tiny W3/A3: 91.8 % of the predictions identical to the
     simulation, onnxruntime 97.4 %). Below 8 bits ``v`` keeps its uint8 codes clipped on the codes:
     with ``v`` within 1e-5 of a step of its boundaries, OpenVINO gives the simulated product."""
-    from dopq.export.deploy import DeployMatMul
-    from dopq.quantizers import build_quantizer
-
     gen = torch.Generator().manual_seed(0)
     layer = QuantMatMul(build_quantizer("tanq", 3, objective="mse", grid_bits=16), UniformQuantizer(3))
     for q in (layer.quantizer_a, layer.quantizer_b):

@@ -847,7 +847,7 @@ def test_a_per_tensor_scale_is_moved_off_a_lattice_of_rounding_ties(bits: int) -
     # no code moves except at the ties: elsewhere the values keep their codes
     t = lattice / searched
     tied = (t - t.floor()) == 0.5
-    moved = q.codes(lattice) != _codes_at(lattice, searched, q)
+    moved = q.codes(lattice) != quantize_uniform(lattice, searched, q.zero_point, q.bits).long()
     assert bool((moved <= tied).all())
     continuous = torch.randn(20000, generator=torch.Generator().manual_seed(0))
     c = UniformQuantizer(bits)
@@ -856,7 +856,3 @@ def test_a_per_tensor_scale_is_moved_off_a_lattice_of_rounding_ties(bits: int) -
     assert tie_share(continuous, c.scale) <= TIE_SHARE
     assert torch.equal(c.scale, c.searched_qparams(continuous)[0].reshape(-1))
     assert torch.equal(off_ties(continuous, c.scale), c.scale)
-
-
-def _codes_at(x: torch.Tensor, scale: torch.Tensor, q: UniformQuantizer) -> torch.Tensor:
-    return torch.clamp(torch.round(x / scale) + q.zero_point, 0, 2**q.bits - 1).long()

@@ -479,10 +479,11 @@ class SoftmaxLevels(nn.Module):
         super().__init__()
         q = q.resolve()  # a per-module choice ("auto") exports as the family it chose
         levels, thresholds = (t.detach() for t in q.level_table())
-        if q.code_grid() is not None:  # float64 values just below a grid point stay below it
+        code_grid = q.code_grid()
+        if code_grid is not None:  # float64 values just below a grid point stay below it
             thresholds = snapped_in(thresholds, torch.float64)
         self.table = (levels.double().tolist(), thresholds.double().tolist())
-        grid = q.code_grid() if _reads_cell_table(target, q.bits) else None
+        grid = code_grid if _reads_cell_table(target, q.bits) else None
         if grid is not None:
             cell_levels = q.lookup_table().float().cpu()[grid[1].cpu()]
             self.register_buffer("levels", cell_levels.clone())

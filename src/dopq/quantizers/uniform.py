@@ -126,9 +126,8 @@ def _row_mse(rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, 
 def tie_share(x: torch.Tensor, scale: torch.Tensor) -> float:
     """Share of the elements of ``x`` (a strided sample of at most ``2^20``) at an exact rounding
     tie of a per-tensor ``scale``: ``x / s`` a whole number plus one half."""
-    flat = x.detach().reshape(-1).float()
-    sample = flat[:: max(1, flat.numel() // _TIE_SAMPLE)]
-    t = sample / scale.reshape(())
+    flat = x.detach().reshape(-1)
+    t = flat[:: max(1, flat.numel() // _TIE_SAMPLE)].float() / scale.reshape(())
     return float(((t - t.floor()) == 0.5).float().mean())
 
 
