@@ -71,13 +71,42 @@ def test_save_load_round_trip_is_exact(tmp_path):
     loaded, cfg2, meta = load_quantized(path)
     with torch.no_grad():
         assert torch.equal(loaded(images), q(images))
-    assert cfg2 == cfg and meta == {"note": "x"}
+    # the model's own preprocessing is recorded unless the caller gives one, and reloaded with it
+    recorded = {"input_size": [3, 160, 160], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic"}
+    assert cfg2 == cfg and meta == {"note": "x", "preprocess": {**recorded, "crop_pct": 0.95}}
+    q.pretrained_cfg = {**q.pretrained_cfg, "mean": (0.25, 0.25, 0.25)}
+    loaded, _, meta = load_quantized(save_quantized(q, tmp_path / "q2.pt", cfg))
+    assert meta["preprocess"]["mean"] == [0.25] * 3 and loaded.pretrained_cfg["mean"] == (0.25, 0.25, 0.25)
     with pytest.raises(CheckpointError, match="made for test_vit, not deit_tiny_patch16_224"):
         load_quantized(path, arch="deit_tiny_patch16_224")
     junk = tmp_path / "junk.pt"
     torch.save({"x": torch.zeros(1)}, junk)
     with pytest.raises(CheckpointError, match="not a dopq quantized model"):
         load_quantized(junk)
+
+
+def test_a_timm_model_created_with_other_shapes_saves_with_its_arguments_or_not_at_all(tmp_path):
+    """A Swin created with its own image and window size: its name alone rebuilds other shapes. Only
+    the attention masks (buffers) follow the image size, so with the dimensions but not ``img_size``
+    a reload would load and compute something else: the save refuses both and takes the arguments."""
+    dims = dict(embed_dim=32, depths=(2, 2), num_heads=(1, 2), window_size=4)
+    model = timm.create_model("swin_tiny_patch4_window7_224", img_size=64, num_classes=10, **dims).eval()
+    images = torch.randn(8, 3, 64, 64)
+    cfg = dopq.get_preset("dopq", w_bits=8, a_bits=8)
+    q = dopq.quantize(model, images, cfg, progress=False)
+    with pytest.raises(
+        CheckpointError, match=r"patch_embed.proj.weight is \(32, 3, 4, 4\) here.*model_kwargs"
+    ):
+        save_quantized(q, tmp_path / "q.pt", cfg)
+    with pytest.raises(CheckpointError, match=r"attn_mask is .* here"):
+        save_quantized(q, tmp_path / "q.pt", cfg, model_kwargs=dims)
+    with pytest.raises(CheckpointError, match="model_kwargs must be numbers"):
+        save_quantized(q, tmp_path / "q.pt", cfg, model_kwargs={"img_size": 64, "act_layer": torch.nn.GELU})
+    loaded, _, _ = load_quantized(
+        save_quantized(q, tmp_path / "q.pt", cfg, model_kwargs={"img_size": 64, **dims})
+    )
+    with torch.no_grad():
+        assert torch.equal(loaded(images), q(images))
 
 
 def test_reconstruction_lowers_block_error_and_is_deterministic(tmp_path):

@@ -177,10 +177,12 @@ def test_w4a4_export_and_save_round_trip(family: str, tmp_path: Path) -> None:
     assert torch.equal(onnx_out.argmax(1), out.argmax(1))
 
 
-def test_float64_export_reproduces_the_float64_simulation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("family", ["swin", "beit"])
+def test_float64_export_reproduces_the_float64_simulation(family: str, tmp_path: Path) -> None:
     """Swin: the average pooling swapped for a module with float64 kernels, and ``transformers``'
-    own GELU module's ``erf`` run in float32 by the export (onnxruntime has no float64 ``Erf``)."""
-    family = "swin"
+    own GELU module's ``erf`` run in float32 by the export (onnxruntime has no float64 ``Erf``).
+    BEiT: the relative position bias read from its table without ``transformers``' identity resize
+    (onnxruntime has no float64 ``Resize``; the export was refused)."""
     from dopq.export import OnnxModel, export_onnx
     from dopq.modules import float64_copy
 
@@ -193,6 +195,84 @@ def test_float64_export_reproduces_the_float64_simulation(tmp_path: Path) -> Non
         assert torch.equal(
             OnnxModel(tmp_path / "q64.onnx", threads=1)(x).double(), float64_copy(qmodel)(x.double())
         )
+
+
+def _beit_bias_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "relative_position_bias_table")]
+
+
+@pytest.mark.parametrize("window", [(4, 4), (6, 6), (3, 5)], ids=["trained", "larger", "non-square"])
+@pytest.mark.parametrize("interpolate", [False, True])
+def test_beit_position_bias_module_computes_transformers_values(
+    window: tuple[int, int], interpolate: bool
+) -> None:
+    from dopq.models.hf import IndexedRelativePositionBias
+
+    original = _beit_bias_modules(tiny("beit"))[0]
+    swapped = IndexedRelativePositionBias(original)
+    assert (
+        swapped.relative_position_bias_table is original.relative_position_bias_table
+    )  # same key, same values
+    dim = window[0] * window[1] + 3
+    with torch.no_grad():
+        expected = original(window, interpolate, dim_size=dim)
+        assert torch.equal(swapped(window, interpolate, dim_size=dim), expected)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["own-bias", "shared-bias"])
+def test_beit_quantizes_after_an_inference_mode_forward(shared: bool) -> None:
+    """``transformers`` caches BEiT's position index process-wide; one built during an evaluation under
+    ``torch.inference_mode`` (the CLI's FP baseline) made the structure walk's forward with gradients
+    fail ("Inference tensors cannot be saved for backward"). A 40-pixel model: a 5 x 5 window no other
+    test builds, so the cache holds that index only as this test's evaluation made it."""
+    t = transformers
+    config = t.BeitConfig(
+        **{**VIT_LIKE, "image_size": 40}, intermediate_size=64, num_labels=5,
+        use_relative_position_bias=not shared, use_shared_relative_position_bias=shared,
+    )  # fmt: skip
+    config.architectures = ["BeitForImageClassification"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = t.BeitForImageClassification(config).eval()
+    for m in _beit_bias_modules(model):
+        with torch.no_grad():
+            m.relative_position_bias_table.normal_(0, 0.5)
+    x = torch.randn(4, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        reference = model(pixel_values=x).logits.clone()
+    calib = torch.randn(8, 3, 40, 40, generator=torch.Generator().manual_seed(1))
+    qmodel, report = dopq.quantize_with_report(
+        model, calib, dopq.get_preset("dopq", w_bits=8, a_bits=8), progress=False
+    )
+    assert report.coverage.complete and report.reparam.max_logit_change <= 1e-4
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(qmodel(x), reference).mean() > 0.8
+
+
+def test_saved_and_exported_models_keep_the_preprocessing_they_were_wrapped_with(tmp_path: Path) -> None:
+    """Through the Python API, with no metadata given: a DINOv2 configured at 32 pixels, run at 48
+    (its position embeddings interpolate) with its own mean and std. The reloaded model took the
+    config's 32 pixels and the default normalization, and its export then failed at run time."""
+    from dopq.export import OnnxModel, export_onnx
+    from dopq.export.runtime import read_metadata
+
+    pre = {"input_size": (3, 48, 48), "mean": (0.2, 0.3, 0.4), "std": (0.6, 0.5, 0.4)}
+    wrapped = wrap_hf_model(tiny("dinov2"), pre)
+    x = torch.randn(4, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    config = dopq.get_preset("dopq", w_bits=8, a_bits=8)
+    qmodel = dopq.quantize(wrapped, torch.randn(8, 3, 48, 48), config, progress=False)
+    loaded, _, meta = load_quantized(save_quantized(qmodel, tmp_path / "q.pt", config))
+    for key, value in pre.items():
+        assert tuple(loaded.pretrained_cfg[key]) == value and tuple(meta["preprocess"][key]) == value
+    with torch.no_grad():
+        out = qmodel(x)
+        assert torch.equal(loaded(x), out)
+    export_onnx(loaded, tmp_path / "q.onnx")
+    assert {
+        k: tuple(v) for k, v in read_metadata(tmp_path / "q.onnx")["preprocess"].items() if k in pre
+    } == pre
+    with torch.no_grad():
+        assert (OnnxModel(tmp_path / "q.onnx", threads=1)(x) - out).abs().max() < 1e-3
 
 
 @pytest.mark.parametrize("family", ["swin", "beit"])

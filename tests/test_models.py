@@ -7,6 +7,7 @@ import copy
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from conftest import DEIT, SWIN, require
@@ -71,6 +72,53 @@ def test_layernorm_pairs_found_from_the_graph():
     assert pairs["layers.1.downsample.norm"] == ["layers.1.downsample.reduction"]
     assert "norm" not in pairs  # the head reads pooled features, not a LayerNorm output
     assert len(pairs) == 8 * 2 + 3
+
+
+class _PaddedNorm(nn.Module):
+    """A LayerNorm output padded (or cropped) along the tokens before the Linear that reads it."""
+
+    def __init__(self, pad: tuple[int, ...]) -> None:
+        super().__init__()
+        self.norm, self.fc, self.pad = nn.LayerNorm(8), nn.Linear(8, 8), pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.pad(self.norm(x), self.pad))
+
+
+@pytest.mark.parametrize(
+    ("pad", "paired"),
+    [((0, 0, 0, 0), True), ((0, 0, 0, 2), False), ((0, 0, 1, 0), False)],
+    ids=["nothing", "pad-after", "pad-before"],
+)
+def test_only_a_pad_that_adds_no_tokens_keeps_a_pair(pad: tuple[int, ...], paired: bool) -> None:
+    """A padded token is 0 before a fold and would have to stay what 0 was after it, which a
+    per-channel scale and shift cannot give: a pad that adds tokens ends the pair."""
+    pairs = find_layernorm_pairs(_PaddedNorm(pad), torch.zeros(2, 5, 8))
+    assert [(p.norm, p.linears) for p in pairs] == ([("norm", ["fc"])] if paired else [])
+
+
+def test_swin_with_windows_padded_over_the_token_grid_quantizes_and_keeps_its_function() -> None:
+    """A 10 x 10 token grid under 4 x 4 windows: Swin zero-pads each block's LayerNorm output to
+    12 x 12 before ``qkv`` (the second stage 5 x 5 to 8 x 8). Those LayerNorms are not folded (the
+    re-parameterization used to refuse the model, its float check failing); the MLPs' and the patch
+    merging's are."""
+    import dopq
+
+    kwargs = dict(embed_dim=32, depths=(1, 1), num_heads=(1, 2), img_size=40, window_size=4, num_classes=10)
+    model = _randomize(timm.create_model("swin_tiny_patch4_window7_224", **kwargs).eval())
+    x = torch.randn(4, 3, 40, 40)
+    pairs = {p.norm for p in find_layernorm_pairs(model, x)}
+    assert pairs == {"layers.0.blocks.0.norm2", "layers.1.downsample.norm", "layers.1.blocks.0.norm2"}
+    with torch.no_grad():
+        y_ref = model(x)
+    qmodel, report = dopq.quantize_with_report(
+        copy.deepcopy(model), x, get_preset("dopq", w_bits=8, a_bits=8), progress=False
+    )
+    assert report.reparam.max_logit_change <= 1e-4
+    assert report.coverage.quantized["LayerNorm re-parameterized"] == 3
+    with torch.no_grad():
+        y = qmodel(x)
+    assert float(F.cosine_similarity(y, y_ref).min()) > 0.99  # W8/A8 close to the float model
 
 
 class _OddNames(nn.Module):

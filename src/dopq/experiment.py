@@ -45,6 +45,7 @@ from dopq.environment import command_line, cpu_info, environment, file_sha256, g
 from dopq.errors import ConfigError
 from dopq.evaluate import CompiledModel, EvalResult, evaluate, merge_results
 from dopq.models import build_model, get_adapter
+from dopq.models.loading import HF_PREFIX
 from dopq.modules import in_dtype
 
 __all__ = [
@@ -457,7 +458,7 @@ def evaluate_saved(
 def _onnx_preprocess(meta: dict[str, Any], overrides: dict[str, Any] | None) -> Preprocess:
     if isinstance(meta.get("preprocess"), dict):
         pre = Preprocess(**meta["preprocess"])
-    elif meta.get("arch"):
+    elif meta.get("arch") and not str(meta["arch"]).startswith(HF_PREFIX):  # an older file without it
         pre = preprocess_from_model(timm.create_model(meta["arch"], pretrained=False))
     else:
         raise ConfigError("the ONNX model records no preprocessing (export it with dopq export)")

@@ -201,7 +201,10 @@ def reparameterize(
             _logits(model, check_images),
             tolerance,
             "re-parameterization",
-            "a LayerNorm output is used by something other than its paired Linear layers",
+            (
+                "a LayerNorm output is read by something other than its paired Linear layers, or reaches "
+                "them through an operation that does not commute with a per-channel scale and shift"
+            ),
         )
     return report
 

@@ -1,7 +1,8 @@
 """Save a quantized model and load it back for evaluation without redoing the work.
 
 The file (``torch.save`` of plain types only, loaded with ``weights_only=True``) holds the timm
-architecture name (or ``hf:<class>`` and the ``transformers`` config as JSON types), the class count, the recipe, the preprocessing, each uniform quantizer's
+architecture name and the keyword arguments it was created with (or ``hf:<class>`` and the
+``transformers`` config as JSON types), the class count, the recipe, the preprocessing, each uniform quantizer's
 granularity, every quantized weight as its integer codes (uint8, two 4-bit codes per byte at
 W <= 4: the weight quantizer's own ``codes``) and every other parameter and quantizer buffer.
 Loading rebuilds the architecture with timm, inserts quantizers with the same recipe, loads the
@@ -12,6 +13,7 @@ what was saved. Schema 1 files (float weights) still load.
 from __future__ import annotations
 
 import io
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from dopq.config import QuantConfig
 from dopq.errors import CheckpointError
 from dopq.files import atomic_path
 from dopq.models import prepare_model
-from dopq.models.loading import HF_PREFIX
+from dopq.models.loading import HF_PREFIX, model_preprocess
 from dopq.modules import QuantConv2d, QuantLinear, quantizers_of
 from dopq.quantizers import PerChannel, PerTensor, UniformQuantizer
 
@@ -65,7 +67,61 @@ def _build(payload: dict[str, Any]) -> nn.Module:
 
         preprocess = payload["metadata"].get("preprocess")
         return rebuild_hf_model(payload["arch"], payload["hf_config"], preprocess)
-    return timm.create_model(payload["arch"], pretrained=False, num_classes=payload["num_classes"])
+    kwargs = payload.get("model_kwargs", {})
+    model = timm.create_model(payload["arch"], pretrained=False, num_classes=payload["num_classes"], **kwargs)
+    preprocess = payload["metadata"].get("preprocess")
+    if isinstance(preprocess, dict):  # what the saved model was evaluated with, not timm's default
+        model.pretrained_cfg = {**model.pretrained_cfg, **_as_cfg(preprocess)}
+    return model
+
+
+def _as_cfg(preprocess: dict[str, Any]) -> dict[str, Any]:
+    """Saved preprocessing (JSON lists) in ``pretrained_cfg``'s types (tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in preprocess.items()}
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is made of the types a ``weights_only`` load reads back."""
+    if isinstance(value, list | tuple):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, bool | int | float | str)
+
+
+def _shape_mismatch(model: nn.Module, arch: str, num_classes: int, kwargs: dict[str, Any]) -> str | None:
+    """The first parameter or buffer (non-persistent ones too: Swin's attention masks follow the
+    image size) whose shape differs between ``model`` and ``arch`` built from its name, class count
+    and ``kwargs``, on the meta device (no memory, no initialization); None when all agree."""
+    try:
+        with torch.device("meta"):
+            built = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot save: {arch} cannot be built with model_kwargs {kwargs} ({type(exc).__name__}: {exc})"
+        ) from None
+    ours = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name, tensor in itertools.chain(built.named_parameters(), built.named_buffers()):
+        mine = ours.get(name)
+        if mine is not None and mine.shape != tensor.shape:
+            return f"{name} is {tuple(mine.shape)} here, {tuple(tensor.shape)} in {arch} built by name"
+    return None
+
+
+def _timm_kwargs(model: nn.Module, arch: str, model_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """The keyword arguments that rebuild ``model``'s timm architecture, checked: a model created with
+    arguments that change its shapes (``img_size``, ``window_size``, ...) would not load back, or, where
+    only buffers differ, would load and compute something else."""
+    kwargs = dict(model_kwargs or {})
+    if not _plain(list(kwargs.values())):
+        raise CheckpointError(
+            f"cannot save: model_kwargs must be numbers, strings or lists of them, got {kwargs}"
+        )
+    mismatch = _shape_mismatch(model, arch, int(model.num_classes), kwargs)
+    if mismatch is not None:
+        raise CheckpointError(
+            f"cannot save: {mismatch}; pass the arguments the model was created with as model_kwargs "
+            "(e.g. model_kwargs={'img_size': 384})"
+        )
+    return kwargs
 
 
 def granularities(model: nn.Module) -> dict[str, int | None]:
@@ -130,6 +186,7 @@ def save_quantized(
     path: str | Path,
     config: QuantConfig,
     metadata: dict[str, Any] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> Path:
     """Write a quantized model to ``path``.
 
@@ -137,7 +194,12 @@ def save_quantized(
         model: a model returned by :func:`dopq.quantize`.
         path: output file (``.pt``).
         config: the recipe it was quantized with.
-        metadata: extra JSON-like information (e.g. preprocessing, the command line).
+        metadata: extra JSON-like information (e.g. the command line); its ``preprocess`` entry
+            defaults to the model's own (:func:`dopq.models.loading.model_preprocess`), which the
+            reloaded model takes.
+        model_kwargs: for a timm model, the keyword arguments it was created with besides its name
+            and class count (e.g. ``{"img_size": 384}``); the save refuses a model whose shapes its
+            name and these arguments do not rebuild.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,12 +213,14 @@ def save_quantized(
         "num_classes": int(model.num_classes),
         "config": config.to_dict(),
         "granularity": granularities(model),
-        "metadata": metadata or {},
+        "metadata": {"preprocess": model_preprocess(model), **(metadata or {})},
         "state_dict": state,
         "weight_codes": codes,
     }
     if arch.startswith(HF_PREFIX):
         payload["hf_config"] = _hf_config(model)
+    else:
+        payload["model_kwargs"] = _timm_kwargs(model, arch, model_kwargs)
     # Serialized in memory first: torch.save names the archive after the file it writes, and the
     # temporary name would make two saves of the same model differ. Same model -> same bytes.
     buffer = io.BytesIO()

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from timm.data import create_transform, resolve_data_config
+from timm.data import create_transform
 from torch import Tensor, nn
 
 from dopq.errors import DataError
+from dopq.models.loading import model_preprocess
 
 __all__ = ["Preprocess", "build_transform", "card_path_for", "preprocess_from_card", "preprocess_from_model"]
 
@@ -137,14 +138,7 @@ def preprocess_from_model(model: nn.Module) -> Preprocess:
     Returns:
         The model's preprocessing.
     """
-    cfg = resolve_data_config(model=model)
-    return Preprocess(
-        input_size=cfg["input_size"],
-        mean=cfg["mean"],
-        std=cfg["std"],
-        interpolation=cfg["interpolation"],
-        crop_pct=cfg["crop_pct"],
-    )
+    return Preprocess(**model_preprocess(model))
 
 
 def build_transform(pre: Preprocess) -> Callable[[Image.Image], Tensor]:

@@ -42,6 +42,7 @@ from dopq.export.qkv_scale import share_qkv_scales
 from dopq.export.symbolic import CONTRIB_DOMAIN
 from dopq.files import atomic_path, check_output_path
 from dopq.models import example_input
+from dopq.models.loading import model_preprocess
 
 __all__ = ["DEFAULT_OPSET", "MIN_OPSET", "ExportReport", "check_export_target", "export_onnx", "require_onnx"]
 
@@ -377,6 +378,7 @@ def _model_metadata(model: nn.Module, integer_levels: bool, dtype: torch.dtype) 
         "dopq_version": dopq.__version__,
         "integer_attention": integer_levels,
         "float_dtype": _DTYPE_NAMES[dtype],
+        "preprocess": model_preprocess(model),  # what `dopq evaluate --onnx` feeds it
     }
 
 

@@ -12,6 +12,7 @@ the ``eager`` and ``sdpa`` implementations become the same explicit, quantized c
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from dopq.models.attention import ValuePath, _MatMulSlots
 try:
     import transformers
     from transformers.modeling_layers import GradientCheckpointingLayer
-    from transformers.models.beit.modeling_beit import BeitAttention
+    from transformers.models.beit.modeling_beit import BeitAttention, BeitRelativePositionBias
     from transformers.models.deit.modeling_deit import DeiTAttention
     from transformers.models.dinov2.modeling_dinov2 import Dinov2Attention
     from transformers.models.swin.modeling_swin import SwinAttention, SwinPatchMerging
@@ -172,15 +173,69 @@ class MeanPool1d(nn.Module):
         return x.mean(dim=-1, keepdim=True)
 
 
+class IndexedRelativePositionBias(nn.Module):
+    """``transformers``' BEiT relative position bias, the same values, with its index held as a buffer.
+
+    ``transformers`` resizes the table with a bilinear interpolation on every call (an identity at the
+    trained window, but a ``Resize`` that onnxruntime has no float64 kernel for) and caches the index
+    process-wide: an index first built under ``torch.inference_mode`` (an evaluation) then breaks every
+    forward with gradients (dopq's structure walk). Here the trained window reads the table directly;
+    another window resizes it as ``transformers`` does, with an index built on each call. The table is
+    the original parameter, under the same state-dict key.
+    """
+
+    def __init__(self, original: BeitRelativePositionBias) -> None:
+        super().__init__()
+        self.relative_position_bias_table = original.relative_position_bias_table
+        self.window_size = (int(original.window_size[0]), int(original.window_size[1]))
+        self.num_relative_distance = original.num_relative_distance
+        self._index_of = inspect.unwrap(type(original).generate_relative_position_index)  # no cache
+        with torch.inference_mode(False):
+            index = self._index_of(self.window_size).clone()
+        self.register_buffer("index", index, persistent=False)
+
+    def _resized_table(self, window: tuple[int, int]) -> torch.Tensor:
+        """The table for another window: the relative-distance grid resized bilinearly (transformers'
+        layout, width before height), the three class-token entries kept."""
+        table = self.relative_position_bias_table
+        old_h, old_w = 2 * self.window_size[0] - 1, 2 * self.window_size[1] - 1
+        new_h, new_w = 2 * window[0] - 1, 2 * window[1] - 1
+        grid = table[: old_h * old_w].reshape(1, old_w, old_h, -1).permute(0, 3, 1, 2)
+        grid = nn.functional.interpolate(grid, size=(new_h, new_w), mode="bilinear")
+        return torch.cat([grid.permute(0, 2, 3, 1).reshape(new_h * new_w, -1), table[old_h * old_w :]])
+
+    def forward(
+        self,
+        window_size: tuple[int, int],
+        interpolate_pos_encoding: bool = False,
+        dim_size: int | None = None,
+    ) -> torch.Tensor:
+        window = (int(window_size[0]), int(window_size[1]))
+        if window == self.window_size:
+            table, index = self.relative_position_bias_table, self.index
+        else:
+            table, index = self._resized_table(window), self._index_of(window).to(self.index.device)
+        tokens = window[0] * window[1] + 1
+        bias = table[index.reshape(-1)].reshape(tokens, tokens, -1).permute(2, 0, 1).contiguous()
+        if interpolate_pos_encoding:
+            bias = nn.functional.interpolate(
+                bias.unsqueeze(1), size=(dim_size, dim_size), mode="bilinear", align_corners=False
+            ).squeeze(1)
+        return bias.unsqueeze(0)
+
+
 def _exportable(module: nn.Module) -> nn.Module | None:
     """A torch module computing the same function as ``module`` that the export knows, or None."""
     if type(module) is nn.AdaptiveAvgPool1d and module.output_size in (1, (1,)):
         return MeanPool1d()  # Swin's pooler
+    if type(module) is BeitRelativePositionBias:
+        return IndexedRelativePositionBias(module)
     return None
 
 
 def _use_exportable_modules(model: nn.Module) -> None:
-    """Swap Swin's average pooling for an equal module the float64 export can run."""
+    """Swap Swin's average pooling and BEiT's relative position bias for equal modules the float64
+    export can run."""
     for name, module in list(model.named_modules()):
         new = _exportable(module)
         if new is not None:

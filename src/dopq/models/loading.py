@@ -24,11 +24,20 @@ __all__ = [
     "card_for",
     "is_transformers_model",
     "load_state_dict",
+    "model_preprocess",
 ]
 
 log = logging.getLogger(__name__)
 _HEAD_KEYS = ("head.weight", "head.fc.weight")
 HF_PREFIX = "hf:"  # --model hf:FOLDER, a transformers save_pretrained folder
+
+
+def model_preprocess(model: nn.Module) -> dict[str, Any]:
+    """The evaluation preprocessing a model records in its ``pretrained_cfg`` (timm's defaults fill
+    the gaps) as JSON types: ``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``."""
+    cfg = timm.data.resolve_data_config(model=model)
+    keys = ("input_size", "mean", "std", "interpolation", "crop_pct")
+    return {k: list(cfg[k]) if isinstance(cfg[k], tuple | list) else cfg[k] for k in keys}
 
 
 def is_transformers_model(model: object) -> bool:

@@ -1,8 +1,11 @@
 """Find which Linear layers read a LayerNorm's output, from the autograd graph of one forward pass.
 
 A Linear whose input is a LayerNorm output, possibly after token rearrangements that keep the
-channel (last) axis (views, permutes, transposes, Swin's roll/pad/window partition), is a re-parameterization
-candidate. Layer roles come from module types and data flow, never from names: a pooled or
+channel (last) axis (views, permutes, transposes, Swin's roll and window partition), is a
+re-parameterization candidate. Padding is not a rearrangement: a padded token is 0 before the fold and
+must stay what 0 was after it, which a per-channel fold cannot give (Swin pads the LayerNorm output to
+whole windows where the token grid is not a multiple of the window), so only a pad of nothing
+passes (timm's Swin calls ``F.pad`` with zeros where the grid fits). Layer roles come from module types and data flow, never from names: a pooled or
 token-selected input (the classifier head) is not a pair. A LayerNorm whose output is also read by
 anything else (a post-norm residual, as in Swin-V2's patch merging) is not a pair either: folding
 into it would change the float function, so its Linear keeps a per-tensor input quantizer.
@@ -27,7 +30,6 @@ _TOKEN_REARRANGEMENTS = frozenset(
         "CloneBackward0",
         "PermuteBackward0",
         "TransposeBackward0",  # transformers' Swin window partition: transpose(2, 3) of a 6-d view
-        "ConstantPadNdBackward0",
         "RollBackward0",
     }
 )
@@ -41,10 +43,22 @@ class LayerNormPair:
     linears: list[str] = field(default_factory=list)
 
 
+def _pads_nothing(node: object) -> bool:
+    """True for a constant pad of zero amounts on every axis (a crop is refused too: autograd keeps
+    negative amounts as unsigned integers)."""
+    pad = getattr(node, "_saved_pad", None)
+    return pad is not None and all(p == 0 for p in pad)
+
+
+def _is_rearrangement(node: object) -> bool:
+    name = node.name()
+    return name in _TOKEN_REARRANGEMENTS or (name == "ConstantPadNdBackward0" and _pads_nothing(node))
+
+
 def _chain(node: object | None) -> list[object]:
     """``node`` and the token rearrangements above it, up to the first other node (inclusive)."""
     chain = [node]
-    while node is not None and node.name() in _TOKEN_REARRANGEMENTS and node.next_functions:
+    while node is not None and _is_rearrangement(node) and node.next_functions:
         node = node.next_functions[0][0]
         chain.append(node)
     return chain
