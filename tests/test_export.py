@@ -1052,3 +1052,73 @@ def test_identical_pairs_after_a_split_become_one_pair_before_its_rearrangements
     different = _split_graph((0.02, 0.02, 0.03))
     assert merge_split_qdq(different) == 0
     assert [n.op_type for n in different.graph.node].count("QuantizeLinear") == 3
+
+
+def _perturbed(model: nn.Module) -> nn.Module:
+    """Every parameter moved by N(0, 0.02^2): timm's zero biases and unit norms would leave layers inert."""
+    gen = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model.eval()
+
+
+_TINY_VIT = dict(embed_dim=64, depth=2, num_heads=2, img_size=32, patch_size=8, num_classes=10)
+
+
+def test_a_partial_model_with_float_attention_pooling_exports_saves_and_loads(tmp_path: Path) -> None:
+    """An attention-pool head dopq does not know (timm's ``AttentionPoolLatent``), left float with
+    allow_partial: the export traced its fused ``scaled_dot_product_attention`` (a raw TypeError), and
+    the saved file was refused on load (allow_partial was a CLI-only record)."""
+    from dopq.serialize import load_quantized, save_quantized
+
+    torch.manual_seed(0)
+    model = _perturbed(timm.create_model("vit_base_patch16_224", global_pool="map", **_TINY_VIT))
+    assert model.attn_pool.fused_attn
+    images = torch.randn(8, 3, 32, 32)
+    config = dopq.get_preset("recommended", w_bits=8, a_bits=8)
+    qmodel = dopq.quantize(model, images, config, progress=False, allow_partial=True)
+    kwargs = {**_TINY_VIT, "global_pool": "map"}
+    loaded, _, _ = load_quantized(save_quantized(qmodel, tmp_path / "q.pt", config, model_kwargs=kwargs))
+    with torch.no_grad():
+        out = qmodel(images)
+        assert torch.equal(loaded(images), out)
+    export_onnx(qmodel, tmp_path / "q.onnx")
+    with torch.no_grad():  # 8-bit codes a float rounding apart move logits by a few thousandths
+        assert (OnnxModel(tmp_path / "q.onnx", threads=1)(images) - out).abs().max() < 0.05 * out.std()
+
+
+def test_rms_norm_models_export_in_float32_and_exactly_in_float64(tmp_path: Path) -> None:
+    """timm's ``RmsNorm`` (AIMv2's layout: RMS norms, no class token, average pooling): torch's ONNX
+    exporter has no ``rms_norm`` below opset 23 and every export stopped with its error."""
+    from dopq.modules import float64_copy
+
+    torch.manual_seed(0)
+    model = _perturbed(timm.create_model("aimv2_large_patch14_224", **_TINY_VIT))
+    images = torch.randn(8, 3, 32, 32)
+    qmodel = dopq.quantize(model, images, dopq.get_preset("recommended", w_bits=4, a_bits=4), progress=False)
+    export_onnx(qmodel, tmp_path / "q.onnx")
+    export_onnx(qmodel, tmp_path / "q64.onnx", float_dtype="float64")
+    assert not any(n.op_type.startswith("RMS") for n in onnx.load(str(tmp_path / "q.onnx")).graph.node)
+    with torch.no_grad():
+        out = qmodel(images)
+        assert (OnnxModel(tmp_path / "q.onnx", threads=1)(images) - out).abs().max() < 1e-3 * out.abs().max()
+        assert torch.equal(
+            OnnxModel(tmp_path / "q64.onnx", threads=1)(images).double(),
+            float64_copy(qmodel)(images.double()),
+        )
+
+
+def test_what_the_onnx_exporter_cannot_trace_is_an_export_error(tmp_path: Path) -> None:
+    class Untraceable(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.special.airy_ai(x)  # no ONNX form
+
+    torch.manual_seed(0)
+    model = _perturbed(timm.create_model("vit_base_patch16_224", **_TINY_VIT))
+    qmodel = dopq.quantize(
+        model, torch.randn(4, 3, 32, 32), dopq.get_preset("dopq", w_bits=8, a_bits=8), progress=False
+    )
+    qmodel.fc_norm = Untraceable()
+    with pytest.raises(ExportError, match=r"exporter cannot trace this model: .*airy"):
+        export_onnx(qmodel, tmp_path / "q.onnx")

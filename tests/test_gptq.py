@@ -296,6 +296,40 @@ def test_a_layer_without_calibration_input_is_named() -> None:
         gptq_model(model, torch.randn(16, 8))
 
 
+class _DepthwiseStem(nn.Module):
+    """A depthwise convolution (as in a convolutional stem) before a dense one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depthwise = QuantConv2d(
+            nn.Conv2d(4, 4, 3, padding=1, groups=4), None, UniformQuantizer(3, PerChannel(0))
+        )
+        self.dense = QuantConv2d(nn.Conv2d(4, 6, 2, stride=2), None, UniformQuantizer(3, PerChannel(0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense(self.depthwise(x))
+
+
+def test_a_grouped_conv_keeps_nearest_rounding_and_the_rest_is_gptq() -> None:
+    """GPTQ's Hessian is for one matrix product of unfolded rows; a depthwise Conv2d is not one, and
+    GPTQ stopped the whole recipe on it (timm's vitamin stem)."""
+    torch.manual_seed(0)
+    model = _DepthwiseStem()
+    for layer in (model.depthwise, model.dense):
+        layer.weight_quantizer.observing = True
+        layer.weight_quantizer(layer.weight)
+        layer.weight_quantizer.observing = False
+    float_weights = {n: m.weight.detach().clone() for n, m in model.named_children()}
+    nearest = {n: m.weight_quantizer(m.weight).detach() for n, m in model.named_children()}
+    originals = gptq_model(model, torch.randn(16, 4, 8, 8))
+    assert set(originals) == {"dense"}
+    assert torch.equal(
+        model.depthwise.weight, float_weights["depthwise"]
+    )  # its quantizer rounds it to nearest
+    assert torch.equal(model.dense.weight, model.dense.weight_quantizer(model.dense.weight))  # on its grid
+    assert not torch.equal(model.dense.weight, nearest["dense"])  # GPTQ moved some codes
+
+
 def test_conv_inputs_are_the_patches_the_weight_multiplies() -> None:
     conv = nn.Conv2d(3, 6, kernel_size=4, stride=4)
     layer = QuantConv2d(conv, None, UniformQuantizer(3, PerChannel(0)))

@@ -291,7 +291,7 @@ def layer_inputs(module: QuantLinear | QuantConv2d, x: torch.Tensor, quantized: 
     if quantized:
         x = module.input_quantizer(x)
     if isinstance(module, QuantConv2d):
-        if module.groups != 1 or module.padding_mode != "zeros":
+        if not _unfolds(module):
             raise CalibrationError("GPTQ supports ungrouped, zero-padded Conv2d layers only")
         cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
@@ -300,14 +300,22 @@ def layer_inputs(module: QuantLinear | QuantConv2d, x: torch.Tensor, quantized: 
     return x.reshape(-1, x.shape[-1])
 
 
+def _unfolds(module: QuantLinear | QuantConv2d) -> bool:
+    """Whether the layer's product is one matrix product of unfolded input rows (a Linear, or a
+    Conv2d that is not grouped and pads with zeros), the form GPTQ's Hessian is built for."""
+    return isinstance(module, QuantLinear) or (module.groups == 1 and module.padding_mode == "zeros")
+
+
 def _gptq_layers(model: nn.Module) -> list[tuple[str, QuantLinear | QuantConv2d]]:
-    """Layers with an enabled uniform weight quantizer (the ones whose codes GPTQ chooses)."""
+    """Layers with an enabled uniform weight quantizer whose codes GPTQ chooses; a grouped
+    (depthwise) or non-zero-padded Conv2d, as in a convolutional stem, keeps round-to-nearest."""
     return [
         (name, m)
         for name, m in model.named_modules()
         if isinstance(m, (QuantLinear, QuantConv2d))
         and isinstance(m.weight_quantizer, UniformQuantizer)
         and m.weight_quantizer.enabled
+        and _unfolds(m)
     ]
 
 

@@ -164,7 +164,7 @@ def reparameterize(
         model: a calibrated model prepared with ``plan``.
         plan: from :func:`dopq.models.prepare_model`.
         rule: ``mean``, ``median``, ``mad`` or ``search`` (needs ``captured`` inputs).
-        integer_zero_point: round ``z*`` to an integer.
+        integer_zero_point: round ``z*`` to an integer code of the grid (clamped into it).
         shift: where the per-channel shift goes, ``"bias"`` or ``"input"`` (:func:`fold_layernorm`).
         check_images: images on which the float logits must not change (relative ``tolerance``).
         captured: per-Linear input rows for the ``search`` rule.
@@ -189,7 +189,10 @@ def reparameterize(
         else:
             d_t, z_t = target_scale(rule, d, z)
         if integer_zero_point:
-            z_t = z_t.round()
+            # a code of the grid: per-channel ranges need not hold 0 (a channel of one sign), and an
+            # integer kernel takes only a zero point in [0, 2^b - 1]; with the input shift the fold
+            # is exact whatever integer z* is
+            z_t = z_t.round().clamp(*iq.code_range)
         fold_layernorm(norm, linears, d, z, d_t, z_t, shift)
         for lin in linears:
             lin.input_quantizer.set_qparams(d_t.reshape(1), z_t.reshape(1), PerTensor())

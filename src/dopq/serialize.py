@@ -110,7 +110,7 @@ def _timm_kwargs(model: nn.Module, arch: str, model_kwargs: dict[str, Any] | Non
     """The keyword arguments that rebuild ``model``'s timm architecture, checked: a model created with
     arguments that change its shapes (``img_size``, ``window_size``, ...) would not load back, or, where
     only buffers differ, would load and compute something else."""
-    kwargs = dict(model_kwargs or {})
+    kwargs = {k: v for k, v in (model_kwargs or {}).items() if k not in ("num_classes", "pretrained")}
     if not _plain(list(kwargs.values())):
         raise CheckpointError(
             f"cannot save: model_kwargs must be numbers, strings or lists of them, got {kwargs}"
@@ -285,7 +285,9 @@ def load_quantized(
         raise CheckpointError(f"{path} was made for {payload['arch']}, not {arch}")
     config = QuantConfig.from_dict(payload["config"])
     model = _build(payload)
-    prepare_model(model.eval(), config, allow_partial=bool(payload["metadata"].get("allow_partial")))
+    # layers left float are allowed: the saved state says what was quantized, and a quantizer it
+    # lacks or holds beyond what this model gets stops the load below
+    prepare_model(model.eval(), config, allow_partial=True)
     match_state(model, payload["granularity"], payload["state_dict"])
     codes = payload.get("weight_codes", {})
     try:

@@ -96,10 +96,15 @@ class ActivationQDQ(nn.Module):
         q = _per_tensor(q, where)
         self.bits, self.scale, zero_point = q.bits, float(q.scale), float(q.zero_point)
         lo, hi = q.code_range
-        if zero_point != round(zero_point) or not lo <= zero_point <= hi:
+        if zero_point != round(zero_point):
             raise ExportError(
                 f"{where}: zero point {zero_point:g} is not an integer code in [{lo}, {hi}]; "
                 "integer kernels need one (use --integer-zero-point on, as the dopq recipe does)"
+            )
+        if not lo <= zero_point <= hi:  # a range that leaves out 0: 0.0 is no level of it
+            raise ExportError(
+                f"{where}: zero point {zero_point:g} lies outside the codes [{lo}, {hi}]; "
+                "integer kernels need a range that holds 0"
             )
         self.zero_point = int(zero_point)
         self.register_buffer("zero_code", torch.tensor(self.zero_point, dtype=torch.uint8))
@@ -670,6 +675,42 @@ def _clip_codes_after_quantizing(deploy: nn.Module) -> None:
             module.clip_codes = True
 
 
+class ExplicitRmsNorm(nn.Module):
+    """RMS normalization in elementary ops, ``x * rsqrt(mean(x^2) + eps) * weight`` (torch's own
+    order): the TorchScript exporter has no ``aten::rms_norm`` below ONNX opset 23."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        shape = norm.normalized_shape
+        self.dims = tuple(range(-(len(shape) if isinstance(shape, tuple | list) else 1), 0))
+        self.eps = norm.eps
+        self.weight = getattr(norm, "weight", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        y = x * torch.rsqrt(x.pow(2).mean(self.dims, keepdim=True) + eps)
+        return y if self.weight is None else y * self.weight
+
+
+def _rms_norm_classes() -> tuple[type[nn.Module], ...]:
+    """Norm classes whose forward is ``F.rms_norm`` (timm's ``RmsNorm``, torch's ``RMSNorm``)."""
+    import timm.layers
+
+    return tuple(c for c in (getattr(timm.layers, "RmsNorm", None), getattr(nn, "RMSNorm", None)) if c)
+
+
+def _traceable(deploy: nn.Module) -> None:
+    """Float modules the exporter cannot trace as they are, rewritten to the same function: RMS norms
+    in elementary ops, and timm attention left float (``--allow-partial``) on its explicit path
+    (its fused ``scaled_dot_product_attention`` call does not trace)."""
+    rms = _rms_norm_classes()
+    for name, module in list(deploy.named_modules()):
+        if type(module) in rms:
+            _set_child(deploy, name, ExplicitRmsNorm(module))
+        elif getattr(module, "fused_attn", False) is True:
+            module.fused_attn = False
+
+
 def _set_child(root: nn.Module, qualified: str, new: nn.Module) -> None:
     parent, _, leaf = qualified.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
@@ -718,6 +759,7 @@ def to_deploy(
     if weight_type == "uint8" and _symmetric(target, dtype):
         raise ExportError("OpenVINO's integer kernels take int8 weights: drop --export-weight-type uint8")
     deploy = copy.deepcopy(model).cpu().eval()
+    _traceable(deploy)
     for name, module in list(deploy.named_modules()):
         if isinstance(module, QuantLinear):
             _set_child(deploy, name, DeployLinear(module, name, dtype, target, weight_type))

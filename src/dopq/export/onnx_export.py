@@ -428,19 +428,7 @@ def export_onnx(
         share_qkv_scales(deploy, model)
     example = example_input(model).cpu()
     with atomic_path(path) as tmp:  # an interrupted export leaves no half file
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
-            torch.onnx.export(
-                deploy,
-                (example,),
-                str(tmp),
-                dynamo=False,
-                opset_version=opset,
-                input_names=["images"],
-                output_names=["logits"],
-                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-                custom_opsets=_contrib_opsets(deploy),
-            )
+        _trace(deploy, example, tmp, opset)
         graph = onnx.load(str(tmp))
         _read_shared_constants_directly(graph)
         if target == "openvino":
@@ -465,6 +453,30 @@ def export_onnx(
     return ExportReport(
         str(path), path.stat().st_size, opset, storage, integer_levels, seconds, float_dtype, target
     )
+
+
+def _trace(deploy: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    """Write ``deploy`` as ONNX with torch's TorchScript exporter; what it cannot trace (an operator
+    without an ONNX form at this opset, a float layer of another library) becomes an ExportError."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+            torch.onnx.export(
+                deploy,
+                (example,),
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                custom_opsets=_contrib_opsets(deploy),
+            )
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ExportError(
+            f"torch's ONNX exporter cannot trace this model: {type(exc).__name__}: {first}"
+        ) from exc
 
 
 def _contrib_opsets(deploy: nn.Module) -> dict[str, int]:
