@@ -945,6 +945,8 @@ _PRESET_NOTES = {  # runs of the same recipes again elsewhere: what tells them a
     "_all5k": ", on the strided 5000 test images (seeds where the preset fell under dopq on the strided 1000), on an "
     "AMD EPYC with AVX-512 VNNI (no AMX)",
     "_xeon_amx_w33_preset": ", at W3/A3 with the code of session 32, on a second Intel Xeon with VNNI and AMX",
+    "_xeon_amx_w33_ties": ", at W3/A3 over ten seeds with per-tensor scales moved off rounding ties (session 37), "
+    "on a second Intel Xeon with VNNI and AMX",
 }
 
 

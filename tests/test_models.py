@@ -121,6 +121,24 @@ def test_swin_with_windows_padded_over_the_token_grid_quantizes_and_keeps_its_fu
     assert float(F.cosine_similarity(y, y_ref).min()) > 0.99  # W8/A8 close to the float model
 
 
+@pytest.mark.parametrize(
+    ("name", "kwargs", "pooled_norm"),
+    [
+        ("vit_base_patch16_224", dict(fc_norm=True, global_pool="avg"), "fc_norm"),
+        ("beit_base_patch16_224", {}, "fc_norm"),
+    ],
+    ids=["vit-fc-norm", "beit-mean-pooling"],
+)
+def test_a_layernorm_of_one_pooled_vector_per_image_is_not_a_pair(
+    name: str, kwargs: dict, pooled_norm: str
+) -> None:
+    """Per-channel ranges of a pooled vector would rest on one value per calibration image."""
+    model = timm.create_model(name, embed_dim=64, depth=2, num_heads=2, img_size=32, patch_size=8, **kwargs)
+    pairs = {p.norm: p.linears for p in find_layernorm_pairs(model.eval(), torch.zeros(2, 3, 32, 32))}
+    assert pooled_norm not in pairs and not any("head" in linears for linears in pairs.values())
+    assert pairs["blocks.0.norm2"] == ["blocks.0.mlp.fc1"]  # token-wise pairs stay
+
+
 class _OddNames(nn.Module):
     """Roles are not spelled in names: a LayerNorm called 'alpha' feeding a Linear called 'beta'."""
 

@@ -6,7 +6,10 @@ re-parameterization candidate. Padding is not a rearrangement: a padded token is
 must stay what 0 was after it, which a per-channel fold cannot give (Swin pads the LayerNorm output to
 whole windows where the token grid is not a multiple of the window), so only a pad of nothing
 passes (timm's Swin calls ``F.pad`` with zeros where the grid fits). Layer roles come from module types and data flow, never from names: a pooled or
-token-selected input (the classifier head) is not a pair. A LayerNorm whose output is also read by
+token-selected input (the classifier head) is not a pair, and neither is a LayerNorm of one vector per
+image (``fc_norm`` after average pooling, BEiT's pooler): its per-channel ranges would rest on one value
+per calibration image, and the test values they clip cost about ten times the error of one per-tensor
+range at W8/A8 (a tiny random ViT and BEiT, 32 calibration images). A LayerNorm whose output is also read by
 anything else (a post-norm residual, as in Swin-V2's patch merging) is not a pair either: folding
 into it would change the float function, so its Linear keeps a per-tensor input quantizer.
 """
@@ -112,7 +115,7 @@ def find_layernorm_pairs(model: nn.Module, example: torch.Tensor) -> list[LayerN
 
     def on_norm(name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            if output.grad_fn is not None:
+            if output.grad_fn is not None and output.dim() > 2:  # a row per token, not one per image
                 norm_of_node[output.grad_fn] = name
 
         return hook
