@@ -87,13 +87,23 @@ def _plain(value: Any) -> bool:
     return value is None or isinstance(value, bool | int | float | str)
 
 
+def _build_on_meta(arch: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    """``arch`` built without memory or initialization where its constructor allows (the meta
+    device), else on the CPU (a constructor that reads a tensor's value)."""
+    try:
+        with torch.device("meta"):
+            return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    except (RuntimeError, NotImplementedError):
+        with torch.random.fork_rng(devices=[]):  # the random init is thrown away; keep the caller's state
+            return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+
+
 def _shape_mismatch(model: nn.Module, arch: str, num_classes: int, kwargs: dict[str, Any]) -> str | None:
     """The first parameter or buffer (non-persistent ones too: Swin's attention masks follow the
     image size) whose shape differs between ``model`` and ``arch`` built from its name, class count
     and ``kwargs``, on the meta device (no memory, no initialization); None when all agree."""
     try:
-        with torch.device("meta"):
-            built = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+        built = _build_on_meta(arch, num_classes, kwargs)
     except Exception as exc:
         raise CheckpointError(
             f"cannot save: {arch} cannot be built with model_kwargs {kwargs} ({type(exc).__name__}: {exc})"

@@ -2,16 +2,22 @@
 
 A Linear whose input is a LayerNorm output, possibly after token rearrangements that keep the
 channel (last) axis (views, permutes, transposes, Swin's roll and window partition), is a
-re-parameterization candidate. Padding is not a rearrangement: a padded token is 0 before the fold and
-must stay what 0 was after it, which a per-channel fold cannot give (Swin pads the LayerNorm output to
-whole windows where the token grid is not a multiple of the window), so only a pad of nothing
-passes (timm's Swin calls ``F.pad`` with zeros where the grid fits). Layer roles come from module types and data flow, never from names: a pooled or
-token-selected input (the classifier head) is not a pair, and neither is a LayerNorm of one vector per
-image (``fc_norm`` after average pooling, BEiT's pooler): its per-channel ranges would rest on one value
-per calibration image, and the test values they clip cost about ten times the error of one per-tensor
-range at W8/A8 (a tiny random ViT and BEiT, 32 calibration images). A LayerNorm whose output is also read by
-anything else (a post-norm residual, as in Swin-V2's patch merging) is not a pair either: folding
-into it would change the float function, so its Linear keeps a per-tensor input quantizer.
+re-parameterization candidate. Layer roles come from module types and data flow, never from names.
+Not pairs:
+
+* a pooled or token-selected input (the classifier head);
+* a LayerNorm of one vector per image (``fc_norm`` after average pooling, BEiT's pooler): its
+  per-channel ranges would rest on one value per calibration image, and the test values they clip
+  cost about ten times the error of one per-tensor range at W8/A8 (a tiny random ViT and BEiT, 32
+  calibration images);
+* a padded LayerNorm output: a padded token is 0 before the fold and would have to stay what 0 was
+  after it, which a per-channel fold cannot give (Swin pads to whole windows where the token grid is
+  not a multiple of the window); only a pad of nothing passes (timm's Swin calls ``F.pad`` with
+  zeros where the grid fits);
+* a LayerNorm whose output is also read by anything else (a post-norm residual, as in Swin-V2's
+  patch merging): folding into it would change the float function.
+
+Their Linear layers keep a per-tensor input quantizer.
 """
 
 from __future__ import annotations
