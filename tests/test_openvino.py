@@ -611,3 +611,25 @@ def test_openvino_takes_the_v_codes_of_a_float_attention_product_exactly(tmp_pat
     with torch.no_grad():
         simulated = layer(attn, v)
     assert float((out - simulated).abs().max()) <= 1e-6 * float(simulated.abs().max())
+
+
+def test_openvino_computes_an_rms_norm_model_with_a_pooled_head_as_the_simulation(tmp_path: Path) -> None:
+    """AIMv2's layout (RMS norms, the last before a mean over the tokens and the head's quantizer): in
+    torch's order, ``x * rsqrt(mean(x^2) + eps) * w``, OpenVINO fused the norm into its RMS op and its
+    logits left the simulation's by a few hundredths of their spread on most images."""
+    torch.manual_seed(0)
+    kwargs = dict(embed_dim=64, depth=2, num_heads=2, img_size=32, patch_size=8, num_classes=10)
+    model = timm.create_model("aimv2_large_patch14_224", **kwargs).eval()
+    gen = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    qmodel = dopq.quantize(
+        model, torch.randn(8, 3, 32, 32), dopq.get_preset("recommended", w_bits=8, a_bits=8), progress=False
+    )
+    images = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    export_onnx(qmodel, tmp_path / "q.onnx", target="openvino")
+    with torch.no_grad():
+        out = qmodel(images)
+    per_image = (OpenVinoModel(tmp_path / "q.onnx", threads=1)(images) - out).abs().amax(1) / out.std()
+    assert float(per_image.median()) < 1e-3

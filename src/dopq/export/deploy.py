@@ -676,19 +676,27 @@ def _clip_codes_after_quantizing(deploy: nn.Module) -> None:
 
 
 class ExplicitRmsNorm(nn.Module):
-    """RMS normalization in elementary ops, ``x * rsqrt(mean(x^2) + eps) * weight`` (torch's own
-    order): the TorchScript exporter has no ``aten::rms_norm`` below ONNX opset 23."""
+    """RMS normalization in elementary ops: the TorchScript exporter has no ``aten::rms_norm`` below
+    ONNX opset 23. In float64, torch's own order, ``x * rsqrt(mean(x^2) + eps) * weight`` (the float64
+    file stays the float64 simulation exactly); in float32 the weight first, ``(x * weight) * rsqrt(...)``:
+    OpenVINO fuses torch's order into its RMS op, which, where a mean over the tokens and a quantizer
+    follow (AIMv2's pooled head), moved a tiny AIMv2's W8/A8 logits by a few hundredths of their
+    spread (a session-38 probe)."""
 
-    def __init__(self, norm: nn.Module) -> None:
+    def __init__(self, norm: nn.Module, weight_first: bool) -> None:
         super().__init__()
         shape = norm.normalized_shape
         self.dims = tuple(range(-(len(shape) if isinstance(shape, tuple | list) else 1), 0))
         self.eps = norm.eps
         self.weight = getattr(norm, "weight", None)
+        self.weight_first = weight_first and self.weight is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
-        y = x * torch.rsqrt(x.pow(2).mean(self.dims, keepdim=True) + eps)
+        inverse_rms = torch.rsqrt(x.pow(2).mean(self.dims, keepdim=True) + eps)
+        if self.weight_first:
+            return (x * self.weight) * inverse_rms
+        y = x * inverse_rms
         return y if self.weight is None else y * self.weight
 
 
@@ -699,14 +707,14 @@ def _rms_norm_classes() -> tuple[type[nn.Module], ...]:
     return tuple(c for c in (getattr(timm.layers, "RmsNorm", None), getattr(nn, "RMSNorm", None)) if c)
 
 
-def _traceable(deploy: nn.Module) -> None:
+def _traceable(deploy: nn.Module, dtype: torch.dtype) -> None:
     """Float modules the exporter cannot trace as they are, rewritten to the same function: RMS norms
     in elementary ops, and timm attention left float (``--allow-partial``) on its explicit path
     (its fused ``scaled_dot_product_attention`` call does not trace)."""
     rms = _rms_norm_classes()
     for name, module in list(deploy.named_modules()):
         if type(module) in rms:
-            _set_child(deploy, name, ExplicitRmsNorm(module))
+            _set_child(deploy, name, ExplicitRmsNorm(module, weight_first=dtype == torch.float32))
         elif getattr(module, "fused_attn", False) is True:
             module.fused_attn = False
 
@@ -759,7 +767,7 @@ def to_deploy(
     if weight_type == "uint8" and _symmetric(target, dtype):
         raise ExportError("OpenVINO's integer kernels take int8 weights: drop --export-weight-type uint8")
     deploy = copy.deepcopy(model).cpu().eval()
-    _traceable(deploy)
+    _traceable(deploy, dtype)
     for name, module in list(deploy.named_modules()):
         if isinstance(module, QuantLinear):
             _set_child(deploy, name, DeployLinear(module, name, dtype, target, weight_type))
