@@ -118,3 +118,42 @@ def test_qdrop_follows_the_width_rule_unless_set(block_and_data):
             drops = {q.drop_prob for q in learned}
         assert drops == {expected}
     assert all(q.drop_prob == 0.0 for q in unit.modules() if hasattr(q, "drop_prob"))
+
+
+def _act_steps(unit):
+    return [q.scale for q in unit.modules() if isinstance(q, UniformQuantizer) and q.channel_axis is None]
+
+
+def test_learned_activation_steps_stay_positive(block_and_data):
+    """Adam moves a step by about its learning rate, which is absolute: with a rate far above the
+    steps' size they crossed 0 (an invalid grid that OpenVINO's export computed differently)."""
+    block, inputs, targets = block_and_data
+    unit, _ = _run(block, inputs, targets, lr_act=1.0, learn_bias=False)
+    steps = _act_steps(unit)
+    assert steps and all(bool((s > 0).all()) for s in steps)
+    floors = [reconstruct.STEP_FLOOR * s.abs() for s in _act_steps(block)]
+    assert all(bool((s >= f).all()) for s, f in zip(steps, floors, strict=True))
+
+
+def test_a_unit_that_training_made_worse_keeps_its_calibrated_state(block_and_data):
+    block, inputs, targets = block_and_data
+    unit, stats = _run(block, inputs, targets, lr_bias=1e3)  # biases thrown far off
+    assert stats["kept_calibrated"] and stats["loss_after"] == stats["loss_before"]
+    calibrated = block.state_dict()
+    assert all(torch.equal(v, calibrated[k]) for k, v in unit.state_dict().items())
+
+
+def test_qdrop_masks_of_a_share_are_the_rows_of_the_whole_batch():
+    """Under torchrun each process draws the whole batch's QDrop noise and keeps its share's rows
+    (one per image, or Swin's windows: several per image), so the masks are the one-process ones."""
+    q = UniformQuantizer(4)
+    q.initialize(torch.randn(64), None)
+    q.initialized.fill_(True)
+    q.drop_prob = 0.5
+    x = torch.randn(6 * 3, 5)  # six images, three rows each
+    q.drop_generator = torch.Generator().manual_seed(7)
+    whole = q(x)
+    q.drop_generator, q.drop_share = torch.Generator().manual_seed(7), (2, 4, 6)
+    assert torch.equal(q(x[6:12]), whole[6:12])
+    with pytest.raises(RuntimeError, match="not whole images"):
+        q(x[6:13])

@@ -235,6 +235,15 @@ def broadcast_module(module: nn.Module) -> None:
             m.forget_host_copies()
 
 
+def batch_share(total: int) -> tuple[int, int, int] | None:
+    """``(start, end, total)``: this process's contiguous share of a batch of ``total`` items, as
+    :func:`local_share` takes it; None in one process."""
+    group = current()
+    if group.world_size == 1:
+        return None
+    return (*shard_bounds(total, group.rank, group.world_size), total)
+
+
 def local_share(batch: torch.Tensor) -> torch.Tensor:
     """This process's contiguous share of a batch of indices drawn identically by every process."""
     group = current()

@@ -48,6 +48,9 @@ ROUNDING_REG_WEIGHT = 0.01
 WARMUP_FRACTION = 0.2
 BETA_START, BETA_END = 20.0, 2.0
 TANQ_LR = 1e-3
+# a learned activation step may shrink a thousandfold, not reach or cross 0: Adam moves it by about
+# its learning rate per step, which is absolute, and steps of 0.01-0.03 went negative on tiny models
+STEP_FLOOR = 1e-3
 
 
 @dataclasses.dataclass
@@ -250,8 +253,9 @@ def _trainable(
     weight_bases = {id(r.base) for r in rounders}
     acts = [q for q in unit.modules() if isinstance(q, Quantizer) and id(q) not in weight_bases and q.enabled]
     drop_prob = rcfg.drop_prob_for(unit_bits(unit))
+    share = distributed.batch_share(rcfg.batch_size)  # each process draws the one-process masks
     for q in acts:
-        q.drop_prob, q.drop_generator = drop_prob, drop_generator
+        q.drop_prob, q.drop_generator, q.drop_share = drop_prob, drop_generator, share
         if isinstance(q, UniformQuantizer):
             act_params.append(q.make_scale_learnable())
         elif isinstance(q, TanQQuantizer) and rcfg.learn_softmax:
@@ -266,7 +270,7 @@ def _trainable(
                     layer.weight.copy_(ada.bake())
                 layer.weight_quantizer = ada.base
         for q in acts:
-            q.drop_prob, q.drop_generator = 0.0, None
+            q.drop_prob, q.drop_generator, q.drop_share = 0.0, None, None
         for p in act_params + level_params:
             p.requires_grad_(False)
         for p, flag in frozen.items():
@@ -322,6 +326,7 @@ def reconstruct_unit(
     soft = before
     if iters == 0:
         return {"loss_before": before, "loss_soft": before, "loss_after": before}
+    calibrated = {k: v.detach().clone() for k, v in unit.state_dict().items()}
     with _trainable(unit, rcfg, drop_generator) as (rounders, act_params, level_params, bias_params):
         groups = []
         if rounders:
@@ -340,6 +345,7 @@ def reconstruct_unit(
             warmup = int(WARMUP_FRACTION * iters)
             bar = tqdm(range(iters), desc=desc, disable=not progress, leave=False, mininterval=1.0)
             trained = [p for g in groups for p in g["params"]]
+            step_floors = [STEP_FLOOR * p.detach().abs() for p in act_params]
             for step in bar:
                 batch = torch.randint(inputs.shape[0], (rcfg.batch_size,), generator=generator)
                 idx = distributed.local_share(batch)  # the whole batch in one process
@@ -354,12 +360,28 @@ def reconstruct_unit(
                 loss.backward()
                 distributed.average_gradients(trained, len(idx), len(batch))
                 opt.step()
+                _keep_steps_positive(act_params, step_floors)
                 sched.step()
                 if step % 20 == 0:
                     bar.set_postfix(rec=f"{rec.item():.4g}")
         soft = _probe_loss(unit, inputs, targets, probe, without_drop=True)
     after = _probe_loss(unit, inputs, targets, probe)
+    if after > before:  # training made the unit worse on its own probe images: keep calibration's
+        unit.load_state_dict(calibrated)
+        log.warning(
+            "%s: reconstruction raised the unit's loss (%.4g -> %.4g); kept the calibrated unit",
+            desc,
+            before,
+            after,
+        )
+        return {"loss_before": before, "loss_soft": soft, "loss_after": before, "kept_calibrated": True}
     return {"loss_before": before, "loss_soft": soft, "loss_after": after}
+
+
+@torch.no_grad()
+def _keep_steps_positive(steps: list[nn.Parameter], floors: list[torch.Tensor]) -> None:
+    for step, floor in zip(steps, floors, strict=True):
+        step.copy_(torch.maximum(step, floor))
 
 
 def reconstruct(

@@ -96,6 +96,8 @@ class ActivationQDQ(nn.Module):
         q = _per_tensor(q, where)
         self.bits, self.scale, zero_point = q.bits, float(q.scale), float(q.zero_point)
         lo, hi = q.code_range
+        if not self.scale > 0:  # a grid mirrored through 0: runtimes compute it differently
+            raise ExportError(f"{where}: step size {self.scale:g} is not positive")
         if zero_point != round(zero_point):
             raise ExportError(
                 f"{where}: zero point {zero_point:g} is not an integer code in [{lo}, {hi}]; "

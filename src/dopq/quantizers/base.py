@@ -81,6 +81,8 @@ class Quantizer(nn.Module):
         self.observing = False
         self.drop_prob = 0.0  # QDrop: probability of passing an element through unquantized
         self.drop_generator: torch.Generator | None = None  # the caller's generator for QDrop masks
+        # data parallelism: (start, end, total), this process's images of the batch (see drop_noise)
+        self.drop_share: tuple[int, int, int] | None = None
         self.register_buffer("initialized", torch.tensor(False))
         self._host: dict[str, tuple[torch.Tensor, int, Any]] = {}  # see host_copy()
         self.memoize = False  # set by dopq.modules.constant_quantization (evaluation): see remembered()
@@ -104,9 +106,25 @@ class Quantizer(nn.Module):
         else:
             out = self.fake_quantize(x)
         if self.drop_prob > 0:
-            noise = torch.rand(x.shape, generator=self.drop_generator, device=x.device, dtype=x.dtype)
-            out = torch.where(noise < self.drop_prob, x, out)
+            out = torch.where(self.drop_noise(x) < self.drop_prob, x, out)
         return out
+
+    def drop_noise(self, x: torch.Tensor) -> torch.Tensor:
+        """QDrop's uniform noise for ``x``. With a ``drop_share`` (this process's images ``[start,
+        end)`` of a batch of ``total``) the whole batch's noise is drawn and this share's rows taken,
+        so each process draws what one process would; ``x``'s first axis holds the share's images in
+        order, each as the same number of rows (one, or Swin's windows)."""
+        if self.drop_share is None:
+            return torch.rand(x.shape, generator=self.drop_generator, device=x.device, dtype=x.dtype)
+        start, end, total = self.drop_share
+        rows, rest = divmod(x.shape[0], end - start)
+        if rest:
+            raise RuntimeError(
+                f"QDrop: {x.shape[0]} rows are not whole images of a {end - start}-image share"
+            )
+        shape = (total * rows, *x.shape[1:])
+        noise = torch.rand(shape, generator=self.drop_generator, device=x.device, dtype=x.dtype)
+        return noise[start * rows : end * rows]
 
     def is_ready(self) -> bool:
         """Whether the parameters are set (a host copy of ``initialized``: no device read per call)."""
