@@ -1327,6 +1327,7 @@ def _sections(results: Path) -> list[Section]:
                 "_output",
                 "_all10k",
                 "_all5k",
+                "_w33_ties",
             )
         ):  # over seeds; subfolders merge
             merged = _load(results, path.stem)
