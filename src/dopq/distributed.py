@@ -236,8 +236,8 @@ def broadcast_module(module: nn.Module) -> None:
 
 
 def batch_share(total: int) -> tuple[int, int, int] | None:
-    """``(start, end, total)``: this process's contiguous share of a batch of ``total`` items, as
-    :func:`local_share` takes it; None in one process."""
+    """``(start, end, total)``: this process's contiguous share of a batch of ``total`` items
+    (:func:`local_share` takes it); None in one process."""
     group = current()
     if group.world_size == 1:
         return None
@@ -246,11 +246,8 @@ def batch_share(total: int) -> tuple[int, int, int] | None:
 
 def local_share(batch: torch.Tensor) -> torch.Tensor:
     """This process's contiguous share of a batch of indices drawn identically by every process."""
-    group = current()
-    if group.world_size == 1:
-        return batch
-    start, end = shard_bounds(batch.shape[0], group.rank, group.world_size)
-    return batch[start:end]
+    share = batch_share(batch.shape[0])
+    return batch if share is None else batch[share[0] : share[1]]
 
 
 def average_gradients(params: Iterable[nn.Parameter], share: int, total: int) -> None:

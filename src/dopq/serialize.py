@@ -62,14 +62,13 @@ def _hf_config(model: nn.Module) -> dict[str, Any]:
 
 def _build(payload: dict[str, Any]) -> nn.Module:
     """The saved architecture, untrained: timm by name, ``transformers`` from the saved config."""
+    preprocess = payload["metadata"].get("preprocess")
     if payload["arch"].startswith(HF_PREFIX):
         from dopq.models.hf import rebuild_hf_model
 
-        preprocess = payload["metadata"].get("preprocess")
         return rebuild_hf_model(payload["arch"], payload["hf_config"], preprocess)
     kwargs = payload.get("model_kwargs", {})
     model = timm.create_model(payload["arch"], pretrained=False, num_classes=payload["num_classes"], **kwargs)
-    preprocess = payload["metadata"].get("preprocess")
     if isinstance(preprocess, dict):  # what the saved model was evaluated with, not timm's default
         model.pretrained_cfg = {**model.pretrained_cfg, **_as_cfg(preprocess)}
     return model
@@ -87,7 +86,7 @@ def _plain(value: Any) -> bool:
     return value is None or isinstance(value, bool | int | float | str)
 
 
-def _build_on_meta(arch: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
+def _built_by_name(arch: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Module:
     """``arch`` built without memory or initialization where its constructor allows (the meta
     device), else on the CPU (a constructor that reads a tensor's value)."""
     try:
@@ -101,9 +100,9 @@ def _build_on_meta(arch: str, num_classes: int, kwargs: dict[str, Any]) -> nn.Mo
 def _shape_mismatch(model: nn.Module, arch: str, num_classes: int, kwargs: dict[str, Any]) -> str | None:
     """The first parameter or buffer (non-persistent ones too: Swin's attention masks follow the
     image size) whose shape differs between ``model`` and ``arch`` built from its name, class count
-    and ``kwargs``, on the meta device (no memory, no initialization); None when all agree."""
+    and ``kwargs`` (:func:`_built_by_name`); None when all agree."""
     try:
-        built = _build_on_meta(arch, num_classes, kwargs)
+        built = _built_by_name(arch, num_classes, kwargs)
     except Exception as exc:
         raise CheckpointError(
             f"cannot save: {arch} cannot be built with model_kwargs {kwargs} ({type(exc).__name__}: {exc})"
@@ -213,6 +212,7 @@ def save_quantized(
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = metadata or {}
     codes = _weight_codes(model)
     state = {k: _compact(v) for k, v in model.state_dict().items() if k not in codes}
     arch = _arch_of(model)
@@ -223,7 +223,7 @@ def save_quantized(
         "num_classes": int(model.num_classes),
         "config": config.to_dict(),
         "granularity": granularities(model),
-        "metadata": {"preprocess": model_preprocess(model), **(metadata or {})},
+        "metadata": {"preprocess": metadata.get("preprocess") or model_preprocess(model), **metadata},
         "state_dict": state,
         "weight_codes": codes,
     }

@@ -473,7 +473,8 @@ def _trace(deploy: nn.Module, example: torch.Tensor, path: Path, opset: int) -> 
                 custom_opsets=_contrib_opsets(deploy),
             )
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else ""
         raise ExportError(
             f"torch's ONNX exporter cannot trace this model: {type(exc).__name__}: {first}"
         ) from exc

@@ -188,7 +188,6 @@ class IndexedRelativePositionBias(nn.Module):
         super().__init__()
         self.relative_position_bias_table = original.relative_position_bias_table
         self.window_size = (int(original.window_size[0]), int(original.window_size[1]))
-        self.num_relative_distance = original.num_relative_distance
         self._index_of = inspect.unwrap(type(original).generate_relative_position_index)  # no cache
         with torch.inference_mode(False):
             index = self._index_of(self.window_size).clone()
