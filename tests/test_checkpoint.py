@@ -249,6 +249,30 @@ def test_sigterm_stops_with_the_resume_command_and_only_the_same_run_resumes_it(
     assert without_timings(resumed) == without_timings(cli_reference[1])  # the command too: no --resume
 
 
+def test_a_stop_while_the_results_are_written_names_the_resume_command(tiny_root, tmp_path, monkeypatch, capsys):
+    """SIGTERM after the last unit, while --save writes: no half-written file, the resume line, and
+    the resumed run writes the file."""
+    import dopq.serialize
+    from dopq.cli import main
+
+    write = dopq.serialize.save_quantized
+
+    def stopped_while_writing(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return write(*args, **kwargs)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(dopq.serialize, "save_quantized", stopped_while_writing)
+    assert main(_argv(tiny_root)) == 128 + signal.SIGTERM
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("dopq: stopped by SIGTERM: the checkpoint in ck holds units 1-"), last
+    assert last.endswith("--resume"), last
+    assert not (tmp_path / "q.pt").exists() and not (tmp_path / "r.json").exists()
+    monkeypatch.setattr(dopq.serialize, "save_quantized", write)
+    assert main([*_argv(tiny_root), "--resume"]) == 0
+    assert (tmp_path / "q.pt").is_file() and (tmp_path / "r.json").is_file()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("unit", [1, 5, 8])
 def test_sigkill_after_unit_k_and_resume_gives_the_same_file(tiny_root, cli_reference, tmp_path, unit):

@@ -398,7 +398,6 @@ def _write_outputs(result: dict[str, Any], output: Path | None) -> None:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from dopq.experiment import load_workload, run_recipe
-    from dopq.serialize import save_quantized
 
     config = _config_from(args)
     if args.export is not None and not config.integer_zero_point:
@@ -408,6 +407,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         )
     settings = _settings_from(args)
     work = load_workload(settings)
+    # the hint covers the writing too: a stop there leaves no half-written file, and the
+    # checkpoint, which then holds every unit, makes the resumed run skip straight to it
     with _stopped_with_resume_hint(args.checkpoint_dir):
         result, model = run_recipe(
             work,
@@ -420,6 +421,17 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             checkpoint_dir=args.checkpoint_dir,
             resume=args.resume,
         )
+        if distributed.current().is_main:  # one process writes, the others have the same model
+            _write_quantized(result, model, config, work, args)
+    return 0
+
+
+def _write_quantized(
+    result: dict[str, Any], model: Any, config: QuantConfig, work: Any, args: argparse.Namespace
+) -> None:
+    """``--save``, ``--export`` and ``--output`` of a quantize run."""
+    from dopq.serialize import save_quantized
+
     meta = {
         "preprocess": work.preprocess.to_dict(),
         "command": result["command"],
@@ -427,14 +439,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         "eval_dtype": result["eval_dtype"],
         "allow_partial": args.allow_partial,
     }
-    if not distributed.current().is_main:  # one process writes, the others have the same model
-        return 0
     if args.save is not None:
         result["saved_to"] = str(save_quantized(model, args.save, config, meta))
     if args.export is not None:
         result["export"] = _export(model, config, meta, args)
     _write_outputs(result, args.output)
-    return 0
 
 
 class _Stopped(Exception):
