@@ -380,3 +380,76 @@ def test_imagenet_sample_archive() -> None:
     assert x.shape == (23, 3, 224, 224)
     rgb = _unnormalize(x)
     assert torch.allclose(rgb[:, 0], rgb[:, 1], atol=1e-5) and torch.allclose(rgb[:, 1], rgb[:, 2], atol=1e-5)
+
+
+# -- hidden entries and links ------------------------------------------------------------------------
+
+
+def _small_png(path: Path, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (value, 0, 0)).save(path)
+
+
+def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path: Path) -> None:
+    """A notebook's checkpoint folder and macOS's ``._`` copies: torchvision would make the folder
+    class 0 (shifting every label) and fail on the copies, in a folder and in a tar alike."""
+    root = tmp_path / "data"
+    _small_png(root / "test" / "a" / "0.png", 10)
+    _small_png(root / "test" / "b" / "0.png", 20)
+    _small_png(root / "test" / ".ipynb_checkpoints" / "0.png", 30)
+    _small_png(root / "test" / "a" / ".cache" / "1.png", 40)
+    (root / "test" / "b" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    tar = tmp_path / "mac.tar"
+    with tarfile.open(tar, "w") as t:
+        t.add(root, arcname="data")
+        info = tarfile.TarInfo("._data")  # beside the wrapper folder, as macOS's tar writes it
+        t.addfile(info)
+    for source in (root, tar):
+        ds = open_split(source, "test")
+        assert ds.classes == ["a", "b"]
+        assert [(Path(p).name, t) for p, t in ds.samples] == [("0.png", 0), ("0.png", 1)]
+        assert [int(np.asarray(ds[i][0])[0, 0, 0]) for i in range(2)] == [10, 20]
+
+
+def test_tar_link_members_are_the_files_they_lead_to(tmp_path: Path, caplog) -> None:
+    """``tar`` stores a second hard link to a file as a link member; a symbolic link member leads to
+    another member by a relative path. An absolute one leads out of the archive: left out, with a warning."""
+    src = tmp_path / "src"
+    _small_png(src / "0.png", 50)
+    tar = tmp_path / "links.tar"
+    with tarfile.open(tar, "w") as t:
+        t.add(src / "0.png", arcname="test/a/0.png")
+        for name, kind, target in [
+            ("test/a/hard.png", tarfile.LNKTYPE, "test/a/0.png"),
+            ("test/b/soft.png", tarfile.SYMTYPE, "../a/0.png"),
+            ("test/b/outside.png", tarfile.SYMTYPE, str(src / "0.png")),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, target
+            t.addfile(info)
+    with caplog.at_level("WARNING", logger="dopq.data"):
+        ds = open_split(tar, "test")
+    assert [(p, t) for p, t in ds.samples] == [
+        ("test/a/0.png", 0),
+        ("test/a/hard.png", 0),
+        ("test/b/soft.png", 1),
+    ]
+    assert all(np.array_equal(np.asarray(ds[i][0]), np.asarray(ds[0][0])) for i in range(3))
+    assert "left out 1 link member(s)" in caplog.text and "test/b/outside.png" in caplog.text
+
+
+def test_links_back_into_the_split_are_not_followed(tmp_path: Path, caplog) -> None:
+    """A link to the split (a loop over every class) or to another class's folder would label that
+    class's images as this one; a link to a folder outside the split is data stored elsewhere."""
+    root = tmp_path / "data"
+    _small_png(root / "test" / "cat" / "0.png", 10)
+    _small_png(root / "test" / "dog" / "0.png", 20)
+    _small_png(tmp_path / "elsewhere" / "9.png", 30)
+    (root / "test" / "cat" / "all").symlink_to("..")
+    (root / "test" / "cat" / "dogs").symlink_to("../dog")
+    (root / "test" / "cat" / "again").symlink_to(".")
+    (root / "test" / "cat" / "more").symlink_to(tmp_path / "elsewhere")
+    with caplog.at_level("WARNING", logger="dopq.data"):
+        ds = open_split(root, "test")
+    assert _relative(ds, root) == [("cat/0.png", 0), ("cat/more/9.png", 0), ("dog/0.png", 1)]
+    assert caplog.text.count("the link leads back into") == 3

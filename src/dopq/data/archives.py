@@ -12,6 +12,7 @@ import atexit
 import gzip
 import logging
 import os
+import posixpath
 import shutil
 import tarfile
 import tempfile
@@ -118,9 +119,11 @@ def _decompress(path: Path) -> Path:
 
 
 def _scan_tar(path: Path, tar_path: Path) -> ArchiveIndex:
-    """Index a plain tar: member offsets and sizes, without reading member data."""
+    """Index a plain tar: member offsets and sizes, without reading member data. A link member
+    (``tar`` stores a second hard link to a file as one) is indexed as the file it leads to."""
     files: dict[str, tuple[int, int]] = {}
     dirs: set[str] = set()
+    links: dict[str, str] = {}
     try:
         with tarfile.open(tar_path, "r:", encoding="utf-8") as tar:
             for member in tar:
@@ -131,12 +134,43 @@ def _scan_tar(path: Path, tar_path: Path) -> ArchiveIndex:
                     dirs.add(name)
                 elif member.isfile():
                     files[name] = (member.offset_data, member.size)
+                elif member.islnk():  # the target's name, from the archive's root
+                    links[name] = _norm_member(member.linkname)
+                elif member.issym():  # relative to the link's folder
+                    links[name] = _norm_member(
+                        posixpath.normpath(posixpath.join(posixpath.dirname(name), member.linkname))
+                    )
     except _ARCHIVE_ERRORS as e:
         raise DataError(f"cannot read archive {path}: {e}") from e
+    unresolved = []
+    for name in links:
+        target = _link_target(name, links, files)
+        if target is not None:
+            files[name] = files[target]
+        else:
+            unresolved.append(name)
+    if unresolved:
+        logger.warning(
+            "%s: left out %d link member(s) that lead to no file in the archive (an absolute path, a "
+            "folder or a loop), e.g. %s",
+            path, len(unresolved), unresolved[0],
+        )  # fmt: skip
     for name in files:
         parts = name.split("/")[:-1]
         dirs.update("/".join(parts[: i + 1]) for i in range(len(parts)))
     return ArchiveIndex(files, dirs, tar_path)
+
+
+def _link_target(name: str, links: dict[str, str], files: dict[str, tuple[int, int]]) -> str | None:
+    """The regular member a chain of link members ends at; None for a folder, a member outside the
+    archive or a loop."""
+    seen = {name}
+    while name in links:
+        name = links[name]
+        if name in seen:
+            return None
+        seen.add(name)
+    return name if name in files else None
 
 
 def archive_index(path: Path) -> ArchiveIndex:

@@ -3,7 +3,11 @@
 A data root holds one folder per split, ``root/<split>/<class>/<image>``; it is a directory or a tar
 archive (:mod:`dopq.data.archives`), which may wrap the splits in one top-level folder. Samples are
 ordered exactly as ``torchvision.datasets.ImageFolder`` orders them, so class indices and sample indices
-agree with torchvision. Files without an image extension are ignored, as torchvision does.
+agree with torchvision. Files without an image extension are ignored, as torchvision does. Unlike
+torchvision, hidden folders and files (names starting with ``.``: ``.ipynb_checkpoints``, macOS's
+``._<name>`` copies) are skipped, where torchvision counts a hidden folder as a class and shifts every
+label after it, and a symbolic link that leads back into the split (a loop, or another class's
+folder) is not followed.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dopq.data.archives import ArchiveIndex, archive_index, archive_kind
+from dopq.data.archives import ArchiveIndex, archive_index, archive_kind, logger
 from dopq.errors import DataError
 
 __all__ = ["IMG_EXTENSIONS", "SplitListing", "check_root", "list_split", "list_splits", "resolve_eval_split"]
@@ -24,6 +28,11 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _hidden(name: str) -> bool:
+    """A hidden folder or file: never a split, a class or an image."""
+    return name.startswith(".")
 
 
 def check_root(root: str | os.PathLike[str]) -> Path:
@@ -46,7 +55,8 @@ def _archive_prefix(listing: ArchiveIndex) -> str:
     A single top-level folder is a split itself (not a wrapper) when it holds images at
     ``top/<class>/<image>``.
     """
-    tops = {n.split("/", 1)[0] for n in listing.dirs} | {n.split("/", 1)[0] for n in listing.files}
+    names = (n.split("/", 1)[0] for n in (*listing.dirs, *listing.files))
+    tops = {top for top in names if not _hidden(top)}  # macOS adds ._<folder> beside the folder
     if len(tops) != 1 or next(iter(tops)) not in listing.dirs:
         return ""
     top = next(iter(tops))
@@ -61,11 +71,11 @@ def _subdirs(names: Iterable[str], prefix: str) -> set[str]:
 
 
 def _archive_splits(listing: ArchiveIndex) -> list[str]:
-    return sorted(s for s in _subdirs(listing.dirs, _archive_prefix(listing)) if not s.startswith("."))
+    return sorted(s for s in _subdirs(listing.dirs, _archive_prefix(listing)) if not _hidden(s))
 
 
 def _dir_splits(root: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not _hidden(e.name))
 
 
 def list_splits(root: str | os.PathLike[str]) -> list[str]:
@@ -119,26 +129,47 @@ def _order_samples(
     torchvision walks each class (sorted) with ``sorted(os.walk(...))``, i.e. by folder path, then
     sorted file names within a folder, keeping accepted image extensions.
     """
-    classes = sorted(class_names)
+    classes = sorted(c for c in class_names if not _hidden(c))
     index = {c: i for i, c in enumerate(classes)}
     keyed = []
     for rel in files:
         cls = rel.split("/", 1)[0]
-        if cls in index and "/" in rel and _is_image(rel):
+        if cls in index and "/" in rel and _is_image(rel) and not _hidden_path(rel):
             folder, _, fname = rel.rpartition("/")
             keyed.append((index[cls], folder, fname))
     keyed.sort()
     return classes, [(f"{folder}/{fname}", label) for label, folder, fname in keyed]
 
 
+def _hidden_path(rel: str) -> bool:
+    """Whether a folder or the file on the path ``<class>/.../<file>`` is hidden."""
+    return any(_hidden(part) for part in rel.split("/"))
+
+
 def _dir_split_files(split_dir: Path) -> tuple[list[str], list[str]]:
     classes = [e.name for e in os.scandir(split_dir) if e.is_dir()]
     files = []
     for cls in classes:
-        for folder, _, fnames in os.walk(split_dir / cls, followlinks=True):
+        for folder, subdirs, fnames in os.walk(split_dir / cls, followlinks=True):
+            subdirs[:] = [d for d in subdirs if _followed(Path(folder, d), split_dir, split_dir / cls)]
             rel = os.path.relpath(folder, split_dir).replace(os.sep, "/")
             files.extend(f"{rel}/{f}" for f in fnames)
     return classes, files
+
+
+def _followed(folder: Path, split_dir: Path, class_dir: Path) -> bool:
+    """Whether a class's walk enters ``folder``: not where a link leads back into the split (to
+    the split itself or above it, to another class's folder, or to a folder of the class already
+    above it), which would count images twice or under the wrong label."""
+    if not folder.is_symlink():
+        return True
+    real, split, cls = (Path(os.path.realpath(p)) for p in (folder, split_dir, class_dir))
+    inside_split = real == split or split.is_relative_to(real) or real.is_relative_to(split)
+    ancestor = Path(os.path.realpath(folder.parent)).is_relative_to(real)
+    if inside_split and (not real.is_relative_to(cls) or ancestor):
+        logger.warning("not following %s: the link leads back into %s", folder, split_dir)
+        return False
+    return True
 
 
 @dataclass
