@@ -249,7 +249,9 @@ def test_sigterm_stops_with_the_resume_command_and_only_the_same_run_resumes_it(
     assert without_timings(resumed) == without_timings(cli_reference[1])  # the command too: no --resume
 
 
-def test_a_stop_while_the_results_are_written_names_the_resume_command(tiny_root, tmp_path, monkeypatch, capsys):
+def test_a_stop_while_the_results_are_written_names_the_resume_command(
+    tiny_root, tmp_path, monkeypatch, capsys
+):
     """SIGTERM after the last unit, while --save writes: no half-written file, the resume line, and
     the resumed run writes the file."""
     import dopq.serialize

@@ -18,6 +18,7 @@ from torchvision.transforms import functional as TF
 from dopq.data import (
     ImageFolderDataset,
     Preprocess,
+    as_rgb,
     build_transform,
     calibration_indices,
     card_path_for,
@@ -328,8 +329,26 @@ def test_corrupt_image_is_named(tmp_path: Path) -> None:
     with tarfile.open(tmp_path / "d.tar", "w") as tar:
         tar.add(tmp_path / "val", arcname="val")
     packed = open_split(tmp_path / "d.tar", "val", build_transform(PRE))
-    with pytest.raises(DataError, match=r"^cannot decode image val/cls/bad\.jpg in .*d\.tar: [^\n]*$"):
+    with pytest.raises(DataError, match=r"^cannot decode image val/cls/bad\.jpg in .*d\.tar: [^\n]*$") as err:
         load_batch(packed, [0, 1], num_workers=1)  # one line even when raised in a worker
+    assert str(err.value).endswith(": not an image file")  # not the repr of the member's buffer
+
+
+def test_sixteen_bit_grayscale_is_scaled_to_eight_bits(tmp_path: Path) -> None:
+    """Pillow's own RGB conversion clips 16-bit values (most such images came out white)."""
+    ramp = np.arange(0, 65536, 64, dtype=np.uint16).reshape(32, 32)
+    for suffix in (".png", ".tif"):
+        Image.fromarray(ramp).save(tmp_path / f"ramp{suffix}")
+        with Image.open(tmp_path / f"ramp{suffix}") as img:
+            assert img.mode.startswith("I")
+            rgb = np.asarray(as_rgb(img))
+        assert np.array_equal(rgb[..., 0], np.rint(ramp * (255 / 65535)).astype(np.uint8))
+        assert np.array_equal(rgb[..., 0], rgb[..., 2])
+    Image.fromarray(np.ones((4, 4), np.float32)).save(tmp_path / "val.tif")
+    (tmp_path / "val" / "cls").mkdir(parents=True)
+    (tmp_path / "val.tif").rename(tmp_path / "val" / "cls" / "float.tif")
+    with pytest.raises(DataError, match=r"float\.tif: a float image \(mode F\)"):
+        open_split(tmp_path, "val")[0]
 
 
 def test_bad_subset_sizes(tree: Path) -> None:

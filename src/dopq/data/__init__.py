@@ -30,7 +30,7 @@ Example:
     [0, 2500, 5000, 7500]
 """
 
-from dopq.data.dataset import ImageFolderDataset, SkippedImage, open_split
+from dopq.data.dataset import ImageFolderDataset, SkippedImage, as_rgb, open_split
 from dopq.data.loaders import (
     ImageLoader,
     LoadedImages,
@@ -58,6 +58,7 @@ __all__ = [
     "LoadedImages",
     "Preprocess",
     "SkippedImage",
+    "as_rgb",
     "build_transform",
     "calibration_indices",
     "card_path_for",

@@ -18,13 +18,14 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from PIL import Image, ImageFile
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from dopq.data.sources import IMG_EXTENSIONS, check_root, list_split
 from dopq.errors import DataError
 
-__all__ = ["ImageFolderDataset", "SkippedImage", "open_split"]
+__all__ = ["ImageFolderDataset", "SkippedImage", "as_rgb", "open_split"]
 
 logger = logging.getLogger("dopq.data")  # one logger for the data layer, the name its log lines show
 
@@ -65,6 +66,28 @@ class SkippedImage:
     def to_dict(self) -> dict[str, Any]:
         """Return the fields as a JSON-ready dict."""
         return asdict(self)
+
+
+_WIDE_GRAY_MAX = 65535  # 16-bit grayscale PNG / TIFF: Pillow's modes I;16* and I
+
+
+def as_rgb(img: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of a decoded image. 16-bit grayscale is scaled to 8 bits (Pillow's own
+    conversion clips it, which turns most such images white); float images are refused.
+
+    Raises:
+        ValueError: a float image, or integer values outside 16 bits.
+    """
+    if img.mode == "F":
+        raise ValueError("a float image (mode F): convert it to 8 or 16 bits per channel")
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        values = np.asarray(img, dtype=np.int64)
+        if values.min() < 0 or values.max() > _WIDE_GRAY_MAX:
+            raise ValueError(f"integer pixel values from {values.min()} to {values.max()}: not 8 or 16 bits")
+        if img.mode != "I" or values.max() > 255:  # 16-bit data, whatever its values
+            values = np.rint(values * (255 / _WIDE_GRAY_MAX))
+        return Image.fromarray(values.astype(np.uint8)).convert("RGB")  # 2-D uint8: mode L
+    return img.convert("RGB")
 
 
 class ImageFolderDataset(Dataset):
@@ -177,9 +200,12 @@ class ImageFolderDataset(Dataset):
         """
         try:
             with _strict_truncation(), Image.open(self._source(index)) as img:
-                return img.convert("RGB")
+                return as_rgb(img)
         except _DECODE_ERRORS as e:
-            raise DataError(f"cannot decode image {self.describe(index)}: {e}") from e
+            reason = (
+                "not an image file" if isinstance(e, UnidentifiedImageError) else e
+            )  # not its BytesIO repr
+            raise DataError(f"cannot decode image {self.describe(index)}: {reason}") from e
 
     def __getitem__(self, index: int) -> tuple[Any, int] | SkippedImage:
         try:
