@@ -48,7 +48,7 @@ def roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder) and ``no_classes`` (test is an empty folder)."""
     base = tmp_path_factory.mktemp("cli")
     out = {}
-    for name in ("good", "empty_class", "no_classes"):
+    for name in ("good", "empty_class", "no_classes", "missing_class"):
         root = out.setdefault(name, base / name)
         for cls in ("a", "b"):
             _write_images(root / "train" / cls, 2)
@@ -56,6 +56,7 @@ def roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for cls in ("a", "b"):
         _write_images(out["good"] / "test" / cls, 2, seed=1)
     (out["empty_class"] / "test" / "a").mkdir()
+    _write_images(out["missing_class"] / "test" / "b", 2, seed=1)  # no test/a: b's label would be 0
     return out
 
 
@@ -133,6 +134,16 @@ def test_num_classes_mismatch(roots: dict[str, Path], capsys: pytest.CaptureFixt
         ("empty_class", [], "split 'test'"),
         ("no_classes", [], "split 'test'"),
         ("good", ["--calib-size", "5"], "calibration size 5 exceeds the 4 images"),
+        (
+            "good",
+            ["--num-classes", "1"],
+            "the evaluation split 'test' has 2 classes but the model has 1 outputs",
+        ),
+        (
+            "missing_class",
+            [],
+            "the evaluation split 'test' lacks the class folder(s) a that the calibration split",
+        ),
     ],
     ids=[
         "missing-path",
@@ -141,6 +152,8 @@ def test_num_classes_mismatch(roots: dict[str, Path], capsys: pytest.CaptureFixt
         "empty-class",
         "no-classes",
         "calib-too-big",
+        "more-classes-than-outputs",
+        "missing-class-folder",
     ],
 )
 def test_data_errors(

@@ -87,6 +87,18 @@ def test_empty_loader_raises() -> None:
         evaluate(model, empty, progress=False)
 
 
+def test_a_label_beyond_the_outputs_is_refused() -> None:
+    """Data whose classes are not the model's (1000 class folders, a 10-class head) would score 0
+    with every image counted a miss."""
+    model, _ = _loader(RANKS, NUM_CLASSES)
+    labels = torch.tensor([0, 1, 2, 3, 4, NUM_CLASSES])
+    loader = DataLoader(TensorDataset(torch.arange(6.0).view(-1, 1), labels), batch_size=4)
+    with pytest.raises(
+        DataError, match=f"the data holds label {NUM_CLASSES} but the model has {NUM_CLASSES} outputs"
+    ):
+        evaluate(model, loader, progress=False)
+
+
 def _quantized_test_vit() -> tuple[nn.Module, torch.Tensor]:
     import copy
 

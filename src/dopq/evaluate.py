@@ -117,7 +117,8 @@ def evaluate(
         Accuracies as fractions, image count and seconds.
 
     Raises:
-        DataError: the loader yields no images or an image cannot be read.
+        DataError: the loader yields no images, an image cannot be read, or a label is not one of
+            the model's classes.
     """
     device = torch.device(device)
     total = len(loader.dataset) if hasattr(loader, "dataset") else None
@@ -130,6 +131,7 @@ def evaluate(
         for images, targets in loader:
             logits = model(images.to(device, non_blocking=True))
             targets = targets.to(device, non_blocking=True)
+            _check_labels_fit(targets, logits.shape[-1])
             c1, c5 = accuracy_counts(logits, targets)
             per_image.extend("1" if hit else "0" for hit in _top1_hits(logits, targets))
             correct1, correct5, seen = correct1 + c1, correct5 + c5, seen + len(targets)
@@ -148,6 +150,16 @@ def evaluate(
         result.images_per_second,
     )
     return result
+
+
+def _check_labels_fit(targets: Tensor, num_classes: int) -> None:
+    """A label beyond the model's outputs means the data's classes are not the model's: counting
+    such images as misses would report a meaningless accuracy."""
+    if len(targets) and int(targets.max()) >= num_classes:
+        raise DataError(
+            f"the data holds label {int(targets.max())} but the model has {num_classes} outputs: its "
+            "class folders are not the model's classes"
+        )
 
 
 class CompiledModel(nn.Module):

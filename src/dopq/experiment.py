@@ -42,7 +42,7 @@ from dopq.data import (
     strided_indices,
 )
 from dopq.environment import command_line, cpu_info, environment, file_sha256, git_revision, library_versions
-from dopq.errors import ConfigError
+from dopq.errors import ConfigError, DataError
 from dopq.evaluate import CompiledModel, EvalResult, evaluate, merge_results
 from dopq.models import build_model, get_adapter
 from dopq.models.loading import HF_PREFIX
@@ -192,6 +192,39 @@ def _data_report(
     }
 
 
+def check_labels(num_classes: int | None, eval_ds: Any, calib_ds: Any = None) -> None:
+    """Refuse an evaluation split whose labels cannot be the model's classes. A label is the
+    position of its class folder in the sorted list, so a split with more classes than the model
+    has outputs, or one that lacks class folders the calibration split has (a missing folder
+    shifts every label after it), scores a meaningless accuracy; fewer classes than outputs (one
+    dataset's subset) gets a warning.
+
+    Raises:
+        DataError: either case above.
+    """
+    classes = list(eval_ds.classes)
+    where = f"the evaluation split {eval_ds.split!r}"
+    if calib_ds is not None and set(classes) < set(calib_ds.classes):
+        missing = sorted(set(calib_ds.classes) - set(classes))
+        raise DataError(
+            f"{where} lacks the class folder(s) {', '.join(missing[:5])} that the calibration split "
+            f"{calib_ds.split!r} has: its labels (sorted class folder positions) would shift; add "
+            "the missing folders, empty if need be (an empty class keeps its index)"
+        )
+    if num_classes is None:
+        return
+    if len(classes) > num_classes:
+        raise DataError(
+            f"{where} has {len(classes)} classes but the model has {num_classes} outputs: its labels "
+            "cannot be the model's classes"
+        )
+    if len(classes) < num_classes:
+        log.warning(
+            "%s has %d classes and the model %d outputs: label i is the i-th class folder in sorted "
+            "order, which must be the model's class i", where, len(classes), num_classes,
+        )  # fmt: skip
+
+
 def load_workload(settings: RunSettings) -> Workload:
     """Build the float model and load the calibration images and the evaluation subset."""
     t0 = time.perf_counter()
@@ -205,6 +238,7 @@ def load_workload(settings: RunSettings) -> Workload:
     eval_split = resolve_eval_split(settings.data, settings.eval_split)
     eval_ds = open_split(settings.data, eval_split, transform, skip)
     eval_idx = strided_indices(len(eval_ds), settings.eval_subset)
+    check_labels(getattr(model, "num_classes", None), eval_ds, calib_ds)
     distributed.shard(eval_idx)  # more processes than images: say so before any work
     idx = calibration_indices(len(calib_ds), settings.calib_size, settings.seed)
     with single_line_errors():
@@ -429,6 +463,7 @@ def evaluate_saved(
     model, config, meta = load_quantized(path, arch=arch, device=device)
     pre = replace(Preprocess(**meta["preprocess"]), **(overrides or {}))
     loader = _eval_loader(data, eval_split, eval_subset, pre, batch_size, workers, skip_bad_images, device)
+    check_labels(getattr(model, "num_classes", None), loader.dataset.dataset)
     with single_line_errors():
         model = _maybe_compiled(in_dtype(model, eval_dtype), compile)
         res = evaluate(model, loader, device=device, progress=progress, desc="saved")
