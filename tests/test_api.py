@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import timm
@@ -30,6 +31,76 @@ def test_quantize_accepts_tensors_and_loaders():
     with torch.no_grad():
         assert torch.equal(a(x), b(x))
     assert all(bool(q.initialized) for _, q in quantizers_of(a))
+
+
+def test_calibration_data_forms_give_the_same_images():
+    """Every form the docstring names stacks to the same float32 batch; PIL images go through the
+    model's own preprocessing."""
+    import numpy as np
+    from PIL import Image
+
+    from dopq.api import as_image_tensor
+    from dopq.data import Preprocess, build_transform
+    from dopq.models.loading import model_preprocess
+
+    model = _tiny()
+    images = torch.randn(4, 3, 160, 160)
+    labels = torch.zeros(4, dtype=torch.long)
+    dataset = torch.utils.data.TensorDataset(images, labels)
+    forms = {
+        "tensor": images,
+        "float64": images.double(),
+        "array": images.numpy(),
+        "single images": list(images),
+        "(images, labels) batches": [(images[:1], labels[:1]), (images[1:], labels[1:])],
+        "Dataset of (image, label)": dataset,
+        "DataLoader": torch.utils.data.DataLoader(dataset, batch_size=3),
+        "dicts": [{"pixel_values": images[:2]}, {"pixel_values": images[2:]}],
+        "one dict": {"pixel_values": images},
+        "generator": (b for b in images.split(3)),
+    }
+    for name, data in forms.items():
+        got = as_image_tensor(data, "cpu", model)
+        assert got.dtype == torch.float32 and torch.allclose(got, images, atol=1e-6, rtol=0), name
+    pixels = [Image.fromarray(np.full((40, 30, 3), 60 * i, np.uint8)) for i in range(3)]
+    expected = torch.stack([build_transform(Preprocess(**model_preprocess(model)))(p) for p in pixels])
+    assert torch.equal(as_image_tensor(pixels, "cpu", model), expected)
+
+
+CALIBRATION_DATA_ERRORS = [
+    (None, "calibration data is None"),
+    (torch.zeros(0, 3, 160, 160), "calibration data is empty"),
+    ([], "calibration data is empty"),
+    (torch.randint(0, 256, (2, 3, 160, 160), dtype=torch.uint8), "of dtype torch.uint8"),
+    (torch.rand(2, 3, 160, 160) * 255, "raw pixel values?"),
+    (torch.randn(2, 160, 160, 3), "channels last?"),
+    (torch.randn(2, 1, 160, 160), "have 1 channels, the model reads 3"),
+    ([torch.randn(1, 3, 160, 160), torch.randn(1, 3, 128, 128)], "of different shapes"),
+    ([{"image": torch.randn(1, 3, 160, 160)}], "needs 'pixel_values'; it has ['image']"),
+    (["image.png"], "calibration data holds a str"),
+    (
+        torch.randn(2, 3, 100, 100),
+        "the model cannot run on calibration images of shape (3, 100, 100): Input height",
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "match"), CALIBRATION_DATA_ERRORS)
+def test_calibration_data_that_cannot_be_the_models_input_is_refused(data, match):
+    from dopq.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        dopq.quantize(_tiny(), data, "repq", progress=False)
+
+
+def test_unnormalized_looking_calibration_images_warn_and_half_models_are_refused(caplog):
+    from dopq.errors import ConfigError
+
+    with caplog.at_level("WARNING", logger="dopq.api"):
+        dopq.quantize(_tiny(), torch.rand(2, 3, 160, 160), "repq", progress=False)
+    assert "calibration images are all >= 0" in caplog.text
+    with pytest.raises(ConfigError, match=r"dopq quantizes float32 models; this one is torch\.float16"):
+        dopq.quantize(_tiny().half(), torch.randn(2, 3, 160, 160).half(), "repq", progress=False)
 
 
 def test_recommended_preset_is_the_default_recipe():

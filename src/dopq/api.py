@@ -10,7 +10,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from dopq.calibrate import calibrate, capture_inputs, correct_bias
@@ -70,18 +72,149 @@ class QuantizationReport:
         }
 
 
-def as_image_tensor(data: torch.Tensor | Iterable[Any], device: torch.device | str) -> torch.Tensor:
-    """Stack calibration data given as a tensor, or as batches of images or (images, labels)."""
-    if isinstance(data, torch.Tensor):
-        images = data
+def as_image_tensor(
+    data: torch.Tensor | Iterable[Any] | Any, device: torch.device | str, model: nn.Module | None = None
+) -> torch.Tensor:
+    """Calibration images as one float32 ``(N, C, H, W)`` tensor on ``device``.
+
+    ``data`` is a tensor or array of images (``(N, C, H, W)``, or one ``(C, H, W)`` image), or an
+    iterable (a list, a ``Dataset``, a ``DataLoader``, a generator) of batches or single images,
+    each bare, the first item of a tuple or list (``(images, labels)``), or a dict's
+    ``pixel_values`` (what ``transformers`` image processors give). The images must be
+    preprocessed as the model expects (resized, scaled and normalized); PIL images are
+    preprocessed with the model's own preprocessing (its ``pretrained_cfg``), so ``model`` is
+    needed for them.
+
+    Raises:
+        ConfigError: no images; a form or layout that is not one of the above (uint8 pixels,
+            channels last, another number of channels); values that cannot be normalized images.
+    """
+    if data is None:
+        raise ConfigError("calibration data is None: give images as a tensor or an iterable of batches")
+    if isinstance(data, dict) or not _is_iterable_collection(data):
+        images = _image_batch(data, model)
     else:
-        batches = [b[0] if isinstance(b, (tuple, list)) else b for b in data]
+        items = (
+            data if isinstance(data, Iterable) else (data[i] for i in range(len(data)))
+        )  # a map-style Dataset
+        batches = [_image_batch(item, model) for item in items]
         if not batches:
             raise ConfigError("calibration data is empty")
+        shapes = {tuple(b.shape[1:]) for b in batches}
+        if len(shapes) > 1:
+            raise ConfigError(
+                f"calibration images of different shapes {sorted(shapes)}: resize them to one size"
+            )
         images = torch.cat(batches)
-    if images.ndim != 4:
-        raise ConfigError(f"calibration images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    _check_images(images, model)
     return images.to(device)
+
+
+def _is_iterable_collection(data: Any) -> bool:
+    """An iterable of batches or images, not one array or tensor."""
+    return not isinstance(data, torch.Tensor | np.ndarray | Image.Image) and (
+        isinstance(data, Iterable) or hasattr(data, "__getitem__")
+    )
+
+
+def _image_batch(item: Any, model: nn.Module | None) -> torch.Tensor:
+    """One element of the calibration data as a float32 ``(n, C, H, W)`` batch."""
+    if isinstance(item, tuple | list) and item and not isinstance(item[0], int | float):
+        item = item[0]  # (images, labels)
+    if isinstance(item, dict):
+        if "pixel_values" not in item:
+            raise ConfigError(
+                f"a calibration batch given as a dict needs 'pixel_values'; it has {sorted(item)}"
+            )
+        item = item["pixel_values"]
+    if isinstance(item, Image.Image):
+        item = _preprocessed(item, model)
+    if isinstance(item, np.ndarray):
+        item = torch.from_numpy(item)
+    if not isinstance(item, torch.Tensor):
+        raise ConfigError(
+            f"calibration data holds a {type(item).__name__}: give tensors, arrays or PIL images, "
+            "alone, in (images, labels) pairs or in dicts with 'pixel_values'"
+        )
+    if not item.is_floating_point():
+        raise ConfigError(
+            f"calibration images of dtype {item.dtype}: give float images preprocessed (scaled and "
+            "normalized) as the model expects, or PIL images"
+        )
+    if item.ndim == 3:
+        item = item.unsqueeze(0)
+    if item.ndim != 4:
+        raise ConfigError(
+            f"calibration images must be (N, C, H, W) or (C, H, W), got shape {tuple(item.shape)}"
+        )
+    return item.detach().float()
+
+
+def _preprocessed(image: Image.Image, model: nn.Module | None) -> torch.Tensor:
+    """A PIL image through the model's own evaluation preprocessing."""
+    from dopq.data import Preprocess, as_rgb, build_transform
+    from dopq.models.loading import model_preprocess
+
+    if model is None:
+        raise ConfigError("PIL calibration images need the model, whose preprocessing they go through")
+    return build_transform(Preprocess(**model_preprocess(model)))(as_rgb(image))
+
+
+# normalized images: (pixel - mean) / std with pixels in [0, 1] and std of at least ~0.2 stay
+# within a few units; raw 0..255 pixels do not
+NORMALIZED_MAX_ABS = 20.0
+
+
+def _input_channels(model: nn.Module) -> int | None:
+    """The channels the model's first convolution (its patch embedding) reads."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if first is None else first.in_channels
+
+
+def _check_images(images: torch.Tensor, model: nn.Module | None) -> None:
+    """Refuse what cannot be the model's preprocessed input; warn where normalization looks skipped."""
+    if images.shape[0] == 0:
+        raise ConfigError("calibration data is empty")
+    channels = None if model is None else _input_channels(model)
+    if channels is not None and images.shape[1] != channels:
+        layout = " (channels last? give (N, C, H, W))" if images.shape[-1] == channels else ""
+        raise ConfigError(
+            f"calibration images of shape {tuple(images.shape)} have {images.shape[1]} channels, the "
+            f"model reads {channels}{layout}"
+        )
+    if not torch.isfinite(images).all():
+        return  # calibration names the non-finite values
+    largest = float(images.abs().max())
+    if largest > NORMALIZED_MAX_ABS:
+        raise ConfigError(
+            f"calibration images reach {largest:.4g}: raw pixel values? Scale and normalize them as the "
+            "model expects (its mean and std), or give PIL images"
+        )
+    if model is not None and float(images.min()) >= 0:
+        from dopq.models.loading import model_preprocess
+
+        pre = model_preprocess(model)
+        lowest = min((0 - m) / s for m, s in zip(pre["mean"], pre["std"], strict=True))
+        if lowest < -0.5:
+            log.warning(
+                "calibration images are all >= 0, while the model's normalization (mean %s, std %s) "
+                "makes dark pixels negative: are they normalized?", pre["mean"], pre["std"],
+            )  # fmt: skip
+
+
+def _check_runs(model: nn.Module, images: torch.Tensor) -> None:
+    """One image through the float model, so that a size the model cannot take is one clear error."""
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(images[:1])
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigError(
+            f"the model cannot run on calibration images of shape {tuple(images.shape[1:])}: {reason}"
+        ) from exc
+    finally:
+        model.train(training)
 
 
 @contextmanager
@@ -213,8 +346,13 @@ def quantize_with_report(
     if checkpoint is not None and config.reconstruct is None:
         raise ConfigError("a reconstruction checkpoint needs a recipe with reconstruction")
     model = as_dopq_model(model)
-    device = next(model.parameters()).device
-    images = as_image_tensor(calib_data, device)
+    parameter = next(model.parameters())
+    if parameter.dtype != torch.float32:
+        raise ConfigError(
+            f"dopq quantizes float32 models; this one is {parameter.dtype}: call model.float() first"
+        )
+    images = as_image_tensor(calib_data, parameter.device, model)
+    _check_runs(model, images)
     timings: dict[str, float] = {}
     saved = checkpoint.load() if checkpoint is not None else None
     fp_model = copy.deepcopy(model) if config.reconstruct is not None else None
@@ -241,7 +379,7 @@ def quantize_with_report(
             if checkpoint is not None:
                 checkpoint.write(model, stages, state, units)
 
-        recon_images = images if recon_data is None else as_image_tensor(recon_data, "cpu")
+        recon_images = images if recon_data is None else as_image_tensor(recon_data, "cpu", model)
         with _timed(timings, "reconstruction"):
             report.reconstruction = reconstruct(
                 model,
