@@ -180,6 +180,68 @@ def test_a_timm_model_created_with_other_shapes_saves_with_its_arguments_or_not_
         assert torch.equal(loaded(images), q(images))
 
 
+def _quantized_tiny(**kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=10, **kwargs).eval()
+    cfg = dopq.get_preset("dopq", w_bits=4, a_bits=4)
+    return dopq.quantize(model, torch.randn(4, 3, 160, 160), cfg, progress=False), cfg
+
+
+def test_a_saved_file_with_flipped_bytes_is_refused(tmp_path):
+    """torch's zip reader checks no CRC: without the digest the file loaded and computed other logits."""
+    import zipfile
+
+    q, cfg = _quantized_tiny()
+    path = save_quantized(q, tmp_path / "q.pt", cfg)
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        record = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+        with archive.open(record) as data:
+            start = raw.index(data.read(64))
+    raw[start : start + 64] = bytes(b ^ 0xFF for b in raw[start : start + 64])
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="is corrupt: its contents do not match the digest"):
+        load_quantized(bad)
+    load_quantized(path)  # the intact file
+
+
+def test_save_refuses_a_model_its_name_rebuilds_into_another_function(tmp_path):
+    """Arguments that change no shape (the pooling, the head's norm) would be lost silently."""
+    q, cfg = _quantized_tiny(global_pool="avg", fc_norm=False)
+    with pytest.raises(CheckpointError, match=r"computes other logits .*pass every argument"):
+        save_quantized(q, tmp_path / "q.pt", cfg)
+    path = save_quantized(q, tmp_path / "q.pt", cfg, model_kwargs={"global_pool": "avg", "fc_norm": False})
+    images = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        assert torch.equal(load_quantized(path)[0](images), q(images))
+
+
+def test_a_file_this_timm_cannot_build_or_a_bad_device_is_one_clear_error(tmp_path):
+    from dopq.errors import ConfigError
+    from dopq.serialize import payload_digest
+
+    q, cfg = _quantized_tiny()
+    payload = torch.load(save_quantized(q, tmp_path / "q.pt", cfg), weights_only=True)
+    payload["arch"] = "vit_from_a_newer_timm"
+    payload["digest"] = payload_digest(payload)
+    torch.save(payload, tmp_path / "newer.pt")
+    with pytest.raises(CheckpointError, match=r"cannot build vit_from_a_newer_timm .*the timm that saved it"):
+        load_quantized(tmp_path / "newer.pt")
+    with pytest.raises(ConfigError, match="--device must be cpu or cuda"):
+        load_quantized(tmp_path / "q.pt", device="gpu")
+    state = torch.random.get_rng_state()
+    load_quantized(tmp_path / "q.pt")
+    assert torch.equal(torch.random.get_rng_state(), state)  # the rebuild's random init is thrown away
+
+
+def test_a_model_created_at_another_size_records_that_size():
+    from dopq.models.loading import model_preprocess
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10)
+    assert model_preprocess(model)["input_size"] == [3, 32, 32]  # its pretrained_cfg still says 224
+
+
 def test_reconstruction_lowers_block_error_and_is_deterministic(tmp_path):
     images = torch.randn(24, 3, 160, 160)
     cfg = dopq.get_preset("dopq", w_bits=3, a_bits=3, reconstruct=ReconstructConfig(iters=30, batch_size=8))

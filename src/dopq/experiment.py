@@ -41,6 +41,7 @@ from dopq.data import (
     skipped_report,
     strided_indices,
 )
+from dopq.devices import resolve_device
 from dopq.environment import command_line, cpu_info, environment, file_sha256, git_revision, library_versions
 from dopq.errors import ConfigError, DataError
 from dopq.evaluate import CompiledModel, EvalResult, evaluate, merge_results
@@ -97,21 +98,6 @@ class RunSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``cpu`` or ``cuda[:i]``, refusing CUDA when none is available."""
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but CUDA is not available here; use --device cpu")
-    if not (name == "cpu" or name.startswith("cuda")):
-        raise ConfigError(f"--device must be cpu or cuda[:N], got {name!r}")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"--device must be cpu or cuda[:N], got {name!r}") from None
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 PREPROCESS_OVERRIDES = ("mean", "std", "interpolation", "crop_pct")

@@ -8,12 +8,18 @@ W <= 4: the weight quantizer's own ``codes``) and every other parameter and quan
 Loading rebuilds the architecture with timm, inserts quantizers with the same recipe, loads the
 state and sets each weight to ``dequantize(codes)``, a point of its grid, so the model computes
 what was saved. Schema 1 files (float weights) still load.
+
+Each file holds the SHA-256 of its contents (:func:`payload_digest`), checked on load (torch's zip
+reader checks no CRC), and a save first rebuilds the model from what the file holds and refuses one
+that computes other logits (an argument the model was created with and not given).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +28,7 @@ import torch
 from torch import nn
 
 from dopq.config import QuantConfig
+from dopq.devices import resolve_device
 from dopq.errors import CheckpointError
 from dopq.files import atomic_path
 from dopq.models import prepare_model
@@ -36,6 +43,7 @@ __all__ = [
     "load_quantized",
     "match_state",
     "pack_codes",
+    "payload_digest",
     "save_quantized",
     "unpack_codes",
 ]
@@ -68,7 +76,16 @@ def _build(payload: dict[str, Any]) -> nn.Module:
 
         return rebuild_hf_model(payload["arch"], payload["hf_config"], preprocess)
     kwargs = payload.get("model_kwargs", {})
-    model = timm.create_model(payload["arch"], pretrained=False, num_classes=payload["num_classes"], **kwargs)
+    try:
+        with torch.random.fork_rng(devices=[]):  # the random init is overwritten; keep the caller's state
+            model = timm.create_model(
+                payload["arch"], pretrained=False, num_classes=payload["num_classes"], **kwargs
+            )
+    except (RuntimeError, TypeError, ValueError) as exc:  # a newer timm's name or argument
+        raise CheckpointError(
+            f"this timm ({timm.__version__}) cannot build {payload['arch']} with {kwargs}: "
+            f"{' '.join(str(exc).split())}; load the file with the timm that saved it"
+        ) from None
     if isinstance(preprocess, dict):  # what the saved model was evaluated with, not timm's default
         model.pretrained_cfg = {**model.pretrained_cfg, **_as_cfg(preprocess)}
     return model
@@ -231,6 +248,8 @@ def save_quantized(
         payload["hf_config"] = _hf_config(model)
     else:
         payload["model_kwargs"] = _timm_kwargs(model, arch, model_kwargs)
+    payload["digest"] = payload_digest(payload)
+    _check_rebuilds(model, payload)
     # Serialized in memory first: torch.save names the archive after the file it writes, and the
     # temporary name would make two saves of the same model differ. Same model -> same bytes.
     buffer = io.BytesIO()
@@ -238,6 +257,47 @@ def save_quantized(
     with atomic_path(path) as tmp:  # an interrupted save leaves no half file
         tmp.write_bytes(buffer.getvalue())
     return path
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def payload_digest(payload: dict[str, Any]) -> str:
+    """SHA-256 of everything a file holds but its digest: torch's zip reader checks no CRC, so a
+    flipped byte in a tensor would load and compute something else."""
+    digest = hashlib.sha256()
+    rest = {k: v for k, v in payload.items() if k not in ("digest", "state_dict", "weight_codes")}
+    digest.update(json.dumps(rest, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(payload["state_dict"].items()):
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(_tensor_bytes(tensor))
+    for name, entry in sorted(payload.get("weight_codes", {}).items()):
+        digest.update(f"{name} {entry['bits']} {entry['shape']}".encode())
+        digest.update(_tensor_bytes(entry["packed"]))
+    return digest.hexdigest()
+
+
+def _check_rebuilds(model: nn.Module, payload: dict[str, Any]) -> None:
+    """Refuse to save what would load back as another function: the loader rebuilds the model from
+    its name, class count and arguments, and an argument that changes no shape (``act_layer``,
+    ``global_pool``) would otherwise be lost silently. Compares the logits of two random images."""
+    rebuilt = _from_payload(payload, Path("<the file being saved>"))
+    size = payload["metadata"]["preprocess"]["input_size"]
+    images = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+    parameter = next(model.parameters())
+    images = images.to(parameter.device, parameter.dtype)
+    training = model.training
+    with torch.no_grad():
+        ours, theirs = model.eval()(images), rebuilt.to(parameter.device)(images)
+    model.train(training)
+    gap = float((ours - theirs).abs().max())
+    if not gap <= 1e-4 * (1 + float(ours.abs().max())):
+        raise CheckpointError(
+            f"cannot save: the model rebuilt from {payload['arch']} and model_kwargs "
+            f"{payload.get('model_kwargs', {})} computes other logits (by up to {gap:.3g}); pass every "
+            "argument the model was created with as model_kwargs (e.g. {'global_pool': 'avg'})"
+        )
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -253,6 +313,8 @@ def _read(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} has schema {payload.get('schema')}, this dopq reads {_READABLE_SCHEMAS}"
         )
+    if "digest" in payload and payload["digest"] != payload_digest(payload):  # files before it have none
+        raise CheckpointError(f"{path} is corrupt: its contents do not match the digest it was saved with")
     return payload
 
 
@@ -290,9 +352,16 @@ def load_quantized(
         ``(model, config, metadata)``.
     """
     path = Path(path)
+    device = resolve_device(str(device))
     payload = _read(path)
     if arch is not None and arch != payload["arch"]:
         raise CheckpointError(f"{path} was made for {payload['arch']}, not {arch}")
+    config = QuantConfig.from_dict(payload["config"])
+    return _from_payload(payload, path).to(device), config, payload["metadata"]
+
+
+def _from_payload(payload: dict[str, Any], path: Path) -> nn.Module:
+    """The model a read file describes, on the CPU, in eval mode."""
     config = QuantConfig.from_dict(payload["config"])
     model = _build(payload)
     # layers left float are allowed: the saved state says what was quantized, and a quantizer it
@@ -312,7 +381,7 @@ def load_quantized(
             f"unexpected {result.unexpected_keys[:2]}"
         )
     _set_weights_from_codes(model, codes, path)
-    return model.to(device).eval(), config, payload["metadata"]
+    return model.eval()
 
 
 @torch.no_grad()

@@ -37,7 +37,20 @@ def model_preprocess(model: nn.Module) -> dict[str, Any]:
     the gaps) as JSON types: ``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``."""
     cfg = timm.data.resolve_data_config(model=model)
     keys = ("input_size", "mean", "std", "interpolation", "crop_pct")
-    return {k: list(cfg[k]) if isinstance(cfg[k], tuple | list) else cfg[k] for k in keys}
+    out = {k: list(cfg[k]) if isinstance(cfg[k], tuple | list) else cfg[k] for k in keys}
+    built_for = _built_input_size(model)
+    if built_for is not None:  # created with img_size=...: its pretrained_cfg still names the default
+        out["input_size"] = [out["input_size"][0], *built_for]
+    return out
+
+
+def _built_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """The fixed image size a timm patch embedding was built for (``img_size``), if it has one."""
+    embed = getattr(model, "patch_embed", None)
+    size = getattr(embed, "img_size", None)
+    if size is None or getattr(model, "dynamic_img_size", False):
+        return None
+    return tuple(int(v) for v in size) if isinstance(size, tuple | list) else (int(size), int(size))
 
 
 def is_transformers_model(model: object) -> bool:
