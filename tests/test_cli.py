@@ -379,6 +379,14 @@ EARLY_ERRORS = [
     pytest.param(lambda t: ["--output", str(t)], "is a folder", id="output-folder"),
     pytest.param(lambda t: ["--output", str(t / "f" / "r.json")], "cannot create its folder", id="output-unwritable"),
     pytest.param(lambda t: ["--save", str(t / "f" / "q.pt")], "cannot create its folder", id="save-unwritable"),
+    pytest.param(lambda t: ["--checkpoint", str(t / "w.pth"), "--save", str(t / "w.pth")],
+                 "--save {t}/w.pth is the --checkpoint file this command reads", id="save-over-checkpoint"),
+    pytest.param(lambda t: ["--save", str(t / "r.json"), "--output", str(t / "r.json")],
+                 "--save and --output name the same file", id="save-over-output"),
+    pytest.param(lambda t: ["--save", str(t / "r.md"), "--output", str(t / "r.json")],
+                 "--save and --output's Markdown twin name the same file", id="save-over-markdown"),
+    pytest.param(lambda t: ["--export", str(t / "q.onnx"), "--save", str(t / "q.onnx")],
+                 "--export and --save name the same file", id="export-over-save"),
 ]  # fmt: skip
 
 
@@ -388,5 +396,18 @@ def test_arguments_are_checked_before_any_work(
 ) -> None:
     (tmp_path / "f").write_text("a file, not a folder")
     argv = ["quantize", "--model", "no_such_model", "--data", str(tmp_path / "nothing"), *extra(tmp_path)]
-    line = _assert_one_error(main(argv), capsys.readouterr().err, match)
+    line = _assert_one_error(main(argv), capsys.readouterr().err, match.format(t=tmp_path))
     assert "no_such_model" not in line  # the model was never looked up
+
+
+def test_main_called_from_python_records_its_own_arguments(
+    roots: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not the host program's sys.argv (pytest's here) as "the exact command"."""
+    argv = _quantize_argv(roots["good"], "--method", "repq", "--output", str(tmp_path / "r.json"))
+    assert main(argv) == 0
+    recorded = json.loads((tmp_path / "r.json").read_text())["command"]
+    assert recorded == "dopq " + " ".join(argv)
+    from dopq.environment import command_line
+
+    assert not command_line().startswith("dopq quantize")  # the host's own again afterwards

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-from dopq import __version__, distributed
+from dopq import __version__, distributed, environment
 from dopq.config import (
     FLOAT_DTYPES,
     GPTQ_TARGETS,
@@ -533,6 +533,7 @@ def _check_args(args: argparse.Namespace) -> None:
     for name, flag in (("output", "--output"), ("save", "--save")):
         if getattr(args, name, None) is not None:
             check_output_path(getattr(args, name), flag)
+    _check_distinct_files(args)
     if getattr(args, "export", None) is not None:
         from dopq.export.onnx_export import check_export_target
 
@@ -545,6 +546,42 @@ def _check_args(args: argparse.Namespace) -> None:
         from dopq.export.openvino_runtime import require_openvino
 
         require_openvino()  # before any image is read
+
+
+_READ_FILES = (
+    ("checkpoint", "--checkpoint"),
+    ("quantized", "--quantized"),
+    ("onnx", "--onnx"),
+    ("data", "--data"),
+)
+
+
+def _check_distinct_files(args: argparse.Namespace) -> None:
+    """No file a command writes (``--save``, ``--export``, ``--output`` and its ``.md``) may be one
+    it reads or another it writes: the later write would replace the float checkpoint or the model."""
+    written: dict[str, str] = {}
+    output = getattr(args, "output", None)
+    outputs = [
+        ("--output", output),
+        ("--output's Markdown twin", None if output is None else Path(output).with_suffix(".md")),
+    ]
+    for flag, path in [
+        *outputs,
+        ("--save", getattr(args, "save", None)),
+        ("--export", getattr(args, "export", None)),
+    ]:
+        if path is None:
+            continue
+        real = os.path.realpath(path)
+        if real in written:
+            raise ConfigError(f"{flag} and {written[real]} name the same file {path}: give each its own")
+        written[real] = flag
+    for name, flag in _READ_FILES:
+        path = getattr(args, name, None)
+        if isinstance(path, str | Path) and os.path.realpath(path) in written:
+            raise ConfigError(
+                f"{written[os.path.realpath(path)]} {path} is the {flag} file this command reads: write elsewhere"
+            )
 
 
 def _export(
@@ -679,6 +716,14 @@ def main(argv: list[str] | None = None) -> int:
         "plot": _cmd_plot,
     }
     try:
+        with environment.dopq_arguments(argv):
+            return _run(args, argv, commands)
+    finally:
+        distributed.shutdown()
+
+
+def _run(args: argparse.Namespace, argv: list[str] | None, commands: dict[str, Any]) -> int:
+    try:
         _check_args(args)
         _join_process_group(args, argv)
         if getattr(args, "threads", None):
@@ -698,8 +743,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dopq: interrupted", file=sys.stderr)
         return 130
-    finally:
-        distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ __all__ = [
     "command_line",
     "cpu_info",
     "device_name",
+    "dopq_arguments",
     "environment",
     "file_sha256",
     "git_revision",
@@ -47,12 +49,30 @@ INTEGER_ISA = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")
 _PROC_CPUINFO = Path("/proc/cpuinfo")
 
 
+_DOPQ_ARGV: list[str] | None = None  # set while dopq.cli.main runs with arguments of its own
+
+
+@contextlib.contextmanager
+def dopq_arguments(argv: list[str] | None) -> Iterator[None]:
+    """While the block runs, :func:`command_line` is ``dopq`` with ``argv`` (``dopq.cli.main``
+    called from Python), not the host program's ``sys.argv``; None keeps ``sys.argv``."""
+    global _DOPQ_ARGV
+    previous, _DOPQ_ARGV = _DOPQ_ARGV, None if argv is None else list(argv)
+    try:
+        yield
+    finally:
+        _DOPQ_ARGV = previous
+
+
 def command_line() -> str:
     """The command that is running, as a user would retype it. ``--resume`` is left out: a resumed
     run records (and saves) what the run it continues would have."""
-    args = [shlex.quote(a) for a in sys.argv[1:] if a != "--resume"]
-    prog = "dopq" if Path(sys.argv[0]).name in ("dopq", "cli.py", "__main__.py") else sys.argv[0]
-    return " ".join([prog, *args])
+    if _DOPQ_ARGV is not None:
+        prog, argv = "dopq", _DOPQ_ARGV
+    else:
+        name = Path(sys.argv[0]).name
+        prog, argv = ("dopq" if name in ("dopq", "cli.py", "__main__.py") else sys.argv[0]), sys.argv[1:]
+    return " ".join([prog, *(shlex.quote(a) for a in argv if a != "--resume")])
 
 
 def file_sha256(path: str | Path) -> str:
