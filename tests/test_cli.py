@@ -411,3 +411,30 @@ def test_main_called_from_python_records_its_own_arguments(
     from dopq.environment import command_line
 
     assert not command_line().startswith("dopq quantize")  # the host's own again afterwards
+
+
+def test_the_result_says_where_the_preprocessing_came_from(
+    roots: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without a card beside the checkpoint the architecture's default is used: said, and recorded."""
+    import timm
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "m.pth"
+    torch.save(timm.create_model("test_vit", num_classes=2).state_dict(), checkpoint)
+    argv = _quantize_argv(roots["good"], "--method", "repq", "--checkpoint", str(checkpoint))
+    with caplog.at_level("WARNING", logger="dopq"):
+        assert main([*argv, "--output", str(tmp_path / "a.json")]) == 0
+    assert f"no model card beside {checkpoint}: its preprocessing is test_vit's default" in caplog.text
+    assert (
+        json.loads((tmp_path / "a.json").read_text())["config"]["preprocess_source"]
+        == "the model's pretrained_cfg"
+    )
+    card = {"input_size": [3, 160, 160], "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    assert main([*argv, "--output", str(tmp_path / "b.json"), "--crop-pct", "1.0"]) == 0
+    source = json.loads((tmp_path / "b.json").read_text())["config"]["preprocess_source"]
+    assert source == f"card {tmp_path / 'm.json'}, with crop_pct given"

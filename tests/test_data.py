@@ -276,7 +276,12 @@ def test_calibration_indices_match_randperm() -> None:
     assert sorted(calibration_indices(5, 5, seed=0)) == [0, 1, 2, 3, 4]
 
 
-def test_strided_indices() -> None:
+def test_strided_indices(caplog) -> None:
+    with caplog.at_level("WARNING", logger="dopq.data"):
+        assert strided_indices(5, 5) == [0, 1, 2, 3, 4]
+        assert not caplog.text
+        assert strided_indices(5, 9) == [0, 1, 2, 3, 4]
+    assert "a subset of 9 images was asked of a split of 5: all 5 are used" in caplog.text
     assert strided_indices(10_000, 1000)[:3] == [0, 10, 20]
     assert len(strided_indices(10_000, 1000)) == 1000
     assert strided_indices(10, 3) == [0, 3, 6]
@@ -472,3 +477,19 @@ def test_links_back_into_the_split_are_not_followed(tmp_path: Path, caplog) -> N
         ds = open_split(root, "test")
     assert _relative(ds, root) == [("cat/0.png", 0), ("cat/more/9.png", 0), ("dog/0.png", 1)]
     assert caplog.text.count("the link leads back into") == 3
+
+
+def test_a_json_beside_the_checkpoint_that_holds_no_card_key_is_not_a_card(tmp_path: Path, caplog) -> None:
+    """Training arguments saved as ``model.json`` beside ``model.pth`` stopped every run."""
+    checkpoint = tmp_path / "model.pth"
+    checkpoint.write_bytes(b"")
+    (tmp_path / "model.json").write_text(json.dumps({"lr": 0.1, "epochs": 300}))
+    with caplog.at_level("WARNING", logger="dopq.data"):
+        assert card_path_for(checkpoint) is None
+    assert (
+        "model.json is not a model card (it has none of input_size, mean, std, interpolation)" in caplog.text
+    )
+    (tmp_path / "model.json").write_text(
+        json.dumps({"mean": [0, 0, 0]})
+    )  # a card, broken: its reader says so
+    assert card_path_for(checkpoint) == tmp_path / "model.json"

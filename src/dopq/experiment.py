@@ -109,11 +109,22 @@ def preprocess_overrides(source: Any) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None}
 
 
-def _preprocess(settings: RunSettings, model: nn.Module) -> Preprocess:
+def _preprocess(settings: RunSettings, model: nn.Module) -> tuple[Preprocess, str]:
+    """The run's preprocessing and where it came from: the model card beside the checkpoint, else
+    the architecture's own ``pretrained_cfg``, with the user's overrides on top."""
     card = card_path_for(settings.checkpoint) if settings.checkpoint else None
     pre = preprocess_from_card(card) if card else preprocess_from_model(model)
+    source = f"card {card}" if card else "the model's pretrained_cfg"
     overrides = preprocess_overrides(settings)
-    return replace(pre, **overrides) if overrides else pre
+    if overrides:
+        return replace(pre, **overrides), f"{source}, with {', '.join(sorted(overrides))} given"
+    if settings.checkpoint and card is None:
+        log.warning(
+            "no model card beside %s: its preprocessing is %s's default (%s); give --mean, --std, "
+            "--interpolation and --crop-pct if it was trained otherwise", settings.checkpoint,
+            settings.model, pre.to_dict(),
+        )  # fmt: skip
+    return pre, source
 
 
 @dataclass
@@ -130,6 +141,7 @@ class Workload:
     timings: dict[str, float] = field(default_factory=dict)
     fp_result: EvalResult | None = None
     skipped: dict[str, list[SkippedImage]] = field(default_factory=dict)
+    preprocess_source: str = ""  # where the preprocessing came from (card, pretrained_cfg, overrides)
     _loader: tuple[Any, ImageLoader] | None = field(default=None, repr=False)
 
     def recon_images(self, n: int) -> torch.Tensor:
@@ -217,7 +229,7 @@ def load_workload(settings: RunSettings) -> Workload:
     resolve_device(settings.device)
     model = build_model(settings.model, settings.checkpoint, settings.num_classes, settings.pretrained)
     get_adapter(model)  # refuse unsupported families before touching the data
-    pre = _preprocess(settings, model)
+    pre, pre_source = _preprocess(settings, model)
     transform = build_transform(pre)
     skip = settings.skip_bad_images
     calib_ds = open_split(settings.data, settings.calib_split, transform, skip)
@@ -231,6 +243,7 @@ def load_workload(settings: RunSettings) -> Workload:
         calib = load_images(calib_ds, idx, num_workers=settings.workers)
     timings = {"load": time.perf_counter() - t0}
     work = Workload(settings, model, pre, calib.images, eval_ds, eval_idx, calib_ds, timings)
+    work.preprocess_source = pre_source
     work.skipped["calibration"] = calib.skipped
     return work
 
@@ -383,7 +396,12 @@ def run_recipe(
         "reparam_max_logit_change": report.reparam.max_logit_change if report.reparam else None,
         "coverage": report.coverage.to_dict() if report.coverage else None,
         "coverage_summary": report.coverage.summary() if report.coverage else None,
-        "config": {"recipe": config.to_dict(), "run": s.to_dict(), "preprocess": work.preprocess.to_dict()},
+        "config": {
+            "recipe": config.to_dict(),
+            "run": s.to_dict(),
+            "preprocess": work.preprocess.to_dict(),
+            "preprocess_source": work.preprocess_source,
+        },
         "data": work.data_report(),
         "distributed": distributed.current().to_dict(),
         **_provenance(work),

@@ -13,6 +13,7 @@ from PIL import Image
 from timm.data import create_transform
 from torch import Tensor, nn
 
+from dopq.data.archives import logger
 from dopq.errors import DataError
 from dopq.models.loading import model_preprocess
 
@@ -120,10 +121,20 @@ def card_path_for(checkpoint_path: str | os.PathLike[str]) -> Path | None:
         checkpoint_path: path of the checkpoint file.
 
     Returns:
-        The card path if that file exists, else None.
+        The card path if that file exists, else None. A JSON object there that holds none of a
+        card's keys (training arguments, say) is not a card: None, with a warning.
     """
     card = Path(checkpoint_path).with_suffix(".json")
-    return card if card.is_file() else None
+    if not card.is_file():
+        return None
+    try:
+        content = json.loads(card.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return card  # preprocess_from_card says what is wrong with it
+    if isinstance(content, dict) and not any(k in content for k in _CARD_KEYS):
+        logger.warning("%s is not a model card (it has none of %s): not read", card, ", ".join(_CARD_KEYS))
+        return None
+    return card
 
 
 def preprocess_from_model(model: nn.Module) -> Preprocess:

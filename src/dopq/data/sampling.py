@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from dopq.data.archives import logger
 from dopq.errors import DataError
 
 __all__ = ["calibration_indices", "strided_indices"]
@@ -60,6 +61,10 @@ def strided_indices(n_total: int, n: int | None) -> list[int]:
     """
     if n is not None and n < 1:
         raise DataError(f"subset size must be at least 1, got {n}")
+    if n is not None and n > n_total:
+        logger.warning(
+            "a subset of %d images was asked of a split of %d: all %d are used", n, n_total, n_total
+        )
     if n is None or n >= n_total:
         return list(range(n_total))
     return [i * n_total // n for i in range(n)]
