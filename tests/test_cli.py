@@ -287,6 +287,20 @@ def test_quantize_then_evaluate_deit_tiny(tmp_path: Path, capsys: pytest.Capture
     again = json.loads((tmp_path / "ev.json").read_text())
     assert again["quant_top1"] == result["quant_top1"]
     assert again["eval_images"] == 40
+    # what produced the evaluation, as a quantize run records it; its own command, not the save's
+    from dopq.environment import file_sha256
+
+    assert (
+        again["quantized_sha256"] == file_sha256(tmp_path / "q.pt") and len(again["quant_top1_correct"]) == 40
+    )
+    assert again["recorded_command"] == result["command"] and again["command"].startswith("dopq evaluate")
+    assert {"versions", "git", "cpu", "threads", "device_name"} <= set(again)
+    markdown = (tmp_path / "ev.md").read_text()
+    assert (
+        "Evaluated on 40 images." in markdown
+        and "calibration" not in markdown
+        and "Stage timings" not in markdown
+    )
 
     capsys.readouterr()
     argv = [

@@ -481,16 +481,19 @@ def evaluate_saved(
         "fp_top5": None,
         "quant_top1": res.top1,
         "quant_top5": res.top5,
+        "quant_top1_correct": res.top1_correct,
         "eval_images": res.images,
         "eval_dtype": eval_dtype,
         "compiled": compile,
         "eval_images_per_second": res.images_per_second,
         "quantized_path": str(path),
+        "quantized_sha256": file_sha256(path),
         "recorded_quant_top1": meta.get("quant_top1"),
+        "recorded_command": meta.get("command"),
         "config": {"recipe": config.to_dict(), "preprocess": pre.to_dict()},
         "data": _loader_data_report(loader, skip_bad_images, skipped, res.images + len(skipped)),
         "distributed": distributed.current().to_dict(),
-        "command": command_line(),
+        **environment(device),
     }
 
 
@@ -549,6 +552,7 @@ def evaluate_onnx(
         "eval_images": res.images,
         "eval_images_per_second": res.images_per_second,
         "onnx_path": str(path),
+        "onnx_sha256": file_sha256(path),
         "runtime": runtime,
         "onnx_metadata": {k: v for k, v in meta.items() if k != "preprocess"},
         "config": {"preprocess": pre.to_dict()},

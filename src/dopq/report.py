@@ -99,11 +99,12 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"| FP32 | {_pct(result.get('fp_top1'))} | {_pct(result.get('fp_top5'))} |",
         f"| quantized | {_pct(result['quant_top1'])} | {_pct(result['quant_top5'])} |",
         "",
-        f"Evaluated on {result['eval_images']} images; calibration {result.get('calib_seconds', 0):.2f} s.",
-        "",
-        "Stage timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.get("timings", {}).items()),
+        f"Evaluated on {result['eval_images']} images"
+        + ("." if result.get("calib_seconds") is None else f"; calibration {result['calib_seconds']:.2f} s."),
         "",
     ]
+    if result.get("timings"):  # a quantize run's; an evaluation has none
+        lines += ["Stage timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result["timings"].items()), ""]
     return "\n".join(lines)
 
 
