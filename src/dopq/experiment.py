@@ -190,12 +190,12 @@ def _data_report(
     }
 
 
-def check_labels(num_classes: int | None, eval_ds: Any, calib_ds: Any = None) -> None:
+def check_labels(num_classes: int | None, eval_ds: Any, calib_ds: Any = None, trained: bool = True) -> None:
     """Refuse an evaluation split whose labels cannot be the model's classes. A label is the
     position of its class folder in the sorted list, so a split with more classes than the model
     has outputs, or one that lacks class folders the calibration split has (a missing folder
     shifts every label after it), scores a meaningless accuracy; fewer classes than outputs (one
-    dataset's subset) gets a warning.
+    dataset's subset) gets a warning where the model's weights were ``trained`` (loaded).
 
     Raises:
         DataError: either case above.
@@ -216,7 +216,7 @@ def check_labels(num_classes: int | None, eval_ds: Any, calib_ds: Any = None) ->
             f"{where} has {len(classes)} classes but the model has {num_classes} outputs: its labels "
             "cannot be the model's classes"
         )
-    if len(classes) < num_classes:
+    if len(classes) < num_classes and trained:
         log.warning(
             "%s has %d classes and the model %d outputs: label i is the i-th class folder in sorted "
             "order, which must be the model's class i", where, len(classes), num_classes,
@@ -236,7 +236,8 @@ def load_workload(settings: RunSettings) -> Workload:
     eval_split = resolve_eval_split(settings.data, settings.eval_split)
     eval_ds = open_split(settings.data, eval_split, transform, skip)
     eval_idx = strided_indices(len(eval_ds), settings.eval_subset)
-    check_labels(getattr(model, "num_classes", None), eval_ds, calib_ds)
+    trained = bool(settings.checkpoint or settings.pretrained or settings.model.startswith(HF_PREFIX))
+    check_labels(getattr(model, "num_classes", None), eval_ds, calib_ds, trained)
     distributed.shard(eval_idx)  # more processes than images: say so before any work
     idx = calibration_indices(len(calib_ds), settings.calib_size, settings.seed)
     with single_line_errors():

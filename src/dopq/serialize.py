@@ -281,7 +281,10 @@ def payload_digest(payload: dict[str, Any]) -> str:
 def _check_rebuilds(model: nn.Module, payload: dict[str, Any]) -> None:
     """Refuse to save what would load back as another function: the loader rebuilds the model from
     its name, class count and arguments, and an argument that changes no shape (``act_layer``,
-    ``global_pool``) would otherwise be lost silently. Compares the logits of two random images."""
+    ``global_pool``) would otherwise be lost silently. Compares the logits of two random images
+    (of a calibrated model: an uncalibrated one has none to compare, and its export refuses it)."""
+    if any(q.enabled and not q.is_ready() for _, q in quantizers_of(model)):
+        return
     rebuilt = _from_payload(payload, Path("<the file being saved>"))
     size = payload["metadata"]["preprocess"]["input_size"]
     images = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
