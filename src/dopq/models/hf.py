@@ -309,14 +309,46 @@ def _architecture_class(name: str | None, where: str) -> type[nn.Module]:
 
 @contextmanager
 def _quiet_loading() -> Iterator[None]:
-    """No ``transformers`` progress bar while loading (dopq prints its own); the setting comes back."""
-    was_enabled = hf_logging.is_progress_bar_enabled()
+    """No ``transformers`` progress bar while loading (dopq prints its own) and no load report (dopq
+    refuses what it would warn about, in one line); the settings come back."""
+    was_enabled, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+def _some(keys: Any) -> str:
+    """A few of ``keys``, sorted, for an error line."""
+    names = sorted(keys)
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _check_loading_info(folder: Path, info: dict[str, Any]) -> None:
+    """Refuse weights that do not cover the model: ``transformers`` initializes missing or reshaped
+    layers at random (and only warns), which no post-training quantization can repair. Its lists
+    already leave out what the model declares optional (tied weights, ignorable buffers)."""
+    missing, unexpected = info.get("missing_keys") or (), info.get("unexpected_keys") or ()
+    mismatched = {entry[0]: entry[1:] for entry in info.get("mismatched_keys") or ()}
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing ({_some(missing)})")
+    if mismatched:
+        key = sorted(mismatched)[0]
+        stored, expected = (tuple(shape) for shape in mismatched[key])  # (weights', model's)
+        problems.append(
+            f"{len(mismatched)} of another shape ({key}: {stored} in the weights, {expected} in the model)"
+        )
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected ({_some(unexpected)})")
+    if problems:
+        raise CheckpointError(
+            f"hf: weights in {folder} do not fit the model of its config.json: {'; '.join(problems)}"
+        )
 
 
 def load_hf_model(folder: str | Path, num_classes: int | None = None) -> HFImageClassifier:
@@ -330,6 +362,11 @@ def load_hf_model(folder: str | Path, num_classes: int | None = None) -> HFImage
         The wrapped float32 model in eval mode, its preprocessing from the processor config.
     """
     folder = Path(folder)
+    if folder.is_file():
+        raise ModelError(
+            f"hf: {folder} is a file, not a save_pretrained folder; for a timm weights file use "
+            "--model ARCH --checkpoint FILE"
+        )
     if not folder.is_dir():
         raise ModelError(f"hf: folder {folder} does not exist")
     if not (folder / "config.json").is_file():
@@ -346,10 +383,15 @@ def load_hf_model(folder: str | Path, num_classes: int | None = None) -> HFImage
         )
     try:
         with _quiet_loading():
-            model = cls.from_pretrained(folder, local_files_only=True)
-    except Exception as exc:  # missing or mismatched weight files
+            # mismatched shapes come back in the loading info (checked below) instead of an error
+            # that points at the load report
+            model, info = cls.from_pretrained(
+                folder, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True
+            )
+    except Exception as exc:  # missing or unreadable weight files
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"hf: weights in {folder} could not be loaded: {first}") from None
+    _check_loading_info(folder, info)
     proc = folder / "preprocessor_config.json"
     preprocess = preprocess_from_processor(proc, config) if proc.is_file() else None
     return HFImageClassifier(model.float().eval(), preprocess)
