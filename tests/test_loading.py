@@ -6,6 +6,8 @@ Every refusal is one dopq error naming what is wrong; nothing loads with layers 
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from torch import nn
 
 from dopq.cli import main
 from dopq.errors import CheckpointError, ModelError
-from dopq.models import build_model
+from dopq.models import build_model, loading
 
 HUB_TAG = "test_vit.r160_in1k"  # timm's tiny ViT and its hub repo
 
@@ -144,3 +146,96 @@ def test_hf_prefix_on_a_file_says_it_is_a_file(tmp_path: Path) -> None:
     save_file({"w": torch.zeros(1)}, str(path))
     with pytest.raises(ModelError, match="is a file, not a save_pretrained folder"):
         build_model(f"hf:{path}")
+
+
+# --- timm hub weights -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private, empty Hugging Face cache; the hub's offline mode off unless a test sets it."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return cache
+
+
+def _cache_test_vit(cache: Path) -> nn.Module:
+    """Stand-in weights for timm's ``test_vit`` hub repo, written as a hub download leaves them."""
+    repo = cache / f"models--timm--{HUB_TAG}"
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    hub = _test_vit(num_classes=1000, seed=1)
+    save_file(
+        {k: v.contiguous() for k, v in hub.state_dict().items()},
+        repo / "snapshots" / ("0" * 40) / "model.safetensors",
+    )
+    return hub
+
+
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loading, "_hub_reachable", lambda *args, **kwargs: False, raising=False)
+
+
+def test_pretrained_with_another_class_count_is_refused(hub_cache: Path, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    hub = _cache_test_vit(hub_cache)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # never the real hub
+    with pytest.raises(
+        ModelError, match=f"--num-classes 10 does not match the pretrained weights of {HUB_TAG}"
+    ):
+        build_model("test_vit", pretrained=True, num_classes=10)
+    model = build_model("test_vit", pretrained=True, num_classes=1000)  # the hub head's own size
+    assert _same_weights(model, hub)
+
+
+def test_pretrained_without_network_loads_the_cached_weights(hub_cache: Path, monkeypatch) -> None:
+    from huggingface_hub import constants
+
+    hub = _cache_test_vit(hub_cache)
+    _no_network(monkeypatch)
+    start = time.monotonic()
+    model = build_model("test_vit", pretrained=True)
+    assert _same_weights(model, hub) and time.monotonic() - start < 15
+    assert constants.HF_HUB_OFFLINE is False  # the offline mode was for that call only
+
+
+def test_pretrained_without_network_or_cache_fails_fast(hub_cache: Path, monkeypatch) -> None:
+    _no_network(monkeypatch)
+    start = time.monotonic()
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache and the hub is unreachable"):
+        build_model("test_vit", pretrained=True)
+    assert time.monotonic() - start < 10  # huggingface_hub alone retries for about 45 s
+
+
+def test_hub_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        monkeypatch.delenv("https_proxy", raising=False)
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("NO_PROXY", "")
+        assert loading._hub_reachable("https://hub.invalid", timeout=2)  # through the proxy
+    monkeypatch.delenv("HTTPS_PROXY")
+    assert not loading._hub_reachable(f"http://127.0.0.1:{port}", timeout=2)  # closed now
+
+
+@pytest.mark.parametrize("extra", [{}, {"pretrained": True}, {"checkpoint": "unused.pth"}])
+def test_unknown_pretrained_tag_is_refused(extra: dict) -> None:
+    with pytest.raises(
+        ModelError, match=f"unknown pretrained tag 'nosuchtag' for test_vit: timm knows {HUB_TAG}"
+    ):
+        build_model("test_vit.nosuchtag", **extra)
+
+
+def test_known_tag_builds_and_bad_tag_cli_error(image_folder, capsys) -> None:
+    assert build_model(HUB_TAG, num_classes=10).num_classes == 10
+    data = image_folder("tag", size=32, per_class=1)
+    line = _one_cli_error(_quantize_argv(data, "test_vit.nosuchtag"), capsys)
+    assert "unknown pretrained tag 'nosuchtag'" in line

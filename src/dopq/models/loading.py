@@ -5,11 +5,16 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import re
+import socket
 import sys
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from unittest import mock
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -29,6 +34,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 _HEAD_KEYS = ("head.weight", "head.fc.weight")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 HF_PREFIX = "hf:"  # --model hf:FOLDER, a transformers save_pretrained folder
 
 
@@ -121,6 +127,19 @@ def _check_arch(arch: str) -> None:
         close = difflib.get_close_matches(arch, timm.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
         raise ModelError(f"unknown timm model {arch!r}{hint}")
+    _check_tag(arch)
+
+
+def _check_tag(name: str) -> None:
+    """An ``arch.tag`` name must name a tag timm knows (``timm.is_model`` ignores the tag, and timm's
+    own refusal is a bare RuntimeError)."""
+    arch, tag = timm.models.split_model_name_tag(name)
+    if not tag:
+        return
+    known = list(timm.models.get_arch_pretrained_cfgs(arch))
+    if name not in known:
+        listed = f"timm knows {', '.join(known[:10])}" if known else f"timm has no pretrained tags for {arch}"
+        raise ModelError(f"unknown pretrained tag {tag!r} for {arch}: {listed}")
 
 
 @contextmanager
@@ -130,6 +149,85 @@ def _seeded_init(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether one TCP connection to ``endpoint`` (or to the proxy the environment sets for it) opens
+    within ``timeout`` seconds."""
+    url = urlparse(endpoint)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        proxy_url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_url.hostname or "", proxy_url.port or 80
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+@contextmanager
+def _hub_access() -> Iterator[bool]:
+    """Yields whether the Hugging Face hub may be asked. huggingface_hub retries an unreachable hub for
+    about 45 s before it looks in its cache; when one quick connection fails, its offline mode is set
+    for the call instead, so cached weights load at once and missing ones fail at once."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # timm then downloads by URL (torch.hub), which fails fast without network
+        yield True
+        return
+    if constants.HF_HUB_OFFLINE:
+        yield False
+    elif _hub_reachable(constants.ENDPOINT):
+        yield True
+    else:
+        with mock.patch.object(constants, "HF_HUB_OFFLINE", True):
+            yield False
+
+
+def _pretrained_cfg(arch: str) -> Any:
+    """timm's pretrained config of ``arch`` (its default tag when none is given)."""
+    cfg = timm.models.get_pretrained_cfg(arch)
+    full = f"{cfg.architecture}.{cfg.tag}" if cfg is not None and cfg.tag else arch
+    if cfg is None or full not in timm.list_pretrained(full):
+        raise ModelError(f"timm has no pretrained weights for {arch}; pass --checkpoint PATH")
+    return cfg
+
+
+def _check_pretrained_head(cfg: Any, num_classes: int | None) -> None:
+    """Refuse a class count the pretrained head does not have: timm would drop that head and start a
+    random one, and post-training quantization never trains it."""
+    offset = cfg.label_offset or 0  # e.g. 1001 outputs with a background class, which timm can drop
+    if num_classes is not None and num_classes not in (cfg.num_classes, cfg.num_classes - offset):
+        raise ModelError(
+            f"--num-classes {num_classes} does not match the pretrained weights of "
+            f"{cfg.architecture}.{cfg.tag}, whose head has {cfg.num_classes} classes; "
+            "dopq does not train a new head: drop --num-classes or pass --checkpoint PATH"
+        )
+
+
+def _pretrained_model(arch: str, num_classes: int | None, init_seed: int) -> nn.Module:
+    """``arch`` with timm's pretrained weights, from the local cache when the hub is unreachable."""
+    cfg = _pretrained_cfg(arch)
+    _check_pretrained_head(cfg, num_classes)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    with _hub_access() as online:
+        try:
+            with _seeded_init(init_seed):
+                return timm.create_model(arch, pretrained=True, **kwargs).eval()
+        except Exception as exc:
+            if not online:
+                raise ModelError(
+                    f"pretrained weights of {arch} are not in the local Hugging Face cache and the hub "
+                    "is unreachable (or HF_HUB_OFFLINE is set); pass --checkpoint PATH"
+                ) from None
+            text = _ANSI.sub("", str(exc)).strip()
+            first = text.splitlines()[0][:160] if text else ""
+            raise ModelError(
+                f"could not create {arch} with pretrained weights ({type(exc).__name__}: {first}); "
+                "without network access pass --checkpoint PATH"
+            ) from None
 
 
 def build_model(
@@ -160,16 +258,11 @@ def build_model(
             )
         return _hf().load_hf_model(arch.removeprefix(HF_PREFIX), num_classes)
     _check_arch(arch)
+    if checkpoint is None and pretrained:
+        return _pretrained_model(arch, num_classes, init_seed)
     if checkpoint is None:
-        kwargs = {} if num_classes is None else {"num_classes": num_classes}
-        try:
-            with _seeded_init(init_seed):
-                model = timm.create_model(arch, pretrained=pretrained, **kwargs)
-        except Exception as exc:
-            raise ModelError(
-                f"could not create {arch} with pretrained weights ({type(exc).__name__}); "
-                "without network access pass --checkpoint PATH"
-            ) from None
+        with _seeded_init(init_seed):
+            model = timm.create_model(arch, **({} if num_classes is None else {"num_classes": num_classes}))
         return model.eval()
     state = load_state_dict(checkpoint)
     found = _classes_in(state)
