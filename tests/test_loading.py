@@ -6,10 +6,12 @@ Every refusal is one dopq error naming what is wrong; nothing loads with layers 
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -18,7 +20,7 @@ from torch import nn
 
 from dopq.cli import main
 from dopq.errors import CheckpointError, ModelError
-from dopq.models import build_model, loading
+from dopq.models import build_model, load_state_dict, loading
 
 HUB_TAG = "test_vit.r160_in1k"  # timm's tiny ViT and its hub repo
 
@@ -239,3 +241,137 @@ def test_known_tag_builds_and_bad_tag_cli_error(image_folder, capsys) -> None:
     data = image_folder("tag", size=32, per_class=1)
     line = _one_cli_error(_quantize_argv(data, "test_vit.nosuchtag"), capsys)
     assert "unknown pretrained tag 'nosuchtag'" in line
+
+
+# --- timm checkpoints -------------------------------------------------------------------------------
+
+
+def test_swin_state_dict_with_derived_buffers_loads(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    ref = timm.create_model("swin_tiny_patch4_window7_224", num_classes=10).eval()
+    derived = {n: b for n, b in ref.named_buffers() if n.endswith(("relative_position_index", "attn_mask"))}
+    assert derived and not derived.keys() & ref.state_dict().keys()  # non-persistent in this timm
+    path = tmp_path / "swin.pth"
+    torch.save({**ref.state_dict(), **derived}, path)
+    assert _same_weights(build_model("swin_tiny_patch4_window7_224", path), ref)
+
+
+def test_derived_buffer_name_the_model_lacks_is_still_refused(tmp_path: Path) -> None:
+    path = tmp_path / "vit.pth"
+    torch.save({**_test_vit().state_dict(), "blocks.0.attn.relative_position_index": torch.zeros(4)}, path)
+    with pytest.raises(CheckpointError, match="1 unexpected"):
+        build_model("test_vit", path)
+
+
+def _wrapped(sd: dict) -> dict[str, dict]:
+    prefixed = lambda p: {p + k: v for k, v in sd.items()}  # noqa: E731
+    return {
+        "state_dict_ema": {"state_dict_ema": sd, "epoch": 1},
+        "ema": {"ema": sd},
+        "module": {"module": sd},
+        "_orig_mod.": prefixed("_orig_mod."),
+        "model.": prefixed("model."),
+        "module._orig_mod.": prefixed("module._orig_mod."),
+        "model-in-dict": {"model": sd, "optimizer": {"lr": 0.1}},
+    }
+
+
+@pytest.mark.parametrize("layout", list(_wrapped({})))
+def test_wrapped_and_prefixed_checkpoints_load(layout: str, tmp_path: Path) -> None:
+    ref = _test_vit()
+    path = tmp_path / "c.pth"
+    torch.save(_wrapped(ref.state_dict())[layout], path)
+    assert _same_weights(build_model("test_vit", path), ref)
+
+
+def test_unknown_wrapper_names_its_keys(tmp_path: Path) -> None:
+    path = tmp_path / "c.pth"
+    torch.save({"weights": _test_vit().state_dict(), "epoch": 3}, path)
+    with pytest.raises(CheckpointError, match="top-level keys are 'weights', 'epoch'"):
+        build_model("test_vit", path)
+
+
+@pytest.mark.parametrize("prefix", ["net.", "partial"])
+def test_prefix_is_stripped_only_when_it_gives_the_model_keys(prefix: str, tmp_path: Path) -> None:
+    sd = _test_vit().state_dict()
+    if prefix == "partial":  # only some keys carry a known prefix: no guess
+        state = {("model." + k if i % 2 else k): v for i, (k, v) in enumerate(sd.items())}
+    else:
+        state = {prefix + k: v for k, v in sd.items()}
+    path = tmp_path / "c.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="does not fit test_vit"):
+        build_model("test_vit", path)
+
+
+@pytest.mark.parametrize("name", ["w.SAFETENSORS", "w.bin", "w.pth"])
+def test_safetensors_file_is_read_by_content(name: str, tmp_path: Path) -> None:
+    ref = _test_vit()
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(tmp_path / name))
+    assert _same_weights(build_model("test_vit", tmp_path / name), ref)
+
+
+def test_torch_file_named_safetensors_is_read_by_content(tmp_path: Path) -> None:
+    ref = _test_vit()
+    torch.save(ref.state_dict(), tmp_path / "w.safetensors")
+    assert _same_weights(build_model("test_vit", tmp_path / "w.safetensors"), ref)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        lambda: _test_vit(),
+        lambda: {"model": _test_vit().state_dict(), "best_acc": np.float64(0.9), "epoch": np.int64(3)},
+    ],
+    ids=["whole-module", "numpy-objects"],
+)
+def test_pickled_objects_get_a_short_clear_message(content, tmp_path: Path) -> None:
+    path = tmp_path / "c.pth"
+    torch.save(content(), path)
+    with pytest.raises(CheckpointError, match="it holds pickled Python objects") as info:
+        build_model("test_vit", path)
+    text = str(info.value)
+    assert "torch.save(model.state_dict(), PATH)" in text and "\x1b" not in text
+    assert "two options" not in text
+
+
+def test_unknown_format_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "random.pth"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(CheckpointError, match=r"neither a safetensors file nor a torch\.save file"):
+        build_model("test_vit", path)
+
+
+def test_folder_as_checkpoint_says_folder(tmp_path: Path) -> None:
+    (tmp_path / "weights.pth").mkdir()
+    with pytest.raises(CheckpointError, match=r"is a folder, not a weights file$"):
+        build_model("test_vit", tmp_path / "weights.pth")
+    (tmp_path / "weights.pth" / "config.json").write_text(json.dumps({}))
+    with pytest.raises(CheckpointError, match="use --model hf:"):
+        build_model("test_vit", tmp_path / "weights.pth")
+
+
+def test_dopq_quantized_file_as_checkpoint_is_recognised(tmp_path: Path) -> None:
+    import dopq
+    from dopq.serialize import save_quantized
+
+    model = _test_vit()
+    config = dopq.get_preset("repq", w_bits=8, a_bits=8)
+    quantized = dopq.quantize(model, torch.randn(2, 3, 160, 160), config, progress=False)
+    path = save_quantized(quantized, tmp_path / "q.pt", config)
+    with pytest.raises(CheckpointError, match=r"is a dopq quantized model .* use dopq evaluate --quantized"):
+        build_model("test_vit", path)
+    with pytest.raises(CheckpointError, match="is a dopq quantized model"):
+        load_state_dict(path)
+
+
+def test_load_state_dict_strips_a_ddp_prefix(tmp_path: Path) -> None:
+    sd = _test_vit().state_dict()
+    torch.save({"module." + k: v for k, v in sd.items()}, tmp_path / "c.pth")
+    assert load_state_dict(tmp_path / "c.pth").keys() == sd.keys()
+
+
+def test_stray_entry_of_a_state_dict_is_named(tmp_path: Path) -> None:
+    torch.save({**_test_vit().state_dict(), "epoch": 3}, tmp_path / "c.pth")
+    with pytest.raises(CheckpointError, match="its entry 'epoch' is a int, not a tensor"):
+        build_model("test_vit", tmp_path / "c.pth")

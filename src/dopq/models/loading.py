@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import pickle
 import re
 import socket
 import sys
@@ -34,6 +35,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 _HEAD_KEYS = ("head.weight", "head.fc.weight")
+# where training code nests the state dict, in the order tried (the first holding tensors is taken)
+_WRAPPER_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema", "ema", "module")
+# key prefixes of wrapped models: DDP/DeepSpeed, torch.compile, a Lightning-style `self.model`
+_KEY_PREFIXES = ("module.", "_orig_mod.", "model.")
+# buffers timm derives at init; timm < 0.9 and Microsoft's Swin checkpoints saved them
+_DERIVED_BUFFERS = ("relative_position_index", "attn_mask")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 HF_PREFIX = "hf:"  # --model hf:FOLDER, a transformers save_pretrained folder
 
@@ -89,30 +96,148 @@ def card_for(checkpoint: str | Path) -> dict[str, Any] | None:
         raise CheckpointError(f"model card {path} is not valid JSON: {exc}") from None
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a ``.safetensors`` or ``.pth``/``.pt`` state dict safely (no pickled code)."""
+def _file_format(path: Path) -> str:
+    """``safetensors``, ``zip`` (``torch.save``), ``pickle`` (legacy ``torch.save``) or ``unknown``,
+    from the first bytes: the suffix is only a name (``.bin``, ``.SAFETENSORS`` hold either)."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    if len(head) == 9 and head[8:] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size:
+        return "safetensors"
+    return "pickle" if head[:1] == b"\x80" else "unknown"  # legacy torch.save: pickle protocol 2
+
+
+def _unreadable(path: Path, exc: Exception, fmt: str) -> CheckpointError:
+    """The error for a file the decoder refused: what it holds when that is known, else the decoder's
+    first line (without terminal escape codes)."""
+    if isinstance(exc, pickle.UnpicklingError) and fmt == "zip":
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # the archive itself is damaged: report the decoder's error
+            names = []
+        if names:
+            return CheckpointError(
+                f"checkpoint {path} could not be read as a state dict: it holds pickled Python objects "
+                f"({', '.join(sorted(names)[:3])}{', ...' if len(names) > 3 else ''}), as a whole model or "
+                "training state saved with torch.save does; dopq does not unpickle them (that can run code): "
+                "save the weights alone with torch.save(model.state_dict(), PATH)"
+            )
+    text = _ANSI.sub("", str(exc)).strip()
+    first = text.splitlines()[0][:160] if text else ""
+    return CheckpointError(
+        f"checkpoint {path} could not be read as a state dict ({type(exc).__name__}: {first})"
+    )
+
+
+def _is_tensor_dict(obj: object) -> bool:
+    return isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in a loaded file: the file itself or one of the known wrapper entries."""
+    if _is_tensor_dict(obj):
+        return obj
+    if isinstance(obj, dict):
+        from dopq.serialize import FORMAT  # lazy: serialize imports this module
+
+        if obj.get("format") == FORMAT:
+            raise CheckpointError(
+                f"{path} is a dopq quantized model (made by dopq quantize --save), not float weights: "
+                f"use dopq evaluate --quantized {path}"
+            )
+        for key in _WRAPPER_KEYS:
+            if _is_tensor_dict(obj.get(key)):
+                log.info("checkpoint %s: using its %r entry", path, key)
+                return obj[key]
+        odd = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
+        if any(isinstance(v, torch.Tensor) for v in obj.values()):  # a state dict with a stray entry
+            found = f"its entry {odd!r} is a {type(obj[odd]).__name__}, not a tensor"
+        else:
+            keys = ", ".join(repr(k) for k in list(obj)[:8]) + (", ..." if len(obj) > 8 else "")
+            found = f"its top-level keys are {keys}; dopq looks under {', '.join(_WRAPPER_KEYS)}"
+    else:
+        found = f"it holds a {type(obj).__name__}"
+    raise CheckpointError(f"checkpoint {path} does not hold a state dict of tensors ({found})")
+
+
+def _read_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict in a file, its keys as stored (see :func:`load_state_dict`)."""
     path = Path(path)
+    if path.is_dir():
+        hint = (
+            f"; for a transformers folder use --model hf:{path}" if (path / "config.json").is_file() else ""
+        )
+        raise CheckpointError(f"checkpoint {path} is a folder, not a weights file{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} could not be read: the file is empty")
+    fmt = _file_format(path)
+    if fmt == "unknown":
+        raise CheckpointError(
+            f"checkpoint {path} could not be read: it is neither a safetensors file nor a torch.save file"
+        )
     try:
-        if path.suffix == ".safetensors":
+        if fmt == "safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            obj: object = load_file(str(path))
+        else:  # an open file: torch.load would pass any *.safetensors path to safetensors
+            with path.open("rb") as f:
+                obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as exc:  # any decoder failure means the file is unusable
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-        raise CheckpointError(
-            f"checkpoint {path} could not be read as a state dict ({type(exc).__name__}: {first})"
-        ) from None
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
+        raise _unreadable(path, exc, fmt) from None
+    return _unwrap(obj, path)
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors or ``torch.save`` state dict safely (no pickled code), recognised by its
+    content. A state dict nested under a known key (``model``, ``state_dict``, ``model_ema``,
+    ``state_dict_ema``, ``ema``, ``module``) is taken from there; a ``module.`` prefix (DDP) that every
+    key has is dropped."""
+    state = _read_state(path)
+    if state and all(k.startswith("module.") for k in state):
+        return {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def _prefix_variants(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """``state``, then ``state`` with a known wrapper prefix that every key has removed, repeatedly
+    (``module._orig_mod.``): the candidates for the model's own keys."""
+    variants = [state]
+    while len(variants) <= len(_KEY_PREFIXES):
+        keys = variants[-1].keys()
+        prefix = next((p for p in _KEY_PREFIXES if keys and all(k.startswith(p) for k in keys)), None)
+        if prefix is None:
             break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"checkpoint {path} does not hold a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+        variants.append({k.removeprefix(prefix): v for k, v in variants[-1].items()})
+    return variants
+
+
+def _is_derived(key: str) -> bool:
+    return key.rpartition(".")[2] in _DERIVED_BUFFERS
+
+
+def _drop_derived_buffers(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` without entries for the model's non-persistent derived buffers (relative position
+    index, shift mask): the model computes them itself, as timm's own checkpoint filters assume."""
+    persistent = model.state_dict().keys()
+    buffers = {name for name, _ in model.named_buffers()}
+    return {k: v for k, v in state.items() if not (_is_derived(k) and k in buffers and k not in persistent)}
+
+
+def _model_keys(model: nn.Module, variants: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The variant whose keys are exactly the model's (derived buffers aside); the most stripped one
+    when none is, so that the error names the model's own keys."""
+    expected = set(model.state_dict())
+    cleaned = [_drop_derived_buffers(v, model) for v in variants]
+    for state in cleaned:
+        keys = set(state)
+        if keys <= expected and all(_is_derived(k) for k in expected - keys):
+            return state
+    return cleaned[-1]
 
 
 def _classes_in(state: dict[str, torch.Tensor]) -> int | None:
@@ -264,20 +389,21 @@ def build_model(
         with _seeded_init(init_seed):
             model = timm.create_model(arch, **({} if num_classes is None else {"num_classes": num_classes}))
         return model.eval()
-    state = load_state_dict(checkpoint)
-    found = _classes_in(state)
+    variants = _prefix_variants(_read_state(checkpoint))
+    found = next((n for v in variants if (n := _classes_in(v)) is not None), None)
     if num_classes is not None and found is not None and num_classes != found:
         raise CheckpointError(
             f"--num-classes {num_classes} does not match checkpoint {checkpoint}, whose head has {found} classes"
         )
     with _seeded_init(init_seed):
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes or found or 1000)
+    state = _model_keys(model, variants)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches: a checkpoint of another size or variant
         detail = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc))
         raise CheckpointError(f"checkpoint {checkpoint} does not fit {arch}: {detail}") from None
-    missing = [k for k in result.missing_keys if "relative_position_index" not in k]
+    missing = [k for k in result.missing_keys if not _is_derived(k)]
     if missing or result.unexpected_keys:
         raise CheckpointError(
             f"checkpoint {checkpoint} does not fit {arch}: "
