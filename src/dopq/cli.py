@@ -48,7 +48,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--checkpoint", help="local .safetensors/.pth weights (a JSON card beside it sets preprocessing)"
     )
     g.add_argument("--num-classes", type=int, help="classifier size (default: from the checkpoint)")
-    g.add_argument("--pretrained", action="store_true", help="use timm's hub weights (needs network once)")
+    g.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="use timm's hub weights (network once, or the local Hugging Face cache; the head must have --num-classes classes)",
+    )
 
 
 def _add_data_args(p: argparse.ArgumentParser, calib: bool = True) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,6 +57,8 @@ HF_PREFIX = "hf:"
 # PIL resampling codes as image processor configs store them
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 _DEFAULT_PREPROCESS = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bilinear"}
+
+log = logging.getLogger(__name__)
 
 
 class QuantHFAttention(_MatMulSlots):
@@ -331,7 +334,8 @@ def _some(keys: Any) -> str:
 def _check_loading_info(folder: Path, info: dict[str, Any]) -> None:
     """Refuse weights that do not cover the model: ``transformers`` initializes missing or reshaped
     layers at random (and only warns), which no post-training quantization can repair. Its lists
-    already leave out what the model declares optional (tied weights, ignorable buffers)."""
+    already leave out what the model declares optional (tied weights, ignorable buffers). Weights
+    the model does not use only warn: hub folders can carry a base model's pooler."""
     missing, unexpected = info.get("missing_keys") or (), info.get("unexpected_keys") or ()
     mismatched = {entry[0]: entry[1:] for entry in info.get("mismatched_keys") or ()}
     problems = []
@@ -343,8 +347,10 @@ def _check_loading_info(folder: Path, info: dict[str, Any]) -> None:
         problems.append(
             f"{len(mismatched)} of another shape ({key}: {stored} in the weights, {expected} in the model)"
         )
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected ({_some(unexpected)})")
+    if unexpected:  # weights the model does not use (a base model's pooler): nothing left random
+        log.warning(
+            "hf: %d weight(s) in %s are not used by the model: %s", len(unexpected), folder, _some(unexpected)
+        )
     if problems:
         raise CheckpointError(
             f"hf: weights in {folder} do not fit the model of its config.json: {'; '.join(problems)}"

@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from unittest import mock
 from urllib.parse import urlparse
 
 import timm
@@ -292,23 +291,29 @@ def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
     return True
 
 
-@contextmanager
-def _hub_access() -> Iterator[bool]:
-    """Yields whether the Hugging Face hub may be asked. huggingface_hub retries an unreachable hub for
-    about 45 s before it looks in its cache; when one quick connection fails, its offline mode is set
-    for the call instead, so cached weights load at once and missing ones fail at once."""
+def _cached_weights(cfg: Any) -> str | None:
+    """The local file of the hub weights timm would download, where an earlier download left it in
+    the Hugging Face cache (read through ``huggingface_hub``'s public cache lookup)."""
+    if not cfg.hf_hub_id:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    repo, _, revision = cfg.hf_hub_id.partition("@")
+    for filename in (cfg.hf_hub_filename or "model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, filename, revision=revision or None)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def _hub_endpoint() -> str:
     try:
         from huggingface_hub import constants
-    except ImportError:  # timm then downloads by URL (torch.hub), which fails fast without network
-        yield True
-        return
-    if constants.HF_HUB_OFFLINE:
-        yield False
-    elif _hub_reachable(constants.ENDPOINT):
-        yield True
-    else:
-        with mock.patch.object(constants, "HF_HUB_OFFLINE", True):
-            yield False
+    except ImportError:
+        return "https://huggingface.co"
+    return constants.ENDPOINT
 
 
 def _pretrained_cfg(arch: str) -> Any:
@@ -333,26 +338,30 @@ def _check_pretrained_head(cfg: Any, num_classes: int | None) -> None:
 
 
 def _pretrained_model(arch: str, num_classes: int | None, init_seed: int) -> nn.Module:
-    """``arch`` with timm's pretrained weights, from the local cache when the hub is unreachable."""
+    """``arch`` with timm's pretrained weights, from the local Hugging Face cache where they are."""
     cfg = _pretrained_cfg(arch)
     _check_pretrained_head(cfg, num_classes)
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    with _hub_access() as online:
-        try:
-            with _seeded_init(init_seed):
-                return timm.create_model(arch, pretrained=True, **kwargs).eval()
-        except Exception as exc:
-            if not online:
-                raise ModelError(
-                    f"pretrained weights of {arch} are not in the local Hugging Face cache and the hub "
-                    "is unreachable (or HF_HUB_OFFLINE is set); pass --checkpoint PATH"
-                ) from None
-            text = _ANSI.sub("", str(exc)).strip()
-            first = text.splitlines()[0][:160] if text else ""
-            raise ModelError(
-                f"could not create {arch} with pretrained weights ({type(exc).__name__}: {first}); "
-                "without network access pass --checkpoint PATH"
-            ) from None
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    # weights already in the local cache load from there: no network, no retries (huggingface_hub
+    # retries an unreachable hub for about 45 s before it looks in its cache)
+    cached = _cached_weights(cfg)
+    if cached is None and not _hub_reachable(_hub_endpoint()):
+        raise ModelError(
+            f"pretrained weights of {arch} are not in the local Hugging Face cache and the hub is "
+            "unreachable; pass --checkpoint PATH"
+        )
+    if cached is not None:
+        kwargs["pretrained_cfg_overlay"] = {"file": cached, "source": "timm"}  # timm reads the file
+    try:
+        with _seeded_init(init_seed):
+            return timm.create_model(arch, pretrained=True, **kwargs).eval()
+    except Exception as exc:
+        text = _ANSI.sub("", str(exc)).strip()
+        first = text.splitlines()[0][:160] if text else ""
+        raise ModelError(
+            f"could not create {arch} with pretrained weights ({type(exc).__name__}: {first}); "
+            "without network access pass --checkpoint PATH"
+        ) from None
 
 
 def build_model(
