@@ -386,3 +386,24 @@ def test_stray_entry_of_a_state_dict_is_named(tmp_path: Path) -> None:
     torch.save({**_test_vit().state_dict(), "epoch": 3}, tmp_path / "c.pth")
     with pytest.raises(CheckpointError, match="its entry 'epoch' is a int, not a tensor"):
         build_model("test_vit", tmp_path / "c.pth")
+
+
+def test_a_card_beside_the_checkpoint_sets_the_models_own_preprocessing(tmp_path: Path) -> None:
+    """The API's save and export read the model's pretrained_cfg: they now get the card's
+    preprocessing, as the CLI does (timm's default for the architecture before)."""
+    from dopq.models.loading import model_preprocess
+
+    path = tmp_path / "m.pth"
+    torch.save(_test_vit().state_dict(), path)
+    default = model_preprocess(build_model("test_vit", path))
+    card = {
+        "input_size": [3, 160, 160],
+        "mean": [0.1] * 3,
+        "std": [0.2] * 3,
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+    }
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    assert model_preprocess(build_model("test_vit", path)) == card != default
+    (tmp_path / "m.json").write_text(json.dumps({"epochs": 300}))  # not a card
+    assert model_preprocess(build_model("test_vit", path)) == default

@@ -420,4 +420,18 @@ def build_model(
             f"{len(result.unexpected_keys)} unexpected (e.g. {result.unexpected_keys[:2]})"
         )
     log.info("loaded %s from %s", arch, checkpoint)
+    _take_card_preprocessing(model, card_for(checkpoint))
     return model.float().eval()
+
+
+_CARD_PREPROCESS_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
+
+
+def _take_card_preprocessing(model: nn.Module, card: dict[str, Any] | None) -> None:
+    """The card's preprocessing into the model's ``pretrained_cfg``: what the API's save, export and
+    data helpers read (:func:`model_preprocess`), as the CLI reads the card itself."""
+    if not isinstance(card, dict):
+        return
+    found = {k: tuple(v) if isinstance(v, list) else v for k, v in card.items() if k in _CARD_PREPROCESS_KEYS}
+    if found:
+        model.pretrained_cfg = {**model.pretrained_cfg, **found}
