@@ -294,6 +294,7 @@ def test_quantize_then_evaluate_deit_tiny(tmp_path: Path, capsys: pytest.Capture
         again["quantized_sha256"] == file_sha256(tmp_path / "q.pt") and len(again["quant_top1_correct"]) == 40
     )
     assert again["recorded_command"] == result["command"] and again["command"].startswith("dopq evaluate")
+    assert again["recorded_checkpoint_sha256"] == file_sha256(DEIT) == result["checkpoint_sha256"]
     assert {"versions", "git", "cpu", "threads", "device_name"} <= set(again)
     markdown = (tmp_path / "ev.md").read_text()
     assert (

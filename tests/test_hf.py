@@ -345,6 +345,9 @@ def test_cli_quantize_save_export_and_evaluate(tmp_path: Path, image_folder, cap
     assert result["model"] == f"hf:{folder}" and result["coverage"]["left_float"]["attention"] == []
     assert result["config"]["preprocess"]["std"] == [0.5, 0.5, 0.5]  # the override beats the processor
     assert result["config"]["preprocess"]["interpolation"] == "bicubic"  # from the processor
+    from dopq.environment import file_sha256
+
+    assert result["checkpoint_sha256"] == file_sha256(folder / "model.safetensors")  # the folder's weights
     rc = main(
         ["evaluate", "--quantized", str(tmp_path / "q.pt"), "--output", str(tmp_path / "e.json"), *common]
     )

@@ -439,6 +439,7 @@ def _write_quantized(
     meta = {
         "preprocess": work.preprocess.to_dict(),
         "command": result["command"],
+        "checkpoint_sha256": result.get("checkpoint_sha256"),  # the float weights it was made from
         "quant_top1": result["quant_top1"],
         "eval_dtype": result["eval_dtype"],
         "allow_partial": args.allow_partial,

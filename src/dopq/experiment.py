@@ -8,6 +8,7 @@ with one recipe and evaluates it, returning a JSON-ready result.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import time
@@ -284,10 +285,21 @@ def fp_baseline(work: Workload, progress: bool = True) -> EvalResult:
 
 def _provenance(work: Workload) -> dict[str, Any]:
     s = work.settings
-    return {
-        "checkpoint_sha256": file_sha256(s.checkpoint) if s.checkpoint else None,
-        **environment(s.device),
-    }
+    return {"checkpoint_sha256": _weights_sha256(s), **environment(s.device)}
+
+
+def _weights_sha256(settings: RunSettings) -> str | None:
+    """SHA-256 of the float weights: the checkpoint file, or an ``hf:`` folder's weight files (one
+    digest over each file's, in name order, for sharded folders)."""
+    if settings.checkpoint:
+        return file_sha256(settings.checkpoint)
+    if not settings.model.startswith(HF_PREFIX):
+        return None
+    folder = Path(settings.model.removeprefix(HF_PREFIX))
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
+    if len(files) == 1:
+        return file_sha256(files[0])
+    return hashlib.sha256("".join(file_sha256(p) for p in files).encode()).hexdigest() if files else None
 
 
 # run settings that only concern the evaluation: a checkpoint does not depend on them
@@ -491,6 +503,7 @@ def evaluate_saved(
         "quantized_sha256": file_sha256(path),
         "recorded_quant_top1": meta.get("quant_top1"),
         "recorded_command": meta.get("command"),
+        "recorded_checkpoint_sha256": meta.get("checkpoint_sha256"),
         "config": {"recipe": config.to_dict(), "preprocess": pre.to_dict()},
         "data": _loader_data_report(loader, skip_bad_images, skipped, res.images + len(skipped)),
         "distributed": distributed.current().to_dict(),
