@@ -402,6 +402,9 @@ EARLY_ERRORS = [
                  "--save and --output's Markdown twin name the same file", id="save-over-markdown"),
     pytest.param(lambda t: ["--export", str(t / "q.onnx"), "--save", str(t / "q.onnx")],
                  "--export and --save name the same file", id="export-over-save"),
+    pytest.param(lambda t: ["--out", str(t / "m.onnx")], "unrecognized arguments: --out", id="no-abbreviations"),
+    pytest.param(lambda t: ["--export-target", "openvino"], "--export-target is for --export", id="export-flag-alone"),
+    pytest.param(lambda t: ["--opset", "99"], "--opset is for --export", id="opset-alone"),
 ]  # fmt: skip
 
 
@@ -453,3 +456,23 @@ def test_the_result_says_where_the_preprocessing_came_from(
     assert main([*argv, "--output", str(tmp_path / "b.json"), "--crop-pct", "1.0"]) == 0
     source = json.loads((tmp_path / "b.json").read_text())["config"]["preprocess_source"]
     assert source == f"card {tmp_path / 'm.json'}, with crop_pct given"
+
+
+def test_export_needs_out_and_plot_checks_its_folder_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _assert_one_error(
+        main(["export", "--quantized", str(tmp_path / "q.pt")]), capsys.readouterr().err, "required: --out"
+    )
+    (tmp_path / "f").write_text("a file, not a folder")
+    argv = ["plot", "--model", "no_such_model", "--data", str(tmp_path), "--out-dir", str(tmp_path / "f")]
+    line = _assert_one_error(main(argv), capsys.readouterr().err, "--out-dir")
+    assert "is a file; give a folder" in line and "no_such_model" not in line  # before any work
+
+
+def test_progress_bars_stay_out_of_logs(roots: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """stderr is not a terminal here, as in a log file: no redrawn tqdm frames."""
+    argv = [a for a in _quantize_argv(roots["good"], "--method", "repq") if a != "--quiet"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "it/s" not in err and "img/s" not in err

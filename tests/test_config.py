@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+import torch
 
 from dopq.config import (
     TANQ_CENTERS,
@@ -251,3 +253,37 @@ def test_edge_w_bits_reach_the_patch_embedding_and_head_only(family: str) -> Non
         2 if "distilled" in family else 1
     )
     assert set(bits.values()) == {3, 8}
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"bias_correction": "off"}, "bias_correction must be bool, got 'off'"),  # ran with bias correction
+        ({"integer_zero_point": 0}, "integer_zero_point must be bool, got 0"),
+        ({"gptq_damp": None}, "gptq_damp must be float, got None"),
+        ({"gptq_damp": "0.1"}, "gptq_damp must be float, got '0.1'"),
+        ({"gptq_target_shrink": float("nan")}, "gptq_target_shrink must be float, got nan"),
+        ({"softmax_grid_bits": 12.5}, "softmax_grid_bits must be int | None, got 12.5"),
+        ({"w_bits": True}, "w_bits must be int, got True"),
+        ({"reconstruct": True}, "reconstruct must be dopq.config.ReconstructConfig | None, got True"),
+        ({"reconstruct": {"itrs": 3}}, "unknown reconstruct fields: itrs"),
+        ({"reconstruct": {"iters": 2.5}}, "iters must be int | None, got 2.5"),
+        ({"reconstruct": {"lr_weight": float("nan")}}, "lr_weight must be float | None, got nan"),
+        ({"reconstruct": {"learn_bias": "no"}}, "learn_bias must be bool, got 'no'"),
+    ],
+)
+def test_fields_of_the_wrong_type_are_refused(fields, message):
+    """Configs read from JSON or YAML: a string "off" was stored and ran as on."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        QuantConfig.from_dict(fields)
+
+
+def test_unknown_override_names_are_one_config_error():
+    import dopq
+
+    with pytest.raises(ConfigError, match="unknown config fields: foo"):
+        get_preset("dopq", foo=1)
+    with pytest.raises(ConfigError, match="unknown config fields: foo"):
+        get_preset("dopq").replace(foo=1)
+    with pytest.raises(ConfigError, match="config must be a QuantConfig, a preset name or None, got int"):
+        dopq.quantize(torch.nn.Linear(2, 2), torch.zeros(1, 3, 8, 8), 42)

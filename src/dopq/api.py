@@ -343,6 +343,8 @@ def quantize_with_report(
     """
     if config is None or isinstance(config, str):
         config = get_preset(config or RECOMMENDED)
+    elif not isinstance(config, QuantConfig):
+        raise ConfigError(f"config must be a QuantConfig, a preset name or None, got {type(config).__name__}")
     if checkpoint is not None and config.reconstruct is None:
         raise ConfigError("a reconstruction checkpoint needs a recipe with reconstruction")
     model = as_dopq_model(model)

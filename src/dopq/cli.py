@@ -238,9 +238,11 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     _add_export_args(p, flag="--export")
 
 
-def _add_export_args(p: argparse.ArgumentParser, flag: str) -> None:
+def _add_export_args(p: argparse.ArgumentParser, flag: str, required: bool = False) -> None:
     g = p.add_argument_group("ONNX export")
-    g.add_argument(flag, dest="export", type=Path, help="write the quantized model as ONNX (QDQ) here")
+    g.add_argument(
+        flag, dest="export", type=Path, required=required, help="write the quantized model as ONNX (QDQ) here"
+    )
     g.add_argument("--opset", type=int, default=21, help="ONNX opset, 13..21 (INT4 weights need 21)")
     g.add_argument(
         "--integer-attention",
@@ -276,6 +278,10 @@ class _Parser(argparse.ArgumentParser):
     """argparse with the CLI's error format: one ``dopq: error: ...`` line, exit status 2 (an
     unknown choice, a missing argument), instead of the usage block (subcommands inherit it)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # no prefixes of long options: `quantize --out x.onnx` was taken as --output
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
     def error(self, message: str) -> NoReturn:
         raise ConfigError(message)
 
@@ -308,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(e, calib=False)
     x = sub.add_parser("export", help="export a model saved with `dopq quantize --save` to ONNX")
     x.add_argument("--quantized", type=Path, required=True)
-    _add_export_args(x, flag="--out")
+    _add_export_args(x, flag="--out", required=True)
     x.add_argument("--quiet", action="store_true")
     pl = sub.add_parser("plot", help="plot attention histograms with quantizer levels, or post-LN scales")
     _add_model_args(pl)
@@ -418,7 +424,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             work,
             config,
             method=args.method,
-            progress=not args.quiet,
+            progress=_shows_progress(args),
             recon_size=args.recon_calib_size,
             allow_partial=args.allow_partial,
             eval_dtype=_eval_dtype(args),
@@ -514,6 +520,17 @@ _LOWER_BOUNDS = {
 }  # fmt: skip
 
 
+def _shows_progress(args: argparse.Namespace) -> bool:
+    """Progress bars where a person watches: not with --quiet, nor where stderr is a file or a pipe
+    (a log would get every redrawn frame); the stage lines and the result are printed either way."""
+    return not args.quiet and sys.stderr.isatty()
+
+
+# export options and their defaults: given without --export they would be ignored
+_EXPORT_OPTIONS = {"opset": 21, "integer_attention": False, "export_dtype": "float32",
+                   "export_target": "onnxruntime", "export_weight_type": None}  # fmt: skip
+
+
 def _check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before a model or image is loaded: numbers, the device, and
     that every output location (--output, --save, --export, --out-dir) can be written."""
@@ -539,6 +556,12 @@ def _check_args(args: argparse.Namespace) -> None:
         if getattr(args, name, None) is not None:
             check_output_path(getattr(args, name), flag)
     _check_distinct_files(args)
+    if args.command == "quantize" and args.export is None:
+        given = [k for k, default in _EXPORT_OPTIONS.items() if getattr(args, k, default) != default]
+        if given:
+            raise ConfigError(f"--{given[0].replace('_', '-')} is for --export: add --export PATH or drop it")
+    if getattr(args, "out_dir", None) is not None:
+        check_output_dir(args.out_dir, "--out-dir")
     if getattr(args, "export", None) is not None:
         from dopq.export.onnx_export import check_export_target
 
@@ -639,7 +662,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         eval_subset=args.eval_subset,
         batch_size=args.batch_size,
         workers=args.workers,
-        progress=not args.quiet,
+        progress=_shows_progress(args),
         overrides=preprocess_overrides(args),
         skip_bad_images=args.skip_bad_images,
     )

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +73,46 @@ WEIGHT_TYPES = ("int8", "uint8")
 def _check_bits(name: str, value: int) -> None:
     if not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
         raise ConfigError(f"{name} must be an integer in {MIN_BITS}..{MAX_BITS}, got {value!r}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of the annotated type: strict bools (a string "off" is not False),
+    integers that are not bools, finite numbers for floats, tuples (or lists) of the element type;
+    text is left to the choice checks."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return any(_fits(value, option) for option in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:  # every text field is a choice, whose own check lists the choices
+        return True
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, tuple | list) and all(_fits(v, typing.get_args(hint)[0]) for v in value)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _check_field_types(config: Any) -> None:
+    """Refuse a field whose value is not of its annotated type (configs read from JSON or YAML):
+    checked before any range, so that a wrong type is named as such."""
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if not _fits(value, hints[field.name]):
+            expected = str(hints[field.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            raise ConfigError(f"{field.name} must be {expected}, got {value!r}")
+
+
+def _construct(cls: type, fields: dict[str, Any], where: str) -> Any:
+    """``cls(**fields)``, with unknown field names one ConfigError (not the TypeError of __init__)."""
+    unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(f"unknown {where} fields: {', '.join(sorted(unknown))}")
+    return cls(**fields)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -147,6 +190,7 @@ class ReconstructConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check_field_types(self)
         for name in ("calib_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"recon {name} must be >= 1, got {getattr(self, name)}")
@@ -300,6 +344,9 @@ class QuantConfig:
     reconstruct: ReconstructConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.reconstruct, dict):
+            self.reconstruct = _construct(ReconstructConfig, self.reconstruct, "reconstruct")
+        _check_field_types(self)
         _check_bits("w_bits", self.w_bits)
         _check_bits("a_bits", self.a_bits)
         _check_bits("patch_embed_input_bits", self.patch_embed_input_bits)
@@ -326,8 +373,6 @@ class QuantConfig:
         self.tanq_centers = tuple(float(m) for m in self.tanq_centers)
         if not self.tanq_centers or not all(0.0 < m < 1.0 for m in self.tanq_centers):
             raise ConfigError(f"tanq_centers must be in (0, 1), got {self.tanq_centers}")
-        if isinstance(self.reconstruct, dict):
-            self.reconstruct = ReconstructConfig(**self.reconstruct)
 
     @property
     def gptq_target_used(self) -> str:
@@ -339,7 +384,11 @@ class QuantConfig:
 
     def replace(self, **changes: Any) -> QuantConfig:
         """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
+        return _construct(
+            QuantConfig,
+            {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, **changes},
+            "config",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; :meth:`from_dict` inverts it."""
@@ -352,11 +401,7 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown config fields: {', '.join(sorted(unknown))}")
-        return cls(**data)
+        return _construct(cls, data, "config")
 
 
 _PRESETS: dict[str, dict[str, Any]] = {
@@ -484,4 +529,4 @@ def get_preset(name: str, **overrides: Any) -> QuantConfig:
         rules["softmax_quantizer"] = "uniform"
     if name == RECOMMENDED:
         rules.update(_recommended_rules(w_bits, a_bits))
-    return QuantConfig(**{**base, **rules, **given})
+    return _construct(QuantConfig, {**base, **rules, **given}, "config")
