@@ -621,9 +621,21 @@ def test_cli_quantize_export_evaluate(
     argv = ["evaluate", "--onnx", str(onnx_path), "--quantized", str(saved), "--data", str(images),
             "--quiet", "--output", str(out)]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["eval_images"] == 6 and result["comparison"]["images"] == 6
     assert result["comparison"]["identical_top1"] >= 5 / 6
+    agreement = f"identical top-1 on {100 * result['comparison']['identical_top1']:.2f}% of 6 images"
+    assert agreement in printed and agreement in out.with_suffix(".md").read_text()  # not in the JSON only
+    other = tmp_path / "other.pt"  # the same model under another recipe: not what the graph was made from
+    saved_payload = torch.load(saved, weights_only=True)
+    saved_payload["config"]["bias_correction"] = not saved_payload["config"]["bias_correction"]
+    from dopq.serialize import payload_digest
+
+    saved_payload["digest"] = payload_digest(saved_payload)
+    torch.save(saved_payload, other)
+    argv = ["evaluate", "--onnx", str(onnx_path), "--quantized", str(other), "--data", str(images), "--quiet"]
+    _one_error(main(argv), capsys.readouterr().err, "was exported from another recipe than --quantized")
     again = tmp_path / "again.onnx"
     assert main(["export", "--quantized", str(saved), "--out", str(again), "--quiet"]) == 0
     # the same graph; the metadata differ by the command that wrote each file

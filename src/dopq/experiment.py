@@ -511,6 +511,26 @@ def evaluate_saved(
     }
 
 
+def _check_same_model(
+    meta: dict[str, Any], config: QuantConfig, model: nn.Module, quantized: str | Path, onnx: str | Path
+) -> None:
+    """Refuse to compare a graph with a saved model it was not exported from: the disagreement
+    would read as an inexact export. The graph's metadata record its architecture and recipe."""
+    arch = model.pretrained_cfg.get("architecture")
+    if meta.get("arch") not in (None, arch):
+        raise ConfigError(f"--onnx {onnx} is a {meta['arch']} graph, --quantized {quantized} a {arch} model")
+    recipe = meta.get("recipe")
+    if isinstance(recipe, dict):
+        differ = sorted(k for k, v in config.to_dict().items() if k in recipe and recipe[k] != v)
+        if differ:
+            k = differ[0]
+            raise ConfigError(
+                f"--onnx {onnx} was exported from another recipe than --quantized {quantized} "
+                f"({k}: {recipe[k]!r} there, {config.to_dict()[k]!r} here): compare a graph with the "
+                "model it was exported from"
+            )
+
+
 def _onnx_preprocess(meta: dict[str, Any], overrides: dict[str, Any] | None) -> Preprocess:
     if isinstance(meta.get("preprocess"), dict):
         pre = Preprocess(**meta["preprocess"])
@@ -579,7 +599,8 @@ def evaluate_onnx(
     if quantized is not None:
         from dopq.serialize import load_quantized
 
-        model, _, _ = load_quantized(quantized)
+        model, config, _ = load_quantized(quantized)
+        _check_same_model(meta, config, model, quantized, path)
         dtype = meta.get("float_dtype", "float32")
         agreement = compare(
             in_dtype(model, dtype), onnx_model, loader, progress=progress, desc=f"simulation vs {runtime}"

@@ -65,6 +65,7 @@ def result_table(result: dict[str, Any]) -> str:
     if result.get("calib_seconds") is not None:
         summary += f"; calib_seconds {result['calib_seconds']:.2f}"
     lines.append(summary)
+    lines += _comparison_lines(result)
     if timings:
         lines.append(f"timings: {timings}")
     if result.get("coverage_summary"):
@@ -73,6 +74,17 @@ def result_table(result: dict[str, Any]) -> str:
         if left:
             lines.append(f"left float (--allow-partial): {', '.join(left)}")
     return "\n".join(lines)
+
+
+def _comparison_lines(result: dict[str, Any]) -> list[str]:
+    """``dopq evaluate --onnx --quantized``: how the graph agrees with the simulation."""
+    c = result.get("comparison")
+    if not c:
+        return []
+    return [
+        f"against the {c['simulation_dtype']} simulation of {c['quantized_path']}: identical top-1 on "
+        f"{100 * c['identical_top1']:.2f}% of {c['images']} images, max logit difference {c['max_logit_diff']:.3g}"
+    ]
 
 
 def _rate(value: float | None) -> str:
@@ -99,6 +111,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         f"| FP32 | {_pct(result.get('fp_top1'))} | {_pct(result.get('fp_top5'))} |",
         f"| quantized | {_pct(result['quant_top1'])} | {_pct(result['quant_top5'])} |",
         "",
+        *[f"{line[0].upper()}{line[1:]}.\n" for line in _comparison_lines(result)],
         f"Evaluated on {result['eval_images']} images"
         + ("." if result.get("calib_seconds") is None else f"; calibration {result['calib_seconds']:.2f} s."),
         "",
