@@ -403,6 +403,7 @@ EARLY_ERRORS = [
     pytest.param(lambda t: ["--export", str(t / "q.onnx"), "--save", str(t / "q.onnx")],
                  "--export and --save name the same file", id="export-over-save"),
     pytest.param(lambda t: ["--out", str(t / "m.onnx")], "unrecognized arguments: --out", id="no-abbreviations"),
+    pytest.param(lambda t: ["--output", f"{t}/new/"], "names a folder; give a file name", id="output-trailing-slash"),
     pytest.param(lambda t: ["--export-target", "openvino"], "--export-target is for --export", id="export-flag-alone"),
     pytest.param(lambda t: ["--opset", "99"], "--opset is for --export", id="opset-alone"),
 ]  # fmt: skip

@@ -37,6 +37,14 @@ __all__ = ["build_parser", "main"]
 log = logging.getLogger("dopq")
 
 
+def _output_file(text: str) -> Path:
+    """A file to write: a name ending in a slash means a folder (a Path would drop the slash and
+    write a file of the folder's name)."""
+    if text.endswith(("/", os.sep)):
+        raise argparse.ArgumentTypeError(f"{text} names a folder; give a file name")
+    return Path(text)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument(
@@ -100,7 +108,7 @@ def _add_data_args(p: argparse.ArgumentParser, calib: bool = True) -> None:
         help="evaluate through torch.compile: the fake-quantization passes fuse into few kernels "
         "(faster, mostly on a GPU; the first batch of each shape compiles; a CPU needs a C++ compiler)",
     )
-    p.add_argument("--output", type=Path, help="write the result as JSON here (and .md beside it)")
+    p.add_argument("--output", type=_output_file, help="write the result as JSON here (and .md beside it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -229,7 +237,9 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="continue from the checkpoint in --checkpoint-dir (an error if there is none)",
     )
-    r.add_argument("--save", type=Path, help="save the quantized model for `dopq evaluate --quantized`")
+    r.add_argument(
+        "--save", type=_output_file, help="save the quantized model for `dopq evaluate --quantized`"
+    )
     r.add_argument(
         "--allow-partial",
         action="store_true",
@@ -596,7 +606,7 @@ def _check_distinct_files(args: argparse.Namespace) -> None:
     for flag, path in [
         *outputs,
         ("--save", getattr(args, "save", None)),
-        ("--export", getattr(args, "export", None)),
+        ("--out" if args.command == "export" else "--export", getattr(args, "export", None)),
     ]:
         if path is None:
             continue

@@ -21,6 +21,8 @@ _PENDING: set[Path] = set()  # temporaries of the atomic writes in progress
 def check_output_path(path: str | Path, flag: str, error: type[DopqError] = ConfigError) -> None:
     """Raise ``error`` now when ``path`` cannot be written: a folder, or a parent folder that cannot
     be created or is read-only. ``flag`` names the option in the message."""
+    if str(path).endswith(("/", os.sep)):  # Path() would drop the slash and write a file of that name
+        raise error(f"{flag} {path} names a folder; give a file name")
     path = Path(path)
     if path.is_dir():
         raise error(f"{flag} {path} is a folder; give a file name")
