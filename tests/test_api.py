@@ -154,6 +154,8 @@ def test_save_load_round_trip_is_exact(tmp_path):
     torch.save({"x": torch.zeros(1)}, junk)
     with pytest.raises(CheckpointError, match="not a dopq quantized model"):
         load_quantized(junk)
+    with pytest.raises(CheckpointError, match="is a folder, not a file saved by dopq quantize --save"):
+        load_quantized(tmp_path)
 
 
 def test_a_timm_model_created_with_other_shapes_saves_with_its_arguments_or_not_at_all(tmp_path):

@@ -304,6 +304,8 @@ def _check_rebuilds(model: nn.Module, payload: dict[str, Any]) -> None:
 
 
 def _read(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise CheckpointError(f"quantized model {path} is a folder, not a file saved by dopq quantize --save")
     if not path.is_file():
         raise CheckpointError(f"quantized model {path} does not exist")
     try:
