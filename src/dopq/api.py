@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -91,13 +92,14 @@ def as_image_tensor(
     """
     if data is None:
         raise ConfigError("calibration data is None: give images as a tensor or an iterable of batches")
+    transform = functools.cache(lambda: _model_transform(model))  # built at the first PIL image
     if isinstance(data, dict) or not _is_iterable_collection(data):
-        images = _image_batch(data, model)
+        images = _image_batch(data, transform)
     else:
         items = (
             data if isinstance(data, Iterable) else (data[i] for i in range(len(data)))
         )  # a map-style Dataset
-        batches = [_image_batch(item, model) for item in items]
+        batches = [_image_batch(item, transform) for item in items]
         if not batches:
             raise ConfigError("calibration data is empty")
         shapes = {tuple(b.shape[1:]) for b in batches}
@@ -117,7 +119,7 @@ def _is_iterable_collection(data: Any) -> bool:
     )
 
 
-def _image_batch(item: Any, model: nn.Module | None) -> torch.Tensor:
+def _image_batch(item: Any, transform: Callable[[], Any]) -> torch.Tensor:
     """One element of the calibration data as a float32 ``(n, C, H, W)`` batch."""
     if isinstance(item, tuple | list) and item and not isinstance(item[0], int | float):
         item = item[0]  # (images, labels)
@@ -128,7 +130,9 @@ def _image_batch(item: Any, model: nn.Module | None) -> torch.Tensor:
             )
         item = item["pixel_values"]
     if isinstance(item, Image.Image):
-        item = _preprocessed(item, model)
+        from dopq.data import as_rgb
+
+        item = transform()(as_rgb(item))
     if isinstance(item, np.ndarray):
         item = torch.from_numpy(item)
     if not isinstance(item, torch.Tensor):
@@ -150,14 +154,13 @@ def _image_batch(item: Any, model: nn.Module | None) -> torch.Tensor:
     return item.detach().float()
 
 
-def _preprocessed(image: Image.Image, model: nn.Module | None) -> torch.Tensor:
-    """A PIL image through the model's own evaluation preprocessing."""
-    from dopq.data import Preprocess, as_rgb, build_transform
-    from dopq.models.loading import model_preprocess
+def _model_transform(model: nn.Module | None) -> Any:
+    """The model's own evaluation transform, which PIL calibration images go through."""
+    from dopq.data import build_transform, preprocess_from_model
 
     if model is None:
         raise ConfigError("PIL calibration images need the model, whose preprocessing they go through")
-    return build_transform(Preprocess(**model_preprocess(model)))(as_rgb(image))
+    return build_transform(preprocess_from_model(model))
 
 
 # normalized images: (pixel - mean) / std with pixels in [0, 1] and std of at least ~0.2 stay

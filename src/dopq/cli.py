@@ -248,12 +248,23 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     _add_export_args(p, flag="--export")
 
 
+# export options and their defaults (one table for the parser and the check that refuses them
+# without --export, where they would be ignored)
+_EXPORT_OPTIONS = {"opset": 21, "integer_attention": False, "export_dtype": "float32",
+                   "export_target": "onnxruntime", "export_weight_type": None}  # fmt: skip
+
+
 def _add_export_args(p: argparse.ArgumentParser, flag: str, required: bool = False) -> None:
     g = p.add_argument_group("ONNX export")
     g.add_argument(
         flag, dest="export", type=Path, required=required, help="write the quantized model as ONNX (QDQ) here"
     )
-    g.add_argument("--opset", type=int, default=21, help="ONNX opset, 13..21 (INT4 weights need 21)")
+    g.add_argument(
+        "--opset",
+        type=int,
+        default=_EXPORT_OPTIONS["opset"],
+        help="ONNX opset, 13..21 (INT4 weights need 21)",
+    )
     g.add_argument(
         "--integer-attention",
         action="store_true",
@@ -262,21 +273,21 @@ def _add_export_args(p: argparse.ArgumentParser, flag: str, required: bool = Fal
     g.add_argument(
         "--export-dtype",
         choices=FLOAT_DTYPES,
-        default="float32",
+        default=_EXPORT_OPTIONS["export_dtype"],
         help="float32: QDQ graph for onnxruntime's fused integer kernels (fast); float64: float parts "
         "in float64, products as MatMulInteger, the float64 simulation's logits exactly (slower)",
     )
     g.add_argument(
         "--export-target",
         choices=RUNTIMES,
-        default="onnxruntime",
+        default=_EXPORT_OPTIONS["export_target"],
         help="the runtime whose integer kernels the float32 graph is shaped for (the same codes; "
         "openvino: every integer operand without zero points, as OpenVINO's int8 kernels need)",
     )
     g.add_argument(
         "--export-weight-type",
         choices=WEIGHT_TYPES,
-        default=None,
+        default=_EXPORT_OPTIONS["export_weight_type"],
         help="container of 8-bit weight codes for onnxruntime: int8 (uint8 x int8 kernels: fast, exact "
         "on CPUs with VNNI/AMX and on ARM) or uint8 (exact on AVX2-only CPUs, where uint8 x int8 sums "
         "saturate). Default: the exact one for the CPU that exports (uint8 on x86 without VNNI, else "
@@ -534,11 +545,6 @@ def _shows_progress(args: argparse.Namespace) -> bool:
     """Progress bars where a person watches: not with --quiet, nor where stderr is a file or a pipe
     (a log would get every redrawn frame); the stage lines and the result are printed either way."""
     return not args.quiet and sys.stderr.isatty()
-
-
-# export options and their defaults: given without --export they would be ignored
-_EXPORT_OPTIONS = {"opset": 21, "integer_attention": False, "export_dtype": "float32",
-                   "export_target": "onnxruntime", "export_weight_type": None}  # fmt: skip
 
 
 def _check_args(args: argparse.Namespace) -> None:
