@@ -406,6 +406,11 @@ EARLY_ERRORS = [
     pytest.param(lambda t: ["--output", f"{t}/new/"], "names a folder; give a file name", id="output-trailing-slash"),
     pytest.param(lambda t: ["--export-target", "openvino"], "--export-target is for --export", id="export-flag-alone"),
     pytest.param(lambda t: ["--opset", "99"], "--opset is for --export", id="opset-alone"),
+    pytest.param(lambda t: ["--method", "dopq", "--gptq-damp", "0.5"],
+                 "--gptq-damp is for GPTQ rounding, which --method dopq at W4 does not use", id="gptq-option-ignored"),
+    pytest.param(lambda t: ["--w-bits", "8", "--gptq-check", "on"],
+                 "--gptq-check is for GPTQ rounding, which --method recommended at W8 does not use",
+                 id="gptq-check-at-w8"),
 ]  # fmt: skip
 
 

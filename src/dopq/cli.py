@@ -392,7 +392,22 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
     if grid_bits:
         overrides["softmax_grid_bits"] = grid_bits
     config = get_preset(args.method, **overrides)
+    _check_gptq_options_apply(args, config)
     return config.replace(softmax_grid_bits=None) if grid_bits == 0 else config  # 0: exact midpoints
+
+
+_GPTQ_OPTIONS = ("gptq_damp", "gptq_act_order", "gptq_target", "gptq_target_shrink", "gptq_check")
+
+
+def _check_gptq_options_apply(args: argparse.Namespace, config: QuantConfig) -> None:
+    """A GPTQ option given to a recipe that rounds to nearest would be ignored without a word."""
+    given = [name for name in _GPTQ_OPTIONS if getattr(args, name) is not None]
+    if given and config.weight_rounding != "gptq":
+        flag = "--" + given[0].replace("_", "-")
+        raise ConfigError(
+            f"{flag} is for GPTQ rounding, which --method {args.method} at W{config.w_bits} does not "
+            "use: add --weight-rounding gptq or drop it"
+        )
 
 
 def _settings_from(args: argparse.Namespace):
