@@ -519,14 +519,14 @@ def _check_same_model(
     arch = model.pretrained_cfg.get("architecture")
     if meta.get("arch") not in (None, arch):
         raise ConfigError(f"--onnx {onnx} is a {meta['arch']} graph, --quantized {quantized} a {arch} model")
-    recipe = meta.get("recipe")
+    recipe, ours = meta.get("recipe"), config.to_dict()
     if isinstance(recipe, dict):
-        differ = sorted(k for k, v in config.to_dict().items() if k in recipe and recipe[k] != v)
+        differ = sorted(k for k, v in ours.items() if k in recipe and recipe[k] != v)
         if differ:
             k = differ[0]
             raise ConfigError(
                 f"--onnx {onnx} was exported from another recipe than --quantized {quantized} "
-                f"({k}: {recipe[k]!r} there, {config.to_dict()[k]!r} here): compare a graph with the "
+                f"({k}: {recipe[k]!r} there, {ours[k]!r} here): compare a graph with the "
                 "model it was exported from"
             )
 

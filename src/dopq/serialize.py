@@ -285,7 +285,7 @@ def _check_rebuilds(model: nn.Module, payload: dict[str, Any]) -> None:
     (of a calibrated model: an uncalibrated one has none to compare, and its export refuses it)."""
     if any(q.enabled and not q.is_ready() for _, q in quantizers_of(model)):
         return
-    rebuilt = _from_payload(payload, Path("<the file being saved>"))
+    rebuilt, _ = _from_payload(payload, Path("<the file being saved>"))
     size = payload["metadata"]["preprocess"]["input_size"]
     images = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
     parameter = next(model.parameters())
@@ -361,12 +361,12 @@ def load_quantized(
     payload = _read(path)
     if arch is not None and arch != payload["arch"]:
         raise CheckpointError(f"{path} was made for {payload['arch']}, not {arch}")
-    config = QuantConfig.from_dict(payload["config"])
-    return _from_payload(payload, path).to(device), config, payload["metadata"]
+    model, config = _from_payload(payload, path)
+    return model.to(device), config, payload["metadata"]
 
 
-def _from_payload(payload: dict[str, Any], path: Path) -> nn.Module:
-    """The model a read file describes, on the CPU, in eval mode."""
+def _from_payload(payload: dict[str, Any], path: Path) -> tuple[nn.Module, QuantConfig]:
+    """The model a read file describes (on the CPU, in eval mode) and its recipe."""
     config = QuantConfig.from_dict(payload["config"])
     model = _build(payload)
     # layers left float are allowed: the saved state says what was quantized, and a quantizer it
@@ -386,7 +386,7 @@ def _from_payload(payload: dict[str, Any], path: Path) -> nn.Module:
             f"unexpected {result.unexpected_keys[:2]}"
         )
     _set_weights_from_codes(model, codes, path)
-    return model.eval()
+    return model.eval(), config
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from dopq.errors import CheckpointError, ModelError
 
 __all__ = [
     "HF_PREFIX",
+    "PREPROCESS_KEYS",
     "as_dopq_model",
     "build_model",
     "card_for",
@@ -42,14 +43,15 @@ _KEY_PREFIXES = ("module.", "_orig_mod.", "model.")
 _DERIVED_BUFFERS = ("relative_position_index", "attn_mask")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 HF_PREFIX = "hf:"  # --model hf:FOLDER, a transformers save_pretrained folder
+# the evaluation preprocessing a model records and a card may set (model_preprocess)
+PREPROCESS_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
 
 
 def model_preprocess(model: nn.Module) -> dict[str, Any]:
     """The evaluation preprocessing a model records in its ``pretrained_cfg`` (timm's defaults fill
     the gaps) as JSON types: ``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``."""
     cfg = timm.data.resolve_data_config(model=model)
-    keys = ("input_size", "mean", "std", "interpolation", "crop_pct")
-    out = {k: list(cfg[k]) if isinstance(cfg[k], tuple | list) else cfg[k] for k in keys}
+    out = {k: list(cfg[k]) if isinstance(cfg[k], tuple | list) else cfg[k] for k in PREPROCESS_KEYS}
     built_for = _built_input_size(model)
     if built_for is not None:  # created with img_size=...: its pretrained_cfg still names the default
         out["input_size"] = [out["input_size"][0], *built_for]
@@ -123,11 +125,15 @@ def _unreadable(path: Path, exc: Exception, fmt: str) -> CheckpointError:
                 "training state saved with torch.save does; dopq does not unpickle them (that can run code): "
                 "save the weights alone with torch.save(model.state_dict(), PATH)"
             )
-    text = _ANSI.sub("", str(exc)).strip()
-    first = text.splitlines()[0][:160] if text else ""
     return CheckpointError(
-        f"checkpoint {path} could not be read as a state dict ({type(exc).__name__}: {first})"
+        f"checkpoint {path} could not be read as a state dict ({type(exc).__name__}: {_first_line(exc)})"
     )
+
+
+def _first_line(exc: Exception) -> str:
+    """The first line of a library's error, without terminal escape codes, for a one-line message."""
+    text = _ANSI.sub("", str(exc)).strip()
+    return text.splitlines()[0][:160] if text else ""
 
 
 def _is_tensor_dict(obj: object) -> bool:
@@ -356,10 +362,8 @@ def _pretrained_model(arch: str, num_classes: int | None, init_seed: int) -> nn.
         with _seeded_init(init_seed):
             return timm.create_model(arch, pretrained=True, **kwargs).eval()
     except Exception as exc:
-        text = _ANSI.sub("", str(exc)).strip()
-        first = text.splitlines()[0][:160] if text else ""
         raise ModelError(
-            f"could not create {arch} with pretrained weights ({type(exc).__name__}: {first}); "
+            f"could not create {arch} with pretrained weights ({type(exc).__name__}: {_first_line(exc)}); "
             "without network access pass --checkpoint PATH"
         ) from None
 
@@ -424,14 +428,11 @@ def build_model(
     return model.float().eval()
 
 
-_CARD_PREPROCESS_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
-
-
 def _take_card_preprocessing(model: nn.Module, card: dict[str, Any] | None) -> None:
     """The card's preprocessing into the model's ``pretrained_cfg``: what the API's save, export and
     data helpers read (:func:`model_preprocess`), as the CLI reads the card itself."""
     if not isinstance(card, dict):
         return
-    found = {k: tuple(v) if isinstance(v, list) else v for k, v in card.items() if k in _CARD_PREPROCESS_KEYS}
+    found = {k: tuple(v) if isinstance(v, list) else v for k, v in card.items() if k in PREPROCESS_KEYS}
     if found:
         model.pretrained_cfg = {**model.pretrained_cfg, **found}
