@@ -313,6 +313,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recon-iters", type=int)
     p.add_argument("--recon-batch-size", type=int, default=64)
     p.add_argument("--recon-drop-prob", type=float, help="QDrop probability (default: the library's rule)")
+    p.add_argument(
+        "--recon-grad-shards", type=int, default=2, help="distributed: gradient shards of the sharded runs"
+    )
     p.add_argument("--recon-name", default="recon_cpu")
     p.add_argument("--speed-batch", type=int, default=256, help="speed: images per forward")
     p.add_argument("--speed-compile", action="store_true", help="speed: also through torch.compile")

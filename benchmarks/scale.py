@@ -82,9 +82,11 @@ def suite_large_models(args: argparse.Namespace, workload, save) -> None:
 
 def suite_distributed(args: argparse.Namespace, workload, save) -> None:
     """The shared DeiT-Tiny, one process against ``torchrun --nproc-per-node 2`` gloo processes, each
-    with ``--threads T``: calibration only (must be identical, saved file included) and with reduced
-    reconstruction (data-parallel: within noise, faster). Each run writes the same file names in its
-    own folder, so the commands recorded in the saved models are the same too."""
+    with ``--threads T``: calibration only, and reduced reconstruction with ``--recon-grad-shards``
+    gradient shards (both must be identical to one process, saved file included); one process
+    reconstructing with one backward per batch (the default) shows what the shards cost. Each run
+    writes the same file names in its own folder, so the commands recorded in the saved models are
+    the same too."""
     shared = Path(args.shared)
     base = ["quantize", "--model", "deit_tiny_patch16_224", "--checkpoint",
             str(shared / "models" / "deit_tiny_patch16_224.cifar10.safetensors"),
@@ -93,11 +95,14 @@ def suite_distributed(args: argparse.Namespace, workload, save) -> None:
             "--threads", str(args.threads), "--output", "result.json", "--save", "model.pt"]  # fmt: skip
     recon = ["--reconstruct", "--recon-calib-size", str(args.recon_calib_size), "--recon-iters",
              str(args.recon_iters or 20), "--recon-batch-size", str(args.recon_batch_size)]  # fmt: skip
+    shards = ["--recon-grad-shards", str(args.recon_grad_shards)]
+    runs = (("calibration", [], (1, 2)), ("reconstruction", recon, (1,)),
+            (f"reconstruction, {args.recon_grad_shards} gradient shards", [*recon, *shards], (1, 2)))  # fmt: skip
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, extra in (("calibration", []), ("reconstruction", recon)):
-            for nproc in (1, 2):
-                run_dir = Path(tmp) / f"{label}{nproc}"
+        for label, extra, processes in runs:
+            for nproc in processes:
+                run_dir = Path(tmp) / f"{label.split(',')[0]}{len(rows)}"
                 run_dir.mkdir()
                 row = {"run": label, "processes": nproc, "threads_per_process": args.threads,
                        **timed_command([*_dopq(nproc), *base, *extra], run_dir, args.threads)}  # fmt: skip

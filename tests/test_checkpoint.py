@@ -317,12 +317,19 @@ def _worker(launcher: subprocess.Popen[str], rank: int) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers in /proc")
 def test_torchrun_one_process_killed_then_both_resumed_give_the_same_file(tiny_root, tmp_path):
     """Two gloo processes: process 1 is killed after unit 4, torchrun stops process 0 (which names
-    the way to resume), and the same torchrun command with --resume writes the uninterrupted
-    two-process run's file."""
-    argv = _argv(tiny_root)
+    the way to resume), and the same torchrun command with --resume writes the uninterrupted run's
+    file, which with two gradient shards is the one-process run's."""
+    argv = [*_argv(tiny_root), "--recon-grad-shards", "2"]
     whole = tmp_path / "whole"
     whole.mkdir()
-    done = subprocess.run(_torchrun(argv), cwd=whole, env=_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "dopq", *argv],
+        cwd=whole,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     stopped = tmp_path / "stopped"
     rc, err = _stop_after(_torchrun(argv), stopped, 4, signal.SIGKILL, target=lambda p: _worker(p, 1))

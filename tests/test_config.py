@@ -68,6 +68,9 @@ def test_reconstruct_defaults_follow_the_paper_family():
     assert ReconstructConfig(iters=7).iters_for(3) == 7
     with pytest.raises(ConfigError):
         ReconstructConfig(drop_prob=2.0)
+    with pytest.raises(ConfigError, match="grad_shards must be >= 1"):
+        ReconstructConfig(grad_shards=0)
+    assert ReconstructConfig(batch_size=4, grad_shards=4).grad_shards == 4
 
 
 def test_reconstruct_learning_rates_follow_the_schedule():

@@ -36,8 +36,8 @@ def test_one_process_primitives_are_no_ops() -> None:
     assert (group.rank, group.world_size, group.is_main) == (0, 1, True)
     assert distributed.shard([3, 1, 2]) == [3, 1, 2]
     assert distributed.all_gather_objects({"a": 1}) == [{"a": 1}]
-    batch = torch.arange(5)
-    assert distributed.local_share(batch) is batch
+    rows = torch.arange(6).reshape(3, 2)
+    assert distributed.gather_shards(rows, 3) is rows
     distributed.check_same("arguments", ["x"])  # nothing to disagree with
 
 
@@ -171,15 +171,40 @@ def test_a_process_that_fails_stops_the_others_with_one_line_each(tiny_root: Pat
     assert not list(out.iterdir())
 
 
-def test_reconstruction_runs_data_parallel_on_two_processes(tiny_root: Path, tmp_path: Path) -> None:
-    """Each process takes half of every reconstruction batch and gradients are averaged; the run
-    finishes, process 0 writes the result, and it records the two processes."""
+def test_reconstruction_on_two_processes_gives_the_one_process_model(tiny_root: Path, tmp_path: Path) -> None:
+    """With two gradient shards each process computes one shard's gradient of every batch, and the
+    shards' gradients are gathered and summed in shard order as one process sums them: the saved
+    model is byte-identical to the one-process run's, QDrop (on at 3 bits) and AdaRound's
+    regularizer included."""
     argv = ["quantize", "--model", "test_vit", "--data", str(tiny_root), "--calib-size", "4", "--threads", "1",
-            "--workers", "0", "--quiet", "--reconstruct", "--recon-calib-size", "8", "--recon-iters", "3",
-            "--recon-batch-size", "4", "--output", "r.json"]  # fmt: skip
+            "--workers", "0", "--quiet", "--w-bits", "3", "--a-bits", "3", "--reconstruct", "--recon-calib-size",
+            "8", "--recon-iters", "3", "--recon-batch-size", "5", "--recon-grad-shards", "2", "--recon-rounding",
+            "adaround", "--output", "r.json", "--save", "q.pt"]  # fmt: skip
+    results = {}
+    for nproc in (1, 2):
+        run_dir = tmp_path / f"n{nproc}"
+        run_dir.mkdir()
+        done = _run(argv, nproc, run_dir)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[nproc] = (json.loads((run_dir / "r.json").read_text()), (run_dir / "q.pt").read_bytes())
+    (one, one_bytes), (two, two_bytes) = results[1], results[2]
+    assert two["distributed"] == {"world_size": 2, "backend": "gloo"}
+    assert one["reconstruction"]["drop_prob"] == 0.5
+    assert two_bytes == one_bytes
+    strip = [{k: v for k, v in u.items() if "seconds" not in k} for u in one["reconstruction"]["units"]]
+    assert strip == [
+        {k: v for k, v in u.items() if "seconds" not in k} for u in two["reconstruction"]["units"]
+    ]
+
+
+def test_reconstruction_on_more_processes_than_gradient_shards_is_one_clear_error(
+    tiny_root: Path, tmp_path: Path
+) -> None:
+    argv = ["quantize", "--model", "test_vit", "--data", str(tiny_root), "--calib-size", "4", "--threads", "1",
+            "--workers", "0", "--quiet", "--reconstruct", "--recon-iters", "1", "--output", "r.json"]  # fmt: skip
     done = _run(argv, 2, tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads((tmp_path / "r.json").read_text())
-    assert result["distributed"] == {"world_size": 2, "backend": "gloo"}
-    units = result["reconstruction"]["units"]
-    assert units and all(u["loss_after"] >= 0 for u in units)
+    assert done.returncode != 0
+    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("dopq: error:")]
+    assert len(errors) == 2, done.stderr[-3000:]  # one line per process, before any work
+    assert all("needs --recon-grad-shards" in ln and "of at least 2, got 1" in ln for ln in errors)
+    assert not (tmp_path / "r.json").exists()

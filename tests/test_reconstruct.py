@@ -7,13 +7,20 @@ import copy
 import pytest
 import timm
 import torch
+from torch import nn
 
 import dopq
 from dopq import reconstruct
 from dopq.config import ReconstructConfig
 from dopq.modules import QuantLinear
-from dopq.quantizers import UniformQuantizer
-from dopq.reconstruct import cache_unit_io, chained_units, reconstruct_unit
+from dopq.quantizers import DropNoise, UniformQuantizer
+from dopq.reconstruct import (
+    _sharded_gradient,
+    _whole_batch_gradient,
+    cache_unit_io,
+    chained_units,
+    reconstruct_unit,
+)
 
 
 @pytest.fixture(scope="module")
@@ -143,17 +150,51 @@ def test_a_unit_that_training_made_worse_keeps_its_calibrated_state(block_and_da
     assert all(torch.equal(v, calibrated[k]) for k, v in unit.state_dict().items())
 
 
-def test_qdrop_masks_of_a_share_are_the_rows_of_the_whole_batch():
-    """Under torchrun each process draws the whole batch's QDrop noise and keeps its share's rows
-    (one per image, or Swin's windows: several per image), so the masks are the one-process ones."""
-    q = UniformQuantizer(4)
-    q.initialize(torch.randn(64), None)
-    q.initialized.fill_(True)
-    q.drop_prob = 0.5
+def test_qdrop_masks_of_a_slice_are_the_rows_of_the_whole_batch():
+    """A batch computed slice by slice (gradient shards, in one process or several) sees the masks
+    of one whole-batch forward: each quantizer call draws the whole batch's noise once per batch and
+    takes its slice's rows (one per image, or Swin's windows: several per image), whichever slice
+    comes first; a second call of one quantizer in a forward gets the next draw."""
+
+    def quantizer() -> UniformQuantizer:
+        q = UniformQuantizer(4)
+        q.initialize(torch.randn(64), None)
+        q.initialized.fill_(True)
+        q.drop_prob = 0.5
+        return q
+
+    q, other = quantizer(), quantizer()
     x = torch.randn(6 * 3, 5)  # six images, three rows each
-    q.drop_generator = torch.Generator().manual_seed(7)
-    whole = q(x)
-    q.drop_generator, q.drop_share = torch.Generator().manual_seed(7), (2, 4, 6)
-    assert torch.equal(q(x[6:12]), whole[6:12])
+    q.drop_noise = other.drop_noise = whole_noise = DropNoise(torch.Generator().manual_seed(7))
+    whole_noise.new_batch(6)
+    whole = [q(x), other(x), q(x)]
+    sliced = DropNoise(torch.Generator().manual_seed(7))
+    q.drop_noise = other.drop_noise = sliced
+    sliced.new_batch(6)
+    for start, end in ((2, 4), (0, 2), (4, 6)):  # a process whose first shard is not the first
+        sliced.take(start, end)
+        rows = slice(3 * start, 3 * end)
+        assert [torch.equal(q(x[rows]), whole[0][rows]), torch.equal(other(x[rows]), whole[1][rows]),
+                torch.equal(q(x[rows]), whole[2][rows])] == [True] * 3  # fmt: skip
+    sliced.new_batch(6)  # a new batch draws anew
+    sliced.take(0, 2)
+    assert not torch.equal(q(x[:6]), whole[0][:6])
     with pytest.raises(RuntimeError, match="not whole images"):
         q(x[6:13])
+
+
+def test_gradient_shards_sum_to_the_whole_batch_gradient():
+    """The sharded gradient is the whole batch's up to float summation order, and its loss the
+    batch's mean loss."""
+    torch.manual_seed(0)
+    unit = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 4))
+    inputs, targets = torch.randn(10, 3, 6), torch.randn(10, 3, 4)
+    batch = torch.tensor([3, 1, 4, 1, 5, 9, 2])
+    params = list(unit.parameters())
+    rec = _whole_batch_gradient(unit, inputs, targets, batch, None)
+    whole = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    sharded = _sharded_gradient(unit, inputs, targets, batch, 3, params, DropNoise(None))
+    assert torch.allclose(sharded, rec, rtol=1e-6)
+    assert all(torch.allclose(p.grad, g, rtol=1e-5, atol=1e-7) for p, g in zip(params, whole, strict=True))

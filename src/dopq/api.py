@@ -24,7 +24,7 @@ from dopq.errors import ConfigError
 from dopq.gptq import gptq_model
 from dopq.models import Coverage, QuantPlan, prepare_model, softmax_kinds
 from dopq.models.loading import as_dopq_model
-from dopq.reconstruct import ReconstructionProgress, reconstruct
+from dopq.reconstruct import ReconstructionProgress, check_processes, reconstruct
 from dopq.reparam import ReparamReport, reparameterize
 from dopq.rounding_check import float_logits, keep_better_rounding, last_output
 
@@ -350,6 +350,8 @@ def quantize_with_report(
         raise ConfigError(f"config must be a QuantConfig, a preset name or None, got {type(config).__name__}")
     if checkpoint is not None and config.reconstruct is None:
         raise ConfigError("a reconstruction checkpoint needs a recipe with reconstruction")
+    if config.reconstruct is not None:
+        check_processes(config.reconstruct.grad_shards)  # before calibration's work
     model = as_dopq_model(model)
     parameter = next(model.parameters())
     if parameter.dtype != torch.float32:

@@ -211,9 +211,16 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     )
     r = p.add_argument_group("reconstruction")
     r.add_argument("--reconstruct", action="store_true", help="block-wise reconstruction after calibration")
-    r.add_argument("--recon-calib-size", type=int, default=1024)
+    r.add_argument("--recon-calib-size", type=int, default=_RECON_OPTIONS["recon_calib_size"])
     r.add_argument("--recon-iters", type=int, help="default 1000 at <=4 bits, 200 above")
-    r.add_argument("--recon-batch-size", type=int, default=64)
+    r.add_argument("--recon-batch-size", type=int, default=_RECON_OPTIONS["recon_batch_size"])
+    r.add_argument(
+        "--recon-grad-shards",
+        type=int,
+        default=_RECON_OPTIONS["recon_grad_shards"],
+        help="sum each batch's gradient over this many fixed shards: 1 to N torchrun processes then give "
+        "the same model, byte for byte (default 1: one backward of the whole batch, one process)",
+    )
     r.add_argument(
         "--recon-drop-prob",
         type=float,
@@ -222,7 +229,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     r.add_argument(
         "--recon-rounding",
         choices=ROUNDINGS,
-        default="ste",
+        default=_RECON_OPTIONS["recon_rounding"],
         help="how the weight rounding is learned: ste (hard, straight-through) or adaround (soft, then hard)",
     )
     r.add_argument(
@@ -250,6 +257,8 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 # export options and their defaults (one table for the parser and the check that refuses them
 # without --export, where they would be ignored)
+_RECON_OPTIONS = {"recon_calib_size": 1024, "recon_iters": None, "recon_batch_size": 64, "recon_drop_prob": None,
+                  "recon_rounding": "ste", "recon_grad_shards": 1}  # fmt: skip
 _EXPORT_OPTIONS = {"opset": 21, "integer_attention": False, "export_dtype": "float32",
                    "export_target": "onnxruntime", "export_weight_type": None}  # fmt: skip
 
@@ -387,6 +396,7 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
             rounding=args.recon_rounding,
             drop_prob=args.recon_drop_prob,
             seed=args.seed,
+            grad_shards=args.recon_grad_shards,
         )
     grid_bits = args.softmax_grid_bits
     if grid_bits:
@@ -552,7 +562,7 @@ def _eval_dtype(args: argparse.Namespace) -> str:
 # (argument, smallest allowed value); None values are left to their defaults
 _LOWER_BOUNDS = {
     "batch_size": 1, "calib_size": 1, "eval_subset": 1, "threads": 1, "workers": 0, "num_classes": 1,
-    "recon_calib_size": 1, "recon_batch_size": 1, "recon_iters": 0, "bits": 2,
+    "recon_calib_size": 1, "recon_batch_size": 1, "recon_iters": 0, "recon_grad_shards": 1, "bits": 2,
 }  # fmt: skip
 
 
@@ -581,6 +591,12 @@ def _check_args(args: argparse.Namespace) -> None:
     drop = getattr(args, "recon_drop_prob", None)
     if drop is not None and not 0.0 <= drop <= 1.0:
         raise ConfigError(f"--recon-drop-prob must be in [0, 1], got {drop}")
+    if args.command == "quantize" and not args.reconstruct:
+        given = [k for k, default in _RECON_OPTIONS.items() if getattr(args, k) != default]
+        if given:
+            raise ConfigError(
+                f"--{given[0].replace('_', '-')} is for --reconstruct: add --reconstruct or drop it"
+            )
     if getattr(args, "device", None):
         resolve_device(args.device)
     for name, flag in (("output", "--output"), ("save", "--save")):
@@ -747,6 +763,10 @@ def _join_process_group(args: argparse.Namespace, argv: list[str] | None) -> Non
     distributed.exit_with_one_line_on_sigterm(note)  # before any thread of the process group starts
     group = distributed.init_from_environment(args.device)
     distributed.check_same("arguments", sys.argv[1:] if argv is None else list(argv))
+    if getattr(args, "reconstruct", False):
+        from dopq.reconstruct import check_processes
+
+        check_processes(args.recon_grad_shards)
     if not group.is_main:
         args.quiet = True
 

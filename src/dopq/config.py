@@ -173,6 +173,10 @@ class ReconstructConfig:
         learn_softmax: also learn the post-Softmax quantizer's parameters (TanQ). Off by default:
             measured on the shared DeiT-Tiny it made block losses worse (docs/reconstruction.md).
         seed: seed of the image order, QDrop masks and the calibration subset.
+        grad_shards: each batch's gradient as the sum, in order, of this many fixed contiguous
+            shards' gradients, computed one after another or spread over up to this many torchrun
+            processes: the model is then the same, byte for byte, on 1 to ``grad_shards`` processes.
+            1: one backward of the whole batch (one process only).
     """
 
     calib_size: int = 1024
@@ -188,12 +192,17 @@ class ReconstructConfig:
     drop_prob: float | None = None
     learn_softmax: bool = False
     seed: int = 0
+    grad_shards: int = 1
 
     def __post_init__(self) -> None:
         _check_field_types(self)
-        for name in ("calib_size", "batch_size"):
+        for name in ("calib_size", "batch_size", "grad_shards"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"recon {name} must be >= 1, got {getattr(self, name)}")
+        if self.grad_shards > self.batch_size:
+            raise ConfigError(
+                f"recon grad_shards ({self.grad_shards}) must be at most the batch size ({self.batch_size})"
+            )
         if self.iters is not None and self.iters < 0:
             raise ConfigError(f"recon iters must be >= 0, got {self.iters}")
         _check_choice("rounding", self.rounding, ROUNDINGS)

@@ -9,8 +9,9 @@ process, where every function here is a no-op:
 * calibration: every process calibrates on the same seeded images, then process 0's parameters
   and buffers are broadcast, so all processes hold bit-identical quantizers, equal to a one-process
   run (process 0 computes exactly what one process computes);
-* reconstruction: data-parallel over each batch (every process takes its share of the same batch
-  indices; gradients are averaged, weighted by share size);
+* reconstruction: every process draws the same batches and computes the gradients of its share of
+  each batch's fixed gradient shards; the shards' gradients are gathered (copied, not added) and
+  every process sums them in shard order, as one process does;
 * only process 0 prints progress and writes files.
 
 Example:
@@ -25,7 +26,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -41,13 +42,12 @@ __all__ = [
     "DistributedError",
     "ProcessGroup",
     "all_gather_objects",
-    "average_gradients",
     "broadcast_module",
     "check_same",
     "current",
     "exit_with_one_line_on_sigterm",
+    "gather_shards",
     "init_from_environment",
-    "local_share",
     "shard",
     "shard_bounds",
     "shutdown",
@@ -235,33 +235,20 @@ def broadcast_module(module: nn.Module) -> None:
             m.forget_host_copies()
 
 
-def batch_share(total: int) -> tuple[int, int, int] | None:
-    """``(start, end, total)``: this process's contiguous share of a batch of ``total`` items
-    (:func:`local_share` takes it); None in one process."""
+def gather_shards(local: torch.Tensor, total: int) -> torch.Tensor:
+    """The whole ``(total, ...)`` tensor on every process, each process holding its contiguous share
+    of the rows (:func:`shard_bounds`) in ``local``; ``local`` itself in one process.
+
+    Rows are copied, never added, so every process has the one-process values bit for bit.
+    """
     group = current()
     if group.world_size == 1:
-        return None
-    return (*shard_bounds(total, group.rank, group.world_size), total)
-
-
-def local_share(batch: torch.Tensor) -> torch.Tensor:
-    """This process's contiguous share of a batch of indices drawn identically by every process."""
-    share = batch_share(batch.shape[0])
-    return batch if share is None else batch[share[0] : share[1]]
-
-
-def average_gradients(params: Iterable[nn.Parameter], share: int, total: int) -> None:
-    """Turn each process's gradient of its share's mean loss into the whole batch's.
-
-    Each gradient is weighted by ``share / total`` and summed over processes: the gradient of the
-    mean over all ``total`` items, as one process would compute it (up to float summation order).
-    """
-    if current().world_size == 1:
-        return
-    weight = share / total
+        return local
+    bounds = [shard_bounds(total, rank, group.world_size) for rank in range(group.world_size)]
+    most = max(end - start for start, end in bounds)
+    padded = local.new_zeros((most, *local.shape[1:]))  # all_gather wants equal shapes
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in bounds]
     with _collective():
-        for p in params:
-            if p.grad is None:  # the same on every process: the same graph ran everywhere
-                continue
-            p.grad.mul_(weight)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        dist.all_gather(parts, padded)
+    return torch.cat([part[: end - start] for part, (start, end) in zip(parts, bounds, strict=True)])

@@ -12,6 +12,7 @@ Unit inputs and targets are cached on the accelerator when they fit in a quarter
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -28,7 +29,7 @@ from dopq import distributed
 from dopq.config import QuantConfig, ReconstructConfig
 from dopq.models import QuantPlan
 from dopq.modules import QuantConv2d, QuantLinear
-from dopq.quantizers import Quantizer, TanQQuantizer, UniformQuantizer
+from dopq.quantizers import DropNoise, Quantizer, TanQQuantizer, UniformQuantizer
 from dopq.quantizers.adaround import AdaRoundQuantizer
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "bound_units",
     "cache_unit_io",
     "chained_units",
+    "check_processes",
     "reconstruct",
     "reconstruct_unit",
 ]
@@ -231,7 +233,7 @@ def unit_bits(unit: nn.Module) -> int:
 
 @contextmanager
 def _trainable(
-    unit: nn.Module, rcfg: ReconstructConfig, drop_generator: torch.Generator
+    unit: nn.Module, rcfg: ReconstructConfig, noise: DropNoise
 ) -> Iterator[tuple[list, list, list, list]]:
     """Swap in AdaRound, make step sizes (biases, TanQ) learnable, turn QDrop on; undo on exit."""
     frozen = {p: p.requires_grad for p in unit.parameters()}
@@ -253,9 +255,8 @@ def _trainable(
     weight_bases = {id(r.base) for r in rounders}
     acts = [q for q in unit.modules() if isinstance(q, Quantizer) and id(q) not in weight_bases and q.enabled]
     drop_prob = rcfg.drop_prob_for(unit_bits(unit))
-    share = distributed.batch_share(rcfg.batch_size)  # each process draws the one-process masks
     for q in acts:
-        q.drop_prob, q.drop_generator, q.drop_share = drop_prob, drop_generator, share
+        q.drop_prob, q.drop_noise = drop_prob, noise
         if isinstance(q, UniformQuantizer):
             act_params.append(q.make_scale_learnable())
         elif isinstance(q, TanQQuantizer) and rcfg.learn_softmax:
@@ -270,7 +271,7 @@ def _trainable(
                     layer.weight.copy_(ada.bake())
                 layer.weight_quantizer = ada.base
         for q in acts:
-            q.drop_prob, q.drop_generator, q.drop_share = 0.0, None, None
+            q.drop_prob, q.drop_noise = 0.0, None
         for p in act_params + level_params:
             p.requires_grad_(False)
         for p, flag in frozen.items():
@@ -280,6 +281,67 @@ def _trainable(
 def block_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     # squared error summed over features, averaged over images (BRECQ's reconstruction loss)
     return (out - target).pow(2).flatten(1).sum(1).mean()
+
+
+def _rounding_penalty(rounders: list[AdaRoundQuantizer], progress: float) -> torch.Tensor:
+    """AdaRound's regularizer at ``progress`` (0 to 1) through the annealing of its beta."""
+    beta = BETA_END + 0.5 * (BETA_START - BETA_END) * (1 + math.cos(math.pi * progress))
+    return ROUNDING_REG_WEIGHT * sum(r.regularizer(beta) for r in rounders)
+
+
+def _whole_batch_gradient(
+    unit: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    batch: torch.Tensor,
+    regularizer: Callable[[], torch.Tensor] | None,
+) -> torch.Tensor:
+    """Gradients of the batch's loss (plus the regularizer's) from one forward and backward; the loss."""
+    device = next(unit.parameters()).device
+    out = unit(inputs[batch].to(device, non_blocking=True))
+    rec = block_loss(out, targets[batch].to(device, non_blocking=True))
+    (rec if regularizer is None else rec + regularizer()).backward()
+    return rec.detach()
+
+
+def _sharded_gradient(
+    unit: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    batch: torch.Tensor,
+    shards: int,
+    trained: list[nn.Parameter],
+    noise: DropNoise,
+) -> torch.Tensor:
+    """Gradients of the batch's loss as the sum, in shard order, of ``shards`` fixed contiguous
+    shards' gradients; the loss.
+
+    Each process computes its share of the shards (all of them in one process), the shards'
+    gradients are gathered by copying, and every process adds them up in the same order: the same
+    bits on any number of processes up to ``shards``.
+    """
+    device = next(unit.parameters()).device
+    group = distributed.current()
+    rows = []
+    for k in range(*distributed.shard_bounds(shards, group.rank, group.world_size)):
+        start, end = distributed.shard_bounds(len(batch), k, shards)
+        noise.take(start, end)
+        idx = batch[start:end]
+        out = unit(inputs[idx].to(device, non_blocking=True))
+        diff = out - targets[idx].to(device, non_blocking=True)
+        loss = diff.pow(2).flatten(1).sum(1).sum() / len(batch)
+        grads = torch.autograd.grad(loss, trained, allow_unused=True)
+        flat = [torch.zeros_like(p) if g is None else g for p, g in zip(trained, grads, strict=True)]
+        rows.append(torch.cat([*(g.flatten() for g in flat), loss.detach().reshape(1)]))
+    every = distributed.gather_shards(torch.stack(rows), shards)
+    total = every[0].clone()
+    for row in every[1:]:
+        total += row
+    offset = 0
+    for p in trained:
+        p.grad = total[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+    return total[-1]
 
 
 @torch.no_grad()
@@ -321,13 +383,14 @@ def reconstruct_unit(
     device = next(unit.parameters()).device
     if drop_generator is None:
         drop_generator = torch.Generator(device=device).manual_seed(rcfg.seed)
+    noise = DropNoise(drop_generator)
     probe = torch.arange(min(inputs.shape[0], rcfg.batch_size))
     before = _probe_loss(unit, inputs, targets, probe)
     soft = before
     if iters == 0:
         return {"loss_before": before, "loss_soft": before, "loss_after": before}
     calibrated = {k: v.detach().clone() for k, v in unit.state_dict().items()}
-    with _trainable(unit, rcfg, drop_generator) as (rounders, act_params, level_params, bias_params):
+    with _trainable(unit, rcfg, noise) as (rounders, act_params, level_params, bias_params):
         groups = []
         if rounders:
             groups.append({"params": [r.alpha for r in rounders], "lr": rcfg.lr_weight_for(iters)})
@@ -348,17 +411,19 @@ def reconstruct_unit(
             step_floors = [STEP_FLOOR * p.detach().abs() for p in act_params]
             for step in bar:
                 batch = torch.randint(inputs.shape[0], (rcfg.batch_size,), generator=generator)
-                idx = distributed.local_share(batch)  # the whole batch in one process
-                out = unit(inputs[idx].to(device, non_blocking=True))
-                rec = block_loss(out, targets[idx].to(device, non_blocking=True))
-                loss = rec
+                noise.new_batch(len(batch))
+                regularizer = None
                 if rounders and rcfg.rounding == "adaround" and step >= warmup:
-                    t = (step - warmup) / max(1, iters - warmup)
-                    beta = BETA_END + 0.5 * (BETA_START - BETA_END) * (1 + math.cos(math.pi * t))
-                    loss = rec + ROUNDING_REG_WEIGHT * sum(r.regularizer(beta) for r in rounders)
+                    regularizer = functools.partial(
+                        _rounding_penalty, rounders, (step - warmup) / max(1, iters - warmup)
+                    )
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                distributed.average_gradients(trained, len(idx), len(batch))
+                if rcfg.grad_shards == 1:
+                    rec = _whole_batch_gradient(unit, inputs, targets, batch, regularizer)
+                else:
+                    rec = _sharded_gradient(unit, inputs, targets, batch, rcfg.grad_shards, trained, noise)
+                    if regularizer is not None:  # the same on every process: added after the shards
+                        regularizer().backward()
                 opt.step()
                 _keep_steps_positive(act_params, step_floors)
                 sched.step()
@@ -376,6 +441,22 @@ def reconstruct_unit(
         )
         return {"loss_before": before, "loss_soft": soft, "loss_after": before, "kept_calibrated": True}
     return {"loss_before": before, "loss_soft": soft, "loss_after": after}
+
+
+def check_processes(grad_shards: int) -> None:
+    """Reconstruction shares each batch's ``grad_shards`` gradient shards out among the processes,
+    so that any number of them up to ``grad_shards`` gives the one-process model.
+
+    Raises:
+        DistributedError: more processes than shards (a process would have no shard).
+    """
+    world_size = distributed.current().world_size
+    if world_size > grad_shards:
+        raise distributed.DistributedError(
+            f"reconstruction on {world_size} processes needs --recon-grad-shards (ReconstructConfig.grad_shards) "
+            f"of at least {world_size}, got {grad_shards}: each batch's gradient is then summed over that many "
+            "fixed shards, and one process or up to that many give the same model"
+        )
 
 
 @torch.no_grad()
@@ -412,12 +493,7 @@ def reconstruct(
     """
     rcfg = config.reconstruct
     assert rcfg is not None  # guarded by the caller
-    world_size = distributed.current().world_size
-    if world_size > rcfg.batch_size:  # data-parallel: every process needs a share of each batch
-        raise distributed.DistributedError(
-            f"{world_size} processes for reconstruction batches of {rcfg.batch_size}: "
-            f"use at most {rcfg.batch_size} processes or a larger --recon-batch-size"
-        )
+    check_processes(rcfg.grad_shards)
     bits = min(config.w_bits, config.a_bits)
     iters = rcfg.iters_for(bits)
     rcfg = dataclasses.replace(rcfg, drop_prob=rcfg.drop_prob_for(bits))  # the recipe's rule, like iters

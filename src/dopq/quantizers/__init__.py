@@ -3,6 +3,7 @@
 from dopq.quantizers.auto import AUTO_CANDIDATES, AutoLevelQuantizer
 from dopq.quantizers.base import (
     Consumer,
+    DropNoise,
     PerChannel,
     PerTensor,
     Quantizer,
@@ -26,6 +27,7 @@ __all__ = [
     "AUTO_CANDIDATES",
     "AutoLevelQuantizer",
     "Consumer",
+    "DropNoise",
     "LevelQuantizer",
     "Log2Quantizer",
     "LogQuantizer",

@@ -16,6 +16,7 @@ from torch import nn
 
 __all__ = [
     "Consumer",
+    "DropNoise",
     "PerChannel",
     "PerTensor",
     "Quantizer",
@@ -64,6 +65,53 @@ class Consumer:
 Context = torch.Tensor | Consumer | None
 
 
+class DropNoise:
+    """QDrop's uniform noise for one batch of ``total`` images, whatever slice of it a forward holds.
+
+    A batch's gradient may be computed slice by slice (fixed gradient shards, in one process or
+    spread over several): each quantizer call then draws the whole batch's noise, once per batch
+    and per call, and takes its slice's rows, so the masks do not depend on how the batch is cut.
+    Draws happen at a quantizer's first call for the batch, in forward order, which is the same in
+    every slice. The rows of a tensor are its images in order, each as the same number of rows (one,
+    or Swin's windows).
+    """
+
+    def __init__(self, generator: torch.Generator | None) -> None:
+        self.generator = generator
+        self.total = 0
+        self.start = self.end = 0
+        self._drawn: dict[tuple[int, int], torch.Tensor] = {}  # (quantizer, call) -> whole batch's
+        self._calls: dict[int, int] = {}
+
+    def new_batch(self, total: int) -> None:
+        """The next forwards are of a new batch of ``total`` images; all of them until :meth:`take`."""
+        self.total, self.start, self.end = total, 0, total
+        self._drawn.clear()
+        self._calls.clear()
+
+    def take(self, start: int, end: int) -> None:
+        """The next forward holds images ``[start, end)`` of the batch."""
+        self.start, self.end = start, end
+        self._calls.clear()
+
+    def draw(self, owner: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``owner``'s noise for ``x``, the rows of its slice of the whole batch's noise."""
+        per_image, rest = divmod(x.shape[0], self.end - self.start)
+        if rest:
+            raise RuntimeError(
+                f"QDrop: {x.shape[0]} rows are not whole images of a {self.end - self.start}-image slice"
+            )
+        shape = (self.total * per_image, *x.shape[1:])
+        if (self.start, self.end) == (0, self.total):  # the whole batch: no other slice will ask
+            return torch.rand(shape, generator=self.generator, device=x.device, dtype=x.dtype)
+        call = self._calls.get(id(owner), 0)
+        self._calls[id(owner)] = call + 1
+        key = (id(owner), call)
+        if key not in self._drawn:
+            self._drawn[key] = torch.rand(shape, generator=self.generator, device=x.device, dtype=x.dtype)
+        return self._drawn[key][self.start * per_image : self.end * per_image]
+
+
 class Quantizer(nn.Module):
     """Base class: lazy initialisation while observing, then fake quantization.
 
@@ -80,9 +128,7 @@ class Quantizer(nn.Module):
         self.enabled = True
         self.observing = False
         self.drop_prob = 0.0  # QDrop: probability of passing an element through unquantized
-        self.drop_generator: torch.Generator | None = None  # the caller's generator for QDrop masks
-        # data parallelism: (start, end, total), this process's images of the batch (see drop_noise)
-        self.drop_share: tuple[int, int, int] | None = None
+        self.drop_noise: DropNoise | None = None  # where QDrop's noise comes from (the caller's)
         self.register_buffer("initialized", torch.tensor(False))
         self._host: dict[str, tuple[torch.Tensor, int, Any]] = {}  # see host_copy()
         self.memoize = False  # set by dopq.modules.constant_quantization (evaluation): see remembered()
@@ -106,25 +152,13 @@ class Quantizer(nn.Module):
         else:
             out = self.fake_quantize(x)
         if self.drop_prob > 0:
-            out = torch.where(self.drop_noise(x) < self.drop_prob, x, out)
+            out = torch.where(self._noise(x) < self.drop_prob, x, out)
         return out
 
-    def drop_noise(self, x: torch.Tensor) -> torch.Tensor:
-        """QDrop's uniform noise for ``x``. With a ``drop_share`` (this process's images ``[start,
-        end)`` of a batch of ``total``) the whole batch's noise is drawn and this share's rows taken,
-        so each process draws what one process would; ``x``'s first axis holds the share's images in
-        order, each as the same number of rows (one, or Swin's windows)."""
-        if self.drop_share is None:
-            return torch.rand(x.shape, generator=self.drop_generator, device=x.device, dtype=x.dtype)
-        start, end, total = self.drop_share
-        rows, rest = divmod(x.shape[0], end - start)
-        if rest:
-            raise RuntimeError(
-                f"QDrop: {x.shape[0]} rows are not whole images of a {end - start}-image share"
-            )
-        shape = (total * rows, *x.shape[1:])
-        noise = torch.rand(shape, generator=self.drop_generator, device=x.device, dtype=x.dtype)
-        return noise[start * rows : end * rows]
+    def _noise(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_noise is None:
+            return torch.rand(x.shape, device=x.device, dtype=x.dtype)
+        return self.drop_noise.draw(self, x)
 
     def is_ready(self) -> bool:
         """Whether the parameters are set (a host copy of ``initialized``: no device read per call)."""
