@@ -128,7 +128,7 @@ def _plot_argv(data_root: Path, out_dir: Path, *extra: str) -> list[str]:
 def test_plot_from_args_writes_both_pngs(data_root: Path, tmp_path: Path) -> None:
     args = build_parser().parse_args(_plot_argv(data_root, tmp_path, "--block", "2"))
     paths = plot_from_args(args)
-    assert paths == [tmp_path / "attention_block2_w4.png", tmp_path / "ln_scales_pair2_a4.png"]
+    assert paths == [tmp_path / "attention_block2_a4.png", tmp_path / "ln_scales_pair2_a4.png"]
     for path in paths:
         _assert_png(path)
 
@@ -143,3 +143,17 @@ def test_plot_cli(data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["dopq: error: --bits must be in 2..8, got 9"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ln_scales_pair0_a4.png"]
+
+
+def test_plot_takes_threads_like_the_other_commands(data_root: Path, tmp_path: Path) -> None:
+    import torch
+
+    from dopq.cli import main
+
+    before = torch.get_num_threads()
+    wanted = 2 if before != 2 else 1
+    try:
+        assert main([*_plot_argv(data_root, tmp_path, "--kind", "attention"), "--threads", str(wanted)]) == 0
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before)

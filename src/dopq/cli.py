@@ -346,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--quantized", type=Path, required=True)
     _add_export_args(x, flag="--out", required=True)
     x.add_argument("--quiet", action="store_true")
+    x.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's choice)")
     pl = sub.add_parser("plot", help="plot attention histograms with quantizer levels, or post-LN scales")
     _add_model_args(pl)
     pl.add_argument("--data", required=True)
@@ -357,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--kind", choices=["attention", "ln-scales", "all"], default="all")
     pl.add_argument("--out-dir", type=Path, default=Path("plots"))
     pl.add_argument("--device", default="cpu")
+    pl.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's choice)")
     return parser
 
 

@@ -342,7 +342,7 @@ def plot_from_args(args: argparse.Namespace) -> list[Path]:
         args: the parsed ``plot`` arguments (see :func:`dopq.cli.build_parser`).
 
     Returns:
-        The written files: ``attention_block{N}_w{bits}.png`` and/or ``ln_scales_pair{N}_a{bits}.png``
+        The written files: ``attention_block{N}_a{bits}.png`` and/or ``ln_scales_pair{N}_a{bits}.png``
         in ``args.out_dir``.
     """
     if not MIN_BITS <= args.bits <= MAX_BITS:
@@ -364,7 +364,7 @@ def plot_from_args(args: argparse.Namespace) -> list[Path]:
     if args.kind in ("attention", "all"):
         attn = collect_attention(model, images, n)
         title = f"{arch}, attention block {n}: post-Softmax values of {len(images)} images"
-        path = args.out_dir / f"attention_block{n}_w{args.bits}.png"
+        path = args.out_dir / f"attention_block{n}_a{args.bits}.png"
         paths.append(plot_attention_levels(attn, args.bits, path, title))
     if args.kind in ("ln-scales", "all"):
         name, scales, zero_points = ln_channel_scales(model, images, n, args.bits)
