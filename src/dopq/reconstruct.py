@@ -278,9 +278,14 @@ def _trainable(
             p.requires_grad_(flag)
 
 
+def _image_losses(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # squared error summed over features, one per image
+    return (out - target).pow(2).flatten(1).sum(1)
+
+
 def block_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    # squared error summed over features, averaged over images (BRECQ's reconstruction loss)
-    return (out - target).pow(2).flatten(1).sum(1).mean()
+    """The squared error summed over features, averaged over images (BRECQ's reconstruction loss)."""
+    return _image_losses(out, target).mean()
 
 
 def _rounding_penalty(rounders: list[AdaRoundQuantizer], progress: float) -> torch.Tensor:
@@ -328,8 +333,7 @@ def _sharded_gradient(
         noise.take(start, end)
         idx = batch[start:end]
         out = unit(inputs[idx].to(device, non_blocking=True))
-        diff = out - targets[idx].to(device, non_blocking=True)
-        loss = diff.pow(2).flatten(1).sum(1).sum() / len(batch)
+        loss = _image_losses(out, targets[idx].to(device, non_blocking=True)).sum() / len(batch)
         grads = torch.autograd.grad(loss, trained, allow_unused=True)
         flat = [torch.zeros_like(p) if g is None else g for p, g in zip(trained, grads, strict=True)]
         rows.append(torch.cat([*(g.flatten() for g in flat), loss.detach().reshape(1)]))
