@@ -430,11 +430,14 @@ def test_arguments_are_checked_before_any_work(
 def test_main_called_from_python_records_its_own_arguments(
     roots: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Not the host program's sys.argv (pytest's here) as "the exact command"."""
+    """Not the host program's sys.argv (pytest's here) as "the exact command", and the folder it ran
+    in, where its relative paths start."""
     argv = _quantize_argv(roots["good"], "--method", "repq", "--output", str(tmp_path / "r.json"))
     assert main(argv) == 0
-    recorded = json.loads((tmp_path / "r.json").read_text())["command"]
-    assert recorded == "dopq " + " ".join(argv)
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["command"] == "dopq " + " ".join(argv)
+    assert result["working_directory"] == str(Path.cwd())
+    assert f"Command: `{result['command']}` (in `{Path.cwd()}`)" in (tmp_path / "r.md").read_text()
     from dopq.environment import command_line
 
     assert not command_line().startswith("dopq quantize")  # the host's own again afterwards

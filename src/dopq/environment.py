@@ -208,9 +208,11 @@ def device_name(device: str | torch.device) -> str:
 
 
 def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
-    """What produced a result: the command, library versions, git commit, device, CPU and threads."""
+    """What produced a result: the command and the folder it ran in (its relative paths start there),
+    library versions, git commit, device, CPU and threads."""
     return {
         "command": command_line(),
+        "working_directory": str(Path.cwd()),
         "versions": library_versions(),
         "git": git_revision(),
         "device_name": device_name(device),

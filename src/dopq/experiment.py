@@ -591,6 +591,7 @@ def evaluate_onnx(
         "onnx_metadata": {k: v for k, v in meta.items() if k != "preprocess"},
         "config": {"preprocess": pre.to_dict()},
         "command": command_line(),
+        "working_directory": str(Path.cwd()),
         "versions": library_versions(),
         "git": git_revision(),
         "cpu": cpu_info(),

@@ -98,12 +98,17 @@ def _runtime_lines(result: dict[str, Any]) -> list[str]:
     return [f"Runtime: {result['runtime']} ({result.get('threads')} threads)", ""]
 
 
+def _in_folder(result: dict[str, Any]) -> str:
+    folder = result.get("working_directory")
+    return f" (in `{folder}`)" if folder else ""
+
+
 def markdown_report(result: dict[str, Any]) -> str:
     """The result as a Markdown section with the exact command that produced it."""
     lines = [
         f"## {result['model']}: {result.get('method')} W{result['w_bits']}/A{result['a_bits']}",
         "",
-        f"Command: `{result.get('command', '')}`",
+        f"Command: `{result.get('command', '')}`" + _in_folder(result),
         "",
         *_runtime_lines(result),
         "| | top-1 | top-5 |",

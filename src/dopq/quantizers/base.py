@@ -156,8 +156,8 @@ class Quantizer(nn.Module):
         return out
 
     def _noise(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_noise is None:
-            return torch.rand(x.shape, device=x.device, dtype=x.dtype)
+        if self.drop_noise is None:  # no hidden draw from the global generator
+            raise RuntimeError("QDrop (drop_prob > 0) needs a DropNoise in drop_noise")
         return self.drop_noise.draw(self, x)
 
     def is_ready(self) -> bool:
