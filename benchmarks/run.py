@@ -288,6 +288,29 @@ _SUITES_ELSEWHERE = {
 _OWN_SUITES = ("foundation", "ablation", "stress", "timing", "recon", "recon-unit")
 
 
+def recipe_labels(suite: str) -> list[str] | None:
+    """The names ``--recipes`` picks from in ``suite`` (None: a suite that takes presets by name)."""
+    if suite in ("ablation", "stress"):
+        return list(ablation_recipes(4))
+    if suite in ("calib-gains", "calib-gains-timing"):
+        from calib_gains import calib_gain_recipes
+
+        return list(calib_gain_recipes(4, 4))
+    return None
+
+
+def _check_recipes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A misspelt ``--recipes`` name matched nothing: the suite ran no recipe and exited 0."""
+    known = recipe_labels(args.suite) if args.recipes else None
+    if known is None:
+        return
+    unknown = [name for name in args.recipes if name not in known]
+    if unknown:
+        p.error(f"--recipes {' '.join(unknown)}: not a {args.suite} recipe; choose from {', '.join(known)}")
+    if args.suite == "calib-gains-timing" and "dopq" not in args.recipes:
+        p.error("calib-gains-timing measures every recipe against dopq: add dopq to --recipes")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -303,7 +326,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--recipes", nargs="+", help="only these ablation recipes (default: all)")
+    p.add_argument(
+        "--recipes",
+        nargs="+",
+        help="only these recipes (ablation, stress, calib-gains, calib-gains-timing; default: all)",
+    )
     p.add_argument(
         "--suffix",
         default="",
@@ -377,6 +404,7 @@ def main(argv: list[str] | None = None) -> None:
         "--hf-skip-fp", action="store_true", help="hf-deit: skip the float timm vs transformers pass"
     )
     args = p.parse_args(argv)
+    _check_recipes(p, args)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("dopq.reconstruct").setLevel(logging.INFO)  # one line per reconstructed unit
     if args.results_dir:
