@@ -488,3 +488,30 @@ def test_progress_bars_stay_out_of_logs(roots: dict[str, Path], capsys: pytest.C
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "\r" not in err and "it/s" not in err and "img/s" not in err
+
+
+def test_evaluate_onnx_names_the_widths_of_a_graph_exported_from_python(
+    roots: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``dopq.export.export_onnx(qmodel, path)``, the README's Python API, records no recipe:
+    ``dopq evaluate --onnx`` printed ``onnx WNone/ANone`` and wrote null widths. The graph records
+    the widths of the model's layers (8-bit head beside 4-bit blocks: the blocks' width)."""
+    import timm
+
+    from dopq.export import export_onnx, read_metadata
+
+    model = timm.create_model("test_vit", num_classes=2).eval()
+    config = get_preset("dopq", w_bits=4, a_bits=8, edge_w_bits=8)
+    qmodel = dopq.quantize(model, torch.randn(4, 3, 160, 160), config, progress=False)
+    path = tmp_path / "api.onnx"
+    export_onnx(qmodel, path)
+    assert "recipe" not in read_metadata(path)
+    out = tmp_path / "r.json"
+    code = main(
+        ["evaluate", "--onnx", str(path), "--data", str(roots["good"]), "--quiet", "--output", str(out)]
+    )
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert (result["w_bits"], result["a_bits"]) == (4, 8)
+    assert "onnx W4/A8 on onnxruntime" in capsys.readouterr().out
+    assert out.with_suffix(".md").read_text().startswith("## test_vit: onnx W4/A8")

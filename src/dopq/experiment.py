@@ -576,8 +576,8 @@ def evaluate_onnx(
     result: dict[str, Any] = {
         "model": meta.get("arch"),
         "method": "onnx",
-        "w_bits": recipe.get("w_bits"),
-        "a_bits": recipe.get("a_bits"),
+        "w_bits": recipe.get("w_bits", meta.get("w_bits")),  # an API export records no recipe
+        "a_bits": recipe.get("a_bits", meta.get("a_bits")),
         "fp_top1": None,
         "fp_top5": None,
         "quant_top1": res.top1,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ from dopq.export.symbolic import CONTRIB_DOMAIN
 from dopq.files import atomic_path, check_output_path
 from dopq.models import example_input
 from dopq.models.loading import model_preprocess
+from dopq.modules import QuantLinear
+from dopq.quantizers import Quantizer
 
 __all__ = ["DEFAULT_OPSET", "MIN_OPSET", "ExportReport", "check_export_target", "export_onnx", "require_onnx"]
 
@@ -368,6 +371,22 @@ def _set_metadata(model: Any, metadata: dict[str, Any]) -> None:
         entry.value = value if isinstance(value, str) else json.dumps(value)
 
 
+def model_widths(model: nn.Module) -> dict[str, int | None]:
+    """The recipe's ``w_bits`` / ``a_bits`` read from a quantized model: the widths most of its
+    Linear layers' weights and inputs have (the patch embedding and the head may differ)."""
+    weights: Counter[int] = Counter()
+    inputs: Counter[int] = Counter()
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            for slot, counts in ((module.weight_quantizer, weights), (module.input_quantizer, inputs)):
+                if isinstance(slot, Quantizer):
+                    counts[slot.bits] += 1
+    return {
+        "w_bits": weights.most_common(1)[0][0] if weights else None,
+        "a_bits": inputs.most_common(1)[0][0] if inputs else None,
+    }
+
+
 def _model_metadata(model: nn.Module, integer_levels: bool, dtype: torch.dtype) -> dict[str, Any]:
     import dopq
 
@@ -375,6 +394,7 @@ def _model_metadata(model: nn.Module, integer_levels: bool, dtype: torch.dtype) 
     return {
         "arch": cfg.get("architecture"),
         "num_classes": getattr(model, "num_classes", None),
+        **model_widths(model),  # `dopq evaluate --onnx` names them where no recipe was recorded
         "dopq_version": dopq.__version__,
         "integer_attention": integer_levels,
         "float_dtype": _DTYPE_NAMES[dtype],
