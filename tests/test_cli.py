@@ -515,3 +515,23 @@ def test_evaluate_onnx_names_the_widths_of_a_graph_exported_from_python(
     assert (result["w_bits"], result["a_bits"]) == (4, 8)
     assert "onnx W4/A8 on onnxruntime" in capsys.readouterr().out
     assert out.with_suffix(".md").read_text().startswith("## test_vit: onnx W4/A8")
+
+
+def test_help_names_every_width_rule_of_the_default_preset_and_what_threads_sets() -> None:
+    """``--method``'s help said the recommended preset rounds by GPTQ "at 3 bits and below and at
+    W4/A8"; it does at W4/A4 too (kept only where the calibration check shows it pays), and its
+    wider TanQ grid at 3-bit activations went unnamed. ``--threads`` also sets the ONNX runtime's
+    threads under ``dopq evaluate --onnx`` (docs/export.md), which its help did not say."""
+    quantize = " ".join(_subparser("quantize").format_help().split())
+    assert "4-bit weights (below 8-bit activations kept only where the calibration check" in quantize
+    assert "TanQ's wider centre grid with 3-bit activations" in quantize
+    assert get_preset("recommended", w_bits=4, a_bits=4).gptq_check
+    evaluate = " ".join(_subparser("evaluate").format_help().split())
+    assert "onnxruntime's or OpenVINO's for --onnx" in evaluate
+
+
+def _subparser(name: str):
+    import argparse
+
+    actions = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return actions[0].choices[name]

@@ -90,7 +90,12 @@ def _add_data_args(p: argparse.ArgumentParser, calib: bool = True) -> None:
     g.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"])
     g.add_argument("--crop-pct", type=float)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op CPU threads, and onnxruntime's or OpenVINO's for --onnx (default: each "
+        "library's choice)",
+    )
     p.add_argument(
         "--deterministic",
         action="store_true",
@@ -118,9 +123,11 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         "--method",
         choices=list_presets(),
         default=RECOMMENDED,
-        help="preset recipe: recommended (dopq plus, by width, GPTQ rounding at 3 bits and below and "
-        "at W4/A8, centred 8-bit weight grids, centred q/k/v with 8-bit activations), "
-        "dopq (the paper's recipe) or repq (the RepQ-ViT baseline)",
+        help="preset recipe: recommended (the default: dopq plus, by width, GPTQ rounding at 3 bits and "
+        "below and at 4-bit weights (below 8-bit activations kept only where the calibration check "
+        "shows it pays, --gptq-check), TanQ's wider centre grid with 3-bit activations, centred 8-bit "
+        "weight grids, centred q/k/v with 8-bit activations), dopq (the paper's recipe) or repq (the "
+        "RepQ-ViT baseline)",
     )
     g.add_argument("--w-bits", type=int, default=4)
     g.add_argument("--a-bits", type=int, default=4)
