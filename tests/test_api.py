@@ -285,3 +285,12 @@ def test_accuracy_floor_on_shared_deit():
     result, _ = run_recipe(work, dopq.get_preset("dopq", w_bits=4, a_bits=4), "dopq", progress=False)
     assert result["fp_top1"] >= 0.70
     assert result["quant_top1"] >= result["fp_top1"] - 0.06
+
+
+def test_stage_timings_are_the_stages_the_recipe_ran():
+    """repq has no bias correction: no time for it (the Markdown printed 'bias_correction 0.00 s')."""
+    images = torch.randn(2, 3, 224, 224)
+    for preset, corrected in (("repq", False), ("dopq", True)):
+        model = timm.create_model("test_vit", num_classes=10).eval()
+        _, report = dopq.quantize_with_report(model, images, preset)
+        assert ("bias_correction" in report.timings) is corrected, report.timings

@@ -284,8 +284,10 @@ def _calibrate_and_reparameterize(
             )
             shrink = config.gptq_target_shrink if target == "float" else None
             report.gptq = {"target": target, "target_shrink": shrink, "layers": len(float_weights)}
-    with _timed(timings, "bias_correction"):
-        corrected_logits = _correct_bias(model, images, config, float_weights)
+    corrected_logits = None
+    if config.bias_correction:  # a stage the recipe skips has no time (repq printed 0.00 s)
+        with _timed(timings, "bias_correction"):
+            corrected_logits = _correct_bias(model, images, config, float_weights)
     if nearest is not None:
         with _timed(timings, "gptq_check"):
             check = keep_better_rounding(
