@@ -13,11 +13,11 @@ activation stays per tensor: ``(x + o) W^T + b = x W^T + (W o + b)``.
 adds, scales) run in float64, activations are quantized to uint8 codes by float64 ops and every
 quantized product is an ``integer_matmul`` (``MatMulInteger``, exact int32 sums). Float32 rounding
 differences are far too small to move any float64 value across a rounding boundary, so this form
-computes the simulation's codes in any runtime and on any thread count (docs/export.md). Two steps
-of the exported graph stay float32, where onnxruntime has no float64 kernel: GELU's ``erf``
-(written in by the export, ``onnx_export._erf_in_float32``; its error can move a code of the next
-quantizer at 8 bits, while this torch form computes GELU in float64, as the simulation does) and
-the post-Softmax code rule above ``EXACT_LEVELS_MAX_BITS``.
+computes the simulation's codes in any runtime and on any thread count (docs/export.md). This
+torch form computes GELU in float64, as the simulation does; onnxruntime has no float64 ``erf``, so
+the export rewrites the graph's GELU into nodes that give the same codes
+(:mod:`dopq.export.float64_gelu`). One step of the exported graph stays float32: the post-Softmax
+code rule above ``EXACT_LEVELS_MAX_BITS``.
 """
 
 from __future__ import annotations

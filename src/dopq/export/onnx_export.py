@@ -38,6 +38,7 @@ from torch import nn
 from dopq.config import FLOAT_DTYPES
 from dopq.errors import ExportError
 from dopq.export.deploy import DeployLinear, WeightCodes, to_deploy
+from dopq.export.float64_gelu import exact_float64_gelu
 from dopq.export.qdq_placement import hoist_qdq, merge_split_qdq
 from dopq.export.qkv_scale import share_qkv_scales
 from dopq.export.symbolic import CONTRIB_DOMAIN
@@ -206,49 +207,6 @@ def _factor_level_tables(model: Any, opset: int) -> None:
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-
-
-def _erf_in_float32(model: Any) -> None:
-    """onnxruntime has no float64 ``Erf`` (nor a float64 ``Gelu``, whose function body is one): in a
-    float64 graph each of them computes ``erf`` in float32 between two ``Cast`` nodes, and an exact
-    ``Gelu`` is written out as ``x / 2 * (1 + erf(x / sqrt 2))`` in float64 around it. Found by type,
-    so a GELU module of any family, or ``F.gelu`` called in a forward, is covered. The float32
-    ``erf`` is the float64 form's one inexact step (docs/export.md)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = model.graph
-    typed = onnx.shape_inference.infer_shapes(model).graph
-    dtypes = {v.name: v.type.tensor_type.elem_type for v in [*typed.value_info, *typed.input, *typed.output]}
-    dtypes.update({init.name: init.data_type for init in graph.initializer})
-    constants = {"erf_sqrt_half": 0.5**0.5, "erf_half": 0.5, "erf_one": 1.0}
-    nodes, used = [], False
-    for i, node in enumerate(graph.node):
-        exact_gelu = node.op_type == "Gelu" and all(a.s in (b"", b"none") for a in node.attribute)
-        float64_erf = node.op_type == "Erf" or exact_gelu  # the tanh Gelu has float64 kernels
-        if node.domain or not float64_erf or dtypes.get(node.input[0]) != TensorProto.DOUBLE:
-            nodes.append(node)
-            continue
-        x, y, tag = node.input[0], node.output[0], f"erf32_{i}"
-        erf_in, erf_out = (f"{tag}_scaled", f"{tag}_erf") if exact_gelu else (x, y)
-        if exact_gelu:
-            nodes.append(helper.make_node("Mul", [x, "erf_sqrt_half"], [erf_in]))
-        nodes += [
-            helper.make_node("Cast", [erf_in], [f"{tag}_in"], to=TensorProto.FLOAT),
-            helper.make_node("Erf", [f"{tag}_in"], [f"{tag}_out"]),
-            helper.make_node("Cast", [f"{tag}_out"], [erf_out], to=TensorProto.DOUBLE),
-        ]
-        if exact_gelu:
-            nodes += [
-                helper.make_node("Mul", [x, "erf_half"], [f"{tag}_half"]),
-                helper.make_node("Add", [erf_out, "erf_one"], [f"{tag}_sum"]),
-                helper.make_node("Mul", [f"{tag}_half", f"{tag}_sum"], [y]),
-            ]
-        used = True
-    if used:
-        graph.initializer.extend(numpy_helper.from_array(np.array(v), name) for name, v in constants.items())
-        del graph.node[:]
-        graph.node.extend(nodes)
 
 
 def _table_from_codes(graph: Any, init: Any, opset: int, reader: Any) -> list[Any]:
@@ -459,7 +417,7 @@ def export_onnx(
             _pack_int4_weights(graph)
         _factor_level_tables(graph, opset)
         if dtype == torch.float64:
-            _erf_in_float32(graph)
+            exact_float64_gelu(graph)  # onnxruntime has no float64 erf
         _drop_unused_initializers(graph)
         storage = _weight_storage(graph)
         own = {**_model_metadata(model, integer_levels, dtype), "target": target, "weight_storage": storage}
