@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dopq.errors import DataError
-from dopq.evaluate import EvalResult, accuracy_counts, evaluate
+from dopq.errors import DataError, ModelError
+from dopq.evaluate import EvalResult, accuracy_counts, compare, evaluate
 
 NUM_CLASSES = 7
 # rank of the true label among each sample's logits (0 = highest): top-1 hits 2 of 6, top-5 hits 4 of 6
@@ -97,6 +97,18 @@ def test_a_label_beyond_the_outputs_is_refused() -> None:
         DataError, match=f"the data holds label {NUM_CLASSES} but the model has {NUM_CLASSES} outputs"
     ):
         evaluate(model, loader, progress=False)
+
+
+def test_nan_logits_are_refused_not_scored() -> None:
+    """topk ranks NaN first: an all-NaN model scored top-1 1/7 and top-5 5/7 here, and compare()
+    reported a max logit difference of 0 against it (max() keeps its old value over a NaN)."""
+    model, loader = _loader(RANKS, NUM_CLASSES)
+    model.table[4, 2] = float("nan")  # image 4, in the second batch
+    with pytest.raises(ModelError, match=r"NaN logits for 1 of the 2 images of a batch \(first: image 4 "):
+        evaluate(model, loader, progress=False)
+    good, _ = _loader(RANKS, NUM_CLASSES)
+    with pytest.raises(ModelError, match=r"a vs b \(second model\): the model gives NaN logits"):
+        compare(good, model, loader, progress=False, desc="a vs b")
 
 
 def _quantized_test_vit() -> tuple[nn.Module, torch.Tensor]:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dopq.data import single_line_errors
-from dopq.errors import ConfigError, DataError
+from dopq.errors import ConfigError, DataError, ModelError
 from dopq.modules import constant_quantization, quantizers_of
 
 __all__ = [
@@ -132,6 +132,7 @@ def evaluate(
             logits = model(images.to(device, non_blocking=True))
             targets = targets.to(device, non_blocking=True)
             _check_labels_fit(targets, logits.shape[-1])
+            _check_no_nan(logits, desc, seen)
             c1, c5 = accuracy_counts(logits, targets)
             per_image.extend("1" if hit else "0" for hit in _top1_hits(logits, targets))
             correct1, correct5, seen = correct1 + c1, correct5 + c5, seen + len(targets)
@@ -150,6 +151,19 @@ def evaluate(
         result.images_per_second,
     )
     return result
+
+
+def _check_no_nan(logits: Tensor, desc: str, seen: int) -> None:
+    """NaN logits rank no class (``topk`` puts NaN first, so an all-NaN row "predicts" a fixed
+    class and scores about 1 / num_classes): an accuracy or agreement over them would be meaningless."""
+    bad = torch.isnan(logits).flatten(1).any(1)
+    if bool(bad.any()):
+        first = seen + int(bad.nonzero()[0])
+        raise ModelError(
+            f"{desc}: the model gives NaN logits for {int(bad.sum())} of the {len(bad)} images of a batch "
+            f"(first: image {first} of the evaluation), so no accuracy can be measured; the model "
+            "computes NaN on these inputs (check the checkpoint, the images and the quantization)"
+        )
 
 
 def _check_labels_fit(targets: Tensor, num_classes: int) -> None:
@@ -272,6 +286,9 @@ def compare(
     ):
         for images, targets in loader:
             a, b = model_a(images).float().cpu(), model_b(images).float().cpu()
+            # max() over NaN differences would keep the old maximum
+            _check_no_nan(a, f"{desc} (first model)", seen)
+            _check_no_nan(b, f"{desc} (second model)", seen)
             pred_a, pred_b = a.argmax(1), b.argmax(1)
             same += int((pred_a == pred_b).sum())
             right_a += _top1_hits(a, targets)
