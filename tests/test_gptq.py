@@ -235,6 +235,19 @@ def test_float_target_with_equal_inputs_is_the_float_weight_and_plain_gptq() -> 
         assert torch.equal(gptq_round(target, h, q), gptq_round(w, h, q))
 
 
+def test_float_target_of_a_layer_whose_inputs_are_all_zero_is_the_float_weight() -> None:
+    """A layer whose quantized inputs are all 0 (all-zero calibration images at the patch embedding,
+    or 1e-8 weights before it, under the activation grid's floor) had an all-zero Hessian, no
+    damping and a CalibrationError, at W3/A3 only (the float target): W/A4 quantized the same model."""
+    w = torch.randn(8, 16)
+    zeros = torch.zeros(16, 16, dtype=torch.float64)
+    assert torch.equal(float_target_weight(w, zeros, zeros), w)
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=10).eval()
+    q = dopq.quantize(model, torch.zeros(2, 3, 160, 160), dopq.get_preset("recommended", w_bits=3, a_bits=3))
+    assert bool(torch.isfinite(q(torch.randn(1, 3, 160, 160))).all())
+
+
 def test_float_target_codes_are_in_range_and_deterministic() -> None:
     w = torch.randn(32, 64) * torch.linspace(0.1, 3, 32)[:, None]
     q = _weight_quantizer(w, 3)

@@ -101,7 +101,9 @@ class DampedHessian:
         if unit_dead:
             h.diagonal()[h.diagonal() == 0] = 1.0
         h = h.flip(0, 1)
-        mean_diag = float(h.diagonal().mean())
+        # an all-zero H (every input always 0, kept so by unit_dead=False) would get no damping and no
+        # factor; with a unit ridge the float target is then W itself (C - H == 0), as it should be
+        mean_diag = float(h.diagonal().mean()) or 1.0
         eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
         for attempt in range(_DAMP_RETRIES + 1):
             lower, info = torch.linalg.cholesky_ex(h + eye * (damp * 10**attempt * mean_diag))
