@@ -172,6 +172,18 @@ def test_unknown_range_objective_is_refused() -> None:
         UniformQuantizer(3, objective="kl")
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_a_row_whose_squared_errors_overflow_keeps_a_searched_range(symmetric: bool) -> None:
+    """Values of 1e20 square past float32: every candidate's error was inf, none replaced the
+    placeholder, and the channel got scale 1 and zero point 0 (every value clamped to a few units)."""
+    x = torch.randn(4, 64) * torch.tensor([1.0, 1.0, 1e20, 1.0])[:, None]
+    q = UniformQuantizer(4, PerChannel(0), symmetric=symmetric)
+    q.observing = True
+    x_hat = q(x)
+    assert float(q.scale[2]) > 1e18 and torch.isfinite(x_hat).all()
+    assert float((x_hat[2] - x[2]).abs().max()) < 0.2 * float(x[2].abs().max())
+
+
 def test_per_channel_search_equals_channel_loop():
     x = torch.randn(6, 50, 16) * torch.linspace(0.1, 20, 16)
     s, z = search_uniform_range(x, 4, channel_axis=-1)
@@ -431,7 +443,9 @@ _DEGENERATE = {
     "negative-constant": lambda: torch.full((4, 64), -0.5),
     "all-zero": lambda: torch.zeros(4, 64),
     "single-element": lambda: torch.tensor([[0.7]]),
-    "huge": lambda: torch.rand(4, 64) * 1e30,
+    # both signs: a per-channel range of one sign need not hold 0 (its zero point is then off the
+    # grid by design), which this test passed only while the overflowing search left scale 1, zero 0
+    "huge": lambda: (torch.rand(4, 64) - 0.5) * 1e30,
     "tiny": lambda: torch.rand(4, 64) * 1e-30,
 }
 

@@ -172,6 +172,13 @@ def _candidate_qparams(
     return [_range_to_qparams(bounds[n + i], bounds[i], bits) for i in range(n)]
 
 
+def _replaces(err: torch.Tensor, best_err: torch.Tensor) -> torch.Tensor:
+    """Rows where a candidate replaces the best so far: a lower error, or no finite best yet, so
+    that a row whose squared errors all overflow float32 (values above about 1e19) keeps a searched
+    range (the last, widest candidate), not the placeholder scale 1 and zero point 0."""
+    return (err < best_err) | ~torch.isfinite(best_err)
+
+
 def search_uniform_range(
     x: torch.Tensor,
     bits: int,
@@ -203,7 +210,7 @@ def search_uniform_range(
     best_zp = torch.zeros_like(best_err)
     for scale, zp in _candidate_qparams(rows, bits, percentiles, include_zero):
         err = _row_mse(rows, scale[:, None], zp[:, None], bits)
-        better = err < best_err
+        better = _replaces(err, best_err)
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
         best_zp = torch.where(better, zp, best_zp)
@@ -307,7 +314,7 @@ def search_symmetric_range(
     for bound in row_quantiles(rows.abs(), tuple(percentiles)):
         scale = (bound / (half - 1)).clamp_min(_MIN_SCALE)
         err = _row_mse(rows, scale[:, None], zero_point[:, None], bits)
-        better = err < best_err
+        better = _replaces(err, best_err)
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
     return best_scale, zero_point
