@@ -33,6 +33,17 @@ def test_quantize_accepts_tensors_and_loaders():
     assert all(bool(q.initialized) for _, q in quantizers_of(a))
 
 
+def test_quantizing_an_already_quantized_model_is_refused() -> None:
+    """quantize works in place; calling it again on its result (another width in a notebook) ended
+    in the re-parameterization check's RuntimeError, 'changed the float logits by 0.4'."""
+    from dopq.errors import ConfigError
+
+    images = torch.randn(4, 3, 160, 160)
+    model = dopq.quantize(_tiny(), images, "dopq")
+    with pytest.raises(ConfigError, match=r"already quantized .* a fresh float model"):
+        dopq.quantize(model, images, dopq.get_preset("dopq", w_bits=8, a_bits=8))
+
+
 def test_calibration_data_forms_give_the_same_images():
     """Every form the docstring names stacks to the same float32 batch; PIL images go through the
     model's own preprocessing."""

@@ -24,6 +24,7 @@ from dopq.errors import ConfigError
 from dopq.gptq import gptq_model
 from dopq.models import Coverage, QuantPlan, prepare_model, softmax_kinds
 from dopq.models.loading import as_dopq_model
+from dopq.modules import quantizers_of
 from dopq.reconstruct import ReconstructionProgress, check_processes, reconstruct
 from dopq.reparam import ReparamReport, reparameterize
 from dopq.rounding_check import float_logits, keep_better_rounding, last_output
@@ -205,6 +206,16 @@ def _check_images(images: torch.Tensor, model: nn.Module | None) -> None:
             )  # fmt: skip
 
 
+def _check_not_quantized(model: nn.Module) -> None:
+    """Quantizing works in place: a second call on the returned model would calibrate quantizers on
+    top of quantizers, and its re-parameterization check failed with a RuntimeError."""
+    if any(True for _ in quantizers_of(model)):
+        raise ConfigError(
+            "the model is already quantized (dopq.quantize changes the model it is given): quantize "
+            "a fresh float model, e.g. a copy.deepcopy made before the first call"
+        )
+
+
 def _check_runs(model: nn.Module, images: torch.Tensor) -> None:
     """One image through the float model, so that a size the model cannot take is one clear error."""
     training = model.training
@@ -355,6 +366,7 @@ def quantize_with_report(
     if config.reconstruct is not None:
         check_processes(config.reconstruct.grad_shards)  # before calibration's work
     model = as_dopq_model(model)
+    _check_not_quantized(model)
     parameter = next(model.parameters())
     if parameter.dtype != torch.float32:
         raise ConfigError(
