@@ -397,6 +397,28 @@ def test_onnxruntime_runs_integer_kernels_and_matches_the_simulation(
     _assert_same_function(runtime, simulated, 0.05)
 
 
+@pytest.mark.parametrize("method", ["dopq", "recommended"])
+def test_a_weight_row_of_one_sign_exports(method: str, tmp_path: Path) -> None:
+    """A Linear output channel whose weights are all positive (or all negative) still gets a zero
+    point among the codes, so the export can store it (it was refused: zero point -15 at W4)."""
+    model, x = _vit()
+    with torch.no_grad():  # rows far from 0: all of a row's range on one side
+        fc1, qkv = model.blocks[0].mlp.fc1.weight, model.blocks[0].attn.qkv.weight
+        fc1[:2] = fc1[:2].abs() + fc1.abs().max()
+        qkv[5] = -qkv[5].abs() - qkv.abs().max()
+    dopq.quantize(model, x, dopq.get_preset(method, w_bits=4, a_bits=4), progress=False)
+    for layer in (model.blocks[0].mlp.fc1, model.blocks[0].attn.qkv):
+        lo, hi = layer.weight_quantizer.code_range
+        assert (
+            lo
+            <= float(layer.weight_quantizer.zero_point.min())
+            <= float(layer.weight_quantizer.zero_point.max())
+            <= hi
+        )
+    _, simulated, runtime = _ops_and_agreement(model, x, tmp_path / "m.onnx")
+    _assert_same_function(runtime, simulated, 0.05)
+
+
 def test_shifted_window_mask_is_not_folded_into_a_per_window_bias(tmp_path: Path) -> None:
     """The shift mask (windows, n, n) and the position bias (1, heads, n, n) stay two constants:
     their sum folded per window and head, (1, windows, heads, n, n), made 3.3 MB of Swin-Tiny's

@@ -61,7 +61,11 @@ class _Factory:
 
     def weight(self, bits: int | None = None) -> Quantizer:
         return UniformQuantizer(
-            bits or self.c.w_bits, PerChannel(0), self.c.percentiles, symmetric=self.c.symmetric_weights
+            bits or self.c.w_bits,
+            PerChannel(0),
+            self.c.percentiles,
+            symmetric=self.c.symmetric_weights,
+            zero_in_range=True,  # integer weight formats hold the zero point as a code
         )
 
     def act(self, per_channel: bool = False, bits: int | None = None, symmetric: bool = False) -> Quantizer:

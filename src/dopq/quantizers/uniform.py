@@ -346,6 +346,9 @@ class UniformQuantizer(Quantizer):
             of the product it enters, when the caller passes that product as ``context``
             (:func:`search_output_range`; without a context, per channel and on grids centred on 0,
             whose candidates it does not search, the squared error).
+        zero_in_range: per channel too, widen every candidate range to contain 0 (per tensor it
+            always is): for weights, whose zero points an integer format must hold as codes; a row of
+            one sign would otherwise get a zero point beyond the codes, which no export can store.
 
     Example:
         >>> q = UniformQuantizer(4, PerChannel(0)); q.observing = True
@@ -361,6 +364,7 @@ class UniformQuantizer(Quantizer):
         percentiles: tuple[float, ...] = DEFAULT_PERCENTILES,
         symmetric: bool = False,
         objective: str = "mse",
+        zero_in_range: bool = False,
     ) -> None:
         super().__init__(bits)
         if objective not in RANGE_OBJECTIVES:
@@ -369,6 +373,7 @@ class UniformQuantizer(Quantizer):
         self.percentiles = tuple(percentiles)
         self.symmetric = symmetric
         self.objective = objective
+        self.zero_in_range = zero_in_range
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1))
 
@@ -408,7 +413,8 @@ class UniformQuantizer(Quantizer):
         axis = self.channel_axis
         if self.symmetric:
             return search_symmetric_range(x, self.bits, axis, self.percentiles)
-        return search_uniform_range(x, self.bits, axis, self.percentiles, include_zero=axis is None)
+        include_zero = axis is None or self.zero_in_range
+        return search_uniform_range(x, self.bits, axis, self.percentiles, include_zero=include_zero)
 
     def set_qparams(
         self, scale: torch.Tensor, zero_point: torch.Tensor, granularity: PerTensor | PerChannel | None = None
