@@ -91,19 +91,25 @@ def _run(argv: list[str], nproc: int, cwd: Path) -> subprocess.CompletedProcess[
     )
 
 
-def test_two_gloo_processes_give_the_one_process_result(tiny_root: Path, tmp_path: Path) -> None:
-    argv = ["quantize", "--model", "test_vit", "--data", str(tiny_root), "--calib-size", "6",
-            "--w-bits", "3", "--a-bits", "3", "--threads", "1", "--workers", "0", "--batch-size", "4",
-            "--output", "r.json", "--save", "q.pt", "--quiet"]  # fmt: skip
-    results = {}
+def _one_and_two_processes(argv: list[str], tmp_path: Path) -> list[tuple[dict, bytes]]:
+    """``argv`` (writing r.json and q.pt) run by one process and by two; each run's result and
+    saved bytes."""
+    results = []
     for nproc in (1, 2):
         run_dir = tmp_path / f"n{nproc}"
         run_dir.mkdir()
         done = _run(argv, nproc, run_dir)
         assert done.returncode == 0, done.stderr[-3000:]
-        results[nproc] = (json.loads((run_dir / "r.json").read_text()), (run_dir / "q.pt").read_bytes())
         assert sorted(p.name for p in run_dir.iterdir()) == ["q.pt", "r.json", "r.md"]  # rank 0 wrote once
-    (one, one_bytes), (two, two_bytes) = results[1], results[2]
+        results.append((json.loads((run_dir / "r.json").read_text()), (run_dir / "q.pt").read_bytes()))
+    return results
+
+
+def test_two_gloo_processes_give_the_one_process_result(tiny_root: Path, tmp_path: Path) -> None:
+    argv = ["quantize", "--model", "test_vit", "--data", str(tiny_root), "--calib-size", "6",
+            "--w-bits", "3", "--a-bits", "3", "--threads", "1", "--workers", "0", "--batch-size", "4",
+            "--output", "r.json", "--save", "q.pt", "--quiet"]  # fmt: skip
+    (one, one_bytes), (two, two_bytes) = _one_and_two_processes(argv, tmp_path)
     assert two["distributed"] == {"world_size": 2, "backend": "gloo"}
     assert one["distributed"] == {"world_size": 1, "backend": None}
     for key in ("fp_top1", "quant_top1", "fp_top5", "quant_top5", "fp_top1_correct", "quant_top1_correct",
@@ -180,14 +186,7 @@ def test_reconstruction_on_two_processes_gives_the_one_process_model(tiny_root: 
             "--workers", "0", "--quiet", "--w-bits", "3", "--a-bits", "3", "--reconstruct", "--recon-calib-size",
             "8", "--recon-iters", "3", "--recon-batch-size", "5", "--recon-grad-shards", "2", "--recon-rounding",
             "adaround", "--output", "r.json", "--save", "q.pt"]  # fmt: skip
-    results = {}
-    for nproc in (1, 2):
-        run_dir = tmp_path / f"n{nproc}"
-        run_dir.mkdir()
-        done = _run(argv, nproc, run_dir)
-        assert done.returncode == 0, done.stderr[-3000:]
-        results[nproc] = (json.loads((run_dir / "r.json").read_text()), (run_dir / "q.pt").read_bytes())
-    (one, one_bytes), (two, two_bytes) = results[1], results[2]
+    (one, one_bytes), (two, two_bytes) = _one_and_two_processes(argv, tmp_path)
     assert two["distributed"] == {"world_size": 2, "backend": "gloo"}
     assert one["reconstruction"]["drop_prob"] == 0.5
     assert two_bytes == one_bytes
