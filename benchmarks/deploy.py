@@ -28,7 +28,7 @@ import torch
 
 from dopq.api import quantize_with_report
 from dopq.config import QuantConfig, get_preset
-from dopq.experiment import command_line
+from dopq.environment import command_line
 from dopq.export import OnnxModel, export_onnx, optimized_op_counts
 from dopq.export.runtime import INTEGER_OPS
 from dopq.modules import float64_copy, quantizers_of

@@ -22,8 +22,7 @@ from typing import Any
 
 from deploy import _fp32_onnx, _peer_nncf, _width, deploy_config, scratch_dir
 from dopq.api import quantize_with_report
-from dopq.environment import cpu_info
-from dopq.experiment import command_line
+from dopq.environment import command_line, cpu_info
 from dopq.export import export_onnx
 from dopq.export.openvino_runtime import compile_model
 

@@ -34,7 +34,7 @@ from torch import nn
 from deploy import timed_runs
 from dopq.api import quantize
 from dopq.config import get_preset
-from dopq.experiment import command_line
+from dopq.environment import command_line
 from dopq.export import OnnxModel
 from dopq.export.deploy import SoftmaxLevels
 from dopq.export.openvino_runtime import compile_model

@@ -522,7 +522,7 @@ class _Stopped(Exception):
 
 def _resume_hint(directory: Path) -> str:
     from dopq.checkpoint import describe
-    from dopq.experiment import command_line
+    from dopq.environment import command_line
 
     if distributed.current().world_size > 1:
         return f"{describe(directory)}; resume with the same torchrun command and --resume"

@@ -41,6 +41,7 @@ __all__ = [
     "file_sha256",
     "git_revision",
     "library_versions",
+    "provenance",
 ]
 
 INTEGER_ISA = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")
@@ -207,15 +208,18 @@ def device_name(device: str | torch.device) -> str:
     return cpu_info()["model"]
 
 
-def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
-    """What produced a result: the command and the folder it ran in (its relative paths start there),
-    library versions, git commit, device, CPU and threads."""
+def provenance() -> dict[str, Any]:
+    """What produced a result, whatever ran it: the command and the folder it ran in (its relative
+    paths start there), library versions, git commit and CPU."""
     return {
         "command": command_line(),
         "working_directory": str(Path.cwd()),
         "versions": library_versions(),
         "git": git_revision(),
-        "device_name": device_name(device),
         "cpu": cpu_info(),
-        "threads": torch.get_num_threads(),
     }
+
+
+def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """:func:`provenance` plus the device and torch's threads: what produced a torch run's result."""
+    return {**provenance(), "device_name": device_name(device), "threads": torch.get_num_threads()}

@@ -43,7 +43,7 @@ from dopq.data import (
     strided_indices,
 )
 from dopq.devices import resolve_device
-from dopq.environment import command_line, cpu_info, environment, file_sha256, git_revision, library_versions
+from dopq.environment import environment, file_sha256, provenance
 from dopq.errors import ConfigError, DataError
 from dopq.evaluate import CompiledModel, EvalResult, evaluate, merge_results
 from dopq.models import build_model, get_adapter
@@ -590,12 +590,8 @@ def evaluate_onnx(
         "runtime": runtime,
         "onnx_metadata": {k: v for k, v in meta.items() if k != "preprocess"},
         "config": {"preprocess": pre.to_dict()},
-        "command": command_line(),
-        "working_directory": str(Path.cwd()),
-        "versions": library_versions(),
-        "git": git_revision(),
-        "cpu": cpu_info(),
-        "threads": threads or torch.get_num_threads(),
+        **provenance(),
+        "threads": threads or torch.get_num_threads(),  # the runtime's
     }
     if quantized is not None:
         from dopq.serialize import load_quantized
