@@ -581,6 +581,14 @@ def _shows_progress(args: argparse.Namespace) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
 
+def _refuse_given(args: argparse.Namespace, options: dict[str, Any], flag: str, to_add: str) -> None:
+    """An option of ``options`` (name -> default) given without ``flag``, which alone uses them, would
+    be ignored without a word: refused instead."""
+    given = [name for name, default in options.items() if getattr(args, name, default) != default]
+    if given:
+        raise ConfigError(f"--{given[0].replace('_', '-')} is for {flag}: add {to_add} or drop it")
+
+
 def _check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before a model or image is loaded: numbers, the device, and
     that every output location (--output, --save, --export, --out-dir) can be written."""
@@ -601,11 +609,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if drop is not None and not 0.0 <= drop <= 1.0:
         raise ConfigError(f"--recon-drop-prob must be in [0, 1], got {drop}")
     if args.command == "quantize" and not args.reconstruct:
-        given = [k for k, default in _RECON_OPTIONS.items() if getattr(args, k) != default]
-        if given:
-            raise ConfigError(
-                f"--{given[0].replace('_', '-')} is for --reconstruct: add --reconstruct or drop it"
-            )
+        _refuse_given(args, _RECON_OPTIONS, "--reconstruct", "--reconstruct")
     if getattr(args, "device", None):
         resolve_device(args.device)
     for name, flag in (("output", "--output"), ("save", "--save")):
@@ -613,9 +617,7 @@ def _check_args(args: argparse.Namespace) -> None:
             check_output_path(getattr(args, name), flag)
     _check_distinct_files(args)
     if args.command == "quantize" and args.export is None:
-        given = [k for k, default in _EXPORT_OPTIONS.items() if getattr(args, k, default) != default]
-        if given:
-            raise ConfigError(f"--{given[0].replace('_', '-')} is for --export: add --export PATH or drop it")
+        _refuse_given(args, _EXPORT_OPTIONS, "--export", "--export PATH")
     if getattr(args, "out_dir", None) is not None:
         check_output_dir(args.out_dir, "--out-dir")
     if getattr(args, "export", None) is not None:
