@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dopq.export.qdq_placement import constant_values, producers_and_readers
+
 __all__ = ["GELU_ARGMIN", "boundary_pre_images", "exact_float64_gelu", "float64_erf_nodes"]
 
 # erf(z) = z * P(z^2) for |z| < 1 (relative error 7e-18 before rounding)
@@ -202,14 +204,8 @@ def exact_float64_gelu(model: Any) -> None:
     typed = onnx.shape_inference.infer_shapes(model).graph
     dtypes = {v.name: v.type.tensor_type.elem_type for v in [*typed.value_info, *typed.input, *typed.output]}
     dtypes.update({init.name: init.data_type for init in graph.initializer})
-    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant" and node.attribute[0].name == "value":
-            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    readers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    values = constant_values(graph)
+    _, readers = producers_and_readers(graph)
     replaced, dropped, constants = {}, set(), {}
     for i, node in enumerate(graph.node):
         exact_gelu = node.op_type == "Gelu" and all(a.s in (b"", b"none") for a in node.attribute)

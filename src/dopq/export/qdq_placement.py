@@ -25,14 +25,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["REARRANGEMENTS", "hoist_qdq", "merge_split_qdq"]
+__all__ = ["REARRANGEMENTS", "constant_values", "hoist_qdq", "merge_split_qdq", "producers_and_readers"]
 
 # element rearrangements a per-tensor quantizer commutes with
 REARRANGEMENTS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
 _WEIGHT_PATH = frozenset({"DequantizeLinear", "Sub", "Cast", "Transpose", "Reshape"})
 
 
-def _constants(graph: Any) -> dict[str, np.ndarray]:
+def constant_values(graph: Any) -> dict[str, np.ndarray]:
+    """The value of every initializer and ``Constant`` node output of ``graph``, by name."""
     from onnx import numpy_helper
 
     found = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
@@ -135,7 +136,8 @@ def _move_above(before: Any, q: Any, dq: Any, producer: dict, readers: dict) -> 
     readers[moved] = [before]
 
 
-def _maps(graph: Any) -> tuple[dict[str, Any], dict[str, list]]:
+def producers_and_readers(graph: Any) -> tuple[dict[str, Any], dict[str, list]]:
+    """For each tensor name of ``graph``, the node that writes it and the nodes that read it."""
     producer = {out: node for node in graph.node for out in node.output}
     readers: dict[str, list] = defaultdict(list)
     for node in graph.node:
@@ -165,8 +167,8 @@ def hoist_qdq(model: Any) -> int:
     """Move every per-tensor Q/DQ pair that feeds Linear layers above the rearrangements before it,
     in place; returns how many single moves were made."""
     graph = model.graph
-    constants = _constants(graph)
-    producer, readers = _maps(graph)
+    constants = constant_values(graph)
+    producer, readers = producers_and_readers(graph)
     moves = 0
     for q in [node for node in graph.node if node.op_type == "QuantizeLinear"]:
         found = _movable_pair(q, producer, readers, constants)
@@ -247,8 +249,8 @@ def merge_split_qdq(model: Any) -> int:
     quantizer on every part), moved above the rearrangements before it as :func:`hoist_qdq` would
     (int8 codes as uint8, :func:`_as_uint8`); in place, returns how many ``Split`` layers were merged."""
     graph = model.graph
-    constants = _constants(graph)
-    producer, readers = _maps(graph)
+    constants = constant_values(graph)
+    producer, readers = producers_and_readers(graph)
     dropped: list = []
     merged = 0
     for split in [node for node in graph.node if node.op_type == "Split"]:
