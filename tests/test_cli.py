@@ -242,6 +242,31 @@ def test_entry_point_exit_code_and_single_line(roots: dict[str, Path]) -> None:
     assert proc.stderr.splitlines() == ["dopq: error: w_bits must be an integer in 2..8, got 9"]
 
 
+class _Writes:
+    """A stderr that records each write call."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_an_error_line_is_one_write(roots: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun all processes can fail at the same moment on one pipe: a line written as
+    text then newline (print) interleaves with the others' (seen in CI), one write does not."""
+    for argv in (_quantize_argv(roots["good"], "--w-bits", "9"), ["quantize", "--no-such-flag"]):
+        stderr = _Writes()
+        monkeypatch.setattr(sys, "stderr", stderr)
+        assert main(argv) == 2
+        assert len(stderr.calls) == 1 and stderr.calls[0].startswith("dopq: error: "), stderr.calls
+        assert stderr.calls[0].endswith("\n") and stderr.calls[0].count("\n") == 1
+
+
 def test_version_prints_and_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
     """``dopq --version`` and ``python -m dopq --version``: the version on stdout, exit status 0."""
     with pytest.raises(SystemExit) as exit_info:

@@ -127,7 +127,11 @@ def test_more_processes_than_images_is_one_clear_error(tiny_root: Path, tmp_path
     done = _run(argv, 2, tmp_path)
     assert done.returncode != 0
     errors = [ln for ln in done.stderr.splitlines() if ln.startswith("dopq: error:")]
-    assert errors and all("2 processes for 1 images" in ln for ln in errors), done.stderr[-2000:]
+    refused = [ln for ln in errors if "2 processes for 1 images" in ln]
+    # a process torchrun stops before it reaches the check says so in its one line instead
+    assert refused and all(ln in refused or "stopped: another process" in ln for ln in errors), done.stderr[
+        -2000:
+    ]
     assert not list(tmp_path.iterdir())  # no partial output
 
 
@@ -205,5 +209,7 @@ def test_reconstruction_on_more_processes_than_gradient_shards_is_one_clear_erro
     assert done.returncode != 0
     errors = [ln for ln in done.stderr.splitlines() if ln.startswith("dopq: error:")]
     assert len(errors) == 2, done.stderr[-3000:]  # one line per process, before any work
-    assert all("needs --recon-grad-shards" in ln and "of at least 2, got 1" in ln for ln in errors)
+    refused = [ln for ln in errors if "needs --recon-grad-shards" in ln and "of at least 2, got 1" in ln]
+    # a process torchrun stops before it reaches the check says so in its one line instead
+    assert refused and all(ln in refused or "stopped: another process" in ln for ln in errors)
     assert not (tmp_path / "r.json").exists()

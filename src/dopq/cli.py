@@ -796,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except ConfigError as exc:
-        print(f"dopq: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        _say(f"dopq: error: {' '.join(str(exc).split())}")
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {
@@ -812,6 +812,13 @@ def main(argv: list[str] | None = None) -> int:
         distributed.shutdown()
 
 
+def _say(line: str) -> None:
+    """One line on stderr in one write: under torchrun every process may fail at once, and
+    print's separate writes of text and newline let their lines run into each other."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _run(args: argparse.Namespace, argv: list[str] | None, commands: dict[str, Any]) -> int:
     try:
         _check_args(args)
@@ -825,13 +832,13 @@ def _run(args: argparse.Namespace, argv: list[str] | None, commands: dict[str, A
         return commands[args.command](args)
     except DopqError as exc:
         message = " ".join(str(exc).split())  # always one line
-        print(f"dopq: error: {message}", file=sys.stderr)
+        _say(f"dopq: error: {message}")
         return 2
     except _Stopped as exc:
-        print(f"dopq: {exc}", file=sys.stderr)
+        _say(f"dopq: {exc}")
         return 128 + exc.signum
     except KeyboardInterrupt:
-        print("dopq: interrupted", file=sys.stderr)
+        _say("dopq: interrupted")
         return 130
 
 

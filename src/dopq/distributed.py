@@ -133,12 +133,12 @@ def exit_with_one_line_on_sigterm(note: str | None = None) -> None:
     def watch() -> None:
         signal.sigwait({signal.SIGTERM})
         files.remove_pending()
-        print(
+        line = (
             f"dopq: error: process {current().rank} stopped: another process of this run failed "
-            "or the run was cancelled (see its message)" + (f"; {note}" if note else ""),
-            file=sys.stderr,
-            flush=True,
+            "or the run was cancelled (see its message)" + (f"; {note}" if note else "")
         )
+        sys.stderr.write(line + "\n")  # one write: other processes print at the same moment
+        sys.stderr.flush()
         os._exit(1)
 
     threading.Thread(target=watch, name="dopq-sigterm", daemon=True).start()
