@@ -368,6 +368,30 @@ def _probe_loss(
             q.drop_prob = p
 
 
+def _parameter_groups(
+    rcfg: ReconstructConfig,
+    iters: int,
+    rounders: list[Any],
+    act_params: list[nn.Parameter],
+    level_params: list[nn.Parameter],
+    bias_params: list[nn.Parameter],
+) -> list[dict[str, Any]]:
+    """Adam's parameter groups, each kind at its own learning rate; empty kinds are left out (the
+    order of the groups is part of the recipe: it fixes Adam's arithmetic)."""
+    groups = []
+    if rounders:
+        groups.append({"params": [r.alpha for r in rounders], "lr": rcfg.lr_weight_for(iters)})
+    if act_params:
+        groups.append({"params": act_params, "lr": rcfg.lr_act_for(iters)})
+    if level_params:
+        groups.append({"params": level_params, "lr": TANQ_LR})
+    if bias_params:
+        groups.append({"params": bias_params, "lr": rcfg.lr_bias_for(iters)})
+    if rounders and rcfg.learn_weight_scale:
+        groups.append({"params": [r.log_gain for r in rounders], "lr": rcfg.lr_weight_scale})
+    return groups
+
+
 def reconstruct_unit(
     unit: nn.Module,
     inputs: torch.Tensor,
@@ -395,17 +419,7 @@ def reconstruct_unit(
         return {"loss_before": before, "loss_soft": before, "loss_after": before}
     calibrated = {k: v.detach().clone() for k, v in unit.state_dict().items()}
     with _trainable(unit, rcfg, noise) as (rounders, act_params, level_params, bias_params):
-        groups = []
-        if rounders:
-            groups.append({"params": [r.alpha for r in rounders], "lr": rcfg.lr_weight_for(iters)})
-        if act_params:
-            groups.append({"params": act_params, "lr": rcfg.lr_act_for(iters)})
-        if level_params:
-            groups.append({"params": level_params, "lr": TANQ_LR})
-        if bias_params:
-            groups.append({"params": bias_params, "lr": rcfg.lr_bias_for(iters)})
-        if rounders and rcfg.learn_weight_scale:
-            groups.append({"params": [r.log_gain for r in rounders], "lr": rcfg.lr_weight_scale})
+        groups = _parameter_groups(rcfg, iters, rounders, act_params, level_params, bias_params)
         if groups:
             opt = torch.optim.Adam(groups)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=0.0)
