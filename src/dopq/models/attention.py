@@ -338,7 +338,7 @@ class QuantEvaAttention(_MatMulSlots):
             "proj_drop",
         ):
             setattr(self, name, getattr(attn, name))
-        self.gate = attn.gate
+        self.gate = getattr(attn, "gate", None)  # timm < 1.0.28 has no gated EVA attention
         self._init_matmuls(qk, av)
 
     def value_path(self) -> ValuePath | None:

@@ -83,7 +83,7 @@ class QuantHFAttention(_MatMulSlots):
         if missing:
             raise ModelError(
                 f"{type(attn).__name__} has no {', '.join(missing)}: dopq supports the attention of "
-                f"transformers >= 5 (installed: {transformers.__version__})"
+                f"transformers >= 5.18 (installed: {transformers.__version__})"
             )
         self.head_dim, self.scale = attn.head_dim, attn.scaling
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
