@@ -44,3 +44,19 @@ def test_the_wheel_holds_the_package_and_nothing_else(tmp_path: Path) -> None:
         entry_points = zf.read(f"{info}/entry_points.txt").decode()
     assert {n for n in names if not n.startswith(f"{info}/")} == _package_files()
     assert "dopq = dopq.cli:main" in entry_points
+
+
+def test_the_readme_s_module_paths_work_after_import_dopq() -> None:
+    """`import dopq` then `dopq.export.export_onnx(...)` (the README's API section) works, and the
+    top-level import still loads neither onnx nor matplotlib until they are used."""
+    code = (
+        "import sys, dopq\n"
+        "assert 'onnx' not in sys.modules and 'matplotlib' not in sys.modules\n"
+        "assert callable(dopq.export.export_onnx) and callable(dopq.export.OnnxModel)\n"
+        "assert callable(dopq.data.make_loader) and callable(dopq.serialize.save_quantized)\n"
+        "assert callable(dopq.models.build_model)\n"
+        "try:\n    dopq.nosuch\nexcept AttributeError as exc:\n    print(exc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "module 'dopq' has no attribute 'nosuch'"

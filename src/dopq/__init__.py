@@ -1,5 +1,8 @@
 """dopq: post-training quantization of Vision Transformers (DopQ-ViT and the RepQ-ViT baseline)."""
 
+import importlib
+from types import ModuleType
+
 from dopq.api import QuantizationReport, quantize, quantize_with_report
 from dopq.config import QuantConfig, ReconstructConfig, get_preset, list_presets
 from dopq.errors import DopqError
@@ -17,3 +20,13 @@ __all__ = [
     "quantize",
     "quantize_with_report",
 ]
+
+# subpackages the top-level import does not load (the export pulls in onnx, the plots matplotlib),
+# reachable as attributes all the same: `import dopq; dopq.export.export_onnx(...)`
+_LAZY = frozenset({"data", "environment", "evaluate", "experiment", "export", "plots", "report"})
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name in _LAZY:
+        return importlib.import_module(f"dopq.{name}")
+    raise AttributeError(f"module 'dopq' has no attribute {name!r}")
