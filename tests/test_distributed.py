@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -133,6 +134,31 @@ def test_more_processes_than_images_is_one_clear_error(tiny_root: Path, tmp_path
         -2000:
     ]
     assert not list(tmp_path.iterdir())  # no partial output
+
+
+def _sigterm_after(said: str) -> subprocess.CompletedProcess[str]:
+    """A torchrun process of rank 1 with the SIGTERM watcher: runs ``said``, then gets SIGTERM and
+    waits (the watcher must end it)."""
+    code = (
+        "import os, signal, time; from dopq import distributed; distributed.exit_with_one_line_on_sigterm(); "
+        f"{said}; os.kill(os.getpid(), signal.SIGTERM); time.sleep(100)"
+    )
+    env = dict(_env(), RANK="1", LOCAL_RANK="1", WORLD_SIZE="2")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=200, env=env)
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="the SIGTERM watcher is POSIX-only")
+def test_a_process_stopped_after_its_own_error_line_adds_no_second_line() -> None:
+    """torchrun stops the survivors as soon as one process exits, and a survivor may be exiting with
+    its own error line already written: one slow to exit got the watcher's line as well, three error
+    lines from two processes. It ends with its own status and nothing more; a process that said
+    nothing yet says, in one line, that it was stopped."""
+    said = _sigterm_after("distributed.closing_line('dopq: error: mine', 2)")
+    assert (said.returncode, said.stderr) == (2, "dopq: error: mine\n")
+    silent = _sigterm_after("pass")
+    assert silent.returncode == 1
+    assert silent.stderr.startswith("dopq: error: process 1 stopped: another process of this run failed")
+    assert silent.stderr.count("\n") == 1, silent.stderr
 
 
 def _spawn_rank(rank: int, argv: list[str], port: int, cwd: Path) -> subprocess.Popen[str]:

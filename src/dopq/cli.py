@@ -796,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except ConfigError as exc:
-        _say(f"dopq: error: {' '.join(str(exc).split())}")
+        distributed.closing_line(f"dopq: error: {' '.join(str(exc).split())}", 2)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     commands = {
@@ -812,13 +812,6 @@ def main(argv: list[str] | None = None) -> int:
         distributed.shutdown()
 
 
-def _say(line: str) -> None:
-    """One line on stderr in one write: under torchrun every process may fail at once, and
-    print's separate writes of text and newline let their lines run into each other."""
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
-
-
 def _run(args: argparse.Namespace, argv: list[str] | None, commands: dict[str, Any]) -> int:
     try:
         _check_args(args)
@@ -832,13 +825,13 @@ def _run(args: argparse.Namespace, argv: list[str] | None, commands: dict[str, A
         return commands[args.command](args)
     except DopqError as exc:
         message = " ".join(str(exc).split())  # always one line
-        _say(f"dopq: error: {message}")
+        distributed.closing_line(f"dopq: error: {message}", 2)
         return 2
     except _Stopped as exc:
-        _say(f"dopq: {exc}")
+        distributed.closing_line(f"dopq: {exc}", 128 + exc.signum)
         return 128 + exc.signum
     except KeyboardInterrupt:
-        _say("dopq: interrupted")
+        distributed.closing_line("dopq: interrupted", 130)
         return 130
 
 

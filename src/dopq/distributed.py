@@ -44,6 +44,7 @@ __all__ = [
     "all_gather_objects",
     "broadcast_module",
     "check_same",
+    "closing_line",
     "current",
     "exit_with_one_line_on_sigterm",
     "gather_shards",
@@ -124,7 +125,9 @@ def exit_with_one_line_on_sigterm(note: str | None = None) -> None:
     torchrun sends SIGTERM to the survivors, which are then usually blocked inside a collective (C++
     code, where a Python signal handler would not run until it times out). So SIGTERM is blocked in
     this thread and the threads it starts later, and a watcher thread takes it with ``sigwait``,
-    removes half-written output files and exits at once. POSIX only (elsewhere SIGTERM keeps its default).
+    removes half-written output files and exits at once. A process that already wrote its own
+    closing line (:func:`closing_line`: it is exiting with its own error) exits without a second one.
+    POSIX only (elsewhere SIGTERM keeps its default).
     """
     if not hasattr(signal, "pthread_sigmask"):
         return
@@ -132,16 +135,43 @@ def exit_with_one_line_on_sigterm(note: str | None = None) -> None:
 
     def watch() -> None:
         signal.sigwait({signal.SIGTERM})
-        files.remove_pending()
-        line = (
-            f"dopq: error: process {current().rank} stopped: another process of this run failed "
-            "or the run was cancelled (see its message)" + (f"; {note}" if note else "")
-        )
-        sys.stderr.write(line + "\n")  # one write: other processes print at the same moment
-        sys.stderr.flush()
-        os._exit(1)
+        with _CLOSING:  # never beside (or after) the main thread's own closing line
+            files.remove_pending()
+            if _closed_with is not None:
+                # this process already said why it stops and is on its way out; torchrun stops it
+                # because another process exited first: no second line, the status it announced
+                os._exit(_closed_with)
+            group = current()  # left already where the process is exiting: torchrun's RANK then
+            rank = group.rank if group.world_size > 1 else int(os.environ.get("RANK", "0"))
+            closing_line(
+                f"dopq: error: process {rank} stopped: another process of this run failed "
+                "or the run was cancelled (see its message)" + (f"; {note}" if note else ""),
+                1,
+            )
+            os._exit(1)
 
     threading.Thread(target=watch, name="dopq-sigterm", daemon=True).start()
+
+
+_CLOSING = threading.RLock()
+_closed_with: int | None = None
+"""The exit status this process's closing line announced (None until one is written)."""
+
+
+def closing_line(line: str, status: int) -> None:
+    """Write this process's last line on stderr, saying why it stops with exit ``status``.
+
+    One write of text and newline: under torchrun every process may fail at the same moment on one
+    pipe, and separate writes (``print``'s) let their lines run together. And one line per process:
+    once it is written, a SIGTERM (torchrun stops the survivors as soon as one process exits, and
+    every process may be exiting with its own error) ends this process with ``status`` and no line
+    of :func:`exit_with_one_line_on_sigterm`'s.
+    """
+    global _closed_with
+    with _CLOSING:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        _closed_with = status
 
 
 def shutdown() -> None:
