@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -212,7 +213,7 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def _histogram(ax, values: np.ndarray, lo: float, hi: float, bins: int) -> None:
+def _histogram(ax: Axes, values: np.ndarray, lo: float, hi: float, bins: int) -> None:
     counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
     ax.stairs(counts, edges, fill=True, color="0.55")
     ax.set_xlim(lo, hi)
@@ -223,7 +224,7 @@ def _histogram(ax, values: np.ndarray, lo: float, hi: float, bins: int) -> None:
         ax.text(0.5, 0.5, f"no values in [{lo:g}, {hi:g}]", transform=ax.transAxes, ha="center", va="center")
 
 
-def _draw_levels(ax, levels: np.ndarray, color: str, label: str, side: str, bottom: bool) -> None:
+def _draw_levels(ax: Axes, levels: np.ndarray, color: str, label: str, side: str, bottom: bool) -> None:
     """One quantizer row: a vertical line per level, ``label`` beside the row on ``side``."""
     ax.vlines(levels, 0, 1, color=color, linewidth=1.2)
     ax.set_ylim(0, 1)

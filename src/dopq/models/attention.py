@@ -186,7 +186,9 @@ class QuantWindowAttention(_MatMulSlots):
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         return self._window_attention(q, k, v, mask)
 
-    def _window_attention(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
+    def _window_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         b, _, n, _ = q.shape
         x = self._attend(q, k, v, self.relative_position_bias(), mask)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, -1)))

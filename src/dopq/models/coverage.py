@@ -9,7 +9,9 @@ the family's adapter does not know.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +69,9 @@ class _AttentionCalls(TorchFunctionMode):
         self.stack = stack
         self.calls: list[list[tuple[str, nn.Module]]] = []
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         if func in _ATTENTION_FUNCTIONS:
             self.calls.append(list(self.stack))
         return func(*args, **(kwargs or {}))

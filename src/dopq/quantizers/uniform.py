@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,7 +100,13 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, bits):
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor,
+        bits: int,
+    ) -> torch.Tensor:
         codes = _codes(x, scale, zero_point, bits)
         inside = (codes > 0) & (codes < 2**bits - 1)  # a code on a bound was clamped or sits on it
         centred = codes.sub_(zero_point)  # q - z
@@ -107,7 +114,7 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         return centred * scale
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, scale, centred, inside = ctx.saved_tensors
         grad_x = grad * inside if ctx.needs_input_grad[0] else None
         grad_scale = None
