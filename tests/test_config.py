@@ -290,3 +290,29 @@ def test_unknown_override_names_are_one_config_error():
         get_preset("dopq").replace(foo=1)
     with pytest.raises(ConfigError, match="config must be a QuantConfig, a preset name or None, got int"):
         dopq.quantize(torch.nn.Linear(2, 2), torch.zeros(1, 3, 8, 8), 42)
+
+
+def test_a_none_override_sets_a_field_that_takes_none() -> None:
+    """get_preset dropped every None as 'not given': softmax_grid_bits=None (the exact TanQ
+    midpoints) silently stayed 16. None still leaves a field that cannot be None to the recipe."""
+    assert get_preset("dopq", softmax_grid_bits=None).softmax_grid_bits is None
+    config = get_preset("recommended", w_bits=None, a_bits=3, tanq_centers=None, edge_w_bits=None)
+    assert config.w_bits == 4 and config.tanq_centers == TANQ_CENTERS_WIDE and config.edge_w_bits is None
+
+
+def test_a_config_that_is_not_a_dict_or_changed_after_construction_is_refused() -> None:
+    """from_dict of a JSON list raised a TypeError from the field check; a field assigned after
+    construction reached the quantizers unchecked ('<=' not supported between 'int' and 'str')."""
+    import dopq
+
+    with pytest.raises(ConfigError, match="config must be a dict of field names and values, got list"):
+        QuantConfig.from_dict([1])
+    config = get_preset("repq")
+    config.w_bits = "4"
+    with pytest.raises(ConfigError, match="w_bits must be int, got '4'"):
+        dopq.quantize(torch.nn.Linear(2, 2), torch.zeros(1, 3, 8, 8), config)
+    config = get_preset("repq", reconstruct=ReconstructConfig(iters=2))
+    config.reconstruct.iters = -1
+    with pytest.raises(ConfigError, match="recon iters must be >= 0, got -1"):
+        config.checked()
+    assert get_preset("dopq").checked() == get_preset("dopq")

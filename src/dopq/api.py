@@ -361,6 +361,8 @@ def quantize_with_report(
         config = get_preset(config or RECOMMENDED)
     elif not isinstance(config, QuantConfig):
         raise ConfigError(f"config must be a QuantConfig, a preset name or None, got {type(config).__name__}")
+    else:
+        config = config.checked()  # fields assigned after construction are validated too
     if checkpoint is not None and config.reconstruct is None:
         raise ConfigError("a reconstruction checkpoint needs a recipe with reconstruction")
     if config.reconstruct is not None:

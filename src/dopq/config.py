@@ -109,6 +109,8 @@ def _check_field_types(config: Any) -> None:
 
 def _construct(cls: type, fields: dict[str, Any], where: str) -> Any:
     """``cls(**fields)``, with unknown field names one ConfigError (not the TypeError of __init__)."""
+    if not isinstance(fields, dict):
+        raise ConfigError(f"{where} must be a dict of field names and values, got {type(fields).__name__}")
     unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
         raise ConfigError(f"unknown {where} fields: {', '.join(sorted(unknown))}")
@@ -408,6 +410,14 @@ class QuantConfig:
             data["act_percentiles"] = list(self.act_percentiles)
         return data
 
+    def checked(self) -> QuantConfig:
+        """A validated copy: fields assigned after construction (``config.w_bits = 9``) are checked
+        as the constructor checks them, the reconstruction settings' too."""
+        recon = self.reconstruct
+        if isinstance(recon, ReconstructConfig):
+            recon = _construct(ReconstructConfig, dataclasses.asdict(recon), "reconstruct")
+        return self.replace(reconstruct=recon)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
         return _construct(cls, data, "config")
@@ -496,7 +506,8 @@ TANQ_MAX_BITS = 7
 
 
 def get_preset(name: str, **overrides: Any) -> QuantConfig:
-    """The named recipe with optional field overrides (given fields always win over the rules).
+    """The named recipe with optional field overrides (given fields always win over the rules; None
+    leaves a field that cannot be None to the recipe, and sets one that can).
 
     ``dopq`` (the paper's recipe) quantizes post-Softmax activations with TanQ up to
     ``TANQ_MAX_BITS`` and uniformly above. ``recommended`` is dopq plus GPTQ rounding at
@@ -527,7 +538,14 @@ def get_preset(name: str, **overrides: Any) -> QuantConfig:
     """
     if name not in list_presets():
         raise ConfigError(f"unknown method {name!r}; choose from {', '.join(list_presets())}")
-    given = {k: v for k, v in overrides.items() if v is not None}
+    # None is "not given" (the CLI's unset options) except for a field that takes None itself
+    # (softmax_grid_bits=None: the exact TanQ midpoints), which it sets like any other value
+    nullable = {
+        name
+        for name, hint in typing.get_type_hints(QuantConfig).items()
+        if type(None) in typing.get_args(hint)
+    }
+    given = {k: v for k, v in overrides.items() if v is not None or k in nullable}
     base = _PRESETS["dopq" if name == RECOMMENDED else name]
     w_bits = given.get("w_bits", QuantConfig.w_bits)
     a_bits = given.get("a_bits", QuantConfig.a_bits)
