@@ -44,6 +44,59 @@ def test_quantizing_an_already_quantized_model_is_refused() -> None:
         dopq.quantize(model, images, dopq.get_preset("dopq", w_bits=8, a_bits=8))
 
 
+def test_a_model_without_weights_or_inside_a_wrapper_is_one_clear_error() -> None:
+    """A meta-device model ended in 'Tensor.item() cannot be called on meta tensors' from a
+    quantizer; a DataParallel or torch.compile wrapper was an 'unsupported model family'."""
+    from dopq.errors import ConfigError, ModelError
+
+    images = torch.randn(2, 3, 160, 160)
+    with torch.device("meta"):
+        meta = timm.create_model("test_vit", num_classes=10).eval()
+    with pytest.raises(ConfigError, match=r"on the meta device .* load its weights first"):
+        dopq.quantize(meta, images, "repq")
+    for wrapper, inner in ((torch.nn.DataParallel, "module"), (torch.compile, "_orig_mod")):
+        with pytest.raises(
+            ModelError, match=rf"is a wrapper: quantize the model it wraps \(model\.{inner}\)"
+        ):
+            dopq.quantize(wrapper(_tiny()), images, "repq")
+
+
+def test_tied_weights_are_refused_by_name() -> None:
+    """Two layers sharing a weight: it was folded twice, and the re-parameterization check's
+    RuntimeError blamed 'a LayerNorm output read by something other than its paired Linear layers'."""
+    from dopq.errors import ModelError
+
+    model = _tiny()
+    model.blocks[1].mlp.fc1.weight = model.blocks[0].mlp.fc1.weight
+    with pytest.raises(
+        ModelError, match=r"blocks\.0\.mlp\.fc1\.weight and blocks\.1\.mlp\.fc1\.weight .*\(tied weights\)"
+    ):
+        dopq.quantize(model, torch.randn(2, 3, 160, 160), "repq")
+
+
+def test_the_callers_hooks_stay_on_the_layers_dopq_replaces() -> None:
+    """Hooks on a Linear or an attention module vanished silently with the module dopq swapped in;
+    they keep running on the replacement, and their handles still remove them."""
+    model = _tiny()
+    calls = []
+    handles = [
+        model.blocks[0].attn.register_forward_hook(lambda *_: calls.append("attn")),
+        model.blocks[0].attn.qkv.register_forward_pre_hook(lambda *_: calls.append("qkv")),
+        model.head.register_forward_hook(lambda m, i, o: o * 0),  # a hook that changes the output
+    ]
+    q = dopq.quantize(model, torch.randn(2, 3, 160, 160), "repq")
+    calls.clear()
+    x = torch.randn(1, 3, 160, 160)
+    with torch.no_grad():
+        assert torch.equal(q(x), torch.zeros(1, 10))
+    assert calls == ["qkv", "attn"]
+    for handle in handles:
+        handle.remove()
+    with torch.no_grad():
+        assert q(x).abs().sum() > 0
+    assert calls == ["qkv", "attn"]
+
+
 def test_calibration_data_forms_give_the_same_images():
     """Every form the docstring names stacks to the same float32 batch; PIL images go through the
     model's own preprocessing."""

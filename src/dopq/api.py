@@ -370,6 +370,11 @@ def quantize_with_report(
     model = as_dopq_model(model)
     _check_not_quantized(model)
     parameter = next(model.parameters())
+    if parameter.is_meta:
+        raise ConfigError(
+            "the model's parameters are on the meta device (shapes without values): load its weights "
+            "first, e.g. model.to_empty(device='cpu') and model.load_state_dict(...)"
+        )
     if parameter.dtype != torch.float32:
         raise ConfigError(
             f"dopq quantizes float32 models; this one is {parameter.dtype}: call model.float() first"

@@ -73,6 +73,12 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
     for cls in type(model if wrapped is None else wrapped).__mro__:
         if cls in _ADAPTERS:
             return _ADAPTERS[cls]
+    inner = next((n for n in ("module", "_orig_mod") if isinstance(getattr(model, n, None), nn.Module)), None)
+    if inner is not None:  # nn.DataParallel / DistributedDataParallel, torch.compile's OptimizedModule
+        raise ModelError(
+            f"{type(model).__name__} is a wrapper: quantize the model it wraps (model.{inner}), then "
+            "wrap the quantized model"
+        )
     names = ", ".join(c.__name__ for c in _ADAPTERS)
     raise ModelError(
         f"unsupported model family {type(model).__name__}: dopq supports {names} "

@@ -100,9 +100,38 @@ class _Factory:
         return build_quantizer(name, self.c.a_bits, percentiles=self.c.percentiles)
 
 
+# the hooks a caller may have on a module that dopq replaces: the replacement takes the same dicts,
+# so the hooks keep running and their handles still remove them (as torch.ao's swap_module keeps them)
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
 def _set_child(root: nn.Module, qualified: str, new: nn.Module) -> None:
     parent, _, leaf = qualified.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+    owner = root.get_submodule(parent) if parent else root
+    old = getattr(owner, leaf)
+    for hooks in _HOOK_DICTS:
+        setattr(new, hooks, getattr(old, hooks))
+    setattr(owner, leaf, new)
+
+
+def _check_no_shared_parameters(model: nn.Module) -> None:
+    """Refuse a model whose layers share a parameter (tied weights): each layer's weights are
+    re-parameterized and rounded for that layer, which would change the other's. Its check then
+    failed with 'a LayerNorm output is read by something other than its paired Linear layers'."""
+    first: dict[int, str] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        other = first.setdefault(id(parameter), name)
+        if other != name:
+            raise ModelError(
+                f"{other} and {name} are one shared parameter (tied weights): dopq changes each "
+                "layer's weights for that layer; give each layer its own copy first"
+            )
 
 
 def edge_layers(model: nn.Module, adapter: ModelAdapter) -> set[str]:
@@ -131,9 +160,10 @@ def prepare_model(model: nn.Module, config: QuantConfig, allow_partial: bool = F
         re-parameterization use.
 
     Raises:
-        ModelError: something would stay float and ``allow_partial`` is off.
+        ModelError: something would stay float and ``allow_partial`` is off; layers share a parameter.
     """
     adapter = get_adapter(model)
+    _check_no_shared_parameters(model)
     device = next(model.parameters()).device
     model.eval()
     make = _Factory(config)
