@@ -222,6 +222,16 @@ def test_save_load_round_trip_is_exact(tmp_path):
         load_quantized(tmp_path)
 
 
+def test_saving_with_another_config_names_the_quantizer_it_changes(tmp_path) -> None:
+    """A config whose activation width differs from the model's was blamed on missing model_kwargs."""
+    config = dopq.get_preset("repq", w_bits=4, a_bits=4)
+    q = dopq.quantize(_tiny(), torch.randn(2, 3, 160, 160), config)
+    with pytest.raises(
+        CheckpointError, match=r"config gives .* a 8-bit UniformQuantizer, the model has a 4-bit"
+    ):
+        save_quantized(q, tmp_path / "q.pt", config.replace(a_bits=8))
+
+
 def test_a_timm_model_created_with_other_shapes_saves_with_its_arguments_or_not_at_all(tmp_path):
     """A Swin created with its own image and window size: its name alone rebuilds other shapes. Only
     the attention masks (buffers) follow the image size, so with the dimensions but not ``img_size``

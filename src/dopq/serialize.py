@@ -278,6 +278,21 @@ def payload_digest(payload: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
+def _check_recipe_matches(model: nn.Module, rebuilt: nn.Module) -> None:
+    """Refuse a ``config`` other than the one the model was quantized with, naming the first
+    quantizer whose kind or width it changes (its logits would differ too, which the model_kwargs
+    message blamed on the model's arguments)."""
+    theirs = dict(quantizers_of(rebuilt))
+    for name, ours in quantizers_of(model):
+        other = theirs.get(name)
+        if other is not None and (type(other), other.bits) != (type(ours), ours.bits):
+            raise CheckpointError(
+                f"cannot save: the config gives {name} a {other.bits}-bit {type(other).__name__}, the "
+                f"model has a {ours.bits}-bit {type(ours).__name__}; pass the config the model was "
+                "quantized with (quantize_with_report's report.config)"
+            )
+
+
 def _check_rebuilds(model: nn.Module, payload: dict[str, Any]) -> None:
     """Refuse to save what would load back as another function: the loader rebuilds the model from
     its name, class count and arguments, and an argument that changes no shape (``act_layer``,
@@ -286,6 +301,7 @@ def _check_rebuilds(model: nn.Module, payload: dict[str, Any]) -> None:
     if any(q.enabled and not q.is_ready() for _, q in quantizers_of(model)):
         return
     rebuilt, _ = _from_payload(payload, Path("<the file being saved>"))
+    _check_recipe_matches(model, rebuilt)
     size = payload["metadata"]["preprocess"]["input_size"]
     images = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
     parameter = next(model.parameters())
