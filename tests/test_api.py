@@ -74,6 +74,14 @@ def test_tied_weights_are_refused_by_name() -> None:
         dopq.quantize(model, torch.randn(2, 3, 160, 160), "repq")
 
 
+def test_a_parameter_shared_outside_the_quantized_layers_is_accepted() -> None:
+    """Only parameters of the layers dopq changes must be their layer's own: a shared position
+    embedding (registered twice) changes nothing dopq computes."""
+    model = _tiny()
+    model.register_parameter("pos_embed_alias", model.pos_embed)
+    dopq.quantize(model, torch.randn(2, 3, 160, 160), "repq")
+
+
 def test_the_callers_hooks_stay_on_the_layers_dopq_replaces() -> None:
     """Hooks on a Linear or an attention module vanished silently with the module dopq swapped in;
     they keep running on the replacement, and their handles still remove them."""

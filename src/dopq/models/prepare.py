@@ -121,17 +121,22 @@ def _set_child(root: nn.Module, qualified: str, new: nn.Module) -> None:
 
 
 def _check_no_shared_parameters(model: nn.Module) -> None:
-    """Refuse a model whose layers share a parameter (tied weights): each layer's weights are
-    re-parameterized and rounded for that layer, which would change the other's. Its check then
-    failed with 'a LayerNorm output is read by something other than its paired Linear layers'."""
-    first: dict[int, str] = {}
+    """Refuse a model where a parameter of a layer dopq changes (a Linear or Conv2d's weights, a
+    LayerNorm's affine) is also registered elsewhere (tied weights, one layer in two places): each
+    layer is re-parameterized and rounded for itself, which would change the other user. Its
+    float-function check then failed, blaming a LayerNorm read by something other than its pair."""
+    names: dict[int, list[str]] = {}
     for name, parameter in model.named_parameters(remove_duplicate=False):
-        other = first.setdefault(id(parameter), name)
-        if other != name:
-            raise ModelError(
-                f"{other} and {name} are one shared parameter (tied weights): dopq changes each "
-                "layer's weights for that layer; give each layer its own copy first"
-            )
+        names.setdefault(id(parameter), []).append(name)
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
+            for parameter in module.parameters(recurse=False):
+                if len(names[id(parameter)]) > 1:
+                    first, second = names[id(parameter)][:2]
+                    raise ModelError(
+                        f"{first} and {second} are one shared parameter (tied weights): dopq changes "
+                        "each layer's weights for that layer; give each layer its own copy first"
+                    )
 
 
 def edge_layers(model: nn.Module, adapter: ModelAdapter) -> set[str]:
