@@ -389,6 +389,21 @@ def test_the_default_method_is_the_recommended_preset() -> None:
     assert centred == get_preset("dopq", centre_values=True)
 
 
+def test_unset_options_leave_a_rule_that_sets_a_field_taking_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    """get_preset sets a field that takes None when given None; the CLI passes only the options
+    given, so a width rule that set such a field (edge layers, activation clips) stays the recipe's."""
+    from dopq import config as config_module
+    from dopq.cli import _config_from
+
+    rules = config_module._recommended_rules
+    extra = {"edge_w_bits": 8, "act_percentiles": (0.99, 1.0), "gptq_target": "quantized"}
+    monkeypatch.setattr(config_module, "_recommended_rules", lambda w, a: {**rules(w, a), **extra})
+    config = _config_from(
+        build_parser().parse_args(["quantize", "--model", "deit_tiny_patch16_224", "--data", "x"])
+    )
+    assert {k: getattr(config, k) for k in extra} == extra
+
+
 def test_reconstruction_flags_reach_the_recipe() -> None:
     from dopq.cli import _config_from, build_parser
 

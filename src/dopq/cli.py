@@ -410,7 +410,8 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
     grid_bits = args.softmax_grid_bits
     if grid_bits:
         overrides["softmax_grid_bits"] = grid_bits
-    config = get_preset(args.method, **overrides)
+    # only what was given: None would set a field that takes None (get_preset) over the recipe's rule
+    config = get_preset(args.method, **{k: v for k, v in overrides.items() if v is not None})
     _check_gptq_options_apply(args, config)
     return config.replace(softmax_grid_bits=None) if grid_bits == 0 else config  # 0: exact midpoints
 
