@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -100,3 +101,18 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory):
         return write_image_folder(tmp_path_factory.mktemp(name), **kwargs)
 
     return make
+
+
+def small_onnx(path: Path, channels: int = 3, size: int = 16) -> nn.Module:
+    """A small float conv net exported with a dynamic batch (input ``images``, output ``logits``)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(channels, 64, 3), nn.GELU(), nn.Conv2d(64, 64, 3), nn.Flatten(), nn.LazyLinear(10)
+    )
+    net(torch.randn(1, channels, size, size))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net.eval(), (torch.randn(1, channels, size, size),), str(path), dynamo=False,
+                          input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})  # fmt: skip
+    return net

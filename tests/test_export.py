@@ -21,7 +21,7 @@ from onnx import numpy_helper
 from torch import nn
 
 import dopq
-from conftest import CIFAR, require
+from conftest import CIFAR, require, small_onnx
 from conftest import tiny_swin as _swin
 from conftest import tiny_vit as _vit
 from dopq.cli import main
@@ -1297,3 +1297,52 @@ def test_what_the_onnx_exporter_cannot_trace_is_an_export_error(tmp_path: Path) 
     qmodel.fc_norm = Untraceable()
     with pytest.raises(ExportError, match=r"exporter cannot trace this model: .*airy"):
         export_onnx(qmodel, tmp_path / "q.onnx")
+
+
+def test_export_checks_opset_and_metadata_before_any_work(tmp_path: Path) -> None:
+    """An opset that is not an int and metadata that is not a dict of JSON-ready entries with str
+    keys were raw TypeErrors (from a comparison, ``json`` or protobuf, the latter at the export's end)."""
+    model, _ = _vit()  # not quantized: these checks come first
+    path = tmp_path / "m.onnx"
+    for opset in ("21", None, 21.0):
+        with pytest.raises(ExportError, match=f"opset {opset} is not supported"):
+            export_onnx(model, path, opset=opset)
+    for metadata, match in [({"a": object()}, "metadata entry 'a' is not JSON-ready"),
+                            ([1], "metadata must be a dict"), ({3: "x"}, "metadata keys must be strings")]:  # fmt: skip
+        with pytest.raises(ExportError, match=match):
+            export_onnx(model, path, metadata=metadata)
+    assert not path.exists()
+
+
+def test_onnx_runner_checks_threads_and_images(tmp_path: Path) -> None:
+    """onnxruntime refused threads=1.5 or "2" as if the file could not be loaded and took -1; wrong
+    image shapes were its raw InvalidArgument, an empty batch a raw Fail, and uint8 pixels ran as
+    they were: now one ExportError each."""
+    path = tmp_path / "m.onnx"
+    net = small_onnx(path)
+    for threads in (1.5, "2", -1, True):
+        with pytest.raises(ExportError, match="threads must be an int"):
+            OnnxModel(path, threads=threads)
+    runner = OnnxModel(path, threads=1)
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(runner(x), net(x), atol=1e-5) and runner(x).dtype == torch.float32
+    assert torch.equal(runner(x.double()), runner(x))
+    for images, match in [(x[:0], "an empty batch"), (x.to(torch.uint8), "takes float images"),
+                          (x.permute(0, 2, 3, 1), r"shape \(batch, 3, 16, 16\)"), (x[0], "shape"),
+                          (torch.randn(1, 3, 20, 20), "shape"), (x.numpy(), "takes a torch.Tensor")]:  # fmt: skip
+        with pytest.raises(ExportError, match=match):
+            runner(images)
+
+
+def test_cli_evaluate_onnx_with_unusable_preprocess_metadata(tmp_path: Path, images: Path, capsys) -> None:
+    """A file whose preprocess metadata lacks keys (export_onnx's ``metadata`` overrides dopq's own)
+    stopped ``dopq evaluate --onnx`` with a raw TypeError from Preprocess."""
+    path = tmp_path / "m.onnx"
+    small_onnx(path)
+    graph = onnx.load(str(path))
+    entry = graph.metadata_props.add()
+    entry.key, entry.value = "preprocess", json.dumps({"mean": [0.5, 0.5, 0.5]})
+    onnx.save(graph, str(path))
+    code = main(["evaluate", "--onnx", str(path), "--data", str(images), "--quiet", "--threads", "1"])
+    _one_error(code, capsys.readouterr().err, "preprocess metadata is unusable")

@@ -533,7 +533,10 @@ def _check_same_model(
 
 def _onnx_preprocess(meta: dict[str, Any], overrides: dict[str, Any] | None) -> Preprocess:
     if isinstance(meta.get("preprocess"), dict):
-        pre = Preprocess(**meta["preprocess"])
+        try:
+            pre = Preprocess(**meta["preprocess"])
+        except TypeError as exc:  # keys missing or unknown: not what dopq export writes
+            raise ConfigError(f"the ONNX model's preprocess metadata is unusable: {exc}") from None
     elif meta.get("arch") and not str(meta["arch"]).startswith(HF_PREFIX):  # an older file without it
         pre = preprocess_from_model(timm.create_model(meta["arch"], pretrained=False))
     else:

@@ -92,7 +92,7 @@ def check_export_target(path: str | Path, opset: int) -> None:
     from dopq.export.runtime import require_onnxruntime
 
     require_onnxruntime()
-    if not MIN_OPSET <= opset <= MAX_OPSET:
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(
             f"opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})"
         )
@@ -396,6 +396,7 @@ def export_onnx(
         raise ExportError(f"float dtype must be one of {sorted(_TORCH_DTYPES)}, got {float_dtype!r}")
     if target == "openvino" and float_dtype != "float32":
         raise ExportError("--export-target openvino is a float32 graph; the float64 form is for onnxruntime")
+    _check_metadata(metadata)
     check_export_target(path, opset)
     onnx = require_onnx()
     path = Path(path)
@@ -431,6 +432,22 @@ def export_onnx(
     return ExportReport(
         str(path), path.stat().st_size, opset, storage, integer_levels, seconds, float_dtype, target
     )
+
+
+def _check_metadata(metadata: Any) -> None:
+    """``metadata`` must be a dict of str keys and JSON-ready values: checked before any work (a bad
+    entry was a TypeError from ``json`` or protobuf at the end of the export)."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict):
+        raise ExportError(f"metadata must be a dict of JSON-ready entries, got {type(metadata).__name__}")
+    for key, value in metadata.items():
+        if not isinstance(key, str):
+            raise ExportError(f"metadata keys must be strings, got {key!r}")
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError) as exc:
+            raise ExportError(f"metadata entry {key!r} is not JSON-ready: {exc}") from None
 
 
 def _trace(deploy: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from dopq.errors import ExportError
+from dopq.export.runtime import _static_dims, check_images, check_threads
 
 __all__ = [
     "OpenVinoModel",
@@ -46,6 +48,7 @@ def require_openvino() -> Any:
 def compile_config(threads: int | None) -> dict[str, Any]:
     """OpenVINO CPU compile options for dopq's graphs: f32 float parts even on CPUs with bf16
     (AVX-512 / AMX), where OpenVINO would run them in bf16, and ``threads`` inference threads."""
+    check_threads(threads)
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
@@ -73,12 +76,13 @@ def compile_model(
         return core.compile_model(model, "CPU", {**compile_config(threads), **options})
 
 
-def _check_readable(path: str | Path) -> None:
+def _input_shape(path: str | Path) -> tuple[int | None, ...]:
     """Read the model (not compile it): a missing or unreadable file fails here, with the error
-    :func:`compile_model` gives."""
+    :func:`compile_model` gives; returns its input's shape (None: a dynamic dimension)."""
     core = _core(require_openvino())
     with _loading(path):
-        core.read_model(str(path))
+        shape = core.read_model(str(path)).input(0).get_partial_shape()
+        return _static_dims(d.get_length() if d.is_static else None for d in shape)
 
 
 @contextlib.contextmanager
@@ -137,9 +141,13 @@ class OpenVinoModel(nn.Module):
 
     def __init__(self, path: str | Path, threads: int | None = None, static_shapes: bool = True) -> None:
         super().__init__()
+        check_threads(threads)
         self.path, self.threads, self.static_shapes = str(path), threads, static_shapes
-        _check_readable(path)  # a bad file fails now; compiling waits for the first input's shape
+        # a bad file fails now; compiling waits for the first input's shape
+        self.input_shape = _input_shape(path)
         self._by_shape: dict[tuple[int, ...] | None, tuple[Any, Any]] = {}
+        # one infer request per shape: two threads inferring on it at once got each other's logits
+        self._lock = threading.Lock()
 
     def _runner(self, shape: tuple[int, ...]) -> tuple[Any, Any]:
         key = shape if self.static_shapes else None  # None: one model compiled for a dynamic batch
@@ -155,7 +163,9 @@ class OpenVinoModel(nn.Module):
         return onnx_metadata(self.path)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(images, self.input_shape, self.path)
         array = images.detach().cpu().float().contiguous().numpy()
-        compiled, request = self._runner(tuple(array.shape))
-        out = request.infer({0: array})[compiled.output(0)]
-        return torch.from_numpy(out.copy())
+        with self._lock:
+            compiled, request = self._runner(tuple(array.shape))
+            out = request.infer({0: array})[compiled.output(0)]
+            return torch.from_numpy(out.copy())

@@ -21,6 +21,8 @@ __all__ = [
     "INTEGER_OPS",
     "RUNTIMES",
     "OnnxModel",
+    "check_images",
+    "check_threads",
     "inexact_here",
     "load_runtime",
     "onnx_metadata",
@@ -56,6 +58,40 @@ def require_onnxruntime() -> Any:
     return onnxruntime
 
 
+def check_threads(threads: Any) -> None:
+    """A runtime's thread count: None or 0 (the runtime's default) or a positive int. Checked here:
+    onnxruntime refused a float or a string as if the file could not be loaded, OpenVINO took 1.5 and
+    refused -1 and True the same way, and onnxruntime took -1."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+        raise ExportError(f"threads must be an int >= 1 (0 or None: the runtime's default), got {threads!r}")
+
+
+def check_images(images: Any, expected: tuple[int | None, ...], path: str) -> None:
+    """``images`` for a graph whose input has ``expected`` shape (None: a free dimension, the batch):
+    a non-empty float tensor of that shape, or one ExportError naming what differs. The runtimes
+    stopped deep inside with their own errors (OpenVINO's read as if the file could not be loaded),
+    took uint8 pixels as they were, and OpenVINO aborted the process on an empty batch."""
+    if not isinstance(images, torch.Tensor):
+        raise ExportError(f"{path} takes a torch.Tensor of images, got {type(images).__name__}")
+    if not images.is_floating_point():
+        raise ExportError(
+            f"{path} takes float images (normalized as its metadata's preprocess says), got {images.dtype}"
+        )
+    wanted = ", ".join("batch" if d is None else str(d) for d in expected)
+    shape = tuple(images.shape)
+    if len(shape) != len(expected) or any(
+        d is not None and d != n for d, n in zip(expected, shape, strict=True)
+    ):
+        raise ExportError(f"{path} takes images of shape ({wanted}), got {shape}")
+    if shape and shape[0] == 0:
+        raise ExportError(f"{path}: an empty batch (shape {shape}); give at least one image")
+
+
+def _static_dims(dims: Any) -> tuple[int | None, ...]:
+    """An input's shape with every dimension that is not a fixed positive int as None (free)."""
+    return tuple(d if isinstance(d, int) and not isinstance(d, bool) and d > 0 else None for d in dims)
+
+
 def _session_options(threads: int | None, optimized_path: str | None = None, optimize: bool = True) -> Any:
     ort = require_onnxruntime()
     options = ort.SessionOptions()
@@ -74,6 +110,7 @@ def _session(
     path: str | Path, threads: int | None, optimized_path: str | None = None, optimize: bool = True
 ) -> Any:
     ort = require_onnxruntime()
+    check_threads(threads)  # before the loader, whose error would blame the file
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"ONNX model {path} does not exist")
@@ -200,11 +237,13 @@ class OnnxModel(nn.Module):
         self.path = str(path)
         self.session = _session(path, threads, optimize=optimize)
         self.input_name = self.session.get_inputs()[0].name
+        self.input_shape = _static_dims(self.session.get_inputs()[0].shape)
 
     def metadata(self) -> dict[str, Any]:
         """The model's ``metadata_props`` (recipe, preprocessing, provenance), JSON values decoded."""
         return _decoded(self.session.get_modelmeta().custom_metadata_map)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(images, self.input_shape, self.path)
         array = images.detach().cpu().float().contiguous().numpy()
         return torch.from_numpy(self.session.run(None, {self.input_name: array})[0])
