@@ -3,6 +3,7 @@ kernels in the graph onnxruntime runs, compact saving, and one-line errors for b
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -1311,6 +1312,13 @@ def test_export_checks_opset_and_metadata_before_any_work(tmp_path: Path) -> Non
                             ([1], "metadata must be a dict"), ({3: "x"}, "metadata keys must be strings")]:  # fmt: skip
         with pytest.raises(ExportError, match=match):
             export_onnx(model, path, metadata=metadata)
+    with pytest.raises(ExportError, match="integer_levels must be True or False, got 'no'"):
+        export_onnx(model, path, integer_levels="no")
+    for cast, dtype in ((torch.nn.Module.double, "torch.float64"), (torch.nn.Module.half, "torch.float16")):
+        with pytest.raises(ExportError, match=f"export the float32 quantized model \\(this one is {dtype}"):
+            export_onnx(cast(copy.deepcopy(model)), path)
+    with pytest.raises(ExportError, match="on the meta device"):
+        export_onnx(copy.deepcopy(model).to("meta"), path)
     assert not path.exists()
 
 

@@ -395,7 +395,10 @@ def export_onnx(
     if float_dtype not in _TORCH_DTYPES:
         raise ExportError(f"float dtype must be one of {sorted(_TORCH_DTYPES)}, got {float_dtype!r}")
     if target == "openvino" and float_dtype != "float32":
-        raise ExportError("--export-target openvino is a float32 graph; the float64 form is for onnxruntime")
+        raise ExportError("the openvino target is a float32 graph; the float64 form is for onnxruntime")
+    if not isinstance(integer_levels, bool):
+        raise ExportError(f"integer_levels must be True or False, got {integer_levels!r}")
+    _check_model_weights(model)
     _check_metadata(metadata)
     check_export_target(path, opset)
     onnx = require_onnx()
@@ -432,6 +435,22 @@ def export_onnx(
     return ExportReport(
         str(path), path.stat().st_size, opset, storage, integer_levels, seconds, float_dtype, target
     )
+
+
+def _check_model_weights(model: nn.Module) -> None:
+    """The export reads the float32 quantized model (its float64 form comes from ``float_dtype``):
+    a model cast with ``.double()`` / ``.half()`` failed in the tracer, blaming the model, and one
+    on the meta device with a raw error."""
+    parameter = next(model.parameters(), None)
+    if parameter is not None and parameter.is_meta:
+        raise ExportError(
+            "the model's parameters are on the meta device (shapes without values): load them first"
+        )
+    if parameter is not None and parameter.dtype != torch.float32:
+        raise ExportError(
+            f"export the float32 quantized model (this one is {parameter.dtype}: call model.float()); "
+            "float_dtype='float64' writes the float64 form"
+        )
 
 
 def _check_metadata(metadata: Any) -> None:

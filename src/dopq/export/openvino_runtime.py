@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from dopq.errors import ExportError
-from dopq.export.runtime import _static_dims, check_images, check_threads
+from dopq.export.runtime import check_images, check_threads, static_dims
 
 __all__ = [
     "OpenVinoModel",
@@ -82,7 +82,7 @@ def _input_shape(path: str | Path) -> tuple[int | None, ...]:
     core = _core(require_openvino())
     with _loading(path):
         shape = core.read_model(str(path)).input(0).get_partial_shape()
-        return _static_dims(d.get_length() if d.is_static else None for d in shape)
+        return static_dims(d.get_length() if d.is_static else None for d in shape)
 
 
 @contextlib.contextmanager

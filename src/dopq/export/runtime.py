@@ -31,6 +31,7 @@ __all__ = [
     "read_metadata",
     "require_onnxruntime",
     "saturating_cpu",
+    "static_dims",
 ]
 
 
@@ -87,7 +88,7 @@ def check_images(images: Any, expected: tuple[int | None, ...], path: str) -> No
         raise ExportError(f"{path}: an empty batch (shape {shape}); give at least one image")
 
 
-def _static_dims(dims: Any) -> tuple[int | None, ...]:
+def static_dims(dims: Any) -> tuple[int | None, ...]:
     """An input's shape with every dimension that is not a fixed positive int as None (free)."""
     return tuple(d if isinstance(d, int) and not isinstance(d, bool) and d > 0 else None for d in dims)
 
@@ -237,7 +238,7 @@ class OnnxModel(nn.Module):
         self.path = str(path)
         self.session = _session(path, threads, optimize=optimize)
         self.input_name = self.session.get_inputs()[0].name
-        self.input_shape = _static_dims(self.session.get_inputs()[0].shape)
+        self.input_shape = static_dims(self.session.get_inputs()[0].shape)
 
     def metadata(self) -> dict[str, Any]:
         """The model's ``metadata_props`` (recipe, preprocessing, provenance), JSON values decoded."""
