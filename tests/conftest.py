@@ -116,3 +116,20 @@ def small_onnx(path: Path, channels: int = 3, size: int = 16) -> nn.Module:
                           input_names=["images"], output_names=["logits"],
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})  # fmt: skip
     return net
+
+
+def runner_refuses_bad_arguments(runner_class: type, path: Path, x: torch.Tensor) -> nn.Module:
+    """A runner's argument checks (OnnxModel, OpenVinoModel): each bad thread count and each bad
+    batch of images (``x``: a good batch of 16x16 RGB images) is one ExportError. Returns a runner."""
+    from dopq.errors import ExportError
+
+    for threads in (1.5, "2", -1, True):
+        with pytest.raises(ExportError, match="threads must be an int"):
+            runner_class(path, threads=threads)
+    runner = runner_class(path, threads=1)
+    for images, match in [(x[:0], "an empty batch"), (x.to(torch.uint8), "takes float images"),
+                          (x.permute(0, 2, 3, 1), r"shape \(batch, 3, 16, 16\)"), (x[0], "shape"),
+                          (torch.randn(1, 3, 20, 20), "shape"), (x.numpy(), "takes a torch.Tensor")]:  # fmt: skip
+        with pytest.raises(ExportError, match=match):
+            runner(images)
+    return runner
