@@ -163,8 +163,13 @@ def load_runtime(path: str | Path, runtime: str = "onnxruntime", threads: int | 
         model = OpenVinoModel(path, threads=threads)
     else:
         raise ExportError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
-    # the metadata the runtime already read (onnxruntime's session), not a second parse of the file
-    if Path(path).suffix == ".onnx" and (reason := _inexact_reason(path, model.metadata())):
+    # the metadata the runtime already read (onnxruntime's session), not a second parse of the file;
+    # whatever the file's name (a graph saved as model.bin was run without the warning)
+    try:
+        metadata = model.metadata()
+    except ExportError:  # a model the onnx package cannot parse records nothing to check
+        metadata = {}
+    if reason := _inexact_reason(path, metadata):
         warnings.warn(reason, stacklevel=2)
     return model
 
@@ -175,8 +180,6 @@ def inexact_here(path: str | Path) -> str | None:
     8-bit weights stored in int8 (``needs_vnni`` in the file's metadata) meet uint8 activations in
     uint8 x int8 kernels, whose int16 pair sums saturate on x86 CPUs without VNNI (AVX2 only).
     """
-    if Path(path).suffix != ".onnx":
-        return None
     try:
         metadata = onnx_metadata(path)
     except ExportError:  # not a file dopq can read: the runtime says why
