@@ -1316,6 +1316,9 @@ def test_export_checks_opset_and_metadata_before_any_work(tmp_path: Path) -> Non
                             ([1], "metadata must be a dict"), ({3: "x"}, "metadata keys must be strings")]:  # fmt: skip
         with pytest.raises(ExportError, match=match):
             export_onnx(model, path, metadata=metadata)
+    tmp_path.joinpath("folder.onnx").mkdir()
+    with pytest.raises(ExportError, match=r"^the ONNX file \S*folder.onnx is a folder; give a file name$"):
+        export_onnx(model, tmp_path / "folder.onnx")  # the Python API names no CLI flag
     with pytest.raises(ExportError, match="integer_levels must be True or False, got 'no'"):
         export_onnx(model, path, integer_levels="no")
     for cast, dtype in ((torch.nn.Module.double, "torch.float64"), (torch.nn.Module.half, "torch.float16")):

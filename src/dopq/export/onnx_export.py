@@ -96,7 +96,7 @@ def check_export_target(path: str | Path, opset: int) -> None:
         raise ExportError(
             f"opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET} (default {DEFAULT_OPSET})"
         )
-    check_output_path(path, "--out", ExportError)
+    check_output_path(path, "the ONNX file", ExportError)  # the CLI checked its own flags first
 
 
 def _initializers(graph: Any) -> dict[str, Any]:
