@@ -538,11 +538,11 @@ def get_preset(name: str, **overrides: Any) -> QuantConfig:
     """
     if name not in list_presets():
         raise ConfigError(f"unknown method {name!r}; choose from {', '.join(list_presets())}")
-    # None is "not given" (the CLI's unset options) except for a field that takes None itself
-    # (softmax_grid_bits=None: the exact TanQ midpoints), which it sets like any other value
+    # None leaves a field that cannot be None to the recipe (a caller's unset option); a field that
+    # takes None (softmax_grid_bits=None: the exact TanQ midpoints) it sets like any other value
     nullable = {
-        name
-        for name, hint in typing.get_type_hints(QuantConfig).items()
+        field
+        for field, hint in typing.get_type_hints(QuantConfig).items()
         if type(None) in typing.get_args(hint)
     }
     given = {k: v for k, v in overrides.items() if v is not None or k in nullable}
