@@ -23,7 +23,7 @@ from dopq.config import RECOMMENDED, QuantConfig, get_preset
 from dopq.errors import ConfigError
 from dopq.gptq import gptq_model
 from dopq.models import Coverage, QuantPlan, prepare_model, softmax_kinds
-from dopq.models.loading import as_dopq_model
+from dopq.models.loading import as_dopq_model, weights_dtype
 from dopq.modules import quantizers_of
 from dopq.reconstruct import ReconstructionProgress, check_processes, reconstruct
 from dopq.reparam import ReparamReport, reparameterize
@@ -369,17 +369,10 @@ def quantize_with_report(
         check_processes(config.reconstruct.grad_shards)  # before calibration's work
     model = as_dopq_model(model)
     _check_not_quantized(model)
-    parameter = next(model.parameters())
-    if parameter.is_meta:
-        raise ConfigError(
-            "the model's parameters are on the meta device (shapes without values): load its weights "
-            "first, e.g. model.to_empty(device='cpu') and model.load_state_dict(...)"
-        )
-    if parameter.dtype != torch.float32:
-        raise ConfigError(
-            f"dopq quantizes float32 models; this one is {parameter.dtype}: call model.float() first"
-        )
-    images = as_image_tensor(calib_data, parameter.device, model)
+    dtype = weights_dtype(model, ConfigError)
+    if dtype != torch.float32:
+        raise ConfigError(f"dopq quantizes float32 models; this one is {dtype}: call model.float() first")
+    images = as_image_tensor(calib_data, next(model.parameters()).device, model)
     _check_runs(model, images)
     timings: dict[str, float] = {}
     saved = checkpoint.load() if checkpoint is not None else None

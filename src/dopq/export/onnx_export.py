@@ -44,7 +44,7 @@ from dopq.export.qkv_scale import share_qkv_scales
 from dopq.export.symbolic import CONTRIB_DOMAIN
 from dopq.files import atomic_path, check_output_path
 from dopq.models import example_input
-from dopq.models.loading import model_preprocess
+from dopq.models.loading import model_preprocess, weights_dtype
 from dopq.modules import QuantLinear
 from dopq.quantizers import Quantizer
 
@@ -441,14 +441,12 @@ def _check_model_weights(model: nn.Module) -> None:
     """The export reads the float32 quantized model (its float64 form comes from ``float_dtype``):
     a model cast with ``.double()`` / ``.half()`` failed in the tracer, blaming the model, and one
     on the meta device with a raw error."""
-    parameter = next(model.parameters(), None)
-    if parameter is not None and parameter.is_meta:
+    if next(model.parameters(), None) is None:
+        return  # no weights: refused below as not quantized
+    dtype = weights_dtype(model, ExportError)
+    if dtype != torch.float32:
         raise ExportError(
-            "the model's parameters are on the meta device (shapes without values): load them first"
-        )
-    if parameter is not None and parameter.dtype != torch.float32:
-        raise ExportError(
-            f"export the float32 quantized model (this one is {parameter.dtype}: call model.float()); "
+            f"export the float32 quantized model (this one is {dtype}: call model.float()); "
             "float_dtype='float64' writes the float64 form"
         )
 

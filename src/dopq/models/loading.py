@@ -20,7 +20,7 @@ import timm
 import torch
 from torch import nn
 
-from dopq.errors import CheckpointError, ModelError
+from dopq.errors import CheckpointError, DopqError, ModelError
 
 __all__ = [
     "HF_PREFIX",
@@ -31,6 +31,7 @@ __all__ = [
     "is_transformers_model",
     "load_state_dict",
     "model_preprocess",
+    "weights_dtype",
 ]
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,18 @@ def _hf() -> Any:
 def as_dopq_model(model: nn.Module) -> nn.Module:
     """``model`` itself, or a ``transformers`` model wrapped as ``forward(images) -> logits``."""
     return _hf().wrap_hf_model(model) if is_transformers_model(model) else model
+
+
+def weights_dtype(model: nn.Module, error: type[DopqError]) -> torch.dtype:
+    """The dtype of ``model``'s weights, for the callers that need float32 (quantizing, the export);
+    a model on the meta device (shapes without values) is ``error``: its values are not there to read."""
+    parameter = next(model.parameters())
+    if parameter.is_meta:
+        raise error(
+            "the model's parameters are on the meta device (shapes without values): load its weights "
+            "first, e.g. model.to_empty(device='cpu') and model.load_state_dict(...)"
+        )
+    return parameter.dtype
 
 
 def card_for(checkpoint: str | Path) -> dict[str, Any] | None:
