@@ -423,6 +423,11 @@ class QuantConfig:
         return _construct(cls, data, "config")
 
 
+# the fields whose type takes None, read once from the annotations
+_NULLABLE_FIELDS = frozenset(
+    name for name, hint in typing.get_type_hints(QuantConfig).items() if type(None) in typing.get_args(hint)
+)
+
 _PRESETS: dict[str, dict[str, Any]] = {
     "repq": dict(
         softmax_quantizer="logsqrt2",
@@ -540,12 +545,7 @@ def get_preset(name: str, **overrides: Any) -> QuantConfig:
         raise ConfigError(f"unknown method {name!r}; choose from {', '.join(list_presets())}")
     # None leaves a field that cannot be None to the recipe (a caller's unset option); a field that
     # takes None (softmax_grid_bits=None: the exact TanQ midpoints) it sets like any other value
-    nullable = {
-        field
-        for field, hint in typing.get_type_hints(QuantConfig).items()
-        if type(None) in typing.get_args(hint)
-    }
-    given = {k: v for k, v in overrides.items() if v is not None or k in nullable}
+    given = {k: v for k, v in overrides.items() if v is not None or k in _NULLABLE_FIELDS}
     base = _PRESETS["dopq" if name == RECOMMENDED else name]
     w_bits = given.get("w_bits", QuantConfig.w_bits)
     a_bits = given.get("a_bits", QuantConfig.a_bits)
