@@ -127,13 +127,18 @@ def test_more_processes_than_images_is_one_clear_error(tiny_root: Path, tmp_path
             "--threads", "1", "--workers", "0", "--output", "e.json", "--quiet"]  # fmt: skip
     done = _run(argv, 2, tmp_path)
     assert done.returncode != 0
-    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("dopq: error:")]
-    refused = [ln for ln in errors if "2 processes for 1 images" in ln]
-    # a process torchrun stops before it reaches the check says so in its one line instead
-    assert refused and all(ln in refused or "stopped: another process" in ln for ln in errors), done.stderr[
-        -2000:
-    ]
+    _refused_or_stopped(done.stderr, "2 processes for 1 images")
     assert not list(tmp_path.iterdir())  # no partial output
+
+
+def _refused_or_stopped(stderr: str, refusal: str) -> list[str]:
+    """The error lines of a run whose processes each refuse with ``refusal`` in their one line; a
+    process torchrun stops before it reaches the check says so in its one line instead. At least one
+    refusal is required."""
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("dopq: error:")]
+    refused = [ln for ln in errors if refusal in ln]
+    assert refused and all(ln in refused or "stopped: another process" in ln for ln in errors), stderr[-3000:]
+    return errors
 
 
 def _sigterm_after(said: str) -> subprocess.CompletedProcess[str]:
@@ -233,9 +238,8 @@ def test_reconstruction_on_more_processes_than_gradient_shards_is_one_clear_erro
             "--workers", "0", "--quiet", "--reconstruct", "--recon-iters", "1", "--output", "r.json"]  # fmt: skip
     done = _run(argv, 2, tmp_path)
     assert done.returncode != 0
-    errors = [ln for ln in done.stderr.splitlines() if ln.startswith("dopq: error:")]
+    errors = _refused_or_stopped(
+        done.stderr, "needs --recon-grad-shards (ReconstructConfig.grad_shards) of at least 2, got 1"
+    )
     assert len(errors) == 2, done.stderr[-3000:]  # one line per process, before any work
-    refused = [ln for ln in errors if "needs --recon-grad-shards" in ln and "of at least 2, got 1" in ln]
-    # a process torchrun stops before it reaches the check says so in its one line instead
-    assert refused and all(ln in refused or "stopped: another process" in ln for ln in errors)
     assert not (tmp_path / "r.json").exists()
