@@ -575,3 +575,22 @@ def _subparser(name: str):
 
     actions = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     return actions[0].choices[name]
+
+
+def test_quantize_help_lists_each_option_in_its_own_group() -> None:
+    """``--save`` and ``--allow-partial`` were listed under "reconstruction" in ``dopq quantize
+    --help``, where a user looking for how to save a model without reconstruction would not look."""
+    groups = {g.title: {a.dest for a in g._group_actions} for g in _subparser("quantize")._action_groups}
+    assert {"save", "allow_partial"} <= groups["quantized model"]
+    assert groups["reconstruction"] == {
+        "reconstruct",
+        "recon_calib_size",
+        "recon_iters",
+        "recon_batch_size",
+        "recon_grad_shards",
+        "recon_drop_prob",
+        "recon_rounding",
+        "checkpoint_dir",
+        "resume",
+    }
+    assert {"weight_rounding", "gptq_damp", "gptq_check"} <= groups["weight rounding"]

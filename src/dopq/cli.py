@@ -22,8 +22,10 @@ from dopq.config import (
     RECOMMENDED,
     ROUNDINGS,
     RUNTIMES,
-    SOFTMAX_QUANTIZERS,
+    SOFTMAX_CHOICES,
     SYMMETRIC_ATTENTION,
+    TANQ_OBJECTIVES,
+    WEIGHT_ROUNDINGS,
     WEIGHT_TYPES,
     QuantConfig,
     ReconstructConfig,
@@ -133,7 +135,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--a-bits", type=int, default=4)
     g.add_argument(
         "--softmax-quantizer",
-        choices=[*SOFTMAX_QUANTIZERS, "auto"],
+        choices=SOFTMAX_CHOICES,
         help="override the preset's; auto: per attention module the best of tanq, log2, logsqrt2",
     )
     g.add_argument("--ln-scale", choices=LN_SCALE_RULES, help="override the preset's MOSF rule")
@@ -160,7 +162,11 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         choices=LN_SHIFTS,
         help="where the post-LN re-parameterization's shift goes: bias (RepQ-ViT) or input (exact)",
     )
-    g.add_argument("--tanq-objective", choices=["output", "mse"])
+    g.add_argument(
+        "--tanq-objective",
+        choices=TANQ_OBJECTIVES,
+        help="how TanQ scores its candidates: the error of attn @ v (output) or of the attention (mse)",
+    )
     g.add_argument(
         "--tanq-centers",
         type=float,
@@ -191,9 +197,13 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         help="per-tensor activation ranges by their own squared error (mse) or by the error of the "
         "product they enter (output: the next Linear's or the attention product's)",
     )
+
+
+def _add_gptq_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("weight rounding")
     g.add_argument(
         "--weight-rounding",
-        choices=["nearest", "gptq"],
+        choices=WEIGHT_ROUNDINGS,
         help="weight rounding: nearest, or gptq (second-order error feedback from the calibration inputs)",
     )
     g.add_argument("--gptq-damp", type=float, help="GPTQ damping, fraction of the mean Hessian diagonal")
@@ -216,6 +226,9 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         help="keep GPTQ's rounding only where it lowers the calibration images' logit error against the "
         "float model significantly (signed-rank test), else round to nearest",
     )
+
+
+def _add_reconstruction_args(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("reconstruction")
     r.add_argument("--reconstruct", action="store_true", help="block-wise reconstruction after calibration")
     r.add_argument("--recon-calib-size", type=int, default=_RECON_OPTIONS["recon_calib_size"])
@@ -251,19 +264,22 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="continue from the checkpoint in --checkpoint-dir (an error if there is none)",
     )
-    r.add_argument(
+
+
+def _add_quantized_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("quantized model")
+    g.add_argument(
         "--save", type=_output_file, help="save the quantized model for `dopq evaluate --quantized`"
     )
-    r.add_argument(
+    g.add_argument(
         "--allow-partial",
         action="store_true",
         help="quantize a model with layers dopq cannot quantize, keeping those float (listed in the result)",
     )
-    _add_export_args(p, flag="--export")
 
 
-# export options and their defaults (one table for the parser and the check that refuses them
-# without --export, where they would be ignored)
+# reconstruction and export options and their defaults (one table each for the parser and the check
+# that refuses them where they would be ignored: without --reconstruct, without --export)
 _RECON_OPTIONS = {"recon_calib_size": 1024, "recon_iters": None, "recon_batch_size": 64, "recon_drop_prob": None,
                   "recon_rounding": "ste", "recon_grad_shards": 1}  # fmt: skip
 _EXPORT_OPTIONS = {"opset": 21, "integer_attention": False, "export_dtype": "float32",
@@ -331,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(q)
     _add_data_args(q)
     _add_recipe_args(q)
+    _add_gptq_args(q)
+    _add_reconstruction_args(q)
+    _add_quantized_model_args(q)
+    _add_export_args(q, flag="--export")
     e = sub.add_parser(
         "evaluate",
         help="evaluate a saved quantized model and/or an exported ONNX model (onnxruntime or OpenVINO)",

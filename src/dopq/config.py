@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dopq.errors import ConfigError
-from dopq.quantizers.tanq import DEFAULT_CENTERS
+from dopq.quantizers.tanq import DEFAULT_CENTERS, TANQ_OBJECTIVES
 from dopq.quantizers.uniform import RANGE_OBJECTIVES
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "SYMMETRIC_ATTENTION",
     "TANQ_CENTERS",
     "TANQ_CENTERS_WIDE",
+    "TANQ_OBJECTIVES",
     "WEIGHT_ROUNDINGS",
     "WEIGHT_TYPES",
     "QuantConfig",
@@ -375,7 +376,7 @@ class QuantConfig:
         _check_choice("ln_scale", self.ln_scale, LN_SCALE_RULES)
         _check_choice("ln_shift", self.ln_shift, LN_SHIFTS)
         _check_choice("symmetric_attention", self.symmetric_attention, SYMMETRIC_ATTENTION)
-        _check_choice("tanq_objective", self.tanq_objective, ("output", "mse"))
+        _check_choice("tanq_objective", self.tanq_objective, TANQ_OBJECTIVES)
         self.percentiles = _check_percentiles("percentiles", self.percentiles)
         if self.act_percentiles is not None:
             self.act_percentiles = _check_percentiles("act_percentiles", self.act_percentiles)

@@ -32,7 +32,10 @@ from dopq.quantizers.levels import (
 )
 from dopq.quantizers.ranges import row_quantiles
 
-__all__ = ["TanQQuantizer", "sample_attention", "tan_codes", "tan_levels"]
+__all__ = ["TANQ_OBJECTIVES", "TanQQuantizer", "sample_attention", "tan_codes", "tan_levels"]
+
+# how TanQ scores its (sharpness, centre, clip) candidates: the error of attn @ v, or of attn itself
+TANQ_OBJECTIVES = ("output", "mse")
 
 DEFAULT_SHARPNESS = (0.01, 1.0, 2.0, 4.0, 6.0, 8.0, 12.0, 16.0)
 DEFAULT_CENTERS = (0.35, 0.5)
@@ -139,8 +142,8 @@ class TanQQuantizer(LevelQuantizer):
         grid_bits: int | None = None,
     ) -> None:
         super().__init__(bits)
-        if objective not in ("output", "mse"):
-            raise ValueError(f"TanQ objective must be 'output' or 'mse', got {objective!r}")
+        if objective not in TANQ_OBJECTIVES:
+            raise ValueError(f"TanQ objective must be one of {TANQ_OBJECTIVES}, got {objective!r}")
         if grid_bits is not None and not 8 <= grid_bits <= 20:
             raise ValueError(f"TanQ grid_bits must be in 8..20 or None, got {grid_bits}")
         self.grid_bits = grid_bits
