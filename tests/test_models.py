@@ -336,3 +336,28 @@ def test_swinv2_cosine_attention_post_norm_is_equivalent_and_quantizes() -> None
     assert cov.quantized["LayerNorm re-parameterized"] == 0
     assert type(qmodel.layers[0].blocks[0].attn).__name__ == "QuantWindowAttentionV2"
     assert torch.isfinite(qmodel(x)).all()
+
+
+def test_weight_and_activation_quantizers_are_told_apart_by_their_slot_not_their_name():
+    """``set_quantization`` switches a layer's weight quantizer by the slot it sits in: during
+    reconstruction the weight quantizer is wrapped in a learned rounding, its quantizer then named
+    ``weight_quantizer.base``, and it is still a weight quantizer; a quantizer merely named like one
+    elsewhere is not."""
+    from dopq.modules import weight_quantizer_ids
+    from dopq.quantizers import UniformQuantizer
+    from dopq.quantizers.adaround import AdaRoundQuantizer
+
+    torch.manual_seed(0)
+    layer = QuantLinear(nn.Linear(8, 4), UniformQuantizer(4), UniformQuantizer(4, PerChannel(0)))
+    layer.weight_quantizer.initialize(layer.weight.detach(), None)
+    base = layer.weight_quantizer
+    layer.weight_quantizer = AdaRoundQuantizer(base, layer.weight)
+    model = nn.Sequential(layer)
+    model.add_module("weight_quantizer", UniformQuantizer(4))  # an activation quantizer by its slot
+    assert weight_quantizer_ids(model) == {id(base)}
+    set_quantization(model, weights=False, activations=True)
+    assert not base.enabled
+    assert layer.input_quantizer.enabled and model.weight_quantizer.enabled
+    set_quantization(model, weights=True, activations=False)
+    assert base.enabled
+    assert not layer.input_quantizer.enabled and not model.weight_quantizer.enabled

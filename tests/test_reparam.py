@@ -11,7 +11,7 @@ import torch
 from dopq.calibrate import calibrate
 from dopq.config import get_preset
 from dopq.models import prepare_model
-from dopq.modules import set_quantization
+from dopq.modules import quantizers_of, set_quantization
 from dopq.quantizers import PerTensor
 from dopq.reparam import fold_layernorm, reparameterize, target_scale
 from dopq.stress import rescale_layernorm_channels
@@ -241,3 +241,22 @@ def test_mosf_rule_matters_with_fractional_zero_point():
     a = _quantized_logits("mean", False, images)
     b = _quantized_logits("median", False, images)
     assert not torch.allclose(a, b, atol=1e-3 * float(a.abs().max()))
+
+
+def test_the_float_check_leaves_each_quantizer_on_or_off_as_it_was():
+    """The re-parameterization's float check runs the model with its quantizers off; afterwards every
+    quantizer is as the caller left it (a quantizer switched off for an ablation stays off; the check
+    used to switch every quantizer back on)."""
+    from dopq.calibrate import capture_inputs
+
+    model = _tiny_vit()
+    images = torch.randn(4, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    plan = prepare_model(model, get_preset("repq"))
+    with capture_inputs(model, plan.paired_linears) as captured:
+        calibrate(model, images)
+    kept_off = model.blocks[1].mlp.fc2.input_quantizer
+    kept_off.enabled = False
+    before = {name: q.enabled for name, q in quantizers_of(model)}
+    reparameterize(model, plan, check_images=images, captured=captured)
+    assert {name: q.enabled for name, q in quantizers_of(model)} == before
+    assert not kept_off.enabled

@@ -24,10 +24,10 @@ from dopq.errors import ConfigError
 from dopq.gptq import gptq_model
 from dopq.models import Coverage, QuantPlan, prepare_model, softmax_kinds
 from dopq.models.loading import as_dopq_model, weights_dtype
-from dopq.modules import quantizers_of
+from dopq.modules import float_logits, quantizers_of
 from dopq.reconstruct import ReconstructionProgress, check_processes, reconstruct
 from dopq.reparam import ReparamReport, reparameterize
-from dopq.rounding_check import float_logits, keep_better_rounding, last_output
+from dopq.rounding_check import keep_better_rounding, last_output
 
 __all__ = ["QuantizationReport", "as_image_tensor", "quantize", "quantize_with_report"]
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dopq.errors import CalibrationError
-from dopq.modules import QuantLinear, quantizers_of, quantizers_set
+from dopq.modules import QuantLinear, quantizers_of, quantizers_set, weight_quantizer_ids
 
 __all__ = ["BIAS_CORRECTION_IMAGES", "calibrate", "capture_inputs", "correct_bias", "observing"]
 
@@ -58,7 +58,7 @@ def capture_inputs(
             h.remove()
 
 
-def _finite_check(name: str):
+def _finite_check(name: str, is_weight: bool):
     """A pre-hook refusing NaN/Inf before a quantizer initialises from them: its range search would
     keep no candidate and leave the initial scale 1 and zero point 0, a broken quantizer."""
 
@@ -66,7 +66,7 @@ def _finite_check(name: str):
         x = args[0]
         if module.enabled and not module.is_ready() and not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
-            what = "weights" if name.endswith("weight_quantizer") else "calibration activations"
+            what = "weights" if is_weight else "calibration activations"
             raise CalibrationError(
                 f"{name} sees {bad} NaN/Inf values in its {what}: the float model already computes "
                 "non-finite values here; check the checkpoint and the input images"
@@ -86,7 +86,11 @@ def calibrate(model: nn.Module, images: torch.Tensor) -> None:
     for _, q in quantizers_of(model):
         q.reset()
     model.eval()
-    handles = [q.register_forward_pre_hook(_finite_check(name)) for name, q in quantizers_of(model)]
+    weight_ids = weight_quantizer_ids(model)
+    handles = [
+        q.register_forward_pre_hook(_finite_check(name, id(q) in weight_ids))
+        for name, q in quantizers_of(model)
+    ]
     try:
         with observing(model):
             model(images)

@@ -34,7 +34,7 @@ from torch import nn
 
 from dopq.config import GPTQ_TARGETS
 from dopq.errors import CalibrationError
-from dopq.modules import QuantConv2d, QuantLinear, quantizers_off
+from dopq.modules import QuantConv2d, QuantLinear, quantized_weight, quantizers_off
 from dopq.quantizers import UniformQuantizer
 
 __all__ = [
@@ -311,14 +311,7 @@ def _unfolds(module: QuantLinear | QuantConv2d) -> bool:
 def _gptq_layers(model: nn.Module) -> list[tuple[str, QuantLinear | QuantConv2d]]:
     """Layers with an enabled uniform weight quantizer whose codes GPTQ chooses; a grouped
     (depthwise) or non-zero-padded Conv2d, as in a convolutional stem, keeps round-to-nearest."""
-    return [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, (QuantLinear, QuantConv2d))
-        and isinstance(m.weight_quantizer, UniformQuantizer)
-        and m.weight_quantizer.enabled
-        and _unfolds(m)
-    ]
+    return [(name, m) for name, m in model.named_modules() if quantized_weight(m) is not None and _unfolds(m)]
 
 
 def _float_inputs(

@@ -30,11 +30,15 @@ __all__ = [
     "QuantMatMul",
     "constant_quantization",
     "float64_copy",
+    "float_logits",
     "in_dtype",
+    "quantized_weight",
     "quantizers_of",
     "quantizers_off",
     "quantizers_set",
+    "replace_module",
     "set_quantization",
+    "weight_quantizer_ids",
 ]
 
 
@@ -121,6 +125,31 @@ class QuantMatMul(nn.Module):
         return a @ b
 
 
+# the hooks a caller may have on a module that dopq replaces: with ``keep_hooks`` the replacement takes
+# the same dicts, so the hooks keep running and their handles still remove them (as torch.ao's
+# swap_module keeps them)
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+
+
+def replace_module(root: nn.Module, qualified: str, new: nn.Module, keep_hooks: bool = False) -> nn.Module:
+    """Put ``new`` where ``root``'s submodule ``qualified`` (a dotted name) is; returns the old one.
+    With ``keep_hooks`` the forward hooks and pre-hooks registered on the old module move to ``new``."""
+    parent, _, leaf = qualified.rpartition(".")
+    owner = root.get_submodule(parent) if parent else root
+    old = getattr(owner, leaf)
+    if keep_hooks:
+        for hooks in _HOOK_DICTS:
+            setattr(new, hooks, getattr(old, hooks))
+    setattr(owner, leaf, new)
+    return old
+
+
 def quantizers_of(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
     """All quantizers in ``model`` with their qualified names."""
     for name, module in model.named_modules():
@@ -150,6 +179,14 @@ def quantizers_off(model: nn.Module) -> AbstractContextManager[nn.Module]:
     return quantizers_set(model, enabled=False)
 
 
+@torch.no_grad()
+def float_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The output of ``model`` with every quantizer off (its float function); each quantizer's own
+    on/off state comes back afterwards."""
+    with quantizers_off(model):
+        return model(images)
+
+
 @contextmanager
 def constant_quantization(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block, with autograd off, each quantizer computes its quantized weight and its
@@ -163,10 +200,34 @@ def constant_quantization(model: nn.Module) -> Iterator[nn.Module]:
                 q._memos.clear()
 
 
+def quantized_weight(layer: nn.Module) -> UniformQuantizer | None:
+    """The quantizer of ``layer``'s weight where the weight is stored as integer codes: an enabled
+    uniform ``weight_quantizer`` of a ``QuantLinear`` or ``QuantConv2d``; ``None`` otherwise. The one
+    rule that saving, GPTQ, reconstruction, the float64 copy and the export share."""
+    if not isinstance(layer, (QuantLinear, QuantConv2d)):
+        return None
+    q = layer.weight_quantizer
+    return q if isinstance(q, UniformQuantizer) and q.enabled else None
+
+
+def weight_quantizer_ids(model: nn.Module) -> set[int]:
+    """The ``id`` of every quantizer that quantizes a layer's weight: a ``QuantLinear``'s or
+    ``QuantConv2d``'s ``weight_quantizer`` and any quantizer inside it (a learned rounding's base).
+    Roles come from the layer slot a quantizer sits in, not from its name."""
+    return {
+        id(q)
+        for layer in model.modules()
+        if isinstance(layer, (QuantLinear, QuantConv2d))
+        for q in layer.weight_quantizer.modules()
+        if isinstance(q, Quantizer)
+    }
+
+
 def set_quantization(model: nn.Module, weights: bool = True, activations: bool = True) -> nn.Module:
     """Switch weight and activation quantization on or off; returns ``model``."""
-    for name, q in quantizers_of(model):
-        q.enabled = weights if name.endswith("weight_quantizer") else activations
+    weight_ids = weight_quantizer_ids(model)
+    for _, q in quantizers_of(model):
+        q.enabled = weights if id(q) in weight_ids else activations
     return model
 
 
@@ -195,8 +256,8 @@ def float64_copy(model: nn.Module) -> Float64Model:
     """
     out = copy.deepcopy(model)
     for module in out.modules():
-        q = getattr(module, "weight_quantizer", None)
-        if isinstance(module, (QuantLinear, QuantConv2d)) and isinstance(q, UniformQuantizer) and q.enabled:
+        q = quantized_weight(module)
+        if q is not None:
             codes = q.codes(module.weight)
             q.double()
             module.weight = nn.Parameter(q.dequantize(codes.double()), requires_grad=False)

@@ -56,7 +56,8 @@ from dopq.models import (
     get_adapter,
     prepare_model,
 )
-from dopq.modules import QuantMatMul, set_quantization
+from dopq.models.adapters import quantized_attention_classes
+from dopq.modules import set_quantization
 from dopq.quantizers import LevelQuantizer, Quantizer, UniformQuantizer, build_quantizer
 from dopq.reparam import target_scale
 
@@ -116,9 +117,7 @@ def collect_attention(model: nn.Module, images: torch.Tensor, block: int) -> tor
     """
     prepared, _ = _prepared_copy(model)
     set_quantization(prepared, False, False)
-    matmuls = [
-        m for name, m in prepared.named_modules() if isinstance(m, QuantMatMul) and name.endswith("matmul_av")
-    ]
+    matmuls = [m.matmul_av for m in prepared.modules() if isinstance(m, quantized_attention_classes())]
     _check_index(block, len(matmuls), "attention block")
     captured: list[torch.Tensor] = []
     handle = matmuls[block].register_forward_pre_hook(

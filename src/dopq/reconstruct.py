@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from dopq import distributed
 from dopq.config import QuantConfig, ReconstructConfig
 from dopq.models import QuantPlan
-from dopq.modules import QuantConv2d, QuantLinear
+from dopq.modules import QuantConv2d, QuantLinear, quantized_weight
 from dopq.quantizers import DropNoise, Quantizer, TanQQuantizer, UniformQuantizer
 from dopq.quantizers.adaround import AdaRoundQuantizer
 
@@ -244,7 +244,7 @@ def _trainable(
     if rcfg.learn_bias:
         bias_params = [layer.bias.requires_grad_(True) for layer in layers if layer.bias is not None]
     for layer in layers:
-        if isinstance(layer.weight_quantizer, UniformQuantizer) and layer.weight_quantizer.enabled:
+        if quantized_weight(layer) is not None:
             layer.weight_quantizer = AdaRoundQuantizer(
                 layer.weight_quantizer,
                 layer.weight,

@@ -21,7 +21,7 @@ from torch import nn
 from dopq.config import LN_SHIFTS
 from dopq.errors import ConfigError
 from dopq.models.prepare import QuantPlan
-from dopq.modules import QuantLinear, set_quantization
+from dopq.modules import QuantLinear, float_logits
 from dopq.quantizers import PerTensor, UniformQuantizer, fake_quantize_uniform
 
 __all__ = [
@@ -139,15 +139,6 @@ class ReparamReport:
 
 
 @torch.no_grad()
-def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    set_quantization(model, weights=False, activations=False)
-    try:
-        return model(images)
-    finally:
-        set_quantization(model, weights=True, activations=True)
-
-
-@torch.no_grad()
 def reparameterize(
     model: nn.Module,
     plan: QuantPlan,
@@ -175,7 +166,7 @@ def reparameterize(
     Raises:
         RuntimeError: if the float function changed beyond ``tolerance``.
     """
-    before = _logits(model, check_images) if check_images is not None else None
+    before = float_logits(model, check_images) if check_images is not None else None
     report = ReparamReport()
     for pair in plan.pairs:
         norm = model.get_submodule(pair.norm)
@@ -201,7 +192,7 @@ def reparameterize(
     if before is not None:
         report.max_logit_change = check_float_change(
             before,
-            _logits(model, check_images),
+            float_logits(model, check_images),
             tolerance,
             "re-parameterization",
             (

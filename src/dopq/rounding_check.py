@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dopq.modules import quantizers_off
 from dopq.stats import signed_rank_test
 
 __all__ = [
@@ -32,7 +31,6 @@ __all__ = [
     "RoundingCheck",
     "compare_roundings",
     "corrected_model_kl",
-    "float_logits",
     "keep_better_rounding",
     "kl_divergence",
     "last_output",
@@ -42,13 +40,6 @@ __all__ = [
 # significance level of the signed-rank test; with fewer than 6 calibration images no outcome
 # reaches it, so GPTQ is never kept there
 GPTQ_KEEP_ALPHA = 0.05
-
-
-@torch.no_grad()
-def float_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The logits of ``model`` with every quantizer off (its float function)."""
-    with quantizers_off(model):
-        return model(images).float()
 
 
 def kl_divergence(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from dopq.errors import CheckpointError
 from dopq.files import atomic_path
 from dopq.models import prepare_model
 from dopq.models.loading import HF_PREFIX, model_preprocess
-from dopq.modules import QuantConv2d, QuantLinear, quantizers_of
+from dopq.modules import QuantLinear, quantized_weight, quantizers_of
 from dopq.quantizers import PerChannel, PerTensor, UniformQuantizer
 
 __all__ = [
@@ -185,10 +185,9 @@ def _quantized_weights(model: nn.Module) -> dict[str, tuple[nn.Module, UniformQu
     """Layers whose weight is stored as codes: an enabled uniform weight quantizer."""
     found = {}
     for name, module in model.named_modules():
-        if isinstance(module, (QuantLinear, QuantConv2d)):
-            q = module.weight_quantizer
-            if isinstance(q, UniformQuantizer) and q.enabled and q.is_ready():
-                found[f"{name}.weight" if name else "weight"] = (module, q)
+        q = quantized_weight(module)
+        if q is not None and q.is_ready():
+            found[f"{name}.weight" if name else "weight"] = (module, q)
     return found
 
 

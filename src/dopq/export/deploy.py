@@ -46,7 +46,15 @@ from dopq.export.symbolic import (
     tan_levels,
     threshold_levels,
 )
-from dopq.modules import Float64Model, QuantConv2d, QuantLinear, QuantMatMul, quantizers_of
+from dopq.modules import (
+    Float64Model,
+    QuantConv2d,
+    QuantLinear,
+    QuantMatMul,
+    quantized_weight,
+    quantizers_of,
+    replace_module,
+)
 from dopq.quantizers import LevelQuantizer, LogQuantizer, Quantizer, TanQQuantizer, UniformQuantizer
 from dopq.quantizers.levels import snapped_in
 
@@ -265,8 +273,8 @@ def _optional_qdq(q: nn.Module, where: str) -> nn.Module:
 
 
 def _weight_quantizer(module: nn.Module, where: str) -> UniformQuantizer:
-    q = module.weight_quantizer
-    if not isinstance(q, UniformQuantizer) or not q.enabled:
+    q = quantized_weight(module)
+    if q is None:
         raise ExportError(f"{where}: the weight is not quantized; export needs integer weights")
     return q
 
@@ -716,14 +724,9 @@ def _traceable(deploy: nn.Module, dtype: torch.dtype) -> None:
     rms = _rms_norm_classes()
     for name, module in list(deploy.named_modules()):
         if type(module) in rms:
-            _set_child(deploy, name, ExplicitRmsNorm(module, weight_first=dtype == torch.float32))
+            replace_module(deploy, name, ExplicitRmsNorm(module, weight_first=dtype == torch.float32))
         elif getattr(module, "fused_attn", False) is True:
             module.fused_attn = False
-
-
-def _set_child(root: nn.Module, qualified: str, new: nn.Module) -> None:
-    parent, _, leaf = qualified.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
 def default_weight_type(dtype: torch.dtype = torch.float32, target: str = "onnxruntime") -> str:
@@ -772,11 +775,11 @@ def to_deploy(
     _traceable(deploy, dtype)
     for name, module in list(deploy.named_modules()):
         if isinstance(module, QuantLinear):
-            _set_child(deploy, name, DeployLinear(module, name, dtype, target, weight_type))
+            replace_module(deploy, name, DeployLinear(module, name, dtype, target, weight_type))
         elif isinstance(module, QuantConv2d):
-            _set_child(deploy, name, DeployConv2d(module, name, dtype, weight_type))
+            replace_module(deploy, name, DeployConv2d(module, name, dtype, weight_type))
         elif isinstance(module, QuantMatMul):
-            _set_child(deploy, name, DeployMatMul(module, name, integer_levels, dtype, target))
+            replace_module(deploy, name, DeployMatMul(module, name, integer_levels, dtype, target))
     if dtype == torch.float32:
         if target == "onnxruntime":
             _clip_codes_after_quantizing(deploy)

@@ -26,6 +26,7 @@ from torch import nn
 from dopq.errors import CheckpointError, ModelError
 from dopq.models.adapters import ModelAdapter, register_adapter
 from dopq.models.attention import ValuePath, _MatMulSlots
+from dopq.modules import replace_module
 
 try:
     import transformers
@@ -241,8 +242,7 @@ def _use_exportable_modules(model: nn.Module) -> None:
     for name, module in list(model.named_modules()):
         new = _exportable(module)
         if new is not None:
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, new)
+            replace_module(model, name, new)
 
 
 def wrap_hf_model(model: nn.Module, preprocess: dict[str, Any] | None = None) -> HFImageClassifier:

@@ -20,7 +20,7 @@ from dopq.errors import ModelError
 from dopq.models.adapters import ModelAdapter, get_adapter
 from dopq.models.coverage import Coverage, measure_coverage
 from dopq.models.structure import LayerNormPair, find_layernorm_pairs
-from dopq.modules import QuantConv2d, QuantLinear, quantizers_off
+from dopq.modules import QuantConv2d, QuantLinear, quantizers_off, replace_module
 from dopq.quantizers import PerChannel, PerTensor, Quantizer, UniformQuantizer, build_quantizer
 from dopq.quantizers.uniform import OUTPUT_PERCENTILES
 
@@ -100,26 +100,6 @@ class _Factory:
         return build_quantizer(name, self.c.a_bits, percentiles=self.c.percentiles)
 
 
-# the hooks a caller may have on a module that dopq replaces: the replacement takes the same dicts,
-# so the hooks keep running and their handles still remove them (as torch.ao's swap_module keeps them)
-_HOOK_DICTS = (
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-)
-
-
-def _set_child(root: nn.Module, qualified: str, new: nn.Module) -> None:
-    parent, _, leaf = qualified.rpartition(".")
-    owner = root.get_submodule(parent) if parent else root
-    old = getattr(owner, leaf)
-    for hooks in _HOOK_DICTS:
-        setattr(new, hooks, getattr(old, hooks))
-    setattr(owner, leaf, new)
-
-
 def _check_no_shared_parameters(model: nn.Module) -> None:
     """Refuse a model where a parameter of a layer dopq changes (a Linear or Conv2d's weights, a
     LayerNorm's affine) is also registered elsewhere (tied weights, one layer in two places): each
@@ -178,7 +158,7 @@ def prepare_model(model: nn.Module, config: QuantConfig, allow_partial: bool = F
         if quant_cls is not None:
             qk = (make.attention_operand("q"), make.attention_operand("k"))
             av = (make.softmax(), make.attention_operand("v"))
-            _set_child(model, name, quant_cls(module, qk, av))
+            replace_module(model, name, quant_cls(module, qk, av), keep_hooks=True)
     model.to(device)
     # pairs are traced through dopq's attention modules, which call their Linear layers as modules
     # (timm's BEiT attention calls F.linear on its qkv weight, which no module hook would see)
@@ -193,7 +173,7 @@ def prepare_model(model: nn.Module, config: QuantConfig, allow_partial: bool = F
             new = QuantLinear(module, make.act(per_channel=name in paired), weight)
         else:
             new = QuantConv2d(module, make.act(bits=config.patch_embed_input_bits), weight)
-        _set_child(model, name, new)
+        replace_module(model, name, new, keep_hooks=True)
     model.to(device)  # the new quantizer buffers follow the model
     coverage = measure_coverage(model, example_input(model), len(pairs))
     if not coverage.complete and not allow_partial:
