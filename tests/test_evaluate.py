@@ -165,3 +165,20 @@ def test_compile_failure_is_one_clear_error() -> None:
         ConfigError, match=r"--compile: torch.compile could not compile the model.*C\+\+ compiler"
     ):
         compiled(torch.randn(3, 4))
+
+
+def test_compare_counts_agreement_and_hits_from_the_same_top_class() -> None:
+    """With tied top logits argmax takes the first tied class while topk (the accuracy's) may take
+    another: compare() counted agreement by argmax and hits by topk, so two models could "agree" on
+    an image one of them got right and the other wrong. Both now come from one top-1."""
+    tied = torch.zeros(1, 10)  # ten equal logits: argmax says class 0, topk picks another
+    label = int(tied.topk(1, dim=1).indices[0, 0])
+    assert label != int(tied.argmax(1)[0])  # the premise: the two disagree on this row
+    first = torch.zeros(1, 10)
+    first[0, 0] = 1.0  # a clear class 0
+    inputs, labels = torch.zeros(1, 1), torch.tensor([label])
+    loader = DataLoader(TensorDataset(inputs, labels), batch_size=1)
+    result = compare(_LookupModel(tied), _LookupModel(first), loader, progress=False)
+    right_a, right_b = result.top1_correct_a, result.top1_correct_b
+    assert (right_a, right_b) == ("1", "0")
+    assert result.identical_top1 == 0.0  # one right, one wrong: not the same prediction

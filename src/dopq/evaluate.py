@@ -89,9 +89,14 @@ def accuracy_counts(logits: Tensor, targets: Tensor, ks: Sequence[int] = (1, 5))
     return tuple(int(hits[:, : min(k, num_classes)].any(dim=1).sum()) for k in ks)
 
 
+def _top1(logits: Tensor) -> Tensor:
+    # topk, as in accuracy_counts, so ties resolve the same way everywhere (argmax takes the first of
+    # tied classes, topk not always: on rows of 10 equal logits it picks class 8)
+    return logits.topk(1, dim=1).indices[:, 0]
+
+
 def _top1_hits(logits: Tensor, targets: Tensor) -> list[bool]:
-    # topk, as in accuracy_counts, so ties resolve the same way and the string sums to the count
-    return (logits.topk(1, dim=1).indices[:, 0] == targets).tolist()
+    return (_top1(logits) == targets).tolist()
 
 
 def evaluate(
@@ -289,10 +294,10 @@ def compare(
             # max() over NaN differences would keep the old maximum
             _check_no_nan(a, f"{desc} (first model)", seen)
             _check_no_nan(b, f"{desc} (second model)", seen)
-            pred_a, pred_b = a.argmax(1), b.argmax(1)
+            pred_a, pred_b = _top1(a), _top1(b)
             same += int((pred_a == pred_b).sum())
-            right_a += _top1_hits(a, targets)
-            right_b += _top1_hits(b, targets)
+            right_a += (pred_a == targets).tolist()
+            right_b += (pred_b == targets).tolist()
             worst = max(worst, float((a - b).abs().max()))
             seen += len(targets)
             bar.update(len(targets))
