@@ -311,6 +311,8 @@ def test_quantize_then_evaluate_deit_tiny(tmp_path: Path, capsys: pytest.Capture
     assert main(argv) == 0, capsys.readouterr().err
     again = json.loads((tmp_path / "ev.json").read_text())
     assert again["quant_top1"] == result["quant_top1"]
+    accuracy = {k for k in result if k.startswith(("fp_", "quant_", "eval_images"))}
+    assert accuracy <= set(again)  # the same accuracy fields (fp_top1_correct was missing)
     assert again["eval_images"] == 40
     # what produced the evaluation, as a quantize run records it; its own command, not the save's
     from dopq.environment import file_sha256
@@ -553,6 +555,7 @@ def test_evaluate_onnx_names_the_widths_of_a_graph_exported_from_python(
     assert code == 0
     result = json.loads(out.read_text())
     assert (result["w_bits"], result["a_bits"]) == (4, 8)
+    assert result["fp_top1_correct"] is None and result["fp_eval_images_per_second"] is None
     assert "onnx W4/A8 on onnxruntime" in capsys.readouterr().out
     assert out.with_suffix(".md").read_text().startswith("## test_vit: onnx W4/A8")
 

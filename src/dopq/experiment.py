@@ -391,18 +391,10 @@ def run_recipe(
         "method": method,
         "w_bits": config.w_bits,
         "a_bits": config.a_bits,
-        "fp_top1": fp.top1 if fp else None,
-        "quant_top1": quant.top1,
-        "fp_top5": fp.top5 if fp else None,
-        "quant_top5": quant.top5,
-        "fp_top1_correct": fp.top1_correct if fp else None,
-        "quant_top1_correct": quant.top1_correct,
+        **_accuracy_fields(quant, fp),
         "calib_seconds": report.calib_seconds,
-        "eval_images": quant.images,
         "eval_dtype": eval_dtype,
         "compiled": s.compile,
-        "eval_images_per_second": quant.images_per_second,
-        "fp_eval_images_per_second": fp.images_per_second if fp else None,
         "timings": {**work.timings, **report.timings},
         "reconstruction": report.reconstruction,
         "gptq": report.gptq,
@@ -420,6 +412,22 @@ def run_recipe(
         **_provenance(work),
     }
     return result, model
+
+
+def _accuracy_fields(quant: EvalResult, fp: EvalResult | None = None) -> dict[str, Any]:
+    """The accuracy fields every result has (``quantize``, ``evaluate --quantized``, ``evaluate
+    --onnx``): the evaluated model's and, where there is one, the float baseline's; None without."""
+    return {
+        "fp_top1": fp.top1 if fp else None,
+        "quant_top1": quant.top1,
+        "fp_top5": fp.top5 if fp else None,
+        "quant_top5": quant.top5,
+        "fp_top1_correct": fp.top1_correct if fp else None,
+        "quant_top1_correct": quant.top1_correct,
+        "eval_images": quant.images,
+        "eval_images_per_second": quant.images_per_second,
+        "fp_eval_images_per_second": fp.images_per_second if fp else None,
+    }
 
 
 def _eval_loader(
@@ -490,15 +498,9 @@ def evaluate_saved(
         "method": "saved",
         "w_bits": config.w_bits,
         "a_bits": config.a_bits,
-        "fp_top1": None,
-        "fp_top5": None,
-        "quant_top1": res.top1,
-        "quant_top5": res.top5,
-        "quant_top1_correct": res.top1_correct,
-        "eval_images": res.images,
+        **_accuracy_fields(res),
         "eval_dtype": eval_dtype,
         "compiled": compile,
-        "eval_images_per_second": res.images_per_second,
         "quantized_path": str(path),
         "quantized_sha256": file_sha256(path),
         "recorded_quant_top1": meta.get("quant_top1"),
@@ -581,13 +583,7 @@ def evaluate_onnx(
         "method": "onnx",
         "w_bits": recipe.get("w_bits", meta.get("w_bits")),  # an API export records no recipe
         "a_bits": recipe.get("a_bits", meta.get("a_bits")),
-        "fp_top1": None,
-        "fp_top5": None,
-        "quant_top1": res.top1,
-        "quant_top5": res.top5,
-        "quant_top1_correct": res.top1_correct,
-        "eval_images": res.images,
-        "eval_images_per_second": res.images_per_second,
+        **_accuracy_fields(res),
         "onnx_path": str(path),
         "onnx_sha256": file_sha256(path),
         "runtime": runtime,
