@@ -14,12 +14,13 @@ from torch import nn
 from dopq.cli import build_parser, main
 from dopq.errors import ConfigError
 from dopq.plots import (
+    check_plot_request,
     collect_attention,
     fit_softmax_quantizers,
     ln_channel_scales,
     plot_attention_levels,
-    plot_from_args,
     plot_ln_scales,
+    write_plots,
 )
 
 NUM_BLOCKS = 6  # test_vit: depth 6, 2 heads, embed 64, 160x160 input in 16x16 patches
@@ -125,12 +126,31 @@ def _plot_argv(data_root: Path, out_dir: Path, *extra: str) -> list[str]:
             "--calib-size", "2", "--bits", "4", "--out-dir", str(out_dir), *extra]  # fmt: skip
 
 
-def test_plot_from_args_writes_both_pngs(data_root: Path, tmp_path: Path) -> None:
-    args = build_parser().parse_args(_plot_argv(data_root, tmp_path, "--block", "2"))
-    paths = plot_from_args(args)
+def test_write_plots_writes_both_pngs(model: nn.Module, images: torch.Tensor, tmp_path: Path) -> None:
+    paths = write_plots(model, images, "test_vit", "all", 2, 4, tmp_path)
     assert paths == [tmp_path / "attention_block2_a4.png", tmp_path / "ln_scales_pair2_a4.png"]
     for path in paths:
         _assert_png(path)
+
+
+def test_plot_requests_are_checked_before_any_data(model: nn.Module) -> None:
+    with pytest.raises(ConfigError, match="plot kind must be one of"):
+        check_plot_request(model, "histogram", 0, 4)
+    with pytest.raises(ConfigError, match=r"--bits must be in 2\.\.8, got 1"):
+        check_plot_request(model, "all", 0, 1)
+    with pytest.raises(ConfigError, match="LayerNorm -> Linear pair index 12 is out of range"):
+        check_plot_request(model, "ln-scales", 12, 4)
+
+
+def test_the_cli_offers_the_plot_kinds_the_library_draws() -> None:
+    import argparse
+
+    from dopq.plots import PLOT_KINDS
+
+    plot = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[
+        "plot"
+    ]
+    assert tuple(next(a for a in plot._actions if a.dest == "kind").choices) == PLOT_KINDS
 
 
 def test_plot_cli(data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -382,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--seed", type=int, default=0)
     pl.add_argument("--bits", type=int, default=4)
     pl.add_argument("--block", type=int, default=0, help="index of the attention / LayerNorm pair")
+    # dopq.plots.PLOT_KINDS, written out: importing dopq.plots (matplotlib) would slow every command
     pl.add_argument("--kind", choices=["attention", "ln-scales", "all"], default="all")
     pl.add_argument("--out-dir", type=Path, default=Path("plots"))
     pl.add_argument("--device", default="cpu")
@@ -613,7 +614,7 @@ def _refuse_given(args: argparse.Namespace, options: dict[str, Any], flag: str, 
 def _check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before a model or image is loaded: numbers, the device, and
     that every output location (--output, --save, --export, --out-dir) can be written."""
-    from dopq.experiment import resolve_device
+    from dopq.devices import resolve_device
     from dopq.files import check_output_dir, check_output_path
 
     for name, low in _LOWER_BOUNDS.items():
@@ -770,9 +771,29 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from dopq.plots import plot_from_args
+    from dopq.data import (
+        build_transform,
+        calibration_indices,
+        load_batch,
+        open_split,
+        preprocess_for,
+        single_line_errors,
+    )
+    from dopq.devices import resolve_device
+    from dopq.models import build_model
+    from dopq.plots import check_plot_request, write_plots
 
-    for path in plot_from_args(args):
+    device = resolve_device(args.device)
+    model = build_model(args.model, args.checkpoint, args.num_classes, args.pretrained)
+    check_plot_request(model, args.kind, args.block, args.bits)  # before touching the data
+    pre, _ = preprocess_for(model, args.checkpoint)
+    dataset = open_split(args.data, args.calib_split, build_transform(pre))
+    with single_line_errors():
+        images = load_batch(dataset, calibration_indices(len(dataset), args.calib_size, args.seed))[0]
+    model = model.to(device)
+    for path in write_plots(
+        model, images.to(device), args.model, args.kind, args.block, args.bits, args.out_dir
+    ):
         print(f"wrote {path}")
     return 0
 

@@ -30,12 +30,11 @@ from dopq.data import (
     SkippedImage,
     build_transform,
     calibration_indices,
-    card_path_for,
     default_workers,
     load_images,
     make_loader,
     open_split,
-    preprocess_from_card,
+    preprocess_for,
     preprocess_from_model,
     resolve_eval_split,
     single_line_errors,
@@ -57,7 +56,6 @@ __all__ = [
     "evaluate_onnx",
     "evaluate_saved",
     "load_workload",
-    "resolve_device",
     "run_recipe",
 ]
 
@@ -113,8 +111,7 @@ def preprocess_overrides(source: Any) -> dict[str, Any]:
 def _preprocess(settings: RunSettings, model: nn.Module) -> tuple[Preprocess, str]:
     """The run's preprocessing and where it came from: the model card beside the checkpoint, else
     the architecture's own ``pretrained_cfg``, with the user's overrides on top."""
-    card = card_path_for(settings.checkpoint) if settings.checkpoint else None
-    pre = preprocess_from_card(card) if card else preprocess_from_model(model)
+    pre, card = preprocess_for(model, settings.checkpoint)
     source = f"card {card}" if card else "the model's pretrained_cfg"
     overrides = preprocess_overrides(settings)
     if overrides:

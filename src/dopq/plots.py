@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import copy
 from pathlib import Path
 
@@ -36,21 +35,9 @@ from torch import nn
 
 from dopq.calibrate import calibrate
 from dopq.config import MAX_BITS, MIN_BITS, SOFTMAX_QUANTIZERS, get_preset
-from dopq.data import (
-    build_transform,
-    calibration_indices,
-    card_path_for,
-    load_batch,
-    open_split,
-    preprocess_from_card,
-    preprocess_from_model,
-    single_line_errors,
-)
 from dopq.errors import ConfigError
-from dopq.experiment import resolve_device
 from dopq.models import (
     QuantPlan,
-    build_model,
     example_input,
     find_layernorm_pairs,
     get_adapter,
@@ -62,12 +49,14 @@ from dopq.quantizers import LevelQuantizer, Quantizer, UniformQuantizer, build_q
 from dopq.reparam import target_scale
 
 __all__ = [
+    "PLOT_KINDS",
+    "check_plot_request",
     "collect_attention",
     "fit_softmax_quantizers",
     "ln_channel_scales",
     "plot_attention_levels",
-    "plot_from_args",
     "plot_ln_scales",
+    "write_plots",
 ]
 
 _COLORS = {"uniform": "tab:blue", "log2": "tab:orange", "logsqrt2": "tab:green", "tanq": "tab:red"}
@@ -322,53 +311,61 @@ def plot_ln_scales(
 
 
 # --------------------------------------------------------------------------------------------------
-# CLI
+# One model's figures (``dopq plot``)
 # --------------------------------------------------------------------------------------------------
 
-
-def _calibration_images(args: argparse.Namespace, model: nn.Module) -> torch.Tensor:
-    card = card_path_for(args.checkpoint) if args.checkpoint else None
-    pre = preprocess_from_card(card) if card else preprocess_from_model(model)
-    dataset = open_split(args.data, args.calib_split, build_transform(pre))
-    indices = calibration_indices(len(dataset), args.calib_size, args.seed)
-    with single_line_errors():
-        return load_batch(dataset, indices)[0]
+PLOT_KINDS = ("attention", "ln-scales", "all")
 
 
-def plot_from_args(args: argparse.Namespace) -> list[Path]:
-    """Run ``dopq plot``: build the model, load calibration images, write the requested PNGs.
+def check_plot_request(model: nn.Module, kind: str, block: int, bits: int) -> None:
+    """Refuse a request :func:`write_plots` cannot draw before any data is read.
+
+    Raises:
+        ConfigError: an unknown kind, ``bits`` outside the supported widths, or ``block`` out of range.
+        ModelError: the model family is not supported.
+    """
+    if kind not in PLOT_KINDS:
+        raise ConfigError(f"plot kind must be one of {PLOT_KINDS}, got {kind!r}")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ConfigError(f"--bits must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
+    adapter = get_adapter(model)
+    if kind in ("attention", "all"):
+        count = sum(type(m) in adapter.attention for m in model.modules())
+        _check_index(block, count, "attention block")
+    if kind in ("ln-scales", "all"):
+        pairs = find_layernorm_pairs(model, example_input(model))
+        _check_index(block, len(pairs), "LayerNorm -> Linear pair")
+
+
+def write_plots(
+    model: nn.Module, images: torch.Tensor, arch: str, kind: str, block: int, bits: int, out_dir: Path
+) -> list[Path]:
+    """Draw ``model``'s figures from calibration ``images``: the attention of the ``block``-th
+    attention module with each post-Softmax quantizer's levels, and/or the post-LN channel scales of
+    the ``block``-th LayerNorm -> Linear pair with the MOSF targets.
 
     Args:
-        args: the parsed ``plot`` arguments (see :func:`dopq.cli.build_parser`).
+        model: the float model (not changed).
+        images: calibration images on the model's device.
+        arch: the model's name, for the titles.
+        kind: ``"attention"``, ``"ln-scales"`` or ``"all"``.
+        block: the attention module's or the pair's index (0-based, forward order).
+        bits: the quantizers' width.
+        out_dir: where the PNGs go.
 
     Returns:
-        The written files: ``attention_block{N}_a{bits}.png`` and/or ``ln_scales_pair{N}_a{bits}.png``
-        in ``args.out_dir``.
+        The written files: ``attention_block{N}_a{bits}.png`` and/or ``ln_scales_pair{N}_a{bits}.png``.
     """
-    if not MIN_BITS <= args.bits <= MAX_BITS:
-        raise ConfigError(f"--bits must be in {MIN_BITS}..{MAX_BITS}, got {args.bits}")
-    device = resolve_device(args.device)
-    model = build_model(args.model, args.checkpoint, args.num_classes, args.pretrained)
-    adapter = get_adapter(model)
-    # check the index before touching the data
-    if args.kind in ("attention", "all"):
-        count = sum(type(m) in adapter.attention for m in model.modules())
-        _check_index(args.block, count, "attention block")
-    if args.kind in ("ln-scales", "all"):
-        pairs = find_layernorm_pairs(model, example_input(model))
-        _check_index(args.block, len(pairs), "LayerNorm -> Linear pair")
-    model = model.to(device)
-    images = _calibration_images(args, model).to(device)
-    arch, n = args.model, args.block
+    check_plot_request(model, kind, block, bits)
     paths = []
-    if args.kind in ("attention", "all"):
-        attn = collect_attention(model, images, n)
-        title = f"{arch}, attention block {n}: post-Softmax values of {len(images)} images"
-        path = args.out_dir / f"attention_block{n}_a{args.bits}.png"
-        paths.append(plot_attention_levels(attn, args.bits, path, title))
-    if args.kind in ("ln-scales", "all"):
-        name, scales, zero_points = ln_channel_scales(model, images, n, args.bits)
-        title = f"{arch}, pair {n} ({name}): {args.bits}-bit per-channel input scales"
-        path = args.out_dir / f"ln_scales_pair{n}_a{args.bits}.png"
+    if kind in ("attention", "all"):
+        attn = collect_attention(model, images, block)
+        title = f"{arch}, attention block {block}: post-Softmax values of {len(images)} images"
+        path = Path(out_dir) / f"attention_block{block}_a{bits}.png"
+        paths.append(plot_attention_levels(attn, bits, path, title))
+    if kind in ("ln-scales", "all"):
+        name, scales, zero_points = ln_channel_scales(model, images, block, bits)
+        title = f"{arch}, pair {block} ({name}): {bits}-bit per-channel input scales"
+        path = Path(out_dir) / f"ln_scales_pair{block}_a{bits}.png"
         paths.append(plot_ln_scales(scales, path, title, zero_points))
     return paths

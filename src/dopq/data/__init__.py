@@ -45,6 +45,7 @@ from dopq.data.preprocess import (
     Preprocess,
     build_transform,
     card_path_for,
+    preprocess_for,
     preprocess_from_card,
     preprocess_from_model,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "load_images",
     "make_loader",
     "open_split",
+    "preprocess_for",
     "preprocess_from_card",
     "preprocess_from_model",
     "resolve_eval_split",

@@ -17,7 +17,14 @@ from dopq.data.archives import logger
 from dopq.errors import DataError
 from dopq.models.loading import model_preprocess
 
-__all__ = ["Preprocess", "build_transform", "card_path_for", "preprocess_from_card", "preprocess_from_model"]
+__all__ = [
+    "Preprocess",
+    "build_transform",
+    "card_path_for",
+    "preprocess_for",
+    "preprocess_from_card",
+    "preprocess_from_model",
+]
 
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 _CARD_KEYS = ("input_size", "mean", "std", "interpolation")
@@ -150,6 +157,20 @@ def preprocess_from_model(model: nn.Module) -> Preprocess:
         The model's preprocessing.
     """
     return Preprocess(**model_preprocess(model))
+
+
+def preprocess_for(
+    model: nn.Module, checkpoint: str | os.PathLike[str] | None = None
+) -> tuple[Preprocess, Path | None]:
+    """A model's preprocessing: the card beside its checkpoint where there is one (the weights were
+    trained with it), else the architecture's ``pretrained_cfg``; and the card read (None without).
+
+    Args:
+        model: the float model.
+        checkpoint: its checkpoint file, if it came from one.
+    """
+    card = card_path_for(checkpoint) if checkpoint else None
+    return (preprocess_from_card(card) if card else preprocess_from_model(model)), card
 
 
 def build_transform(pre: Preprocess) -> Callable[[Image.Image], Tensor]:
