@@ -95,8 +95,10 @@ def _top1(logits: Tensor) -> Tensor:
     return logits.topk(1, dim=1).indices[:, 0]
 
 
-def _top1_hits(logits: Tensor, targets: Tensor) -> list[bool]:
-    return (_top1(logits) == targets).tolist()
+def _hit_string(logits: Tensor, targets: Tensor) -> str:
+    """Per image, ``"1"`` where the top-1 class is the label, else ``"0"`` (a result's
+    ``top1_correct``, which paired tests read)."""
+    return "".join("1" if hit else "0" for hit in (_top1(logits) == targets).tolist())
 
 
 def evaluate(
@@ -129,7 +131,7 @@ def evaluate(
     total = len(loader.dataset) if hasattr(loader, "dataset") else None
     model.eval()
     correct1 = correct5 = seen = 0
-    per_image: list[str] = []
+    per_image: list[str] = []  # one hit string per batch
     start = time.perf_counter()
     bar = tqdm(total=total, desc=desc, unit="img", disable=not progress)
     with torch.inference_mode(), constant_quantization(model), single_line_errors(), bar:
@@ -139,7 +141,7 @@ def evaluate(
             _check_labels_fit(targets, logits.shape[-1])
             _check_no_nan(logits, desc, seen)
             c1, c5 = accuracy_counts(logits, targets)
-            per_image.extend("1" if hit else "0" for hit in _top1_hits(logits, targets))
+            per_image.append(_hit_string(logits, targets))
             correct1, correct5, seen = correct1 + c1, correct5 + c5, seen + len(targets)
             bar.update(len(targets))
             bar.set_postfix(top1=f"{100 * correct1 / seen:.2f}%", refresh=False)
@@ -279,8 +281,8 @@ def compare(
     model_b.eval()
     same = seen = 0
     worst = 0.0
-    right_a: list[bool] = []
-    right_b: list[bool] = []
+    hits_a: list[str] = []  # one hit string per batch, as in evaluate()
+    hits_b: list[str] = []
     total = len(loader.dataset) if hasattr(loader, "dataset") else None
     with (
         torch.inference_mode(),
@@ -296,14 +298,14 @@ def compare(
             _check_no_nan(b, f"{desc} (second model)", seen)
             pred_a, pred_b = _top1(a), _top1(b)
             same += int((pred_a == pred_b).sum())
-            right_a += (pred_a == targets).tolist()
-            right_b += (pred_b == targets).tolist()
+            hits_a.append(_hit_string(a, targets))
+            hits_b.append(_hit_string(b, targets))
             worst = max(worst, float((a - b).abs().max()))
             seen += len(targets)
             bar.update(len(targets))
     if seen == 0:
         raise DataError("comparison got no images; check the split and subset size")
-    as_bits = lambda hits: "".join("1" if h else "0" for h in hits)  # noqa: E731
+    right_a, right_b = "".join(hits_a), "".join(hits_b)
     return Agreement(
-        seen, same / seen, worst, sum(right_a) / seen, sum(right_b) / seen, as_bits(right_a), as_bits(right_b)
+        seen, same / seen, worst, right_a.count("1") / seen, right_b.count("1") / seen, right_a, right_b
     )

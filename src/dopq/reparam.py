@@ -28,6 +28,7 @@ __all__ = [
     "TARGET_RULES",
     "ReparamReport",
     "check_float_change",
+    "fold_factors",
     "fold_layernorm",
     "reparameterize",
     "target_scale",
@@ -64,6 +65,15 @@ def target_scale(rule: str, d: torch.Tensor, z: torch.Tensor) -> tuple[torch.Ten
     return TARGET_RULES[rule](d, z)
 
 
+def fold_factors(
+    d: torch.Tensor, z: torch.Tensor, d_t: torch.Tensor, z_t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The re-parameterization's per-channel factors in float64: ``r = d / d*`` divides the LayerNorm
+    output and multiplies the weight column, ``b = d* (z* - z)`` is the shift put back after it."""
+    d_t64 = d_t.double()
+    return d.double() / d_t64, d_t64 * (z_t.double() - z.double())
+
+
 def fold_layernorm(
     norm: nn.LayerNorm,
     linears: list[nn.Linear],
@@ -82,9 +92,7 @@ def fold_layernorm(
         raise ConfigError(f"ln_shift must be one of {', '.join(LN_SHIFTS)}; got {shift!r}")
     if shift == "input" and not all(isinstance(lin, QuantLinear) for lin in linears):
         raise ConfigError("ln_shift 'input' needs QuantLinear layers (an input_offset slot)")
-    d64, z64, dt, zt = (t.double() for t in (d, z, d_t, z_t))
-    r = d64 / dt
-    b = dt * (zt - z64)
+    r, b = fold_factors(d, z, d_t, z_t)
     with torch.no_grad():
         norm.weight.copy_(norm.weight.double() / r)
         norm.bias.copy_(norm.bias.double() / r - b)
@@ -117,8 +125,7 @@ def _search_target(
     best, best_err = candidates[0], float("inf")
     for d_t, z_t in candidates:
         z_t = z_t.round() if integer_zp else z_t
-        r = d.double() / d_t.double()
-        b = d_t.double() * (z_t.double() - z.double())
+        r, b = fold_factors(d, z, d_t, z_t)  # the fold this candidate would apply
         x_t = fake_quantize_uniform(x.double() / r - b, d_t.double(), z_t.double(), lin.input_quantizer.bits)
         w_t = w * r
         s, zp = wq.searched_qparams(w_t)  # per output channel, as the quantizer searches
