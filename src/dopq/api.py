@@ -18,7 +18,7 @@ from torch import nn
 
 from dopq.calibrate import calibrate, capture_inputs, correct_bias
 from dopq.centring import CentringReport, centre_values
-from dopq.checkpoint import ReconstructionCheckpoint, restore_model
+from dopq.checkpoint import ReconstructionCheckpoint, SavedRun, restore_model
 from dopq.config import RECOMMENDED, QuantConfig, get_preset
 from dopq.errors import ConfigError
 from dopq.gptq import gptq_model
@@ -256,10 +256,10 @@ def _resume_stages(report: QuantizationReport, stages: dict[str, Any]) -> None:
     report.centring = None if centring is None else CentringReport(**centring)
 
 
-def _calibrate_and_reparameterize(
+def _stages_before_reconstruction(
     model: nn.Module, plan: QuantPlan, images: torch.Tensor, config: QuantConfig, report: QuantizationReport
 ) -> None:
-    """Calibration, re-parameterization, GPTQ and bias correction: everything before reconstruction."""
+    """Value centring, calibration, re-parameterization, GPTQ (and its check) and bias correction."""
     timings = report.timings
     if config.centre_values:
         with _timed(timings, "value_centring"):
@@ -277,24 +277,7 @@ def _calibrate_and_reparameterize(
             check_images=images[:4],
             captured=captured,
         )
-    float_weights = nearest = reference = None
-    if config.weight_rounding == "gptq":
-        if config.gptq_check:  # the round-to-nearest model, finished below for the check
-            with _timed(timings, "gptq_check"):
-                reference = float_logits(model, images)
-                nearest = copy.deepcopy(model)
-        with _timed(timings, "gptq"):
-            target = config.gptq_target_used
-            float_weights = gptq_model(
-                model,
-                images,
-                config.gptq_damp,
-                config.gptq_act_order,
-                target=target,
-                target_shrink=config.gptq_target_shrink,
-            )
-            shrink = config.gptq_target_shrink if target == "float" else None
-            report.gptq = {"target": target, "target_shrink": shrink, "layers": len(float_weights)}
+    float_weights, nearest, reference = _gptq_stage(model, images, config, report)
     corrected_logits = None
     if config.bias_correction:  # a stage the recipe skips has no time (repq printed 0.00 s)
         with _timed(timings, "bias_correction"):
@@ -311,6 +294,34 @@ def _calibrate_and_reparameterize(
             )
             report.gptq["check"] = check.to_dict()
             log.info("GPTQ rounding %s: %s", "kept" if check.keep_gptq else "dropped", check)
+
+
+def _gptq_stage(
+    model: nn.Module, images: torch.Tensor, config: QuantConfig, report: QuantizationReport
+) -> tuple[dict[str, torch.Tensor] | None, nn.Module | None, torch.Tensor | None]:
+    """GPTQ rounding where the recipe has it: the float weights it aimed at (for bias correction),
+    and for its calibration check the round-to-nearest model and the float logits; Nones without."""
+    if config.weight_rounding != "gptq":
+        return None, None, None
+    timings = report.timings
+    nearest = reference = None
+    if config.gptq_check:  # the round-to-nearest model, finished by the caller for the check
+        with _timed(timings, "gptq_check"):
+            reference = float_logits(model, images)
+            nearest = copy.deepcopy(model)
+    with _timed(timings, "gptq"):
+        target = config.gptq_target_used
+        float_weights = gptq_model(
+            model,
+            images,
+            config.gptq_damp,
+            config.gptq_act_order,
+            target=target,
+            target_shrink=config.gptq_target_shrink,
+        )
+        shrink = config.gptq_target_shrink if target == "float" else None
+        report.gptq = {"target": target, "target_shrink": shrink, "layers": len(float_weights)}
+    return float_weights, nearest, reference
 
 
 def _correct_bias(
@@ -357,21 +368,12 @@ def quantize_with_report(
     Returns:
         The quantized model (same object; a ``transformers`` model comes back wrapped) and the report.
     """
-    if config is None or isinstance(config, str):
-        config = get_preset(config or RECOMMENDED)
-    elif not isinstance(config, QuantConfig):
-        raise ConfigError(f"config must be a QuantConfig, a preset name or None, got {type(config).__name__}")
-    else:
-        config = config.checked()  # fields assigned after construction are validated too
+    config = _as_config(config)
     if checkpoint is not None and config.reconstruct is None:
         raise ConfigError("a reconstruction checkpoint needs a recipe with reconstruction")
     if config.reconstruct is not None:
         check_processes(config.reconstruct.grad_shards)  # before calibration's work
-    model = as_dopq_model(model)
-    _check_not_quantized(model)
-    dtype = weights_dtype(model, ConfigError)
-    if dtype != torch.float32:
-        raise ConfigError(f"dopq quantizes float32 models; this one is {dtype}: call model.float() first")
+    model = _float32_model(model)
     images = as_image_tensor(calib_data, next(model.parameters()).device, model)
     _check_runs(model, images)
     timings: dict[str, float] = {}
@@ -384,36 +386,75 @@ def quantize_with_report(
     )
     log.info("coverage: %s", plan.coverage.summary())
     if saved is None:
-        _calibrate_and_reparameterize(model, plan, images, config, report)
+        _stages_before_reconstruction(model, plan, images, config, report)
     else:
         restore_model(model, saved, checkpoint.path)
         _resume_stages(report, saved.stages)
     if plan.coverage is not None:
         plan.coverage.softmax_kinds = softmax_kinds(model)
     if config.reconstruct is not None:
-        units = len(plan.adapter.units(model))
-        stages = _stages(report)
-        if checkpoint is not None and saved is None:
-            checkpoint.write(model, stages, None, units)
-
-        def after_unit(state: ReconstructionProgress) -> None:
-            if checkpoint is not None:
-                checkpoint.write(model, stages, state, units)
-
+        # reconstruction's own images stay on the CPU (1024 by default): it moves each batch to the device
         recon_images = images if recon_data is None else as_image_tensor(recon_data, "cpu", model)
-        with _timed(timings, "reconstruction"):
-            report.reconstruction = reconstruct(
-                model,
-                fp_model,
-                plan,
-                recon_images,
-                config,
-                progress=progress,
-                resume_from=None if saved is None else saved.progress,
-                after_unit=after_unit,
-            )
+        _reconstruction_stage(
+            model, fp_model, plan, recon_images, config, report, checkpoint, saved, progress
+        )
     log.info("quantized %s: %s", plan.adapter.family, {k: round(v, 2) for k, v in timings.items()})
     return model, report
+
+
+def _as_config(config: QuantConfig | str | None) -> QuantConfig:
+    """The recipe a ``quantize`` call asks for: a preset by name (None: the recommended one) or a
+    config, validated again (fields assigned after construction are checked too)."""
+    if config is None or isinstance(config, str):
+        return get_preset(config or RECOMMENDED)
+    if not isinstance(config, QuantConfig):
+        raise ConfigError(f"config must be a QuantConfig, a preset name or None, got {type(config).__name__}")
+    return config.checked()
+
+
+def _float32_model(model: nn.Module) -> nn.Module:
+    """``model`` as dopq quantizes it (a ``transformers`` model wrapped), refused unless it is a
+    float32 model that dopq has not quantized already."""
+    model = as_dopq_model(model)
+    _check_not_quantized(model)
+    dtype = weights_dtype(model, ConfigError)
+    if dtype != torch.float32:
+        raise ConfigError(f"dopq quantizes float32 models; this one is {dtype}: call model.float() first")
+    return model
+
+
+def _reconstruction_stage(
+    model: nn.Module,
+    fp_model: nn.Module,
+    plan: QuantPlan,
+    images: torch.Tensor,
+    config: QuantConfig,
+    report: QuantizationReport,
+    checkpoint: ReconstructionCheckpoint | None,
+    saved: SavedRun | None,
+    progress: bool,
+) -> None:
+    """Block reconstruction, checkpointed after calibration (unless resumed) and after every unit."""
+    units = len(plan.adapter.units(model))
+    stages = _stages(report)
+    if checkpoint is not None and saved is None:
+        checkpoint.write(model, stages, None, units)
+
+    def after_unit(state: ReconstructionProgress) -> None:
+        if checkpoint is not None:
+            checkpoint.write(model, stages, state, units)
+
+    with _timed(report.timings, "reconstruction"):
+        report.reconstruction = reconstruct(
+            model,
+            fp_model,
+            plan,
+            images,
+            config,
+            progress=progress,
+            resume_from=None if saved is None else saved.progress,
+            after_unit=after_unit,
+        )
 
 
 def quantize(

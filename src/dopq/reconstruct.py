@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from dopq import distributed
 from dopq.config import QuantConfig, ReconstructConfig
+from dopq.errors import ConfigError
 from dopq.models import QuantPlan
 from dopq.modules import QuantConv2d, QuantLinear, quantized_weight
 from dopq.quantizers import DropNoise, Quantizer, TanQQuantizer, UniformQuantizer
@@ -510,7 +511,8 @@ def reconstruct(
         Per-unit losses and times plus totals, JSON-ready.
     """
     rcfg = config.reconstruct
-    assert rcfg is not None  # guarded by the caller
+    if rcfg is None:
+        raise ConfigError("reconstruct() needs a recipe with reconstruction settings (config.reconstruct)")
     check_processes(rcfg.grad_shards)
     bits = min(config.w_bits, config.a_bits)
     iters = rcfg.iters_for(bits)
@@ -527,15 +529,7 @@ def reconstruct(
     q_calls = bound_units(model, q_units, images[:1].to(device))
     fp_calls = bound_units(fp_model, fp_units, images[:1].to(device))
     fp_units = dict(fp_units)
-    stats: list[dict[str, Any]] = []
-    done, seconds_before = 0, 0.0
-    if resume_from is not None:
-        if resume_from.names != names:
-            raise ValueError(f"the progress to resume is for units {resume_from.names}, not {names}")
-        done, seconds_before = resume_from.done, resume_from.seconds
-        stats = [dict(u) for u in resume_from.units]
-        generator.set_state(resume_from.batch_rng)
-        drop_generator.set_state(resume_from.drop_rng)
+    done, seconds_before, stats = _resume(resume_from, names, generator, drop_generator)
     t_start = time.perf_counter()
     previous: tuple[nn.Module, torch.Tensor, torch.Tensor] | None = None  # unit, its inputs, its targets
     outer = tqdm(total=len(q_units), initial=done, desc="reconstruct", disable=not progress, unit="block")
@@ -545,6 +539,7 @@ def reconstruct(
         if chained and previous is not None:
             # the previous (already reconstructed) unit's outputs are this unit's inputs, and the float
             # targets it was fitted to are this float unit's inputs: one unit's work, not a forward
+            # (unpacked and dropped first, so each cached tensor is freed as soon as it is used)
             prev_unit, prev_inputs, fp_inputs = previous
             previous = None
             inputs = _apply(prev_unit, prev_inputs, cache_bs)
@@ -587,6 +582,30 @@ def reconstruct(
                 )
             )
     outer.close()
+    return _summary(rcfg, iters, int(images.shape[0]), seconds_before + time.perf_counter() - t_start, stats)
+
+
+def _resume(
+    resume_from: ReconstructionProgress | None,
+    names: list[str],
+    generator: torch.Generator,
+    drop_generator: torch.Generator,
+) -> tuple[int, float, list[dict[str, Any]]]:
+    """Units done, seconds spent and per-unit stats so far; the random states set where the
+    interrupted run left them (nothing done without a progress to resume)."""
+    if resume_from is None:
+        return 0, 0.0, []
+    if resume_from.names != names:
+        raise ValueError(f"the progress to resume is for units {resume_from.names}, not {names}")
+    generator.set_state(resume_from.batch_rng)
+    drop_generator.set_state(resume_from.drop_rng)
+    return resume_from.done, resume_from.seconds, [dict(u) for u in resume_from.units]
+
+
+def _summary(
+    rcfg: ReconstructConfig, iters: int, images: int, seconds: float, units: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The JSON-ready record of a reconstruction: its settings as used and the per-unit results."""
     return {
         "iters_per_unit": iters,
         "rounding": rcfg.rounding,
@@ -594,8 +613,8 @@ def reconstruct(
         "lr_weight": rcfg.lr_weight_for(iters),
         "lr_act": rcfg.lr_act_for(iters),
         "lr_bias": rcfg.lr_bias_for(iters) if rcfg.learn_bias else None,
-        "images": int(images.shape[0]),
+        "images": images,
         "batch_size": rcfg.batch_size,
-        "seconds": seconds_before + time.perf_counter() - t_start,
-        "units": stats,
+        "seconds": seconds,
+        "units": units,
     }
