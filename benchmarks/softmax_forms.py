@@ -36,7 +36,7 @@ from dopq.api import quantize
 from dopq.config import get_preset
 from dopq.environment import command_line
 from dopq.export import OnnxModel
-from dopq.export.deploy import SoftmaxLevels
+from dopq.export.matmul import SoftmaxLevels
 from dopq.export.openvino_runtime import compile_model
 from dopq.export.symbolic import counted_levels, qdq, tan_levels
 from dopq.modules import QuantMatMul

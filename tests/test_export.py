@@ -29,8 +29,9 @@ from conftest import tiny_vit as _vit
 from dopq.cli import main
 from dopq.errors import ExportError
 from dopq.export import INTEGER_OPS, OnnxModel, export_onnx, optimized_op_counts, read_metadata, to_deploy
-from dopq.export.deploy import BIAS_CODE_LIMIT, DeployLinear, SoftmaxLevels, _bias_codes
 from dopq.export.float64_gelu import GELU_ARGMIN, boundary_pre_images, exact_float64_gelu
+from dopq.export.linear import BIAS_CODE_LIMIT, DeployLinear, _bias_codes
+from dopq.export.matmul import SoftmaxLevels
 from dopq.export.runtime import inexact_here, onnx_metadata, optimized_graph
 from dopq.export.symbolic import integer_linear, qdq, quantize_codes
 from dopq.modules import QuantConv2d, QuantLinear, QuantMatMul, float64_copy

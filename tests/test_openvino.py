@@ -32,7 +32,8 @@ from dopq.export import (
     optimized_op_counts,
     to_deploy,
 )
-from dopq.export.deploy import DeployLinear, DeployMatMul, symmetric_weights
+from dopq.export.linear import DeployLinear, symmetric_weights
+from dopq.export.matmul import DeployMatMul
 from dopq.export.openvino_runtime import compile_model
 from dopq.export.symbolic import int8_shift
 from dopq.models import qkv_paths

@@ -37,8 +37,9 @@ from torch import nn
 
 from dopq.config import FLOAT_DTYPES
 from dopq.errors import ExportError
-from dopq.export.deploy import DeployLinear, WeightCodes, to_deploy
+from dopq.export.deploy import to_deploy
 from dopq.export.float64_gelu import exact_float64_gelu
+from dopq.export.linear import DeployLinear, WeightCodes
 from dopq.export.qdq_placement import hoist_qdq, merge_split_qdq
 from dopq.export.qkv_scale import share_qkv_scales
 from dopq.export.symbolic import CONTRIB_DOMAIN
@@ -377,7 +378,7 @@ def export_onnx(
         path: the ``.onnx`` file to write (atomically).
         opset: ONNX opset, ``MIN_OPSET`` (13) to 21; 4-bit weights are stored as INT4 from 21.
         integer_levels: round post-Softmax levels to 8-bit fixed point so ``attn @ v`` is an integer
-            MatMul too (see :class:`dopq.export.deploy.DeployMatMul`).
+            MatMul too (see :class:`dopq.export.matmul.DeployMatMul`).
         metadata: JSON-ready entries stored in the model's ``metadata_props``.
         float_dtype: ``"float32"`` (QDQ for onnxruntime's fused integer kernels: the fast graph) or
             ``"float64"`` (float parts in float64, products as ``MatMulInteger``: it reproduces the

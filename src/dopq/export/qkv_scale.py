@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from dopq.export.deploy import ActivationQDQ, DeployLinear, DeployMatMul
+from dopq.export.linear import DeployLinear
+from dopq.export.matmul import DeployMatMul
+from dopq.export.qdq import ActivationQDQ
 from dopq.export.symbolic import int8_shift
 from dopq.models import QKVPath, qkv_paths
 
