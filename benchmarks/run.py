@@ -49,7 +49,8 @@ from typing import Any
 
 import torch
 
-from dopq.config import QuantConfig, ReconstructConfig, get_preset
+from dopq.config import MAX_BITS, MIN_BITS, QuantConfig, ReconstructConfig, get_preset
+from dopq.errors import DopqError
 from dopq.experiment import RunSettings, Workload, environment, load_workload, run_recipe
 from dopq.files import atomic_path
 from dopq.stress import rescale_layernorm_channels
@@ -288,6 +289,34 @@ _SUITES_ELSEWHERE = {
 _OWN_SUITES = ("foundation", "ablation", "stress", "timing", "recon", "recon-unit")
 
 
+# suites that take the outlier-stressed DeiT-Tiny as a model name beside the shared architectures
+_STRESS_SUITES = ("calib-gains", "error-budget")
+
+
+def _count(least: int) -> Any:
+    """An argparse type: an integer of at least ``least`` (0 or 1); a bad one is a usage error, not a
+    traceback from deep inside a suite."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise ValueError(text)
+        return value
+
+    parse.__name__ = "non-negative integer" if least == 0 else "positive integer"
+    return parse
+
+
+def _width_spec(text: str) -> str:
+    """An argparse type: ``W/A`` bit widths, each in MIN_BITS..MAX_BITS (kept as written: the suites parse it)."""
+    w, sep, a = text.partition("/")
+    if not (sep and all(x.isdigit() and MIN_BITS <= int(x) <= MAX_BITS for x in (w, a))):
+        raise argparse.ArgumentTypeError(
+            f"expected W/A with each in {MIN_BITS}..{MAX_BITS}, e.g. 4/8, got {text!r}"
+        )
+    return text
+
+
 def recipe_labels(suite: str) -> list[str] | None:
     """The names ``--recipes`` picks from in ``suite`` (None: a suite that takes presets by name)."""
     if suite in ("ablation", "stress"):
@@ -311,6 +340,13 @@ def _check_recipes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None
         p.error("calib-gains-timing measures every recipe against dopq: add dopq to --recipes")
 
 
+def _check_models(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``stress`` is a model of the suites that build it; elsewhere it failed with a KeyError."""
+    if "stress" in args.models and args.suite not in _STRESS_SUITES:
+        p.error(f"--models stress: only {' and '.join(_STRESS_SUITES)} build the outlier-stressed model; "
+                f"choose from {', '.join(MODELS)}")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -319,13 +355,23 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--shared", default=str(ROOT.parent.parent / "shared"))
     p.add_argument("--data-file", default="cifar10-jpeg.tar.gz", help="archive under <shared>/data")
-    p.add_argument("--models", nargs="+", default=list(MODELS))
-    p.add_argument("--bits", nargs="+", type=int, default=[3, 4, 6])
-    p.add_argument("--eval-subset", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument(
+        "--models", nargs="+", default=list(MODELS), choices=[*MODELS, "stress"], metavar="MODEL",
+        help=f"{', '.join(MODELS)}; stress: the outlier-stressed DeiT-Tiny (calib-gains, error-budget)",
+    )  # fmt: skip
+    p.add_argument(
+        "--bits",
+        nargs="+",
+        type=int,
+        default=[3, 4, 6],
+        choices=range(MIN_BITS, MAX_BITS + 1),
+        metavar="BITS",
+    )
+    p.add_argument("--eval-subset", type=_count(1), default=1000)
+    p.add_argument("--batch-size", type=_count(1), default=100)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=_count(0), default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--repeats", type=_count(1), default=3)
     p.add_argument(
         "--recipes",
         nargs="+",
@@ -336,15 +382,18 @@ def main(argv: list[str] | None = None) -> None:
         default="",
         help="result name suffix (ablation, calib-gains, speed), e.g. _eval5000 for another protocol",
     )
-    p.add_argument("--recon-calib-size", type=int, default=1024)
-    p.add_argument("--recon-iters", type=int)
-    p.add_argument("--recon-batch-size", type=int, default=64)
+    p.add_argument("--recon-calib-size", type=_count(1), default=1024)
+    p.add_argument("--recon-iters", type=_count(1))
+    p.add_argument("--recon-batch-size", type=_count(1), default=64)
     p.add_argument("--recon-drop-prob", type=float, help="QDrop probability (default: the library's rule)")
     p.add_argument(
-        "--recon-grad-shards", type=int, default=2, help="distributed: gradient shards of the sharded runs"
+        "--recon-grad-shards",
+        type=_count(1),
+        default=2,
+        help="distributed: gradient shards of the sharded runs",
     )
     p.add_argument("--recon-name", default="recon_cpu")
-    p.add_argument("--speed-batch", type=int, default=256, help="speed: images per forward")
+    p.add_argument("--speed-batch", type=_count(1), default=256, help="speed: images per forward")
     p.add_argument("--speed-compile", action="store_true", help="speed: also through torch.compile")
     p.add_argument("--speed-profile", action="store_true", help="speed: profile one eager dopq batch")
     p.add_argument("--results-dir", type=Path, help="where the JSON goes (default benchmarks/results)")
@@ -355,11 +404,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--widths",
         nargs="+",
+        type=_width_spec,
         help="deploy, calib-gains: W/A widths, e.g. 4/8 (deploy: 8/8 4/8 4/4; calib-gains: --bits)",
     )
     p.add_argument(
         "--calib-size",
-        type=int,
+        type=_count(1),
         default=32,
         help="calib-gains: calibration images per seed (default 32, the RepQ-ViT protocol); fewer is a stress case",
     )
@@ -405,21 +455,27 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     _check_recipes(p, args)
+    _check_models(p, args)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("dopq.reconstruct").setLevel(logging.INFO)  # one line per reconstructed unit
     if args.results_dir:
         _RESULTS_DIR[0] = args.results_dir
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.suite in _SUITES_ELSEWHERE:  # suites in their own modules, called with the shared helpers
-        module = importlib.import_module(_SUITES_ELSEWHERE[args.suite])
-        getattr(module, f"suite_{args.suite.replace('-', '_')}")(args, workload, save)
-    elif args.suite == "render":
-        from render import render
+    try:
+        if args.suite in _SUITES_ELSEWHERE:  # suites in their own modules, called with the shared helpers
+            module = importlib.import_module(_SUITES_ELSEWHERE[args.suite])
+            getattr(module, f"suite_{args.suite.replace('-', '_')}")(args, workload, save)
+        elif args.suite == "render":
+            from render import render
 
-        render(RESULTS, ROOT.parent / "docs" / "RESULTS.md")
-    else:
-        globals()[f"suite_{args.suite.replace('-', '_')}"](args)
+            render(RESULTS, ROOT.parent / "docs" / "RESULTS.md")
+        else:
+            globals()[f"suite_{args.suite.replace('-', '_')}"](args)
+    except (
+        DopqError
+    ) as exc:  # bad input (a data path, a recipe option): one line, as the dopq command prints it
+        p.exit(2, f"{p.prog}: error: {exc}\n")
 
 
 if __name__ == "__main__":

@@ -52,3 +52,49 @@ def test_every_recipe_name_the_docs_run_is_known() -> None:
     assert {"dopq", "recommended", "repq", "recommended+gptq-d1-check", "dopq+gptq-float-half"} <= set(gains)
     assert {"repq+tanq", "repq+exact-zp", "dopq"} <= set(run.recipe_labels("ablation"))
     assert run.recipe_labels("deploy") is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["calib-gains", "--widths", "4x4"], "argument --widths: expected W/A with each in 2..8"),
+        (["deploy", "--widths", "4/"], "argument --widths: expected W/A"),
+        (["calib-gains", "--widths", "9/9"], "argument --widths: expected W/A with each in 2..8"),
+        (["ablation", "--bits", "9"], "argument --bits: invalid choice: 9"),
+        (["ablation", "--models", "deit"], "argument --models: invalid choice: 'deit'"),
+        (["ablation", "--models", "stress"], "--models stress: only calib-gains and error-budget"),
+        (["timing", "--threads", "-1"], "argument --threads: invalid non-negative integer value: '-1'"),
+        (["foundation", "--eval-subset", "0"], "argument --eval-subset: invalid positive integer value: '0'"),
+        (["calib-gains", "--repeats", "0"], "argument --repeats: invalid positive integer value: '0'"),
+    ],
+)
+def test_a_bad_argument_is_one_error_line_before_any_work(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Malformed widths, bits out of range, an unknown model or a negative count stopped a suite with a
+    traceback (ValueError, KeyError, ConfigError), some after loading the model and data."""
+    run = _run_module(monkeypatch)
+    with pytest.raises(SystemExit) as stop:
+        run.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_input_found_by_a_suite_is_one_error_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dopq's own input errors (a missing data archive) end the run as the dopq command ends it."""
+    from dopq.errors import DataError
+
+    run = _run_module(monkeypatch)
+
+    def missing(*args: object, **kwargs: object) -> None:
+        raise DataError("data path /nowhere/cifar10.tar does not exist")
+
+    monkeypatch.setattr(run, "workload", missing)
+    with pytest.raises(SystemExit) as stop:
+        run.main(["ablation", "--data-file", "cifar10.tar"])
+    assert stop.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith(": error: data path /nowhere/cifar10.tar does not exist")
