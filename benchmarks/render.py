@@ -1316,7 +1316,16 @@ def _sections(results: Path) -> list[Section]:
         data = json.loads(path.read_text())
         if "rows" not in data:  # the timing files
             continue
-        if path.stem.endswith(
+        note = ", tighter activation clips" if "_actwide" in path.stem else ""
+        note = ", GPTQ's float target" if "_asym" in path.stem else note
+        note = ", GPTQ's float target half way" if "_half" in path.stem else note
+        note = ", patch embedding and head weights at 8 bits (edge_w_bits)" if "_edge" in path.stem else note
+        note = (
+            ", TanQ's thresholds on the 2^-16 grid (dopq) against its exact midpoints"
+            if "_grid" in path.stem
+            else note
+        )
+        over_seeds = path.stem.endswith(
             (
                 "_preset",
                 "_widetanq",
@@ -1329,9 +1338,13 @@ def _sections(results: Path) -> list[Section]:
                 "_all5k",
                 "_w33_ties",
             )
-        ):  # over seeds; subfolders merge
-            merged = _load(results, path.stem)
-            note = next((n for suffix, n in _PRESET_NOTES.items() if path.stem.endswith(suffix)), "")
+        )
+        # the one-column table shows one row per recipe and width: a run over several seeds under
+        # another suffix gets the table with a column per seed (it showed the first seed alone)
+        if over_seeds or len({r.get("seed") for r in _load(results, path.stem)["rows"]}) > 1:
+            merged = _load(results, path.stem)  # subfolders merge
+            if over_seeds:
+                note = next((n for suffix, n in _PRESET_NOTES.items() if path.stem.endswith(suffix)), "")
             lines, sources = _preset_table(merged, note), (path.stem,)
             pooled = next((p for p in _POOLED_WITH.items() if path.stem.endswith(p[0])), None)
             if pooled is not None:
@@ -1342,15 +1355,6 @@ def _sections(results: Path) -> list[Section]:
                 sources += tuple(stems)
             add(accuracy, lines, sources, merged)
             continue
-        note = ", tighter activation clips" if "_actwide" in path.stem else ""
-        note = ", GPTQ's float target" if "_asym" in path.stem else note
-        note = ", GPTQ's float target half way" if "_half" in path.stem else note
-        note = ", patch embedding and head weights at 8 bits (edge_w_bits)" if "_edge" in path.stem else note
-        note = (
-            ", TanQ's thresholds on the 2^-16 grid (dopq) against its exact midpoints"
-            if "_grid" in path.stem
-            else note
-        )
         add(accuracy, _calib_gains_table(data, note), (path.stem,), data)
     for stem in sorted({p.stem for p in results.rglob("error_budget*.json")}):  # one table per model set
         add(accuracy, _error_budget_table(_load(results, stem)), (stem,))

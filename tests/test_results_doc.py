@@ -312,3 +312,31 @@ def test_cpu_headings_name_the_family_and_model_numbers_where_recorded() -> None
         render._cpu_label({"cpu": {"model": "AMD EPYC", "integer_isa": []}})
         == "AMD EPYC, no integer ISA extension"
     )
+
+
+def test_a_calib_gains_run_over_seeds_shows_every_seed_whatever_its_suffix(tmp_path: Path) -> None:
+    """``calib-gains --seeds 0 1`` under a suffix the renderer does not list (``_edge``) got the
+    one-column table, which showed the first seed's rows alone: seed 1 was in no table."""
+    render = benchmark_module("render")
+
+    def row(method: str, seed: int, top1: float, correct: str) -> dict:
+        return dict(model="deit_tiny_patch16_224", method=method, w_bits=3, a_bits=3, seed=seed,
+                    fp_top1=0.75, quant_top1=top1, eval_images=4, calib_seconds=2.0 + seed,
+                    calib_forward_equivalents=5.0, quant_top1_correct=correct, recipe={"w_bits": 3, "a_bits": 3})  # fmt: skip
+
+    rows = [row("dopq", 0, 0.5, "1100"), row("recommended", 0, 0.75, "1110"),
+            row("dopq", 1, 0.25, "1000"), row("recommended", 1, 0.625, "1011")]  # fmt: skip
+    results = tmp_path / "results"
+    results.mkdir()
+    data = {
+        "command": "run.py calib-gains --seeds 0 1 --suffix _probe",
+        "threads": 1,
+        "seeds": [0, 1],
+        "rows": rows,
+    }
+    (results / "calib_gains_deit_probe.json").write_text(json.dumps(data))
+    target = tmp_path / "RESULTS.md"
+    render.render(results, target)
+    text = target.read_text()
+    assert "| W3/A3 | recommended | 75.0, +1 / -0 (p=1) | 62.5, +2 / -0 (p=0.5) | 68.75 |" in text
+    assert "| W3/A3 | dopq | 50.0 | 25.0 | 37.50 |" in text
