@@ -167,19 +167,23 @@ def suite_stress(args: argparse.Namespace) -> None:
 
 
 def suite_timing(args: argparse.Namespace) -> None:
+    """Calibration wall time of repq and dopq (W4/A4), the two alternated within every repeat so that
+    load from anything else running falls on both alike; medians and their ratio."""
+    from dopq.api import quantize_with_report
+
     work = workload(args, "deit_tiny_patch16_224")
     work.settings.fp_eval = False
-    out: dict[str, Any] = {}
-    for method in ("repq", "dopq"):
-        times = []
-        for _ in range(args.repeats):
+    methods = ("repq", "dopq")
+    times: dict[str, list[float]] = {method: [] for method in methods}
+    for _ in range(args.repeats):
+        for method in methods:
             model = copy.deepcopy(work.model)
-            from dopq.api import quantize_with_report
-
             _, report = quantize_with_report(model, work.calib_images, get_preset(method), progress=False)
-            times.append(report.calib_seconds)
-        out[method] = {"calib_seconds": times, "median": statistics.median(times)}
-        print(f"  {method}: calib {times}", flush=True)
+            times[method].append(report.calib_seconds)
+    out: dict[str, Any] = {}
+    for method in methods:
+        out[method] = {"calib_seconds": times[method], "median": statistics.median(times[method])}
+        print(f"  {method}: calib {times[method]}", flush=True)
     out["dopq_over_repq"] = out["dopq"]["median"] / out["repq"]["median"]
     save(f"timing_{torch.get_num_threads()}threads", out)
 

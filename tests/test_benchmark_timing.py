@@ -1,6 +1,8 @@
-"""The deploy benchmark's timing loop: interleaved repeats, every repeat kept."""
+"""The benchmarks' timing loops: interleaved repeats, every repeat kept."""
 
 from __future__ import annotations
+
+import torch
 
 from conftest import benchmark_module
 
@@ -15,3 +17,32 @@ def test_deploy_timing_interleaves_the_models_and_keeps_every_repeat() -> None:
     assert calls == ["fp32", "w8a8", "w4a8"] + ["fp32", "fp32", "w8a8", "w8a8", "w4a8", "w4a8"] * 3
     assert {k: len(v) for k, v in times.items()} == {"fp32": 3, "w8a8": 3, "w4a8": 3}
     assert set(bench.timed_runs(models, None, repeats=3)) == set(models)
+
+
+def test_timing_alternates_repq_and_dopq_within_each_repeat(monkeypatch, tmp_path) -> None:
+    """``run.py timing`` ran every repq repeat, then every dopq one: a load that came or went
+    between the two blocks moved the ratio. The medians are of each method's own times."""
+    import types
+
+    import dopq.api
+
+    run = benchmark_module("run")
+    calls: list[str] = []
+    seconds = iter([5.0, 1.0, 3.0, 2.0, 4.0, 9.0])  # repq, dopq, repq, dopq, ...
+
+    def fake_quantize(model, images, config, progress=False):
+        calls.append("dopq" if config.softmax_quantizer == "tanq" else "repq")
+        return model, types.SimpleNamespace(calib_seconds=next(seconds))
+
+    work = types.SimpleNamespace(
+        model=torch.nn.Linear(2, 2), calib_images=None, settings=types.SimpleNamespace()
+    )
+    saved = {}
+    monkeypatch.setattr(dopq.api, "quantize_with_report", fake_quantize)
+    monkeypatch.setattr(run, "workload", lambda args, arch: work)
+    monkeypatch.setattr(run, "save", lambda name, payload: saved.update(payload))
+    run.main(["timing", "--repeats", "3", "--results-dir", str(tmp_path)])
+    assert calls == ["repq", "dopq"] * 3
+    assert saved["repq"] == {"calib_seconds": [5.0, 3.0, 4.0], "median": 4.0}
+    assert saved["dopq"] == {"calib_seconds": [1.0, 2.0, 9.0], "median": 2.0}
+    assert saved["dopq_over_repq"] == 0.5
