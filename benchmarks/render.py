@@ -1401,8 +1401,8 @@ def _sections(results: Path) -> list[Section]:
         add(speed, _speed_table(json.loads(path.read_text()), path.stem), (path.stem,))
     for path in sorted(results.glob("timing_*threads.json")):
         add(speed, _timing(path), (path.stem,))
-    timing_names = sorted({p.stem for p in results.glob("calib_gains_timing_*_w*a*.json")})
-    for name in ("calib_gains_timing", "calib_gains_timing_float", *timing_names):
+    # calib-gains-timing writes calib_gains_timing<suffix>, and <suffix>_w<W>a<A> per --widths
+    for name in sorted({p.stem for p in results.rglob("calib_gains_timing*.json")}):
         data = _load(results, name)
         if data:
             add(speed, _calib_gains_timing(data), (name,))
@@ -1686,15 +1686,33 @@ def _check_unique(text: str, path: Path) -> None:
         seen.add(anchor(title))
 
 
+def _check_rendered(results: Path, sections: list[Section]) -> None:
+    """Every result file has a table: one that none reads would sit in the provenance table alone,
+    its numbers in no table (``deploy*.json`` rows also reach the summary without a section)."""
+    shown = {name for s in sections if s.topic != "Provenance" for name in s.sources}
+    missing = sorted(
+        p.relative_to(results).as_posix()
+        for p in results.rglob("*.json")
+        if p.stem not in shown and not p.stem.startswith("deploy")
+    )
+    if missing:
+        raise ValueError(
+            f"no table renders {', '.join(missing)}: name the file as its suite does (benchmarks/run.py) "
+            "or give it a table in benchmarks/render.py"
+        )
+
+
 def render(results: Path, target: Path, archive: Path | None = None) -> None:
     """Write the generated parts of ``target`` (RESULTS.md: the summary, then the current sections by
     topic) and of ``archive`` (default: ``results-archive.md`` beside it: the superseded sections).
 
     Raises:
-        ValueError: two headings of one document would have the same anchor.
+        ValueError: two headings of one document would have the same anchor, or a result file
+            has no table.
     """
     archive = archive or target.with_name("results-archive.md")
     sections = _sections(results)
+    _check_rendered(results, sections)
     text = target.read_text() if target.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
     if SUMMARY_BEGIN not in text:
         text = text.replace(BEGIN, f"{SUMMARY_BEGIN}\n{SUMMARY_END}\n\n{BEGIN}", 1)

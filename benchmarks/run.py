@@ -476,9 +476,13 @@ def main(argv: list[str] | None = None) -> None:
             render(RESULTS, ROOT.parent / "docs" / "RESULTS.md")
         else:
             globals()[f"suite_{args.suite.replace('-', '_')}"](args)
-    except (
-        DopqError
-    ) as exc:  # bad input (a data path, a recipe option): one line, as the dopq command prints it
+    except DopqError as exc:
+        # bad input (a data path, a recipe option): one line, as the dopq command prints it
+        p.exit(2, f"{p.prog}: error: {exc}\n")
+    except ValueError as exc:
+        if args.suite != "render":
+            raise
+        # a render refusal (a result file without a table, two equal headings) is one line too
         p.exit(2, f"{p.prog}: error: {exc}\n")
 
 

@@ -340,3 +340,23 @@ def test_a_calib_gains_run_over_seeds_shows_every_seed_whatever_its_suffix(tmp_p
     text = target.read_text()
     assert "| W3/A3 | recommended | 75.0, +1 / -0 (p=1) | 62.5, +2 / -0 (p=0.5) | 68.75 |" in text
     assert "| W3/A3 | dopq | 50.0 | 25.0 | 37.50 |" in text
+
+
+def test_every_result_file_gets_a_table_or_the_render_says_which_has_none(tmp_path: Path) -> None:
+    """``calib-gains-timing --widths 3/3`` without ``--suffix`` writes ``calib_gains_timing_w3a3.json``,
+    which no pattern matched: it was in the provenance table only, and so would any misnamed file be."""
+    render = benchmark_module("render")
+    results = tmp_path / "results"
+    results.mkdir()
+    timing = {"command": "run.py calib-gains-timing --widths 3/3", "threads": 1, "model": "deit_tiny_patch16_224",
+              "bits": 3, "a_bits": 3, "recipes": {
+                  "dopq": {"calib_seconds": [2.0], "median": 2.0, "over_dopq": 1.0},
+                  "recommended": {"calib_seconds": [5.0], "median": 5.0, "over_dopq": 2.5}}}  # fmt: skip
+    (results / "calib_gains_timing_w3a3.json").write_text(json.dumps(timing))
+    target = tmp_path / "RESULTS.md"
+    render.render(results, target)
+    assert "- recommended: calibration 5.0 s, median 5.0 s, 2.50x dopq" in target.read_text()
+    (results / "sub").mkdir()
+    (results / "sub" / "my_probe.json").write_text(json.dumps({"command": "probe", "rows": []}))
+    with pytest.raises(ValueError, match=r"no table renders sub/my_probe\.json"):
+        render.render(results, target)
