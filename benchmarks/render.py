@@ -1059,8 +1059,8 @@ def _preset_table(data: dict[str, Any], note: str = "") -> list[str]:
                 if pair:
                     deltas.append((pair["gained"] - pair["lost"]) / r["eval_images"])
             top1 = [r["quant_top1"] for r in mine.values()]
-            fwd = statistics.median_high(r["calib_forward_equivalents"] for r in mine.values())
-            secs = statistics.median_high(r["calib_seconds"] for r in mine.values())
+            fwd = statistics.median(r["calib_forward_equivalents"] for r in mine.values())
+            secs = statistics.median(r["calib_seconds"] for r in mine.values())
             worst = f"{100 * min(deltas):+.1f}" if deltas else ""
             lines.append(f"| W{w}/A{a} | {method} | " + " | ".join(cells)
                          + f" | {_pct(sum(top1) / len(top1), 2)} | {worst} | {fwd:.1f} ({secs:.1f} s) |")  # fmt: skip
@@ -1575,7 +1575,7 @@ def _calibration_cell(data: dict[str, Any], row: dict[str, Any]) -> str:
         return "—"
     if "seed" in row:  # a run over calibration seeds: the median (one seed's time can catch a loaded machine)
         key = ("model", "method", "w_bits", "a_bits")
-        seconds = statistics.median_high(
+        seconds = statistics.median(
             r["calib_seconds"]
             for r in data.get("rows", [])
             if r.get("calib_seconds") is not None and all(r.get(k) == row.get(k) for k in key)

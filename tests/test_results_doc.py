@@ -360,3 +360,17 @@ def test_every_result_file_gets_a_table_or_the_render_says_which_has_none(tmp_pa
     (results / "sub" / "my_probe.json").write_text(json.dumps({"command": "probe", "rows": []}))
     with pytest.raises(ValueError, match=r"no table renders sub/my_probe\.json"):
         render.render(results, target)
+
+
+def test_the_calibration_median_over_an_even_number_of_seeds_is_the_median() -> None:
+    """The preset tables' "median over seeds" took the upper of the two middle values (median_high):
+    over 2, 4 or 10 seeds it was the slower seed's time, not the median the caption names."""
+    render = benchmark_module("render")
+
+    def row(seed: int, forwards: float, seconds: float) -> dict:
+        return dict(model="deit_tiny_patch16_224", method="dopq", w_bits=3, a_bits=3, seed=seed, fp_top1=0.75,
+                    quant_top1=0.5, eval_images=2, calib_seconds=seconds, calib_forward_equivalents=forwards,
+                    quant_top1_correct="10", recipe={"w_bits": 3, "a_bits": 3})  # fmt: skip
+
+    data = {"command": "probe", "threads": 1, "rows": [row(0, 4.0, 2.0), row(1, 6.0, 3.0)]}
+    assert "| W3/A3 | dopq | 50.0 | 50.0 | 50.00 |  | 5.0 (2.5 s) |" in render._preset_table(data)
