@@ -1266,6 +1266,13 @@ ARCHIVED = {
 }
 
 
+OLDER_SUITES = {
+    # result file -> what wrote it, where today's benchmarks/run.py refuses its recorded command
+    "deploy": "the deploy suite before commit f588489, which replaced it with the onnxruntime and OpenVINO rows "
+    "of `deploy_runtimes*.json` (today's `run.py deploy` refuses `--integer-attention`)",
+}
+
+
 @dataclass
 class Section:
     """One generated section: its lines (the first is its ``###`` heading), the result files it
@@ -1433,6 +1440,9 @@ def _by_topic(sections: list[Section], archived: bool) -> list[str]:
             if archived:
                 why = "; ".join(dict.fromkeys(ARCHIVED[n] for n in section.sources))
                 lines += [f"Superseded by {why}.", ""]
+            older = [OLDER_SUITES[n] for n in section.sources if n in OLDER_SUITES]
+            if older and section.topic != "Provenance":
+                lines += [f"Written by {'; '.join(older)}.", ""]
             lines += section.lines[2:]
     return lines
 

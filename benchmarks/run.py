@@ -351,7 +351,9 @@ def _check_models(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 f"choose from {', '.join(MODELS)}")  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The parser and ``argv`` parsed and checked (a bad argument exits with status 2 and one line):
+    what a recorded command is checked against."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "suite",
@@ -460,6 +462,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     _check_recipes(p, args)
     _check_models(p, args)
+    return p, args
+
+
+def main(argv: list[str] | None = None) -> None:
+    p, args = parse_arguments(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("dopq.reconstruct").setLevel(logging.INFO)  # one line per reconstructed unit
     if args.results_dir:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -374,3 +375,38 @@ def test_the_calibration_median_over_an_even_number_of_seeds_is_the_median() -> 
 
     data = {"command": "probe", "threads": 1, "rows": [row(0, 4.0, 2.0), row(1, 6.0, 3.0)]}
     assert "| W3/A3 | dopq | 50.0 | 50.0 | 50.00 |  | 5.0 (2.5 s) |" in render._preset_table(data)
+
+
+def _recorded_run_commands() -> list[tuple[str, list[str]]]:
+    """Each result file's recorded ``benchmarks/run.py`` commands, as argument lists."""
+    found = []
+    for path in sorted(RESULTS_DIR.rglob("*.json")):
+        data = json.loads(path.read_text())
+        parts = [data, *(v for v in data.values() if isinstance(v, dict))]  # deploy: per-part commands
+        for command in dict.fromkeys(d["command"] for d in parts if isinstance(d.get("command"), str)):
+            argv = shlex.split(command)
+            argv = argv[1:] if argv and Path(argv[0]).name.startswith("python") else argv
+            if argv and Path(argv[0]).name == "run.py":
+                found.append((path.stem, argv[1:]))
+    return found
+
+
+def test_every_recorded_command_is_one_that_run_py_accepts_or_the_table_says_why_not(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A command beside a table must be one a user can run again: deploy.json's named an option the
+    deploy suite no longer has, with nothing saying so."""
+    run, render = benchmark_module("run"), benchmark_module("render")
+    refused = set()
+    for stem, argv in _recorded_run_commands():
+        try:
+            run.parse_arguments(argv)
+        except SystemExit:
+            refused.add(stem)
+    capsys.readouterr()
+    assert refused == set(render.OLDER_SUITES), (
+        "a recorded command that run.py refuses needs render.OLDER_SUITES"
+    )
+    text = RESULTS_MD.read_text()
+    for note in render.OLDER_SUITES.values():
+        assert f"Written by {note}." in text
