@@ -366,10 +366,12 @@ def _speed_table(data: dict[str, Any], name: str) -> list[str]:
     compiled = any("compiled_fp" in r for r in rows)
     where = "GPU" if name.startswith("speed_cuda") else "CPU"
     kind = "eager and compiled" if compiled else "eager"
+    # runs before the models' passes alternated timed each model's passes in a block of its own
+    passes = "passes, the models' in turn," if rows[0].get("passes") == "interleaved" else "passes"
     lines = [f"### Speed on the {where}, simulated quantization, {kind} ({name})", "",
              f"Command: `{data['command']}` ({data['device_name']}, {data['threads']} threads). Images/s of the "
              f"model alone over {rows[0]['images']} strided test images held in memory, batch {rows[0]['batch']}, "
-             f"median of {settings['repeats']} passes after a warm-up pass; calibration wall time at W4/A4 on "
+             f"median of {settings['repeats']} {passes} after a warm-up pass; calibration wall time at W4/A4 on "
              f"32 images, median of {settings['repeats']}.", ""]  # fmt: skip
     head = ["model", "FP32 img/s"] + [f"dopq W{b}/A{b} img/s (x FP)" for b in widths]
     if "fp_ops_per_forward" in rows[0]:

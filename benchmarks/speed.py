@@ -5,7 +5,7 @@
 Per model: images/s of the float model and of dopq W4/A4 / W3/A3 (simulated quantization) over the
 strided evaluation images held on the device (model time only, so the ratio is the quantizers' cost,
 not the loader's), timed with the device synchronized, median of ``--repeats`` passes after a warm-up
-pass; and the calibration wall time of repq and dopq on the 32 calibration images, alternated, median
+pass, the models' passes interleaved; and the calibration wall time of repq and dopq on the 32 calibration images, alternated, median
 of ``--repeats`` after one untimed run of each.
 
 ``--speed-compile`` adds the same timings through ``torch.compile`` (``dopq.evaluate.CompiledModel``,
@@ -16,6 +16,7 @@ eager dopq model's busiest kernels for one batch (torch.profiler).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
 import time
@@ -38,11 +39,15 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def images_per_second(model: nn.Module, images: torch.Tensor, batch: int, repeats: int) -> float:
-    """Median images/s of ``model`` over ``images`` (already on its device) in batches of ``batch``."""
+def images_per_second(
+    models: dict[str, nn.Module], images: torch.Tensor, batch: int, repeats: int
+) -> dict[str, float]:
+    """Median images/s of each model over ``images`` (already on their device) in batches of
+    ``batch``: one warm-up pass each, then ``repeats`` rounds of one pass per model in turn, so that
+    load from anything else running falls on every model alike and their ratios hold."""
     device = images.device
 
-    def one_pass() -> float:
+    def one_pass(model: nn.Module) -> float:
         _sync(device)
         t0 = time.perf_counter()
         for i in range(0, images.shape[0], batch):
@@ -50,9 +55,16 @@ def images_per_second(model: nn.Module, images: torch.Tensor, batch: int, repeat
         _sync(device)
         return time.perf_counter() - t0
 
-    with constant_quantization(model):  # as dopq.evaluate runs a model
-        one_pass()  # warm-up: kernels chosen, caches filled
-        return images.shape[0] / statistics.median(one_pass() for _ in range(repeats))
+    with contextlib.ExitStack() as stack:
+        for model in models.values():
+            stack.enter_context(constant_quantization(model))  # as dopq.evaluate runs a model
+        for model in models.values():
+            one_pass(model)  # warm-up: kernels chosen, caches filled
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(repeats):
+            for name, model in models.items():
+                times[name].append(one_pass(model))
+    return {name: images.shape[0] / statistics.median(t) for name, t in times.items()}
 
 
 @torch.inference_mode()
@@ -62,11 +74,11 @@ def predictions(model: nn.Module, images: torch.Tensor, batch: int) -> torch.Ten
         return torch.cat([model(images[i : i + batch]).float() for i in range(0, images.shape[0], batch)])
 
 
-def compiled_speed(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int, repeats: int
-) -> dict[str, Any]:
-    """Images/s of ``model`` through ``torch.compile``, its compile time (the first pass over every
-    batch shape), and its agreement with the eager model on the same images."""
+def compiled_agreement(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch: int
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``model`` through ``torch.compile``, with its compile time (the first pass over every batch
+    shape) and its agreement with the eager model on the same images."""
     eager = predictions(model, images, batch)
     compiled = CompiledModel(model)
     device = images.device
@@ -76,8 +88,7 @@ def compiled_speed(
     _sync(device)
     first_pass = time.perf_counter() - t0
     labels = labels.to(device)
-    return {
-        "images_per_second": images_per_second(compiled, images, batch, repeats),
+    return compiled, {
         "first_pass_seconds": first_pass,
         "top1_eager": float((eager.argmax(1) == labels).float().mean()),
         "top1_compiled": float((fused.argmax(1) == labels).float().mean()),
@@ -159,21 +170,31 @@ def calibration_seconds(
 
 
 def _eager_row(args: Any, arch: str, model: nn.Module, images: torch.Tensor, calib: torch.Tensor) -> dict:
-    """Eager images/s of FP and dopq at each width (and a profile), and the calibration times."""
+    """Eager images/s of FP and dopq at each width, timed interleaved (and a profile), and the
+    calibration times."""
     batch = args.speed_batch
-    row: dict[str, Any] = {"model": arch, "batch": batch, "images": int(images.shape[0])}
-    row["fp_images_per_second"] = images_per_second(model, images, batch, args.repeats)
+    row: dict[str, Any] = {
+        "model": arch,
+        "batch": batch,
+        "images": int(images.shape[0]),
+        "passes": "interleaved",
+    }
     row["fp_ops_per_forward"] = ops_per_forward(model, images[:2])
-    for bits in args.bits:
-        q = quantize(
+    quantized = {
+        f"dopq_w{bits}a{bits}": quantize(
             copy.deepcopy(model), calib, get_preset("dopq", w_bits=bits, a_bits=bits), progress=False
         )
-        ips = images_per_second(q, images, batch, args.repeats)
-        row[f"dopq_w{bits}a{bits}_images_per_second"] = ips
-        row[f"dopq_w{bits}a{bits}_over_fp"] = ips / row["fp_images_per_second"]
-        row[f"dopq_w{bits}a{bits}_ops_per_forward"] = ops_per_forward(q, images[:2])
+        for bits in args.bits
+    }
+    speeds = images_per_second({"fp": model, **quantized}, images, batch, args.repeats)
+    row["fp_images_per_second"] = speeds["fp"]
+    for bits in args.bits:
+        name, q = f"dopq_w{bits}a{bits}", quantized[f"dopq_w{bits}a{bits}"]
+        row[f"{name}_images_per_second"] = speeds[name]
+        row[f"{name}_over_fp"] = speeds[name] / speeds["fp"]
+        row[f"{name}_ops_per_forward"] = ops_per_forward(q, images[:2])
         if args.speed_profile and bits == args.bits[0]:
-            row[f"dopq_w{bits}a{bits}_profile"] = kernel_profile(q, images[:batch])
+            row[f"{name}_profile"] = kernel_profile(q, images[:batch])
     times = calibration_seconds(model, calib, ("repq", "dopq"), args.repeats)
     row["calib_seconds"] = times
     row["dopq_over_repq_calibration"] = statistics.median(times["dopq"]) / statistics.median(times["repq"])
@@ -183,11 +204,16 @@ def _eager_row(args: Any, arch: str, model: nn.Module, images: torch.Tensor, cal
 def _compiled_into(row: dict, args: Any, model: nn.Module, images, labels, calib) -> None:
     """The same models through torch.compile, added to ``row``."""
     batch, bits = args.speed_batch, args.bits[0]
-    row["compiled_fp"] = compiled_speed(model, images, labels, batch, args.repeats)
+    compiled_fp, row["compiled_fp"] = compiled_agreement(model, images, labels, batch)
     q = quantize(copy.deepcopy(model), calib, get_preset("dopq", w_bits=bits, a_bits=bits), progress=False)
-    fused = compiled_speed(q, images, labels, batch, args.repeats)
-    fused["over_compiled_fp"] = fused["images_per_second"] / row["compiled_fp"]["images_per_second"]
-    fused["over_eager_fp"] = fused["images_per_second"] / row["fp_images_per_second"]
+    compiled_q, fused = compiled_agreement(q, images, labels, batch)
+    # eager FP again in the same run: both ratios from one interleaved timing
+    timed = {"fp": compiled_fp, "dopq": compiled_q, "eager_fp": model}
+    speeds = images_per_second(timed, images, batch, args.repeats)
+    row["compiled_fp"]["images_per_second"] = speeds["fp"]
+    fused["images_per_second"] = speeds["dopq"]
+    fused["over_compiled_fp"] = speeds["dopq"] / speeds["fp"]
+    fused["over_eager_fp"] = speeds["dopq"] / speeds["eager_fp"]
     row[f"compiled_dopq_w{bits}a{bits}"] = fused
     torch._dynamo.reset()  # the compiled graphs hold the models' tensors
 
