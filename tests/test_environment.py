@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dopq import environment as env
-from dopq.environment import INTEGER_ISA, cpu_info, environment
+from dopq.environment import INTEGER_ISA, command_line, cpu_info, environment
 
 on_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
 
@@ -96,3 +96,21 @@ def test_environment_records_the_cpu() -> None:
     assert record["cpu"] == cpu_info()
     assert record["device_name"] == record["cpu"]["model"]
     assert set(record) >= {"command", "versions", "git", "device_name", "cpu", "threads"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["benchmarks/run.py", "timing", "--threads", "1"], "python benchmarks/run.py timing --threads 1"),
+        (["/my dir/run.py", "render"], "python '/my dir/run.py' render"),
+        (["/usr/bin/dopq", "quantize", "--resume"], "dopq quantize"),
+        (["/opt/tool", "--data", "a b"], "/opt/tool --data 'a b'"),
+    ],
+)
+def test_the_recorded_command_is_one_a_shell_runs_again(
+    argv: list[str], expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A benchmark run as ``python benchmarks/run.py ...`` recorded ``benchmarks/run.py ...``, which a
+    shell cannot run (the script is not executable), and a path with a space unquoted."""
+    monkeypatch.setattr(sys, "argv", argv)
+    assert command_line() == expected

@@ -71,8 +71,13 @@ def command_line() -> str:
     if _DOPQ_ARGV is not None:
         prog, argv = "dopq", _DOPQ_ARGV
     else:
-        name = Path(sys.argv[0]).name
-        prog, argv = ("dopq" if name in ("dopq", "cli.py", "__main__.py") else sys.argv[0]), sys.argv[1:]
+        name, argv = Path(sys.argv[0]).name, sys.argv[1:]
+        if name in ("dopq", "cli.py", "__main__.py"):
+            prog = "dopq"
+        elif name.endswith(".py"):  # a script such as benchmarks/run.py: not executable on its own
+            prog = f"python {shlex.quote(sys.argv[0])}"
+        else:
+            prog = shlex.quote(sys.argv[0])
     return " ".join([prog, *(shlex.quote(a) for a in argv if a != "--resume")])
 
 
