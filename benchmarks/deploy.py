@@ -212,6 +212,15 @@ def _peer_nncf(fp_path: Path, out: Path, calib: torch.Tensor) -> None:
     ov.save_model(quantized, str(out))
 
 
+TIMING_BATCH = 32  # throughput is timed on the first 32 evaluation images, latency on one
+
+
+def timing_batch(work: Any) -> torch.Tensor:
+    """The evaluation images throughput is timed on: the first :data:`TIMING_BATCH`, fewer where
+    ``--eval-subset`` is smaller (images/s are counted over the images the batch holds)."""
+    return torch.stack([work.eval_dataset[i][0] for i in work.eval_indices[:TIMING_BATCH]])
+
+
 def _runtimes_of(entry: dict[str, Any]) -> tuple[str, ...]:
     return entry.get("runtimes", RUNTIMES)
 
@@ -285,7 +294,8 @@ def _deploy_timing(args, work, arch: str, models: dict[str, dict[str, Any]], thr
         for runtime in _runtimes_of(entry)
     }
     _RUNNERS.append(runners)  # freed after the results are saved (see _RUNNERS)
-    batch = torch.stack([work.eval_dataset[i][0] for i in work.eval_indices[:32]])
+    batch = timing_batch(work)
+    n = batch.shape[0]
     # every repeat's time is kept, so that the spread and paired ratios can be read from the file
     batch_times = interleaved_times(runners, batch, args.repeats)
     through = {k: statistics.median(v) for k, v in batch_times.items()}
@@ -297,10 +307,10 @@ def _deploy_timing(args, work, arch: str, models: dict[str, dict[str, Any]], thr
         rows.append({
             "model": arch, "method": entry.get("method", label), "w_bits": entry["w_bits"],
             "a_bits": entry["a_bits"], "runtime": runtime, "label": label,
-            "images_per_second": 32 / seconds, "throughput_ratio": through[fp] / seconds,
+            "batch": n, "images_per_second": n / seconds, "throughput_ratio": through[fp] / seconds,
             "latency_ms": 1e3 * latency[(label, runtime)], "latency_ratio": latency[fp] / latency[(label, runtime)],
             "bytes": _size(path), "size_ratio": _size(path) / _size(models["fp32"]["path"]),
-            "fp32_images_per_second": 32 / through[fp], "repeats": args.repeats,
+            "fp32_images_per_second": n / through[fp], "repeats": args.repeats,
             "batch_seconds": batch_times[(label, runtime)],
         })  # fmt: skip
         if "recipe" in entry:
@@ -546,7 +556,8 @@ def _float64_timing(args, work, arch: str, tmp: Path, threads: int) -> dict[int,
         _, model, _ = _float64_model(work, bits)
         for dtype, report in _export_both(model, arch, bits, tmp).items():
             sessions[(bits, dtype)] = OnnxModel(report.path, threads=threads)
-    batch = torch.stack([work.eval_dataset[i][0] for i in work.eval_indices[:32]])
+    batch = timing_batch(work)
+    n = batch.shape[0]
     through = timed_runs(sessions, batch, args.repeats, 1)
     latency = timed_runs(sessions, batch[:1], args.repeats, 10)
     entries: dict[int, dict[str, Any]] = {}
@@ -554,11 +565,11 @@ def _float64_timing(args, work, arch: str, tmp: Path, threads: int) -> dict[int,
         e: dict[str, Any] = {}
         for dtype in ("float64", "float32"):
             key = (bits, dtype)
-            e[f"{dtype}_images_per_second"] = 32 / through[key]
+            e[f"{dtype}_images_per_second"] = n / through[key]
             e[f"{dtype}_throughput_ratio"] = through["fp32"] / through[key]
             e[f"{dtype}_latency_ms"] = 1e3 * latency[key]
             e[f"{dtype}_latency_ratio"] = latency["fp32"] / latency[key]
-        e.update(fp32_images_per_second=32 / through["fp32"], fp32_latency_ms=1e3 * latency["fp32"],
+        e.update(batch=n, fp32_images_per_second=n / through["fp32"], fp32_latency_ms=1e3 * latency["fp32"],
                  fp32_bytes=fp_path.stat().st_size, onnx_threads=threads, repeats=args.repeats)  # fmt: skip
         entries[bits] = e
         print(f"  {arch} W{bits}/A{bits}: float64 {e['float64_images_per_second']:.1f} img/s "

@@ -638,8 +638,10 @@ def _deploy_runtimes_table(data: dict[str, Any], what: str = "") -> list[str]:
         if part in data:
             lines.append(f"{part.capitalize()}: `{data[part]['command']}` ({data[part]['threads']} threads)")
             lines.append("")
+    # runs before the timing batch was recorded all timed 32 images
+    batch = next((r["batch"] for r in data["rows"] if "batch" in r), 32)
     lines += [
-        "Speed: medians of interleaved repeats in one run, batch 32 (throughput) and batch 1 (latency), "
+        f"Speed: medians of interleaved repeats in one run, batch {batch} (throughput) and batch 1 (latency), "
         "against the FP32 ONNX model on the same runtime; sizes against the FP32 ONNX file. Integer "
         "kernels: the integer ops onnxruntime runs after its fusions, or OpenVINO's compiled "
         "FullyConnected / MatMul / Convolution layers by runtime precision.",
@@ -661,7 +663,7 @@ def _deploy_runtimes_table(data: dict[str, Any], what: str = "") -> list[str]:
             f"**{model}**: FP32 {fp_text}",
             "",
             "| model | runtime | simulated top-1 | runtime top-1 | identical top-1 % | max logit diff | "
-            "images/s (b32) | x FP32 | latency ms (b1) | x FP32 | MB | x FP32 | integer kernels |",
+            f"images/s (b{batch}) | x FP32 | latency ms (b1) | x FP32 | MB | x FP32 | integer kernels |",
             "|---" * 13 + "|",
         ]
         for r in sub:
@@ -794,7 +796,8 @@ def _float64_table(data: dict[str, Any]) -> list[str]:
              "`sim32` / `sim64`: the simulation in float32 / float64 "
              "(`--eval-dtype`); `threads`: the float64 simulation and graph again on another thread count.", "",
              "| model | bits | sim32 top-1 | sim64 top-1 | onnxruntime float64 top-1 | identical top-1 % (vs sim64) | "
-             "max logit diff | sim32 vs sim64 identical % | threads: identical % (images) | float64 images/s (b32) | "
+             "max logit diff | sim32 vs sim64 identical % | threads: identical % (images) | "
+             f"float64 images/s (b{r0.get('batch', 32)}) | "
              "x FP32 | float32 export images/s | x FP32 | float64 latency ms (b1) | x FP32 | MB | x FP32 |",
              "|---" * 17 + "|"]  # fmt: skip
     for r in rows:

@@ -46,3 +46,28 @@ def test_timing_alternates_repq_and_dopq_within_each_repeat(monkeypatch, tmp_pat
     assert saved["repq"] == {"calib_seconds": [5.0, 3.0, 4.0], "median": 4.0}
     assert saved["dopq"] == {"calib_seconds": [1.0, 2.0, 9.0], "median": 2.0}
     assert saved["dopq_over_repq"] == 0.5
+
+
+def test_deploy_throughput_counts_the_images_its_batch_holds(monkeypatch, tmp_path) -> None:
+    """With ``--eval-subset`` under 32 the timed batch holds fewer images, but images/s divided 32 by
+    the batch's time: an 8-image run reported four times its speed."""
+    import time
+    import types
+
+    import dopq.export
+
+    deploy = benchmark_module("deploy")
+
+    def runtime(path, kind, threads):
+        return lambda batch: time.sleep(1e-3 * batch.shape[0])  # 1 ms per image
+
+    monkeypatch.setattr(dopq.export, "load_runtime", runtime)
+    fp = tmp_path / "fp32.onnx"
+    fp.write_bytes(b"0" * 10)
+    models = {"fp32": {"path": fp, "w_bits": 32, "a_bits": 32, "runtimes": ("onnxruntime",)}}
+    work = types.SimpleNamespace(eval_dataset=[(torch.zeros(3), 0)] * 8, eval_indices=list(range(8)))
+    (row,) = deploy._deploy_timing(types.SimpleNamespace(repeats=2), work, "probe", models, 1)
+    deploy._RUNNERS.clear()
+    assert row["images_per_second"] < 1000  # 8 images at 1 ms each: about 900, never 32 / 8 ms = 4000
+    assert row["batch"] == 8
+    assert row["images_per_second"] == row["fp32_images_per_second"] and row["throughput_ratio"] == 1.0
