@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -173,7 +172,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     out: dict[str, Any] = {
         "suite": "hf_deit_tiny",
-        "command": "python " + " ".join(sys.argv),
         "hf_folder_written": str(folder),
         "same_preprocess": works["timm"].preprocess == works["hf"].preprocess,
         "same_calibration_images": torch.equal(works["timm"].calib_images, works["hf"].calib_images),
@@ -206,10 +204,11 @@ def suite_hf_deit(args: argparse.Namespace, workload: Any, save: Any) -> None:
     """``benchmarks/run.py hf-deit``: writes ``hf_deit_tiny.json`` (``save`` adds the environment)."""
     out = run(args)
     save(f"hf_deit_tiny{args.suffix}", out)
-    fp = out["fp"]
-    print(
-        f"FP timm {fp['timm_top1']:.4f} hf {fp['hf_top1']:.4f} identical {fp['identical_top1_predictions']:.4f}"
-    )
+    fp = out.get("fp")  # none with --hf-skip-fp
+    if fp:
+        print(
+            f"FP timm {fp['timm_top1']:.4f} hf {fp['hf_top1']:.4f} identical {fp['identical_top1_predictions']:.4f}"
+        )
     for row in out["rows"]:
         print(
             f"W{row['w_bits']}A{row['a_bits']} timm {row['timm']['quant_top1']:.4f} hf {row['hf']['quant_top1']:.4f} "

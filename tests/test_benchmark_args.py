@@ -98,3 +98,16 @@ def test_bad_input_found_by_a_suite_is_one_error_line(
     assert stop.value.code == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.endswith(": error: data path /nowhere/cifar10.tar does not exist")
+
+
+def test_hf_deit_without_its_float_pass_finishes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hf-deit --hf-skip-fp`` (a command its docstring gives) saved its file, then stopped with a
+    KeyError printing the float comparison it had skipped."""
+    run = _run_module(monkeypatch)
+    import hf_deit  # the module run.py dispatches to, by name
+
+    monkeypatch.setattr(hf_deit, "run", lambda args: {"suite": "hf_deit_tiny", "rows": []})
+    saved: dict[str, object] = {}
+    monkeypatch.setattr(run, "save", lambda name, payload: saved.update({name: payload}))
+    run.main(["hf-deit", "--bits", "3", "--suffix", "_w3", "--hf-skip-fp"])
+    assert list(saved) == ["hf_deit_tiny_w3"]
