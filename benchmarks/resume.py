@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--signal", choices=["SIGTERM", "SIGINT", "SIGKILL"], default="SIGTERM")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/dopq_resume"))
     parser.add_argument("--name", default="resume_deit")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the JSON goes")
     args = parser.parse_args()
     argv = _command(args)
     signum = getattr(signal, args.signal)
@@ -119,8 +121,10 @@ def main() -> None:
     units_whole = {u["unit"]: u["seconds"] for u in whole["reconstruction"]["units"]}
     dropped_unit = whole["reconstruction"]["units"][args.stop_after]["unit"]
     out = {
-        "command": "benchmarks/resume.py " + " ".join(sys.argv[1:]),
-        "dopq_command": "dopq " + " ".join(argv),
+        # as the other benchmarks record it (dopq.environment.provenance): a command a shell runs again
+        "command": f"python {shlex.join(sys.argv)}",
+        "working_directory": str(Path.cwd()),
+        "dopq_command": f"dopq {shlex.join(argv)}",
         "threads": args.threads,
         "note": "the uninterrupted and the interrupted run ran side by side, one process each, on a shared "
         "2-core machine; times are wall times under that load",
@@ -151,10 +155,11 @@ def main() -> None:
         },
         "versions": whole["versions"],
         "git": whole["git"],
+        "cpu": whole.get("cpu"),
         "device_name": whole["device_name"],
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{args.name}.json"
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    path = args.results_dir / f"{args.name}.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({k: v for k, v in out.items() if k not in ("whole", "resumed")}, indent=1))
     print(f"wrote {path}")
