@@ -1739,3 +1739,14 @@ def render(results: Path, target: Path, archive: Path | None = None) -> None:
         _check_unique(content, path)
     target.write_text(text)
     archive.write_text(archived)
+
+
+# `python benchmarks/render.py` imported this module and exited 0 without rendering: it renders as
+# `python benchmarks/run.py render` does
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import run
+
+    run.main(["render"])

@@ -410,3 +410,15 @@ def test_every_recorded_command_is_one_that_run_py_accepts_or_the_table_says_why
     text = RESULTS_MD.read_text()
     for note in render.OLDER_SUITES.values():
         assert f"Written by {note}." in text
+
+
+def test_running_render_py_renders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``python benchmarks/render.py`` imported the module, rendered nothing and exited 0."""
+    import runpy
+    import sys
+    import types
+
+    calls: list[list[str]] = []
+    monkeypatch.setitem(sys.modules, "run", types.SimpleNamespace(main=calls.append))
+    runpy.run_path(str(ROOT / "benchmarks" / "render.py"), run_name="__main__")
+    assert calls == [["render"]]
