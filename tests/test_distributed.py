@@ -166,8 +166,13 @@ def test_a_process_stopped_after_its_own_error_line_adds_no_second_line() -> Non
     assert silent.stderr.count("\n") == 1, silent.stderr
 
 
-def _spawn_rank(rank: int, argv: list[str], port: int, cwd: Path) -> subprocess.Popen[str]:
-    env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+def _spawn_rank(
+    rank: int, argv: list[str], port: int, cwd: Path, local_rank: int | None = None
+) -> subprocess.Popen[str]:
+    """Process ``rank`` of 2 (``local_rank=0``: each on its own machine, as torchrun's
+    ``--nnodes 2 --nproc-per-node 1`` starts them)."""
+    local = rank if local_rank is None else local_rank
+    env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(local), WORLD_SIZE="2",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     return subprocess.Popen([sys.executable, "-m", "dopq", *argv], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
@@ -243,3 +248,55 @@ def test_reconstruction_on_more_processes_than_gradient_shards_is_one_clear_erro
     )
     assert len(errors) == 2, done.stderr[-3000:]  # one line per process, before any work
     assert not (tmp_path / "r.json").exists()
+
+
+def _two_machines(argv: list[str], tmp_path: Path, prepare) -> list[tuple[int, str]]:
+    """``argv`` run as processes 0 and 1 of two "machines": each from its own folder
+    ``tmp_path/node<rank>`` (relative paths, outputs), after ``prepare(folder, rank)``; each
+    process's exit status and stderr."""
+    port, procs = _free_port(), []
+    for rank in (0, 1):
+        folder = tmp_path / f"node{rank}"
+        folder.mkdir()
+        prepare(folder, rank)
+        procs.append(_spawn_rank(rank, argv, port, folder, local_rank=0))
+    return [(p.wait(timeout=300), p.communicate()[1]) for p in procs]
+
+
+def test_processes_that_read_other_weights_or_images_stop_with_one_line(
+    tiny_root: Path, tmp_path: Path
+) -> None:
+    """Each machine reads ``w.pt`` and ``data`` from its own folder. A different weights file on
+    machine 1 gave a float accuracy mixed from two models, and a different image folder a result
+    mixed from two listings, without a word (process 0's calibrated model overwrote the rest)."""
+    import timm
+
+    weights = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        weights.append(timm.create_model("test_vit", num_classes=3).state_dict())
+    argv = ["quantize", "--model", "test_vit", "--checkpoint", "w.pt", "--num-classes", "3", "--data", "data",
+            "--calib-size", "2", "--threads", "1", "--workers", "0", "--quiet", "--output", "r.json"]  # fmt: skip
+
+    def other_weights(folder: Path, rank: int) -> None:
+        shutil.copytree(tiny_root, folder / "data")
+        torch.save(weights[rank], folder / "w.pt")
+
+    def other_images(folder: Path, rank: int) -> None:
+        shutil.copytree(tiny_root, folder / "data")
+        torch.save(weights[0], folder / "w.pt")
+        if rank == 1:
+            (folder / "data" / "test" / "c" / "4.jpg").unlink()
+
+    for name, prepare, what in (
+        ("w", other_weights, "model weights"),
+        ("d", other_images, "listing of the 'test' split"),
+    ):
+        (tmp_path / name).mkdir()
+        for status, err in _two_machines(argv, tmp_path / name, prepare):
+            errors = [ln for ln in err.splitlines() if ln.startswith("dopq: error:")]  # not the card warning
+            assert status == 2 and len(errors) == 1, err[-2000:]
+            assert errors[0].startswith(f"dopq: error: process 1 differs from process 0 in its {what}"), (
+                errors
+            )
+        assert not (tmp_path / name / "node0" / "r.json").exists()

@@ -228,8 +228,9 @@ def all_gather_objects(obj: T) -> list[T]:
     return out
 
 
-def check_same(what: str, value: Any) -> None:
-    """Stop every process with one clear line if ``value`` differs between processes.
+def check_same(what: str, value: Any, hint: str = "every process must run the same command") -> None:
+    """Stop every process with one clear line if ``value`` differs between processes (``hint``
+    ends the line: what to do about it).
 
     Raises:
         DistributedError: naming the first process whose ``value`` differs from process 0's.
@@ -239,7 +240,7 @@ def check_same(what: str, value: Any) -> None:
         if other != values[0]:
             raise DistributedError(
                 f"process {rank} differs from process 0 in its {what} "
-                f"({_short(other)} vs {_short(values[0])}); every process must run the same command"
+                f"({_short(other)} vs {_short(values[0])}); {hint}"
             )
 
 

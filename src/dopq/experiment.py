@@ -236,6 +236,7 @@ def load_workload(settings: RunSettings) -> Workload:
     eval_idx = strided_indices(len(eval_ds), settings.eval_subset)
     trained = bool(settings.checkpoint or settings.pretrained or settings.model.startswith(HF_PREFIX))
     check_labels(getattr(model, "num_classes", None), eval_ds, calib_ds, trained)
+    check_same_inputs(model, calib_ds, eval_ds)
     distributed.shard(eval_idx)  # more processes than images: say so before any work
     idx = calibration_indices(len(calib_ds), settings.calib_size, settings.seed)
     with single_line_errors():
@@ -278,6 +279,31 @@ def fp_baseline(work: Workload, progress: bool = True) -> EvalResult:
         model = copy.deepcopy(work.model).to(work.settings.device)
         work.fp_result = _evaluate(work, model, "fp32", progress)
     return work.fp_result
+
+
+def check_same_inputs(model: nn.Module, *datasets: Any) -> None:
+    """Under torchrun, refuse to go on unless every process built the same model and listed the
+    same images. Each process reads them from its own paths, which on another machine may hold
+    another file under the same name; process 0's calibrated parameters would overwrite the
+    difference, but each process evaluates its share of the images with its own float model and
+    files, so the float accuracy (and any other listing's labels) would be silently wrong.
+
+    Raises:
+        DistributedError: naming the first process whose model or image listing differs.
+    """
+    if distributed.current().world_size == 1:
+        return
+    weights = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        weights.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        weights.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    hint = "every process must read the same files (on each machine, the same copies)"
+    distributed.check_same("model weights (SHA-256)", weights.hexdigest()[:16], hint)
+    for ds in datasets:
+        listing = hashlib.sha256(repr((ds.classes, ds.samples)).encode()).hexdigest()[:16]
+        distributed.check_same(
+            f"listing of the {ds.split!r} split (SHA-256 of its classes and files)", listing, hint
+        )
 
 
 def _provenance(work: Workload) -> dict[str, Any]:
@@ -486,6 +512,7 @@ def evaluate_saved(
     pre = replace(Preprocess(**meta["preprocess"]), **(overrides or {}))
     loader = _eval_loader(data, eval_split, eval_subset, pre, batch_size, workers, skip_bad_images, device)
     check_labels(getattr(model, "num_classes", None), loader.dataset.dataset)
+    check_same_inputs(model, loader.dataset.dataset)
     with single_line_errors():
         model = _maybe_compiled(in_dtype(model, eval_dtype), compile)
         res = evaluate(model, loader, device=device, progress=progress, desc="saved")
