@@ -260,7 +260,15 @@ def _two_machines(argv: list[str], tmp_path: Path, prepare) -> list[tuple[int, s
         folder.mkdir()
         prepare(folder, rank)
         procs.append(_spawn_rank(rank, argv, port, folder, local_rank=0))
-    return [(p.wait(timeout=300), p.communicate()[1]) for p in procs]
+    done = []
+    for proc in procs:
+        try:
+            done.append((proc, proc.communicate(timeout=120)[1]))
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            pytest.fail(f"process {procs.index(proc)} hung: {[q.communicate()[1][-1000:] for q in procs]}")
+    return [(proc.returncode, err) for proc, err in done]
 
 
 def test_processes_that_read_other_weights_or_images_stop_with_one_line(
@@ -300,3 +308,35 @@ def test_processes_that_read_other_weights_or_images_stop_with_one_line(
                 errors
             )
         assert not (tmp_path / name / "node0" / "r.json").exists()
+
+
+def test_output_folders_are_process_0s_alone(tiny_root: Path, tmp_path: Path) -> None:
+    """Only process 0 writes, so only its machine's output folders count: a process on another
+    machine where ``out/r.json`` cannot be created (``out`` is a file there) refused and left
+    process 0 waiting for it in the rendezvous for 10 minutes; it now runs and creates nothing.
+    Where process 0 cannot write, every process stops at once with its line."""
+    argv = ["quantize", "--model", "test_vit", "--num-classes", "3", "--data", "data", "--calib-size", "2",
+            "--threads", "1", "--workers", "0", "--quiet", "--output", "out/r.json"]  # fmt: skip
+
+    def blocked_on(blocked: int):
+        def prepare(folder: Path, rank: int) -> None:
+            shutil.copytree(tiny_root, folder / "data")
+            if rank == blocked:
+                (folder / "out").write_text("a file where the output folder would go")
+
+        return prepare
+
+    (tmp_path / "one").mkdir()
+    for status, err in _two_machines(argv, tmp_path / "one", blocked_on(1)):
+        assert status == 0, err[-2000:]
+    assert (tmp_path / "one" / "node0" / "out" / "r.json").is_file()
+    assert sorted(p.name for p in (tmp_path / "one" / "node1").iterdir()) == ["data", "out"]
+    assert (tmp_path / "one" / "node1" / "out").is_file()
+
+    (tmp_path / "zero").mkdir()
+    for status, err in _two_machines(argv, tmp_path / "zero", blocked_on(0)):
+        errors = [ln for ln in err.splitlines() if ln.startswith("dopq: error:")]
+        assert status == 2 and errors == [
+            "dopq: error: --output out/r.json: cannot create its folder (File exists)"
+        ], err[-2000:]
+    assert sorted(p.name for p in (tmp_path / "zero" / "node1").iterdir()) == ["data"]

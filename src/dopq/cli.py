@@ -612,10 +612,9 @@ def _refuse_given(args: argparse.Namespace, options: dict[str, Any], flag: str, 
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    """Everything that can be checked before a model or image is loaded: numbers, the device, and
-    that every output location (--output, --save, --export, --out-dir) can be written."""
+    """Everything that can be checked before a model or image is loaded but the output locations
+    (:func:`_check_outputs`): numbers, the device, combinations of options."""
     from dopq.devices import resolve_device
-    from dopq.files import check_output_dir, check_output_path
 
     for name, low in _LOWER_BOUNDS.items():
         value = getattr(args, name, None)
@@ -623,10 +622,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
     if getattr(args, "resume", False) and args.checkpoint_dir is None:
         raise ConfigError("--resume needs --checkpoint-dir DIR (where the checkpoint is)")
-    if getattr(args, "checkpoint_dir", None) is not None:
-        if not args.reconstruct:
-            raise ConfigError("--checkpoint-dir is for runs with --reconstruct")
-        check_output_dir(args.checkpoint_dir, "--checkpoint-dir")
+    if getattr(args, "checkpoint_dir", None) is not None and not args.reconstruct:
+        raise ConfigError("--checkpoint-dir is for runs with --reconstruct")
     drop = getattr(args, "recon_drop_prob", None)
     if drop is not None and not 0.0 <= drop <= 1.0:
         raise ConfigError(f"--recon-drop-prob must be in [0, 1], got {drop}")
@@ -634,18 +631,10 @@ def _check_args(args: argparse.Namespace) -> None:
         _refuse_given(args, _RECON_OPTIONS, "--reconstruct", "--reconstruct")
     if getattr(args, "device", None):
         resolve_device(args.device)
-    for name, flag in (("output", "--output"), ("save", "--save")):
-        if getattr(args, name, None) is not None:
-            check_output_path(getattr(args, name), flag)
     _check_distinct_files(args)
     if args.command == "quantize" and args.export is None:
         _refuse_given(args, _EXPORT_OPTIONS, "--export", "--export PATH")
-    if getattr(args, "out_dir", None) is not None:
-        check_output_dir(args.out_dir, "--out-dir")
     if getattr(args, "export", None) is not None:
-        from dopq.export.onnx_export import check_export_target
-
-        check_export_target(args.export, args.opset)
         if args.export_target == "openvino" and args.export_dtype != "float32":
             raise ConfigError("--export-target openvino is a float32 graph: drop --export-dtype float64")
         if args.export_target == "openvino" and args.export_weight_type == "uint8":
@@ -654,6 +643,42 @@ def _check_args(args: argparse.Namespace) -> None:
         from dopq.export.openvino_runtime import require_openvino
 
         require_openvino()  # before any image is read
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every location the command writes (--output, --save, --export, --checkpoint-dir, --out-dir)
+    can be written (folders are created)."""
+    from dopq.files import check_output_dir, check_output_path
+
+    if getattr(args, "checkpoint_dir", None) is not None:
+        check_output_dir(args.checkpoint_dir, "--checkpoint-dir")
+    for name, flag in (("output", "--output"), ("save", "--save")):
+        if getattr(args, name, None) is not None:
+            check_output_path(getattr(args, name), flag)
+    if getattr(args, "out_dir", None) is not None:
+        check_output_dir(args.out_dir, "--out-dir")
+    if getattr(args, "export", None) is not None:
+        from dopq.export.onnx_export import check_export_target
+
+        check_export_target(args.export, args.opset)
+
+
+def _check_outputs_where_written(args: argparse.Namespace) -> None:
+    """:func:`_check_outputs` in process 0 alone, the one that writes: under torchrun the others
+    may run on machines without its folders (or without onnx). It runs after the process group is
+    joined: a process that stopped before would leave the others on other machines waiting for it
+    in the rendezvous until its timeout. Process 0's refusal stops every process with its line."""
+    refusal = None
+    if distributed.current().is_main:
+        try:
+            _check_outputs(args)
+        except DopqError as exc:
+            refusal = exc
+    verdict = distributed.all_gather_objects(None if refusal is None else str(refusal))[0]
+    if refusal is not None:
+        raise refusal
+    if verdict is not None:
+        raise ConfigError(verdict)
 
 
 _READ_FILES = (
@@ -858,6 +883,7 @@ def _run(args: argparse.Namespace, argv: list[str] | None, commands: dict[str, A
     try:
         _check_args(args)
         _join_process_group(args, argv)
+        _check_outputs_where_written(args)
         if getattr(args, "threads", None):
             import torch
 
