@@ -250,15 +250,16 @@ def test_reconstruction_on_more_processes_than_gradient_shards_is_one_clear_erro
     assert not (tmp_path / "r.json").exists()
 
 
-def _two_machines(argv: list[str], tmp_path: Path, prepare) -> list[tuple[int, str]]:
+def _two_machines(argv: list[str], tmp_path: Path, prepare=None) -> list[tuple[int, str]]:
     """``argv`` run as processes 0 and 1 of two "machines": each from its own folder
-    ``tmp_path/node<rank>`` (relative paths, outputs), after ``prepare(folder, rank)``; each
-    process's exit status and stderr."""
+    ``tmp_path/node<rank>`` (relative paths, outputs), after ``prepare(folder, rank)`` if given;
+    each process's exit status and stderr."""
     port, procs = _free_port(), []
     for rank in (0, 1):
         folder = tmp_path / f"node{rank}"
-        folder.mkdir()
-        prepare(folder, rank)
+        folder.mkdir(exist_ok=True)
+        if prepare is not None:
+            prepare(folder, rank)
         procs.append(_spawn_rank(rank, argv, port, folder, local_rank=0))
     done = []
     for proc in procs:
@@ -340,3 +341,28 @@ def test_output_folders_are_process_0s_alone(tiny_root: Path, tmp_path: Path) ->
             "dopq: error: --output out/r.json: cannot create its folder (File exists)"
         ], err[-2000:]
     assert sorted(p.name for p in (tmp_path / "zero" / "node1").iterdir()) == ["data"]
+
+
+def test_a_checkpoint_on_process_0s_machine_alone_resumes(tiny_root: Path, tmp_path: Path) -> None:
+    """Process 0 alone writes the reconstruction checkpoint, so where machines do not share the
+    folder only its machine has one: the resumed run refused, process 1 "differing in its
+    checkpoint presence". Process 0 now reads it for every process; the resumed run's model is the
+    uninterrupted run's, and nothing is written on the other machine."""
+    argv = ["quantize", "--model", "test_vit", "--num-classes", "3", "--data", "data", "--calib-size", "4",
+            "--threads", "1", "--workers", "0", "--quiet", "--w-bits", "3", "--a-bits", "3", "--reconstruct",
+            "--recon-calib-size", "4", "--recon-iters", "2", "--recon-batch-size", "2", "--recon-grad-shards", "2",
+            "--checkpoint-dir", "ckpt", "--output", "r.json", "--save", "q.pt"]  # fmt: skip
+    for status, err in _two_machines(
+        argv, tmp_path, lambda folder, _: shutil.copytree(tiny_root, folder / "data")
+    ):
+        assert status == 0, err[-2000:]
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    first = (node0 / "q.pt").read_bytes(), json.loads((node0 / "r.json").read_text())
+    assert (node0 / "ckpt" / "reconstruction.ckpt").is_file() and not (node1 / "ckpt").exists()
+    (node0 / "q.pt").unlink()
+    for status, err in _two_machines([*argv, "--resume"], tmp_path):
+        assert status == 0, err[-2000:]
+    assert (node0 / "q.pt").read_bytes() == first[0]
+    again = json.loads((node0 / "r.json").read_text())
+    assert again["quant_top1_correct"] == first[1]["quant_top1_correct"]
+    assert sorted(p.name for p in node1.iterdir()) == ["data"]

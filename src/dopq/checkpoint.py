@@ -305,17 +305,27 @@ class ReconstructionCheckpoint:
         return self._loaded[0]
 
     def _read(self) -> SavedRun | None:
-        if distributed.current().is_main:  # what a write killed mid-way left: never read
-            for stale in self.directory.glob(f".{FILE_NAME}.*.tmp"):
-                stale.unlink(missing_ok=True)
-        exists = self.path.is_file()
-        distributed.check_same("checkpoint presence", exists)
-        if not exists:
+        # process 0 reads and the others take what it read (or its refusal): it alone writes the
+        # checkpoint, and under torchrun the others may run on machines without its folder
+        found: SavedRun | str | None = None
+        if distributed.current().is_main:
+            try:
+                found = self._read_here()
+            except CheckpointError as exc:
+                found = str(exc)
+        found = distributed.broadcast_object(found)
+        if isinstance(found, str):
+            raise CheckpointError(found)
+        return found
+
+    def _read_here(self) -> SavedRun | None:
+        for stale in self.directory.glob(f".{FILE_NAME}.*.tmp"):  # what a write killed mid-way left
+            stale.unlink(missing_ok=True)
+        if not self.path.is_file():
             if self.resume:
                 raise CheckpointError(f"--resume: {self.directory} holds no checkpoint ({FILE_NAME})")
             return None
         saved = read_checkpoint(self.path)
-        distributed.check_same("checkpoint digest", saved.digest)  # every process read the same file
         self._check_identity(saved.summary["identity"])
         return saved
 

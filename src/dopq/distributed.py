@@ -43,6 +43,7 @@ __all__ = [
     "ProcessGroup",
     "all_gather_objects",
     "broadcast_module",
+    "broadcast_object",
     "check_same",
     "closing_line",
     "current",
@@ -226,6 +227,16 @@ def all_gather_objects(obj: T) -> list[T]:
     with _collective():
         dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj: T) -> T:
+    """Process 0's ``obj`` on every process (``obj`` itself in one process)."""
+    if current().world_size == 1:
+        return obj
+    box = [obj]
+    with _collective():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def check_same(what: str, value: Any, hint: str = "every process must run the same command") -> None:
