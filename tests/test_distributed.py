@@ -366,3 +366,13 @@ def test_a_checkpoint_on_process_0s_machine_alone_resumes(tiny_root: Path, tmp_p
     again = json.loads((node0 / "r.json").read_text())
     assert again["quant_top1_correct"] == first[1]["quant_top1_correct"]
     assert sorted(p.name for p in node1.iterdir()) == ["data"]
+
+
+def test_warnings_are_written_once(tiny_root: Path, tmp_path: Path) -> None:
+    """Every process logged each warning (here: a subset larger than the split), one copy per
+    process; only process 0 does now."""
+    argv = ["quantize", "--model", "test_vit", "--num-classes", "3", "--data", str(tiny_root), "--calib-size", "2",
+            "--eval-subset", "100", "--threads", "1", "--workers", "0", "--quiet"]  # fmt: skip
+    done = _run(argv, 2, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("a subset of 100 images was asked of a split of 15") == 1, done.stderr[-3000:]

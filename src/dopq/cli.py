@@ -847,6 +847,9 @@ def _join_process_group(args: argparse.Namespace, argv: list[str] | None) -> Non
         check_processes(args.recon_grad_shards)
     if not group.is_main:
         args.quiet = True
+        # each warning is process 0's as well (the same model, listings and gathered records):
+        # one copy of it, not one per process
+        logging.getLogger("dopq").setLevel(logging.ERROR)
 
 
 def _use_deterministic_kernels() -> None:
