@@ -48,6 +48,21 @@ def test_shard_refuses_more_processes_than_images() -> None:
         distributed.shard([0, 1, 2], group)
 
 
+def test_cuda_processes_without_a_gpu_of_their_own_are_one_clear_error(monkeypatch) -> None:
+    """More torchrun processes per machine than GPUs failed in ``torch.cuda.set_device`` with a
+    CUDA traceback, and ``--device cuda:N`` put every process on GPU N."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(distributed.DistributedError, match=r"LOCAL_RANK 1 has no GPU .* has 1 GPU\(s\)"):
+        distributed.init_from_environment("cuda")
+    with pytest.raises(
+        distributed.DistributedError, match="--device cuda:0 under torchrun: give --device cuda"
+    ):
+        distributed.init_from_environment("cuda:0")
+    assert not torch.distributed.is_initialized()
+
+
 def test_merged_shard_results_equal_the_whole() -> None:
     parts = [
         EvalResult(top1=0.5, top5=1.0, images=4, seconds=2.0, top1_correct="1010"),

@@ -102,7 +102,8 @@ def init_from_environment(device: str | torch.device = "cpu") -> ProcessGroup:
         This process's group.
 
     Raises:
-        DistributedError: torch.distributed is missing or the rendezvous fails.
+        DistributedError: torch.distributed is missing, the rendezvous fails, or a CUDA process
+            has no GPU of its own.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1 or (dist.is_available() and dist.is_initialized()):
@@ -111,7 +112,19 @@ def init_from_environment(device: str | torch.device = "cpu") -> ProcessGroup:
         raise DistributedError("this torch build has no torch.distributed; run one process")
     cuda = torch.device(device).type == "cuda"
     if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.device(device).index is not None:  # every process would take that one GPU
+            raise DistributedError(
+                f"--device {device} under torchrun: give --device cuda (each process takes the GPU "
+                "numbered by its LOCAL_RANK)"
+            )
+        if local >= torch.cuda.device_count():  # set_device would fail with a CUDA traceback
+            raise DistributedError(
+                f"a process with LOCAL_RANK {local} has no GPU of its own: this machine has "
+                f"{torch.cuda.device_count()} GPU(s); start at most that many processes per machine "
+                "(torchrun --nproc-per-node)"
+            )
+        torch.cuda.set_device(local)
     try:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
     except (RuntimeError, ValueError) as exc:
