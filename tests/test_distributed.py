@@ -391,3 +391,15 @@ def test_warnings_are_written_once(tiny_root: Path, tmp_path: Path) -> None:
     done = _run(argv, 2, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("a subset of 100 images was asked of a split of 15") == 1, done.stderr[-3000:]
+
+
+def test_the_resume_hint_of_another_process_does_not_describe_its_own_folder(
+    monkeypatch, tmp_path: Path
+) -> None:
+    """Process 0 alone writes the checkpoint; a process on another machine said its own empty
+    folder "holds no checkpoint yet" when it was stopped."""
+    from dopq import cli
+
+    monkeypatch.setattr(distributed, "current", lambda: distributed.ProcessGroup(1, 2, "gloo"))
+    hint = cli._resume_hint(tmp_path / "ckpt")
+    assert "no checkpoint" not in hint and hint.endswith("resume with the same torchrun command and --resume")

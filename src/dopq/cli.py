@@ -546,7 +546,10 @@ def _resume_hint(directory: Path) -> str:
     from dopq.checkpoint import describe
     from dopq.environment import command_line
 
-    if distributed.current().world_size > 1:
+    group = distributed.current()
+    if not group.is_main:  # process 0 writes the checkpoint: this machine may have no copy of it
+        return f"process 0's {directory} keeps every unit finished; resume with the same torchrun command and --resume"
+    if group.world_size > 1:
         return f"{describe(directory)}; resume with the same torchrun command and --resume"
     return f"{describe(directory)}; resume with: {command_line()} --resume"
 
