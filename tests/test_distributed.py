@@ -403,3 +403,29 @@ def test_the_resume_hint_of_another_process_does_not_describe_its_own_folder(
     monkeypatch.setattr(distributed, "current", lambda: distributed.ProcessGroup(1, 2, "gloo"))
     hint = cli._resume_hint(tmp_path / "ckpt")
     assert "no checkpoint" not in hint and hint.endswith("resume with the same torchrun command and --resume")
+
+
+def test_a_machine_with_another_torch_stops_with_one_line(tiny_root: Path, tmp_path: Path) -> None:
+    """Process 1 runs "another torch" (a ``sitecustomize`` renames its version): its float kernels
+    could round otherwise, and the run went on without a word."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "sitecustomize.py").write_text("import torch\ntorch.__version__ = '2.0.0+other'\n")
+    argv = ["quantize", "--model", "test_vit", "--data", str(tiny_root), "--calib-size", "2", "--threads", "1",
+            "--workers", "0", "--quiet"]  # fmt: skip
+    port, procs = _free_port(), []
+    for rank in (0, 1):
+        env = dict(_env(), RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))  # fmt: skip
+        if rank == 1:
+            env["PYTHONPATH"] = os.pathsep.join([str(other), env.get("PYTHONPATH", "")])
+        procs.append(subprocess.Popen([sys.executable, "-m", "dopq", *argv], cwd=tmp_path, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
+    for proc in procs:
+        err = proc.communicate(timeout=120)[1]
+        errors = [ln for ln in err.splitlines() if ln.startswith("dopq: error:")]
+        assert proc.returncode == 2 and len(errors) == 1, err[-2000:]
+        assert errors[0].startswith("dopq: error: process 1 differs from process 0 in its versions")
+        assert "'2.0.0+other'" in errors[0] and errors[0].endswith(
+            "install the same dopq and torch on every machine"
+        )

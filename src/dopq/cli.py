@@ -844,6 +844,12 @@ def _join_process_group(args: argparse.Namespace, argv: list[str] | None) -> Non
     distributed.exit_with_one_line_on_sigterm(note)  # before any thread of the process group starts
     group = distributed.init_from_environment(args.device)
     distributed.check_same("arguments", sys.argv[1:] if argv is None else list(argv))
+    import torch
+
+    # another torch computes other float bits: a machine with other versions would not give the
+    # one-process result (the checkpoints refuse another torch for the same reason)
+    versions = {"dopq": __version__, "torch": str(torch.__version__)}
+    distributed.check_same("versions", versions, "install the same dopq and torch on every machine")
     if getattr(args, "reconstruct", False):
         from dopq.reconstruct import check_processes
 
