@@ -753,7 +753,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from dopq.experiment import evaluate_onnx, evaluate_saved, preprocess_overrides
+    from dopq.experiment import preprocess_overrides
+    from dopq.reevaluate import evaluate_onnx, evaluate_saved
 
     if args.quantized is None and args.onnx is None:
         raise ConfigError("dopq evaluate needs --quantized MODEL.pt, --onnx MODEL.onnx, or both")

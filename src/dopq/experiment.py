@@ -2,7 +2,8 @@
 
 A :class:`Workload` holds what does not change between recipes (model source, preprocessing,
 calibration images, evaluation subset); :func:`run_recipe` quantizes a fresh copy of the model
-with one recipe and evaluates it, returning a JSON-ready result.
+with one recipe and evaluates it, returning a JSON-ready result. Evaluating a saved model or an
+exported graph again is :mod:`dopq.reevaluate`'s, with the result fields defined here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 
@@ -35,14 +35,13 @@ from dopq.data import (
     make_loader,
     open_split,
     preprocess_for,
-    preprocess_from_model,
     resolve_eval_split,
     single_line_errors,
     skipped_report,
     strided_indices,
 )
 from dopq.devices import resolve_device
-from dopq.environment import environment, file_sha256, provenance
+from dopq.environment import environment, file_sha256
 from dopq.errors import ConfigError, DataError
 from dopq.evaluate import CompiledModel, EvalResult, evaluate, merge_results
 from dopq.models import build_model, get_adapter
@@ -52,11 +51,16 @@ from dopq.modules import in_dtype
 __all__ = [
     "RunSettings",
     "Workload",
+    "accuracy_fields",
+    "across_processes",
+    "check_labels",
+    "check_same_inputs",
     "checkpoint_identity",
-    "evaluate_onnx",
-    "evaluate_saved",
+    "data_entry",
     "load_workload",
+    "maybe_compiled",
     "run_recipe",
+    "sharded_loader",
 ]
 
 log = logging.getLogger(__name__)
@@ -155,26 +159,30 @@ class Workload:
         key = (self.eval_dataset, self.eval_indices)
         if self._loader is None or any(a is not b for a, b in zip(self._loader[0], key, strict=True)):
             s = self.settings
-            loader = make_loader(
-                self.eval_dataset,
-                distributed.shard(self.eval_indices),  # all of them in one process
-                s.batch_size,
-                s.workers,
-                pin_memory=resolve_device(s.device).type == "cuda",
-                persistent_workers=True,
-            )
+            loader = sharded_loader(self.eval_dataset, self.eval_indices, s.batch_size, s.workers, s.device)
             self._loader = (key, loader)
         return self._loader[1]
 
     def data_report(self) -> dict[str, Any]:
         """What the run read: the evaluation split, images asked for, what was skipped, empty classes."""
         s = self.settings
-        return _data_report(
+        return data_entry(
             self.eval_dataset, len(self.eval_indices), s.workers, s.skip_bad_images, self.skipped
         )
 
 
-def _data_report(
+def sharded_loader(
+    dataset: Any, indices: list[int], batch_size: int, workers: int, device: str | torch.device
+) -> ImageLoader:
+    """The loader of this process's share of the evaluation ``indices`` (all of them in one
+    process); its workers persist across passes, and it pins memory for a CUDA device."""
+    cuda = resolve_device(str(device)).type == "cuda"
+    return make_loader(
+        dataset, distributed.shard(indices), batch_size, workers, pin_memory=cuda, persistent_workers=True
+    )
+
+
+def data_entry(
     dataset: Any, requested: int, workers: int, skip: bool, skipped: dict[str, list[SkippedImage]]
 ) -> dict[str, Any]:
     """The result's ``data`` entry; logs one warning line per set with skipped images."""
@@ -248,7 +256,7 @@ def load_workload(settings: RunSettings) -> Workload:
     return work
 
 
-def _across_processes(
+def across_processes(
     result: EvalResult, skipped: list[SkippedImage]
 ) -> tuple[EvalResult, list[SkippedImage]]:
     """The whole evaluation set's result from every process's shard (unchanged in one process)."""
@@ -263,13 +271,13 @@ def _evaluate(work: Workload, model: nn.Module, desc: str, progress: bool) -> Ev
     loader = work.eval_loader()
     with single_line_errors():
         result = evaluate(
-            _maybe_compiled(model, s.compile), loader, device=s.device, progress=progress, desc=desc
+            maybe_compiled(model, s.compile), loader, device=s.device, progress=progress, desc=desc
         )
-    result, work.skipped["evaluation"] = _across_processes(result, loader.skipped)
+    result, work.skipped["evaluation"] = across_processes(result, loader.skipped)
     return result
 
 
-def _maybe_compiled(model: nn.Module, compile: bool) -> nn.Module:
+def maybe_compiled(model: nn.Module, compile: bool) -> nn.Module:
     return CompiledModel(model) if compile else model
 
 
@@ -414,7 +422,7 @@ def run_recipe(
         "method": method,
         "w_bits": config.w_bits,
         "a_bits": config.a_bits,
-        **_accuracy_fields(quant, fp),
+        **accuracy_fields(quant, fp),
         "calib_seconds": report.calib_seconds,
         "eval_dtype": eval_dtype,
         "compiled": s.compile,
@@ -437,7 +445,7 @@ def run_recipe(
     return result, model
 
 
-def _accuracy_fields(quant: EvalResult, fp: EvalResult | None = None) -> dict[str, Any]:
+def accuracy_fields(quant: EvalResult, fp: EvalResult | None = None) -> dict[str, Any]:
     """The accuracy fields every result has (``quantize``, ``evaluate --quantized``, ``evaluate
     --onnx``): the evaluated model's and, where there is one, the float baseline's; None without."""
     return {
@@ -451,184 +459,3 @@ def _accuracy_fields(quant: EvalResult, fp: EvalResult | None = None) -> dict[st
         "eval_images_per_second": quant.images_per_second,
         "fp_eval_images_per_second": fp.images_per_second if fp else None,
     }
-
-
-def _eval_loader(
-    data: str,
-    split: str | None,
-    subset: int | None,
-    pre: Preprocess,
-    batch_size: int,
-    workers: int | None,
-    skip_bad_images: bool = False,
-    device: str = "cpu",
-) -> ImageLoader:
-    """The strided evaluation subset of ``data``'s evaluation split, preprocessed by ``pre``
-    (``workers=None``: :func:`dopq.data.default_workers`)."""
-    dataset = open_split(data, resolve_eval_split(data, split), build_transform(pre), skip_bad_images)
-    workers = default_workers(device) if workers is None else workers
-    indices = distributed.shard(strided_indices(len(dataset), subset))
-    cuda = torch.device(device).type == "cuda"
-    return make_loader(dataset, indices, batch_size, workers, pin_memory=cuda, persistent_workers=True)
-
-
-def _loader_data_report(
-    loader: ImageLoader,
-    skip_bad_images: bool,
-    skipped: list[SkippedImage] | None = None,
-    requested: int | None = None,
-) -> dict[str, Any]:
-    """``data`` entry of an evaluation through ``loader``; ``skipped`` and ``requested`` are the
-    whole run's when several processes shared the images."""
-    dataset = loader.dataset.dataset  # the split under the strided Subset
-    skipped_sets = {"evaluation": loader.skipped if skipped is None else skipped}
-    requested = len(loader.dataset) if requested is None else requested
-    return _data_report(dataset, requested, loader.num_workers, skip_bad_images, skipped_sets)
-
-
-def evaluate_saved(
-    path: str | Path,
-    data: str,
-    arch: str | None = None,
-    eval_split: str | None = None,
-    eval_subset: int | None = None,
-    batch_size: int = 64,
-    workers: int | None = None,
-    device: str = "cpu",
-    progress: bool = True,
-    overrides: dict[str, Any] | None = None,
-    skip_bad_images: bool = False,
-    eval_dtype: str = "float32",
-    compile: bool = False,
-) -> dict[str, Any]:
-    """Evaluate a model saved by ``dopq quantize --save`` with its recorded preprocessing
-    (``overrides`` replaces fields of it, e.g. ``{"crop_pct": 1.0}``; ``workers=None`` picks
-    :func:`dopq.data.default_workers`; ``skip_bad_images`` leaves out undecodable images and reports
-    them under ``data``; ``compile`` runs the model through :class:`dopq.evaluate.CompiledModel`)."""
-    from dopq.serialize import load_quantized
-
-    resolve_device(device)
-    model, config, meta = load_quantized(path, arch=arch, device=device)
-    pre = replace(Preprocess(**meta["preprocess"]), **(overrides or {}))
-    loader = _eval_loader(data, eval_split, eval_subset, pre, batch_size, workers, skip_bad_images, device)
-    check_labels(getattr(model, "num_classes", None), loader.dataset.dataset)
-    check_same_inputs(model, loader.dataset.dataset)
-    with single_line_errors():
-        model = _maybe_compiled(in_dtype(model, eval_dtype), compile)
-        res = evaluate(model, loader, device=device, progress=progress, desc="saved")
-    res, skipped = _across_processes(res, loader.skipped)
-    return {
-        "model": model.pretrained_cfg.get("architecture"),
-        "method": "saved",
-        "w_bits": config.w_bits,
-        "a_bits": config.a_bits,
-        **_accuracy_fields(res),
-        "eval_dtype": eval_dtype,
-        "compiled": compile,
-        "quantized_path": str(path),
-        "quantized_sha256": file_sha256(path),
-        "recorded_quant_top1": meta.get("quant_top1"),
-        "recorded_command": meta.get("command"),
-        "recorded_checkpoint_sha256": meta.get("checkpoint_sha256"),
-        "config": {"recipe": config.to_dict(), "preprocess": pre.to_dict()},
-        "data": _loader_data_report(loader, skip_bad_images, skipped, res.images + len(skipped)),
-        "distributed": distributed.current().to_dict(),
-        **environment(device),
-    }
-
-
-def _check_same_model(
-    meta: dict[str, Any], config: QuantConfig, model: nn.Module, quantized: str | Path, onnx: str | Path
-) -> None:
-    """Refuse to compare a graph with a saved model it was not exported from: the disagreement
-    would read as an inexact export. The graph's metadata record its architecture and recipe."""
-    arch = model.pretrained_cfg.get("architecture")
-    if meta.get("arch") not in (None, arch):
-        raise ConfigError(f"--onnx {onnx} is a {meta['arch']} graph, --quantized {quantized} a {arch} model")
-    recipe, ours = meta.get("recipe"), config.to_dict()
-    if isinstance(recipe, dict):
-        differ = sorted(k for k, v in ours.items() if k in recipe and recipe[k] != v)
-        if differ:
-            k = differ[0]
-            raise ConfigError(
-                f"--onnx {onnx} was exported from another recipe than --quantized {quantized} "
-                f"({k}: {recipe[k]!r} there, {ours[k]!r} here): compare a graph with the "
-                "model it was exported from"
-            )
-
-
-def _onnx_preprocess(meta: dict[str, Any], overrides: dict[str, Any] | None) -> Preprocess:
-    if isinstance(meta.get("preprocess"), dict):
-        try:
-            pre = Preprocess(**meta["preprocess"])
-        except TypeError as exc:  # keys missing or unknown: not what dopq export writes
-            raise ConfigError(f"the ONNX model's preprocess metadata is unusable: {exc}") from None
-    elif meta.get("arch") and not str(meta["arch"]).startswith(HF_PREFIX):  # an older file without it
-        pre = preprocess_from_model(timm.create_model(meta["arch"], pretrained=False))
-    else:
-        raise ConfigError("the ONNX model records no preprocessing (export it with dopq export)")
-    return replace(pre, **(overrides or {}))
-
-
-def evaluate_onnx(
-    path: str | Path,
-    data: str,
-    quantized: str | Path | None = None,
-    eval_split: str | None = None,
-    eval_subset: int | None = None,
-    batch_size: int = 64,
-    workers: int | None = None,
-    threads: int | None = None,
-    progress: bool = True,
-    overrides: dict[str, Any] | None = None,
-    skip_bad_images: bool = False,
-    runtime: str = "onnxruntime",
-) -> dict[str, Any]:
-    """Evaluate an exported ONNX model with onnxruntime or OpenVINO (``runtime``, CPU) under the
-    usual protocol.
-
-    With ``quantized`` (a ``dopq quantize --save`` file) both run on the same images and the result
-    also holds the share of identical top-1 predictions and the largest logit difference; the
-    simulation runs in the graph's float dtype (its ``float_dtype`` metadata), so a float64 graph
-    is compared with the float64 simulation it reproduces.
-    """
-    from dopq.evaluate import compare
-    from dopq.export import load_runtime
-
-    onnx_model = load_runtime(path, runtime, threads=threads)
-    meta = onnx_model.metadata()
-    pre = _onnx_preprocess(meta, overrides)
-    loader = _eval_loader(data, eval_split, eval_subset, pre, batch_size, workers, skip_bad_images)
-    with single_line_errors():
-        res = evaluate(onnx_model, loader, progress=progress, desc=runtime)
-    recipe = meta.get("recipe") or {}
-    result: dict[str, Any] = {
-        "model": meta.get("arch"),
-        "method": "onnx",
-        "w_bits": recipe.get("w_bits", meta.get("w_bits")),  # an API export records no recipe
-        "a_bits": recipe.get("a_bits", meta.get("a_bits")),
-        **_accuracy_fields(res),
-        "onnx_path": str(path),
-        "onnx_sha256": file_sha256(path),
-        "runtime": runtime,
-        "onnx_metadata": {k: v for k, v in meta.items() if k != "preprocess"},
-        "config": {"preprocess": pre.to_dict()},
-        **provenance(),
-        "threads": threads or torch.get_num_threads(),  # the runtime's
-    }
-    if quantized is not None:
-        from dopq.serialize import load_quantized
-
-        model, config, _ = load_quantized(quantized)
-        _check_same_model(meta, config, model, quantized, path)
-        dtype = meta.get("float_dtype", "float32")
-        agreement = compare(
-            in_dtype(model, dtype), onnx_model, loader, progress=progress, desc=f"simulation vs {runtime}"
-        )
-        result["comparison"] = {
-            "quantized_path": str(quantized),
-            "simulation_dtype": dtype,
-            **agreement.to_dict(),
-        }
-    result["data"] = _loader_data_report(loader, skip_bad_images)
-    return result
