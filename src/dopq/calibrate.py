@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dopq.errors import CalibrationError
-from dopq.modules import QuantLinear, quantizers_of, quantizers_set, weight_quantizer_ids
+from dopq.modules import QuantLinear, quantizers_of, quantizers_set, removing_hooks, weight_quantizer_ids
 
 __all__ = ["BIAS_CORRECTION_IMAGES", "calibrate", "capture_inputs", "correct_bias", "observing"]
 
@@ -50,12 +50,8 @@ def capture_inputs(
 
         return hook
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
-    try:
+    with removing_hooks([model.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]):
         yield captured
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _finite_check(name: str, is_weight: bool):
@@ -91,12 +87,8 @@ def calibrate(model: nn.Module, images: torch.Tensor) -> None:
         q.register_forward_pre_hook(_finite_check(name, id(q) in weight_ids))
         for name, q in quantizers_of(model)
     ]
-    try:
-        with observing(model):
-            model(images)
-    finally:
-        for h in handles:
-            h.remove()
+    with removing_hooks(handles), observing(model):
+        model(images)
     missing = [name for name, q in quantizers_of(model) if q.enabled and not q.is_ready()]
     if missing:
         raise RuntimeError(f"calibration did not reach {len(missing)} quantizers, e.g. {missing[:3]}")
@@ -139,11 +131,7 @@ def correct_bias(
         return hook
 
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
-    handles = [m.register_forward_hook(hook_for(n)) for n, m in layers]
-    try:
+    with removing_hooks([m.register_forward_hook(hook_for(n)) for n, m in layers]):
         model.eval()
         model(images[:max_images])
-    finally:
-        for h in handles:
-            h.remove()
     return corrections

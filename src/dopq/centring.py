@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dopq.models import ValuePath, value_paths
-from dopq.modules import quantizers_off
+from dopq.modules import quantizers_off, removing_hooks
 from dopq.reparam import check_float_change
 
 __all__ = ["CentringReport", "centre_values", "fold_value_offset"]
@@ -61,12 +61,8 @@ def _value_means(
 
         return hook
 
-    handles = [p.producer.register_forward_hook(hook_for(n, p.rows)) for n, p in paths.items()]
-    try:
+    with removing_hooks([p.producer.register_forward_hook(hook_for(n, p.rows)) for n, p in paths.items()]):
         model(images)
-    finally:
-        for h in handles:
-            h.remove()
     return {n: sums[n] / counts[n] for n in sums}
 
 

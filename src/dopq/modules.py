@@ -12,12 +12,13 @@ An integer kernel runs it as per-channel zero points (see docs/mosf.md).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from dopq.config import FLOAT_DTYPES
 from dopq.errors import ConfigError
@@ -36,6 +37,7 @@ __all__ = [
     "quantizers_of",
     "quantizers_off",
     "quantizers_set",
+    "removing_hooks",
     "replace_module",
     "set_quantization",
     "weight_quantizer_ids",
@@ -148,6 +150,18 @@ def replace_module(root: nn.Module, qualified: str, new: nn.Module, keep_hooks: 
             setattr(new, hooks, getattr(old, hooks))
     setattr(owner, leaf, new)
     return old
+
+
+@contextmanager
+def removing_hooks(handles: Iterable[RemovableHandle]) -> Iterator[None]:
+    """Keep the hooks of ``handles`` registered inside the block and remove them on leaving it,
+    however it is left (the hooks of one pass over a model: capturing, calibrating, tracing)."""
+    handles = list(handles)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def quantizers_of(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:

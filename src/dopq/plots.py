@@ -112,10 +112,8 @@ def collect_attention(model: nn.Module, images: torch.Tensor, block: int) -> tor
     handle = matmuls[block].register_forward_pre_hook(
         lambda _m, args: captured.append(args[0].detach().cpu())
     )
-    try:
+    with handle:  # removes the hook on leaving
         prepared(images)
-    finally:
-        handle.remove()
     return captured[0]
 
 

@@ -29,7 +29,7 @@ from dopq import distributed
 from dopq.config import QuantConfig, ReconstructConfig
 from dopq.errors import ConfigError
 from dopq.models import QuantPlan
-from dopq.modules import QuantConv2d, QuantLinear, quantized_weight
+from dopq.modules import QuantConv2d, QuantLinear, quantized_weight, removing_hooks
 from dopq.quantizers import DropNoise, Quantizer, TanQQuantizer, UniformQuantizer
 from dopq.quantizers.adaround import AdaRoundQuantizer
 
@@ -127,12 +127,10 @@ def cache_unit_io(
         handle = unit.register_forward_hook(lambda m, a, out: take(_first(out)))
     else:
         handle = unit.register_forward_pre_hook(lambda m, a: take(a[0]))
-    try:
+    with handle:  # removes the hook on leaving
         for i in range(0, images.shape[0], batch_size):
             with suppress(_Stop):
                 model(images[i : i + batch_size].to(device))
-    finally:
-        handle.remove()
     return torch.cat(chunks)
 
 
@@ -171,11 +169,8 @@ def bound_units(
             calls.setdefault(n, (args[1:], kwargs, isinstance(out, tuple)))
 
         handles.append(unit.register_forward_hook(record, with_kwargs=True))
-    try:
+    with removing_hooks(handles):
         model(sample)
-    finally:
-        for handle in handles:
-            handle.remove()
     bound = {}
     for name, unit in units:
         args, kwargs, is_tuple = calls.get(name, ((), {}, False))
@@ -203,11 +198,8 @@ def chained_units(model: nn.Module, units: list[tuple[str, nn.Module]], sample: 
 
         handles.append(unit.register_forward_pre_hook(keep_input))
         handles.append(unit.register_forward_hook(keep_output))
-    try:
+    with removing_hooks(handles):
         model(sample)
-    finally:
-        for handle in handles:
-            handle.remove()
     names = [name for name, _ in units]
     links = [
         name in seen_in and seen_in[name] is seen_out.get(prev) for prev, name in itertools.pairwise(names)

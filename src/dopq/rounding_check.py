@@ -82,10 +82,8 @@ def last_output(model: nn.Module) -> Iterator[_Output]:
         seen.value = output.detach()
 
     handle = model.register_forward_hook(hook)
-    try:
+    with handle:  # removes the hook on leaving
         yield seen
-    finally:
-        handle.remove()
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from dopq.models.adapters import quantized_attention_classes
-from dopq.modules import QuantConv2d, QuantLinear, quantizers_off
+from dopq.modules import QuantConv2d, QuantLinear, quantizers_off, removing_hooks
 from dopq.quantizers import LevelQuantizer, Quantizer, quantizer_name
 
 __all__ = ["Coverage", "measure_coverage", "softmax_kinds"]
@@ -95,12 +95,9 @@ def _attention_sites(model: nn.Module, example: torch.Tensor) -> tuple[int, list
         handles.append(module.register_forward_pre_hook(enter(name)))
         handles.append(module.register_forward_hook(leave))
     mode = _AttentionCalls(stack)
-    try:  # the probe needs no calibrated parameters
-        with torch.no_grad(), quantizers_off(model), mode:
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
+    # the probe needs no calibrated parameters
+    with removing_hooks(handles), torch.no_grad(), quantizers_off(model), mode:
+        model(example)
     quantized, left = set(), {}
     known = quantized_attention_classes()
     for frames in mode.calls:

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dopq.modules import removing_hooks
+
 __all__ = ["LayerNormPair", "find_layernorm_pairs"]
 
 # Autograd nodes that only move tokens around and keep channels on the last axis.
@@ -141,11 +143,7 @@ def find_layernorm_pairs(model: nn.Module, example: torch.Tensor) -> list[LayerN
             handles.append(module.register_forward_hook(on_norm(name)))
         elif isinstance(module, nn.Linear):
             handles.append(module.register_forward_pre_hook(on_linear(name)))
-    try:
-        with torch.enable_grad():
-            output = model(example.detach().clone().requires_grad_(True))
-    finally:
-        for h in handles:
-            h.remove()
+    with removing_hooks(handles), torch.enable_grad():
+        output = model(example.detach().clone().requires_grad_(True))
     consumers = _consumers(output)
     return [pair for norm, pair in pairs.items() if _exclusive(chains[norm], consumers)]
