@@ -4,6 +4,7 @@ correction, reconstruction's starting point)."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -469,3 +470,56 @@ def test_config_and_command_line_switches() -> None:
     assert _config_from(half).gptq_target_shrink == 0.5
     with pytest.raises(ConfigError, match="gptq_target_shrink must be in"):
         dopq.QuantConfig(gptq_target_shrink=1.5)
+
+
+def test_float_target_rounds_in_chunks_with_fewer_rows_held_and_the_same_weights(monkeypatch) -> None:
+    # the float target holds each layer's float input rows from its float pass until the layer is
+    # rounded; all layers' at once grew to gigabytes on ViT-B (O(layers x images)). Above
+    # GPTQ_FLOAT_ROWS_BYTES the layers are rounded in chunks: fewer rows held, the same weights
+    import weakref
+
+    from dopq import gptq
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=10).eval()
+    x = torch.randn(4, 3, 160, 160)
+    config = dopq.get_preset("dopq", w_bits=3, a_bits=4, weight_rounding="gptq")
+    assert config.gptq_target_used == "float"
+    whole, _ = dopq.quantize_with_report(copy.deepcopy(model), x, config, progress=False)
+
+    # bytes: the patch embedding's rows (1.2 MB, 400 patches x 768) and a few blocks' (0.6 MB each) of 5 MB
+    budget = 1_500_000
+    monkeypatch.setattr(gptq, "GPTQ_FLOAT_ROWS_BYTES", budget, raising=False)
+    held: list[weakref.ref] = []
+    peak, passes = 0, 0
+    float_inputs, sample_rows, cross_moment = gptq._float_inputs, gptq.sample_rows, gptq._cross_moment
+    in_float_pass = False
+
+    def counted_float_inputs(*args: Any, **kwargs: Any) -> Any:
+        nonlocal in_float_pass, passes
+        in_float_pass, passes = True, passes + 1
+        try:
+            return float_inputs(*args, **kwargs)
+        finally:
+            in_float_pass = False
+
+    def tracked_rows(rows: torch.Tensor) -> torch.Tensor:
+        out = sample_rows(rows)
+        if in_float_pass:
+            held.append(weakref.ref(out))
+        return out
+
+    def measured_cross_moment(x_fp: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
+        nonlocal peak  # the float rows still alive when one layer's are used
+        peak = max(peak, sum(r().numel() * r().element_size() for r in held if r() is not None))
+        return cross_moment(x_fp, x_q)
+
+    monkeypatch.setattr(gptq, "_float_inputs", counted_float_inputs)
+    monkeypatch.setattr(gptq, "sample_rows", tracked_rows)
+    monkeypatch.setattr(gptq, "_cross_moment", measured_cross_moment)
+    chunked, _ = dopq.quantize_with_report(copy.deepcopy(model), x, config, progress=False)
+    assert 0 < peak <= budget
+    assert passes > 2
+    expected = whole.state_dict()
+    for key, value in chunked.state_dict().items():
+        assert torch.equal(value, expected[key]), key
