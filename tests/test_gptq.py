@@ -523,3 +523,33 @@ def test_float_target_rounds_in_chunks_with_fewer_rows_held_and_the_same_weights
     expected = whole.state_dict()
     for key, value in chunked.state_dict().items():
         assert torch.equal(value, expected[key]), key
+
+
+def test_with_the_check_bias_correction_reads_the_float_weights_of_the_nearest_model(monkeypatch) -> None:
+    # the calibration check's round-to-nearest copy already holds every float weight: GPTQ's
+    # reference weights for bias correction are its tensors, not a second copy (340 MB on ViT-B)
+    import dopq.api as api
+
+    config = dopq.get_preset("recommended", w_bits=4, a_bits=4)
+    assert config.gptq_check and config.gptq_target_used == "quantized"
+    references, models = [], []
+    correct_bias_, keep_better_rounding_ = api.correct_bias, api.keep_better_rounding
+
+    def spy_correct_bias(model: nn.Module, images: torch.Tensor, **kwargs: Any) -> Any:
+        references.append(kwargs.get("reference_weights"))
+        return correct_bias_(model, images, **kwargs)
+
+    def spy_check(model: nn.Module, nearest: nn.Module, *args: Any) -> Any:
+        models.append(nearest)
+        return keep_better_rounding_(model, nearest, *args)
+
+    monkeypatch.setattr(api, "correct_bias", spy_correct_bias)
+    monkeypatch.setattr(api, "keep_better_rounding", spy_check)
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=10).eval()
+    dopq.quantize_with_report(model, torch.randn(8, 3, 160, 160), config, progress=False)
+    (nearest,) = models
+    reference = references[0]  # the GPTQ model's correction; the nearest model's has none
+    assert reference and references[1] is None
+    for name, weight in reference.items():
+        assert weight.data_ptr() == nearest.get_submodule(name).weight.data_ptr(), name

@@ -318,6 +318,7 @@ def _gptq_stage(
             config.gptq_act_order,
             target=target,
             target_shrink=config.gptq_target_shrink,
+            unrounded=nearest,
         )
         shrink = config.gptq_target_shrink if target == "float" else None
         report.gptq = {"target": target, "target_shrink": shrink, "layers": len(float_weights)}

@@ -387,6 +387,7 @@ def gptq_model(
     target: str = "quantized",
     target_damp: float | None = None,
     target_shrink: float = 0.5,
+    unrounded: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """Round the weights of every quantized Linear / Conv2d with GPTQ, in forward order, in place.
 
@@ -403,6 +404,9 @@ def gptq_model(
         target_damp: ridge of the float target's least-squares solve (None: ``damp``).
         target_shrink: the float target moves ``W`` this fraction of the way to the least-squares ``W'``
             (half way by default: all the way loses on Swin-Tiny at W3/A3, docs/gptq.md).
+        unrounded: a copy of ``model`` taken before rounding whose weights stay float (the
+            calibration check's round-to-nearest model): with the quantized target the returned
+            float weights are its tensors, not a second copy of every weight (340 MB on ViT-B).
 
     Returns:
         The weight each rounded layer aimed at, by name (for bias correction's reference): the float
@@ -449,7 +453,10 @@ def gptq_model(
                 codes = gptq_round(w2d, hessian, q, damp, act_order)
             except CalibrationError as exc:
                 raise CalibrationError(f"{name}: {exc}") from None
-            originals[name] = w2d.reshape(weight.shape).clone()
+            if target == "quantized" and unrounded is not None:  # w2d is its weight, unchanged
+                originals[name] = unrounded.get_submodule(name).weight.detach()
+            else:
+                originals[name] = w2d.reshape(weight.shape).clone()
             module.weight.copy_(q.dequantize(codes).reshape(weight.shape).to(weight.dtype))
             if not torch.equal(q.codes(module.weight), codes.reshape(weight.shape)):
                 raise RuntimeError(f"{name}: GPTQ weights do not map onto their own codes")
