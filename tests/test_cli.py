@@ -48,7 +48,7 @@ def roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder) and ``no_classes`` (test is an empty folder)."""
     base = tmp_path_factory.mktemp("cli")
     out = {}
-    for name in ("good", "empty_class", "no_classes", "missing_class"):
+    for name in ("good", "empty_class", "no_classes", "missing_class", "swapped_class"):
         root = out.setdefault(name, base / name)
         for cls in ("a", "b"):
             _write_images(root / "train" / cls, 2)
@@ -57,6 +57,8 @@ def roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         _write_images(out["good"] / "test" / cls, 2, seed=1)
     (out["empty_class"] / "test" / "a").mkdir()
     _write_images(out["missing_class"] / "test" / "b", 2, seed=1)  # no test/a: b's label would be 0
+    for cls in ("b", "c"):  # no test/a but an extra c: b's label would be 0 all the same
+        _write_images(out["swapped_class"] / "test" / cls, 2, seed=1)
     return out
 
 
@@ -144,6 +146,11 @@ def test_num_classes_mismatch(roots: dict[str, Path], capsys: pytest.CaptureFixt
             [],
             "the evaluation split 'test' lacks the class folder(s) a that the calibration split",
         ),
+        (
+            "swapped_class",
+            [],
+            "the evaluation split 'test' lacks the class folder(s) a that the calibration split",
+        ),
     ],
     ids=[
         "missing-path",
@@ -154,6 +161,7 @@ def test_num_classes_mismatch(roots: dict[str, Path], capsys: pytest.CaptureFixt
         "calib-too-big",
         "more-classes-than-outputs",
         "missing-class-folder",
+        "missing-class-folder-and-an-extra-one",
     ],
 )
 def test_data_errors(

@@ -208,8 +208,9 @@ def check_labels(num_classes: int | None, eval_ds: Any, calib_ds: Any = None, tr
     """
     classes = list(eval_ds.classes)
     where = f"the evaluation split {eval_ds.split!r}"
-    if calib_ds is not None and set(classes) < set(calib_ds.classes):
-        missing = sorted(set(calib_ds.classes) - set(classes))
+    # any calibration class folder missing shifts the labels, extra evaluation folders or not
+    missing = sorted(set(calib_ds.classes) - set(classes)) if calib_ds is not None else []
+    if missing:
         raise DataError(
             f"{where} lacks the class folder(s) {', '.join(missing[:5])} that the calibration split "
             f"{calib_ds.split!r} has: its labels (sorted class folder positions) would shift; add "
