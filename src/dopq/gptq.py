@@ -37,7 +37,7 @@ from torch import nn
 
 from dopq.config import GPTQ_TARGETS
 from dopq.errors import CalibrationError
-from dopq.modules import QuantConv2d, QuantLinear, quantized_weight, quantizers_off
+from dopq.modules import QuantConv2d, QuantLinear, quantized_weight, quantizers_off, removing_hooks
 from dopq.quantizers import UniformQuantizer
 
 __all__ = [
@@ -356,15 +356,12 @@ def _float_inputs(
 
         return hook
 
-    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layers]
-    try:
-        with quantizers_off(model):
-            model(images)
-    except _StopPass:
-        return rows, False
-    finally:
-        for h in handles:
-            h.remove()
+    with removing_hooks([m.register_forward_pre_hook(hook_for(n)) for n, m in layers]):
+        try:
+            with quantizers_off(model):
+                model(images)
+        except _StopPass:
+            return rows, False
     return rows, True
 
 
@@ -375,6 +372,28 @@ def _cross_moment(x_fp: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
             f"GPTQ float target: float inputs {tuple(x_fp.shape)} and quantized inputs {tuple(x_q.shape)} differ"
         )
     return (x_fp.T @ x_q.float()).double() / x_q.shape[0]
+
+
+def _round_layer(
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    cross: torch.Tensor | None,
+    q: UniformQuantizer,
+    damp: float,
+    act_order: bool,
+    target_damp: float | None,
+    target_shrink: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's GPTQ step on its sampled input ``rows``: the 2-D weight aimed at (the float weight,
+    or with the float target's cross moment ``cross`` the shrunk least-squares ``W'``) and its codes."""
+    w2d = weight.reshape(weight.shape[0], -1)
+    hessian = DampedHessian(input_hessian(rows), damp)
+    if cross is not None:
+        ridge = damp if target_damp is None else target_damp
+        # one factorization for both uses, unless dead inputs or another ridge tell them apart
+        shared = ridge == damp and not hessian.has_dead
+        w2d = float_target_weight(w2d, cross, hessian if shared else hessian.matrix, ridge, target_shrink)
+    return w2d, gptq_round(w2d, hessian, q, damp, act_order)
 
 
 @torch.no_grad()
@@ -440,17 +459,9 @@ def gptq_model(
             weight = module.weight.detach()
             q: UniformQuantizer = module.weight_quantizer
             try:
-                w2d = weight.reshape(weight.shape[0], -1)
-                hessian = DampedHessian(input_hessian(rows), damp)
-                if target == "float":
-                    cross = _cross_moment(float_rows.pop(name), rows)  # freed once used
-                    ridge = damp if target_damp is None else target_damp
-                    # one factorization for both uses, unless dead inputs or another ridge tell them apart
-                    shared = ridge == damp and not hessian.has_dead
-                    w2d = float_target_weight(
-                        w2d, cross, hessian if shared else hessian.matrix, ridge, target_shrink
-                    )
-                codes = gptq_round(w2d, hessian, q, damp, act_order)
+                # the float rows are freed once used
+                cross = _cross_moment(float_rows.pop(name), rows) if target == "float" else None
+                w2d, codes = _round_layer(weight, rows, cross, q, damp, act_order, target_damp, target_shrink)
             except CalibrationError as exc:
                 raise CalibrationError(f"{name}: {exc}") from None
             if target == "quantized" and unrounded is not None:  # w2d is its weight, unchanged
@@ -463,8 +474,7 @@ def gptq_model(
 
         return hook
 
-    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in layers]
-    try:
+    with removing_hooks([m.register_forward_pre_hook(hook_for(n)) for n, m in layers]):
         while True:  # one pass, or one per chunk of layers (each pass stops where its chunk ends)
             with contextlib.suppress(_StopPass):
                 model(images)
@@ -476,9 +486,6 @@ def gptq_model(
             float_rows, complete = _float_inputs(
                 float_model, images, float_layers, set(originals), GPTQ_FLOAT_ROWS_BYTES
             )
-    finally:
-        for h in handles:
-            h.remove()
     missing = [n for n, _ in layers if n not in originals]
     if missing:
         raise CalibrationError(
