@@ -232,7 +232,8 @@ def suite_recon_unit(args: argparse.Namespace) -> None:
     """Reconstruction settings on one DeiT-Tiny unit (W3/A3, short CPU schedule): block loss on the
     training images and on held-out images (the last quarter of the reconstruction set)."""
     from dopq.api import quantize
-    from dopq.reconstruct import block_loss, cache_unit_io, reconstruct_unit
+    from dopq.reconstruct import block_loss, reconstruct_unit
+    from dopq.unit_io import cache_unit_io
 
     work = workload(args, "deit_tiny_patch16_224")
     fp = copy.deepcopy(work.model)

@@ -11,7 +11,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "dopq"
 
-ALGORITHMS = ["dopq.calibrate", "dopq.reparam", "dopq.centring", "dopq.gptq", "dopq.reconstruct",
+ALGORITHMS = ["dopq.calibrate", "dopq.reparam", "dopq.centring", "dopq.gptq", "dopq.reconstruct", "dopq.unit_io",
               "dopq.rounding_check", "dopq.stress", "dopq.stats"]  # fmt: skip
 SERVICES = 0  # errors, files, devices, distributed: usable from every layer
 # module prefix -> layer, in docs/design.md's order; everything not listed is the top layer

@@ -21,7 +21,8 @@ from dopq.cli import main
 from dopq.config import ReconstructConfig
 from dopq.export import OnnxModel, export_onnx
 from dopq.modules import quantizers_of
-from dopq.reconstruct import cache_unit_io, reconstruct_unit
+from dopq.reconstruct import reconstruct_unit
+from dopq.unit_io import cache_unit_io
 
 DEVICE = os.environ.get("DOPQ_GPU_TEST_DEVICE", "cuda")
 pytestmark = [

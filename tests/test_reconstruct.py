@@ -17,10 +17,9 @@ from dopq.quantizers import DropNoise, UniformQuantizer
 from dopq.reconstruct import (
     _sharded_gradient,
     _whole_batch_gradient,
-    cache_unit_io,
-    chained_units,
     reconstruct_unit,
 )
+from dopq.unit_io import cache_unit_io, chained_units
 
 
 @pytest.fixture(scope="module")
