@@ -31,7 +31,7 @@ from dopq.config import QuantConfig, get_preset
 from dopq.environment import command_line
 from dopq.export import OnnxModel, export_onnx, optimized_op_counts
 from dopq.export.runtime import INTEGER_OPS
-from dopq.modules import float64_copy, quantizers_of
+from dopq.modules import float64_copy, quantizers_of, removing_hooks, weight_quantizer_ids
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -440,7 +440,7 @@ def suite_deploy_noise(args: argparse.Namespace, workload, save) -> None:
 @contextlib.contextmanager
 def _noisy_activation_inputs(model: torch.nn.Module, relative: float, seed: int):
     """Every activation quantizer's input times ``1 + relative * N(0, 1)`` (weights untouched: the
-    quantizers :func:`dopq.modules.set_quantization` counts as weights are left out)."""
+    quantizers in a layer's weight slot, :func:`dopq.modules.weight_quantizer_ids`, are left out)."""
     generator = torch.Generator().manual_seed(seed)
 
     def perturb(module, args):
@@ -448,13 +448,10 @@ def _noisy_activation_inputs(model: torch.nn.Module, relative: float, seed: int)
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype)
         return (x * (1 + relative * noise), *args[1:])
 
-    handles = [q.register_forward_pre_hook(perturb) for name, q in quantizers_of(model)
-               if not name.endswith("weight_quantizer")]  # fmt: skip
-    try:
+    weights = weight_quantizer_ids(model)
+    activations = [q for _, q in quantizers_of(model) if id(q) not in weights]
+    with removing_hooks([q.register_forward_pre_hook(perturb) for q in activations]):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:

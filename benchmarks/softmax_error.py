@@ -9,7 +9,8 @@ import torch
 
 from dopq.config import get_preset
 from dopq.models import prepare_model
-from dopq.modules import QuantMatMul, set_quantization
+from dopq.models.adapters import quantized_attention_classes
+from dopq.modules import removing_hooks, set_quantization
 from dopq.quantizers import build_quantizer
 from dopq.stress import powerlaw_attention
 
@@ -32,15 +33,14 @@ def attention_and_values(
     set_quantization(model, False, False)
     found: list[tuple[str, torch.Tensor, torch.Tensor]] = []
     hooks = [
-        m.register_forward_pre_hook(
-            lambda mod, a, name=name: found.append((name, a[0].clone(), a[1].clone()))
+        m.matmul_av.register_forward_pre_hook(
+            lambda mod, a, name=f"{name}.matmul_av": found.append((name, a[0].clone(), a[1].clone()))
         )
         for name, m in model.named_modules()
-        if isinstance(m, QuantMatMul) and name.endswith("matmul_av")
+        if isinstance(m, quantized_attention_classes())
     ]
-    model(images)
-    for h in hooks:
-        h.remove()
+    with removing_hooks(hooks):
+        model(images)
     return found
 
 
