@@ -95,10 +95,10 @@ def _top1(logits: Tensor) -> Tensor:
     return logits.topk(1, dim=1).indices[:, 0]
 
 
-def _hit_string(logits: Tensor, targets: Tensor) -> str:
-    """Per image, ``"1"`` where the top-1 class is the label, else ``"0"`` (a result's
-    ``top1_correct``, which paired tests read)."""
-    return "".join("1" if hit else "0" for hit in (_top1(logits) == targets).tolist())
+def _hit_string(top1: Tensor, targets: Tensor) -> str:
+    """Per image, ``"1"`` where the top-1 class (:func:`_top1`) is the label, else ``"0"`` (a
+    result's ``top1_correct``, which paired tests read)."""
+    return "".join("1" if hit else "0" for hit in (top1 == targets).tolist())
 
 
 def evaluate(
@@ -141,7 +141,7 @@ def evaluate(
             _check_labels_fit(targets, logits.shape[-1])
             _check_no_nan(logits, desc, seen)
             c1, c5 = accuracy_counts(logits, targets)
-            per_image.append(_hit_string(logits, targets))
+            per_image.append(_hit_string(_top1(logits), targets))
             correct1, correct5, seen = correct1 + c1, correct5 + c5, seen + len(targets)
             bar.update(len(targets))
             bar.set_postfix(top1=f"{100 * correct1 / seen:.2f}%", refresh=False)
@@ -298,8 +298,8 @@ def compare(
             _check_no_nan(b, f"{desc} (second model)", seen)
             pred_a, pred_b = _top1(a), _top1(b)
             same += int((pred_a == pred_b).sum())
-            hits_a.append(_hit_string(a, targets))
-            hits_b.append(_hit_string(b, targets))
+            hits_a.append(_hit_string(pred_a, targets))
+            hits_b.append(_hit_string(pred_b, targets))
             worst = max(worst, float((a - b).abs().max()))
             seen += len(targets)
             bar.update(len(targets))
