@@ -1353,8 +1353,8 @@ def _sections(results: Path) -> list[Section]:
         )
         # the one-column table shows one row per recipe and width: a run over several seeds under
         # another suffix gets the table with a column per seed (it showed the first seed alone)
-        if over_seeds or len({r.get("seed") for r in _load(results, path.stem)["rows"]}) > 1:
-            merged = _load(results, path.stem)  # subfolders merge
+        merged = _load(results, path.stem)  # subfolders merge
+        if over_seeds or len({r.get("seed") for r in merged["rows"]}) > 1:
             if over_seeds:
                 note = next((n for suffix, n in _PRESET_NOTES.items() if path.stem.endswith(suffix)), "")
             lines, sources = _preset_table(merged, note), (path.stem,)
