@@ -182,13 +182,20 @@ def test_a_process_stopped_after_its_own_error_line_adds_no_second_line() -> Non
 
 
 def _spawn_rank(
-    rank: int, argv: list[str], port: int, cwd: Path, local_rank: int | None = None
+    rank: int,
+    argv: list[str],
+    port: int,
+    cwd: Path,
+    local_rank: int | None = None,
+    python_path: Path | None = None,
 ) -> subprocess.Popen[str]:
     """Process ``rank`` of 2 (``local_rank=0``: each on its own machine, as torchrun's
-    ``--nnodes 2 --nproc-per-node 1`` starts them)."""
+    ``--nnodes 2 --nproc-per-node 1`` starts them); ``python_path`` goes first on its PYTHONPATH."""
     local = rank if local_rank is None else local_rank
     env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(local), WORLD_SIZE="2",
                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    if python_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(python_path), env.get("PYTHONPATH", "")])
     return subprocess.Popen([sys.executable, "-m", "dopq", *argv], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
 
@@ -413,14 +420,9 @@ def test_a_machine_with_another_torch_stops_with_one_line(tiny_root: Path, tmp_p
     (other / "sitecustomize.py").write_text("import torch\ntorch.__version__ = '2.0.0+other'\n")
     argv = ["quantize", "--model", "test_vit", "--data", str(tiny_root), "--calib-size", "2", "--threads", "1",
             "--workers", "0", "--quiet"]  # fmt: skip
-    port, procs = _free_port(), []
-    for rank in (0, 1):
-        env = dict(_env(), RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))  # fmt: skip
-        if rank == 1:
-            env["PYTHONPATH"] = os.pathsep.join([str(other), env.get("PYTHONPATH", "")])
-        procs.append(subprocess.Popen([sys.executable, "-m", "dopq", *argv], cwd=tmp_path, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
+    port = _free_port()
+    procs = [_spawn_rank(0, argv, port, tmp_path, local_rank=0),
+             _spawn_rank(1, argv, port, tmp_path, local_rank=0, python_path=other)]  # fmt: skip
     for proc in procs:
         err = proc.communicate(timeout=120)[1]
         errors = [ln for ln in err.splitlines() if ln.startswith("dopq: error:")]
