@@ -4,12 +4,16 @@ read without holding image bytes, and the default loader workers."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
 import os
 import pickle
+import subprocess
+import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -270,6 +274,157 @@ def test_decompressed_copy_is_removed_at_exit_by_its_process_only(
     data_module._TEMP_TARS.append((os.getpid() + 1, inherited))
     data_module._remove_temp_tars()
     assert not copy.exists() and inherited.exists()
+
+
+# -- a .tar.gz's decompressed copy: one per machine -------------------------------------------------
+
+_HOLD = """
+import hashlib, json, logging, sys, types
+from pathlib import Path
+for name in ("dopq", "dopq.data"):  # the packages without their __init__, which imports torch: fast
+    package = types.ModuleType(name)
+    package.__path__ = [str(Path(sys.argv[2], *name.split(".")))]
+    sys.modules[name] = package
+from dopq.data.archives import archive_index
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+index = archive_index(Path(sys.argv[1]))
+digest = hashlib.sha256()
+with open(index.tar_path, "rb") as tar:
+    for name, (offset, size) in sorted(index.files.items()):
+        tar.seek(offset)
+        digest.update(name.encode() + tar.read(size))
+print(json.dumps({"tar": str(index.tar_path), "digest": digest.hexdigest()}), flush=True)
+sys.stdin.read()  # holds the copy until the test closes stdin
+"""
+
+
+def _holder(archive: Path, tmp: Path) -> subprocess.Popen[str]:
+    """A process that indexes ``archive`` with ``$TMPDIR`` = ``tmp``, prints its plain tar and a digest
+    of its members read by offset, and holds them until its stdin is closed."""
+    src = Path(data_module.__file__).parents[2]
+    return subprocess.Popen([sys.executable, "-c", _HOLD, str(archive), str(src)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp)})  # fmt: skip
+
+
+def _opened(proc: subprocess.Popen[str]) -> dict:
+    line = proc.stdout.readline()
+    assert line, proc.communicate()[1][-2000:]
+    return json.loads(line)
+
+
+def _closed(proc: subprocess.Popen[str]) -> str:
+    """Let a holder exit normally; its log lines."""
+    err = proc.communicate("", timeout=60)[1]
+    assert proc.returncode == 0, err[-2000:]
+    return err
+
+
+def _small_gz(tmp_path: Path, name: str = "small.tar.gz", seed: int = 0) -> Path:
+    root = tmp_path / f"src-{name}-{seed}"
+    _good(root / "val" / "a", ["0.png", "1.jpg"], seed=seed)
+    _good(root / "val" / "b", ["2.png"], seed=seed + 2)
+    return _pack(root, tmp_path / name)
+
+
+def test_processes_on_one_machine_share_one_decompressed_copy(tmp_path: Path) -> None:
+    """Two processes (torchrun's, on one machine) opening the same .tar.gz at once: one decompresses,
+    the other waits and reads the same copy; the copy is removed when the last one exits."""
+    archive, tmp = _small_gz(tmp_path), tmp_path / "tmp"
+    tmp.mkdir()
+    procs = [_holder(archive, tmp), _holder(archive, tmp)]
+    first, second = (_opened(p) for p in procs)
+    assert first == second  # one copy, the same images
+    assert [p.name for p in tmp.glob("*.tar")] == [Path(first["tar"]).name]
+    errs = [_closed(procs[0]), _closed(procs[1])]
+    assert sum(err.count(f"decompressed {archive} into") for err in errs) == 1, errs
+    assert list(tmp.iterdir()) == []  # no copy, lock or partial file left
+
+
+def test_a_killed_holder_leaves_a_copy_reused_or_removed_by_the_next_run(tmp_path: Path) -> None:
+    """A process killed (-9) while it holds the copy cannot remove it: the next process of the same
+    archive reuses it (without decompressing again); a process of another archive, or of the
+    archive changed since, removes it. Each removes its own copy at exit."""
+    archive, tmp = _small_gz(tmp_path), tmp_path / "tmp"
+    tmp.mkdir()
+    killed = _holder(archive, tmp)
+    copy = Path(_opened(killed)["tar"])
+    killed.kill()
+    killed.wait()
+    assert copy.exists()
+    reuser = _holder(archive, tmp)
+    assert _opened(reuser)["tar"] == str(copy)
+    assert f"decompressed {archive} into" not in _closed(reuser)
+    assert list(tmp.iterdir()) == []
+
+    killed = _holder(archive, tmp)
+    old = _opened(killed)
+    killed.kill()
+    killed.wait()
+    _small_gz(tmp_path, seed=7)  # the same path, other images, another modification time
+    changed = _holder(archive, tmp)
+    new = _opened(changed)
+    assert new["tar"] != old["tar"] and new["digest"] != old["digest"]
+    assert not Path(old["tar"]).exists()  # the dead process's copy: removed
+    assert f"decompressed {archive} into" in _closed(changed)
+    assert list(tmp.iterdir()) == []
+
+
+def test_a_copy_in_use_is_not_removed_by_another_run(tmp_path: Path) -> None:
+    """A living process's copy stays while another process decompresses another archive, and each
+    process's copy goes when it exits."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    one, two = (
+        _holder(_small_gz(tmp_path, "one.tar.gz"), tmp),
+        _holder(_small_gz(tmp_path, "two.tar.gz"), tmp),
+    )
+    copies = [Path(_opened(one)["tar"]), Path(_opened(two)["tar"])]
+    assert copies[0] != copies[1] and all(c.exists() for c in copies)
+    _closed(one)
+    assert not copies[0].exists() and copies[1].exists()
+    _closed(two)
+    assert list(tmp.iterdir()) == []
+
+
+def test_without_file_locks_each_process_decompresses_its_own_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without fcntl (Windows) the copy is private to the process (its pid in the name), removed at exit."""
+    archive, tmp = _small_gz(tmp_path), tmp_path / "tmp"
+    tmp.mkdir()
+    for name, value in (("fcntl", None), ("_INDEX_CACHE", {}), ("_SHARED", {}), ("_TEMP_TARS", [])):
+        monkeypatch.setattr(data_module, name, value, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    copy = open_split(archive, "val")._tar_path
+    assert copy.parent == tmp and copy.name.startswith(f"dopq-small-{os.getpid()}-")
+    data_module._remove_temp_tars()
+    assert list(tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize("fault", ["truncated", "disk full"])
+def test_a_failed_decompression_is_one_line_and_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    archive, tmp = _small_gz(tmp_path), tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    monkeypatch.setattr(data_module, "_INDEX_CACHE", {})
+    monkeypatch.setattr(data_module, "_SHARED", {}, raising=False)
+    if fault == "truncated":
+        archive.write_bytes(archive.read_bytes()[:-200])
+        expected = f"cannot read archive {archive}: "
+    else:
+
+        def full(*args: object) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(data_module.shutil, "copyfileobj", full)
+        expected = f"cannot decompress archive {archive} into {tmp}: No space left on device"
+    with pytest.raises(DataError) as raised:
+        open_split(archive, "val")
+    assert str(raised.value).startswith(expected) and "\n" not in str(raised.value)
+    assert list(tmp.iterdir()) == []
 
 
 # -- loader workers ------------------------------------------------------------------------------

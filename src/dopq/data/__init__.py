@@ -7,8 +7,9 @@ exactly as ``torchvision.datasets.ImageFolder`` orders them, so class indices an
 with torchvision.
 
 Data streams: images are decoded one at a time when a loader asks for them. A plain ``.tar`` is read
-by member offset; a ``.tar.gz`` is decompressed once per process into a temporary plain tar (in
-``$TMPDIR``, removed at exit) and then read the same way. Each archive is indexed once per process
+by member offset; a ``.tar.gz`` is decompressed once per machine into a temporary plain tar (in
+``$TMPDIR``, shared by the processes of one machine, such as torchrun's, and removed when the last of
+them exits) and then read the same way. Each archive is indexed once per process
 (cached by path, modification time and size), however many splits and listings a run asks for.
 
 Bad images: an image file that cannot be decoded (zero bytes, not an image, truncated, corrupt) is an
@@ -19,7 +20,7 @@ torchvision does. A class folder without images keeps its class index (a warning
 One job per module:
 
 * :mod:`~dopq.data.preprocess`: a model's evaluation preprocessing (card or timm config) and transform;
-* :mod:`~dopq.data.archives`: tar archives indexed once per process, ``.tar.gz`` decompressed once;
+* :mod:`~dopq.data.archives`: tar archives indexed once per process, ``.tar.gz`` decompressed once per machine;
 * :mod:`~dopq.data.sources`: splits, classes and samples of folders and archives in torchvision's order;
 * :mod:`~dopq.data.dataset`: the dataset of one split and its bad-image policy;
 * :mod:`~dopq.data.sampling`: seeded calibration draws and strided evaluation subsets;
