@@ -402,6 +402,21 @@ def test_without_file_locks_each_process_decompresses_its_own_copy(
     assert list(tmp.iterdir()) == []
 
 
+def test_the_stale_copy_sweep_never_signals_a_process_on_windows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On Windows ``os.kill(pid, 0)`` is TerminateProcess: the sweep of private copies (the fallback
+    there) killed the process whose pid a copy's name holds, or any process that reused the pid."""
+    signalled: list[int] = []
+    copy = tmp_path / f"dopq-data-{os.getpid() + 1}-abc.tar"
+    copy.write_bytes(b"x")
+    with monkeypatch.context() as windows:  # only around the sweep: pytest's reports read os.name
+        windows.setattr(os, "kill", lambda pid, sig: signalled.append(pid))
+        windows.setattr(os, "name", "nt")
+        removed = data_module.remove_stale_temp_tars(tmp_path)
+    assert signalled == [] and removed == [] and copy.exists()
+
+
 @pytest.mark.parametrize("fault", ["truncated", "disk full"])
 def test_a_failed_decompression_is_one_line_and_leaves_no_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str

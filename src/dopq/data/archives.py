@@ -94,6 +94,8 @@ _SHARED_SUFFIXES = (".tar", ".partial", ".lock")  # the copy, the copy being wri
 
 
 def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) there terminates the process: count it alive
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
