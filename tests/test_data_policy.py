@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -247,6 +248,26 @@ def test_archive_is_indexed_once_per_run(
         os.utime(archive, ns=(1, 1))  # a changed file (other modification time) is indexed again
         open_split(archive, "val")
         assert calls == [archive, archive]
+
+
+def test_indexing_a_tar_does_not_keep_every_member_header(tmp_path: Path) -> None:
+    """tarfile keeps the header of each member it reads: indexing ImageNet's train set (1.28M
+    members) peaked at three times the index's own memory (about 0.8 GB a process, where the
+    index holds 0.27 GB)."""
+    path = tmp_path / "many.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(3000):
+            info = tarfile.TarInfo(f"train/c{i % 10}/{i}.JPEG")
+            info.size = 1
+            tar.addfile(info, io.BytesIO(b"x"))
+    tracemalloc.start()
+    try:
+        index = data_module._scan_tar(path, path)
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(index.files) == 3000 and index.files["train/c1/2991.JPEG"][1] == 1
+    assert peak < 1.5 * held
 
 
 @pytest.mark.parametrize("suffix", ["tar", "tar.gz"])
