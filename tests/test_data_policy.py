@@ -5,6 +5,7 @@ read without holding image bytes, and the default loader workers."""
 from __future__ import annotations
 
 import errno
+import gzip
 import io
 import json
 import logging
@@ -248,6 +249,23 @@ def test_archive_is_indexed_once_per_run(
         os.utime(archive, ns=(1, 1))  # a changed file (other modification time) is indexed again
         open_split(archive, "val")
         assert calls == [archive, archive]
+
+
+def test_the_content_not_the_name_says_whether_an_archive_is_gzip_compressed(
+    bad_root: Path, tmp_path: Path
+) -> None:
+    """A .tar.gz that a browser saved decompressed under its name (Safari, ``curl --compressed``)
+    stopped with "Not a gzipped file", a gzip-compressed .tar with "invalid header"."""
+    plain = _pack(bad_root, tmp_path / "plain.tar")
+    saved = tmp_path / "saved.tar.gz"
+    saved.write_bytes(plain.read_bytes())
+    gzipped = tmp_path / "gzipped.tar"
+    gzipped.write_bytes(gzip.compress(plain.read_bytes()))
+    expected = open_split(plain, "val")
+    for path in (saved, gzipped):
+        ds = open_split(path, "val")
+        assert ds.samples == expected.samples
+        assert np.array_equal(np.asarray(ds[0][0]), np.asarray(expected[0][0]))
 
 
 def test_indexing_a_tar_does_not_keep_every_member_header(tmp_path: Path) -> None:

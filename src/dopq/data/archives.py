@@ -1,13 +1,14 @@
 """Tar archives as data roots: each indexed once per process, members read by offset.
 
-A plain ``.tar`` is read by member offset; a ``.tar.gz`` / ``.tgz`` is decompressed once per machine
-into a temporary plain tar in ``$TMPDIR`` and then read the same way: the processes of one machine
-that open the same archive (same path, size and modification time, same user), such as torchrun's,
-share one copy. One process decompresses it while the others wait; each holds a shared ``flock`` on
-the copy while it runs, and the last one to exit removes it. A copy that no process holds any more
-(its processes were killed) is removed by the next run, or reused by the next run of the same
-archive. Without ``fcntl`` (Windows) each process decompresses its own copy, removed at exit. The
-index (:class:`ArchiveIndex`) is cached by path, modification time and size, however many splits and
+A plain tar is read by member offset; a gzip-compressed one (``.tar.gz`` / ``.tgz``: the content
+decides, not the name) is decompressed once per machine into a temporary plain tar in ``$TMPDIR``
+and then read the same way: the processes of one machine that open the same archive (same path,
+size and modification time, same user), such as torchrun's, share one copy. One process
+decompresses it while the others wait; each holds a shared ``flock`` on the copy while it runs, and
+the last one to exit removes it. A copy that no process holds any more (its processes were killed)
+is removed by the next run, or reused by the next run of the same archive. Without ``fcntl``
+(Windows) each process decompresses its own copy, removed at exit. The index
+(:class:`ArchiveIndex`) is cached by path, modification time and size, however many splits and
 listings a run asks for.
 """
 
@@ -361,6 +362,16 @@ def _link_target(name: str, links: dict[str, str], files: dict[str, tuple[int, i
     return name if name in files else None
 
 
+def _gzipped(path: Path) -> bool:
+    """Whether the file is gzip-compressed, whatever its name says: browsers save a downloaded
+    ``.tar.gz`` decompressed under its name, and ``gzip -c x.tar > x.tar`` keeps the name."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(2) == b"\x1f\x8b"
+    except OSError as e:
+        raise DataError(f"cannot read archive {path}: {e.strerror or e}") from e
+
+
 def archive_index(path: Path) -> ArchiveIndex:
     """The archive's index, built once per process for each (path, modification time, size)."""
     try:
@@ -372,7 +383,7 @@ def archive_index(path: Path) -> ArchiveIndex:
     if listing is None:
         start = time.perf_counter()
         tar_path = path
-        if archive_kind(path) == "gz":
+        if _gzipped(path):
             shared = _shared_decompress(path, stat) if fcntl is not None else None
             tar_path = shared or _decompress(path)
         listing = _INDEX_CACHE[key] = _scan_tar(path, tar_path)
