@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import tarfile
@@ -433,6 +434,22 @@ def test_hidden_folders_and_files_are_neither_classes_nor_images(tmp_path: Path)
         assert ds.classes == ["a", "b"]
         assert [(Path(p).name, t) for p, t in ds.samples] == [("0.png", 0), ("0.png", 1)]
         assert [int(np.asarray(ds[i][0])[0, 0, 0]) for i in range(2)] == [10, 20]
+
+
+def test_a_file_beside_the_wrapper_folder_leaves_it_a_wrapper(tmp_path: Path) -> None:
+    """``data/{test,train}/...`` with a LICENSE beside ``data``: the file made ``data`` a split
+    ("no 'val' or 'test' split ... (found: data)"), though a file is never a split."""
+    root = tmp_path / "data"
+    _small_png(root / "test" / "a" / "0.png", 10)
+    _small_png(root / "train" / "a" / "0.png", 20)
+    tar = tmp_path / "licensed.tar"
+    with tarfile.open(tar, "w") as t:
+        t.add(root, arcname="data")
+        info = tarfile.TarInfo("LICENSE")
+        info.size = 3
+        t.addfile(info, io.BytesIO(b"MIT"))
+    assert list_splits(tar) == ["test", "train"] and resolve_eval_split(tar) == "test"
+    assert open_split(tar, "train").samples == [("data/train/a/0.png", 0)]
 
 
 def test_tar_link_members_are_the_files_they_lead_to(tmp_path: Path, caplog) -> None:

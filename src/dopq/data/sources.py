@@ -53,11 +53,11 @@ def _archive_prefix(listing: ArchiveIndex) -> str:
     """Return ``"top/"`` when all splits sit in one top-level folder, else ``""``.
 
     A single top-level folder is a split itself (not a wrapper) when it holds images at
-    ``top/<class>/<image>``.
+    ``top/<class>/<image>``. Files beside the folder (a README, macOS's ``._<folder>``) are never
+    splits and leave it a wrapper.
     """
-    names = (n.split("/", 1)[0] for n in (*listing.dirs, *listing.files))
-    tops = {top for top in names if not _hidden(top)}  # macOS adds ._<folder> beside the folder
-    if len(tops) != 1 or next(iter(tops)) not in listing.dirs:
+    tops = {top for top in (n.split("/", 1)[0] for n in listing.dirs) if not _hidden(top)}
+    if len(tops) != 1:
         return ""
     top = next(iter(tops))
     if any(n.count("/") == 2 and _is_image(n) for n in listing.files):
