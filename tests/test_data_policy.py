@@ -456,28 +456,36 @@ def test_the_stale_copy_sweep_never_signals_a_process_on_windows(
     assert signalled == [] and removed == [] and copy.exists()
 
 
-@pytest.mark.parametrize("fault", ["truncated", "disk full"])
+def _failing(error: BaseException):
+    def copy(*args: object) -> None:
+        raise error
+
+    return copy
+
+
+@pytest.mark.parametrize("fault", ["truncated", "disk full", "interrupted"])
 def test_a_failed_decompression_is_one_line_and_leaves_no_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
 ) -> None:
+    """A truncated archive, a full disk: one line; Ctrl-C while decompressing: no partial copy left."""
     archive, tmp = _small_gz(tmp_path), tmp_path / "tmp"
     tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     monkeypatch.setattr(data_module, "_INDEX_CACHE", {})
     monkeypatch.setattr(data_module, "_SHARED", {}, raising=False)
+    expected = f"cannot read archive {archive}: "
     if fault == "truncated":
         archive.write_bytes(archive.read_bytes()[:-200])
-        expected = f"cannot read archive {archive}: "
-    else:
-
-        def full(*args: object) -> None:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        monkeypatch.setattr(data_module.shutil, "copyfileobj", full)
+    elif fault == "disk full":
+        full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(data_module.shutil, "copyfileobj", _failing(full))
         expected = f"cannot decompress archive {archive} into {tmp}: No space left on device"
-    with pytest.raises(DataError) as raised:
+    else:
+        monkeypatch.setattr(data_module.shutil, "copyfileobj", _failing(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt if fault == "interrupted" else DataError) as raised:
         open_split(archive, "val")
-    assert str(raised.value).startswith(expected) and "\n" not in str(raised.value)
+    if fault != "interrupted":
+        assert str(raised.value).startswith(expected) and "\n" not in str(raised.value)
     assert list(tmp.iterdir()) == []
 
 

@@ -239,6 +239,9 @@ def _write_tar(path: Path, dst_fd: int, dst: Path) -> None:
         if isinstance(e, OSError) and e.errno is not None:  # disk full, permissions: not the archive
             raise DataError(f"cannot decompress archive {path} into {dst.parent}: {e.strerror or e}") from e
         raise DataError(f"cannot read archive {path}: {e}") from e
+    except BaseException:  # Ctrl-C: a shared copy's partial file is no process's to remove at exit
+        dst.unlink(missing_ok=True)
+        raise
 
 
 def _stem(path: Path) -> str:
