@@ -184,8 +184,8 @@ def test_killed_process_decompressed_copy_removed_by_next_run(
     archives: dict[str, Path], tmp_path: Path
 ) -> None:
     """A .tar.gz is decompressed into $TMPDIR; a process killed before its exit handler leaves the
-    copy (as large as the data), and the next process that decompresses removes it, while a living
-    process's copy stays."""
+    copy (as large as the data), and the next process of the archive reuses it and removes it at
+    exit, while a living process's copy stays."""
     import os
     import subprocess
     import sys
