@@ -306,6 +306,27 @@ def test_missing_and_unsupported_paths(tmp_path: Path) -> None:
         open_split(tmp_path / "broken.tar.gz", "test")
 
 
+def test_a_tar_cut_short_at_a_header_or_with_a_corrupt_header_is_an_error(tmp_path: Path) -> None:
+    """tarfile stops without an error at a header the file ends in or that is corrupt: a .tar cut
+    short there (an interrupted copy stops at a block boundary) gave a split without its last images."""
+    for i in range(4):
+        _small_png(tmp_path / "data" / "val" / "a" / f"{i}.png", i)
+    whole = tmp_path / "whole.tar"
+    with tarfile.open(whole, "w") as tar:
+        tar.add(tmp_path / "data" / "val", arcname="val")
+    with tarfile.open(whole) as tar:
+        header = tar.getmembers()[-2].offset  # the third image: 4 members (val, a, 0, 1) before it
+    assert len(open_split(whole, "val")) == 4
+    raw = whole.read_bytes()
+    corrupt = raw[:header] + b"x" * 512 + raw[header + 512 :]
+    for name, data, message in [("cut.tar", raw[:header], "it stops after 4 members without tar's end-of-archive"),
+                                ("cut_in_header.tar", raw[: header + 100], "it stops after 4 members"),
+                                ("corrupt.tar", corrupt, f"an invalid tar header after 4 members \\(byte {header}\\)")]:  # fmt: skip
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match=f"^cannot read archive {tmp_path / name}: {message}"):
+            open_split(tmp_path / name, "val")
+
+
 def test_missing_split_lists_found(tree: Path, archives: dict[str, Path]) -> None:
     for root in (tree, archives["gz"]):
         with pytest.raises(DataError, match=r"split 'val' not found in .* \(found: test, train\)$"):

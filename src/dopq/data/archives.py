@@ -311,14 +311,18 @@ def _shared_decompress(path: Path, stat: os.stat_result) -> Path | None:
 
 def _scan_tar(path: Path, tar_path: Path) -> ArchiveIndex:
     """Index a plain tar: member offsets and sizes, without reading member data. A link member
-    (``tar`` stores a second hard link to a file as one) is indexed as the file it leads to."""
+    (``tar`` stores a second hard link to a file as one) is indexed as the file it leads to. A tar
+    that does not end with tar's end-of-archive block (cut short at a member's header, or a corrupt
+    header) is an error: tarfile stops there without one, and the members after it were lost."""
     files: dict[str, tuple[int, int]] = {}
     dirs: set[str] = set()
     links: dict[str, str] = {}
+    members = 0
     try:
         with tarfile.open(tar_path, "r:", encoding="utf-8") as tar:
             while (member := tar.next()) is not None:
                 tar.members.clear()  # tarfile keeps every header it reads: 2/3 of the peak memory
+                members += 1
                 name = _norm_member(member.name)
                 if not name:
                     continue
@@ -332,8 +336,19 @@ def _scan_tar(path: Path, tar_path: Path) -> ArchiveIndex:
                     links[name] = _norm_member(
                         posixpath.normpath(posixpath.join(posixpath.dirname(name), member.linkname))
                     )
+            tar.fileobj.seek(end := tar.offset)
+            block = tar.fileobj.read(tarfile.BLOCKSIZE)
     except _ARCHIVE_ERRORS as e:
         raise DataError(f"cannot read archive {path}: {e}") from e
+    if len(block) < tarfile.BLOCKSIZE:
+        raise DataError(
+            f"cannot read archive {path}: it stops after {members} members without tar's end-of-archive "
+            "block: cut short (an interrupted copy or download?)"
+        )
+    if block.count(0) != tarfile.BLOCKSIZE:
+        raise DataError(
+            f"cannot read archive {path}: an invalid tar header after {members} members (byte {end})"
+        )
     unresolved = []
     for name in links:
         target = _link_target(name, links, files)
