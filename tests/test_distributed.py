@@ -431,3 +431,39 @@ def test_a_machine_with_another_torch_stops_with_one_line(tiny_root: Path, tmp_p
         assert "'2.0.0+other'" in errors[0] and errors[0].endswith(
             "install the same dopq and torch on every machine"
         )
+
+
+@pytest.fixture(scope="module")
+def saved_model(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``dopq quantize --save`` file of ``test_vit`` for ``tiny_root``'s three classes."""
+    from dopq.cli import main
+
+    path = tmp_path_factory.mktemp("saved") / "q.pt"
+    argv = ["quantize", "--model", "test_vit", "--num-classes", "3", "--data", str(tiny_root), "--calib-size", "2",
+            "--threads", "1", "--workers", "0", "--quiet", "--save", str(path)]  # fmt: skip
+    assert main(argv) == 0
+    return path
+
+
+def test_a_shard_of_skipped_images_alone_gives_the_one_process_result(
+    tiny_root: Path, saved_model: Path, tmp_path: Path
+) -> None:
+    """With --skip-bad-images, a process whose whole share of the images was left out stopped the
+    run ("evaluation got no images") where one process evaluated the rest: its share now counts
+    nothing and the gathered result is the one-process result."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_root, data)
+    (data / "test" / "c" / "0.jpg").write_bytes(b"")  # image 10: --eval-subset 3 takes 0, 5, 10
+    argv = ["evaluate", "--quantized", str(saved_model), "--data", str(data), "--eval-subset", "3",
+            "--skip-bad-images", "--threads", "1", "--workers", "0", "--quiet", "--output", "r.json"]  # fmt: skip
+    results = []
+    for nproc in (1, 2):
+        (tmp_path / f"n{nproc}").mkdir()
+        done = _run(argv, nproc, tmp_path / f"n{nproc}")
+        assert done.returncode == 0, done.stderr[-3000:]
+        results.append(json.loads((tmp_path / f"n{nproc}" / "r.json").read_text()))
+    one, two = results
+    assert two["distributed"]["world_size"] == 2 and one["eval_images"] == two["eval_images"] == 2
+    for key in ("quant_top1", "quant_top5", "quant_top1_correct", "data"):
+        assert one[key] == two[key], key
+    assert [s["index"] for s in two["data"]["skipped"]["evaluation"]["images"]] == [10]

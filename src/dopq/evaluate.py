@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from dopq import distributed
 from dopq.data import single_line_errors
 from dopq.errors import ConfigError, DataError, ModelError
 from dopq.modules import constant_quantization, quantizers_of
@@ -123,9 +124,13 @@ def evaluate(
     Returns:
         Accuracies as fractions, image count and seconds.
 
+    Under torchrun ``loader`` holds this process's share of the images, which may yield none (all
+    left out by ``skip_bad_images``): the result then counts no image, and
+    :func:`merge_results` refuses only a whole set without images.
+
     Raises:
-        DataError: the loader yields no images, an image cannot be read, or a label is not one of
-            the model's classes.
+        DataError: the loader yields no images (in one process), an image cannot be read, or a
+            label is not one of the model's classes.
     """
     device = torch.device(device)
     total = len(loader.dataset) if hasattr(loader, "dataset") else None
@@ -147,6 +152,8 @@ def evaluate(
             bar.set_postfix(top1=f"{100 * correct1 / seen:.2f}%", refresh=False)
     seconds = time.perf_counter() - start
     if seen == 0:
+        if distributed.current().world_size > 1:  # one share; the others' images may remain
+            return EvalResult(0.0, 0.0, 0, seconds, "")
         raise DataError("evaluation got no images; check the split and subset size")
     result = EvalResult(correct1 / seen, correct5 / seen, seen, seconds, "".join(per_image))
     logger.info(
