@@ -467,3 +467,48 @@ def test_a_shard_of_skipped_images_alone_gives_the_one_process_result(
     for key in ("quant_top1", "quant_top5", "quant_top1_correct", "data"):
         assert one[key] == two[key], key
     assert [s["index"] for s in two["data"]["skipped"]["evaluation"]["images"]] == [10]
+
+
+def test_a_process_that_stops_before_joining_does_not_hold_the_others_for_long(
+    saved_model: Path, tiny_root: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """On several machines torchrun does not stop the processes of the others when one stops
+    before it joins the group (an argument refused on its machine): process 0 waited out the
+    10-minute timeout and then named store keys. The join now has its own short wait and a line
+    that says what happened; a process working alone after the join for longer than that (a long
+    run's calibration, its first batches) is still waited for."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import datetime, os, time\nimport dopq.distributed as d\n"
+        "d.JOIN_TIMEOUT = datetime.timedelta(seconds=3)\n"
+        "if os.environ.get('DOPQ_TEST_LATE') == os.environ.get('RANK'):\n"
+        "    joined = d.init_from_environment\n"
+        "    d.init_from_environment = lambda *a, **k: (joined(*a, **k), time.sleep(6))[0]\n"
+    )
+    argv = ["evaluate", "--quantized", str(saved_model), "--data", str(tiny_root), "--threads", "1",
+            "--workers", "0", "--quiet"]  # fmt: skip
+
+    def both(argv1: list[str]) -> list[tuple[int, str]]:
+        port = _free_port()
+        procs = [_spawn_rank(r, a, port, tmp_path, local_rank=0, python_path=site)
+                 for r, a in ((0, argv), (1, argv1))]  # fmt: skip
+        try:
+            errs = [p.communicate(timeout=60)[1] for p in procs]
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"a process hung: {[p.communicate()[1][-1000:] for p in procs]}")
+        return [(p.returncode, err) for p, err in zip(procs, errs, strict=True)]
+
+    (status0, err0), (status1, err1) = both([*argv, "--batch-size", "0"])
+    assert (status1, err1) == (2, "dopq: error: --batch-size must be >= 1, got 0\n")
+    errors = [ln for ln in err0.splitlines() if ln.startswith("dopq: error:")]
+    assert status0 == 2 and len(errors) == 1, err0[-2000:]
+    assert errors[0].startswith(
+        "dopq: error: process 0 waited 3 s for the other processes of this run to join: one stopped "
+        "before it joined (see its message, on its machine) or was not started"
+    )
+    monkeypatch.setenv("DOPQ_TEST_LATE", "1")  # process 1 works alone for 6 s after the join
+    results = both(argv)
+    assert [status for status, _ in results] == [0, 0], results

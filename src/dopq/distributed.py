@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,6 +60,12 @@ T = TypeVar("T")
 
 TIMEOUT = datetime.timedelta(minutes=10)
 """How long a collective waits for a process that stopped answering before raising."""
+
+JOIN_TIMEOUT = datetime.timedelta(minutes=2)
+"""How long a process waits for the others to join the group. torchrun starts every process of a
+run at once, after its machines met, so one missing for this long stopped before it joined (an
+argument refused on its machine, a crash at start-up): on several machines torchrun does not stop
+the others, which would wait out :data:`TIMEOUT` for it."""
 
 
 class DistributedError(DopqError):
@@ -125,11 +132,28 @@ def init_from_environment(device: str | torch.device = "cpu") -> ProcessGroup:
                 "(torchrun --nproc-per-node)"
             )
         torch.cuda.set_device(local)
+    started = time.monotonic()
     try:
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=JOIN_TIMEOUT)
     except (RuntimeError, ValueError) as exc:
-        raise DistributedError(f"could not join the torchrun process group: {exc}") from None
+        reason = " ".join(str(exc).split())[:200]
+        if time.monotonic() - started >= 0.9 * JOIN_TIMEOUT.total_seconds():  # it timed out
+            raise DistributedError(
+                f"process {os.environ.get('RANK', '?')} waited {_minutes(JOIN_TIMEOUT)} for the other "
+                "processes of this run to join: one stopped before it joined (see its message, on its "
+                f"machine) or was not started ({reason})"
+            ) from None
+        raise DistributedError(f"could not join the torchrun process group: {reason}") from None
+    # the join's short wait would cut a long run's collectives (one process may work alone for a
+    # while) and nccl's first communicator, made through the store at the first collective
+    (getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout)(TIMEOUT)
+    dist.distributed_c10d._get_default_store().set_timeout(TIMEOUT)
     return current()
+
+
+def _minutes(span: datetime.timedelta) -> str:
+    seconds = span.total_seconds()
+    return f"{seconds / 60:g} minutes" if seconds >= 60 else f"{seconds:g} s"
 
 
 def exit_with_one_line_on_sigterm(note: str | None = None) -> None:
