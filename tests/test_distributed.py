@@ -512,3 +512,27 @@ def test_a_process_that_stops_before_joining_does_not_hold_the_others_for_long(
     monkeypatch.setenv("DOPQ_TEST_LATE", "1")  # process 1 works alone for 6 s after the join
     results = both(argv)
     assert [status for status, _ in results] == [0, 0], results
+
+
+def test_evaluate_on_a_machine_with_fewer_images_than_processes_names_the_other_listing(
+    saved_model: Path, tiny_root: Path, tmp_path: Path
+) -> None:
+    """``dopq evaluate`` sharded the images before comparing the processes' listings: a machine
+    whose copy of the split held one image told its user to "use at most 1 processes" (process 0
+    had 15) and process 0 only that another process failed. Both now name the listing."""
+
+    def one_image_on_machine_1(folder: Path, rank: int) -> None:
+        shutil.copytree(tiny_root, folder / "data")
+        if rank == 1:
+            for path in sorted((folder / "data" / "test").rglob("*.jpg"))[1:]:
+                path.unlink()
+
+    argv = ["evaluate", "--quantized", str(saved_model), "--data", "data", "--threads", "1", "--workers", "0",
+            "--quiet", "--output", "r.json"]  # fmt: skip
+    for status, err in _two_machines(argv, tmp_path, one_image_on_machine_1):
+        errors = [ln for ln in err.splitlines() if ln.startswith("dopq: error:")]
+        assert status == 2 and len(errors) == 1, err[-2000:]
+        assert errors[0].startswith(
+            "dopq: error: process 1 differs from process 0 in its listing of the 'test'"
+        )
+    assert not (tmp_path / "node0" / "r.json").exists()

@@ -46,21 +46,20 @@ from dopq.modules import in_dtype
 __all__ = ["evaluate_onnx", "evaluate_saved"]
 
 
-def _eval_loader(
-    data: str,
-    split: str | None,
-    subset: int | None,
-    pre: Preprocess,
-    batch_size: int,
-    workers: int | None,
-    skip_bad_images: bool = False,
-    device: str = "cpu",
-) -> ImageLoader:
-    """The strided evaluation subset of ``data``'s evaluation split, preprocessed by ``pre``
-    (``workers=None``: :func:`dopq.data.default_workers`)."""
+def _eval_set(
+    data: str, split: str | None, subset: int | None, pre: Preprocess, skip_bad_images: bool = False
+) -> tuple[Any, list[int]]:
+    """``data``'s evaluation split, preprocessed by ``pre``, and the indices of its strided subset."""
     dataset = open_split(data, resolve_eval_split(data, split), build_transform(pre), skip_bad_images)
+    return dataset, strided_indices(len(dataset), subset)
+
+
+def _eval_loader(
+    dataset: Any, indices: list[int], batch_size: int, workers: int | None, device: str = "cpu"
+) -> ImageLoader:
+    """This process's share of ``indices`` (``workers=None``: :func:`dopq.data.default_workers`)."""
     workers = default_workers(device) if workers is None else workers
-    return sharded_loader(dataset, strided_indices(len(dataset), subset), batch_size, workers, device)
+    return sharded_loader(dataset, indices, batch_size, workers, device)
 
 
 def _loader_data_report(
@@ -101,9 +100,11 @@ def evaluate_saved(
     resolve_device(device)
     model, config, meta = load_quantized(path, arch=arch, device=device)
     pre = replace(Preprocess(**meta["preprocess"]), **(overrides or {}))
-    loader = _eval_loader(data, eval_split, eval_subset, pre, batch_size, workers, skip_bad_images, device)
-    check_labels(getattr(model, "num_classes", None), loader.dataset.dataset)
-    check_same_inputs(model, loader.dataset.dataset)
+    dataset, indices = _eval_set(data, eval_split, eval_subset, pre, skip_bad_images)
+    check_labels(getattr(model, "num_classes", None), dataset)
+    # before sharding: a process with another listing would refuse "more processes than images"
+    check_same_inputs(model, dataset)
+    loader = _eval_loader(dataset, indices, batch_size, workers, device)
     with single_line_errors():
         model = maybe_compiled(in_dtype(model, eval_dtype), compile)
         res = evaluate(model, loader, device=device, progress=progress, desc="saved")
@@ -189,7 +190,9 @@ def evaluate_onnx(
     onnx_model = load_runtime(path, runtime, threads=threads)
     meta = onnx_model.metadata()
     pre = _onnx_preprocess(meta, overrides)
-    loader = _eval_loader(data, eval_split, eval_subset, pre, batch_size, workers, skip_bad_images)
+    loader = _eval_loader(
+        *_eval_set(data, eval_split, eval_subset, pre, skip_bad_images), batch_size, workers
+    )
     with single_line_errors():
         res = evaluate(onnx_model, loader, progress=progress, desc=runtime)
     recipe = meta.get("recipe") or {}
