@@ -147,7 +147,9 @@ def init_from_environment(device: str | torch.device = "cpu") -> ProcessGroup:
     # the join's short wait would cut a long run's collectives (one process may work alone for a
     # while) and nccl's first communicator, made through the store at the first collective
     (getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout)(TIMEOUT)
-    dist.distributed_c10d._get_default_store().set_timeout(TIMEOUT)
+    default_store = getattr(dist.distributed_c10d, "_get_default_store", None)  # private: may go
+    if default_store is not None:
+        default_store().set_timeout(TIMEOUT)
     return current()
 
 
