@@ -138,6 +138,21 @@ def test_compiled_model_traces_the_quantized_model_and_gives_its_logits() -> Non
     assert [n for n, _ in compiled.named_parameters()] == [f"model.{n}" for n, _ in model.named_parameters()]
 
 
+def test_compiling_the_post_softmax_tables_is_no_warned_graph_break(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """TanQ's level table checks its thresholds against the grid with data-dependent branches: traced,
+    each was a graph break that torch warned about in 48 lines on stderr (``dopq evaluate --compile``
+    of the default recipe, once per process under torchrun). The table is computed outside the graph."""
+    from dopq.evaluate import CompiledModel
+
+    torch._dynamo.reset()  # an earlier test's compilation would hide the warning
+    model, images = _quantized_test_vit()
+    with torch.inference_mode():
+        assert torch.equal(CompiledModel(model, backend="aot_eager")(images), model(images))
+    assert "Graph break" not in capfd.readouterr().err
+
+
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
 def test_compiled_model_with_inductor_agrees_with_eager() -> None:
     """The fused kernels (inductor, on the CPU here) may round a last float bit otherwise, which can

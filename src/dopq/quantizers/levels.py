@@ -226,6 +226,7 @@ class LevelQuantizer(Quantizer):
         thresholds = self.level_table()[1]
         return self.remembered("grid", lambda: self._code_grid(thresholds))
 
+    @torch.compiler.disable  # data-dependent checks (grid_cell_codes): compiled, a warned graph break
     def _code_grid(self, thresholds: torch.Tensor) -> tuple[int, torch.Tensor] | None:
         cells = grid_cell_codes(thresholds, self.grid_bits)
         return None if cells is None else (self.grid_bits, cells.to(thresholds.device))

@@ -215,6 +215,7 @@ class TanQQuantizer(LevelQuantizer):
     def level_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.remembered("levels", self._level_table)
 
+    @torch.compiler.disable  # data-dependent checks (snap_thresholds): compiled, a warned graph break
     def _level_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         # float32 defines the table, whatever the module's dtype: a float64 evaluation then uses
         # the float32 model's levels and thresholds exactly (docs/export.md, float64 form)
