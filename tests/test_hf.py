@@ -424,3 +424,22 @@ def test_torchrun_two_processes_give_the_one_process_result(tmp_path: Path, imag
     for key in ("fp_top1_correct", "quant_top1_correct", "eval_images"):
         assert one[key] == two[key], key
     assert one_bytes == two_bytes
+
+
+@pytest.mark.parametrize("tensors", ["pt", "np", None])
+def test_image_processor_output_is_calibration_data(tensors: str | None) -> None:
+    """What an image processor returns, a ``BatchFeature`` (a ``UserDict``, not a ``dict``), with
+    tensors, arrays or (no ``return_tensors``) a list of arrays: its ``pixel_values`` are the images.
+    It was iterated as a collection of its keys and refused as a str."""
+    import numpy as np
+    from PIL import Image
+
+    from dopq.api import as_image_tensor
+
+    pixels = [Image.fromarray(np.full((40, 30, 3), 60 * i, np.uint8)) for i in range(3)]
+    processor = transformers.ViTImageProcessor(size={"height": 32, "width": 32})
+    features = processor(pixels, return_tensors=tensors)
+    expected = processor(pixels, return_tensors="pt")["pixel_values"]
+    model = wrap_hf_model(tiny("vit"))
+    assert torch.equal(as_image_tensor(features, "cpu", model), expected)
+    assert torch.equal(as_image_tensor([features, features], "cpu", model), torch.cat([expected, expected]))

@@ -6,7 +6,7 @@ import copy
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -94,7 +94,8 @@ def as_image_tensor(
     if data is None:
         raise ConfigError("calibration data is None: give images as a tensor or an iterable of batches")
     transform = functools.cache(lambda: _model_transform(model))  # built at the first PIL image
-    if isinstance(data, dict) or not _is_iterable_collection(data):
+    # a transformers BatchFeature (what image processors return) is a Mapping, not a dict
+    if isinstance(data, Mapping) or not _is_iterable_collection(data):
         images = _image_batch(data, transform)
     else:
         items = (
@@ -124,12 +125,16 @@ def _image_batch(item: Any, transform: Callable[[], Any]) -> torch.Tensor:
     """One element of the calibration data as a float32 ``(n, C, H, W)`` batch."""
     if isinstance(item, tuple | list) and item and not isinstance(item[0], int | float):
         item = item[0]  # (images, labels)
-    if isinstance(item, dict):
+    if isinstance(item, Mapping):
         if "pixel_values" not in item:
             raise ConfigError(
                 f"a calibration batch given as a dict needs 'pixel_values'; it has {sorted(item)}"
             )
         item = item["pixel_values"]
+        arrays = isinstance(item, list | tuple) and item
+        if arrays and all(isinstance(i, np.ndarray | torch.Tensor) for i in item):
+            # a processor's output without return_tensors: one array per image
+            item = torch.stack([torch.as_tensor(i) for i in item])
     if isinstance(item, Image.Image):
         from dopq.data import as_rgb
 
