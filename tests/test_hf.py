@@ -443,3 +443,31 @@ def test_image_processor_output_is_calibration_data(tensors: str | None) -> None
     model = wrap_hf_model(tiny("vit"))
     assert torch.equal(as_image_tensor(features, "cpu", model), expected)
     assert torch.equal(as_image_tensor([features, features], "cpu", model), torch.cat([expected, expected]))
+
+
+def test_class_folders_in_another_order_than_id2label_are_refused(
+    tmp_path: Path, image_folder, capsys
+) -> None:
+    """A label is its class folder's sorted position; a model whose ``id2label`` names those folders
+    in another order was scored against the wrong classes, silently. Refused, by ``quantize`` and by
+    ``evaluate --quantized`` (the saved config keeps ``id2label``); the model's own order runs."""
+    data = str(image_folder("hf-id2label", size=32, classes=("a", "b"), per_class=1))
+    common = ["--data", data, "--calib-size", "2", "--workers", "0", "--quiet"]
+    folder = _save_folder(tmp_path)
+    quantize = ["quantize", "--model", f"hf:{folder}", "--w-bits", "8", "--a-bits", "8", *common]
+    config = json.loads((folder / "config.json").read_text())
+    config["id2label"], config["label2id"] = {"0": "a", "1": "b"}, {"a": 0, "b": 1}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert main([*quantize, "--save", str(tmp_path / "q.pt")]) == 0, capsys.readouterr().err
+    config["id2label"], config["label2id"] = {"0": "b", "1": "a"}, {"b": 0, "a": 1}
+    (folder / "config.json").write_text(json.dumps(config))
+    err = _cli_error(quantize, capsys)
+    assert "class folder 'a' gets label 0 (its sorted position), but the model's class 0 is 'b'" in err
+    model = tiny("vit", num_labels=2)  # a saved model with that order (as the Python API saves it)
+    model.config.id2label, model.config.label2id = {0: "b", 1: "a"}, {"b": 0, "a": 1}
+    recipe = dopq.get_preset("dopq", w_bits=8, a_bits=8)
+    save_quantized(dopq.quantize(model, _images(4), recipe, progress=False), tmp_path / "q.pt", recipe)
+    err = _cli_error(
+        ["evaluate", "--quantized", str(tmp_path / "q.pt"), *common[:2], "--workers", "0"], capsys
+    )
+    assert "class folder 'a' gets label 0" in err

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -196,18 +197,27 @@ def data_entry(
     }
 
 
-def check_labels(num_classes: int | None, eval_ds: Any, calib_ds: Any = None, trained: bool = True) -> None:
+def check_labels(
+    num_classes: int | None,
+    eval_ds: Any,
+    calib_ds: Any = None,
+    trained: bool = True,
+    class_names: Sequence[str] | None = None,
+) -> None:
     """Refuse an evaluation split whose labels cannot be the model's classes. A label is the
     position of its class folder in the sorted list, so a split with more classes than the model
     has outputs, or one that lacks class folders the calibration split has (a missing folder
-    shifts every label after it), scores a meaningless accuracy; fewer classes than outputs (one
-    dataset's subset) gets a warning where the model's weights were ``trained`` (loaded).
+    shifts every label after it), scores a meaningless accuracy; so does one whose folders carry
+    the model's ``class_names`` (a ``transformers`` config's ``id2label``) in another order. Fewer
+    classes than outputs (one dataset's subset) gets a warning where the model's weights were
+    ``trained`` (loaded).
 
     Raises:
-        DataError: either case above.
+        DataError: any case above but the warning.
     """
     classes = list(eval_ds.classes)
     where = f"the evaluation split {eval_ds.split!r}"
+    _check_class_order(classes, class_names, where)
     # any calibration class folder missing shifts the labels, extra evaluation folders or not
     missing = sorted(set(calib_ds.classes) - set(classes)) if calib_ds is not None else []
     if missing:
@@ -230,6 +240,23 @@ def check_labels(num_classes: int | None, eval_ds: Any, calib_ds: Any = None, tr
         )  # fmt: skip
 
 
+def _check_class_order(classes: list[str], class_names: Sequence[str] | None, where: str) -> None:
+    """Folders named as the model's classes must sit at the model's indices: label i is the i-th
+    folder in sorted order, and another order would score every image against another class."""
+    if not class_names or not set(classes) <= set(class_names):
+        return  # other names (ImageNet's synset folders): nothing to compare
+    # by position, not by a name -> index map: ImageNet's id2label repeats a few names
+    moved = [(i, name) for i, name in enumerate(classes) if class_names[i] != name]
+    if moved:
+        i, name = moved[0]
+        raise DataError(
+            f"{where}: class folder {name!r} gets label {i} (its sorted position), but the model's class "
+            f"{i} is {class_names[i]!r} and {name!r} is its class {class_names.index(name)} (id2label); "
+            f"{len(moved)} of {len(classes)} folders are not at the model's index: rename them so that "
+            "their sorted order is the model's class order"
+        )
+
+
 def load_workload(settings: RunSettings) -> Workload:
     """Build the float model and load the calibration images and the evaluation subset."""
     t0 = time.perf_counter()
@@ -244,7 +271,9 @@ def load_workload(settings: RunSettings) -> Workload:
     eval_ds = open_split(settings.data, eval_split, transform, skip)
     eval_idx = strided_indices(len(eval_ds), settings.eval_subset)
     trained = bool(settings.checkpoint or settings.pretrained or settings.model.startswith(HF_PREFIX))
-    check_labels(getattr(model, "num_classes", None), eval_ds, calib_ds, trained)
+    check_labels(
+        getattr(model, "num_classes", None), eval_ds, calib_ds, trained, getattr(model, "class_names", None)
+    )
     check_same_inputs(model, calib_ds, eval_ds)
     distributed.shard(eval_idx)  # more processes than images: say so before any work
     idx = calibration_indices(len(calib_ds), settings.calib_size, settings.seed)

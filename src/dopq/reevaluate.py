@@ -101,7 +101,9 @@ def evaluate_saved(
     model, config, meta = load_quantized(path, arch=arch, device=device)
     pre = replace(Preprocess(**meta["preprocess"]), **(overrides or {}))
     dataset, indices = _eval_set(data, eval_split, eval_subset, pre, skip_bad_images)
-    check_labels(getattr(model, "num_classes", None), dataset)
+    check_labels(
+        getattr(model, "num_classes", None), dataset, class_names=getattr(model, "class_names", None)
+    )
     # before sharding: a process with another listing would refuse "more processes than images"
     check_same_inputs(model, dataset)
     loader = _eval_loader(dataset, indices, batch_size, workers, device)

@@ -155,6 +155,14 @@ class HFImageClassifier(nn.Module):
         _use_exportable_modules(model)
 
     @property
+    def class_names(self) -> list[str] | None:
+        """The class names in output order (``config.id2label``); None where they are
+        ``transformers``' placeholders (``LABEL_0``, ...), which name no data's classes."""
+        id2label = getattr(self.model.config, "id2label", None) or {}
+        names = [str(id2label.get(i, "")) for i in range(self.num_classes)]
+        return None if all(not n or n == f"LABEL_{i}" for i, n in enumerate(names)) else names
+
+    @property
     def wrapped_model(self) -> nn.Module:
         """The ``transformers`` model (adapters are keyed by its class)."""
         return self.model
