@@ -471,3 +471,22 @@ def test_class_folders_in_another_order_than_id2label_are_refused(
         ["evaluate", "--quantized", str(tmp_path / "q.pt"), *common[:2], "--workers", "0"], capsys
     )
     assert "class folder 'a' gets label 0" in err
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantized_model_returns_its_attention_maps(family: str) -> None:
+    """``output_attentions=True`` on the quantized ``transformers`` model gives one map per layer
+    (Swin: per stage) of the float eager model's shapes, each a softmax, close to the float ones. The
+    quantized attention was not the class ``transformers`` records from, so the tuple came back
+    empty, silently."""
+    model, x = tiny(family, "eager"), _images(2, seed=3)
+    with torch.no_grad():
+        reference = model(pixel_values=x, output_attentions=True).attentions
+    qmodel = dopq.quantize(model, _images(8), dopq.get_preset("dopq", w_bits=8, a_bits=8), progress=False)
+    with torch.no_grad():
+        maps = qmodel.model(pixel_values=x, output_attentions=True).attentions
+        assert qmodel.model(pixel_values=x).attentions is None  # only when asked for
+    assert [m.shape for m in maps] == [m.shape for m in reference] and len(maps) == 2
+    for got, ref in zip(maps, reference, strict=True):
+        assert torch.allclose(got.sum(-1), torch.ones(()), atol=1e-5)
+        assert (got - ref).abs().max() < 0.2

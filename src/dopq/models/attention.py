@@ -104,6 +104,17 @@ class _MatMulSlots(nn.Module):
         bias: torch.Tensor | None,
         window_mask: torch.Tensor | None = None,
     ):
+        return self._attend_with_map(q, k, v, bias, window_mask)[0]
+
+    def _attend_with_map(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias: torch.Tensor | None,
+        window_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``attn @ v`` and the attention map (post-Softmax, before its quantizer)."""
         # the scale is applied after the product, as RepQ-ViT does; the quantized q is unscaled
         attn = self.matmul_qk(q, k.transpose(-2, -1)) * self.scale
         if bias is not None:
@@ -111,7 +122,7 @@ class _MatMulSlots(nn.Module):
         if window_mask is not None:
             attn = _add_window_mask(attn, window_mask)
         attn = self.attn_drop(attn.softmax(dim=-1))
-        return self.matmul_av(attn, v)
+        return self.matmul_av(attn, v), attn
 
 
 class QuantAttention(_MatMulSlots):

@@ -41,6 +41,10 @@ except ImportError as exc:  # the extra is missing, or a transformers without th
     raise ModelError(
         f"Hugging Face models need the transformers extra ({exc}): pip install 'dopq[hf]'"
     ) from None
+try:  # how transformers 5 collects output_attentions: a forward hook on the attention modules
+    from transformers.utils.output_capturing import install_output_capuring_hook
+except ImportError:  # another version: the quantized model returns no attention maps
+    install_output_capuring_hook = None
 
 __all__ = [
     "HF_PREFIX",
@@ -66,8 +70,9 @@ class QuantHFAttention(_MatMulSlots):
     """Quantized version of the ``transformers`` 5 ViT / DeiT / BEiT / DINOv2 attention.
 
     The additive ``attention_mask`` the layer passes (BEiT: its relative position bias) is added in
-    float after ``q @ k^T``, as Swin's bias in timm's form. Returns ``(output, None)`` like the
-    ``transformers`` module (no attention weights are kept).
+    float after ``q @ k^T``, as Swin's bias in timm's form. Returns ``(output, attention map)`` like
+    the ``transformers`` eager module; the map is what ``output_attentions=True`` collects (through
+    the hook ``transformers`` would have put on the module this one replaces).
 
     Args:
         attn: the ``transformers`` attention module; its ``q_proj``/``k_proj``/``v_proj``/``o_proj``
@@ -95,6 +100,12 @@ class QuantHFAttention(_MatMulSlots):
         )
         self.attn_drop = nn.Dropout(getattr(attn, "attention_dropout", 0.0))
         self._init_matmuls(qk, av)
+        # transformers records attentions from modules of the replaced class (hooked at a model's
+        # first forward): without a hook of its own, output_attentions=True gave an empty tuple
+        if install_output_capuring_hook is not None and self.records_attentions:
+            install_output_capuring_hook(self, "attentions", 1)
+
+    records_attentions = True  # Swin records them from its stages' outputs instead
 
     def value_path(self) -> ValuePath | None:
         return ValuePath(self.v_proj, slice(None), self.o_proj)
@@ -110,16 +121,19 @@ class QuantHFAttention(_MatMulSlots):
 
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
-    ) -> tuple[torch.Tensor, None]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         q, k, v = (self._heads(p, hidden_states) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = self._attend(q, k, v, self.bias(attention_mask), self.window_mask(attention_mask))
+        bias, window_mask = self.bias(attention_mask), self.window_mask(attention_mask)
+        out, attn = self._attend_with_map(q, k, v, bias, window_mask)
         out = out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)
-        return self.o_proj(out), None
+        return self.o_proj(out), attn
 
 
 class QuantHFWindowAttention(QuantHFAttention):
     """Quantized version of the ``transformers`` 5 Swin attention: the relative position bias (its
     public ``relative_position_bias`` module) and the shift mask are added in float."""
+
+    records_attentions = False  # transformers takes Swin's maps from its stages' outputs
 
     def __init__(self, attn: nn.Module, qk: tuple, av: tuple) -> None:
         super().__init__(attn, qk, av)
