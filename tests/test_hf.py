@@ -33,7 +33,7 @@ FAMILIES = ("vit", "deit", "swin", "beit", "dinov2")
 VIT_LIKE = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
 
 
-def tiny(family: str, attn: str = "sdpa", num_labels: int = 5) -> torch.nn.Module:
+def tiny(family: str, attn: str = "sdpa", num_labels: int = 5, num_channels: int = 3) -> torch.nn.Module:
     """A random-init ``transformers`` classifier of ``family`` (DeiT with its distillation head)."""
     t = transformers
     if family == "vit":
@@ -52,7 +52,7 @@ def tiny(family: str, attn: str = "sdpa", num_labels: int = 5) -> torch.nn.Modul
         cls = t.BeitForImageClassification
     else:
         config, cls = t.Dinov2Config(**VIT_LIKE, mlp_ratio=2), t.Dinov2ForImageClassification
-    config.num_labels = num_labels
+    config.num_labels, config.num_channels = num_labels, num_channels
     config._attn_implementation = attn
     config.architectures = [cls.__name__]
     with torch.random.fork_rng(devices=[]):
@@ -490,3 +490,23 @@ def test_quantized_model_returns_its_attention_maps(family: str) -> None:
     for got, ref in zip(maps, reference, strict=True):
         assert torch.allclose(got.sum(-1), torch.ones(()), atol=1e-5)
         assert (got - ref).abs().max() < 0.2
+
+
+def test_model_of_one_channel_quantizes_saves_and_exports(tmp_path: Path) -> None:
+    """A config's ``num_channels`` is the input size's: the structure walk ran a 3-channel example
+    image and the quantization stopped with ``transformers``' ValueError from inside."""
+    from dopq.export import OnnxModel, export_onnx
+
+    model, x = tiny("vit", num_channels=1), _images(4, seed=2)[:, :1]
+    config = dopq.get_preset("dopq", w_bits=8, a_bits=8)
+    qmodel = dopq.quantize(model, _images(8)[:, :1], config, progress=False)
+    assert qmodel.pretrained_cfg["input_size"] == (1, 32, 32)
+    loaded, _, meta = load_quantized(save_quantized(qmodel, tmp_path / "q.pt", config))
+    with torch.no_grad():
+        out = qmodel(x)
+        assert torch.equal(loaded(x), out) and meta["preprocess"]["input_size"] == [1, 32, 32]
+    export_onnx(loaded, tmp_path / "q.onnx")
+    with torch.no_grad():
+        assert (OnnxModel(tmp_path / "q.onnx", threads=1)(x) - out).abs().max() < 1e-2  # a rounding flip
+    (tmp_path / "p.json").write_text(json.dumps({"size": {"height": 32, "width": 32}}))
+    assert preprocess_from_processor(tmp_path / "p.json", model.config)["input_size"] == (1, 32, 32)

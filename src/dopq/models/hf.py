@@ -164,7 +164,8 @@ class HFImageClassifier(nn.Module):
         self.model = model
         self.num_classes = int(model.config.num_labels)
         size = _image_size(model.config)
-        cfg = {"input_size": (3, *size), **_DEFAULT_PREPROCESS, "crop_pct": 1.0, **(preprocess or {})}
+        cfg = {"input_size": (_channels(model.config), *size), **_DEFAULT_PREPROCESS, "crop_pct": 1.0}
+        cfg.update(preprocess or {})
         self.pretrained_cfg = {"architecture": HF_PREFIX + type(model).__name__, **cfg}
         _use_exportable_modules(model)
 
@@ -183,6 +184,11 @@ class HFImageClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=images).logits
+
+
+def _channels(config: Any) -> int:
+    """The channels the model reads (``num_channels``; 3 where a config has none)."""
+    return int(getattr(config, "num_channels", 3))
 
 
 def _image_size(config: Any) -> tuple[int, int]:
@@ -298,7 +304,7 @@ def preprocess_from_processor(path: str | Path, config: Any) -> dict[str, Any]:
     if abs(float(rescale) - 1 / 255) > 1e-9:
         raise CheckpointError(f"{path}: rescale_factor {rescale} is not 1/255, which dopq's loader assumes")
     out: dict[str, Any] = {
-        "input_size": (3, crop or resize, crop or resize),
+        "input_size": (_channels(config), crop or resize, crop or resize),
         "crop_pct": (crop or resize) / resize,
     }
     if proc.get("do_normalize", True):
