@@ -510,3 +510,15 @@ def test_model_of_one_channel_quantizes_saves_and_exports(tmp_path: Path) -> Non
         assert (OnnxModel(tmp_path / "q.onnx", threads=1)(x) - out).abs().max() < 1e-2  # a rounding flip
     (tmp_path / "p.json").write_text(json.dumps({"size": {"height": 32, "width": 32}}))
     assert preprocess_from_processor(tmp_path / "p.json", model.config)["input_size"] == (1, 32, 32)
+
+
+def test_cli_refuses_a_model_of_other_channels_than_rgb(tmp_path: Path, image_folder, capsys) -> None:
+    """dopq's loader decodes RGB images; a 1-channel model stopped inside its first layer with
+    ``transformers``' ValueError and a traceback (quantize, plot)."""
+    folder = tmp_path / "hf-gray"
+    tiny("vit", num_labels=2, num_channels=1).save_pretrained(folder)
+    data = str(image_folder("hf-gray", size=32, per_class=1))
+    expected = "the model reads 1-channel images and dopq's loader decodes images as RGB (3 channels)"
+    common = ["--model", f"hf:{folder}", "--data", data, "--calib-size", "2"]
+    assert expected in _cli_error(["quantize", *common, "--workers", "0", "--quiet"], capsys)
+    assert expected in _cli_error(["plot", *common, "--out-dir", str(tmp_path)], capsys)

@@ -186,7 +186,15 @@ def build_transform(pre: Preprocess) -> Callable[[Image.Image], Tensor]:
 
     Returns:
         A callable mapping an RGB PIL image to a float tensor of shape ``input_size``.
+
+    Raises:
+        DataError: a model input of other than 3 channels, which RGB images cannot fill.
     """
+    if pre.input_size[0] != 3:  # the model would stop at its first layer, in a traceback
+        raise DataError(
+            f"the model reads {pre.input_size[0]}-channel images and dopq's loader decodes images as RGB "
+            "(3 channels): give the images as tensors to the Python API (dopq.quantize)"
+        )
     return create_transform(
         input_size=pre.input_size,
         interpolation=pre.interpolation,
