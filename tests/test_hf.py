@@ -522,3 +522,25 @@ def test_cli_refuses_a_model_of_other_channels_than_rgb(tmp_path: Path, image_fo
     common = ["--model", f"hf:{folder}", "--data", data, "--calib-size", "2"]
     assert expected in _cli_error(["quantize", *common, "--workers", "0", "--quiet"], capsys)
     assert expected in _cli_error(["plot", *common, "--out-dir", str(tmp_path)], capsys)
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_the_transformers_object_quantized_in_place_saves_and_exports(family: str, tmp_path: Path) -> None:
+    """``dopq.quantize`` changes the ``transformers`` model it is given; that object saves and
+    exports as the wrapper it returned. The save was refused as a model without a timm name, the
+    export traced it at 224 pixels (ViT: an error; Swin: a graph of the wrong input size), and the
+    wrapper made for them, in training mode, turned Swin's drop path on."""
+    from dopq.export import OnnxModel, export_onnx
+
+    model, x = tiny(family), _images(4, seed=2)
+    config = dopq.get_preset("dopq", w_bits=8, a_bits=8)
+    qmodel = dopq.quantize(model, _images(8), config, progress=False)
+    with torch.no_grad():
+        out = qmodel(x)
+    loaded, _, _ = load_quantized(save_quantized(model, tmp_path / "q.pt", config))
+    export_onnx(model, tmp_path / "q.onnx")
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), out) and torch.equal(loaded(x), out)
+        assert (OnnxModel(tmp_path / "q.onnx", threads=1)(x) - out).abs().max() < 1e-2
+    assert (tmp_path / "q.pt").read_bytes() == save_quantized(qmodel, tmp_path / "w.pt", config).read_bytes()
+    assert not wrap_hf_model(tiny(family)).training

@@ -32,7 +32,7 @@ from dopq.devices import resolve_device
 from dopq.errors import CheckpointError
 from dopq.files import atomic_path
 from dopq.models import prepare_model
-from dopq.models.loading import HF_PREFIX, model_preprocess
+from dopq.models.loading import HF_PREFIX, as_dopq_model, model_preprocess
 from dopq.modules import QuantLinear, quantized_weight, quantizers_of
 from dopq.quantizers import PerChannel, PerTensor, UniformQuantizer
 
@@ -216,7 +216,7 @@ def save_quantized(
     """Write a quantized model to ``path``.
 
     Args:
-        model: a model returned by :func:`dopq.quantize`.
+        model: a model returned by :func:`dopq.quantize` (or the ``transformers`` model it quantized).
         path: output file (``.pt``).
         config: the recipe it was quantized with.
         metadata: extra JSON-like information (e.g. the command line); its ``preprocess`` entry
@@ -226,6 +226,8 @@ def save_quantized(
             and class count (e.g. ``{"img_size": 384}``); the save refuses a model whose shapes its
             name and these arguments do not rebuild.
     """
+    # the transformers object dopq.quantize quantized in place, as the model it returned
+    model = as_dopq_model(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = metadata or {}

@@ -45,7 +45,7 @@ from dopq.export.qkv_scale import share_qkv_scales
 from dopq.export.symbolic import CONTRIB_DOMAIN
 from dopq.files import atomic_path, check_output_path
 from dopq.models import example_input
-from dopq.models.loading import model_preprocess, weights_dtype
+from dopq.models.loading import as_dopq_model, model_preprocess, weights_dtype
 from dopq.modules import QuantLinear
 from dopq.quantizers import Quantizer
 
@@ -374,7 +374,8 @@ def export_onnx(
     """Export a quantized model to ONNX (QDQ) for the integer kernels of onnxruntime or OpenVINO.
 
     Args:
-        model: a model returned by :func:`dopq.quantize` (or ``load_quantized``); it is not changed.
+        model: a model returned by :func:`dopq.quantize` (or ``load_quantized``), or the
+            ``transformers`` model it quantized; it is not changed.
         path: the ``.onnx`` file to write (atomically).
         opset: ONNX opset, ``MIN_OPSET`` (13) to 21; 4-bit weights are stored as INT4 from 21.
         integer_levels: round post-Softmax levels to 8-bit fixed point so ``attn @ v`` is an integer
@@ -399,6 +400,9 @@ def export_onnx(
         raise ExportError("the openvino target is a float32 graph; the float64 form is for onnxruntime")
     if not isinstance(integer_levels, bool):
         raise ExportError(f"integer_levels must be True or False, got {integer_levels!r}")
+    # the transformers object dopq.quantize quantized in place: traced alone, it took a 224-pixel
+    # example image and gave a graph of the wrong input size or an error from inside
+    model = as_dopq_model(model)
     _check_model_weights(model)
     _check_metadata(metadata)
     check_export_target(path, opset)

@@ -168,6 +168,9 @@ class HFImageClassifier(nn.Module):
         cfg.update(preprocess or {})
         self.pretrained_cfg = {"architecture": HF_PREFIX + type(model).__name__, **cfg}
         _use_exportable_modules(model)
+        # the wrapper in its model's mode: a new Module is in training mode, and a caller that
+        # restores it (model.train(model.training)) switched on Swin's drop path
+        self.train(model.training)
 
     @property
     def class_names(self) -> list[str] | None:
