@@ -544,3 +544,16 @@ def test_the_transformers_object_quantized_in_place_saves_and_exports(family: st
         assert (OnnxModel(tmp_path / "q.onnx", threads=1)(x) - out).abs().max() < 1e-2
     assert (tmp_path / "q.pt").read_bytes() == save_quantized(qmodel, tmp_path / "w.pt", config).read_bytes()
     assert not wrap_hf_model(tiny(family)).training
+
+
+def test_cli_refuses_a_processor_size_the_model_cannot_take(tmp_path: Path, image_folder, capsys) -> None:
+    """A processor config resizing to 48 pixels for a ViT of 32 (no position interpolation): one
+    error line, where ``quantize`` stopped in its float baseline and ``plot`` in its structure walk,
+    both with ``transformers``' traceback."""
+    folder = _save_folder(tmp_path)
+    (folder / "preprocessor_config.json").write_text(json.dumps({"size": {"height": 48, "width": 48}}))
+    data = str(image_folder("hf-size", size=32, per_class=1))
+    common = ["--model", f"hf:{folder}", "--data", data, "--calib-size", "2"]
+    expected = "cannot run on calibration images of shape (3, 48, 48): Input image size (48*48)"
+    assert expected in _cli_error(["quantize", *common, "--workers", "0", "--quiet"], capsys)
+    assert expected in _cli_error(["plot", *common, "--out-dir", str(tmp_path)], capsys)

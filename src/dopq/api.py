@@ -29,7 +29,7 @@ from dopq.reconstruct import ReconstructionProgress, check_processes, reconstruc
 from dopq.reparam import ReparamReport, reparameterize
 from dopq.rounding_check import keep_better_rounding, last_output
 
-__all__ = ["QuantizationReport", "as_image_tensor", "quantize", "quantize_with_report"]
+__all__ = ["QuantizationReport", "as_image_tensor", "check_model_runs", "quantize", "quantize_with_report"]
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +221,13 @@ def _check_not_quantized(model: nn.Module) -> None:
         )
 
 
-def _check_runs(model: nn.Module, images: torch.Tensor) -> None:
-    """One image through the float model, so that a size the model cannot take is one clear error."""
+def check_model_runs(model: nn.Module, images: torch.Tensor) -> None:
+    """One image through the float model, so that a size the model cannot take is one clear error
+    (a ``transformers`` processor config's size other than the model's, say).
+
+    Raises:
+        ConfigError: the model's error, in one line.
+    """
     training = model.training
     try:
         with torch.no_grad():
@@ -381,7 +386,7 @@ def quantize_with_report(
         check_processes(config.reconstruct.grad_shards)  # before calibration's work
     model = _float32_model(model)
     images = as_image_tensor(calib_data, next(model.parameters()).device, model)
-    _check_runs(model, images)
+    check_model_runs(model, images)
     timings: dict[str, float] = {}
     saved = checkpoint.load() if checkpoint is not None else None
     fp_model = copy.deepcopy(model) if config.reconstruct is not None else None

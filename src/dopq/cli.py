@@ -800,6 +800,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
+    from dopq.api import check_model_runs
     from dopq.data import (
         build_transform,
         calibration_indices,
@@ -809,11 +810,12 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         single_line_errors,
     )
     from dopq.devices import resolve_device
-    from dopq.models import build_model
+    from dopq.models import build_model, example_input
     from dopq.plots import check_plot_request, write_plots
 
     device = resolve_device(args.device)
     model = build_model(args.model, args.checkpoint, args.num_classes, args.pretrained)
+    check_model_runs(model, example_input(model))  # an input size it cannot take: one line
     check_plot_request(model, args.kind, args.block, args.bits)  # before touching the data
     pre, _ = preprocess_for(model, args.checkpoint)
     dataset = open_split(args.data, args.calib_split, build_transform(pre))

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from dopq import distributed
-from dopq.api import quantize_with_report
+from dopq.api import check_model_runs, quantize_with_report
 from dopq.checkpoint import ReconstructionCheckpoint, RunIdentity
 from dopq.config import QuantConfig
 from dopq.data import (
@@ -279,6 +279,9 @@ def load_workload(settings: RunSettings) -> Workload:
     idx = calibration_indices(len(calib_ds), settings.calib_size, settings.seed)
     with single_line_errors():
         calib = load_images(calib_ds, idx, num_workers=settings.workers)
+    # before the float baseline: a preprocessing size the model cannot take (a transformers
+    # processor's) stopped inside the evaluation with a traceback
+    check_model_runs(model, calib.images)
     timings = {"load": time.perf_counter() - t0}
     work = Workload(settings, model, pre, calib.images, eval_ds, eval_idx, calib_ds, timings)
     work.preprocess_source = pre_source
