@@ -557,3 +557,22 @@ def test_cli_refuses_a_processor_size_the_model_cannot_take(tmp_path: Path, imag
     expected = "cannot run on calibration images of shape (3, 48, 48): Input image size (48*48)"
     assert expected in _cli_error(["quantize", *common, "--workers", "0", "--quiet"], capsys)
     assert expected in _cli_error(["plot", *common, "--out-dir", str(tmp_path)], capsys)
+
+
+def test_saved_model_is_accepted_for_the_folder_it_was_made_from(tmp_path: Path) -> None:
+    """``evaluate --quantized q.pt --model hf:FOLDER`` (``load_quantized(arch=...)``) with the folder
+    ``quantize --model`` took: the file records the folder's class, and the folder was refused as
+    another architecture. A folder of another class still is."""
+    from dopq.errors import CheckpointError
+
+    folder, other = _save_folder(tmp_path), _save_folder(tmp_path, "swin")
+    config = dopq.get_preset("dopq", w_bits=8, a_bits=8)
+    qmodel = dopq.quantize(build_model(f"hf:{folder}"), _images(4), config, progress=False)
+    path = save_quantized(qmodel, tmp_path / "q.pt", config)
+    for arch in (f"hf:{folder}", "hf:ViTForImageClassification"):
+        assert (
+            load_quantized(path, arch=arch)[0].pretrained_cfg["architecture"]
+            == "hf:ViTForImageClassification"
+        )
+    with pytest.raises(CheckpointError, match=f"made for hf:ViTForImageClassification, not hf:{other}"):
+        load_quantized(path, arch=f"hf:{other}")

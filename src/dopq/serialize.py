@@ -360,6 +360,17 @@ def match_state(model: nn.Module, granularity: dict[str, int | None], state: dic
                 setattr(module, key, torch.empty_like(saved))
 
 
+def _architecture(arch: str, saved: str) -> str:
+    """The architecture ``arch`` names: ``hf:FOLDER``, as ``quantize --model`` took it, names its
+    config's class, which a file made from it records (it was refused as another architecture)."""
+    folder = arch.removeprefix(HF_PREFIX)
+    if not arch.startswith(HF_PREFIX) or arch == saved or not Path(folder).is_dir():
+        return arch
+    from dopq.models.hf import folder_architecture
+
+    return folder_architecture(folder)
+
+
 def load_quantized(
     path: str | Path, arch: str | None = None, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, QuantConfig, dict[str, Any]]:
@@ -367,7 +378,8 @@ def load_quantized(
 
     Args:
         path: the saved file.
-        arch: when given, the architecture the caller expects; a file for another one is refused.
+        arch: when given, the architecture the caller expects (a timm name, ``hf:<class>`` or an
+            ``hf:FOLDER``, whose config names the class); a file for another one is refused.
         device: where to put the model.
 
     Returns:
@@ -376,7 +388,7 @@ def load_quantized(
     path = Path(path)
     device = resolve_device(str(device))
     payload = _read(path)
-    if arch is not None and arch != payload["arch"]:
+    if arch is not None and _architecture(arch, payload["arch"]) != payload["arch"]:
         raise CheckpointError(f"{path} was made for {payload['arch']}, not {arch}")
     model, config = _from_payload(payload, path)
     return model.to(device), config, payload["metadata"]

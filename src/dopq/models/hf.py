@@ -51,6 +51,7 @@ __all__ = [
     "HFImageClassifier",
     "QuantHFAttention",
     "QuantHFWindowAttention",
+    "folder_architecture",
     "load_hf_model",
     "preprocess_from_processor",
     "rebuild_hf_model",
@@ -388,17 +389,8 @@ def _check_loading_info(folder: Path, info: dict[str, Any]) -> None:
         )
 
 
-def load_hf_model(folder: str | Path, num_classes: int | None = None) -> HFImageClassifier:
-    """Load a ``save_pretrained`` folder (``config.json``, weights, ``preprocessor_config.json``).
-
-    Args:
-        folder: the local folder (nothing is downloaded).
-        num_classes: when given, the class count the caller expects; another head is refused.
-
-    Returns:
-        The wrapped float32 model in eval mode, its preprocessing from the processor config.
-    """
-    folder = Path(folder)
+def _folder_config(folder: Path) -> tuple[Any, type[nn.Module]]:
+    """The ``transformers`` config of a ``save_pretrained`` folder and its supported class."""
     if folder.is_file():
         raise ModelError(
             f"hf: {folder} is a file, not a save_pretrained folder; for a timm weights file use "
@@ -413,7 +405,26 @@ def load_hf_model(folder: str | Path, num_classes: int | None = None) -> HFImage
     except Exception as exc:  # an unknown model_type or an unreadable file
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"hf: {folder}/config.json could not be read: {first}") from None
-    cls = _architecture_class((config.architectures or [None])[0], f"hf:{folder}")
+    return config, _architecture_class((config.architectures or [None])[0], f"hf:{folder}")
+
+
+def folder_architecture(folder: str | Path) -> str:
+    """``hf:<class>`` of a ``save_pretrained`` folder, the architecture its quantized files record."""
+    return HF_PREFIX + _folder_config(Path(folder))[1].__name__
+
+
+def load_hf_model(folder: str | Path, num_classes: int | None = None) -> HFImageClassifier:
+    """Load a ``save_pretrained`` folder (``config.json``, weights, ``preprocessor_config.json``).
+
+    Args:
+        folder: the local folder (nothing is downloaded).
+        num_classes: when given, the class count the caller expects; another head is refused.
+
+    Returns:
+        The wrapped float32 model in eval mode, its preprocessing from the processor config.
+    """
+    folder = Path(folder)
+    config, cls = _folder_config(folder)
     if num_classes is not None and num_classes != config.num_labels:
         raise CheckpointError(
             f"--num-classes {num_classes} does not match {folder}, whose head has {config.num_labels}"
