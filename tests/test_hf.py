@@ -576,3 +576,18 @@ def test_saved_model_is_accepted_for_the_folder_it_was_made_from(tmp_path: Path)
         )
     with pytest.raises(CheckpointError, match=f"made for hf:ViTForImageClassification, not hf:{other}"):
         load_quantized(path, arch=f"hf:{other}")
+
+
+def test_processor_with_one_mean_and_std_for_every_channel(tmp_path: Path) -> None:
+    """``ViTImageProcessor(image_mean=0.3, image_std=0.2).save_pretrained`` writes the numbers as
+    given, which ``transformers`` applies to every channel; loading the folder stopped with a raw
+    TypeError ('float' object is not iterable)."""
+    folder = tmp_path / "hf-vit"
+    tiny("vit", num_labels=2).save_pretrained(folder)
+    processor = transformers.ViTImageProcessor(
+        size={"height": 32, "width": 32}, image_mean=0.3, image_std=0.2
+    )
+    processor.save_pretrained(folder)
+    assert json.loads((folder / "preprocessor_config.json").read_text())["image_mean"] == 0.3
+    cfg = build_model(f"hf:{folder}").pretrained_cfg
+    assert cfg["mean"] == (0.3, 0.3, 0.3) and cfg["std"] == (0.2, 0.2, 0.2)

@@ -312,12 +312,18 @@ def preprocess_from_processor(path: str | Path, config: Any) -> dict[str, Any]:
         "crop_pct": (crop or resize) / resize,
     }
     if proc.get("do_normalize", True):
-        out["mean"] = tuple(proc.get("image_mean", _DEFAULT_PREPROCESS["mean"]))
-        out["std"] = tuple(proc.get("image_std", _DEFAULT_PREPROCESS["std"]))
+        out["mean"] = _per_channel(proc.get("image_mean", _DEFAULT_PREPROCESS["mean"]), config)
+        out["std"] = _per_channel(proc.get("image_std", _DEFAULT_PREPROCESS["std"]), config)
     else:
         out["mean"], out["std"] = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     out["interpolation"] = _RESAMPLE.get(proc.get("resample", 2), "bilinear")
     return out
+
+
+def _per_channel(value: Any, config: Any) -> tuple:
+    """A processor's ``image_mean`` / ``image_std``: a list, or one number for every channel
+    (``transformers`` writes what the processor was given, ``ViTImageProcessor(image_mean=0.5)``)."""
+    return (value,) * _channels(config) if isinstance(value, int | float) else tuple(value)
 
 
 def _edge(size: Any) -> int | None:
