@@ -125,6 +125,8 @@ def test_calibration_data_forms_give_the_same_images():
         "array": images.numpy(),
         "single images": list(images),
         "(images, labels) batches": [(images[:1], labels[:1]), (images[1:], labels[1:])],
+        "one (images, labels) batch": (images, labels),
+        "next(iter(loader))": next(iter(torch.utils.data.DataLoader(dataset, batch_size=4))),
         "Dataset of (image, label)": dataset,
         "DataLoader": torch.utils.data.DataLoader(dataset, batch_size=3),
         "dicts": [{"pixel_values": images[:2]}, {"pixel_values": images[2:]}],

@@ -79,8 +79,9 @@ def as_image_tensor(
 ) -> torch.Tensor:
     """Calibration images as one float32 ``(N, C, H, W)`` tensor on ``device``.
 
-    ``data`` is a tensor or array of images (``(N, C, H, W)``, or one ``(C, H, W)`` image), or an
-    iterable (a list, a ``Dataset``, a ``DataLoader``, a generator) of batches or single images,
+    ``data`` is a tensor or array of images (``(N, C, H, W)``, or one ``(C, H, W)`` image), one
+    ``(images, labels)`` batch (``next(iter(loader))``), or an iterable (a list, a ``Dataset``, a
+    ``DataLoader``, a generator) of batches or single images,
     each bare, the first item of a tuple or list (``(images, labels)``), or a dict's
     ``pixel_values`` (what ``transformers`` image processors give). The images must be
     preprocessed as the model expects (resized, scaled and normalized); PIL images are
@@ -95,7 +96,7 @@ def as_image_tensor(
         raise ConfigError("calibration data is None: give images as a tensor or an iterable of batches")
     transform = functools.cache(lambda: _model_transform(model))  # built at the first PIL image
     # a transformers BatchFeature (what image processors return) is a Mapping, not a dict
-    if isinstance(data, Mapping) or not _is_iterable_collection(data):
+    if isinstance(data, Mapping) or _is_labelled_batch(data) or not _is_iterable_collection(data):
         images = _image_batch(data, transform)
     else:
         items = (
@@ -112,6 +113,21 @@ def as_image_tensor(
         images = torch.cat(batches)
     _check_images(images, model)
     return images.to(device)
+
+
+def _is_labelled_batch(data: Any) -> bool:
+    """One ``(images, labels)`` batch, as ``next(iter(loader))`` gives it: a pair of a 4-d image
+    batch and one integer label per image (it was read as two batches, the labels refused)."""
+    if not (isinstance(data, tuple | list) and len(data) == 2):
+        return False
+    images, labels = data
+    return (
+        isinstance(images, torch.Tensor | np.ndarray)
+        and images.ndim == 4
+        and isinstance(labels, torch.Tensor | np.ndarray)
+        and labels.shape == images.shape[:1]
+        and not torch.as_tensor(labels).is_floating_point()
+    )
 
 
 def _is_iterable_collection(data: Any) -> bool:
