@@ -131,6 +131,7 @@ def test_calibration_data_forms_give_the_same_images():
         "DataLoader": torch.utils.data.DataLoader(dataset, batch_size=3),
         "dicts": [{"pixel_values": images[:2]}, {"pixel_values": images[2:]}],
         "one dict": {"pixel_values": images},
+        "datasets rows (nested lists)": [{"pixel_values": image.tolist(), "label": 0} for image in images],
         "generator": (b for b in images.split(3)),
     }
     for name, data in forms.items():

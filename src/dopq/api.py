@@ -147,10 +147,8 @@ def _image_batch(item: Any, transform: Callable[[], Any]) -> torch.Tensor:
                 f"a calibration batch given as a dict needs 'pixel_values'; it has {sorted(item)}"
             )
         item = item["pixel_values"]
-        arrays = isinstance(item, list | tuple) and item
-        if arrays and all(isinstance(i, np.ndarray | torch.Tensor) for i in item):
-            # a processor's output without return_tensors: one array per image
-            item = torch.stack([torch.as_tensor(i) for i in item])
+        if isinstance(item, list | tuple) and item:
+            item = _stacked(item)
     if isinstance(item, Image.Image):
         from dopq.data import as_rgb
 
@@ -174,6 +172,20 @@ def _image_batch(item: Any, transform: Callable[[], Any]) -> torch.Tensor:
             f"calibration images must be (N, C, H, W) or (C, H, W), got shape {tuple(item.shape)}"
         )
     return item.detach().float()
+
+
+def _stacked(values: list | tuple) -> Any:
+    """``pixel_values`` held in a list: one array per image (a processor's output without
+    ``return_tensors``) or nested lists of numbers (a ``datasets`` row in its default format), as
+    one tensor; anything else as it was, for the error that names it."""
+    if all(isinstance(v, np.ndarray | torch.Tensor) for v in values):
+        return torch.stack([torch.as_tensor(v) for v in values])
+    if any(isinstance(v, Image.Image) for v in values):
+        return values  # numpy would read PIL images as channels-last arrays
+    try:
+        return torch.as_tensor(np.asarray(values, dtype=np.float32))
+    except (TypeError, ValueError):  # ragged or not numbers
+        return values
 
 
 def _model_transform(model: nn.Module | None) -> Any:
