@@ -504,7 +504,9 @@ def quantize(
     progress: bool = True,
     allow_partial: bool = False,
 ) -> nn.Module:
-    """Quantize a timm ViT/DeiT/Swin in place and return it.
+    """Quantize a timm ViT/DeiT/Swin (or a ``transformers`` ViT/DeiT/Swin/BEiT/DINOv2 classifier,
+    returned wrapped as ``forward(images) -> logits``; see :func:`quantize_with_report`) in place and
+    return it.
 
     Example:
         >>> import timm, torch, dopq
