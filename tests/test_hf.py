@@ -591,3 +591,19 @@ def test_processor_with_one_mean_and_std_for_every_channel(tmp_path: Path) -> No
     assert json.loads((folder / "preprocessor_config.json").read_text())["image_mean"] == 0.3
     cfg = build_model(f"hf:{folder}").pretrained_cfg
     assert cfg["mean"] == (0.3, 0.3, 0.3) and cfg["std"] == (0.2, 0.2, 0.2)
+
+
+def test_folder_without_processor_config_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``model.save_pretrained`` writes no ``preprocessor_config.json``; the folder then takes the
+    ViT processor's mean and std (0.5), which DeiT, Swin and DINOv2 were not trained with. It did
+    so silently (a timm checkpoint without a model card warns)."""
+    folder = tmp_path / "hf-deit"
+    tiny("deit", num_labels=2).save_pretrained(folder)
+    with caplog.at_level("WARNING", logger="dopq"):
+        model = build_model(f"hf:{folder}")
+    assert model.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
+    assert "has no preprocessor_config.json" in caplog.text and "--mean, --std" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dopq"):
+        build_model(f"hf:{_save_folder(tmp_path)}")
+    assert "preprocessor_config" not in caplog.text

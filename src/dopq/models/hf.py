@@ -448,7 +448,16 @@ def load_hf_model(folder: str | Path, num_classes: int | None = None) -> HFImage
     _check_loading_info(folder, info)
     proc = folder / "preprocessor_config.json"
     preprocess = preprocess_from_processor(proc, config) if proc.is_file() else None
-    return HFImageClassifier(model.float().eval(), preprocess)
+    wrapped = HFImageClassifier(model.float().eval(), preprocess)
+    if preprocess is None:  # model.save_pretrained writes none; DeiT, Swin, DINOv2 used other means
+        cfg = wrapped.pretrained_cfg
+        log.warning(
+            "hf: %s has no preprocessor_config.json (the image processor's save_pretrained writes it): "
+            "its preprocessing is transformers' ViT default (mean %s, std %s, %s, %d pixels); give "
+            "--mean, --std, --interpolation and --crop-pct if it was trained otherwise",
+            folder, cfg["mean"], cfg["std"], cfg["interpolation"], cfg["input_size"][-1],
+        )  # fmt: skip
+    return wrapped
 
 
 def hf_config_dict(model: HFImageClassifier) -> dict[str, Any]:
