@@ -345,6 +345,9 @@ def test_cli_quantize_save_export_and_evaluate(tmp_path: Path, image_folder, cap
     assert result["model"] == f"hf:{folder}" and result["coverage"]["left_float"]["attention"] == []
     assert result["config"]["preprocess"]["std"] == [0.5, 0.5, 0.5]  # the override beats the processor
     assert result["config"]["preprocess"]["interpolation"] == "bicubic"  # from the processor
+    assert result["config"]["preprocess_source"] == (
+        f"image processor config {folder / 'preprocessor_config.json'}, with std given"
+    )  # it said "the model's pretrained_cfg"
     from dopq.environment import file_sha256
 
     assert result["checkpoint_sha256"] == file_sha256(folder / "model.safetensors")  # the folder's weights

@@ -113,11 +113,22 @@ def preprocess_overrides(source: Any) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if v is not None}
 
 
+def _pretrained_cfg_source(model: str) -> str:
+    """Where the model's ``pretrained_cfg`` preprocessing came from: an ``hf:`` folder's is its
+    image processor config, or ``transformers``' ViT processor defaults without one."""
+    if not model.startswith(HF_PREFIX):
+        return "the model's pretrained_cfg"
+    processor = Path(model.removeprefix(HF_PREFIX)) / "preprocessor_config.json"
+    if processor.is_file():
+        return f"image processor config {processor}"
+    return "transformers' ViT processor defaults (the folder has no preprocessor_config.json)"
+
+
 def _preprocess(settings: RunSettings, model: nn.Module) -> tuple[Preprocess, str]:
     """The run's preprocessing and where it came from: the model card beside the checkpoint, else
     the architecture's own ``pretrained_cfg``, with the user's overrides on top."""
     pre, card = preprocess_for(model, settings.checkpoint)
-    source = f"card {card}" if card else "the model's pretrained_cfg"
+    source = f"card {card}" if card else _pretrained_cfg_source(settings.model)
     overrides = preprocess_overrides(settings)
     if overrides:
         return replace(pre, **overrides), f"{source}, with {', '.join(sorted(overrides))} given"
