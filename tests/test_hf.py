@@ -610,3 +610,25 @@ def test_folder_without_processor_config_warns(tmp_path: Path, caplog: pytest.Lo
     with caplog.at_level("WARNING", logger="dopq"):
         build_model(f"hf:{_save_folder(tmp_path)}")
     assert "preprocessor_config" not in caplog.text
+
+
+def test_folder_under_the_home_directory(tmp_path: Path, image_folder, capsys, monkeypatch) -> None:
+    """``--model hf:~/FOLDER``: the shell leaves a ``~`` after ``hf:`` as it is, and the folder was
+    one that does not exist. Loading, the weights' digest, the preprocessing source and the saved
+    file's architecture check all read the expanded folder."""
+    from dopq.environment import file_sha256
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    folder = _save_folder(tmp_path)
+    data = str(image_folder("hf-home", size=32, per_class=1))
+    argv = ["quantize", "--model", "hf:~/hf-vit", "--data", data, "--calib-size", "2", "--workers", "0",
+            "--quiet", "--w-bits", "8", "--a-bits", "8", "--output", str(tmp_path / "r.json"),
+            "--save", str(tmp_path / "q.pt")]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["checkpoint_sha256"] == file_sha256(folder / "model.safetensors")
+    assert (
+        result["config"]["preprocess_source"]
+        == f"image processor config {folder / 'preprocessor_config.json'}"
+    )
+    assert load_quantized(tmp_path / "q.pt", arch="hf:~/hf-vit")[0].num_classes == 2

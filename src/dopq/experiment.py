@@ -46,7 +46,7 @@ from dopq.environment import environment, file_sha256
 from dopq.errors import ConfigError, DataError
 from dopq.evaluate import CompiledModel, EvalResult, evaluate, merge_results
 from dopq.models import build_model, get_adapter
-from dopq.models.loading import HF_PREFIX
+from dopq.models.loading import HF_PREFIX, hf_folder
 from dopq.modules import in_dtype
 
 __all__ = [
@@ -118,7 +118,7 @@ def _pretrained_cfg_source(model: str) -> str:
     image processor config, or ``transformers``' ViT processor defaults without one."""
     if not model.startswith(HF_PREFIX):
         return "the model's pretrained_cfg"
-    processor = Path(model.removeprefix(HF_PREFIX)) / "preprocessor_config.json"
+    processor = hf_folder(model) / "preprocessor_config.json"
     if processor.is_file():
         return f"image processor config {processor}"
     return "transformers' ViT processor defaults (the folder has no preprocessor_config.json)"
@@ -370,7 +370,7 @@ def _weights_sha256(settings: RunSettings) -> str | None:
         return file_sha256(settings.checkpoint)
     if not settings.model.startswith(HF_PREFIX):
         return None
-    folder = Path(settings.model.removeprefix(HF_PREFIX))
+    folder = hf_folder(settings.model)
     files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
     if len(files) == 1:
         return file_sha256(files[0])

@@ -32,7 +32,7 @@ from dopq.devices import resolve_device
 from dopq.errors import CheckpointError
 from dopq.files import atomic_path
 from dopq.models import prepare_model
-from dopq.models.loading import HF_PREFIX, as_dopq_model, model_preprocess
+from dopq.models.loading import HF_PREFIX, as_dopq_model, hf_folder, model_preprocess
 from dopq.modules import QuantLinear, quantized_weight, quantizers_of
 from dopq.quantizers import PerChannel, PerTensor, UniformQuantizer
 
@@ -363,8 +363,8 @@ def match_state(model: nn.Module, granularity: dict[str, int | None], state: dic
 def _architecture(arch: str, saved: str) -> str:
     """The architecture ``arch`` names: ``hf:FOLDER``, as ``quantize --model`` took it, names its
     config's class, which a file made from it records (it was refused as another architecture)."""
-    folder = arch.removeprefix(HF_PREFIX)
-    if not arch.startswith(HF_PREFIX) or arch == saved or not Path(folder).is_dir():
+    folder = hf_folder(arch)
+    if not arch.startswith(HF_PREFIX) or arch == saved or not folder.is_dir():
         return arch
     from dopq.models.hf import folder_architecture
 

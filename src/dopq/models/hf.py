@@ -416,7 +416,7 @@ def _folder_config(folder: Path) -> tuple[Any, type[nn.Module]]:
 
 def folder_architecture(folder: str | Path) -> str:
     """``hf:<class>`` of a ``save_pretrained`` folder, the architecture its quantized files record."""
-    return HF_PREFIX + _folder_config(Path(folder))[1].__name__
+    return HF_PREFIX + _folder_config(Path(folder).expanduser())[1].__name__
 
 
 def load_hf_model(folder: str | Path, num_classes: int | None = None) -> HFImageClassifier:
@@ -429,7 +429,7 @@ def load_hf_model(folder: str | Path, num_classes: int | None = None) -> HFImage
     Returns:
         The wrapped float32 model in eval mode, its preprocessing from the processor config.
     """
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     config, cls = _folder_config(folder)
     if num_classes is not None and num_classes != config.num_labels:
         raise CheckpointError(

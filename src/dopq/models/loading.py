@@ -28,6 +28,7 @@ __all__ = [
     "as_dopq_model",
     "build_model",
     "card_for",
+    "hf_folder",
     "is_transformers_model",
     "load_state_dict",
     "model_preprocess",
@@ -44,6 +45,14 @@ _KEY_PREFIXES = ("module.", "_orig_mod.", "model.")
 _DERIVED_BUFFERS = ("relative_position_index", "attn_mask")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 HF_PREFIX = "hf:"  # --model hf:FOLDER, a transformers save_pretrained folder
+
+
+def hf_folder(arch: str) -> Path:
+    """The folder of ``hf:FOLDER``, ``~`` expanded: the shell expands it at a word's start only,
+    so ``--model hf:~/vit`` reached dopq as written and was a folder that does not exist."""
+    return Path(arch.removeprefix(HF_PREFIX)).expanduser()
+
+
 # the evaluation preprocessing a model records and a card may set (model_preprocess)
 PREPROCESS_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct")
 
@@ -407,7 +416,7 @@ def build_model(
             raise ModelError(
                 f"{arch}: a transformers folder holds its weights; drop --checkpoint/--pretrained"
             )
-        return _hf().load_hf_model(arch.removeprefix(HF_PREFIX), num_classes)
+        return _hf().load_hf_model(hf_folder(arch), num_classes)
     _check_arch(arch)
     if checkpoint is None and pretrained:
         return _pretrained_model(arch, num_classes, init_seed)
