@@ -1269,6 +1269,22 @@ def test_a_partial_model_with_float_attention_pooling_exports_saves_and_loads(tm
         assert (OnnxModel(tmp_path / "q.onnx", threads=1)(images) - out).abs().max() < 0.05 * out.std()
 
 
+def test_a_dynamic_img_size_model_records_the_input_size_its_graph_takes(tmp_path: Path) -> None:
+    """A timm model created with ``dynamic_img_size=True`` is traced at the ``img_size`` it was built
+    with (only the batch axis is dynamic); the file recorded its ``pretrained_cfg`` size instead (224
+    here), so ``dopq evaluate --onnx`` fed the graph images it refuses."""
+    torch.manual_seed(0)
+    model = _perturbed(timm.create_model("vit_base_patch16_224", dynamic_img_size=True, **_TINY_VIT))
+    images = torch.randn(8, 3, 32, 32)
+    dopq.quantize(model, images, dopq.get_preset("dopq", w_bits=8, a_bits=8), progress=False)
+    cli_metadata = {"preprocess": {"input_size": [3, 224, 224]}}  # what `dopq export` passes on
+    path = export_onnx(model, tmp_path / "q.onnx", metadata=cli_metadata).path
+    dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
+    assert read_metadata(path)["preprocess"]["input_size"] == [3, 32, 32] == [d.dim_value for d in dims[1:]]
+    with torch.no_grad():
+        _assert_same_function(OnnxModel(path, threads=1)(images), model(images), 0.05)
+
+
 def test_rms_norm_models_export_in_float32_and_exactly_in_float64(tmp_path: Path) -> None:
     """timm's ``RmsNorm`` (AIMv2's layout: RMS norms, no class token, average pooling): torch's ONNX
     exporter has no ``rms_norm`` below opset 23 and every export stopped with its error."""

@@ -431,7 +431,11 @@ def export_onnx(
         storage = _weight_storage(graph)
         own = {**_model_metadata(model, integer_levels, dtype), "target": target, "weight_storage": storage}
         own["needs_vnni"] = any(m.needs_vnni for m in deploy.modules() if isinstance(m, WeightCodes))
-        _set_metadata(graph, {**own, **(metadata or {})})
+        merged = {**own, **(metadata or {})}
+        if isinstance(merged.get("preprocess"), dict):  # the size the graph takes, what `dopq evaluate
+            # --onnx` feeds it: a dynamic_img_size model is traced at its img_size, not pretrained_cfg's
+            merged["preprocess"] = {**merged["preprocess"], "input_size": list(example.shape[1:])}
+        _set_metadata(graph, merged)
         onnx.checker.check_model(graph)
         onnx.save(graph, str(tmp))
         if dtype == torch.float64:
