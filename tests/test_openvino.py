@@ -66,7 +66,14 @@ def _signed_left_operands(model: nn.Module) -> int:
     )
 
 
-@pytest.mark.parametrize("make", [_vit, _swin], ids=["vit", "swin"])
+def _shifted_swin() -> tuple[nn.Module, torch.Tensor]:
+    """``tiny_swin`` with a second block in the first stage: a shifted window (the only one; the
+    second stage is one window), whose attention adds the shift mask and whose output is rolled back."""
+    kwargs = dict(img_size=56, depths=(2, 1), num_heads=(1, 2), embed_dim=32, num_classes=10)
+    return timm.create_model("swin_tiny_patch4_window7_224", **kwargs).eval(), torch.randn(8, 3, 56, 56)
+
+
+@pytest.mark.parametrize("make", [_vit, _swin, _shifted_swin], ids=["vit", "swin", "shifted-swin"])
 def test_openvino_runs_every_linear_and_product_on_integer_kernels(make, tmp_path: Path) -> None:
     model, x = make()
     dopq.quantize(

@@ -256,8 +256,10 @@ def _row_sums(x: torch.Tensor) -> torch.Tensor:
     where the sum wrapped (the real Swin-Tiny at W4/A4 fell to 16 % top-1); a MatMul does not. With
     int8 ones it runs on the integer kernels, summing the input's codes in int32 (with float ones it
     was a float GEMV on a converted copy of the input: 17 % slower for a W8/A8 DeiT-Tiny). (The
-    products of two activations keep ``ReduceSum``: measured right on both shared models.)"""
-    ones = torch.ones(x.shape[-1], 1, dtype=torch.int8)
+    products of two activations keep ``ReduceSum``: measured right on both shared models.) The column
+    is a constant of the graph: built from the traced ``x.shape`` (``Shape -> ConstantOfShape``),
+    OpenVINO ran the product as a float MatMul in Swin's shifted-window blocks."""
+    ones = torch.ones(int(x.shape[-1]), 1, dtype=torch.int8)
     return x @ dequantize_weight(ones, torch.ones(1, dtype=x.dtype), None, 1)
 
 
