@@ -469,11 +469,19 @@ def test_class_folders_in_another_order_than_id2label_are_refused(
     model = tiny("vit", num_labels=2)  # a saved model with that order (as the Python API saves it)
     model.config.id2label, model.config.label2id = {0: "b", 1: "a"}, {"b": 0, "a": 1}
     recipe = dopq.get_preset("dopq", w_bits=8, a_bits=8)
-    save_quantized(dopq.quantize(model, _images(4), recipe, progress=False), tmp_path / "q.pt", recipe)
+    qmodel = dopq.quantize(model, _images(4), recipe, progress=False)
+    save_quantized(qmodel, tmp_path / "q.pt", recipe)
     err = _cli_error(
         ["evaluate", "--quantized", str(tmp_path / "q.pt"), *common[:2], "--workers", "0"], capsys
     )
     assert "class folder 'a' gets label 0" in err
+    from dopq.export import export_onnx
+
+    export_onnx(qmodel, tmp_path / "q.onnx")  # the graph records id2label: evaluate --onnx checks it too
+    onnx_eval = ["evaluate", "--onnx", str(tmp_path / "q.onnx"), "--workers", "0", "--data"]
+    assert "class folder 'a' gets label 0" in _cli_error([*onnx_eval, data], capsys)
+    three = str(image_folder("hf-three", size=32, classes=("a", "b", "c"), per_class=1))
+    assert "3 classes" in _cli_error([*onnx_eval, three], capsys)  # and its number of classes
 
 
 @pytest.mark.parametrize("family", FAMILIES)

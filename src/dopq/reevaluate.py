@@ -192,9 +192,13 @@ def evaluate_onnx(
     onnx_model = load_runtime(path, runtime, threads=threads)
     meta = onnx_model.metadata()
     pre = _onnx_preprocess(meta, overrides)
-    loader = _eval_loader(
-        *_eval_set(data, eval_split, eval_subset, pre, skip_bad_images), batch_size, workers
+    dataset, indices = _eval_set(data, eval_split, eval_subset, pre, skip_bad_images)
+    # as for a saved model: folders that cannot be the graph's classes score a meaningless accuracy
+    num_classes = meta.get("num_classes")
+    check_labels(
+        num_classes if isinstance(num_classes, int) else None, dataset, class_names=meta.get("class_names")
     )
+    loader = _eval_loader(dataset, indices, batch_size, workers)
     with single_line_errors():
         res = evaluate(onnx_model, loader, progress=progress, desc=runtime)
     recipe = meta.get("recipe") or {}

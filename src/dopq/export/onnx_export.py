@@ -350,9 +350,11 @@ def _model_metadata(model: nn.Module, integer_levels: bool, dtype: torch.dtype) 
     import dopq
 
     cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = getattr(model, "class_names", None)  # a transformers config's id2label
     return {
         "arch": cfg.get("architecture"),
         "num_classes": getattr(model, "num_classes", None),
+        **({"class_names": list(names)} if names else {}),  # `dopq evaluate --onnx` checks the folders
         **model_widths(model),  # `dopq evaluate --onnx` names them where no recipe was recorded
         "dopq_version": dopq.__version__,
         "integer_attention": integer_levels,
