@@ -408,6 +408,17 @@ def test_per_tensor_default_granularity():
     assert q.granularity == PerTensor() and q.channel_axis is None
 
 
+def test_quantize_uniform_passes_no_gradient_on_the_code_bounds():
+    """An input that rounds to code 0 or 2^b - 1 gets no gradient, whatever torch's clamp gives on
+    its bounds (1 in torch 2.5-2.8, 0 in 2.14)."""
+    scale, zero_point = torch.tensor([0.5]), torch.tensor([2.0])
+    x = (torch.tensor([-5.0, -2.2, -1.4, -0.4, 0.8, 4.0]) * scale).requires_grad_(True)
+    codes = quantize_uniform(x, scale, zero_point, 2)
+    assert codes.tolist() == [0.0, 0.0, 1.0, 2.0, 3.0, 3.0]
+    codes.sum().backward()
+    assert x.grad.tolist() == [0.0, 0.0, 2.0, 2.0, 0.0, 0.0]  # d(x / s)/dx inside only
+
+
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_fused_fake_quantize_matches_the_autograd_ste_form(per_channel):
     """Values and both gradients equal those autograd gives the plain STE/LSQ expression."""

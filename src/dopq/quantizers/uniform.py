@@ -57,8 +57,16 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 def quantize_uniform(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
 ) -> torch.Tensor:
-    """Integer codes in ``[0, 2^bits - 1]`` (as a float tensor)."""
-    return torch.clamp(round_ste(x / scale) + zero_point, 0, 2**bits - 1)
+    """Integer codes in ``[0, 2^bits - 1]`` (as a float tensor).
+
+    The gradient (STE) passes where the code lies strictly inside ``(0, 2^b - 1)`` and is 0 on and
+    beyond the bounds, as in :func:`fake_quantize_uniform`.
+    """
+    codes = round_ste(x / scale) + zero_point
+    # not torch.clamp's gradient: on a bound it is 1 in torch 2.5-2.8 and 0 in 2.14, and every input
+    # that rounds to a bound code lies on one
+    inside = (codes > 0) & (codes < 2**bits - 1)
+    return torch.where(inside, codes, codes.detach().clamp(0, 2**bits - 1))
 
 
 def fake_quantize_uniform(
@@ -94,8 +102,8 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     STE form ``round_ste``, computed in a few fused passes: block reconstruction on the CPU is bound by
     these element-wise passes over activations, not by the matrix products.
 
-    d/dx is 1 where the unclamped code lies strictly inside ``(0, 2^b - 1)`` and 0 elsewhere (as
-    ``clamp``'s gradient, which is 0 on the bounds); d/ds is ``q - z - x / s`` there and ``q - z``
+    d/dx is 1 where the unclamped code lies strictly inside ``(0, 2^b - 1)`` and 0 elsewhere (0 on
+    the bounds, as :func:`quantize_uniform` defines it); d/ds is ``q - z - x / s`` there and ``q - z``
     elsewhere (LSQ without its gradient scale).
     """
 
