@@ -96,15 +96,9 @@ class _MatMulSlots(nn.Module):
         self.matmul_qk = QuantMatMul(*qk)
         self.matmul_av = QuantMatMul(*av)
 
-    def _attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        bias: torch.Tensor | None,
-        window_mask: torch.Tensor | None = None,
-    ):
-        return self._attend_with_map(q, k, v, bias, window_mask)[0]
+    def _attend(self, *operands: torch.Tensor | None) -> torch.Tensor:
+        """``attn @ v`` alone: :meth:`_attend_with_map`'s first output."""
+        return self._attend_with_map(*operands)[0]
 
     def _attend_with_map(
         self,
