@@ -37,7 +37,14 @@ from torch import nn
 
 from dopq.config import GPTQ_TARGETS
 from dopq.errors import CalibrationError
-from dopq.modules import QuantConv2d, QuantLinear, quantized_weight, quantizers_off, removing_hooks
+from dopq.modules import (
+    QuantConv2d,
+    QuantLinear,
+    StopForward,
+    quantized_weight,
+    quantizers_off,
+    removing_hooks,
+)
 from dopq.quantizers import UniformQuantizer
 
 __all__ = [
@@ -322,10 +329,6 @@ def _gptq_layers(model: nn.Module) -> list[tuple[str, QuantLinear | QuantConv2d]
     return [(name, m) for name, m in model.named_modules() if quantized_weight(m) is not None and _unfolds(m)]
 
 
-class _StopPass(Exception):
-    """Ends a calibration forward early: the layers after this point belong to a later chunk."""
-
-
 def _float_inputs(
     model: nn.Module,
     images: torch.Tensor,
@@ -350,7 +353,7 @@ def _float_inputs(
             layer_rows = sample_rows(layer_inputs(module, args[0], quantized=False).float())
             size = layer_rows.numel() * layer_rows.element_size()
             if budget is not None and rows and held + size > budget:
-                raise _StopPass
+                raise StopForward
             rows[name] = layer_rows
             held += size
 
@@ -360,7 +363,7 @@ def _float_inputs(
         try:
             with quantizers_off(model):
                 model(images)
-        except _StopPass:
+        except StopForward:
             return rows, False
     return rows, True
 
@@ -454,7 +457,7 @@ def gptq_model(
             if name in originals:  # a layer called twice in one forward is rounded once
                 return
             if target == "float" and name not in float_rows and not complete:
-                raise _StopPass  # the first layer of the next chunk
+                raise StopForward  # the first layer of the next chunk
             rows = sample_rows(layer_inputs(module, args[0], quantized_inputs))
             weight = module.weight.detach()
             q: UniformQuantizer = module.weight_quantizer
@@ -476,7 +479,7 @@ def gptq_model(
 
     with removing_hooks([m.register_forward_pre_hook(hook_for(n)) for n, m in layers]):
         while True:  # one pass, or one per chunk of layers (each pass stops where its chunk ends)
-            with contextlib.suppress(_StopPass):
+            with contextlib.suppress(StopForward):
                 model(images)
             if complete:
                 break

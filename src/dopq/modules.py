@@ -29,6 +29,7 @@ __all__ = [
     "QuantConv2d",
     "QuantLinear",
     "QuantMatMul",
+    "StopForward",
     "constant_quantization",
     "float64_copy",
     "float_logits",
@@ -150,6 +151,11 @@ def replace_module(root: nn.Module, qualified: str, new: nn.Module, keep_hooks: 
             setattr(new, hooks, getattr(old, hooks))
     setattr(owner, leaf, new)
     return old
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early: what the caller wanted from it is in hand, and
+    the layers after the hook's need not run."""
 
 
 @contextmanager

@@ -12,13 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dopq.modules import removing_hooks
+from dopq.modules import StopForward, removing_hooks
 
 __all__ = ["BoundUnit", "apply_unit", "bound_units", "cache_unit_io", "chained_units", "first_output"]
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the wanted tensor is captured."""
 
 
 def _cache_home(device: torch.device, chunk: torch.Tensor, n_chunks: int) -> torch.device:
@@ -52,7 +48,7 @@ def cache_unit_io(
 
     def take(tensor: torch.Tensor) -> None:
         _keep(chunks, tensor.detach(), device, n_chunks)
-        raise _Stop
+        raise StopForward
 
     if output:
         handle = unit.register_forward_hook(lambda m, a, out: take(first_output(out)))
@@ -60,7 +56,7 @@ def cache_unit_io(
         handle = unit.register_forward_pre_hook(lambda m, a: take(a[0]))
     with handle:  # removes the hook on leaving
         for i in range(0, images.shape[0], batch_size):
-            with suppress(_Stop):
+            with suppress(StopForward):
                 model(images[i : i + batch_size].to(device))
     return torch.cat(chunks)
 
