@@ -525,6 +525,41 @@ def test_float_target_rounds_in_chunks_with_fewer_rows_held_and_the_same_weights
         assert torch.equal(value, expected[key]), key
 
 
+def test_float_target_chunks_with_the_check_run_their_float_passes_on_the_nearest_model(monkeypatch) -> None:
+    # the calibration check's round-to-nearest copy is a float model taken before rounding: the later
+    # chunks' float passes run on it rather than on a second deep copy of the model, same weights
+    import dopq.api as api
+    from dopq import gptq
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=10).eval()
+    x = torch.randn(4, 3, 160, 160)
+    config = dopq.get_preset("dopq", w_bits=3, a_bits=4, weight_rounding="gptq", gptq_check=True)
+    assert config.gptq_target_used == "float"
+    whole, _ = dopq.quantize_with_report(copy.deepcopy(model), x, config, progress=False)
+
+    monkeypatch.setattr(gptq, "GPTQ_FLOAT_ROWS_BYTES", 1_500_000, raising=False)  # as the test above
+    unrounded, passed_on = [], []
+    gptq_model_, float_inputs_ = api.gptq_model, gptq._float_inputs
+
+    def spy_gptq_model(*args: Any, **kwargs: Any) -> Any:
+        unrounded.append(kwargs["unrounded"])
+        return gptq_model_(*args, **kwargs)
+
+    def spy_float_inputs(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        passed_on.append(model)
+        return float_inputs_(model, *args, **kwargs)
+
+    monkeypatch.setattr(api, "gptq_model", spy_gptq_model)
+    monkeypatch.setattr(gptq, "_float_inputs", spy_float_inputs)
+    chunked, _ = dopq.quantize_with_report(copy.deepcopy(model), x, config, progress=False)
+    assert len(unrounded) == 1 and unrounded[0] is not None and len(passed_on) > 2
+    assert all(m is unrounded[0] for m in passed_on[1:])  # the first pass is the model's own
+    expected = whole.state_dict()
+    for key, value in chunked.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
 def test_with_the_check_bias_correction_reads_the_float_weights_of_the_nearest_model(monkeypatch) -> None:
     # the calibration check's round-to-nearest copy already holds every float weight: GPTQ's
     # reference weights for bias correction are its tensors, not a second copy (340 MB on ViT-B)

@@ -428,7 +428,8 @@ def gptq_model(
             (half way by default: all the way loses on Swin-Tiny at W3/A3, docs/gptq.md).
         unrounded: a copy of ``model`` taken before rounding whose weights stay float (the
             calibration check's round-to-nearest model): with the quantized target the returned
-            float weights are its tensors, not a second copy of every weight (340 MB on ViT-B).
+            float weights are its tensors, not a second copy of every weight (340 MB on ViT-B), and
+            with the float target in chunks the later chunks' float passes run on it, not on a copy.
 
     Returns:
         The weight each rounded layer aimed at, by name (for bias correction's reference): the float
@@ -448,8 +449,9 @@ def gptq_model(
         if target == "float"
         else ({}, True)
     )
-    # too many rows to hold at once: later chunks' float passes run on a float copy, taken now
-    float_model = None if complete else copy.deepcopy(model)
+    # too many rows to hold at once: later chunks' float passes run on a copy taken before rounding
+    # (the caller's, where it has one: its weights stay float)
+    float_model = None if complete else (unrounded if unrounded is not None else copy.deepcopy(model))
     originals: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str):
