@@ -672,6 +672,9 @@ def test_cli_quantize_export_evaluate(
     assert main(["export", "--quantized", str(saved), "--out", str(again), "--quiet", "--threads", "1"]) == 0
     # the same graph, on one thread too; the metadata differ by the command that wrote each file
     assert onnx.load(again).graph.SerializeToString() == onnx.load(onnx_path).graph.SerializeToString()
+    # and keep the command that quantized the model (dopq export had written its own in its place)
+    assert read_metadata(again)["command"] == recorded["command"] == read_metadata(onnx_path)["command"]
+    assert read_metadata(again)["export_command"].startswith("dopq export --quantized")
 
 
 @pytest.mark.parametrize(

@@ -723,9 +723,11 @@ def _check_distinct_files(args: argparse.Namespace) -> None:
 def _export(
     model: Any, config: QuantConfig, meta: dict[str, Any], args: argparse.Namespace
 ) -> dict[str, Any]:
+    from dopq.environment import command_line
     from dopq.export import export_onnx
 
-    metadata = {**meta, "recipe": config.to_dict(), "export_command": meta.get("command")}
+    # "command" stays the one that quantized the model (a saved file's); this one wrote the graph
+    metadata = {**meta, "recipe": config.to_dict(), "export_command": command_line()}
     report = export_onnx(
         model,
         args.export,
@@ -744,11 +746,10 @@ def _export(
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from dopq.environment import command_line
     from dopq.serialize import load_quantized
 
     model, config, meta = load_quantized(args.quantized)
-    _export(model, config, {**meta, "command": command_line()}, args)
+    _export(model, config, meta, args)
     return 0
 
 
