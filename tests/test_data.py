@@ -239,6 +239,9 @@ GOOD_CARD = {"input_size": [3, 8, 8], "mean": [0, 0, 0], "std": [1, 1, 1], "inte
         (json.dumps({"input_size": [3, 8, 8], "mean": [0, 0, 0]}), "lacks std, interpolation$"),
         (json.dumps({**GOOD_CARD, "input_size": [3, 8]}), "input_size must be 3 numbers"),
         (json.dumps({**GOOD_CARD, "std": [1, 0, 1]}), "std must be positive"),
+        # Python's json reads these tokens; they reached the result JSON, which strict parsers refuse
+        (json.dumps({**GOOD_CARD, "std": [float("inf"), 1, 1]}), "mean and std must be finite"),
+        (json.dumps({**GOOD_CARD, "mean": [0, float("nan"), 0]}), "mean and std must be finite"),
         (json.dumps({**GOOD_CARD, "interpolation": "fancy"}), "unknown interpolation 'fancy'"),
         (json.dumps({**GOOD_CARD, "crop_pct": 0}), r"crop_pct must be in \(0, 1\]"),
     ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -63,6 +64,10 @@ class Preprocess:
             if len(coerced) != 3:
                 raise DataError(f"preprocess {name} must be 3 numbers, got {value!r}")
             object.__setattr__(self, name, coerced)
+        # NaN or infinity would pass the checks below, reach the result as a token strict JSON
+        # has not (std inf even runs: every pixel of that channel becomes 0)
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise DataError(f"preprocess mean and std must be finite, got {self.mean}, {self.std}")
         if min(self.input_size) < 1 or min(self.std) <= 0:
             raise DataError(
                 f"preprocess input_size and std must be positive, got {self.input_size}, {self.std}"
