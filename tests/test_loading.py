@@ -218,6 +218,28 @@ def test_pretrained_without_network_loads_the_cached_weights(hub_cache: Path, mo
     assert _same_weights(model, hub) and time.monotonic() - start < 15
 
 
+def test_a_pretrained_run_names_and_hashes_the_hub_weights(
+    hub_cache: Path, monkeypatch: pytest.MonkeyPatch, image_folder, tmp_path: Path
+) -> None:
+    """Which weights ``--pretrained`` used: the result recorded the bare model name and no hash, so
+    other weights under the same name (another cached revision, timm's default tag moved) gave
+    results that read as the same model's."""
+    from huggingface_hub import constants
+
+    from dopq.environment import file_sha256
+
+    _cache_test_vit(hub_cache)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # never the real hub
+    (weights,) = hub_cache.rglob("model.safetensors")
+    out = tmp_path / "r.json"
+    argv = ["quantize", "--model", "test_vit", "--pretrained", "--data", str(image_folder(per_class=2)),
+            "--method", "repq", "--calib-size", "2", "--eval-subset", "2", "--quiet", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["pretrained_weights"] == HUB_TAG
+    assert result["checkpoint_sha256"] == file_sha256(weights)
+
+
 def test_pretrained_without_network_or_cache_fails_fast(hub_cache: Path, monkeypatch) -> None:
     _no_network(monkeypatch)
     start = time.monotonic()

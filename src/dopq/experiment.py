@@ -46,7 +46,7 @@ from dopq.environment import environment, file_sha256
 from dopq.errors import ConfigError, DataError
 from dopq.evaluate import CompiledModel, EvalResult, evaluate, merge_results
 from dopq.models import build_model, get_adapter
-from dopq.models.loading import HF_PREFIX, hf_folder
+from dopq.models.loading import HF_PREFIX, hf_folder, pretrained_weights
 from dopq.modules import in_dtype
 
 __all__ = [
@@ -360,14 +360,24 @@ def check_same_inputs(model: nn.Module, *datasets: Any) -> None:
 
 def _provenance(work: Workload) -> dict[str, Any]:
     s = work.settings
-    return {"checkpoint_sha256": _weights_sha256(s), **environment(s.device)}
+    # --pretrained: the model name alone does not say which weights (timm's default tag, the
+    # cache's revision), so the result names the tag and hashes the file as for a checkpoint
+    hub = pretrained_weights(s.model) if s.pretrained and not s.checkpoint else None
+    return {
+        "checkpoint_sha256": _weights_sha256(s, hub[1] if hub else None),
+        "pretrained_weights": hub[0] if hub else None,
+        **environment(s.device),
+    }
 
 
-def _weights_sha256(settings: RunSettings) -> str | None:
-    """SHA-256 of the float weights: the checkpoint file, or an ``hf:`` folder's weight files (one
-    digest over each file's, in name order, for sharded folders)."""
+def _weights_sha256(settings: RunSettings, hub_file: str | None = None) -> str | None:
+    """SHA-256 of the float weights: the checkpoint file, the cached file of timm's pretrained
+    weights (``hub_file``), or an ``hf:`` folder's weight files (one digest over each file's, in
+    name order, for sharded folders)."""
     if settings.checkpoint:
         return file_sha256(settings.checkpoint)
+    if hub_file:
+        return file_sha256(hub_file)
     if not settings.model.startswith(HF_PREFIX):
         return None
     folder = hf_folder(settings.model)

@@ -32,6 +32,7 @@ __all__ = [
     "is_transformers_model",
     "load_state_dict",
     "model_preprocess",
+    "pretrained_weights",
     "weights_dtype",
 ]
 
@@ -351,6 +352,14 @@ def _pretrained_cfg(arch: str) -> Any:
     if cfg is None or full not in timm.list_pretrained(full):
         raise ModelError(f"timm has no pretrained weights for {arch}; pass --checkpoint PATH")
     return cfg
+
+
+def pretrained_weights(arch: str) -> tuple[str, str | None]:
+    """What ``--pretrained`` loads for ``arch``: the ``arch.tag`` name of timm's weights (its
+    default tag when ``arch`` names none, which a timm release may change) and their file in the
+    local Hugging Face cache (None where there is none, e.g. weights timm fetched from a URL)."""
+    cfg = _pretrained_cfg(arch)
+    return (f"{cfg.architecture}.{cfg.tag}" if cfg.tag else cfg.architecture), _cached_weights(cfg)
 
 
 def _check_pretrained_head(cfg: Any, num_classes: int | None) -> None:
