@@ -493,6 +493,26 @@ def test_main_called_from_python_records_its_own_arguments(
     assert not command_line().startswith("dopq quantize")  # the host's own again afterwards
 
 
+def test_evaluate_reports_lead_back_to_the_quantize_command(
+    roots: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The evaluation's Markdown did not name the command that made the file it measured."""
+    monkeypatch.chdir(tmp_path)
+    assert (
+        main(_quantize_argv(roots["good"], "--method", "repq", "--save", "q.pt", "--output", "r.json")) == 0
+    )
+    quantized = json.loads((tmp_path / "r.json").read_text())
+    monkeypatch.chdir(roots["good"])  # evaluated from elsewhere
+    argv = ["evaluate", "--quantized", str(tmp_path / "q.pt"), "--data", ".", "--quiet", "--output", str(tmp_path / "e.json")]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["recorded_command"] == quantized["command"]
+    assert f"Quantized by: `{quantized['command']}`\n" in (tmp_path / "e.md").read_text()
+
+
 def test_the_result_says_where_the_preprocessing_came_from(
     roots: dict[str, Path],
     tmp_path: Path,

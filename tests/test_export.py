@@ -659,6 +659,7 @@ def test_cli_quantize_export_evaluate(
     assert result["comparison"]["identical_top1"] >= 5 / 6
     agreement = f"identical top-1 on {100 * result['comparison']['identical_top1']:.2f}% of 6 images"
     assert agreement in printed and agreement in out.with_suffix(".md").read_text()  # not in the JSON only
+    assert f"Quantized by: `{recorded['command']}`\n" in out.with_suffix(".md").read_text()
     other = tmp_path / "other.pt"  # the same model under another recipe: not what the graph was made from
     saved_payload = torch.load(saved, weights_only=True)
     saved_payload["config"]["bias_correction"] = not saved_payload["config"]["bias_correction"]

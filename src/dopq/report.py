@@ -103,6 +103,19 @@ def _in_folder(result: dict[str, Any]) -> str:
     return f" (in `{folder}`)" if folder else ""
 
 
+def _origin_lines(result: dict[str, Any]) -> list[str]:
+    """``dopq evaluate``: the commands that made the evaluated file, as its metadata recorded them,
+    so that the report leads back to the quantization it measures. (Not their folders: a saved
+    file holding one would differ by folder, where the same arguments write the same bytes.)"""
+    meta = result.get("onnx_metadata") or {}
+    exported = meta.get("export_command")
+    recorded = [
+        ("Quantized by", result.get("recorded_command") or meta.get("command")),
+        ("Exported by", exported if exported != meta.get("command") else None),  # not quantize --export's
+    ]
+    return [part for what, command in recorded if command for part in (f"{what}: `{command}`", "")]
+
+
 def markdown_report(result: dict[str, Any]) -> str:
     """The result as a Markdown section with the exact command that produced it."""
     lines = [
@@ -110,6 +123,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         "",
         f"Command: `{result.get('command', '')}`" + _in_folder(result),
         "",
+        *_origin_lines(result),
         *_runtime_lines(result),
         "| | top-1 | top-5 |",
         "|---|---|---|",
