@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -98,9 +99,20 @@ def _runtime_lines(result: dict[str, Any]) -> list[str]:
     return [f"Runtime: {result['runtime']} ({result.get('threads')} threads)", ""]
 
 
+def _code(text: str) -> str:
+    """``text`` as a Markdown code span that shows it as it is: a command or folder may hold
+    backticks (shell-quoted, in a path), which would end a span in single backticks. CommonMark:
+    the fence is a run of backticks that the text does not hold, and one space pads a text that
+    starts or ends with a backtick (the renderer strips it)."""
+    runs = {len(run) for run in re.findall(r"`+", text)}
+    fence = "`" * next(n for n in range(1, len(runs) + 2) if n not in runs)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def _in_folder(result: dict[str, Any]) -> str:
     folder = result.get("working_directory")
-    return f" (in `{folder}`)" if folder else ""
+    return f" (in {_code(folder)})" if folder else ""
 
 
 def _origin_lines(result: dict[str, Any]) -> list[str]:
@@ -113,7 +125,7 @@ def _origin_lines(result: dict[str, Any]) -> list[str]:
         ("Quantized by", result.get("recorded_command") or meta.get("command")),
         ("Exported by", exported if exported != meta.get("command") else None),  # not quantize --export's
     ]
-    return [part for what, command in recorded if command for part in (f"{what}: `{command}`", "")]
+    return [part for what, command in recorded if command for part in (f"{what}: {_code(command)}", "")]
 
 
 def markdown_report(result: dict[str, Any]) -> str:
@@ -121,7 +133,7 @@ def markdown_report(result: dict[str, Any]) -> str:
     lines = [
         f"## {result['model']}: {result.get('method')} W{result['w_bits']}/A{result['a_bits']}",
         "",
-        f"Command: `{result.get('command', '')}`" + _in_folder(result),
+        f"Command: {_code(result.get('command', ''))}" + _in_folder(result),
         "",
         *_origin_lines(result),
         *_runtime_lines(result),
