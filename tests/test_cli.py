@@ -586,6 +586,9 @@ def test_evaluate_onnx_names_the_widths_of_a_graph_exported_from_python(
     assert result["fp_top1_correct"] is None and result["fp_eval_images_per_second"] is None
     assert "onnx W4/A8 on onnxruntime" in capsys.readouterr().out
     assert out.with_suffix(".md").read_text().startswith("## test_vit: onnx W4/A8")
+    # without --threads onnxruntime ran its own default pool, not torch's one thread (recorded before)
+    assert result["threads"] is None
+    assert "Runtime: onnxruntime (its default threads)" in out.with_suffix(".md").read_text()
 
 
 def test_help_names_every_width_rule_of_the_default_preset_and_what_threads_sets() -> None:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import timm
-import torch
 from torch import nn
 
 from dopq import distributed
@@ -214,7 +213,9 @@ def evaluate_onnx(
         "onnx_metadata": {k: v for k, v in meta.items() if k != "preprocess"},
         "config": {"preprocess": pre.to_dict()},
         **provenance(),
-        "threads": threads or torch.get_num_threads(),  # the runtime's
+        # the runtime's threads; None: its own default, which is not torch's (onnxruntime's pool
+        # has one thread per physical core whatever torch or OMP_NUM_THREADS say)
+        "threads": threads or None,
     }
     if quantized is not None:
         from dopq.serialize import load_quantized

@@ -96,7 +96,11 @@ def _runtime_lines(result: dict[str, Any]) -> list[str]:
     """The runtime an exported model ran on (``dopq evaluate --onnx``), with its threads."""
     if not result.get("runtime"):
         return []
-    return [f"Runtime: {result['runtime']} ({result.get('threads')} threads)", ""]
+    threads = result.get("threads")
+    return [
+        f"Runtime: {result['runtime']} ({f'{threads} threads' if threads else 'its default threads'})",
+        "",
+    ]
 
 
 def _code(text: str) -> str:
