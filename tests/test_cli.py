@@ -513,6 +513,31 @@ def test_evaluate_reports_lead_back_to_the_quantize_command(
     assert f"Quantized by: `{quantized['command']}`\n" in (tmp_path / "e.md").read_text()
 
 
+def test_the_result_names_the_calibration_images_the_seed_drew(
+    roots: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The result had the seed and the size but not the images: another copy of the data (an image
+    added) draws others under the same seed without a trace. The names are the split's own, the
+    same for a folder and a tar of it."""
+    import tarfile
+
+    from dopq.data import calibration_indices
+
+    archive = tmp_path / "good.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(roots["good"] / "train", "train")
+        tar.add(roots["good"] / "test", "test")
+    listing = ["a/0.png", "a/1.png", "b/0.png", "b/1.png"]
+    expected = [listing[i] for i in calibration_indices(4, 3, seed=5)]
+    for data in (roots["good"], archive):
+        out = tmp_path / f"{data.name}.json"
+        argv = _quantize_argv(
+            data, "--method", "repq", "--calib-size", "3", "--seed", "5", "--output", str(out)
+        )
+        assert main(argv) == 0
+        assert json.loads(out.read_text())["data"]["calibration_images"] == expected
+
+
 def test_the_result_says_where_the_preprocessing_came_from(
     roots: dict[str, Path],
     tmp_path: Path,

@@ -156,6 +156,9 @@ class Workload:
     fp_result: EvalResult | None = None
     skipped: dict[str, list[SkippedImage]] = field(default_factory=dict)
     preprocess_source: str = ""  # where the preprocessing came from (card, pretrained_cfg, overrides)
+    # the seeded draw's images (<class>/.../<file> in the calibration split): what --seed picked
+    # from this listing, which another copy of the data (an image added or removed) changes
+    calibration_images: list[str] = field(default_factory=list)
     _loader: tuple[Any, ImageLoader] | None = field(default=None, repr=False)
 
     def recon_images(self, n: int) -> torch.Tensor:
@@ -176,11 +179,13 @@ class Workload:
         return self._loader[1]
 
     def data_report(self) -> dict[str, Any]:
-        """What the run read: the evaluation split, images asked for, what was skipped, empty classes."""
+        """What the run read: the evaluation split, images asked for, what was skipped, empty
+        classes, and the calibration images the seed drew."""
         s = self.settings
-        return data_entry(
+        entry = data_entry(
             self.eval_dataset, len(self.eval_indices), s.workers, s.skip_bad_images, self.skipped
         )
+        return {**entry, "calibration_images": self.calibration_images}
 
 
 def sharded_loader(
@@ -296,6 +301,7 @@ def load_workload(settings: RunSettings) -> Workload:
     timings = {"load": time.perf_counter() - t0}
     work = Workload(settings, model, pre, calib.images, eval_ds, eval_idx, calib_ds, timings)
     work.preprocess_source = pre_source
+    work.calibration_images = [calib_ds.names[i] for i in idx]
     work.skipped["calibration"] = calib.skipped
     return work
 

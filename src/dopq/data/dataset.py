@@ -130,6 +130,7 @@ class ImageFolderDataset(Dataset):
         self.skip_bad_images = skip_bad_images
         listing = list_split(self.root, split)
         self.classes, self.samples = listing.classes, listing.samples
+        self.names = listing.names  # each sample's <class>/.../<file>, as a result names it
         self._tar_path = listing.tar_path
         self._data = listing.members  # (offset, size) of each sample in the tar; empty for folders
         self._handle: tuple[int, Any] | None = None

@@ -181,12 +181,15 @@ class SplitListing:
         samples: ``(path, label)`` pairs: a file path for directories, a member name for archives.
         members: for archives, each sample's ``(offset, size)`` in ``tar_path``; empty for directories.
         tar_path: the plain tar the members are read from, or None for directories.
+        names: each sample's path inside the split (``<class>/.../<file>``): the same for a folder
+            and an archive of it, wherever either lies.
     """
 
     classes: list[str]
     samples: list[tuple[str, int]]
     members: list[tuple[int, int]] = field(default_factory=list)
     tar_path: Path | None = None
+    names: list[str] = field(default_factory=list)
 
 
 def list_split(root: Path, split: str) -> SplitListing:
@@ -212,7 +215,8 @@ def _dir_split(root: Path, split: str) -> SplitListing:
     split_dir = root / split
     classes, files = _dir_split_files(split_dir)
     classes, rel_samples = _order_samples(classes, files)
-    return SplitListing(classes, [(os.path.join(split_dir, rel), label) for rel, label in rel_samples])
+    samples = [(os.path.join(split_dir, rel), label) for rel, label in rel_samples]
+    return SplitListing(classes, samples, names=[rel for rel, _ in rel_samples])
 
 
 def _archive_split(root: Path, split: str) -> SplitListing:
@@ -224,4 +228,5 @@ def _archive_split(root: Path, split: str) -> SplitListing:
     members = {n[len(prefix) :]: v for n, v in index.files.items() if n.startswith(prefix)}
     classes, rel_samples = _order_samples(_subdirs(index.dirs, prefix), members)
     samples = [(prefix + rel, label) for rel, label in rel_samples]
-    return SplitListing(classes, samples, [members[rel] for rel, _ in rel_samples], index.tar_path)
+    names = [rel for rel, _ in rel_samples]
+    return SplitListing(classes, samples, [members[rel] for rel in names], index.tar_path, names)
