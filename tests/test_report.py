@@ -26,3 +26,21 @@ def test_commands_and_folders_with_backticks_are_one_code_span_each(command: str
     line = next(line for line in report.splitlines() if line.startswith("Command:"))
     (inline,) = [t for t in markdown_it.MarkdownIt().parse(line) if t.type == "inline"]
     assert [t.content for t in inline.children if t.type == "code_inline"] == [command, folder]
+
+
+def test_the_report_names_what_the_command_does_not_say() -> None:
+    """The Markdown twin had the command alone: a run without ``--threads`` (torch's default, the
+    machine's core count), another torch or other weights under the same path gave another result
+    from the same printed command, with nothing in the report to tell them apart."""
+    result = {**RESULT, "command": "dopq quantize", "threads": 4, "device_name": "Some CPU",
+              "versions": {"dopq": "0.1.0", "torch": "2.14.1", "timm": "1.0.31", "onnxruntime": None},
+              "git": {"commit": "0123456789abcdef" * 2, "dirty": True}, "checkpoint_sha256": "ab" * 32}  # fmt: skip
+    assert (
+        "Run with: 4 torch threads on Some CPU; dopq 0.1.0, torch 2.14.1, timm 1.0.31; git 0123456789ab "
+        f"with uncommitted changes; weights SHA-256 {'ab' * 32}.\n"
+    ) in markdown_report(result)
+    onnx = {**result, "runtime": "onnxruntime", "versions": {**result["versions"], "onnxruntime": "1.32.0"}}
+    assert (
+        "Run with: on Some CPU; dopq 0.1.0, torch 2.14.1, timm 1.0.31, onnxruntime 1.32.0;"
+        in markdown_report(onnx)
+    )

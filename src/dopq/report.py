@@ -132,6 +132,29 @@ def _origin_lines(result: dict[str, Any]) -> list[str]:
     return [part for what, command in recorded if command for part in (f"{what}: {_code(command)}", "")]
 
 
+def _setting_lines(result: dict[str, Any]) -> list[str]:
+    """What the result depends on beyond the command: torch's threads (without ``--threads``, the
+    machine's default), the device, the software and commit, and which weights."""
+    parts = []
+    if result.get("threads") and not result.get("runtime"):  # a runtime's threads: its own line
+        parts.append(f"{result['threads']} torch threads")
+    device = result.get("device_name") or (result.get("cpu") or {}).get("model")
+    if device:
+        parts.append(f"on {device}")
+    versions = result.get("versions") or {}
+    names = ("dopq", "torch", "timm", result.get("runtime"))
+    software = ", ".join(f"{name} {versions[name]}" for name in names if name and versions.get(name))
+    git = result.get("git")
+    if git:
+        software += f"; git {git['commit'][:12]}" + (" with uncommitted changes" if git.get("dirty") else "")
+    weights = result.get("checkpoint_sha256")
+    named = f" ({result['pretrained_weights']})" if result.get("pretrained_weights") else ""
+    text = "; ".join(
+        p for p in (" ".join(parts), software, weights and f"weights{named} SHA-256 {weights}") if p
+    )
+    return [f"Run with: {text}.", ""] if text else []
+
+
 def markdown_report(result: dict[str, Any]) -> str:
     """The result as a Markdown section with the exact command that produced it."""
     lines = [
@@ -139,6 +162,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         "",
         f"Command: {_code(result.get('command', ''))}" + _in_folder(result),
         "",
+        *_setting_lines(result),
         *_origin_lines(result),
         *_runtime_lines(result),
         "| | top-1 | top-5 |",
