@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from dopq.report import markdown_report
@@ -44,3 +49,23 @@ def test_the_report_names_what_the_command_does_not_say() -> None:
         "Run with: on Some CPU; dopq 0.1.0, torch 2.14.1, timm 1.0.31, onnxruntime 1.32.0;"
         in markdown_report(onnx)
     )
+
+
+def test_reports_are_utf8_in_any_locale(tmp_path: Path) -> None:
+    """The Markdown was written in the locale's encoding: under an ASCII locale (or Windows' cp1252)
+    a command with a non-ASCII path ended a finished run with a UnicodeEncodeError traceback."""
+    code = (
+        "import sys; from dopq.report import write_result; "
+        "write_result({**eval(sys.argv[1]), 'command': 'dopq quantize --data caf\\u00e9'}, sys.argv[2])"
+    )
+    env = {**os.environ, "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "LC_ALL": "C"}
+    out = tmp_path / "r.json"
+    done = subprocess.run(
+        [sys.executable, "-c", code, repr(RESULT), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "dopq quantize --data caf\u00e9" in out.with_suffix(".md").read_text(encoding="utf-8")

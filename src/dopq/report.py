@@ -188,5 +188,8 @@ def write_result(result: dict[str, Any], path: Path) -> tuple[Path, Path]:
         (md, markdown_report(result)),
     ):
         with atomic_path(target) as tmp:
-            tmp.write_text(text)
+            # UTF-8 whatever the locale: a non-ASCII path in the command stopped the run at its end
+            # under cp1252 or an ASCII locale; surrogateescape writes back the bytes of a path
+            # Python could not decode there
+            tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
     return path, md
