@@ -233,6 +233,19 @@ def test_save_load_round_trip_is_exact(tmp_path):
         load_quantized(tmp_path)
 
 
+def test_saved_metadata_loads_again_or_is_refused_at_the_save(tmp_path) -> None:
+    """``torch.__version__`` (a str subclass) in the metadata wrote a file that load_quantized then
+    refused as "not a readable dopq file"; an object JSON cannot hold did the same."""
+    cfg = dopq.get_preset("repq", w_bits=4, a_bits=4)
+    q = dopq.quantize(_tiny(), torch.randn(2, 3, 160, 160), cfg)
+    path = save_quantized(q, tmp_path / "q.pt", cfg, {"torch": torch.__version__, "shape": (1, 2)})
+    _, _, meta = load_quantized(path)
+    assert meta["torch"] == str(torch.__version__) and type(meta["torch"]) is str
+    assert meta["shape"] == [1, 2]  # as JSON holds it
+    with pytest.raises(CheckpointError, match="metadata must hold JSON values only"):
+        save_quantized(q, tmp_path / "q2.pt", cfg, {"path": tmp_path})
+
+
 def test_saving_with_another_config_names_the_quantizer_it_changes(tmp_path) -> None:
     """A config whose activation width differs from the model's was blamed on missing model_kwargs."""
     config = dopq.get_preset("repq", w_bits=4, a_bits=4)

@@ -219,9 +219,9 @@ def save_quantized(
         model: a model returned by :func:`dopq.quantize` (or the ``transformers`` model it quantized).
         path: output file (``.pt``).
         config: the recipe it was quantized with.
-        metadata: extra JSON-like information (e.g. the command line); its ``preprocess`` entry
-            defaults to the model's own (:func:`dopq.models.loading.model_preprocess`), which the
-            reloaded model takes.
+        metadata: extra JSON information (e.g. the command line), stored as JSON holds it (tuples
+            become lists); its ``preprocess`` entry defaults to the model's own
+            (:func:`dopq.models.loading.model_preprocess`), which the reloaded model takes.
         model_kwargs: for a timm model, the keyword arguments it was created with besides its name
             and class count (e.g. ``{"img_size": 384}``); the save refuses a model whose shapes its
             name and these arguments do not rebuild.
@@ -230,7 +230,12 @@ def save_quantized(
     model = as_dopq_model(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = metadata or {}
+    # as plain JSON values: load_quantized's weights-only unpickler refuses any other class, so a
+    # str subclass such as torch.__version__ wrote a file that could not be loaded again
+    try:
+        metadata = json.loads(json.dumps(metadata or {}))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"metadata must hold JSON values only: {exc}") from None
     codes = _weight_codes(model)
     state = {k: _compact(v) for k, v in model.state_dict().items() if k not in codes}
     arch = _arch_of(model)
