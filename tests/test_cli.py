@@ -510,6 +510,9 @@ def test_evaluate_reports_lead_back_to_the_quantize_command(
     assert main(argv) == 0
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["recorded_command"] == quantized["command"]
+    # and the threads and versions the saved codes came from (the file had the command alone)
+    assert result["recorded_threads"] == quantized["threads"] == 1
+    assert result["recorded_versions"] == quantized["versions"]
     assert f"Quantized by: `{quantized['command']}`\n" in (tmp_path / "e.md").read_text()
 
 

@@ -522,6 +522,9 @@ def _write_quantized(
     meta = {
         "preprocess": work.preprocess.to_dict(),
         "command": result["command"],
+        # what the command does not say but the saved codes depend on (docs/design.md, Reproducibility)
+        "threads": result["threads"],
+        "versions": result["versions"],
         "checkpoint_sha256": result.get("checkpoint_sha256"),  # the float weights it was made from
         "quant_top1": result["quant_top1"],
         "eval_dtype": result["eval_dtype"],

@@ -122,6 +122,8 @@ def evaluate_saved(
         "quantized_sha256": file_sha256(path),
         "recorded_quant_top1": meta.get("quant_top1"),
         "recorded_command": meta.get("command"),
+        "recorded_threads": meta.get("threads"),
+        "recorded_versions": meta.get("versions"),
         "recorded_checkpoint_sha256": meta.get("checkpoint_sha256"),
         "config": {"recipe": config.to_dict(), "preprocess": pre.to_dict()},
         "data": _loader_data_report(loader, skip_bad_images, skipped, res.images + len(skipped)),
