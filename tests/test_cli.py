@@ -541,6 +541,28 @@ def test_the_result_names_the_calibration_images_the_seed_drew(
         assert json.loads(out.read_text())["data"]["calibration_images"] == expected
 
 
+def test_the_result_hashes_the_checkpoint_it_read_not_the_file_there_at_the_end(
+    roots: dict[str, Path], tmp_path: Path
+) -> None:
+    """The hash was taken when the result was written: a training job overwriting its checkpoint
+    during a long run had its new weights named as the ones quantized."""
+    import timm
+
+    from dopq.environment import file_sha256
+    from dopq.experiment import RunSettings, load_workload, run_recipe
+
+    checkpoint = tmp_path / "last.pth"
+    torch.save(timm.create_model("test_vit", num_classes=2).state_dict(), checkpoint)
+    read = file_sha256(checkpoint)
+    settings = RunSettings(
+        "test_vit", str(roots["good"]), str(checkpoint), calib_size=2, eval_subset=2, workers=0
+    )
+    work = load_workload(settings)
+    torch.save(timm.create_model("test_vit", num_classes=2).state_dict(), checkpoint)  # the next epoch
+    result, _ = run_recipe(work, get_preset("repq", w_bits=4, a_bits=4), progress=False)
+    assert result["checkpoint_sha256"] == read != file_sha256(checkpoint)
+
+
 def test_the_result_says_where_the_preprocessing_came_from(
     roots: dict[str, Path],
     tmp_path: Path,

@@ -62,6 +62,7 @@ __all__ = [
     "maybe_compiled",
     "run_recipe",
     "sharded_loader",
+    "weights_identity",
 ]
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,8 @@ class Workload:
     # the seeded draw's images (<class>/.../<file> in the calibration split): what --seed picked
     # from this listing, which another copy of the data (an image added or removed) changes
     calibration_images: list[str] = field(default_factory=list)
+    # which weights the model was built from, hashed when they were read (:func:`weights_identity`)
+    weights: dict[str, Any] = field(default_factory=dict)
     _loader: tuple[Any, ImageLoader] | None = field(default=None, repr=False)
 
     def recon_images(self, n: int) -> torch.Tensor:
@@ -278,6 +281,9 @@ def load_workload(settings: RunSettings) -> Workload:
     t0 = time.perf_counter()
     resolve_device(settings.device)
     model = build_model(settings.model, settings.checkpoint, settings.num_classes, settings.pretrained)
+    # now, not when the result is written: a training job that overwrites the checkpoint during a
+    # long run would otherwise have its new weights named as the ones quantized
+    weights = weights_identity(settings)
     get_adapter(model)  # refuse unsupported families before touching the data
     pre, pre_source = _preprocess(settings, model)
     transform = build_transform(pre)
@@ -302,6 +308,7 @@ def load_workload(settings: RunSettings) -> Workload:
     work = Workload(settings, model, pre, calib.images, eval_ds, eval_idx, calib_ds, timings)
     work.preprocess_source = pre_source
     work.calibration_images = [calib_ds.names[i] for i in idx]
+    work.weights = weights
     work.skipped["calibration"] = calib.skipped
     return work
 
@@ -365,14 +372,17 @@ def check_same_inputs(model: nn.Module, *datasets: Any) -> None:
 
 
 def _provenance(work: Workload) -> dict[str, Any]:
-    s = work.settings
-    # --pretrained: the model name alone does not say which weights (timm's default tag, the
-    # cache's revision), so the result names the tag and hashes the file as for a checkpoint
-    hub = pretrained_weights(s.model) if s.pretrained and not s.checkpoint else None
+    return {**(work.weights or weights_identity(work.settings)), **environment(work.settings.device)}
+
+
+def weights_identity(settings: RunSettings) -> dict[str, Any]:
+    """The result's ``checkpoint_sha256`` and ``pretrained_weights``: which float weights a run
+    reads. With ``--pretrained`` the model name alone does not say (timm's default tag, the
+    cache's revision), so the tag is named and the file hashed as a checkpoint is."""
+    hub = pretrained_weights(settings.model) if settings.pretrained and not settings.checkpoint else None
     return {
-        "checkpoint_sha256": _weights_sha256(s, hub[1] if hub else None),
+        "checkpoint_sha256": _weights_sha256(settings, hub[1] if hub else None),
         "pretrained_weights": hub[0] if hub else None,
-        **environment(s.device),
     }
 
 
