@@ -499,7 +499,8 @@ def test_evaluate_reports_lead_back_to_the_quantize_command(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """The evaluation's Markdown did not name the command that made the file it measured."""
+    """The evaluation's Markdown did not name the command that made the file it measured, and its
+    hash was the file's at the end of the evaluation."""
     monkeypatch.chdir(tmp_path)
     assert (
         main(_quantize_argv(roots["good"], "--method", "repq", "--save", "q.pt", "--output", "r.json")) == 0
@@ -513,6 +514,19 @@ def test_evaluate_reports_lead_back_to_the_quantize_command(
     # and the threads and versions the saved codes came from (the file had the command alone)
     assert result["recorded_threads"] == quantized["threads"] == 1
     assert result["recorded_versions"] == quantized["versions"]
+    # the hash is the file's that was evaluated, though another run overwrites it meanwhile
+    import dopq.reevaluate
+
+    evaluated = dopq.environment.file_sha256(tmp_path / "q.pt")
+
+    def overwriting(*args, **kwargs):
+        (tmp_path / "q.pt").write_bytes(b"another run's file")
+        return evaluate(*args, **kwargs)
+
+    evaluate = dopq.reevaluate.evaluate
+    monkeypatch.setattr(dopq.reevaluate, "evaluate", overwriting)
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["quantized_sha256"] == evaluated
     assert f"Quantized by: `{quantized['command']}`\n" in (tmp_path / "e.md").read_text()
 
 

@@ -98,6 +98,7 @@ def evaluate_saved(
 
     resolve_device(device)
     model, config, meta = load_quantized(path, arch=arch, device=device)
+    digest = file_sha256(path)  # of the file just read: another run may overwrite it meanwhile
     pre = replace(Preprocess(**meta["preprocess"]), **(overrides or {}))
     dataset, indices = _eval_set(data, eval_split, eval_subset, pre, skip_bad_images)
     check_labels(
@@ -119,7 +120,7 @@ def evaluate_saved(
         "eval_dtype": eval_dtype,
         "compiled": compile,
         "quantized_path": str(path),
-        "quantized_sha256": file_sha256(path),
+        "quantized_sha256": digest,
         "recorded_quant_top1": meta.get("quant_top1"),
         "recorded_command": meta.get("command"),
         "recorded_threads": meta.get("threads"),
@@ -191,6 +192,7 @@ def evaluate_onnx(
     from dopq.export import load_runtime
 
     onnx_model = load_runtime(path, runtime, threads=threads)
+    digest = file_sha256(path)  # of the file just read: another run may overwrite it meanwhile
     meta = onnx_model.metadata()
     pre = _onnx_preprocess(meta, overrides)
     dataset, indices = _eval_set(data, eval_split, eval_subset, pre, skip_bad_images)
@@ -210,7 +212,7 @@ def evaluate_onnx(
         "a_bits": recipe.get("a_bits", meta.get("a_bits")),
         **accuracy_fields(res),
         "onnx_path": str(path),
-        "onnx_sha256": file_sha256(path),
+        "onnx_sha256": digest,
         "runtime": runtime,
         "onnx_metadata": {k: v for k, v in meta.items() if k != "preprocess"},
         "config": {"preprocess": pre.to_dict()},
