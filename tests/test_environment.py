@@ -114,3 +114,33 @@ def test_the_recorded_command_is_one_a_shell_runs_again(
     shell cannot run (the script is not executable), and a path with a space unquoted."""
     monkeypatch.setattr(sys, "argv", argv)
     assert command_line() == expected
+
+
+def test_a_checkout_is_dirty_for_code_changes_not_for_a_runs_output_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's --output / --save files in the checkout counted as uncommitted changes: the same
+    command run twice there recorded ``dirty: false`` and then ``dirty: true``."""
+    import subprocess
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                       check=True, capture_output=True)  # fmt: skip
+
+    package = tmp_path / "src" / "dopq"
+    package.mkdir(parents=True)
+    (package / "environment.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "c")
+    monkeypatch.setattr(env, "__file__", str(package / "environment.py"))
+    assert env.git_revision()["dirty"] is False
+    for written in ("r.json", "r.md", "q.pt", "out/m.onnx"):
+        (tmp_path / written).parent.mkdir(exist_ok=True)
+        (tmp_path / written).write_text("a run's output")
+    assert env.git_revision()["dirty"] is False
+    (package / "new.py").write_text("y = 2\n")  # uncommitted code, in a new file
+    assert env.git_revision()["dirty"] is True
+    (package / "new.py").unlink()
+    (package / "environment.py").write_text("x = 2\n")  # or in a tracked one
+    assert env.git_revision()["dirty"] is True

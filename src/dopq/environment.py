@@ -107,8 +107,18 @@ def git_revision() -> dict[str, Any] | None:
         if here != top / "src" / "dopq":  # an installed copy inside some other repository
             return None
         # results files (written by the run being recorded, or by an earlier one) are not code
-        changes = git("status", "--porcelain", "--", str(top), f":(exclude){top / RESULTS_PATHSPEC}")
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changes)}
+        changes = git(
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            str(top),
+            f":(exclude){top / RESULTS_PATHSPEC}",
+        )
+        # nor are the untracked files a run leaves (--output, --save, --export in the checkout: the
+        # same command run twice there read dirty the second time); a new Python file is code
+        new_code = git("ls-files", "--others", "--exclude-standard", "--", ":(top,glob)**/*.py")
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changes or new_code)}
     except (OSError, subprocess.SubprocessError):
         return None
 
