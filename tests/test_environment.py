@@ -91,6 +91,16 @@ def test_macos_features_are_mapped_to_linux_names(monkeypatch: pytest.MonkeyPatc
     assert env._macos_model_and_flags() == (sysctl["machdep.cpu.brand_string"], {"avx2", "avx512_vnni"})
 
 
+def test_the_versions_name_what_decodes_and_resizes_the_images() -> None:
+    """Pillow (JPEG decoding, resampling) and torchvision (the transforms) change the pixels, hence
+    calibration and accuracy, but were not recorded."""
+    import importlib.metadata
+
+    versions = env.library_versions()
+    assert versions["pillow"] == importlib.metadata.version("pillow")
+    assert versions["torchvision"] == importlib.metadata.version("torchvision")
+
+
 def test_environment_records_the_cpu() -> None:
     record = environment("cpu")
     assert record["cpu"] == cpu_info()

@@ -124,11 +124,15 @@ def git_revision() -> dict[str, Any] | None:
 
 
 def library_versions() -> dict[str, str | None]:
-    """Versions of dopq, torch, timm, the runtimes (None when not installed) and Python."""
+    """Versions of dopq, torch, timm, what decodes and resizes the images (torchvision's transforms
+    on Pillow), the runtimes (None when not installed) and Python."""
     return {
         "dopq": dopq.__version__,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a str subclass, which a weights-only torch.load refuses
         "timm": timm.__version__,
+        # another JPEG decoder or resize moves pixels, so calibration and accuracy with them
+        "torchvision": _installed_version("torchvision"),
+        "pillow": _installed_version("pillow"),
         "onnxruntime": _installed_version("onnxruntime"),
         "openvino": _installed_version("openvino"),
         "python": platform.python_version(),
