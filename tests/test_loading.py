@@ -240,6 +240,28 @@ def test_a_pretrained_run_names_and_hashes_the_hub_weights(
     assert result["checkpoint_sha256"] == file_sha256(weights)
 
 
+def test_a_reconstruction_checkpoint_of_pretrained_weights_is_tied_to_them(
+    hub_cache: Path, monkeypatch: pytest.MonkeyPatch, image_folder
+) -> None:
+    """A checkpoint's identity held the --checkpoint file's hash only: with --pretrained it held
+    none, so a resume after the cached hub weights changed went on from the other weights' units."""
+    from huggingface_hub import constants
+
+    from dopq.config import ReconstructConfig, get_preset
+    from dopq.environment import file_sha256
+    from dopq.experiment import RunSettings, checkpoint_identity, load_workload
+
+    _cache_test_vit(hub_cache)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # never the real hub
+    (weights,) = hub_cache.rglob("model.safetensors")
+    settings = RunSettings(
+        "test_vit", str(image_folder(per_class=2)), pretrained=True, calib_size=2, workers=0
+    )
+    config = get_preset("repq", w_bits=4, a_bits=4, reconstruct=ReconstructConfig(calib_size=2, iters=1))
+    identity = checkpoint_identity(load_workload(settings), config, 2, allow_partial=False)
+    assert identity.weights_sha256 == file_sha256(weights)
+
+
 def test_pretrained_without_network_or_cache_fails_fast(hub_cache: Path, monkeypatch) -> None:
     _no_network(monkeypatch)
     start = time.monotonic()

@@ -420,7 +420,8 @@ def checkpoint_identity(
 ) -> RunIdentity:
     """What a reconstruction checkpoint of this run is written with, and resumed only with: the
     recipe, the settings that choose the model and the images (not the evaluation's), the thread
-    count and number of processes (both change float results), and the weights file's SHA-256."""
+    count and number of processes (both change float results), and the weights' SHA-256 (the
+    checkpoint's, or with ``--pretrained`` or an ``hf:`` folder the files read from there)."""
     run = {k: v for k, v in work.settings.to_dict().items() if k not in _EVALUATION_SETTINGS}
     arguments = {
         "recipe": config.to_dict(),
@@ -431,8 +432,10 @@ def checkpoint_identity(
         "threads": torch.get_num_threads(),
         "processes": distributed.current().world_size,
     }
-    checkpoint = work.settings.checkpoint
-    return RunIdentity(json.loads(json.dumps(arguments)), file_sha256(checkpoint) if checkpoint else None)
+    # every source of weights, not only --checkpoint: other hub weights under the same --pretrained
+    # name resumed a checkpoint made from the first ones
+    weights = (work.weights or weights_identity(work.settings))["checkpoint_sha256"]
+    return RunIdentity(json.loads(json.dumps(arguments)), weights)
 
 
 def run_recipe(
