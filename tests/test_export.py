@@ -656,6 +656,7 @@ def test_cli_quantize_export_evaluate(
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["eval_images"] == 6 and result["comparison"]["images"] == 6
+    assert result["comparison"]["simulation_threads"] == torch.get_num_threads()  # the runtime's: "threads"
     assert result["comparison"]["identical_top1"] >= 5 / 6
     agreement = f"identical top-1 on {100 * result['comparison']['identical_top1']:.2f}% of 6 images"
     assert agreement in printed and agreement in out.with_suffix(".md").read_text()  # not in the JSON only

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 from torch import nn
 
 from dopq import distributed
@@ -233,6 +234,8 @@ def evaluate_onnx(
         result["comparison"] = {
             "quantized_path": str(quantized),
             "simulation_dtype": dtype,
+            # torch's threads, which the simulated logits depend on (the result's threads are the runtime's)
+            "simulation_threads": torch.get_num_threads(),
             **agreement.to_dict(),
         }
     result["data"] = _loader_data_report(loader, skip_bad_images)
