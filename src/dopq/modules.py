@@ -142,13 +142,16 @@ _HOOK_DICTS = (
 
 def replace_module(root: nn.Module, qualified: str, new: nn.Module, keep_hooks: bool = False) -> nn.Module:
     """Put ``new`` where ``root``'s submodule ``qualified`` (a dotted name) is; returns the old one.
-    With ``keep_hooks`` the forward hooks and pre-hooks registered on the old module move to ``new``."""
+    With ``keep_hooks`` the forward hooks and pre-hooks registered on the old module move to ``new``,
+    beside those ``new`` has of its own."""
     parent, _, leaf = qualified.rpartition(".")
     owner = root.get_submodule(parent) if parent else root
     old = getattr(owner, leaf)
     if keep_hooks:
         for hooks in _HOOK_DICTS:
-            setattr(new, hooks, getattr(old, hooks))
+            kept = getattr(old, hooks)
+            kept.update(getattr(new, hooks))  # and the new module's own (QuantHFAttention's capture hook)
+            setattr(new, hooks, kept)
     setattr(owner, leaf, new)
     return old
 

@@ -67,6 +67,15 @@ _DEFAULT_PREPROCESS = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpo
 log = logging.getLogger(__name__)
 
 
+def _captures(module: nn.Module) -> bool:
+    """Whether ``transformers`` has put its output-capturing hook on ``module`` (a second one would
+    record every map twice)."""
+    return any(
+        getattr(hook, "__qualname__", "").endswith("output_capturing_hook")
+        for hook in module._forward_hooks.values()
+    )
+
+
 class QuantHFAttention(_MatMulSlots):
     """Quantized version of the ``transformers`` 5 ViT / DeiT / BEiT / DINOv2 attention.
 
@@ -101,9 +110,10 @@ class QuantHFAttention(_MatMulSlots):
         )
         self.attn_drop = nn.Dropout(getattr(attn, "attention_dropout", 0.0))
         self._init_matmuls(qk, av)
-        # transformers records attentions from modules of the replaced class (hooked at a model's
-        # first forward): without a hook of its own, output_attentions=True gave an empty tuple
-        if install_output_capuring_hook is not None and self.records_attentions:
+        # transformers records attentions from modules of the replaced class (hooked at the first
+        # forward that asks for them): without a hook of its own, output_attentions=True gave an
+        # empty tuple. One the replaced module already has moves here with it (replace_module)
+        if install_output_capuring_hook is not None and self.records_attentions and not _captures(attn):
             install_output_capuring_hook(self, "attentions", 1)
 
     records_attentions = True  # Swin records them from its stages' outputs instead
