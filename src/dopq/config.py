@@ -175,7 +175,8 @@ class ReconstructConfig:
             +48 / -31 images on DeiT-Tiny W3/A3 and tied at W4/A4 (+18 / -20) while costing time).
         learn_softmax: also learn the post-Softmax quantizer's parameters (TanQ). Off by default:
             measured on the shared DeiT-Tiny it made block losses worse (docs/reconstruction.md).
-        seed: seed of the image order, QDrop masks and the calibration subset.
+        seed: seed of the image order and the QDrop masks (the images are the caller's; the CLI
+            sets it to ``--seed``, which also draws its calibration subset).
         grad_shards: each batch's gradient as the sum, in order, of this many fixed contiguous
             shards' gradients, computed one after another or spread over up to this many torchrun
             processes: the model is then the same, byte for byte, on 1 to ``grad_shards`` processes.
