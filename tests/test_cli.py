@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -666,6 +667,18 @@ def test_help_names_every_width_rule_of_the_default_preset_and_what_threads_sets
     assert get_preset("recommended", w_bits=4, a_bits=4).gptq_check
     evaluate = " ".join(_subparser("evaluate").format_help().split())
     assert "onnxruntime's or OpenVINO's for --onnx" in evaluate
+
+
+@pytest.mark.parametrize("command", ["quantize", "evaluate", "export", "plot"])
+def test_help_names_only_options_its_command_has(command: str) -> None:
+    """Help texts are shared between subcommands: ``dopq evaluate --help`` said ``--eval-dtype``
+    defaults to float64 "with --export-dtype float64", and ``dopq quantize --help`` that ``--threads``
+    sets the runtime's threads "for --onnx", options those commands do not have."""
+    parser = _subparser(command)
+    options = {s for a in parser._actions for s in a.option_strings}
+    texts = [re.sub(r"`[^`]*`", "", a.help or "") for a in parser._actions]  # `dopq other --x`: another's
+    named = {m for text in texts for m in re.findall(r"--[a-z][a-z0-9-]*", text)}
+    assert named <= options, f"{command} --help names {sorted(named - options)}"
 
 
 def _subparser(name: str):

@@ -96,7 +96,9 @@ def _add_data_args(p: argparse.ArgumentParser, calib: bool = True) -> None:
         "--threads",
         type=int,
         help="torch intra-op CPU threads, and onnxruntime's or OpenVINO's for --onnx (default: each "
-        "library's choice)",
+        "library's choice)"
+        if not calib
+        else "torch intra-op CPU threads (default: torch's choice)",
     )
     p.add_argument(
         "--deterministic",
@@ -107,7 +109,12 @@ def _add_data_args(p: argparse.ArgumentParser, calib: bool = True) -> None:
         "--eval-dtype",
         choices=FLOAT_DTYPES,
         help="evaluate the quantized model in float32 or float64 (the function a float64 ONNX export "
-        "reproduces exactly; slower). Default: float64 with --export-dtype float64, else float32",
+        "reproduces exactly; slower). "
+        + (
+            "Default: float64 with --export-dtype float64, else float32"
+            if calib
+            else "Default: float32; with --onnx the simulation runs in the graph's own dtype"
+        ),
     )
     p.add_argument(
         "--compile",
