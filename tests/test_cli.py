@@ -465,6 +465,12 @@ EARLY_ERRORS = [
     pytest.param(lambda t: ["--w-bits", "8", "--gptq-check", "on"],
                  "--gptq-check is for GPTQ rounding, which --method recommended at W8 does not use",
                  id="gptq-check-at-w8"),
+    pytest.param(lambda t: ["--method", "dopq", "--a-bits", "8", "--tanq-centers", "0.5", "0.8"],
+                 "--tanq-centers is for TanQ, which --method dopq at A8 does not use (its post-Softmax "
+                 "quantizer is uniform)", id="tanq-option-at-a8"),
+    pytest.param(lambda t: ["--softmax-quantizer", "log2", "--softmax-grid-bits", "12"],
+                 "--softmax-grid-bits is for TanQ, which --method recommended at A4 does not use (its "
+                 "post-Softmax quantizer is log2)", id="tanq-option-with-log2"),
 ]  # fmt: skip
 
 

@@ -441,6 +441,7 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
     # only what was given: None would set a field that takes None (get_preset) over the recipe's rule
     config = get_preset(args.method, **{k: v for k, v in overrides.items() if v is not None})
     _check_gptq_options_apply(args, config)
+    _check_tanq_options_apply(args, config)
     return config.replace(softmax_grid_bits=None) if grid_bits == 0 else config  # 0: exact midpoints
 
 
@@ -455,6 +456,21 @@ def _check_gptq_options_apply(args: argparse.Namespace, config: QuantConfig) -> 
         raise ConfigError(
             f"{flag} is for GPTQ rounding, which --method {args.method} at W{config.w_bits} does not "
             "use: add --weight-rounding gptq or drop it"
+        )
+
+
+_TANQ_OPTIONS = ("tanq_centers", "tanq_objective", "softmax_grid_bits")
+
+
+def _check_tanq_options_apply(args: argparse.Namespace, config: QuantConfig) -> None:
+    """A TanQ option given to a recipe whose post-Softmax quantizer is not TanQ (nor auto, which
+    tries it) would be ignored without a word (dopq's uniform grid at 8 bits, say)."""
+    given = [name for name in _TANQ_OPTIONS if getattr(args, name) is not None]
+    if given and config.softmax_quantizer not in ("tanq", "auto"):
+        raise ConfigError(
+            f"--{given[0].replace('_', '-')} is for TanQ, which --method {args.method} at A{config.a_bits} "
+            f"does not use (its post-Softmax quantizer is {config.softmax_quantizer}): add "
+            "--softmax-quantizer tanq or drop it"
         )
 
 
