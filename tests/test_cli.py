@@ -484,6 +484,22 @@ def test_arguments_are_checked_before_any_work(
     assert "no_such_model" not in line  # the model was never looked up
 
 
+def test_too_many_reconstruction_images_is_refused_before_any_evaluation(
+    roots: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--reconstruct`` on a calibration split smaller than ``--recon-calib-size`` (the default 1024
+    on the demo bundle's 256 train images): the run evaluated the float model first and then stopped
+    with "calibration size 1024 exceeds ...", naming neither the flag nor what the images were for."""
+    import dopq.experiment
+
+    def no_evaluation(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the float model was evaluated before the refusal")
+
+    monkeypatch.setattr(dopq.experiment, "fp_baseline", no_evaluation)
+    argv = _quantize_argv(roots["good"], "--reconstruct", "--recon-calib-size", "8", "--recon-iters", "1")
+    _assert_one_error(main(argv), capsys.readouterr().err, "--recon-calib-size 8 exceeds the 4 images")
+
+
 def test_main_called_from_python_records_its_own_arguments(
     roots: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

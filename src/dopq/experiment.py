@@ -166,7 +166,13 @@ class Workload:
 
     def recon_images(self, n: int) -> torch.Tensor:
         """The first ``n`` images of the seeded permutation (the calibration set is its prefix)."""
-        idx = calibration_indices(len(self.calib_dataset), n, self.settings.seed)
+        total = len(self.calib_dataset)
+        if n > total:  # named as the option that asked for them, not as the calibration size
+            raise DataError(
+                f"--recon-calib-size {n} exceeds the {total} images of the calibration split "
+                f"'{self.settings.calib_split}'; use at most that"
+            )
+        idx = calibration_indices(total, n, self.settings.seed)
         with single_line_errors():
             loaded = load_images(self.calib_dataset, idx, num_workers=self.settings.workers)
         self.skipped["reconstruction"] = loaded.skipped
@@ -468,13 +474,13 @@ def run_recipe(
         identity = checkpoint_identity(work, config, recon_size, allow_partial)
         checkpoint = ReconstructionCheckpoint(checkpoint_dir, identity, resume=resume)
         checkpoint.load()  # a checkpoint of another run is refused now, before any work
+    recon = None
+    if config.reconstruct is not None:  # before the float evaluation: too many images is refused now
+        recon = work.recon_images(recon_size or config.reconstruct.calib_size)
     # a checkpointed run evaluates the float model after reconstruction, so that a stop during it
     # loses at most the unit in progress, not an evaluation that a resumed run would repeat
     fp = fp_baseline(work, progress) if s.fp_eval and checkpoint is None else None
     model = copy.deepcopy(work.model).to(s.device)
-    recon = None
-    if config.reconstruct is not None:
-        recon = work.recon_images(recon_size or config.reconstruct.calib_size)
     model, report = quantize_with_report(
         model,
         work.calib_images.to(s.device),
