@@ -471,6 +471,8 @@ EARLY_ERRORS = [
     pytest.param(lambda t: ["--softmax-quantizer", "log2", "--softmax-grid-bits", "12"],
                  "--softmax-grid-bits is for TanQ, which --method recommended at A4 does not use (its "
                  "post-Softmax quantizer is log2)", id="tanq-option-with-log2"),
+    pytest.param(lambda t: ["--checkpoint", str(t / "w.pth"), "--pretrained"],
+                 "--checkpoint and --pretrained are two sources of weights: give one", id="two-weight-sources"),
 ]  # fmt: skip
 
 
@@ -625,6 +627,25 @@ def test_the_result_says_where_the_preprocessing_came_from(
     assert main([*argv, "--output", str(tmp_path / "b.json"), "--crop-pct", "1.0"]) == 0
     source = json.loads((tmp_path / "b.json").read_text())["config"]["preprocess_source"]
     assert source == f"card {tmp_path / 'm.json'}, with crop_pct given"
+
+
+def test_a_model_without_weights_is_said_to_be_randomly_initialised(
+    roots: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A forgotten --checkpoint or --pretrained quantizes timm's random initialisation: said, not
+    only seen in a near-chance accuracy; a checkpoint is not warned about."""
+    import timm
+
+    argv = _quantize_argv(roots["good"], "--method", "repq")
+    with caplog.at_level("WARNING", logger="dopq"):
+        assert main([*argv, "--output", str(tmp_path / "a.json")]) == 0
+    assert "test_vit has no --checkpoint or --pretrained weights: it keeps timm's random" in caplog.text
+    caplog.clear()
+    checkpoint = tmp_path / "m.pth"
+    torch.save(timm.create_model("test_vit", num_classes=2).state_dict(), checkpoint)
+    with caplog.at_level("WARNING", logger="dopq"):
+        assert main([*argv, "--checkpoint", str(checkpoint), "--output", str(tmp_path / "b.json")]) == 0
+    assert "random initialisation" not in caplog.text
 
 
 def test_export_needs_out_and_plot_checks_its_folder_first(

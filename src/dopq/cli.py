@@ -649,6 +649,9 @@ def _check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and value < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    if getattr(args, "checkpoint", None) and getattr(args, "pretrained", False):
+        # build_model would take the checkpoint and drop --pretrained without a word
+        raise ConfigError("--checkpoint and --pretrained are two sources of weights: give one")
     if getattr(args, "resume", False) and args.checkpoint_dir is None:
         raise ConfigError("--resume needs --checkpoint-dir DIR (where the checkpoint is)")
     if getattr(args, "checkpoint_dir", None) is not None and not args.reconstruct:

@@ -287,6 +287,11 @@ def load_workload(settings: RunSettings) -> Workload:
     t0 = time.perf_counter()
     resolve_device(settings.device)
     model = build_model(settings.model, settings.checkpoint, settings.num_classes, settings.pretrained)
+    if not (settings.checkpoint or settings.pretrained or settings.model.startswith(HF_PREFIX)):
+        log.warning(
+            "%s has no --checkpoint or --pretrained weights: it keeps timm's random initialisation, "
+            "so its accuracy says nothing about a trained model", settings.model,
+        )  # fmt: skip
     # now, not when the result is written: a training job that overwrites the checkpoint during a
     # long run would otherwise have its new weights named as the ones quantized
     weights = weights_identity(settings)
