@@ -1375,3 +1375,40 @@ def test_cli_evaluate_onnx_with_unusable_preprocess_metadata(tmp_path: Path, ima
     onnx.save(graph, str(path))
     code = main(["evaluate", "--onnx", str(path), "--data", str(images), "--quiet", "--threads", "1"])
     _one_error(code, capsys.readouterr().err, "preprocess metadata is unusable")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_graph_beyond_the_protobuf_limit_keeps_its_tensors_in_one_data_file(
+    dtype: str, images: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """Beyond 2 GiB (a model of several billion weights) the export failed in protobuf after torch had
+    written every tensor as a file named after it into the output folder; now the tensors go to one
+    ``<name>.data`` beside the graph, which both runtimes and ``dopq evaluate --onnx`` read. The
+    limit is lowered here to take that path on a tiny model."""
+    model, x = _vit()
+    x = x[:2]
+    dopq.quantize(model, x, dopq.get_preset("dopq", w_bits=4, a_bits=4), progress=False)
+    monkeypatch.setattr("dopq.export.onnx_export.PROTOBUF_LIMIT", 100_000, raising=False)
+    path = tmp_path / "m.onnx"
+    (tmp_path / "m.onnx.data").write_bytes(b"an older export's data")
+    report = export_onnx(model, path, float_dtype=dtype)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]  # nothing else left there
+    graph = onnx.load(str(path), load_external_data=False)
+    inline = [t.ByteSize() for t in graph.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    assert len(inline) < len(graph.graph.initializer) and max(inline) < 1200  # the weights are in the data
+    assert report.bytes == path.stat().st_size + (tmp_path / "m.onnx.data").stat().st_size
+    x = x.double() if dtype == "float64" else x
+    big = OnnxModel(path, threads=1)(x)
+    if dtype == "float32":
+        from dopq.export import OpenVinoModel
+
+        assert torch.allclose(OpenVinoModel(path, threads=1)(x), big, atol=1e-3 * float(big.abs().max()))
+    code = main(["evaluate", "--onnx", str(path), "--data", str(images), "--quiet", "--threads", "1"])
+    assert code == 0, capsys.readouterr().err
+    monkeypatch.undo()  # the same model in one file: the same function, and the stale data file removed
+    small = export_onnx(model, path, float_dtype=dtype)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert (
+        torch.equal(OnnxModel(path, threads=1)(x), big)
+        and abs(report.bytes - small.bytes) < small.bytes // 10
+    )

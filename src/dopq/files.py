@@ -7,13 +7,15 @@ never leaves a half-written file and an unwritable path fails before the work, n
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from dopq.errors import ConfigError, DopqError
 
-__all__ = ["atomic_path", "check_output_dir", "check_output_path", "remove_pending"]
+__all__ = ["atomic_path", "check_output_dir", "check_output_path", "remove_pending", "scratch_dir"]
 
 _PENDING: set[Path] = set()  # temporaries of the atomic writes in progress
 
@@ -63,8 +65,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def scratch_dir(path: str | Path) -> Iterator[Path]:
+    """A temporary folder beside ``path`` (on its file system, so files move out by renaming),
+    removed with what is left in it in any case."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    _PENDING.add(work)
+    try:
+        yield work
+    finally:
+        _PENDING.discard(work)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def remove_pending() -> None:
     """Delete the temporaries of writes in progress: for a process that must exit at once
     (``os._exit`` skips the ``finally`` clauses that would)."""
     for tmp in list(_PENDING):
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)

@@ -19,11 +19,15 @@ autograd Functions with ONNX symbolics) and is then post-processed with the ``on
 * initializers no node reads are dropped; the recipe, preprocessing and provenance go into the
   model's metadata (``metadata_props``), which ``dopq evaluate --onnx`` reads back.
 * the file is written under a temporary name and renamed, so an interrupted export leaves nothing.
+  A graph beyond protobuf's 2 GiB limit of one message (several billion weights: INT4 codes are
+  int8 when traced) keeps its tensors in one data file beside it, ``<name>.data``
+  (ONNX external data, which onnxruntime and OpenVINO read from the graph's folder).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import warnings
 from collections import Counter
@@ -43,7 +47,7 @@ from dopq.export.linear import DeployLinear, WeightCodes
 from dopq.export.qdq_placement import hoist_qdq, merge_split_qdq
 from dopq.export.qkv_scale import share_qkv_scales
 from dopq.export.symbolic import CONTRIB_DOMAIN
-from dopq.files import atomic_path, check_output_path
+from dopq.files import atomic_path, check_output_path, scratch_dir
 from dopq.models import example_input
 from dopq.models.loading import as_dopq_model, model_preprocess, weights_dtype
 from dopq.modules import QuantLinear
@@ -58,6 +62,8 @@ MAX_OPSET = 21  # the highest this dopq version has checked with onnxruntime
 INT4_RANGE = (-8, 7)
 _TORCH_DTYPES = {name: getattr(torch, name) for name in FLOAT_DTYPES}
 _DTYPE_NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
+# protobuf's limit on one message: a larger graph is saved with its tensors in a data file
+PROTOBUF_LIMIT = 2**31 - 1
 
 
 def require_onnx() -> Any:
@@ -416,9 +422,14 @@ def export_onnx(
     if target == "openvino":
         share_qkv_scales(deploy, model)
     example = example_input(model).cpu()
-    with atomic_path(path) as tmp:  # an interrupted export leaves no half file
-        _trace(deploy, example, tmp, opset)
-        graph = onnx.load(str(tmp))
+    # traced in a folder of its own: beyond 2 GiB torch writes every tensor as a file beside the
+    # graph, named after the tensor, which had filled the output folder
+    with scratch_dir(path) as work:
+        traced = work / "traced" / "model.onnx"
+        traced.parent.mkdir()
+        _trace(deploy, example, traced, opset)
+        graph = onnx.load(str(traced))  # with any tensors torch wrote beside it
+        shutil.rmtree(traced.parent)
         _read_shared_constants_directly(graph)
         if target == "openvino":
             _centre_weights(graph, opset)
@@ -438,14 +449,35 @@ def export_onnx(
             # --onnx` feeds it: a dynamic_img_size model is traced at its img_size, not pretrained_cfg's
             merged["preprocess"] = {**merged["preprocess"], "input_size": list(example.shape[1:])}
         _set_metadata(graph, merged)
-        onnx.checker.check_model(graph)
-        onnx.save(graph, str(tmp))
+        written = work / path.name
+        data = _save(onnx, graph, written)
+        del graph
         if dtype == torch.float64:
-            _check_loads(tmp, path)
+            _check_loads(written, path)
+        data_path = path.with_name(f"{path.name}.data")
+        with atomic_path(path) as tmp:  # an interrupted export leaves no half file
+            if data is not None:  # the data first: the graph that names it is the last file in place
+                data.replace(data_path)
+            else:  # a stale data file of an earlier, larger export of this name
+                data_path.unlink(missing_ok=True)
+            written.replace(tmp)
     seconds = time.perf_counter() - t0
-    return ExportReport(
-        str(path), path.stat().st_size, opset, storage, integer_levels, seconds, float_dtype, target
-    )
+    size = path.stat().st_size + (data_path.stat().st_size if data is not None else 0)
+    return ExportReport(str(path), size, opset, storage, integer_levels, seconds, float_dtype, target)
+
+
+def _save(onnx: Any, graph: Any, path: Path) -> Path | None:
+    """Check and write ``graph`` to ``path``; beyond :data:`PROTOBUF_LIMIT` its tensors go to one
+    data file beside it, ``<name>.data``, whose path is returned (None: one self-contained file).
+    Checking and serializing such a graph in memory fails in protobuf, so it is checked from disk."""
+    if graph.ByteSize() <= PROTOBUF_LIMIT:
+        onnx.checker.check_model(graph)
+        onnx.save(graph, str(path))
+        return None
+    data = path.with_name(f"{path.name}.data")
+    onnx.save(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+    onnx.checker.check_model(str(path))
+    return data
 
 
 def _check_model_weights(model: nn.Module) -> None:
