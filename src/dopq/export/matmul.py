@@ -89,12 +89,15 @@ class SoftmaxLevels(nn.Module):
 
     def exact(self, x: torch.Tensor) -> torch.Tensor:
         """The table's level of each element of a float64 ``x``, by comparing it with every
-        threshold in float64 (``Greater -> Cast -> Mul -> Add`` per threshold): no rounding decides
-        a level, so it is the simulation's."""
+        threshold in float64 (``Greater -> Where`` per threshold, the thresholds ascending): no
+        rounding decides a level, so it is the simulation's. A ``Where`` takes the level itself: the
+        former ``Cast -> Mul -> Add`` per threshold had onnxruntime hold about 16 float64 copies of
+        the attention map at once (4 GiB per image for a DINOv2-L at 518 px, against 1 GiB for the
+        float64 simulation)."""
         levels, thresholds = self.table
         out = torch.full_like(x, levels[0])
-        for threshold, low, high in zip(thresholds, levels, levels[1:], strict=False):
-            out = out + (x > threshold).to(x.dtype) * (high - low)
+        for threshold, level in zip(thresholds, levels[1:], strict=True):
+            out = torch.where(x > threshold, torch.tensor(level, dtype=x.dtype), out)
         return out
 
 
