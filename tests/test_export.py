@@ -1432,3 +1432,27 @@ def test_float64_post_softmax_levels_are_one_where_per_threshold(tmp_path: Path)
     assert readers == {"Where": 15 * attentions}, readers  # 4 bits: 15 thresholds, nothing but a Where
     y = OnnxModel(report.path, threads=1)(x.double())
     assert torch.equal(y, float64_copy(model)(x.double()))
+
+
+def test_graphs_protobuf_cannot_serialize_are_sized_and_typed_without_it() -> None:
+    """Beyond 2 GiB protobuf raises EncodeError from ``ByteSize`` and from the serialization inside
+    shape inference (the float64 form's GELU rewrite): such a graph counts as too large for one
+    message, and its types are inferred with the large tensors' data set aside, then restored."""
+    from google.protobuf.message import EncodeError
+
+    from dopq.export.float64_gelu import _inferred_types
+    from dopq.export.onnx_export import _fits_one_message
+
+    class Huge:
+        def ByteSize(self) -> int:
+            raise EncodeError("Failed to serialize proto")
+
+    assert not _fits_one_message(Huge())
+    w = numpy_helper.from_array(np.ones(2**18, dtype=np.float64), "w")  # 2 MiB: set aside
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, [2**18])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.DOUBLE, [2**18])
+    nodes = [onnx.helper.make_node("Add", ["x", "w"], ["s"]), onnx.helper.make_node("Erf", ["s"], ["y"])]
+    model = onnx.helper.make_model(onnx.helper.make_graph(nodes, "g", [x], [y], [w]))
+    typed = _inferred_types(onnx, model)
+    assert {v.name: v.type.tensor_type.elem_type for v in typed.value_info} == {"s": onnx.TensorProto.DOUBLE}
+    assert numpy_helper.to_array(model.graph.initializer[0]).sum() == 2**18  # the data is back

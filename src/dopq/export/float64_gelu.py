@@ -194,6 +194,20 @@ def _codes_by_boundary(n: _Nodes, x: str, quantizer: tuple[Any, ...]) -> None:
     n.op("Cast", clipped, out=nodes[-1].output[0], to=nodes[-1].attribute[0].i)
 
 
+def _inferred_types(onnx: Any, model: Any) -> Any:
+    """``model``'s graph after shape inference, which serializes the model: the data of large
+    initializers is set aside meanwhile (types need none of it), so a graph beyond protobuf's 2 GiB
+    (the float64 form of a model of billions of weights) is inferred too."""
+    aside = [(t, t.raw_data) for t in model.graph.initializer if len(t.raw_data) > 2**20]
+    for tensor, _ in aside:
+        tensor.ClearField("raw_data")
+    try:
+        return onnx.shape_inference.infer_shapes(model).graph
+    finally:
+        for tensor, data in aside:
+            tensor.raw_data = data
+
+
 def exact_float64_gelu(model: Any) -> None:
     """Rewrite every float64 ``Erf`` and exact ``Gelu`` node of ``model`` (an ONNX ModelProto) into
     nodes onnxruntime runs in float64 and that give the float64 simulation's codes (module doc)."""
@@ -201,7 +215,7 @@ def exact_float64_gelu(model: Any) -> None:
     from onnx import numpy_helper
 
     graph = model.graph
-    typed = onnx.shape_inference.infer_shapes(model).graph
+    typed = _inferred_types(onnx, model)
     dtypes = {v.name: v.type.tensor_type.elem_type for v in [*typed.value_info, *typed.input, *typed.output]}
     dtypes.update({init.name: init.data_type for init in graph.initializer})
     values = constant_values(graph)

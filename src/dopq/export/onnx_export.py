@@ -466,11 +466,21 @@ def export_onnx(
     return ExportReport(str(path), size, opset, storage, integer_levels, seconds, float_dtype, target)
 
 
+def _fits_one_message(model: Any) -> bool:
+    """Whether protobuf can serialize ``model`` (an ONNX ModelProto) as one message."""
+    from google.protobuf.message import EncodeError
+
+    try:
+        return model.ByteSize() <= PROTOBUF_LIMIT
+    except EncodeError:  # beyond 2 GiB protobuf cannot even size it
+        return False
+
+
 def _save(onnx: Any, graph: Any, path: Path) -> Path | None:
     """Check and write ``graph`` to ``path``; beyond :data:`PROTOBUF_LIMIT` its tensors go to one
     data file beside it, ``<name>.data``, whose path is returned (None: one self-contained file).
     Checking and serializing such a graph in memory fails in protobuf, so it is checked from disk."""
-    if graph.ByteSize() <= PROTOBUF_LIMIT:
+    if _fits_one_message(graph):
         onnx.checker.check_model(graph)
         onnx.save(graph, str(path))
         return None
