@@ -361,3 +361,14 @@ def test_weight_and_activation_quantizers_are_told_apart_by_their_slot_not_their
     set_quantization(model, weights=True, activations=False)
     assert base.enabled
     assert not layer.input_quantizer.enabled and not model.weight_quantizer.enabled
+
+
+def test_layernorm_pairs_are_found_without_keeping_activations() -> None:
+    """The structure trace reads the autograd graph and never runs a backward, so autograd saves no
+    tensors for one: it had held every block's activations, attention maps included (about 7 GB for
+    one 518-pixel image through a DINOv2-L)."""
+    model = timm.create_model("test_vit", num_classes=10).eval()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        pairs = find_layernorm_pairs(model, torch.randn(1, 3, 160, 160))
+    assert len(pairs) == 2 * len(model.blocks) and saved == []
