@@ -13,7 +13,7 @@ import torch
 import dopq
 import dopq.stats as stats_module
 from dopq.modules import QuantConv2d, QuantLinear
-from dopq.rounding_check import compare_roundings, kl_divergence, last_output, logit_kl
+from dopq.rounding_check import can_keep_gptq, compare_roundings, kl_divergence, last_output, logit_kl
 from dopq.stats import fixed_broken, paired_sign_test, sign_test_p, signed_rank_test
 
 
@@ -179,6 +179,30 @@ def test_checked_model_is_exactly_one_of_the_two_roundings(monkeypatch, keep: bo
     layers = [m for m in checked.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
     on_grid = all(torch.equal(m.weight_quantizer(m.weight), m.weight) for m in layers)
     assert on_grid is keep  # GPTQ stores grid points; round-to-nearest keeps the float weights
+
+
+def test_with_too_few_images_for_the_check_gptq_is_not_run_and_the_model_is_nearests(monkeypatch) -> None:
+    """Under 6 images no signed-rank outcome reaches p < 0.05, so the check would put round-to-nearest
+    back whatever GPTQ did: GPTQ is not run (minutes on a large model), the model is the same."""
+    assert [can_keep_gptq(n) for n in (1, 5, 6, 32)] == [False, False, True, True]
+    for n in (5, 6):  # the bound is the test's: every image on GPTQ's side
+        assert (signed_rank_test(torch.arange(1.0, n + 1))[1] < 0.05) is can_keep_gptq(n)
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=10).eval()
+    x = torch.randn(5, 3, 160, 160)
+    gptq = dopq.get_preset("dopq", w_bits=4, a_bits=4, weight_rounding="gptq", gptq_check=True)
+    expected, _ = dopq.quantize_with_report(
+        copy.deepcopy(model), x, gptq.replace(weight_rounding="nearest", gptq_check=False), progress=False
+    )
+
+    def no_gptq(*args, **kwargs):
+        raise AssertionError("GPTQ ran although its check cannot keep it")
+
+    monkeypatch.setattr("dopq.api.gptq_model", no_gptq)
+    checked, report = dopq.quantize_with_report(model, x, gptq, progress=False)
+    want, got = _weights(expected), _weights(checked)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert report.to_dict()["gptq"]["skipped"] == "too few images"
 
 
 def test_cli_switch_reaches_the_config() -> None:

@@ -27,7 +27,7 @@ from dopq.models.loading import as_dopq_model, weights_dtype
 from dopq.modules import float_logits, quantizers_of
 from dopq.reconstruct import ReconstructionProgress, check_processes, reconstruct
 from dopq.reparam import ReparamReport, reparameterize
-from dopq.rounding_check import keep_better_rounding, last_output
+from dopq.rounding_check import can_keep_gptq, keep_better_rounding, last_output
 
 __all__ = ["QuantizationReport", "as_image_tensor", "check_model_runs", "quantize", "quantize_with_report"]
 
@@ -340,6 +340,12 @@ def _gptq_stage(
     """GPTQ rounding where the recipe has it: the float weights it aimed at (for bias correction),
     and for its calibration check the round-to-nearest model and the float logits; Nones without."""
     if config.weight_rounding != "gptq":
+        return None, None, None
+    if config.gptq_check and not can_keep_gptq(len(images)):
+        # the check would put round-to-nearest back whatever GPTQ did: the same model, without
+        # GPTQ's time (minutes on a ViT-L)
+        report.gptq = {"target": config.gptq_target_used, "layers": 0, "skipped": "too few images"}
+        log.info("GPTQ skipped: its check cannot keep it on %d calibration images", len(images))
         return None, None, None
     timings = report.timings
     nearest = reference = None

@@ -29,6 +29,7 @@ from dopq.stats import signed_rank_test
 __all__ = [
     "GPTQ_KEEP_ALPHA",
     "RoundingCheck",
+    "can_keep_gptq",
     "compare_roundings",
     "corrected_model_kl",
     "keep_better_rounding",
@@ -40,6 +41,12 @@ __all__ = [
 # significance level of the signed-rank test; with fewer than 6 calibration images no outcome
 # reaches it, so GPTQ is never kept there
 GPTQ_KEEP_ALPHA = 0.05
+
+
+def can_keep_gptq(images: int, alpha: float = GPTQ_KEEP_ALPHA) -> bool:
+    """Whether the check can keep GPTQ at all on this many calibration images: the smallest
+    two-sided p of the exact signed-rank test, every image on one side, is ``2 / 2^n``."""
+    return 2 * 0.5**images < alpha
 
 
 def kl_divergence(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
