@@ -287,11 +287,6 @@ def load_workload(settings: RunSettings) -> Workload:
     t0 = time.perf_counter()
     resolve_device(settings.device)
     model = build_model(settings.model, settings.checkpoint, settings.num_classes, settings.pretrained)
-    if not (settings.checkpoint or settings.pretrained or settings.model.startswith(HF_PREFIX)):
-        log.warning(
-            "%s has no --checkpoint or --pretrained weights: it keeps timm's random initialisation, "
-            "so its accuracy says nothing about a trained model", settings.model,
-        )  # fmt: skip
     # now, not when the result is written: a training job that overwrites the checkpoint during a
     # long run would otherwise have its new weights named as the ones quantized
     weights = weights_identity(settings)
@@ -482,6 +477,7 @@ def run_recipe(
     recon = None
     if config.reconstruct is not None:  # before the float evaluation: too many images is refused now
         recon = work.recon_images(recon_size or config.reconstruct.calib_size)
+    _warn_if_random_weights(s)  # after the refusals above: a refused run stays one line
     # a checkpointed run evaluates the float model after reconstruction, so that a stop during it
     # loses at most the unit in progress, not an evaluation that a resumed run would repeat
     fp = fp_baseline(work, progress) if s.fp_eval and checkpoint is None else None
@@ -527,6 +523,16 @@ def run_recipe(
         **_provenance(work),
     }
     return result, model
+
+
+def _warn_if_random_weights(settings: RunSettings) -> None:
+    """A forgotten --checkpoint or --pretrained quantizes timm's random initialisation, which only
+    a near-chance accuracy would otherwise show."""
+    if not (settings.checkpoint or settings.pretrained or settings.model.startswith(HF_PREFIX)):
+        log.warning(
+            "%s has no --checkpoint or --pretrained weights: it keeps timm's random initialisation, "
+            "so its accuracy says nothing about a trained model", settings.model,
+        )  # fmt: skip
 
 
 def accuracy_fields(quant: EvalResult, fp: EvalResult | None = None) -> dict[str, Any]:
