@@ -359,6 +359,19 @@ def test_prefix_is_stripped_only_when_it_gives_the_model_keys(prefix: str, tmp_p
         build_model("test_vit", path)
 
 
+def test_a_checkpoint_without_a_classifier_head_is_named_as_such(tmp_path: Path) -> None:
+    """A feature extractor's weights (DINOv2's hub weights are headless) missing only the head's
+    keys: said so, not as a bare count of missing keys; other missing keys stay a misfit."""
+    sd = _test_vit().state_dict()
+    path = tmp_path / "c.pth"
+    torch.save({k: v for k, v in sd.items() if not k.startswith("head.")}, path)
+    with pytest.raises(CheckpointError, match=r"has no classifier head \(head\.weight, head\.bias missing\)"):
+        build_model("test_vit", path)
+    torch.save({k: v for k, v in sd.items() if k != "norm.weight" and not k.startswith("head.")}, path)
+    with pytest.raises(CheckpointError, match="does not fit test_vit: 3 missing keys"):
+        build_model("test_vit", path)
+
+
 @pytest.mark.parametrize("name", ["w.SAFETENSORS", "w.bin", "w.pth"])
 def test_safetensors_file_is_read_by_content(name: str, tmp_path: Path) -> None:
     ref = _test_vit()

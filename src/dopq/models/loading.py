@@ -448,6 +448,12 @@ def build_model(
         detail = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc))
         raise CheckpointError(f"checkpoint {checkpoint} does not fit {arch}: {detail}") from None
     missing = [k for k in result.missing_keys if not _is_derived(k)]
+    if missing and not result.unexpected_keys and set(missing) <= _classifier_keys(model):
+        # a feature extractor's weights (DINOv2's and EVA-02's hub weights are headless)
+        raise CheckpointError(
+            f"checkpoint {checkpoint} has no classifier head ({', '.join(missing)} missing): dopq "
+            f"quantizes and evaluates classifiers; give {arch} weights with a trained head"
+        )
     if missing or result.unexpected_keys:
         raise CheckpointError(
             f"checkpoint {checkpoint} does not fit {arch}: "
@@ -457,6 +463,18 @@ def build_model(
     log.info("loaded %s from %s", arch, checkpoint)
     _take_card_preprocessing(model, card_for(checkpoint))
     return model.float().eval()
+
+
+def _classifier_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of the model's classifier (timm's ``get_classifier()``), if it has one."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Module):
+        return set()
+    prefix = next((name for name, module in model.named_modules() if module is head), None)
+    if not prefix:
+        return set()
+    return {f"{prefix}.{key}" for key in head.state_dict()}
 
 
 def _take_card_preprocessing(model: nn.Module, card: dict[str, Any] | None) -> None:
