@@ -47,7 +47,7 @@ from dopq.export.linear import DeployLinear, WeightCodes
 from dopq.export.qdq_placement import hoist_qdq, merge_split_qdq
 from dopq.export.qkv_scale import share_qkv_scales
 from dopq.export.symbolic import CONTRIB_DOMAIN
-from dopq.files import atomic_path, check_output_path, scratch_dir
+from dopq.files import check_output_path, scratch_dir
 from dopq.models import example_input
 from dopq.models.loading import as_dopq_model, model_preprocess, weights_dtype
 from dopq.modules import QuantLinear
@@ -455,12 +455,13 @@ def export_onnx(
         if dtype == torch.float64:
             _check_loads(written, path)
         data_path = path.with_name(f"{path.name}.data")
-        with atomic_path(path) as tmp:  # an interrupted export leaves no half file
-            if data is not None:  # the data first: the graph that names it is the last file in place
-                data.replace(data_path)
-            else:  # a stale data file of an earlier, larger export of this name
-                data_path.unlink(missing_ok=True)
-            written.replace(tmp)
+        if data is not None:  # the data first: the graph that names it is the last file in place
+            data.replace(data_path)
+        else:  # a stale data file of an earlier, larger export of this name
+            data_path.unlink(missing_ok=True)
+        # one rename within the output's folder (the scratch folder lies there): an interrupted
+        # export leaves no half file
+        written.replace(path)
     seconds = time.perf_counter() - t0
     size = path.stat().st_size + (data_path.stat().st_size if data is not None else 0)
     return ExportReport(str(path), size, opset, storage, integer_levels, seconds, float_dtype, target)
