@@ -187,6 +187,13 @@ class Workload:
             self._loader = (key, loader)
         return self._loader[1]
 
+    def weights_read(self) -> dict[str, Any]:
+        """Which weights the model was built from (:func:`weights_identity`): taken by
+        :func:`load_workload` when it read them, else now, once."""
+        if not self.weights:
+            self.weights = weights_identity(self.settings)
+        return self.weights
+
     def data_report(self) -> dict[str, Any]:
         """What the run read: the evaluation split, images asked for, what was skipped, empty
         classes, and the calibration images the seed drew."""
@@ -378,7 +385,7 @@ def check_same_inputs(model: nn.Module, *datasets: Any) -> None:
 
 
 def _provenance(work: Workload) -> dict[str, Any]:
-    return {**(work.weights or weights_identity(work.settings)), **environment(work.settings.device)}
+    return {**work.weights_read(), **environment(work.settings.device)}
 
 
 def weights_identity(settings: RunSettings) -> dict[str, Any]:
@@ -440,8 +447,9 @@ def checkpoint_identity(
     }
     # every source of weights, not only --checkpoint: other hub weights under the same --pretrained
     # name resumed a checkpoint made from the first ones
-    weights = (work.weights or weights_identity(work.settings))["checkpoint_sha256"]
-    return RunIdentity(json.loads(json.dumps(arguments)), weights)
+    # every source of weights, not only --checkpoint: other hub weights under the same --pretrained
+    # name resumed a checkpoint made from the first ones
+    return RunIdentity(json.loads(json.dumps(arguments)), work.weights_read()["checkpoint_sha256"])
 
 
 def run_recipe(
