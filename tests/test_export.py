@@ -28,6 +28,7 @@ from conftest import CIFAR, require, runner_refuses_bad_arguments, small_onnx
 from conftest import tiny_swin as _swin
 from conftest import tiny_vit as _vit
 from dopq.cli import main
+from dopq.environment import file_sha256
 from dopq.errors import ExportError
 from dopq.export import INTEGER_OPS, OnnxModel, export_onnx, optimized_op_counts, read_metadata, to_deploy
 from dopq.export.float64_gelu import GELU_ARGMIN, boundary_pre_images, exact_float64_gelu
@@ -1390,25 +1391,30 @@ def test_a_graph_beyond_the_protobuf_limit_keeps_its_tensors_in_one_data_file(
     x = x[:2]
     dopq.quantize(model, x, dopq.get_preset("dopq", w_bits=4, a_bits=4), progress=False)
     monkeypatch.setattr("dopq.export.onnx_export.PROTOBUF_LIMIT", 100_000, raising=False)
-    path = tmp_path / "m.onnx"
-    (tmp_path / "m.onnx.data").write_bytes(b"an older export's data")
+    folder = tmp_path / "export"
+    folder.mkdir()
+    path = folder / "m.onnx"
+    (folder / "m.onnx.data").write_bytes(b"an older export's data")
     report = export_onnx(model, path, float_dtype=dtype)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]  # nothing else left there
+    assert sorted(p.name for p in folder.iterdir()) == ["m.onnx", "m.onnx.data"]  # nothing else left there
     graph = onnx.load(str(path), load_external_data=False)
     inline = [t.ByteSize() for t in graph.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
     assert len(inline) < len(graph.graph.initializer) and max(inline) < 1200  # the weights are in the data
-    assert report.bytes == path.stat().st_size + (tmp_path / "m.onnx.data").stat().st_size
+    assert report.bytes == path.stat().st_size + (folder / "m.onnx.data").stat().st_size
     x = x.double() if dtype == "float64" else x
     big = OnnxModel(path, threads=1)(x)
     if dtype == "float32":
         from dopq.export import OpenVinoModel
 
         assert torch.allclose(OpenVinoModel(path, threads=1)(x), big, atol=1e-3 * float(big.abs().max()))
-    code = main(["evaluate", "--onnx", str(path), "--data", str(images), "--quiet", "--threads", "1"])
-    assert code == 0, capsys.readouterr().err
+    out = tmp_path / "e.json"
+    argv = ["evaluate", "--onnx", str(path), "--data", str(images), "--quiet", "--threads", "1"]
+    assert main([*argv, "--output", str(out)]) == 0, capsys.readouterr().err
+    recorded = json.loads(out.read_text())  # the data file is part of what ran
+    assert recorded["onnx_data_sha256"] == {"m.onnx.data": file_sha256(folder / "m.onnx.data")}
     monkeypatch.undo()  # the same model in one file: the same function, and the stale data file removed
     small = export_onnx(model, path, float_dtype=dtype)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    assert sorted(p.name for p in folder.iterdir()) == ["m.onnx"]
     assert (
         torch.equal(OnnxModel(path, threads=1)(x), big)
         and abs(report.bytes - small.bytes) < small.bytes // 10

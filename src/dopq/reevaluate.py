@@ -190,10 +190,13 @@ def evaluate_onnx(
     is compared with the float64 simulation it reproduces.
     """
     from dopq.evaluate import compare
-    from dopq.export import load_runtime
+    from dopq.export import external_data_files, load_runtime
 
     onnx_model = load_runtime(path, runtime, threads=threads)
-    digest = file_sha256(path)  # of the file just read: another run may overwrite it meanwhile
+    # of the files just read (another run may overwrite them meanwhile): the graph and the data
+    # files a large graph keeps its tensors in
+    digest = file_sha256(path)
+    data_digests = {name: file_sha256(Path(path).parent / name) for name in external_data_files(path)}
     meta = onnx_model.metadata()
     pre = _onnx_preprocess(meta, overrides)
     dataset, indices = _eval_set(data, eval_split, eval_subset, pre, skip_bad_images)
@@ -214,6 +217,7 @@ def evaluate_onnx(
         **accuracy_fields(res),
         "onnx_path": str(path),
         "onnx_sha256": digest,
+        **({"onnx_data_sha256": data_digests} if data_digests else {}),
         "runtime": runtime,
         "onnx_metadata": {k: v for k, v in meta.items() if k != "preprocess"},
         "config": {"preprocess": pre.to_dict()},

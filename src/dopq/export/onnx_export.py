@@ -71,7 +71,7 @@ def require_onnx() -> Any:
     try:
         import onnx
     except ImportError:
-        raise ExportError("ONNX export needs the onnx package: pip install 'onnx>=1.17'") from None
+        raise ExportError("ONNX export needs the onnx package: pip install 'onnx>=1.19'") from None
     return onnx
 
 

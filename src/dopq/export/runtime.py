@@ -151,6 +151,31 @@ def onnx_metadata(path: str | Path) -> dict[str, Any]:
     return _decoded({entry.key: entry.value for entry in model.metadata_props})
 
 
+def external_data_files(path: str | Path) -> list[str]:
+    """The files beside an ONNX graph that hold its external tensors (their ``location`` relative to
+    the graph's folder, sorted): part of what a runtime reads, so part of the model's identity."""
+    from dopq.export.onnx_export import require_onnx
+
+    onnx = require_onnx()
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not parseable by onnx: the runtime that loaded it reads one file
+        return []
+    locations: set[str] = set()
+    graphs = [model.graph]
+    while graphs:  # the main graph and every subgraph (If / Loop bodies)
+        graph = graphs.pop()
+        tensors = [*graph.initializer, *(s.values for s in graph.sparse_initializer)]
+        for node in graph.node:
+            for attr in node.attribute:
+                tensors += [attr.t, *attr.tensors] if attr.HasField("t") else list(attr.tensors)
+                graphs += [attr.g, *attr.graphs] if attr.HasField("g") else list(attr.graphs)
+        for tensor in tensors:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                locations.update(e.value for e in tensor.external_data if e.key == "location")
+    return sorted(locations)
+
+
 def load_runtime(path: str | Path, runtime: str = "onnxruntime", threads: int | None = None) -> nn.Module:
     """An exported model as ``forward(images) -> logits`` with ``metadata()``, run by onnxruntime
     (:class:`OnnxModel`) or OpenVINO (:class:`~dopq.export.openvino_runtime.OpenVinoModel`).
