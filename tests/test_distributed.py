@@ -92,7 +92,7 @@ def _free_port() -> int:
 
 def _env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
         env.pop(key, None)
     return env
 
@@ -126,8 +126,11 @@ def test_two_gloo_processes_give_the_one_process_result(tiny_root: Path, tmp_pat
             "--w-bits", "3", "--a-bits", "3", "--threads", "1", "--workers", "0", "--batch-size", "4",
             "--output", "r.json", "--save", "q.pt", "--quiet"]  # fmt: skip
     (one, one_bytes), (two, two_bytes) = _one_and_two_processes(argv, tmp_path)
-    assert two["distributed"] == {"world_size": 2, "backend": "gloo"}
-    assert one["distributed"] == {"world_size": 1, "backend": None}
+    # the command is dopq's own in both; the JSON and the Markdown say what started the two processes
+    launcher = "torchrun --nproc-per-node 2"
+    assert two["distributed"] == {"world_size": 2, "backend": "gloo", "launcher": launcher}
+    assert one["distributed"] == {"world_size": 1, "backend": None, "launcher": None}
+    assert f"in 2 processes ({launcher})" in (tmp_path / "n2" / "r.md").read_text()
     for key in ("fp_top1", "quant_top1", "fp_top5", "quant_top5", "fp_top1_correct", "quant_top1_correct",
                 "eval_images"):  # fmt: skip
         assert one[key] == two[key], key
@@ -249,7 +252,11 @@ def test_reconstruction_on_two_processes_gives_the_one_process_model(tiny_root: 
             "8", "--recon-iters", "3", "--recon-batch-size", "5", "--recon-grad-shards", "2", "--recon-rounding",
             "adaround", "--output", "r.json", "--save", "q.pt"]  # fmt: skip
     (one, one_bytes), (two, two_bytes) = _one_and_two_processes(argv, tmp_path)
-    assert two["distributed"] == {"world_size": 2, "backend": "gloo"}
+    assert two["distributed"] == {
+        "world_size": 2,
+        "backend": "gloo",
+        "launcher": "torchrun --nproc-per-node 2",
+    }
     assert one["reconstruction"]["drop_prob"] == 0.5
     assert two_bytes == one_bytes
     strip = [{k: v for k, v in u.items() if "seconds" not in k} for u in one["reconstruction"]["units"]]

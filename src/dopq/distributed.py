@@ -86,7 +86,24 @@ class ProcessGroup:
         return self.rank == 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"world_size": self.world_size, "backend": self.backend}
+        return {"world_size": self.world_size, "backend": self.backend, "launcher": launcher()}
+
+
+def launcher() -> str | None:
+    """How torchrun started this process, as the part of the command before dopq's own
+    (``torchrun --nproc-per-node 2``; the recorded ``command`` is dopq's, the same in one process),
+    or None outside torchrun. Its rendezvous options name one cluster's hosts and are left out."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or "LOCAL_WORLD_SIZE" not in os.environ:
+        return None
+    nodes = os.environ.get("GROUP_WORLD_SIZE", "1")
+    return " ".join(
+        [
+            "torchrun",
+            *(["--nnodes", nodes] if nodes != "1" else []),
+            "--nproc-per-node",
+            os.environ["LOCAL_WORLD_SIZE"],
+        ]
+    )
 
 
 def current() -> ProcessGroup:

@@ -138,6 +138,12 @@ def _setting_lines(result: dict[str, Any]) -> list[str]:
     parts = []
     if result.get("threads") and not result.get("runtime"):  # a runtime's threads: its own line
         parts.append(f"{result['threads']} torch threads")
+    group = result.get("distributed") or {}
+    if group.get("world_size", 1) > 1:  # the command is dopq's own: say what started it
+        parts.append(
+            f"in {group['world_size']} processes"
+            + (f" ({group['launcher']})" if group.get("launcher") else "")
+        )
     device = result.get("device_name") or (result.get("cpu") or {}).get("model")
     if device:
         parts.append(f"on {device}")
