@@ -63,6 +63,29 @@ def test_cuda_processes_without_a_gpu_of_their_own_are_one_clear_error(monkeypat
     assert not torch.distributed.is_initialized()
 
 
+def test_cuda_processes_wait_for_each_other_under_the_join_wait(monkeypatch) -> None:
+    """nccl connects lazily, at the first collective: a process that never joined was waited for
+    10 minutes (TIMEOUT), not the 2-minute join wait. torch's store barrier at the end of the join
+    (TORCH_DIST_INIT_BARRIER) makes every process wait there, whatever the backend. (The call is
+    checked here, no GPU on CI; the gloo tests below run through the barrier.)"""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("TORCH_DIST_INIT_BARRIER", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    calls = []
+
+    def init(backend: str, **kwargs) -> None:
+        calls.append((backend, kwargs, os.environ.get("TORCH_DIST_INIT_BARRIER")))
+        raise RuntimeError("no peers here")
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", init)
+    with pytest.raises(distributed.DistributedError, match="could not join"):
+        distributed.init_from_environment("cuda")
+    assert calls == [("nccl", {"timeout": distributed.JOIN_TIMEOUT}, "1")]
+    assert "TORCH_DIST_INIT_BARRIER" not in os.environ  # the user's environment as it was
+
+
 def test_merged_shard_results_equal_the_whole() -> None:
     parts = [
         EvalResult(top1=0.5, top5=1.0, images=4, seconds=2.0, top1_correct="1010"),

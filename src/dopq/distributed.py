@@ -151,7 +151,12 @@ def init_from_environment(device: str | torch.device = "cpu") -> ProcessGroup:
         torch.cuda.set_device(local)
     started = time.monotonic()
     try:
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=JOIN_TIMEOUT)
+        # torch's barrier through the store at the end of the join: every process waits there for
+        # all the others, under the join's wait, whatever the backend (nccl connects lazily, at the
+        # first collective, where a process that never joined was waited for as long as a working
+        # one, TIMEOUT)
+        with _environment_variable("TORCH_DIST_INIT_BARRIER", "1"):
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=JOIN_TIMEOUT)
     except (RuntimeError, ValueError) as exc:
         reason = " ".join(str(exc).split())[:200]
         if time.monotonic() - started >= 0.9 * JOIN_TIMEOUT.total_seconds():  # it timed out
@@ -168,6 +173,20 @@ def init_from_environment(device: str | torch.device = "cpu") -> ProcessGroup:
     if default_store is not None:
         default_store().set_timeout(TIMEOUT)
     return current()
+
+
+@contextmanager
+def _environment_variable(name: str, value: str) -> Iterator[None]:
+    """``name`` set to ``value`` while the block runs, then as it was."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def _minutes(span: datetime.timedelta) -> str:
