@@ -197,3 +197,32 @@ def test_compare_counts_agreement_and_hits_from_the_same_top_class() -> None:
     right_a, right_b = result.top1_correct_a, result.top1_correct_b
     assert (right_a, right_b) == ("1", "0")
     assert result.identical_top1 == 0.0  # one right, one wrong: not the same prediction
+
+
+def test_nan_logits_name_the_image_file(image_folder) -> None:
+    """The position of the first NaN image counted within the loader (under torchrun, within one
+    process's share, with skipped images left out), which found no file; the file is named now."""
+    import numpy as np
+    from PIL import Image
+
+    from dopq.data import make_loader, open_split
+
+    root = image_folder("nan_named", splits=("test",), per_class=3)
+    Image.new("RGB", (40, 40), "white").save(root / "test" / "b" / "1.jpg")
+    (root / "test" / "a" / "2.jpg").write_bytes(b"not an image")  # skipped: the positions shift
+
+    def to_tensor(image: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(image.resize((4, 4)), dtype=np.float32) / 255).permute(2, 0, 1)
+
+    dataset = open_split(root, "test", transform=to_tensor, skip_bad_images=True)
+
+    class NanOnWhite(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            white = x.mean((1, 2, 3)) > 0.95
+            return torch.where(white[:, None], float("nan"), 0.0).expand(len(x), 2)
+
+    loader = make_loader(dataset, [1, 2, 3, 4, 5], batch_size=2)  # a share starting at the second image
+    with pytest.raises(ModelError, match=r"\(first: .*b/1\.jpg\)"):
+        evaluate(NanOnWhite(), loader, progress=False)
+    with pytest.raises(ModelError, match=r"second model\): .*\(first: .*b/1\.jpg\)"):
+        compare(nn.Sequential(nn.Flatten(), nn.LazyLinear(2)), NanOnWhite(), loader, progress=False)

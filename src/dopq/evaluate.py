@@ -144,7 +144,7 @@ def evaluate(
             logits = model(images.to(device, non_blocking=True))
             targets = targets.to(device, non_blocking=True)
             _check_labels_fit(targets, logits.shape[-1])
-            _check_no_nan(logits, desc, seen)
+            _check_no_nan(logits, desc, seen, loader)
             c1, c5 = accuracy_counts(logits, targets)
             per_image.append(_hit_string(_top1(logits), targets))
             correct1, correct5, seen = correct1 + c1, correct5 + c5, seen + len(targets)
@@ -167,17 +167,31 @@ def evaluate(
     return result
 
 
-def _check_no_nan(logits: Tensor, desc: str, seen: int) -> None:
+def _check_no_nan(logits: Tensor, desc: str, seen: int, loader: Any = None) -> None:
     """NaN logits rank no class (``topk`` puts NaN first, so an all-NaN row "predicts" a fixed
     class and scores about 1 / num_classes): an accuracy or agreement over them would be meaningless."""
     bad = torch.isnan(logits).flatten(1).any(1)
     if bool(bad.any()):
         first = seen + int(bad.nonzero()[0])
+        name = _image_name(loader, first)
         raise ModelError(
             f"{desc}: the model gives NaN logits for {int(bad.sum())} of the {len(bad)} images of a batch "
-            f"(first: image {first} of the evaluation), so no accuracy can be measured; the model "
-            "computes NaN on these inputs (check the checkpoint, the images and the quantization)"
+            f"(first: {name or f'image {first} of the evaluation'}), so no accuracy can be measured; the "
+            "model computes NaN on these inputs (check the checkpoint, the images and the quantization)"
         )
+
+
+def _image_name(loader: Any, position: int) -> str | None:
+    """The file of the ``position``-th image ``loader`` yielded in this pass, where its dataset
+    names its files (a dopq loader: a ``Subset`` of an image folder or archive), else None. Under
+    torchrun a position counts within this process's share only, so a name is what finds the image."""
+    subset = getattr(loader, "dataset", None)
+    indices, images = getattr(subset, "indices", None), getattr(subset, "dataset", None)
+    if indices is None or not hasattr(images, "describe"):
+        return None
+    skipped = {item.index for item in getattr(loader, "skipped", [])}  # left out, not yielded
+    kept = [i for i in indices if i not in skipped]
+    return images.describe(kept[position]) if position < len(kept) else None
 
 
 def _check_labels_fit(targets: Tensor, num_classes: int) -> None:
@@ -301,8 +315,8 @@ def compare(
         for images, targets in loader:
             a, b = model_a(images).float().cpu(), model_b(images).float().cpu()
             # max() over NaN differences would keep the old maximum
-            _check_no_nan(a, f"{desc} (first model)", seen)
-            _check_no_nan(b, f"{desc} (second model)", seen)
+            _check_no_nan(a, f"{desc} (first model)", seen, loader)
+            _check_no_nan(b, f"{desc} (second model)", seen, loader)
             pred_a, pred_b = _top1(a), _top1(b)
             same += int((pred_a == pred_b).sum())
             hits_a.append(_hit_string(pred_a, targets))
