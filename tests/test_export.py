@@ -502,6 +502,32 @@ def test_deploy_form_computes_the_simulated_function() -> None:
     _assert_deploy_modules_compute_the_simulated_ones(model, x)
 
 
+def test_the_deploy_form_reads_the_models_weights_without_copying_them(monkeypatch) -> None:
+    """The deploy copy deep-copied every float weight only to replace each quantized layer by its
+    integer codes: a second float copy of the model for the whole export (a ViT-B's 0.32 GiB). The
+    codes are now read from the model's own weights, and the model is left as it was."""
+    model, x = _vit()
+    dopq.quantize(model, x, dopq.get_preset("dopq", w_bits=4, a_bits=4), progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weights = {m.weight.data_ptr() for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))}
+    read = []
+    codes = UniformQuantizer.codes
+
+    def recorded(self, w: torch.Tensor) -> torch.Tensor:
+        read.append(w.data_ptr())
+        return codes(self, w)
+
+    monkeypatch.setattr(UniformQuantizer, "codes", recorded)
+    for kw in ({}, {"target": "openvino"}, {"dtype": torch.float64}):
+        read.clear()
+        deploy = to_deploy(model, **kw)
+        assert set(read) == weights, kw  # every quantized weight, and each from the model's storage
+        assert not any(isinstance(m, (QuantLinear, QuantConv2d)) for m in deploy.modules())
+    monkeypatch.undo()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    _assert_deploy_modules_compute_the_simulated_ones(model, x)
+
+
 def test_8_bit_inputs_add_their_bias_inside_onnxruntimes_integer_gemm(tmp_path: Path) -> None:
     """With 8-bit inputs every Linear exports as a Gemm with its bias as int32 codes in the
     product's units, which onnxruntime runs as one QGemm (no float Add over the output), the bias

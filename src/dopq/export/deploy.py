@@ -119,6 +119,19 @@ def _traceable(deploy: nn.Module, dtype: torch.dtype) -> None:
             module.fused_attn = False
 
 
+def _copy_without_quantized_weights(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose quantized layers read the model's own float weights: the
+    deploy form replaces those layers by their integer codes, so copying the weights only to drop
+    them had a model of 86 M weights (ViT-B) hold a second float copy through the export. Each
+    shared weight is a new ``Parameter`` over the same data, so ``.cpu()`` on the copy moves the
+    copy's alone; the export only reads them."""
+    memo: dict[int, object] = {}
+    for module in model.modules():
+        if isinstance(module, (QuantLinear, QuantConv2d)):
+            memo[id(module.weight)] = nn.Parameter(module.weight.detach(), requires_grad=False)
+    return copy.deepcopy(model, memo)
+
+
 def default_weight_type(dtype: torch.dtype = torch.float32, target: str = "onnxruntime") -> str:
     """The container of 8-bit weight codes when none is asked for: uint8 in float64 (whose
     ``MatMulInteger`` products must be exact everywhere) and, for onnxruntime, on a CPU whose uint8 x
@@ -161,14 +174,18 @@ def to_deploy(
         raise ExportError(f"unknown weight type {weight_type!r}: use one of {', '.join(WEIGHT_TYPES)}")
     if weight_type == "uint8" and symmetric_target(target, dtype):
         raise ExportError("OpenVINO's integer kernels take int8 weights: drop --export-weight-type uint8")
-    deploy = copy.deepcopy(model).cpu().eval()
+    deploy = _copy_without_quantized_weights(model).cpu().eval()
     _traceable(deploy, dtype)
-    for name, module in list(deploy.named_modules()):
+    quantized = [
+        name for name, m in deploy.named_modules() if isinstance(m, (QuantLinear, QuantConv2d, QuantMatMul))
+    ]
+    for name in quantized:
+        module = deploy.get_submodule(name)
         if isinstance(module, QuantLinear):
             replace_module(deploy, name, DeployLinear(module, name, dtype, target, weight_type))
         elif isinstance(module, QuantConv2d):
             replace_module(deploy, name, DeployConv2d(module, name, dtype, weight_type))
-        elif isinstance(module, QuantMatMul):
+        else:
             replace_module(deploy, name, DeployMatMul(module, name, integer_levels, dtype, target))
     if dtype == torch.float32:
         if target == "onnxruntime":
