@@ -392,3 +392,22 @@ def test_stage_timings_are_the_stages_the_recipe_ran():
         model = timm.create_model("test_vit", num_classes=10).eval()
         _, report = dopq.quantize_with_report(model, images, preset)
         assert ("bias_correction" in report.timings) is corrected, report.timings
+
+
+@pytest.mark.parametrize("preset", ["dopq", "repq"])
+def test_torch_jit_trace_passes_its_check_and_saves(preset, tmp_path) -> None:
+    """torch.jit.trace with autograd on (as users call it) traced the fake quantizers' autograd
+    forms, then its check traced them again without autograd: 'Graphs differed across
+    invocations', a TracingCheckError. The traced model gives the model's logits and saves."""
+    import warnings
+
+    model = dopq.quantize(_tiny(), torch.randn(4, 3, 160, 160), preset, progress=False)
+    x, other = torch.randn(2, 3, 160, 160), torch.randn(3, 3, 160, 160)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings about Python values it records
+        traced = torch.jit.trace(model, x)
+    torch.jit.save(traced, tmp_path / "traced.pt")
+    with torch.no_grad():
+        expected = model(other)
+        assert torch.equal(traced(other), expected)
+        assert torch.equal(torch.jit.load(tmp_path / "traced.pt")(other), expected)

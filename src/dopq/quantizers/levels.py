@@ -39,7 +39,7 @@ def lookup(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
 def _with_ste(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``values`` in the forward pass, the identity's gradient to ``x`` (skipped without autograd)."""
-    if torch.is_grad_enabled() and x.requires_grad:
+    if torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing():  # as fake_quantize_uniform
         return values + (x - x.detach())
     return values
 

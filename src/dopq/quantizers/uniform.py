@@ -81,7 +81,9 @@ def fake_quantize_uniform(
     ``integral_zero_point`` (the caller knows every zero point is a whole number) allows a shorter
     form with the same values; a per-tensor zero point may come as a Python number.
     """
-    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+    # traced (torch.jit.trace), one form whatever autograd's state: the tracer's check runs the
+    # model again without autograd, and a graph with the autograd Function in it cannot be saved
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad) and not torch.jit.is_tracing():
         return _FakeQuantizeSTE.apply(x, scale, zero_point, bits)
     # no autograd: the same values (the STE's ``(r - a) + a`` is exactly ``r``) in place,
     # one allocation instead of seven: quantized evaluation is bound by these passes
