@@ -411,3 +411,26 @@ def test_torch_jit_trace_passes_its_check_and_saves(preset, tmp_path) -> None:
         expected = model(other)
         assert torch.equal(traced(other), expected)
         assert torch.equal(torch.jit.load(tmp_path / "traced.pt")(other), expected)
+
+
+def test_float16_inputs_get_float32_codes_and_half_models_are_refused() -> None:
+    """Under torch.autocast (float16) TanQ's grid cell of an attention value near 1 overflowed
+    float16 (x * 2^16 = inf): an IndexError. Low-precision inputs now get the codes of float32
+    arithmetic; a model cast with .half() / .bfloat16() (rounded scales: other grids) is refused."""
+    from dopq.errors import ConfigError
+
+    model = dopq.quantize(_tiny(), torch.randn(4, 3, 160, 160), "dopq", progress=False)
+    tanq = model.blocks[0].attn.matmul_av.quantizer_a
+    attention = torch.tensor([0.0, 1e-3, 0.01, 0.1, 0.5, 0.9995, 1.0], dtype=torch.float16)
+    with torch.no_grad():
+        got = tanq(attention)
+        assert got.dtype == torch.float16
+        assert torch.equal(got, tanq(attention.float()).half())
+        for block in model.blocks:
+            block.attn.scale = 100.0  # peaked attention: Softmax values at 1, as trained models have
+        x = torch.randn(2, 3, 160, 160)
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert torch.isfinite(model(x)).all()
+        for dtype in (torch.float16, torch.bfloat16):
+            with pytest.raises(ConfigError, match=rf"runs in float32 .* not {dtype}.* call model\.float\(\)"):
+                copy.deepcopy(model).to(dtype)(x.to(dtype))

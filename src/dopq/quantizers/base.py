@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dopq.errors import ConfigError
+
 __all__ = [
     "Consumer",
     "DropNoise",
@@ -44,6 +46,8 @@ class PerChannel:
 
 
 Granularity = PerTensor | PerChannel
+# float dtypes in which quantizers do not compute (their inputs are quantized in float32)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,27 @@ class Quantizer(nn.Module):
     def forward(self, x: torch.Tensor, context: Context = None) -> torch.Tensor:
         if not self.enabled:
             return x
+        if x.dtype in LOW_PRECISION:
+            # a float16 / bfloat16 input (autocast) gets the codes float32 arithmetic gives it: in
+            # float16, TanQ's grid cell x * 2^16 overflowed at attention values near 1 (an IndexError)
+            self._check_parameters_dtype()
+            return self._quantized(x.float(), context).to(x.dtype)
+        return self._quantized(x, context)
+
+    def _check_parameters_dtype(self) -> None:
+        """Refuse parameters cast to float16 / bfloat16 (``model.half()``): the rounded scales and
+        levels are another grid than the calibrated one, whose codes nothing would flag."""
+        dtype = next(
+            (t.dtype for t in (*self.parameters(), *self.buffers()) if t.dtype in LOW_PRECISION), None
+        )
+        if dtype is not None:
+            raise ConfigError(
+                f"a dopq quantized model runs in float32 (float64: dopq.modules.float64_copy), not "
+                f"{dtype}, which moves its calibrated grids: call model.float() (torch.autocast works), "
+                "or deploy it through dopq.export"
+            )
+
+    def _quantized(self, x: torch.Tensor, context: Context) -> torch.Tensor:
         if not self.is_ready():
             if not self.observing:
                 raise RuntimeError(f"{type(self).__name__} has no parameters yet: calibrate the model first")
