@@ -434,3 +434,13 @@ def test_float16_inputs_get_float32_codes_and_half_models_are_refused() -> None:
         for dtype in (torch.float16, torch.bfloat16):
             with pytest.raises(ConfigError, match=rf"runs in float32 .* not {dtype}.* call model\.float\(\)"):
                 copy.deepcopy(model).to(dtype)(x.to(dtype))
+
+
+def test_torch_export_is_one_clear_error() -> None:
+    """torch.export cannot trace the quantizers' data-dependent Python (host-side zero points, TanQ's
+    level tables): it ended in a page of graph and 'Could not guard on data-dependent expression'."""
+    from dopq.errors import ConfigError
+
+    model = dopq.quantize(_tiny(), torch.randn(4, 3, 160, 160), "dopq", progress=False)
+    with pytest.raises(ConfigError, match=r"torch\.export cannot trace .* dopq\.export\.export_onnx"):
+        torch.export.export(model, (torch.randn(2, 3, 160, 160),))

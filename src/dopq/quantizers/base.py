@@ -145,6 +145,14 @@ class Quantizer(nn.Module):
     def forward(self, x: torch.Tensor, context: Context = None) -> torch.Tensor:
         if not self.enabled:
             return x
+        if torch.compiler.is_exporting():
+            # the codes come from host-side facts and level tables built by data-dependent Python,
+            # which torch.export cannot trace: its error was a page of graph and symbolic guards
+            raise ConfigError(
+                "torch.export cannot trace a dopq quantized model: deploy it with "
+                "dopq.export.export_onnx (ONNX, integer kernels), or run it through torch.compile or "
+                "torch.jit.trace"
+            )
         if x.dtype in LOW_PRECISION:
             # a float16 / bfloat16 input (autocast) gets the codes float32 arithmetic gives it: in
             # float16, TanQ's grid cell x * 2^16 overflowed at attention values near 1 (an IndexError)
