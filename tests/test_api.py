@@ -444,3 +444,30 @@ def test_torch_export_is_one_clear_error() -> None:
     model = dopq.quantize(_tiny(), torch.randn(4, 3, 160, 160), "dopq", progress=False)
     with pytest.raises(ConfigError, match=r"torch\.export cannot trace .* dopq\.export\.export_onnx"):
         torch.export.export(model, (torch.randn(2, 3, 160, 160),))
+
+
+def test_a_state_dict_loads_into_the_same_recipe_and_is_refused_at_other_widths(tmp_path) -> None:
+    """A quantizer's buffers have the same keys and shapes at every width: a W4/A4 state dict loaded
+    into a W3/A3 model without a word, whose 3-bit grids then read the 4-bit scales. The widths
+    travel in the state dict's metadata (through torch.save and a weights-only load)."""
+    images, x = torch.randn(8, 3, 160, 160), torch.randn(2, 3, 160, 160)
+
+    def quantized(w_bits: int, a_bits: int, seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        model = timm.create_model("test_vit", num_classes=10).eval()
+        return dopq.quantize(
+            model, images * (1 + seed), dopq.get_preset("dopq", w_bits=w_bits, a_bits=a_bits)
+        )
+
+    source = quantized(4, 4, 0)
+    torch.save(source.state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    same_recipe = quantized(4, 4, 1)
+    same_recipe.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(same_recipe(x), source(x))
+    with pytest.raises(
+        RuntimeError,
+        match=r"blocks\.0\.attn\.qkv\.input_quantizer: saved from a 4-bit quantizer, this one has 3 bits",
+    ):
+        quantized(3, 3, 1).load_state_dict(state)

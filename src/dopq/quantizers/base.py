@@ -137,6 +137,7 @@ class Quantizer(nn.Module):
         self._host: dict[str, tuple[torch.Tensor, int, Any]] = {}  # see host_copy()
         self.memoize = False  # set by dopq.modules.constant_quantization (evaluation): see remembered()
         self._memos: dict[str, tuple[tuple, Any]] = {}
+        self.register_state_dict_post_hook(_record_bits)
 
     @property
     def levels(self) -> int:
@@ -261,9 +262,24 @@ class Quantizer(nn.Module):
         self._host.clear()
         self._memos.clear()
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        *args: Any,
+    ) -> None:
         self.forget_host_copies()  # the loaded buffers decide
-        super()._load_from_state_dict(*args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+        saved = local_metadata.get(BITS_KEY)
+        if saved is not None and saved != self.bits:
+            # the keys and shapes of a 4-bit quantizer's buffers are an 8-bit one's: they loaded
+            # without a word, and the codes were read on another grid
+            error_msgs = args[-1]
+            error_msgs.append(
+                f"{prefix[:-1] or type(self).__name__}: saved from a {saved}-bit quantizer, this one "
+                f"has {self.bits} bits: quantize with the same recipe and widths"
+            )
 
     def initialize(self, x: torch.Tensor, context: Context) -> None:
         raise NotImplementedError
@@ -273,6 +289,17 @@ class Quantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, enabled={self.enabled}"
+
+
+# the key of a quantizer's bit width in its state dict metadata (beside torch's own "version")
+BITS_KEY = "dopq_bits"
+
+
+def _record_bits(module: Quantizer, state_dict: dict[str, Any], prefix: str, local_metadata: dict) -> None:
+    """State dict hook: the quantizer's bit width, which its buffers do not show, in its metadata,
+    which ``torch.save`` keeps with the tensors and ``load_state_dict`` checks (the files of
+    ``dopq.serialize`` are unchanged)."""
+    local_metadata[BITS_KEY] = module.bits
 
 
 def _same_stamp(a: tuple, b: tuple) -> bool:
