@@ -116,18 +116,21 @@ def as_image_tensor(
 
 
 def _is_labelled_batch(data: Any) -> bool:
-    """One ``(images, labels)`` batch, as ``next(iter(loader))`` gives it: a pair of a 4-d image
-    batch and one integer label per image (it was read as two batches, the labels refused)."""
+    """One ``(images, targets)`` batch, as ``next(iter(loader))`` gives it: a pair of a 4-d image
+    batch and one target per image (it was read as two batches, the targets refused): integer
+    labels, a list of them, or anything that cannot be an image batch: float targets of at most two
+    dimensions (soft or one-hot labels, timm's mixup), integer masks."""
     if not (isinstance(data, tuple | list) and len(data) == 2):
         return False
-    images, labels = data
-    return (
-        isinstance(images, torch.Tensor | np.ndarray)
-        and images.ndim == 4
-        and isinstance(labels, torch.Tensor | np.ndarray)
-        and labels.shape == images.shape[:1]
-        and not torch.as_tensor(labels).is_floating_point()
-    )
+    images, targets = data
+    if not (isinstance(images, torch.Tensor | np.ndarray) and images.ndim == 4):
+        return False
+    if isinstance(targets, list | tuple):
+        return len(targets) == len(images) and all(isinstance(t, int | float) for t in targets)
+    if not isinstance(targets, torch.Tensor | np.ndarray) or targets.ndim == 0:
+        return False
+    floating = torch.as_tensor(targets).is_floating_point()
+    return targets.shape[0] == images.shape[0] and (not floating or targets.ndim <= 2)
 
 
 def _is_iterable_collection(data: Any) -> bool:
