@@ -475,3 +475,22 @@ def test_a_state_dict_loads_into_the_same_recipe_and_is_refused_at_other_widths(
         match=r"blocks\.0\.attn\.qkv\.input_quantizer: saved from a 4-bit quantizer, this one has 3 bits",
     ):
         quantized(3, 3, 1).load_state_dict(state)
+
+
+def test_quantizing_under_inference_mode_gives_the_same_model() -> None:
+    """Under torch.inference_mode (which torch.enable_grad does not lift) the forward that finds the
+    LayerNorm -> Linear pairs recorded no graph: no LayerNorm was re-parameterized, without a word,
+    and the folded weights were inference tensors that no backward could use. A model built inside
+    the block (its weights inference tensors) is quantized too."""
+    images, x = torch.randn(4, 3, 160, 160), torch.randn(2, 3, 160, 160)
+    expected = dopq.quantize(_tiny(), images, "dopq", progress=False)
+    outside = _tiny()
+    with torch.inference_mode():
+        quantized = dopq.quantize(outside, images, "dopq", progress=False)
+        built_inside = dopq.quantize(_tiny(), images.clone(), "dopq", progress=False)
+    with torch.no_grad():
+        for model in (quantized, built_inside):
+            assert torch.equal(model(x), expected(x))
+    for model in (quantized, built_inside):
+        assert not any(t.is_inference() for t in (*model.parameters(), *model.buffers()))
+        model(x).sum().backward()  # fine-tuning after quantization stays possible

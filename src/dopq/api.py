@@ -112,7 +112,10 @@ def as_image_tensor(
             )
         images = torch.cat(batches)
     _check_images(images, model)
-    return images.to(device)
+    images = images.to(device)
+    # images made under torch.inference_mode cannot enter a computation autograd records
+    # (reconstruction's): a copy made outside it can
+    return images.clone() if images.is_inference() and not torch.is_inference_mode_enabled() else images
 
 
 def _is_labelled_batch(data: Any) -> bool:
@@ -416,6 +419,24 @@ def quantize_with_report(
     Returns:
         The quantized model (same object; a ``transformers`` model comes back wrapped) and the report.
     """
+    # under the caller's torch.inference_mode, which torch.enable_grad does not lift, the forward
+    # that finds the LayerNorm -> Linear pairs had no autograd graph: the re-parameterization did
+    # nothing without a word, and the folded weights were inference tensors no training could use
+    with torch.inference_mode(False):
+        return _quantize_with_report(
+            model, calib_data, config, recon_data, progress, allow_partial, checkpoint
+        )
+
+
+def _quantize_with_report(
+    model: nn.Module,
+    calib_data: torch.Tensor | Iterable[Any],
+    config: QuantConfig | str | None,
+    recon_data: torch.Tensor | Iterable[Any] | None,
+    progress: bool,
+    allow_partial: bool,
+    checkpoint: ReconstructionCheckpoint | None,
+) -> tuple[nn.Module, QuantizationReport]:
     config = _as_config(config)
     if checkpoint is not None and config.reconstruct is None:
         raise ConfigError("a reconstruction checkpoint needs a recipe with reconstruction")
@@ -468,7 +489,28 @@ def _float32_model(model: nn.Module) -> nn.Module:
     dtype = weights_dtype(model, ConfigError)
     if dtype != torch.float32:
         raise ConfigError(f"dopq quantizes float32 models; this one is {dtype}: call model.float() first")
+    _replace_inference_tensors(model)
     return model
+
+
+def _replace_inference_tensors(model: nn.Module) -> None:
+    """Parameters and buffers made under ``torch.inference_mode`` (a model built inside it) become
+    ordinary copies, shared ones still shared: autograd, which finds the LayerNorm -> Linear pairs
+    and runs reconstruction, cannot record them."""
+    copies: dict[int, torch.Tensor] = {}
+
+    def ordinary(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in copies:
+            copies[id(t)] = (
+                nn.Parameter(t.clone(), t.requires_grad) if isinstance(t, nn.Parameter) else t.clone()
+            )
+        return copies[id(t)]
+
+    for module in model.modules():
+        for tensors in (module._parameters, module._buffers):
+            for name, t in tensors.items():
+                if t is not None and t.is_inference():
+                    tensors[name] = ordinary(t)
 
 
 def _reconstruction_stage(
