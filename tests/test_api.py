@@ -408,13 +408,15 @@ def test_torch_jit_trace_passes_its_check_and_saves(preset, tmp_path) -> None:
     model = dopq.quantize(_tiny(), torch.randn(4, 3, 160, 160), preset, progress=False)
     x, other = torch.randn(2, 3, 160, 160), torch.randn(3, 3, 160, 160)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's warnings about Python values it records
+        # the tracer's notes on the Python values it records, and jit's deprecation
+        warnings.simplefilter("ignore")
         traced = torch.jit.trace(model, x)
-    torch.jit.save(traced, tmp_path / "traced.pt")
+        torch.jit.save(traced, tmp_path / "traced.pt")
+        loaded = torch.jit.load(tmp_path / "traced.pt")
     with torch.no_grad():
         expected = model(other)
         assert torch.equal(traced(other), expected)
-        assert torch.equal(torch.jit.load(tmp_path / "traced.pt")(other), expected)
+        assert torch.equal(loaded(other), expected)
 
 
 def test_float16_inputs_get_float32_codes_and_half_models_are_refused() -> None:
