@@ -465,6 +465,12 @@ EARLY_ERRORS = [
     pytest.param(lambda t: ["--w-bits", "8", "--gptq-check", "on"],
                  "--gptq-check is for GPTQ rounding, which --method recommended at W8 does not use",
                  id="gptq-check-at-w8"),
+    pytest.param(lambda t: ["--weight-rounding", "gptq", "--gptq-target-shrink", "0.3"],
+                 "--gptq-target-shrink is for GPTQ's float target, which --method recommended at W4/A4 does "
+                 "not aim at (its target is quantized)", id="gptq-shrink-with-quantized-target"),
+    pytest.param(lambda t: ["--w-bits", "3", "--gptq-target", "quantized", "--gptq-target-shrink", "1"],
+                 "--gptq-target-shrink is for GPTQ's float target, which --method recommended at W3/A4",
+                 id="gptq-shrink-with-target-quantized"),
     pytest.param(lambda t: ["--method", "dopq", "--a-bits", "8", "--tanq-centers", "0.5", "0.8"],
                  "--tanq-centers is for TanQ, which --method dopq at A8 does not use (its post-Softmax "
                  "quantizer is uniform)", id="tanq-option-at-a8"),

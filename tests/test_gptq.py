@@ -464,10 +464,11 @@ def test_config_and_command_line_switches() -> None:
     assert default.replace(w_bits=8, a_bits=3).gptq_target_used == "float"
     assert default.replace(w_bits=3, a_bits=3, gptq_target="quantized").gptq_target_used == "quantized"
     assert dopq.QuantConfig.from_dict(default.to_dict()) == default
-    half = build_parser().parse_args(
-        ["quantize", "--model", "m", "--data", "d", "--gptq-target-shrink", "0.5"]
+    # the shrink reaches a recipe whose GPTQ aims at the float target (W3 by the width rule)
+    quarter = build_parser().parse_args(
+        ["quantize", "--model", "m", "--data", "d", "--w-bits", "3", "--gptq-target-shrink", "0.25"]
     )
-    assert _config_from(half).gptq_target_shrink == 0.5
+    assert _config_from(quarter).gptq_target_shrink == 0.25
     with pytest.raises(ConfigError, match="gptq_target_shrink must be in"):
         dopq.QuantConfig(gptq_target_shrink=1.5)
 

@@ -449,13 +449,22 @@ _GPTQ_OPTIONS = ("gptq_damp", "gptq_act_order", "gptq_target", "gptq_target_shri
 
 
 def _check_gptq_options_apply(args: argparse.Namespace, config: QuantConfig) -> None:
-    """A GPTQ option given to a recipe that rounds to nearest would be ignored without a word."""
+    """A GPTQ option given to a recipe that rounds to nearest would be ignored without a word, and so
+    would the float target's shrink given to a GPTQ that aims at the quantized target."""
     given = [name for name in _GPTQ_OPTIONS if getattr(args, name) is not None]
     if given and config.weight_rounding != "gptq":
         flag = "--" + given[0].replace("_", "-")
         raise ConfigError(
             f"{flag} is for GPTQ rounding, which --method {args.method} at W{config.w_bits} does not "
             "use: add --weight-rounding gptq or drop it"
+        )
+    if args.gptq_target_shrink is not None and config.gptq_target_used != "float":
+        # the shrink moves weights towards the float target's least-squares solution; the quantized
+        # target (the width rule's at 4 bits and above) has none
+        raise ConfigError(
+            f"--gptq-target-shrink is for GPTQ's float target, which --method {args.method} at "
+            f"W{config.w_bits}/A{config.a_bits} does not aim at (its target is {config.gptq_target_used}): "
+            "add --gptq-target float or drop it"
         )
 
 
