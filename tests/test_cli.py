@@ -477,6 +477,10 @@ EARLY_ERRORS = [
     pytest.param(lambda t: ["--softmax-quantizer", "log2", "--softmax-grid-bits", "12"],
                  "--softmax-grid-bits is for TanQ, which --method recommended at A4 does not use (its "
                  "post-Softmax quantizer is log2)", id="tanq-option-with-log2"),
+    pytest.param(lambda t: ["--softmax-grid-bits", "7"],
+                 "--softmax-grid-bits must be in 8..20, or 0 for TanQ's exact midpoints; got 7", id="grid-bits-7"),
+    pytest.param(lambda t: ["--softmax-grid-bits", "-1"],
+                 "--softmax-grid-bits must be in 8..20, or 0 for TanQ's exact midpoints; got -1", id="grid-bits-negative"),
     pytest.param(lambda t: ["--checkpoint", str(t / "w.pth"), "--pretrained"],
                  "--checkpoint and --pretrained are two sources of weights: give one", id="two-weight-sources"),
 ]  # fmt: skip

@@ -23,6 +23,7 @@ from dopq.config import (
     ROUNDINGS,
     RUNTIMES,
     SOFTMAX_CHOICES,
+    SOFTMAX_GRID_BITS_RANGE,
     SYMMETRIC_ATTENTION,
     TANQ_OBJECTIVES,
     WEIGHT_ROUNDINGS,
@@ -436,6 +437,12 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
             grad_shards=args.recon_grad_shards,
         )
     grid_bits = args.softmax_grid_bits
+    if grid_bits and not SOFTMAX_GRID_BITS_RANGE[0] <= grid_bits <= SOFTMAX_GRID_BITS_RANGE[1]:
+        # the config's own message offers None, which the flag spells 0
+        low, high = SOFTMAX_GRID_BITS_RANGE
+        raise ConfigError(
+            f"--softmax-grid-bits must be in {low}..{high}, or 0 for TanQ's exact midpoints; got {grid_bits}"
+        )
     if grid_bits:
         overrides["softmax_grid_bits"] = grid_bits
     # only what was given: None would set a field that takes None (get_preset) over the recipe's rule

@@ -22,6 +22,7 @@ __all__ = [
     "RECOMMENDED",
     "SOFTMAX_CHOICES",
     "SOFTMAX_GRID_BITS",
+    "SOFTMAX_GRID_BITS_RANGE",
     "SOFTMAX_QUANTIZERS",
     "SYMMETRIC_ATTENTION",
     "TANQ_CENTERS",
@@ -57,6 +58,7 @@ TANQ_CENTERS_WIDE = (0.35, 0.5, 0.65, 0.8, 0.9)
 # 2^-16: TanQ's thresholds move by <= 7.6e-6, under 2 % of the smallest level gap of the shared
 # models' 4-bit tables (>= 6e-4); a 65537-entry table per attention module in the export
 SOFTMAX_GRID_BITS = 16
+SOFTMAX_GRID_BITS_RANGE = (8, 20)  # the grids softmax_grid_bits may name (None: exact midpoints)
 # float dtypes a quantized model is evaluated or exported in (float64: docs/export.md)
 FLOAT_DTYPES = ("float32", "float64")
 # what runs an exported ONNX model (dopq evaluate --onnx --runtime)
@@ -381,8 +383,11 @@ class QuantConfig:
         self.percentiles = _check_percentiles("percentiles", self.percentiles)
         if self.act_percentiles is not None:
             self.act_percentiles = _check_percentiles("act_percentiles", self.act_percentiles)
-        if self.softmax_grid_bits is not None and not 8 <= self.softmax_grid_bits <= 20:
-            raise ConfigError(f"softmax_grid_bits must be in 8..20 or None, got {self.softmax_grid_bits}")
+        low, high = SOFTMAX_GRID_BITS_RANGE
+        if self.softmax_grid_bits is not None and not low <= self.softmax_grid_bits <= high:
+            raise ConfigError(
+                f"softmax_grid_bits must be in {low}..{high} or None, got {self.softmax_grid_bits}"
+            )
         self.tanq_centers = tuple(float(m) for m in self.tanq_centers)
         if not self.tanq_centers or not all(0.0 < m < 1.0 for m in self.tanq_centers):
             raise ConfigError(f"tanq_centers must be in (0, 1), got {self.tanq_centers}")
