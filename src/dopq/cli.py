@@ -197,7 +197,8 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         "--act-percentiles",
         type=float,
         nargs="+",
-        help="candidate upper quantiles of the activation range search (default: the preset's percentiles)",
+        help="candidate upper quantiles of the activation range search (default: the recipe's percentiles, "
+        "with --act-range-objective output its own grid 0.99 to 1)",
     )
     g.add_argument(
         "--act-range-objective",
