@@ -31,16 +31,22 @@ DEFAULT_DAMP = QuantConfig.gptq_damp  # GPTQ's damping where the preset's W4/A8 
 TAGS = {"deit_tiny_patch16_224": "deit", "swin_tiny_patch4_window7_224": "swin", STRESS: "stress"}
 
 
+# rows that change a TanQ setting of dopq: where dopq's post-Softmax grid is uniform (8-bit
+# activations) they would run dopq's model again under a TanQ label (the CLI refuses the same flags)
+TANQ_ROWS = ("dopq+tanq-wide", "dopq+gptq+tanq-wide", "dopq+exact-midpoints")
+
+
 def calib_gain_recipes(w_bits: int, a_bits: int | None = None) -> dict[str, QuantConfig]:
     """The presets (recommended, dopq, repq) and dopq with each calibration-time switch, alone and
     together. GPTQ's objective is named, not left to the width rule: ``gptq`` is the quantized-input
     target the earlier rows measured, ``gptq-float`` the float model's output all the way,
-    ``gptq-float-half`` half way (what ``--weight-rounding gptq`` runs at 3 bits and below)."""
+    ``gptq-float-half`` half way (what ``--weight-rounding gptq`` runs at 3 bits and below). The
+    :data:`TANQ_ROWS` only where dopq's post-Softmax quantizer is TanQ."""
     a_bits = w_bits if a_bits is None else a_bits
     widths = {"w_bits": w_bits, "a_bits": a_bits}
     dopq = get_preset("dopq", **widths)
     both = dopq.replace(weight_rounding="gptq", gptq_target="quantized", softmax_quantizer="auto")
-    return {
+    recipes = {
         "dopq": dopq,  # first: every other row is paired with it
         "recommended": get_preset("recommended", **widths),
         "repq": get_preset("repq", **widths),
@@ -85,6 +91,9 @@ def calib_gain_recipes(w_bits: int, a_bits: int | None = None) -> dict[str, Quan
         # weight grids centred on 0 (no zero point: int8 kernels without a row-sum correction)
         "dopq+sym": dopq.replace(symmetric_weights=True),
     }
+    if dopq.softmax_quantizer != "tanq":
+        recipes = {label: config for label, config in recipes.items() if label not in TANQ_ROWS}
+    return recipes
 
 
 def paired(row: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -166,6 +175,13 @@ def suite_calib_gains(args: Any, workload: Any, save: Any) -> None:
         for seed in seeds:
             work = with_calibration_seed(base_work, seed, args.calib_size)
             for w_bits, a_bits in widths_of(args):
+                absent = [
+                    label for label in args.recipes or () if label not in calib_gain_recipes(w_bits, a_bits)
+                ]
+                if absent:
+                    print(
+                        f"  W{w_bits}A{a_bits}: no {', '.join(absent)} (dopq has no TanQ there)", flush=True
+                    )
                 base = None
                 for label, cfg in calib_gain_recipes(w_bits, a_bits).items():
                     if args.recipes and label not in args.recipes:

@@ -29,6 +29,7 @@ import torch
 from dopq.api import quantize_with_report
 from dopq.config import QuantConfig, get_preset
 from dopq.environment import command_line
+from dopq.errors import ConfigError
 from dopq.export import OnnxModel, export_onnx, optimized_op_counts
 from dopq.export.runtime import INTEGER_OPS
 from dopq.modules import float64_copy, quantizers_of, removing_hooks, weight_quantizer_ids
@@ -150,9 +151,13 @@ def _row_key(row: dict[str, Any]) -> tuple:
 
 def deploy_config(method: str, w: int, a: int) -> QuantConfig:
     """A preset by name, or one of calib-gains' named variants of it (``recommended+gptq``)."""
-    from calib_gains import calib_gain_recipes  # calib_gains imports this module
+    from calib_gains import TANQ_ROWS, calib_gain_recipes  # calib_gains imports this module
 
     variants = calib_gain_recipes(w, a)
+    if method in TANQ_ROWS and method not in variants:
+        raise ConfigError(
+            f"{method} at W{w}/A{a}: dopq's post-Softmax grid is uniform there, no TanQ to vary"
+        )
     return variants[method] if method in variants else get_preset(method, w_bits=w, a_bits=a)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import benchmark_module
+from dopq.errors import ConfigError
 
 
 def _run_module(monkeypatch: pytest.MonkeyPatch):
@@ -52,6 +53,26 @@ def test_every_recipe_name_the_docs_run_is_known() -> None:
     assert {"dopq", "recommended", "repq", "recommended+gptq-d1-check", "dopq+gptq-float-half"} <= set(gains)
     assert {"repq+tanq", "repq+exact-zp", "dopq"} <= set(run.recipe_labels("ablation"))
     assert run.recipe_labels("deploy") is None
+
+
+def test_calib_gains_rows_named_for_tanq_run_tanq_at_every_width() -> None:
+    """At 8-bit activations dopq's post-Softmax grid is uniform: a row changing TanQ's centres or
+    midpoints there ran dopq's model again under a TanQ label (its config differed only in fields
+    nothing read, so it was not taken for dopq's row either)."""
+    gains = benchmark_module("calib_gains")
+    widths = [(w_bits, a_bits) for w_bits in range(2, 9) for a_bits in range(2, 9)]
+    recipes = {width: gains.calib_gain_recipes(*width) for width in widths}
+    for width, rows in recipes.items():
+        for label, config in rows.items():
+            if "tanq" in label or "midpoints" in label:
+                assert config.softmax_quantizer == "tanq", (label, width)
+    tanq_rows = {"dopq+tanq-wide", "dopq+gptq+tanq-wide", "dopq+exact-midpoints"}
+    # below 8-bit activations they run, and --recipes knows them (its names are those of W4/A4)
+    assert all(tanq_rows <= set(rows) for (_, a_bits), rows in recipes.items() if a_bits < 8)
+    deploy = benchmark_module("deploy")
+    assert deploy.deploy_config("dopq+tanq-wide", 4, 4).tanq_centers == (0.35, 0.5, 0.65, 0.8, 0.9)
+    with pytest.raises(ConfigError, match="dopq\\+tanq-wide at W4/A8: dopq's post-Softmax grid is uniform"):
+        deploy.deploy_config("dopq+tanq-wide", 4, 8)  # deploy --deploy-methods takes these names too
 
 
 @pytest.mark.parametrize(
