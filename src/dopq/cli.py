@@ -146,7 +146,12 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         choices=SOFTMAX_CHOICES,
         help="override the preset's; auto: per attention module the best of tanq, log2, logsqrt2",
     )
-    g.add_argument("--ln-scale", choices=LN_SCALE_RULES, help="override the preset's MOSF rule")
+    g.add_argument(
+        "--ln-scale",
+        choices=LN_SCALE_RULES,
+        help="override the preset's MOSF rule (with --ln-shift input and integer zero points, as in dopq "
+        "and recommended, every rule gives each channel its own grid: the same model; docs/mosf.md)",
+    )
     g.add_argument("--integer-zero-point", choices=["on", "off"], help="override the preset's")
     g.add_argument("--bias-correction", choices=["on", "off"], help="override the preset's")
     g.add_argument(
@@ -197,8 +202,9 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         "--act-percentiles",
         type=float,
         nargs="+",
-        help="candidate upper quantiles of the activation range search (default: the recipe's percentiles, "
-        "with --act-range-objective output its own grid 0.99 to 1)",
+        help="candidate upper quantiles of the activations' uniform range search (default: the recipe's "
+        "percentiles, with --act-range-objective output its own grid 0.99 to 1; a log2 or log-sqrt2 "
+        "post-Softmax quantizer keeps the recipe's)",
     )
     g.add_argument(
         "--act-range-objective",

@@ -175,8 +175,10 @@ class ReconstructConfig:
         drop_prob: QDrop probability of keeping an activation in float during optimisation (None:
             0.5 at <= ``QDROP_MAX_BITS`` bits, off above; on an H200 at the full schedule it gained
             +48 / -31 images on DeiT-Tiny W3/A3 and tied at W4/A4 (+18 / -20) while costing time).
-        learn_softmax: also learn the post-Softmax quantizer's parameters (TanQ). Off by default:
-            measured on the shared DeiT-Tiny it made block losses worse (docs/reconstruction.md).
+        learn_softmax: also learn the post-Softmax quantizer's parameters (TanQ's, also as ``auto``'s
+            candidate). Off by default: measured on the shared DeiT-Tiny it made block losses worse
+            (docs/reconstruction.md). A uniform post-Softmax quantizer's step is an activation step,
+            learned with the others either way; log2 and log-sqrt2 learn nothing.
         seed: seed of the image order and the QDrop masks (the images are the caller's; the CLI
             sets it to ``--seed``, which also draws its calibration subset).
         grad_shards: each batch's gradient as the sum, in order, of this many fixed contiguous
@@ -401,7 +403,8 @@ class QuantConfig:
         return "float" if min(self.w_bits, self.a_bits) <= GPTQ_FLOAT_TARGET_MAX_BITS else "quantized"
 
     def replace(self, **changes: Any) -> QuantConfig:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again). The presets' width rules are not applied
+        again: for a preset at other widths, ``get_preset(name, w_bits=..., a_bits=...)``."""
         return _construct(
             QuantConfig,
             {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, **changes},
