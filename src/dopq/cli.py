@@ -136,7 +136,8 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         help="preset recipe: recommended (the default: dopq plus, by width, GPTQ rounding at 3 bits and "
         "below and at 4-bit weights (below 8-bit activations kept only where the calibration check "
         "shows it pays, --gptq-check), TanQ's wider centre grid with 3-bit activations, centred 8-bit "
-        "weight grids, centred q/k/v with 8-bit activations), dopq (the paper's recipe) or repq (the "
+        "weight grids, centred q/k/v with 8-bit activations), dopq (the paper's TanQ and MOSF, with an "
+        "exact post-LayerNorm shift and bias correction) or repq (the "
         "RepQ-ViT baseline)",
     )
     g.add_argument("--w-bits", type=int, default=4)

@@ -524,8 +524,8 @@ def get_preset(name: str, **overrides: Any) -> QuantConfig:
     """The named recipe with optional field overrides (given fields always win over the rules; None
     leaves a field that cannot be None to the recipe, and sets one that can).
 
-    ``dopq`` (the paper's recipe) quantizes post-Softmax activations with TanQ up to
-    ``TANQ_MAX_BITS`` and uniformly above. ``recommended`` is dopq plus GPTQ rounding at
+    ``dopq`` (the paper's TanQ and MOSF, with the exact post-LayerNorm shift and bias correction)
+    quantizes post-Softmax activations with TanQ up to ``TANQ_MAX_BITS`` and uniformly above. ``recommended`` is dopq plus GPTQ rounding at
     <= ``RECOMMENDED_GPTQ_MAX_BITS`` bits (aimed half way at the float model's output), TanQ's wider
     centre grid with <= ``RECOMMENDED_WIDE_TANQ_MAX_BITS``-bit activations, GPTQ rounding at 4-bit
     weights (damping ``RECOMMENDED_W4_GPTQ_DAMP``; below 8-bit activations kept only where the
