@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -205,6 +206,28 @@ def test_softmax_grid_bits_are_validated_and_reach_every_tanq() -> None:
         prepare_model(model, get_preset("dopq", softmax_quantizer=softmax).replace(softmax_grid_bits=grid))
         tanqs = [m for m in model.modules() if isinstance(m, TanQQuantizer)]
         assert tanqs and all(q.grid_bits == grid for q in tanqs)
+
+
+def test_a_threshold_grid_too_coarse_for_tanq_is_recorded_and_said(caplog: pytest.LogCaptureFixture) -> None:
+    """A grid too coarse for a TanQ table leaves that table's exact midpoints (the fast export's table
+    read is not used there): ``--softmax-grid-bits 8`` did nothing on timm's random test_vit at 4 bits,
+    without a word or a trace in the result."""
+    import timm
+
+    import dopq
+
+    torch.manual_seed(0)
+    model, images = timm.create_model("test_vit", num_classes=10).eval(), torch.randn(6, 3, 160, 160)
+    _, fine = dopq.quantize_with_report(copy.deepcopy(model), images, get_preset("dopq"), progress=False)
+    assert fine.coverage.softmax_off_grid == []
+    assert fine.to_dict()["coverage"]["softmax_off_grid"] == []
+    coarse_config = get_preset("dopq", softmax_grid_bits=8)
+    with caplog.at_level("WARNING", logger="dopq"):
+        _, coarse = dopq.quantize_with_report(copy.deepcopy(model), images, coarse_config, progress=False)
+    off = coarse.to_dict()["coverage"]["softmax_off_grid"]
+    assert off and set(off) <= set(coarse.coverage.softmax_kinds)
+    assert "(6 off the threshold grid: exact midpoints)" in coarse.coverage.summary()
+    assert "softmax_grid_bits 8 (--softmax-grid-bits) is too coarse" in caplog.text
 
 
 @pytest.mark.parametrize("family", ["vit", "deit-distilled", "swin", "hf-vit", "hf-swin"])

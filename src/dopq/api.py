@@ -22,7 +22,7 @@ from dopq.checkpoint import ReconstructionCheckpoint, SavedRun, restore_model
 from dopq.config import RECOMMENDED, QuantConfig, get_preset
 from dopq.errors import ConfigError
 from dopq.gptq import gptq_model
-from dopq.models import Coverage, QuantPlan, prepare_model, softmax_kinds
+from dopq.models import Coverage, QuantPlan, prepare_model, softmax_kinds, softmax_off_grid
 from dopq.models.loading import as_dopq_model, weights_dtype
 from dopq.modules import float_logits, quantizers_of
 from dopq.reconstruct import ReconstructionProgress, check_processes, reconstruct
@@ -467,8 +467,24 @@ def _quantize_with_report(
         _reconstruction_stage(
             model, fp_model, plan, recon_images, config, report, checkpoint, saved, progress
         )
+    if plan.coverage is not None:
+        _report_off_grid(plan.coverage, softmax_off_grid(model), config)
     log.info("quantized %s: %s", plan.adapter.family, {k: round(v, 2) for k, v in timings.items()})
     return model, report
+
+
+def _report_off_grid(coverage: Coverage, off_grid: list[str], config: QuantConfig) -> None:
+    """Record, and say, where the recipe's TanQ threshold grid did not fit: those tables keep their
+    exact midpoints (the simulation and the export agree), so the switch did nothing there."""
+    coverage.softmax_off_grid = off_grid
+    if off_grid:
+        total = sum(kind == "tanq" for kind in coverage.softmax_kinds.values())
+        log.warning(
+            "softmax_grid_bits %s (--softmax-grid-bits) is too coarse for the TanQ levels of %d of %d "
+            "attention modules (%s): they keep the exact midpoints, and the export compares with each "
+            "threshold there instead of reading one table", config.softmax_grid_bits, len(off_grid),
+            total, ", ".join(off_grid[:3]) + (", ..." if len(off_grid) > 3 else ""),
+        )  # fmt: skip
 
 
 def _as_config(config: QuantConfig | str | None) -> QuantConfig:

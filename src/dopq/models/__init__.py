@@ -9,7 +9,7 @@ from dopq.models.attention import (
     qkv_paths,
     value_paths,
 )
-from dopq.models.coverage import Coverage, measure_coverage, softmax_kinds
+from dopq.models.coverage import Coverage, measure_coverage, softmax_kinds, softmax_off_grid
 from dopq.models.loading import build_model, card_for, load_state_dict
 from dopq.models.prepare import QuantPlan, example_input, prepare_model
 from dopq.models.structure import LayerNormPair, find_layernorm_pairs
@@ -35,5 +35,6 @@ __all__ = [
     "qkv_paths",
     "register_adapter",
     "softmax_kinds",
+    "softmax_off_grid",
     "value_paths",
 ]

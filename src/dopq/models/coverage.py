@@ -22,7 +22,7 @@ from dopq.models.adapters import quantized_attention_classes
 from dopq.modules import QuantConv2d, QuantLinear, quantizers_off, removing_hooks
 from dopq.quantizers import LevelQuantizer, Quantizer, quantizer_name
 
-__all__ = ["Coverage", "measure_coverage", "softmax_kinds"]
+__all__ = ["Coverage", "measure_coverage", "softmax_kinds", "softmax_off_grid"]
 
 _ATTENTION_FUNCTIONS = {torch.softmax, torch.Tensor.softmax, F.softmax, F.scaled_dot_product_attention}
 
@@ -36,6 +36,8 @@ class Coverage:
     total: dict[str, int] = field(default_factory=dict)
     left_float: dict[str, list[str]] = field(default_factory=dict)
     softmax_kinds: dict[str, str] = field(default_factory=dict)
+    # attention modules whose TanQ thresholds could not take the recipe's softmax_grid_bits
+    softmax_off_grid: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -50,6 +52,8 @@ class Coverage:
             kinds = list(self.softmax_kinds.values())
             counts = ", ".join(f"{k} {kinds.count(k)}" for k in dict.fromkeys(kinds))
             line += f"; post-Softmax {counts}"
+        if self.softmax_off_grid:
+            line += f" ({len(self.softmax_off_grid)} off the threshold grid: exact midpoints)"
         return line
 
     def to_dict(self) -> dict[str, object]:
@@ -58,6 +62,7 @@ class Coverage:
             "total": dict(self.total),
             "left_float": dict(self.left_float),
             "softmax_kinds": dict(self.softmax_kinds),
+            "softmax_off_grid": list(self.softmax_off_grid),
         }
 
 
@@ -156,3 +161,16 @@ def softmax_kinds(model: nn.Module) -> dict[str, str]:
             if isinstance(q, Quantizer):
                 kinds[name] = quantizer_name(q.resolve() if isinstance(q, LevelQuantizer) else q)
     return kinds
+
+
+def softmax_off_grid(model: nn.Module) -> list[str]:
+    """The quantized attention modules whose post-Softmax TanQ (chosen by ``auto`` too) was asked
+    for a threshold grid too coarse for its levels, and so keeps the exact midpoints."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, quantized_attention_classes()):
+            q = module.matmul_av.quantizer_a
+            q = q.resolve() if isinstance(q, LevelQuantizer) else q
+            if callable(getattr(q, "off_grid", None)) and q.off_grid():
+                names.append(name)
+    return names

@@ -227,6 +227,15 @@ class TanQQuantizer(LevelQuantizer):
                 thresholds = snapped_in(snapped, params[0].dtype)
         return levels.to(params[0].dtype), thresholds.to(params[0].dtype)
 
+    def off_grid(self) -> bool:
+        """Asked for a threshold grid (``grid_bits``) too coarse for this table: the thresholds keep
+        their exact midpoints (:func:`~dopq.quantizers.levels.snap_thresholds`), and the export
+        compares with each of them instead of reading one table."""
+        if self.grid_bits is None:
+            return False
+        levels, thresholds = tan_levels(*(p.detach().float() for p in self._params()), self.bits)
+        return snap_thresholds(levels, thresholds, self.grid_bits) is None
+
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, objective={self.objective}, c={float(self.sharpness):.3g}, "
