@@ -260,6 +260,26 @@ def test_saving_with_another_config_names_the_quantizer_it_changes(tmp_path) -> 
         save_quantized(q, tmp_path / "q.pt", config.replace(a_bits=8))
 
 
+def test_saving_records_only_the_recipe_the_model_was_quantized_with(tmp_path) -> None:
+    """Fields that change no quantizer's kind or width (GPTQ, bias correction) rebuild the same model:
+    a model quantized with GPTQ and bias correction was saved as dopq without either, and the file,
+    dopq evaluate and the export named that recipe."""
+    used = dopq.get_preset("dopq", weight_rounding="gptq")
+    q = dopq.quantize(_tiny(), torch.randn(4, 3, 160, 160), used, progress=False)
+    with pytest.raises(
+        CheckpointError, match="quantized with weight_rounding='gptq', the config gives 'nearest'"
+    ):
+        save_quantized(q, tmp_path / "q.pt", dopq.get_preset("dopq"))
+    loaded, recorded, _ = load_quantized(save_quantized(q, tmp_path / "q.pt", used))
+    assert recorded == used
+    with pytest.raises(CheckpointError, match="quantized with bias_correction=True, the config gives False"):
+        save_quantized(loaded, tmp_path / "again.pt", used.replace(bias_correction=False))
+    assert (
+        save_quantized(loaded, tmp_path / "again.pt", recorded).read_bytes()
+        == (tmp_path / "q.pt").read_bytes()
+    )
+
+
 def test_a_timm_model_created_with_other_shapes_saves_with_its_arguments_or_not_at_all(tmp_path):
     """A Swin created with its own image and window size: its name alone rebuilds other shapes. Only
     the attention masks (buffers) follow the image size, so with the dimensions but not ``img_size``

@@ -19,7 +19,7 @@ from torch import nn
 from dopq.calibrate import calibrate, capture_inputs, correct_bias
 from dopq.centring import CentringReport, centre_values
 from dopq.checkpoint import ReconstructionCheckpoint, SavedRun, restore_model
-from dopq.config import RECOMMENDED, QuantConfig, get_preset
+from dopq.config import RECIPE_ATTRIBUTE, RECOMMENDED, QuantConfig, get_preset
 from dopq.errors import ConfigError
 from dopq.gptq import gptq_model
 from dopq.models import Coverage, QuantPlan, prepare_model, softmax_kinds, softmax_off_grid
@@ -469,6 +469,7 @@ def _quantize_with_report(
         )
     if plan.coverage is not None:
         _report_off_grid(plan.coverage, softmax_off_grid(model), config)
+    setattr(model, RECIPE_ATTRIBUTE, config.to_dict())  # what save_quantized may record
     log.info("quantized %s: %s", plan.adapter.family, {k: round(v, 2) for k, v in timings.items()})
     return model, report
 

@@ -19,6 +19,7 @@ __all__ = [
     "LN_SCALE_RULES",
     "LN_SHIFTS",
     "RANGE_OBJECTIVES",
+    "RECIPE_ATTRIBUTE",
     "RECOMMENDED",
     "SOFTMAX_CHOICES",
     "SOFTMAX_GRID_BITS",
@@ -59,6 +60,10 @@ TANQ_CENTERS_WIDE = (0.35, 0.5, 0.65, 0.8, 0.9)
 # models' 4-bit tables (>= 6e-4); a 65537-entry table per attention module in the export
 SOFTMAX_GRID_BITS = 16
 SOFTMAX_GRID_BITS_RANGE = (8, 20)  # the grids softmax_grid_bits may name (None: exact midpoints)
+# where dopq.quantize (and load_quantized) leave the recipe, as a dict, on the model they return: the
+# recipe save_quantized records must be that one (its fields beyond the quantizers' kinds and widths
+# leave no trace in the model's structure)
+RECIPE_ATTRIBUTE = "dopq_recipe"
 # float dtypes a quantized model is evaluated or exported in (float64: docs/export.md)
 FLOAT_DTYPES = ("float32", "float64")
 # what runs an exported ONNX model (dopq evaluate --onnx --runtime)

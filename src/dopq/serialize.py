@@ -27,7 +27,7 @@ import timm
 import torch
 from torch import nn
 
-from dopq.config import QuantConfig
+from dopq.config import RECIPE_ATTRIBUTE, QuantConfig
 from dopq.devices import resolve_device
 from dopq.errors import CheckpointError
 from dopq.files import atomic_path
@@ -256,6 +256,7 @@ def save_quantized(
         payload["model_kwargs"] = _timm_kwargs(model, arch, model_kwargs)
     payload["digest"] = payload_digest(payload)
     _check_rebuilds(model, payload)
+    _check_recorded_recipe(model, config)
     # Serialized in memory first: torch.save names the archive after the file it writes, and the
     # temporary name would make two saves of the same model differ. Same model -> same bytes.
     buffer = io.BytesIO()
@@ -297,6 +298,25 @@ def _check_recipe_matches(model: nn.Module, rebuilt: nn.Module) -> None:
                 f"model has a {ours.bits}-bit {type(ours).__name__}; pass the config the model was "
                 "quantized with (quantize_with_report's report.config)"
             )
+
+
+def _check_recorded_recipe(model: nn.Module, config: QuantConfig) -> None:
+    """Refuse a ``config`` other than the one :func:`dopq.quantize` (or :func:`load_quantized`) left on
+    the model: a field that changes no quantizer's kind or width (GPTQ, bias correction, the MOSF rule)
+    rebuilds the same model, so the file, ``dopq evaluate`` and the export would name a recipe the
+    model was not made with."""
+    made = getattr(model, RECIPE_ATTRIBUTE, None)
+    if not isinstance(made, dict):
+        return  # quantized without dopq.quantize (prepare_model and calibrate): nothing to hold it to
+    given = config.to_dict()
+    differ = [name for name, value in given.items() if name in made and made[name] != value]
+    if differ:
+        name = differ[0]
+        raise CheckpointError(
+            f"cannot save: the model was quantized with {name}={made[name]!r}, the config gives "
+            f"{given[name]!r}; pass the config the model was quantized with (quantize_with_report's "
+            "report.config)"
+        )
 
 
 def _check_rebuilds(model: nn.Module, payload: dict[str, Any]) -> None:
@@ -420,6 +440,7 @@ def _from_payload(payload: dict[str, Any], path: Path) -> tuple[nn.Module, Quant
             f"unexpected {result.unexpected_keys[:2]}"
         )
     _set_weights_from_codes(model, codes, path)
+    setattr(model, RECIPE_ATTRIBUTE, config.to_dict())  # saved again, it keeps this recipe
     return model.eval(), config
 
 
