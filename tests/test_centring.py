@@ -131,3 +131,23 @@ def test_a_projection_without_bias_gets_one(tmp_path) -> None:
     loaded, _, _ = load_quantized(save_quantized(quantized, tmp_path / "q.pt", config))
     with torch.no_grad():
         assert torch.equal(loaded(x), quantized(x))
+
+
+def test_attention_modules_it_cannot_centre_are_named_and_said(caplog: pytest.LogCaptureFixture) -> None:
+    """A norm between attn @ v and the output projection (timm's scale_attn_norm) leaves no v to
+    shift: the recommended preset's value centring at 8-bit activations did nothing there, without a
+    word or a trace in the result."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_vit", num_classes=10, scale_attn_norm=True).eval()
+    config = dopq.get_preset("recommended", w_bits=8, a_bits=8)
+    assert config.centre_values
+    with caplog.at_level("WARNING", logger="dopq"):
+        _, report = dopq.quantize_with_report(model, torch.randn(4, 3, 160, 160), config, progress=False)
+    attentions = [f"blocks.{i}.attn" for i in range(len(model.blocks))]
+    assert report.centring.offsets == {} and report.centring.skipped == attentions
+    assert report.to_dict()["centring_skipped"] == attentions
+    assert f"could not shift v in {len(attentions)} attention modules" in caplog.text
+    torch.manual_seed(0)
+    plain = timm.create_model("test_vit", num_classes=10).eval()
+    _, report = dopq.quantize_with_report(plain, torch.randn(4, 3, 160, 160), config, progress=False)
+    assert report.centring.skipped == [] and len(report.centring.offsets) == len(attentions)

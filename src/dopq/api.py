@@ -68,6 +68,8 @@ class QuantizationReport:
             "calib_seconds": self.calib_seconds,
             "reparam_max_logit_change": None if self.reparam is None else self.reparam.max_logit_change,
             "centring_max_logit_change": None if self.centring is None else self.centring.max_logit_change,
+            # the attention modules whose v value centring could not shift (their v keeps its mean)
+            "centring_skipped": None if self.centring is None else list(self.centring.skipped),
             "reconstruction": self.reconstruction,
             "gptq": self.gptq,
             "coverage": None if self.coverage is None else self.coverage.to_dict(),
@@ -308,6 +310,14 @@ def _stages_before_reconstruction(
     if config.centre_values:
         with _timed(timings, "value_centring"):
             report.centring = centre_values(model, images)
+        if report.centring.skipped:
+            skipped = report.centring.skipped
+            log.warning(
+                "value centring (centre_values, --centre-values) could not shift v in %d attention "
+                "modules (%s): a norm or a gate sits between attn @ v and the output projection, or no "
+                "image reaches it; their v keeps its mean", len(skipped),
+                ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else ""),
+            )  # fmt: skip
     capture = plan.paired_linears if config.ln_scale == "search" else ()
     with _timed(timings, "calibration"), capture_inputs(model, capture) as captured:
         calibrate(model, images)

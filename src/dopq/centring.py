@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dopq.models import ValuePath, value_paths
+from dopq.models.adapters import quantized_attention_classes
 from dopq.modules import quantizers_off, removing_hooks
 from dopq.reparam import check_float_change
 
@@ -24,10 +25,13 @@ __all__ = ["CentringReport", "centre_values", "fold_value_offset"]
 
 @dataclass
 class CentringReport:
-    """What value centring did: the largest offset removed per attention module and the float check."""
+    """What value centring did: the largest offset removed per attention module, the attention modules
+    it could not centre (something between ``attn @ v`` and the output projection, or not reached by
+    the images) and the float check."""
 
     offsets: dict[str, float] = field(default_factory=dict)
     max_logit_change: float = 0.0
+    skipped: list[str] = field(default_factory=list)
 
 
 def fold_value_offset(path: ValuePath, offset: torch.Tensor) -> None:
@@ -87,7 +91,8 @@ def centre_values(
             by something a :class:`ValuePath` does not account for).
     """
     paths = value_paths(model)
-    report = CentringReport()
+    attentions = [n for n, m in model.named_modules() if isinstance(m, quantized_attention_classes())]
+    report = CentringReport(skipped=[n for n in attentions if n not in paths])
     if not paths:
         return report
     with quantizers_off(model):
@@ -95,6 +100,7 @@ def centre_values(
         means = _value_means(model, paths, images)
         for name, path in paths.items():
             if name not in means:  # a module this input never reaches
+                report.skipped.append(name)
                 continue
             fold_value_offset(path, means[name])
             report.offsets[name] = float(means[name].abs().max())

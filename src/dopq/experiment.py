@@ -518,6 +518,7 @@ def run_recipe(
         "reconstruction": report.reconstruction,
         "gptq": report.gptq,
         "reparam_max_logit_change": report.reparam.max_logit_change if report.reparam else None,
+        "centring_skipped": report.to_dict()["centring_skipped"],
         "coverage": report.coverage.to_dict() if report.coverage else None,
         "coverage_summary": report.coverage.summary() if report.coverage else None,
         "config": {
