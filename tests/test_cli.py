@@ -102,9 +102,9 @@ MODEL_ERRORS = [
     pytest.param(lambda t: ["--checkpoint", str(_garbage("x.pth")(t))], "could not be read", id="corrupt-pth"),
     pytest.param(lambda t: ["--checkpoint", str(_garbage("x.pth", b"PK\x03\x04" + bytes(60))(t))],
                  "could not be read", id="truncated-zip-pth"),
-    pytest.param(lambda t: ["--w-bits", "9"], "w_bits must be an integer in 2..8, got 9", id="w-bits-9"),
-    pytest.param(lambda t: ["--a-bits", "1"], "a_bits must be an integer in 2..8, got 1", id="a-bits-1"),
-    pytest.param(lambda t: ["--edge-w-bits", "16"], "edge_w_bits must be an integer in 2..8, got 16",
+    pytest.param(lambda t: ["--w-bits", "9"], "--w-bits must be an integer in 2..8, got 9", id="w-bits-9"),
+    pytest.param(lambda t: ["--a-bits", "1"], "--a-bits must be an integer in 2..8, got 1", id="a-bits-1"),
+    pytest.param(lambda t: ["--edge-w-bits", "16"], "--edge-w-bits must be an integer in 2..8, got 16",
                  id="edge-w-bits-16"),
     pytest.param(lambda t: ["--model", "resnet18"], "unsupported model family ResNet", id="unsupported-family"),
 ]  # fmt: skip
@@ -249,7 +249,7 @@ def test_entry_point_exit_code_and_single_line(roots: dict[str, Path]) -> None:
     )
     assert proc.returncode == 2
     assert proc.stdout == ""
-    assert proc.stderr.splitlines() == ["dopq: error: w_bits must be an integer in 2..8, got 9"]
+    assert proc.stderr.splitlines() == ["dopq: error: --w-bits must be an integer in 2..8, got 9"]
 
 
 class _Writes:
@@ -460,7 +460,10 @@ EARLY_ERRORS = [
     pytest.param(lambda t: ["--opset", "99"], "--opset is for --export", id="opset-alone"),
     pytest.param(lambda t: ["--recon-iters", "5"], "--recon-iters is for --reconstruct", id="recon-flag-alone"),
     pytest.param(lambda t: ["--reconstruct", "--recon-batch-size", "4", "--recon-grad-shards", "8"],
-                 "recon grad_shards (8) must be at most the batch size (4)", id="more-shards-than-images"),
+                 "--recon-grad-shards (8) must be at most the batch size (4)", id="more-shards-than-images"),
+    # the recipe's own checks, in the flags' names (they named the config's fields: w_bits, gptq_damp)
+    pytest.param(lambda t: ["--gptq-damp", "2"], "--gptq-damp must be in (0, 1], got 2.0", id="gptq-damp-2"),
+    pytest.param(lambda t: ["--tanq-centers", "0.5", "1.5"], "--tanq-centers must be in (0, 1)", id="tanq-centers"),
     pytest.param(lambda t: ["--method", "dopq", "--gptq-damp", "0.5"],
                  "--gptq-damp is for GPTQ rounding, which --method dopq at W4 does not use", id="gptq-option-ignored"),
     pytest.param(lambda t: ["--w-bits", "8", "--gptq-check", "on"],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Iterator
@@ -407,6 +408,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_from(args: argparse.Namespace) -> QuantConfig:
+    """The recipe the quantize flags describe; a config's refusal names the flag, not the field."""
+    try:
+        return _recipe_of(args)
+    except ConfigError as exc:
+        raise ConfigError(_in_flag_names(str(exc), args)) from None
+
+
+# ReconstructConfig's fields, which its messages name as "recon <field>", and their flags
+_RECON_FLAGS = {
+    name: f"--recon-{name.replace('_', '-')}"
+    for name in ("calib_size", "iters", "batch_size", "rounding", "drop_prob", "grad_shards")
+}
+
+
+def _in_flag_names(message: str, args: argparse.Namespace) -> str:
+    """A config's message starts with the field it refuses (``w_bits must be ...``, ``recon
+    grad_shards (8) must ...``); on the command line that is a flag (``--w-bits``). Fields without a
+    flag (set through the Python API) keep their names."""
+    match = re.match(r"(recon )?([a-z][a-z0-9_]*)\b", message)
+    if match is None:
+        return message
+    recon, field = match.groups()
+    flag = (
+        _RECON_FLAGS.get(field)
+        if recon
+        else (f"--{field.replace('_', '-')}" if hasattr(args, field) else None)
+    )
+    return message if flag is None else flag + message[match.end() :]
+
+
+def _recipe_of(args: argparse.Namespace) -> QuantConfig:
     overrides: dict[str, Any] = {
         "w_bits": args.w_bits,
         "a_bits": args.a_bits,
