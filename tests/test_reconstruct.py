@@ -8,9 +8,11 @@ import pytest
 import timm
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 import dopq
 from dopq import reconstruct
+from dopq.checkpoint import ReconstructionCheckpoint, RunIdentity
 from dopq.config import ReconstructConfig
 from dopq.modules import QuantLinear
 from dopq.quantizers import DropNoise, UniformQuantizer
@@ -147,6 +149,31 @@ def test_a_unit_that_training_made_worse_keeps_its_calibrated_state(block_and_da
     assert stats["kept_calibrated"] and stats["loss_after"] == stats["loss_before"]
     calibrated = block.state_dict()
     assert all(torch.equal(v, calibrated[k]) for k, v in unit.state_dict().items())
+
+
+def _open_bars() -> list[tqdm]:
+    return [bar for bar in list(tqdm._instances) if not bar.disable]
+
+
+def test_a_stop_between_units_closes_the_run_bar(tmp_path):
+    """Ctrl-C between two units (here: while the checkpoint of the first is written) closes the
+    run's bar on the way out; left to the garbage collector, it was drawn again after the CLI's line
+    saying the run stopped. (A unit's own bar closes with its loop.)"""
+
+    class StoppedAfterUnit(ReconstructionCheckpoint):
+        def write(self, model, stages, progress, units):
+            super().write(model, stages, progress, units)
+            if progress is not None:
+                raise KeyboardInterrupt
+
+    torch.manual_seed(0)
+    fp = timm.create_model("test_vit", num_classes=10).eval()
+    images = torch.randn(4, 3, 160, 160)
+    config = dopq.get_preset("dopq", w_bits=4, a_bits=4, reconstruct=ReconstructConfig(iters=1, batch_size=4))
+    checkpoint = StoppedAfterUnit(tmp_path, RunIdentity({"recipe": "test"}, "ab" * 32), progress_lines=False)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        dopq.quantize_with_report(fp, images, config, progress=True, checkpoint=checkpoint)
+    assert stopped.tb is not None and _open_bars() == []
 
 
 def test_qdrop_masks_of_a_slice_are_the_rows_of_the_whole_batch():

@@ -389,56 +389,58 @@ def reconstruct(
     done, seconds_before, stats = _resume(resume_from, names, generator, drop_generator)
     t_start = time.perf_counter()
     previous: tuple[nn.Module, torch.Tensor, torch.Tensor] | None = None  # unit, its inputs, its targets
-    outer = tqdm(total=len(q_units), initial=done, desc="reconstruct", disable=not progress, unit="block")
     todo = itertools.islice(zip(q_units, links, strict=True), done, None)
-    for (name, unit), chained in todo:
-        t0 = time.perf_counter()
-        if chained and previous is not None:
-            # the previous (already reconstructed) unit's outputs are this unit's inputs, and the float
-            # targets it was fitted to are this float unit's inputs: one unit's work, not a forward
-            # (unpacked and dropped first, so each cached tensor is freed as soon as it is used)
-            prev_unit, prev_inputs, fp_inputs = previous
-            previous = None
-            inputs = apply_unit(prev_unit, prev_inputs, cache_bs)
-            del prev_inputs
-            targets = apply_unit(fp_calls[name], fp_inputs, cache_bs)
-            del fp_inputs
-        else:
-            previous = None
-            inputs = cache_unit_io(model, unit, images, cache_bs, output=False)
-            targets = cache_unit_io(fp_model, fp_units[name], images, cache_bs, output=True)
-        t_cache = time.perf_counter() - t0
-        res = reconstruct_unit(
-            q_calls[name],
-            inputs,
-            targets,
-            rcfg,
-            iters,
-            generator,
-            desc=name,
-            progress=progress,
-            drop_generator=drop_generator,
-        )
-        res.update(unit=name, seconds=time.perf_counter() - t0, cache_seconds=t_cache, chained=chained)
-        stats.append(res)
-        log.info("reconstructed %s in %.1f s: block loss %.4g -> %.4g", name, res["seconds"],
-                 res["loss_before"], res["loss_after"])  # fmt: skip
-        outer.update()
-        outer.set_postfix(unit=name, loss=f"{res['loss_after']:.4g}")
-        previous = (q_calls[name], inputs, targets)
-        del inputs, targets
-        if after_unit is not None:
-            after_unit(
-                ReconstructionProgress(
-                    done=len(stats),
-                    names=names,
-                    units=stats,
-                    batch_rng=generator.get_state(),
-                    drop_rng=drop_generator.get_state(),
-                    seconds=seconds_before + time.perf_counter() - t_start,
-                )
+    # closed however the run ends: a bar left open past a Ctrl-C was drawn again (by the garbage
+    # collector) after the line saying the run stopped
+    outer = tqdm(total=len(q_units), initial=done, desc="reconstruct", disable=not progress, unit="block")
+    with outer:
+        for (name, unit), chained in todo:
+            t0 = time.perf_counter()
+            if chained and previous is not None:
+                # the previous (already reconstructed) unit's outputs are this unit's inputs, and the float
+                # targets it was fitted to are this float unit's inputs: one unit's work, not a forward
+                # (unpacked and dropped first, so each cached tensor is freed as soon as it is used)
+                prev_unit, prev_inputs, fp_inputs = previous
+                previous = None
+                inputs = apply_unit(prev_unit, prev_inputs, cache_bs)
+                del prev_inputs
+                targets = apply_unit(fp_calls[name], fp_inputs, cache_bs)
+                del fp_inputs
+            else:
+                previous = None
+                inputs = cache_unit_io(model, unit, images, cache_bs, output=False)
+                targets = cache_unit_io(fp_model, fp_units[name], images, cache_bs, output=True)
+            t_cache = time.perf_counter() - t0
+            res = reconstruct_unit(
+                q_calls[name],
+                inputs,
+                targets,
+                rcfg,
+                iters,
+                generator,
+                desc=name,
+                progress=progress,
+                drop_generator=drop_generator,
             )
-    outer.close()
+            res.update(unit=name, seconds=time.perf_counter() - t0, cache_seconds=t_cache, chained=chained)
+            stats.append(res)
+            log.info("reconstructed %s in %.1f s: block loss %.4g -> %.4g", name, res["seconds"],
+                     res["loss_before"], res["loss_after"])  # fmt: skip
+            outer.update()
+            outer.set_postfix(unit=name, loss=f"{res['loss_after']:.4g}")
+            previous = (q_calls[name], inputs, targets)
+            del inputs, targets
+            if after_unit is not None:
+                after_unit(
+                    ReconstructionProgress(
+                        done=len(stats),
+                        names=names,
+                        units=stats,
+                        batch_rng=generator.get_state(),
+                        drop_rng=drop_generator.get_state(),
+                        seconds=seconds_before + time.perf_counter() - t_start,
+                    )
+                )
     return _summary(rcfg, iters, int(images.shape[0]), seconds_before + time.perf_counter() - t_start, stats)
 
 
