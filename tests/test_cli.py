@@ -7,7 +7,9 @@ code 2; the end-to-end run quantizes the shared CIFAR-10 DeiT-Tiny at W8/A8 and 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -680,6 +682,38 @@ def test_progress_bars_stay_out_of_logs(roots: dict[str, Path], capsys: pytest.C
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "\r" not in err and "it/s" not in err and "img/s" not in err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_warning_during_a_progress_bar_starts_on_its_own_line(
+    roots: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a terminal, a warning logged while a bar is drawn (reconstruction warns about single units)
+    goes through tqdm: it starts on a line of its own, where written straight to stderr it ran on
+    from the bar's frame ('... 12.3img/s]WARNING dopq...') and left the frame behind."""
+    import dopq.evaluate
+
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(logging.root, "handlers", [])  # as in a plain process: main configures logging
+    monkeypatch.setattr(logging.root, "level", logging.root.level)
+    counts = dopq.evaluate.accuracy_counts
+
+    def warning_mid_bar(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
+        logging.getLogger("dopq.evaluate").warning("something to say mid-bar")
+        return counts(logits, targets)
+
+    monkeypatch.setattr(dopq.evaluate, "accuracy_counts", warning_mid_bar)
+    argv = [a for a in _quantize_argv(roots["good"], "--method", "repq") if a != "--quiet"]
+    assert main(argv) == 0
+    err = terminal.getvalue()
+    assert "img/s" in err  # bars were drawn
+    starts = [m.start() for m in re.finditer("WARNING dopq.evaluate: something to say mid-bar", err)]
+    assert starts and all(err[i - 1] in "\r\n" for i in starts), err
 
 
 def test_evaluate_onnx_names_the_widths_of_a_graph_exported_from_python(

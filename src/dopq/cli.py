@@ -959,6 +959,20 @@ def _use_deterministic_kernels() -> None:
     torch.backends.cudnn.benchmark = False
 
 
+class _LineHandler(logging.StreamHandler):
+    """Log lines on stderr written through tqdm, which takes the progress bars off the screen and
+    draws them again below the line: written straight to stderr, a warning during a bar ran on from
+    the bar's last frame and left that frame behind as a stale copy of the bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dopq`` command; user errors print one line and exit with 2."""
     try:
@@ -966,7 +980,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         distributed.closing_line(f"dopq: error: {' '.join(str(exc).split())}", 2)
         return 2
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", handlers=[_LineHandler()]
+    )
     commands = {
         "quantize": _cmd_quantize,
         "evaluate": _cmd_evaluate,
