@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,30 @@ def test_a_run_stopped_after_any_unit_resumes_to_the_same_bytes(tiny, uninterrup
     assert _saved_bytes(model, tiny[2]) == reference_bytes
     assert without_timings(report.to_dict()) == without_timings(reference.to_dict())
     assert read_checkpoint(tmp_path / FILE_NAME).summary["units_done"] == 8
+
+
+class _SlowDiesAfter(_DiesAfter):
+    """:class:`_DiesAfter` with 0.3 s more per unit, so that the units done before the stop weigh
+    more than the resumed run's own reconstruction."""
+
+    def write(self, *args, **kwargs) -> None:
+        time.sleep(0.3)
+        super().write(*args, **kwargs)
+
+
+def test_a_resumed_run_times_its_whole_reconstruction(tiny, tmp_path):
+    """The stages a resumed run restores keep the stopped run's times, and so does the
+    reconstruction: its stage time counts the units finished before the stop, as its "seconds" do
+    (it said only the resumed run's share, less than the reconstruction's own "seconds")."""
+    with pytest.raises(_Killed):
+        _quantize(tiny, _SlowDiesAfter(tmp_path, 4))
+    before = read_checkpoint(tmp_path / FILE_NAME).progress.seconds
+    assert before > 0.9  # three slow writes within the units' loop
+    _, report = _quantize(
+        tiny, ReconstructionCheckpoint(tmp_path, IDENTITY, resume=True, progress_lines=False)
+    )
+    assert report.reconstruction["seconds"] > before
+    assert report.timings["reconstruction"] >= report.reconstruction["seconds"]
 
 
 @pytest.fixture(scope="module")

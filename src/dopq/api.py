@@ -572,6 +572,10 @@ def _reconstruction_stage(
             resume_from=None if saved is None else saved.progress,
             after_unit=after_unit,
         )
+    if saved is not None and saved.progress is not None:
+        # the units the stopped run finished are part of this reconstruction (and of its
+        # "seconds"), as the restored stages before it are: not only this run's share
+        report.timings["reconstruction"] += saved.progress.seconds
 
 
 def quantize(
