@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 import timm
 import torch
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
 
+from dopq import plots
 from dopq.cli import build_parser, main
 from dopq.errors import ConfigError
 from dopq.plots import (
@@ -119,6 +122,41 @@ def test_plots_write_valid_pngs(model: nn.Module, images: torch.Tensor, tmp_path
     _, scales, zero_points = ln_channel_scales(model, images, 0, bits=4)
     _assert_png(plot_ln_scales(scales, tmp_path / "ln.png", "test_vit pair 0", zero_points))
     _assert_png(plot_ln_scales(scales, tmp_path / "ln_noz.png", "no zero points"))
+
+
+def _drawn_figures(monkeypatch: pytest.MonkeyPatch) -> list[Figure]:
+    """The figures dopq.plots saves from now on, drawn."""
+    figures: list[Figure] = []
+    save = plots._save
+
+    def keep(fig: Figure, path: str | Path) -> Path:
+        figures.append(fig)
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return figures
+
+
+def test_levels_at_the_ends_of_the_range_are_drawn_inside_the_frame(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attention that reaches 1 puts levels at 0 and at 1 (the clip): each lies inside its row's
+    x range, not on the frame, where the axes' spines hid it (log2's one level in the zoom, 1.0,
+    left its row blank beside '1 in zoom')."""
+    figures = _drawn_figures(monkeypatch)
+    attn = torch.softmax(8 * torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(0)), -1)
+    assert float(attn.max()) > 0.999
+    plot_attention_levels(attn, 4, tmp_path / "attn.png", "levels at the ends")
+    at_ends = 0
+    for ax in figures[0].axes:
+        lo, hi = ax.get_xlim()
+        for collection in ax.collections:
+            if isinstance(collection, LineCollection):  # one vertical line per level
+                xs = [float(segment[0][0]) for segment in collection.get_segments()]
+                drawn = [x for x in xs if lo - 1e-9 <= x <= hi + 1e-9]  # the zoom shows [0.5, 1] only
+                assert all(lo < x < hi for x in drawn), (ax.get_ylabel(), (lo, hi), drawn)
+                at_ends += sum(x in (0.0, 1.0) for x in drawn)
+    assert at_ends >= 4  # uniform's 0 and 1, in both panels, at least
 
 
 def _plot_argv(data_root: Path, out_dir: Path, *extra: str) -> list[str]:

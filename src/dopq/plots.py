@@ -62,6 +62,7 @@ __all__ = [
 _COLORS = {"uniform": "tab:blue", "log2": "tab:orange", "logsqrt2": "tab:green", "tanq": "tab:red"}
 _RULE_STYLES = {"mean": ("tab:blue", "-"), "median": ("tab:orange", "--"), "mad": ("tab:green", ":")}
 _ZOOM = (0.5, 1.0)
+_EDGE_MARGIN = 0.01  # of the histograms' ranges, beyond each end
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,7 +203,10 @@ def _save(fig: Figure, path: str | Path) -> Path:
 def _histogram(ax: Axes, values: np.ndarray, lo: float, hi: float, bins: int) -> None:
     counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
     ax.stairs(counts, edges, fill=True, color="0.55")
-    ax.set_xlim(lo, hi)
+    # a margin: levels at 0 and at 1 (the clip of most post-Softmax quantizers) lay on the frame,
+    # hidden by it, in the rows below that share these limits
+    margin = _EDGE_MARGIN * (hi - lo)
+    ax.set_xlim(lo - margin, hi + margin)
     if counts.any():
         ax.set_yscale("log")
     else:
