@@ -716,6 +716,26 @@ def test_a_warning_during_a_progress_bar_starts_on_its_own_line(
     assert starts and all(err[i - 1] in "\r\n" for i in starts), err
 
 
+def test_the_timings_name_every_stage_of_a_run(roots: dict[str, Path], tmp_path: Path) -> None:
+    """The result's timings (seconds) name each stage that takes time: loading, both evaluations,
+    the quantization's stages and the files written; the evaluations' are the times behind their
+    images per second."""
+    out = tmp_path / "r.json"
+    argv = _quantize_argv(roots["good"], "--method", "dopq", "--w-bits", "8", "--a-bits", "8")
+    extra = ["--output", str(out), "--save", str(tmp_path / "q.pt"), "--export", str(tmp_path / "q.onnx")]
+    assert main([*argv, *extra]) == 0
+    result = json.loads(out.read_text())
+    timings = result["timings"]
+    assert list(timings)[:2] == ["load", "fp_evaluation"]
+    assert list(timings)[-3:] == ["evaluation", "save", "export"]
+    assert {"prepare", "calibration", "reparameterization", "bias_correction"} <= set(timings)
+    assert all(seconds > 0 for seconds in timings.values())
+    images = result["eval_images"]
+    assert timings["fp_evaluation"] == pytest.approx(images / result["fp_eval_images_per_second"])
+    assert timings["evaluation"] == pytest.approx(images / result["eval_images_per_second"])
+    assert "evaluation" in (tmp_path / "r.md").read_text().split("Stage timings (s): ")[1]
+
+
 def test_evaluate_onnx_names_the_widths_of_a_graph_exported_from_python(
     roots: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

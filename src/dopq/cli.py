@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -609,10 +610,15 @@ def _write_quantized(
         "eval_dtype": result["eval_dtype"],
         "allow_partial": args.allow_partial,
     }
+    timings = result["timings"]  # the files' writing is a stage of the run too
     if args.save is not None:
+        start = time.perf_counter()
         result["saved_to"] = str(save_quantized(model, args.save, config, meta))
+        timings["save"] = time.perf_counter() - start
     if args.export is not None:
+        start = time.perf_counter()
         result["export"] = _export(model, config, meta, args)
+        timings["export"] = time.perf_counter() - start
     _write_outputs(result, args.output)
 
 
