@@ -159,6 +159,24 @@ def test_levels_at_the_ends_of_the_range_are_drawn_inside_the_frame(
     assert at_ends >= 4  # uniform's 0 and 1, in both panels, at least
 
 
+def test_a_long_title_stays_inside_the_figure(
+    model: nn.Module, images: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A title longer than the figure is wide (Swin-Tiny's: 'swin_tiny_patch4_window7_224, pair 11
+    (layers.2.blocks.0.norm2 -> layers.2.blocks.0.mlp.fc1): 4-bit per-channel input scales') is
+    wrapped, not cut off at both edges."""
+    figures = _drawn_figures(monkeypatch)
+    name = "swin_tiny_patch4_window7_224, pair 11 (layers.2.blocks.0.norm2 -> layers.2.blocks.0.mlp.fc1)"
+    title = f"{name}: 4-bit per-channel input scales"
+    plot_ln_scales(torch.rand(64) + 0.1, tmp_path / "ln.png", title)
+    plot_attention_levels(collect_attention(model, images, 0), 4, tmp_path / "attn.png", 2 * title)
+    for fig in figures:
+        renderer = fig.canvas.get_renderer()
+        assert fig.get_suptitle()
+        box = fig._suptitle.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.width, (box, fig.bbox.width)
+
+
 def _plot_argv(data_root: Path, out_dir: Path, *extra: str) -> list[str]:
     return ["plot", "--model", "test_vit", "--num-classes", "10", "--data", str(data_root),
             "--calib-size", "2", "--bits", "4", "--out-dir", str(out_dir), *extra]  # fmt: skip

@@ -269,7 +269,7 @@ def plot_attention_levels(attn: torch.Tensor, bits: int, path: str | Path, title
     full.tick_params(labelbottom=False)
     zoom.tick_params(labelbottom=False)
     full.legend(handles=handles, title=f"{bits}-bit quantizer levels", loc="upper right", fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title, wrap=True)  # a long title (Swin's module names) ran off both edges
     return _save(fig, path)
 
 
@@ -308,7 +308,7 @@ def plot_ln_scales(
     ratio = ordered[-1] / max(float(np.median(ordered)), 1e-12)
     ax.set_title(f"max / median scale = {ratio:.2f}", fontsize=9)
     ax.legend(loc="upper left", fontsize=9)
-    fig.suptitle(title)
+    fig.suptitle(title, wrap=True)  # a long title (Swin's module names) ran off both edges
     return _save(fig, path)
 
 
