@@ -736,6 +736,20 @@ def test_the_timings_name_every_stage_of_a_run(roots: dict[str, Path], tmp_path:
     assert "evaluation" in (tmp_path / "r.md").read_text().split("Stage timings (s): ")[1]
 
 
+def test_a_folder_in_the_place_of_the_markdown_twin_is_refused_before_any_work(
+    roots: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--output r.json writes r.md beside it at the end: a folder named r.md is one error line at the
+    start (it stopped the run after all its work with a raw IsADirectoryError, the JSON written)."""
+    (tmp_path / "r.md").mkdir()
+    argv = _quantize_argv(roots["good"], "--model", "no_such_model", "--output", str(tmp_path / "r.json"))
+    line = _assert_one_error(main(argv), capsys.readouterr().err, "Markdown twin")
+    assert f"{tmp_path / 'r.md'} is a folder" in line and "no_such_model" not in line  # before any work
+    argv = [*_quantize_argv(roots["good"], "--method", "repq"), "--output", str(tmp_path / "r.json")]
+    _assert_one_error(main(argv), capsys.readouterr().err, "Markdown twin")
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_evaluate_onnx_names_the_widths_of_a_graph_exported_from_python(
     roots: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -749,6 +749,13 @@ def _check_outputs(args: argparse.Namespace) -> None:
     for name, flag in (("output", "--output"), ("save", "--save")):
         if getattr(args, name, None) is not None:
             check_output_path(getattr(args, name), flag)
+    output = getattr(args, "output", None)
+    if output is not None and Path(output).with_suffix(".md").is_dir():
+        # written after the JSON, at the very end: a folder there stopped the run with a traceback
+        raise ConfigError(
+            f"--output {output}: its Markdown twin {Path(output).with_suffix('.md')} is a folder; "
+            "give --output another name"
+        )
     if getattr(args, "out_dir", None) is not None:
         check_output_dir(args.out_dir, "--out-dir")
     if getattr(args, "export", None) is not None:
