@@ -516,3 +516,21 @@ def test_quantizing_under_inference_mode_gives_the_same_model() -> None:
     for model in (quantized, built_inside):
         assert not any(t.is_inference() for t in (*model.parameters(), *model.buffers()))
         model(x).sum().backward()  # fine-tuning after quantization stays possible
+
+
+def test_a_bar_names_the_stage_that_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """With progress on, the stages before reconstruction are shown as they run (calibration, GPTQ,
+    its check: minutes on a large model, where nothing was shown between the two evaluations);
+    with progress off, nothing."""
+    images = torch.randn(6, 3, 160, 160)
+    config = dopq.get_preset("recommended", w_bits=4, a_bits=4)
+    for progress in (True, False):
+        model = timm.create_model("test_vit", num_classes=10).eval()
+        _, report = dopq.quantize_with_report(model, images, config, progress=progress)
+        err = capsys.readouterr().err
+        shown = [stage for stage in report.timings if f"quantize, now {stage.replace('_', ' ')}" in err]
+        if progress:  # every stage but the preparation (a fraction of a second), GPTQ and its check too
+            assert shown == [s for s in report.timings if s != "prepare"], err
+            assert {"calibration", "gptq", "gptq_check", "bias_correction"} <= set(shown)
+        else:
+            assert err == ""

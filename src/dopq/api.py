@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from tqdm.auto import tqdm
 
 from dopq.calibrate import calibrate, capture_inputs, correct_bias
 from dopq.centring import CentringReport, centre_values
@@ -278,13 +279,29 @@ def check_model_runs(model: nn.Module, images: torch.Tensor) -> None:
 
 
 @contextmanager
-def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    """Add the wall time of the block to ``timings[stage]``."""
+def _timed(timings: dict[str, float], stage: str, bar: tqdm | None = None) -> Iterator[None]:
+    """Add the wall time of the block to ``timings[stage]``; ``bar`` names the stage while it runs."""
+    if bar is not None:
+        bar.set_postfix_str(f"now {stage.replace('_', ' ')}")
     t0 = time.perf_counter()
     try:
         yield
     finally:
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
+        if bar is not None:
+            bar.update()
+
+
+def _stage_bar(progress: bool) -> tqdm:
+    """The bar of the stages before reconstruction: which one runs, and since when. Without it a
+    terminal showed nothing between the float evaluation and the quantized one, minutes on a large
+    model (GPTQ, its check)."""
+    return tqdm(
+        desc="quantize",
+        disable=not progress,
+        leave=False,
+        bar_format="{desc}{postfix} [{elapsed}]",
+    )
 
 
 def _stages(report: QuantizationReport) -> dict[str, Any]:
@@ -303,12 +320,29 @@ def _resume_stages(report: QuantizationReport, stages: dict[str, Any]) -> None:
 
 
 def _stages_before_reconstruction(
-    model: nn.Module, plan: QuantPlan, images: torch.Tensor, config: QuantConfig, report: QuantizationReport
+    model: nn.Module,
+    plan: QuantPlan,
+    images: torch.Tensor,
+    config: QuantConfig,
+    report: QuantizationReport,
+    progress: bool = False,
 ) -> None:
     """Value centring, calibration, re-parameterization, GPTQ (and its check) and bias correction."""
+    with _stage_bar(progress) as bar:
+        _run_stages(model, plan, images, config, report, bar)
+
+
+def _run_stages(
+    model: nn.Module,
+    plan: QuantPlan,
+    images: torch.Tensor,
+    config: QuantConfig,
+    report: QuantizationReport,
+    bar: tqdm,
+) -> None:
     timings = report.timings
     if config.centre_values:
-        with _timed(timings, "value_centring"):
+        with _timed(timings, "value_centring", bar):
             report.centring = centre_values(model, images)
         if report.centring.skipped:
             skipped = report.centring.skipped
@@ -319,9 +353,9 @@ def _stages_before_reconstruction(
                 ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else ""),
             )  # fmt: skip
     capture = plan.paired_linears if config.ln_scale == "search" else ()
-    with _timed(timings, "calibration"), capture_inputs(model, capture) as captured:
+    with _timed(timings, "calibration", bar), capture_inputs(model, capture) as captured:
         calibrate(model, images)
-    with _timed(timings, "reparameterization"):
+    with _timed(timings, "reparameterization", bar):
         report.reparam = reparameterize(
             model,
             plan,
@@ -331,13 +365,13 @@ def _stages_before_reconstruction(
             check_images=images[:4],
             captured=captured,
         )
-    float_weights, nearest, reference = _gptq_stage(model, images, config, report)
+    float_weights, nearest, reference = _gptq_stage(model, images, config, report, bar)
     corrected_logits = None
     if config.bias_correction:  # a stage the recipe skips has no time (repq printed 0.00 s)
-        with _timed(timings, "bias_correction"):
+        with _timed(timings, "bias_correction", bar):
             corrected_logits = _correct_bias(model, images, config, float_weights)
     if nearest is not None:
-        with _timed(timings, "gptq_check"):
+        with _timed(timings, "gptq_check", bar):
             check = keep_better_rounding(
                 model,
                 nearest,
@@ -351,7 +385,7 @@ def _stages_before_reconstruction(
 
 
 def _gptq_stage(
-    model: nn.Module, images: torch.Tensor, config: QuantConfig, report: QuantizationReport
+    model: nn.Module, images: torch.Tensor, config: QuantConfig, report: QuantizationReport, bar: tqdm
 ) -> tuple[dict[str, torch.Tensor] | None, nn.Module | None, torch.Tensor | None]:
     """GPTQ rounding where the recipe has it: the float weights it aimed at (for bias correction),
     and for its calibration check the round-to-nearest model and the float logits; Nones without."""
@@ -366,10 +400,10 @@ def _gptq_stage(
     timings = report.timings
     nearest = reference = None
     if config.gptq_check:  # the round-to-nearest model, finished by the caller for the check
-        with _timed(timings, "gptq_check"):
+        with _timed(timings, "gptq_check", bar):
             reference = float_logits(model, images)
             nearest = copy.deepcopy(model)
-    with _timed(timings, "gptq"):
+    with _timed(timings, "gptq", bar):
         target = config.gptq_target_used
         float_weights = gptq_model(
             model,
@@ -465,7 +499,7 @@ def _quantize_with_report(
     )
     log.info("coverage: %s", plan.coverage.summary())
     if saved is None:
-        _stages_before_reconstruction(model, plan, images, config, report)
+        _stages_before_reconstruction(model, plan, images, config, report, progress)
     else:
         restore_model(model, saved, checkpoint.path)
         _resume_stages(report, saved.stages)
