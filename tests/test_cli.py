@@ -339,7 +339,7 @@ def test_quantize_then_evaluate_deit_tiny(tmp_path: Path, capsys: pytest.Capture
     assert (
         "Evaluated on 40 images." in markdown
         and "calibration" not in markdown
-        and "Stage timings" not in markdown
+        and "Stage timings (s): load" in markdown
     )
 
     capsys.readouterr()
@@ -748,6 +748,29 @@ def test_a_folder_in_the_place_of_the_markdown_twin_is_refused_before_any_work(
     argv = [*_quantize_argv(roots["good"], "--method", "repq"), "--output", str(tmp_path / "r.json")]
     _assert_one_error(main(argv), capsys.readouterr().err, "Markdown twin")
     assert not (tmp_path / "r.json").exists()
+
+
+def test_evaluations_time_their_stages_under_the_names_of_a_quantize_run(
+    roots: dict[str, Path], tmp_path: Path
+) -> None:
+    """dopq evaluate's results have timings too (seconds): loading, the evaluation (the time behind
+    its images per second) and, comparing a graph with its saved model, the comparison's pass over
+    both, which took as long as the evaluation again and was nowhere."""
+    argv = _quantize_argv(roots["good"], "--method", "dopq", "--w-bits", "8", "--a-bits", "8")
+    saved, graph = tmp_path / "q.pt", tmp_path / "q.onnx"
+    assert main([*argv, "--save", str(saved), "--export", str(graph)]) == 0
+    data = ["--data", str(roots["good"]), "--quiet"]
+    for extra, stages in (
+        (["--quantized", str(saved)], ["load", "evaluation"]),
+        (["--onnx", str(graph), "--quantized", str(saved)], ["load", "evaluation", "comparison"]),
+    ):
+        out = tmp_path / "ev.json"
+        assert main(["evaluate", *extra, *data, "--output", str(out)]) == 0
+        result = json.loads(out.read_text())
+        assert list(result["timings"]) == stages and all(t > 0 for t in result["timings"].values())
+        images = result["eval_images"]
+        assert result["timings"]["evaluation"] == pytest.approx(images / result["eval_images_per_second"])
+        assert "Stage timings (s): load" in (tmp_path / "ev.md").read_text()
 
 
 def test_evaluate_onnx_names_the_widths_of_a_graph_exported_from_python(

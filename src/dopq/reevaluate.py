@@ -5,6 +5,7 @@ the result fields of a quantize run (:mod:`dopq.experiment`): the work behind ``
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,7 @@ def evaluate_saved(
     them under ``data``; ``compile`` runs the model through :class:`dopq.evaluate.CompiledModel`)."""
     from dopq.serialize import load_quantized
 
+    start = time.perf_counter()
     resolve_device(device)
     model, config, meta = load_quantized(path, arch=arch, device=device)
     digest = file_sha256(path)  # of the file just read: another run may overwrite it meanwhile
@@ -108,6 +110,7 @@ def evaluate_saved(
     # before sharding: a process with another listing would refuse "more processes than images"
     check_same_inputs(model, dataset)
     loader = _eval_loader(dataset, indices, batch_size, workers, device)
+    loading = time.perf_counter() - start
     with single_line_errors():
         model = maybe_compiled(in_dtype(model, eval_dtype), compile)
         res = evaluate(model, loader, device=device, progress=progress, desc="saved")
@@ -120,6 +123,7 @@ def evaluate_saved(
         **accuracy_fields(res),
         "eval_dtype": eval_dtype,
         "compiled": compile,
+        "timings": {"load": loading, "evaluation": res.seconds},  # seconds, named as a quantize run's
         "quantized_path": str(path),
         "quantized_sha256": digest,
         "recorded_quant_top1": meta.get("quant_top1"),
@@ -192,6 +196,7 @@ def evaluate_onnx(
     from dopq.evaluate import compare
     from dopq.export import external_data_files, load_runtime
 
+    start = time.perf_counter()
     onnx_model = load_runtime(path, runtime, threads=threads)
     # of the files just read (another run may overwrite them meanwhile): the graph and the data
     # files a large graph keeps its tensors in
@@ -206,8 +211,10 @@ def evaluate_onnx(
         num_classes if isinstance(num_classes, int) else None, dataset, class_names=meta.get("class_names")
     )
     loader = _eval_loader(dataset, indices, batch_size, workers)
+    timings = {"load": time.perf_counter() - start}
     with single_line_errors():
         res = evaluate(onnx_model, loader, progress=progress, desc=runtime)
+    timings["evaluation"] = res.seconds
     recipe = meta.get("recipe") or {}
     result: dict[str, Any] = {
         "model": meta.get("arch"),
@@ -215,6 +222,7 @@ def evaluate_onnx(
         "w_bits": recipe.get("w_bits", meta.get("w_bits")),  # an API export records no recipe
         "a_bits": recipe.get("a_bits", meta.get("a_bits")),
         **accuracy_fields(res),
+        "timings": timings,  # seconds; with --quantized also the comparison's pass over both models
         "onnx_path": str(path),
         "onnx_sha256": digest,
         **({"onnx_data_sha256": data_digests} if data_digests else {}),
@@ -229,12 +237,14 @@ def evaluate_onnx(
     if quantized is not None:
         from dopq.serialize import load_quantized
 
+        comparing = time.perf_counter()
         model, config, _ = load_quantized(quantized)
         _check_same_model(meta, config, model, quantized, path)
         dtype = meta.get("float_dtype", "float32")
         agreement = compare(
             in_dtype(model, dtype), onnx_model, loader, progress=progress, desc=f"simulation vs {runtime}"
         )
+        timings["comparison"] = time.perf_counter() - comparing
         result["comparison"] = {
             "quantized_path": str(quantized),
             "simulation_dtype": dtype,

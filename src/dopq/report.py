@@ -181,7 +181,7 @@ def markdown_report(result: dict[str, Any]) -> str:
         + ("." if result.get("calib_seconds") is None else f"; calibration {result['calib_seconds']:.2f} s."),
         "",
     ]
-    if result.get("timings"):  # a quantize run's; an evaluation has none
+    if result.get("timings"):
         lines += ["Stage timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result["timings"].items()), ""]
     return "\n".join(lines)
 
