@@ -254,6 +254,36 @@ def test_entry_point_exit_code_and_single_line(roots: dict[str, Path]) -> None:
     assert proc.stderr.splitlines() == ["dopq: error: --w-bits must be an integer in 2..8, got 9"]
 
 
+def test_a_reader_that_goes_away_does_not_stop_the_run(roots: dict[str, Path], tmp_path: Path) -> None:
+    """stdout into a pipe whose reader is gone (``dopq evaluate ... | head -1``): the result files
+    are written all the same and the run ends as it would, without a BrokenPipeError traceback
+    (it stopped at the table, before the JSON)."""
+    saved = tmp_path / "q.pt"
+    assert main([*_quantize_argv(roots["good"], "--method", "repq"), "--save", str(saved)]) == 0
+    out = tmp_path / "ev.json"
+    argv = [
+        "evaluate",
+        "--quantized",
+        str(saved),
+        "--data",
+        str(roots["good"]),
+        "--quiet",
+        "--output",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dopq", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert json.loads(out.read_text())["eval_images"] == 4 and out.with_suffix(".md").is_file()
+
+
 class _Writes:
     """A stderr that records each write call."""
 

@@ -554,13 +554,25 @@ def _settings_from(args: argparse.Namespace):
     )
 
 
+def _print(text: str) -> None:
+    """A line on stdout. A reader that went away (``dopq quantize ... | head -3``) does not stop the
+    run: its files are still written. (The broken pipe stopped it with a traceback, before the JSON.)"""
+    try:
+        print(text, flush=True)  # flushed: a broken pipe is met here, not at exit
+    except BrokenPipeError:
+        # the rest of stdout goes nowhere: Python's own flush at exit would meet the pipe again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def _write_outputs(result: dict[str, Any], output: Path | None) -> None:
     from dopq.report import result_table, write_result
 
-    print(result_table(result))
+    _print(result_table(result))
     if output is not None:
         json_path, md_path = write_result(result, output)
-        print(f"wrote {json_path} and {md_path}")
+        _print(f"wrote {json_path} and {md_path}")
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -836,7 +848,7 @@ def _export(
         target=args.export_target,
         weight_type=args.export_weight_type,
     )
-    print(
+    _print(
         f"wrote {report.path} ({report.bytes / 1e6:.2f} MB, {report.weight_storage} weights, "
         f"opset {report.opset}, {report.float_dtype}, for {report.target})"
     )
@@ -924,7 +936,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     for path in write_plots(
         model, images.to(device), args.model, args.kind, args.block, args.bits, args.out_dir
     ):
-        print(f"wrote {path}")
+        _print(f"wrote {path}")
     return 0
 
 
