@@ -177,6 +177,27 @@ def test_a_long_title_stays_inside_the_figure(
         assert box.x0 >= 0 and box.x1 <= fig.bbox.width, (box, fig.bbox.width)
 
 
+def test_a_figure_stopped_while_written_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Figures are written as results are, atomically: Ctrl-C while one was written left a
+    truncated PNG under the final name. The extension still picks the format."""
+    savefig = Figure.savefig
+
+    def stopped(fig: Figure, target: Path, **kwargs) -> None:
+        Path(target).write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        plot_ln_scales(torch.rand(8) + 0.1, tmp_path / "ln.png", "stopped")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    _assert_png(plot_ln_scales(torch.rand(8) + 0.1, tmp_path / "ln.png", "written"))
+    assert plot_ln_scales(torch.rand(8) + 0.1, tmp_path / "ln.pdf", "pdf").read_bytes().startswith(b"%PDF")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ln.pdf", "ln.png"]
+
+
 def _plot_argv(data_root: Path, out_dir: Path, *extra: str) -> list[str]:
     return ["plot", "--model", "test_vit", "--num-classes", "10", "--data", str(data_root),
             "--calib-size", "2", "--bits", "4", "--out-dir", str(out_dir), *extra]  # fmt: skip

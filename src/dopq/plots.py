@@ -36,6 +36,7 @@ from torch import nn
 from dopq.calibrate import calibrate
 from dopq.config import MAX_BITS, MIN_BITS, SOFTMAX_QUANTIZERS, get_preset
 from dopq.errors import ConfigError
+from dopq.files import atomic_path
 from dopq.models import (
     QuantPlan,
     example_input,
@@ -194,9 +195,11 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` to ``path`` atomically (as results are: a run stopped while drawing, Ctrl-C,
+    left a truncated PNG), in the format its extension names (PNG without one)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:  # the temporary's own extension would name no format
+        fig.savefig(tmp, dpi=110, format=path.suffix[1:] or "png")
     return path
 
 
@@ -237,7 +240,8 @@ def plot_attention_levels(attn: torch.Tensor, bits: int, path: str | Path, title
     Args:
         attn: attention values, e.g. from :func:`collect_attention`.
         bits: bit width of the quantizers.
-        path: PNG file to write (parent folders are created).
+        path: the file to write, in the format its extension names (PNG, PDF, SVG; parent folders
+            are created).
         title: figure title.
 
     Returns:
@@ -280,7 +284,8 @@ def plot_ln_scales(
 
     Args:
         scales: per-channel scales ``d_c``, ``(C,)``.
-        path: PNG file to write (parent folders are created).
+        path: the file to write, in the format its extension names (PNG, PDF, SVG; parent folders
+            are created).
         title: figure title.
         zero_points: per-channel zero points ``z_c`` (zeros when omitted; the target scale of these
             rules does not depend on them).
