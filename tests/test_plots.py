@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -228,6 +229,24 @@ def test_the_cli_offers_the_plot_kinds_the_library_draws() -> None:
         "plot"
     ]
     assert tuple(next(a for a in plot._actions if a.dest == "kind").choices) == PLOT_KINDS
+
+
+def test_the_block_index_counts_attention_modules_and_pairs_apart(
+    model: nn.Module, images: torch.Tensor, tmp_path: Path
+) -> None:
+    """--block N is the N-th attention module and the N-th LayerNorm -> Linear pair, and a block has
+    two pairs: --kind all --block 2 draws block 2's attention and blocks.1's norm1 -> qkv pair. The
+    help said 'index of the attention / LayerNorm pair', as if both were block N's; it says so now."""
+    paths = write_plots(model, images, "test_vit", "all", 2, 4, tmp_path)
+    assert ln_channel_scales(model, images, 2)[0] == "blocks.1.norm1 -> blocks.1.attn.qkv"
+    assert [p.name for p in paths] == ["attention_block2_a4.png", "ln_scales_pair2_a4.png"]
+    plot = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[
+        "plot"
+    ]
+    block = " ".join(next(a for a in plot._actions if a.dest == "block").help.split())
+    assert "attention module (attention)" in block and "LayerNorm -> Linear pair (ln-scales)" in block
+    assert "pair N is not block N's" in block
+    assert all(a.help for a in plot._actions), [a.dest for a in plot._actions if not a.help]
 
 
 def test_plot_cli(data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

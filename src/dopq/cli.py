@@ -390,20 +390,40 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="export a model saved with `dopq quantize --save` to ONNX")
     x.add_argument("--quantized", type=Path, required=True)
     _add_export_args(x, flag="--out", required=True)
-    x.add_argument("--quiet", action="store_true")
+    x.add_argument(
+        "--quiet", action="store_true", help="accepted as by the other commands (export draws no bars)"
+    )
     x.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's choice)")
     pl = sub.add_parser("plot", help="plot attention histograms with quantizer levels, or post-LN scales")
     _add_model_args(pl)
-    pl.add_argument("--data", required=True)
-    pl.add_argument("--calib-split", default="train")
-    pl.add_argument("--calib-size", type=int, default=32)
-    pl.add_argument("--seed", type=int, default=0)
-    pl.add_argument("--bits", type=int, default=4)
-    pl.add_argument("--block", type=int, default=0, help="index of the attention / LayerNorm pair")
+    pl.add_argument("--data", required=True, help="ImageFolder root or .tar/.tar.gz: the images plotted")
+    pl.add_argument("--calib-split", default="train", help="the split the images are drawn from")
+    pl.add_argument("--calib-size", type=int, default=32, help="how many images, drawn as for calibration")
+    pl.add_argument("--seed", type=int, default=0, help="seed of the draw (randperm)")
+    pl.add_argument("--bits", type=int, default=4, help="width of the quantizers drawn and calibrated")
+    pl.add_argument(
+        "--block",
+        type=int,
+        default=0,
+        help="0-based index in forward order of the attention module (attention) and of the LayerNorm -> "
+        "Linear pair (ln-scales); a ViT block has two pairs (norm1 -> qkv, norm2 -> fc1), so pair N is "
+        "not block N's",
+    )
     # dopq.plots.PLOT_KINDS, written out: importing dopq.plots (matplotlib) would slow every command
-    pl.add_argument("--kind", choices=["attention", "ln-scales", "all"], default="all")
-    pl.add_argument("--out-dir", type=Path, default=Path("plots"))
-    pl.add_argument("--device", default="cpu")
+    pl.add_argument(
+        "--kind",
+        choices=["attention", "ln-scales", "all"],
+        default="all",
+        help="attention: one block's post-Softmax histogram with each quantizer's levels; ln-scales: one "
+        "pair's per-channel input scales with the MOSF targets; all: both",
+    )
+    pl.add_argument(
+        "--out-dir",
+        type=Path,
+        default=Path("plots"),
+        help="folder of the PNGs: attention_block{N}_a{BITS}.png, ln_scales_pair{N}_a{BITS}.png",
+    )
+    pl.add_argument("--device", default="cpu", help="cpu or cuda")
     pl.add_argument("--threads", type=int, help="torch intra-op CPU threads (default: torch's choice)")
     return parser
 
