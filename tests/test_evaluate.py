@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,6 +155,36 @@ def test_compiling_the_post_softmax_tables_is_no_warned_graph_break(
     with torch.inference_mode():
         assert torch.equal(CompiledModel(model, backend="aot_eager")(images), model(images))
     assert "Graph break" not in capfd.readouterr().err
+
+
+# what inductor does on its first CPU kernel: load torch's C++ extension helper (compiling a kernel
+# here would take half a minute)
+_COMPILE_THEN_LOAD_CPP_EXTENSION = """
+from torch import nn
+from dopq.evaluate import CompiledModel
+
+CompiledModel(nn.Identity())
+import torch.utils.cpp_extension
+print("loaded")
+"""
+
+
+def test_compiling_on_a_cpu_beside_a_cuda_toolkit_says_nothing_of_cuda(tmp_path: Path) -> None:
+    """Inductor's CPU kernels load torch's C++ extension helper, which warned 'No CUDA runtime is
+    found, using CUDA_HOME=...' on a machine with a CUDA toolkit and no GPU, in the middle of
+    ``dopq evaluate --compile`` on the CPU."""
+    toolkit = tmp_path / "cuda"
+    toolkit.mkdir()
+    env = {**os.environ, "CUDA_HOME": str(toolkit), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_THEN_LOAD_CPP_EXTENSION],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "loaded", proc.stderr
+    assert "CUDA" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")

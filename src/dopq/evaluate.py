@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -231,6 +232,7 @@ class CompiledModel(nn.Module):
             q.read_host_copies()
         # kept outside the module tree: the compiled wrapper would register ``model`` a second time
         self.__dict__["compiled"] = torch.compile(model, backend=backend)
+        _import_cpp_extension_quietly()
         self._checked = False
 
     def forward(self, images: Tensor) -> Tensor:
@@ -246,6 +248,22 @@ class CompiledModel(nn.Module):
             ) from exc
         self._checked = True
         return out
+
+
+def _import_cpp_extension_quietly() -> None:
+    """Import torch's C++ extension helper, which inductor's CPU kernels load, without its warning:
+    on a machine with a CUDA toolkit and no GPU (a CUDA build of torch on a CPU node) it logs 'No
+    CUDA runtime is found, using CUDA_HOME=...' once at import, in the middle of a CPU evaluation
+    that needs no CUDA."""
+    if "torch.utils.cpp_extension" in sys.modules:
+        return
+    probe = logging.getLogger("torch.utils.cpp_extension")
+    level = probe.level
+    probe.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension  # noqa: F401
+    finally:
+        probe.setLevel(level)
 
 
 def merge_results(parts: Sequence[EvalResult]) -> EvalResult:
