@@ -722,7 +722,8 @@ _LOWER_BOUNDS = {
 
 def _shows_progress(args: argparse.Namespace) -> bool:
     """Progress bars where a person watches: not with --quiet, nor where stderr is a file or a pipe
-    (a log would get every redrawn frame); the stage lines and the result are printed either way."""
+    (a log would get every redrawn frame); warnings, checkpoint lines and the result are printed
+    either way. (A log gets no line per stage: a redirected run is silent until its result.)"""
     return not args.quiet and sys.stderr.isatty()
 
 
