@@ -284,6 +284,49 @@ def test_a_reader_that_goes_away_does_not_stop_the_run(roots: dict[str, Path], t
     assert json.loads(out.read_text())["eval_images"] == 4 and out.with_suffix(".md").is_file()
 
 
+_STOPPED_WHILE_SAVING = """
+import contextlib, os, signal, sys, time
+import dopq.serialize
+from dopq.cli import main
+
+written = dopq.serialize.atomic_path
+
+
+@contextlib.contextmanager
+def terminated_before_the_rename(path):
+    with written(path) as tmp:
+        yield tmp
+        os.kill(os.getpid(), signal.SIGTERM)  # the bytes are in the temporary, not yet renamed
+        time.sleep(5)
+
+
+dopq.serialize.atomic_path = terminated_before_the_rename
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_stops_a_run_in_one_line_and_leaves_no_temporary(
+    roots: dict[str, Path], tmp_path: Path
+) -> None:
+    """SIGTERM (kill, timeout, a scheduler) stops any command as Ctrl-C does: one line, status
+    128 + 15, and the temporaries of the files being written removed. By default it killed the
+    process where it stood, leaving them (here a .q.pt.*.tmp) beside the outputs."""
+    out = tmp_path / "out"
+    argv = [*_quantize_argv(roots["good"], "--method", "repq"), "--save", str(out / "q.pt")]
+    proc = subprocess.run(
+        [sys.executable, "-c", _STOPPED_WHILE_SAVING, *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert (proc.returncode, proc.stderr.splitlines()[-1:]) == (143, ["dopq: stopped by SIGTERM"]), (
+        proc.stderr
+    )
+    assert "Traceback" not in proc.stderr
+    assert list(out.iterdir()) == []
+
+
 class _Writes:
     """A stderr that records each write call."""
 

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -1044,16 +1045,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, argv: list[str] | None, commands: dict[str, Any]) -> int:
     try:
-        _check_args(args)
-        _join_process_group(args, argv)
-        _check_outputs_where_written(args)
-        if getattr(args, "threads", None):
-            import torch
+        with _sigterm_stops():
+            _check_args(args)
+            _join_process_group(args, argv)
+            _check_outputs_where_written(args)
+            if getattr(args, "threads", None):
+                import torch
 
-            torch.set_num_threads(args.threads)
-        if getattr(args, "deterministic", False):
-            _use_deterministic_kernels()
-        return commands[args.command](args)
+                torch.set_num_threads(args.threads)
+            if getattr(args, "deterministic", False):
+                _use_deterministic_kernels()
+            return commands[args.command](args)
     except DopqError as exc:
         message = " ".join(str(exc).split())  # always one line
         distributed.closing_line(f"dopq: error: {message}", 2)
@@ -1061,9 +1063,36 @@ def _run(args: argparse.Namespace, argv: list[str] | None, commands: dict[str, A
     except _Stopped as exc:
         distributed.closing_line(f"dopq: {exc}", 128 + exc.signum)
         return 128 + exc.signum
-    except KeyboardInterrupt:
-        distributed.closing_line("dopq: interrupted", 130)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)  # SIGTERM through _sigterm_stops
+        stopped = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        distributed.closing_line(f"dopq: {stopped}", 128 + signum)
+        return 128 + signum
+
+
+@contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """In one process SIGTERM (kill, timeout, a scheduler's preemption) stops a command as Ctrl-C
+    does, by an exception: the temporaries of the files being written are removed on the way out
+    and one line says why it stopped. Its default action killed the process where it stood and left
+    them beside the outputs (a hidden ``.q.onnx.*`` folder with a partial graph, a ``.q.pt.*.tmp``).
+    Under torchrun a watcher thread takes SIGTERM (``distributed.exit_with_one_line_on_sigterm``)."""
+    if (
+        int(os.environ.get("WORLD_SIZE", "1")) > 1
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        yield
+        return
+    from dopq.checkpoint import Interrupted
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
