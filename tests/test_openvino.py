@@ -244,7 +244,7 @@ def test_cli_evaluates_with_openvino(exported, tmp_path: Path, capsys) -> None:
     result = json.loads(out.read_text())
     assert result["runtime"] == "openvino" and result["versions"]["openvino"]
     assert result["eval_images"] == 6 and result["comparison"]["images"] == 6  # beside the simulation
-    assert "Runtime: openvino (1 threads)" in out.with_suffix(".md").read_text()
+    assert "Runtime: openvino (1 thread)" in out.with_suffix(".md").read_text()
 
 
 def test_cli_runtime_errors(exported, capsys, monkeypatch) -> None:

@@ -44,6 +44,9 @@ def test_the_report_names_what_the_command_does_not_say() -> None:
         "Run with: 4 torch threads on Some CPU; dopq 0.1.0, torch 2.14.1, timm 1.0.31; git 0123456789ab "
         f"with uncommitted changes; weights SHA-256 {'ab' * 32}.\n"
     ) in markdown_report(result)
+    assert "Run with: 1 torch thread on Some CPU;" in markdown_report(
+        {**result, "threads": 1}
+    )  # not "1 threads"
     onnx = {**result, "runtime": "onnxruntime", "versions": {**result["versions"], "onnxruntime": "1.32.0"}}
     assert (
         "Run with: on Some CPU; dopq 0.1.0, torch 2.14.1, timm 1.0.31, onnxruntime 1.32.0;"

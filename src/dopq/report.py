@@ -98,7 +98,7 @@ def _runtime_lines(result: dict[str, Any]) -> list[str]:
         return []
     threads = result.get("threads")
     return [
-        f"Runtime: {result['runtime']} ({f'{threads} threads' if threads else 'its default threads'})",
+        f"Runtime: {result['runtime']} ({_count(threads, 'thread') if threads else 'its default threads'})",
         "",
     ]
 
@@ -132,12 +132,17 @@ def _origin_lines(result: dict[str, Any]) -> list[str]:
     return [part for what, command in recorded if command for part in (f"{what}: {_code(command)}", "")]
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 torch thread``, ``2 torch threads``."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _setting_lines(result: dict[str, Any]) -> list[str]:
     """What the result depends on beyond the command: torch's threads (without ``--threads``, the
     machine's default), the device, the software and commit, and which weights."""
     parts = []
     if result.get("threads") and not result.get("runtime"):  # a runtime's threads: its own line
-        parts.append(f"{result['threads']} torch threads")
+        parts.append(f"{_count(result['threads'], 'torch thread')}")
     group = result.get("distributed") or {}
     if group.get("world_size", 1) > 1:  # the command is dopq's own: say what started it
         parts.append(
