@@ -72,3 +72,14 @@ def test_reports_are_utf8_in_any_locale(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "dopq quantize --data caf\u00e9" in out.with_suffix(".md").read_text(encoding="utf-8")
+
+
+def test_an_evaluation_without_a_float_model_has_no_float_row() -> None:
+    """``dopq evaluate`` runs no float model: its table and Markdown showed an FP32 row of dashes."""
+    from dopq.report import result_table
+
+    evaluated = {**RESULT, "method": "saved"}
+    assert "FP32" not in markdown_report(evaluated) and "fp32" not in result_table(evaluated)
+    quantized = {**RESULT, "fp_top1": 0.75, "fp_top5": 1.0}
+    assert "| FP32 | 75.00% | 100.00% |" in markdown_report(quantized)
+    assert result_table(quantized).splitlines()[1].startswith("fp32  ")

@@ -44,14 +44,15 @@ def result_table(result: dict[str, Any]) -> str:
         label += " (float64)"
     if result.get("runtime"):
         label += f" on {result['runtime']}"
+    fp = (
+        "fp32",
+        _pct(result.get("fp_top1")),
+        _pct(result.get("fp_top5")),
+        _rate(result.get("fp_eval_images_per_second")),
+    )
     rows = [
         ("", "top-1", "top-5", "images/s"),
-        (
-            "fp32",
-            _pct(result.get("fp_top1")),
-            _pct(result.get("fp_top5")),
-            _rate(result.get("fp_eval_images_per_second")),
-        ),
+        *([fp] if result.get("fp_top1") is not None else []),  # dopq evaluate runs no float model
         (
             label,
             _pct(result["quant_top1"]),
@@ -178,7 +179,11 @@ def markdown_report(result: dict[str, Any]) -> str:
         *_runtime_lines(result),
         "| | top-1 | top-5 |",
         "|---|---|---|",
-        f"| FP32 | {_pct(result.get('fp_top1'))} | {_pct(result.get('fp_top5'))} |",
+        *(
+            [f"| FP32 | {_pct(result['fp_top1'])} | {_pct(result.get('fp_top5'))} |"]
+            if result.get("fp_top1") is not None
+            else []
+        ),
         f"| quantized | {_pct(result['quant_top1'])} | {_pct(result['quant_top5'])} |",
         "",
         *[f"{line[0].upper()}{line[1:]}.\n" for line in _comparison_lines(result)],
