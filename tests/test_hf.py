@@ -659,3 +659,25 @@ def test_folder_under_the_home_directory(tmp_path: Path, image_folder, capsys, m
         == f"image processor config {folder / 'preprocessor_config.json'}"
     )
     assert load_quantized(tmp_path / "q.pt", arch="hf:~/hf-vit")[0].num_classes == 2
+
+
+def test_a_folder_with_its_own_python_code_is_refused_and_never_run(tmp_path: Path, monkeypatch) -> None:
+    """A downloaded folder's config.json can name Python beside it (auto_map): transformers asked on
+    stdin whether to run it, and ran it on a "y" (a pipe, a script)."""
+    import io
+
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    config = {"model_type": "customvit", "architectures": ["ViTForImageClassification"],
+              "auto_map": {"AutoConfig": "custom_code.CustomConfig"}}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "custom_code.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "from transformers import PretrainedConfig\n\n\n"
+        "class CustomConfig(PretrainedConfig):\n    model_type = 'customvit'\n"
+    )
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))
+    with pytest.raises(ModelError, match=r"config\.json could not be read"):
+        build_model(f"hf:{folder}")
+    assert not marker.exists()

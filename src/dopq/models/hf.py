@@ -417,7 +417,10 @@ def _folder_config(folder: Path) -> tuple[Any, type[nn.Module]]:
     if not (folder / "config.json").is_file():
         raise ModelError(f"hf: folder {folder} has no config.json (write it with save_pretrained)")
     try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        # never the folder's own Python (auto_map): transformers would otherwise ask on stdin and run it
+        config = transformers.AutoConfig.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=False
+        )
     except Exception as exc:  # an unknown model_type or an unreadable file
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"hf: {folder}/config.json could not be read: {first}") from None
@@ -450,7 +453,11 @@ def load_hf_model(folder: str | Path, num_classes: int | None = None) -> HFImage
             # mismatched shapes come back in the loading info (checked below) instead of an error
             # that points at the load report
             model, info = cls.from_pretrained(
-                folder, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True
+                folder,
+                local_files_only=True,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                trust_remote_code=False,
             )
     except Exception as exc:  # missing or unreadable weight files
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
