@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dopq.cli import main
-from dopq.errors import CheckpointError, ModelError
+from dopq.errors import CheckpointError, DataError, ModelError
 from dopq.models import build_model, load_state_dict, loading
 
 HUB_TAG = "test_vit.r160_in1k"  # timm's tiny ViT and its hub repo
@@ -464,3 +464,18 @@ def test_a_card_beside_the_checkpoint_sets_the_models_own_preprocessing(tmp_path
     assert model_preprocess(build_model("test_vit", path)) == card != default
     (tmp_path / "m.json").write_text(json.dumps({"epochs": 300}))  # not a card
     assert model_preprocess(build_model("test_vit", path)) == default
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe{", b"[" * 100_000 + b"]" * 100_000])
+def test_a_card_that_is_not_utf8_or_nested_too_deep_is_one_error(tmp_path: Path, content: bytes) -> None:
+    """A card from elsewhere: bytes that are not UTF-8 and JSON nested deeper than the parser goes
+    stopped the load with a raw UnicodeDecodeError / RecursionError."""
+    from dopq.data import preprocess_from_card
+
+    path = tmp_path / "m.pth"
+    torch.save(_test_vit().state_dict(), path)
+    (tmp_path / "m.json").write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"model card .*m\.json is not valid JSON"):
+        build_model("test_vit", path)
+    with pytest.raises(DataError, match=r"model card .*m\.json is not valid JSON"):
+        preprocess_from_card(tmp_path / "m.json")

@@ -107,8 +107,8 @@ def preprocess_from_card(path: str | os.PathLike[str]) -> Preprocess:
         card = json.loads(path.read_text())
     except OSError as e:
         raise DataError(f"cannot read model card {path}: {e.strerror or e}") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"model card {path} is not valid JSON: {e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # nested too deep: RecursionError
+        raise DataError(f"model card {path} is not valid JSON: {str(e)[:160]}") from None
     if not isinstance(card, dict):
         raise DataError(f"model card {path} must hold a JSON object")
     missing = [k for k in _CARD_KEYS if k not in card]
@@ -141,7 +141,7 @@ def card_path_for(checkpoint_path: str | os.PathLike[str]) -> Path | None:
         return None
     try:
         content = json.loads(card.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return card  # preprocess_from_card says what is wrong with it
     if isinstance(content, dict) and not any(k in content for k in _CARD_KEYS):
         logger.warning("%s is not a model card (it has none of %s): not read", card, ", ".join(_CARD_KEYS))

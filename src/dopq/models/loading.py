@@ -116,8 +116,9 @@ def card_for(checkpoint: str | Path) -> dict[str, Any] | None:
         return None
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"model card {path} is not valid JSON: {exc}") from None
+    # a card from elsewhere: not UTF-8 (UnicodeDecodeError), or nested too deep for the parser
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"model card {path} is not valid JSON: {str(exc)[:160]}") from None
 
 
 def _file_format(path: Path) -> str:
