@@ -534,3 +534,27 @@ def test_a_json_beside_the_checkpoint_that_holds_no_card_key_is_not_a_card(tmp_p
         json.dumps({"mean": [0, 0, 0]})
     )  # a card, broken: its reader says so
     assert card_path_for(checkpoint) == tmp_path / "model.json"
+
+
+def test_a_card_whose_input_size_the_model_cannot_take_is_refused_before_any_image(tmp_path: Path) -> None:
+    """A card's input_size other than a fixed-size model's was only refused after the first images
+    were resized to it: a huge one (a card from elsewhere) took all the memory first."""
+    from dopq.data import preprocess_for
+
+    model = timm.create_model("test_vit", pretrained=False, img_size=32, dynamic_img_size=False)
+    card = {
+        "input_size": [3, 100_000, 100_000],
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "interpolation": "bilinear",
+    }
+    (tmp_path / "m.json").write_text(json.dumps(card))
+    with pytest.raises(
+        DataError, match=r"gives input_size \(3, 100000, 100000\), but the model was built for 32x32"
+    ):
+        preprocess_for(model, tmp_path / "m.pth")
+    (tmp_path / "m.json").write_text(json.dumps({**card, "input_size": [3, 32, 32]}))
+    assert preprocess_for(model, tmp_path / "m.pth")[0].input_size == (3, 32, 32)
+    dynamic = timm.create_model("test_vit", pretrained=False, img_size=32)  # takes other sizes
+    (tmp_path / "m.json").write_text(json.dumps({**card, "input_size": [3, 48, 48]}))
+    assert preprocess_for(dynamic, tmp_path / "m.pth")[0].input_size == (3, 48, 48)

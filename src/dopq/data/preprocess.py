@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from dopq.data.archives import logger
 from dopq.errors import DataError
-from dopq.models.loading import model_preprocess
+from dopq.models.loading import _built_input_size, model_preprocess
 
 __all__ = [
     "Preprocess",
@@ -175,7 +175,18 @@ def preprocess_for(
         checkpoint: its checkpoint file, if it came from one.
     """
     card = card_path_for(checkpoint) if checkpoint else None
-    return (preprocess_from_card(card) if card else preprocess_from_model(model)), card
+    if not card:
+        return preprocess_from_model(model), None
+    pre = preprocess_from_card(card)
+    # checked before any image is resized to it: a card's size runs on no fixed-size model, and a
+    # huge one (a card from elsewhere) took all the memory resizing the first images
+    built = _built_input_size(model)
+    if built is not None and tuple(pre.input_size[1:]) != built:
+        raise DataError(
+            f"model card {card} gives input_size {tuple(pre.input_size)}, but the model was built for "
+            f"{built[0]}x{built[1]} images: fix the card's input_size"
+        )
+    return pre, card
 
 
 def build_transform(pre: Preprocess) -> Callable[[Image.Image], Tensor]:
