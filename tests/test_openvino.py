@@ -266,6 +266,35 @@ def test_openvino_refuses_a_bad_file(tmp_path: Path) -> None:
         OpenVinoModel(bad)
 
 
+def test_openvino_says_why_it_refuses_a_file(tmp_path: Path) -> None:
+    """OpenVINO's messages open with the C++ frames they passed: the error said only 'Exception from
+    src/inference/src/cpp/core.cpp:84:', not that the graph's data file lies outside its folder."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(torch.arange(512.0).numpy(), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [512])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [512])],
+        [weight],
+    )
+    (tmp_path / "model").mkdir()
+    path = tmp_path / "model" / "m.onnx"
+    onnx.save(helper.make_model(graph), str(path), save_as_external_data=True, location="w.data")
+    (tmp_path / "model" / "w.data").rename(tmp_path / "outside.data")
+    model = onnx.load(str(path), load_external_data=False)
+    next(e for e in model.graph.initializer[0].external_data if e.key == "location").value = "../outside.data"
+    onnx.save(model, str(path))
+    for bad in (path, tmp_path / "bad.onnx"):
+        (tmp_path / "bad.onnx").write_bytes(b"not onnx")
+        with pytest.raises(dopq.errors.ExportError, match="OpenVINO cannot load") as caught:
+            OpenVinoModel(bad)
+        assert "Exception from" not in str(caught.value) and "failed at src" not in str(caught.value)
+    with pytest.raises(dopq.errors.ExportError, match=r"outside\.data"):
+        OpenVinoModel(path)
+
+
 def test_openvino_compiles_each_batch_shape_and_computes_the_dynamic_graphs_function(exported) -> None:
     """Static shapes (OpenVINO fuses element-wise chains only with them): one compiled model per
     input shape, the predictions of the model compiled with a dynamic batch."""

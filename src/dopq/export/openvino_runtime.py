@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,8 +93,18 @@ def _loading(path: str | Path) -> Iterator[None]:
     try:
         yield
     except Exception as exc:  # any reader or compiler failure means the file is unusable here
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"OpenVINO cannot load {path}: {first}") from None
+        raise ExportError(f"OpenVINO cannot load {path}: {_reason(exc)}") from None
+
+
+# OpenVINO's messages open with the C++ frames they passed ("Exception from src/.../core.cpp:84:",
+# "Check '...' failed at src/...cpp:47:"): the first line never said why (an external data file
+# outside the graph's folder, a file that is no model)
+_FRAME = re.compile(r"(^Exception from |failed at )\S+:\d+:?$")
+
+
+def _reason(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not _FRAME.search(ln.strip())]
+    return " ".join(lines)[:300] if lines else type(exc).__name__
 
 
 def _rt(op: Any, key: str) -> str:
