@@ -403,6 +403,32 @@ def test_pickled_objects_get_a_short_clear_message(content, tmp_path: Path) -> N
     assert "two options" not in text
 
 
+class _Payload:
+    """Unpickling it would write a marker file: code run from a data file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.write_text, (self.marker, "ran"))
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+def test_a_checkpoint_with_code_is_refused_without_running_it(tmp_path: Path, zipped: bool) -> None:
+    """The legacy torch.save format's refusal began with torch's advice to load it with
+    weights_only=False (that runs the file's code), cut off, without naming what it holds."""
+    path, marker = tmp_path / "c.pth", tmp_path / "ran"
+    torch.save({"state_dict": _Payload(marker)}, path, _use_new_zipfile_serialization=zipped)
+    with pytest.raises(CheckpointError, match=r"it holds pickled Python objects \(\w") as info:
+        build_model("test_vit", path)
+    assert "weights_only" not in str(info.value) and not marker.exists()
+    with pytest.raises(CheckpointError, match="not a readable dopq file"):
+        from dopq.serialize import load_quantized
+
+        load_quantized(path)
+    assert not marker.exists()
+
+
 def test_unknown_format_is_named(tmp_path: Path) -> None:
     path = tmp_path / "random.pth"
     path.write_bytes(bytes(range(256)) * 4)

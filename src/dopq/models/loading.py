@@ -137,11 +137,15 @@ def _file_format(path: Path) -> str:
 def _unreadable(path: Path, exc: Exception, fmt: str) -> CheckpointError:
     """The error for a file the decoder refused: what it holds when that is known, else the decoder's
     first line (without terminal escape codes)."""
-    if isinstance(exc, pickle.UnpicklingError) and fmt == "zip":
-        try:
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # the archive itself is damaged: report the decoder's error
-            names = []
+    if isinstance(exc, pickle.UnpicklingError):
+        if fmt == "zip":
+            try:
+                names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except Exception:  # the archive itself is damaged: report the decoder's error
+                names = []
+        else:  # legacy torch.save: torch's message names the class it refused, after advice to run
+            # torch.load with weights_only=False (running the file's code), which was its first line
+            names = sorted(set(_REFUSED_GLOBAL.findall(str(exc))))
         if names:
             return CheckpointError(
                 f"checkpoint {path} could not be read as a state dict: it holds pickled Python objects "
@@ -152,6 +156,9 @@ def _unreadable(path: Path, exc: Exception, fmt: str) -> CheckpointError:
     return CheckpointError(
         f"checkpoint {path} could not be read as a state dict ({type(exc).__name__}: {_first_line(exc)})"
     )
+
+
+_REFUSED_GLOBAL = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)")
 
 
 def _first_line(exc: Exception) -> str:
