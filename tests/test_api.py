@@ -359,6 +359,28 @@ def test_a_file_this_timm_cannot_build_or_a_bad_device_is_one_clear_error(tmp_pa
     assert torch.equal(torch.random.get_rng_state(), state)  # the rebuild's random init is thrown away
 
 
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda p: p.pop("config"),
+        lambda p: p.pop("granularity"),
+        lambda p: p.update(metadata=[]),
+        lambda p: p.update(state_dict=[]),
+    ],
+    ids=["no-config", "no-granularity", "metadata-list", "state-list"],
+)
+def test_an_edited_file_is_one_error(tmp_path, edit):
+    """A file edited or crafted elsewhere (digest removed or recomputed) stopped the load with a raw
+    KeyError / AttributeError from inside the rebuild."""
+    q, cfg = _quantized_tiny()
+    payload = torch.load(save_quantized(q, tmp_path / "q.pt", cfg), weights_only=True)
+    del payload["digest"]  # as files before the digest have none
+    edit(payload)
+    torch.save(payload, tmp_path / "edited.pt")
+    with pytest.raises(CheckpointError, match=r"edited\.pt is not a usable dopq quantized model: its"):
+        load_quantized(tmp_path / "edited.pt")
+
+
 def test_a_model_created_at_another_size_records_that_size():
     from dopq.models.loading import model_preprocess
 

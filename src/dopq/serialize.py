@@ -360,9 +360,51 @@ def _read(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} has schema {payload.get('schema')}, this dopq reads {_READABLE_SCHEMAS}"
         )
+    _check_entries(payload, path)
     if "digest" in payload and payload["digest"] != payload_digest(payload):  # files before it have none
         raise CheckpointError(f"{path} is corrupt: its contents do not match the digest it was saved with")
     return payload
+
+
+# a file's entries and their types: an edited or crafted file stopped the load with a raw KeyError or
+# AttributeError (only the digest's own entry is optional: files before it have none)
+_ENTRIES: dict[str, type | tuple[type, ...]] = {
+    "arch": str,
+    "num_classes": int,
+    "config": dict,
+    "granularity": dict,
+    "metadata": dict,
+    "state_dict": dict,
+}
+
+
+def _codes_entry(entry: Any) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("bits"), int)
+        and isinstance(entry.get("shape"), list)
+        and all(isinstance(n, int) for n in entry["shape"])
+        and isinstance(entry.get("packed"), torch.Tensor)
+    )
+
+
+def _check_entries(payload: dict[str, Any], path: Path) -> None:
+    def refuse(what: str) -> CheckpointError:
+        return CheckpointError(f"{path} is not a usable dopq quantized model: {what}")
+
+    for key, kind in _ENTRIES.items():
+        if not isinstance(payload.get(key), kind) or isinstance(payload.get(key), bool):
+            raise refuse(
+                f"its {key!r} entry is {type(payload.get(key)).__name__ if key in payload else 'missing'}"
+            )
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["state_dict"].items()):
+        raise refuse("its state_dict holds other than tensors")
+    codes = payload.get("weight_codes", {})
+    if not isinstance(codes, dict) or not all(_codes_entry(e) for e in codes.values()):
+        raise refuse("its weight_codes are not entries of bits, shape and packed codes")
+    extra = "hf_config" if payload["arch"].startswith(HF_PREFIX) else "model_kwargs"
+    if not isinstance(payload.get(extra, {}), dict):
+        raise refuse(f"its {extra!r} entry is {type(payload[extra]).__name__}")
 
 
 def match_state(model: nn.Module, granularity: dict[str, int | None], state: dict[str, torch.Tensor]) -> None:
