@@ -1500,3 +1500,19 @@ def test_the_export_trace_keeps_no_activations_for_a_backward(tmp_path: Path) ->
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         export_onnx(model, tmp_path / "m.onnx")
     assert saved == []
+
+
+def test_a_graph_and_a_saved_model_from_other_float_weights_are_not_compared(tmp_path: Path) -> None:
+    """Same architecture and recipe, other float weights (another checkpoint, a colleague's
+    fine-tune): evaluate --onnx --quantized compared them and its disagreement read as the export's.
+    Both files record the SHA-256 of the weights they were made from."""
+    from dopq.errors import ConfigError
+    from dopq.reevaluate import _check_same_model
+
+    model = timm.create_model("test_vit", pretrained=False, num_classes=2)
+    cfg = dopq.get_preset("dopq", w_bits=4, a_bits=4)
+    graph = {"arch": "test_vit", "recipe": cfg.to_dict(), "checkpoint_sha256": "a" * 64}
+    with pytest.raises(ConfigError, match=r"was made from other float weights than --quantized q\.pt"):
+        _check_same_model(graph, cfg, model, "q.pt", "m.onnx", {"checkpoint_sha256": "b" * 64})
+    _check_same_model(graph, cfg, model, "q.pt", "m.onnx", {"checkpoint_sha256": "a" * 64})
+    _check_same_model(graph, cfg, model, "q.pt", "m.onnx", {})  # random weights record none

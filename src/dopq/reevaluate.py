@@ -139,13 +139,28 @@ def evaluate_saved(
 
 
 def _check_same_model(
-    meta: dict[str, Any], config: QuantConfig, model: nn.Module, quantized: str | Path, onnx: str | Path
+    meta: dict[str, Any],
+    config: QuantConfig,
+    model: nn.Module,
+    quantized: str | Path,
+    onnx: str | Path,
+    saved: dict[str, Any] | None = None,
 ) -> None:
     """Refuse to compare a graph with a saved model it was not exported from: the disagreement
-    would read as an inexact export. The graph's metadata record its architecture and recipe."""
+    would read as an inexact export. The graph's metadata record its architecture and recipe, and
+    both files the float weights they were made from (``saved``: the saved file's metadata)."""
     arch = model.pretrained_cfg.get("architecture")
     if meta.get("arch") not in (None, arch):
         raise ConfigError(f"--onnx {onnx} is a {meta['arch']} graph, --quantized {quantized} a {arch} model")
+    # same architecture and recipe, other weights (a colleague's fine-tune, another checkpoint): the
+    # comparison ran and its differences read as the export's
+    ours, theirs = (saved or {}).get("checkpoint_sha256"), meta.get("checkpoint_sha256")
+    if ours and theirs and ours != theirs:
+        raise ConfigError(
+            f"--onnx {onnx} was made from other float weights than --quantized {quantized} "
+            f"(checkpoint SHA-256 {str(theirs)[:12]}... there, {str(ours)[:12]}... here): compare a graph "
+            "with the model it was exported from"
+        )
     recipe, ours = meta.get("recipe"), config.to_dict()
     if isinstance(recipe, dict):
         differ = sorted(k for k, v in ours.items() if k in recipe and recipe[k] != v)
@@ -238,8 +253,8 @@ def evaluate_onnx(
         from dopq.serialize import load_quantized
 
         comparing = time.perf_counter()
-        model, config, _ = load_quantized(quantized)
-        _check_same_model(meta, config, model, quantized, path)
+        model, config, saved = load_quantized(quantized)
+        _check_same_model(meta, config, model, quantized, path, saved)
         dtype = meta.get("float_dtype", "float32")
         agreement = compare(
             in_dtype(model, dtype), onnx_model, loader, progress=progress, desc=f"simulation vs {runtime}"
