@@ -1516,3 +1516,37 @@ def test_a_graph_and_a_saved_model_from_other_float_weights_are_not_compared(tmp
         _check_same_model(graph, cfg, model, "q.pt", "m.onnx", {"checkpoint_sha256": "b" * 64})
     _check_same_model(graph, cfg, model, "q.pt", "m.onnx", {"checkpoint_sha256": "a" * 64})
     _check_same_model(graph, cfg, model, "q.pt", "m.onnx", {})  # random weights record none
+
+
+def test_metadata_naming_another_class_count_than_the_graph_outputs_are_refused(
+    tmp_path: Path, images: Path
+) -> None:
+    """The metadata are text anyone can edit: a class count the graph does not output refused good
+    folders ('the model has 1 outputs') or passed folders that cannot be its classes."""
+    from dopq.errors import ConfigError
+    from dopq.reevaluate import evaluate_onnx
+
+    path = tmp_path / "m.onnx"
+    small_onnx(path)  # 10 logits
+    graph = onnx.load(str(path))
+    pre = {
+        "input_size": [3, 16, 16],
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+    }
+    run = dict(eval_subset=2, batch_size=2, workers=0, threads=1, progress=False)
+    for claimed, ok in ((1, False), (20, False), (10, True)):
+        del graph.metadata_props[:]
+        for key, value in (("preprocess", pre), ("num_classes", claimed)):
+            entry = graph.metadata_props.add()
+            entry.key, entry.value = key, json.dumps(value)
+        onnx.save(graph, str(path))
+        if ok:
+            assert evaluate_onnx(path, str(images), **run)["eval_images"] == 2
+        else:
+            with pytest.raises(
+                ConfigError, match=f"its metadata say {claimed} classes, its graph outputs 10 logits"
+            ):
+                evaluate_onnx(path, str(images), **run)

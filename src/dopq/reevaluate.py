@@ -210,6 +210,7 @@ def evaluate_onnx(
     """
     from dopq.evaluate import compare
     from dopq.export import external_data_files, load_runtime
+    from dopq.export.runtime import logits_width
 
     start = time.perf_counter()
     onnx_model = load_runtime(path, runtime, threads=threads)
@@ -222,6 +223,14 @@ def evaluate_onnx(
     dataset, indices = _eval_set(data, eval_split, eval_subset, pre, skip_bad_images)
     # as for a saved model: folders that cannot be the graph's classes score a meaningless accuracy
     num_classes = meta.get("num_classes")
+    width = logits_width(path)
+    # the metadata are text anyone can edit: a class count the graph does not output made the
+    # folders' check refuse good data or pass folders that cannot be the graph's classes
+    if isinstance(num_classes, int) and num_classes > 0 and width is not None and width != num_classes:
+        raise ConfigError(
+            f"--onnx {path}: its metadata say {num_classes} classes, its graph outputs {width} logits "
+            "(metadata edited, or written for another graph): re-export it with dopq export"
+        )
     check_labels(
         num_classes if isinstance(num_classes, int) else None, dataset, class_names=meta.get("class_names")
     )

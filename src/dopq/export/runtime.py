@@ -25,6 +25,7 @@ __all__ = [
     "check_threads",
     "inexact_here",
     "load_runtime",
+    "logits_width",
     "onnx_metadata",
     "optimized_graph",
     "optimized_op_counts",
@@ -174,6 +175,20 @@ def external_data_files(path: str | Path) -> list[str]:
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 locations.update(e.value for e in tensor.external_data if e.key == "location")
     return sorted(locations)
+
+
+def logits_width(path: str | Path) -> int | None:
+    """The fixed last dimension of the graph's first output (its class count for a classifier), read
+    with the ``onnx`` package; None where it is free or the file cannot be parsed."""
+    from dopq.export.onnx_export import require_onnx
+
+    onnx = require_onnx()
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+        dims = graph.output[0].type.tensor_type.shape.dim
+    except Exception:  # not parseable by onnx: the runtime that loaded it says what it computes
+        return None
+    return (dims[-1].dim_value or None) if dims else None
 
 
 def load_runtime(path: str | Path, runtime: str = "onnxruntime", threads: int | None = None) -> nn.Module:
