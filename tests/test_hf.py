@@ -681,3 +681,25 @@ def test_a_folder_with_its_own_python_code_is_refused_and_never_run(tmp_path: Pa
     with pytest.raises(ModelError, match=r"config\.json could not be read"):
         build_model(f"hf:{folder}")
     assert not marker.exists()
+
+
+class _Payload:
+    """Unpickling it would write a marker file: code run from a data file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def test_a_pytorch_model_bin_with_code_is_refused_without_running_it(tmp_path: Path) -> None:
+    """transformers reads pytorch_model.bin weights-only: the refusal was torch's first line, cut off,
+    advising to load the file with weights_only=False (which runs its code)."""
+    folder, marker = _save_folder(tmp_path), tmp_path / "ran"
+    model = transformers.ViTForImageClassification.from_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    torch.save({**model.state_dict(), "extra": _Payload(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(dopq.errors.CheckpointError, match=r"hold pickled Python objects \(\w") as info:
+        build_model(f"hf:{folder}")
+    assert "weights_only" not in str(info.value) and not marker.exists()

@@ -460,6 +460,13 @@ def load_hf_model(folder: str | Path, num_classes: int | None = None) -> HFImage
                 trust_remote_code=False,
             )
     except Exception as exc:  # missing or unreadable weight files
+        from dopq.models.loading import refused_globals
+
+        if names := refused_globals(exc):  # torch's first line advised weights_only=False: running them
+            raise CheckpointError(
+                f"hf: weights in {folder} hold pickled Python objects ({', '.join(names[:3])}): dopq does "
+                "not unpickle them (that can run code); save the model with save_pretrained (safetensors)"
+            ) from None
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"hf: weights in {folder} could not be loaded: {first}") from None
     _check_loading_info(folder, info)

@@ -145,7 +145,7 @@ def _unreadable(path: Path, exc: Exception, fmt: str) -> CheckpointError:
                 names = []
         else:  # legacy torch.save: torch's message names the class it refused, after advice to run
             # torch.load with weights_only=False (running the file's code), which was its first line
-            names = sorted(set(_REFUSED_GLOBAL.findall(str(exc))))
+            names = refused_globals(exc)
         if names:
             return CheckpointError(
                 f"checkpoint {path} could not be read as a state dict: it holds pickled Python objects "
@@ -159,6 +159,11 @@ def _unreadable(path: Path, exc: Exception, fmt: str) -> CheckpointError:
 
 
 _REFUSED_GLOBAL = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)")
+
+
+def refused_globals(exc: Exception) -> list[str]:
+    """The classes and functions a weights-only ``torch.load`` refused to unpickle, named in its error."""
+    return sorted(set(_REFUSED_GLOBAL.findall(str(exc)))) if isinstance(exc, pickle.UnpicklingError) else []
 
 
 def _first_line(exc: Exception) -> str:
