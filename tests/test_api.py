@@ -381,6 +381,25 @@ def test_an_edited_file_is_one_error(tmp_path, edit):
         load_quantized(tmp_path / "edited.pt")
 
 
+def test_a_file_naming_timms_loading_arguments_reads_no_other_file(tmp_path, monkeypatch):
+    """model_kwargs go to timm.create_model, whose checkpoint_path loaded the file it names (any path
+    on the machine, read before the saved state replaced it)."""
+    from dopq.serialize import payload_digest
+
+    q, cfg = _quantized_tiny()
+    payload = torch.load(save_quantized(q, tmp_path / "q.pt", cfg), weights_only=True)
+    payload["model_kwargs"] = {"checkpoint_path": str(tmp_path / "elsewhere.pth")}
+    payload["digest"] = payload_digest(payload)
+    torch.save(payload, tmp_path / "edited.pt")
+    torch.save(q.state_dict(), tmp_path / "elsewhere.pth")
+    read = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: read.append(str(f)) or load(f, *a, **k))
+    with pytest.raises(CheckpointError, match=r"model_kwargs name checkpoint_path: timm's loading arguments"):
+        load_quantized(tmp_path / "edited.pt")
+    assert str(tmp_path / "elsewhere.pth") not in read
+
+
 def test_a_model_created_at_another_size_records_that_size():
     from dopq.models.loading import model_preprocess
 

@@ -68,6 +68,11 @@ def _hf_config(model: nn.Module) -> dict[str, Any]:
     return hf_config_dict(model)
 
 
+_TIMM_LOADING_ARGUMENTS = frozenset(
+    {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"}
+)
+
+
 def _build(payload: dict[str, Any]) -> nn.Module:
     """The saved architecture, untrained: timm by name, ``transformers`` from the saved config."""
     preprocess = payload["metadata"].get("preprocess")
@@ -76,6 +81,14 @@ def _build(payload: dict[str, Any]) -> nn.Module:
 
         return rebuild_hf_model(payload["arch"], payload["hf_config"], preprocess)
     kwargs = payload.get("model_kwargs", {})
+    # timm.create_model's own loading arguments: a file from elsewhere naming one made the load read
+    # (checkpoint_path) or download (cache_dir, pretrained_cfg) weights of the file's choosing
+    loading = sorted(set(kwargs) & _TIMM_LOADING_ARGUMENTS)
+    if loading:
+        raise CheckpointError(
+            f"the file's model_kwargs name {', '.join(loading)}: timm's loading arguments, which no "
+            "file dopq saves holds (it was edited); dopq does not follow them"
+        )
     try:
         with torch.random.fork_rng(devices=[]):  # the random init is overwritten; keep the caller's state
             model = timm.create_model(
