@@ -83,6 +83,11 @@ def _quantize_argv(data: Path, *extra: str) -> list[str]:
     return ["quantize", *model, "--data", str(data), *SMALL_RUN, *extra]
 
 
+def _evaluate_argv(saved: Path, data: Path, output: Path) -> list[str]:
+    """A quiet ``dopq evaluate`` of a saved model writing ``output``."""
+    return ["evaluate", "--quantized", str(saved), "--data", str(data), "--quiet", "--output", str(output)]
+
+
 def _garbage(
     name: str, data: bytes = b"\x00\x01 this is not a checkpoint \xff\xfe"
 ) -> Callable[[Path], Path]:
@@ -224,17 +229,7 @@ def test_evaluate_with_compile_records_it_and_gives_the_eager_result(
     results = []
     for extra in ([], ["--compile"]):
         out = tmp_path / f"eval{len(extra)}.json"
-        argv = [
-            "evaluate",
-            "--quantized",
-            str(saved),
-            "--data",
-            str(roots["good"]),
-            "--quiet",
-            "--output",
-            str(out),
-        ]
-        assert main([*argv, *extra]) == 0
+        assert main([*_evaluate_argv(saved, roots["good"], out), *extra]) == 0
         results.append(json.loads(out.read_text()))
     assert [r["compiled"] for r in results] == [False, True]
     assert results[0]["quant_top1"] == results[1]["quant_top1"]
@@ -261,16 +256,7 @@ def test_a_reader_that_goes_away_does_not_stop_the_run(roots: dict[str, Path], t
     saved = tmp_path / "q.pt"
     assert main([*_quantize_argv(roots["good"], "--method", "repq"), "--save", str(saved)]) == 0
     out = tmp_path / "ev.json"
-    argv = [
-        "evaluate",
-        "--quantized",
-        str(saved),
-        "--data",
-        str(roots["good"]),
-        "--quiet",
-        "--output",
-        str(out),
-    ]
+    argv = _evaluate_argv(saved, roots["good"], out)
     proc = subprocess.Popen(
         [sys.executable, "-m", "dopq", *argv],
         stdout=subprocess.PIPE,
