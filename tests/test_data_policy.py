@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -463,11 +464,13 @@ def _failing(error: BaseException):
     return copy
 
 
-@pytest.mark.parametrize("fault", ["truncated", "disk full", "interrupted"])
+@pytest.mark.parametrize("fault", ["truncated", "disk full", "no room", "interrupted"])
 def test_a_failed_decompression_is_one_line_and_leaves_no_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
 ) -> None:
-    """A truncated archive, a full disk: one line; Ctrl-C while decompressing: no partial copy left."""
+    """A truncated archive, a full disk: one line; Ctrl-C while decompressing: no partial copy left.
+    An archive that would leave the folder with less than MIN_FREE_BYTES free stops before (it
+    filled the disk the machine's other processes share: a gzip bomb, a train set in a small $TMPDIR)."""
     archive, tmp = _small_gz(tmp_path), tmp_path / "tmp"
     tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
@@ -480,6 +483,9 @@ def test_a_failed_decompression_is_one_line_and_leaves_no_file(
         full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         monkeypatch.setattr(data_module.shutil, "copyfileobj", _failing(full))
         expected = f"cannot decompress archive {archive} into {tmp}: No space left on device"
+    elif fault == "no room":
+        monkeypatch.setattr(data_module, "MIN_FREE_BYTES", shutil.disk_usage(tmp).free)
+        expected = f"cannot decompress archive {archive} into {tmp}: it would leave less than "
     else:
         monkeypatch.setattr(data_module.shutil, "copyfileobj", _failing(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt if fault == "interrupted" else DataError) as raised:

@@ -28,6 +28,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dopq.errors import DataError
 
@@ -228,12 +229,40 @@ def _remove_stale(folder: Path) -> None:
         logger.info("removed %s, left by a process that was killed", stale)
 
 
+MIN_FREE_BYTES = 1 << 30  # what decompressing an archive leaves free in the temporary folder
+_ROOM_CHECK_BYTES = 64 << 20  # how often (bytes written) the free space is looked at
+
+
+class _RoomKeeper:
+    """A file's writes that stop, with one DataError line, before the folder has less than
+    :data:`MIN_FREE_BYTES` free. A ``.tar.gz`` that expands far beyond its folder (a gzip bomb, or
+    ImageNet's train archive in a small ``$TMPDIR``) otherwise stopped only at a full disk, which the
+    machine's other processes share."""
+
+    def __init__(self, out: Any, archive: Path, folder: Path) -> None:
+        self._out, self._archive, self._folder = out, archive, folder
+        self._written, self._unchecked = 0, _ROOM_CHECK_BYTES  # checked before the first write
+
+    def write(self, data: bytes) -> int:
+        if self._unchecked >= _ROOM_CHECK_BYTES:
+            self._unchecked = 0
+            if shutil.disk_usage(self._folder).free - len(data) < MIN_FREE_BYTES:
+                raise DataError(
+                    f"cannot decompress archive {self._archive} into {self._folder}: it would leave less "
+                    f"than {MIN_FREE_BYTES >> 30} GiB free there ({self._written / 2**30:.2f} GiB written); "
+                    "set TMPDIR to a folder with room, or give the extracted folder or a plain .tar"
+                )
+        self._written += len(data)
+        self._unchecked += len(data)
+        return self._out.write(data)
+
+
 def _write_tar(path: Path, dst_fd: int, dst: Path) -> None:
     """Write the decompressed stream of the ``.tar.gz`` ``path`` to ``dst`` (open as ``dst_fd``); on
     an error ``dst`` is removed and the error is one DataError line."""
     try:
         with gzip.open(path, "rb") as src, os.fdopen(dst_fd, "wb") as out:
-            shutil.copyfileobj(src, out, 1 << 20)
+            shutil.copyfileobj(src, _RoomKeeper(out, path, dst.parent), 1 << 20)
     except (OSError, EOFError, zlib.error) as e:
         dst.unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno is not None:  # disk full, permissions: not the archive
