@@ -485,6 +485,7 @@ def test_a_failed_decompression_is_one_line_and_leaves_no_file(
         expected = f"cannot decompress archive {archive} into {tmp}: No space left on device"
     elif fault == "no room":
         monkeypatch.setattr(data_module, "MIN_FREE_BYTES", shutil.disk_usage(tmp).free)
+        monkeypatch.setattr(data_module, "MIN_FREE_SHARE", 1.0)
         expected = f"cannot decompress archive {archive} into {tmp}: it would leave less than "
     else:
         monkeypatch.setattr(data_module.shutil, "copyfileobj", _failing(KeyboardInterrupt()))

@@ -229,13 +229,16 @@ def _remove_stale(folder: Path) -> None:
         logger.info("removed %s, left by a process that was killed", stale)
 
 
-MIN_FREE_BYTES = 1 << 30  # what decompressing an archive leaves free in the temporary folder
+# what decompressing an archive leaves free in the temporary folder: 1 GiB, or a twentieth of a
+# smaller file system (a container's small /tmp still takes an archive that fits)
+MIN_FREE_BYTES = 1 << 30
+MIN_FREE_SHARE = 0.05
 _ROOM_CHECK_BYTES = 64 << 20  # how often (bytes written) the free space is looked at
 
 
 class _RoomKeeper:
     """A file's writes that stop, with one DataError line, before the folder has less than
-    :data:`MIN_FREE_BYTES` free. A ``.tar.gz`` that expands far beyond its folder (a gzip bomb, or
+    :data:`MIN_FREE_BYTES` free (or :data:`MIN_FREE_SHARE` of a smaller file system). A ``.tar.gz`` that expands far beyond its folder (a gzip bomb, or
     ImageNet's train archive in a small ``$TMPDIR``) otherwise stopped only at a full disk, which the
     machine's other processes share."""
 
@@ -246,10 +249,12 @@ class _RoomKeeper:
     def write(self, data: bytes) -> int:
         if self._unchecked >= _ROOM_CHECK_BYTES:
             self._unchecked = 0
-            if shutil.disk_usage(self._folder).free - len(data) < MIN_FREE_BYTES:
+            usage = shutil.disk_usage(self._folder)
+            floor = min(MIN_FREE_BYTES, int(MIN_FREE_SHARE * usage.total))
+            if usage.free - len(data) < floor:
                 raise DataError(
                     f"cannot decompress archive {self._archive} into {self._folder}: it would leave less "
-                    f"than {MIN_FREE_BYTES >> 30} GiB free there ({self._written / 2**30:.2f} GiB written); "
+                    f"than {floor / 2**30:.2f} GiB free there ({self._written / 2**30:.2f} GiB written); "
                     "set TMPDIR to a folder with room, or give the extracted folder or a plain .tar"
                 )
         self._written += len(data)
