@@ -210,20 +210,22 @@ def evaluate_onnx(
     """
     from dopq.evaluate import compare
     from dopq.export import external_data_files, load_runtime
-    from dopq.export.runtime import logits_width
+    from dopq.export.runtime import logits_width, read_graph
 
     start = time.perf_counter()
     onnx_model = load_runtime(path, runtime, threads=threads)
+    graph = read_graph(path)  # once: the data files it names and the logits it outputs
     # of the files just read (another run may overwrite them meanwhile): the graph and the data
     # files a large graph keeps its tensors in
     digest = file_sha256(path)
-    data_digests = {name: file_sha256(Path(path).parent / name) for name in external_data_files(path)}
+    data_files = external_data_files(graph) if graph is not None else []
+    data_digests = {name: file_sha256(Path(path).parent / name) for name in data_files}
     meta = onnx_model.metadata()
     pre = _onnx_preprocess(meta, overrides)
     dataset, indices = _eval_set(data, eval_split, eval_subset, pre, skip_bad_images)
     # as for a saved model: folders that cannot be the graph's classes score a meaningless accuracy
     num_classes = meta.get("num_classes")
-    width = logits_width(path)
+    width = logits_width(graph) if graph is not None else None
     # the metadata are text anyone can edit: a class count the graph does not output made the
     # folders' check refuse good data or pass folders that cannot be the graph's classes
     if isinstance(num_classes, int) and num_classes > 0 and width is not None and width != num_classes:

@@ -29,6 +29,7 @@ __all__ = [
     "onnx_metadata",
     "optimized_graph",
     "optimized_op_counts",
+    "read_graph",
     "read_metadata",
     "require_onnxruntime",
     "saturating_cpu",
@@ -140,6 +141,18 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return OnnxModel(path, threads=1).metadata()
 
 
+def read_graph(path: str | Path) -> Any | None:
+    """An ONNX file's model (``ModelProto``) without its external tensors' data, read with the
+    ``onnx`` package; None where onnx cannot parse it (a runtime may still load it)."""
+    from dopq.export.onnx_export import require_onnx
+
+    onnx = require_onnx()
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception:  # any parser failure: the file is not one onnx reads
+        return None
+
+
 def onnx_metadata(path: str | Path) -> dict[str, Any]:
     """The ``metadata_props`` of an ONNX file read with the ``onnx`` package (no runtime needed)."""
     from dopq.export.onnx_export import require_onnx
@@ -152,16 +165,13 @@ def onnx_metadata(path: str | Path) -> dict[str, Any]:
     return _decoded({entry.key: entry.value for entry in model.metadata_props})
 
 
-def external_data_files(path: str | Path) -> list[str]:
+def external_data_files(model: Any) -> list[str]:
     """The files beside an ONNX graph that hold its external tensors (their ``location`` relative to
-    the graph's folder, sorted): part of what a runtime reads, so part of the model's identity."""
+    the graph's folder, sorted), for a model read by :func:`read_graph`: part of what a runtime
+    reads, so part of the model's identity."""
     from dopq.export.onnx_export import require_onnx
 
-    onnx = require_onnx()
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # not parseable by onnx: the runtime that loaded it reads one file
-        return []
+    external = require_onnx().TensorProto.EXTERNAL
     locations: set[str] = set()
     graphs = [model.graph]
     while graphs:  # the main graph and every subgraph (If / Loop bodies)
@@ -172,22 +182,16 @@ def external_data_files(path: str | Path) -> list[str]:
                 tensors += [attr.t, *attr.tensors] if attr.HasField("t") else list(attr.tensors)
                 graphs += [attr.g, *attr.graphs] if attr.HasField("g") else list(attr.graphs)
         for tensor in tensors:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            if tensor.data_location == external:
                 locations.update(e.value for e in tensor.external_data if e.key == "location")
     return sorted(locations)
 
 
-def logits_width(path: str | Path) -> int | None:
-    """The fixed last dimension of the graph's first output (its class count for a classifier), read
-    with the ``onnx`` package; None where it is free or the file cannot be parsed."""
-    from dopq.export.onnx_export import require_onnx
-
-    onnx = require_onnx()
-    try:
-        graph = onnx.load(str(path), load_external_data=False).graph
-        dims = graph.output[0].type.tensor_type.shape.dim
-    except Exception:  # not parseable by onnx: the runtime that loaded it says what it computes
-        return None
+def logits_width(model: Any) -> int | None:
+    """The fixed last dimension of the first output of a model read by :func:`read_graph` (its class
+    count for a classifier); None where it is free or not recorded."""
+    outputs = model.graph.output
+    dims = outputs[0].type.tensor_type.shape.dim if outputs else ()
     return (dims[-1].dim_value or None) if dims else None
 
 
