@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from dopq.data.archives import logger
 from dopq.errors import DataError
-from dopq.models.loading import _built_input_size, model_preprocess
+from dopq.models.loading import built_input_size, model_preprocess
 
 __all__ = [
     "Preprocess",
@@ -180,7 +180,7 @@ def preprocess_for(
     pre = preprocess_from_card(card)
     # checked before any image is resized to it: a card's size runs on no fixed-size model, and a
     # huge one (a card from elsewhere) took all the memory resizing the first images
-    built = _built_input_size(model)
+    built = built_input_size(model)
     if built is not None and tuple(pre.input_size[1:]) != built:
         raise DataError(
             f"model card {card} gives input_size {tuple(pre.input_size)}, but the model was built for "

@@ -27,6 +27,7 @@ __all__ = [
     "PREPROCESS_KEYS",
     "as_dopq_model",
     "build_model",
+    "built_input_size",
     "card_for",
     "hf_folder",
     "is_transformers_model",
@@ -63,13 +64,13 @@ def model_preprocess(model: nn.Module) -> dict[str, Any]:
     the gaps) as JSON types: ``input_size``, ``mean``, ``std``, ``interpolation``, ``crop_pct``."""
     cfg = timm.data.resolve_data_config(model=model)
     out = {k: list(cfg[k]) if isinstance(cfg[k], tuple | list) else cfg[k] for k in PREPROCESS_KEYS}
-    built_for = _built_input_size(model)
+    built_for = built_input_size(model)
     if built_for is not None:  # created with img_size=...: its pretrained_cfg still names the default
         out["input_size"] = [out["input_size"][0], *built_for]
     return out
 
 
-def _built_input_size(model: nn.Module) -> tuple[int, int] | None:
+def built_input_size(model: nn.Module) -> tuple[int, int] | None:
     """The fixed image size a timm patch embedding was built for (``img_size``), if it has one."""
     embed = getattr(model, "patch_embed", None)
     size = getattr(embed, "img_size", None)
