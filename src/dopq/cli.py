@@ -777,19 +777,16 @@ def _check_outputs(args: argparse.Namespace) -> None:
     """Every location the command writes (--output, --save, --export, --checkpoint-dir, --out-dir)
     can be written (folders are created)."""
     from dopq.files import check_output_dir, check_output_path
+    from dopq.report import markdown_path
 
     if getattr(args, "checkpoint_dir", None) is not None:
         check_output_dir(args.checkpoint_dir, "--checkpoint-dir")
     for name, flag in (("output", "--output"), ("save", "--save")):
         if getattr(args, name, None) is not None:
             check_output_path(getattr(args, name), flag)
-    output = getattr(args, "output", None)
-    if output is not None and Path(output).with_suffix(".md").is_dir():
+    if getattr(args, "output", None) is not None:
         # written after the JSON, at the very end: a folder there stopped the run with a traceback
-        raise ConfigError(
-            f"--output {output}: its Markdown twin {Path(output).with_suffix('.md')} is a folder; "
-            "give --output another name"
-        )
+        check_output_path(markdown_path(args.output), f"--output {args.output}: its Markdown twin")
     if getattr(args, "out_dir", None) is not None:
         check_output_dir(args.out_dir, "--out-dir")
     if getattr(args, "export", None) is not None:
@@ -827,11 +824,13 @@ _READ_FILES = (
 def _check_distinct_files(args: argparse.Namespace) -> None:
     """No file a command writes (``--save``, ``--export``, ``--output`` and its ``.md``) may be one
     it reads or another it writes: the later write would replace the float checkpoint or the model."""
+    from dopq.report import markdown_path
+
     written: dict[str, str] = {}
     output = getattr(args, "output", None)
     outputs = [
         ("--output", output),
-        ("--output's Markdown twin", None if output is None else Path(output).with_suffix(".md")),
+        ("--output's Markdown twin", None if output is None else markdown_path(output)),
     ]
     for flag, path in [
         *outputs,

@@ -196,9 +196,14 @@ def markdown_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def markdown_path(path: str | Path) -> Path:
+    """Where :func:`write_result` writes the Markdown twin of the JSON ``path``: its stem with ``.md``."""
+    return Path(path).with_suffix(".md")
+
+
 def write_result(result: dict[str, Any], path: Path) -> tuple[Path, Path]:
-    """Write ``path`` (JSON) and the same stem with ``.md``, each atomically."""
-    path, md = Path(path), Path(path).with_suffix(".md")
+    """Write ``path`` (JSON) and its Markdown twin (:func:`markdown_path`), each atomically."""
+    path, md = Path(path), markdown_path(path)
     for target, text in (
         (path, json.dumps(result, indent=2, default=str) + "\n"),
         (md, markdown_report(result)),
