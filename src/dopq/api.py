@@ -325,21 +325,10 @@ def _stages_before_reconstruction(
     images: torch.Tensor,
     config: QuantConfig,
     report: QuantizationReport,
-    progress: bool = False,
-) -> None:
-    """Value centring, calibration, re-parameterization, GPTQ (and its check) and bias correction."""
-    with _stage_bar(progress) as bar:
-        _run_stages(model, plan, images, config, report, bar)
-
-
-def _run_stages(
-    model: nn.Module,
-    plan: QuantPlan,
-    images: torch.Tensor,
-    config: QuantConfig,
-    report: QuantizationReport,
     bar: tqdm,
 ) -> None:
+    """Value centring, calibration, re-parameterization, GPTQ (and its check) and bias correction,
+    each named on ``bar`` (:func:`_stage_bar`) while it runs."""
     timings = report.timings
     if config.centre_values:
         with _timed(timings, "value_centring", bar):
@@ -349,8 +338,7 @@ def _run_stages(
             log.warning(
                 "value centring (centre_values, --centre-values) could not shift v in %d attention "
                 "modules (%s): a norm or a gate sits between attn @ v and the output projection, or no "
-                "image reaches it; their v keeps its mean", len(skipped),
-                ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else ""),
+                "image reaches it; their v keeps its mean", len(skipped), _some(skipped),
             )  # fmt: skip
     capture = plan.paired_linears if config.ln_scale == "search" else ()
     with _timed(timings, "calibration", bar), capture_inputs(model, capture) as captured:
@@ -499,7 +487,8 @@ def _quantize_with_report(
     )
     log.info("coverage: %s", plan.coverage.summary())
     if saved is None:
-        _stages_before_reconstruction(model, plan, images, config, report, progress)
+        with _stage_bar(progress) as bar:
+            _stages_before_reconstruction(model, plan, images, config, report, bar)
     else:
         restore_model(model, saved, checkpoint.path)
         _resume_stages(report, saved.stages)
@@ -528,8 +517,13 @@ def _report_off_grid(coverage: Coverage, off_grid: list[str], config: QuantConfi
             "softmax_grid_bits %s (--softmax-grid-bits) is too coarse for the TanQ levels of %d of %d "
             "attention modules (%s): they keep the exact midpoints, and the export compares with each "
             "threshold there instead of reading one table", config.softmax_grid_bits, len(off_grid),
-            total, ", ".join(off_grid[:3]) + (", ..." if len(off_grid) > 3 else ""),
+            total, _some(off_grid),
         )  # fmt: skip
+
+
+def _some(names: list[str]) -> str:
+    """The first three of ``names`` for a warning line, and ``...`` where there are more."""
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def _as_config(config: QuantConfig | str | None) -> QuantConfig:

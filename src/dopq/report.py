@@ -143,7 +143,7 @@ def _setting_lines(result: dict[str, Any]) -> list[str]:
     machine's default), the device, the software and commit, and which weights."""
     parts = []
     if result.get("threads") and not result.get("runtime"):  # a runtime's threads: its own line
-        parts.append(f"{_count(result['threads'], 'torch thread')}")
+        parts.append(_count(result["threads"], "torch thread"))
     group = result.get("distributed") or {}
     if group.get("world_size", 1) > 1:  # the command is dopq's own: say what started it
         parts.append(
