@@ -429,6 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flag(name: str) -> str:
+    """The command-line flag of an argument's or a recipe field's name: ``w_bits`` -> ``--w-bits``."""
+    return "--" + name.replace("_", "-")
+
+
 def _config_from(args: argparse.Namespace) -> QuantConfig:
     """The recipe the quantize flags describe; a config's refusal names the flag, not the field."""
     try:
@@ -439,7 +444,7 @@ def _config_from(args: argparse.Namespace) -> QuantConfig:
 
 # ReconstructConfig's fields, which its messages name as "recon <field>", and their flags
 _RECON_FLAGS = {
-    name: f"--recon-{name.replace('_', '-')}"
+    name: _flag(f"recon_{name}")
     for name in ("calib_size", "iters", "batch_size", "rounding", "drop_prob", "grad_shards")
 }
 
@@ -452,11 +457,7 @@ def _in_flag_names(message: str, args: argparse.Namespace) -> str:
     if match is None:
         return message
     recon, field = match.groups()
-    flag = (
-        _RECON_FLAGS.get(field)
-        if recon
-        else (f"--{field.replace('_', '-')}" if hasattr(args, field) else None)
-    )
+    flag = _RECON_FLAGS.get(field) if recon else (_flag(field) if hasattr(args, field) else None)
     return message if flag is None else flag + message[match.end() :]
 
 
@@ -522,7 +523,7 @@ def _check_gptq_options_apply(args: argparse.Namespace, config: QuantConfig) -> 
     would the float target's shrink given to a GPTQ that aims at the quantized target."""
     given = [name for name in _GPTQ_OPTIONS if getattr(args, name) is not None]
     if given and config.weight_rounding != "gptq":
-        flag = "--" + given[0].replace("_", "-")
+        flag = _flag(given[0])
         raise ConfigError(
             f"{flag} is for GPTQ rounding, which --method {args.method} at W{config.w_bits} does not "
             "use: add --weight-rounding gptq or drop it"
@@ -546,7 +547,7 @@ def _check_tanq_options_apply(args: argparse.Namespace, config: QuantConfig) -> 
     given = [name for name in _TANQ_OPTIONS if getattr(args, name) is not None]
     if given and config.softmax_quantizer not in ("tanq", "auto"):
         raise ConfigError(
-            f"--{given[0].replace('_', '-')} is for TanQ, which --method {args.method} at A{config.a_bits} "
+            f"{_flag(given[0])} is for TanQ, which --method {args.method} at A{config.a_bits} "
             f"does not use (its post-Softmax quantizer is {config.softmax_quantizer}): add "
             "--softmax-quantizer tanq or drop it"
         )
@@ -733,7 +734,7 @@ def _refuse_given(args: argparse.Namespace, options: dict[str, Any], flag: str, 
     be ignored without a word: refused instead."""
     given = [name for name, default in options.items() if getattr(args, name, default) != default]
     if given:
-        raise ConfigError(f"--{given[0].replace('_', '-')} is for {flag}: add {to_add} or drop it")
+        raise ConfigError(f"{_flag(given[0])} is for {flag}: add {to_add} or drop it")
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -744,7 +745,7 @@ def _check_args(args: argparse.Namespace) -> None:
     for name, low in _LOWER_BOUNDS.items():
         value = getattr(args, name, None)
         if value is not None and value < low:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+            raise ConfigError(f"{_flag(name)} must be >= {low}, got {value}")
     if getattr(args, "checkpoint", None) and getattr(args, "pretrained", False):
         # build_model would take the checkpoint and drop --pretrained without a word
         raise ConfigError("--checkpoint and --pretrained are two sources of weights: give one")
